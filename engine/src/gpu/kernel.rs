@@ -1,0 +1,244 @@
+//! Shader modules and compute pipelines, compiled once per variant and cached;
+//! the per-dispatch parameter blocks; and the dispatch itself.
+//!
+//! Every operator shader follows one binding convention: `@binding(0)` is a
+//! uniform struct of parameters, `@binding(1..)` are storage buffers, each
+//! passed with its slot number by the op file. The storage element type is spelled `st`
+//! (and `st4` for four of them) in the WGSL source; the prelude chosen here
+//! aliases it to `f32` or `f16`, which is how one source serves both dtypes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::{DType, Gpu};
+use crate::error::{EngineError, Result};
+
+/// One compiled variant of an operator shader.
+pub(crate) struct Kernel {
+    /// The operator family, as in `shaders/<family>.wgsl` (also the op name in errors).
+    pub op: &'static str,
+    /// The WGSL source (`include_str!` of the family's file).
+    pub source: &'static str,
+    pub entry: &'static str,
+    /// Storage type that `st` aliases.
+    pub dtype: DType,
+    /// Values of `override` constants (tile sizes, fused activation, ...).
+    pub constants: Vec<(&'static str, f64)>,
+}
+
+/// A storage buffer range bound to one binding slot.
+#[derive(Clone, Copy)]
+pub(crate) struct Binding<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+const UNIFORM_ARENA_BYTES: u64 = 1 << 16;
+
+#[derive(Default)]
+struct UniformArenas {
+    buffers: Vec<wgpu::Buffer>,
+    /// (arena index, byte offset) of the next free slot in this submission.
+    cursor: (usize, u64),
+}
+
+#[derive(Default)]
+pub(crate) struct KernelCache {
+    modules: Mutex<HashMap<(&'static str, DType), wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    uniforms: Mutex<UniformArenas>,
+}
+
+impl KernelCache {
+    /// Parameter slots are unique within one submission; after a submit the
+    /// arenas are reused (queue writes are ordered after earlier submissions).
+    pub(crate) fn reset_uniforms(&self) {
+        self.uniforms.lock().expect("uniform lock poisoned").cursor = (0, 0);
+    }
+
+    pub(crate) fn pipeline_count(&self) -> usize {
+        self.pipelines.lock().expect("pipeline lock poisoned").len()
+    }
+}
+
+fn prelude(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "alias st = f32;\nalias st4 = vec4<f32>;\n",
+        DType::F16 => "enable f16;\nalias st = f16;\nalias st4 = vec4<f16>;\n",
+    }
+}
+
+/// Splits a 1-D workgroup count over x and y, since one dimension holds at
+/// most 65535 workgroups. Shaders rebuild the index as `x + y * num_workgroups.x`.
+pub(crate) fn grid_1d(workgroups: u64) -> [u32; 3] {
+    const MAX: u64 = 65535;
+    if workgroups <= MAX {
+        [workgroups.max(1) as u32, 1, 1]
+    } else {
+        let y = workgroups.div_ceil(MAX);
+        [workgroups.div_ceil(y) as u32, y as u32, 1]
+    }
+}
+
+impl Gpu {
+    fn pipeline(&self, k: &Kernel) -> Result<Arc<wgpu::ComputePipeline>> {
+        if k.dtype == DType::F16 && !self.has_f16() {
+            return Err(EngineError::F16Unsupported {
+                adapter: self.adapter().name.clone(),
+            });
+        }
+        let key = format!("{}:{}:{:?}:{:?}", k.op, k.entry, k.dtype, k.constants);
+        if let Some(p) = self
+            .kernels
+            .pipelines
+            .lock()
+            .expect("pipeline lock poisoned")
+            .get(&key)
+        {
+            return Ok(p.clone());
+        }
+        let module = {
+            let mut modules = self.kernels.modules.lock().expect("module lock poisoned");
+            modules
+                .entry((k.op, k.dtype))
+                .or_insert_with(|| {
+                    let source = format!("{}{}", prelude(k.dtype), k.source);
+                    self.device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(k.op),
+                            source: wgpu::ShaderSource::Wgsl(source.into()),
+                        })
+                })
+                .clone()
+        };
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&key),
+                layout: None,
+                module: &module,
+                entry_point: Some(k.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &k.constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            // Only a bug in a shader or its op file gets here.
+            return Err(EngineError::Device(format!("compiling kernel {key}: {e}")));
+        }
+        let pipeline = Arc::new(pipeline);
+        self.kernels
+            .pipelines
+            .lock()
+            .expect("pipeline lock poisoned")
+            .insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Places `params` in this submission's uniform arena.
+    fn uniform_slot(&self, params: &[u8]) -> (wgpu::Buffer, u64, u64) {
+        let align = self.limits().min_uniform_buffer_offset_alignment as u64;
+        let size = (params.len() as u64).max(16).div_ceil(16) * 16;
+        let mut u = self.kernels.uniforms.lock().expect("uniform lock poisoned");
+        let (mut arena, mut offset) = u.cursor;
+        if offset + size > UNIFORM_ARENA_BYTES {
+            arena += 1;
+            offset = 0;
+        }
+        while u.buffers.len() <= arena {
+            let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("motif params"),
+                size: UNIFORM_ARENA_BYTES,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            u.buffers.push(b);
+        }
+        u.cursor = (arena, (offset + size).div_ceil(align) * align);
+        let buffer = u.buffers[arena].clone();
+        let mut padded = params.to_vec();
+        padded.resize(size as usize, 0);
+        self.queue.write_buffer(&buffer, offset, &padded);
+        (buffer, offset, size)
+    }
+
+    /// Records one dispatch of `kernel` into the pending command stream.
+    pub(crate) fn dispatch(
+        &self,
+        kernel: &Kernel,
+        params: &[u8],
+        bindings: &[(u32, Binding<'_>)],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        for (_, b) in bindings {
+            if b.size > self.max_binding_bytes() {
+                return Err(EngineError::BindingTooLarge {
+                    op: kernel.op,
+                    bytes: b.size,
+                    limit: self.max_binding_bytes(),
+                });
+            }
+            debug_assert_eq!(
+                b.offset % self.storage_offset_alignment(),
+                0,
+                "unaligned binding"
+            );
+        }
+        let max = self.limits().max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > max) {
+            return Err(EngineError::Argument {
+                op: kernel.op,
+                message: format!(
+                    "dispatch of {workgroups:?} workgroups exceeds {max} per dimension"
+                ),
+            });
+        }
+        if workgroups.contains(&0) {
+            return Ok(());
+        }
+        let pipeline = self.pipeline(kernel)?;
+        let (ubuf, uoff, usize_) = self.uniform_slot(params);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &ubuf,
+                offset: uoff,
+                size: wgpu::BufferSize::new(usize_),
+            }),
+        }];
+        for (slot, b) in bindings {
+            entries.push(wgpu::BindGroupEntry {
+                binding: *slot,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer,
+                    offset: b.offset,
+                    size: wgpu::BufferSize::new(b.size.max(4)),
+                }),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.op),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        self.record(|enc| {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(kernel.op),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        });
+        Ok(())
+    }
+
+    /// Number of compiled pipelines (for `motif info` and tests of the cache).
+    pub fn compiled_pipelines(&self) -> usize {
+        self.kernels.pipeline_count()
+    }
+}

@@ -1,0 +1,460 @@
+//! The GPU context: adapter choice, the device and its queue, the buffer pool,
+//! the pipeline cache and the command stream that operators record into.
+//!
+//! Operators never submit on their own: every dispatch is recorded into one
+//! pending command encoder, which is submitted when a caller reads a result
+//! back ([`Gpu::flush`] or a download). A chain of operators therefore runs as
+//! one submission with no CPU round trip.
+
+mod adapter;
+mod kernel;
+mod pool;
+
+use std::sync::{Arc, Mutex};
+
+pub use adapter::AdapterSummary;
+pub(crate) use kernel::{grid_1d, Binding, Kernel};
+pub(crate) use pool::BufferPool as PoolHandle;
+pub use pool::PoolStats;
+
+use crate::error::{EngineError, Result};
+
+/// Element type of a tensor in GPU memory. Arithmetic is always f32; `F16`
+/// only changes the storage (half the memory and bandwidth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> u64 {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(DType::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(DType::F16),
+            other => Err(format!("unknown precision `{other}`: expected f16 or f32")),
+        }
+    }
+}
+
+/// The precision a run stores its tensors in.
+pub type Precision = DType;
+
+/// How to open the GPU. Every field has an environment variable so that tests
+/// and scripts can steer the engine without flags.
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// Adapter index or name substring (`MOTIF_ADAPTER`).
+    pub adapter: Option<String>,
+    /// Storage precision (`MOTIF_PRECISION`); default: f16 on real GPUs with
+    /// SHADER_F16, f32 on CPU adapters.
+    pub precision: Option<DType>,
+    /// Lowers the largest storage binding below the adapter's, so that tests
+    /// exercise the split path on small tensors (`MOTIF_MAX_BINDING_BYTES`).
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl GpuOptions {
+    /// Fills unset fields from `MOTIF_ADAPTER`, `MOTIF_PRECISION` and
+    /// `MOTIF_MAX_BINDING_BYTES`.
+    pub fn with_env(mut self) -> Result<Self> {
+        if self.adapter.is_none() {
+            self.adapter = std::env::var("MOTIF_ADAPTER")
+                .ok()
+                .filter(|s| !s.is_empty());
+        }
+        if self.precision.is_none() {
+            if let Ok(p) = std::env::var("MOTIF_PRECISION") {
+                if !p.is_empty() {
+                    self.precision = Some(p.parse().map_err(|m| EngineError::Argument {
+                        op: "MOTIF_PRECISION",
+                        message: m,
+                    })?);
+                }
+            }
+        }
+        if self.max_binding_bytes.is_none() {
+            if let Ok(v) = std::env::var("MOTIF_MAX_BINDING_BYTES") {
+                if !v.is_empty() {
+                    self.max_binding_bytes =
+                        Some(v.parse().map_err(|_| EngineError::Argument {
+                            op: "MOTIF_MAX_BINDING_BYTES",
+                            message: format!("expected a byte count, found `{v}`"),
+                        })?);
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Errors reported by wgpu outside any call, kept until the next flush.
+#[derive(Default)]
+struct ErrorSink {
+    first: Option<EngineError>,
+    lost: Option<String>,
+}
+
+/// An open GPU: device, queue, pool, pipelines and the pending commands.
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    adapter: wgpu::Adapter,
+    summary: AdapterSummary,
+    limits: wgpu::Limits,
+    features: wgpu::Features,
+    precision: DType,
+    max_binding_bytes: u64,
+    pub(crate) pool: Arc<PoolHandle>,
+    pub(crate) kernels: kernel::KernelCache,
+    pub(crate) pending: Mutex<Option<wgpu::CommandEncoder>>,
+    errors: Arc<Mutex<ErrorSink>>,
+}
+
+/// Lists the adapters wgpu can see, in enumeration order.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    let instance = new_instance();
+    let adapters = pollster::block_on(instance.enumerate_adapters(adapter::backends()));
+    adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| adapter::summarize(i, a))
+        .collect()
+}
+
+fn new_instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = adapter::backends();
+    wgpu::Instance::new(desc)
+}
+
+impl Gpu {
+    /// Opens the adapter chosen by `options` (see [`GpuOptions`]).
+    pub fn new(options: GpuOptions) -> Result<Self> {
+        let options = options.with_env()?;
+        let instance = new_instance();
+        let adapters = pollster::block_on(instance.enumerate_adapters(adapter::backends()));
+        let index_of = |a: &wgpu::Adapter| {
+            let info = a.get_info();
+            adapters
+                .iter()
+                .position(|b| b.get_info() == info)
+                .unwrap_or(0)
+        };
+        let all: Vec<_> = adapters.clone();
+        let chosen = adapter::choose(all, options.adapter.as_deref())?;
+        let summary = adapter::summarize(index_of(&chosen), &chosen);
+
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = chosen.features() & wanted;
+        // Raise every limit to what the adapter allows: the networks need
+        // large storage bindings and many bindings per kernel.
+        let limits = chosen.limits();
+
+        let precision = match options.precision {
+            Some(DType::F16) if !features.contains(wgpu::Features::SHADER_F16) => {
+                return Err(EngineError::F16Unsupported {
+                    adapter: summary.name.clone(),
+                })
+            }
+            Some(p) => p,
+            None if features.contains(wgpu::Features::SHADER_F16) && !summary.is_cpu => DType::F16,
+            None => DType::F32,
+        };
+
+        let (device, queue) = pollster::block_on(chosen.request_device(&wgpu::DeviceDescriptor {
+            label: Some("motif"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| EngineError::DeviceRequest {
+            adapter: summary.name.clone(),
+            reason: e.to_string(),
+        })?;
+
+        let errors = Arc::new(Mutex::new(ErrorSink::default()));
+        {
+            let sink = errors.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let mut s = sink.lock().expect("error sink lock poisoned");
+                if s.first.is_none() {
+                    s.first = Some(match e {
+                        wgpu::Error::OutOfMemory { .. } => EngineError::OutOfMemory(e.to_string()),
+                        other => EngineError::Device(other.to_string()),
+                    });
+                }
+            }));
+            let sink = errors.clone();
+            device.set_device_lost_callback(move |reason, message| {
+                if reason != wgpu::DeviceLostReason::Destroyed {
+                    sink.lock().expect("error sink lock poisoned").lost =
+                        Some(format!("{reason:?}: {message}"));
+                }
+            });
+        }
+
+        let adapter_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        let max_binding_bytes = match options.max_binding_bytes {
+            Some(v) => {
+                let align = limits.min_storage_buffer_offset_alignment as u64;
+                if v < 4 * align {
+                    return Err(EngineError::Argument {
+                        op: "max_binding_bytes",
+                        message: format!(
+                            "{v} is below the smallest useful binding ({} bytes)",
+                            4 * align
+                        ),
+                    });
+                }
+                v.min(adapter_binding) / 4 * 4
+            }
+            None => adapter_binding / 4 * 4,
+        };
+
+        Ok(Gpu {
+            device,
+            queue,
+            adapter: chosen,
+            summary,
+            limits,
+            features,
+            precision,
+            max_binding_bytes,
+            pool: Arc::new(PoolHandle::default()),
+            kernels: kernel::KernelCache::default(),
+            pending: Mutex::new(None),
+            errors,
+        })
+    }
+
+    pub fn adapter(&self) -> &AdapterSummary {
+        &self.summary
+    }
+
+    pub fn adapter_info(&self) -> wgpu::AdapterInfo {
+        self.adapter.get_info()
+    }
+
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// The optional features Motif asked for and got.
+    pub fn features(&self) -> wgpu::Features {
+        self.features
+    }
+
+    pub fn has_f16(&self) -> bool {
+        self.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// The storage precision of this run.
+    pub fn precision(&self) -> DType {
+        self.precision
+    }
+
+    /// The largest storage binding an operator may use (the adapter's, or the
+    /// lower value set in [`GpuOptions::max_binding_bytes`]).
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.max_binding_bytes
+    }
+
+    /// The largest single buffer (one tensor) the adapter can allocate.
+    pub fn max_buffer_bytes(&self) -> u64 {
+        self.limits.max_buffer_size
+    }
+
+    pub(crate) fn storage_offset_alignment(&self) -> u64 {
+        self.limits.min_storage_buffer_offset_alignment as u64
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    pub fn reset_peak_memory(&self) {
+        self.pool.reset_peaks();
+    }
+
+    /// Returns the pool's free buffers to the driver.
+    pub fn trim_pool(&self) {
+        self.pool.trim();
+    }
+
+    /// Fails with the first error wgpu reported since the last check.
+    pub(crate) fn check_errors(&self) -> Result<()> {
+        let mut s = self.errors.lock().expect("error sink lock poisoned");
+        if let Some(lost) = &s.lost {
+            return Err(EngineError::DeviceLost(lost.clone()));
+        }
+        match s.first.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `record` on the pending encoder (created on first use).
+    pub(crate) fn record<R>(&self, record: impl FnOnce(&mut wgpu::CommandEncoder) -> R) -> R {
+        let mut pending = self.pending.lock().expect("encoder lock poisoned");
+        let encoder = pending.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("motif ops"),
+                })
+        });
+        record(encoder)
+    }
+
+    /// Submits everything recorded so far as one submission (does not wait).
+    pub fn flush(&self) -> Result<()> {
+        let encoder = self.pending.lock().expect("encoder lock poisoned").take();
+        self.kernels.reset_uniforms();
+        if let Some(encoder) = encoder {
+            self.queue.submit(Some(encoder.finish()));
+        }
+        self.check_errors()
+    }
+
+    /// Submits pending work and blocks until the GPU has finished it.
+    pub fn synchronize(&self) -> Result<()> {
+        self.flush()?;
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| EngineError::Device(e.to_string()))?;
+        self.check_errors()
+    }
+
+    /// Allocates a storage buffer of at least `bytes` from the pool.
+    pub(crate) fn alloc(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        if bytes > self.limits.max_buffer_size {
+            return Err(EngineError::BufferTooLarge {
+                bytes,
+                limit: self.limits.max_buffer_size,
+            });
+        }
+        let (reused, class) = self.pool.take(bytes);
+        if let Some(b) = reused {
+            return Ok(b);
+        }
+        let class = class.min(self.limits.max_buffer_size / 4 * 4);
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("motif tensor"),
+            size: class,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(EngineError::OutOfMemory(format!(
+                "allocating {class} bytes: {e}"
+            )));
+        }
+        self.pool.record_created(class);
+        Ok(buffer)
+    }
+
+    /// Copies `bytes` into `buffer` at `offset` in stream order: the copy is
+    /// recorded after every operator recorded so far, so a recycled buffer is
+    /// never overwritten before earlier readers ran.
+    pub(crate) fn write(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let padded = (bytes.len() as u64).div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("motif upload"),
+            size: padded,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::MAP_WRITE,
+            mapped_at_creation: true,
+        });
+        {
+            let mut padded_bytes = bytes.to_vec();
+            padded_bytes.resize(padded as usize, 0);
+            let mut view = staging
+                .slice(..)
+                .get_mapped_range_mut()
+                .expect("a buffer created mapped can be viewed");
+            view.copy_from_slice(&padded_bytes);
+        }
+        staging.unmap();
+        self.record(|enc| enc.copy_buffer_to_buffer(&staging, 0, buffer, offset, padded));
+    }
+
+    /// Fills `size` bytes of `buffer` with zeros, in stream order.
+    pub(crate) fn clear(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) {
+        self.record(|enc| enc.clear_buffer(buffer, offset, Some(size)));
+    }
+
+    /// Reads `size` bytes at `offset` back to the CPU: submits all pending
+    /// work and waits for it.
+    pub(crate) fn read(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let padded = size.div_ceil(4) * 4;
+        let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("motif download"),
+            size: padded,
+            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+            mapped_at_creation: false,
+        });
+        self.record(|enc| enc.copy_buffer_to_buffer(buffer, offset, &readback, 0, padded));
+        self.flush()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| EngineError::Device(e.to_string()))?;
+        self.check_errors()?;
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(EngineError::Device(format!(
+                    "mapping a download buffer: {e}"
+                )))
+            }
+            Err(_) => return Err(EngineError::Device("download was never mapped".into())),
+        }
+        let bytes = readback
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| EngineError::Device(format!("viewing a download buffer: {e}")))?
+            [..size as usize]
+            .to_vec();
+        readback.unmap();
+        Ok(bytes)
+    }
+}

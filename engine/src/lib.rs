@@ -1,0 +1,14 @@
+//! Motif's compute engine: a wgpu device, GPU-resident tensors and the WGSL
+//! operator library that every model is built from.
+//!
+//! The data's path runs left to right through the modules: `gpu` → `tensor` →
+//! `ops`. A module only uses what stands to its left.
+
+pub mod error;
+pub mod gpu;
+pub mod ops;
+pub mod tensor;
+
+pub use error::{EngineError, Result};
+pub use gpu::{AdapterSummary, Gpu, GpuOptions, Precision};
+pub use tensor::{DType, Tensor};

@@ -1,0 +1,194 @@
+//! Elementwise operators against their CPU reference, f32 and f16, odd sizes,
+//! broadcasting, and the windowed path for tensors over the binding limit.
+
+mod common;
+
+use common::*;
+use motif_engine::ops::{self, elementwise, Activation};
+use motif_engine::{EngineError, Gpu};
+
+const ACTS: [Activation; 5] = [
+    Activation::None,
+    Activation::Silu,
+    Activation::GeluErf,
+    Activation::GeluTanh,
+    Activation::QuickGelu,
+];
+
+fn check_unary(gpu: &Gpu, n: usize, seed: u64) {
+    for dtype in dtypes() {
+        // Spread inputs over [-8, 8) so that the activations' tails are covered.
+        let x: Vec<f32> = random(n, seed).iter().map(|v| v * 8.0).collect();
+        let (t, xs) = upload(gpu, &x, &[n], dtype);
+        for act in ACTS {
+            let got = elementwise::unary(gpu, &t, 0.75, act)
+                .unwrap()
+                .to_f32(gpu)
+                .unwrap();
+            let want: Vec<f32> = xs
+                .iter()
+                .map(|&v| act.apply_reference(v as f64 * 0.75) as f32)
+                .collect();
+            assert_close(&format!("unary {act:?} n={n}"), &got, &want, dtype, 1);
+        }
+    }
+}
+
+#[test]
+fn unary_matches_reference_on_odd_sizes() {
+    for (i, n) in ODD_SIZES.into_iter().chain([4096 * 17 + 3]).enumerate() {
+        check_unary(gpu(), n, i as u64);
+    }
+}
+
+#[test]
+fn unary_splits_tensors_over_the_binding_limit() {
+    check_unary(small_binding_gpu(), 5000, 9);
+}
+
+#[test]
+fn named_activations_match_reference() {
+    let gpu = gpu();
+    let x = random(129, 3);
+    let (t, xs) = upload(gpu, &x, &[129], motif_engine::DType::F32);
+    let cases: [(
+        Activation,
+        fn(&Gpu, &motif_engine::Tensor) -> motif_engine::Result<motif_engine::Tensor>,
+    ); 4] = [
+        (Activation::Silu, ops::silu),
+        (Activation::GeluErf, ops::gelu_erf),
+        (Activation::GeluTanh, ops::gelu_tanh),
+        (Activation::QuickGelu, ops::quick_gelu),
+    ];
+    for (act, f) in cases {
+        let got = f(gpu, &t).unwrap().to_f32(gpu).unwrap();
+        let want: Vec<f32> = xs
+            .iter()
+            .map(|&v| act.apply_reference(v as f64) as f32)
+            .collect();
+        assert_close(
+            &format!("{act:?}"),
+            &got,
+            &want,
+            motif_engine::DType::F32,
+            1,
+        );
+    }
+    let got = ops::scale(gpu, &t, -2.5).unwrap().to_f32(gpu).unwrap();
+    let want: Vec<f32> = xs.iter().map(|v| v * -2.5).collect();
+    assert_close("scale", &got, &want, motif_engine::DType::F32, 1);
+}
+
+fn check_binary(gpu: &Gpu, a_shape: &[usize], b_shape: &[usize], seed: u64) {
+    for dtype in dtypes() {
+        let na: usize = a_shape.iter().product();
+        let nb: usize = b_shape.iter().product();
+        let (a, av) = upload(gpu, &random(na, seed), a_shape, dtype);
+        let (b, bv) = upload(gpu, &random(nb, seed + 1), b_shape, dtype);
+        for (mul, act) in [
+            (false, Activation::None),
+            (true, Activation::None),
+            (false, Activation::Silu),
+        ] {
+            let got = elementwise::binary(gpu, &a, &b, mul, 1.5, act)
+                .unwrap()
+                .to_f32(gpu)
+                .unwrap();
+            let want = elementwise::binary_reference(&av, a_shape, &bv, b_shape, mul, 1.5, act);
+            assert_close(
+                &format!("binary mul={mul} {act:?} {a_shape:?} {b_shape:?}"),
+                &got,
+                &want,
+                dtype,
+                2,
+            );
+        }
+    }
+}
+
+#[test]
+fn add_and_mul_broadcast_like_numpy() {
+    let gpu = gpu();
+    for &n in &ODD_SIZES {
+        check_binary(gpu, &[n], &[n], n as u64);
+        check_binary(gpu, &[2, n, 3], &[n, 1], n as u64);
+    }
+    // Per-channel bias on (N, C, H, W), per-item time embedding (N, C, 1, 1), scalar.
+    check_binary(gpu, &[2, 7, 5, 3], &[7, 1, 1], 11);
+    check_binary(gpu, &[2, 7, 5, 3], &[2, 7, 1, 1], 12);
+    check_binary(gpu, &[3, 33], &[1], 13);
+    check_binary(gpu, &[2, 1, 3, 4, 5, 6, 7, 2, 3], &[4, 1, 6, 1, 2, 1], 14);
+}
+
+#[test]
+fn binary_splits_tensors_over_the_binding_limit() {
+    let gpu = small_binding_gpu();
+    check_binary(gpu, &[3000], &[3000], 21);
+    check_binary(gpu, &[4, 33, 40], &[33, 1], 22);
+}
+
+#[test]
+fn geglu_matches_reference() {
+    for (gpu, rows) in [
+        (gpu(), [1usize, 7, 33]),
+        (small_binding_gpu(), [129, 40, 3]),
+    ] {
+        for dtype in dtypes() {
+            for (&r, &d) in rows.iter().zip(&[1usize, 33, 7]) {
+                let x: Vec<f32> = random(r * 2 * d, 5).iter().map(|v| v * 4.0).collect();
+                let (t, xs) = upload(gpu, &x, &[r, 2 * d], dtype);
+                let got = ops::geglu(gpu, &t).unwrap();
+                assert_eq!(got.shape(), &[r, d]);
+                let want = elementwise::geglu_reference(&xs, 2 * d);
+                assert_close(
+                    &format!("geglu {r}x{d}"),
+                    &got.to_f32(gpu).unwrap(),
+                    &want,
+                    dtype,
+                    1,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn mismatched_operands_are_errors_that_name_the_op_and_shapes() {
+    let gpu = gpu();
+    let a = motif_engine::Tensor::zeros(gpu, &[2, 3], motif_engine::DType::F32).unwrap();
+    let b = motif_engine::Tensor::zeros(gpu, &[4], motif_engine::DType::F32).unwrap();
+    let e = ops::add(gpu, &a, &b).unwrap_err();
+    assert!(matches!(e, EngineError::Shape { .. }));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("elementwise") && msg.contains("[2, 3]") && msg.contains("[4]"),
+        "{msg}"
+    );
+    if gpu.has_f16() {
+        let h = motif_engine::Tensor::zeros(gpu, &[2, 3], motif_engine::DType::F16).unwrap();
+        let msg = ops::add(gpu, &a, &h).unwrap_err().to_string();
+        assert!(msg.contains("dtype") && msg.contains("f16"), "{msg}");
+    }
+    let odd = motif_engine::Tensor::zeros(gpu, &[3, 5], motif_engine::DType::F32).unwrap();
+    assert!(ops::geglu(gpu, &odd)
+        .unwrap_err()
+        .to_string()
+        .contains("geglu"));
+}
+
+#[test]
+fn erf_reference_is_exact() {
+    // Known values of erf to 15 digits.
+    for (x, want) in [
+        (0.5, 0.520499877813047),
+        (1.0, 0.842700792949715),
+        (2.0, 0.995322265018953),
+        (3.5, 0.999999256901628),
+    ] {
+        assert!(
+            (elementwise::erf_reference(x) - want).abs() < 1e-13,
+            "erf({x})"
+        );
+        assert!((elementwise::erf_reference(-x) + want).abs() < 1e-13);
+    }
+}
