@@ -37,7 +37,7 @@ pub(crate) struct Binding<'a> {
 const UNIFORM_ARENA_BYTES: u64 = 1 << 16;
 
 #[derive(Default)]
-struct UniformArenas {
+pub(crate) struct UniformArenas {
     buffers: Vec<wgpu::Buffer>,
     /// (arena index, byte offset) of the next free slot in this submission.
     cursor: (usize, u64),
@@ -47,16 +47,17 @@ struct UniformArenas {
 pub(crate) struct KernelCache {
     modules: Mutex<HashMap<(&'static str, DType), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
-    uniforms: Mutex<UniformArenas>,
+}
+
+impl UniformArenas {
+    /// Parameter slots are unique within one submission; after a submit the
+    /// arenas are reused (queue writes are ordered after earlier submissions).
+    pub(crate) fn reset(&mut self) {
+        self.cursor = (0, 0);
+    }
 }
 
 impl KernelCache {
-    /// Parameter slots are unique within one submission; after a submit the
-    /// arenas are reused (queue writes are ordered after earlier submissions).
-    pub(crate) fn reset_uniforms(&self) {
-        self.uniforms.lock().expect("uniform lock poisoned").cursor = (0, 0);
-    }
-
     pub(crate) fn pipeline_count(&self) -> usize {
         self.pipelines.lock().expect("pipeline lock poisoned").len()
     }
@@ -139,11 +140,12 @@ impl Gpu {
         Ok(pipeline)
     }
 
-    /// Places `params` in this submission's uniform arena.
-    fn uniform_slot(&self, params: &[u8]) -> (wgpu::Buffer, u64, u64) {
+    /// Places `params` in this submission's uniform arena. The caller holds
+    /// the stream lock from here until the dispatch is recorded, so that no
+    /// flush can reuse the slot in between.
+    fn uniform_slot(&self, u: &mut UniformArenas, params: &[u8]) -> (wgpu::Buffer, u64, u64) {
         let align = self.limits().min_uniform_buffer_offset_alignment as u64;
         let size = (params.len() as u64).max(16).div_ceil(16) * 16;
-        let mut u = self.kernels.uniforms.lock().expect("uniform lock poisoned");
         let (mut arena, mut offset) = u.cursor;
         if offset + size > UNIFORM_ARENA_BYTES {
             arena += 1;
@@ -201,7 +203,8 @@ impl Gpu {
             return Ok(());
         }
         let pipeline = self.pipeline(kernel)?;
-        let (ubuf, uoff, usize_) = self.uniform_slot(params);
+        let mut stream = self.stream.lock().expect("stream lock poisoned");
+        let (ubuf, uoff, usize_) = self.uniform_slot(&mut stream.uniforms, params);
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -225,15 +228,16 @@ impl Gpu {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        self.record(|enc| {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        let encoder = stream.encoder(&self.device);
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(kernel.op),
                 timestamp_writes: None,
             });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
-        });
+        }
         Ok(())
     }
 

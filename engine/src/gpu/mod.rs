@@ -111,6 +111,23 @@ impl GpuOptions {
     }
 }
 
+/// The commands recorded since the last submission, and the parameter
+/// blocks they use. One lock guards both: a parameter slot must not be
+/// reused by another thread's dispatch before its own dispatch is submitted.
+#[derive(Default)]
+pub(crate) struct Stream {
+    encoder: Option<wgpu::CommandEncoder>,
+    pub(crate) uniforms: kernel::UniformArenas,
+}
+
+impl Stream {
+    pub(crate) fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
+        self.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("motif ops") })
+        })
+    }
+}
+
 /// Errors reported by wgpu outside any call, kept until the next flush.
 #[derive(Default)]
 struct ErrorSink {
@@ -130,7 +147,7 @@ pub struct Gpu {
     max_binding_bytes: u64,
     pub(crate) pool: Arc<PoolHandle>,
     pub(crate) kernels: kernel::KernelCache,
-    pub(crate) pending: Mutex<Option<wgpu::CommandEncoder>>,
+    pub(crate) stream: Mutex<Stream>,
     errors: Arc<Mutex<ErrorSink>>,
 }
 
@@ -251,7 +268,7 @@ impl Gpu {
             max_binding_bytes,
             pool: Arc::new(PoolHandle::default()),
             kernels: kernel::KernelCache::default(),
-            pending: Mutex::new(None),
+            stream: Mutex::new(Stream::default()),
             errors,
         })
     }
@@ -324,22 +341,18 @@ impl Gpu {
 
     /// Runs `record` on the pending encoder (created on first use).
     pub(crate) fn record<R>(&self, record: impl FnOnce(&mut wgpu::CommandEncoder) -> R) -> R {
-        let mut pending = self.pending.lock().expect("encoder lock poisoned");
-        let encoder = pending.get_or_insert_with(|| {
-            self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("motif ops"),
-                })
-        });
-        record(encoder)
+        let mut stream = self.stream.lock().expect("stream lock poisoned");
+        record(stream.encoder(&self.device))
     }
 
     /// Submits everything recorded so far as one submission (does not wait).
     pub fn flush(&self) -> Result<()> {
-        let encoder = self.pending.lock().expect("encoder lock poisoned").take();
-        self.kernels.reset_uniforms();
-        if let Some(encoder) = encoder {
-            self.queue.submit(Some(encoder.finish()));
+        {
+            let mut stream = self.stream.lock().expect("stream lock poisoned");
+            if let Some(encoder) = stream.encoder.take() {
+                self.queue.submit(Some(encoder.finish()));
+            }
+            stream.uniforms.reset();
         }
         self.check_errors()
     }

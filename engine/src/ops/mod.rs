@@ -4,7 +4,14 @@
 //! also keeps a plain CPU reference (`*_reference`), which the tests compare
 //! the GPU against and which the next faster kernel is checked with.
 
+pub mod attention;
+pub mod conv2d;
 pub mod elementwise;
+pub mod embedding;
+pub mod layout;
+pub mod matmul;
+pub mod norm;
+pub mod softmax;
 
 use crate::error::{EngineError, Result};
 use crate::tensor::{fmt_shape, DType, Tensor};
@@ -54,9 +61,11 @@ pub(crate) fn windows(
     }
     let per = max / quantum * quantum;
     if per == 0 {
+        // `max` elements fill `limit_bytes`, which gives the element size.
+        let elem_bytes = (limit_bytes / max.max(1) as u64).max(1);
         return Err(EngineError::BindingTooLarge {
             op,
-            bytes: quantum as u64,
+            bytes: quantum as u64 * elem_bytes,
             limit: limit_bytes,
         });
     }
