@@ -228,11 +228,23 @@ impl Gpu {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let encoder = stream.encoder(&self.device);
+        let timed = stream.timer.as_mut().and_then(|t| t.take_pair());
+        let stream = &mut *stream;
+        let timestamp_writes = match (timed, &stream.timer) {
+            (Some(i), Some(t)) => Some(wgpu::ComputePassTimestampWrites {
+                query_set: &t.queries,
+                beginning_of_pass_write_index: Some(i),
+                end_of_pass_write_index: Some(i + 1),
+            }),
+            _ => None,
+        };
+        let encoder = stream.encoder.get_or_insert_with(|| {
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("motif ops") })
+        });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(kernel.op),
-                timestamp_writes: None,
+                timestamp_writes,
             });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);

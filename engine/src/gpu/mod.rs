@@ -116,8 +116,30 @@ impl GpuOptions {
 /// reused by another thread's dispatch before its own dispatch is submitted.
 #[derive(Default)]
 pub(crate) struct Stream {
-    encoder: Option<wgpu::CommandEncoder>,
+    pub(crate) encoder: Option<wgpu::CommandEncoder>,
     pub(crate) uniforms: kernel::UniformArenas,
+    /// While a GPU timer runs, every dispatch writes a begin and an end timestamp.
+    pub(crate) timer: Option<GpuTimer>,
+}
+
+/// Timestamp queries around every dispatch between [`Gpu::start_timer`] and
+/// [`Gpu::stop_timer`].
+pub(crate) struct GpuTimer {
+    pub(crate) queries: wgpu::QuerySet,
+    pub(crate) next: u32,
+    capacity: u32,
+}
+
+impl GpuTimer {
+    const CAPACITY: u32 = 4096;
+
+    /// The pass timestamp indices for the next dispatch, if room is left.
+    pub(crate) fn take_pair(&mut self) -> Option<u32> {
+        (self.next + 2 <= self.capacity).then(|| {
+            self.next += 2;
+            self.next - 2
+        })
+    }
 }
 
 impl Stream {
@@ -149,6 +171,7 @@ pub struct Gpu {
     pub(crate) kernels: kernel::KernelCache,
     pub(crate) stream: Mutex<Stream>,
     errors: Arc<Mutex<ErrorSink>>,
+    submissions: std::sync::atomic::AtomicU64,
 }
 
 /// Lists the adapters wgpu can see, in enumeration order.
@@ -270,6 +293,7 @@ impl Gpu {
             kernels: kernel::KernelCache::default(),
             stream: Mutex::new(Stream::default()),
             errors,
+            submissions: Default::default(),
         })
     }
 
@@ -327,6 +351,12 @@ impl Gpu {
         self.pool.trim();
     }
 
+    /// Number of queue submissions so far: a chain of operators followed by
+    /// one download is one submission.
+    pub fn submissions(&self) -> u64 {
+        self.submissions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Fails with the first error wgpu reported since the last check.
     pub(crate) fn check_errors(&self) -> Result<()> {
         let mut s = self.errors.lock().expect("error sink lock poisoned");
@@ -351,10 +381,50 @@ impl Gpu {
             let mut stream = self.stream.lock().expect("stream lock poisoned");
             if let Some(encoder) = stream.encoder.take() {
                 self.queue.submit(Some(encoder.finish()));
+                self.submissions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             stream.uniforms.reset();
         }
         self.check_errors()
+    }
+
+    /// Starts timing every dispatch on the GPU itself (needs TIMESTAMP_QUERY;
+    /// returns false without it). Used by `motif bench`.
+    pub fn start_timer(&self) -> bool {
+        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return false;
+        }
+        let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("motif timer"),
+            ty: wgpu::QueryType::Timestamp,
+            count: GpuTimer::CAPACITY,
+        });
+        let mut stream = self.stream.lock().expect("stream lock poisoned");
+        stream.timer = Some(GpuTimer { queries, next: 0, capacity: GpuTimer::CAPACITY });
+        true
+    }
+
+    /// Stops the timer and returns the summed GPU time of the timed
+    /// dispatches in seconds, and how many were timed (waits for the GPU).
+    pub fn stop_timer(&self) -> Result<Option<(f64, u32)>> {
+        let timer = self.stream.lock().expect("stream lock poisoned").timer.take();
+        let Some(timer) = timer else { return Ok(None) };
+        if timer.next == 0 {
+            return Ok(Some((0.0, 0)));
+        }
+        let bytes = timer.next as u64 * 8;
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("motif timer resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        self.record(|enc| enc.resolve_query_set(&timer.queries, 0..timer.next, &resolve, 0));
+        let raw = self.read(&resolve, 0, bytes)?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
+        let period_ns = self.queue.get_timestamp_period() as f64;
+        let total: u64 = ticks.chunks(2).map(|p| p[1].saturating_sub(p[0])).sum();
+        Ok(Some((total as f64 * period_ns * 1e-9, timer.next / 2)))
     }
 
     /// Submits pending work and blocks until the GPU has finished it.
