@@ -1,0 +1,423 @@
+//! Normalisation operators (`shaders/norm.wgsl`): GroupNorm with PyTorch's
+//! semantics, its frames-pooling variant for AnimateDiff's motion modules, and
+//! LayerNorm over the last dim. Statistics are accumulated in f32 with
+//! two-pass chunk moments combined pairwise (Chan et al.), so a large mean
+//! never cancels the variance away. Tensors larger than one storage binding
+//! are processed in windows of whole batch items (rows for LayerNorm).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{check_dtypes, params_bytes, windows};
+use crate::error::{EngineError, Result};
+use crate::gpu::{grid_1d, Binding, Gpu, Kernel};
+use crate::tensor::{fmt_shape, DType, Tensor};
+
+const SOURCE: &str = include_str!("../../../shaders/norm.wgsl");
+/// Mirrors `CHUNK`, `APPLY_CHUNK` and `FINALIZE_WG` of the shader.
+const CHUNK: usize = 256 * 8;
+const APPLY_CHUNK: usize = 256 * 4;
+const FINALIZE_WG: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+struct Params {
+    rows: u32,
+    x_off: u32,
+    out_off: u32,
+    eps: f32,
+    flags: u32,
+    len: u32,
+    segs: u32,
+    seg_stride: u32,
+    chunks: u32,
+    groups: u32,
+    channels: u32,
+    cg: u32,
+    spatial: u32,
+    apply_chunks: u32,
+    channel_rows: u32,
+    final_off: u32,
+}
+
+fn kernel(entry: &'static str, dtype: DType, silu: bool) -> Kernel {
+    Kernel {
+        op: "norm",
+        source: SOURCE,
+        entry,
+        dtype,
+        constants: if entry == "group_apply" {
+            vec![("SILU", if silu { 1.0 } else { 0.0 })]
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Checks that an optional affine parameter has shape `[len]` and x's dtype.
+fn check_affine(
+    op: &'static str,
+    what: &str,
+    x: &Tensor,
+    t: Option<&Tensor>,
+    len: usize,
+) -> Result<()> {
+    let Some(t) = t else { return Ok(()) };
+    if t.shape() != [len] {
+        return Err(EngineError::Shape {
+            op,
+            expected: format!("{what} of shape [{len}] for input {}", fmt_shape(x.shape())),
+            found: fmt_shape(t.shape()),
+        });
+    }
+    check_dtypes(op, &[x, t]).map(|_| ())
+}
+
+fn affine_flags(gamma: Option<&Tensor>, beta: Option<&Tensor>) -> u32 {
+    u32::from(gamma.is_some()) | (u32::from(beta.is_some()) << 1)
+}
+
+/// How a group norm sees its input: `items` batch items, each `frames`
+/// consecutive rows of `[channels, spatial]`, statistics over one item's
+/// frames x (channels of a group) x spatial.
+struct GroupLayout {
+    items: usize,
+    frames: usize,
+    channels: usize,
+    spatial: usize,
+    groups: usize,
+}
+
+/// Shape checks shared by both group norms; returns (channels, spatial).
+fn check_group_norm(
+    op: &'static str,
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+) -> Result<(usize, usize)> {
+    if x.rank() < 2 {
+        return Err(EngineError::Shape {
+            op,
+            expected: "input [N, C, *spatial] of rank >= 2".into(),
+            found: fmt_shape(x.shape()),
+        });
+    }
+    let channels = x.shape()[1];
+    if groups == 0 || channels % groups != 0 {
+        return Err(EngineError::Shape {
+            op,
+            expected: format!("a channel count divisible by {groups} groups"),
+            found: fmt_shape(x.shape()),
+        });
+    }
+    check_affine(op, "gamma", x, gamma, channels)?;
+    check_affine(op, "beta", x, beta, channels)?;
+    Ok((channels, x.shape()[2..].iter().product()))
+}
+
+/// PyTorch GroupNorm: x [N, C, *spatial] (any number of trailing dims, e.g.
+/// (B, C, F, H, W) pools over frames too), gamma/beta [C] optional (affine),
+/// statistics over each (n, group) of C/groups channels x spatial; optional
+/// fused SiLU after the affine.
+pub fn group_norm(
+    gpu: &Gpu,
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    let op = "group_norm";
+    let (channels, spatial) = check_group_norm(op, x, groups, gamma, beta)?;
+    let layout = GroupLayout {
+        items: x.shape()[0],
+        frames: 1,
+        channels,
+        spatial,
+        groups,
+    };
+    run_group_norm(gpu, op, x, &layout, gamma, beta, eps, silu)
+}
+
+/// The same normalisation for x laid out [B*F, C, H, W] (frames as batch
+/// rows, row = b*F + f) with statistics pooled over all F frames of a group —
+/// what diffusers' motion module computes on its 5-D (B, C, F, H, W) view —
+/// without permuting. Output in x's layout.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_frames(
+    gpu: &Gpu,
+    x: &Tensor,
+    frames: usize,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    let op = "group_norm_frames";
+    let (channels, spatial) = check_group_norm(op, x, groups, gamma, beta)?;
+    if frames == 0 || x.shape()[0] % frames != 0 {
+        return Err(EngineError::Shape {
+            op,
+            expected: format!("a leading dim B*F divisible by {frames} frames"),
+            found: fmt_shape(x.shape()),
+        });
+    }
+    let layout = GroupLayout {
+        items: x.shape()[0] / frames,
+        frames,
+        channels,
+        spatial,
+        groups,
+    };
+    run_group_norm(gpu, op, x, &layout, gamma, beta, eps, silu)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_group_norm(
+    gpu: &Gpu,
+    op: &'static str,
+    x: &Tensor,
+    l: &GroupLayout,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    let out = Tensor::empty(gpu, x.shape(), x.dtype())?;
+    if x.numel() == 0 {
+        return Ok(out);
+    }
+    let cg = l.channels / l.groups;
+    let seg_len = cg * l.spatial;
+    let item_len = l.frames * l.channels * l.spatial;
+    let chunks = seg_len.div_ceil(CHUNK);
+    let per_row = l.frames * chunks;
+    let apply_chunks = l.spatial.div_ceil(APPLY_CHUNK);
+    // Per item: chunk moments, then the rows' (mean, rstd).
+    let stats_per_item = l.groups * (per_row + 1) * 2;
+
+    let max_items = (Tensor::max_window_elems(gpu, x.dtype()) / item_len)
+        .min(Tensor::max_window_elems(gpu, DType::F32) / stats_per_item);
+    if max_items == 0 {
+        return Err(EngineError::BindingTooLarge {
+            op,
+            bytes: (item_len as u64 * x.dtype().size_bytes())
+                .max(stats_per_item as u64 * DType::F32.size_bytes()),
+            limit: gpu.max_binding_bytes(),
+        });
+    }
+    let windows = windows(op, l.items, 1, max_items, gpu.max_binding_bytes())?;
+    let stats_items = windows.iter().map(|w| w.1).max().unwrap_or(1);
+    let stats = Tensor::empty(gpu, &[stats_items * stats_per_item], DType::F32)?;
+
+    let dtype = x.dtype();
+    for (item0, items) in windows {
+        let (xb, x_off) = x.window(gpu, item0 * item_len, items * item_len);
+        let (ob, out_off) = out.window(gpu, item0 * item_len, items * item_len);
+        let rows = items * l.groups;
+        let p = Params {
+            rows: rows as u32,
+            x_off,
+            out_off,
+            eps,
+            flags: affine_flags(gamma, beta),
+            len: seg_len as u32,
+            segs: l.frames as u32,
+            seg_stride: (l.channels * l.spatial) as u32,
+            chunks: chunks as u32,
+            groups: l.groups as u32,
+            channels: l.channels as u32,
+            cg: cg as u32,
+            spatial: l.spatial as u32,
+            apply_chunks: apply_chunks as u32,
+            channel_rows: (items * l.frames * l.channels) as u32,
+            final_off: (rows * per_row * 2) as u32,
+        };
+        let sb = stats.binding();
+        gpu.dispatch(
+            &kernel("group_stats", dtype, false),
+            params_bytes(&p),
+            &[(1, xb), (5, sb)],
+            grid_1d((rows * per_row) as u64),
+        )?;
+        gpu.dispatch(
+            &kernel("group_finalize", dtype, false),
+            params_bytes(&p),
+            &[(5, sb)],
+            grid_1d(rows.div_ceil(FINALIZE_WG) as u64),
+        )?;
+        let gb = gamma.map_or(xb, Tensor::binding);
+        let bb = beta.map_or(xb, Tensor::binding);
+        gpu.dispatch(
+            &kernel("group_apply", dtype, silu),
+            params_bytes(&p),
+            &[(1, xb), (2, gb), (3, bb), (4, ob), (5, sb)],
+            grid_1d((items * l.frames * l.channels * apply_chunks) as u64),
+        )?;
+    }
+    Ok(out)
+}
+
+/// LayerNorm over the last dim D: x [..., D], gamma/beta [D] optional.
+pub fn layer_norm(
+    gpu: &Gpu,
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+) -> Result<Tensor> {
+    let op = "layer_norm";
+    let d = match x.shape().last() {
+        Some(&d) if d > 0 => d,
+        _ => {
+            return Err(EngineError::Shape {
+                op,
+                expected: "input [..., D] with D >= 1".into(),
+                found: fmt_shape(x.shape()),
+            })
+        }
+    };
+    check_affine(op, "gamma", x, gamma, d)?;
+    check_affine(op, "beta", x, beta, d)?;
+    let out = Tensor::empty(gpu, x.shape(), x.dtype())?;
+    let rows = x.numel() / d;
+    let max_rows = Tensor::max_window_elems(gpu, x.dtype()) / d;
+    if max_rows == 0 {
+        return Err(EngineError::BindingTooLarge {
+            op,
+            bytes: d as u64 * x.dtype().size_bytes(),
+            limit: gpu.max_binding_bytes(),
+        });
+    }
+    let k = kernel("layer_norm", x.dtype(), false);
+    for (row0, n) in windows(op, rows, 1, max_rows, gpu.max_binding_bytes())? {
+        let (xb, x_off) = x.window(gpu, row0 * d, n * d);
+        let (ob, out_off) = out.window(gpu, row0 * d, n * d);
+        let p = Params {
+            rows: n as u32,
+            x_off,
+            out_off,
+            eps,
+            flags: affine_flags(gamma, beta),
+            len: d as u32,
+            ..Params::default()
+        };
+        let gb: Binding = gamma.map_or(xb, Tensor::binding);
+        let bb: Binding = beta.map_or(xb, Tensor::binding);
+        gpu.dispatch(
+            &k,
+            params_bytes(&p),
+            &[(1, xb), (2, gb), (3, bb), (4, ob)],
+            grid_1d(n as u64),
+        )?;
+    }
+    Ok(out)
+}
+
+/// Mean and 1/sqrt(var + eps) of one group's values in f64, with the biased
+/// (population) variance that PyTorch normalises with.
+fn normalize_reference(values: &[f64], eps: f32) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps as f64).sqrt())
+}
+
+fn affine_reference(
+    v: f64,
+    c: usize,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    silu: bool,
+) -> f32 {
+    let mut v = v * gamma.map_or(1.0, |g| g[c] as f64) + beta.map_or(0.0, |b| b[c] as f64);
+    if silu {
+        v /= 1.0 + (-v).exp();
+    }
+    v as f32
+}
+
+/// CPU reference of [`group_norm`]: x row-major with shape [N, C, *spatial].
+pub fn group_norm_reference(
+    x: &[f32],
+    shape: &[usize],
+    groups: usize,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    eps: f32,
+    silu: bool,
+) -> Vec<f32> {
+    let (n, c) = (shape[0], shape[1]);
+    group_norm_frames_reference(
+        x,
+        &[n, c, shape[2..].iter().product()],
+        1,
+        groups,
+        gamma,
+        beta,
+        eps,
+        silu,
+    )
+}
+
+/// CPU reference of [`group_norm_frames`]: x row-major [B*F, C, *spatial].
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_frames_reference(
+    x: &[f32],
+    shape: &[usize],
+    frames: usize,
+    groups: usize,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    eps: f32,
+    silu: bool,
+) -> Vec<f32> {
+    let (rows, c) = (shape[0], shape[1]);
+    let s: usize = shape[2..].iter().product();
+    let cg = c / groups;
+    let mut out = vec![0f32; x.len()];
+    for b in 0..rows / frames {
+        for g in 0..groups {
+            let index = |f: usize, ch: usize, i: usize| ((b * frames + f) * c + ch) * s + i;
+            let mut values = Vec::with_capacity(frames * cg * s);
+            for f in 0..frames {
+                for ch in g * cg..(g + 1) * cg {
+                    values.extend((0..s).map(|i| x[index(f, ch, i)] as f64));
+                }
+            }
+            let (mean, rstd) = normalize_reference(&values, eps);
+            for f in 0..frames {
+                for ch in g * cg..(g + 1) * cg {
+                    for i in 0..s {
+                        let k = index(f, ch, i);
+                        out[k] =
+                            affine_reference((x[k] as f64 - mean) * rstd, ch, gamma, beta, silu);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// CPU reference of [`layer_norm`]: rows of `d` values.
+pub fn layer_norm_reference(
+    x: &[f32],
+    d: usize,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    eps: f32,
+) -> Vec<f32> {
+    x.chunks(d)
+        .flat_map(|row| {
+            let values: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+            let (mean, rstd) = normalize_reference(&values, eps);
+            values
+                .into_iter()
+                .enumerate()
+                .map(move |(i, v)| affine_reference((v - mean) * rstd, i, gamma, beta, false))
+        })
+        .collect()
+}

@@ -1,0 +1,353 @@
+//! GroupNorm (plain and frames-pooling) and LayerNorm against their CPU
+//! references, f32 and f16, odd sizes swept one dimension at a time, affine
+//! parameters present and absent, fused SiLU, and the windowed path.
+
+mod common;
+
+use common::*;
+use motif_engine::ops::norm;
+use motif_engine::{DType, EngineError, Gpu, Tensor};
+
+/// Optional affine parameters: uploaded tensors and their stored values.
+struct Affine {
+    gamma: Option<(Tensor, Vec<f32>)>,
+    beta: Option<(Tensor, Vec<f32>)>,
+}
+
+impl Affine {
+    fn new(gpu: &Gpu, len: usize, gamma: bool, beta: bool, dtype: DType, seed: u64) -> Self {
+        let make = |on: bool, s: u64| on.then(|| upload(gpu, &random(len, s), &[len], dtype));
+        Affine {
+            gamma: make(gamma, seed + 100),
+            beta: make(beta, seed + 200),
+        }
+    }
+    fn gamma(&self) -> Option<&Tensor> {
+        self.gamma.as_ref().map(|g| &g.0)
+    }
+    fn beta(&self) -> Option<&Tensor> {
+        self.beta.as_ref().map(|b| &b.0)
+    }
+    fn gamma_values(&self) -> Option<&[f32]> {
+        self.gamma.as_ref().map(|g| g.1.as_slice())
+    }
+    fn beta_values(&self) -> Option<&[f32]> {
+        self.beta.as_ref().map(|b| b.1.as_slice())
+    }
+}
+
+/// Each (gamma, beta, silu, eps) combination the sweeps go through in turn.
+const VARIANTS: [(bool, bool, bool, f32); 4] = [
+    (true, true, false, 1e-5),
+    (true, true, true, 1e-6),
+    (false, false, false, 1e-5),
+    (true, false, true, 1e-5),
+];
+
+/// Runs group norm on `shape` (frames = None: plain; Some(f): frames variant)
+/// in every dtype and compares with the reference.
+fn check_group_norm(
+    gpu: &Gpu,
+    shape: &[usize],
+    groups: usize,
+    frames: Option<usize>,
+    variant: usize,
+    offset: f32,
+) {
+    let (gamma_on, beta_on, silu, eps) = VARIANTS[variant % VARIANTS.len()];
+    let n: usize = shape.iter().product();
+    let c = shape[1];
+    let group_len = n / shape[0] / groups * frames.unwrap_or(1);
+    for dtype in dtypes() {
+        let seed = n as u64 + variant as u64;
+        let values: Vec<f32> = random(n, seed).iter().map(|v| v + offset).collect();
+        let (x, xs) = upload(gpu, &values, shape, dtype);
+        let affine = Affine::new(gpu, c, gamma_on, beta_on, dtype, seed);
+        let (got, want) = match frames {
+            None => (
+                norm::group_norm(gpu, &x, groups, affine.gamma(), affine.beta(), eps, silu),
+                norm::group_norm_reference(
+                    &xs,
+                    shape,
+                    groups,
+                    affine.gamma_values(),
+                    affine.beta_values(),
+                    eps,
+                    silu,
+                ),
+            ),
+            Some(f) => (
+                norm::group_norm_frames(
+                    gpu,
+                    &x,
+                    f,
+                    groups,
+                    affine.gamma(),
+                    affine.beta(),
+                    eps,
+                    silu,
+                ),
+                norm::group_norm_frames_reference(
+                    &xs,
+                    shape,
+                    f,
+                    groups,
+                    affine.gamma_values(),
+                    affine.beta_values(),
+                    eps,
+                    silu,
+                ),
+            ),
+        };
+        let got = got.unwrap();
+        assert_eq!(got.shape(), shape);
+        assert_close(
+            &format!("group_norm {shape:?} groups={groups} frames={frames:?} variant={variant} offset={offset}"),
+            &got.to_f32(gpu).unwrap(),
+            &want,
+            dtype,
+            group_len,
+        );
+    }
+}
+
+#[test]
+fn group_norm_matches_reference_on_odd_sizes() {
+    let gpu = gpu();
+    for (i, &s) in ODD_SIZES.iter().enumerate() {
+        check_group_norm(gpu, &[s, 6, 5, 3], 3, None, i, 0.0);
+        check_group_norm(gpu, &[2, 4 * s, 3, 5], 4, None, i + 1, 0.0);
+        check_group_norm(gpu, &[2, 3 * s, 5, 2], s, None, i + 2, 0.0);
+        check_group_norm(gpu, &[2, 6, s, 3], 2, None, i + 3, 0.0);
+        check_group_norm(gpu, &[2, 6, 3, s], 3, None, i, 0.0);
+    }
+}
+
+#[test]
+fn group_norm_handles_any_rank_and_long_groups() {
+    let gpu = gpu();
+    // No spatial dims (S = 1), one spatial dim, and (B, C, F, H, W).
+    check_group_norm(gpu, &[3, 8], 4, None, 0, 0.0);
+    check_group_norm(gpu, &[3, 8], 8, None, 1, 0.0);
+    check_group_norm(gpu, &[2, 6, 7], 3, None, 2, 0.0);
+    check_group_norm(gpu, &[2, 4, 3, 5, 7], 2, None, 3, 0.0);
+    // Groups of several statistics chunks, and channels of several apply chunks.
+    check_group_norm(gpu, &[2, 4, 73, 61], 2, None, 0, 0.0);
+    check_group_norm(gpu, &[1, 2, 3001], 1, None, 1, 0.0);
+}
+
+#[test]
+fn group_norm_statistics_survive_a_large_mean() {
+    // A mean 8x the spread: sum-of-squares variance would lose ~6 bits here.
+    check_group_norm(gpu(), &[2, 4, 33, 31], 2, None, 0, 8.0);
+}
+
+/// [B*F, C, *s] → [B, C, F, *s] on the CPU.
+fn frames_to_channels_first(x: &[f32], b: usize, f: usize, c: usize, s: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for bi in 0..b {
+        for fi in 0..f {
+            for ci in 0..c {
+                let src = ((bi * f + fi) * c + ci) * s;
+                let dst = ((bi * c + ci) * f + fi) * s;
+                out[dst..dst + s].copy_from_slice(&x[src..src + s]);
+            }
+        }
+    }
+    out
+}
+
+/// [B, C, F, *s] → [B*F, C, *s].
+fn channels_first_to_frames(x: &[f32], b: usize, f: usize, c: usize, s: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for bi in 0..b {
+        for fi in 0..f {
+            for ci in 0..c {
+                let dst = ((bi * f + fi) * c + ci) * s;
+                let src = ((bi * c + ci) * f + fi) * s;
+                out[dst..dst + s].copy_from_slice(&x[src..src + s]);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn group_norm_frames_matches_reference_on_odd_sizes() {
+    let gpu = gpu();
+    for (i, &s) in ODD_SIZES.iter().enumerate() {
+        check_group_norm(gpu, &[2 * s, 6, 3, 2], 3, Some(s), i, 0.0);
+        check_group_norm(gpu, &[s * 3, 4, 2, 3], 2, Some(3), i + 1, 0.0);
+        check_group_norm(gpu, &[2 * 4, 2 * s, 3, 3], s, Some(4), i + 2, 0.0);
+        check_group_norm(gpu, &[2 * 3, 4, s, 5], 2, Some(3), i + 3, 0.0);
+    }
+    // Segments of several statistics chunks.
+    check_group_norm(gpu, &[2 * 3, 4, 47, 45], 2, Some(3), 1, 0.0);
+}
+
+#[test]
+fn group_norm_frames_equals_group_norm_on_the_permuted_tensor() {
+    let gpu = gpu();
+    let (b, f, c, h, w, groups) = (2, 7, 8, 5, 3, 4);
+    let s = h * w;
+    for dtype in dtypes() {
+        let values = random(b * f * c * s, 77);
+        let (x, _) = upload(gpu, &values, &[b * f, c, h, w], dtype);
+        let (x5, _) = upload(
+            gpu,
+            &frames_to_channels_first(&values, b, f, c, s),
+            &[b, c, f, h, w],
+            dtype,
+        );
+        let (gamma, _) = upload(gpu, &random(c, 78), &[c], dtype);
+        let (beta, _) = upload(gpu, &random(c, 79), &[c], dtype);
+        for silu in [false, true] {
+            let frames =
+                norm::group_norm_frames(gpu, &x, f, groups, Some(&gamma), Some(&beta), 1e-6, silu)
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap();
+            let plain = norm::group_norm(gpu, &x5, groups, Some(&gamma), Some(&beta), 1e-6, silu)
+                .unwrap()
+                .to_f32(gpu)
+                .unwrap();
+            let plain = channels_first_to_frames(&plain, b, f, c, s);
+            assert_close(
+                &format!("group_norm_frames vs permuted group_norm silu={silu}"),
+                &frames,
+                &plain,
+                dtype,
+                f * c / groups * s,
+            );
+        }
+    }
+}
+
+#[test]
+fn group_norm_splits_tensors_over_the_binding_limit() {
+    let gpu = small_binding_gpu();
+    check_group_norm(gpu, &[9, 6, 7, 5], 3, None, 0, 0.0);
+    check_group_norm(gpu, &[5 * 2, 6, 5, 3], 2, Some(2), 1, 0.0);
+    // One item over the limit cannot be split.
+    let x = Tensor::zeros(gpu, &[1, 4, 40, 40], DType::F32).unwrap();
+    let e = norm::group_norm(gpu, &x, 2, None, None, 1e-5, false).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EngineError::BindingTooLarge {
+                op: "group_norm",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+fn check_layer_norm(gpu: &Gpu, rows: usize, d: usize, variant: usize) {
+    let (gamma_on, beta_on, _, eps) = VARIANTS[variant % VARIANTS.len()];
+    for dtype in dtypes() {
+        let seed = (rows * 1000 + d + variant) as u64;
+        let (x, xs) = upload(gpu, &random(rows * d, seed), &[rows, d], dtype);
+        let affine = Affine::new(gpu, d, gamma_on, beta_on, dtype, seed);
+        let got = norm::layer_norm(gpu, &x, affine.gamma(), affine.beta(), eps)
+            .unwrap()
+            .to_f32(gpu)
+            .unwrap();
+        let want =
+            norm::layer_norm_reference(&xs, d, affine.gamma_values(), affine.beta_values(), eps);
+        assert_close(
+            &format!("layer_norm {rows}x{d} variant={variant}"),
+            &got,
+            &want,
+            dtype,
+            d,
+        );
+    }
+}
+
+#[test]
+fn layer_norm_matches_reference_on_odd_sizes() {
+    let gpu = gpu();
+    for (i, &s) in ODD_SIZES.iter().enumerate() {
+        check_layer_norm(gpu, s, 33, i);
+        check_layer_norm(gpu, 3, s, i + 1);
+    }
+    // CLIP's and SD's widths.
+    check_layer_norm(gpu, 5, 768, 0);
+    check_layer_norm(gpu, 3, 1280, 1);
+    // Any leading rank.
+    let (x, xs) = upload(gpu, &random(2 * 3 * 7, 5), &[2, 3, 7], DType::F32);
+    let got = norm::layer_norm(gpu, &x, None, None, 1e-5).unwrap();
+    assert_eq!(got.shape(), &[2, 3, 7]);
+    let want = norm::layer_norm_reference(&xs, 7, None, None, 1e-5);
+    assert_close(
+        "layer_norm rank 3",
+        &got.to_f32(gpu).unwrap(),
+        &want,
+        DType::F32,
+        7,
+    );
+}
+
+#[test]
+fn layer_norm_splits_tensors_over_the_binding_limit() {
+    let gpu = small_binding_gpu();
+    check_layer_norm(gpu, 50, 33, 0);
+    check_layer_norm(gpu, 7, 1000, 1);
+    let x = Tensor::zeros(gpu, &[2, 2000], DType::F32).unwrap();
+    let e = norm::layer_norm(gpu, &x, None, None, 1e-5).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EngineError::BindingTooLarge {
+                op: "layer_norm",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+fn assert_shape_error(e: EngineError, op: &str, parts: &[&str]) {
+    assert!(matches!(e, EngineError::Shape { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains(op), "{msg}");
+    for part in parts {
+        assert!(msg.contains(part), "`{part}` missing from: {msg}");
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors_that_name_the_op_and_shapes() {
+    let gpu = gpu();
+    let z = |shape: &[usize]| Tensor::zeros(gpu, shape, DType::F32).unwrap();
+    let x = z(&[2, 6, 4, 4]);
+    let e = norm::group_norm(gpu, &x, 4, None, None, 1e-5, false).unwrap_err();
+    assert_shape_error(e, "group_norm", &["[2, 6, 4, 4]", "4 groups"]);
+    let e = norm::group_norm(gpu, &z(&[6]), 3, None, None, 1e-5, false).unwrap_err();
+    assert_shape_error(e, "group_norm", &["[6]"]);
+    let e = norm::group_norm(gpu, &x, 3, Some(&z(&[5])), None, 1e-5, false).unwrap_err();
+    assert_shape_error(e, "group_norm", &["[6]", "[5]"]);
+    let e = norm::group_norm(gpu, &x, 3, None, Some(&z(&[6, 1])), 1e-5, false).unwrap_err();
+    assert_shape_error(e, "group_norm", &["beta", "[6, 1]"]);
+    let e = norm::group_norm_frames(gpu, &x, 3, 3, None, None, 1e-5, false).unwrap_err();
+    assert_shape_error(e, "group_norm_frames", &["[2, 6, 4, 4]", "3 frames"]);
+    let e = norm::group_norm_frames(gpu, &x, 0, 3, None, None, 1e-5, false).unwrap_err();
+    assert_shape_error(e, "group_norm_frames", &["0 frames"]);
+    let e = norm::layer_norm(gpu, &x, Some(&z(&[6])), None, 1e-5).unwrap_err();
+    assert_shape_error(e, "layer_norm", &["[4]", "[6]"]);
+    if gpu.has_f16() {
+        let h = Tensor::zeros(gpu, &[6], DType::F16).unwrap();
+        let e = norm::group_norm(gpu, &x, 3, Some(&h), None, 1e-5, false).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                EngineError::DType {
+                    op: "group_norm",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}

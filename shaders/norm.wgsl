@@ -1,0 +1,234 @@
+// Normalisation: GroupNorm (PyTorch semantics, optionally pooling the frames
+// of a [B*F, C, *spatial] tensor) and LayerNorm over the last dim.
+//
+// Bindings:
+//   @binding(0) p      uniform Params
+//   @binding(1) x      array<st> (read): the input, row-major
+//   @binding(2) gamma  array<st> (read): [C] (group norm) or [D] (layer norm), bound
+//                      whole; any buffer when absent (flags bit 0 clear)
+//   @binding(3) beta   array<st> (read): likewise (flags bit 1)
+//   @binding(4) out    array<st> (read_write): same shape as x
+//   @binding(5) stats  array<f32> (read_write), group norm only: per-chunk
+//                      (mean, M2) pairs, [rows, segs * chunks, 2], followed at
+//                      `final_off` by per-row (mean, 1/std) pairs, [rows, 2]
+// `x_off` and `out_off` are element offsets of this window inside the bindings.
+//
+// Group norm: a "group row" r = item * groups + g holds the channels
+// g*cg .. (g+1)*cg of one item over all its spatial positions (and, for the
+// frames variant, over all `segs` = F frames of the item, which lie `seg_stride`
+// = C*S elements apart). Its elements form `segs` contiguous segments of
+// `seg_len` = cg*S. Three dispatches:
+//   group_stats     one workgroup per CHUNK of a segment: two-pass mean/M2 of
+//                   the chunk (exact in f32 for any offset of the data)
+//   group_finalize  one invocation per group row: Chan et al.'s pairwise
+//                   combination of the chunks, then mean and 1/sqrt(var + eps)
+//   group_apply     one workgroup per APPLY_CHUNK of one channel's S values:
+//                   (x - mean) * rstd * gamma + beta, optionally SiLU
+// Layer norm: one workgroup per row of `len` = D values.
+
+struct Params {
+    rows: u32,          // group rows (group norm) or rows (layer norm) in this window
+    x_off: u32,
+    out_off: u32,
+    eps: f32,
+    flags: u32,         // bit 0: gamma present, bit 1: beta present
+    len: u32,           // group norm: seg_len = cg * S; layer norm: D
+    segs: u32,          // segments per group row (frames; 1 for plain group norm)
+    seg_stride: u32,    // elements between the segments of a group row (C * S)
+    chunks: u32,        // statistics chunks per segment
+    groups: u32,
+    channels: u32,
+    cg: u32,            // channels per group
+    spatial: u32,       // S
+    apply_chunks: u32,  // APPLY_CHUNKs per channel row of S values
+    channel_rows: u32,  // rows of S values in this window: items * segs * C
+    final_off: u32,     // where the per-row (mean, rstd) pairs start in `stats`
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<st>;
+@group(0) @binding(2) var<storage, read> gamma: array<st>;
+@group(0) @binding(3) var<storage, read> beta: array<st>;
+@group(0) @binding(4) var<storage, read_write> out: array<st>;
+@group(0) @binding(5) var<storage, read_write> stats: array<f32>;
+
+// Invocations per workgroup of every reducing entry point.
+const WG: u32 = 256u;
+// Elements of one statistics chunk: WG invocations x 8 values each.
+const CHUNK: u32 = WG * 8u;
+// Elements one `group_apply` workgroup normalises.
+const APPLY_CHUNK: u32 = WG * 4u;
+const FINALIZE_WG: u32 = 64u;
+
+// Fused SiLU after the affine (diffusers' ResnetBlock2D: norm then SiLU).
+override SILU: bool = false;
+
+struct Moments {
+    n: f32,
+    mean: f32,
+    m2: f32,
+}
+
+// Chan, Golub & LeVeque's pairwise update: exact for any two partial sets,
+// unlike sum/sum-of-squares, which cancels catastrophically when |mean| >> std.
+fn combine(a: Moments, b: Moments) -> Moments {
+    let n = a.n + b.n;
+    if (n == 0.0) {
+        return a;
+    }
+    let delta = b.mean - a.mean;
+    let wb = b.n / n;
+    return Moments(n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb);
+}
+
+var<workgroup> red_n: array<f32, WG>;
+var<workgroup> red_mean: array<f32, WG>;
+var<workgroup> red_m2: array<f32, WG>;
+
+// Combines every invocation's moments; all invocations get the total.
+fn reduce_moments(lid: u32, m: Moments) -> Moments {
+    red_n[lid] = m.n;
+    red_mean[lid] = m.mean;
+    red_m2[lid] = m.m2;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            let c = combine(Moments(red_n[lid], red_mean[lid], red_m2[lid]),
+                            Moments(red_n[lid + s], red_mean[lid + s], red_m2[lid + s]));
+            red_n[lid] = c.n;
+            red_mean[lid] = c.mean;
+            red_m2[lid] = c.m2;
+        }
+        workgroupBarrier();
+    }
+    return Moments(red_n[0], red_mean[0], red_m2[0]);
+}
+
+// Moments of x[start + lid + k*WG] for k*WG + lid < n: this invocation's values,
+// two-pass (the second pass re-reads them from cache).
+fn local_moments(start: u32, n: u32, lid: u32) -> Moments {
+    var sum = 0.0;
+    var cnt = 0u;
+    for (var e = lid; e < n; e = e + WG) {
+        sum = sum + f32(x[start + e]);
+        cnt = cnt + 1u;
+    }
+    if (cnt == 0u) {
+        return Moments(0.0, 0.0, 0.0);
+    }
+    let mean = sum / f32(cnt);
+    var m2 = 0.0;
+    for (var e = lid; e < n; e = e + WG) {
+        let d = f32(x[start + e]) - mean;
+        m2 = m2 + d * d;
+    }
+    return Moments(f32(cnt), mean, m2);
+}
+
+fn silu(v: f32) -> f32 {
+    return v / (1.0 + exp(-v));
+}
+
+// First element of group row r, relative to the window.
+fn group_row_base(r: u32) -> u32 {
+    let item = r / p.groups;
+    let g = r - item * p.groups;
+    return item * p.segs * p.seg_stride + g * p.len;
+}
+
+@compute @workgroup_size(WG)
+fn group_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = wid.x + wid.y * nwg.x;
+    let per_row = p.segs * p.chunks;
+    if (w >= p.rows * per_row) {
+        return;
+    }
+    let r = w / per_row;
+    let rem = w - r * per_row;
+    let seg = rem / p.chunks;
+    let chunk = rem - seg * p.chunks;
+    let start = p.x_off + group_row_base(r) + seg * p.seg_stride + chunk * CHUNK;
+    let n = min(CHUNK, p.len - chunk * CHUNK);
+    let total = reduce_moments(lid, local_moments(start, n, lid));
+    if (lid == 0u) {
+        stats[2u * w] = total.mean;
+        stats[2u * w + 1u] = total.m2;
+    }
+}
+
+@compute @workgroup_size(FINALIZE_WG)
+fn group_finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * FINALIZE_WG;
+    if (r >= p.rows) {
+        return;
+    }
+    let per_row = p.segs * p.chunks;
+    var acc = Moments(0.0, 0.0, 0.0);
+    for (var q = 0u; q < per_row; q = q + 1u) {
+        let chunk = q % p.chunks;
+        let n = min(CHUNK, p.len - chunk * CHUNK);
+        let i = 2u * (r * per_row + q);
+        acc = combine(acc, Moments(f32(n), stats[i], stats[i + 1u]));
+    }
+    // PyTorch normalises with the biased (population) variance.
+    stats[p.final_off + 2u * r] = acc.mean;
+    stats[p.final_off + 2u * r + 1u] = inverseSqrt(acc.m2 / acc.n + p.eps);
+}
+
+@compute @workgroup_size(WG)
+fn group_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = wid.x + wid.y * nwg.x;
+    let cr = w / p.apply_chunks;
+    if (cr >= p.channel_rows) {
+        return;
+    }
+    let chunk = w - cr * p.apply_chunks;
+    let row_of_item = cr / p.channels;
+    let c = cr - row_of_item * p.channels;
+    let item = row_of_item / p.segs;
+    let r = item * p.groups + c / p.cg;
+    let mean = stats[p.final_off + 2u * r];
+    var scale = stats[p.final_off + 2u * r + 1u];
+    var shift = 0.0;
+    if ((p.flags & 1u) != 0u) {
+        scale = scale * f32(gamma[c]);
+    }
+    if ((p.flags & 2u) != 0u) {
+        shift = f32(beta[c]);
+    }
+    let first = chunk * APPLY_CHUNK;
+    let n = min(APPLY_CHUNK, p.spatial - first);
+    let base = cr * p.spatial + first;
+    for (var e = lid; e < n; e = e + WG) {
+        var v = (f32(x[p.x_off + base + e]) - mean) * scale + shift;
+        if (SILU) {
+            v = silu(v);
+        }
+        out[p.out_off + base + e] = st(v);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let d = p.len;
+    let total = reduce_moments(lid, local_moments(p.x_off + row * d, d, lid));
+    let mean = total.mean;
+    let rstd = inverseSqrt(total.m2 / f32(d) + p.eps);
+    for (var e = lid; e < d; e = e + WG) {
+        var v = (f32(x[p.x_off + row * d + e]) - mean) * rstd;
+        if ((p.flags & 1u) != 0u) {
+            v = v * f32(gamma[e]);
+        }
+        if ((p.flags & 2u) != 0u) {
+            v = v + f32(beta[e]);
+        }
+        out[p.out_off + row * d + e] = st(v);
+    }
+}
