@@ -1,7 +1,59 @@
 //! The engine's error type. Every message names the operator, tensor or setting
 //! involved and what was expected, so the CLI can show it as is.
 
+use std::path::PathBuf;
+
 use thiserror::Error;
+
+/// Why a weight file, config or model folder could not be loaded. Every
+/// variant names the file; tensor variants name the key.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{}: not a safetensors file: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+
+    #[error(
+        "{}: tensor `{key}` has dtype {dtype}, which Motif does not load (expected F32, F16 or BF16)",
+        path.display()
+    )]
+    UnsupportedDType {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
+
+    #[error("{}: missing tensor `{key}`", path.display())]
+    MissingTensor { path: PathBuf, key: String },
+
+    #[error("{}: tensor `{key}` has shape {found:?}, expected {expected:?}", path.display())]
+    TensorShape {
+        path: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    #[error("{}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+
+    #[error(
+        "{}: pickle checkpoints can run arbitrary code when loaded, so Motif refuses them; convert it to \
+         .safetensors first (e.g. `python -c \"import torch; from safetensors.torch import save_file; \
+         save_file(torch.load('IN', map_location='cpu', weights_only=True), 'OUT.safetensors')\"`, or \
+         download the .safetensors version the publisher provides)",
+        path.display()
+    )]
+    Pickle { path: PathBuf },
+
+    #[error("{}: {message}", path.display())]
+    Layout { path: PathBuf, message: String },
+}
 
 #[derive(Debug, Error)]
 pub enum EngineError {
@@ -63,6 +115,9 @@ pub enum EngineError {
 
     #[error("GPU error: {0}")]
     Device(String),
+
+    #[error(transparent)]
+    Load(#[from] LoadError),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -4,11 +4,15 @@
 //! The data's path runs left to right through the modules: `gpu` → `tensor` →
 //! `ops`. A module only uses what stands to its left.
 
+// pub mod bench; (enabled once matmul, conv2d, norm and attention land)
 pub mod error;
 pub mod gpu;
 pub mod ops;
 pub mod tensor;
+pub mod weights;
 
 pub use error::{EngineError, Result};
-pub use gpu::{AdapterSummary, Gpu, GpuOptions, Precision};
+pub use gpu::{list_adapters, AdapterSummary, Gpu, GpuOptions, Precision};
 pub use tensor::{DType, Tensor};
+/// The wgpu version the engine is built on, for callers that show adapter details.
+pub use wgpu;

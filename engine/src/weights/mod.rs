@@ -1,0 +1,321 @@
+//! Model weights on disk: safetensors files (single or sharded), and
+//! [`Weights`], a path walker over their keys in the style of candle's
+//! VarBuilder: `w.pp("down_blocks").pp(0).tensor(gpu, "conv.weight", &[..])`
+//! walks the same key path as the checkpoint, so a missing or misshapen
+//! weight is reported with its full key and file.
+
+pub mod safetensors;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use half::f16;
+
+use crate::error::{LoadError, Result};
+use crate::gpu::{DType, Gpu};
+use crate::tensor::Tensor;
+pub use safetensors::{FileDType, SafetensorsFile, TensorInfo};
+
+/// Extensions of PyTorch pickle checkpoints, which are refused.
+const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
+
+/// Fails with [`LoadError::Pickle`] for pickle checkpoints.
+pub fn refuse_pickle(path: &Path) -> Result<(), LoadError> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if PICKLE_EXTENSIONS.contains(&ext.as_str()) {
+        return Err(LoadError::Pickle {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Several safetensors files seen as one key space (a sharded checkpoint, or
+/// a model plus a separately downloaded VAE).
+pub struct WeightSet {
+    files: Vec<SafetensorsFile>,
+    index: HashMap<String, usize>,
+    /// Keys read so far, to report what a loader left unused.
+    used: Mutex<BTreeSet<String>>,
+}
+
+impl WeightSet {
+    /// Opens the files; a key present in two files is an error naming both.
+    pub fn open(paths: &[PathBuf]) -> Result<Self, LoadError> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for path in paths {
+            refuse_pickle(path)?;
+            let file = SafetensorsFile::open(path)?;
+            for name in file.names() {
+                if let Some(&other) = index.get(name) {
+                    let other: &SafetensorsFile = &files[other];
+                    return Err(LoadError::Layout {
+                        path: path.clone(),
+                        message: format!("tensor `{name}` is also in {}", other.path().display()),
+                    });
+                }
+                index.insert(name.to_string(), files.len());
+            }
+            files.push(file);
+        }
+        Ok(WeightSet {
+            files,
+            index,
+            used: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// Opens a component folder: `*.safetensors` files, or the shards named by
+    /// a `*.safetensors.index.json`. Pickle-only folders are refused.
+    pub fn open_dir(dir: &Path) -> Result<Self, LoadError> {
+        let io = |source| LoadError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        let name = |p: &PathBuf| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        if let Some(index) = entries
+            .iter()
+            .find(|p| name(p).ends_with(".safetensors.index.json"))
+        {
+            let text = std::fs::read_to_string(index).map_err(|source| LoadError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LoadError::Config {
+                    path: index.clone(),
+                    message: format!("not valid JSON: {e}"),
+                })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| LoadError::Config {
+                    path: index.clone(),
+                    message: "no `weight_map` object".into(),
+                })?;
+            let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+            return Self::open(&paths);
+        }
+        let safetensors: Vec<PathBuf> = entries
+            .iter()
+            .filter(|p| name(p).ends_with(".safetensors"))
+            .cloned()
+            .collect();
+        // diffusers folders may hold both `model.safetensors` and a
+        // `model.fp16.safetensors` variant: prefer the full-precision file.
+        let chosen: Vec<PathBuf> = {
+            let plain: Vec<PathBuf> = safetensors
+                .iter()
+                .filter(|p| !name(p).contains(".fp16."))
+                .cloned()
+                .collect();
+            if plain.is_empty() {
+                safetensors.clone()
+            } else {
+                plain
+            }
+        };
+        if chosen.is_empty() {
+            if let Some(pickle) = entries.iter().find(|p| refuse_pickle(p).is_err()) {
+                return Err(LoadError::Pickle {
+                    path: pickle.clone(),
+                });
+            }
+            return Err(LoadError::Layout {
+                path: dir.to_path_buf(),
+                message: "no .safetensors weights in this folder".into(),
+            });
+        }
+        Self::open(&chosen)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// Every key with its shape, sorted.
+    pub fn keys(&self) -> Vec<(String, Vec<usize>)> {
+        let mut keys: Vec<_> = self
+            .index
+            .iter()
+            .map(|(k, &f)| {
+                (
+                    k.clone(),
+                    self.files[f].info(k).expect("indexed").shape.clone(),
+                )
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// The file a key lives in (for messages), or the first file.
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        let f = self.index.get(key).copied().unwrap_or(0);
+        self.files
+            .get(f)
+            .map(|f| f.path().to_path_buf())
+            .unwrap_or_default()
+    }
+
+    fn file(&self, key: &str) -> Result<&SafetensorsFile, LoadError> {
+        match self.index.get(key) {
+            Some(&f) => Ok(&self.files[f]),
+            None => Err(LoadError::MissingTensor {
+                path: self.path_of(key),
+                key: key.to_string(),
+            }),
+        }
+    }
+
+    /// Keys no loader has read yet.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().expect("used-key lock poisoned");
+        let mut rest: Vec<String> = self
+            .index
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect();
+        rest.sort();
+        rest
+    }
+
+    /// A tensor's values as f32, checked against `shape`.
+    pub fn read_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        let file = self.file(key)?;
+        self.check_shape(file, key, shape)?;
+        self.used
+            .lock()
+            .expect("used-key lock poisoned")
+            .insert(key.to_string());
+        file.to_f32(key)
+    }
+
+    fn check_shape(
+        &self,
+        file: &SafetensorsFile,
+        key: &str,
+        shape: &[usize],
+    ) -> Result<(), LoadError> {
+        let info = file.info(key).expect("file() found the key");
+        if info.shape != shape {
+            return Err(LoadError::TensorShape {
+                path: file.path().to_path_buf(),
+                key: key.to_string(),
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Uploads a tensor in `dtype`, checked against `shape`. Stored f16 goes
+    /// up as is; other conversions happen on the CPU, once.
+    pub fn upload(&self, gpu: &Gpu, key: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let file = self.file(key)?;
+        self.check_shape(file, key, shape)?;
+        self.used
+            .lock()
+            .expect("used-key lock poisoned")
+            .insert(key.to_string());
+        let info = file.info(key).expect("file() found the key");
+        match (info.dtype, dtype) {
+            (FileDType::F32, DType::F32) | (FileDType::F16, DType::F16) => {
+                Tensor::from_bytes(gpu, file.bytes(key)?, shape, dtype)
+            }
+            (_, DType::F32) => Tensor::from_f32(gpu, &file.to_f32(key)?, shape, DType::F32),
+            (_, DType::F16) => {
+                let h: Vec<f16> = file
+                    .to_f32(key)?
+                    .iter()
+                    .map(|&v| f16::from_f32(v))
+                    .collect();
+                Tensor::from_bytes(gpu, bytemuck::cast_slice(&h), shape, DType::F16)
+            }
+        }
+    }
+}
+
+/// A position in a [`WeightSet`]'s key tree.
+#[derive(Clone)]
+pub struct Weights {
+    set: Arc<WeightSet>,
+    prefix: String,
+    dtype: DType,
+}
+
+impl Weights {
+    pub fn new(set: Arc<WeightSet>, dtype: DType) -> Self {
+        Weights {
+            set,
+            prefix: String::new(),
+            dtype,
+        }
+    }
+
+    /// The child path `prefix.name` (numbers work too: `.pp(0)`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Weights {
+            set: self.set.clone(),
+            prefix,
+            dtype: self.dtype,
+        }
+    }
+
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.set.contains(&self.key(name))
+    }
+
+    pub fn set(&self) -> &Arc<WeightSet> {
+        &self.set
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Uploads `prefix.name`, which must have `shape`.
+    pub fn tensor(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.set.upload(gpu, &self.key(name), shape, self.dtype)
+    }
+
+    /// Uploads `prefix.name` if present (optional biases, affine norms).
+    pub fn optional(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.tensor(gpu, name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}

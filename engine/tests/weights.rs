@@ -1,0 +1,271 @@
+//! safetensors loading: round trips in every stored dtype, sharded folders,
+//! and a clear error naming the file for every kind of broken input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::gpu;
+use half::{bf16, f16};
+use motif_engine::error::LoadError;
+use motif_engine::weights::{safetensors, FileDType, SafetensorsFile, WeightSet, Weights};
+use motif_engine::DType;
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("motif-weights-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    bytemuck::cast_slice(v).to_vec()
+}
+
+fn write_sample(path: &Path) -> Vec<f32> {
+    let vals: Vec<f32> = (0..6).map(|i| i as f32 * 0.5 - 1.0).collect();
+    let h: Vec<f16> = vals.iter().map(|&v| f16::from_f32(v)).collect();
+    let b: Vec<bf16> = vals.iter().map(|&v| bf16::from_f32(v)).collect();
+    safetensors::write(
+        path,
+        &[
+            ("a.weight", FileDType::F32, &[2, 3], &f32_bytes(&vals)),
+            ("b.weight", FileDType::F16, &[6], bytemuck::cast_slice(&h)),
+            (
+                "c.weight",
+                FileDType::BF16,
+                &[3, 2],
+                bytemuck::cast_slice(&b),
+            ),
+        ],
+    )
+    .unwrap();
+    vals
+}
+
+#[test]
+fn every_stored_dtype_reads_back_and_uploads() {
+    let dir = tmp("roundtrip");
+    let path = dir.join("model.safetensors");
+    let vals = write_sample(&path);
+    let file = SafetensorsFile::open(&path).unwrap();
+    assert_eq!(
+        file.names().collect::<Vec<_>>(),
+        ["a.weight", "b.weight", "c.weight"]
+    );
+    for key in ["a.weight", "b.weight", "c.weight"] {
+        // The sample values are exact in f16 and bf16.
+        assert_eq!(file.to_f32(key).unwrap(), vals, "{key}");
+    }
+    let set = Arc::new(WeightSet::open(&[path]).unwrap());
+    let w = Weights::new(set.clone(), DType::F32);
+    let t = w.pp("c").tensor(gpu(), "weight", &[3, 2]).unwrap();
+    assert_eq!(t.to_f32(gpu()).unwrap(), vals);
+    if gpu().has_f16() {
+        let w16 = Weights::new(set.clone(), DType::F16);
+        for (key, shape) in [("a", vec![2, 3]), ("b", vec![6]), ("c", vec![3, 2])] {
+            let t = w16.pp(key).tensor(gpu(), "weight", &shape).unwrap();
+            assert_eq!(t.dtype(), DType::F16);
+            assert_eq!(t.to_f32(gpu()).unwrap(), vals, "{key} as f16");
+        }
+    }
+    // Reads are tracked, so that a loader can report keys it never used.
+    let expected_unused: Vec<String> = if gpu().has_f16() {
+        vec![]
+    } else {
+        vec!["a.weight".into(), "b.weight".into()]
+    };
+    assert_eq!(set.unused(), expected_unused);
+}
+
+#[test]
+fn missing_and_misshapen_tensors_name_the_key_and_file() {
+    let dir = tmp("missing");
+    let path = dir.join("unet.safetensors");
+    write_sample(&path);
+    let w = Weights::new(Arc::new(WeightSet::open(&[path]).unwrap()), DType::F32);
+    let e = w
+        .pp("down_blocks")
+        .pp(0)
+        .tensor(gpu(), "conv.weight", &[4])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unet.safetensors") && e.contains("missing tensor `down_blocks.0.conv.weight`"),
+        "{e}"
+    );
+    let e = w
+        .pp("a")
+        .tensor(gpu(), "weight", &[3, 2])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`a.weight` has shape [2, 3], expected [3, 2]"),
+        "{e}"
+    );
+    assert!(w.pp("a").optional(gpu(), "bias", &[3]).unwrap().is_none());
+}
+
+/// Builds a file from a raw header and data section.
+fn raw_file(
+    dir: &Path,
+    name: &str,
+    header: &str,
+    data_len: usize,
+    header_len_field: Option<u64>,
+) -> PathBuf {
+    let path = dir.join(name);
+    let mut bytes = header_len_field
+        .unwrap_or(header.len() as u64)
+        .to_le_bytes()
+        .to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(std::iter::repeat_n(0u8, data_len));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn open_err(path: &Path) -> String {
+    match SafetensorsFile::open(path) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn corrupt_files_are_refused_with_the_reason() {
+    let dir = tmp("corrupt");
+    let tiny = dir.join("tiny.safetensors");
+    std::fs::write(&tiny, [1u8, 2, 3]).unwrap();
+    let e = open_err(&tiny);
+    assert!(
+        e.contains("tiny.safetensors") && e.contains("fewer than the 8-byte header length"),
+        "{e}"
+    );
+
+    // A header length field past the end (the classic truncated download) fails without reading on.
+    let p = raw_file(&dir, "len.safetensors", "{}", 0, Some(1 << 40));
+    let e = open_err(&p);
+    assert!(
+        e.contains("len.safetensors") && e.contains("runs past the end of the file"),
+        "{e}"
+    );
+
+    let p = raw_file(&dir, "json.safetensors", "{not json", 0, None);
+    assert!(open_err(&p).contains("not valid JSON"));
+
+    let ok = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let p = raw_file(&dir, "good.safetensors", ok, 8, None);
+    assert!(SafetensorsFile::open(&p).is_ok());
+
+    let p = raw_file(&dir, "truncated.safetensors", ok, 4, None);
+    let e = open_err(&p);
+    assert!(
+        e.contains("tensor `w`")
+            && e.contains("past the end of the data section")
+            && e.contains("truncated"),
+        "{e}"
+    );
+
+    let rev = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#;
+    let e = open_err(&raw_file(&dir, "rev.safetensors", rev, 8, None));
+    assert!(e.contains("tensor `w`") && e.contains("reversed"), "{e}");
+
+    let span = r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+    let e = open_err(&raw_file(&dir, "span.safetensors", span, 8, None));
+    assert!(
+        e.contains("shape [3] of F32 needs 12 bytes") && e.contains("span 8"),
+        "{e}"
+    );
+
+    let i8 = r#"{"q":{"dtype":"I8","shape":[8],"data_offsets":[0,8]}}"#;
+    let err = SafetensorsFile::open(raw_file(&dir, "i8.safetensors", i8, 8, None))
+        .err()
+        .unwrap();
+    assert!(matches!(err, LoadError::UnsupportedDType { .. }));
+    assert!(
+        err.to_string().contains("`q` has dtype I8")
+            && err.to_string().contains("F32, F16 or BF16"),
+        "{err}"
+    );
+
+    let shape = r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,8]}}"#;
+    assert!(open_err(&raw_file(&dir, "neg.safetensors", shape, 8, None))
+        .contains("non-negative integers"));
+}
+
+#[test]
+fn pickle_checkpoints_are_refused_with_how_to_convert() {
+    let dir = tmp("pickle");
+    for name in ["model.ckpt", "model.pt", "pytorch_model.bin"] {
+        let p = dir.join(name);
+        std::fs::write(&p, b"not read").unwrap();
+        let e = WeightSet::open(std::slice::from_ref(&p))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(name) && e.contains("arbitrary code") && e.contains("safetensors"),
+            "{e}"
+        );
+    }
+    // A diffusers folder with only a pickle file is refused the same way.
+    let comp = dir.join("unet");
+    std::fs::create_dir_all(&comp).unwrap();
+    std::fs::write(comp.join("diffusion_pytorch_model.bin"), b"x").unwrap();
+    let e = WeightSet::open_dir(&comp).err().unwrap().to_string();
+    assert!(
+        e.contains("diffusion_pytorch_model.bin") && e.contains("arbitrary code"),
+        "{e}"
+    );
+}
+
+#[test]
+fn folders_load_single_files_shards_and_prefer_full_precision() {
+    let dir = tmp("folders");
+    let single = dir.join("vae");
+    std::fs::create_dir_all(&single).unwrap();
+    write_sample(&single.join("diffusion_pytorch_model.safetensors"));
+    safetensors::write(
+        single.join("diffusion_pytorch_model.fp16.safetensors"),
+        &[("x", FileDType::F32, &[1], &f32_bytes(&[1.0]))],
+    )
+    .unwrap();
+    let set = WeightSet::open_dir(&single).unwrap();
+    assert!(set.contains("a.weight") && !set.contains("x"));
+
+    let sharded = dir.join("text_encoder");
+    std::fs::create_dir_all(&sharded).unwrap();
+    safetensors::write(
+        sharded.join("model-00001-of-00002.safetensors"),
+        &[("p", FileDType::F32, &[1], &f32_bytes(&[1.0]))],
+    )
+    .unwrap();
+    safetensors::write(
+        sharded.join("model-00002-of-00002.safetensors"),
+        &[("q", FileDType::F32, &[1], &f32_bytes(&[2.0]))],
+    )
+    .unwrap();
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        r#"{"metadata":{},"weight_map":{"p":"model-00001-of-00002.safetensors","q":"model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    let set = WeightSet::open_dir(&sharded).unwrap();
+    assert_eq!(set.read_f32("q", &[1]).unwrap(), vec![2.0]);
+    assert_eq!(set.keys().len(), 2);
+
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = WeightSet::open_dir(&empty).err().unwrap().to_string();
+    assert!(e.contains("empty") && e.contains("no .safetensors"), "{e}");
+
+    // The same key in two files is ambiguous.
+    let dup = dir.join("dup");
+    std::fs::create_dir_all(&dup).unwrap();
+    write_sample(&dup.join("a.safetensors"));
+    write_sample(&dup.join("b.safetensors"));
+    let e = WeightSet::open_dir(&dup).err().unwrap().to_string();
+    assert!(e.contains("is also in"), "{e}");
+}
