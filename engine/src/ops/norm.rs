@@ -103,7 +103,7 @@ fn check_group_norm(
         });
     }
     let channels = x.shape()[1];
-    if groups == 0 || channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         return Err(EngineError::Shape {
             op,
             expected: format!("a channel count divisible by {groups} groups"),
@@ -157,7 +157,7 @@ pub fn group_norm_frames(
 ) -> Result<Tensor> {
     let op = "group_norm_frames";
     let (channels, spatial) = check_group_norm(op, x, groups, gamma, beta)?;
-    if frames == 0 || x.shape()[0] % frames != 0 {
+    if frames == 0 || !x.shape()[0].is_multiple_of(frames) {
         return Err(EngineError::Shape {
             op,
             expected: format!("a leading dim B*F divisible by {frames} frames"),
