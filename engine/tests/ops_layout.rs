@@ -7,8 +7,15 @@ mod common;
 /// Data movement is exact: equal values, reported at the first difference.
 fn assert_exact(case: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{case}: length");
-    if let Some(i) = got.iter().zip(want).position(|(g, w)| g.to_bits() != w.to_bits()) {
-        panic!("{case}: first difference at {i}: got {}, want {}", got[i], want[i]);
+    if let Some(i) = got
+        .iter()
+        .zip(want)
+        .position(|(g, w)| g.to_bits() != w.to_bits())
+    {
+        panic!(
+            "{case}: first difference at {i}: got {}, want {}",
+            got[i], want[i]
+        );
     }
 }
 
@@ -24,7 +31,11 @@ fn check_permute(gpu: &Gpu, shape: &[usize], perm: &[usize], seed: u64) {
         let want_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
         assert_eq!(y.shape(), &want_shape[..]);
         // Data movement is exact.
-        assert_exact(&format!("permute {shape:?} {perm:?}"), &y.to_f32(gpu).unwrap(), &layout::permute_reference(&xs, shape, perm));
+        assert_exact(
+            &format!("permute {shape:?} {perm:?}"),
+            &y.to_f32(gpu).unwrap(),
+            &layout::permute_reference(&xs, shape, perm),
+        );
     }
 }
 
@@ -35,7 +46,12 @@ fn permute_matches_reference() {
         check_permute(gpu(), &[2, n, 5, 3], &[0, 2, 3, 1], i as u64);
         check_permute(gpu(), &[1, 3, n, 2, 7], &[0, 3, 4, 1, 2], i as u64);
     }
-    check_permute(gpu(), &[2, 3, 4, 5, 2, 3, 2, 2, 3], &[8, 6, 4, 2, 0, 1, 3, 5, 7], 9);
+    check_permute(
+        gpu(),
+        &[2, 3, 4, 5, 2, 3, 2, 2, 3],
+        &[8, 6, 4, 2, 0, 1, 3, 5, 7],
+        9,
+    );
     check_permute(gpu(), &[4, 5], &[0, 1], 10);
 }
 
@@ -54,7 +70,9 @@ fn video_layouts_round_trip_and_match_diffusers_order() {
     assert_eq!(frames.shape(), &[b * f, c, h, w]);
     let fv = frames.to_f32(gpu).unwrap();
     // row = b·F + f holds sample[b, :, f]
-    let at = |bb: usize, cc: usize, ff: usize, yy: usize, xx: usize| v[(((bb * c + cc) * f + ff) * h + yy) * w + xx];
+    let at = |bb: usize, cc: usize, ff: usize, yy: usize, xx: usize| {
+        v[(((bb * c + cc) * f + ff) * h + yy) * w + xx]
+    };
     assert_eq!(fv[(((f + 2) * c + 1) * h + 3) * w + 4], at(1, 1, 2, 3, 4));
     let tokens = layout::frames_to_tokens(gpu, &frames, f).unwrap();
     assert_eq!(tokens.shape(), &[b * h * w, f, c]);
@@ -68,7 +86,10 @@ fn video_layouts_round_trip_and_match_diffusers_order() {
 
 #[test]
 fn concat_matches_reference() {
-    for (gpu, sizes) in [(gpu(), ODD_SIZES.to_vec()), (small_binding_gpu(), vec![7, 33])] {
+    for (gpu, sizes) in [
+        (gpu(), ODD_SIZES.to_vec()),
+        (small_binding_gpu(), vec![7, 33]),
+    ] {
         for dtype in dtypes() {
             for &n in &sizes {
                 let (a, av) = upload(gpu, &random(2 * n * 15, 1), &[2, n, 3, 5], dtype);
@@ -96,14 +117,29 @@ fn concat_rejects_mismatched_shapes() {
     // A single row over the binding limit cannot be split: an error, not a panic.
     let big = Tensor::zeros(small_binding_gpu(), &[2, 40, 40], DType::F32).unwrap();
     let too_big = layout::concat(small_binding_gpu(), &[&big, &big], 1).unwrap_err();
-    assert!(matches!(too_big, EngineError::BindingTooLarge { bytes: 12800, .. }), "{too_big}");
-    assert!(e.to_string().contains("concat") && e.to_string().contains("[2, 3, 5]"), "{e}");
+    assert!(
+        matches!(too_big, EngineError::BindingTooLarge { bytes: 12800, .. }),
+        "{too_big}"
+    );
+    assert!(
+        e.to_string().contains("concat") && e.to_string().contains("[2, 3, 5]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn upsample_nearest_matches_reference_at_exact_sizes() {
     for (gpu, cases) in [
-        (gpu(), vec![(1, 1, 2, 2), (7, 33, 14, 66), (5, 3, 9, 5), (4, 4, 8, 8), (129, 7, 258, 13)]),
+        (
+            gpu(),
+            vec![
+                (1, 1, 2, 2),
+                (7, 33, 14, 66),
+                (5, 3, 9, 5),
+                (4, 4, 8, 8),
+                (129, 7, 258, 13),
+            ],
+        ),
         (small_binding_gpu(), vec![(9, 9, 18, 17)]),
     ] {
         for dtype in dtypes() {
@@ -113,7 +149,11 @@ fn upsample_nearest_matches_reference_at_exact_sizes() {
                 let y = layout::upsample_nearest(gpu, &x, oh, ow).unwrap();
                 assert_eq!(y.shape(), &[2, 3, oh, ow]);
                 let want = layout::upsample_nearest_reference(&xs, planes, h, w, oh, ow);
-                assert_exact(&format!("upsample {h}x{w} -> {oh}x{ow}"), &y.to_f32(gpu).unwrap(), &want);
+                assert_exact(
+                    &format!("upsample {h}x{w} -> {oh}x{ow}"),
+                    &y.to_f32(gpu).unwrap(),
+                    &want,
+                );
             }
         }
     }
@@ -121,36 +161,64 @@ fn upsample_nearest_matches_reference_at_exact_sizes() {
 
 #[test]
 fn embedding_gathers_rows_and_splits_large_tables() {
-    for (gpu, v, d) in [(gpu(), 129, 33), (gpu(), 7, 1), (small_binding_gpu(), 300, 7)] {
+    for (gpu, v, d) in [
+        (gpu(), 129, 33),
+        (gpu(), 7, 1),
+        (small_binding_gpu(), 300, 7),
+    ] {
         for dtype in dtypes() {
             let (table, tv) = upload(gpu, &random(v * d, 6), &[v, d], dtype);
             let ids: Vec<u32> = (0..77).map(|i| ((i * 37 + 5) % v) as u32).collect();
             let y = embedding::embedding(gpu, &table, &ids).unwrap();
             assert_eq!(y.shape(), &[77, d]);
-            let want: Vec<f32> = ids.iter().flat_map(|&id| tv[id as usize * d..(id as usize + 1) * d].to_vec()).collect();
-            assert_exact(&format!("embedding {v}x{d}"), &y.to_f32(gpu).unwrap(), &want);
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&id| tv[id as usize * d..(id as usize + 1) * d].to_vec())
+                .collect();
+            assert_exact(
+                &format!("embedding {v}x{d}"),
+                &y.to_f32(gpu).unwrap(),
+                &want,
+            );
         }
     }
     let table = Tensor::zeros(gpu(), &[10, 4], DType::F32).unwrap();
     let e = embedding::embedding(gpu(), &table, &[3, 10]).unwrap_err();
-    assert!(e.to_string().contains("id 10") && e.to_string().contains("10 rows"), "{e}");
+    assert!(
+        e.to_string().contains("id 10") && e.to_string().contains("10 rows"),
+        "{e}"
+    );
 }
 
 #[test]
 fn timestep_embedding_matches_diffusers_formula() {
     let gpu = gpu();
     let ts = [0.0f32, 1.0, 499.5, 999.0, 261.0, 17.25];
-    for (dim, flip, shift) in [(320, true, 0.0), (33, false, 1.0), (8, true, 1.0), (1280, false, 0.0)] {
+    for (dim, flip, shift) in [
+        (320, true, 0.0),
+        (33, false, 1.0),
+        (8, true, 1.0),
+        (1280, false, 0.0),
+    ] {
         let cfg = embedding::TimestepEmbedding::new(dim, flip, shift);
         for dtype in dtypes() {
             let y = embedding::timestep_embedding(gpu, &ts, &cfg, dtype).unwrap();
             assert_eq!(y.shape(), &[ts.len(), dim]);
             let want = embedding::timestep_embedding_reference(&ts, &cfg);
             let want = stored(&want, dtype);
-            assert_close(&format!("timestep dim={dim} flip={flip}"), &y.to_f32(gpu).unwrap(), &want, dtype, 1);
+            assert_close(
+                &format!("timestep dim={dim} flip={flip}"),
+                &y.to_f32(gpu).unwrap(),
+                &want,
+                dtype,
+                1,
+            );
         }
     }
     // diffusers' SD layout: [cos | sin]; at t = 0 cos = 1, sin = 0.
     let cfg = embedding::TimestepEmbedding::new(4, true, 0.0);
-    assert_eq!(embedding::timestep_embedding_reference(&[0.0], &cfg), vec![1.0, 1.0, 0.0, 0.0]);
+    assert_eq!(
+        embedding::timestep_embedding_reference(&[0.0], &cfg),
+        vec![1.0, 1.0, 0.0, 0.0]
+    );
 }

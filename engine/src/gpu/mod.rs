@@ -145,7 +145,9 @@ impl GpuTimer {
 impl Stream {
     pub(crate) fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
         self.encoder.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("motif ops") })
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("motif ops"),
+            })
         })
     }
 }
@@ -381,7 +383,8 @@ impl Gpu {
             let mut stream = self.stream.lock().expect("stream lock poisoned");
             if let Some(encoder) = stream.encoder.take() {
                 self.queue.submit(Some(encoder.finish()));
-                self.submissions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.submissions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             stream.uniforms.reset();
         }
@@ -400,14 +403,23 @@ impl Gpu {
             count: GpuTimer::CAPACITY,
         });
         let mut stream = self.stream.lock().expect("stream lock poisoned");
-        stream.timer = Some(GpuTimer { queries, next: 0, capacity: GpuTimer::CAPACITY });
+        stream.timer = Some(GpuTimer {
+            queries,
+            next: 0,
+            capacity: GpuTimer::CAPACITY,
+        });
         true
     }
 
     /// Stops the timer and returns the summed GPU time of the timed
     /// dispatches in seconds, and how many were timed (waits for the GPU).
     pub fn stop_timer(&self) -> Result<Option<(f64, u32)>> {
-        let timer = self.stream.lock().expect("stream lock poisoned").timer.take();
+        let timer = self
+            .stream
+            .lock()
+            .expect("stream lock poisoned")
+            .timer
+            .take();
         let Some(timer) = timer else { return Ok(None) };
         if timer.next == 0 {
             return Ok(Some((0.0, 0)));

@@ -29,11 +29,18 @@ struct Params {
 /// one storage binding (SD's f32 token table is 152 MB) is read in windows.
 pub fn embedding(gpu: &Gpu, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     if table.rank() != 2 {
-        return Err(EngineError::Shape { op: "embedding", expected: "table [V, D]".into(), found: fmt_shape(table.shape()) });
+        return Err(EngineError::Shape {
+            op: "embedding",
+            expected: "table [V, D]".into(),
+            found: fmt_shape(table.shape()),
+        });
     }
     let (v, d) = (table.shape()[0], table.shape()[1]);
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= v) {
-        return Err(EngineError::Argument { op: "embedding", message: format!("id {bad} is out of range for a table of {v} rows") });
+        return Err(EngineError::Argument {
+            op: "embedding",
+            message: format!("id {bad} is out of range for a table of {v} rows"),
+        });
     }
     let out = Tensor::empty(gpu, &[ids.len(), d], table.dtype())?;
     if ids.is_empty() || d == 0 {
@@ -41,13 +48,31 @@ pub fn embedding(gpu: &Gpu, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     }
     // The ids travel as raw u32 bits in a 4-byte-element tensor.
     let id_buf = Tensor::from_bytes(gpu, bytemuck::cast_slice(ids), &[ids.len()], DType::F32)?;
-    let k = Kernel { op: "embedding", source: SOURCE, entry: "gather", dtype: table.dtype(), constants: vec![] };
+    let k = Kernel {
+        op: "embedding",
+        source: SOURCE,
+        entry: "gather",
+        dtype: table.dtype(),
+        constants: vec![],
+    };
     let max_rows = Tensor::max_window_elems(gpu, table.dtype()) / d;
     for (row0, rows) in windows("embedding", v, 1, max_rows, gpu.max_binding_bytes())? {
         let (tb, table_off) = table.window(gpu, row0 * d, rows * d);
-        let p = Params { n: ids.len() as u32, d: d as u32, row0: row0 as u32, rows: rows as u32, table_off, ..Default::default() };
+        let p = Params {
+            n: ids.len() as u32,
+            d: d as u32,
+            row0: row0 as u32,
+            rows: rows as u32,
+            table_off,
+            ..Default::default()
+        };
         let count = (ids.len() * d) as u64;
-        gpu.dispatch(&k, params_bytes(&p), &[(1, tb), (2, id_buf.binding()), (3, out.binding())], grid_1d(count.div_ceil(WG)))?;
+        gpu.dispatch(
+            &k,
+            params_bytes(&p),
+            &[(1, tb), (2, id_buf.binding()), (3, out.binding())],
+            grid_1d(count.div_ceil(WG)),
+        )?;
     }
     Ok(out)
 }
@@ -66,18 +91,32 @@ pub struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     pub fn new(dim: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Self {
-        TimestepEmbedding { dim, flip_sin_to_cos, freq_shift, max_period: 10000.0, scale: 1.0 }
+        TimestepEmbedding {
+            dim,
+            flip_sin_to_cos,
+            freq_shift,
+            max_period: 10000.0,
+            scale: 1.0,
+        }
     }
 }
 
 /// Sinusoidal embedding of `timesteps` → [n, dim], computed in f32 (as
 /// diffusers does) and stored in `dtype`.
-pub fn timestep_embedding(gpu: &Gpu, timesteps: &[f32], cfg: &TimestepEmbedding, dtype: DType) -> Result<Tensor> {
+pub fn timestep_embedding(
+    gpu: &Gpu,
+    timesteps: &[f32],
+    cfg: &TimestepEmbedding,
+    dtype: DType,
+) -> Result<Tensor> {
     let half = cfg.dim / 2;
     if half == 0 || (half as f32 - cfg.freq_shift) == 0.0 {
         return Err(EngineError::Argument {
             op: "timestep_embedding",
-            message: format!("dim {} with freq_shift {} leaves no frequencies", cfg.dim, cfg.freq_shift),
+            message: format!(
+                "dim {} with freq_shift {} leaves no frequencies",
+                cfg.dim, cfg.freq_shift
+            ),
         });
     }
     let out = Tensor::empty(gpu, &[timesteps.len(), cfg.dim], dtype)?;
@@ -87,7 +126,13 @@ pub fn timestep_embedding(gpu: &Gpu, timesteps: &[f32], cfg: &TimestepEmbedding,
     let t = Tensor::from_f32(gpu, timesteps, &[timesteps.len()], DType::F32)?;
     let freqs = timestep_frequencies(cfg);
     let f = Tensor::from_f32(gpu, &freqs, &[freqs.len()], DType::F32)?;
-    let k = Kernel { op: "embedding", source: SOURCE, entry: "timestep", dtype, constants: vec![] };
+    let k = Kernel {
+        op: "embedding",
+        source: SOURCE,
+        entry: "timestep",
+        dtype,
+        constants: vec![],
+    };
     let p = Params {
         n: timesteps.len() as u32,
         d: cfg.dim as u32,
@@ -96,7 +141,12 @@ pub fn timestep_embedding(gpu: &Gpu, timesteps: &[f32], cfg: &TimestepEmbedding,
         ..Default::default()
     };
     let count = (timesteps.len() * cfg.dim) as u64;
-    gpu.dispatch(&k, params_bytes(&p), &[(3, out.binding()), (4, t.binding()), (5, f.binding())], grid_1d(count.div_ceil(WG)))?;
+    gpu.dispatch(
+        &k,
+        params_bytes(&p),
+        &[(3, out.binding()), (4, t.binding()), (5, f.binding())],
+        grid_1d(count.div_ceil(WG)),
+    )?;
     Ok(out)
 }
 
@@ -119,7 +169,10 @@ pub fn timestep_embedding_reference(timesteps: &[f32], cfg: &TimestepEmbedding) 
     let freqs = timestep_frequencies(cfg);
     let mut out = Vec::with_capacity(timesteps.len() * cfg.dim);
     for &t in timesteps {
-        let args: Vec<f64> = freqs.iter().map(|&f| ((t * f) * cfg.scale) as f64).collect();
+        let args: Vec<f64> = freqs
+            .iter()
+            .map(|&f| ((t * f) * cfg.scale) as f64)
+            .collect();
         let sin = args.iter().map(|a| a.sin() as f32);
         let cos = args.iter().map(|a| a.cos() as f32);
         if cfg.flip_sin_to_cos {

@@ -25,11 +25,24 @@ struct Params {
 }
 
 fn kernel(entry: &'static str, x: &Tensor) -> Kernel {
-    Kernel { op: "layout", source: SOURCE, entry, dtype: x.dtype(), constants: vec![] }
+    Kernel {
+        op: "layout",
+        source: SOURCE,
+        entry,
+        dtype: x.dtype(),
+        constants: vec![],
+    }
 }
 
 fn params(n: usize, src_off: u32, dst_off: u32) -> Params {
-    Params { n: n as u32, src_off, dst_off, rank: 0, a: [1; MAX_RANK], b: [0; MAX_RANK] }
+    Params {
+        n: n as u32,
+        src_off,
+        dst_off,
+        rank: 0,
+        a: [1; MAX_RANK],
+        b: [0; MAX_RANK],
+    }
 }
 
 /// Reorders dims: output dim `d` is input dim `perm[d]` (as `torch.permute`),
@@ -37,14 +50,22 @@ fn params(n: usize, src_off: u32, dst_off: u32) -> Params {
 pub fn permute(gpu: &Gpu, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let rank = x.rank();
     let mut seen = vec![false; rank];
-    let valid = perm.len() == rank && perm.iter().all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
+    let valid = perm.len() == rank
+        && perm
+            .iter()
+            .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
     if !valid {
         return Err(EngineError::Argument {
             op: "permute",
-            message: format!("{perm:?} is not a permutation of the {rank} dims of {}", fmt_shape(x.shape())),
+            message: format!(
+                "{perm:?} is not a permutation of the {rank} dims of {}",
+                fmt_shape(x.shape())
+            ),
         });
     }
-    let in_strides: Vec<usize> = (0..rank).map(|d| x.shape()[d + 1..].iter().product()).collect();
+    let in_strides: Vec<usize> = (0..rank)
+        .map(|d| x.shape()[d + 1..].iter().product())
+        .collect();
     let out_shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
     let out = Tensor::empty(gpu, &out_shape, x.dtype())?;
     // Drop size-1 dims, then merge runs of output dims that stay contiguous
@@ -66,7 +87,10 @@ pub fn permute(gpu: &Gpu, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     if dims.len() > MAX_RANK {
         return Err(EngineError::Argument {
             op: "permute",
-            message: format!("permutation {perm:?} of {} needs more than {MAX_RANK} dims", fmt_shape(x.shape())),
+            message: format!(
+                "permutation {perm:?} of {} needs more than {MAX_RANK} dims",
+                fmt_shape(x.shape())
+            ),
         });
     }
     // A permute that keeps dim 0 in place (and dim 0 is the outermost merged
@@ -93,7 +117,12 @@ pub fn permute(gpu: &Gpu, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
             p.a[d] = size as u32;
             p.b[d] = stride as u32;
         }
-        gpu.dispatch(&k, params_bytes(&p), &[(1, sb), (2, db)], grid_1d((n as u64).div_ceil(WG)))?;
+        gpu.dispatch(
+            &k,
+            params_bytes(&p),
+            &[(1, sb), (2, db)],
+            grid_1d((n as u64).div_ceil(WG)),
+        )?;
     }
     Ok(out)
 }
@@ -113,13 +142,20 @@ pub fn concat(gpu: &Gpu, tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
     }
     for t in tensors {
         let same = t.rank() == first.rank()
-            && t.shape().iter().zip(first.shape()).enumerate().all(|(d, (a, b))| d == dim || a == b);
+            && t.shape()
+                .iter()
+                .zip(first.shape())
+                .enumerate()
+                .all(|(d, (a, b))| d == dim || a == b);
         if !same {
             let mut expected = first.shape().to_vec();
             expected[dim] = t.shape().get(dim).copied().unwrap_or(0);
             return Err(EngineError::Shape {
                 op: "concat",
-                expected: format!("{} (all dims but {dim} equal to the first tensor's)", fmt_shape(&expected)),
+                expected: format!(
+                    "{} (all dims but {dim} equal to the first tensor's)",
+                    fmt_shape(&expected)
+                ),
                 found: fmt_shape(t.shape()),
             });
         }
@@ -133,7 +169,13 @@ pub fn concat(gpu: &Gpu, tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
     let k = kernel("copy_into", first);
     let max = Tensor::max_window_elems(gpu, first.dtype());
     // Windows of whole outer rows of the output (each row holds every input's slice).
-    let row_windows = windows("concat", outer * ct * inner, ct * inner, max, gpu.max_binding_bytes())?;
+    let row_windows = windows(
+        "concat",
+        outer * ct * inner,
+        ct * inner,
+        max,
+        gpu.max_binding_bytes(),
+    )?;
     let mut c0 = 0;
     for t in tensors {
         let cs = t.shape()[dim];
@@ -147,7 +189,12 @@ pub fn concat(gpu: &Gpu, tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
             let (db, dst_off) = out.window(gpu, start, n);
             let mut p = params(count, src_off, dst_off);
             p.a[..4].copy_from_slice(&[cs as u32, inner as u32, ct as u32, c0 as u32]);
-            gpu.dispatch(&k, params_bytes(&p), &[(1, sb), (2, db)], grid_1d((count as u64).div_ceil(WG)))?;
+            gpu.dispatch(
+                &k,
+                params_bytes(&p),
+                &[(1, sb), (2, db)],
+                grid_1d((count as u64).div_ceil(WG)),
+            )?;
         }
         c0 += cs;
     }
@@ -171,13 +218,24 @@ pub fn upsample_nearest(gpu: &Gpu, x: &Tensor, out_h: usize, out_w: usize) -> Re
     let planes = n * c;
     let plane_out = out_h * out_w;
     let max_planes = Tensor::max_window_elems(gpu, x.dtype()) / plane_out.max(h * w).max(1);
-    for (p0, np) in windows("upsample_nearest", planes, 1, max_planes, gpu.max_binding_bytes())? {
+    for (p0, np) in windows(
+        "upsample_nearest",
+        planes,
+        1,
+        max_planes,
+        gpu.max_binding_bytes(),
+    )? {
         let (sb, src_off) = x.window(gpu, p0 * h * w, np * h * w);
         let (db, dst_off) = out.window(gpu, p0 * plane_out, np * plane_out);
         let count = np * plane_out;
         let mut p = params(count, src_off, dst_off);
         p.a[..4].copy_from_slice(&[h as u32, w as u32, out_h as u32, out_w as u32]);
-        gpu.dispatch(&k, params_bytes(&p), &[(1, sb), (2, db)], grid_1d((count as u64).div_ceil(WG)))?;
+        gpu.dispatch(
+            &k,
+            params_bytes(&p),
+            &[(1, sb), (2, db)],
+            grid_1d((count as u64).div_ceil(WG)),
+        )?;
     }
     Ok(out)
 }
@@ -203,7 +261,13 @@ pub fn frames_to_tokens(gpu: &Gpu, x: &Tensor, frames: usize) -> Result<Tensor> 
 }
 
 /// (B·H·W, F, C) → (B·F, C, H, W), the inverse of [`frames_to_tokens`].
-pub fn tokens_to_frames(gpu: &Gpu, x: &Tensor, batch: usize, height: usize, width: usize) -> Result<Tensor> {
+pub fn tokens_to_frames(
+    gpu: &Gpu,
+    x: &Tensor,
+    batch: usize,
+    height: usize,
+    width: usize,
+) -> Result<Tensor> {
     if x.rank() != 3 || x.shape()[0] != batch * height * width {
         return Err(EngineError::Shape {
             op: "tokens_to_frames",
@@ -212,7 +276,11 @@ pub fn tokens_to_frames(gpu: &Gpu, x: &Tensor, batch: usize, height: usize, widt
         });
     }
     let (f, c) = (x.shape()[1], x.shape()[2]);
-    let y = permute(gpu, &x.reshape(&[batch, height, width, f, c])?, &[0, 3, 4, 1, 2])?;
+    let y = permute(
+        gpu,
+        &x.reshape(&[batch, height, width, f, c])?,
+        &[0, 3, 4, 1, 2],
+    )?;
     y.reshape(&[batch * f, c, height, width])
 }
 
@@ -220,7 +288,11 @@ pub fn tokens_to_frames(gpu: &Gpu, x: &Tensor, batch: usize, height: usize, widt
 /// into the per-frame layout its 2-D layers run on (row = b·F + f).
 pub fn video_to_frames(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     if x.rank() != 5 {
-        return Err(EngineError::Shape { op: "video_to_frames", expected: "[B, C, F, H, W]".into(), found: fmt_shape(x.shape()) });
+        return Err(EngineError::Shape {
+            op: "video_to_frames",
+            expected: "[B, C, F, H, W]".into(),
+            found: fmt_shape(x.shape()),
+        });
     }
     let s = x.shape();
     let (b, c, f, h, w) = (s[0], s[1], s[2], s[3], s[4]);
@@ -254,7 +326,14 @@ pub fn permute_reference(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32>
 }
 
 /// CPU reference of [`upsample_nearest`] on [planes, h, w].
-pub fn upsample_nearest_reference(x: &[f32], planes: usize, h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
+pub fn upsample_nearest_reference(
+    x: &[f32],
+    planes: usize,
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+) -> Vec<f32> {
     let mut out = Vec::with_capacity(planes * out_h * out_w);
     for p in 0..planes {
         for y in 0..out_h {
