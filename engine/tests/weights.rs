@@ -269,3 +269,75 @@ fn folders_load_single_files_shards_and_prefer_full_precision() {
     let e = WeightSet::open_dir(&dup).err().unwrap().to_string();
     assert!(e.contains("is also in"), "{e}");
 }
+
+#[test]
+fn repo_ids_resolve_offline_in_the_hugging_face_cache() {
+    use motif_engine::weights::folder::{component_dir, resolve_in_cache};
+    let cache = tmp("hfcache");
+    let repo = cache.join("models--guoyww--animatediff-motion-adapter-v1-5-2");
+    let snap = repo.join("snapshots").join("abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    // With only one snapshot, refs/main is optional.
+    assert_eq!(
+        resolve_in_cache(&cache, "guoyww/animatediff-motion-adapter-v1-5-2").unwrap(),
+        snap
+    );
+    let other = repo.join("snapshots").join("def456");
+    std::fs::create_dir_all(&other).unwrap();
+    let e = resolve_in_cache(&cache, "guoyww/animatediff-motion-adapter-v1-5-2")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("several snapshots"), "{e}");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "def456\n").unwrap();
+    assert_eq!(
+        resolve_in_cache(&cache, "guoyww/animatediff-motion-adapter-v1-5-2").unwrap(),
+        other
+    );
+    std::fs::write(repo.join("refs").join("main"), "0000").unwrap();
+    let e = resolve_in_cache(&cache, "guoyww/animatediff-motion-adapter-v1-5-2")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("names snapshot `0000`"), "{e}");
+
+    let e = resolve_in_cache(&cache, "runwayml/stable-diffusion-v1-5")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("not in the Hugging Face cache") && e.contains("never downloads"),
+        "{e}"
+    );
+
+    let e = component_dir(&snap, "unet").unwrap_err().to_string();
+    assert!(e.contains("missing the `unet/` folder"), "{e}");
+}
+
+#[test]
+fn configs_with_non_finite_numbers_parse_and_bad_fields_are_named() {
+    use motif_engine::weights::config::{lenient_f64, read_config};
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Sched {
+        num_train_timesteps: usize,
+        #[serde(deserialize_with = "lenient_f64")]
+        lambda_min_clipped: f64,
+    }
+    let dir = tmp("config");
+    let p = dir.join("scheduler_config.json");
+    std::fs::write(&p, r#"{"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "lambda_min_clipped": -Infinity}"#).unwrap();
+    let s: Sched = read_config(&p).unwrap();
+    assert_eq!(s.lambda_min_clipped, f64::NEG_INFINITY);
+    std::fs::write(
+        &p,
+        r#"{"num_train_timesteps": "many", "lambda_min_clipped": 0}"#,
+    )
+    .unwrap();
+    let e = read_config::<Sched>(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("scheduler_config.json") && e.contains("invalid type") && e.contains("many"),
+        "{e}"
+    );
+    std::fs::write(&p, r#"{"lambda_min_clipped": 0}"#).unwrap();
+    let e = read_config::<Sched>(&p).unwrap_err().to_string();
+    assert!(e.contains("missing field `num_train_timesteps`"), "{e}");
+}

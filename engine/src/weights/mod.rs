@@ -4,6 +4,8 @@
 //! walks the same key path as the checkpoint, so a missing or misshapen
 //! weight is reported with its full key and file.
 
+pub mod config;
+pub mod folder;
 pub mod safetensors;
 
 use std::collections::{BTreeSet, HashMap};
