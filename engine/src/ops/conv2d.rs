@@ -1,0 +1,434 @@
+//! 2-D convolution (`shaders/conv2d.wgsl`), NCHW like PyTorch's nn.Conv2d,
+//! with any kernel size, stride, asymmetric zero padding, bias and a fused
+//! activation. Convolutions larger than one storage binding run in windows
+//! of batch items, output channels, output rows and input channels.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{check_dtypes, params_bytes, Activation};
+use crate::error::{EngineError, Result};
+use crate::gpu::{Binding, Gpu, Kernel};
+use crate::tensor::{fmt_shape, Tensor};
+
+const SOURCE: &str = include_str!("../../../shaders/conv2d.wgsl");
+const MAX_GROUPS: usize = 65535;
+
+/// Options of [`conv2d`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dOptions {
+    pub stride: usize,
+    /// Zero padding: left, right, top, bottom.
+    pub padding: [usize; 4],
+    pub activation: Activation,
+}
+
+impl Default for Conv2dOptions {
+    fn default() -> Self {
+        Conv2dOptions {
+            stride: 1,
+            padding: [0; 4],
+            activation: Activation::None,
+        }
+    }
+}
+
+impl Conv2dOptions {
+    /// Symmetric `(kernel - 1) / 2` padding: the output keeps the input's size
+    /// at stride 1 (diffusers' `padding=1` for 3x3 convolutions).
+    pub fn same(kernel: usize, stride: usize) -> Self {
+        let pad = kernel.saturating_sub(1) / 2;
+        Conv2dOptions {
+            stride,
+            padding: [pad; 4],
+            activation: Activation::None,
+        }
+    }
+}
+
+/// Which kernel computes the convolution. `Auto` picks by adapter; the others
+/// exist so that tests check every kernel on any adapter.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conv2dKernel {
+    Auto,
+    Naive,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    batch: u32,
+    cin: u32,
+    h: u32,
+    w: u32,
+    cout: u32,
+    ho: u32,
+    wo: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    pad_l: u32,
+    pad_t: u32,
+    oy0: u32,
+    rows: u32,
+    x_off: u32,
+    w_off: u32,
+    bias_off: u32,
+    out_off: u32,
+    x_bstride: u32,
+    o_bstride: u32,
+    w_stride: u32,
+    has_bias: u32,
+    accumulate: u32,
+    finish: u32,
+}
+
+/// The convolution's sizes after validation.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+}
+
+/// The output shape `[N, Cout, Ho, Wo]` of a convolution, or `None` if the
+/// padded input is smaller than the kernel or the stride is 0.
+pub fn conv2d_output_shape(
+    x_shape: [usize; 4],
+    w_shape: [usize; 4],
+    opts: &Conv2dOptions,
+) -> Option<[usize; 4]> {
+    let [n, _, h, w] = x_shape;
+    let [cout, _, kh, kw] = w_shape;
+    let [l, r, t, b] = opts.padding;
+    if opts.stride == 0 || kh == 0 || kw == 0 || h + t + b < kh || w + l + r < kw {
+        return None;
+    }
+    Some([
+        n,
+        cout,
+        (h + t + b - kh) / opts.stride + 1,
+        (w + l + r - kw) / opts.stride + 1,
+    ])
+}
+
+fn check_conv(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &Conv2dOptions,
+) -> Result<Dims> {
+    let op = "conv2d";
+    let mut tensors = vec![x, weight];
+    tensors.extend(bias);
+    check_dtypes(op, &tensors)?;
+    let (xs, ws) = match (x.shape(), weight.shape()) {
+        (&[n, c, h, w], &[co, ci, kh, kw]) if ci == c => ([n, c, h, w], [co, ci, kh, kw]),
+        _ => {
+            return Err(EngineError::Shape {
+                op,
+                expected: "x [N, Cin, H, W] and weight [Cout, Cin, kh, kw] with equal Cin".into(),
+                found: format!(
+                    "x {} and weight {}",
+                    fmt_shape(x.shape()),
+                    fmt_shape(weight.shape())
+                ),
+            })
+        }
+    };
+    let [n, cout, ho, wo] =
+        conv2d_output_shape(xs, ws, opts).ok_or_else(|| EngineError::Shape {
+            op,
+            expected: format!(
+                "a stride >= 1 and a kernel no larger than the padded input (padding {:?})",
+                opts.padding
+            ),
+            found: format!(
+                "x {}, weight {}, stride {}",
+                fmt_shape(x.shape()),
+                fmt_shape(weight.shape()),
+                opts.stride
+            ),
+        })?;
+    if let Some(bias) = bias {
+        if bias.shape() != [cout] {
+            return Err(EngineError::Shape {
+                op,
+                expected: format!("bias of shape [{cout}]"),
+                found: fmt_shape(bias.shape()),
+            });
+        }
+    }
+    Ok(Dims {
+        n,
+        cin: xs[1],
+        h: xs[2],
+        w: xs[3],
+        cout,
+        kh: ws[2],
+        kw: ws[3],
+        ho,
+        wo,
+    })
+}
+
+/// Output pixels one workgroup of a kernel covers along x, and output
+/// channels along y.
+struct Variant {
+    entry: &'static str,
+    pixels: usize,
+    channels: usize,
+}
+
+fn variant(_gpu: &Gpu, kernel: Conv2dKernel) -> Variant {
+    match kernel {
+        Conv2dKernel::Auto | Conv2dKernel::Naive => Variant {
+            entry: "conv2d_naive",
+            pixels: 64,
+            channels: 1,
+        },
+    }
+}
+
+/// `act(conv(x, weight) + bias)`: `x [N, Cin, H, W]`, `weight [Cout, Cin, kh, kw]`,
+/// `bias [Cout]` → `[N, Cout, Ho, Wo]`.
+pub fn conv2d(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &Conv2dOptions,
+) -> Result<Tensor> {
+    conv2d_with_kernel(gpu, x, weight, bias, opts, Conv2dKernel::Auto)
+}
+
+/// How the convolution is cut into dispatches: `items` whole batch items at
+/// a time, or per item windows of `channels` output channels x `rows` output
+/// rows over `depth` input channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tiling {
+    items: usize,
+    channels: usize,
+    rows: usize,
+    depth: usize,
+}
+
+/// Input rows that `rows` output rows read.
+fn input_rows(d: &Dims, stride: usize, rows: usize) -> usize {
+    ((rows - 1) * stride + d.kh).min(d.h)
+}
+
+fn tiling(d: &Dims, stride: usize, max: usize, v: &Variant) -> Result<Tiling> {
+    let plane = d.h * d.w;
+    let taps = d.kh * d.kw;
+    let (x_item, o_item, w_all) = (d.cin * plane, d.cout * d.ho * d.wo, d.cout * d.cin * taps);
+    let max_rows = (MAX_GROUPS * v.pixels / d.wo).max(1);
+    if x_item <= max && o_item <= max && w_all <= max && d.ho <= max_rows {
+        let items = (max / x_item.max(1))
+            .min(max / o_item)
+            .min(d.n)
+            .min(MAX_GROUPS);
+        return Ok(Tiling {
+            items,
+            channels: d.cout,
+            rows: d.ho,
+            depth: d.cin,
+        });
+    }
+    let too_large = |bytes: usize| EngineError::BindingTooLarge {
+        op: "conv2d",
+        bytes: bytes as u64,
+        limit: max as u64,
+    };
+    // Output rows first (one row of one channel must fit), then input
+    // channels, then output channels.
+    let mut rows = (max / d.wo).min(d.ho).min(max_rows);
+    while rows > 0 && input_rows(d, stride, rows) * d.w > max {
+        rows -= 1;
+    }
+    if rows == 0 {
+        return Err(too_large(d.wo.max(d.kh.min(d.h) * d.w)));
+    }
+    let in_span = input_rows(d, stride, rows) * d.w;
+    if taps > max {
+        return Err(too_large(taps));
+    }
+    let depth = ((max - in_span) / plane.max(1) + 1)
+        .min(max / taps)
+        .min(d.cin);
+    let channels = ((max - depth * taps) / (d.cin * taps).max(1) + 1)
+        .min((max - rows * d.wo) / (d.ho * d.wo) + 1)
+        .min(d.cout)
+        .min(MAX_GROUPS / v.channels);
+    Ok(Tiling {
+        items: 1,
+        channels,
+        rows,
+        depth,
+    })
+}
+
+/// [`conv2d`] with a chosen kernel (for tests and benchmarks).
+#[doc(hidden)]
+pub fn conv2d_with_kernel(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &Conv2dOptions,
+    kernel: Conv2dKernel,
+) -> Result<Tensor> {
+    let d = check_conv(x, weight, bias, opts)?;
+    let out = Tensor::empty(gpu, &[d.n, d.cout, d.ho, d.wo], x.dtype())?;
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    let v = variant(gpu, kernel);
+    let max = Tensor::max_window_elems(gpu, x.dtype());
+    let t = tiling(&d, opts.stride, max, &v)?;
+    let k = Kernel {
+        op: "conv2d",
+        source: SOURCE,
+        entry: v.entry,
+        dtype: x.dtype(),
+        constants: vec![("ACT", opts.activation.code())],
+    };
+    let plane = d.h * d.w;
+    let taps = d.kh * d.kw;
+    let out_plane = d.ho * d.wo;
+    let (x_item, o_item) = (d.cin * plane, d.cout * out_plane);
+    let empty_input = x.numel() == 0;
+    let ci_chunks: Vec<usize> = (0..d.cin.max(1)).step_by(t.depth.max(1)).collect();
+    for z0 in (0..d.n).step_by(t.items) {
+        let items = t.items.min(d.n - z0);
+        for co0 in (0..d.cout).step_by(t.channels) {
+            let channels = t.channels.min(d.cout - co0);
+            for oy0 in (0..d.ho).step_by(t.rows) {
+                let rows = t.rows.min(d.ho - oy0);
+                // Input rows this window reads, clamped to the input.
+                let first = (oy0 * opts.stride)
+                    .saturating_sub(opts.padding[2])
+                    .min(d.h.saturating_sub(1));
+                let last = ((oy0 + rows - 1) * opts.stride + d.kh)
+                    .saturating_sub(opts.padding[2])
+                    .min(d.h)
+                    .max(first + 1);
+                for (chunk, &ci0) in ci_chunks.iter().enumerate() {
+                    let depth = t.depth.min(d.cin - ci0);
+                    let extra = items - 1;
+                    let x_start = z0 * x_item + ci0 * plane + first * d.w;
+                    let x_count = (depth.max(1) - 1) * plane + (last - first) * d.w;
+                    let w_start = co0 * d.cin * taps + ci0 * taps;
+                    let w_count = (channels - 1) * d.cin * taps + depth.max(1) * taps;
+                    // An empty input has nothing to window: the output is the bias.
+                    let ((xb, x_off), (wb, w_off)) = if empty_input {
+                        ((x.binding(), 0), (weight.binding(), 0))
+                    } else {
+                        (
+                            x.window(gpu, x_start, x_count + extra * x_item),
+                            weight.window(gpu, w_start, w_count),
+                        )
+                    };
+                    let o_start = z0 * o_item + co0 * out_plane + oy0 * d.wo;
+                    let o_count = (channels - 1) * out_plane + rows * d.wo;
+                    let (ob, out_off) = out.window(gpu, o_start, o_count + extra * o_item);
+                    let (bb, bias_off): (Binding, u32) = match bias {
+                        Some(b) => b.window(gpu, co0, channels),
+                        // Unused by the kernel, but every binding needs a buffer.
+                        None => (wb, 0),
+                    };
+                    let p = Params {
+                        batch: items as u32,
+                        cin: depth as u32,
+                        h: d.h as u32,
+                        w: d.w as u32,
+                        cout: channels as u32,
+                        ho: d.ho as u32,
+                        wo: d.wo as u32,
+                        kh: d.kh as u32,
+                        kw: d.kw as u32,
+                        stride: opts.stride as u32,
+                        pad_l: opts.padding[0] as u32,
+                        pad_t: opts.padding[2] as u32,
+                        oy0: oy0 as u32,
+                        rows: rows as u32,
+                        // The shader indexes from row 0 and channel 0 of the
+                        // window; wrapping arithmetic brings it back in range.
+                        x_off: x_off.wrapping_sub((first * d.w) as u32),
+                        w_off,
+                        bias_off,
+                        out_off: out_off.wrapping_sub((oy0 * d.wo) as u32),
+                        x_bstride: x_item as u32,
+                        o_bstride: o_item as u32,
+                        w_stride: (d.cin * taps) as u32,
+                        has_bias: bias.is_some() as u32,
+                        accumulate: (chunk > 0) as u32,
+                        finish: (chunk + 1 == ci_chunks.len()) as u32,
+                    };
+                    gpu.dispatch(
+                        &k,
+                        params_bytes(&p),
+                        &[(1, xb), (2, wb), (3, bb), (4, ob)],
+                        [
+                            (rows * d.wo).div_ceil(v.pixels) as u32,
+                            channels.div_ceil(v.channels) as u32,
+                            items as u32,
+                        ],
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// CPU reference of [`conv2d`] in f64 accumulation.
+pub fn conv2d_reference(
+    x: &[f32],
+    x_shape: [usize; 4],
+    weight: &[f32],
+    w_shape: [usize; 4],
+    bias: Option<&[f32]>,
+    opts: &Conv2dOptions,
+) -> Vec<f32> {
+    let [n, cin, h, w] = x_shape;
+    let [_, _, kh, kw] = w_shape;
+    let [_, cout, ho, wo] =
+        conv2d_output_shape(x_shape, w_shape, opts).expect("reference called with valid shapes");
+    let (pad_l, pad_t) = (opts.padding[0] as isize, opts.padding[2] as isize);
+    let mut out = Vec::with_capacity(n * cout * ho * wo);
+    for z in 0..n {
+        for co in 0..cout {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut sum = bias.map_or(0.0, |b| b[co] as f64);
+                    for ci in 0..cin {
+                        for ky in 0..kh {
+                            let iy = (oy * opts.stride + ky) as isize - pad_t;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..kw {
+                                let ix = (ox * opts.stride + kx) as isize - pad_l;
+                                if ix < 0 || ix >= w as isize {
+                                    continue;
+                                }
+                                let xv = x[((z * cin + ci) * h + iy as usize) * w + ix as usize];
+                                let wv = weight[((co * cin + ci) * kh + ky) * kw + kx];
+                                sum += xv as f64 * wv as f64;
+                            }
+                        }
+                    }
+                    out.push(opts.activation.apply_reference(sum) as f32);
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,218 @@
+//! conv2d against its CPU reference, f32 and f16, every kernel, odd sizes in
+//! each dimension, kernel sizes, strides, symmetric and asymmetric padding,
+//! bias, activations, and the windowed path for tensors over the binding limit.
+
+mod common;
+
+use common::*;
+use motif_engine::ops::conv2d::{self, Conv2dKernel, Conv2dOptions};
+use motif_engine::ops::Activation;
+use motif_engine::{DType, EngineError, Gpu, Tensor};
+
+const KERNELS: [Conv2dKernel; 1] = [Conv2dKernel::Naive];
+
+/// The SD VAE encoder's downsample: pad right and bottom by one, then a 3x3
+/// stride-2 convolution without padding.
+fn vae_downsample() -> Conv2dOptions {
+    Conv2dOptions {
+        stride: 2,
+        padding: [0, 1, 0, 1],
+        activation: Activation::None,
+    }
+}
+
+fn check(
+    gpu: &Gpu,
+    kernel: Conv2dKernel,
+    x_shape: [usize; 4],
+    w_shape: [usize; 4],
+    bias: bool,
+    opts: &Conv2dOptions,
+    seed: u64,
+) {
+    for dtype in dtypes() {
+        let (x, xv) = upload(
+            gpu,
+            &random(x_shape.iter().product(), seed),
+            &x_shape,
+            dtype,
+        );
+        let (w, wv) = upload(
+            gpu,
+            &random(w_shape.iter().product(), seed + 1),
+            &w_shape,
+            dtype,
+        );
+        let (b, bv) = upload(gpu, &random(w_shape[0], seed + 2), &[w_shape[0]], dtype);
+        let got =
+            conv2d::conv2d_with_kernel(gpu, &x, &w, bias.then_some(&b), opts, kernel).unwrap();
+        let want_shape = conv2d::conv2d_output_shape(x_shape, w_shape, opts).unwrap();
+        assert_eq!(got.shape(), &want_shape[..]);
+        let want =
+            conv2d::conv2d_reference(&xv, x_shape, &wv, w_shape, bias.then_some(&bv[..]), opts);
+        assert_close(
+            &format!("{kernel:?} x {x_shape:?} w {w_shape:?} bias={bias} {opts:?}"),
+            &got.to_f32(gpu).unwrap(),
+            &want,
+            dtype,
+            w_shape[1] * w_shape[2] * w_shape[3] + 1,
+        );
+    }
+}
+
+#[test]
+fn conv2d_matches_reference_on_odd_sizes_in_each_dim() {
+    let gpu = gpu();
+    let same = Conv2dOptions::same(3, 1);
+    for kernel in KERNELS {
+        for (i, s) in ODD_SIZES.into_iter().enumerate() {
+            let seed = 10 * i as u64;
+            // N, Cin, Cout, H, W in turn.
+            check(gpu, kernel, [s, 3, 7, 7], [5, 3, 3, 3], true, &same, seed);
+            check(gpu, kernel, [1, s, 7, 7], [5, s, 3, 3], true, &same, seed);
+            check(gpu, kernel, [1, 3, 7, 7], [s, 3, 3, 3], true, &same, seed);
+            check(gpu, kernel, [1, 3, s, 7], [5, 3, 3, 3], true, &same, seed);
+            check(gpu, kernel, [1, 3, 7, s], [5, 3, 3, 3], true, &same, seed);
+        }
+    }
+}
+
+#[test]
+fn conv2d_handles_kernel_sizes_strides_and_padding() {
+    let gpu = gpu();
+    let x = [2, 5, 13, 12];
+    let cases: [([usize; 4], Conv2dOptions); 7] = [
+        ([7, 5, 1, 1], Conv2dOptions::same(1, 1)),
+        ([7, 5, 1, 1], Conv2dOptions::same(1, 2)),
+        ([7, 5, 3, 3], Conv2dOptions::same(3, 1)),
+        ([7, 5, 3, 3], Conv2dOptions::same(3, 2)),
+        ([7, 5, 3, 3], vae_downsample()),
+        ([7, 5, 3, 3], Conv2dOptions::default()),
+        (
+            [7, 5, 2, 5],
+            Conv2dOptions {
+                stride: 3,
+                padding: [2, 0, 1, 3],
+                activation: Activation::None,
+            },
+        ),
+    ];
+    for kernel in KERNELS {
+        for (i, (w, opts)) in cases.iter().enumerate() {
+            check(gpu, kernel, x, *w, i % 2 == 0, opts, 100 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn conv2d_fuses_activations() {
+    let gpu = gpu();
+    for kernel in KERNELS {
+        for (i, activation) in [
+            Activation::Silu,
+            Activation::GeluErf,
+            Activation::GeluTanh,
+            Activation::QuickGelu,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let opts = Conv2dOptions {
+                activation,
+                ..Conv2dOptions::same(3, 1)
+            };
+            check(
+                gpu,
+                kernel,
+                [1, 4, 9, 8],
+                [6, 4, 3, 3],
+                true,
+                &opts,
+                200 + i as u64,
+            );
+        }
+    }
+}
+
+#[test]
+fn conv2d_splits_tensors_over_the_binding_limit() {
+    // 4 KiB bindings hold about 1000 f32 values.
+    let gpu = small_binding_gpu();
+    let same = Conv2dOptions::same(3, 1);
+    let cases: [([usize; 4], [usize; 4], Conv2dOptions); 6] = [
+        // Several whole batch items per window.
+        ([5, 3, 9, 9], [4, 3, 3, 3], same),
+        // Items over the limit: windows of input channels summed in place.
+        ([2, 20, 10, 10], [4, 20, 3, 3], same),
+        // A weight over the limit: windows of output channels.
+        ([1, 20, 5, 5], [9, 20, 3, 3], same),
+        // Planes over the limit: windows of output rows.
+        ([1, 2, 40, 37], [3, 2, 3, 3], same),
+        ([1, 2, 41, 37], [3, 2, 3, 3], vae_downsample()),
+        ([2, 3, 33, 33], [3, 3, 1, 1], Conv2dOptions::same(1, 2)),
+    ];
+    for kernel in KERNELS {
+        for (i, (x, w, opts)) in cases.iter().enumerate() {
+            check(gpu, kernel, *x, *w, true, opts, 300 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn mismatched_operands_are_errors_that_name_the_op_and_shapes() {
+    let gpu = gpu();
+    let t = |shape: &[usize], dtype| Tensor::zeros(gpu, shape, dtype).unwrap();
+    let x = t(&[1, 3, 8, 8], DType::F32);
+    let opts = Conv2dOptions::same(3, 1);
+    let msg = |r: motif_engine::Result<Tensor>| {
+        let e = r.unwrap_err();
+        assert!(matches!(e, EngineError::Shape { .. }), "{e}");
+        e.to_string()
+    };
+    let m = msg(conv2d::conv2d(
+        gpu,
+        &x,
+        &t(&[4, 2, 3, 3], DType::F32),
+        None,
+        &opts,
+    ));
+    assert!(
+        m.contains("conv2d") && m.contains("[1, 3, 8, 8]") && m.contains("[4, 2, 3, 3]"),
+        "{m}"
+    );
+    let m = msg(conv2d::conv2d(
+        gpu,
+        &t(&[3, 8, 8], DType::F32),
+        &t(&[4, 3, 3, 3], DType::F32),
+        None,
+        &opts,
+    ));
+    assert!(m.contains("conv2d") && m.contains("[3, 8, 8]"), "{m}");
+    let m = msg(conv2d::conv2d(
+        gpu,
+        &x,
+        &t(&[4, 3, 3, 3], DType::F32),
+        Some(&t(&[3], DType::F32)),
+        &opts,
+    ));
+    assert!(
+        m.contains("conv2d") && m.contains("[4]") && m.contains("[3]"),
+        "{m}"
+    );
+    let m = msg(conv2d::conv2d(
+        gpu,
+        &t(&[1, 3, 2, 2], DType::F32),
+        &t(&[4, 3, 5, 5], DType::F32),
+        None,
+        &Conv2dOptions::default(),
+    ));
+    assert!(
+        m.contains("conv2d") && m.contains("[1, 3, 2, 2]") && m.contains("[4, 3, 5, 5]"),
+        "{m}"
+    );
+    if gpu.has_f16() {
+        let e = conv2d::conv2d(gpu, &x, &t(&[4, 3, 3, 3], DType::F16), None, &opts).unwrap_err();
+        assert!(matches!(e, EngineError::DType { .. }), "{e}");
+        assert!(e.to_string().contains("conv2d"));
+    }
+}

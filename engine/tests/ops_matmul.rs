@@ -1,0 +1,262 @@
+//! Matmul and linear against their CPU reference, f32 and f16, every kernel,
+//! odd sizes in each dimension, transposed and plain `b`, bias, activations,
+//! shared and batched weights, and the windowed path for operands over the
+//! binding limit.
+
+mod common;
+
+use common::*;
+use motif_engine::ops::matmul::{self, MatmulKernel, MatmulOptions};
+use motif_engine::ops::Activation;
+use motif_engine::{DType, EngineError, Gpu, Tensor};
+
+const KERNELS: [MatmulKernel; 1] = [MatmulKernel::Naive];
+
+/// One product: `a_shape` x `b_shape` (b's layout per `transpose_b`).
+struct Case<'a> {
+    a: &'a [usize],
+    b: &'a [usize],
+    transpose_b: bool,
+    bias: bool,
+    activation: Activation,
+    alpha: f32,
+}
+
+impl Case<'_> {
+    fn plain<'a>(a: &'a [usize], b: &'a [usize], transpose_b: bool) -> Case<'a> {
+        Case {
+            a,
+            b,
+            transpose_b,
+            bias: false,
+            activation: Activation::None,
+            alpha: 1.0,
+        }
+    }
+}
+
+fn check(gpu: &Gpu, kernel: MatmulKernel, c: &Case, seed: u64) {
+    let k = c.a[c.a.len() - 1];
+    let n = if c.transpose_b {
+        c.b[c.b.len() - 2]
+    } else {
+        c.b[c.b.len() - 1]
+    };
+    for dtype in dtypes() {
+        let na: usize = c.a.iter().product();
+        let nb: usize = c.b.iter().product();
+        let (a, av) = upload(gpu, &random(na, seed), c.a, dtype);
+        let (b, bv) = upload(gpu, &random(nb, seed + 1), c.b, dtype);
+        let (bias, biasv) = upload(gpu, &random(n, seed + 2), &[n], dtype);
+        let opts = MatmulOptions {
+            transpose_b: c.transpose_b,
+            bias: c.bias.then_some(&bias),
+            activation: c.activation,
+            alpha: c.alpha,
+        };
+        let got = matmul::matmul_with_kernel(gpu, &a, &b, &opts, kernel).unwrap();
+        let mut want_shape = c.a.to_vec();
+        *want_shape.last_mut().unwrap() = n;
+        assert_eq!(got.shape(), &want_shape[..]);
+        let want =
+            matmul::matmul_reference(&av, c.a, &bv, c.b, c.bias.then_some(&biasv[..]), &opts);
+        assert_close(
+            &format!(
+                "{kernel:?} a {:?} b {:?} transpose_b={} bias={} {:?} alpha={}",
+                c.a, c.b, c.transpose_b, c.bias, c.activation, c.alpha
+            ),
+            &got.to_f32(gpu).unwrap(),
+            &want,
+            dtype,
+            k + 1,
+        );
+    }
+}
+
+#[test]
+fn matmul_matches_reference_on_odd_sizes_in_each_dim() {
+    let gpu = gpu();
+    for kernel in KERNELS {
+        for (i, s) in ODD_SIZES.into_iter().enumerate() {
+            let seed = 10 * i as u64;
+            for transpose_b in [false, true] {
+                let b_of = |k: usize, n: usize| if transpose_b { [n, k] } else { [k, n] };
+                // M, N, K, and the batch of a batched b.
+                check(
+                    gpu,
+                    kernel,
+                    &Case::plain(&[s, 9], &b_of(9, 7), transpose_b),
+                    seed,
+                );
+                check(
+                    gpu,
+                    kernel,
+                    &Case::plain(&[7, 9], &b_of(9, s), transpose_b),
+                    seed,
+                );
+                check(
+                    gpu,
+                    kernel,
+                    &Case::plain(&[7, s], &b_of(s, 5), transpose_b),
+                    seed,
+                );
+                let b_batched = if transpose_b { [s, 5, 9] } else { [s, 9, 5] };
+                check(
+                    gpu,
+                    kernel,
+                    &Case::plain(&[s, 7, 9], &b_batched, transpose_b),
+                    seed,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_fuses_alpha_bias_and_activation() {
+    let gpu = gpu();
+    for kernel in KERNELS {
+        for (i, activation) in [
+            Activation::None,
+            Activation::Silu,
+            Activation::GeluErf,
+            Activation::GeluTanh,
+            Activation::QuickGelu,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for transpose_b in [false, true] {
+                let b = if transpose_b { [35, 33] } else { [33, 35] };
+                let case = Case {
+                    a: &[13, 33],
+                    b: &b,
+                    transpose_b,
+                    bias: true,
+                    activation,
+                    alpha: 0.7,
+                };
+                check(gpu, kernel, &case, 100 + i as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_broadcasts_a_shared_weight_over_batch_dims() {
+    let gpu = gpu();
+    for kernel in KERNELS {
+        for transpose_b in [false, true] {
+            let (shared, batched) = if transpose_b {
+                ([11, 33], [2, 3, 11, 33])
+            } else {
+                ([33, 11], [2, 3, 33, 11])
+            };
+            let mut case = Case::plain(&[2, 3, 7, 33], &shared, transpose_b);
+            case.bias = true;
+            check(gpu, kernel, &case, 200);
+            case.b = &batched;
+            check(gpu, kernel, &case, 201);
+        }
+    }
+}
+
+#[test]
+fn matmul_splits_operands_over_the_binding_limit() {
+    // 4 KiB bindings hold about 1000 f32 values.
+    let gpu = small_binding_gpu();
+    let cases: [(&[usize], &[usize], bool); 8] = [
+        // A weight like a token embedding, used transposed: windows of its rows.
+        (&[2, 5, 40], &[300, 40], true),
+        // Many small batched products: several items per window.
+        (&[9, 7, 11], &[9, 11, 13], false),
+        // Batched items each over the limit.
+        (&[3, 40, 33], &[3, 33, 50], false),
+        (&[3, 40, 33], &[3, 50, 33], true),
+        // Rows longer than a binding: chunks of K summed in place.
+        (&[3, 1500], &[1500, 5], false),
+        (&[3, 1500], &[5, 1500], true),
+        // A plain weight over the limit: windows of its columns.
+        (&[7, 60], &[60, 100], false),
+        // A tall activation times a small weight.
+        (&[1000, 8], &[8, 9], false),
+    ];
+    for kernel in KERNELS {
+        for (i, (a, b, transpose_b)) in cases.into_iter().enumerate() {
+            let case = Case {
+                a,
+                b,
+                transpose_b,
+                bias: true,
+                activation: Activation::Silu,
+                alpha: 1.0,
+            };
+            check(gpu, kernel, &case, 300 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn linear_matches_reference() {
+    let gpu = gpu();
+    for dtype in dtypes() {
+        let (x, xv) = upload(gpu, &random(2 * 3 * 33, 1), &[2, 3, 33], dtype);
+        let (w, wv) = upload(gpu, &random(7 * 33, 2), &[7, 33], dtype);
+        let (b, bv) = upload(gpu, &random(7, 3), &[7], dtype);
+        let got = matmul::linear(gpu, &x, &w, Some(&b), Activation::GeluErf).unwrap();
+        assert_eq!(got.shape(), &[2, 3, 7]);
+        let opts = MatmulOptions {
+            transpose_b: true,
+            activation: Activation::GeluErf,
+            ..Default::default()
+        };
+        let want = matmul::matmul_reference(&xv, &[6, 33], &wv, &[7, 33], Some(&bv), &opts);
+        assert_close("linear", &got.to_f32(gpu).unwrap(), &want, dtype, 34);
+    }
+}
+
+#[test]
+fn mismatched_operands_are_errors_that_name_the_op_and_shapes() {
+    let gpu = gpu();
+    let t = |shape: &[usize], dtype| Tensor::zeros(gpu, shape, dtype).unwrap();
+    let a = t(&[2, 3, 4], DType::F32);
+    let expect_shape_error = |r: motif_engine::Result<Tensor>, words: &[&str]| {
+        let e = r.unwrap_err();
+        assert!(matches!(e, EngineError::Shape { .. }), "{e}");
+        let msg = e.to_string();
+        for w in words {
+            assert!(msg.contains(w), "`{msg}` lacks `{w}`");
+        }
+    };
+    let opts = MatmulOptions::default();
+    expect_shape_error(
+        matmul::matmul(gpu, &a, &t(&[5, 6], DType::F32), &opts),
+        &["matmul", "[2, 3, 4]", "[5, 6]"],
+    );
+    expect_shape_error(
+        matmul::matmul(gpu, &a, &t(&[3, 4, 6], DType::F32), &opts),
+        &["matmul", "[2, 3, 4]", "[3, 4, 6]"],
+    );
+    expect_shape_error(
+        matmul::matmul(gpu, &t(&[4], DType::F32), &t(&[4, 6], DType::F32), &opts),
+        &["matmul", "[4]"],
+    );
+    let bias = t(&[5], DType::F32);
+    let with_bias = MatmulOptions {
+        bias: Some(&bias),
+        ..Default::default()
+    };
+    expect_shape_error(
+        matmul::matmul(gpu, &a, &t(&[4, 6], DType::F32), &with_bias),
+        &["matmul", "[6]", "[5]"],
+    );
+    expect_shape_error(
+        matmul::linear(gpu, &a, &t(&[6, 5], DType::F32), None, Activation::None),
+        &["linear", "[2, 3, 4]", "[6, 5]"],
+    );
+    if gpu.has_f16() {
+        let e = matmul::matmul(gpu, &a, &t(&[4, 6], DType::F16), &opts).unwrap_err();
+        assert!(matches!(e, EngineError::DType { .. }), "{e}");
+        assert!(e.to_string().contains("matmul") && e.to_string().contains("f16"));
+    }
+}
