@@ -9,6 +9,7 @@ pub mod error;
 pub mod gpu;
 pub mod ops;
 pub mod tensor;
+pub mod text;
 pub mod weights;
 
 pub use error::{EngineError, Result};
