@@ -1,1 +1,250 @@
-fn main() {}
+//! `motif`: the command-line front end. It parses arguments, shows progress
+//! and calls into the engine; no model or GPU logic lives here.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use motif_engine::{gpu, DType, Gpu, GpuOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "motif",
+    version,
+    about = "Local text-to-video and image animation on any GPU (Vulkan, Metal, DX12, or the software Vulkan driver)"
+)]
+struct Cli {
+    /// GPU adapter to use: an index from `motif info` or part of its name (e.g. `nvidia`, `llvmpipe`).
+    #[arg(long, global = true, env = "MOTIF_ADAPTER")]
+    adapter: Option<String>,
+    /// Storage precision: f16 (default on GPUs with SHADER_F16) or f32 (default on CPU adapters).
+    #[arg(long, global = true, env = "MOTIF_PRECISION", value_parser = parse_precision)]
+    precision: Option<DType>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List GPU adapters and show the chosen one with its features and limits.
+    Info,
+    /// Time the engine's operators on the chosen adapter.
+    Bench {
+        /// Run the operator benchmarks (matmul, conv, attention, group norm, elementwise).
+        #[arg(long)]
+        ops: bool,
+        /// Repetitions per case (after one warm-up run).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Benchmark both f32 and f16 (where the adapter stores f16), not only the run's precision.
+        #[arg(long)]
+        all_precisions: bool,
+    },
+    /// Run a reference case set (motif-cases-v1) and report the error of every output.
+    Conformance {
+        /// The case set: a diffusers model folder with cases.json and cases.safetensors.
+        dir: std::path::PathBuf,
+        /// Only these components, comma-separated (tokenizer, text_encoder, unet, vae, scheduler, pipeline).
+        #[arg(long, value_delimiter = ',')]
+        component: Option<Vec<String>>,
+        /// Also compare the cases' debug outputs, to locate where an error starts.
+        #[arg(long)]
+        debug: bool,
+    },
+}
+
+fn parse_precision(s: &str) -> Result<DType, String> {
+    s.parse()
+}
+
+fn open_gpu(cli: &Cli) -> Result<Gpu> {
+    Gpu::new(GpuOptions {
+        adapter: cli.adapter.clone(),
+        precision: cli.precision,
+        ..Default::default()
+    })
+    .context("opening the GPU")
+}
+
+fn mib(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+fn info(cli: &Cli) -> Result<()> {
+    println!("motif {}", env!("CARGO_PKG_VERSION"));
+    let adapters = gpu::list_adapters();
+    println!("adapters:");
+    if adapters.is_empty() {
+        println!("  (none)");
+    }
+    for a in &adapters {
+        println!("  {a}");
+    }
+    let gpu = open_gpu(cli)?;
+    let info = gpu.adapter_info();
+    let limits = gpu.limits();
+    let has = |f| {
+        if gpu.features().contains(f) {
+            "yes"
+        } else {
+            "no"
+        }
+    };
+    println!("chosen: {}", gpu.adapter());
+    println!(
+        "  precision: {} ({})",
+        gpu.precision(),
+        if cli.precision.is_some() {
+            "requested"
+        } else if gpu.adapter().is_cpu {
+            "default on CPU adapters"
+        } else {
+            "default"
+        }
+    );
+    println!(
+        "  SHADER_F16: {}",
+        has(motif_engine::wgpu::Features::SHADER_F16)
+    );
+    println!(
+        "  SUBGROUP: {} (size {}..{})",
+        has(motif_engine::wgpu::Features::SUBGROUP),
+        info.subgroup_min_size,
+        info.subgroup_max_size
+    );
+    println!(
+        "  TIMESTAMP_QUERY: {}",
+        has(motif_engine::wgpu::Features::TIMESTAMP_QUERY)
+    );
+    println!(
+        "  largest storage binding: {}",
+        mib(limits.max_storage_buffer_binding_size)
+    );
+    println!("  largest buffer: {}", mib(limits.max_buffer_size));
+    println!(
+        "  storage buffers per stage: {}",
+        limits.max_storage_buffers_per_shader_stage
+    );
+    println!(
+        "  workgroup: {} invocations, {}x{}x{}, {} KiB shared memory",
+        limits.max_compute_invocations_per_workgroup,
+        limits.max_compute_workgroup_size_x,
+        limits.max_compute_workgroup_size_y,
+        limits.max_compute_workgroup_size_z,
+        limits.max_compute_workgroup_storage_size / 1024
+    );
+    println!(
+        "  workgroups per dimension: {}",
+        limits.max_compute_workgroups_per_dimension
+    );
+    Ok(())
+}
+
+fn bench(cli: &Cli, ops: bool, iters: usize, all_precisions: bool) -> Result<()> {
+    if !ops {
+        anyhow::bail!(
+            "nothing to benchmark: pass --ops (model-level benchmarks come with the models)"
+        );
+    }
+    if iters == 0 {
+        anyhow::bail!("--iters must be at least 1");
+    }
+    let gpu = open_gpu(cli)?;
+    println!("adapter: {}", gpu.adapter());
+    let dtypes = if all_precisions {
+        if gpu.has_f16() {
+            vec![DType::F32, DType::F16]
+        } else {
+            vec![DType::F32]
+        }
+    } else {
+        vec![gpu.precision()]
+    };
+    println!(
+        "{:<40} {:>5} {:>10} {:>10} {:>12}  timer",
+        "case", "dtype", "ms", "wall ms", "rate"
+    );
+    for dtype in dtypes {
+        motif_engine::bench::bench_ops(&gpu, dtype, iters, |r| {
+            let (rate, unit) = r.rate();
+            println!(
+                "{:<40} {:>5} {:>10.2} {:>10.2} {:>6.1} {:<7} {}",
+                r.name,
+                r.dtype,
+                r.seconds * 1e3,
+                r.wall_seconds * 1e3,
+                rate,
+                unit,
+                if r.gpu_timed { "gpu" } else { "wall" }
+            );
+        })
+        .with_context(|| format!("benchmarking in {dtype}"))?;
+    }
+    let stats = gpu.pool_stats();
+    println!(
+        "peak GPU memory (pool): {}",
+        mib(stats.peak_allocated_bytes)
+    );
+    Ok(())
+}
+
+fn conformance(
+    cli: &Cli,
+    dir: &std::path::Path,
+    component: Option<Vec<String>>,
+    debug: bool,
+) -> Result<bool> {
+    let gpu = open_gpu(cli)?;
+    eprintln!("adapter: {} ({})", gpu.adapter(), gpu.precision());
+    let opts = motif_engine::conformance::ConformanceOptions {
+        components: component,
+        debug,
+    };
+    let summary = motif_engine::conformance::run(&gpu, dir, &opts, |line| match line {
+        motif_engine::conformance::Line::Output {
+            case,
+            output,
+            max_abs_err,
+            tolerance,
+            budget,
+            ok,
+        } => println!(
+            "{case}  {output}  {max_abs_err:.3e}  {tolerance:.3e} ({budget})  {}",
+            if *ok { "ok" } else { "FAIL" }
+        ),
+        motif_engine::conformance::Line::CaseError { case, error } => {
+            println!("{case}  (case)  -  -  FAIL: {error}")
+        }
+    })
+    .with_context(|| format!("running the case set in {}", dir.display()))?;
+    println!("{} passed, {} failed", summary.passed, summary.failed);
+    Ok(summary.failed == 0 && summary.passed > 0)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Info => info(&cli),
+        Command::Bench {
+            ops,
+            iters,
+            all_precisions,
+        } => bench(&cli, *ops, *iters, *all_precisions),
+        Command::Conformance {
+            dir,
+            component,
+            debug,
+        } => match conformance(&cli, dir, component.clone(), *debug) {
+            Ok(true) => Ok(()),
+            // The report already said what failed.
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

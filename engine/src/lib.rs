@@ -4,9 +4,11 @@
 //! The data's path runs left to right through the modules: `gpu` → `tensor` →
 //! `ops`. A module only uses what stands to its left.
 
-// pub mod bench; (enabled once matmul, conv2d, norm and attention land)
+pub mod bench;
+pub mod conformance;
 pub mod error;
 pub mod gpu;
+pub mod models;
 pub mod ops;
 pub mod tensor;
 pub mod text;

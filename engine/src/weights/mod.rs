@@ -239,6 +239,14 @@ impl WeightSet {
             .expect("used-key lock poisoned")
             .insert(key.to_string());
         let info = file.info(key).expect("file() found the key");
+        if info.dtype == FileDType::I64 {
+            return Err(LoadError::UnsupportedDType {
+                path: file.path().to_path_buf(),
+                key: key.to_string(),
+                dtype: "I64".into(),
+            }
+            .into());
+        }
         match (info.dtype, dtype) {
             (FileDType::F32, DType::F32) | (FileDType::F16, DType::F16) => {
                 Tensor::from_bytes(gpu, file.bytes(key)?, shape, dtype)

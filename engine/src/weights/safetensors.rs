@@ -23,6 +23,8 @@ pub enum FileDType {
     F32,
     F16,
     BF16,
+    /// Integer ids and timesteps in reference case files; never a weight.
+    I64,
 }
 
 impl FileDType {
@@ -30,6 +32,7 @@ impl FileDType {
         match self {
             FileDType::F32 => 4,
             FileDType::F16 | FileDType::BF16 => 2,
+            FileDType::I64 => 8,
         }
     }
 }
@@ -118,6 +121,21 @@ impl SafetensorsFile {
         Ok(&self.map[info.range.clone()])
     }
 
+    /// An I64 tensor's values (ids, integer timesteps).
+    pub fn to_i64(&self, key: &str) -> Result<Vec<i64>, LoadError> {
+        let info = self.entry(key)?;
+        if info.dtype != FileDType::I64 {
+            return Err(LoadError::UnsupportedDType {
+                path: self.path.clone(),
+                key: key.to_string(),
+                dtype: format!("{:?} where I64 was expected", info.dtype),
+            });
+        }
+        Ok(bytemuck::pod_collect_to_vec::<u8, i64>(
+            &self.map[info.range.clone()],
+        ))
+    }
+
     /// A tensor's values as f32 (any stored dtype).
     pub fn to_f32(&self, key: &str) -> Result<Vec<f32>, LoadError> {
         let info = self.entry(key)?;
@@ -127,6 +145,10 @@ impl SafetensorsFile {
             FileDType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(bytes)
                 .iter()
                 .map(|v| v.to_f32())
+                .collect(),
+            FileDType::I64 => bytemuck::pod_collect_to_vec::<u8, i64>(bytes)
+                .iter()
+                .map(|&v| v as f32)
                 .collect(),
             FileDType::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(bytes)
                 .iter()
@@ -246,6 +268,7 @@ fn parse_header_inner(file: &[u8]) -> Result<Header, HeaderError> {
             "F32" => FileDType::F32,
             "F16" => FileDType::F16,
             "BF16" => FileDType::BF16,
+            "I64" => FileDType::I64,
             other => {
                 return Err(HeaderError::DType {
                     key: name.clone(),
@@ -291,6 +314,7 @@ pub fn write(
             FileDType::F32 => "F32",
             FileDType::F16 => "F16",
             FileDType::BF16 => "BF16",
+            FileDType::I64 => "I64",
         };
         header.insert(
             name.to_string(),

@@ -1,0 +1,276 @@
+//! The CLIP text encoder (transformers `CLIPTextModel`): token and position
+//! embeddings, pre-LN transformer layers with causal self-attention and
+//! quick-GELU MLPs, a final LayerNorm. Keys start with `text_model.`.
+//! Widths, depth and heads come from `text_encoder/config.json`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::nn::{Embedding, LayerNorm, Linear};
+use crate::error::{EngineError, LoadError, Result};
+use crate::gpu::Gpu;
+use crate::ops::{self, attention::AttentionOptions, Activation};
+use crate::tensor::{fmt_shape, Tensor};
+use crate::weights::{config::read_config, Weights};
+
+fn default_eps() -> f32 {
+    1e-5
+}
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+
+fn default_eos() -> u32 {
+    2
+}
+
+/// `text_encoder/config.json` (transformers `CLIPTextConfig`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f32,
+    /// transformers' legacy rule: with eos_token_id 2 the pooled token is the
+    /// argmax of the ids; otherwise the first id equal to eos_token_id.
+    #[serde(default = "default_eos")]
+    pub eos_token_id: u32,
+}
+
+impl ClipTextConfig {
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let cfg: ClipTextConfig = read_config(path)?;
+        let bad = |message: String| LoadError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(bad(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        if cfg.activation().is_none() {
+            return Err(bad(format!(
+                "hidden_act `{}` is not supported (quick_gelu, gelu, gelu_new)",
+                cfg.hidden_act
+            )));
+        }
+        Ok(cfg)
+    }
+
+    fn activation(&self) -> Option<Activation> {
+        match self.hidden_act.as_str() {
+            "quick_gelu" => Some(Activation::QuickGelu),
+            "gelu" => Some(Activation::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
+            _ => None,
+        }
+    }
+}
+
+pub struct ClipAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    heads: usize,
+}
+
+pub struct ClipMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    act: Activation,
+}
+
+pub struct ClipEncoderLayer {
+    pub self_attn: ClipAttention,
+    pub layer_norm1: LayerNorm,
+    pub mlp: ClipMlp,
+    pub layer_norm2: LayerNorm,
+}
+
+impl ClipEncoderLayer {
+    fn new(gpu: &Gpu, w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let a = w.pp("self_attn");
+        let m = w.pp("mlp");
+        Ok(ClipEncoderLayer {
+            self_attn: ClipAttention {
+                q_proj: Linear::new(gpu, &a.pp("q_proj"), d, d, true)?,
+                k_proj: Linear::new(gpu, &a.pp("k_proj"), d, d, true)?,
+                v_proj: Linear::new(gpu, &a.pp("v_proj"), d, d, true)?,
+                out_proj: Linear::new(gpu, &a.pp("out_proj"), d, d, true)?,
+                heads: cfg.num_attention_heads,
+            },
+            layer_norm1: LayerNorm::new(gpu, &w.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
+            mlp: ClipMlp {
+                fc1: Linear::new(gpu, &m.pp("fc1"), d, cfg.intermediate_size, true)?,
+                fc2: Linear::new(gpu, &m.pp("fc2"), cfg.intermediate_size, d, true)?,
+                act: cfg
+                    .activation()
+                    .expect("checked when the config was loaded"),
+            },
+            layer_norm2: LayerNorm::new(gpu, &w.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
+        })
+    }
+
+    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        let h = self.layer_norm1.forward(gpu, x)?;
+        let a = &self.self_attn;
+        let q = a.q_proj.forward(gpu, &h)?;
+        let k = a.k_proj.forward(gpu, &h)?;
+        let v = a.v_proj.forward(gpu, &h)?;
+        // CLIP uses a causal mask only: padding positions are attended to.
+        let o = ops::attention::attention(
+            gpu,
+            &q,
+            &k,
+            &v,
+            a.heads,
+            &AttentionOptions {
+                causal: true,
+                ..Default::default()
+            },
+        )?;
+        let x = ops::add(gpu, x, &a.out_proj.forward(gpu, &o)?)?;
+        let h = self.layer_norm2.forward(gpu, &x)?;
+        let h = self.mlp.fc1.forward_act(gpu, &h, self.mlp.act)?;
+        ops::add(gpu, &x, &self.mlp.fc2.forward(gpu, &h)?)
+    }
+}
+
+/// The outputs a pipeline and the conformance runner need.
+pub struct ClipTextOutput {
+    /// [N, L, D] after the final LayerNorm.
+    pub last_hidden_state: Tensor,
+    /// [N, D]: the final state at each prompt's EOS token.
+    pub pooler_output: Tensor,
+    /// [N, L, D]: final_layer_norm(hidden_states[-2]), "clip skip 1".
+    pub clip_skip1_hidden_state: Tensor,
+}
+
+pub struct ClipTextModel {
+    pub config: ClipTextConfig,
+    pub token_embedding: Embedding,
+    pub position_embedding: Embedding,
+    pub layers: Vec<ClipEncoderLayer>,
+    pub final_layer_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    /// Loads from weights rooted at the checkpoint's top level. Keys are
+    /// `text_model.*` in hub checkpoints (transformers 4) and unprefixed in
+    /// files transformers 5 writes; both load. A `position_ids` buffer, if
+    /// present, is ignored.
+    pub fn new(gpu: &Gpu, w: &Weights, config: ClipTextConfig) -> Result<Self> {
+        let prefixed = w.pp("text_model");
+        let tm = if prefixed.contains("embeddings.token_embedding.weight")
+            || !w.contains("embeddings.token_embedding.weight")
+        {
+            prefixed
+        } else {
+            w.clone()
+        };
+        let emb = tm.pp("embeddings");
+        let d = config.hidden_size;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(gpu, &tm.pp("encoder").pp("layers").pp(i), &config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClipTextModel {
+            token_embedding: Embedding::new(gpu, &emb.pp("token_embedding"), config.vocab_size, d)?,
+            position_embedding: Embedding::new(
+                gpu,
+                &emb.pp("position_embedding"),
+                config.max_position_embeddings,
+                d,
+            )?,
+            layers,
+            final_layer_norm: LayerNorm::new(
+                gpu,
+                &tm.pp("final_layer_norm"),
+                d,
+                config.layer_norm_eps,
+            )?,
+            config,
+        })
+    }
+
+    /// Encodes `ids` ([N][L] token ids, L ≤ max_position_embeddings).
+    pub fn forward(&self, gpu: &Gpu, ids: &[Vec<u32>]) -> Result<ClipTextOutput> {
+        let n = ids.len();
+        let len = ids.first().map(Vec::len).unwrap_or(0);
+        if n == 0
+            || len == 0
+            || len > self.config.max_position_embeddings
+            || ids.iter().any(|r| r.len() != len)
+        {
+            return Err(EngineError::Shape {
+                op: "clip_text_model",
+                expected: format!(
+                    "N ≥ 1 rows of the same length ≤ {}",
+                    self.config.max_position_embeddings
+                ),
+                found: fmt_shape(&ids.iter().map(Vec::len).collect::<Vec<_>>()),
+            });
+        }
+        let d = self.config.hidden_size;
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let tokens = self
+            .token_embedding
+            .forward(gpu, &flat)?
+            .reshape(&[n, len, d])?;
+        let positions: Vec<u32> = (0..len as u32).collect();
+        let pos = self.position_embedding.forward(gpu, &positions)?;
+        let mut x = ops::add(gpu, &tokens, &pos)?;
+        let mut penultimate = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i + 1 == self.layers.len() {
+                penultimate = Some(x.clone());
+            }
+            x = layer.forward(gpu, &x)?;
+        }
+        let last = self.final_layer_norm.forward(gpu, &x)?;
+        let skip = match penultimate {
+            Some(p) => self.final_layer_norm.forward(gpu, &p)?,
+            None => last.clone(),
+        };
+        // Pooled: the row of each prompt's EOS token, gathered from the flat [N·L, D] states.
+        let rows: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(b, r)| (b * len + self.pooled_index(r)) as u32)
+            .collect();
+        let pooled = ops::embedding::embedding(gpu, &last.reshape(&[n * len, d])?, &rows)?;
+        Ok(ClipTextOutput {
+            last_hidden_state: last,
+            pooler_output: pooled,
+            clip_skip1_hidden_state: skip,
+        })
+    }
+
+    fn pooled_index(&self, ids: &[u32]) -> usize {
+        let argmax = || {
+            ids.iter()
+                .enumerate()
+                .max_by_key(|&(i, &v)| (v, std::cmp::Reverse(i)))
+                .map(|(i, _)| i)
+                .unwrap_or(0)
+        };
+        if self.config.eos_token_id == 2 {
+            argmax()
+        } else {
+            ids.iter()
+                .position(|&v| v == self.config.eos_token_id)
+                .unwrap_or_else(argmax)
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! `motif conformance` on the committed reference case sets (written by
+//! tools/fixtures/make_cases.py from transformers), in f32 and f16, and the
+//! runner's failure modes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn conformance(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .arg("conformance")
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env_remove("MOTIF_PRECISION")
+        .output()
+        .expect("motif runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn summary(stdout: &str) -> (usize, usize) {
+    let line = stdout.lines().last().unwrap_or_default();
+    let nums: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    assert!(
+        line.ends_with("failed") && nums.len() == 2,
+        "no summary line in:\n{stdout}"
+    );
+    (nums[0], nums[1])
+}
+
+#[test]
+fn tokenizer_and_text_encoder_match_transformers_in_f32_and_f16() {
+    for set in ["cases-a", "cases-b"] {
+        let dir = fixtures().join(set);
+        for precision in ["f32", "f16"] {
+            let (code, stdout, stderr) = conformance(&[
+                dir.to_str().unwrap(),
+                "--component",
+                "tokenizer,text_encoder",
+                "--precision",
+                precision,
+            ]);
+            assert_eq!(code, 0, "{set} {precision}:\n{stdout}\n{stderr}");
+            let (passed, failed) = summary(&stdout);
+            assert_eq!((passed, failed), (4, 0), "{set} {precision}:\n{stdout}");
+            // One line per output: case, output, error, tolerance, verdict.
+            assert!(
+                stdout.lines().filter(|l| l.ends_with(" ok")).count() == 4,
+                "{stdout}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_wrong_expected_value_fails_the_run() {
+    // Copy a case set and perturb one expected value by 1e-3 (50x its tolerance).
+    let src = fixtures().join("cases-a");
+    let dst = std::env::temp_dir().join(format!("motif-conf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_dir(&src, &dst);
+    let path = dst.join("cases.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let begin = header["cases-a_text_encoder.pooler_output"]["data_offsets"][0]
+        .as_u64()
+        .unwrap() as usize
+        + 8
+        + header_len;
+    let v = f32::from_le_bytes(bytes[begin..begin + 4].try_into().unwrap()) + 1e-3;
+    bytes[begin..begin + 4].copy_from_slice(&v.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let (code, stdout, _) = conformance(&[dst.to_str().unwrap(), "--precision", "f32"]);
+    assert_ne!(code, 0);
+    assert_eq!(summary(&stdout), (3, 1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("pooler_output") && l.ends_with("FAIL")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn unknown_or_unimplemented_components_fail() {
+    let dir = fixtures().join("cases-a");
+    let (code, _, stderr) = conformance(&[dir.to_str().unwrap(), "--component", "nonsense"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("unknown component `nonsense`"), "{stderr}");
+    // Selecting a component with no cases runs nothing: that is not a pass.
+    let (code, stdout, _) = conformance(&[dir.to_str().unwrap(), "--component", "unet"]);
+    assert_ne!(code, 0);
+    assert_eq!(summary(&stdout), (0, 0));
+    let (code, _, stderr) = conformance(&[fixtures().join("nowhere").to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("cases.json"), "{stderr}");
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), to).unwrap();
+        }
+    }
+}
