@@ -18,7 +18,7 @@ struct Params {
     scale: f32,
     rank: u32,      // binary: rank of the output shape (<= 8); geglu: D
     base: u32,
-    _pad: u32,
+    hi: f32,        // clamp: upper bound (`scale` is the lower one)
     shape: array<vec4<u32>, 2>,      // output shape, dims 0..rank
     b_strides: array<vec4<u32>, 2>,  // b's element stride per output dim, 0 = broadcast
 }
@@ -103,6 +103,15 @@ fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     var r: f32;
     if (BINOP == 1u) { r = x * y; } else { r = x + y; }
     out[p.out_off + i] = st(activate(r * p.scale));
+}
+
+// out = clamp(a, scale, hi)
+@compute @workgroup_size(WG)
+fn clamp_range(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if (i >= p.n) { return; }
+    out[p.out_off + i] = st(clamp(f32(a[p.a_off + i]), p.scale, p.hi));
 }
 
 // out = value * gelu_erf(gate), where [value, gate] are the two halves of a's

@@ -15,6 +15,7 @@ struct Params {
     rank: u32,
     // permute: out shape (innermost last) and the input stride of each out dim.
     // copy_into: a = [cs, inner, ct, c0] (src channels, inner size, dst channels, channel offset).
+    // copy_from: a = [cs, inner, ct, c0] (src channels, inner size, dst channels, first src channel).
     // upsample: a = [in_h, in_w, out_h, out_w].
     a: array<vec4<u32>, 2>,
     b: array<vec4<u32>, 2>,
@@ -61,6 +62,22 @@ fn copy_into(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     let o = i / row;
     let r = i - o * row;
     dst[p.dst_off + o * ct * inner + c0 * inner + r] = src[p.src_off + i];
+}
+
+// dst [outer, ct, inner] = channels c0..c0+ct of src [outer, cs, inner] (narrow).
+@compute @workgroup_size(WG)
+fn copy_from(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if (i >= p.n) { return; }
+    let cs = p.a[0].x;
+    let inner = p.a[0].y;
+    let ct = p.a[0].z;
+    let c0 = p.a[0].w;
+    let row = ct * inner;
+    let o = i / row;
+    let r = i - o * row;
+    dst[p.dst_off + i] = src[p.src_off + o * cs * inner + c0 * inner + r];
 }
 
 // Nearest upsampling of [planes, in_h, in_w] to [planes, out_h, out_w] with

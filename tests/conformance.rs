@@ -38,23 +38,24 @@ fn summary(stdout: &str) -> (usize, usize) {
 }
 
 #[test]
-fn tokenizer_and_text_encoder_match_transformers_in_f32_and_f16() {
+fn tokenizer_text_encoder_and_vae_match_the_reference_in_f32_and_f16() {
     for set in ["cases-a", "cases-b"] {
         let dir = fixtures().join(set);
         for precision in ["f32", "f16"] {
             let (code, stdout, stderr) = conformance(&[
                 dir.to_str().unwrap(),
                 "--component",
-                "tokenizer,text_encoder",
+                "tokenizer,text_encoder,vae",
                 "--precision",
                 precision,
             ]);
             assert_eq!(code, 0, "{set} {precision}:\n{stdout}\n{stderr}");
             let (passed, failed) = summary(&stdout);
-            assert_eq!((passed, failed), (4, 0), "{set} {precision}:\n{stdout}");
+            // tokenizer ids, 3 text encoder outputs, VAE decode sample, encode mean and logvar
+            assert_eq!((passed, failed), (7, 0), "{set} {precision}:\n{stdout}");
             // One line per output: case, output, error, tolerance, verdict.
             assert!(
-                stdout.lines().filter(|l| l.ends_with(" ok")).count() == 4,
+                stdout.lines().filter(|l| l.ends_with(" ok")).count() == 7,
                 "{stdout}"
             );
         }
@@ -82,7 +83,7 @@ fn a_wrong_expected_value_fails_the_run() {
     std::fs::write(&path, bytes).unwrap();
     let (code, stdout, _) = conformance(&[dst.to_str().unwrap(), "--precision", "f32"]);
     assert_ne!(code, 0);
-    assert_eq!(summary(&stdout), (3, 1), "{stdout}");
+    assert_eq!(summary(&stdout), (6, 1), "{stdout}");
     assert!(
         stdout
             .lines()

@@ -10,13 +10,15 @@ use std::sync::Arc;
 use crate::error::{EngineError, LoadError, Result};
 use crate::gpu::{DType, Gpu};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::tensor::Tensor;
 use crate::text::ClipTokenizer;
 use crate::weights::{config::read_json, SafetensorsFile, WeightSet, Weights};
 
 /// Components this runner knows; the others of the format come with later work.
-pub const COMPONENTS: [&str; 2] = ["tokenizer", "text_encoder"];
-/// Components of the format not implemented yet: selecting them is a failure.
-pub const PENDING_COMPONENTS: [&str; 4] = ["unet", "vae", "scheduler", "pipeline"];
+pub const COMPONENTS: [&str; 3] = ["tokenizer", "text_encoder", "vae"];
+/// Components of the format not implemented yet: their cases fail.
+pub const PENDING_COMPONENTS: [&str; 3] = ["unet", "scheduler", "pipeline"];
 
 #[derive(Debug, Clone)]
 pub struct ConformanceOptions {
@@ -172,6 +174,29 @@ pub fn run(
 struct Models {
     tokenizer: Option<ClipTokenizer>,
     text_encoder: Option<ClipTextModel>,
+    vae: Option<AutoencoderKL>,
+}
+
+/// An F32 input tensor of the case, uploaded in the run's precision.
+fn upload_input(gpu: &Gpu, set: &CaseSet, case: &serde_json::Value, name: &str) -> Result<Tensor> {
+    let key = input_tensor(case, name)?;
+    let info = set
+        .tensors
+        .info(key)
+        .ok_or_else(|| LoadError::MissingTensor {
+            path: set.dir.join("cases.safetensors"),
+            key: key.into(),
+        })?;
+    let shape = info.shape.clone();
+    Tensor::from_f32(gpu, &set.tensors.to_f32(key)?, &shape, gpu.precision())
+}
+
+fn has_input(case: &serde_json::Value, name: &str) -> bool {
+    case.get("inputs").and_then(|i| i.get(name)).is_some()
+}
+
+fn values(gpu: &Gpu, t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_f32(gpu)?.iter().map(|&v| v as f64).collect())
 }
 
 fn expected_list(case: &serde_json::Value, key: &str) -> Vec<Expected> {
@@ -306,6 +331,38 @@ fn run_case(
                 ),
             ]);
             (names, map)
+        }
+        "vae" => {
+            if models.vae.is_none() {
+                let dir = crate::weights::folder::component_dir(&set.pipeline_dir, "vae")?;
+                let config = VaeConfig::load(&dir.join("config.json"))?;
+                let weights = Weights::new(Arc::new(WeightSet::open_dir(&dir)?), gpu.precision());
+                models.vae = Some(AutoencoderKL::new(gpu, &weights, config)?);
+            }
+            let vae = models.vae.as_ref().expect("just loaded");
+            if has_input(case, "latents") {
+                let latents = upload_input(gpu, set, case, "latents")?;
+                let sample = vae.decode_scaled(gpu, &latents)?;
+                (
+                    vec!["sample"],
+                    HashMap::from([("sample", values(gpu, &sample)?)]),
+                )
+            } else if has_input(case, "image") {
+                let image = upload_input(gpu, set, case, "image")?;
+                let post = vae.encode(gpu, &image)?;
+                (
+                    vec!["mean", "logvar"],
+                    HashMap::from([
+                        ("mean", values(gpu, &post.mean)?),
+                        ("logvar", values(gpu, &post.logvar)?),
+                    ]),
+                )
+            } else {
+                return Err(EngineError::Argument {
+                    op: "conformance",
+                    message: "a vae case needs input `latents` or `image`".into(),
+                });
+            }
         }
         other if PENDING_COMPONENTS.contains(&other) => {
             return Err(EngineError::Argument {

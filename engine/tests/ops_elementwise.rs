@@ -192,3 +192,19 @@ fn erf_reference_is_exact() {
         assert!((elementwise::erf_reference(-x) + want).abs() < 1e-13);
     }
 }
+
+#[test]
+fn clamp_bounds_every_value() {
+    for (gpu, n) in [(gpu(), 129usize), (small_binding_gpu(), 3000)] {
+        for dtype in dtypes() {
+            let x: Vec<f32> = random(n, 17).iter().map(|v| v * 50.0).collect();
+            let (t, xs) = upload(gpu, &x, &[n], dtype);
+            let got = elementwise::clamp(gpu, &t, -30.0, 20.0)
+                .unwrap()
+                .to_f32(gpu)
+                .unwrap();
+            let want: Vec<f32> = xs.iter().map(|v| v.clamp(-30.0, 20.0)).collect();
+            assert_close(&format!("clamp n={n}"), &got, &want, dtype, 1);
+        }
+    }
+}

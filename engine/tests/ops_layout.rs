@@ -222,3 +222,38 @@ fn timestep_embedding_matches_diffusers_formula() {
         vec![1.0, 1.0, 0.0, 0.0]
     );
 }
+
+#[test]
+fn narrow_copies_a_slice_of_one_dim() {
+    for (gpu, outer) in [(gpu(), 3usize), (small_binding_gpu(), 9)] {
+        for dtype in dtypes() {
+            let (c, inner) = (8, 33);
+            let (x, xs) = upload(
+                gpu,
+                &random(outer * c * inner, 8),
+                &[outer, c, inner],
+                dtype,
+            );
+            for (start, len) in [(0, 4), (4, 4), (3, 1), (0, 8)] {
+                let y = layout::narrow(gpu, &x, 1, start, len).unwrap();
+                assert_eq!(y.shape(), &[outer, len, inner]);
+                let want: Vec<f32> = (0..outer)
+                    .flat_map(|o| {
+                        xs[(o * c + start) * inner..(o * c + start + len) * inner].to_vec()
+                    })
+                    .collect();
+                assert_exact(
+                    &format!("narrow {start}+{len}"),
+                    &y.to_f32(gpu).unwrap(),
+                    &want,
+                );
+            }
+        }
+    }
+    let x = Tensor::zeros(gpu(), &[2, 4], DType::F32).unwrap();
+    let e = layout::narrow(gpu(), &x, 1, 3, 2).unwrap_err().to_string();
+    assert!(
+        e.contains("narrow") && e.contains("3..5") && e.contains("[2, 4]"),
+        "{e}"
+    );
+}

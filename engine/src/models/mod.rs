@@ -3,3 +3,5 @@
 
 pub mod clip;
 pub mod nn;
+pub mod resnet;
+pub mod vae;

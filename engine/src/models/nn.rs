@@ -77,3 +77,68 @@ impl Embedding {
         ops::embedding::embedding(gpu, &self.weight, ids)
     }
 }
+
+/// `nn.Conv2d(in, out, k, stride, padding)` with bias: weight [out, in, k, k].
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub opts: ops::conv2d::Conv2dOptions,
+}
+
+impl Conv2d {
+    pub fn new(
+        gpu: &Gpu,
+        w: &Weights,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Conv2d {
+            weight: w.tensor(gpu, "weight", &[cout, cin, kernel, kernel])?,
+            bias: w.optional(gpu, "bias", &[cout])?,
+            opts: ops::conv2d::Conv2dOptions {
+                stride,
+                padding: [padding; 4],
+                activation: Activation::None,
+            },
+        })
+    }
+
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        ops::conv2d::conv2d(gpu, x, &self.weight, self.bias.as_ref(), &self.opts)
+    }
+}
+
+/// `nn.GroupNorm(groups, channels, eps)` with affine weight and bias.
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f32,
+}
+
+impl GroupNorm {
+    pub fn new(gpu: &Gpu, w: &Weights, groups: usize, channels: usize, eps: f32) -> Result<Self> {
+        Ok(GroupNorm {
+            weight: w.tensor(gpu, "weight", &[channels])?,
+            bias: w.tensor(gpu, "bias", &[channels])?,
+            groups,
+            eps,
+        })
+    }
+
+    /// Normalises x [N, C, ...], with SiLU fused when `silu`.
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, silu: bool) -> Result<Tensor> {
+        ops::norm::group_norm(
+            gpu,
+            x,
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            silu,
+        )
+    }
+}

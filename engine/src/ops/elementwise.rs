@@ -90,7 +90,7 @@ struct Params {
     scale: f32,
     rank: u32,
     base: u32,
-    _pad: u32,
+    hi: f32,
     shape: [u32; MAX_RANK],
     b_strides: [u32; MAX_RANK],
 }
@@ -105,7 +105,7 @@ impl Params {
             scale,
             rank: 0,
             base: 0,
-            _pad: 0,
+            hi: 0.0,
             shape: [1; MAX_RANK],
             b_strides: [0; MAX_RANK],
         }
@@ -138,6 +138,30 @@ pub fn unary(gpu: &Gpu, x: &Tensor, factor: f32, act: Activation) -> Result<Tens
             a_off,
             out_off,
             ..Params::new(n, factor)
+        };
+        gpu.dispatch(
+            &k,
+            params_bytes(&p),
+            &[(1, ab), (3, ob)],
+            grid_1d((n as u64).div_ceil(WG)),
+        )?;
+    }
+    Ok(out)
+}
+
+/// `clamp(x, lo, hi)`, elementwise (e.g. a VAE posterior's logvar to [-30, 20]).
+pub fn clamp(gpu: &Gpu, x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
+    let out = Tensor::empty(gpu, x.shape(), x.dtype())?;
+    let k = kernel("clamp_range", x, Activation::None, 0.0);
+    let max = Tensor::max_window_elems(gpu, x.dtype());
+    for (start, n) in windows("clamp", x.numel(), 1, max, gpu.max_binding_bytes())? {
+        let (ab, a_off) = x.window(gpu, start, n);
+        let (ob, out_off) = out.window(gpu, start, n);
+        let p = Params {
+            a_off,
+            out_off,
+            hi,
+            ..Params::new(n, lo)
         };
         gpu.dispatch(
             &k,

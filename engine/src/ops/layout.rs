@@ -201,6 +201,51 @@ pub fn concat(gpu: &Gpu, tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
     Ok(out)
 }
 
+/// `x.narrow(dim, start, len)`, materialised: the slice `start..start+len`
+/// of dim `dim` (e.g. the mean half of a VAE posterior's channels).
+pub fn narrow(gpu: &Gpu, x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+    if dim >= x.rank() || start + len > x.shape()[dim] || len == 0 {
+        return Err(EngineError::Argument {
+            op: "narrow",
+            message: format!(
+                "slice {start}..{} of dim {dim} is out of range for {}",
+                start + len,
+                fmt_shape(x.shape())
+            ),
+        });
+    }
+    let cs = x.shape()[dim];
+    let outer: usize = x.shape()[..dim].iter().product();
+    let inner: usize = x.shape()[dim + 1..].iter().product();
+    let mut out_shape = x.shape().to_vec();
+    out_shape[dim] = len;
+    let out = Tensor::empty(gpu, &out_shape, x.dtype())?;
+    let k = kernel("copy_from", x);
+    let max = Tensor::max_window_elems(gpu, x.dtype());
+    // Windows of whole outer rows of the input.
+    for (start_in, n_in) in windows(
+        "narrow",
+        outer * cs * inner,
+        cs * inner,
+        max,
+        gpu.max_binding_bytes(),
+    )? {
+        let (o0, rows) = (start_in / (cs * inner), n_in / (cs * inner));
+        let count = rows * len * inner;
+        let (sb, src_off) = x.window(gpu, start_in, n_in);
+        let (db, dst_off) = out.window(gpu, o0 * len * inner, count);
+        let mut p = params(count, src_off, dst_off);
+        p.a[..4].copy_from_slice(&[cs as u32, inner as u32, len as u32, start as u32]);
+        gpu.dispatch(
+            &k,
+            params_bytes(&p),
+            &[(1, sb), (2, db)],
+            grid_1d((count as u64).div_ceil(WG)),
+        )?;
+    }
+    Ok(out)
+}
+
 /// Nearest upsampling of x [N, C, H, W] to [N, C, out_h, out_w] with
 /// src = floor(dst · in / out): diffusers' `interpolate(..., size=skip.shape)`
 /// when a latent size is not a multiple of the UNet's downsampling.
