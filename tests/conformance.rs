@@ -38,24 +38,25 @@ fn summary(stdout: &str) -> (usize, usize) {
 }
 
 #[test]
-fn tokenizer_text_encoder_and_vae_match_the_reference_in_f32_and_f16() {
+fn tokenizer_text_encoder_unet_and_vae_match_the_reference_in_f32_and_f16() {
     for set in ["cases-a", "cases-b"] {
         let dir = fixtures().join(set);
         for precision in ["f32", "f16"] {
             let (code, stdout, stderr) = conformance(&[
                 dir.to_str().unwrap(),
                 "--component",
-                "tokenizer,text_encoder,vae",
+                "tokenizer,text_encoder,unet,vae",
                 "--precision",
                 precision,
             ]);
             assert_eq!(code, 0, "{set} {precision}:\n{stdout}\n{stderr}");
             let (passed, failed) = summary(&stdout);
-            // tokenizer ids, 3 text encoder outputs, VAE decode sample, encode mean and logvar
-            assert_eq!((passed, failed), (7, 0), "{set} {precision}:\n{stdout}");
+            // tokenizer ids, 3 text encoder outputs, UNet noise prediction,
+            // VAE decode sample, encode mean and logvar
+            assert_eq!((passed, failed), (8, 0), "{set} {precision}:\n{stdout}");
             // One line per output: case, output, error, tolerance, verdict.
             assert!(
-                stdout.lines().filter(|l| l.ends_with(" ok")).count() == 7,
+                stdout.lines().filter(|l| l.ends_with(" ok")).count() == 8,
                 "{stdout}"
             );
         }
@@ -83,7 +84,7 @@ fn a_wrong_expected_value_fails_the_run() {
     std::fs::write(&path, bytes).unwrap();
     let (code, stdout, _) = conformance(&[dst.to_str().unwrap(), "--precision", "f32"]);
     assert_ne!(code, 0);
-    assert_eq!(summary(&stdout), (6, 1), "{stdout}");
+    assert_eq!(summary(&stdout), (7, 1), "{stdout}");
     assert!(
         stdout
             .lines()
@@ -99,7 +100,7 @@ fn unknown_or_unimplemented_components_fail() {
     assert_ne!(code, 0);
     assert!(stderr.contains("unknown component `nonsense`"), "{stderr}");
     // Selecting a component with no cases runs nothing: that is not a pass.
-    let (code, stdout, _) = conformance(&[dir.to_str().unwrap(), "--component", "unet"]);
+    let (code, stdout, _) = conformance(&[dir.to_str().unwrap(), "--component", "scheduler"]);
     assert_ne!(code, 0);
     assert_eq!(summary(&stdout), (0, 0));
     let (code, _, stderr) = conformance(&[fixtures().join("nowhere").to_str().unwrap()]);

@@ -10,15 +10,16 @@ use std::sync::Arc;
 use crate::error::{EngineError, LoadError, Result};
 use crate::gpu::{DType, Gpu};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::unet_motion::UNetMotionModel;
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::tensor::Tensor;
 use crate::text::ClipTokenizer;
 use crate::weights::{config::read_json, SafetensorsFile, WeightSet, Weights};
 
 /// Components this runner knows; the others of the format come with later work.
-pub const COMPONENTS: [&str; 3] = ["tokenizer", "text_encoder", "vae"];
+pub const COMPONENTS: [&str; 4] = ["tokenizer", "text_encoder", "unet", "vae"];
 /// Components of the format not implemented yet: their cases fail.
-pub const PENDING_COMPONENTS: [&str; 3] = ["unet", "scheduler", "pipeline"];
+pub const PENDING_COMPONENTS: [&str; 2] = ["scheduler", "pipeline"];
 
 #[derive(Debug, Clone)]
 pub struct ConformanceOptions {
@@ -175,6 +176,7 @@ struct Models {
     tokenizer: Option<ClipTokenizer>,
     text_encoder: Option<ClipTextModel>,
     vae: Option<AutoencoderKL>,
+    unet: Option<UNetMotionModel>,
 }
 
 /// An F32 input tensor of the case, uploaded in the run's precision.
@@ -363,6 +365,25 @@ fn run_case(
                     message: "a vae case needs input `latents` or `image`".into(),
                 });
             }
+        }
+        "unet" => {
+            if models.unet.is_none() {
+                let unet_dir = crate::weights::folder::component_dir(&set.pipeline_dir, "unet")?;
+                let adapter = set.pipeline_dir.join("motion_adapter");
+                let adapter = adapter.is_dir().then_some(adapter);
+                models.unet = Some(UNetMotionModel::load(gpu, &unet_dir, adapter.as_deref())?);
+            }
+            let unet = models.unet.as_ref().expect("just loaded");
+            let sample = upload_input(gpu, set, case, "sample")?;
+            let ehs = upload_input(gpu, set, case, "encoder_hidden_states")?;
+            // Timesteps arrive as I64 (DDIM, DPM, LCM) or fractional F32 (Euler).
+            let key = input_tensor(case, "timestep")?;
+            let timestep = set.tensors.to_f32(key)?;
+            let out = unet.forward(gpu, &sample, &timestep, &ehs)?;
+            (
+                vec!["noise_pred"],
+                HashMap::from([("noise_pred", values(gpu, &out)?)]),
+            )
         }
         other if PENDING_COMPONENTS.contains(&other) => {
             return Err(EngineError::Argument {

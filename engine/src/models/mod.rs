@@ -1,7 +1,9 @@
 //! Models built on the operator library. Struct and field names mirror the
 //! diffusers/transformers module trees, so checkpoint keys map one to one.
 
+pub mod attention;
 pub mod clip;
 pub mod nn;
 pub mod resnet;
+pub mod unet_motion;
 pub mod vae;

@@ -37,6 +37,66 @@ pub fn refuse_pickle(path: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// The weight files of a component folder: `*.safetensors` files, or the
+/// shards named by a `*.safetensors.index.json`. diffusers folders may hold
+/// both `x.safetensors` and an `x.fp16.safetensors` variant: the
+/// full-precision file is taken. Pickle-only folders are refused.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let io = |source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    let name = |p: &PathBuf| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    if let Some(index) = entries
+        .iter()
+        .find(|p| name(p).ends_with(".safetensors.index.json"))
+    {
+        let json = config::read_json(index)?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| LoadError::Config {
+                path: index.clone(),
+                message: "no `weight_map` object".into(),
+            })?;
+        let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        return Ok(shards.iter().map(|s| dir.join(s)).collect());
+    }
+    let safetensors: Vec<PathBuf> = entries
+        .iter()
+        .filter(|p| name(p).ends_with(".safetensors"))
+        .cloned()
+        .collect();
+    let plain: Vec<PathBuf> = safetensors
+        .iter()
+        .filter(|p| !name(p).contains(".fp16."))
+        .cloned()
+        .collect();
+    let chosen = if plain.is_empty() { safetensors } else { plain };
+    if chosen.is_empty() {
+        if let Some(pickle) = entries.iter().find(|p| refuse_pickle(p).is_err()) {
+            return Err(LoadError::Pickle {
+                path: pickle.clone(),
+            });
+        }
+        return Err(LoadError::Layout {
+            path: dir.to_path_buf(),
+            message: "no .safetensors weights in this folder".into(),
+        });
+    }
+    Ok(chosen)
+}
+
 /// Several safetensors files seen as one key space (a sharded checkpoint, or
 /// a model plus a separately downloaded VAE).
 pub struct WeightSet {
@@ -73,79 +133,9 @@ impl WeightSet {
         })
     }
 
-    /// Opens a component folder: `*.safetensors` files, or the shards named by
-    /// a `*.safetensors.index.json`. Pickle-only folders are refused.
+    /// Opens a component folder (see [`safetensors_files`]).
     pub fn open_dir(dir: &Path) -> Result<Self, LoadError> {
-        let io = |source| LoadError::Io {
-            path: dir.to_path_buf(),
-            source,
-        };
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        let name = |p: &PathBuf| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("")
-                .to_string()
-        };
-        if let Some(index) = entries
-            .iter()
-            .find(|p| name(p).ends_with(".safetensors.index.json"))
-        {
-            let text = std::fs::read_to_string(index).map_err(|source| LoadError::Io {
-                path: index.clone(),
-                source,
-            })?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| LoadError::Config {
-                    path: index.clone(),
-                    message: format!("not valid JSON: {e}"),
-                })?;
-            let map = json
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| LoadError::Config {
-                    path: index.clone(),
-                    message: "no `weight_map` object".into(),
-                })?;
-            let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-            let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
-            return Self::open(&paths);
-        }
-        let safetensors: Vec<PathBuf> = entries
-            .iter()
-            .filter(|p| name(p).ends_with(".safetensors"))
-            .cloned()
-            .collect();
-        // diffusers folders may hold both `model.safetensors` and a
-        // `model.fp16.safetensors` variant: prefer the full-precision file.
-        let chosen: Vec<PathBuf> = {
-            let plain: Vec<PathBuf> = safetensors
-                .iter()
-                .filter(|p| !name(p).contains(".fp16."))
-                .cloned()
-                .collect();
-            if plain.is_empty() {
-                safetensors.clone()
-            } else {
-                plain
-            }
-        };
-        if chosen.is_empty() {
-            if let Some(pickle) = entries.iter().find(|p| refuse_pickle(p).is_err()) {
-                return Err(LoadError::Pickle {
-                    path: pickle.clone(),
-                });
-            }
-            return Err(LoadError::Layout {
-                path: dir.to_path_buf(),
-                message: "no .safetensors weights in this folder".into(),
-            });
-        }
-        Self::open(&chosen)
+        Self::open(&safetensors_files(dir)?)
     }
 
     pub fn contains(&self, key: &str) -> bool {

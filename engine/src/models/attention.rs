@@ -1,0 +1,337 @@
+//! diffusers' transformer pieces: `Attention` (to_q/k/v, to_out.0),
+//! `FeedForward` (GEGLU), `BasicTransformerBlock`, `Transformer2DModel` (the
+//! UNet's spatial transformer) and `AnimateDiffTransformer3D` (the motion
+//! module, attention over frames).
+
+use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::ops::{self, attention::AttentionOptions, layout};
+use crate::tensor::Tensor;
+use crate::weights::Weights;
+
+/// `Attention(query_dim, heads, dim_head, cross_attention_dim, bias)`.
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    pub heads: usize,
+}
+
+impl Attention {
+    pub fn new(
+        gpu: &Gpu,
+        w: &Weights,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Attention {
+            to_q: Linear::new(gpu, &w.pp("to_q"), query_dim, inner, bias)?,
+            to_k: Linear::new(gpu, &w.pp("to_k"), context_dim, inner, bias)?,
+            to_v: Linear::new(gpu, &w.pp("to_v"), context_dim, inner, bias)?,
+            to_out: Linear::new(gpu, &w.pp("to_out").pp(0), inner, query_dim, true)?,
+            heads,
+        })
+    }
+
+    /// x [N, L, query_dim]; `context` [N, Lk, context_dim] or self-attention.
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let q = self.to_q.forward(gpu, x)?;
+        let k = self.to_k.forward(gpu, ctx)?;
+        let v = self.to_v.forward(gpu, ctx)?;
+        let o =
+            ops::attention::attention(gpu, &q, &k, &v, self.heads, &AttentionOptions::default())?;
+        self.to_out.forward(gpu, &o)
+    }
+}
+
+/// `FeedForward(dim, activation_fn="geglu")`: net.0.proj to 2·inner, GEGLU, net.2 back.
+pub struct FeedForward {
+    pub proj_in: Linear,
+    pub proj_out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(gpu: &Gpu, w: &Weights, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(FeedForward {
+            proj_in: Linear::new(gpu, &w.pp("net").pp(0).pp("proj"), dim, 2 * inner, true)?,
+            proj_out: Linear::new(gpu, &w.pp("net").pp(2), inner, dim, true)?,
+        })
+    }
+
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        let h = ops::geglu(gpu, &self.proj_in.forward(gpu, x)?)?;
+        self.proj_out.forward(gpu, &h)
+    }
+}
+
+/// `BasicTransformerBlock` (layer_norm type): self-attention, a second
+/// attention (cross-attention, or self-attention in motion modules), GEGLU
+/// feed-forward; each pre-LayerNorm with a residual. Motion modules add a
+/// sinusoidal position table after norm1 and norm2.
+pub struct BasicTransformerBlock {
+    pub norm1: LayerNorm,
+    pub attn1: Attention,
+    pub norm2: LayerNorm,
+    pub attn2: Attention,
+    pub norm3: LayerNorm,
+    pub ff: FeedForward,
+    /// `pos_embed.pe` as [max_seq_length, dim].
+    pub pos_embed: Option<Tensor>,
+    /// attn2 attends to the block's own input (motion modules).
+    pub double_self_attention: bool,
+}
+
+/// How a transformer block is built.
+pub struct BlockConfig {
+    pub dim: usize,
+    pub heads: usize,
+    /// `None`: the second attention is self-attention.
+    pub cross_attention_dim: Option<usize>,
+    pub attention_bias: bool,
+    /// Frames the position table covers (motion modules only).
+    pub positional_embeddings: Option<usize>,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(gpu: &Gpu, w: &Weights, c: &BlockConfig) -> Result<Self> {
+        let head_dim = c.dim / c.heads;
+        let context = c.cross_attention_dim.unwrap_or(c.dim);
+        let pos_embed = match c.positional_embeddings {
+            Some(max_len) => Some(sinusoidal_table(gpu, &w.pp("pos_embed"), max_len, c.dim)?),
+            None => None,
+        };
+        Ok(BasicTransformerBlock {
+            norm1: LayerNorm::new(gpu, &w.pp("norm1"), c.dim, 1e-5)?,
+            attn1: Attention::new(
+                gpu,
+                &w.pp("attn1"),
+                c.dim,
+                c.dim,
+                c.heads,
+                head_dim,
+                c.attention_bias,
+            )?,
+            norm2: LayerNorm::new(gpu, &w.pp("norm2"), c.dim, 1e-5)?,
+            attn2: Attention::new(
+                gpu,
+                &w.pp("attn2"),
+                c.dim,
+                context,
+                c.heads,
+                head_dim,
+                c.attention_bias,
+            )?,
+            norm3: LayerNorm::new(gpu, &w.pp("norm3"), c.dim, 1e-5)?,
+            ff: FeedForward::new(gpu, &w.pp("ff"), c.dim)?,
+            pos_embed,
+            double_self_attention: c.cross_attention_dim.is_none(),
+        })
+    }
+
+    fn with_positions(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        match &self.pos_embed {
+            Some(pe) => {
+                let len = x.shape()[1];
+                ops::add(gpu, x, &layout::narrow(gpu, pe, 0, 0, len)?)
+            }
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// x [N, L, dim]; `context` [N, Lk, cross_dim] for cross-attention blocks.
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.with_positions(gpu, &self.norm1.forward(gpu, x)?)?;
+        let x = ops::add(gpu, &self.attn1.forward(gpu, &h, None)?, x)?;
+        let h = self.with_positions(gpu, &self.norm2.forward(gpu, &x)?)?;
+        let ctx = if self.double_self_attention {
+            None
+        } else {
+            context
+        };
+        let x = ops::add(gpu, &self.attn2.forward(gpu, &h, ctx)?, &x)?;
+        let h = self.norm3.forward(gpu, &x)?;
+        ops::add(gpu, &self.ff.forward(gpu, &h)?, &x)
+    }
+}
+
+/// diffusers `SinusoidalPositionalEmbedding`: the checkpoint's `pe` buffer
+/// [1, max_len, dim] when present, else the same table computed as diffusers
+/// does (f32: div_j = exp(2j · −ln(10000)/dim); even columns sin, odd cos).
+fn sinusoidal_table(gpu: &Gpu, w: &Weights, max_len: usize, dim: usize) -> Result<Tensor> {
+    if w.contains("pe") {
+        let values = w.set().read_f32(&w.key("pe"), &[1, max_len, dim])?;
+        return Tensor::from_f32(gpu, &values, &[max_len, dim], w.dtype());
+    }
+    let mut pe = vec![0f32; max_len * dim];
+    let step = -(10000f32.ln()) / dim as f32;
+    for p in 0..max_len {
+        for j in (0..dim).step_by(2) {
+            let div = ((j as f32 * step) as f64).exp() as f32;
+            let arg = (p as f32 * div) as f64;
+            pe[p * dim + j] = arg.sin() as f32;
+            if j + 1 < dim {
+                pe[p * dim + j + 1] = arg.cos() as f32;
+            }
+        }
+    }
+    Tensor::from_f32(gpu, &pe, &[max_len, dim], w.dtype())
+}
+
+/// `Transformer2DModel` on continuous input: GroupNorm, proj_in (1x1 conv or
+/// linear), transformer blocks over H·W tokens, proj_out, plus the input.
+pub struct Transformer2DModel {
+    pub norm: GroupNorm,
+    pub proj_in: Projection,
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub proj_out: Projection,
+}
+
+/// `use_linear_projection`: a Linear after flattening, or a 1x1 conv before.
+pub enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl Transformer2DModel {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        gpu: &Gpu,
+        w: &Weights,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        cross_attention_dim: usize,
+        groups: usize,
+        linear_projection: bool,
+    ) -> Result<Self> {
+        let proj = |name: &str, cin, cout| -> Result<Projection> {
+            Ok(if linear_projection {
+                Projection::Linear(Linear::new(gpu, &w.pp(name), cin, cout, true)?)
+            } else {
+                Projection::Conv(Conv2d::new(gpu, &w.pp(name), cin, cout, 1, 1, 0)?)
+            })
+        };
+        let cfg = BlockConfig {
+            dim: channels,
+            heads,
+            cross_attention_dim: Some(cross_attention_dim),
+            attention_bias: false,
+            positional_embeddings: None,
+        };
+        Ok(Transformer2DModel {
+            norm: GroupNorm::new(gpu, &w.pp("norm"), groups, channels, 1e-6)?,
+            proj_in: proj("proj_in", channels, channels)?,
+            transformer_blocks: (0..layers)
+                .map(|i| BasicTransformerBlock::new(gpu, &w.pp("transformer_blocks").pp(i), &cfg))
+                .collect::<Result<Vec<_>>>()?,
+            proj_out: proj("proj_out", channels, channels)?,
+        })
+    }
+
+    /// x [N, C, H, W]; context [N, L, cross_dim].
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+        let normed = self.norm.forward(gpu, x, false)?;
+        let to_tokens = |t: &Tensor| -> Result<Tensor> {
+            layout::permute(gpu, &t.reshape(&[n, c, h * w])?, &[0, 2, 1])
+        };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(gpu, &normed)?)?,
+            Projection::Linear(lin) => lin.forward(gpu, &to_tokens(&normed)?)?,
+        };
+        for block in &self.transformer_blocks {
+            tokens = block.forward(gpu, &tokens, Some(context))?;
+        }
+        let to_image = |t: &Tensor| -> Result<Tensor> {
+            layout::permute(gpu, t, &[0, 2, 1])?.reshape(&[n, c, h, w])
+        };
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(gpu, &to_image(&tokens)?)?,
+            Projection::Linear(lin) => to_image(&lin.forward(gpu, &tokens)?)?,
+        };
+        ops::add(gpu, &out, x)
+    }
+}
+
+/// `AnimateDiffTransformer3D`: the motion module. GroupNorm with statistics
+/// over all frames of a group, tokens (B·H·W, F, C), proj_in, transformer
+/// blocks with two self-attentions over frames, proj_out, plus the input.
+pub struct MotionModule {
+    pub norm: GroupNorm,
+    pub proj_in: Linear,
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub proj_out: Linear,
+    /// Multiplies the module's residual (1.0 = as trained); the motion
+    /// control keeps it near 1.
+    pub residual_scale: f32,
+}
+
+impl MotionModule {
+    pub fn new(
+        gpu: &Gpu,
+        w: &Weights,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        groups: usize,
+        max_frames: usize,
+    ) -> Result<Self> {
+        let cfg = BlockConfig {
+            dim: channels,
+            heads,
+            cross_attention_dim: None,
+            attention_bias: false,
+            positional_embeddings: Some(max_frames),
+        };
+        Ok(MotionModule {
+            norm: GroupNorm::new(gpu, &w.pp("norm"), groups, channels, 1e-6)?,
+            proj_in: Linear::new(gpu, &w.pp("proj_in"), channels, channels, true)?,
+            transformer_blocks: (0..layers)
+                .map(|i| BasicTransformerBlock::new(gpu, &w.pp("transformer_blocks").pp(i), &cfg))
+                .collect::<Result<Vec<_>>>()?,
+            proj_out: Linear::new(gpu, &w.pp("proj_out"), channels, channels, true)?,
+            residual_scale: 1.0,
+        })
+    }
+
+    /// x [B·F, C, H, W] with row = b·F + f.
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, frames: usize) -> Result<Tensor> {
+        let (bf, _, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+        let normed = ops::norm::group_norm_frames(
+            gpu,
+            x,
+            frames,
+            self.norm.groups,
+            Some(&self.norm.weight),
+            Some(&self.norm.bias),
+            self.norm.eps,
+            false,
+        )?;
+        let mut tokens = self
+            .proj_in
+            .forward(gpu, &layout::frames_to_tokens(gpu, &normed, frames)?)?;
+        for block in &self.transformer_blocks {
+            tokens = block.forward(gpu, &tokens, None)?;
+        }
+        let out = layout::tokens_to_frames(
+            gpu,
+            &self.proj_out.forward(gpu, &tokens)?,
+            bf / frames,
+            h,
+            w,
+        )?;
+        if self.residual_scale == 1.0 {
+            ops::add(gpu, &out, x)
+        } else {
+            ops::add(gpu, &ops::scale(gpu, &out, self.residual_scale)?, x)
+        }
+    }
+}
