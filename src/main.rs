@@ -37,6 +37,15 @@ enum Command {
         /// Benchmark both f32 and f16 (where the adapter stores f16), not only the run's precision.
         #[arg(long)]
         all_precisions: bool,
+        /// Time one denoising step of the real-size UNet (SD1.5 + AnimateDiff v2 motion modules, random weights).
+        #[arg(long)]
+        unet: bool,
+        /// With --unet: walk the step through the allocator without running it and report its peak memory.
+        #[arg(long)]
+        plan: bool,
+        /// With --unet: the workload as WIDTHxHEIGHTxFRAMES (default 512x512x16 on GPUs, 128x128x4 on CPU adapters and always 512x512x16 with --plan).
+        #[arg(long, value_parser = parse_workload)]
+        size: Option<(usize, usize, usize)>,
     },
     /// Run a reference case set (motif-cases-v1) and report the error of every output.
     Conformance {
@@ -49,6 +58,23 @@ enum Command {
         #[arg(long)]
         debug: bool,
     },
+}
+
+fn parse_workload(s: &str) -> Result<(usize, usize, usize), String> {
+    let parts: Vec<usize> = s
+        .split('x')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("expected WIDTHxHEIGHTxFRAMES such as 512x512x16, found `{s}`"))?;
+    match parts[..] {
+        [w, h, f] if w % 8 == 0 && h % 8 == 0 && w > 0 && h > 0 && f > 0 => Ok((w, h, f)),
+        [_, _, _] => Err(format!(
+            "`{s}`: width and height must be positive multiples of 8, frames at least 1"
+        )),
+        _ => Err(format!(
+            "expected WIDTHxHEIGHTxFRAMES such as 512x512x16, found `{s}`"
+        )),
+    }
 }
 
 fn parse_precision(s: &str) -> Result<DType, String> {
@@ -142,11 +168,51 @@ fn info(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
+fn bench_unet(
+    cli: &Cli,
+    plan: bool,
+    size: Option<(usize, usize, usize)>,
+    iters: usize,
+) -> Result<()> {
+    let gpu = Gpu::new(GpuOptions {
+        adapter: cli.adapter.clone(),
+        precision: cli.precision,
+        plan,
+        ..Default::default()
+    })
+    .context("opening the GPU")?;
+    println!("adapter: {}", gpu.adapter());
+    let mut w = if plan || !gpu.adapter().is_cpu {
+        motif_engine::bench::UNetBench::full_size()
+    } else {
+        println!("CPU adapter: running the reduced workload (pass --size 512x512x16 for the full one, or --plan for its memory)");
+        motif_engine::bench::UNetBench::reduced()
+    };
+    if let Some((width, height, frames)) = size {
+        w.width = width;
+        w.height = height;
+        w.frames = frames;
+    }
+    println!(
+        "workload: SD1.5 UNet + AnimateDiff v2 motion modules (random weights), {}x{}, {} frames, batch {}, {}{}",
+        w.width, w.height, w.frames, w.batch, gpu.precision(), if plan { ", plan only" } else { "" }
+    );
+    let report =
+        motif_engine::bench::bench_unet(&gpu, &w, iters).context("benchmarking the UNet")?;
+    if let Some(ms) = report.ms_per_step {
+        println!("ms per step: {ms:.1} (wall)");
+    }
+    if let Some(ms) = report.gpu_ms_per_step {
+        println!("ms per step: {ms:.1} (GPU timestamps)");
+    }
+    println!("weights: {}", mib(report.weight_bytes));
+    println!("peak GPU memory (pool): {}", mib(report.peak_bytes));
+    Ok(())
+}
+
 fn bench(cli: &Cli, ops: bool, iters: usize, all_precisions: bool) -> Result<()> {
     if !ops {
-        anyhow::bail!(
-            "nothing to benchmark: pass --ops (model-level benchmarks come with the models)"
-        );
+        anyhow::bail!("nothing to benchmark: pass --ops and/or --unet");
     }
     if iters == 0 {
         anyhow::bail!("--iters must be at least 1");
@@ -231,7 +297,23 @@ fn main() {
             ops,
             iters,
             all_precisions,
-        } => bench(&cli, *ops, *iters, *all_precisions),
+            unet,
+            plan,
+            size,
+        } => {
+            if *plan && !*unet {
+                Err(anyhow::anyhow!("--plan goes with --unet"))
+            } else if *unet {
+                let r = if *ops {
+                    bench(&cli, true, *iters, *all_precisions)
+                } else {
+                    Ok(())
+                };
+                r.and_then(|_| bench_unet(&cli, *plan, *size, *iters))
+            } else {
+                bench(&cli, *ops, *iters, *all_precisions)
+            }
+        }
         Command::Conformance {
             dir,
             component,

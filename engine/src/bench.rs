@@ -188,3 +188,127 @@ pub fn bench_ops(
     )?);
     Ok(results)
 }
+
+/// SD1.5's UNet config (runwayml/stable-diffusion-v1-5 `unet/config.json`)
+/// and the AnimateDiff v2 motion adapter's: the real-size model that
+/// `motif bench --unet` times with random weights.
+const SD15_UNET_CONFIG: &str = r#"{"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+ "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
+ "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+ "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+ "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+ "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#;
+const ADAPTER_V2_CONFIG: &str = r#"{"_class_name": "MotionAdapter", "block_out_channels": [320, 640, 1280, 1280],
+ "motion_layers_per_block": 2, "motion_mid_block_layers_per_block": 1, "motion_norm_num_groups": 32,
+ "motion_num_attention_heads": 8, "motion_max_seq_length": 32, "use_motion_mid_block": true}"#;
+
+/// The workload of one UNet step.
+#[derive(Debug, Clone, Copy)]
+pub struct UNetBench {
+    pub width: usize,
+    pub height: usize,
+    pub frames: usize,
+    /// 2 = classifier-free guidance (uncond + cond).
+    pub batch: usize,
+}
+
+impl UNetBench {
+    /// AnimateDiff's usual workload: 512x512, 16 frames, batch 2.
+    pub fn full_size() -> Self {
+        UNetBench {
+            width: 512,
+            height: 512,
+            frames: 16,
+            batch: 2,
+        }
+    }
+
+    /// What the software driver can run in reasonable time.
+    pub fn reduced() -> Self {
+        UNetBench {
+            width: 128,
+            height: 128,
+            frames: 4,
+            batch: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UNetReport {
+    /// Milliseconds per step (None in plan mode).
+    pub ms_per_step: Option<f64>,
+    /// GPU-timestamp milliseconds per step, where the adapter has them.
+    pub gpu_ms_per_step: Option<f64>,
+    /// Peak bytes held by the buffer pool (weights + activations).
+    pub peak_bytes: u64,
+    /// Bytes of the weights alone.
+    pub weight_bytes: u64,
+}
+
+/// Times `steps` UNet steps (after a warm-up) of SD1.5 + motion adapter v2
+/// with random weights, or, on a plan-mode GPU, walks one step through the
+/// allocator and reports its peak memory.
+pub fn bench_unet(gpu: &Gpu, w: &UNetBench, steps: usize) -> Result<UNetReport> {
+    use crate::models::unet_motion::{
+        MotionAdapterConfig, UNetConfigFile, UNetMotionConfig, UNetMotionModel,
+    };
+    use crate::weights::{WeightSet, Weights};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    let unet: UNetConfigFile =
+        serde_json::from_str(SD15_UNET_CONFIG).expect("embedded config parses");
+    let adapter: MotionAdapterConfig =
+        serde_json::from_str(ADAPTER_V2_CONFIG).expect("embedded config parses");
+    let config = UNetMotionConfig::resolve(
+        Path::new("(SD1.5 unet)"),
+        &unet,
+        Some((Path::new("(motion adapter v2)"), &adapter)),
+    )?;
+    gpu.reset_peak_memory();
+    let model = UNetMotionModel::new(
+        gpu,
+        &Weights::new(Arc::new(WeightSet::synthetic()), gpu.precision()),
+        config,
+    )?;
+    let weight_bytes = gpu.pool_stats().live_bytes;
+    let dtype = gpu.precision();
+    let (h, wd) = (w.height / 8, w.width / 8);
+    let sample = random_tensor(gpu, &[w.batch, 4, w.frames, h, wd], dtype, 21)?;
+    let context = random_tensor(gpu, &[w.batch * w.frames, 77, 768], dtype, 22)?;
+    let step = || -> Result<Tensor> { model.forward(gpu, &sample, &[261.0], &context) };
+    if gpu.is_plan() {
+        step()?;
+        let stats = gpu.pool_stats();
+        return Ok(UNetReport {
+            ms_per_step: None,
+            gpu_ms_per_step: None,
+            peak_bytes: stats.peak_allocated_bytes,
+            weight_bytes,
+        });
+    }
+    step()?;
+    gpu.synchronize()?;
+    let timed = gpu.start_timer();
+    let start = Instant::now();
+    for _ in 0..steps.max(1) {
+        step()?;
+        // One submission per step, as a sampler loop does.
+        gpu.flush()?;
+    }
+    gpu.synchronize()?;
+    let wall = start.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64;
+    let gpu_ms = if timed {
+        gpu.stop_timer()?
+            .map(|(s, _)| s * 1e3 / steps.max(1) as f64)
+    } else {
+        None
+    };
+    Ok(UNetReport {
+        ms_per_step: Some(wall),
+        gpu_ms_per_step: gpu_ms,
+        peak_bytes: gpu.pool_stats().peak_allocated_bytes,
+        weight_bytes,
+    })
+}

@@ -12,13 +12,15 @@ use crate::gpu::{Binding, Gpu};
 /// A storage buffer that returns to the pool when its last tensor is dropped.
 pub(crate) struct Storage {
     buffer: Option<wgpu::Buffer>,
+    /// The pool's size class of the buffer.
+    class: u64,
     pool: Arc<crate::gpu::PoolHandle>,
 }
 
 impl Drop for Storage {
     fn drop(&mut self) {
         if let Some(b) = self.buffer.take() {
-            self.pool.give_back(b);
+            self.pool.give_back(b, self.class);
         }
     }
 }
@@ -46,10 +48,11 @@ impl Tensor {
     pub fn empty(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Self> {
         let numel: usize = shape.iter().product();
         let bytes = (numel as u64 * dtype.size_bytes()).div_ceil(4) * 4;
-        let buffer = gpu.alloc(bytes)?;
+        let (buffer, class) = gpu.alloc(bytes)?;
         Ok(Tensor {
             storage: Arc::new(Storage {
                 buffer: Some(buffer),
+                class,
                 pool: gpu.pool.clone(),
             }),
             shape: shape.to_vec(),

@@ -199,7 +199,7 @@ impl Gpu {
                 ),
             });
         }
-        if workgroups.contains(&0) {
+        if workgroups.contains(&0) || self.is_plan() {
             return Ok(());
         }
         let pipeline = self.pipeline(kernel)?;

@@ -75,6 +75,11 @@ pub struct GpuOptions {
     /// Lowers the largest storage binding below the adapter's, so that tests
     /// exercise the split path on small tensors (`MOTIF_MAX_BINDING_BYTES`).
     pub max_binding_bytes: Option<u64>,
+    /// Dry run: tensors are accounted in the pool at their real size but
+    /// get no memory, uploads and dispatches are validated and dropped, and
+    /// downloads read zeros. Used to find the peak memory of a workload
+    /// (`motif bench --plan`) and to check weight key maps without data.
+    pub plan: bool,
 }
 
 impl GpuOptions {
@@ -174,6 +179,7 @@ pub struct Gpu {
     pub(crate) stream: Mutex<Stream>,
     errors: Arc<Mutex<ErrorSink>>,
     submissions: std::sync::atomic::AtomicU64,
+    plan: bool,
 }
 
 /// Lists the adapters wgpu can see, in enumeration order.
@@ -296,6 +302,7 @@ impl Gpu {
             stream: Mutex::new(Stream::default()),
             errors,
             submissions: Default::default(),
+            plan: options.plan,
         })
     }
 
@@ -448,8 +455,14 @@ impl Gpu {
         self.check_errors()
     }
 
-    /// Allocates a storage buffer of at least `bytes` from the pool.
-    pub(crate) fn alloc(&self, bytes: u64) -> Result<wgpu::Buffer> {
+    /// True in a dry run (see [`GpuOptions::plan`]).
+    pub fn is_plan(&self) -> bool {
+        self.plan
+    }
+
+    /// Allocates a storage buffer of at least `bytes` from the pool, and
+    /// returns it with its size class.
+    pub(crate) fn alloc(&self, bytes: u64) -> Result<(wgpu::Buffer, u64)> {
         if bytes > self.limits.max_buffer_size {
             return Err(EngineError::BufferTooLarge {
                 bytes,
@@ -458,9 +471,21 @@ impl Gpu {
         }
         let (reused, class) = self.pool.take(bytes);
         if let Some(b) = reused {
-            return Ok(b);
+            return Ok((b, class));
         }
         let class = class.min(self.limits.max_buffer_size / 4 * 4);
+        if self.plan {
+            let stand_in = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("motif plan stand-in"),
+                size: 4,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.pool.record_created(class);
+            return Ok((stand_in, class));
+        }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("motif tensor"),
@@ -476,14 +501,14 @@ impl Gpu {
             )));
         }
         self.pool.record_created(class);
-        Ok(buffer)
+        Ok((buffer, class))
     }
 
     /// Copies `bytes` into `buffer` at `offset` in stream order: the copy is
     /// recorded after every operator recorded so far, so a recycled buffer is
     /// never overwritten before earlier readers ran.
     pub(crate) fn write(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
-        if bytes.is_empty() {
+        if bytes.is_empty() || self.plan {
             return;
         }
         let padded = (bytes.len() as u64).div_ceil(4) * 4;
@@ -508,6 +533,9 @@ impl Gpu {
 
     /// Fills `size` bytes of `buffer` with zeros, in stream order.
     pub(crate) fn clear(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) {
+        if self.plan {
+            return;
+        }
         self.record(|enc| enc.clear_buffer(buffer, offset, Some(size)));
     }
 
@@ -516,6 +544,9 @@ impl Gpu {
     pub(crate) fn read(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
         if size == 0 {
             return Ok(Vec::new());
+        }
+        if self.plan {
+            return Ok(vec![0; size as usize]);
         }
         let padded = size.div_ceil(4) * 4;
         let readback = self.device.create_buffer(&wgpu::BufferDescriptor {

@@ -69,8 +69,9 @@ impl BufferPool {
         st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes);
     }
 
-    pub(crate) fn give_back(&self, buffer: wgpu::Buffer) {
-        let class = buffer.size();
+    /// Returns a buffer of size class `class` (in plan mode the buffer itself
+    /// is a stand-in smaller than its class).
+    pub(crate) fn give_back(&self, buffer: wgpu::Buffer, class: u64) {
         let mut st = self.state.lock().expect("pool lock poisoned");
         st.stats.live_bytes -= class;
         st.free.entry(class).or_default().push(buffer);
@@ -83,7 +84,11 @@ impl BufferPool {
     /// Drops every free buffer (returns the memory to the driver).
     pub(crate) fn trim(&self) {
         let mut st = self.state.lock().expect("pool lock poisoned");
-        let freed: u64 = st.free.values().flatten().map(|b| b.size()).sum();
+        let freed: u64 = st
+            .free
+            .iter()
+            .map(|(class, list)| class * list.len() as u64)
+            .sum();
         st.free.clear();
         st.stats.allocated_bytes -= freed;
     }

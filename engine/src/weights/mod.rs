@@ -102,6 +102,10 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
 pub struct WeightSet {
     files: Vec<SafetensorsFile>,
     index: HashMap<String, usize>,
+    /// Keys that have a shape but no file (see [`WeightSet::from_shapes`]).
+    shapes: HashMap<String, Vec<usize>>,
+    /// Every key exists with the shape asked for (see [`WeightSet::synthetic`]).
+    synthetic: bool,
     /// Keys read so far, to report what a loader left unused.
     used: Mutex<BTreeSet<String>>,
 }
@@ -129,8 +133,47 @@ impl WeightSet {
         Ok(WeightSet {
             files,
             index,
+            shapes: HashMap::new(),
+            synthetic: false,
             used: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// A key space in which every key exists with the shape the loader asks
+    /// for: random weights for any config (benchmarks of real-size models
+    /// without their files).
+    pub fn synthetic() -> Self {
+        WeightSet {
+            synthetic: true,
+            ..Self::from_shapes([])
+        }
+    }
+
+    /// A key space with shapes and no data: loading from it checks a model's
+    /// key map and shapes, and gives random weights of the real shapes (for
+    /// benchmarks) or, on a plan-mode GPU, no memory at all.
+    pub fn from_shapes(keys: impl IntoIterator<Item = (String, Vec<usize>)>) -> Self {
+        WeightSet {
+            files: Vec::new(),
+            index: HashMap::new(),
+            shapes: keys.into_iter().collect(),
+            synthetic: false,
+            used: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Deterministic stand-in values for a shapes-only key: small, so that
+    /// activations stay finite through deep networks.
+    fn stand_in_values(key: &str, numel: usize) -> Vec<f32> {
+        let mut state = key
+            .bytes()
+            .fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
+        (0..numel)
+            .map(|_| {
+                state = state.wrapping_mul(747796405).wrapping_add(2891336453);
+                ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * 0.02
+            })
+            .collect()
     }
 
     /// Opens a component folder (see [`safetensors_files`]).
@@ -139,7 +182,17 @@ impl WeightSet {
     }
 
     pub fn contains(&self, key: &str) -> bool {
-        self.index.contains_key(key)
+        self.synthetic || self.index.contains_key(key) || self.shapes.contains_key(key)
+    }
+
+    /// The shape recorded for a shapes-only key, or the asked shape in a
+    /// synthetic set.
+    fn virtual_shape<'a>(&'a self, key: &str, asked: &'a [usize]) -> Option<&'a [usize]> {
+        match self.shapes.get(key) {
+            Some(s) => Some(s),
+            None if self.synthetic => Some(asked),
+            None => None,
+        }
     }
 
     /// Every key with its shape, sorted.
@@ -160,6 +213,9 @@ impl WeightSet {
 
     /// The file a key lives in (for messages), or the first file.
     pub fn path_of(&self, key: &str) -> PathBuf {
+        if self.files.is_empty() {
+            return PathBuf::from("(key list)");
+        }
         let f = self.index.get(key).copied().unwrap_or(0);
         self.files
             .get(f)
@@ -192,6 +248,14 @@ impl WeightSet {
 
     /// A tensor's values as f32, checked against `shape`.
     pub fn read_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        if let Some(found) = self.virtual_shape(key, shape) {
+            self.check_virtual_shape(key, found, shape)?;
+            self.used
+                .lock()
+                .expect("used-key lock poisoned")
+                .insert(key.to_string());
+            return Ok(Self::stand_in_values(key, shape.iter().product()));
+        }
         let file = self.file(key)?;
         self.check_shape(file, key, shape)?;
         self.used
@@ -199,6 +263,23 @@ impl WeightSet {
             .expect("used-key lock poisoned")
             .insert(key.to_string());
         file.to_f32(key)
+    }
+
+    fn check_virtual_shape(
+        &self,
+        key: &str,
+        found: &[usize],
+        shape: &[usize],
+    ) -> Result<(), LoadError> {
+        if found != shape {
+            return Err(LoadError::TensorShape {
+                path: PathBuf::from("(key list)"),
+                key: key.to_string(),
+                expected: shape.to_vec(),
+                found: found.to_vec(),
+            });
+        }
+        Ok(())
     }
 
     fn check_shape(
@@ -222,6 +303,22 @@ impl WeightSet {
     /// Uploads a tensor in `dtype`, checked against `shape`. Stored f16 goes
     /// up as is; other conversions happen on the CPU, once.
     pub fn upload(&self, gpu: &Gpu, key: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        if let Some(found) = self.virtual_shape(key, shape) {
+            self.check_virtual_shape(key, found, shape)?;
+            self.used
+                .lock()
+                .expect("used-key lock poisoned")
+                .insert(key.to_string());
+            if gpu.is_plan() {
+                return Tensor::empty(gpu, shape, dtype);
+            }
+            return Tensor::from_f32(
+                gpu,
+                &Self::stand_in_values(key, shape.iter().product()),
+                shape,
+                dtype,
+            );
+        }
         let file = self.file(key)?;
         self.check_shape(file, key, shape)?;
         self.used
