@@ -342,7 +342,31 @@ fn run_case(
                 models.vae = Some(AutoencoderKL::new(gpu, &weights, config)?);
             }
             let vae = models.vae.as_ref().expect("just loaded");
-            if has_input(case, "latents") {
+            let literal = |name: &str| {
+                case.get("inputs")
+                    .and_then(|i| i.get(name))
+                    .and_then(|v| v.as_u64())
+                    .map(|v| v as usize)
+            };
+            if let (true, Some(sample_tile), Some(latent_tile)) = (
+                has_input(case, "latents"),
+                literal("tile_sample_min_size"),
+                literal("tile_latent_min_size"),
+            ) {
+                // diffusers' enable_tiling() with the case's tile sizes.
+                let latents = upload_input(gpu, set, case, "latents")?;
+                let unscaled = crate::ops::scale(gpu, &latents, 1.0 / vae.config.scaling_factor)?;
+                let tiling = crate::models::vae::Tiling {
+                    sample_tile,
+                    latent_tile,
+                    overlap: 0.25,
+                };
+                let image = vae.decode_tiled(gpu, &unscaled, &tiling)?;
+                (
+                    vec!["sample"],
+                    HashMap::from([("sample", image.data.iter().map(|&v| v as f64).collect())]),
+                )
+            } else if has_input(case, "latents") {
                 let latents = upload_input(gpu, set, case, "latents")?;
                 let sample = vae.decode_scaled(gpu, &latents)?;
                 (

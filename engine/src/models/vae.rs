@@ -438,3 +438,172 @@ impl AutoencoderKL {
         self.decode(gpu, &unscaled)
     }
 }
+
+/// diffusers' tiled VAE decoding (`AutoencoderKL.enable_tiling()`): latent
+/// tiles of `latent_tile` with a quarter overlap are decoded one at a time
+/// and blended linearly where they overlap, so a large frame needs only one
+/// tile's activations at a time.
+#[derive(Debug, Clone, Copy)]
+pub struct Tiling {
+    /// `tile_sample_min_size`: the decoded tile's size in pixels.
+    pub sample_tile: usize,
+    /// `tile_latent_min_size`: the tile's size in latent pixels.
+    pub latent_tile: usize,
+    /// `tile_overlap_factor` (0.25 in diffusers).
+    pub overlap: f32,
+}
+
+impl Tiling {
+    /// diffusers' defaults: tiles of the config's `sample_size` (512 for SD).
+    pub fn for_config(cfg: &VaeConfig, sample_size: usize) -> Self {
+        Tiling {
+            sample_tile: sample_size,
+            latent_tile: sample_size / cfg.scale_factor(),
+            overlap: 0.25,
+        }
+    }
+}
+
+/// An image batch on the CPU: values and [N, C, H, W].
+pub struct Image {
+    pub data: Vec<f32>,
+    pub shape: [usize; 4],
+}
+
+impl AutoencoderKL {
+    /// Decodes latents (unscaled) to CPU images, tile by tile when a side
+    /// exceeds `tiling.latent_tile` (exactly diffusers' `tiled_decode`,
+    /// including its in-place blending order), else in one pass.
+    pub fn decode_tiled(&self, gpu: &Gpu, latents: &Tensor, tiling: &Tiling) -> Result<Image> {
+        let s = latents.shape().to_vec();
+        if s.len() != 4 {
+            return Err(EngineError::Shape {
+                op: "vae.decode_tiled",
+                expected: "latents [N, L, h, w]".into(),
+                found: fmt_shape(&s),
+            });
+        }
+        let (h, w) = (s[2], s[3]);
+        if h <= tiling.latent_tile && w <= tiling.latent_tile {
+            let out = self.decode(gpu, latents)?;
+            let shape = [
+                out.shape()[0],
+                out.shape()[1],
+                out.shape()[2],
+                out.shape()[3],
+            ];
+            return Ok(Image {
+                data: out.to_f32(gpu)?,
+                shape,
+            });
+        }
+        let overlap_size = ((tiling.latent_tile as f32) * (1.0 - tiling.overlap)) as usize;
+        let blend_extent = ((tiling.sample_tile as f32) * tiling.overlap) as usize;
+        let row_limit = tiling.sample_tile - blend_extent;
+        if overlap_size == 0 {
+            return Err(EngineError::Argument {
+                op: "vae.decode_tiled",
+                message: format!("latent tile {} is too small", tiling.latent_tile),
+            });
+        }
+        // Decode every tile.
+        let mut rows: Vec<Vec<Image>> = Vec::new();
+        for i in (0..h).step_by(overlap_size) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(overlap_size) {
+                let th = tiling.latent_tile.min(h - i);
+                let tw = tiling.latent_tile.min(w - j);
+                let tile = layout::narrow(gpu, &layout::narrow(gpu, latents, 2, i, th)?, 3, j, tw)?;
+                let out = self.decode(gpu, &tile)?;
+                let shape = [
+                    out.shape()[0],
+                    out.shape()[1],
+                    out.shape()[2],
+                    out.shape()[3],
+                ];
+                row.push(Image {
+                    data: out.to_f32(gpu)?,
+                    shape,
+                });
+            }
+            rows.push(row);
+        }
+        // Blend in place, in diffusers' order: each tile with the (already
+        // blended) tile above, then with the (already blended) tile to its left.
+        for i in 0..rows.len() {
+            for j in 0..rows[i].len() {
+                if i > 0 {
+                    let (above, this) = split_rows(&mut rows, i);
+                    blend(&above[j], &mut this[j], blend_extent, true);
+                }
+                if j > 0 {
+                    let (left, this) = rows[i].split_at_mut(j);
+                    blend(&left[j - 1], &mut this[0], blend_extent, false);
+                }
+            }
+        }
+        // Crop each tile to row_limit and stitch.
+        let [n, c, _, _] = rows[0][0].shape;
+        let crop = |t: &Image| (t.shape[2].min(row_limit), t.shape[3].min(row_limit));
+        let total_h: usize = rows.iter().map(|r| crop(&r[0]).0).sum();
+        let total_w: usize = rows[0].iter().map(|t| crop(t).1).sum();
+        let mut data = vec![0f32; n * c * total_h * total_w];
+        let mut y0 = 0;
+        for row in &rows {
+            let mut x0 = 0;
+            let th = crop(&row[0]).0;
+            for t in row {
+                let (ch, cw) = crop(t);
+                for plane in 0..n * c {
+                    for y in 0..ch {
+                        let src = (plane * t.shape[2] + y) * t.shape[3];
+                        let dst = (plane * total_h + y0 + y) * total_w + x0;
+                        data[dst..dst + cw].copy_from_slice(&t.data[src..src + cw]);
+                    }
+                }
+                x0 += cw;
+            }
+            y0 += th;
+        }
+        Ok(Image {
+            data,
+            shape: [n, c, total_h, total_w],
+        })
+    }
+}
+
+fn split_rows(rows: &mut [Vec<Image>], i: usize) -> (&Vec<Image>, &mut Vec<Image>) {
+    let (before, after) = rows.split_at_mut(i);
+    (&before[i - 1], &mut after[0])
+}
+
+/// diffusers' `blend_v` (vertical) / `blend_h`: the first `extent` rows
+/// (columns) of `b` fade in from the last `extent` of `a`, weights in f32.
+fn blend(a: &Image, b: &mut Image, extent: usize, vertical: bool) {
+    let [n, c, ah, aw] = a.shape;
+    let [_, _, bh, bw] = b.shape;
+    let extent = if vertical {
+        extent.min(ah).min(bh)
+    } else {
+        extent.min(aw).min(bw)
+    };
+    for plane in 0..n * c {
+        for k in 0..extent {
+            let wb = (k as f64 / extent as f64) as f32;
+            let wa = (1.0 - k as f64 / extent as f64) as f32;
+            if vertical {
+                for x in 0..bw.min(aw) {
+                    let av = a.data[(plane * ah + ah - extent + k) * aw + x];
+                    let bi = (plane * bh + k) * bw + x;
+                    b.data[bi] = av * wa + b.data[bi] * wb;
+                }
+            } else {
+                for y in 0..bh.min(ah) {
+                    let av = a.data[(plane * ah + y) * aw + aw - extent + k];
+                    let bi = (plane * bh + y) * bw + k;
+                    b.data[bi] = av * wa + b.data[bi] * wb;
+                }
+            }
+        }
+    }
+}
