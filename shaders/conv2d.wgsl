@@ -1,8 +1,15 @@
 // 2-D convolution (cross-correlation, as PyTorch's nn.Conv2d) with bias and
 // a fused activation, NCHW:
 //   out[z, co, oy, ox] = ACT(bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] * x[z, ci, oy*s + ky - pad_t, ox*s + kx - pad_l])
-// Taps outside the input are zero (padding).
+// Taps outside the input are zero (padding). As an implicit matrix product:
+// rows are output channels, columns output pixels, and K runs over (ci, ky, kx)
+// in the weight's own order. Two ways to compute it, picked in ops/conv2d.rs:
+//   conv2d_tiled   GPUs: workgroup-memory tiles of weights and input taps.
+//   pack_im2col    CPU adapters: writes the taps of a band of output rows as
+//                  the packed column operand of matmul.wgsl's gemm_packed
+//                  (see there why), which multiplies them with the packed weights.
 //
+// conv2d_tiled:
 // Bindings (element indices inside each binding):
 //   @binding(0) p     uniform Params
 //   @binding(1) x     array<st> (read): x[z, ci, iy, ix] at x_off + z * x_bstride + ci * h * w + iy * w + ix
@@ -94,36 +101,153 @@ fn store(z: u32, co: u32, oy: u32, ox: u32, sum: f32) {
     out[o] = st(v);
 }
 
-// One output per invocation: the plain kernel every faster one is checked against.
-// x: output pixel of the row window, y: output channel, z: batch item.
-@compute @workgroup_size(64)
-fn conv2d_naive(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let co = gid.y;
-    let z = gid.z;
-    if (gid.x >= p.rows * p.wo) {
-        return;
+// The input value at tap k = (ci, ky, kx) of output pixel q (counted from
+// row oy0 of the window), or 0 in the padding.
+fn tap(z: u32, k: u32, q: u32) -> f32 {
+    let taps = p.kh * p.kw;
+    let ci = k / taps;
+    if (ci >= p.cin || q >= p.rows * p.wo) {
+        return 0.0;
     }
-    let oy = p.oy0 + gid.x / p.wo;
-    let ox = gid.x % p.wo;
-    let x_item = p.x_off + z * p.x_bstride;
-    let w_row = p.w_off + co * p.w_stride;
-    var sum = 0.0;
-    for (var ci = 0u; ci < p.cin; ci++) {
-        for (var ky = 0u; ky < p.kh; ky++) {
-            // u32 wrap-around makes taps above the input huge, so one test per axis covers both sides.
-            let iy = oy * p.stride + ky - p.pad_t;
-            if (iy >= p.h) {
-                continue;
+    let t = k % taps;
+    // u32 wrap-around makes taps above or left of the input huge, so one test per axis covers both sides.
+    let iy = (p.oy0 + q / p.wo) * p.stride + t / p.kw - p.pad_t;
+    let ix = (q % p.wo) * p.stride + t % p.kw - p.pad_l;
+    if (iy >= p.h || ix >= p.w) {
+        return 0.0;
+    }
+    return f32(x[p.x_off + z * p.x_bstride + (ci * p.h + iy) * p.w + ix]);
+}
+
+// A 64-channel x 64-pixel output tile per workgroup of 16 x 16 invocations,
+// 4 x 4 outputs each, over K in steps of 16 staged in workgroup memory.
+// x: pixel tiles of the row window, y: channel tiles, z: batch item.
+const TILE: u32 = 64u;
+const TILE_K: u32 = 16u;
+var<workgroup> w_tile: array<array<f32, TILE>, TILE_K>;
+var<workgroup> x_tile: array<array<f32, TILE>, TILE_K>;
+
+@compute @workgroup_size(16, 16)
+fn conv2d_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let z = wid.z;
+    let co0 = wid.y * TILE;
+    let q0 = wid.x * TILE;
+    let t = lid.y * 16u + lid.x;
+    let k_len = p.cin * p.kh * p.kw;
+    var acc: array<array<f32, 4>, 4>;
+    for (var k0 = 0u; k0 < k_len; k0 += TILE_K) {
+        for (var s = 0u; s < 4u; s++) {
+            let e = t + s * 256u;
+            // Weights: consecutive invocations walk K, contiguous in a weight row.
+            let wk = e % TILE_K;
+            let wc = e / TILE_K;
+            var wv = 0.0;
+            if (co0 + wc < p.cout && k0 + wk < k_len) {
+                wv = f32(wt[p.w_off + (co0 + wc) * p.w_stride + k0 + wk]);
             }
-            for (var kx = 0u; kx < p.kw; kx++) {
-                let ix = ox * p.stride + kx - p.pad_l;
-                if (ix >= p.w) {
-                    continue;
+            w_tile[wk][wc] = wv;
+            // Taps: consecutive invocations walk pixels.
+            x_tile[e / TILE][e % TILE] = tap(z, k0 + e / TILE, q0 + e % TILE);
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            var wv: array<f32, 4>;
+            var xv: array<f32, 4>;
+            for (var r = 0u; r < 4u; r++) {
+                wv[r] = w_tile[kk][lid.y + 16u * r];
+                xv[r] = x_tile[kk][lid.x + 16u * r];
+            }
+            for (var r = 0u; r < 4u; r++) {
+                for (var c = 0u; c < 4u; c++) {
+                    acc[r][c] = fma(wv[r], xv[c], acc[r][c]);
                 }
-                let xv = f32(x[x_item + (ci * p.h + iy) * p.w + ix]);
-                sum += xv * f32(wt[w_row + (ci * p.kh + ky) * p.kw + kx]);
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var r = 0u; r < 4u; r++) {
+        let co = co0 + lid.y + 16u * r;
+        for (var c = 0u; c < 4u; c++) {
+            let q = q0 + lid.x + 16u * c;
+            if (co < p.cout && q < p.rows * p.wo) {
+                store(z, co, p.oy0 + q / p.wo, q % p.wo, acc[r][c]);
             }
         }
     }
-    store(z, co, oy, ox, sum);
+}
+
+// ---------------------------------------------------------------------------
+// pack_im2col: the taps of output rows oy0 .. oy0 + rows of one batch item,
+// written as matmul.wgsl's packed operand (one block row per output pixel,
+// K along the row, f16 in pairs), for gemm_packed to multiply with the
+// packed weights.
+//   @binding(0) ip      uniform Im2colParams
+//   @binding(1) x       as above (one item: x_off is its first element)
+//   @binding(2) packed  array<u32> (read_write): the blocks
+// Padding rows of the blocks (past the last pixel) are not written: they only
+// feed output columns that are never stored. Words past K are written as 0.
+
+const BLOCK_WORDS: u32 = 16384u;
+
+struct Im2colParams {
+    cin: u32,
+    h: u32,
+    w: u32,
+    wo: u32,
+    stride: u32,
+    pad_l: u32,
+    pad_t: u32,
+    x_off: u32,
+    oy0: u32,
+    k: u32,          // cin * KH * KW
+    row_words: u32,  // words per block row (a power of two)
+    rb: u32,         // pixels per block (a power of two)
+    words_shift: u32, // log2(row_words)
+    rb_shift: u32,
+    n_kc: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> ip: Im2colParams;
+@group(0) @binding(2) var<storage, read_write> packed: array<u32>;
+
+// Kernel size as constants, so that splitting K into (ci, ky, kx) compiles
+// to multiplications: a division by a runtime value is eight scalar
+// divisions per SIMD group on a CPU adapter.
+override KH: u32 = 3u;
+override KW: u32 = 3u;
+// 1: words hold two f16 values (st = f16).
+override PACKED_F16: bool = false;
+
+fn im2col_tap(oy: u32, ox: u32, k: u32) -> f32 {
+    if (k >= ip.k) {
+        return 0.0;
+    }
+    let ci = k / (KH * KW);
+    let t = k - ci * (KH * KW);
+    let ky = t / KW;
+    let iy = oy * ip.stride + ky - ip.pad_t;
+    let ix = ox * ip.stride + (t - ky * KW) - ip.pad_l;
+    if (iy >= ip.h || ix >= ip.w) {
+        return 0.0;
+    }
+    return f32(x[ip.x_off + (ci * ip.h + iy) * ip.w + ix]);
+}
+
+// x: words along K (all chunks), y: output row of the band, z: output column.
+@compute @workgroup_size(32)
+fn pack_im2col(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let word = gid.x;
+    let pixel = gid.y * ip.wo + gid.z;
+    let oy = ip.oy0 + gid.y;
+    let ox = gid.z;
+    let at = ((pixel >> ip.rb_shift) * ip.n_kc + (word >> ip.words_shift)) * BLOCK_WORDS
+        + (pixel & (ip.rb - 1u)) * ip.row_words + (word & (ip.row_words - 1u));
+    var v: u32;
+    if (PACKED_F16) {
+        v = pack2x16float(vec2(im2col_tap(oy, ox, 2u * word), im2col_tap(oy, ox, 2u * word + 1u)));
+    } else {
+        v = bitcast<u32>(im2col_tap(oy, ox, word));
+    }
+    packed[at] = v;
 }

@@ -1,24 +1,15 @@
 // Batched matrix multiply with a fused epilogue:
-//   out[z, i, j] = ACT(alpha * sum_k a[z, i, k] * b[z, k, j] + bias[j])
-//
-// Bindings (every index below is an element index inside the binding; the
-// `*_off` params say where the operand starts, since a window's binding
-// offset is aligned down):
-//   @binding(0) p     uniform Params
-//   @binding(1) a     array<st> (read): z-th item at a_off + z * a_bstride, row i at + i * lda, k contiguous
-//   @binding(2) b     array<st> (read): z-th item at b_off + z * b_bstride (0 = one weight shared by all items);
-//                     TRANS_B = 0: [K, N], element (k, j) at + k * ldb + j
-//                     TRANS_B = 1: [N, K], element (k, j) at + j * ldb + k  (PyTorch nn.Linear weight)
-//   @binding(3) bias  array<st> (read): bias[bias_off + j], read only when has_bias = 1
-//   @binding(4) out   array<st> (read_write): element (z, i, j) at out_off + z * o_bstride + i * ldo + j
-// A product too large for one binding is computed in windows of rows,
-// columns and (when even one row does not fit) chunks of K: `accumulate` = 1
-// adds to the partial sum already in `out`, and `finish` = 1 marks the last K
-// chunk, which adds the bias and applies the activation.
+//   out[z, i, j] = ACT(alpha * sum_k a[z, i, k] * b[z, k, j] + bias)
+// Two kernels compute it, picked by adapter in ops/matmul.rs:
+//   matmul_tiled   GPUs: workgroup-memory tiles, operands read straight from storage buffers.
+//   gemm_packed    CPU adapters (lavapipe): operands first copied by pack_rows into 64 KiB
+//                  blocks that are read as uniform buffers (see the comment above gemm_packed).
+// conv2d (ops/conv2d.rs) reuses gemm_packed with its own packing kernel.
 
+// One parameter block for both product kernels; each reads the fields it needs.
 struct Params {
-    m: u32,
-    n: u32,
+    m: u32,             // rows of the product (gemm_packed: of this tile)
+    n: u32,             // columns (gemm_packed: of this tile)
     k: u32,
     batch: u32,
     a_off: u32,
@@ -26,27 +17,25 @@ struct Params {
     bias_off: u32,
     out_off: u32,
     a_bstride: u32,
-    b_bstride: u32,
+    b_bstride: u32,     // 0: one b shared by every batch item
     o_bstride: u32,
     lda: u32,
     ldb: u32,
     ldo: u32,
     alpha: f32,
     has_bias: u32,
-    accumulate: u32,
-    finish: u32,
-    _pad0: u32,
-    _pad1: u32,
+    accumulate: u32,    // 1: add the partial sums of earlier chunks of K (in `out`; gemm_packed: in partial_in)
+    finish: u32,        // 1: last chunk of K: add the bias, apply the activation, write out
+    bias_per_row: u32,  // 1: bias[i] (conv2d's output channels are rows), else bias[j]
+    kw4: u32,           // gemm_packed: vec4 words per block row
+    nch: u32,           // gemm_packed: K chunks (bound blocks) in this pass, 1..6
+    klast4: u32,        // gemm_packed: vec4 words of K in the last of them
+    row0: u32,          // gemm_packed: first row of the tile this dispatch computes
+    partial_ld: u32,    // gemm_packed: row stride of the partial sums (a multiple of 4)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<st>;
-@group(0) @binding(2) var<storage, read> b: array<st>;
-@group(0) @binding(3) var<storage, read> bias: array<st>;
-@group(0) @binding(4) var<storage, read_write> out: array<st>;
 
-// 1: b is [N, K] (nn.Linear's weight layout).
-override TRANS_B: u32 = 0u;
 // Fused activation: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh), 4 quick-GELU.
 override ACT: u32 = 0u;
 
@@ -76,16 +65,27 @@ fn activate(x: f32) -> f32 {
     }
 }
 
-fn b_index(z: u32, kk: u32, j: u32) -> u32 {
-    if (TRANS_B == 1u) {
-        return p.b_off + z * p.b_bstride + j * p.ldb + kk;
-    }
-    return p.b_off + z * p.b_bstride + kk * p.ldb + j;
-}
+// ---------------------------------------------------------------------------
+// matmul_tiled: GPUs.
+//   @binding(1) a     array<st> (read): item z at a_off + z * a_bstride, (i, k) at + i * lda + k
+//   @binding(2) b     array<st> (read): item z at b_off + z * b_bstride;
+//                     TRANS_B = 0: (k, j) at + k * ldb + j; TRANS_B = 1: (k, j) at + j * ldb + k
+//   @binding(3) bias  array<st> (read): bias[bias_off + j], read only when has_bias = 1
+//   @binding(4) out   array<st> (read_write): (z, i, j) at out_off + z * o_bstride + i * ldo + j
+// A product too large for one binding runs in windows of rows, columns and,
+// when even one row does not fit, chunks of K summed in `out` (`accumulate`,
+// `finish`).
 
-// Writes one finished dot product (the caller checks i < m, j < n).
-fn store(z: u32, i: u32, j: u32, dot: f32) {
-    let o = p.out_off + z * p.o_bstride + i * p.ldo + j;
+@group(0) @binding(1) var<storage, read> a: array<st>;
+@group(0) @binding(2) var<storage, read> b: array<st>;
+@group(0) @binding(3) var<storage, read> bias: array<st>;
+@group(0) @binding(4) var<storage, read_write> out: array<st>;
+
+// 1: b is [N, K] (nn.Linear's weight layout).
+override TRANS_B: u32 = 0u;
+
+// Writes the dot product of column j at `out[o]`, through the epilogue.
+fn store(o: u32, j: u32, dot: f32) {
     var v = p.alpha * dot;
     if (p.accumulate == 1u) {
         v += f32(out[o]);
@@ -99,19 +99,349 @@ fn store(z: u32, i: u32, j: u32, dot: f32) {
     out[o] = st(v);
 }
 
-// One output per invocation: the plain kernel every faster one is checked against.
+// A 64 x 64 output tile per workgroup of 16 x 16 invocations, 4 x 4 outputs
+// each, over K in steps of 16 staged in workgroup memory.
+const TILE: u32 = 64u;
+const TILE_K: u32 = 16u;
+var<workgroup> a_tile: array<array<f32, TILE>, TILE_K>;
+var<workgroup> b_tile: array<array<f32, TILE>, TILE_K>;
+
+fn load_a(z: u32, i: u32, kk: u32) -> f32 {
+    if (i >= p.m || kk >= p.k) {
+        return 0.0;
+    }
+    return f32(a[p.a_off + z * p.a_bstride + i * p.lda + kk]);
+}
+
+fn load_b(z: u32, kk: u32, j: u32) -> f32 {
+    if (j >= p.n || kk >= p.k) {
+        return 0.0;
+    }
+    if (TRANS_B == 1u) {
+        return f32(b[p.b_off + z * p.b_bstride + j * p.ldb + kk]);
+    }
+    return f32(b[p.b_off + z * p.b_bstride + kk * p.ldb + j]);
+}
+
 @compute @workgroup_size(16, 16)
-fn matmul_naive(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let j = gid.x;
-    let i = gid.y;
+fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let z = wid.z;
+    let i0 = wid.y * TILE;
+    let j0 = wid.x * TILE;
+    let t = lid.y * 16u + lid.x;
+    var acc: array<array<f32, 4>, 4>;
+    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
+        // 256 invocations stage 16 x 64 values of each operand, 4 each.
+        for (var s = 0u; s < 4u; s++) {
+            let e = t + s * 256u;
+            let kk = e / TILE;
+            let x = e % TILE;
+            a_tile[kk][x] = load_a(z, i0 + x, k0 + kk);
+            if (TRANS_B == 1u) {
+                // Consecutive invocations walk K, which is contiguous in a transposed b.
+                b_tile[e % TILE_K][e / TILE_K] = load_b(z, k0 + e % TILE_K, j0 + e / TILE_K);
+            } else {
+                b_tile[kk][x] = load_b(z, k0 + kk, j0 + x);
+            }
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            var av: array<f32, 4>;
+            var bv: array<f32, 4>;
+            for (var r = 0u; r < 4u; r++) {
+                av[r] = a_tile[kk][lid.y + 16u * r];
+                bv[r] = b_tile[kk][lid.x + 16u * r];
+            }
+            for (var r = 0u; r < 4u; r++) {
+                for (var c = 0u; c < 4u; c++) {
+                    acc[r][c] = fma(av[r], bv[c], acc[r][c]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var r = 0u; r < 4u; r++) {
+        let i = i0 + lid.y + 16u * r;
+        for (var c = 0u; c < 4u; c++) {
+            let j = j0 + lid.x + 16u * c;
+            if (i < p.m && j < p.n) {
+                store(p.out_off + z * p.o_bstride + i * p.ldo + j, j, acc[r][c]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The CPU-adapter path.
+//
+// Why: lavapipe (Mesa 22.x) runs 8 invocations as the SIMD lanes of one CPU
+// thread. A storage-buffer load becomes a loop over the lanes that inserts
+// each value into a vector on the stack (a store-forwarding stall per value,
+// ~25 cycles), while a uniform-buffer load is a plain 8-wide gather (~3
+// cycles per value) and subgroupBroadcast is one shuffle. So both operands
+// are first copied (pack_rows, conv2d's pack_im2col) into blocks of 64 KiB —
+// the largest uniform binding — and gemm_packed reads them as uniform
+// buffers: 16 rows of a per subgroup, one gathered vec4 per lane for 8 of
+// them then shared by subgroupBroadcast, and 4 columns of b per lane.
+//
+// Packed layout: a matrix of R rows x K is cut into row blocks of 16384 / kw
+// rows and K chunks of kw 32-bit words (f32: one value; f16: two, low half
+// first). Block (z, row block, chunk) is at word ((z * n_rb + rb) * n_kc + kc) * 16384,
+// row r of it at + r * kw. Words past the matrix (rows or K) are zero.
+
+const BLOCK_WORDS: u32 = 16384u;
+
+// 1: words hold two f16 values (st = f16).
+override PACKED_F16: bool = false;
+
+struct PackParams {
+    rows: u32,         // valid rows of the source (per item)
+    k: u32,            // valid values along K
+    src_off: u32,      // element offset of row `row0` of item 0 in `src`
+    src_bstride: u32,
+    row_stride: u32,   // source element stride between rows
+    k_stride: u32,     // ... and along K (1 for a row-major a or a transposed b)
+    kw: u32,           // words per block row (a power of two)
+    rb: u32,           // rows per block (a power of two)
+    kw_shift: u32,     // log2(kw)
+    rb_shift: u32,     // log2(rb)
+    n_rb: u32,         // row blocks per item
+    n_kc: u32,         // K chunks
+    row0: u32,         // first row this dispatch packs
+    dst_base: u32,     // word index (in the whole packed operand) of packed[0]
+    _pad0: u32,
+    _pad1: u32,
+}
+
+// pack_rows bindings (no entry point uses both these and the product's):
+//   @binding(0) pk      uniform PackParams
+//   @binding(1) src     array<st> (read): (z, row, k) at src_off + z * src_bstride + (row - row0) * row_stride + k * k_stride
+//   @binding(2) packed  array<u32> (read_write): the blocks, from word dst_base
+@group(0) @binding(0) var<uniform> pk: PackParams;
+@group(0) @binding(1) var<storage, read> src: array<st>;
+@group(0) @binding(2) var<storage, read_write> packed: array<u32>;
+
+fn source_value(z: u32, row: u32, kk: u32) -> f32 {
+    if (row >= pk.rows || kk >= pk.k) {
+        return 0.0;
+    }
+    return f32(src[pk.src_off + z * pk.src_bstride + (row - pk.row0) * pk.row_stride + kk * pk.k_stride]);
+}
+
+// One packed word per invocation: x walks the words of a row along K (over
+// all chunks), y the rows from row0, z the items. Block shapes are powers of
+// two, so the word's place takes shifts and masks: a lane division would be
+// eight scalar divisions on a CPU adapter.
+@compute @workgroup_size(32)
+fn pack_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let word = gid.x;
+    let row = pk.row0 + gid.y;
     let z = gid.z;
-    if (i >= p.m || j >= p.n) {
-        return;
+    let kc = word >> pk.kw_shift;
+    let rb = row >> pk.rb_shift;
+    let at = ((z * pk.n_rb + rb) * pk.n_kc + kc) * BLOCK_WORDS
+        + (row & (pk.rb - 1u)) * pk.kw + (word & (pk.kw - 1u));
+    var v: u32;
+    if (PACKED_F16) {
+        v = pack2x16float(vec2(source_value(z, row, 2u * word), source_value(z, row, 2u * word + 1u)));
+    } else {
+        v = bitcast<u32>(source_value(z, row, word));
     }
-    let a_row = p.a_off + z * p.a_bstride + i * p.lda;
-    var dot = 0.0;
-    for (var kk = 0u; kk < p.k; kk++) {
-        dot += f32(a[a_row + kk]) * f32(b[b_index(z, kk, j)]);
+    packed[at - pk.dst_base] = v;
+}
+
+alias Block = array<vec4<u32>, 4096>;
+@group(0) @binding(5) var<uniform> a0: Block;
+@group(0) @binding(6) var<uniform> a1: Block;
+@group(0) @binding(7) var<uniform> a2: Block;
+@group(0) @binding(8) var<uniform> a3: Block;
+@group(0) @binding(9) var<uniform> a4: Block;
+@group(0) @binding(10) var<uniform> a5: Block;
+@group(0) @binding(11) var<uniform> b0: Block;
+@group(0) @binding(12) var<uniform> b1: Block;
+@group(0) @binding(13) var<uniform> b2: Block;
+@group(0) @binding(14) var<uniform> b3: Block;
+@group(0) @binding(15) var<uniform> b4: Block;
+@group(0) @binding(16) var<uniform> b5: Block;
+// Partial sums of a tile between passes over K (f32, row-major with stride
+// partial_ld): read as a uniform buffer, written as a storage buffer, two
+// buffers taking turns.
+@group(0) @binding(17) var<uniform> partial_in: array<vec4<f32>, 4096>;
+@group(0) @binding(18) var<storage, read_write> partial_out: array<vec4<f32>>;
+
+// acc[r][c] += sum over 4 values of K of a[r][k] * b[k][c].
+fn rank4(acc: ptr<function, array<vec4<f32>, 16>>, r: u32, a_r: vec4<f32>,
+         k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>) {
+    (*acc)[r] = fma(vec4(a_r.x), k0, fma(vec4(a_r.y), k1, fma(vec4(a_r.z), k2, fma(vec4(a_r.w), k3, (*acc)[r]))));
+}
+
+// The same for a word group of f16 pairs: 8 values of K, low halves first.
+fn rank8(acc: ptr<function, array<vec4<f32>, 16>>, r: u32, w: vec4<u32>,
+         k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>,
+         k4: vec4<f32>, k5: vec4<f32>, k6: vec4<f32>, k7: vec4<f32>) {
+    rank4(acc, r, vec4(unpack2x16float(w.x), unpack2x16float(w.y)), k0, k1, k2, k3);
+    rank4(acc, r, vec4(unpack2x16float(w.z), unpack2x16float(w.w)), k4, k5, k6, k7);
+}
+
+// One vec4 word group along K: a rows (lanes' words `lo` = row sid, `hi` =
+// row 8 + sid) and this lane's 4 columns c0..c3 of b.
+fn kstep(acc: ptr<function, array<vec4<f32>, 16>>, lo: vec4<u32>, hi: vec4<u32>,
+         c0: vec4<u32>, c1: vec4<u32>, c2: vec4<u32>, c3: vec4<u32>) {
+    if (PACKED_F16) {
+        // Word q of a column holds K values 2q (low half) and 2q + 1.
+        let x0 = unpack2x16float(c0.x); let x1 = unpack2x16float(c1.x); let x2 = unpack2x16float(c2.x); let x3 = unpack2x16float(c3.x);
+        let y0 = unpack2x16float(c0.y); let y1 = unpack2x16float(c1.y); let y2 = unpack2x16float(c2.y); let y3 = unpack2x16float(c3.y);
+        let z0 = unpack2x16float(c0.z); let z1 = unpack2x16float(c1.z); let z2 = unpack2x16float(c2.z); let z3 = unpack2x16float(c3.z);
+        let w0 = unpack2x16float(c0.w); let w1 = unpack2x16float(c1.w); let w2 = unpack2x16float(c2.w); let w3 = unpack2x16float(c3.w);
+        let k0 = vec4(x0.x, x1.x, x2.x, x3.x);
+        let k1 = vec4(x0.y, x1.y, x2.y, x3.y);
+        let k2 = vec4(y0.x, y1.x, y2.x, y3.x);
+        let k3 = vec4(y0.y, y1.y, y2.y, y3.y);
+        let k4 = vec4(z0.x, z1.x, z2.x, z3.x);
+        let k5 = vec4(z0.y, z1.y, z2.y, z3.y);
+        let k6 = vec4(w0.x, w1.x, w2.x, w3.x);
+        let k7 = vec4(w0.y, w1.y, w2.y, w3.y);
+        // subgroupBroadcast needs a constant lane, hence the unrolled rows.
+        rank8(acc, 0u, subgroupBroadcast(lo, 0u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 1u, subgroupBroadcast(lo, 1u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 2u, subgroupBroadcast(lo, 2u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 3u, subgroupBroadcast(lo, 3u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 4u, subgroupBroadcast(lo, 4u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 5u, subgroupBroadcast(lo, 5u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 6u, subgroupBroadcast(lo, 6u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 7u, subgroupBroadcast(lo, 7u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 8u, subgroupBroadcast(hi, 0u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 9u, subgroupBroadcast(hi, 1u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 10u, subgroupBroadcast(hi, 2u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 11u, subgroupBroadcast(hi, 3u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 12u, subgroupBroadcast(hi, 4u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 13u, subgroupBroadcast(hi, 5u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 14u, subgroupBroadcast(hi, 6u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rank8(acc, 15u, subgroupBroadcast(hi, 7u), k0, k1, k2, k3, k4, k5, k6, k7);
+    } else {
+        let f0 = bitcast<vec4<f32>>(c0);
+        let f1 = bitcast<vec4<f32>>(c1);
+        let f2 = bitcast<vec4<f32>>(c2);
+        let f3 = bitcast<vec4<f32>>(c3);
+        let k0 = vec4(f0.x, f1.x, f2.x, f3.x);
+        let k1 = vec4(f0.y, f1.y, f2.y, f3.y);
+        let k2 = vec4(f0.z, f1.z, f2.z, f3.z);
+        let k3 = vec4(f0.w, f1.w, f2.w, f3.w);
+        let a0 = bitcast<vec4<f32>>(lo);
+        let a1 = bitcast<vec4<f32>>(hi);
+        rank4(acc, 0u, subgroupBroadcast(a0, 0u), k0, k1, k2, k3);
+        rank4(acc, 1u, subgroupBroadcast(a0, 1u), k0, k1, k2, k3);
+        rank4(acc, 2u, subgroupBroadcast(a0, 2u), k0, k1, k2, k3);
+        rank4(acc, 3u, subgroupBroadcast(a0, 3u), k0, k1, k2, k3);
+        rank4(acc, 4u, subgroupBroadcast(a0, 4u), k0, k1, k2, k3);
+        rank4(acc, 5u, subgroupBroadcast(a0, 5u), k0, k1, k2, k3);
+        rank4(acc, 6u, subgroupBroadcast(a0, 6u), k0, k1, k2, k3);
+        rank4(acc, 7u, subgroupBroadcast(a0, 7u), k0, k1, k2, k3);
+        rank4(acc, 8u, subgroupBroadcast(a1, 0u), k0, k1, k2, k3);
+        rank4(acc, 9u, subgroupBroadcast(a1, 1u), k0, k1, k2, k3);
+        rank4(acc, 10u, subgroupBroadcast(a1, 2u), k0, k1, k2, k3);
+        rank4(acc, 11u, subgroupBroadcast(a1, 3u), k0, k1, k2, k3);
+        rank4(acc, 12u, subgroupBroadcast(a1, 4u), k0, k1, k2, k3);
+        rank4(acc, 13u, subgroupBroadcast(a1, 5u), k0, k1, k2, k3);
+        rank4(acc, 14u, subgroupBroadcast(a1, 6u), k0, k1, k2, k3);
+        rank4(acc, 15u, subgroupBroadcast(a1, 7u), k0, k1, k2, k3);
     }
-    store(z, i, j, dot);
+}
+
+// Vec4 words of K in chunk c (0-based) of this pass.
+fn chunk_len(c: u32) -> u32 {
+    return select(p.kw4, p.klast4, c + 1u == p.nch);
+}
+
+// Bindings: bias (3) and out (4) as for matmul_tiled; a0..a5 (5..10) and
+// b0..b5 (11..16) uniform blocks; partial_in (17) and partial_out (18).
+// A product with more K chunks than one dispatch binds runs in passes: each
+// but the last writes its sums (plus those of the passes before: accumulate
+// = 1) to partial_out; the last (finish = 1) adds bias and activation and
+// writes out. A storage read would cost more than the pass itself here.
+// One tile of up to 16384 / kw rows x 16384 / kw columns per dispatch: the
+// bound blocks a0..a5 are K chunks of the tile's rows, b0..b5 of its columns
+// (unused slots repeat a bound block). Each workgroup is one subgroup of 8
+// lanes and computes 16 rows x 32 columns, of the m rows from tile row row0
+// and the n columns; out, bias and the epilogue are as for matmul_tiled, with
+// (i, j) counted from (row0, 0) (out_off and bias_off point there).
+@compute @workgroup_size(8)
+fn gemm_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) sid: u32) {
+    let i0 = wid.y * 16u;
+    let j0 = wid.x * 32u + sid * 4u;
+    let lo = (p.row0 + i0 + sid) * p.kw4;
+    let hi = (p.row0 + i0 + 8u + sid) * p.kw4;
+    let c0 = j0 * p.kw4;
+    let c1 = c0 + p.kw4;
+    let c2 = c1 + p.kw4;
+    let c3 = c2 + p.kw4;
+    var acc: array<vec4<f32>, 16>;
+    // Bindings cannot be indexed, so each chunk has its own loop.
+    for (var q = 0u; q < chunk_len(0u); q++) {
+        kstep(&acc, a0[lo + q], a0[hi + q], b0[c0 + q], b0[c1 + q], b0[c2 + q], b0[c3 + q]);
+    }
+    if (p.nch > 1u) {
+        for (var q = 0u; q < chunk_len(1u); q++) {
+            kstep(&acc, a1[lo + q], a1[hi + q], b1[c0 + q], b1[c1 + q], b1[c2 + q], b1[c3 + q]);
+        }
+    }
+    if (p.nch > 2u) {
+        for (var q = 0u; q < chunk_len(2u); q++) {
+            kstep(&acc, a2[lo + q], a2[hi + q], b2[c0 + q], b2[c1 + q], b2[c2 + q], b2[c3 + q]);
+        }
+    }
+    if (p.nch > 3u) {
+        for (var q = 0u; q < chunk_len(3u); q++) {
+            kstep(&acc, a3[lo + q], a3[hi + q], b3[c0 + q], b3[c1 + q], b3[c2 + q], b3[c3 + q]);
+        }
+    }
+    if (p.nch > 4u) {
+        for (var q = 0u; q < chunk_len(4u); q++) {
+            kstep(&acc, a4[lo + q], a4[hi + q], b4[c0 + q], b4[c1 + q], b4[c2 + q], b4[c3 + q]);
+        }
+    }
+    if (p.nch > 5u) {
+        for (var q = 0u; q < chunk_len(5u); q++) {
+            kstep(&acc, a5[lo + q], a5[hi + q], b5[c0 + q], b5[c1 + q], b5[c2 + q], b5[c3 + q]);
+        }
+    }
+    // The stores run as a loop over the rows of a copy of the sums: fully
+    // unrolled, every store (a loop over the lanes on lavapipe) would make
+    // the kernel many times slower to compile.
+    var sums = acc;
+    var col_bias = vec4(0.0);
+    if (p.finish == 1u && p.has_bias == 1u && p.bias_per_row == 0u) {
+        for (var c = 0u; c < 4u; c++) {
+            col_bias[c] = f32(bias[p.bias_off + min(j0 + c, p.n - 1u)]);
+        }
+    }
+    let cols = min(p.n - min(j0, p.n), 4u);
+    for (var r = 0u; r < 16u; r++) {
+        let i = i0 + r;
+        if (i >= p.m) {
+            break;
+        }
+        // Partial sums of earlier passes: this lane's 4 columns are one vec4.
+        let at = (i * p.partial_ld + j0) / 4u;
+        var v = p.alpha * sums[r];
+        if (p.accumulate == 1u) {
+            v += partial_in[at];
+        }
+        if (p.finish == 0u) {
+            partial_out[at] = v;
+            continue;
+        }
+        if (p.has_bias == 1u) {
+            if (p.bias_per_row == 1u) {
+                v += f32(bias[p.bias_off + i]);
+            } else {
+                v += col_bias;
+            }
+        }
+        v = vec4(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
+        let o = p.out_off + i * p.ldo + j0;
+        for (var c = 0u; c < cols; c++) {
+            out[o + c] = st(v[c]);
+        }
+    }
 }

@@ -9,7 +9,9 @@ use motif_engine::ops::conv2d::{self, Conv2dKernel, Conv2dOptions};
 use motif_engine::ops::Activation;
 use motif_engine::{DType, EngineError, Gpu, Tensor};
 
-const KERNELS: [Conv2dKernel; 1] = [Conv2dKernel::Naive];
+/// Every kernel, whatever the adapter would pick (the packed one needs a CPU
+/// adapter with 8-lane subgroups, which is what the tests run on).
+const KERNELS: [Conv2dKernel; 2] = [Conv2dKernel::Tiled, Conv2dKernel::Packed];
 
 /// The SD VAE encoder's downsample: pad right and bottom by one, then a 3x3
 /// stride-2 convolution without padding.
@@ -105,6 +107,27 @@ fn conv2d_handles_kernel_sizes_strides_and_padding() {
 }
 
 #[test]
+fn conv2d_sums_many_input_channels_over_several_passes() {
+    // 345 x 9 taps is more K than one packed dispatch reads in f32.
+    let gpu = gpu();
+    let opts = Conv2dOptions {
+        activation: Activation::Silu,
+        ..Conv2dOptions::same(3, 1)
+    };
+    for kernel in KERNELS {
+        check(
+            gpu,
+            kernel,
+            [1, 345, 5, 6],
+            [7, 345, 3, 3],
+            true,
+            &opts,
+            500,
+        );
+    }
+}
+
+#[test]
 fn conv2d_fuses_activations() {
     let gpu = gpu();
     for kernel in KERNELS {
@@ -151,7 +174,8 @@ fn conv2d_splits_tensors_over_the_binding_limit() {
         ([1, 2, 41, 37], [3, 2, 3, 3], vae_downsample()),
         ([2, 3, 33, 33], [3, 3, 1, 1], Conv2dOptions::same(1, 2)),
     ];
-    for kernel in KERNELS {
+    // The packed kernel's 64 KiB blocks cannot be bound here; Auto falls back.
+    for kernel in [Conv2dKernel::Tiled, Conv2dKernel::Auto] {
         for (i, (x, w, opts)) in cases.iter().enumerate() {
             check(gpu, kernel, *x, *w, true, opts, 300 + i as u64);
         }

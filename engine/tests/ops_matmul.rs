@@ -10,7 +10,9 @@ use motif_engine::ops::matmul::{self, MatmulKernel, MatmulOptions};
 use motif_engine::ops::Activation;
 use motif_engine::{DType, EngineError, Gpu, Tensor};
 
-const KERNELS: [MatmulKernel; 1] = [MatmulKernel::Naive];
+/// Every kernel, whatever the adapter would pick (the packed one needs a CPU
+/// adapter with 8-lane subgroups, which is what the tests run on).
+const KERNELS: [MatmulKernel; 2] = [MatmulKernel::Tiled, MatmulKernel::Packed];
 
 /// One product: `a_shape` x `b_shape` (b's layout per `transpose_b`).
 struct Case<'a> {
@@ -162,6 +164,26 @@ fn matmul_broadcasts_a_shared_weight_over_batch_dims() {
 }
 
 #[test]
+fn matmul_sums_long_k_over_several_passes() {
+    // The packed kernel reads at most 6 chunks of K per dispatch (3072 f32
+    // or 6144 f16 values); longer products run in passes.
+    let gpu = gpu();
+    for kernel in KERNELS {
+        for (i, k) in [3333usize, 6500].into_iter().enumerate() {
+            let case = Case {
+                a: &[5, k],
+                b: &[33, k],
+                transpose_b: true,
+                bias: true,
+                activation: Activation::GeluTanh,
+                alpha: 0.5,
+            };
+            check(gpu, kernel, &case, 400 + i as u64);
+        }
+    }
+}
+
+#[test]
 fn matmul_splits_operands_over_the_binding_limit() {
     // 4 KiB bindings hold about 1000 f32 values.
     let gpu = small_binding_gpu();
@@ -181,7 +203,8 @@ fn matmul_splits_operands_over_the_binding_limit() {
         // A tall activation times a small weight.
         (&[1000, 8], &[8, 9], false),
     ];
-    for kernel in KERNELS {
+    // The packed kernel's 64 KiB blocks cannot be bound here; Auto falls back.
+    for kernel in [MatmulKernel::Tiled, MatmulKernel::Auto] {
         for (i, (a, b, transpose_b)) in cases.into_iter().enumerate() {
             let case = Case {
                 a,

@@ -5,6 +5,10 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::matmul::{
+    gemm_packed, pack_rows, packed_row_words, packed_supported, values_per_word, Epilogue, Packed,
+    PackedProduct, Strided,
+};
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
 use crate::gpu::{Binding, Gpu, Kernel};
@@ -46,12 +50,16 @@ impl Conv2dOptions {
 }
 
 /// Which kernel computes the convolution. `Auto` picks by adapter; the others
-/// exist so that tests check every kernel on any adapter.
+/// exist so that tests and benchmarks run every kernel on any adapter.
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Conv2dKernel {
     Auto,
-    Naive,
+    /// Workgroup-memory tiles straight from the storage buffers (GPUs).
+    Tiled,
+    /// Input taps and weights packed into uniform-buffer blocks, multiplied
+    /// by matmul's packed kernel (CPU adapters).
+    Packed,
 }
 
 #[repr(C)]
@@ -178,23 +186,8 @@ fn check_conv(
     })
 }
 
-/// Output pixels one workgroup of a kernel covers along x, and output
-/// channels along y.
-struct Variant {
-    entry: &'static str,
-    pixels: usize,
-    channels: usize,
-}
-
-fn variant(_gpu: &Gpu, kernel: Conv2dKernel) -> Variant {
-    match kernel {
-        Conv2dKernel::Auto | Conv2dKernel::Naive => Variant {
-            entry: "conv2d_naive",
-            pixels: 64,
-            channels: 1,
-        },
-    }
-}
+/// Output pixels and channels of one conv2d_tiled workgroup.
+const TILE: usize = 64;
 
 /// `act(conv(x, weight) + bias)`: `x [N, Cin, H, W]`, `weight [Cout, Cin, kh, kw]`,
 /// `bias [Cout]` → `[N, Cout, Ho, Wo]`.
@@ -224,11 +217,11 @@ fn input_rows(d: &Dims, stride: usize, rows: usize) -> usize {
     ((rows - 1) * stride + d.kh).min(d.h)
 }
 
-fn tiling(d: &Dims, stride: usize, max: usize, v: &Variant) -> Result<Tiling> {
+fn tiling(d: &Dims, stride: usize, max: usize) -> Result<Tiling> {
     let plane = d.h * d.w;
     let taps = d.kh * d.kw;
     let (x_item, o_item, w_all) = (d.cin * plane, d.cout * d.ho * d.wo, d.cout * d.cin * taps);
-    let max_rows = (MAX_GROUPS * v.pixels / d.wo).max(1);
+    let max_rows = (MAX_GROUPS * TILE / d.wo).max(1);
     if x_item <= max && o_item <= max && w_all <= max && d.ho <= max_rows {
         let items = (max / x_item.max(1))
             .min(max / o_item)
@@ -265,7 +258,7 @@ fn tiling(d: &Dims, stride: usize, max: usize, v: &Variant) -> Result<Tiling> {
     let channels = ((max - depth * taps) / (d.cin * taps).max(1) + 1)
         .min((max - rows * d.wo) / (d.ho * d.wo) + 1)
         .min(d.cout)
-        .min(MAX_GROUPS / v.channels);
+        .min(MAX_GROUPS * TILE);
     Ok(Tiling {
         items: 1,
         channels,
@@ -289,13 +282,54 @@ pub fn conv2d_with_kernel(
     if out.numel() == 0 {
         return Ok(out);
     }
-    let v = variant(gpu, kernel);
+    // The one choice between the two kernels, for the reasons given in
+    // shaders/matmul.wgsl: CPU adapters read storage buffers an order of
+    // magnitude slower than uniform buffers, GPUs want workgroup-memory tiles.
+    // An item larger than one binding takes the tiled kernel, which splits it.
+    let packable = packed_supported(gpu)
+        && d.cin * d.h * d.w <= Tensor::max_window_elems(gpu, x.dtype())
+        && x.numel() > 0;
+    let packed = match kernel {
+        Conv2dKernel::Auto => packable,
+        Conv2dKernel::Tiled => false,
+        Conv2dKernel::Packed => {
+            if !packable {
+                return Err(EngineError::Argument {
+                    op: "conv2d",
+                    message: format!(
+                        "the packed kernel needs a CPU adapter with 8-lane subgroups and \
+                         64 KiB uniform bindings, and an input item that fits a binding \
+                         (adapter {})",
+                        gpu.adapter().name
+                    ),
+                });
+            }
+            true
+        }
+    };
+    if packed {
+        run_packed(gpu, x, weight, bias, opts, &d, &out)?;
+    } else {
+        run_tiled(gpu, x, weight, bias, opts, &d, &out)?;
+    }
+    Ok(out)
+}
+
+fn run_tiled(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &Conv2dOptions,
+    d: &Dims,
+    out: &Tensor,
+) -> Result<()> {
     let max = Tensor::max_window_elems(gpu, x.dtype());
-    let t = tiling(&d, opts.stride, max, &v)?;
+    let t = tiling(d, opts.stride, max)?;
     let k = Kernel {
         op: "conv2d",
         source: SOURCE,
-        entry: v.entry,
+        entry: "conv2d_tiled",
         dtype: x.dtype(),
         constants: vec![("ACT", opts.activation.code())],
     };
@@ -376,8 +410,8 @@ pub fn conv2d_with_kernel(
                         params_bytes(&p),
                         &[(1, xb), (2, wb), (3, bb), (4, ob)],
                         [
-                            (rows * d.wo).div_ceil(v.pixels) as u32,
-                            channels.div_ceil(v.channels) as u32,
+                            (rows * d.wo).div_ceil(TILE) as u32,
+                            channels.div_ceil(TILE) as u32,
                             items as u32,
                         ],
                     )?;
@@ -385,7 +419,130 @@ pub fn conv2d_with_kernel(
             }
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Im2colParams {
+    cin: u32,
+    h: u32,
+    w: u32,
+    wo: u32,
+    stride: u32,
+    pad_l: u32,
+    pad_t: u32,
+    x_off: u32,
+    oy0: u32,
+    k: u32,
+    row_words: u32,
+    rb: u32,
+    words_shift: u32,
+    rb_shift: u32,
+    n_kc: u32,
+    _pad: u32,
+}
+
+/// Words of packed taps per band of output rows: 32 MiB, a band's blocks
+/// being bound as one storage buffer while they are written.
+const BAND_WORDS: usize = 1 << 23;
+/// Invocations per pack_im2col workgroup, along K.
+const IM2COL_GROUP: usize = 32;
+
+/// The CPU-adapter path: per batch item and band of output rows, the input
+/// taps are packed (pack_im2col) and multiplied with the packed weights by
+/// matmul's gemm_packed, whose rows are output channels and columns pixels.
+fn run_packed(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &Conv2dOptions,
+    d: &Dims,
+    out: &Tensor,
+) -> Result<()> {
+    let dtype = x.dtype();
+    let k = d.cin * d.kh * d.kw;
+    let k_words = k.div_ceil(values_per_word(dtype));
+    let band = (BAND_WORDS / (d.wo * k_words).max(1)).clamp(1, d.ho.min(MAX_GROUPS));
+    let row_words = packed_row_words(1, d.cout, band * d.wo, k_words);
+    let weights = Strided {
+        t: weight,
+        items: 1,
+        rows: d.cout,
+        k,
+        item_stride: 0,
+        row_stride: k,
+        k_stride: 1,
+    };
+    let w_packed = pack_rows(gpu, &weights, row_words)?;
+    let taps = Packed::alloc(gpu, 1, band * d.wo, k_words, row_words)?;
+    let kernel = Kernel {
+        op: "conv2d",
+        source: SOURCE,
+        entry: "pack_im2col",
+        dtype,
+        constants: vec![
+            ("KH", d.kh as f64),
+            ("KW", d.kw as f64),
+            ("PACKED_F16", (values_per_word(dtype) == 2) as u8 as f64),
+        ],
+    };
+    let rb = taps.rows_per_block();
+    let epilogue = Epilogue {
+        alpha: 1.0,
+        bias,
+        bias_per_row: true,
+        activation: opts.activation,
+    };
+    let x_item = d.cin * d.h * d.w;
+    let out_plane = d.ho * d.wo;
+    for z in 0..d.n {
+        let (xb, x_off) = x.window(gpu, z * x_item, x_item);
+        for oy0 in (0..d.ho).step_by(band) {
+            let rows = band.min(d.ho - oy0);
+            let p = Im2colParams {
+                cin: d.cin as u32,
+                h: d.h as u32,
+                w: d.w as u32,
+                wo: d.wo as u32,
+                stride: opts.stride as u32,
+                pad_l: opts.padding[0] as u32,
+                pad_t: opts.padding[2] as u32,
+                x_off,
+                oy0: oy0 as u32,
+                k: k as u32,
+                row_words: row_words as u32,
+                rb: rb as u32,
+                words_shift: row_words.trailing_zeros(),
+                rb_shift: rb.trailing_zeros(),
+                n_kc: taps.k_chunks() as u32,
+                _pad: 0,
+            };
+            let groups = [
+                (taps.k_chunks() * row_words / IM2COL_GROUP) as u32,
+                rows as u32,
+                d.wo as u32,
+            ];
+            let dst = taps.blocks(0, taps.item_blocks());
+            gpu.dispatch(&kernel, params_bytes(&p), &[(1, xb), (2, dst)], groups)?;
+            let product = PackedProduct {
+                a: &w_packed,
+                b: &taps,
+                a_shared: true,
+                b_shared: true,
+                items: 1,
+                m: d.cout,
+                n: rows * d.wo,
+                out,
+                out_base: z * d.cout * out_plane + oy0 * d.wo,
+                out_item_stride: 0,
+                ldo: out_plane,
+            };
+            gemm_packed(gpu, &product, &epilogue)?;
+        }
+    }
+    Ok(())
 }
 
 /// CPU reference of [`conv2d`] in f64 accumulation.

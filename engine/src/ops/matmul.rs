@@ -8,7 +8,7 @@ use bytemuck::{Pod, Zeroable};
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
 use crate::gpu::{Binding, Gpu, Kernel};
-use crate::tensor::{fmt_shape, Tensor};
+use crate::tensor::{fmt_shape, DType, Tensor};
 
 const SOURCE: &str = include_str!("../../../shaders/matmul.wgsl");
 const MAX_GROUPS: usize = 65535;
@@ -37,16 +37,19 @@ impl Default for MatmulOptions<'_> {
 }
 
 /// Which kernel computes the product. `Auto` picks by adapter; the others
-/// exist so that tests check every kernel on any adapter.
+/// exist so that tests and benchmarks run every kernel on any adapter.
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatmulKernel {
     Auto,
-    Naive,
+    /// Workgroup-memory tiles straight from the storage buffers (GPUs).
+    Tiled,
+    /// Operands packed into uniform-buffer blocks first (CPU adapters).
+    Packed,
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
 struct Params {
     m: u32,
     n: u32,
@@ -66,7 +69,12 @@ struct Params {
     has_bias: u32,
     accumulate: u32,
     finish: u32,
-    _pad: [u32; 2],
+    bias_per_row: u32,
+    kw4: u32,
+    nch: u32,
+    klast4: u32,
+    row0: u32,
+    partial_ld: u32,
 }
 
 /// The product's sizes after validation. A `b` without batch dims is shared
@@ -79,23 +87,6 @@ struct Dims {
     n: usize,
     b_batched: bool,
     transpose_b: bool,
-}
-
-/// Output rows and columns one workgroup of a kernel covers.
-struct Variant {
-    entry: &'static str,
-    rows: usize,
-    cols: usize,
-}
-
-fn variant(_gpu: &Gpu, kernel: MatmulKernel) -> Variant {
-    match kernel {
-        MatmulKernel::Auto | MatmulKernel::Naive => Variant {
-            entry: "matmul_naive",
-            rows: 16,
-            cols: 16,
-        },
-    }
 }
 
 /// `act(alpha · a @ b + bias)`.
@@ -117,7 +108,7 @@ pub fn matmul_with_kernel(
     kernel: MatmulKernel,
 ) -> Result<Tensor> {
     let (dims, out_shape) = check_matmul("matmul", a, b, opts)?;
-    run(gpu, a, b, opts, dims, &out_shape, variant(gpu, kernel))
+    run(gpu, a, b, opts, dims, &out_shape, kernel)
 }
 
 /// PyTorch's `nn.Linear`: `x [..., K]`, `weight [N, K]`, `bias [N]` →
@@ -167,7 +158,7 @@ pub fn linear(
         &opts,
         dims,
         &out_shape,
-        variant(gpu, MatmulKernel::Auto),
+        MatmulKernel::Auto,
     )
 }
 
@@ -245,6 +236,71 @@ fn check_matmul(
     Ok((dims, out_shape))
 }
 
+fn run(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    opts: &MatmulOptions,
+    d: Dims,
+    out_shape: &[usize],
+    kernel: MatmulKernel,
+) -> Result<Tensor> {
+    let out = Tensor::empty(gpu, out_shape, a.dtype())?;
+    if d.batch == 0 || d.m == 0 || d.n == 0 {
+        return Ok(out);
+    }
+    let epilogue = Epilogue {
+        alpha: opts.alpha,
+        bias: opts.bias,
+        bias_per_row: false,
+        activation: opts.activation,
+    };
+    // The one choice between the two kernels (see shaders/matmul.wgsl): CPU
+    // adapters read storage buffers an order of magnitude slower than uniform
+    // buffers, GPUs want workgroup-memory tiles. Operands that cannot be
+    // packed in windows (a plain `b` larger than a binding) take the tiled
+    // kernel, which can split anything.
+    let packed = match kernel {
+        MatmulKernel::Auto => packed_supported(gpu) && packable(gpu, b, &d),
+        MatmulKernel::Tiled => false,
+        MatmulKernel::Packed => {
+            if !(packed_supported(gpu) && packable(gpu, b, &d)) {
+                return Err(EngineError::Argument {
+                    op: "matmul",
+                    message: format!(
+                        "the packed kernel needs a CPU adapter with 8-lane subgroups and \
+                         64 KiB uniform bindings, and a b whose row blocks fit a binding \
+                         (adapter {})",
+                        gpu.adapter().name
+                    ),
+                });
+            }
+            true
+        }
+    };
+    if packed {
+        run_packed(gpu, a, b, &out, &d, &epilogue)?;
+    } else {
+        run_tiled(gpu, a, b, &out, &d, &epilogue, opts.transpose_b)?;
+    }
+    Ok(out)
+}
+
+/// What the product's store adds: `act(alpha · dot + bias)`.
+pub(crate) struct Epilogue<'a> {
+    pub alpha: f32,
+    pub bias: Option<&'a Tensor>,
+    /// The bias is indexed by row (conv2d's output channels), not column.
+    pub bias_per_row: bool,
+    pub activation: Activation,
+}
+
+// ---------------------------------------------------------------------------
+// The tiled kernel (GPUs, and any adapter as the fallback).
+
+/// Output rows and columns of one matmul_tiled workgroup.
+const TILE: usize = 64;
+
 /// How the product is cut into dispatches: `items` batch items at a time
 /// (only when whole items fit), else windows of `rows` x `cols` outputs over
 /// `depth` values of K.
@@ -258,9 +314,9 @@ struct Tiling {
 
 /// Picks the largest windows that fit one binding of `max` elements and a
 /// dispatch of at most 65535 workgroups per dimension.
-fn tiling(d: &Dims, max: usize, v: &Variant) -> Tiling {
-    let max_rows = MAX_GROUPS * v.rows;
-    let max_cols = MAX_GROUPS * v.cols;
+fn tiling(d: &Dims, max: usize) -> Tiling {
+    let max_rows = MAX_GROUPS * TILE;
+    let max_cols = MAX_GROUPS * TILE;
     let (a_item, b_item, o_item) = (d.m * d.k, d.k * d.n, d.m * d.n);
     if a_item <= max && b_item <= max && o_item <= max && d.m <= max_rows && d.n <= max_cols {
         let mut items = d.batch.min(MAX_GROUPS);
@@ -314,29 +370,41 @@ fn span(
     (base + row0 * stride + col0, (rows - 1) * stride + cols)
 }
 
-fn run(
+/// The bias binding of a window: its `count` values from `start`, or, with
+/// no bias, any buffer (the kernel does not read it, but every binding of the
+/// pipeline needs one).
+fn bias_window<'a>(
+    gpu: &Gpu,
+    e: &Epilogue<'a>,
+    start: usize,
+    count: usize,
+    unused: Binding<'a>,
+) -> (Binding<'a>, u32) {
+    match e.bias {
+        Some(bias) => bias.window(gpu, start, count),
+        None => (unused, 0),
+    }
+}
+
+fn run_tiled(
     gpu: &Gpu,
     a: &Tensor,
     b: &Tensor,
-    opts: &MatmulOptions,
-    d: Dims,
-    out_shape: &[usize],
-    v: Variant,
-) -> Result<Tensor> {
-    let out = Tensor::empty(gpu, out_shape, a.dtype())?;
-    if d.batch == 0 || d.m == 0 || d.n == 0 {
-        return Ok(out);
-    }
+    out: &Tensor,
+    d: &Dims,
+    e: &Epilogue,
+    transpose_b: bool,
+) -> Result<()> {
     let max = Tensor::max_window_elems(gpu, a.dtype());
-    let t = tiling(&d, max, &v);
+    let t = tiling(d, max);
     let k = Kernel {
         op: "matmul",
         source: SOURCE,
-        entry: v.entry,
+        entry: "matmul_tiled",
         dtype: a.dtype(),
         constants: vec![
-            ("TRANS_B", if d.transpose_b { 1.0 } else { 0.0 }),
-            ("ACT", opts.activation.code()),
+            ("TRANS_B", if transpose_b { 1.0 } else { 0.0 }),
+            ("ACT", e.activation.code()),
         ],
     };
     let ldb = if d.transpose_b { d.k } else { d.n };
@@ -370,11 +438,7 @@ fn run(
                         )
                     };
                     let (ob, out_off) = out.window(gpu, o_start, o_count + extra * o_item);
-                    let (biasb, bias_off): (Binding, u32) = match opts.bias {
-                        Some(bias) => bias.window(gpu, j0, cols),
-                        // Unused by the kernel, but every binding needs a buffer.
-                        None => (ab, 0),
-                    };
+                    let (biasb, bias_off) = bias_window(gpu, e, j0, cols, ab);
                     let p = Params {
                         m: rows as u32,
                         n: cols as u32,
@@ -390,19 +454,19 @@ fn run(
                         lda: d.k as u32,
                         ldb: ldb as u32,
                         ldo: d.n as u32,
-                        alpha: opts.alpha,
-                        has_bias: opts.bias.is_some() as u32,
+                        alpha: e.alpha,
+                        has_bias: e.bias.is_some() as u32,
                         accumulate: (chunk > 0) as u32,
                         finish: (chunk + 1 == k_chunks.len()) as u32,
-                        _pad: [0; 2],
+                        ..Params::default()
                     };
                     gpu.dispatch(
                         &k,
                         params_bytes(&p),
                         &[(1, ab), (2, bb), (3, biasb), (4, ob)],
                         [
-                            cols.div_ceil(v.cols) as u32,
-                            rows.div_ceil(v.rows) as u32,
+                            cols.div_ceil(TILE) as u32,
+                            rows.div_ceil(TILE) as u32,
                             items as u32,
                         ],
                     )?;
@@ -410,7 +474,494 @@ fn run(
             }
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The packed kernel (CPU adapters): see the comment in shaders/matmul.wgsl.
+
+/// 32-bit words in one packed block: 64 KiB, the largest uniform binding
+/// Vulkan guarantees.
+pub(crate) const BLOCK_WORDS: usize = 16384;
+const BLOCK_BYTES: u64 = BLOCK_WORDS as u64 * 4;
+/// K chunks (pairs of bound blocks) one gemm_packed dispatch sums: with the
+/// parameters and the partial sums, 14 uniform buffers of the 15 lavapipe allows.
+const CHUNKS_PER_PASS: usize = 6;
+const PACKED_UNIFORMS: usize = 2 * CHUNKS_PER_PASS + 2;
+/// Output rows and columns of one gemm_packed workgroup (one subgroup).
+const PACKED_ROWS: usize = 16;
+const PACKED_COLS: usize = 32;
+/// Words per block row to choose from: blocks of 512 rows x 32 words to 32 x 512.
+const BLOCK_ROW_WORDS: [usize; 5] = [32, 64, 128, 256, 512];
+
+/// Whether this adapter runs gemm_packed: a CPU adapter whose subgroups are
+/// its 8 SIMD lanes (the kernel broadcasts from lanes 0..7 of a subgroup it
+/// assumes to be exactly the 8 invocations of a workgroup), with room for
+/// 14 uniform buffers of 64 KiB.
+pub(crate) fn packed_supported(gpu: &Gpu) -> bool {
+    let info = gpu.adapter_info();
+    let limits = gpu.limits();
+    gpu.adapter().is_cpu
+        && gpu.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size == 8
+        && info.subgroup_max_size == 8
+        && limits.max_uniform_buffers_per_shader_stage as usize >= PACKED_UNIFORMS
+        && limits.max_uniform_buffer_binding_size >= BLOCK_BYTES
+        && gpu.max_binding_bytes() >= BLOCK_BYTES
+}
+
+/// Values per packed word.
+pub(crate) fn values_per_word(dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => 1,
+        DType::F16 => 2,
+    }
+}
+
+/// Whether the packing windows of this product's operands fit one binding:
+/// only a plain `b` ([K, N], whose columns are packed) can be too wide.
+fn packable(gpu: &Gpu, b: &Tensor, d: &Dims) -> bool {
+    let max = Tensor::max_window_elems(gpu, b.dtype());
+    let widest_rows = BLOCK_WORDS / BLOCK_ROW_WORDS[0];
+    d.transpose_b || d.k.saturating_sub(1) * d.n + widest_rows <= max
+}
+
+/// An operand packed into blocks (layout in shaders/matmul.wgsl), in a buffer
+/// of its own: pooled tensors cannot be bound as uniform buffers.
+pub(crate) struct Packed {
+    buffer: wgpu::Buffer,
+    /// Words per block row.
+    kw: usize,
+    /// Row blocks per item.
+    n_rb: usize,
+    /// K chunks.
+    n_kc: usize,
+    /// Words of K (the last chunk may be shorter).
+    k_words: usize,
+}
+
+impl Packed {
+    /// An uninitialised packed operand of `items` x `rows` x `k_words`.
+    pub(crate) fn alloc(
+        gpu: &Gpu,
+        items: usize,
+        rows: usize,
+        k_words: usize,
+        kw: usize,
+    ) -> Result<Packed> {
+        let n_rb = rows.div_ceil(BLOCK_WORDS / kw).max(1);
+        let n_kc = k_words.div_ceil(kw).max(1);
+        let bytes = (items * n_rb * n_kc) as u64 * BLOCK_BYTES;
+        if bytes > gpu.max_buffer_bytes() {
+            return Err(EngineError::BufferTooLarge {
+                bytes,
+                limit: gpu.max_buffer_bytes(),
+            });
+        }
+        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("motif packed operand"),
+            size: bytes.max(BLOCK_BYTES),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
+            mapped_at_creation: false,
+        });
+        Ok(Packed {
+            buffer,
+            kw,
+            n_rb,
+            n_kc,
+            k_words,
+        })
+    }
+
+    pub(crate) fn rows_per_block(&self) -> usize {
+        BLOCK_WORDS / self.kw
+    }
+
+    pub(crate) fn k_chunks(&self) -> usize {
+        self.n_kc
+    }
+
+    /// Blocks per item.
+    pub(crate) fn item_blocks(&self) -> usize {
+        self.n_rb * self.n_kc
+    }
+
+    /// `count` whole blocks from block index `first` (item-major, then row
+    /// block, then K chunk), for a packing kernel to write.
+    pub(crate) fn blocks(&self, first: usize, count: usize) -> Binding<'_> {
+        Binding {
+            buffer: &self.buffer,
+            offset: first as u64 * BLOCK_BYTES,
+            size: count as u64 * BLOCK_BYTES,
+        }
+    }
+
+    fn block(&self, z: usize, rb: usize, kc: usize) -> Binding<'_> {
+        self.blocks((z * self.n_rb + rb) * self.n_kc + kc, 1)
+    }
+}
+
+/// Picks the words per block row: wider blocks mean fewer passes over K,
+/// taller ones fewer dispatches; both want enough workgroups per dispatch
+/// for every CPU thread. Partial sums between passes must fit one uniform
+/// block, so several passes need tiles of at most 128 x 128.
+pub(crate) fn packed_row_words(items: usize, m: usize, n: usize, k_words: usize) -> usize {
+    // CPU nanoseconds on lavapipe (2 threads), measured: a word of K of one
+    // output, a dispatch, an extra pass over one output.
+    const WORD: f64 = 0.18;
+    const DISPATCH: f64 = 80e3;
+    const PASS: f64 = 15.0;
+    const THREADS: usize = 2;
+    let cost = |kw: usize| {
+        let rb = BLOCK_WORDS / kw;
+        let passes = k_words.div_ceil(kw).max(1).div_ceil(CHUNKS_PER_PASS);
+        if passes > 1 && rb * rb > BLOCK_WORDS {
+            return f64::INFINITY;
+        }
+        let dispatches = items * m.div_ceil(rb) * n.div_ceil(rb) * passes;
+        let groups = m.min(rb).div_ceil(PACKED_ROWS) * n.min(rb).div_ceil(PACKED_COLS);
+        let balance = groups as f64 / (groups.div_ceil(THREADS) * THREADS) as f64;
+        (items * m * n * k_words.max(1)) as f64 * WORD / balance
+            + dispatches as f64 * DISPATCH
+            + ((passes - 1) * items * m * n) as f64 * PASS
+    };
+    BLOCK_ROW_WORDS
+        .into_iter()
+        .min_by(|&x, &y| cost(x).total_cmp(&cost(y)))
+        .expect("the candidate list is not empty")
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct PackParams {
+    rows: u32,
+    k: u32,
+    src_off: u32,
+    src_bstride: u32,
+    row_stride: u32,
+    k_stride: u32,
+    kw: u32,
+    rb: u32,
+    kw_shift: u32,
+    rb_shift: u32,
+    n_rb: u32,
+    n_kc: u32,
+    row0: u32,
+    dst_base: u32,
+    _pad: [u32; 2],
+}
+
+/// A strided matrix (per item) in a tensor, to be packed with its rows as
+/// block rows: `a` row-major, a transposed `b` as is, a plain `b` by columns.
+pub(crate) struct Strided<'a> {
+    pub t: &'a Tensor,
+    pub items: usize,
+    pub rows: usize,
+    pub k: usize,
+    pub item_stride: usize,
+    pub row_stride: usize,
+    pub k_stride: usize,
+}
+
+/// Invocations per pack_rows workgroup, along K.
+const PACK_GROUP: usize = 32;
+
+/// Packs `s` with `kw` words per block row.
+pub(crate) fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
+    let epw = values_per_word(s.t.dtype());
+    let packed = Packed::alloc(gpu, s.items, s.rows, s.k.div_ceil(epw), kw)?;
+    let k = Kernel {
+        op: "matmul",
+        source: SOURCE,
+        entry: "pack_rows",
+        dtype: s.t.dtype(),
+        constants: vec![("PACKED_F16", (epw == 2) as u8 as f64)],
+    };
+    let rb = packed.rows_per_block();
+    let base = PackParams {
+        rows: s.rows as u32,
+        k: s.k as u32,
+        src_off: 0,
+        src_bstride: s.item_stride as u32,
+        row_stride: s.row_stride as u32,
+        k_stride: s.k_stride as u32,
+        kw: kw as u32,
+        rb: rb as u32,
+        kw_shift: kw.trailing_zeros(),
+        rb_shift: rb.trailing_zeros(),
+        n_rb: packed.n_rb as u32,
+        n_kc: packed.n_kc as u32,
+        row0: 0,
+        dst_base: 0,
+        _pad: [0; 2],
+    };
+    let groups_x = (packed.n_kc * kw / PACK_GROUP) as u32;
+    let item_words = packed.n_rb * packed.n_kc * BLOCK_WORDS;
+    let all_blocks = s.items * packed.n_rb * packed.n_kc;
+    let padded_rows = packed.n_rb * rb;
+    if s.t.fits_binding(gpu)
+        && all_blocks as u64 * BLOCK_BYTES <= gpu.max_binding_bytes()
+        && s.items <= MAX_GROUPS
+    {
+        let dst = packed.blocks(0, all_blocks);
+        for row0 in (0..padded_rows).step_by(rb * (MAX_GROUPS / rb)) {
+            let rows = (rb * (MAX_GROUPS / rb)).min(padded_rows - row0);
+            let p = PackParams {
+                row0: row0 as u32,
+                src_off: (row0 * s.row_stride) as u32,
+                ..base
+            };
+            let groups = [groups_x, rows as u32, s.items as u32];
+            gpu.dispatch(
+                &k,
+                params_bytes(&p),
+                &[(1, s.t.binding()), (2, dst)],
+                groups,
+            )?;
+        }
+        return Ok(packed);
+    }
+    // One dispatch per row block of each item, over a window of the source.
+    let max = Tensor::max_window_elems(gpu, s.t.dtype());
+    for z in 0..s.items {
+        for r in 0..packed.n_rb {
+            let valid = rb.min(s.rows.saturating_sub(r * rb));
+            let start = z * s.item_stride + r * rb * s.row_stride;
+            let count =
+                valid.saturating_sub(1) * s.row_stride + s.k.saturating_sub(1) * s.k_stride + 1;
+            if count > max {
+                return Err(EngineError::BindingTooLarge {
+                    op: "matmul",
+                    bytes: count as u64 * s.t.dtype().size_bytes(),
+                    limit: gpu.max_binding_bytes(),
+                });
+            }
+            let (src, src_off) = s.t.window(gpu, start, count.min(s.t.numel() - start));
+            let first = (z * packed.n_rb + r) * packed.n_kc;
+            // The kernel places item 0's rows; wrapping arithmetic moves them to item z.
+            let p = PackParams {
+                row0: (r * rb) as u32,
+                src_off,
+                dst_base: ((first * BLOCK_WORDS) as u32).wrapping_sub((z * item_words) as u32),
+                ..base
+            };
+            let dst = packed.blocks(first, packed.n_kc);
+            let groups = [groups_x, rb as u32, 1];
+            gpu.dispatch(&k, params_bytes(&p), &[(1, src), (2, dst)], groups)?;
+        }
+    }
+    Ok(packed)
+}
+
+/// A product of packed operands: `a` holds the rows, `b` the columns, both
+/// packed along K with the same block shape. Item z uses a's item z (or 0
+/// when shared) and b's likewise; out[z, i, j] is at
+/// `out_base + z * out_item_stride + i * ldo + j`.
+pub(crate) struct PackedProduct<'a> {
+    pub a: &'a Packed,
+    pub b: &'a Packed,
+    pub a_shared: bool,
+    pub b_shared: bool,
+    pub items: usize,
+    pub m: usize,
+    pub n: usize,
+    pub out: &'a Tensor,
+    pub out_base: usize,
+    pub out_item_stride: usize,
+    pub ldo: usize,
+}
+
+/// Records gemm_packed over every tile and pass of K.
+pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<()> {
+    let (a, b) = (g.a, g.b);
+    debug_assert_eq!((a.kw, a.n_kc, a.k_words), (b.kw, b.n_kc, b.k_words));
+    let dtype = g.out.dtype();
+    let k = Kernel {
+        op: "matmul",
+        source: SOURCE,
+        entry: "gemm_packed",
+        dtype,
+        constants: vec![
+            ("ACT", e.activation.code()),
+            ("PACKED_F16", (dtype == DType::F16) as u8 as f64),
+        ],
+    };
+    let rb = a.rows_per_block();
+    let kw4 = a.kw / 4;
+    let passes = a.n_kc.div_ceil(CHUNKS_PER_PASS);
+    let max = Tensor::max_window_elems(gpu, dtype);
+    // Rows of a tile per dispatch: all of them unless their window of `out`
+    // (rows far apart, as conv2d's channels) is over the binding limit.
+    let group_rows = ((max.saturating_sub(rb)) / g.ldo.max(1) + 1) / PACKED_ROWS * PACKED_ROWS;
+    if group_rows == 0 {
+        return Err(EngineError::BindingTooLarge {
+            op: "matmul",
+            bytes: ((PACKED_ROWS - 1) * g.ldo + rb) as u64 * dtype.size_bytes(),
+            limit: gpu.max_binding_bytes(),
+        });
+    }
+    // Two buffers for the partial sums of a tile between passes, taking turns.
+    let partials: Vec<wgpu::Buffer> = if passes > 1 {
+        debug_assert!(
+            rb * rb <= BLOCK_WORDS,
+            "packed_row_words keeps such tiles small"
+        );
+        (0..2)
+            .map(|_| {
+                gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("motif partial sums"),
+                    size: BLOCK_BYTES,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
+                    mapped_at_creation: false,
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let whole = |buffer| Binding {
+        buffer,
+        offset: 0,
+        size: BLOCK_BYTES,
+    };
+    for z in 0..g.items {
+        let za = if g.a_shared { 0 } else { z };
+        let zb = if g.b_shared { 0 } else { z };
+        for i in 0..g.m.div_ceil(rb) {
+            for j in 0..g.n.div_ceil(rb) {
+                let cols = rb.min(g.n - j * rb);
+                let partial_ld = cols.next_multiple_of(PACKED_COLS);
+                let tile_rows = rb.min(g.m - i * rb);
+                for row0 in (0..tile_rows).step_by(group_rows) {
+                    let rows = group_rows.min(tile_rows - row0);
+                    let (o_start, o_count) = span(
+                        g.out_base + z * g.out_item_stride,
+                        g.ldo,
+                        i * rb + row0,
+                        j * rb,
+                        rows,
+                        cols,
+                    );
+                    let (ob, out_off) = g.out.window(gpu, o_start, o_count);
+                    let (bias0, bias_count) = if e.bias_per_row {
+                        (i * rb + row0, rows)
+                    } else {
+                        (j * rb, cols)
+                    };
+                    let unused = a.block(za, i, 0);
+                    let (biasb, bias_off) = bias_window(gpu, e, bias0, bias_count, unused);
+                    for pass in 0..passes {
+                        let first = pass * CHUNKS_PER_PASS;
+                        let nch = CHUNKS_PER_PASS.min(a.n_kc - first);
+                        let last_words =
+                            a.k_words.saturating_sub((first + nch - 1) * a.kw).min(a.kw);
+                        // Unused partial slots get buffers the pass does not otherwise bind.
+                        let partial_in = if pass > 0 {
+                            whole(&partials[(pass - 1) % 2])
+                        } else {
+                            unused
+                        };
+                        let partial_out = if pass + 1 < passes {
+                            whole(&partials[pass % 2])
+                        } else {
+                            ob
+                        };
+                        let mut bindings =
+                            vec![(3, biasb), (4, ob), (17, partial_in), (18, partial_out)];
+                        for c in 0..CHUNKS_PER_PASS {
+                            // Unused slots repeat the first chunk; the kernel skips them.
+                            let kc = first + if c < nch { c } else { 0 };
+                            bindings.push((5 + c as u32, a.block(za, i, kc)));
+                            bindings.push((11 + c as u32, b.block(zb, j, kc)));
+                        }
+                        let p = Params {
+                            m: rows as u32,
+                            n: cols as u32,
+                            bias_off,
+                            out_off,
+                            ldo: g.ldo as u32,
+                            alpha: e.alpha,
+                            has_bias: e.bias.is_some() as u32,
+                            accumulate: (pass > 0) as u32,
+                            finish: (pass + 1 == passes) as u32,
+                            bias_per_row: e.bias_per_row as u32,
+                            kw4: kw4 as u32,
+                            nch: nch as u32,
+                            klast4: last_words.div_ceil(4) as u32,
+                            row0: row0 as u32,
+                            partial_ld: partial_ld as u32,
+                            ..Params::default()
+                        };
+                        gpu.dispatch(
+                            &k,
+                            params_bytes(&p),
+                            &bindings,
+                            [
+                                cols.div_ceil(PACKED_COLS) as u32,
+                                rows.div_ceil(PACKED_ROWS) as u32,
+                                1,
+                            ],
+                        )?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_packed(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    out: &Tensor,
+    d: &Dims,
+    e: &Epilogue,
+) -> Result<()> {
+    let epw = values_per_word(a.dtype());
+    let b_items = if d.b_batched { d.batch } else { 1 };
+    let kw = packed_row_words(d.batch, d.m, d.n, d.k.div_ceil(epw));
+    let pa = pack_rows(
+        gpu,
+        &Strided {
+            t: a,
+            items: d.batch,
+            rows: d.m,
+            k: d.k,
+            item_stride: d.m * d.k,
+            row_stride: d.k,
+            k_stride: 1,
+        },
+        kw,
+    )?;
+    let (row_stride, k_stride) = if d.transpose_b { (d.k, 1) } else { (1, d.n) };
+    let pb = pack_rows(
+        gpu,
+        &Strided {
+            t: b,
+            items: b_items,
+            rows: d.n,
+            k: d.k,
+            item_stride: d.k * d.n,
+            row_stride,
+            k_stride,
+        },
+        kw,
+    )?;
+    let product = PackedProduct {
+        a: &pa,
+        b: &pb,
+        a_shared: false,
+        b_shared: !d.b_batched,
+        items: d.batch,
+        m: d.m,
+        n: d.n,
+        out,
+        out_base: 0,
+        out_item_stride: d.m * d.n,
+        ldo: d.n,
+    };
+    gemm_packed(gpu, &product, e)
 }
 
 /// CPU reference of [`matmul`] in f64 accumulation. Shapes as in
