@@ -5,9 +5,9 @@
 // rows are output channels, columns output pixels, and K runs over (ci, ky, kx)
 // in the weight's own order. Two ways to compute it, picked in ops/conv2d.rs:
 //   conv2d_tiled   GPUs: workgroup-memory tiles of weights and input taps.
-//   pack_im2col    CPU adapters: writes the taps of a band of output rows as
-//                  the packed column operand of matmul.wgsl's gemm_packed
-//                  (see there why), which multiplies them with the packed weights.
+//   pack_taps,     CPU adapters: write the input taps of a band of output rows
+//   pack_weights   and the weights as the packed operands of matmul.wgsl's
+//                  gemm_packed (see there why), which multiplies them.
 //
 // conv2d_tiled:
 // Bindings (element indices inside each binding):
@@ -177,77 +177,121 @@ fn conv2d_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
 }
 
 // ---------------------------------------------------------------------------
-// pack_im2col: the taps of output rows oy0 .. oy0 + rows of one batch item,
-// written as matmul.wgsl's packed operand (one block row per output pixel,
-// K along the row, f16 in pairs), for gemm_packed to multiply with the
-// packed weights.
-//   @binding(0) ip      uniform Im2colParams
-//   @binding(1) x       as above (one item: x_off is its first element)
-//   @binding(2) packed  array<u32> (read_write): the blocks
-// Padding rows of the blocks (past the last pixel) are not written: they only
-// feed output columns that are never stored. Words past K are written as 0.
+// The CPU-adapter path: the product of packed weights and packed input taps
+// by matmul.wgsl's gemm_packed (see there why). Rows are output channels,
+// columns the output pixels of a band of rows of one batch item, and K runs
+// over (tap, input channel) — tap t = ky * KW + kx outer — so that an f16
+// word holds two channels of one tap: cw = ceil(cin / 2) words per tap (f32:
+// cw = cin). Both operands use the packed layout of matmul.wgsl.
 
 const BLOCK_WORDS: u32 = 16384u;
 
-struct Im2colParams {
+// Kernel size and stride as constants: splitting indices by them compiles to
+// multiplications, while a division by a runtime value is eight scalar
+// divisions per SIMD group on a CPU adapter.
+override KH: u32 = 3u;
+override KW: u32 = 3u;
+override STRIDE: u32 = 1u;
+// 1: words hold two f16 values (st = f16), low half first.
+override PACKED_F16: bool = false;
+
+struct PackParams {
     cin: u32,
     h: u32,
     w: u32,
     wo: u32,
-    stride: u32,
+    rows: u32,       // output rows in the band
+    oy0: u32,        // first output row of the band
     pad_l: u32,
     pad_t: u32,
-    x_off: u32,
-    oy0: u32,
-    k: u32,          // cin * KH * KW
+    x_off: u32,      // the item's first element in x
+    cw: u32,         // words per tap
     row_words: u32,  // words per block row (a power of two)
-    rb: u32,         // pixels per block (a power of two)
-    words_shift: u32, // log2(row_words)
+    rb: u32,         // block rows (a power of two)
+    words_shift: u32,
     rb_shift: u32,
-    n_kc: u32,
+    n_kc: u32,       // K chunks
     _pad: u32,
 }
 
-@group(0) @binding(0) var<uniform> ip: Im2colParams;
-@group(0) @binding(2) var<storage, read_write> packed: array<u32>;
+// pack_taps and pack_weights bindings:
+//   @binding(0) pp      uniform PackParams
+//   @binding(1) x       as above (pack_taps)
+//   @binding(2) wt      as above (pack_weights)
+//   @binding(5) packed  array<u32> (read_write): the blocks
+@group(0) @binding(0) var<uniform> pp: PackParams;
+@group(0) @binding(5) var<storage, read_write> packed: array<u32>;
 
-// Kernel size as constants, so that splitting K into (ci, ky, kx) compiles
-// to multiplications: a division by a runtime value is eight scalar
-// divisions per SIMD group on a CPU adapter.
-override KH: u32 = 3u;
-override KW: u32 = 3u;
-// 1: words hold two f16 values (st = f16).
-override PACKED_F16: bool = false;
-
-fn im2col_tap(oy: u32, ox: u32, k: u32) -> f32 {
-    if (k >= ip.k) {
-        return 0.0;
-    }
-    let ci = k / (KH * KW);
-    let t = k - ci * (KH * KW);
-    let ky = t / KW;
-    let iy = oy * ip.stride + ky - ip.pad_t;
-    let ix = ox * ip.stride + (t - ky * KW) - ip.pad_l;
-    if (iy >= ip.h || ix >= ip.w) {
-        return 0.0;
-    }
-    return f32(x[ip.x_off + (ci * ip.h + iy) * ip.w + ix]);
+fn packed_index(row: u32, word: u32) -> u32 {
+    return ((row >> pp.rb_shift) * pp.n_kc + (word >> pp.words_shift)) * BLOCK_WORDS
+        + (row & (pp.rb - 1u)) * pp.row_words + (word & (pp.row_words - 1u));
 }
 
-// x: words along K (all chunks), y: output row of the band, z: output column.
+fn input_value(ci: u32, iy: u32, ix: u32) -> f32 {
+    // The clamped load runs unconditionally (no branch around a lane loop).
+    let ok = ci < pp.cin && iy < pp.h && ix < pp.w;
+    let v = f32(x[pp.x_off + select(0u, (ci * pp.h + iy) * pp.w + ix, ok)]);
+    return select(0.0, v, ok);
+}
+
+// One invocation per word of input channels at one position of the padded
+// input (zeros outside it) that the band reads, written to every tap that
+// reads it: each input value is loaded once instead of KH * KW times, and
+// every tap of the band is written exactly once. Words of K past the last
+// tap are never written (a new packed buffer is zero).
+// x: channel word, y: padded input column, z: padded input row of the band.
 @compute @workgroup_size(32)
-fn pack_im2col(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let word = gid.x;
-    let pixel = gid.y * ip.wo + gid.z;
-    let oy = ip.oy0 + gid.y;
-    let ox = gid.z;
-    let at = ((pixel >> ip.rb_shift) * ip.n_kc + (word >> ip.words_shift)) * BLOCK_WORDS
-        + (pixel & (ip.rb - 1u)) * ip.row_words + (word & (ip.row_words - 1u));
+fn pack_taps(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c2 = gid.x;
+    if (c2 >= pp.cw) {
+        return;
+    }
+    let px = gid.y;
+    let py = gid.z;
+    // u32 wrap-around makes positions above or left of the input huge.
+    let iy = pp.oy0 * STRIDE + py - pp.pad_t;
+    let ix = px - pp.pad_l;
     var v: u32;
     if (PACKED_F16) {
-        v = pack2x16float(vec2(im2col_tap(oy, ox, 2u * word), im2col_tap(oy, ox, 2u * word + 1u)));
+        v = pack2x16float(vec2(input_value(2u * c2, iy, ix), input_value(2u * c2 + 1u, iy, ix)));
     } else {
-        v = bitcast<u32>(im2col_tap(oy, ox, word));
+        v = bitcast<u32>(input_value(c2, iy, ix));
     }
-    packed[at] = v;
+    for (var ky = 0u; ky < KH; ky++) {
+        for (var kx = 0u; kx < KW; kx++) {
+            let dy = py - ky;
+            let dx = px - kx;
+            let oy = dy / STRIDE;
+            let ox = dx / STRIDE;
+            if (py >= ky && px >= kx && dy == oy * STRIDE && dx == ox * STRIDE && oy < pp.rows && ox < pp.wo) {
+                packed[packed_index(oy * pp.wo + ox, (ky * KW + kx) * pp.cw + c2)] = v;
+            }
+        }
+    }
+}
+
+fn weight_value(co: u32, ci: u32, t: u32) -> f32 {
+    if (ci >= pp.cin) {
+        return 0.0;
+    }
+    return f32(wt[(co * pp.cin + ci) * (KH * KW) + t]);
+}
+
+// The weights [cout, cin, KH, KW] as the row operand, K in (tap, channel) order.
+// x: channel word, y: tap, z: output channel.
+@compute @workgroup_size(32)
+fn pack_weights(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c2 = gid.x;
+    if (c2 >= pp.cw) {
+        return;
+    }
+    let t = gid.y;
+    let co = gid.z;
+    var v: u32;
+    if (PACKED_F16) {
+        v = pack2x16float(vec2(weight_value(co, 2u * c2, t), weight_value(co, 2u * c2 + 1u, t)));
+    } else {
+        v = bitcast<u32>(weight_value(co, c2, t));
+    }
+    packed[packed_index(co, t * pp.cw + c2)] = v;
 }

@@ -187,7 +187,8 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
 // Packed layout: a matrix of R rows x K is cut into row blocks of 16384 / kw
 // rows and K chunks of kw 32-bit words (f32: one value; f16: two, low half
 // first). Block (z, row block, chunk) is at word ((z * n_rb + rb) * n_kc + kc) * 16384,
-// row r of it at + r * kw. Words past the matrix (rows or K) are zero.
+// row r of it at + r * kw. Words past the matrix (rows or K) are zero: the
+// packing kernels write only rows of the matrix into a new (zeroed) buffer.
 
 const BLOCK_WORDS: u32 = 16384u;
 
@@ -229,7 +230,7 @@ fn source_value(z: u32, row: u32, kk: u32) -> f32 {
 }
 
 // One packed word per invocation: x walks the words of a row along K (over
-// all chunks), y the rows from row0, z the items. Block shapes are powers of
+// all chunks), y the rows of the matrix from row0, z the items. Block shapes are powers of
 // two, so the word's place takes shifts and masks: a lane division would be
 // eight scalar divisions on a CPU adapter.
 @compute @workgroup_size(32)

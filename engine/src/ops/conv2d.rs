@@ -6,8 +6,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::matmul::{
-    gemm_packed, pack_rows, packed_row_words, packed_supported, values_per_word, Epilogue, Packed,
-    PackedProduct, Strided,
+    gemm_packed, packed_row_words, packed_supported, values_per_word, Epilogue, Packed,
+    PackedProduct, BLOCK_WORDS,
 };
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
@@ -286,9 +286,9 @@ pub fn conv2d_with_kernel(
     // shaders/matmul.wgsl: CPU adapters read storage buffers an order of
     // magnitude slower than uniform buffers, GPUs want workgroup-memory tiles.
     // An item larger than one binding takes the tiled kernel, which splits it.
-    let packable = packed_supported(gpu)
-        && d.cin * d.h * d.w <= Tensor::max_window_elems(gpu, x.dtype())
-        && x.numel() > 0;
+    let max = Tensor::max_window_elems(gpu, x.dtype());
+    let packable =
+        packed_supported(gpu) && d.cin * d.h * d.w <= max && weight.numel() <= max && x.numel() > 0;
     let packed = match kernel {
         Conv2dKernel::Auto => packable,
         Conv2dKernel::Tiled => false,
@@ -298,8 +298,8 @@ pub fn conv2d_with_kernel(
                     op: "conv2d",
                     message: format!(
                         "the packed kernel needs a CPU adapter with 8-lane subgroups and \
-                         64 KiB uniform bindings, and an input item that fits a binding \
-                         (adapter {})",
+                         64 KiB uniform bindings, and an input item and weight that each fit \
+                         a binding (adapter {})",
                         gpu.adapter().name
                     ),
                 });
@@ -424,17 +424,17 @@ fn run_tiled(
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct Im2colParams {
+struct PackParams {
     cin: u32,
     h: u32,
     w: u32,
     wo: u32,
-    stride: u32,
+    rows: u32,
+    oy0: u32,
     pad_l: u32,
     pad_t: u32,
     x_off: u32,
-    oy0: u32,
-    k: u32,
+    cw: u32,
     row_words: u32,
     rb: u32,
     words_shift: u32,
@@ -443,15 +443,15 @@ struct Im2colParams {
     _pad: u32,
 }
 
-/// Words of packed taps per band of output rows: 32 MiB, a band's blocks
-/// being bound as one storage buffer while they are written.
-const BAND_WORDS: usize = 1 << 23;
-/// Invocations per pack_im2col workgroup, along K.
-const IM2COL_GROUP: usize = 32;
+/// The largest packed operand (bytes), bound whole as one storage buffer
+/// while it is written: 64 MiB.
+const MAX_PACKED_BYTES: u64 = 1 << 26;
+/// Invocations per pack_taps / pack_weights workgroup, along channels.
+const PACK_GROUP: usize = 32;
 
-/// The CPU-adapter path: per batch item and band of output rows, the input
-/// taps are packed (pack_im2col) and multiplied with the packed weights by
-/// matmul's gemm_packed, whose rows are output channels and columns pixels.
+/// The CPU-adapter path (see shaders/conv2d.wgsl): the weights are packed
+/// once, then per batch item and band of output rows the input taps are
+/// packed and multiplied with them by matmul's gemm_packed.
 fn run_packed(
     gpu: &Gpu,
     x: &Tensor,
@@ -462,33 +462,68 @@ fn run_packed(
     out: &Tensor,
 ) -> Result<()> {
     let dtype = x.dtype();
-    let k = d.cin * d.kh * d.kw;
-    let k_words = k.div_ceil(values_per_word(dtype));
-    let band = (BAND_WORDS / (d.wo * k_words).max(1)).clamp(1, d.ho.min(MAX_GROUPS));
-    let row_words = packed_row_words(1, d.cout, band * d.wo, k_words);
-    let weights = Strided {
-        t: weight,
-        items: 1,
-        rows: d.cout,
-        k,
-        item_stride: 0,
-        row_stride: k,
-        k_stride: 1,
+    let cw = d.cin.div_ceil(values_per_word(dtype));
+    let k_words = d.kh * d.kw * cw;
+    let limit = MAX_PACKED_BYTES.min(gpu.max_binding_bytes());
+    let packed_bytes = |rows: usize, row_words: usize| {
+        let rb = BLOCK_WORDS / row_words;
+        (rows.div_ceil(rb) * k_words.div_ceil(row_words)) as u64 * BLOCK_WORDS as u64 * 4
     };
-    let w_packed = pack_rows(gpu, &weights, row_words)?;
-    let taps = Packed::alloc(gpu, 1, band * d.wo, k_words, row_words)?;
-    let kernel = Kernel {
+    let mut band = d.ho.min(MAX_GROUPS / opts.stride);
+    let mut row_words = packed_row_words(1, d.cout, band * d.wo, k_words);
+    while band > 1 && packed_bytes(band * d.wo, row_words) > limit {
+        band = band.div_ceil(2);
+        row_words = packed_row_words(1, d.cout, band * d.wo, k_words);
+    }
+    if packed_bytes(d.cout, row_words).max(packed_bytes(band * d.wo, row_words)) > limit {
+        return Err(EngineError::BindingTooLarge {
+            op: "conv2d",
+            bytes: packed_bytes(d.cout, row_words).max(packed_bytes(band * d.wo, row_words)),
+            limit,
+        });
+    }
+    let kernel = |entry| Kernel {
         op: "conv2d",
         source: SOURCE,
-        entry: "pack_im2col",
+        entry,
         dtype,
         constants: vec![
             ("KH", d.kh as f64),
             ("KW", d.kw as f64),
+            ("STRIDE", opts.stride as f64),
             ("PACKED_F16", (values_per_word(dtype) == 2) as u8 as f64),
         ],
     };
-    let rb = taps.rows_per_block();
+    let weights = Packed::alloc(gpu, 1, d.cout, k_words, row_words)?;
+    let taps = Packed::alloc(gpu, 1, band * d.wo, k_words, row_words)?;
+    let params = |packed: &Packed| PackParams {
+        cin: d.cin as u32,
+        h: d.h as u32,
+        w: d.w as u32,
+        wo: d.wo as u32,
+        rows: 0,
+        oy0: 0,
+        pad_l: opts.padding[0] as u32,
+        pad_t: opts.padding[2] as u32,
+        x_off: 0,
+        cw: cw as u32,
+        row_words: row_words as u32,
+        rb: packed.rows_per_block() as u32,
+        words_shift: row_words.trailing_zeros(),
+        rb_shift: packed.rows_per_block().trailing_zeros(),
+        n_kc: packed.k_chunks() as u32,
+        _pad: 0,
+    };
+    let channel_groups = cw.div_ceil(PACK_GROUP) as u32;
+    gpu.dispatch(
+        &kernel("pack_weights"),
+        params_bytes(&params(&weights)),
+        &[
+            (2, weight.binding()),
+            (5, weights.blocks(0, weights.item_blocks())),
+        ],
+        [channel_groups, (d.kh * d.kw) as u32, d.cout as u32],
+    )?;
     let epilogue = Epilogue {
         alpha: 1.0,
         bias,
@@ -497,37 +532,27 @@ fn run_packed(
     };
     let x_item = d.cin * d.h * d.w;
     let out_plane = d.ho * d.wo;
+    let pack_taps = kernel("pack_taps");
     for z in 0..d.n {
         let (xb, x_off) = x.window(gpu, z * x_item, x_item);
         for oy0 in (0..d.ho).step_by(band) {
             let rows = band.min(d.ho - oy0);
-            let p = Im2colParams {
-                cin: d.cin as u32,
-                h: d.h as u32,
-                w: d.w as u32,
-                wo: d.wo as u32,
-                stride: opts.stride as u32,
-                pad_l: opts.padding[0] as u32,
-                pad_t: opts.padding[2] as u32,
-                x_off,
+            let p = PackParams {
+                rows: rows as u32,
                 oy0: oy0 as u32,
-                k: k as u32,
-                row_words: row_words as u32,
-                rb: rb as u32,
-                words_shift: row_words.trailing_zeros(),
-                rb_shift: rb.trailing_zeros(),
-                n_kc: taps.k_chunks() as u32,
-                _pad: 0,
+                x_off,
+                ..params(&taps)
             };
+            // The padded input the band reads: its columns and rows.
             let groups = [
-                (taps.k_chunks() * row_words / IM2COL_GROUP) as u32,
-                rows as u32,
-                d.wo as u32,
+                channel_groups,
+                ((d.wo - 1) * opts.stride + d.kw) as u32,
+                ((rows - 1) * opts.stride + d.kh) as u32,
             ];
             let dst = taps.blocks(0, taps.item_blocks());
-            gpu.dispatch(&kernel, params_bytes(&p), &[(1, xb), (2, dst)], groups)?;
+            gpu.dispatch(&pack_taps, params_bytes(&p), &[(1, xb), (5, dst)], groups)?;
             let product = PackedProduct {
-                a: &w_packed,
+                a: &weights,
                 b: &taps,
                 a_shared: true,
                 b_shared: true,

@@ -653,21 +653,21 @@ struct PackParams {
 
 /// A strided matrix (per item) in a tensor, to be packed with its rows as
 /// block rows: `a` row-major, a transposed `b` as is, a plain `b` by columns.
-pub(crate) struct Strided<'a> {
-    pub t: &'a Tensor,
-    pub items: usize,
-    pub rows: usize,
-    pub k: usize,
-    pub item_stride: usize,
-    pub row_stride: usize,
-    pub k_stride: usize,
+struct Strided<'a> {
+    t: &'a Tensor,
+    items: usize,
+    rows: usize,
+    k: usize,
+    item_stride: usize,
+    row_stride: usize,
+    k_stride: usize,
 }
 
 /// Invocations per pack_rows workgroup, along K.
 const PACK_GROUP: usize = 32;
 
 /// Packs `s` with `kw` words per block row.
-pub(crate) fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
+fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
     let epw = values_per_word(s.t.dtype());
     let packed = Packed::alloc(gpu, s.items, s.rows, s.k.div_ceil(epw), kw)?;
     let k = Kernel {
@@ -695,17 +695,19 @@ pub(crate) fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
         dst_base: 0,
         _pad: [0; 2],
     };
-    let groups_x = (packed.n_kc * kw / PACK_GROUP) as u32;
+    // Only the words that hold values are written: the rest of a new buffer
+    // is zero, as padding must be.
+    let groups_x = packed.k_words.div_ceil(PACK_GROUP) as u32;
     let item_words = packed.n_rb * packed.n_kc * BLOCK_WORDS;
     let all_blocks = s.items * packed.n_rb * packed.n_kc;
-    let padded_rows = packed.n_rb * rb;
+    let rows_per_dispatch = MAX_GROUPS / rb * rb;
     if s.t.fits_binding(gpu)
         && all_blocks as u64 * BLOCK_BYTES <= gpu.max_binding_bytes()
         && s.items <= MAX_GROUPS
     {
         let dst = packed.blocks(0, all_blocks);
-        for row0 in (0..padded_rows).step_by(rb * (MAX_GROUPS / rb)) {
-            let rows = (rb * (MAX_GROUPS / rb)).min(padded_rows - row0);
+        for row0 in (0..s.rows).step_by(rows_per_dispatch) {
+            let rows = rows_per_dispatch.min(s.rows - row0);
             let p = PackParams {
                 row0: row0 as u32,
                 src_off: (row0 * s.row_stride) as u32,
@@ -746,7 +748,7 @@ pub(crate) fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
                 ..base
             };
             let dst = packed.blocks(first, packed.n_kc);
-            let groups = [groups_x, rb as u32, 1];
+            let groups = [groups_x, valid as u32, 1];
             gpu.dispatch(&k, params_bytes(&p), &[(1, src), (2, dst)], groups)?;
         }
     }
