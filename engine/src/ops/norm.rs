@@ -116,7 +116,7 @@ fn check_group_norm(
 }
 
 /// PyTorch GroupNorm: x [N, C, *spatial] (any number of trailing dims, e.g.
-/// (B, C, F, H, W) pools over frames too), gamma/beta [C] optional (affine),
+/// (B, C, F, H, W) pools over frames too), gamma/beta `[C]` optional (affine),
 /// statistics over each (n, group) of C/groups channels x spatial; optional
 /// fused SiLU after the affine.
 pub fn group_norm(
@@ -260,7 +260,7 @@ fn run_group_norm(
     Ok(out)
 }
 
-/// LayerNorm over the last dim D: x [..., D], gamma/beta [D] optional.
+/// LayerNorm over the last dim D: x `[..., D]`, gamma/beta `[D]` optional.
 pub fn layer_norm(
     gpu: &Gpu,
     x: &Tensor,
