@@ -251,6 +251,71 @@ fn pack_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     packed[at - pk.dst_base] = v;
 }
 
+// pack_rows4: the same for a source whose rows are contiguous along K and
+// start at multiples of 4 values, 4 words per invocation: one vec4 load and
+// store where pack_rows makes 4 (each a loop over the lanes on a CPU adapter).
+//   @binding(3) src4     the source as array<st4>
+//   @binding(4) packed4  the blocks as array<vec4<u32>>, from word dst_base
+@group(0) @binding(3) var<storage, read> src4: array<st4>;
+@group(0) @binding(4) var<storage, read_write> packed4: array<vec4<u32>>;
+
+// Values 4 * k4 .. 4 * k4 + 3 of a row, 0 past K.
+fn source4(z: u32, row: u32, k4: u32) -> vec4<f32> {
+    let first = (pk.src_off + z * pk.src_bstride + (row - pk.row0) * pk.row_stride) / 4u;
+    let v = vec4<f32>(src4[min(first + k4, arrayLength(&src4) - 1u)]);
+    let k = 4u * k4;
+    return select(vec4(0.0), v, vec4(k, k + 1u, k + 2u, k + 3u) < vec4(pk.k));
+}
+
+@compute @workgroup_size(32)
+fn pack_rows4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let word = 4u * gid.x;
+    let row = pk.row0 + gid.y;
+    let z = gid.z;
+    let at = ((z * pk.n_rb + (row >> pk.rb_shift)) * pk.n_kc + (word >> pk.kw_shift)) * BLOCK_WORDS
+        + (row & (pk.rb - 1u)) * pk.kw + (word & (pk.kw - 1u));
+    var v: vec4<u32>;
+    if (PACKED_F16) {
+        let lo = source4(z, row, 2u * gid.x);
+        let hi = source4(z, row, 2u * gid.x + 1u);
+        v = vec4(pack2x16float(lo.xy), pack2x16float(lo.zw), pack2x16float(hi.xy), pack2x16float(hi.zw));
+    } else {
+        v = bitcast<vec4<u32>>(source4(z, row, gid.x));
+    }
+    packed4[(at - pk.dst_base) / 4u] = v;
+}
+
+// pack_cols4: a source whose rows run across memory (a plain b, packed by
+// columns: row_stride = 1) with 4 rows per invocation, read with one vec4
+// load per value of K (two per f16 word). Bindings as pack_rows4 but `packed`
+// (2) for the scattered words.
+@compute @workgroup_size(32)
+fn pack_cols4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let word = gid.x;
+    let row = pk.row0 + 4u * gid.y;
+    let z = gid.z;
+    let first = (pk.src_off + z * pk.src_bstride + (row - pk.row0)) / 4u;
+    let k_step = pk.k_stride / 4u;
+    let rows_ok = vec4(row, row + 1u, row + 2u, row + 3u) < vec4(pk.rows);
+    var v: vec4<u32>;
+    if (PACKED_F16) {
+        let k = 2u * word;
+        let lo = select(vec4(0.0), vec4<f32>(src4[min(first + k * k_step, arrayLength(&src4) - 1u)]), rows_ok & vec4(k < pk.k));
+        let hi = select(vec4(0.0), vec4<f32>(src4[min(first + (k + 1u) * k_step, arrayLength(&src4) - 1u)]), rows_ok & vec4(k + 1u < pk.k));
+        v = vec4(pack2x16float(vec2(lo.x, hi.x)), pack2x16float(vec2(lo.y, hi.y)),
+                 pack2x16float(vec2(lo.z, hi.z)), pack2x16float(vec2(lo.w, hi.w)));
+    } else {
+        v = bitcast<vec4<u32>>(select(vec4(0.0), vec4<f32>(src4[min(first + word * k_step, arrayLength(&src4) - 1u)]), rows_ok & vec4(word < pk.k)));
+    }
+    for (var r = 0u; r < 4u; r++) {
+        let at = ((z * pk.n_rb + ((row + r) >> pk.rb_shift)) * pk.n_kc + (word >> pk.kw_shift)) * BLOCK_WORDS
+            + ((row + r) & (pk.rb - 1u)) * pk.kw + (word & (pk.kw - 1u));
+        if (row + r < pk.rows) {
+            packed[at - pk.dst_base] = v[r];
+        }
+    }
+}
+
 alias Block = array<vec4<u32>, 4096>;
 @group(0) @binding(5) var<uniform> a0: Block;
 @group(0) @binding(6) var<uniform> a1: Block;

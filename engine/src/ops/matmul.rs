@@ -670,10 +670,21 @@ const PACK_GROUP: usize = 32;
 fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
     let epw = values_per_word(s.t.dtype());
     let packed = Packed::alloc(gpu, s.items, s.rows, s.k.div_ceil(epw), kw)?;
+    // Sources aligned to multiples of 4 values are read as vec4: along K
+    // (pack_rows4) or across 4 rows (pack_cols4).
+    let aligned = s.item_stride % 4 == 0;
+    let (entry, src_slot, dst_slot, words_per_invocation, rows_per_invocation) =
+        if aligned && s.k_stride == 1 && s.row_stride % 4 == 0 {
+            ("pack_rows4", 3, 4, 4, 1)
+        } else if aligned && s.row_stride == 1 && s.k_stride % 4 == 0 {
+            ("pack_cols4", 3, 2, 1, 4)
+        } else {
+            ("pack_rows", 1, 2, 1, 1)
+        };
     let k = Kernel {
         op: "matmul",
         source: SOURCE,
-        entry: "pack_rows",
+        entry,
         dtype: s.t.dtype(),
         constants: vec![("PACKED_F16", (epw == 2) as u8 as f64)],
     };
@@ -697,7 +708,7 @@ fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
     };
     // Only the words that hold values are written: the rest of a new buffer
     // is zero, as padding must be.
-    let groups_x = packed.k_words.div_ceil(PACK_GROUP) as u32;
+    let groups_x = packed.k_words.div_ceil(PACK_GROUP * words_per_invocation) as u32;
     let item_words = packed.n_rb * packed.n_kc * BLOCK_WORDS;
     let all_blocks = s.items * packed.n_rb * packed.n_kc;
     let rows_per_dispatch = MAX_GROUPS / rb * rb;
@@ -713,13 +724,13 @@ fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
                 src_off: (row0 * s.row_stride) as u32,
                 ..base
             };
-            let groups = [groups_x, rows as u32, s.items as u32];
-            gpu.dispatch(
-                &k,
-                params_bytes(&p),
-                &[(1, s.t.binding()), (2, dst)],
-                groups,
-            )?;
+            let groups = [
+                groups_x,
+                rows.div_ceil(rows_per_invocation) as u32,
+                s.items as u32,
+            ];
+            let bindings = [(src_slot, s.t.binding()), (dst_slot, dst)];
+            gpu.dispatch(&k, params_bytes(&p), &bindings, groups)?;
         }
         return Ok(packed);
     }
@@ -748,8 +759,9 @@ fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
                 ..base
             };
             let dst = packed.blocks(first, packed.n_kc);
-            let groups = [groups_x, valid as u32, 1];
-            gpu.dispatch(&k, params_bytes(&p), &[(1, src), (2, dst)], groups)?;
+            let groups = [groups_x, valid.div_ceil(rows_per_invocation) as u32, 1];
+            let bindings = [(src_slot, src), (dst_slot, dst)];
+            gpu.dispatch(&k, params_bytes(&p), &bindings, groups)?;
         }
     }
     Ok(packed)
