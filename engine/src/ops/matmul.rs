@@ -672,11 +672,11 @@ fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
     let packed = Packed::alloc(gpu, s.items, s.rows, s.k.div_ceil(epw), kw)?;
     // Sources aligned to multiples of 4 values are read as vec4: along K
     // (pack_rows4) or across 4 rows (pack_cols4).
-    let aligned = s.item_stride % 4 == 0;
+    let aligned = s.item_stride.is_multiple_of(4);
     let (entry, src_slot, dst_slot, words_per_invocation, rows_per_invocation) =
-        if aligned && s.k_stride == 1 && s.row_stride % 4 == 0 {
+        if aligned && s.k_stride == 1 && s.row_stride.is_multiple_of(4) {
             ("pack_rows4", 3, 4, 4, 1)
-        } else if aligned && s.row_stride == 1 && s.k_stride % 4 == 0 {
+        } else if aligned && s.row_stride == 1 && s.k_stride.is_multiple_of(4) {
             ("pack_cols4", 3, 2, 1, 4)
         } else {
             ("pack_rows", 1, 2, 1, 1)
