@@ -17,14 +17,24 @@
 // g*cg .. (g+1)*cg of one item over all its spatial positions (and, for the
 // frames variant, over all `segs` = F frames of the item, which lie `seg_stride`
 // = C*S elements apart). Its elements form `segs` contiguous segments of
-// `seg_len` = cg*S. Three dispatches:
-//   group_stats     one workgroup per CHUNK of a segment: two-pass mean/M2 of
-//                   the chunk (exact in f32 for any offset of the data)
-//   group_finalize  one invocation per group row: Chan et al.'s pairwise
-//                   combination of the chunks, then mean and 1/sqrt(var + eps)
-//   group_apply     one workgroup per APPLY_CHUNK of one channel's S values:
+// `len` = cg*S. Three dispatches:
+//   group_stats     one workgroup per `chunk_len` elements of a segment:
+//                   moments of the chunk
+//   group_finalize  one invocation per group row: combines the chunks, then
+//                   mean and 1/sqrt(var + eps)
+//   group_apply     one workgroup per `apply_len` of one channel's S values:
 //                   (x - mean) * rstd * gamma + beta, optionally SiLU
 // Layer norm: one workgroup per row of `len` = D values.
+//
+// Statistics: each invocation runs Welford's update over its values (one read
+// each), and the workgroup and the chunks are combined with Chan et al.'s
+// pairwise formula; both stay exact in f32 whatever the data's offset, unlike
+// sum / sum-of-squares, which cancels when |mean| >> std.
+//
+// WG (invocations per workgroup) is chosen by the host per adapter: on a CPU
+// adapter (llvmpipe) a workgroup is run as SIMD batches of 8 invocations
+// switched at every barrier, so WG = 8 makes barriers nearly free and keeps
+// whole rows in one batch; GPUs use wide workgroups.
 
 struct Params {
     rows: u32,          // group rows (group norm) or rows (layer norm) in this window
@@ -40,9 +50,13 @@ struct Params {
     channels: u32,
     cg: u32,            // channels per group
     spatial: u32,       // S
-    apply_chunks: u32,  // APPLY_CHUNKs per channel row of S values
+    apply_chunks: u32,  // group_apply workgroups per channel row of S values
     channel_rows: u32,  // rows of S values in this window: items * segs * C
     final_off: u32,     // where the per-row (mean, rstd) pairs start in `stats`
+    chunk_len: u32,     // elements per group_stats workgroup
+    apply_len: u32,     // elements per group_apply workgroup
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -52,12 +66,9 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<st>;
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;
 
-// Invocations per workgroup of every reducing entry point.
-const WG: u32 = 256u;
-// Elements of one statistics chunk: WG invocations x 8 values each.
-const CHUNK: u32 = WG * 8u;
-// Elements one `group_apply` workgroup normalises.
-const APPLY_CHUNK: u32 = WG * 4u;
+// Invocations per workgroup (a power of two, at most MAX_WG).
+override WG: u32 = 256u;
+const MAX_WG: u32 = 256u;
 const FINALIZE_WG: u32 = 64u;
 
 // Fused SiLU after the affine (diffusers' ResnetBlock2D: norm then SiLU).
@@ -69,8 +80,7 @@ struct Moments {
     m2: f32,
 }
 
-// Chan, Golub & LeVeque's pairwise update: exact for any two partial sets,
-// unlike sum/sum-of-squares, which cancels catastrophically when |mean| >> std.
+// Chan, Golub & LeVeque's pairwise update of two partial sets' moments.
 fn combine(a: Moments, b: Moments) -> Moments {
     let n = a.n + b.n;
     if (n == 0.0) {
@@ -81,9 +91,9 @@ fn combine(a: Moments, b: Moments) -> Moments {
     return Moments(n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb);
 }
 
-var<workgroup> red_n: array<f32, WG>;
-var<workgroup> red_mean: array<f32, WG>;
-var<workgroup> red_m2: array<f32, WG>;
+var<workgroup> red_n: array<f32, MAX_WG>;
+var<workgroup> red_mean: array<f32, MAX_WG>;
+var<workgroup> red_m2: array<f32, MAX_WG>;
 
 // Combines every invocation's moments; all invocations get the total.
 fn reduce_moments(lid: u32, m: Moments) -> Moments {
@@ -104,25 +114,17 @@ fn reduce_moments(lid: u32, m: Moments) -> Moments {
     return Moments(red_n[0], red_mean[0], red_m2[0]);
 }
 
-// Moments of x[start + lid + k*WG] for k*WG + lid < n: this invocation's values,
-// two-pass (the second pass re-reads them from cache).
+// Moments of x[start + lid + k*WG] for k*WG + lid < n (Welford's update).
 fn local_moments(start: u32, n: u32, lid: u32) -> Moments {
-    var sum = 0.0;
-    var cnt = 0u;
+    var m = Moments(0.0, 0.0, 0.0);
     for (var e = lid; e < n; e = e + WG) {
-        sum = sum + f32(x[start + e]);
-        cnt = cnt + 1u;
+        let v = f32(x[start + e]);
+        m.n = m.n + 1.0;
+        let d = v - m.mean;
+        m.mean = m.mean + d / m.n;
+        m.m2 = m.m2 + d * (v - m.mean);
     }
-    if (cnt == 0u) {
-        return Moments(0.0, 0.0, 0.0);
-    }
-    let mean = sum / f32(cnt);
-    var m2 = 0.0;
-    for (var e = lid; e < n; e = e + WG) {
-        let d = f32(x[start + e]) - mean;
-        m2 = m2 + d * d;
-    }
-    return Moments(f32(cnt), mean, m2);
+    return m;
 }
 
 fn silu(v: f32) -> f32 {
@@ -148,8 +150,8 @@ fn group_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     let rem = w - r * per_row;
     let seg = rem / p.chunks;
     let chunk = rem - seg * p.chunks;
-    let start = p.x_off + group_row_base(r) + seg * p.seg_stride + chunk * CHUNK;
-    let n = min(CHUNK, p.len - chunk * CHUNK);
+    let start = p.x_off + group_row_base(r) + seg * p.seg_stride + chunk * p.chunk_len;
+    let n = min(p.chunk_len, p.len - chunk * p.chunk_len);
     let total = reduce_moments(lid, local_moments(start, n, lid));
     if (lid == 0u) {
         stats[2u * w] = total.mean;
@@ -167,7 +169,7 @@ fn group_finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     var acc = Moments(0.0, 0.0, 0.0);
     for (var q = 0u; q < per_row; q = q + 1u) {
         let chunk = q % p.chunks;
-        let n = min(CHUNK, p.len - chunk * CHUNK);
+        let n = min(p.chunk_len, p.len - chunk * p.chunk_len);
         let i = 2u * (r * per_row + q);
         acc = combine(acc, Moments(f32(n), stats[i], stats[i + 1u]));
     }
@@ -198,8 +200,8 @@ fn group_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     if ((p.flags & 2u) != 0u) {
         shift = f32(beta[c]);
     }
-    let first = chunk * APPLY_CHUNK;
-    let n = min(APPLY_CHUNK, p.spatial - first);
+    let first = chunk * p.apply_len;
+    let n = min(p.apply_len, p.spatial - first);
     let base = cr * p.spatial + first;
     for (var e = lid; e < n; e = e + WG) {
         var v = (f32(x[p.x_off + base + e]) - mean) * scale + shift;

@@ -7,7 +7,8 @@
 // `x_off` and `out_off` are element offsets of this window inside the bindings.
 // One workgroup per row: every invocation keeps a running (max, sum) over its
 // strided values (the online softmax of Milakov & Gimelshein), the workgroup
-// merges them, and a second pass writes the probabilities.
+// merges them, and a second pass writes the probabilities. WG is chosen per
+// adapter by the host, as for the norms (see norm.wgsl): 8 on CPU adapters.
 
 struct Params {
     rows: u32,
@@ -20,13 +21,15 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<st>;
 @group(0) @binding(2) var<storage, read_write> out: array<st>;
 
-const WG: u32 = 64u;
+// Invocations per workgroup (a power of two, at most MAX_WG).
+override WG: u32 = 64u;
+const MAX_WG: u32 = 256u;
 // Stands in for -inf (WGSL has no infinities): below any f32 a row can hold
 // that matters, and exp(NEG_BIG - m) is exactly 0 for any real m.
 const NEG_BIG: f32 = -3.0e38;
 
-var<workgroup> red_max: array<f32, WG>;
-var<workgroup> red_sum: array<f32, WG>;
+var<workgroup> red_max: array<f32, MAX_WG>;
+var<workgroup> red_sum: array<f32, MAX_WG>;
 
 // Merges two (max, sum of exp(x - max)) pairs.
 fn merge(m1: f32, s1: f32, m2: f32, s2: f32) -> vec2<f32> {

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use motif_engine::ops::norm;
+use motif_engine::ops::norm::{self, ReductionKernel};
 use motif_engine::{DType, EngineError, Gpu, Tensor};
 
 /// Optional affine parameters: uploaded tensors and their stored values.
@@ -63,51 +63,60 @@ fn check_group_norm(
         let values: Vec<f32> = random(n, seed).iter().map(|v| v + offset).collect();
         let (x, xs) = upload(gpu, &values, shape, dtype);
         let affine = Affine::new(gpu, c, gamma_on, beta_on, dtype, seed);
-        let (got, want) = match frames {
-            None => (
-                norm::group_norm(gpu, &x, groups, affine.gamma(), affine.beta(), eps, silu),
-                norm::group_norm_reference(
-                    &xs,
-                    shape,
-                    groups,
-                    affine.gamma_values(),
-                    affine.beta_values(),
-                    eps,
-                    silu,
-                ),
-            ),
-            Some(f) => (
-                norm::group_norm_frames(
+        let (gv, bv) = (affine.gamma_values(), affine.beta_values());
+        let (g, b) = (affine.gamma(), affine.beta());
+        let want = match frames {
+            None => norm::group_norm_reference(&xs, shape, groups, gv, bv, eps, silu),
+            Some(f) => norm::group_norm_frames_reference(&xs, shape, f, groups, gv, bv, eps, silu),
+        };
+        // The adapter's kernel through the plain entry points, then each shape.
+        let default = match frames {
+            None => norm::group_norm(gpu, &x, groups, g, b, eps, silu),
+            Some(f) => norm::group_norm_frames(gpu, &x, f, groups, g, b, eps, silu),
+        };
+        let f = frames.unwrap_or(1);
+        let runs = [
+            ("default", default),
+            (
+                "narrow",
+                norm::group_norm_with(
                     gpu,
                     &x,
                     f,
                     groups,
-                    affine.gamma(),
-                    affine.beta(),
+                    g,
+                    b,
                     eps,
                     silu,
-                ),
-                norm::group_norm_frames_reference(
-                    &xs,
-                    shape,
-                    f,
-                    groups,
-                    affine.gamma_values(),
-                    affine.beta_values(),
-                    eps,
-                    silu,
+                    Some(ReductionKernel::Narrow),
                 ),
             ),
-        };
-        let got = got.unwrap();
-        assert_eq!(got.shape(), shape);
-        assert_close(
-            &format!("group_norm {shape:?} groups={groups} frames={frames:?} variant={variant} offset={offset}"),
-            &got.to_f32(gpu).unwrap(),
-            &want,
-            dtype,
-            group_len,
-        );
+            (
+                "wide",
+                norm::group_norm_with(
+                    gpu,
+                    &x,
+                    f,
+                    groups,
+                    g,
+                    b,
+                    eps,
+                    silu,
+                    Some(ReductionKernel::Wide),
+                ),
+            ),
+        ];
+        for (kernel, got) in runs {
+            let got = got.unwrap();
+            assert_eq!(got.shape(), shape);
+            assert_close(
+                &format!("group_norm {kernel} {shape:?} groups={groups} frames={frames:?} variant={variant} offset={offset}"),
+                &got.to_f32(gpu).unwrap(),
+                &want,
+                dtype,
+                group_len,
+            );
+        }
     }
 }
 
@@ -249,19 +258,25 @@ fn check_layer_norm(gpu: &Gpu, rows: usize, d: usize, variant: usize) {
         let seed = (rows * 1000 + d + variant) as u64;
         let (x, xs) = upload(gpu, &random(rows * d, seed), &[rows, d], dtype);
         let affine = Affine::new(gpu, d, gamma_on, beta_on, dtype, seed);
-        let got = norm::layer_norm(gpu, &x, affine.gamma(), affine.beta(), eps)
-            .unwrap()
-            .to_f32(gpu)
-            .unwrap();
         let want =
             norm::layer_norm_reference(&xs, d, affine.gamma_values(), affine.beta_values(), eps);
-        assert_close(
-            &format!("layer_norm {rows}x{d} variant={variant}"),
-            &got,
-            &want,
-            dtype,
-            d,
-        );
+        for kernel in [
+            None,
+            Some(ReductionKernel::Narrow),
+            Some(ReductionKernel::Wide),
+        ] {
+            let got = norm::layer_norm_with(gpu, &x, affine.gamma(), affine.beta(), eps, kernel)
+                .unwrap()
+                .to_f32(gpu)
+                .unwrap();
+            assert_close(
+                &format!("layer_norm {kernel:?} {rows}x{d} variant={variant}"),
+                &got,
+                &want,
+                dtype,
+                d,
+            );
+        }
     }
 }
 
@@ -349,5 +364,68 @@ fn bad_shapes_are_errors_that_name_the_op_and_shapes() {
             ),
             "{e}"
         );
+    }
+}
+
+/// Layer norm over SD's transformer tokens: [4096 * 2, 320] and [64 * 2, 1280].
+#[test]
+#[ignore]
+fn timing_layer_norm() {
+    let gpu = gpu();
+    for dtype in dtypes() {
+        for (rows, d) in [(8192, 320), (128, 1280)] {
+            let (x, _) = upload(gpu, &random(rows * d, 1), &[rows, d], dtype);
+            let (gamma, _) = upload(gpu, &random(d, 2), &[d], dtype);
+            let (beta, _) = upload(gpu, &random(d, 3), &[d], dtype);
+            norm::layer_norm(gpu, &x, Some(&gamma), Some(&beta), 1e-5).unwrap();
+            gpu.synchronize().unwrap();
+            let runs = 5;
+            let t = std::time::Instant::now();
+            for _ in 0..runs {
+                norm::layer_norm(gpu, &x, Some(&gamma), Some(&beta), 1e-5).unwrap();
+            }
+            gpu.synchronize().unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3 / runs as f64;
+            println!(
+                "layer_norm [{rows}, {d}] {dtype} on {}: {ms:.2} ms",
+                gpu.adapter().name
+            );
+        }
+    }
+}
+
+/// SD 1.5's largest group norm ([2, 320, 64, 64], 32 groups, fused SiLU) and
+/// its frames-pooling form over 16 frames, in f32 and f16. Prints ms per call.
+/// `cargo test --release -p motif-engine --test ops_norm -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn timing_group_norm() {
+    let gpu = gpu();
+    for dtype in dtypes() {
+        for (shape, frames) in [([2, 320, 64, 64], None), ([32, 320, 64, 64], Some(16))] {
+            let n: usize = shape.iter().product();
+            let (x, _) = upload(gpu, &random(n, 1), &shape, dtype);
+            let (gamma, _) = upload(gpu, &random(320, 2), &[320], dtype);
+            let (beta, _) = upload(gpu, &random(320, 3), &[320], dtype);
+            let run = || match frames {
+                None => norm::group_norm(gpu, &x, 32, Some(&gamma), Some(&beta), 1e-5, true),
+                Some(f) => {
+                    norm::group_norm_frames(gpu, &x, f, 32, Some(&gamma), Some(&beta), 1e-5, true)
+                }
+            };
+            run().unwrap();
+            gpu.synchronize().unwrap();
+            let runs = 5;
+            let t = std::time::Instant::now();
+            for _ in 0..runs {
+                run().unwrap();
+            }
+            gpu.synchronize().unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3 / runs as f64;
+            println!(
+                "group_norm {shape:?} frames={frames:?} {dtype} on {}: {ms:.1} ms",
+                gpu.adapter().name
+            );
+        }
     }
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use motif_engine::ops::norm::ReductionKernel;
 use motif_engine::ops::softmax;
 use motif_engine::{DType, EngineError, Gpu, Tensor};
 
@@ -16,16 +17,29 @@ fn check_softmax(gpu: &Gpu, shape: &[usize], spread: f32, offset: f32) {
             .map(|v| v * spread + offset)
             .collect();
         let (x, xs) = upload(gpu, &values, shape, dtype);
-        let got = softmax::softmax(gpu, &x).unwrap();
-        assert_eq!(got.shape(), shape);
         let want = softmax::softmax_reference(&xs, len);
-        assert_close(
-            &format!("softmax {shape:?} spread={spread} offset={offset}"),
-            &got.to_f32(gpu).unwrap(),
-            &want,
-            dtype,
-            len,
-        );
+        let runs = [
+            ("default", softmax::softmax(gpu, &x)),
+            (
+                "narrow",
+                softmax::softmax_with(gpu, &x, Some(ReductionKernel::Narrow)),
+            ),
+            (
+                "wide",
+                softmax::softmax_with(gpu, &x, Some(ReductionKernel::Wide)),
+            ),
+        ];
+        for (kernel, got) in runs {
+            let got = got.unwrap();
+            assert_eq!(got.shape(), shape);
+            assert_close(
+                &format!("softmax {kernel} {shape:?} spread={spread} offset={offset}"),
+                &got.to_f32(gpu).unwrap(),
+                &want,
+                dtype,
+                len,
+            );
+        }
     }
 }
 

@@ -13,10 +13,56 @@ use crate::gpu::{grid_1d, Binding, Gpu, Kernel};
 use crate::tensor::{fmt_shape, DType, Tensor};
 
 const SOURCE: &str = include_str!("../../../shaders/norm.wgsl");
-/// Mirrors `CHUNK`, `APPLY_CHUNK` and `FINALIZE_WG` of the shader.
-const CHUNK: usize = 256 * 8;
-const APPLY_CHUNK: usize = 256 * 4;
+/// Mirrors `FINALIZE_WG` of the shader.
 const FINALIZE_WG: usize = 64;
+
+/// The two workgroup shapes of the row-reducing kernels (the norms here and
+/// softmax); see `shape` for why each adapter gets its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReductionKernel {
+    /// 8 invocations, each with many values (CPU adapters).
+    Narrow,
+    /// 256 invocations (GPUs).
+    Wide,
+}
+
+/// Workgroup shape: invocations, values per invocation in group_stats and in
+/// group_apply.
+#[derive(Clone, Copy)]
+struct Shape {
+    wg: usize,
+    stats_per: usize,
+    apply_per: usize,
+}
+
+/// The kernel for this adapter.
+pub(crate) fn default_reduction_kernel(gpu: &Gpu) -> ReductionKernel {
+    if gpu.adapter().is_cpu {
+        ReductionKernel::Narrow
+    } else {
+        ReductionKernel::Wide
+    }
+}
+
+/// The shape for this adapter. llvmpipe runs a workgroup as batches of 8
+/// SIMD lanes and switches between the batches at every barrier, so on CPU
+/// adapters a workgroup is one batch; it also loads per lane even what all
+/// lanes share, so each invocation normalises many values per load of its
+/// row's statistics. GPUs want wide workgroups.
+fn shape(gpu: &Gpu, kernel: Option<ReductionKernel>) -> Shape {
+    match kernel.unwrap_or_else(|| default_reduction_kernel(gpu)) {
+        ReductionKernel::Narrow => Shape {
+            wg: 8,
+            stats_per: 32,
+            apply_per: 64,
+        },
+        ReductionKernel::Wide => Shape {
+            wg: 256,
+            stats_per: 16,
+            apply_per: 16,
+        },
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
@@ -37,19 +83,25 @@ struct Params {
     apply_chunks: u32,
     channel_rows: u32,
     final_off: u32,
+    chunk_len: u32,
+    apply_len: u32,
+    _pad: [u32; 2],
 }
 
-fn kernel(entry: &'static str, dtype: DType, silu: bool) -> Kernel {
+fn norm_kernel(entry: &'static str, dtype: DType, wg: usize, silu: bool) -> Kernel {
+    let mut constants = Vec::new();
+    if entry != "group_finalize" {
+        constants.push(("WG", wg as f64));
+    }
+    if entry == "group_apply" {
+        constants.push(("SILU", f64::from(u8::from(silu))));
+    }
     Kernel {
         op: "norm",
         source: SOURCE,
         entry,
         dtype,
-        constants: if entry == "group_apply" {
-            vec![("SILU", if silu { 1.0 } else { 0.0 })]
-        } else {
-            Vec::new()
-        },
+        constants,
     }
 }
 
@@ -129,15 +181,7 @@ pub fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     let op = "group_norm";
-    let (channels, spatial) = check_group_norm(op, x, groups, gamma, beta)?;
-    let layout = GroupLayout {
-        items: x.shape()[0],
-        frames: 1,
-        channels,
-        spatial,
-        groups,
-    };
-    run_group_norm(gpu, op, x, &layout, gamma, beta, eps, silu)
+    run_group_norm(gpu, op, x, 1, groups, gamma, beta, eps, silu, None)
 }
 
 /// The same normalisation for x laid out [B*F, C, H, W] (frames as batch
@@ -156,6 +200,44 @@ pub fn group_norm_frames(
     silu: bool,
 ) -> Result<Tensor> {
     let op = "group_norm_frames";
+    run_group_norm(gpu, op, x, frames, groups, gamma, beta, eps, silu, None)
+}
+
+/// [`group_norm_frames`] (`frames` = 1: [`group_norm`]) with a chosen kernel
+/// shape; `None` picks the adapter's.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_with(
+    gpu: &Gpu,
+    x: &Tensor,
+    frames: usize,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    silu: bool,
+    kernel: Option<ReductionKernel>,
+) -> Result<Tensor> {
+    let op = if frames == 1 {
+        "group_norm"
+    } else {
+        "group_norm_frames"
+    };
+    run_group_norm(gpu, op, x, frames, groups, gamma, beta, eps, silu, kernel)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_group_norm(
+    gpu: &Gpu,
+    op: &'static str,
+    x: &Tensor,
+    frames: usize,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    silu: bool,
+    kernel: Option<ReductionKernel>,
+) -> Result<Tensor> {
     let (channels, spatial) = check_group_norm(op, x, groups, gamma, beta)?;
     if frames == 0 || !x.shape()[0].is_multiple_of(frames) {
         return Err(EngineError::Shape {
@@ -164,27 +246,13 @@ pub fn group_norm_frames(
             found: fmt_shape(x.shape()),
         });
     }
-    let layout = GroupLayout {
+    let l = GroupLayout {
         items: x.shape()[0] / frames,
         frames,
         channels,
         spatial,
         groups,
     };
-    run_group_norm(gpu, op, x, &layout, gamma, beta, eps, silu)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_group_norm(
-    gpu: &Gpu,
-    op: &'static str,
-    x: &Tensor,
-    l: &GroupLayout,
-    gamma: Option<&Tensor>,
-    beta: Option<&Tensor>,
-    eps: f32,
-    silu: bool,
-) -> Result<Tensor> {
     let out = Tensor::empty(gpu, x.shape(), x.dtype())?;
     if x.numel() == 0 {
         return Ok(out);
@@ -192,9 +260,15 @@ fn run_group_norm(
     let cg = l.channels / l.groups;
     let seg_len = cg * l.spatial;
     let item_len = l.frames * l.channels * l.spatial;
-    let chunks = seg_len.div_ceil(CHUNK);
+    let Shape {
+        wg,
+        stats_per,
+        apply_per,
+    } = shape(gpu, kernel);
+    let (chunk_len, apply_len) = (wg * stats_per, wg * apply_per);
+    let chunks = seg_len.div_ceil(chunk_len);
     let per_row = l.frames * chunks;
-    let apply_chunks = l.spatial.div_ceil(APPLY_CHUNK);
+    let apply_chunks = l.spatial.div_ceil(apply_len);
     // Per item: chunk moments, then the rows' (mean, rstd).
     let stats_per_item = l.groups * (per_row + 1) * 2;
 
@@ -234,16 +308,19 @@ fn run_group_norm(
             apply_chunks: apply_chunks as u32,
             channel_rows: (items * l.frames * l.channels) as u32,
             final_off: (rows * per_row * 2) as u32,
+            chunk_len: chunk_len as u32,
+            apply_len: apply_len as u32,
+            _pad: [0; 2],
         };
         let sb = stats.binding();
         gpu.dispatch(
-            &kernel("group_stats", dtype, false),
+            &norm_kernel("group_stats", dtype, wg, false),
             params_bytes(&p),
             &[(1, xb), (5, sb)],
             grid_1d((rows * per_row) as u64),
         )?;
         gpu.dispatch(
-            &kernel("group_finalize", dtype, false),
+            &norm_kernel("group_finalize", dtype, wg, false),
             params_bytes(&p),
             &[(5, sb)],
             grid_1d(rows.div_ceil(FINALIZE_WG) as u64),
@@ -251,7 +328,7 @@ fn run_group_norm(
         let gb = gamma.map_or(xb, Tensor::binding);
         let bb = beta.map_or(xb, Tensor::binding);
         gpu.dispatch(
-            &kernel("group_apply", dtype, silu),
+            &norm_kernel("group_apply", dtype, wg, silu),
             params_bytes(&p),
             &[(1, xb), (2, gb), (3, bb), (4, ob), (5, sb)],
             grid_1d((items * l.frames * l.channels * apply_chunks) as u64),
@@ -267,6 +344,18 @@ pub fn layer_norm(
     gamma: Option<&Tensor>,
     beta: Option<&Tensor>,
     eps: f32,
+) -> Result<Tensor> {
+    layer_norm_with(gpu, x, gamma, beta, eps, None)
+}
+
+/// [`layer_norm`] with a chosen kernel shape; `None` picks the adapter's.
+pub fn layer_norm_with(
+    gpu: &Gpu,
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    kernel: Option<ReductionKernel>,
 ) -> Result<Tensor> {
     let op = "layer_norm";
     let d = match x.shape().last() {
@@ -291,7 +380,8 @@ pub fn layer_norm(
             limit: gpu.max_binding_bytes(),
         });
     }
-    let k = kernel("layer_norm", x.dtype(), false);
+    let wg = shape(gpu, kernel).wg;
+    let k = norm_kernel("layer_norm", x.dtype(), wg, false);
     for (row0, n) in windows(op, rows, 1, max_rows, gpu.max_binding_bytes())? {
         let (xb, x_off) = x.window(gpu, row0 * d, n * d);
         let (ob, out_off) = out.window(gpu, row0 * d, n * d);

@@ -4,6 +4,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::norm::{default_reduction_kernel, ReductionKernel};
 use super::{params_bytes, windows};
 use crate::error::{EngineError, Result};
 use crate::gpu::{grid_1d, Gpu, Kernel};
@@ -22,6 +23,11 @@ struct Params {
 
 /// Softmax over the last dim (numerically stable, max-subtracted).
 pub fn softmax(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+    softmax_with(gpu, x, None)
+}
+
+/// [`softmax`] with a chosen workgroup shape; `None` picks the adapter's.
+pub fn softmax_with(gpu: &Gpu, x: &Tensor, kernel: Option<ReductionKernel>) -> Result<Tensor> {
     let op = "softmax";
     let len = match x.shape().last() {
         Some(&d) if d > 0 => d,
@@ -43,12 +49,17 @@ pub fn softmax(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
             limit: gpu.max_binding_bytes(),
         });
     }
+    // As for the norms: one 8-lane batch per row on llvmpipe.
+    let wg = match kernel.unwrap_or_else(|| default_reduction_kernel(gpu)) {
+        ReductionKernel::Narrow => 8,
+        ReductionKernel::Wide => 64,
+    };
     let k = Kernel {
         op,
         source: SOURCE,
         entry: "softmax",
         dtype: x.dtype(),
-        constants: Vec::new(),
+        constants: vec![("WG", wg as f64)],
     };
     for (row0, n) in windows(op, rows, 1, max_rows, gpu.max_binding_bytes())? {
         let (xb, x_off) = x.window(gpu, row0 * len, n * len);
