@@ -429,3 +429,27 @@ fn timing_group_norm() {
         }
     }
 }
+
+#[test]
+fn rows_past_the_cpu_loop_limit_are_whole() {
+    // 300k values: 8 invocations per row would loop past llvmpipe's 65535.
+    let gpu = gpu();
+    let len = 300_001;
+    let (x, xs) = upload(gpu, &random(2 * len, 4), &[2, len], DType::F32);
+    let got = norm::layer_norm(gpu, &x, None, None, 1e-5)
+        .unwrap()
+        .to_f32(gpu)
+        .unwrap();
+    let want = norm::layer_norm_reference(&xs, len, None, None, 1e-5);
+    assert_close("layer_norm long rows", &got, &want, DType::F32, len);
+    // A group of 16 frames x 40 channels x 128 x 128: 10 million values.
+    let shape = [16, 40, 128, 128];
+    let n: usize = shape.iter().product();
+    let (x, xs) = upload(gpu, &random(n, 5), &shape, DType::F32);
+    let got = norm::group_norm_frames(gpu, &x, 16, 1, None, None, 1e-5, false)
+        .unwrap()
+        .to_f32(gpu)
+        .unwrap();
+    let want = norm::group_norm_frames_reference(&xs, &shape, 16, 1, None, None, 1e-5, false);
+    assert_close("group_norm_frames long group", &got, &want, DType::F32, n);
+}

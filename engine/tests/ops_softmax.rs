@@ -87,3 +87,14 @@ fn bad_shapes_are_errors_that_name_the_op_and_shapes() {
         );
     }
 }
+
+#[test]
+fn rows_past_the_cpu_loop_limit_are_whole() {
+    // 300k values: 8 invocations per row would loop past llvmpipe's 65535.
+    let gpu = gpu();
+    let len = 300_001;
+    let (x, xs) = upload(gpu, &random(2 * len, 4), &[2, len], DType::F32);
+    let got = softmax::softmax(gpu, &x).unwrap().to_f32(gpu).unwrap();
+    let want = softmax::softmax_reference(&xs, len);
+    assert_close("softmax long rows", &got, &want, DType::F32, len);
+}

@@ -14,6 +14,7 @@ use std::sync::{Mutex, OnceLock};
 
 use bytemuck::{Pod, Zeroable};
 
+use super::norm::CPU_LOOP_BUDGET;
 use super::{check_dtypes, check_rank, params_bytes, windows};
 use crate::error::{EngineError, Result};
 use crate::gpu::{Gpu, Kernel};
@@ -27,10 +28,6 @@ const SUBGROUP_TEMPLATE: &str = include_str!("../../../shaders/attention_subgrou
 pub const MAX_HEAD_DIM: usize = 160;
 /// Mirrors `TILE_KEYS` of attention.wgsl.
 const TILE_KEYS: usize = 8;
-/// llvmpipe ends every loop of an invocation once it has run 65535 loop
-/// iterations in all (gallivm's `LP_MAX_TGSI_LOOP_ITERATIONS`), silently, so
-/// on CPU adapters the keys are split into passes that stay below this.
-const CPU_LOOP_BUDGET: usize = 60_000;
 
 /// The variants of the kernel, one per kind of adapter; see the shaders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -383,6 +380,7 @@ pub fn attention(
     };
     let launch = launch(variant, dtype, head_dim, lq);
     let mut keys_per_pass = opts.max_keys_per_pass.unwrap_or(lk).max(1);
+    // llvmpipe's loop limit (see CPU_LOOP_BUDGET): passes stay below it.
     if gpu.adapter().is_cpu {
         let (per_key, fixed) = launch.loop_cost;
         let budget = ((CPU_LOOP_BUDGET - fixed) as f64 / per_key) as usize;

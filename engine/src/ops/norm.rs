@@ -35,9 +35,16 @@ struct Shape {
     apply_per: usize,
 }
 
-/// The kernel for this adapter.
-pub(crate) fn default_reduction_kernel(gpu: &Gpu) -> ReductionKernel {
-    if gpu.adapter().is_cpu {
+/// llvmpipe ends every loop of an invocation once it has run 65535 loop
+/// iterations in all (gallivm's `LP_MAX_TGSI_LOOP_ITERATIONS`), silently;
+/// kernels for CPU adapters stay below this many.
+pub(crate) const CPU_LOOP_BUDGET: usize = 60_000;
+
+/// The kernel for this adapter, given how many loop iterations one
+/// invocation of the narrow kernel would run: narrow on CPU adapters unless
+/// that is past llvmpipe's loop limit.
+pub(crate) fn default_reduction_kernel(gpu: &Gpu, narrow_iterations: usize) -> ReductionKernel {
+    if gpu.adapter().is_cpu && narrow_iterations <= CPU_LOOP_BUDGET {
         ReductionKernel::Narrow
     } else {
         ReductionKernel::Wide
@@ -49,8 +56,8 @@ pub(crate) fn default_reduction_kernel(gpu: &Gpu) -> ReductionKernel {
 /// adapters a workgroup is one batch; it also loads per lane even what all
 /// lanes share, so each invocation normalises many values per load of its
 /// row's statistics. GPUs want wide workgroups.
-fn shape(gpu: &Gpu, kernel: Option<ReductionKernel>) -> Shape {
-    match kernel.unwrap_or_else(|| default_reduction_kernel(gpu)) {
+fn shape(kernel: ReductionKernel) -> Shape {
+    match kernel {
         ReductionKernel::Narrow => Shape {
             wg: 8,
             stats_per: 32,
@@ -260,11 +267,14 @@ fn run_group_norm(
     let cg = l.channels / l.groups;
     let seg_len = cg * l.spatial;
     let item_len = l.frames * l.channels * l.spatial;
+    // The narrow kernel's longest loop is group_finalize's, over the chunks.
+    let narrow = shape(ReductionKernel::Narrow);
+    let narrow_loop = l.frames * seg_len.div_ceil(narrow.wg * narrow.stats_per);
     let Shape {
         wg,
         stats_per,
         apply_per,
-    } = shape(gpu, kernel);
+    } = shape(kernel.unwrap_or_else(|| default_reduction_kernel(gpu, narrow_loop)));
     let (chunk_len, apply_len) = (wg * stats_per, wg * apply_per);
     let chunks = seg_len.div_ceil(chunk_len);
     let per_row = l.frames * chunks;
@@ -380,7 +390,9 @@ pub fn layer_norm_with(
             limit: gpu.max_binding_bytes(),
         });
     }
-    let wg = shape(gpu, kernel).wg;
+    // Welford and apply loops over d / 8 values each.
+    let kernel = kernel.unwrap_or_else(|| default_reduction_kernel(gpu, d / 4));
+    let wg = shape(kernel).wg;
     let k = norm_kernel("layer_norm", x.dtype(), wg, false);
     for (row0, n) in windows(op, rows, 1, max_rows, gpu.max_binding_bytes())? {
         let (xb, x_off) = x.window(gpu, row0 * d, n * d);

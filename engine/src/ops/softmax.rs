@@ -50,7 +50,8 @@ pub fn softmax_with(gpu: &Gpu, x: &Tensor, kernel: Option<ReductionKernel>) -> R
         });
     }
     // As for the norms: one 8-lane batch per row on llvmpipe.
-    let wg = match kernel.unwrap_or_else(|| default_reduction_kernel(gpu)) {
+    // Two loops over len / 8 values each on the narrow kernel.
+    let wg = match kernel.unwrap_or_else(|| default_reduction_kernel(gpu, len / 4)) {
         ReductionKernel::Narrow => 8,
         ReductionKernel::Wide => 64,
     };
