@@ -1,9 +1,9 @@
 //! Normalisation operators (`shaders/norm.wgsl`): GroupNorm with PyTorch's
 //! semantics, its frames-pooling variant for AnimateDiff's motion modules, and
 //! LayerNorm over the last dim. Statistics are accumulated in f32 with
-//! two-pass chunk moments combined pairwise (Chan et al.), so a large mean
-//! never cancels the variance away. Tensors larger than one storage binding
-//! are processed in windows of whole batch items (rows for LayerNorm).
+//! per-invocation Welford moments combined pairwise (Chan et al.), so a large
+//! mean never cancels the variance away. Tensors larger than one storage
+//! binding are processed in windows of whole batch items (rows for LayerNorm).
 
 use bytemuck::{Pod, Zeroable};
 
