@@ -7,7 +7,8 @@ mod common;
 use common::*;
 use motif_engine::ops::conv2d::{self, Conv2dKernel, Conv2dOptions};
 use motif_engine::ops::Activation;
-use motif_engine::{DType, EngineError, Gpu, Tensor};
+use motif_engine::{DType, EngineError, Gpu, GpuOptions, Tensor};
+use std::sync::OnceLock;
 
 /// Every kernel, whatever the adapter would pick (the packed one needs a CPU
 /// adapter with 8-lane subgroups, which is what the tests run on).
@@ -191,6 +192,36 @@ fn conv2d_splits_tensors_over_the_binding_limit() {
             check(gpu, kernel, *x, *w, true, opts, 300 + i as u64);
         }
     }
+}
+
+/// A GPU whose bindings hold 1 MiB: the packed kernel still runs (its blocks
+/// are 64 KiB) but must window larger tensors.
+fn mib_binding_gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        Gpu::new(GpuOptions {
+            max_binding_bytes: Some(1 << 20),
+            ..Default::default()
+        })
+        .expect("a GPU adapter (install mesa-vulkan-drivers)")
+    })
+}
+
+#[test]
+fn packed_kernel_windows_tensors_over_the_binding_limit() {
+    // Output channels 128 x 128 values apart: written in groups of rows.
+    let gpu = mib_binding_gpu();
+    let opts = Conv2dOptions::same(3, 1);
+    let shapes = ([2, 4, 128, 128], [40, 4, 3, 3]);
+    check_in(
+        gpu,
+        Conv2dKernel::Packed,
+        shapes,
+        true,
+        &opts,
+        700,
+        DType::F32,
+    );
 }
 
 #[test]

@@ -8,7 +8,8 @@ mod common;
 use common::*;
 use motif_engine::ops::matmul::{self, MatmulKernel, MatmulOptions};
 use motif_engine::ops::Activation;
-use motif_engine::{DType, EngineError, Gpu, Tensor};
+use motif_engine::{DType, EngineError, Gpu, GpuOptions, Tensor};
+use std::sync::OnceLock;
 
 /// Every kernel, whatever the adapter would pick (the packed one needs a CPU
 /// adapter with 8-lane subgroups, which is what the tests run on).
@@ -226,6 +227,43 @@ fn matmul_splits_operands_over_the_binding_limit() {
             };
             check(gpu, kernel, &case, 300 + i as u64);
         }
+    }
+}
+
+/// A GPU whose bindings hold 1 MiB: the packed kernel still runs (its blocks
+/// are 64 KiB) but must window larger operands.
+fn mib_binding_gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        Gpu::new(GpuOptions {
+            max_binding_bytes: Some(1 << 20),
+            ..Default::default()
+        })
+        .expect("a GPU adapter (install mesa-vulkan-drivers)")
+    })
+}
+
+#[test]
+fn packed_kernel_windows_operands_over_the_binding_limit() {
+    let gpu = mib_binding_gpu();
+    let cases: [(&[usize], &[usize], bool); 3] = [
+        // a and a transposed b over 1 MiB: packed one row block at a time.
+        (&[2, 150, 1000], &[300, 1000], true),
+        // Batched plain b over 1 MiB, packed by columns, an item at a time.
+        (&[3, 40, 200], &[3, 200, 500], false),
+        // An output over 1 MiB.
+        (&[700, 8], &[8, 500], false),
+    ];
+    for (i, (a, b, transpose_b)) in cases.into_iter().enumerate() {
+        let case = Case {
+            a,
+            b,
+            transpose_b,
+            bias: true,
+            activation: Activation::None,
+            alpha: 1.0,
+        };
+        check_in(gpu, MatmulKernel::Packed, &case, 600 + i as u64, DType::F32);
     }
 }
 
