@@ -308,7 +308,17 @@ pub fn conv2d_with_kernel(
         }
     };
     if packed {
-        run_packed(gpu, x, weight, bias, opts, &d, &out)?;
+        match run_packed(gpu, x, weight, bias, opts, &d, &out) {
+            // The packed operands are capped below one binding (64 MiB); a
+            // larger weight (SD's 2560 -> 1280 up-block convs in f32 are
+            // 118 MB) takes the tiled kernel, which splits it. The check
+            // happens before anything is dispatched, and the tiled kernel
+            // writes every output anyway.
+            Err(EngineError::BindingTooLarge { .. }) if kernel == Conv2dKernel::Auto => {
+                run_tiled(gpu, x, weight, bias, opts, &d, &out)?
+            }
+            other => other?,
+        }
     } else {
         run_tiled(gpu, x, weight, bias, opts, &d, &out)?;
     }
