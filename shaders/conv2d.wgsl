@@ -211,7 +211,10 @@ struct PackParams {
     words_shift: u32,
     rb_shift: u32,
     n_kc: u32,       // K chunks
-    _pad: u32,
+    row0: u32,       // pack_weights: first output channel of the dispatch
+    dst_base: u32,   // pack_weights: word index (in the packed operand) of packed[0]
+    _pad0: u32,
+    _pad1: u32,
 }
 
 // pack_taps and pack_weights bindings:
@@ -278,7 +281,7 @@ fn weight_value(co: u32, ci: u32, t: u32) -> f32 {
 }
 
 // The weights [cout, cin, KH, KW] as the row operand, K in (tap, channel) order.
-// x: channel word, y: tap, z: output channel.
+// x: channel word, y: tap, z: output channel from row0.
 @compute @workgroup_size(32)
 fn pack_weights(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c2 = gid.x;
@@ -286,12 +289,12 @@ fn pack_weights(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let t = gid.y;
-    let co = gid.z;
+    let co = pp.row0 + gid.z;
     var v: u32;
     if (PACKED_F16) {
         v = pack2x16float(vec2(weight_value(co, 2u * c2, t), weight_value(co, 2u * c2 + 1u, t)));
     } else {
         v = bitcast<u32>(weight_value(co, c2, t));
     }
-    packed[packed_index(co, t * pp.cw + c2)] = v;
+    packed[packed_index(co, t * pp.cw + c2) - pp.dst_base] = v;
 }

@@ -209,19 +209,27 @@ fn mib_binding_gpu() -> &'static Gpu {
 
 #[test]
 fn packed_kernel_windows_tensors_over_the_binding_limit() {
-    // Output channels 128 x 128 values apart: written in groups of rows.
     let gpu = mib_binding_gpu();
     let opts = Conv2dOptions::same(3, 1);
-    let shapes = ([2, 4, 128, 128], [40, 4, 3, 3]);
-    check_in(
-        gpu,
-        Conv2dKernel::Packed,
-        shapes,
-        true,
-        &opts,
-        700,
-        DType::F32,
-    );
+    // Output channels 128 x 128 values apart: written in groups of rows;
+    // then more output channels than one packed block holds: weights
+    // packed a block at a time.
+    let cases = [
+        ([2, 4, 128, 128], [40, 4, 3, 3]),
+        ([1, 64, 9, 9], [300, 64, 3, 3]),
+    ];
+    for (i, shapes) in cases.into_iter().enumerate() {
+        let seed = 700 + i as u64;
+        check_in(
+            gpu,
+            Conv2dKernel::Packed,
+            shapes,
+            true,
+            &opts,
+            seed,
+            DType::F32,
+        );
+    }
 }
 
 #[test]

@@ -309,10 +309,9 @@ pub fn conv2d_with_kernel(
     };
     if packed {
         match run_packed(gpu, x, weight, bias, opts, &d, &out) {
-            // The packed operands are capped below one binding (64 MiB); a
-            // larger weight (SD's 2560 -> 1280 up-block convs in f32 are
-            // 118 MB) takes the tiled kernel, which splits it. The check
-            // happens before anything is dispatched, and the tiled kernel
+            // The packed taps of one output row must fit 64 MiB; a wider
+            // convolution takes the tiled kernel, which splits anything. The
+            // check comes before anything is dispatched, and the tiled kernel
             // writes every output anyway.
             Err(EngineError::BindingTooLarge { .. }) if kernel == Conv2dKernel::Auto => {
                 run_tiled(gpu, x, weight, bias, opts, &d, &out)?
@@ -450,7 +449,9 @@ struct PackParams {
     words_shift: u32,
     rb_shift: u32,
     n_kc: u32,
-    _pad: u32,
+    row0: u32,
+    dst_base: u32,
+    _pad: [u32; 2],
 }
 
 /// The largest packed operand (bytes), bound whole as one storage buffer
@@ -485,10 +486,12 @@ fn run_packed(
         band = band.div_ceil(2);
         row_words = packed_row_words(1, d.cout, band * d.wo, k_words);
     }
-    if packed_bytes(d.cout, row_words).max(packed_bytes(band * d.wo, row_words)) > limit {
+    // The weights are packed one row block (of output channels) at a time.
+    let weight_block_bytes = packed_bytes(BLOCK_WORDS / row_words, row_words);
+    if packed_bytes(band * d.wo, row_words).max(weight_block_bytes) > limit {
         return Err(EngineError::BindingTooLarge {
             op: "conv2d",
-            bytes: packed_bytes(d.cout, row_words).max(packed_bytes(band * d.wo, row_words)),
+            bytes: packed_bytes(band * d.wo, row_words).max(weight_block_bytes),
             limit,
         });
     }
@@ -522,18 +525,33 @@ fn run_packed(
         words_shift: row_words.trailing_zeros(),
         rb_shift: packed.rows_per_block().trailing_zeros(),
         n_kc: packed.k_chunks() as u32,
-        _pad: 0,
+        row0: 0,
+        dst_base: 0,
+        _pad: [0; 2],
     };
     let channel_groups = cw.div_ceil(PACK_GROUP) as u32;
-    gpu.dispatch(
-        &kernel("pack_weights"),
-        params_bytes(&params(&weights)),
-        &[
-            (2, weight.binding()),
-            (5, weights.blocks(0, weights.item_blocks())),
-        ],
-        [channel_groups, (d.kh * d.kw) as u32, d.cout as u32],
-    )?;
+    let pack_weights = kernel("pack_weights");
+    let rb = weights.rows_per_block();
+    for co0 in (0..d.cout).step_by(rb) {
+        let first = co0 / rb * weights.k_chunks();
+        let p = PackParams {
+            row0: co0 as u32,
+            dst_base: (first * BLOCK_WORDS) as u32,
+            ..params(&weights)
+        };
+        let dst = weights.blocks(first, weights.k_chunks());
+        let groups = [
+            channel_groups,
+            (d.kh * d.kw) as u32,
+            rb.min(d.cout - co0) as u32,
+        ];
+        gpu.dispatch(
+            &pack_weights,
+            params_bytes(&p),
+            &[(2, weight.binding()), (5, dst)],
+            groups,
+        )?;
+    }
     let epilogue = Epilogue {
         alpha: 1.0,
         bias,
