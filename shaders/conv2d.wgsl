@@ -2,8 +2,8 @@
 // a fused activation, NCHW:
 //   out[z, co, oy, ox] = ACT(bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] * x[z, ci, oy*s + ky - pad_t, ox*s + kx - pad_l])
 // Taps outside the input are zero (padding). As an implicit matrix product:
-// rows are output channels, columns output pixels, and K runs over (ci, ky, kx)
-// in the weight's own order. Two ways to compute it, picked in ops/conv2d.rs:
+// rows are output channels, columns output pixels, and K runs over the taps
+// (ci, ky, kx). Two ways to compute it, picked in ops/conv2d.rs:
 //   conv2d_tiled   GPUs: workgroup-memory tiles of weights and input taps.
 //   pack_taps,     CPU adapters: write the input taps of a band of output rows
 //   pack_weights   and the weights as the packed operands of matmul.wgsl's
@@ -124,8 +124,9 @@ fn tap(z: u32, k: u32, q: u32) -> f32 {
 // x: pixel tiles of the row window, y: channel tiles, z: batch item.
 const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
-var<workgroup> w_tile: array<array<f32, TILE>, TILE_K>;
-var<workgroup> x_tile: array<array<f32, TILE>, TILE_K>;
+// One column of padding: stores that walk K then hit different banks.
+var<workgroup> w_tile: array<array<f32, TILE + 1u>, TILE_K>;
+var<workgroup> x_tile: array<array<f32, TILE + 1u>, TILE_K>;
 
 @compute @workgroup_size(16, 16)
 fn conv2d_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {

@@ -2,9 +2,10 @@
 //   out[z, i, j] = ACT(alpha * sum_k a[z, i, k] * b[z, k, j] + bias)
 // Two kernels compute it, picked by adapter in ops/matmul.rs:
 //   matmul_tiled   GPUs: workgroup-memory tiles, operands read straight from storage buffers.
-//   gemm_packed    CPU adapters (lavapipe): operands first copied by pack_rows into 64 KiB
-//                  blocks that are read as uniform buffers (see the comment above gemm_packed).
-// conv2d (ops/conv2d.rs) reuses gemm_packed with its own packing kernel.
+//   gemm_packed    CPU adapters (lavapipe): operands first copied (pack_rows, pack_rows4,
+//                  pack_cols4) into 64 KiB blocks read as uniform buffers (see "The
+//                  CPU-adapter path" below).
+// conv2d (ops/conv2d.rs) reuses gemm_packed with its own packing kernels.
 
 // One parameter block for both product kernels; each reads the fields it needs.
 struct Params {
@@ -103,8 +104,9 @@ fn store(o: u32, j: u32, dot: f32) {
 // each, over K in steps of 16 staged in workgroup memory.
 const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
-var<workgroup> a_tile: array<array<f32, TILE>, TILE_K>;
-var<workgroup> b_tile: array<array<f32, TILE>, TILE_K>;
+// One column of padding: stores that walk K then hit different banks.
+var<workgroup> a_tile: array<array<f32, TILE + 1u>, TILE_K>;
+var<workgroup> b_tile: array<array<f32, TILE + 1u>, TILE_K>;
 
 fn load_a(z: u32, i: u32, kk: u32) -> f32 {
     if (i >= p.m || kk >= p.k) {
@@ -131,17 +133,16 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let t = lid.y * 16u + lid.x;
     var acc: array<array<f32, 4>, 4>;
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        // 256 invocations stage 16 x 64 values of each operand, 4 each.
+        // 256 invocations stage 16 x 64 values of each operand, 4 each;
+        // consecutive invocations read consecutive addresses: along K in a
+        // and a transposed b, along N in a plain b.
         for (var s = 0u; s < 4u; s++) {
             let e = t + s * 256u;
-            let kk = e / TILE;
-            let x = e % TILE;
-            a_tile[kk][x] = load_a(z, i0 + x, k0 + kk);
+            a_tile[e % TILE_K][e / TILE_K] = load_a(z, i0 + e / TILE_K, k0 + e % TILE_K);
             if (TRANS_B == 1u) {
-                // Consecutive invocations walk K, which is contiguous in a transposed b.
                 b_tile[e % TILE_K][e / TILE_K] = load_b(z, k0 + e % TILE_K, j0 + e / TILE_K);
             } else {
-                b_tile[kk][x] = load_b(z, k0 + kk, j0 + x);
+                b_tile[e / TILE][e % TILE] = load_b(z, k0 + e / TILE, j0 + e % TILE);
             }
         }
         workgroupBarrier();
@@ -179,7 +180,7 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
 // each value into a vector on the stack (a store-forwarding stall per value,
 // ~25 cycles), while a uniform-buffer load is a plain 8-wide gather (~3
 // cycles per value) and subgroupBroadcast is one shuffle. So both operands
-// are first copied (pack_rows, conv2d's pack_im2col) into blocks of 64 KiB —
+// are first copied (pack_rows here, pack_taps in conv2d) into blocks of 64 KiB —
 // the largest uniform binding — and gemm_packed reads them as uniform
 // buffers: 16 rows of a per subgroup, one gathered vec4 per lane for 8 of
 // them then shared by subgroupBroadcast, and 4 columns of b per lane.
@@ -419,18 +420,18 @@ fn chunk_len(c: u32) -> u32 {
     return select(p.kw4, p.klast4, c + 1u == p.nch);
 }
 
-// Bindings: bias (3) and out (4) as for matmul_tiled; a0..a5 (5..10) and
-// b0..b5 (11..16) uniform blocks; partial_in (17) and partial_out (18).
-// A product with more K chunks than one dispatch binds runs in passes: each
-// but the last writes its sums (plus those of the passes before: accumulate
-// = 1) to partial_out; the last (finish = 1) adds bias and activation and
-// writes out. A storage read would cost more than the pass itself here.
 // One tile of up to 16384 / kw rows x 16384 / kw columns per dispatch: the
 // bound blocks a0..a5 are K chunks of the tile's rows, b0..b5 of its columns
 // (unused slots repeat a bound block). Each workgroup is one subgroup of 8
 // lanes and computes 16 rows x 32 columns, of the m rows from tile row row0
 // and the n columns; out, bias and the epilogue are as for matmul_tiled, with
 // (i, j) counted from (row0, 0) (out_off and bias_off point there).
+// Bindings: bias (3) and out (4) as for matmul_tiled; a0..a5 (5..10) and
+// b0..b5 (11..16) uniform blocks; partial_in (17) and partial_out (18).
+// A product with more K chunks than one dispatch binds runs in passes: each
+// but the last writes its sums (plus those of the passes before: accumulate
+// = 1) to partial_out; the last (finish = 1) adds bias and activation and
+// writes out. (A read-modify-write of `out` would cost more than the pass.)
 @compute @workgroup_size(8)
 fn gemm_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) sid: u32) {
     let i0 = wid.y * 16u;

@@ -1,7 +1,10 @@
 //! 2-D convolution (`shaders/conv2d.wgsl`), NCHW like PyTorch's nn.Conv2d,
 //! with any kernel size, stride, asymmetric zero padding, bias and a fused
-//! activation. Convolutions larger than one storage binding run in windows
-//! of batch items, output channels, output rows and input channels.
+//! activation. GPUs run a tiled implicit matrix product; CPU adapters pack
+//! input taps and weights for matmul's packed kernel (`shaders/matmul.wgsl`
+//! says why). Tensors larger than one storage binding run in windows: of
+//! batch items, output channels, output rows and input channels (tiled), of
+//! output rows and channel blocks (packed).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -217,7 +220,8 @@ fn input_rows(d: &Dims, stride: usize, rows: usize) -> usize {
     ((rows - 1) * stride + d.kh).min(d.h)
 }
 
-fn tiling(d: &Dims, stride: usize, max: usize) -> Result<Tiling> {
+/// Picks windows of at most `max` elements of `elem_bytes` each.
+fn tiling(d: &Dims, stride: usize, max: usize, elem_bytes: u64) -> Result<Tiling> {
     let plane = d.h * d.w;
     let taps = d.kh * d.kw;
     let (x_item, o_item, w_all) = (d.cin * plane, d.cout * d.ho * d.wo, d.cout * d.cin * taps);
@@ -234,10 +238,10 @@ fn tiling(d: &Dims, stride: usize, max: usize) -> Result<Tiling> {
             depth: d.cin,
         });
     }
-    let too_large = |bytes: usize| EngineError::BindingTooLarge {
+    let too_large = |elems: usize| EngineError::BindingTooLarge {
         op: "conv2d",
-        bytes: bytes as u64,
-        limit: max as u64,
+        bytes: elems as u64 * elem_bytes,
+        limit: max as u64 * elem_bytes,
     };
     // Output rows first (one row of one channel must fit), then input
     // channels, then output channels.
@@ -310,9 +314,9 @@ pub fn conv2d_with_kernel(
     if packed {
         match run_packed(gpu, x, weight, bias, opts, &d, &out) {
             // The packed taps of one output row must fit 64 MiB; a wider
-            // convolution takes the tiled kernel, which splits anything. The
-            // check comes before anything is dispatched, and the tiled kernel
-            // writes every output anyway.
+            // convolution takes the tiled kernel, which splits anything.
+            // What was recorded before the error wrote only the packed
+            // buffers or outputs that the tiled kernel writes again.
             Err(EngineError::BindingTooLarge { .. }) if kernel == Conv2dKernel::Auto => {
                 run_tiled(gpu, x, weight, bias, opts, &d, &out)?
             }
@@ -334,7 +338,7 @@ fn run_tiled(
     out: &Tensor,
 ) -> Result<()> {
     let max = Tensor::max_window_elems(gpu, x.dtype());
-    let t = tiling(d, opts.stride, max)?;
+    let t = tiling(d, opts.stride, max, x.dtype().size_bytes())?;
     let k = Kernel {
         op: "conv2d",
         source: SOURCE,

@@ -260,28 +260,24 @@ fn run(
     // buffers, GPUs want workgroup-memory tiles. Operands that cannot be
     // packed in windows (a plain `b` larger than a binding) take the tiled
     // kernel, which can split anything.
-    let packed = match kernel {
-        MatmulKernel::Auto => packed_supported(gpu) && packable(gpu, b, &d),
-        MatmulKernel::Tiled => false,
-        MatmulKernel::Packed => {
-            if !(packed_supported(gpu) && packable(gpu, b, &d)) {
-                return Err(EngineError::Argument {
-                    op: "matmul",
-                    message: format!(
-                        "the packed kernel needs a CPU adapter with 8-lane subgroups and \
-                         64 KiB uniform bindings, and a b whose row blocks fit a binding \
-                         (adapter {})",
-                        gpu.adapter().name
-                    ),
-                });
-            }
-            true
+    let plan = packed_plan(gpu, a.dtype(), &d);
+    let row_words = match (kernel, plan) {
+        (MatmulKernel::Tiled, _) | (MatmulKernel::Auto, None) => None,
+        (_, Some(row_words)) => Some(row_words),
+        (MatmulKernel::Packed, None) => {
+            return Err(EngineError::Argument {
+                op: "matmul",
+                message: format!(
+                    "the packed kernel needs a CPU adapter with 8-lane subgroups and 64 KiB \
+                     uniform bindings, and operands whose row blocks fit a binding (adapter {})",
+                    gpu.adapter().name
+                ),
+            })
         }
     };
-    if packed {
-        run_packed(gpu, a, b, &out, &d, &epilogue)?;
-    } else {
-        run_tiled(gpu, a, b, &out, &d, &epilogue, opts.transpose_b)?;
+    match row_words {
+        Some(row_words) => run_packed(gpu, a, b, &out, &d, &epilogue, row_words)?,
+        None => run_tiled(gpu, a, b, &out, &d, &epilogue, opts.transpose_b)?,
     }
     Ok(out)
 }
@@ -520,10 +516,25 @@ pub(crate) fn values_per_word(dtype: DType) -> usize {
 
 /// Whether the packing windows of this product's operands fit one binding:
 /// only a plain `b` ([K, N], whose columns are packed) can be too wide.
-fn packable(gpu: &Gpu, b: &Tensor, d: &Dims) -> bool {
-    let max = Tensor::max_window_elems(gpu, b.dtype());
-    let widest_rows = BLOCK_WORDS / BLOCK_ROW_WORDS[0];
-    d.transpose_b || d.k.saturating_sub(1) * d.n + widest_rows <= max
+/// The words per block row of the packed kernel for this product, or `None`
+/// if the adapter cannot run it or the packing windows would not fit one
+/// binding: a row block of `a` or of a transposed `b` (its rows times K),
+/// the columns of a plain `b` (nearly all of it), or a row block's chunks.
+fn packed_plan(gpu: &Gpu, dtype: DType, d: &Dims) -> Option<usize> {
+    if !packed_supported(gpu) {
+        return None;
+    }
+    let k_words = d.k.div_ceil(values_per_word(dtype));
+    let row_words = packed_row_words(d.batch, d.m, d.n, k_words);
+    let rows = BLOCK_WORDS / row_words;
+    let max = Tensor::max_window_elems(gpu, dtype);
+    let b_window = if d.transpose_b {
+        rows * d.k
+    } else {
+        d.k.saturating_sub(1) * d.n + rows
+    };
+    let chunks = k_words.div_ceil(row_words) as u64 * BLOCK_BYTES;
+    (rows * d.k <= max && b_window <= max && chunks <= gpu.max_binding_bytes()).then_some(row_words)
 }
 
 /// An operand packed into blocks (layout in shaders/matmul.wgsl), in a buffer
@@ -931,10 +942,9 @@ fn run_packed(
     out: &Tensor,
     d: &Dims,
     e: &Epilogue,
+    kw: usize,
 ) -> Result<()> {
-    let epw = values_per_word(a.dtype());
     let b_items = if d.b_batched { d.batch } else { 1 };
-    let kw = packed_row_words(d.batch, d.m, d.n, d.k.div_ceil(epw));
     let pa = pack_rows(
         gpu,
         &Strided {
