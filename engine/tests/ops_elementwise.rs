@@ -46,15 +46,14 @@ fn unary_splits_tensors_over_the_binding_limit() {
     check_unary(small_binding_gpu(), 5000, 9);
 }
 
+type NamedOp = fn(&Gpu, &motif_engine::Tensor) -> motif_engine::Result<motif_engine::Tensor>;
+
 #[test]
 fn named_activations_match_reference() {
     let gpu = gpu();
     let x = random(129, 3);
     let (t, xs) = upload(gpu, &x, &[129], motif_engine::DType::F32);
-    let cases: [(
-        Activation,
-        fn(&Gpu, &motif_engine::Tensor) -> motif_engine::Result<motif_engine::Tensor>,
-    ); 4] = [
+    let cases: [(Activation, NamedOp); 4] = [
         (Activation::Silu, ops::silu),
         (Activation::GeluErf, ops::gelu_erf),
         (Activation::GeluTanh, ops::gelu_tanh),

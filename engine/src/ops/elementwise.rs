@@ -322,7 +322,7 @@ pub fn mul(gpu: &Gpu, a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// GEGLU: for x of shape [..., 2·D], `x[..., :D] * gelu_erf(x[..., D:])`.
 pub fn geglu(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     let last = *x.shape().last().unwrap_or(&0);
-    if x.rank() == 0 || last % 2 != 0 || last == 0 {
+    if x.rank() == 0 || !last.is_multiple_of(2) || last == 0 {
         return Err(EngineError::Shape {
             op: "geglu",
             expected: "a last dim of even size 2·D".into(),

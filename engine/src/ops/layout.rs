@@ -286,7 +286,7 @@ pub fn upsample_nearest(gpu: &Gpu, x: &Tensor, out_h: usize, out_w: usize) -> Re
 }
 
 fn check_frames(op: &'static str, x: &Tensor, frames: usize) -> Result<usize> {
-    if x.rank() != 4 || frames == 0 || x.shape()[0] % frames != 0 {
+    if x.rank() != 4 || frames == 0 || !x.shape()[0].is_multiple_of(frames) {
         return Err(EngineError::Shape {
             op,
             expected: format!("[B·F, C, H, W] with B·F a multiple of {frames} frames"),

@@ -324,7 +324,7 @@ pub fn write(
     }
     let mut text = serde_json::Value::Object(header).to_string();
     // Pad so that the data section starts 8-byte aligned, as the reference writer does.
-    while (8 + text.len()) % 8 != 0 {
+    while !(8 + text.len()).is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = Vec::with_capacity(8 + text.len() + offset);
