@@ -97,16 +97,18 @@ fn conv2d_matches_reference_on_odd_sizes_in_each_dim() {
 #[test]
 fn conv2d_handles_kernel_sizes_strides_and_padding() {
     let gpu = gpu();
-    let x = [2, 5, 13, 12];
+    // 8 input channels: the packed kernel packs its taps 4 words at a time
+    // (odd counts, in the other tests, one at a time).
+    let x = [2, 8, 13, 12];
     let cases: [([usize; 4], Conv2dOptions); 7] = [
-        ([7, 5, 1, 1], Conv2dOptions::same(1, 1)),
-        ([7, 5, 1, 1], Conv2dOptions::same(1, 2)),
-        ([7, 5, 3, 3], Conv2dOptions::same(3, 1)),
-        ([7, 5, 3, 3], Conv2dOptions::same(3, 2)),
-        ([7, 5, 3, 3], vae_downsample()),
-        ([7, 5, 3, 3], Conv2dOptions::default()),
+        ([7, 8, 1, 1], Conv2dOptions::same(1, 1)),
+        ([7, 8, 1, 1], Conv2dOptions::same(1, 2)),
+        ([7, 8, 3, 3], Conv2dOptions::same(3, 1)),
+        ([7, 8, 3, 3], Conv2dOptions::same(3, 2)),
+        ([7, 8, 3, 3], vae_downsample()),
+        ([7, 8, 3, 3], Conv2dOptions::default()),
         (
-            [7, 5, 2, 5],
+            [7, 8, 2, 5],
             Conv2dOptions {
                 stride: 3,
                 padding: [2, 0, 1, 3],

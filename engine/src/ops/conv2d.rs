@@ -564,7 +564,12 @@ fn run_packed(
     };
     let x_item = d.cin * d.h * d.w;
     let out_plane = d.ho * d.wo;
-    let pack_taps = kernel("pack_taps");
+    // Four words of channels per invocation where they divide evenly.
+    let (pack_taps, taps_slot, words_per_invocation) = if cw.is_multiple_of(4) {
+        (kernel("pack_taps4"), 6, 4)
+    } else {
+        (kernel("pack_taps"), 5, 1)
+    };
     for z in 0..d.n {
         let (xb, x_off) = x.window(gpu, z * x_item, x_item);
         for oy0 in (0..d.ho).step_by(band) {
@@ -577,12 +582,13 @@ fn run_packed(
             };
             // The padded input the band reads: its columns and rows.
             let groups = [
-                channel_groups,
+                cw.div_ceil(PACK_GROUP * words_per_invocation) as u32,
                 ((d.wo - 1) * opts.stride + d.kw) as u32,
                 ((rows - 1) * opts.stride + d.kh) as u32,
             ];
             let dst = taps.blocks(0, taps.item_blocks());
-            gpu.dispatch(&pack_taps, params_bytes(&p), &[(1, xb), (5, dst)], groups)?;
+            let bindings = [(1, xb), (taps_slot, dst)];
+            gpu.dispatch(&pack_taps, params_bytes(&p), &bindings, groups)?;
             let product = PackedProduct {
                 a: &weights,
                 b: &taps,
