@@ -617,10 +617,11 @@ impl Packed {
 /// for every CPU thread. Partial sums between passes must fit one uniform
 /// block, so several passes need tiles of at most 128 x 128.
 pub(crate) fn packed_row_words(items: usize, m: usize, n: usize, k_words: usize) -> usize {
-    // CPU nanoseconds on lavapipe (2 threads), measured: a word of K of one
-    // output, a dispatch, an extra pass over one output.
+    // Nanoseconds on lavapipe (2 threads), measured: a word of K of one
+    // output (CPU time), a dispatch (wall time: its CPU time and the wait for
+    // the slowest workgroup), an extra pass over one output (CPU time).
     const WORD: f64 = 0.18;
-    const DISPATCH: f64 = 80e3;
+    const DISPATCH: f64 = 150e3;
     const PASS: f64 = 15.0;
     const THREADS: usize = 2;
     let cost = |kw: usize| {
