@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::{check_dtypes, params_bytes, windows};
 use crate::error::{EngineError, Result};
-use crate::gpu::{grid_1d, Gpu, Kernel};
+use crate::gpu::{grid_1d, Binding, Gpu, Kernel};
 use crate::tensor::{fmt_shape, Tensor};
 
 const SOURCE: &str = include_str!("../../../shaders/layout.wgsl");
@@ -32,6 +32,24 @@ fn kernel(entry: &'static str, x: &Tensor) -> Kernel {
         dtype: x.dtype(),
         constants: vec![],
     }
+}
+
+/// One dispatch of a layout kernel: `src` at slot 1, `dst` at slot 2, one
+/// invocation per output element.
+fn run(
+    gpu: &Gpu,
+    k: &Kernel,
+    p: &Params,
+    src: Binding<'_>,
+    dst: Binding<'_>,
+    count: usize,
+) -> Result<()> {
+    gpu.dispatch(
+        k,
+        params_bytes(p),
+        &[(1, src), (2, dst)],
+        grid_1d((count as u64).div_ceil(WG)),
+    )
 }
 
 fn params(n: usize, src_off: u32, dst_off: u32) -> Params {
@@ -117,12 +135,7 @@ pub fn permute(gpu: &Gpu, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
             p.a[d] = size as u32;
             p.b[d] = stride as u32;
         }
-        gpu.dispatch(
-            &k,
-            params_bytes(&p),
-            &[(1, sb), (2, db)],
-            grid_1d((n as u64).div_ceil(WG)),
-        )?;
+        run(gpu, &k, &p, sb, db, n)?;
     }
     Ok(out)
 }
@@ -189,12 +202,7 @@ pub fn concat(gpu: &Gpu, tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
             let (db, dst_off) = out.window(gpu, start, n);
             let mut p = params(count, src_off, dst_off);
             p.a[..4].copy_from_slice(&[cs as u32, inner as u32, ct as u32, c0 as u32]);
-            gpu.dispatch(
-                &k,
-                params_bytes(&p),
-                &[(1, sb), (2, db)],
-                grid_1d((count as u64).div_ceil(WG)),
-            )?;
+            run(gpu, &k, &p, sb, db, count)?;
         }
         c0 += cs;
     }
@@ -236,12 +244,7 @@ pub fn narrow(gpu: &Gpu, x: &Tensor, dim: usize, start: usize, len: usize) -> Re
         let (db, dst_off) = out.window(gpu, o0 * len * inner, count);
         let mut p = params(count, src_off, dst_off);
         p.a[..4].copy_from_slice(&[cs as u32, inner as u32, len as u32, start as u32]);
-        gpu.dispatch(
-            &k,
-            params_bytes(&p),
-            &[(1, sb), (2, db)],
-            grid_1d((count as u64).div_ceil(WG)),
-        )?;
+        run(gpu, &k, &p, sb, db, count)?;
     }
     Ok(out)
 }
@@ -275,12 +278,7 @@ pub fn upsample_nearest(gpu: &Gpu, x: &Tensor, out_h: usize, out_w: usize) -> Re
         let count = np * plane_out;
         let mut p = params(count, src_off, dst_off);
         p.a[..4].copy_from_slice(&[h as u32, w as u32, out_h as u32, out_w as u32]);
-        gpu.dispatch(
-            &k,
-            params_bytes(&p),
-            &[(1, sb), (2, db)],
-            grid_1d((count as u64).div_ceil(WG)),
-        )?;
+        run(gpu, &k, &p, sb, db, count)?;
     }
     Ok(out)
 }
