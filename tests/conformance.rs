@@ -40,7 +40,9 @@ fn summary(stdout: &str) -> (usize, usize) {
 #[test]
 fn tokenizer_text_encoder_unet_and_vae_match_the_reference_in_f32_and_f16() {
     // cases-a also has a tiled VAE decode case.
-    for (set, outputs) in [("cases-a", 9), ("cases-b", 8)] {
+    // single-file: an LDM-named checkpoint plus an original-format motion
+    // module (tools/fixtures/make_single_file.py), no tiled or encode case.
+    for (set, outputs) in [("cases-a", 9), ("cases-b", 8), ("single-file", 6)] {
         let dir = fixtures().join(set);
         for precision in ["f32", "f16"] {
             let (code, stdout, stderr) = conformance(&[
@@ -54,7 +56,11 @@ fn tokenizer_text_encoder_unet_and_vae_match_the_reference_in_f32_and_f16() {
             let (passed, failed) = summary(&stdout);
             // tokenizer ids, 3 text encoder outputs, UNet noise prediction,
             // VAE decode sample, encode mean and logvar
-            assert_eq!((passed, failed), (outputs, 0), "{set} {precision}:\n{stdout}");
+            assert_eq!(
+                (passed, failed),
+                (outputs, 0),
+                "{set} {precision}:\n{stdout}"
+            );
             // One line per output: case, output, error, tolerance, verdict.
             assert!(
                 stdout.lines().filter(|l| l.ends_with(" ok")).count() == outputs,

@@ -5,16 +5,16 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::error::{EngineError, LoadError, Result};
 use crate::gpu::{DType, Gpu};
-use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::clip::ClipTextModel;
+use crate::models::source::{ModelSource, ModelSpec};
 use crate::models::unet_motion::UNetMotionModel;
-use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::models::vae::AutoencoderKL;
 use crate::tensor::Tensor;
 use crate::text::ClipTokenizer;
-use crate::weights::{config::read_json, SafetensorsFile, WeightSet, Weights};
+use crate::weights::{config::read_json, SafetensorsFile, Weights};
 
 /// Components this runner knows; the others of the format come with later work.
 pub const COMPONENTS: [&str; 4] = ["tokenizer", "text_encoder", "unet", "vae"];
@@ -61,7 +61,10 @@ struct Expected {
 
 struct CaseSet {
     dir: PathBuf,
-    pipeline_dir: PathBuf,
+    /// The model the cases run on: `pipeline_dir` (a diffusers folder, or a
+    /// single-file checkpoint with optional `motion_adapter` and `vae` files
+    /// named beside it in the manifest).
+    source: ModelSource,
     tensors: SafetensorsFile,
     prompts: Option<serde_json::Value>,
 }
@@ -117,9 +120,20 @@ pub fn run(
             .unwrap_or("cases.safetensors"),
     );
     let prompts_path = dir.join("prompts.json");
+    let beside = |key: &str| {
+        manifest
+            .get(key)
+            .and_then(|p| p.as_str())
+            .map(|p| dir.join(p).to_string_lossy().into_owned())
+    };
+    let source = ModelSource::open(&ModelSpec {
+        model: pipeline_dir.to_string_lossy().into_owned(),
+        motion_adapter: beside("motion_adapter"),
+        vae: beside("vae"),
+    })?;
     let set = CaseSet {
         dir: dir.to_path_buf(),
-        pipeline_dir,
+        source,
         tensors: SafetensorsFile::open(&tensors_file)?,
         prompts: if prompts_path.exists() {
             Some(read_json(&prompts_path)?)
@@ -273,9 +287,7 @@ fn run_case(
     let (known, computed): (Vec<&str>, HashMap<&str, Vec<f64>>) = match component {
         "tokenizer" => {
             if models.tokenizer.is_none() {
-                models.tokenizer = Some(ClipTokenizer::from_dir(
-                    &set.pipeline_dir.join("tokenizer"),
-                )?);
+                models.tokenizer = Some(set.source.tokenizer()?);
             }
             let tok = models.tokenizer.as_ref().expect("just loaded");
             let prompts = resolve_prompts(set, case.get("inputs").and_then(|i| i.get("prompts")))?;
@@ -288,10 +300,9 @@ fn run_case(
         }
         "text_encoder" => {
             if models.text_encoder.is_none() {
-                let dir = crate::weights::folder::component_dir(&set.pipeline_dir, "text_encoder")?;
-                let config = ClipTextConfig::load(&dir.join("config.json"))?;
-                let weights = Weights::new(Arc::new(WeightSet::open_dir(&dir)?), gpu.precision());
-                models.text_encoder = Some(ClipTextModel::new(gpu, &weights, config)?);
+                let part = set.source.text_encoder()?;
+                let weights = Weights::new(part.weights, gpu.precision());
+                models.text_encoder = Some(ClipTextModel::new(gpu, &weights, part.config)?);
             }
             let model = models.text_encoder.as_ref().expect("just loaded");
             let key = input_tensor(case, "input_ids")?;
@@ -336,10 +347,9 @@ fn run_case(
         }
         "vae" => {
             if models.vae.is_none() {
-                let dir = crate::weights::folder::component_dir(&set.pipeline_dir, "vae")?;
-                let config = VaeConfig::load(&dir.join("config.json"))?;
-                let weights = Weights::new(Arc::new(WeightSet::open_dir(&dir)?), gpu.precision());
-                models.vae = Some(AutoencoderKL::new(gpu, &weights, config)?);
+                let part = set.source.vae()?;
+                let weights = Weights::new(part.weights, gpu.precision());
+                models.vae = Some(AutoencoderKL::new(gpu, &weights, part.config)?);
             }
             let vae = models.vae.as_ref().expect("just loaded");
             let literal = |name: &str| {
@@ -392,10 +402,9 @@ fn run_case(
         }
         "unet" => {
             if models.unet.is_none() {
-                let unet_dir = crate::weights::folder::component_dir(&set.pipeline_dir, "unet")?;
-                let adapter = set.pipeline_dir.join("motion_adapter");
-                let adapter = adapter.is_dir().then_some(adapter);
-                models.unet = Some(UNetMotionModel::load(gpu, &unet_dir, adapter.as_deref())?);
+                let part = set.source.unet()?;
+                let weights = Weights::new(part.weights, gpu.precision());
+                models.unet = Some(UNetMotionModel::new(gpu, &weights, part.config)?);
             }
             let unet = models.unet.as_ref().expect("just loaded");
             let sample = upload_input(gpu, set, case, "sample")?;

@@ -5,5 +5,6 @@ pub mod attention;
 pub mod clip;
 pub mod nn;
 pub mod resnet;
+pub mod source;
 pub mod unet_motion;
 pub mod vae;

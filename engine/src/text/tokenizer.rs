@@ -21,6 +21,9 @@ pub const MAX_LENGTH: usize = 77;
 const CLIP_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+const BUNDLED_VOCAB: &str = include_str!("../../../assets/clip_tokenizer/vocab.json");
+const BUNDLED_MERGES: &str = include_str!("../../../assets/clip_tokenizer/merges.txt");
+
 pub struct ClipTokenizer {
     inner: tokenizers::Tokenizer,
     bos: u32,
@@ -43,6 +46,35 @@ impl ClipTokenizer {
 
     pub fn from_files(vocab_path: &Path, merges_path: &Path) -> Result<Self, LoadError> {
         let vocab = read_json(vocab_path)?;
+        let text = std::fs::read_to_string(merges_path).map_err(|source| LoadError::Io {
+            path: merges_path.to_path_buf(),
+            source,
+        })?;
+        Self::from_parts(vocab, vocab_path, &text, merges_path)
+    }
+
+    /// SD1.x's own CLIP vocabulary, compiled into the binary: for single-file
+    /// checkpoints, which carry no tokenizer.
+    pub fn bundled() -> Result<Self, LoadError> {
+        let vocab_path = Path::new("(bundled)/clip_tokenizer/vocab.json");
+        let vocab = serde_json::from_str(BUNDLED_VOCAB).map_err(|e| LoadError::Config {
+            path: vocab_path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_parts(
+            vocab,
+            vocab_path,
+            BUNDLED_MERGES,
+            Path::new("(bundled)/clip_tokenizer/merges.txt"),
+        )
+    }
+
+    fn from_parts(
+        vocab: serde_json::Value,
+        vocab_path: &Path,
+        text: &str,
+        merges_path: &Path,
+    ) -> Result<Self, LoadError> {
         let vocab_map = vocab
             .as_object()
             .ok_or_else(|| layout(vocab_path, "expected a JSON object of token -> id"))?;
@@ -52,10 +84,6 @@ impl ClipTokenizer {
                 "every id must be a non-negative integer",
             ));
         }
-        let text = std::fs::read_to_string(merges_path).map_err(|source| LoadError::Io {
-            path: merges_path.to_path_buf(),
-            source,
-        })?;
         let mut merges = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.starts_with("#version") || line.trim().is_empty() {

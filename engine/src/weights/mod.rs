@@ -7,6 +7,7 @@
 pub mod config;
 pub mod folder;
 pub mod safetensors;
+pub mod single_file;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -106,6 +107,9 @@ pub struct WeightSet {
     shapes: HashMap<String, Vec<usize>>,
     /// Every key exists with the shape asked for (see [`WeightSet::synthetic`]).
     synthetic: bool,
+    /// Key a loader asks for → key stored in the files, for checkpoints in
+    /// another naming scheme (original LDM and AnimateDiff files).
+    aliases: HashMap<String, String>,
     /// Keys read so far, to report what a loader left unused.
     used: Mutex<BTreeSet<String>>,
 }
@@ -135,8 +139,22 @@ impl WeightSet {
             index,
             shapes: HashMap::new(),
             synthetic: false,
+            aliases: HashMap::new(),
             used: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// Serves each stored key under the name a loader asks for
+    /// (`aliases`: asked → stored). A stored `[C, C, 1, 1]` 1x1 conv is
+    /// served as the `[C, C]` linear weight it equals.
+    pub fn with_aliases(mut self, aliases: HashMap<String, String>) -> Self {
+        self.aliases = aliases;
+        self
+    }
+
+    /// The stored name of an asked key.
+    fn stored<'a>(&'a self, key: &'a str) -> &'a str {
+        self.aliases.get(key).map(String::as_str).unwrap_or(key)
     }
 
     /// A key space in which every key exists with the shape the loader asks
@@ -158,6 +176,7 @@ impl WeightSet {
             index: HashMap::new(),
             shapes: keys.into_iter().collect(),
             synthetic: false,
+            aliases: HashMap::new(),
             used: Mutex::new(BTreeSet::new()),
         }
     }
@@ -182,23 +201,28 @@ impl WeightSet {
     }
 
     pub fn contains(&self, key: &str) -> bool {
+        let key = self.stored(key);
         self.synthetic || self.index.contains_key(key) || self.shapes.contains_key(key)
     }
 
     /// The shape recorded for a shapes-only key, or the asked shape in a
     /// synthetic set.
     fn virtual_shape<'a>(&'a self, key: &str, asked: &'a [usize]) -> Option<&'a [usize]> {
-        match self.shapes.get(key) {
+        match self.shapes.get(self.stored(key)) {
             Some(s) => Some(s),
             None if self.synthetic => Some(asked),
             None => None,
         }
     }
 
-    /// Every key with its shape, sorted.
+    /// Every stored key with its shape, sorted.
     pub fn keys(&self) -> Vec<(String, Vec<usize>)> {
-        let mut keys: Vec<_> = self
-            .index
+        self.key_shapes().into_iter().collect()
+    }
+
+    /// Every stored key with its shape (files and shapes-only keys).
+    pub fn key_shapes(&self) -> single_file::KeyShapes {
+        self.index
             .iter()
             .map(|(k, &f)| {
                 (
@@ -206,13 +230,13 @@ impl WeightSet {
                     self.files[f].info(k).expect("indexed").shape.clone(),
                 )
             })
-            .collect();
-        keys.sort();
-        keys
+            .chain(self.shapes.iter().map(|(k, s)| (k.clone(), s.clone())))
+            .collect()
     }
 
     /// The file a key lives in (for messages), or the first file.
     pub fn path_of(&self, key: &str) -> PathBuf {
+        let key = self.stored(key);
         if self.files.is_empty() {
             return PathBuf::from("(key list)");
         }
@@ -224,7 +248,7 @@ impl WeightSet {
     }
 
     fn file(&self, key: &str) -> Result<&SafetensorsFile, LoadError> {
-        match self.index.get(key) {
+        match self.index.get(self.stored(key)) {
             Some(&f) => Ok(&self.files[f]),
             None => Err(LoadError::MissingTensor {
                 path: self.path_of(key),
@@ -239,6 +263,7 @@ impl WeightSet {
         let mut rest: Vec<String> = self
             .index
             .keys()
+            .chain(self.shapes.keys())
             .filter(|k| !used.contains(*k))
             .cloned()
             .collect();
@@ -248,6 +273,7 @@ impl WeightSet {
 
     /// A tensor's values as f32, checked against `shape`.
     pub fn read_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        let key = self.stored(key);
         if let Some(found) = self.virtual_shape(key, shape) {
             self.check_virtual_shape(key, found, shape)?;
             self.used
@@ -265,13 +291,25 @@ impl WeightSet {
         file.to_f32(key)
     }
 
+    /// An aliased checkpoint's `[C, C, 1, 1]` 1x1 conv read as `[C, C]`.
+    fn reinterpretable(&self, stored: &[usize], asked: &[usize]) -> bool {
+        let squeezed = |s: &[usize]| {
+            let mut s = s.to_vec();
+            while s.len() > 2 && s.last() == Some(&1) {
+                s.pop();
+            }
+            s
+        };
+        !self.aliases.is_empty() && squeezed(stored) == squeezed(asked)
+    }
+
     fn check_virtual_shape(
         &self,
         key: &str,
         found: &[usize],
         shape: &[usize],
     ) -> Result<(), LoadError> {
-        if found != shape {
+        if found != shape && !self.reinterpretable(found, shape) {
             return Err(LoadError::TensorShape {
                 path: PathBuf::from("(key list)"),
                 key: key.to_string(),
@@ -289,7 +327,7 @@ impl WeightSet {
         shape: &[usize],
     ) -> Result<(), LoadError> {
         let info = file.info(key).expect("file() found the key");
-        if info.shape != shape {
+        if info.shape != shape && !self.reinterpretable(&info.shape, shape) {
             return Err(LoadError::TensorShape {
                 path: file.path().to_path_buf(),
                 key: key.to_string(),
@@ -303,6 +341,7 @@ impl WeightSet {
     /// Uploads a tensor in `dtype`, checked against `shape`. Stored f16 goes
     /// up as is; other conversions happen on the CPU, once.
     pub fn upload(&self, gpu: &Gpu, key: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let key = self.stored(key);
         if let Some(found) = self.virtual_shape(key, shape) {
             self.check_virtual_shape(key, found, shape)?;
             self.used
