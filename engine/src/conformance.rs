@@ -17,9 +17,9 @@ use crate::text::ClipTokenizer;
 use crate::weights::{config::read_json, SafetensorsFile, Weights};
 
 /// Components this runner knows; the others of the format come with later work.
-pub const COMPONENTS: [&str; 4] = ["tokenizer", "text_encoder", "unet", "vae"];
+pub const COMPONENTS: [&str; 5] = ["tokenizer", "text_encoder", "unet", "vae", "scheduler"];
 /// Components of the format not implemented yet: their cases fail.
-pub const PENDING_COMPONENTS: [&str; 2] = ["scheduler", "pipeline"];
+pub const PENDING_COMPONENTS: [&str; 1] = ["pipeline"];
 
 #[derive(Debug, Clone)]
 pub struct ConformanceOptions {
@@ -417,6 +417,13 @@ fn run_case(
                 vec!["noise_pred"],
                 HashMap::from([("noise_pred", values(gpu, &out)?)]),
             )
+        }
+        "scheduler" => {
+            // CPU only: schedulers compute in f32 whatever the GPU precision.
+            let computed = crate::schedulers::reference::run_case(&set.dir, &set.tensors, case)?;
+            let mut known: Vec<&str> = computed.keys().copied().collect();
+            known.sort_unstable();
+            (known, computed)
         }
         other if PENDING_COMPONENTS.contains(&other) => {
             return Err(EngineError::Argument {

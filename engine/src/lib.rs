@@ -10,6 +10,7 @@ pub mod error;
 pub mod gpu;
 pub mod models;
 pub mod ops;
+pub mod schedulers;
 pub mod tensor;
 pub mod text;
 pub mod weights;

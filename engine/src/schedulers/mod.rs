@@ -1,0 +1,448 @@
+//! The diffusion schedulers AnimateDiff checkpoints ship with, equal to
+//! diffusers 0.42: DDIM, Euler, Euler ancestral, DPM-Solver++ 2M and LCM.
+//!
+//! They run on the CPU in float32: a latent video is a few hundred thousand
+//! values, read back from the GPU once per step, and the schedulers' own
+//! arithmetic is a handful of multiply-adds per value. Every quantity is
+//! computed in the precision and operation order diffusers uses (float32
+//! tensors, float64 numpy grids), so timesteps equal diffusers' and sigmas
+//! and samples agree to float32 rounding. The noise that Euler ancestral and
+//! LCM add is drawn by the caller, which owns the random generator.
+//!
+//! Use: [`Scheduler::new`] from a [`SchedulerConfig`], then
+//! [`Scheduler::set_timesteps`]; multiply the initial noise by
+//! [`Scheduler::init_noise_sigma`]; per step `i`, feed the UNet
+//! [`Scheduler::scale_model_input`] at timestep `timesteps()[i]`, then call
+//! [`Scheduler::step`] with its prediction.
+
+mod config;
+mod ddim;
+mod dpm_solver;
+mod euler;
+mod euler_ancestral;
+mod lcm;
+pub(crate) mod reference;
+mod schedule;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use config::SchedulerConfig;
+
+use crate::error::{EngineError, LoadError, Result};
+
+/// The schedulers Motif implements, by their CLI names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    Ddim,
+    Euler,
+    EulerAncestral,
+    DpmPp2m,
+    Lcm,
+}
+
+impl SchedulerKind {
+    pub const ALL: [SchedulerKind; 5] = [
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::Lcm,
+    ];
+
+    /// The name on the command line (`--scheduler`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler-a",
+            SchedulerKind::DpmPp2m => "dpm++2m",
+            SchedulerKind::Lcm => "lcm",
+        }
+    }
+
+    /// The diffusers class that implements it (`_class_name` in configs).
+    pub fn class_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::DpmPp2m => "DPMSolverMultistepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
+        }
+    }
+
+    pub fn from_class_name(class_name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.class_name() == class_name)
+    }
+
+    /// Whether the schedule can use Karras et al.'s sigmas (diffusers'
+    /// `use_karras_sigmas`).
+    pub fn supports_karras(self) -> bool {
+        matches!(self, SchedulerKind::Euler | SchedulerKind::DpmPp2m)
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SchedulerKind {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| EngineError::Argument {
+                op: "scheduler",
+                message: format!(
+                    "unknown scheduler `{s}` (known: {})",
+                    Self::ALL.map(|k| k.name()).join(", ")
+                ),
+            })
+    }
+}
+
+/// What one denoising step produces.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// The latents for the next step (x_{t-1}).
+    pub prev_sample: Vec<f32>,
+    /// The scheduler's estimate of the clean latents x₀ at this step, for
+    /// previews (diffusers' `pred_original_sample`; for DPM-Solver the
+    /// converted model output, for LCM the estimate before the consistency
+    /// boundary condition).
+    pub pred_original: Vec<f32>,
+    /// LCM's `denoised`: the consistency model's output, its x₀ for previews.
+    pub denoised: Option<Vec<f32>>,
+}
+
+/// What the model predicts (`prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prediction {
+    Epsilon,
+    Sample,
+    V,
+}
+
+impl Prediction {
+    /// Reads `prediction_type`, epsilon by default, accepting what the class
+    /// accepts (`"original_sample"` is Euler's old name for `"sample"`).
+    fn from_config(cfg: &SchedulerConfig, accepted: &[&str]) -> Result<Self, LoadError> {
+        Ok(
+            match cfg.choice("prediction_type", "epsilon", accepted)?.as_str() {
+                "epsilon" => Prediction::Epsilon,
+                "v_prediction" => Prediction::V,
+                _ => Prediction::Sample,
+            },
+        )
+    }
+}
+
+/// How inference timesteps are spread over the training ones
+/// (`timestep_spacing`; Lin et al. 2023, table 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Spacing {
+    Linspace,
+    Leading,
+    Trailing,
+}
+
+impl Spacing {
+    fn from_config(cfg: &SchedulerConfig, default: &str) -> Result<Self, LoadError> {
+        Ok(
+            match cfg
+                .choice(
+                    "timestep_spacing",
+                    default,
+                    &["linspace", "leading", "trailing"],
+                )?
+                .as_str()
+            {
+                "linspace" => Spacing::Linspace,
+                "leading" => Spacing::Leading,
+                _ => Spacing::Trailing,
+            },
+        )
+    }
+}
+
+/// One diffusers scheduler class. [`Scheduler`] checks the arguments
+/// (lengths, step order, noise) before calling in, so implementations may
+/// index freely.
+trait Algorithm: Send + Sync {
+    fn num_train_timesteps(&self) -> usize;
+    fn set_timesteps(&mut self, steps: usize) -> Result<()>;
+    fn timesteps(&self) -> &[f64];
+    fn sigmas(&self) -> Option<&[f32]> {
+        None
+    }
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
+    fn scale_model_input(&self, sample: &[f32], _step: usize) -> Vec<f32> {
+        sample.to_vec()
+    }
+    /// Whether diffusers draws noise in this step.
+    fn needs_noise(&self, _step: usize) -> bool {
+        false
+    }
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        step: usize,
+        sample: &[f32],
+        noise: Option<&[f32]>,
+    ) -> StepOutput;
+    fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>>;
+}
+
+fn argument(message: impl Into<String>) -> EngineError {
+    EngineError::Argument {
+        op: "scheduler",
+        message: message.into(),
+    }
+}
+
+/// A configured scheduler: a small state machine driven by `set_timesteps`
+/// and one `step` per timestep, in order.
+pub struct Scheduler {
+    kind: SchedulerKind,
+    algorithm: Box<dyn Algorithm>,
+    /// The step index `step` expects next; `None` right after
+    /// `set_timesteps`, when any start index is allowed (image-to-video
+    /// starts part-way).
+    next_step: Option<usize>,
+}
+
+impl Scheduler {
+    /// Builds the scheduler named by `kind`, or by the config's
+    /// `_class_name` when `kind` is `None`, as diffusers'
+    /// `Kind.from_config(config)` would. `karras` overrides the config's
+    /// `use_karras_sigmas` (Euler and DPM-Solver++ only).
+    pub fn new(
+        config: &SchedulerConfig,
+        kind: Option<SchedulerKind>,
+        karras: Option<bool>,
+    ) -> Result<Self> {
+        let kind = match kind {
+            Some(k) => k,
+            None => {
+                let class = config.class_name().ok_or_else(|| {
+                    config.error(
+                        "no `_class_name`: name the scheduler to use (ddim, euler, euler-a, dpm++2m, lcm)",
+                    )
+                })?;
+                SchedulerKind::from_class_name(class).ok_or_else(|| {
+                    config.error(format!(
+                        "`_class_name` is \"{class}\", which Motif does not implement (supported: {}); \
+                         choose one of ddim, euler, euler-a, dpm++2m, lcm instead",
+                        SchedulerKind::ALL.map(|k| k.class_name()).join(", ")
+                    ))
+                })?
+            }
+        };
+        if karras == Some(true) && !kind.supports_karras() {
+            return Err(argument(format!(
+                "Karras sigmas apply to euler and dpm++2m, not to {kind}"
+            )));
+        }
+        let algorithm: Box<dyn Algorithm> = match kind {
+            SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config)?),
+            SchedulerKind::Euler => Box::new(euler::Euler::new(config, karras)?),
+            SchedulerKind::EulerAncestral => {
+                Box::new(euler_ancestral::EulerAncestral::new(config)?)
+            }
+            SchedulerKind::DpmPp2m => {
+                Box::new(dpm_solver::DpmSolverMultistep::new(config, karras)?)
+            }
+            SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config)?),
+        };
+        Ok(Self {
+            kind,
+            algorithm,
+            next_step: None,
+        })
+    }
+
+    pub fn kind(&self) -> SchedulerKind {
+        self.kind
+    }
+
+    /// Sets the number of denoising steps and resets the step state. Errors
+    /// for 0 and for more steps than the model was trained with.
+    pub fn set_timesteps(&mut self, steps: usize) -> Result<()> {
+        let train = self.algorithm.num_train_timesteps();
+        if steps == 0 || steps > train {
+            return Err(argument(format!(
+                "{steps} inference steps: expected 1 to {train} (num_train_timesteps)"
+            )));
+        }
+        self.algorithm.set_timesteps(steps)?;
+        self.next_step = None;
+        Ok(())
+    }
+
+    /// For image-to-video with `strength` in (0, 1]: sets `steps` timesteps
+    /// and returns the index of the first one to run, as diffusers'
+    /// AnimateDiff video-to-video pipeline does (`get_timesteps`: the last
+    /// ⌊steps·strength⌋ steps). Add noise at `timesteps()[start]`.
+    pub fn set_timesteps_for_strength(&mut self, steps: usize, strength: f64) -> Result<usize> {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(argument(format!(
+                "strength {strength}: expected a value in (0, 1]"
+            )));
+        }
+        self.set_timesteps(steps)?;
+        let init = ((steps as f64 * strength) as usize).min(steps);
+        let start = steps - init;
+        if start >= self.timesteps().len() {
+            return Err(argument(format!(
+                "strength {strength} with {steps} steps leaves no denoising step"
+            )));
+        }
+        Ok(start)
+    }
+
+    /// The timesteps to pass to the UNet, one per step.
+    pub fn timesteps(&self) -> &[f64] {
+        self.algorithm.timesteps()
+    }
+
+    /// Whether the UNet gets the timesteps as integers (I64: DDIM,
+    /// DPM-Solver, LCM) or as fractional floats (F32: Euler, e.g. 499.5).
+    pub fn timesteps_are_integer(&self) -> bool {
+        !matches!(
+            self.kind,
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral
+        )
+    }
+
+    /// The noise levels σ, one per timestep plus the final one, for the
+    /// schedulers that have them (Euler, Euler ancestral, DPM-Solver).
+    pub fn sigmas(&self) -> Option<&[f32]> {
+        self.algorithm.sigmas()
+    }
+
+    /// What the initial unit-variance noise is multiplied by.
+    pub fn init_noise_sigma(&self) -> f32 {
+        self.algorithm.init_noise_sigma()
+    }
+
+    /// The UNet's input at step `step` (Euler: x/√(σ²+1); others: x).
+    pub fn scale_model_input(&self, sample: &[f32], step: usize) -> Result<Vec<f32>> {
+        self.check_index(step)?;
+        Ok(self.algorithm.scale_model_input(sample, step))
+    }
+
+    /// Whether `step` takes noise at this step: diffusers draws a fresh
+    /// standard normal sample of the latents' shape in every Euler ancestral
+    /// step and in every LCM step but the last.
+    pub fn needs_noise(&self, step: usize) -> bool {
+        step < self.timesteps().len() && self.algorithm.needs_noise(step)
+    }
+
+    /// One denoising step: from the model's prediction at `timesteps()[step]`
+    /// and the current latents to the next latents. Steps run in order; the
+    /// first after `set_timesteps` may start anywhere.
+    pub fn step(
+        &mut self,
+        model_output: &[f32],
+        step: usize,
+        sample: &[f32],
+        noise: Option<&[f32]>,
+    ) -> Result<StepOutput> {
+        self.check_index(step)?;
+        if let Some(expected) = self.next_step {
+            if step != expected {
+                return Err(argument(format!(
+                    "step {step} called after step {}: steps must run in order (call set_timesteps to restart)",
+                    expected - 1
+                )));
+            }
+        }
+        check_len("model_output", model_output.len(), sample.len())?;
+        match noise {
+            Some(noise) => check_len("noise", noise.len(), sample.len())?,
+            None if self.algorithm.needs_noise(step) => {
+                return Err(argument(format!(
+                    "{} draws noise at step {step}, but no noise was given",
+                    self.kind
+                )));
+            }
+            None => {}
+        }
+        let out = self.algorithm.step(model_output, step, sample, noise);
+        self.next_step = Some(step + 1);
+        Ok(out)
+    }
+
+    /// Noises clean latents to the level of `timestep` (image-to-video), as
+    /// diffusers' `add_noise`. DDIM and LCM take any training timestep; the
+    /// σ-based schedulers need one of `timesteps()`.
+    pub fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {
+        check_len("noise", noise.len(), original.len())?;
+        self.algorithm.add_noise(original, noise, timestep)
+    }
+
+    fn check_index(&self, step: usize) -> Result<()> {
+        let n = self.timesteps().len();
+        if n == 0 {
+            return Err(argument("call set_timesteps before stepping"));
+        }
+        if step >= n {
+            return Err(argument(format!(
+                "step {step} out of range: the schedule has {n} steps"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
+    if found != expected {
+        return Err(EngineError::Shape {
+            op: "scheduler step",
+            expected: format!("{what} of {expected} values (the sample's length)"),
+            found: format!("{found} values"),
+        });
+    }
+    Ok(())
+}
+
+/// The index of `timestep` in `schedule` as diffusers' `index_for_timestep`
+/// finds it: the second match where it occurs twice (so that a schedule
+/// starting part-way does not skip a σ), `None` where it does not occur.
+fn index_for_timestep(schedule: &[f64], timestep: f64) -> Option<usize> {
+    let mut matches = schedule
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == timestep)
+        .map(|(i, _)| i);
+    let first = matches.next()?;
+    Some(matches.next().unwrap_or(first))
+}
+
+/// ᾱ at an integer training timestep, for DDIM's and LCM's `add_noise`.
+fn alpha_cumprod_at(alphas_cumprod: &[f32], timestep: f64) -> Result<f32> {
+    if timestep.fract() != 0.0 || timestep < 0.0 || timestep >= alphas_cumprod.len() as f64 {
+        return Err(argument(format!(
+            "timestep {timestep}: expected an integer in 0..{}",
+            alphas_cumprod.len()
+        )));
+    }
+    Ok(alphas_cumprod[timestep as usize])
+}
+
+/// √ᾱ·x₀ + √(1−ᾱ)·ε, the forward process at ᾱ, in float32.
+fn noise_to_alpha(original: &[f32], noise: &[f32], alpha_cumprod: f32) -> Vec<f32> {
+    let (a, b) = (alpha_cumprod.sqrt(), (1.0 - alpha_cumprod).sqrt());
+    original
+        .iter()
+        .zip(noise)
+        .map(|(&x, &n)| a * x + b * n)
+        .collect()
+}
