@@ -239,6 +239,12 @@ fn pack_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     let word = gid.x;
     let row = pk.row0 + gid.y;
     let z = gid.z;
+    // The grid is rounded up to whole workgroups: words past the last chunk
+    // would land in the next row block's first chunk and race with its
+    // writer.
+    if (word >= pk.n_kc * pk.kw) {
+        return;
+    }
     let kc = word >> pk.kw_shift;
     let rb = row >> pk.rb_shift;
     let at = ((z * pk.n_rb + rb) * pk.n_kc + kc) * BLOCK_WORDS
@@ -273,6 +279,9 @@ fn pack_rows4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let word = 4u * gid.x;
     let row = pk.row0 + gid.y;
     let z = gid.z;
+    if (word >= pk.n_kc * pk.kw) {
+        return;
+    }
     let at = ((z * pk.n_rb + (row >> pk.rb_shift)) * pk.n_kc + (word >> pk.kw_shift)) * BLOCK_WORDS
         + (row & (pk.rb - 1u)) * pk.kw + (word & (pk.kw - 1u));
     var v: vec4<u32>;
@@ -295,6 +304,9 @@ fn pack_cols4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let word = gid.x;
     let row = pk.row0 + 4u * gid.y;
     let z = gid.z;
+    if (word >= pk.n_kc * pk.kw) {
+        return;
+    }
     let first = (pk.src_off + z * pk.src_bstride + (row - pk.row0)) / 4u;
     let k_step = pk.k_stride / 4u;
     let rows_ok = vec4(row, row + 1u, row + 2u, row + 3u) < vec4(pk.rows);

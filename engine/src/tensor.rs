@@ -49,6 +49,10 @@ impl Tensor {
         let numel: usize = shape.iter().product();
         let bytes = (numel as u64 * dtype.size_bytes()).div_ceil(4) * 4;
         let (buffer, class) = gpu.alloc(bytes)?;
+        if let (Some(byte), false) = (gpu.poison, gpu.is_plan()) {
+            // The whole size class: reads past a tensor's end are bugs too.
+            gpu.write(&buffer, 0, &vec![byte; buffer.size() as usize]);
+        }
         Ok(Tensor {
             storage: Arc::new(Storage {
                 buffer: Some(buffer),

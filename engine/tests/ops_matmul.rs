@@ -331,3 +331,21 @@ fn mismatched_operands_are_errors_that_name_the_op_and_shapes() {
         assert!(e.to_string().contains("matmul") && e.to_string().contains("f16"));
     }
 }
+
+#[test]
+fn packing_a_short_k_never_spills_into_the_next_row_block() {
+    // With K = 16 values the packed rows are shorter than one packing
+    // workgroup: its spare invocations once wrote zeros into the next row
+    // block, racing with that block's writer (right or wrong from run to
+    // run). 2100 rows span three row blocks; repeat to catch the race.
+    let gpu = gpu();
+    for rep in 0..12 {
+        check_in(
+            gpu,
+            MatmulKernel::Packed,
+            &Case::plain(&[2100, 16], &[40, 16], true),
+            300 + rep,
+            DType::F32,
+        );
+    }
+}

@@ -80,12 +80,22 @@ pub struct GpuOptions {
     /// downloads read zeros. Used to find the peak memory of a workload
     /// (`motif bench --plan`) and to check weight key maps without data.
     pub plan: bool,
+    /// Fills every newly handed-out tensor with this byte (0xFF: NaN in f32
+    /// and f16; 0x40: finite values near 3), so that an operator reading
+    /// memory it did not write shows up instead of giving results that depend
+    /// on what ran before (`MOTIF_POISON_POOL=nan|finite`).
+    pub poison: Option<u8>,
 }
 
 impl GpuOptions {
     /// Fills unset fields from `MOTIF_ADAPTER`, `MOTIF_PRECISION` and
     /// `MOTIF_MAX_BINDING_BYTES`.
     pub fn with_env(mut self) -> Result<Self> {
+        match std::env::var("MOTIF_POISON_POOL").as_deref() {
+            Ok("nan") => self.poison = Some(0xFF),
+            Ok("finite") => self.poison = Some(0x40),
+            _ => {}
+        }
         if self.adapter.is_none() {
             self.adapter = std::env::var("MOTIF_ADAPTER")
                 .ok()
@@ -180,6 +190,7 @@ pub struct Gpu {
     errors: Arc<Mutex<ErrorSink>>,
     submissions: std::sync::atomic::AtomicU64,
     plan: bool,
+    pub(crate) poison: Option<u8>,
 }
 
 /// Lists the adapters wgpu can see, in enumeration order.
@@ -303,6 +314,7 @@ impl Gpu {
             errors,
             submissions: Default::default(),
             plan: options.plan,
+            poison: options.poison,
         })
     }
 
