@@ -37,37 +37,62 @@ fn summary(stdout: &str) -> (usize, usize) {
     (nums[0], nums[1])
 }
 
+/// Outputs a full run compares: every case's `outputs` in the manifest.
+fn outputs_in(dir: &Path) -> usize {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    manifest["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["outputs"].as_array().map_or(0, Vec::len))
+        .sum()
+}
+
 #[test]
-fn tokenizer_text_encoder_unet_and_vae_match_the_reference_in_f32_and_f16() {
-    // cases-a also has a tiled VAE decode case.
+fn every_component_matches_the_reference_in_f32_and_f16() {
+    // cases-a/b: tokenizer, text encoder, UNet, VAE (cases-a also tiled),
+    // and the whole pipeline with each of the five schedulers;
     // single-file: an LDM-named checkpoint plus an original-format motion
-    // module (tools/fixtures/make_single_file.py), no tiled or encode case.
-    for (set, outputs) in [("cases-a", 9), ("cases-b", 8), ("single-file", 6)] {
+    // module (tools/fixtures/make_single_file.py).
+    for set in ["cases-a", "cases-b", "single-file"] {
         let dir = fixtures().join(set);
+        let outputs = outputs_in(&dir);
+        assert!(outputs > 5, "{set}: only {outputs} outputs");
         for precision in ["f32", "f16"] {
-            let (code, stdout, stderr) = conformance(&[
-                dir.to_str().unwrap(),
-                "--component",
-                "tokenizer,text_encoder,unet,vae",
-                "--precision",
-                precision,
-            ]);
+            let (code, stdout, stderr) =
+                conformance(&[dir.to_str().unwrap(), "--precision", precision]);
             assert_eq!(code, 0, "{set} {precision}:\n{stdout}\n{stderr}");
             let (passed, failed) = summary(&stdout);
-            // tokenizer ids, 3 text encoder outputs, UNet noise prediction,
-            // VAE decode sample, encode mean and logvar
             assert_eq!(
                 (passed, failed),
                 (outputs, 0),
                 "{set} {precision}:\n{stdout}"
             );
             // One line per output: case, output, error, tolerance, verdict.
-            assert!(
-                stdout.lines().filter(|l| l.ends_with(" ok")).count() == outputs,
+            assert_eq!(
+                stdout.lines().filter(|l| l.ends_with(" ok")).count(),
+                outputs,
                 "{stdout}"
             );
         }
     }
+}
+
+#[test]
+fn the_pipeline_component_runs_alone_and_covers_every_scheduler() {
+    let dir = fixtures().join("cases-b");
+    let (code, stdout, stderr) = conformance(&[dir.to_str().unwrap(), "--component", "pipeline"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    for scheduler in ["ddim", "euler", "euler_a", "dpmpp2m_karras", "lcm"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(&format!("pipeline_{scheduler}.frames")) && l.ends_with(" ok")),
+            "{scheduler}: {stdout}"
+        );
+    }
+    assert!(!stdout.contains("_unet"), "{stdout}");
 }
 
 #[test]
@@ -89,9 +114,15 @@ fn a_wrong_expected_value_fails_the_run() {
     let v = f32::from_le_bytes(bytes[begin..begin + 4].try_into().unwrap()) + 1e-3;
     bytes[begin..begin + 4].copy_from_slice(&v.to_le_bytes());
     std::fs::write(&path, bytes).unwrap();
-    let (code, stdout, _) = conformance(&[dst.to_str().unwrap(), "--precision", "f32"]);
+    let (code, stdout, _) = conformance(&[
+        dst.to_str().unwrap(),
+        "--precision",
+        "f32",
+        "--component",
+        "text_encoder",
+    ]);
     assert_ne!(code, 0);
-    assert_eq!(summary(&stdout), (8, 1), "{stdout}");
+    assert_eq!(summary(&stdout), (2, 1), "{stdout}");
     assert!(
         stdout
             .lines()

@@ -12,14 +12,22 @@ use crate::models::clip::ClipTextModel;
 use crate::models::source::{ModelSource, ModelSpec};
 use crate::models::unet_motion::UNetMotionModel;
 use crate::models::vae::AutoencoderKL;
+use crate::pipeline::{AnimateDiff, Request};
 use crate::tensor::Tensor;
 use crate::text::ClipTokenizer;
 use crate::weights::{config::read_json, SafetensorsFile, Weights};
 
 /// Components this runner knows; the others of the format come with later work.
-pub const COMPONENTS: [&str; 5] = ["tokenizer", "text_encoder", "unet", "vae", "scheduler"];
+pub const COMPONENTS: [&str; 6] = [
+    "tokenizer",
+    "text_encoder",
+    "unet",
+    "vae",
+    "scheduler",
+    "pipeline",
+];
 /// Components of the format not implemented yet: their cases fail.
-pub const PENDING_COMPONENTS: [&str; 1] = ["pipeline"];
+pub const PENDING_COMPONENTS: [&str; 0] = [];
 
 #[derive(Debug, Clone)]
 pub struct ConformanceOptions {
@@ -191,6 +199,7 @@ struct Models {
     text_encoder: Option<ClipTextModel>,
     vae: Option<AutoencoderKL>,
     unet: Option<UNetMotionModel>,
+    pipeline: Option<AnimateDiff>,
 }
 
 /// An F32 input tensor of the case, uploaded in the run's precision.
@@ -425,6 +434,13 @@ fn run_case(
             known.sort_unstable();
             (known, computed)
         }
+        "pipeline" => {
+            if models.pipeline.is_none() {
+                models.pipeline = Some(AnimateDiff::load(gpu, &set.source)?);
+            }
+            let pipe = models.pipeline.as_mut().expect("just loaded");
+            run_pipeline_case(gpu, set, pipe, case)?
+        }
         other if PENDING_COMPONENTS.contains(&other) => {
             return Err(EngineError::Argument {
                 op: "conformance",
@@ -504,6 +520,90 @@ fn run_case(
 /// The tolerance applied, and how it was chosen (CONFORMANCE.md): integers
 /// exact; f32 the case's tolerance; f16 storage max(f32 tolerance,
 /// 3e-2 · max|expected|), 5e-2 for the `pipeline` component.
+/// Output names, and each output's values.
+type Computed = (Vec<&'static str>, HashMap<&'static str, Vec<f64>>);
+
+/// A literal input of a case.
+fn literal<'a>(case: &'a serde_json::Value, name: &str) -> Result<&'a serde_json::Value> {
+    case.get("inputs")
+        .and_then(|i| i.get(name))
+        .filter(|v| !v.is_object())
+        .ok_or_else(|| EngineError::Argument {
+            op: "conformance",
+            message: format!("case has no literal input `{name}`"),
+        })
+}
+
+fn run_pipeline_case(
+    gpu: &Gpu,
+    set: &CaseSet,
+    pipe: &mut AnimateDiff,
+    case: &serde_json::Value,
+) -> Result<Computed> {
+    let text = |name: &str| -> Result<String> {
+        literal(case, name)?
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| EngineError::Argument {
+                op: "conformance",
+                message: format!("input `{name}` is not a string"),
+            })
+    };
+    let number = |name: &str| -> Result<f64> {
+        literal(case, name)?
+            .as_f64()
+            .ok_or_else(|| EngineError::Argument {
+                op: "conformance",
+                message: format!("input `{name}` is not a number"),
+            })
+    };
+    let config =
+        crate::schedulers::SchedulerConfig::load(&set.dir.join(text("scheduler_config")?))?;
+    pipe.set_scheduler_config(config);
+    let mut req = Request::new(text("prompt")?, &pipe.defaults);
+    req.negative = text("negative_prompt")?;
+    req.frames = number("frames")? as usize;
+    req.height = number("height")? as usize;
+    req.width = number("width")? as usize;
+    req.steps = number("steps")? as usize;
+    req.guidance = number("guidance")? as f32;
+    req.latents = Some(set.tensors.to_f32(input_tensor(case, "latents")?)?);
+    if has_input(case, "noise") {
+        let noise = set.tensors.to_f32(input_tensor(case, "noise")?)?;
+        let per = noise.len() / req.steps.max(1);
+        req.step_noise = Some(noise.chunks(per.max(1)).map(<[f32]>::to_vec).collect());
+    }
+    req.trace = true;
+    let out = pipe.generate(gpu, &req, &mut |_| true)?;
+    let trace = out.trace.unwrap_or_default();
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let names = vec![
+        "timesteps",
+        "prompt_ids",
+        "prompt_embeds",
+        "step_latents",
+        "latents",
+        "frames",
+    ];
+    let map = HashMap::from([
+        ("timesteps", trace.timesteps.clone()),
+        (
+            "prompt_ids",
+            trace
+                .prompt_ids
+                .iter()
+                .flatten()
+                .map(|&i| i as f64)
+                .collect(),
+        ),
+        ("prompt_embeds", f64s(&trace.prompt_embeds)),
+        ("step_latents", f64s(&trace.step_latents.concat())),
+        ("latents", f64s(&out.latents)),
+        ("frames", f64s(&out.frames_f32)),
+    ]);
+    Ok((names, map))
+}
+
 fn budget(
     precision: DType,
     component: &str,

@@ -116,6 +116,9 @@ pub enum EngineError {
     #[error("GPU error: {0}")]
     Device(String),
 
+    #[error("interrupted")]
+    Cancelled,
+
     #[error(transparent)]
     Load(#[from] LoadError),
 }

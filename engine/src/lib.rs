@@ -10,6 +10,8 @@ pub mod error;
 pub mod gpu;
 pub mod models;
 pub mod ops;
+pub mod pipeline;
+pub mod prompt;
 pub mod schedulers;
 pub mod tensor;
 pub mod text;

@@ -206,7 +206,7 @@ fn a_separate_vae_file_replaces_the_one_inside() {
 fn wrong_files_get_errors_that_say_what_to_pass() {
     let model = fixture("sd15_tiny_ldm.safetensors");
     let mm = fixture("mm_tiny_v2.safetensors");
-    let err = |r: Result<_, motif_engine::error::LoadError>| r.err().expect("an error").to_string();
+    let err = |r: Result<_, motif_engine::error::LoadError>| r.expect_err("an error").to_string();
 
     // An SD checkpoint alone has no motion modules.
     let source = ModelSource::open(&spec(&model, None, None)).unwrap();
