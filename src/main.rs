@@ -1,6 +1,9 @@
 //! `motif`: the command-line front end. It parses arguments, shows progress
 //! and calls into the engine; no model or GPU logic lives here.
 
+mod catalog;
+mod generate;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use motif_engine::{gpu, DType, Gpu, GpuOptions};
@@ -24,6 +27,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate a clip from a prompt, or animate a still (--image), and write it as MP4, GIF, WebP or PNG frames.
+    Generate(Box<generate::GenerateArgs>),
+    /// List the style presets for --style.
+    Styles,
+    /// List the models Motif finds: the bundled default, the models folder (MOTIF_MODELS) and the Hugging Face cache.
+    Models,
     /// List GPU adapters and show the chosen one with its features and limits.
     Info,
     /// Time the engine's operators on the chosen adapter.
@@ -289,9 +298,38 @@ fn conformance(
     Ok(summary.failed == 0 && summary.passed > 0)
 }
 
+fn list_styles() -> Result<()> {
+    for s in catalog::styles()? {
+        println!("{:<12} {}", s.name, s.description);
+    }
+    Ok(())
+}
+
+fn list_models() -> Result<()> {
+    let models = catalog::list_models();
+    if models.is_empty() {
+        println!("no models found.");
+    }
+    for m in &models {
+        println!("{:<40} {:<18} {:>9}  {}", m.name, m.source, mib(m.bytes), m.kind);
+        println!("{:<40} {}", "", m.path.display());
+    }
+    match catalog::models_dir() {
+        Some(dir) => println!("\nmodels folder: {} (set MOTIF_MODELS to change it)", dir.display()),
+        None => println!("\nmodels folder: none (set MOTIF_MODELS)"),
+    }
+    if catalog::default_model().is_none() {
+        println!("bundled default: none in this build yet");
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Generate(args) => generate::run(|| open_gpu(&cli), args),
+        Command::Styles => list_styles(),
+        Command::Models => list_models(),
         Command::Info => info(&cli),
         Command::Bench {
             ops,
