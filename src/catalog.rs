@@ -20,7 +20,9 @@ pub struct Style {
 fn styles_json() -> Result<serde_json::Map<String, Value>> {
     match serde_json::from_str::<Value>(STYLES) {
         Ok(Value::Object(map)) => Ok(map),
-        _ => Err(anyhow!("the built-in assets/styles.json is not a JSON object of styles")),
+        _ => Err(anyhow!(
+            "the built-in assets/styles.json is not a JSON object of styles"
+        )),
     }
 }
 
@@ -36,7 +38,9 @@ pub fn styles() -> Result<Vec<Style>> {
             };
             let prompt = field("prompt")?;
             if !prompt.contains("{prompt}") {
-                return Err(anyhow!("style `{name}`: its prompt template lacks {{prompt}}"));
+                return Err(anyhow!(
+                    "style `{name}`: its prompt template lacks {{prompt}}"
+                ));
             }
             Ok(Style {
                 name: name.clone(),
@@ -51,9 +55,12 @@ pub fn styles() -> Result<Vec<Style>> {
 pub fn style(name: &str) -> Result<Style> {
     let all = styles()?;
     let names: Vec<String> = all.iter().map(|s| s.name.clone()).collect();
-    all.into_iter()
-        .find(|s| s.name == name)
-        .ok_or_else(|| anyhow!("unknown style `{name}` (known: {}; see `motif styles`)", names.join(", ")))
+    all.into_iter().find(|s| s.name == name).ok_or_else(|| {
+        anyhow!(
+            "unknown style `{name}` (known: {}; see `motif styles`)",
+            names.join(", ")
+        )
+    })
 }
 
 /// The models folder: `MOTIF_MODELS`, else `$XDG_DATA_HOME/motif/models`,
@@ -73,8 +80,13 @@ pub fn models_dir() -> Option<PathBuf> {
 
 /// The bundled default model, when this build ships one.
 pub fn default_model() -> Option<String> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join("models").join("default");
-    dir.join("model_index.json").is_file().then(|| dir.to_string_lossy().into_owned())
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets")
+        .join("models")
+        .join("default");
+    dir.join("model_index.json")
+        .is_file()
+        .then(|| dir.to_string_lossy().into_owned())
 }
 
 /// A `--model` value: an existing path, a name in the models folder, or
@@ -97,7 +109,12 @@ fn size_of(path: &Path) -> u64 {
         return std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     }
     std::fs::read_dir(path)
-        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| size_of(&e.path())).sum())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| size_of(&e.path()))
+                .sum()
+        })
         .unwrap_or(0)
 }
 
@@ -110,10 +127,18 @@ fn kind_of(path: &Path) -> Option<String> {
     let index = path.join("model_index.json");
     let text = std::fs::read_to_string(&index).ok()?;
     let json: Value = serde_json::from_str(&text).ok()?;
-    let class = json.get("_class_name").and_then(Value::as_str).unwrap_or("diffusers pipeline");
+    let class = json
+        .get("_class_name")
+        .and_then(Value::as_str)
+        .unwrap_or("diffusers pipeline");
     let motion = if path.join("motion_adapter").is_dir() {
         ", SD UNet + motion_adapter/"
-    } else if json.get("unet").and_then(|u| u.get(1)).and_then(Value::as_str) == Some("UNetMotionModel") {
+    } else if json
+        .get("unet")
+        .and_then(|u| u.get(1))
+        .and_then(Value::as_str)
+        == Some("UNetMotionModel")
+    {
         ", merged motion UNet"
     } else {
         ""
@@ -143,12 +168,16 @@ pub fn list_models() -> Vec<Listed> {
     }
     if let Some(dir) = models_dir() {
         if let Ok(entries) = std::fs::read_dir(&dir) {
-            let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            let mut paths: Vec<PathBuf> =
+                entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
             paths.sort();
             for path in paths {
                 if let Some(kind) = kind_of(&path) {
                     out.push(Listed {
-                        name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                        name: path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
                         source: "models folder",
                         kind,
                         bytes: size_of(&path),
@@ -167,9 +196,12 @@ pub fn list_models() -> Vec<Listed> {
                 .collect();
             repos.sort();
             for repo in repos {
-                if let Ok(snapshot) = motif_engine::weights::folder::resolve_in_cache(&cache, &repo) {
+                if let Ok(snapshot) = motif_engine::weights::folder::resolve_in_cache(&cache, &repo)
+                {
                     if let Some(kind) = kind_of(&snapshot) {
-                        let blobs = cache.join(format!("models--{}", repo.replace('/', "--"))).join("blobs");
+                        let blobs = cache
+                            .join(format!("models--{}", repo.replace('/', "--")))
+                            .join("blobs");
                         out.push(Listed {
                             name: repo,
                             source: "Hugging Face cache",

@@ -156,7 +156,10 @@ fn parse_lora(s: &str) -> Result<(String, f32)> {
 fn parse_aspect(s: &str) -> Result<(usize, usize)> {
     let bad = || anyhow!("--aspect {s}: expected W:H with positive whole numbers, such as 16:9");
     let (a, b) = s.split_once(':').ok_or_else(bad)?;
-    let (a, b) = (a.trim().parse::<usize>().map_err(|_| bad())?, b.trim().parse::<usize>().map_err(|_| bad())?);
+    let (a, b) = (
+        a.trim().parse::<usize>().map_err(|_| bad())?,
+        b.trim().parse::<usize>().map_err(|_| bad())?,
+    );
     if a == 0 || b == 0 {
         return Err(bad());
     }
@@ -178,16 +181,23 @@ fn recipe_str(recipe: &Value, key: &str) -> Result<Option<String>> {
 fn recipe_num(recipe: &Value, key: &str) -> Result<Option<f64>> {
     match get(recipe, key) {
         None => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| anyhow!("recipe field `{key}` must be a number, found {v}")),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| anyhow!("recipe field `{key}` must be a number, found {v}")),
     }
 }
 
 fn read_recipe(path: &Path) -> Result<Value> {
-    let text = motif_video::read_recipe(path).with_context(|| format!("reading the recipe of {}", path.display()))?;
-    let recipe: Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: the recipe is not valid JSON", path.display()))?;
+    let text = motif_video::read_recipe(path)
+        .with_context(|| format!("reading the recipe of {}", path.display()))?;
+    let recipe: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: the recipe is not valid JSON", path.display()))?;
     if recipe.get("format").and_then(Value::as_str) != Some(RECIPE_FORMAT) {
-        bail!("{}: not a Motif recipe (expected \"format\": \"{RECIPE_FORMAT}\")", path.display());
+        bail!(
+            "{}: not a Motif recipe (expected \"format\": \"{RECIPE_FORMAT}\")",
+            path.display()
+        );
     }
     Ok(recipe)
 }
@@ -214,17 +224,26 @@ impl Settings {
             })?,
         };
         let loras = if !args.loras.is_empty() {
-            args.loras.iter().map(|s| parse_lora(s)).collect::<Result<Vec<_>>>()?
+            args.loras
+                .iter()
+                .map(|s| parse_lora(s))
+                .collect::<Result<Vec<_>>>()?
         } else {
             match get(r, "loras") {
                 None => Vec::new(),
-                Some(v) => serde_json::from_value::<Vec<(String, f32)>>(v.clone())
-                    .map_err(|_| anyhow!("recipe field `loras` must be a list of [file, weight] pairs"))?,
+                Some(v) => {
+                    serde_json::from_value::<Vec<(String, f32)>>(v.clone()).map_err(|_| {
+                        anyhow!("recipe field `loras` must be a list of [file, weight] pairs")
+                    })?
+                }
             }
         };
         let scheduler = match args.scheduler.clone().or(recipe_str(r, "scheduler")?) {
             None => None,
-            Some(s) => Some(s.parse::<SchedulerKind>().map_err(|e| anyhow!("--scheduler: {e}"))?),
+            Some(s) => Some(
+                s.parse::<SchedulerKind>()
+                    .map_err(|e| anyhow!("--scheduler: {e}"))?,
+            ),
         };
         let camera = match args.camera.clone().or(recipe_str(r, "camera")?) {
             None => None,
@@ -302,10 +321,16 @@ impl Settings {
             prompt,
             negative: args.negative.clone().or(recipe_str(r, "negative")?),
             model,
-            motion_adapter: args.motion_adapter.clone().or(recipe_str(r, "motion_adapter")?),
+            motion_adapter: args
+                .motion_adapter
+                .clone()
+                .or(recipe_str(r, "motion_adapter")?),
             vae: args.vae.clone().or(recipe_str(r, "vae")?),
             loras,
-            image: args.image.clone().or(recipe_str(r, "image")?.map(PathBuf::from)),
+            image: args
+                .image
+                .clone()
+                .or(recipe_str(r, "image")?.map(PathBuf::from)),
             strength,
             width,
             height,
@@ -380,7 +405,12 @@ impl Settings {
 
 fn load_image(path: &Path) -> Result<RgbImage> {
     let img = image::open(path)
-        .with_context(|| format!("{}: cannot read the image (PNG, JPEG or WebP expected)", path.display()))?
+        .with_context(|| {
+            format!(
+                "{}: cannot read the image (PNG, JPEG or WebP expected)",
+                path.display()
+            )
+        })?
         .to_rgb8();
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
@@ -450,14 +480,18 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
     };
     say(&format!("adapter: {} ({})", gpu.adapter(), gpu.precision()));
     say(&format!("loading {}", source.path().display()));
-    let mut pipe = AnimateDiff::load(&gpu, &source).with_context(|| format!("loading the model {}", source.path().display()))?;
+    let mut pipe = AnimateDiff::load(&gpu, &source)
+        .with_context(|| format!("loading the model {}", source.path().display()))?;
     let defaults = pipe.defaults.clone();
     let (width, height) = settings.size(&defaults, pipe.scale_factor())?;
 
     let (prompt, style_negative) = match &settings.style {
         Some(name) => {
             let s = catalog::style(name)?;
-            (s.prompt.replace("{prompt}", &settings.prompt), Some(s.negative))
+            (
+                s.prompt.replace("{prompt}", &settings.prompt),
+                Some(s.negative),
+            )
         }
         None => (settings.prompt.clone(), None),
     };
@@ -494,8 +528,10 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
         width, height, req.frames, req.steps, req.guidance, settings.seed
     ));
     let show_bar = progress.show_bar(args);
-    progress.event(json!({"event": "start", "seed": settings.seed, "width": width, "height": height,
-                          "frames": req.frames, "steps": req.steps}));
+    progress.event(
+        json!({"event": "start", "seed": settings.seed, "width": width, "height": height,
+                          "frames": req.frames, "steps": req.steps}),
+    );
     let result = {
         let progress = &mut progress;
         let stop = stop.clone();

@@ -311,11 +311,20 @@ fn list_models() -> Result<()> {
         println!("no models found.");
     }
     for m in &models {
-        println!("{:<40} {:<18} {:>9}  {}", m.name, m.source, mib(m.bytes), m.kind);
+        println!(
+            "{:<40} {:<18} {:>9}  {}",
+            m.name,
+            m.source,
+            mib(m.bytes),
+            m.kind
+        );
         println!("{:<40} {}", "", m.path.display());
     }
     match catalog::models_dir() {
-        Some(dir) => println!("\nmodels folder: {} (set MOTIF_MODELS to change it)", dir.display()),
+        Some(dir) => println!(
+            "\nmodels folder: {} (set MOTIF_MODELS to change it)",
+            dir.display()
+        ),
         None => println!("\nmodels folder: none (set MOTIF_MODELS)"),
     }
     if catalog::default_model().is_none() {

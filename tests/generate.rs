@@ -1,0 +1,357 @@
+//! `motif generate` end to end on the committed fixture model (cases-b: a
+//! tiny random-weight AnimateDiff folder) at tiny sizes: every output
+//! format, the recipe (sidecar and embedded), reproducibility by seed and by
+//! `--from`, image animation, JSON progress, and the bad-input cases, which
+//! must fail before any file appears.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn model() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/cases-b")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("motif-gen-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn motif(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_motif"))
+        .current_dir(dir)
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env_remove("MOTIF_MODEL")
+        .env_remove("MOTIF_PRECISION")
+        .output()
+        .expect("motif runs")
+}
+
+/// A tiny generation: 24x16, 3 frames, 2 steps.
+fn tiny<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "generate",
+        "a red ball bouncing on grass",
+        "--model",
+        model,
+        "--width",
+        "24",
+        "--height",
+        "16",
+        "--frames",
+        "3",
+        "--steps",
+        "2",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// Like `tiny` without width and frames, for cases that set them.
+fn plain<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "generate",
+        "a red ball",
+        "--model",
+        model,
+        "--height",
+        "16",
+        "--steps",
+        "2",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "motif failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    names
+}
+
+fn png_frames(folder: &Path) -> Vec<Vec<u8>> {
+    let mut names: Vec<String> = files_in(folder)
+        .into_iter()
+        .filter(|n| n.ends_with(".png"))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|n| image::open(folder.join(n)).unwrap().to_rgb8().into_raw())
+        .collect()
+}
+
+fn ffprobe(path: &Path) -> serde_json::Value {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_streams",
+            "-of",
+            "json",
+        ])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs (install ffmpeg; CI does)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn writes_mp4_gif_webp_and_png_frames_with_the_recipe() {
+    let dir = scratch("formats");
+    let m = model();
+    for name in ["clip.mp4", "clip.gif", "clip.webp", "frames"] {
+        let out = motif(
+            &dir,
+            &tiny(&m, &["--seed", "5", "--fps", "12", "-o", name, "--quiet"]),
+        );
+        ok(&out);
+        let path = dir.join(name);
+        assert!(path.exists(), "{name} missing");
+        // The recipe is embedded and in the sidecar, and says what was asked.
+        let recipe: serde_json::Value =
+            serde_json::from_str(&motif_video::read_recipe(&path).unwrap()).unwrap();
+        assert_eq!(recipe["prompt"], "a red ball bouncing on grass");
+        assert_eq!(
+            (recipe["seed"].as_u64(), recipe["frames"].as_u64()),
+            (Some(5), Some(3))
+        );
+        assert_eq!(recipe["model"], m.as_str());
+        let sidecar: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(motif_video::sidecar_path(&path)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(sidecar, recipe);
+    }
+    let probe = ffprobe(&dir.join("clip.mp4"));
+    let s = &probe["streams"][0];
+    assert_eq!(s["codec_name"], "h264");
+    assert_eq!(s["pix_fmt"], "yuv420p");
+    assert_eq!(
+        (s["width"].as_u64(), s["height"].as_u64()),
+        (Some(24), Some(16))
+    );
+    assert_eq!(s["nb_read_frames"], "3");
+    assert_eq!(s["r_frame_rate"], "12/1");
+    assert_eq!(png_frames(&dir.join("frames")).len(), 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_same_seed_and_a_remix_give_the_same_frames() {
+    let dir = scratch("seed");
+    let m = model();
+    ok(&motif(&dir, &tiny(&m, &["--seed", "11", "-o", "a", "-q"])));
+    ok(&motif(&dir, &tiny(&m, &["--seed", "11", "-o", "b", "-q"])));
+    ok(&motif(&dir, &tiny(&m, &["--seed", "12", "-o", "c", "-q"])));
+    let (a, b, c) = (
+        png_frames(&dir.join("a")),
+        png_frames(&dir.join("b")),
+        png_frames(&dir.join("c")),
+    );
+    assert_eq!(a, b, "same seed, different frames");
+    assert_ne!(a, c, "different seeds, same frames");
+    // --from the sidecar reproduces the clip bit for bit; a flag beside it overrides.
+    ok(&motif(
+        &dir,
+        &["generate", "--from", "a/recipe.json", "-o", "d", "-q"],
+    ));
+    assert_eq!(png_frames(&dir.join("d")), a);
+    ok(&motif(
+        &dir,
+        &[
+            "generate",
+            "--from",
+            "a/recipe.json",
+            "--seed",
+            "12",
+            "-o",
+            "e",
+            "-q",
+        ],
+    ));
+    assert_eq!(png_frames(&dir.join("e")), c);
+    // No seed: a random one, printed in the recipe.
+    ok(&motif(&dir, &tiny(&m, &["-o", "f", "-q"])));
+    let recipe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("f/recipe.json")).unwrap()).unwrap();
+    assert!(recipe["seed"].is_u64());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn animates_a_still_and_reports_json_events() {
+    let dir = scratch("image");
+    let m = model();
+    let still = image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 128])
+    });
+    still.save(dir.join("still.png")).unwrap();
+    let out = motif(
+        &dir,
+        &tiny(
+            &m,
+            &[
+                "--image",
+                "still.png",
+                "--strength",
+                "0.5",
+                "--seed",
+                "3",
+                "-o",
+                "anim.gif",
+                "--json",
+            ],
+        ),
+    );
+    ok(&out);
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"start"));
+    assert_eq!(kinds.last(), Some(&"done"));
+    // strength 0.5 of 2 steps leaves one denoising step.
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "step").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == "decoded").count(), 3);
+    assert!(dir.join("anim.gif").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_fails_before_any_file_is_written() {
+    let dir = scratch("bad");
+    let m = model();
+    std::fs::write(dir.join("not-an-image.png"), b"nope").unwrap();
+    std::fs::write(dir.join("not-a-recipe.json"), b"{\"prompt\": 1}").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            tiny(&m, &["--camera", "sideways"]),
+            "unknown camera move `sideways`",
+        ),
+        (tiny(&m, &["--scheduler", "heun"]), "--scheduler"),
+        (tiny(&m, &["--style", "baroque"]), "unknown style `baroque`"),
+        (plain(&m, &["--width", "30", "--frames", "3"]), "--width 30"),
+        (
+            plain(&m, &["--width", "24", "--frames", "0"]),
+            "--frames must be at least 1",
+        ),
+        (tiny(&m, &["--motion", "7"]), "--motion 7"),
+        (
+            tiny(&m, &["--image", "not-an-image.png"]),
+            "not-an-image.png",
+        ),
+        (tiny(&m, &["--image", "missing.png"]), "missing.png"),
+        (
+            tiny(&m, &["--lora", "missing.safetensors:0.7"]),
+            "missing.safetensors",
+        ),
+        (tiny("/no/such/model", &[]), "/no/such/model"),
+        (
+            plain(&m, &["--width", "24", "--frames", "9"]),
+            "exceed the motion module's window",
+        ),
+        (
+            vec!["generate", "--from", "not-a-recipe.json"],
+            "not-a-recipe.json",
+        ),
+        (vec!["generate", "--model", &m], "no prompt"),
+        (tiny(&m, &["-o", "clip.avi"]), "clip.avi"),
+    ];
+    for (args, expected) in cases {
+        let mut args = args.clone();
+        if !args.contains(&"-o") {
+            args.extend_from_slice(&["-o", "out.mp4"]);
+        }
+        let out = motif(&dir, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected `{expected}` in:\n{stderr}"
+        );
+        let left: Vec<String> = files_in(&dir)
+            .into_iter()
+            .filter(|n| n != "not-an-image.png" && n != "not-a-recipe.json")
+            .collect();
+        assert!(left.is_empty(), "{args:?} left files: {left:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn styles_and_models_are_listed() {
+    let dir = scratch("lists");
+    let out = motif(&dir, &["styles"]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "cinematic",
+        "anime",
+        "watercolor",
+        "claymation",
+        "pixel-art",
+        "3d-render",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} missing:\n{text}"
+        );
+    }
+    // A models folder with one model in it.
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let link = models.join("tiny");
+    std::os::unix::fs::symlink(model(), &link).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .arg("models")
+        .env("MOTIF_MODELS", &models)
+        .env("HF_HUB_CACHE", dir.join("no-cache"))
+        .output()
+        .unwrap();
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("tiny") && text.contains("models folder") && text.contains("motion_adapter"),
+        "{text}"
+    );
+    // ... and usable by name.
+    let out = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .current_dir(&dir)
+        .args(tiny("tiny", &["-o", "named.gif", "-q"]))
+        .env("MOTIF_MODELS", &models)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .unwrap();
+    ok(&out);
+    assert!(dir.join("named.gif").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
