@@ -573,6 +573,12 @@ fn run_pipeline_case(
         let per = noise.len() / req.steps.max(1);
         req.step_noise = Some(noise.chunks(per.max(1)).map(<[f32]>::to_vec).collect());
     }
+    if has_input(case, "context_length") {
+        req.context = Some((
+            number("context_length")? as usize,
+            number("context_stride")? as usize,
+        ));
+    }
     req.trace = true;
     let out = pipe.generate(gpu, &req, &mut |_| true)?;
     let trace = out.trace.unwrap_or_default();

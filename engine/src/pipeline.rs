@@ -170,6 +170,10 @@ pub struct Request {
     pub latents: Option<Vec<f32>>,
     /// Per-step noise for schedulers that draw it (reference cases).
     pub step_noise: Option<Vec<Vec<f32>>>,
+    /// FreeNoise context windows (length, stride) for the motion modules.
+    /// `None`: none when the clip fits the motion module's window, else
+    /// windows of min(16, window) frames every 4.
+    pub context: Option<(usize, usize)>,
     /// Compute x0 previews for every step event.
     pub previews: bool,
     /// Keep per-step latents and the prompt embeddings in the output.
@@ -196,6 +200,7 @@ impl Request {
             camera: None,
             latents: None,
             step_noise: None,
+            context: None,
             previews: false,
             trace: false,
         }
@@ -404,11 +409,13 @@ impl AnimateDiff {
         if req.frames == 0 {
             return Err(argument("frames must be at least 1"));
         }
-        if req.frames > self.max_frames {
-            return Err(argument(format!(
-                "{} frames exceed the motion module's window of {} frames (longer clips through context windows are not implemented yet)",
-                req.frames, self.max_frames
-            )));
+        if let Some((length, stride)) = self.context_for(req) {
+            if length == 0 || stride == 0 || length > self.max_frames || req.frames < length {
+                return Err(argument(format!(
+                    "context windows of {length} frames every {stride} for {} frames: expected 1 ≤ length ≤ {} (the motion module's window) and ≤ frames, stride ≥ 1",
+                    req.frames, self.max_frames
+                )));
+            }
         }
         if req.steps == 0 {
             return Err(argument("steps must be at least 1"));
@@ -444,6 +451,15 @@ impl AnimateDiff {
             }
         }
         Ok(())
+    }
+
+    /// The context windows a request runs with (see `Request::context`).
+    pub fn context_for(&self, req: &Request) -> Option<(usize, usize)> {
+        match req.context {
+            Some(c) => Some(c),
+            None if req.frames > self.max_frames => Some((self.max_frames.min(16), 4)),
+            None => None,
+        }
     }
 
     fn latent_len(&self, req: &Request) -> usize {
@@ -625,9 +641,17 @@ impl AnimateDiff {
         )?;
 
         self.unet.set_motion_scale(motion_scale(req.motion));
+        let context = self.context_for(req);
+        self.unet.set_context_windows(context);
         let noise = match &req.latents {
             Some(l) => l.clone(),
-            None => self.initial_noise(&mut rng, req),
+            None => {
+                let mut noise = self.initial_noise(&mut rng, req);
+                if let Some((length, stride)) = context {
+                    shuffle_context(&mut noise, &mut rng, c, f, h * w, length, stride);
+                }
+                noise
+            }
         };
         let (start, anchor) = match &req.image {
             Some(image) => {
@@ -772,6 +796,39 @@ impl AnimateDiff {
             scheduler: scheduler.kind(),
             trace,
         })
+    }
+}
+
+/// FreeNoise's "shuffle_context" noise: frames past the first window reuse
+/// the noise of earlier frames in shuffled order, window by window, so long
+/// clips stay coherent (after diffusers' `_prepare_latents_free_noise`).
+fn shuffle_context(
+    noise: &mut [f32],
+    rng: &mut ChaCha8Rng,
+    c: usize,
+    f: usize,
+    hw: usize,
+    length: usize,
+    stride: usize,
+) {
+    use rand::seq::SliceRandom;
+    let mut i = length;
+    while i < f {
+        let start = i - length;
+        let end = (start + stride).min(f);
+        let mut order: Vec<usize> = (start..end).collect();
+        order.shuffle(rng);
+        for (k, &src) in order.iter().enumerate() {
+            let dst = i + k;
+            if dst >= f {
+                break;
+            }
+            for ch in 0..c {
+                let (s0, d0) = ((ch * f + src) * hw, (ch * f + dst) * hw);
+                noise.copy_within(s0..s0 + hw, d0);
+            }
+        }
+        i += stride;
     }
 }
 

@@ -4,7 +4,7 @@
 //! module, attention over frames).
 
 use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::gpu::Gpu;
 use crate::ops::{self, attention::AttentionOptions, layout};
 use crate::tensor::Tensor;
@@ -162,6 +162,112 @@ impl BasicTransformerBlock {
     }
 }
 
+impl BasicTransformerBlock {
+    /// FreeNoise (diffusers `FreeNoiseTransformerBlock`, pyramid weights):
+    /// both attentions run on windows of `length` frames every `stride`
+    /// frames of x [N, F, dim], each window's result weighted per frame and
+    /// blended; the feed-forward runs on the blend. When the windows do not
+    /// end at the last frame, one more window ends there and only its frames
+    /// past the previous windows count — and, as diffusers does, each of
+    /// those adds one and the same weight (the window's weight at that
+    /// offset) to the normaliser.
+    pub fn forward_windows(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        length: usize,
+        stride: usize,
+    ) -> Result<Tensor> {
+        let (n, f, c) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        if length == 0 || stride == 0 || f < length {
+            return Err(EngineError::Argument {
+                op: "context windows",
+                message: format!("{f} frames with windows of {length} every {stride}"),
+            });
+        }
+        let mut windows: Vec<(usize, usize)> = (0..=f - length)
+            .step_by(stride)
+            .map(|i| (i, (i + length).min(f)))
+            .collect();
+        let complete = windows.last().map(|w| w.1) == Some(f);
+        let tail = if complete {
+            0
+        } else {
+            let covered = windows.last().map(|w| w.1).unwrap_or(0);
+            windows.push((f - length, f));
+            f - covered
+        };
+        let weights = pyramid_weights(length);
+        let mut acc: Option<Tensor> = None;
+        let mut norm = vec![0f32; f];
+        let dtype = x.dtype();
+        for (i, &(start, end)) in windows.iter().enumerate() {
+            let chunk = layout::narrow(gpu, x, 1, start, end - start)?;
+            let h = self.with_positions(gpu, &self.norm1.forward(gpu, &chunk)?)?;
+            let chunk = ops::add(gpu, &self.attn1.forward(gpu, &h, None)?, &chunk)?;
+            let h = self.with_positions(gpu, &self.norm2.forward(gpu, &chunk)?)?;
+            let chunk = ops::add(gpu, &self.attn2.forward(gpu, &h, None)?, &chunk)?;
+            let last_partial = i + 1 == windows.len() && !complete;
+            let (keep_from, place_at) = if last_partial {
+                (length - tail, f - tail)
+            } else {
+                (0, start)
+            };
+            let kept = end - start - keep_from;
+            let w: Vec<f32> = weights[keep_from..keep_from + kept].to_vec();
+            for (j, wj) in w.iter().enumerate() {
+                norm[place_at + j] += if last_partial {
+                    weights[length - tail]
+                } else {
+                    *wj
+                };
+            }
+            let part = layout::narrow(gpu, &chunk, 1, keep_from, kept)?;
+            let wt = Tensor::from_f32(gpu, &w, &[1, kept, 1], dtype)?;
+            let part = ops::mul(gpu, &part, &wt)?;
+            let mut pieces = Vec::new();
+            let before = (place_at > 0)
+                .then(|| Tensor::zeros(gpu, &[n, place_at, c], dtype))
+                .transpose()?;
+            let after_len = f - place_at - kept;
+            let after = (after_len > 0)
+                .then(|| Tensor::zeros(gpu, &[n, after_len, c], dtype))
+                .transpose()?;
+            if let Some(b) = &before {
+                pieces.push(b);
+            }
+            pieces.push(&part);
+            if let Some(a) = &after {
+                pieces.push(a);
+            }
+            let placed = layout::concat(gpu, &pieces, 1)?;
+            acc = Some(match acc {
+                None => placed,
+                Some(a) => ops::add(gpu, &a, &placed)?,
+            });
+        }
+        let acc = acc.ok_or_else(|| EngineError::Argument {
+            op: "context windows",
+            message: "no window".into(),
+        })?;
+        let inv: Vec<f32> = norm
+            .iter()
+            .map(|&v| if v > 0.0 { 1.0 / v } else { 1.0 })
+            .collect();
+        let x = ops::mul(gpu, &acc, &Tensor::from_f32(gpu, &inv, &[1, f, 1], dtype)?)?;
+        let h = self.norm3.forward(gpu, &x)?;
+        ops::add(gpu, &self.ff.forward(gpu, &h)?, &x)
+    }
+}
+
+/// diffusers' "pyramid" frame weights: 1, 2, .., mid, .., 2, 1.
+fn pyramid_weights(n: usize) -> Vec<f32> {
+    let mid = n.div_ceil(2);
+    (0..n)
+        .map(|i| (i.min(n - 1 - i) + 1).min(mid) as f32)
+        .collect()
+}
+
 /// diffusers `SinusoidalPositionalEmbedding`: the checkpoint's `pe` buffer
 /// [1, max_len, dim] when present, else the same table computed as diffusers
 /// does (f32: div_j = exp(2j · −ln(10000)/dim); even columns sin, odd cos).
@@ -272,6 +378,9 @@ pub struct MotionModule {
     /// Multiplies the module's residual (1.0 = as trained); the motion
     /// control keeps it near 1.
     pub residual_scale: f32,
+    /// FreeNoise context windows (length, stride) for clips longer than
+    /// one window; `None` attends over all frames at once.
+    pub context: Option<(usize, usize)>,
 }
 
 impl MotionModule {
@@ -299,6 +408,7 @@ impl MotionModule {
                 .collect::<Result<Vec<_>>>()?,
             proj_out: Linear::new(gpu, &w.pp("proj_out"), channels, channels, true)?,
             residual_scale: 1.0,
+            context: None,
         })
     }
 
@@ -319,7 +429,12 @@ impl MotionModule {
             .proj_in
             .forward(gpu, &layout::frames_to_tokens(gpu, &normed, frames)?)?;
         for block in &self.transformer_blocks {
-            tokens = block.forward(gpu, &tokens, None)?;
+            tokens = match self.context {
+                Some((length, stride)) if frames > length => {
+                    block.forward_windows(gpu, &tokens, length, stride)?
+                }
+                _ => block.forward(gpu, &tokens, None)?,
+            };
         }
         let out = layout::tokens_to_frames(
             gpu,

@@ -585,6 +585,18 @@ impl UNetMotionModel {
         })
     }
 
+    /// FreeNoise context windows for every motion module (see
+    /// `BasicTransformerBlock::forward_windows`); `None` turns them off.
+    pub fn set_context_windows(&mut self, context: Option<(usize, usize)>) {
+        let blocks = self.down_blocks.iter_mut().chain(self.up_blocks.iter_mut());
+        for m in blocks
+            .flat_map(|b| b.motion_modules.iter_mut())
+            .chain(self.mid_block.motion_modules.iter_mut())
+        {
+            m.context = context;
+        }
+    }
+
     /// Scales every motion module's residual (1.0 = as trained).
     pub fn set_motion_scale(&mut self, scale: f32) {
         let blocks = self.down_blocks.iter_mut().chain(self.up_blocks.iter_mut());
@@ -636,7 +648,13 @@ impl UNetMotionModel {
                 message: format!("{} timesteps for a batch of {b}", timestep.len()),
             });
         }
-        if f > c.motion_max_seq_length {
+        let windowed = self
+            .down_blocks
+            .first()
+            .and_then(|b| b.motion_modules.first())
+            .and_then(|m| m.context)
+            .is_some_and(|(length, _)| length <= c.motion_max_seq_length && length <= f);
+        if f > c.motion_max_seq_length && !windowed {
             return Err(EngineError::Argument {
                 op: "unet",
                 message: format!(
