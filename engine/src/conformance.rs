@@ -138,6 +138,7 @@ pub fn run(
         model: pipeline_dir.to_string_lossy().into_owned(),
         motion_adapter: beside("motion_adapter"),
         vae: beside("vae"),
+        loras: Vec::new(),
     })?;
     let set = CaseSet {
         dir: dir.to_path_buf(),
@@ -196,10 +197,37 @@ pub fn run(
 #[derive(Default)]
 struct Models {
     tokenizer: Option<ClipTokenizer>,
-    text_encoder: Option<ClipTextModel>,
+    /// Per LoRA a case fuses in (see [`case_lora`]); "" without one.
+    text_encoder: HashMap<String, ClipTextModel>,
     vae: Option<AutoencoderKL>,
-    unet: Option<UNetMotionModel>,
+    unet: HashMap<String, UNetMotionModel>,
     pipeline: Option<AnimateDiff>,
+}
+
+/// The model source for a case: the set's, or with the LoRA file the case
+/// names in its literal inputs `lora` (beside cases.json) and `lora_weight`
+/// (diffusers' `fuse_lora(lora_scale=…)`, default 1). Also the cache key of
+/// the models loaded with it.
+fn case_lora(set: &CaseSet, case: &serde_json::Value) -> Result<(String, Option<ModelSource>)> {
+    let Some(file) = case.get("inputs").and_then(|i| i.get("lora")) else {
+        return Ok((String::new(), None));
+    };
+    let bad = |message: String| EngineError::Argument {
+        op: "conformance",
+        message,
+    };
+    let file = file
+        .as_str()
+        .ok_or_else(|| bad("input `lora` is not a file name".into()))?;
+    let weight = match case.get("inputs").and_then(|i| i.get("lora_weight")) {
+        Some(w) => w
+            .as_f64()
+            .ok_or_else(|| bad("input `lora_weight` is not a number".into()))?,
+        None => 1.0,
+    };
+    let path = set.dir.join(file).to_string_lossy().into_owned();
+    let source = set.source.with_loras(&[(path, weight as f32)])?;
+    Ok((format!("{file}:{weight}"), Some(source)))
 }
 
 /// An F32 input tensor of the case, uploaded in the run's precision.
@@ -308,12 +336,14 @@ fn run_case(
             (vec!["input_ids"], HashMap::from([("input_ids", ids)]))
         }
         "text_encoder" => {
-            if models.text_encoder.is_none() {
-                let part = set.source.text_encoder()?;
+            let (lora, source) = case_lora(set, case)?;
+            if !models.text_encoder.contains_key(&lora) {
+                let part = source.as_ref().unwrap_or(&set.source).text_encoder()?;
                 let weights = Weights::new(part.weights, gpu.precision());
-                models.text_encoder = Some(ClipTextModel::new(gpu, &weights, part.config)?);
+                let model = ClipTextModel::new(gpu, &weights, part.config)?;
+                models.text_encoder.insert(lora.clone(), model);
             }
-            let model = models.text_encoder.as_ref().expect("just loaded");
+            let model = &models.text_encoder[&lora];
             let key = input_tensor(case, "input_ids")?;
             let info = set
                 .tensors
@@ -410,12 +440,14 @@ fn run_case(
             }
         }
         "unet" => {
-            if models.unet.is_none() {
-                let part = set.source.unet()?;
+            let (lora, source) = case_lora(set, case)?;
+            if !models.unet.contains_key(&lora) {
+                let part = source.as_ref().unwrap_or(&set.source).unet()?;
                 let weights = Weights::new(part.weights, gpu.precision());
-                models.unet = Some(UNetMotionModel::new(gpu, &weights, part.config)?);
+                let model = UNetMotionModel::new(gpu, &weights, part.config)?;
+                models.unet.insert(lora.clone(), model);
             }
-            let unet = models.unet.as_ref().expect("just loaded");
+            let unet = &models.unet[&lora];
             let sample = upload_input(gpu, set, case, "sample")?;
             let ehs = upload_input(gpu, set, case, "encoder_hidden_states")?;
             // Timesteps arrive as I64 (DDIM, DPM, LCM) or fractional F32 (Euler).

@@ -163,6 +163,7 @@ fn spec(model: &str, adapter: Option<&str>, vae: Option<&str>) -> ModelSpec {
         model: model.into(),
         motion_adapter: adapter.map(Into::into),
         vae: vae.map(Into::into),
+        ..Default::default()
     }
 }
 

@@ -2,7 +2,8 @@
 //! motion UNet, or SD UNet + `motion_adapter/`), an `org/name` in the
 //! Hugging Face cache, or a single-file SD checkpoint — plus an optional
 //! separate motion adapter (`--motion-adapter`: folder, repo id, or file in
-//! the original AnimateDiff or diffusers format) and VAE (`--vae`).
+//! the original AnimateDiff or diffusers format) and VAE (`--vae`), and
+//! LoRAs (`--lora`) fused into the UNet and the text encoder.
 //! Opening checks paths and headers only; weights are read when a part is
 //! built.
 
@@ -18,14 +19,20 @@ use crate::text::ClipTokenizer;
 use crate::weights::config::read_config;
 use crate::weights::folder::{component_dir, resolve_model};
 use crate::weights::single_file::{self, FileKind, Inferred, KeyShapes};
-use crate::weights::{refuse_pickle, safetensors_files, SafetensorsFile, WeightSet};
+use crate::weights::{
+    refuse_pickle, safetensors_files, LoraFile, LoraTarget, SafetensorsFile, WeightSet,
+};
 
-/// What the user named: `--model`, `--motion-adapter`, `--vae`.
+/// What the user named: `--model`, `--motion-adapter`, `--vae`, `--lora`.
 #[derive(Debug, Clone, Default)]
 pub struct ModelSpec {
     pub model: String,
     pub motion_adapter: Option<String>,
     pub vae: Option<String>,
+    /// LoRA files with their weights (diffusers' `fuse_lora(lora_scale=…)`),
+    /// fused in this order into the UNet and, where a file has text-encoder
+    /// modules, the text encoder.
+    pub loras: Vec<(String, f32)>,
 }
 
 /// A part's weights and config; `origin` names it in messages.
@@ -46,6 +53,7 @@ pub struct ModelSource {
     model: Location,
     adapter: Option<Location>,
     vae: Option<Location>,
+    loras: Vec<(Arc<LoraFile>, f32)>,
 }
 
 fn layout(path: &Path, message: impl Into<String>) -> LoadError {
@@ -95,6 +103,14 @@ fn open_with(
     Ok(Arc::new(WeightSet::open(paths)?.with_aliases(aliases)))
 }
 
+/// Opens the LoRA files (checking each one's format) with their weights.
+fn open_loras(loras: &[(String, f32)]) -> Result<Vec<(Arc<LoraFile>, f32)>, LoadError> {
+    loras
+        .iter()
+        .map(|(path, weight)| Ok((Arc::new(LoraFile::open(Path::new(path))?), *weight)))
+        .collect()
+}
+
 impl ModelSource {
     /// Resolves the paths and checks what kind of file each one is.
     pub fn open(spec: &ModelSpec) -> Result<Self, LoadError> {
@@ -126,7 +142,21 @@ impl ModelSource {
             model,
             adapter,
             vae,
+            loras: open_loras(&spec.loras)?,
         })
+    }
+
+    /// The same model with `loras` (file, weight) in place of its LoRAs.
+    pub fn with_loras(&self, loras: &[(String, f32)]) -> Result<Self, LoadError> {
+        Ok(ModelSource {
+            loras: open_loras(loras)?,
+            ..self.clone()
+        })
+    }
+
+    /// `set` with this source's LoRAs fused into the `target` weights.
+    fn fuse_loras(&self, set: WeightSet, target: LoraTarget) -> Result<Arc<WeightSet>, LoadError> {
+        Ok(Arc::new(set.with_loras(&self.loras, target)?))
     }
 
     /// A folder path (no adapter, no VAE override).
@@ -135,6 +165,7 @@ impl ModelSource {
             model: Location::Folder(dir.to_path_buf()),
             adapter: None,
             vae: None,
+            loras: Vec::new(),
         }
     }
 
@@ -175,15 +206,17 @@ impl ModelSource {
                 let path = dir.join("config.json");
                 Ok(Part {
                     config: ClipTextConfig::load(&path)?,
-                    weights: Arc::new(WeightSet::open_dir(&dir)?),
+                    weights: self
+                        .fuse_loras(WeightSet::open_dir(&dir)?, LoraTarget::TextEncoder)?,
                     origin: dir,
                 })
             }
             Location::File(file) => {
                 let Inferred { config, aliases } = single_file::ldm_clip(&file_keys(file)?, file)?;
+                let set = WeightSet::open(std::slice::from_ref(file))?.with_aliases(aliases);
                 Ok(Part {
                     config: ClipTextConfig::load_value(file, config)?,
-                    weights: open_with(std::slice::from_ref(file), aliases)?,
+                    weights: self.fuse_loras(set, LoraTarget::TextEncoder)?,
                     origin: file.clone(),
                 })
             }
@@ -319,7 +352,10 @@ impl ModelSource {
             adapter.as_ref().map(|(p, c)| (p.as_path(), c)),
         )?;
         Ok(Part {
-            weights: open_with(&files, aliases)?,
+            weights: self.fuse_loras(
+                WeightSet::open(&files)?.with_aliases(aliases),
+                LoraTarget::Unet,
+            )?,
             config,
             origin: unet_path,
         })

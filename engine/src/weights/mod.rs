@@ -6,10 +6,11 @@
 
 pub mod config;
 pub mod folder;
+pub mod lora;
 pub mod safetensors;
 pub mod single_file;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +19,7 @@ use half::f16;
 use crate::error::{LoadError, Result};
 use crate::gpu::{DType, Gpu};
 use crate::tensor::Tensor;
+pub use lora::{LoraFile, LoraTarget};
 pub use safetensors::{FileDType, SafetensorsFile, TensorInfo};
 
 /// Extensions of PyTorch pickle checkpoints, which are refused.
@@ -110,6 +112,9 @@ pub struct WeightSet {
     /// Key a loader asks for → key stored in the files, for checkpoints in
     /// another naming scheme (original LDM and AnimateDiff files).
     aliases: HashMap<String, String>,
+    /// LoRA updates fused into a weight when it is read (asked key → the
+    /// updates, see [`WeightSet::with_loras`]).
+    lora: HashMap<String, Vec<lora::Update>>,
     /// Keys read so far, to report what a loader left unused.
     used: Mutex<BTreeSet<String>>,
 }
@@ -140,6 +145,7 @@ impl WeightSet {
             shapes: HashMap::new(),
             synthetic: false,
             aliases: HashMap::new(),
+            lora: HashMap::new(),
             used: Mutex::new(BTreeSet::new()),
         })
     }
@@ -150,6 +156,52 @@ impl WeightSet {
     pub fn with_aliases(mut self, aliases: HashMap<String, String>) -> Self {
         self.aliases = aliases;
         self
+    }
+
+    /// Fuses LoRAs (file, user weight) into the weights of `target`: each
+    /// weight a LoRA names is served as W + Σ weight · scale · (up @ down),
+    /// computed in f32 when the weight is read, so that no second copy of the
+    /// fused weights is held (a LoCon touches nearly all of a UNet). Fails,
+    /// naming the LoRA file, if any of its `target` modules matches no weight
+    /// here or its factors do not fit the weight.
+    pub fn with_loras(
+        mut self,
+        loras: &[(Arc<LoraFile>, f32)],
+        target: LoraTarget,
+    ) -> Result<Self, LoadError> {
+        if loras.is_empty() {
+            return Ok(self);
+        }
+        let updates = lora::resolve(loras, target, &self.asked_shapes())?;
+        for (key, list) in updates {
+            self.lora.entry(key).or_default().extend(list);
+        }
+        Ok(self)
+    }
+
+    /// Every key a loader may ask for, with its stored shape.
+    fn asked_shapes(&self) -> single_file::KeyShapes {
+        let stored = self.key_shapes();
+        let aliased: HashSet<&String> = self.aliases.values().collect();
+        let mut asked: single_file::KeyShapes = stored
+            .iter()
+            .filter(|(k, _)| !aliased.contains(k))
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        for (key, target) in &self.aliases {
+            if let Some(shape) = stored.get(target) {
+                asked.insert(key.clone(), shape.clone());
+            }
+        }
+        asked
+    }
+
+    /// `values` of the asked `key` with the LoRA updates that name it added.
+    fn fused(&self, key: &str, mut values: Vec<f32>) -> Result<Vec<f32>, LoadError> {
+        for update in self.lora.get(key).into_iter().flatten() {
+            update.add_to(&mut values, key)?;
+        }
+        Ok(values)
     }
 
     /// The stored name of an asked key.
@@ -177,6 +229,7 @@ impl WeightSet {
             shapes: keys.into_iter().collect(),
             synthetic: false,
             aliases: HashMap::new(),
+            lora: HashMap::new(),
             used: Mutex::new(BTreeSet::new()),
         }
     }
@@ -273,6 +326,7 @@ impl WeightSet {
 
     /// A tensor's values as f32, checked against `shape`.
     pub fn read_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        let asked = key;
         let key = self.stored(key);
         if let Some(found) = self.virtual_shape(key, shape) {
             self.check_virtual_shape(key, found, shape)?;
@@ -280,7 +334,7 @@ impl WeightSet {
                 .lock()
                 .expect("used-key lock poisoned")
                 .insert(key.to_string());
-            return Ok(Self::stand_in_values(key, shape.iter().product()));
+            return self.fused(asked, Self::stand_in_values(key, shape.iter().product()));
         }
         let file = self.file(key)?;
         self.check_shape(file, key, shape)?;
@@ -288,7 +342,7 @@ impl WeightSet {
             .lock()
             .expect("used-key lock poisoned")
             .insert(key.to_string());
-        file.to_f32(key)
+        self.fused(asked, file.to_f32(key)?)
     }
 
     /// An aliased checkpoint's `[C, C, 1, 1]` 1x1 conv read as `[C, C]`.
@@ -341,6 +395,10 @@ impl WeightSet {
     /// Uploads a tensor in `dtype`, checked against `shape`. Stored f16 goes
     /// up as is; other conversions happen on the CPU, once.
     pub fn upload(&self, gpu: &Gpu, key: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        if self.lora.contains_key(key) && !gpu.is_plan() {
+            // Fused on the CPU in f32, then stored in the GPU's precision.
+            return Tensor::from_f32(gpu, &self.read_f32(key, shape)?, shape, dtype);
+        }
         let key = self.stored(key);
         if let Some(found) = self.virtual_shape(key, shape) {
             self.check_virtual_shape(key, found, shape)?;

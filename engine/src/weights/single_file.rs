@@ -116,7 +116,7 @@ fn ldm_resnet(rest: &str) -> String {
 
 /// The diffusers name of one LDM UNet key (without the prefix), for a UNet
 /// with `layers` resnets per down level.
-fn ldm_unet_key(rest: &str, layers: usize) -> Option<String> {
+pub(crate) fn ldm_unet_key(rest: &str, layers: usize) -> Option<String> {
     let parts: Vec<&str> = rest.splitn(4, '.').collect();
     let num = |i: usize| parts.get(i).and_then(|p| p.parse::<usize>().ok());
     let tail = |i: usize| parts.get(i..).map(|p| p.join(".")).unwrap_or_default();
@@ -470,7 +470,7 @@ pub fn ldm_clip(keys: &KeyShapes, path: &Path) -> Result<Inferred, LoadError> {
     Ok(Inferred { config, aliases })
 }
 
-fn motion_key(stored: &str) -> String {
+pub(crate) fn motion_key(stored: &str) -> String {
     const NAMES: [(&str, &str); 8] = [
         (".temporal_transformer.", "."),
         // diffusers keeps one position table per transformer block; the
