@@ -464,9 +464,7 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
             bail!("--lora {file}: no such file");
         }
     }
-    if !settings.loras.is_empty() {
-        bail!("--lora: LoRA fusing is not available in this build yet");
-    }
+
     let model = catalog::resolve_model_name(&settings.model);
     let spec = model_spec(&settings, &model);
     let source = ModelSource::open(&spec).context("opening the model")?;
@@ -609,6 +607,6 @@ fn model_spec(settings: &Settings, model: &str) -> ModelSpec {
         model: model.to_string(),
         motion_adapter: settings.motion_adapter.clone(),
         vae: settings.vae.clone(),
-        ..Default::default()
+        loras: settings.loras.clone(),
     }
 }

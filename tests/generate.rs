@@ -14,6 +14,12 @@ fn model() -> String {
         .into_owned()
 }
 
+/// A kohya LoRA for the LoRA fixture model, whose widths differ from cases-b's.
+const LORA_OTHER_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/lora/kohya.safetensors"
+);
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("motif-gen-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -275,6 +281,8 @@ fn bad_input_fails_before_any_file_is_written() {
             "missing.safetensors",
         ),
         (tiny("/no/such/model", &[]), "/no/such/model"),
+        // A LoRA made for another model: named, with the expected shape.
+        (tiny(&m, &["--lora", LORA_OTHER_MODEL]), "kohya.safetensors"),
         (
             plain(&m, &["--width", "24", "--frames", "4", "--strength", "0"]),
             "--strength 0",
