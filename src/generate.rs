@@ -466,7 +466,18 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
     }
 
     let model = catalog::resolve_model_name(&settings.model);
-    let spec = model_spec(&settings, &model);
+    let mut spec = model_spec(&settings, &model);
+    // A motion LoRA the model ships for this camera move
+    // (`motion_loras/<move>.safetensors`) replaces the training-free warp.
+    let camera_lora = settings.camera.and_then(|c| {
+        let p = Path::new(&model)
+            .join("motion_loras")
+            .join(format!("{}.safetensors", c.name()));
+        p.is_file().then_some(p)
+    });
+    if let Some(p) = &camera_lora {
+        spec.loras.push((p.to_string_lossy().into_owned(), 1.0));
+    }
     let source = ModelSource::open(&spec).context("opening the model")?;
 
     let gpu = gpu_for()?;
@@ -511,7 +522,14 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
     req.image = image;
     req.strength = settings.strength;
     req.motion = settings.motion;
-    req.camera = settings.camera;
+    req.camera = if camera_lora.is_some() {
+        None
+    } else {
+        settings.camera
+    };
+    if let Some(p) = &camera_lora {
+        say(&format!("camera: motion LoRA {}", p.display()));
+    }
     pipe.validate(&req)?;
     let fps = settings.fps.unwrap_or(defaults.fps);
 

@@ -383,3 +383,71 @@ fn styles_and_models_are_listed() {
     assert!(dir.join("named.gif").is_file());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_camera_move_uses_the_models_motion_lora_when_it_ships_one() {
+    let dir = scratch("camera-lora");
+    // The fixture model, linked entry by entry, plus motion_loras/.
+    let folder = dir.join("model");
+    std::fs::create_dir_all(&folder).unwrap();
+    for entry in std::fs::read_dir(model()).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(entry.path(), folder.join(entry.file_name())).unwrap();
+    }
+    let m = folder.to_string_lossy().into_owned();
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = tiny(&m, &["--seed", "4", "-q"])
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| {
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        motif(&dir, &refs)
+    };
+    ok(&run(args(&["--camera", "pan-left", "-o", "warp"])));
+    // A motion LoRA (PEFT names) on the first motion module's attention.
+    let (r, c) = (2usize, 16usize);
+    let down: Vec<f32> = (0..r * c)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.05)
+        .collect();
+    let up: Vec<f32> = (0..c * r)
+        .map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.05)
+        .collect();
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (db, ub) = (bytes(&down), bytes(&up));
+    let base = "unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q";
+    let (ka, kb) = (
+        format!("{base}.lora_A.weight"),
+        format!("{base}.lora_B.weight"),
+    );
+    std::fs::create_dir_all(folder.join("motion_loras")).unwrap();
+    let lora = folder.join("motion_loras/pan-left.safetensors");
+    use motif_engine::weights::FileDType;
+    motif_engine::weights::safetensors::write(
+        &lora,
+        &[
+            (&ka, FileDType::F32, &[r, c], &db),
+            (&kb, FileDType::F32, &[c, r], &ub),
+        ],
+    )
+    .unwrap();
+    let out = run(args(&["--camera", "pan-left", "-o", "lora"]));
+    ok(&out);
+    let lora_arg = format!("{}:1", lora.display());
+    let mut explicit = args(&["-o", "explicit"]);
+    explicit.extend(["--lora".to_string(), lora_arg]);
+    ok(&run(explicit));
+    let (warp, with_lora, explicit) = (
+        png_frames(&dir.join("warp")),
+        png_frames(&dir.join("lora")),
+        png_frames(&dir.join("explicit")),
+    );
+    assert_ne!(warp, with_lora, "the motion LoRA changed nothing");
+    // The shipped LoRA replaces the warp: the same as fusing it by hand
+    // with no camera move.
+    assert_eq!(with_lora, explicit);
+    let _ = std::fs::remove_dir_all(&dir);
+}
