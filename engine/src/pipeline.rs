@@ -32,7 +32,7 @@ use crate::models::unet_motion::UNetMotionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::prompt;
 use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::text::tokenizer::{ClipTokenizer, MAX_LENGTH};
 use crate::weights::config::read_json;
 use crate::weights::Weights;
@@ -553,26 +553,73 @@ impl AnimateDiff {
         out
     }
 
-    /// x0 latents [1, C, F, h, w] → RGB8 preview frames at latent size.
-    pub fn preview(&self, x0: &[f32], frames: usize, h: usize, w: usize) -> Preview {
+    /// x0 latents [1, C, F, h, w] → RGB8 preview frames at latent size: the
+    /// model's linear latent-to-RGB projection, run on the GPU (channels
+    /// last, then one [C → 3] linear layer), mapped from [-1, 1] to bytes.
+    pub fn preview(
+        &self,
+        gpu: &Gpu,
+        x0: &[f32],
+        frames: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Preview> {
         let c = self.latent_rgb.len();
-        let mut out = vec![vec![0u8; h * w * 3]; frames];
-        for (fi, frame) in out.iter_mut().enumerate() {
-            for p in 0..h * w {
-                for k in 0..3 {
-                    let mut v = self.latent_rgb_bias[k];
-                    for ch in 0..c {
-                        v += self.latent_rgb[ch][k] * x0[(ch * frames + fi) * h * w + p];
-                    }
-                    frame[p * 3 + k] = ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
-                }
-            }
-        }
-        Preview {
+        let latents = Tensor::from_f32(gpu, x0, &[c, frames, h, w], DType::F32)?;
+        let pixels = crate::ops::layout::permute(gpu, &latents, &[1, 2, 3, 0])?
+            .reshape(&[frames * h * w, c])?;
+        let weight: Vec<f32> = (0..3)
+            .flat_map(|k| self.latent_rgb.iter().map(move |row| row[k]))
+            .collect();
+        let weight = Tensor::from_f32(gpu, &weight, &[3, c], DType::F32)?;
+        let bias = Tensor::from_f32(gpu, &self.latent_rgb_bias, &[3], DType::F32)?;
+        let rgb = crate::ops::matmul::linear(
+            gpu,
+            &pixels,
+            &weight,
+            Some(&bias),
+            crate::ops::Activation::None,
+        )?
+        .to_f32(gpu)?;
+        let frames_rgb = rgb
+            .chunks(h * w * 3)
+            .map(|f| {
+                f.iter()
+                    .map(|&v| ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8)
+                    .collect()
+            })
+            .collect();
+        Ok(Preview {
             width: w,
             height: h,
-            frames: out,
-        }
+            frames: frames_rgb,
+        })
+    }
+
+    /// The CPU reference of [`AnimateDiff::preview`], for tests.
+    pub fn preview_reference(
+        &self,
+        x0: &[f32],
+        frames: usize,
+        h: usize,
+        w: usize,
+    ) -> Vec<Vec<f32>> {
+        let c = self.latent_rgb.len();
+        (0..frames)
+            .map(|fi| {
+                (0..h * w * 3)
+                    .map(|i| {
+                        let (p, k) = (i / 3, i % 3);
+                        self.latent_rgb_bias[k]
+                            + (0..c)
+                                .map(|ch| {
+                                    self.latent_rgb[ch][k] * x0[(ch * frames + fi) * h * w + p]
+                                })
+                                .sum::<f32>()
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// The still as latents [C, h, w] (posterior mean × scaling factor).
@@ -744,10 +791,13 @@ impl AnimateDiff {
             if let Some(tr) = trace.as_mut() {
                 tr.step_latents.push(latents.clone());
             }
-            let preview = req.previews.then(|| {
-                let x0 = out.denoised.as_ref().unwrap_or(&out.pred_original);
-                self.preview(x0, f, h, w)
-            });
+            let preview = match req.previews {
+                true => {
+                    let x0 = out.denoised.as_ref().unwrap_or(&out.pred_original);
+                    Some(self.preview(gpu, x0, f, h, w)?)
+                }
+                false => None,
+            };
             if !events(Event::Step {
                 index: k - start,
                 total,

@@ -1,0 +1,85 @@
+//! The pipeline's engine-side contract on the fixture model (cases-b): step
+//! events carry x0 previews (the GPU projection equals its CPU reference),
+//! a callback returning false cancels, and a request is checked before any
+//! work. Numerics against diffusers are the conformance cases' job.
+
+mod common;
+
+use motif_engine::models::source::ModelSource;
+use motif_engine::pipeline::{AnimateDiff, Event, Request};
+use motif_engine::EngineError;
+
+fn pipeline() -> AnimateDiff {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cases-b");
+    AnimateDiff::load(common::gpu(), &ModelSource::folder(&dir)).unwrap()
+}
+
+fn tiny(p: &AnimateDiff) -> Request {
+    let mut r = Request::new("a red ball", &p.defaults);
+    (r.width, r.height, r.frames, r.steps, r.seed) = (24, 16, 3, 2, 9);
+    r
+}
+
+#[test]
+fn every_step_reports_a_preview_of_the_x0_estimate() {
+    let gpu = common::gpu();
+    let mut p = pipeline();
+    let mut req = tiny(&p);
+    req.previews = true;
+    let mut previews = Vec::new();
+    p.generate(gpu, &req, &mut |e| {
+        if let Event::Step { preview, .. } = e {
+            previews.push(preview.cloned());
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(previews.len(), 2);
+    for pv in &previews {
+        let pv = pv.as_ref().expect("a preview per step");
+        // Latent size (the VAE scales by 4), one RGB frame per video frame.
+        assert_eq!((pv.width, pv.height, pv.frames.len()), (6, 4, 3));
+        assert!(pv.frames.iter().all(|f| f.len() == 6 * 4 * 3));
+    }
+    assert_ne!(
+        previews[0].as_ref().unwrap().frames,
+        previews[1].as_ref().unwrap().frames
+    );
+    // The GPU projection against its CPU reference, on values spanning the range.
+    let x0: Vec<f32> = (0..4 * 3 * 4 * 6)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 6.0)
+        .collect();
+    let got = p.preview(gpu, &x0, 3, 4, 6).unwrap();
+    let want = p.preview_reference(&x0, 3, 4, 6);
+    for (g, w) in got.frames.iter().zip(&want) {
+        for (&gb, &wv) in g.iter().zip(w) {
+            let expect = ((wv + 1.0) * 127.5).clamp(0.0, 255.0);
+            assert!((gb as f32 - expect).abs() <= 1.0, "{gb} vs {expect}");
+        }
+    }
+}
+
+#[test]
+fn a_callback_returning_false_cancels_and_bad_requests_fail_first() {
+    let gpu = common::gpu();
+    let mut p = pipeline();
+    let req = tiny(&p);
+    let mut steps = 0;
+    let r = p.generate(gpu, &req, &mut |e| {
+        if let Event::Step { .. } = e {
+            steps += 1;
+            return false;
+        }
+        true
+    });
+    assert!(matches!(r, Err(EngineError::Cancelled)), "{:?}", r.err());
+    assert_eq!(steps, 1);
+    let mut bad = tiny(&p);
+    bad.width = 26;
+    let e = p
+        .generate(gpu, &bad, &mut |_| {
+            panic!("no work before the request is checked")
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("width 26"), "{e}");
+}
