@@ -451,3 +451,51 @@ fn a_camera_move_uses_the_models_motion_lora_when_it_ships_one() {
     assert_eq!(with_lora, explicit);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_interrupted_run_leaves_nothing() {
+    let dir = scratch("interrupt");
+    let m = model();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .current_dir(&dir)
+        .args([
+            "generate",
+            "a red ball",
+            "--model",
+            &m,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--frames",
+            "4",
+            "--steps",
+            "400",
+            "-o",
+            "clip.mp4",
+            "--json",
+        ])
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first step event, then press Ctrl-C.
+    use std::io::BufRead;
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    loop {
+        let line = lines.next().expect("a step event before the end").unwrap();
+        if line.contains("\"step\"") {
+            break;
+        }
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert_eq!(files_in(&dir), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}
