@@ -151,7 +151,8 @@ fn copy_dir(src: &Path, dst: &Path) {
     for entry in std::fs::read_dir(src).unwrap() {
         let entry = entry.unwrap();
         let to = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
+        // Follows links: the case sets link tokenizer/ to assets/.
+        if std::fs::metadata(entry.path()).unwrap().is_dir() {
             copy_dir(&entry.path(), &to);
         } else {
             std::fs::copy(entry.path(), to).unwrap();
