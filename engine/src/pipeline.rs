@@ -739,6 +739,13 @@ impl AnimateDiff {
             prompt_embeds: embeds.clone(),
             ..Default::default()
         });
+        // The still and its frame-0 noise, [C, h, w] each, for anchoring.
+        let anchor0 = anchor.as_ref().map(|z0| {
+            let noise0: Vec<f32> = (0..c)
+                .flat_map(|ch| noise[ch * f * h * w..ch * f * h * w + h * w].to_vec())
+                .collect();
+            (z0.clone(), noise0)
+        });
         let batch = prompts.len();
         for (k, &t) in timesteps.iter().enumerate().skip(start) {
             let model_in = scheduler.scale_model_input(&latents, k)?;
@@ -771,17 +778,11 @@ impl AnimateDiff {
             };
             let out = scheduler.step(&guided, k, &latents, step_noise.as_deref())?;
             latents = out.prev_sample;
-            if let Some(z0) = &anchor {
+            if let Some((frame0, noise0)) = &anchor0 {
                 // The first frame is the still, at the next step's noise level.
-                let frame0: Vec<f32> = (0..c)
-                    .flat_map(|ch| z0[ch * h * w..(ch + 1) * h * w].to_vec())
-                    .collect();
-                let noise0: Vec<f32> = (0..c)
-                    .flat_map(|ch| noise[ch * f * h * w..ch * f * h * w + h * w].to_vec())
-                    .collect();
                 let target = match timesteps.get(k + 1) {
-                    Some(&next) => scheduler.add_noise(&frame0, &noise0, next)?,
-                    None => frame0,
+                    Some(&next) => scheduler.add_noise(frame0, noise0, next)?,
+                    None => frame0.clone(),
                 };
                 for ch in 0..c {
                     let o = ch * f * h * w;

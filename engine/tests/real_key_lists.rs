@@ -4,8 +4,11 @@
 //! tools/fixtures/key_lists.py: every key is mapped with its shape, none is
 //! missing, none is left over. Runs on a plan-mode GPU: no weight memory.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
+
+use common::{plan_gpu, real_key_list};
 
 use motif_engine::models::clip::{ClipTextConfig, ClipTextModel};
 use motif_engine::models::unet_motion::{
@@ -15,42 +18,9 @@ use motif_engine::models::vae::{AutoencoderKL, VaeConfig};
 use motif_engine::weights::{WeightSet, Weights};
 use motif_engine::{DType, Gpu, GpuOptions};
 
-fn list(name: &str) -> (PathBuf, serde_json::Value, Vec<(String, Vec<usize>)>) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/real")
-        .join(format!("{name}.json"));
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let keys = json["keys"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|d| d.as_u64().unwrap() as usize)
-                    .collect(),
-            )
-        })
-        .collect();
-    (path, json["config"].clone(), keys)
-}
-
-fn plan_gpu() -> Gpu {
-    Gpu::new(GpuOptions {
-        plan: true,
-        precision: Some(DType::F32),
-        ..Default::default()
-    })
-    .unwrap()
-}
-
 fn unet_with(adapter: &str, drop_key: Option<&str>) -> (Arc<WeightSet>, motif_engine::Result<()>) {
-    let (upath, ucfg, ukeys) = list("sd15_unet");
-    let (apath, acfg, akeys) = list(adapter);
+    let (upath, ucfg, ukeys) = real_key_list("sd15_unet");
+    let (apath, acfg, akeys) = real_key_list(adapter);
     let unet: UNetConfigFile = serde_json::from_value(ucfg).unwrap();
     let adapter: MotionAdapterConfig = serde_json::from_value(acfg).unwrap();
     let config = UNetMotionConfig::resolve(&upath, &unet, Some((&apath, &adapter))).unwrap();
@@ -85,13 +55,13 @@ fn a_missing_or_misshapen_real_key_is_named() {
     let e = result.unwrap_err().to_string();
     assert!(e.contains(&format!("missing tensor `{key}`")), "{e}");
 
-    let (_, _, mut keys) = list("clip_vit_l14_text");
+    let (_, _, mut keys) = real_key_list("clip_vit_l14_text");
     for (k, s) in keys.iter_mut() {
         if k == "text_model.encoder.layers.3.mlp.fc1.weight" {
             *s = vec![3072, 769];
         }
     }
-    let (path, cfg, _) = list("clip_vit_l14_text");
+    let (path, cfg, _) = real_key_list("clip_vit_l14_text");
     let config = ClipTextConfig::load_value(&path, cfg).unwrap();
     let gpu = plan_gpu();
     let e = ClipTextModel::new(
@@ -111,7 +81,7 @@ fn a_missing_or_misshapen_real_key_is_named() {
 
 #[test]
 fn clip_vit_l14_text_model_maps_every_key() {
-    let (path, cfg, keys) = list("clip_vit_l14_text");
+    let (path, cfg, keys) = real_key_list("clip_vit_l14_text");
     let config = ClipTextConfig::load_value(&path, cfg).unwrap();
     let set = Arc::new(WeightSet::from_shapes(keys));
     let gpu = plan_gpu();
@@ -127,7 +97,7 @@ fn clip_vit_l14_text_model_maps_every_key() {
 
 #[test]
 fn sd_vae_maps_every_key() {
-    let (_, cfg, keys) = list("sd_vae");
+    let (_, cfg, keys) = real_key_list("sd_vae");
     let config: VaeConfig = serde_json::from_value(cfg).unwrap();
     let set = Arc::new(WeightSet::from_shapes(keys));
     let gpu = plan_gpu();

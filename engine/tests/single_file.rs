@@ -20,40 +20,7 @@ use motif_engine::models::unet_motion::{
 use motif_engine::models::vae::{AutoencoderKL, VaeConfig};
 use motif_engine::weights::single_file::{self, KeyShapes};
 use motif_engine::weights::{WeightSet, Weights};
-use motif_engine::{DType, Gpu, GpuOptions, Tensor};
-
-fn real(name: &str) -> (PathBuf, serde_json::Value, KeyShapes) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/real")
-        .join(format!("{name}.json"));
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let keys = json["keys"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|d| d.as_u64().unwrap() as usize)
-                    .collect(),
-            )
-        })
-        .collect();
-    (path, json["config"].clone(), keys)
-}
-
-fn plan_gpu() -> Gpu {
-    Gpu::new(GpuOptions {
-        plan: true,
-        precision: Some(DType::F32),
-        ..Default::default()
-    })
-    .unwrap()
-}
+use motif_engine::{DType, Tensor};
 
 fn unused_under(set: &WeightSet, prefix: &str) -> Vec<String> {
     set.unused()
@@ -65,7 +32,7 @@ fn unused_under(set: &WeightSet, prefix: &str) -> Vec<String> {
 #[test]
 fn sd15_ldm_checkpoint_with_original_motion_modules_maps_every_key() {
     let (path, _, keys) = real("sd15_ldm");
-    let gpu = plan_gpu();
+    let gpu = common::plan_gpu();
 
     // UNet + motion module, configs inferred from shapes.
     let unet = single_file::ldm_unet(&keys, &path).unwrap();
@@ -148,6 +115,11 @@ fn sd15_ldm_checkpoint_with_original_motion_modules_maps_every_key() {
         .filter(|k| !k.ends_with("position_ids"))
         .collect();
     assert_eq!(left, Vec::<String>::new());
+}
+
+fn real(name: &str) -> (PathBuf, serde_json::Value, KeyShapes) {
+    let (path, config, keys) = common::real_key_list(name);
+    (path, config, keys.into_iter().collect())
 }
 
 fn fixture(name: &str) -> String {

@@ -588,22 +588,22 @@ impl UNetMotionModel {
     /// FreeNoise context windows for every motion module (see
     /// `BasicTransformerBlock::forward_windows`); `None` turns them off.
     pub fn set_context_windows(&mut self, context: Option<(usize, usize)>) {
-        let blocks = self.down_blocks.iter_mut().chain(self.up_blocks.iter_mut());
-        for m in blocks
-            .flat_map(|b| b.motion_modules.iter_mut())
-            .chain(self.mid_block.motion_modules.iter_mut())
-        {
+        for m in self.motion_modules_mut() {
             m.context = context;
         }
     }
 
-    /// Scales every motion module's residual (1.0 = as trained).
-    pub fn set_motion_scale(&mut self, scale: f32) {
-        let blocks = self.down_blocks.iter_mut().chain(self.up_blocks.iter_mut());
-        for m in blocks
+    fn motion_modules_mut(&mut self) -> impl Iterator<Item = &mut MotionModule> {
+        self.down_blocks
+            .iter_mut()
+            .chain(self.up_blocks.iter_mut())
             .flat_map(|b| b.motion_modules.iter_mut())
             .chain(self.mid_block.motion_modules.iter_mut())
-        {
+    }
+
+    /// Scales every motion module's residual (1.0 = as trained).
+    pub fn set_motion_scale(&mut self, scale: f32) {
+        for m in self.motion_modules_mut() {
             m.residual_scale = scale;
         }
     }

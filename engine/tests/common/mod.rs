@@ -101,3 +101,45 @@ pub fn assert_close(case: &str, got: &[f32], want: &[f32], dtype: DType, reducti
         want[worst.0]
     );
 }
+
+/// A real-size key list of tests/fixtures/real (tools/fixtures/key_lists.py):
+/// its path, the published config, and key -> shape.
+pub fn real_key_list(
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    serde_json::Value,
+    Vec<(String, Vec<usize>)>,
+) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/real")
+        .join(format!("{name}.json"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let keys = json["keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap() as usize)
+                    .collect(),
+            )
+        })
+        .collect();
+    (path, json["config"].clone(), keys)
+}
+
+/// A dry-run GPU in f32: loading walks key maps and shapes without memory.
+pub fn plan_gpu() -> Gpu {
+    Gpu::new(GpuOptions {
+        plan: true,
+        precision: Some(DType::F32),
+        ..Default::default()
+    })
+    .unwrap()
+}
