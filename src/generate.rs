@@ -494,15 +494,24 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
     let defaults = pipe.defaults.clone();
     let (width, height) = settings.size(&defaults, pipe.scale_factor())?;
 
+    // A camera move the model was trained to read from the caption.
+    let user_prompt = match settings
+        .camera
+        .filter(|_| camera_lora.is_none())
+        .and_then(|c| defaults.camera_prompts.get(c.name()))
+    {
+        Some(words) => {
+            say(&format!("camera: adding \"{words}\" to the prompt"));
+            format!("{}, {words}", settings.prompt)
+        }
+        None => settings.prompt.clone(),
+    };
     let (prompt, style_negative) = match &settings.style {
         Some(name) => {
             let s = catalog::style(name)?;
-            (
-                s.prompt.replace("{prompt}", &settings.prompt),
-                Some(s.negative),
-            )
+            (s.prompt.replace("{prompt}", &user_prompt), Some(s.negative))
         }
-        None => (settings.prompt.clone(), None),
+        None => (user_prompt, None),
     };
     let mut req = Request::new(prompt, &defaults);
     req.negative = match (&settings.negative, style_negative) {

@@ -1,5 +1,5 @@
-//! `motif generate` end to end on the committed fixture model (cases-b: a
-//! tiny random-weight AnimateDiff folder) at tiny sizes: every output
+//! `motif generate` end to end on the bundled default model
+//! (assets/models/default) at tiny sizes: every output
 //! format, the recipe (sidecar and embedded), reproducibility by seed and by
 //! `--from`, image animation, JSON progress, and the bad-input cases, which
 //! must fail before any file appears.
@@ -9,12 +9,12 @@ use std::process::{Command, Output};
 
 fn model() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/cases-b")
+        .join("assets/models/default")
         .to_string_lossy()
         .into_owned()
 }
 
-/// A kohya LoRA for the LoRA fixture model, whose widths differ from cases-b's.
+/// A kohya LoRA for the LoRA fixture model, whose widths differ from the bundled model's.
 const LORA_OTHER_MODEL: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/lora/kohya.safetensors"
@@ -317,9 +317,9 @@ fn bad_input_fails_before_any_file_is_written() {
 
 #[test]
 fn clips_longer_than_the_motion_window_run_through_context_windows() {
-    // cases-b's motion modules see 6 frames at a time; 9 frames run as
-    // overlapping windows (FreeNoise, checked against diffusers by the
-    // pipeline conformance case).
+    // The bundled model's motion modules see 32 frames at a time; 34 frames
+    // run as overlapping windows (FreeNoise, checked against diffusers by
+    // the cases-b pipeline conformance case).
     let dir = scratch("long");
     let m = model();
     ok(&motif(
@@ -327,11 +327,11 @@ fn clips_longer_than_the_motion_window_run_through_context_windows() {
         &plain(
             &m,
             &[
-                "--width", "24", "--frames", "9", "--seed", "2", "-o", "long", "-q",
+                "--width", "24", "--frames", "34", "--seed", "2", "-o", "long", "-q",
             ],
         ),
     ));
-    assert_eq!(png_frames(&dir.join("long")).len(), 9);
+    assert_eq!(png_frames(&dir.join("long")).len(), 34);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -368,7 +368,10 @@ fn styles_and_models_are_listed() {
     ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("tiny") && text.contains("models folder") && text.contains("motion_adapter"),
+        text.contains("tiny")
+            && text.contains("models folder")
+            && text.contains("merged motion UNet")
+            && text.contains("bundled"),
         "{text}"
     );
     // ... and usable by name.
@@ -409,7 +412,7 @@ fn a_camera_move_uses_the_models_motion_lora_when_it_ships_one() {
     };
     ok(&run(args(&["--camera", "pan-left", "-o", "warp"])));
     // A motion LoRA (PEFT names) on the first motion module's attention.
-    let (r, c) = (2usize, 16usize);
+    let (r, c) = (2usize, 64usize);
     let down: Vec<f32> = (0..r * c)
         .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.05)
         .collect();

@@ -10,9 +10,13 @@
 //!   the motion modules' residual mildly (0.8..1.2), inside their trained
 //!   range. Zeroing the residual would make frames independent, not still.
 //! - `camera` warps each frame's share of the common noise along the move
-//!   (shift, scale or rotation growing over the clip), a training-free way
-//!   to steer the layout the motion modules then keep coherent. Directions
-//!   name how the picture content moves on screen.
+//!   (shift, scale or rotation growing over the clip), and during the first
+//!   two thirds of the steps pulls every frame's clean estimate and noise
+//!   towards frame 0's, warped to that frame's place along the move
+//!   (`camera_guide`): a training-free way to lay the move out, which the
+//!   motion modules then keep coherent. It also works for models trained
+//!   with zero terminal SNR, which ignore the initial noise's layout.
+//!   Directions name how the picture content moves on screen.
 //! - `image`: the still, VAE-encoded, anchors the first frame at every step
 //!   (re-noised to the step's level) and seeds the other frames at
 //!   `strength`, as img2img does.
@@ -143,6 +147,10 @@ pub struct ModelDefaults {
     pub guidance: f32,
     pub fps: f32,
     pub negative: String,
+    /// Words the model was trained to read as a camera move (`camera_prompts`
+    /// in motif.json, keyed by `Camera::name`): the CLI adds them to the
+    /// prompt along with the noise warp.
+    pub camera_prompts: std::collections::BTreeMap<String, String>,
 }
 
 /// One generation.
@@ -342,6 +350,16 @@ impl AnimateDiff {
                 .and_then(|v| v.as_str())
                 .unwrap_or("")
                 .to_string(),
+            camera_prompts: card
+                .as_ref()
+                .and_then(|c| c.get("camera_prompts"))
+                .and_then(|v| v.as_object())
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         let latent_channels = vae.config.latent_channels;
         let factors = card
@@ -778,6 +796,14 @@ impl AnimateDiff {
             };
             let out = scheduler.step(&guided, k, &latents, step_noise.as_deref())?;
             latents = out.prev_sample;
+            if let (Some(cam), Some(&next)) = (req.camera, timesteps.get(k + 1)) {
+                let x0 = out.denoised.as_ref().unwrap_or(&out.pred_original);
+                let weight = camera_weight(k - start, total);
+                if weight > 0.0 {
+                    latents =
+                        camera_guide(&scheduler, cam, &latents, x0, next, weight, c, f, h, w)?;
+                }
+            }
             if let Some((frame0, noise0)) = &anchor0 {
                 // The first frame is the still, at the next step's noise level.
                 let target = match timesteps.get(k + 1) {
@@ -881,6 +907,82 @@ fn shuffle_context(
         }
         i += stride;
     }
+}
+
+/// How strongly the camera move steers step k of n (see `camera_guide`):
+/// strong while the layout forms, none in the last third of the steps.
+fn camera_weight(k: usize, n: usize) -> f32 {
+    let progress = k as f32 / n.max(1) as f32;
+    (0.8 * (1.0 - 1.5 * progress)).max(0.0)
+}
+
+/// Camera guidance, training-free: the latents for the next step, with
+/// every frame's clean estimate and noise pulled towards frame 0's, warped
+/// along the move to that frame's place in the clip. The latents are split
+/// as `a·x0 + b·eps` at the next timestep (a and b from the scheduler's
+/// own `add_noise`, so this holds for every scheduler); the x0 parts mix
+/// linearly, the noise parts with square-root weights so that they stay
+/// unit-variance.
+#[allow(clippy::too_many_arguments)]
+fn camera_guide(
+    scheduler: &Scheduler,
+    cam: Camera,
+    latents: &[f32],
+    x0: &[f32],
+    next: f64,
+    weight: f32,
+    c: usize,
+    f: usize,
+    h: usize,
+    w: usize,
+) -> Result<Vec<f32>> {
+    let a = scheduler.add_noise(&[1.0], &[0.0], next)?[0];
+    let b = scheduler.add_noise(&[0.0], &[1.0], next)?[0];
+    if b <= 1e-6 {
+        return Ok(latents.to_vec());
+    }
+    let eps: Vec<f32> = latents
+        .iter()
+        .zip(x0)
+        .map(|(l, x)| (l - a * x) / b)
+        .collect();
+    let (keep_x, take_x) = (1.0 - weight, weight);
+    let (keep_e, take_e) = ((1.0 - weight).sqrt(), weight.sqrt());
+    let mut out = latents.to_vec();
+    let plane = h * w;
+    for fi in 1..f {
+        let p = fi as f32 / (f - 1) as f32;
+        for y in 0..h {
+            for x in 0..w {
+                let (cx, cy) = (
+                    x as f32 - (w as f32 - 1.0) / 2.0,
+                    y as f32 - (h as f32 - 1.0) / 2.0,
+                );
+                let (ux, uy) = cam.source(p, cx, cy, w as f32, h as f32);
+                let sx = (ux + (w as f32 - 1.0) / 2.0).clamp(0.0, (w - 1) as f32);
+                let sy = (uy + (h as f32 - 1.0) / 2.0).clamp(0.0, (h - 1) as f32);
+                for ch in 0..c {
+                    let frame0 = ch * f * plane;
+                    let o = frame0 + fi * plane + y * w + x;
+                    let wx0 = bilinear(&x0[frame0..frame0 + plane], w, h, sx, sy);
+                    let we0 = bilinear(&eps[frame0..frame0 + plane], w, h, sx, sy);
+                    let xm = keep_x * x0[o] + take_x * wx0;
+                    let em = keep_e * eps[o] + take_e * we0;
+                    out[o] = a * xm + b * em;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Bilinear sample of a [h, w] plane at (x, y), inside the plane.
+fn bilinear(plane: &[f32], w: usize, h: usize, x: f32, y: f32) -> f32 {
+    let (x0, y0) = (x.floor() as usize, y.floor() as usize);
+    let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+    let (fx, fy) = (x - x0 as f32, y - y0 as f32);
+    let row = |yy: usize| plane[yy * w + x0] * (1.0 - fx) + plane[yy * w + x1] * fx;
+    row(y0) * (1.0 - fy) + row(y1) * fy
 }
 
 /// The share of the initial noise common to all frames at motion level m.

@@ -91,6 +91,8 @@ def main():
                        "from scratch on Motif's synthetic world of shapes, scenes, camera moves and styles.",
         "license": "Apache-2.0 (weights and training code); the CLIP tokenizer vocabulary is OpenAI's (MIT)",
         "defaults": DEFAULTS,
+        # `--camera` adds the caption words the model learnt for each move.
+        "camera_prompts": {c: world.CAMERA_PHRASES[c][0] for c in world.CAMERAS[1:]},
         "latent_rgb_factors": [[round(v, 5) for v in row] for row in factors],
         "latent_rgb_bias": [round(v, 5) for v in bias],
         "training": cfg.get("train", {}),
