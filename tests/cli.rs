@@ -114,8 +114,12 @@ fn the_full_size_unet_step_plans_in_f32_and_f16() {
     // 512x512x16 step must accept its shapes (f32 weights exceed the packed
     // conv kernel's limit and must take the splitting kernel).
     for precision in ["f32", "f16"] {
-        let (ok, stdout, stderr) = run(motif().args(["bench", "--unet", "--plan", "--precision", precision]));
+        let (ok, stdout, stderr) =
+            run(motif().args(["bench", "--unet", "--plan", "--precision", precision]));
         assert!(ok, "{precision}: {stderr}");
-        assert!(stdout.contains("512x512, 16 frames, batch 2") && stdout.contains("peak GPU memory"), "{stdout}");
+        assert!(
+            stdout.contains("512x512, 16 frames, batch 2") && stdout.contains("peak GPU memory"),
+            "{stdout}"
+        );
     }
 }
