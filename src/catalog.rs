@@ -89,8 +89,9 @@ pub fn default_model() -> Option<String> {
         .then(|| dir.to_string_lossy().into_owned())
 }
 
-/// A `--model` value: an existing path, a name in the models folder, or
-/// (left as is) an org/name for the Hugging Face cache.
+/// A `--model` value: an existing path, a name in the models folder,
+/// `default` (the bundled model), or (left as is) an org/name for the
+/// Hugging Face cache.
 pub fn resolve_model_name(spec: &str) -> String {
     if Path::new(spec).exists() {
         return spec.to_string();
@@ -99,6 +100,11 @@ pub fn resolve_model_name(spec: &str) -> String {
         let candidate = dir.join(spec);
         if candidate.exists() {
             return candidate.to_string_lossy().into_owned();
+        }
+    }
+    if spec == "default" {
+        if let Some(bundled) = default_model() {
+            return bundled;
         }
     }
     spec.to_string()

@@ -215,7 +215,8 @@ impl Settings {
         let model = match (&args.model, recipe_str(r, "model")?) {
             (Some(m), _) => m.clone(),
             (None, Some(m)) => m,
-            (None, None) => catalog::default_model().ok_or_else(|| {
+            // Recorded by name, so that a recipe replays on another checkout.
+            (None, None) => catalog::default_model().map(|_| "default".to_string()).ok_or_else(|| {
                 anyhow!(
                     "no --model given and no bundled default model is installed yet: pass a diffusers AnimateDiff folder, \
                      a single-file SD1.5 checkpoint with --motion-adapter, a name from `motif models`, or an org/name in \
