@@ -6,6 +6,8 @@
 //! batch items, output channels, output rows and input channels (tiled), of
 //! output rows and channel blocks (packed).
 
+use std::sync::Arc;
+
 use bytemuck::{Pod, Zeroable};
 
 use super::matmul::{
@@ -465,7 +467,7 @@ const MAX_PACKED_BYTES: u64 = 1 << 26;
 const PACK_GROUP: usize = 32;
 
 /// The CPU-adapter path (see shaders/conv2d.wgsl): the weights are packed
-/// once, then per batch item and band of output rows the input taps are
+/// once (once per call; once for good when they are a constant tensor), then per batch item and band of output rows the input taps are
 /// packed and multiplied with them by matmul's gemm_packed.
 fn run_packed(
     gpu: &Gpu,
@@ -511,7 +513,6 @@ fn run_packed(
             ("PACKED_F16", (values_per_word(dtype) == 2) as u8 as f64),
         ],
     };
-    let weights = Packed::alloc(gpu, 1, d.cout, k_words, row_words)?;
     let taps = Packed::alloc(gpu, 1, band * d.wo, k_words, row_words)?;
     let params = |packed: &Packed| PackParams {
         cin: d.cin as u32,
@@ -533,29 +534,39 @@ fn run_packed(
         dst_base: 0,
         _pad: [0; 2],
     };
-    let channel_groups = cw.div_ceil(PACK_GROUP) as u32;
-    let pack_weights = kernel("pack_weights");
-    let rb = weights.rows_per_block();
-    for co0 in (0..d.cout).step_by(rb) {
-        let first = co0 / rb * weights.k_chunks();
-        let p = PackParams {
-            row0: co0 as u32,
-            dst_base: (first * BLOCK_WORDS) as u32,
-            ..params(&weights)
-        };
-        let dst = weights.blocks(first, weights.k_chunks());
-        let groups = [
-            channel_groups,
-            (d.kh * d.kw) as u32,
-            rb.min(d.cout - co0) as u32,
-        ];
-        gpu.dispatch(
-            &pack_weights,
-            params_bytes(&p),
-            &[(2, weight.binding()), (5, dst)],
-            groups,
-        )?;
-    }
+    let pack_weights = || -> Result<Packed> {
+        let weights = Packed::alloc(gpu, 1, d.cout, k_words, row_words)?;
+        let channel_groups = cw.div_ceil(PACK_GROUP) as u32;
+        let pack_weights = kernel("pack_weights");
+        let rb = weights.rows_per_block();
+        for co0 in (0..d.cout).step_by(rb) {
+            let first = co0 / rb * weights.k_chunks();
+            let p = PackParams {
+                row0: co0 as u32,
+                dst_base: (first * BLOCK_WORDS) as u32,
+                ..params(&weights)
+            };
+            let dst = weights.blocks(first, weights.k_chunks());
+            let groups = [
+                channel_groups,
+                (d.kh * d.kw) as u32,
+                rb.min(d.cout - co0) as u32,
+            ];
+            gpu.dispatch(
+                &pack_weights,
+                params_bytes(&p),
+                &[(2, weight.binding()), (5, dst)],
+                groups,
+            )?;
+        }
+        Ok(weights)
+    };
+    let weights = if weight.is_constant() {
+        let layout = vec![d.cout, d.cin, d.kh, d.kw, row_words];
+        weight.derived(("conv2d pack_weights", layout), pack_weights)?
+    } else {
+        Arc::new(pack_weights()?)
+    };
     let epilogue = Epilogue {
         alpha: 1.0,
         bias,

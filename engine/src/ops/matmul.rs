@@ -3,11 +3,13 @@
 //! store. Operands larger than one storage binding are computed in windows of
 //! rows, columns and, when one row alone is too long, chunks of K.
 
+use std::sync::Arc;
+
 use bytemuck::{Pod, Zeroable};
 
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
-use crate::gpu::{Binding, Gpu, Kernel};
+use crate::gpu::{Binding, BlockPool, Gpu, Kernel};
 use crate::tensor::{fmt_shape, DType, Tensor};
 
 const SOURCE: &str = include_str!("../../../shaders/matmul.wgsl");
@@ -538,9 +540,19 @@ fn packed_plan(gpu: &Gpu, dtype: DType, d: &Dims) -> Option<usize> {
 }
 
 /// An operand packed into blocks (layout in shaders/matmul.wgsl), in a buffer
-/// of its own: pooled tensors cannot be bound as uniform buffers.
+/// of the GPU's block pool: pooled tensors cannot be bound as uniform buffers.
+///
+/// A reused buffer keeps what its last user wrote. That is safe because the
+/// pool hands a buffer back only for the same byte count, words per block
+/// row and words of K (see [`Packed::tag`]), so the K padding (words of the
+/// last chunk past K, which gemm_packed reads) lies at the same places, and
+/// every packing kernel writes there zeros or nothing: it stays as zero as
+/// the new buffer was. Rows past the matrix may hold old rows, but the
+/// outputs they feed are never stored.
 pub(crate) struct Packed {
-    buffer: wgpu::Buffer,
+    /// Taken from `pool` at allocation, returned on drop.
+    buffer: Option<wgpu::Buffer>,
+    pool: Arc<BlockPool>,
     /// Words per block row.
     kw: usize,
     /// Row blocks per item.
@@ -569,19 +581,32 @@ impl Packed {
                 limit: gpu.max_buffer_bytes(),
             });
         }
-        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("motif packed operand"),
-            size: bytes.max(BLOCK_BYTES),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
-            mapped_at_creation: false,
-        });
+        let tag = Packed::tag(kw, k_words);
+        // A dry run dispatches nothing: one block stands in for the operand.
+        let size = if gpu.is_plan() {
+            BLOCK_BYTES
+        } else {
+            bytes.max(BLOCK_BYTES)
+        };
         Ok(Packed {
-            buffer,
+            buffer: Some(gpu.blocks.take(&gpu.device, size, tag)),
+            pool: gpu.blocks.clone(),
             kw,
             n_rb,
             n_kc,
             k_words,
         })
+    }
+
+    /// The layout a reused buffer must share (see [`Packed`]).
+    fn tag(kw: usize, k_words: usize) -> u64 {
+        ((kw as u64) << 32) | k_words as u64
+    }
+
+    fn buffer(&self) -> &wgpu::Buffer {
+        self.buffer
+            .as_ref()
+            .expect("a packed operand holds its buffer until dropped")
     }
 
     pub(crate) fn rows_per_block(&self) -> usize {
@@ -601,7 +626,7 @@ impl Packed {
     /// block, then K chunk), for a packing kernel to write.
     pub(crate) fn blocks(&self, first: usize, count: usize) -> Binding<'_> {
         Binding {
-            buffer: &self.buffer,
+            buffer: self.buffer(),
             offset: first as u64 * BLOCK_BYTES,
             size: count as u64 * BLOCK_BYTES,
         }
@@ -609,6 +634,15 @@ impl Packed {
 
     fn block(&self, z: usize, rb: usize, kc: usize) -> Binding<'_> {
         self.blocks((z * self.n_rb + rb) * self.n_kc + kc, 1)
+    }
+}
+
+impl Drop for Packed {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            self.pool
+                .give_back(buffer, Packed::tag(self.kw, self.k_words));
+        }
     }
 }
 
@@ -779,6 +813,24 @@ fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
     Ok(packed)
 }
 
+/// `s` packed with `kw` words per block row: on every call, or, for a
+/// constant tensor (a weight), on the first and kept with the tensor.
+fn packed_operand(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Arc<Packed>> {
+    if !s.t.is_constant() {
+        return pack_rows(gpu, s, kw).map(Arc::new);
+    }
+    let layout = vec![
+        s.items,
+        s.rows,
+        s.k,
+        s.item_stride,
+        s.row_stride,
+        s.k_stride,
+        kw,
+    ];
+    s.t.derived(("matmul pack_rows", layout), || pack_rows(gpu, s, kw))
+}
+
 /// A product of packed operands: `a` holds the rows, `b` the columns, both
 /// packed along K with the same block shape. Item z uses a's item z (or 0
 /// when shared) and b's likewise; out[z, i, j] is at
@@ -827,28 +879,17 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
         });
     }
     // Two buffers for the partial sums of a tile between passes, taking turns.
-    let partials: Vec<wgpu::Buffer> = if passes > 1 {
+    // (Each pass writes what the next reads: old contents do not matter.)
+    let partials: Vec<Packed> = if passes > 1 {
         debug_assert!(
             rb * rb <= BLOCK_WORDS,
             "packed_row_words keeps such tiles small"
         );
         (0..2)
-            .map(|_| {
-                gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("motif partial sums"),
-                    size: BLOCK_BYTES,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
-                    mapped_at_creation: false,
-                })
-            })
-            .collect()
+            .map(|_| Packed::alloc(gpu, 1, 1, 1, BLOCK_WORDS))
+            .collect::<Result<_>>()?
     } else {
         Vec::new()
-    };
-    let whole = |buffer| Binding {
-        buffer,
-        offset: 0,
-        size: BLOCK_BYTES,
     };
     for z in 0..g.items {
         let za = if g.a_shared { 0 } else { z };
@@ -883,12 +924,12 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                             a.k_words.saturating_sub((first + nch - 1) * a.kw).min(a.kw);
                         // Unused partial slots get buffers the pass does not otherwise bind.
                         let partial_in = if pass > 0 {
-                            whole(&partials[(pass - 1) % 2])
+                            partials[(pass - 1) % 2].blocks(0, 1)
                         } else {
                             unused
                         };
                         let partial_out = if pass + 1 < passes {
-                            whole(&partials[pass % 2])
+                            partials[pass % 2].blocks(0, 1)
                         } else {
                             ob
                         };
@@ -946,7 +987,7 @@ fn run_packed(
     kw: usize,
 ) -> Result<()> {
     let b_items = if d.b_batched { d.batch } else { 1 };
-    let pa = pack_rows(
+    let pa = packed_operand(
         gpu,
         &Strided {
             t: a,
@@ -960,7 +1001,7 @@ fn run_packed(
         kw,
     )?;
     let (row_stride, k_stride) = if d.transpose_b { (d.k, 1) } else { (1, d.n) };
-    let pb = pack_rows(
+    let pb = packed_operand(
         gpu,
         &Strided {
             t: b,
