@@ -328,3 +328,32 @@ fn a_constant_weight_packed_once_serves_every_later_convolution() {
         }
     }
 }
+
+#[test]
+fn packed_kernel_puts_small_batch_items_side_by_side() {
+    // Small outputs of many items are multiplied as one product, each item's
+    // pixels a group of columns: groups of sizes that are not multiples of
+    // the 4 columns a lane stores, and tiles that span several items.
+    let gpu = gpu();
+    let silu = Conv2dOptions {
+        activation: Activation::Silu,
+        ..Conv2dOptions::same(3, 1)
+    };
+    let cases: [([usize; 4], [usize; 4], Conv2dOptions); 4] = [
+        ([9, 6, 9, 9], [20, 6, 3, 3], silu),
+        ([16, 5, 1, 1], [33, 5, 3, 3], Conv2dOptions::same(3, 1)),
+        ([6, 4, 7, 5], [7, 4, 3, 3], Conv2dOptions::same(3, 2)),
+        ([40, 3, 5, 5], [17, 3, 1, 1], Conv2dOptions::default()),
+    ];
+    for (i, (x, w, opts)) in cases.iter().enumerate() {
+        check(
+            gpu,
+            Conv2dKernel::Packed,
+            *x,
+            *w,
+            true,
+            opts,
+            700 + i as u64,
+        );
+    }
+}

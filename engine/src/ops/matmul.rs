@@ -77,6 +77,10 @@ struct Params {
     klast4: u32,
     row0: u32,
     partial_ld: u32,
+    col0: u32,
+    col_group: u32,
+    col_group_stride: u32,
+    _pad0: u32,
 }
 
 /// The product's sizes after validation. A `b` without batch dims is shared
@@ -834,7 +838,9 @@ fn packed_operand(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Arc<Packed>> {
 /// A product of packed operands: `a` holds the rows, `b` the columns, both
 /// packed along K with the same block shape. Item z uses a's item z (or 0
 /// when shared) and b's likewise; out[z, i, j] is at
-/// `out_base + z * out_item_stride + i * ldo + j`.
+/// `out_base + z * out_item_stride + i * ldo + (j / col_group) *
+/// col_group_stride + j % col_group` (one group of columns, `col_group` = n,
+/// but for conv2d's batch items side by side).
 pub(crate) struct PackedProduct<'a> {
     pub a: &'a Packed,
     pub b: &'a Packed,
@@ -847,6 +853,15 @@ pub(crate) struct PackedProduct<'a> {
     pub out_base: usize,
     pub out_item_stride: usize,
     pub ldo: usize,
+    pub col_group: usize,
+    pub col_group_stride: usize,
+}
+
+impl PackedProduct<'_> {
+    /// Where column `j` lies in `out`, relative to column 0.
+    fn out_column(&self, j: usize) -> usize {
+        (j / self.col_group) * self.col_group_stride + j % self.col_group
+    }
 }
 
 /// Records gemm_packed over every tile and pass of K.
@@ -868,16 +883,6 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
     let kw4 = a.kw / 4;
     let passes = a.n_kc.div_ceil(CHUNKS_PER_PASS);
     let max = Tensor::max_window_elems(gpu, dtype);
-    // Rows of a tile per dispatch: all of them unless their window of `out`
-    // (rows far apart, as conv2d's channels) is over the binding limit.
-    let group_rows = ((max.saturating_sub(rb)) / g.ldo.max(1) + 1) / PACKED_ROWS * PACKED_ROWS;
-    if group_rows == 0 {
-        return Err(EngineError::BindingTooLarge {
-            op: "matmul",
-            bytes: ((PACKED_ROWS - 1) * g.ldo + rb) as u64 * dtype.size_bytes(),
-            limit: gpu.max_binding_bytes(),
-        });
-    }
     // Two buffers for the partial sums of a tile between passes, taking turns.
     // (Each pass writes what the next reads: old contents do not matter.)
     let partials: Vec<Packed> = if passes > 1 {
@@ -899,15 +904,29 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                 let cols = rb.min(g.n - j * rb);
                 let partial_ld = cols.next_multiple_of(PACKED_COLS);
                 let tile_rows = rb.min(g.m - i * rb);
+                // Rows of the tile per dispatch: all of them unless their
+                // window of `out` (rows far apart, as conv2d's channels) is
+                // over the binding limit.
+                let first_col = g.out_column(j * rb);
+                let col_span = g.out_column(j * rb + cols - 1) - first_col + 1;
+                let group_rows =
+                    (max.saturating_sub(col_span) / g.ldo.max(1) + 1) / PACKED_ROWS * PACKED_ROWS;
+                if col_span > max || group_rows == 0 {
+                    return Err(EngineError::BindingTooLarge {
+                        op: "matmul",
+                        bytes: ((PACKED_ROWS - 1) * g.ldo + col_span) as u64 * dtype.size_bytes(),
+                        limit: gpu.max_binding_bytes(),
+                    });
+                }
                 for row0 in (0..tile_rows).step_by(group_rows) {
                     let rows = group_rows.min(tile_rows - row0);
                     let (o_start, o_count) = span(
                         g.out_base + z * g.out_item_stride,
                         g.ldo,
                         i * rb + row0,
-                        j * rb,
+                        first_col,
                         rows,
-                        cols,
+                        col_span,
                     );
                     let (ob, out_off) = g.out.window(gpu, o_start, o_count);
                     let (bias0, bias_count) = if e.bias_per_row {
@@ -957,6 +976,9 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                             klast4: last_words.div_ceil(4) as u32,
                             row0: row0 as u32,
                             partial_ld: partial_ld as u32,
+                            col0: (j * rb) as u32,
+                            col_group: g.col_group as u32,
+                            col_group_stride: g.col_group_stride as u32,
                             ..Params::default()
                         };
                         gpu.dispatch(
@@ -1026,6 +1048,8 @@ fn run_packed(
         out_base: 0,
         out_item_stride: d.m * d.n,
         ldo: d.n,
+        col_group: d.n,
+        col_group_stride: 0,
     };
     gemm_packed(gpu, &product, e)
 }
