@@ -212,7 +212,8 @@ struct PackParams {
     words_shift: u32,
     rb_shift: u32,
     n_kc: u32,       // K chunks
-    row0: u32,       // pack_weights: first output channel of the dispatch
+    row0: u32,       // pack_weights: first output channel of the dispatch;
+                     // pack_taps: packed row of the band's first pixel (items side by side)
     dst_base: u32,   // pack_weights: word index (in the packed operand) of packed[0]
     _pad0: u32,
     _pad1: u32,
@@ -268,7 +269,7 @@ fn pack_taps(@builtin(global_invocation_id) gid: vec3<u32>) {
             let oy = dy / STRIDE;
             let ox = dx / STRIDE;
             if (py >= ky && px >= kx && dy == oy * STRIDE && dx == ox * STRIDE && oy < pp.rows && ox < pp.wo) {
-                packed[packed_index(oy * pp.wo + ox, (ky * KW + kx) * pp.cw + c2)] = v;
+                packed[packed_index(pp.row0 + oy * pp.wo + ox, (ky * KW + kx) * pp.cw + c2)] = v;
             }
         }
     }
@@ -306,7 +307,7 @@ fn pack_taps4(@builtin(global_invocation_id) gid: vec3<u32>) {
             let oy = dy / STRIDE;
             let ox = dx / STRIDE;
             if (py >= ky && px >= kx && dy == oy * STRIDE && dx == ox * STRIDE && oy < pp.rows && ox < pp.wo) {
-                packed4[packed_index(oy * pp.wo + ox, (ky * KW + kx) * pp.cw + c2) / 4u] = v;
+                packed4[packed_index(pp.row0 + oy * pp.wo + ox, (ky * KW + kx) * pp.cw + c2) / 4u] = v;
             }
         }
     }

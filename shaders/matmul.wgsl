@@ -33,6 +33,10 @@ struct Params {
     klast4: u32,        // gemm_packed: vec4 words of K in the last of them
     row0: u32,          // gemm_packed: first row of the tile this dispatch computes
     partial_ld: u32,    // gemm_packed: row stride of the partial sums (a multiple of 4)
+    col0: u32,          // gemm_packed: the product's column of the tile's column 0
+    col_group: u32,     // gemm_packed: columns per output item (see out_column)
+    col_group_stride: u32,
+    _pad0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -432,12 +436,21 @@ fn chunk_len(c: u32) -> u32 {
     return select(p.kw4, p.klast4, c + 1u == p.nch);
 }
 
+// Where column x of the product lies in `out`, relative to column 0: the
+// columns come in groups of col_group, each group col_group_stride values
+// after the one before (conv2d puts several batch items side by side, each a
+// group of output pixels; a plain product has one group).
+fn out_column(x: u32) -> u32 {
+    return (x / p.col_group) * p.col_group_stride + x % p.col_group;
+}
+
 // One tile of up to 16384 / kw rows x 16384 / kw columns per dispatch: the
 // bound blocks a0..a5 are K chunks of the tile's rows, b0..b5 of its columns
 // (unused slots repeat a bound block). Each workgroup is one subgroup of 8
 // lanes and computes 16 rows x 32 columns, of the m rows from tile row row0
 // and the n columns; out, bias and the epilogue are as for matmul_tiled, with
-// (i, j) counted from (row0, 0) (out_off and bias_off point there).
+// (i, j) counted from (row0, 0) (out_off and bias_off point there) and
+// columns placed by out_column.
 // Bindings: bias (3) and out (4) as for matmul_tiled; a0..a5 (5..10) and
 // b0..b5 (11..16) uniform blocks; partial_in (17) and partial_out (18).
 // A product with more K chunks than one dispatch binds runs in passes: each
@@ -495,6 +508,9 @@ fn gemm_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocati
         }
     }
     let cols = min(p.n - min(j0, p.n), 4u);
+    let first = out_column(p.col0);
+    let col_at = vec4(out_column(p.col0 + j0), out_column(p.col0 + j0 + 1u),
+                      out_column(p.col0 + j0 + 2u), out_column(p.col0 + j0 + 3u)) - vec4(first);
     for (var r = 0u; r < 16u; r++) {
         let i = i0 + r;
         if (i >= p.m) {
@@ -518,9 +534,9 @@ fn gemm_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocati
             }
         }
         v = vec4(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
-        let o = p.out_off + i * p.ldo + j0;
+        let o = p.out_off + i * p.ldo;
         for (var c = 0u; c < cols; c++) {
-            out[o + c] = st(v[c]);
+            out[o + col_at[c]] = st(v[c]);
         }
     }
 }

@@ -1,7 +1,9 @@
 //! GPU-resident tensors: a shape, a dtype and a pooled storage buffer.
 //! Tensors are always contiguous (row-major); `reshape` shares the storage.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use half::f16;
 
@@ -15,7 +17,20 @@ pub(crate) struct Storage {
     /// The pool's size class of the buffer.
     class: u64,
     pool: Arc<crate::gpu::PoolHandle>,
+    /// Set on weights (see [`Tensor::into_constant`]): ops may then keep
+    /// what they derive from the values in `derived`.
+    constant: AtomicBool,
+    derived: Mutex<Vec<(DerivedKey, Arc<dyn Any + Send + Sync>)>>,
 }
+
+/// What an op derived from a constant tensor, and how: the op's name and
+/// the numbers that fix the derivation (shape of the view, layout, ...).
+pub(crate) type DerivedKey = (&'static str, Vec<usize>);
+
+/// Derived forms kept per tensor: a model run at one size needs one per op
+/// that reads the tensor; a few more cover a change of size without letting
+/// an interactive session pile them up.
+const MAX_DERIVED: usize = 4;
 
 impl Drop for Storage {
     fn drop(&mut self) {
@@ -58,6 +73,8 @@ impl Tensor {
                 buffer: Some(buffer),
                 class,
                 pool: gpu.pool.clone(),
+                constant: AtomicBool::new(false),
+                derived: Mutex::new(Vec::new()),
             }),
             shape: shape.to_vec(),
             dtype,
@@ -147,6 +164,52 @@ impl Tensor {
 
     fn padded_bytes(&self) -> u64 {
         self.size_bytes().div_ceil(4) * 4
+    }
+
+    /// Marks the tensor as a weight: its values never change (no tensor's
+    /// do) and it lives as long as its model, so ops may compute forms of it
+    /// once and keep them with it (the CPU-adapter matmul packs weights once,
+    /// not on every call). Costs the memory of those forms. Model loaders
+    /// mark every weight they upload.
+    pub fn into_constant(self) -> Self {
+        self.storage.constant.store(true, Ordering::Relaxed);
+        self
+    }
+
+    /// Whether [`Tensor::into_constant`] marked this tensor (or one sharing its storage).
+    pub fn is_constant(&self) -> bool {
+        self.storage.constant.load(Ordering::Relaxed)
+    }
+
+    /// The form of this constant tensor that `key` names, made by `make` on
+    /// first use and kept with the tensor's storage (so with every reshape of
+    /// it) until the storage is dropped.
+    pub(crate) fn derived<T: Any + Send + Sync>(
+        &self,
+        key: DerivedKey,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<Arc<T>> {
+        debug_assert!(
+            self.is_constant(),
+            "only constant tensors keep derived forms"
+        );
+        let found = {
+            let cache = self.storage.derived.lock().expect("derived lock poisoned");
+            cache
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.clone())
+        };
+        if let Some(v) = found.and_then(|v| v.downcast::<T>().ok()) {
+            return Ok(v);
+        }
+        let v = Arc::new(make()?);
+        let mut cache = self.storage.derived.lock().expect("derived lock poisoned");
+        if cache.len() >= MAX_DERIVED {
+            cache.remove(0);
+        }
+        cache.push((key, v.clone()));
+        Ok(v)
     }
 
     /// The same storage seen with another shape of equal element count.

@@ -292,3 +292,68 @@ fn mismatched_operands_are_errors_that_name_the_op_and_shapes() {
         assert!(e.to_string().contains("conv2d"));
     }
 }
+
+#[test]
+fn a_constant_weight_packed_once_serves_every_later_convolution() {
+    // A constant weight is packed on its first convolution and kept: later
+    // ones, on inputs of other sizes and batch counts, must still match.
+    let gpu = gpu();
+    for dtype in dtypes() {
+        let w_shape = [24, 10, 3, 3];
+        let (w, wv) = upload(gpu, &random(w_shape.iter().product(), 31), &w_shape, dtype);
+        let w = w.into_constant();
+        let (b, bv) = upload(gpu, &random(24, 32), &[24], dtype);
+        let opts = Conv2dOptions::same(3, 1);
+        for (i, x_shape) in [[1, 10, 5, 7], [3, 10, 1, 1], [2, 10, 33, 9], [1, 10, 5, 7]]
+            .into_iter()
+            .enumerate()
+        {
+            let (x, xv) = upload(
+                gpu,
+                &random(x_shape.iter().product(), 40 + i as u64),
+                &x_shape,
+                dtype,
+            );
+            let got =
+                conv2d::conv2d_with_kernel(gpu, &x, &w, Some(&b), &opts, Conv2dKernel::Packed)
+                    .unwrap();
+            let want = conv2d::conv2d_reference(&xv, x_shape, &wv, w_shape, Some(&bv), &opts);
+            assert_close(
+                &format!("constant weight, x {x_shape:?}"),
+                &got.to_f32(gpu).unwrap(),
+                &want,
+                dtype,
+                91,
+            );
+        }
+    }
+}
+
+#[test]
+fn packed_kernel_puts_small_batch_items_side_by_side() {
+    // Small outputs of many items are multiplied as one product, each item's
+    // pixels a group of columns: groups of sizes that are not multiples of
+    // the 4 columns a lane stores, and tiles that span several items.
+    let gpu = gpu();
+    let silu = Conv2dOptions {
+        activation: Activation::Silu,
+        ..Conv2dOptions::same(3, 1)
+    };
+    let cases: [([usize; 4], [usize; 4], Conv2dOptions); 4] = [
+        ([9, 6, 9, 9], [20, 6, 3, 3], silu),
+        ([16, 5, 1, 1], [33, 5, 3, 3], Conv2dOptions::same(3, 1)),
+        ([6, 4, 7, 5], [7, 4, 3, 3], Conv2dOptions::same(3, 2)),
+        ([40, 3, 5, 5], [17, 3, 1, 1], Conv2dOptions::default()),
+    ];
+    for (i, (x, w, opts)) in cases.iter().enumerate() {
+        check(
+            gpu,
+            Conv2dKernel::Packed,
+            *x,
+            *w,
+            true,
+            opts,
+            700 + i as u64,
+        );
+    }
+}

@@ -349,3 +349,62 @@ fn packing_a_short_k_never_spills_into_the_next_row_block() {
         );
     }
 }
+
+#[test]
+fn a_constant_weight_packed_once_serves_every_later_product() {
+    // A weight (a constant tensor) is packed on its first product and the
+    // packed form kept: later products, with other row counts (other block
+    // shapes) and through a reshape of the same storage, must still match.
+    let gpu = gpu();
+    for dtype in dtypes() {
+        let (w, wv) = upload(gpu, &random(40 * 65, 71), &[40, 65], dtype);
+        let w = w.into_constant();
+        let (b, bv) = upload(gpu, &random(40, 72), &[40], dtype);
+        for (i, rows) in [7usize, 1, 300, 7, 2100, 1].into_iter().enumerate() {
+            let (x, xv) = upload(gpu, &random(rows * 65, 80 + i as u64), &[rows, 65], dtype);
+            let got = matmul::linear(gpu, &x, &w, Some(&b), Activation::Silu).unwrap();
+            let opts = MatmulOptions {
+                transpose_b: true,
+                activation: Activation::Silu,
+                ..Default::default()
+            };
+            let want = matmul::matmul_reference(&xv, &[rows, 65], &wv, &[40, 65], Some(&bv), &opts);
+            assert_close(
+                &format!("linear, constant weight, {rows} rows"),
+                &got.to_f32(gpu).unwrap(),
+                &want,
+                dtype,
+                66,
+            );
+        }
+        // The same storage as a plain b of [65, 40]: another packing.
+        let wt = w.reshape(&[65, 40]).unwrap();
+        assert!(wt.is_constant());
+        for rows in [9usize, 9] {
+            let (x, xv) = upload(gpu, &random(rows * 65, 90), &[rows, 65], dtype);
+            let got = matmul::matmul_with_kernel(
+                gpu,
+                &x,
+                &wt,
+                &MatmulOptions::default(),
+                MatmulKernel::Packed,
+            )
+            .unwrap();
+            let want = matmul::matmul_reference(
+                &xv,
+                &[rows, 65],
+                &wv,
+                &[65, 40],
+                None,
+                &MatmulOptions::default(),
+            );
+            assert_close(
+                "matmul, constant plain b",
+                &got.to_f32(gpu).unwrap(),
+                &want,
+                dtype,
+                66,
+            );
+        }
+    }
+}

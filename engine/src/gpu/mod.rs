@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 pub use adapter::AdapterSummary;
 pub(crate) use kernel::{grid_1d, Binding, Kernel};
+pub(crate) use pool::BlockPool;
 pub(crate) use pool::BufferPool as PoolHandle;
 pub use pool::PoolStats;
 
@@ -185,6 +186,7 @@ pub struct Gpu {
     precision: DType,
     max_binding_bytes: u64,
     pub(crate) pool: Arc<PoolHandle>,
+    pub(crate) blocks: Arc<BlockPool>,
     pub(crate) kernels: kernel::KernelCache,
     pub(crate) stream: Mutex<Stream>,
     errors: Arc<Mutex<ErrorSink>>,
@@ -309,6 +311,7 @@ impl Gpu {
             precision,
             max_binding_bytes,
             pool: Arc::new(PoolHandle::default()),
+            blocks: Arc::new(BlockPool::default()),
             kernels: kernel::KernelCache::default(),
             stream: Mutex::new(Stream::default()),
             errors,
@@ -370,6 +373,7 @@ impl Gpu {
     /// Returns the pool's free buffers to the driver.
     pub fn trim_pool(&self) {
         self.pool.trim();
+        self.blocks.trim();
     }
 
     /// Number of queue submissions so far: a chain of operators followed by

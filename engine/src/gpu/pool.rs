@@ -100,6 +100,48 @@ impl BufferPool {
     }
 }
 
+/// Buffers of packed matmul operands (`ops/matmul.rs`): bound as uniform
+/// buffers, so they cannot come from the tensor pool. A buffer only goes
+/// back to a request with the same byte count and layout `tag`: the op
+/// relies on what earlier users of a layout left in its padding.
+#[derive(Default)]
+pub(crate) struct BlockPool {
+    free: Mutex<HashMap<(u64, u64), Vec<wgpu::Buffer>>>,
+}
+
+impl BlockPool {
+    /// A buffer of exactly `bytes` for layout `tag`, reused or new (zeroed).
+    pub(crate) fn take(&self, device: &wgpu::Device, bytes: u64, tag: u64) -> wgpu::Buffer {
+        let reused = self
+            .free
+            .lock()
+            .expect("block pool lock poisoned")
+            .get_mut(&(bytes, tag))
+            .and_then(Vec::pop);
+        reused.unwrap_or_else(|| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("motif packed operand"),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    pub(crate) fn give_back(&self, buffer: wgpu::Buffer, tag: u64) {
+        self.free
+            .lock()
+            .expect("block pool lock poisoned")
+            .entry((buffer.size(), tag))
+            .or_default()
+            .push(buffer);
+    }
+
+    pub(crate) fn trim(&self) {
+        self.free.lock().expect("block pool lock poisoned").clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::size_class;

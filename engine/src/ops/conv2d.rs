@@ -6,6 +6,8 @@
 //! batch items, output channels, output rows and input channels (tiled), of
 //! output rows and channel blocks (packed).
 
+use std::sync::Arc;
+
 use bytemuck::{Pod, Zeroable};
 
 use super::matmul::{
@@ -465,8 +467,9 @@ const MAX_PACKED_BYTES: u64 = 1 << 26;
 const PACK_GROUP: usize = 32;
 
 /// The CPU-adapter path (see shaders/conv2d.wgsl): the weights are packed
-/// once, then per batch item and band of output rows the input taps are
-/// packed and multiplied with them by matmul's gemm_packed.
+/// (once per call, or once for good when they are a constant tensor), then
+/// per group of batch items, or per band of output rows of one item, the
+/// input taps are packed and multiplied with them by matmul's gemm_packed.
 fn run_packed(
     gpu: &Gpu,
     x: &Tensor,
@@ -484,18 +487,28 @@ fn run_packed(
         let rb = BLOCK_WORDS / row_words;
         (rows.div_ceil(rb) * k_words.div_ceil(row_words)) as u64 * BLOCK_WORDS as u64 * 4
     };
+    // The columns of one product: the output pixels of `items` whole batch
+    // items side by side while their taps fit, else of a band of output rows
+    // of one item. Small images (a UNet's inner levels, many frames) would
+    // otherwise read all the weights once per item for a few columns each.
     let mut band = d.ho.min(MAX_GROUPS / opts.stride);
-    let mut row_words = packed_row_words(1, d.cout, band * d.wo, k_words);
+    let mut items = if band == d.ho { d.n } else { 1 };
+    let mut row_words = packed_row_words(1, d.cout, items * band * d.wo, k_words);
+    while items > 1 && packed_bytes(items * band * d.wo, row_words) > limit {
+        items = items.div_ceil(2);
+        row_words = packed_row_words(1, d.cout, items * band * d.wo, k_words);
+    }
     while band > 1 && packed_bytes(band * d.wo, row_words) > limit {
         band = band.div_ceil(2);
         row_words = packed_row_words(1, d.cout, band * d.wo, k_words);
     }
+    let columns = items * band * d.wo;
     // The weights are packed one row block (of output channels) at a time.
     let weight_block_bytes = packed_bytes(BLOCK_WORDS / row_words, row_words);
-    if packed_bytes(band * d.wo, row_words).max(weight_block_bytes) > limit {
+    if packed_bytes(columns, row_words).max(weight_block_bytes) > limit {
         return Err(EngineError::BindingTooLarge {
             op: "conv2d",
-            bytes: packed_bytes(band * d.wo, row_words).max(weight_block_bytes),
+            bytes: packed_bytes(columns, row_words).max(weight_block_bytes),
             limit,
         });
     }
@@ -511,8 +524,7 @@ fn run_packed(
             ("PACKED_F16", (values_per_word(dtype) == 2) as u8 as f64),
         ],
     };
-    let weights = Packed::alloc(gpu, 1, d.cout, k_words, row_words)?;
-    let taps = Packed::alloc(gpu, 1, band * d.wo, k_words, row_words)?;
+    let taps = Packed::alloc(gpu, 1, columns, k_words, row_words)?;
     let params = |packed: &Packed| PackParams {
         cin: d.cin as u32,
         h: d.h as u32,
@@ -533,29 +545,39 @@ fn run_packed(
         dst_base: 0,
         _pad: [0; 2],
     };
-    let channel_groups = cw.div_ceil(PACK_GROUP) as u32;
-    let pack_weights = kernel("pack_weights");
-    let rb = weights.rows_per_block();
-    for co0 in (0..d.cout).step_by(rb) {
-        let first = co0 / rb * weights.k_chunks();
-        let p = PackParams {
-            row0: co0 as u32,
-            dst_base: (first * BLOCK_WORDS) as u32,
-            ..params(&weights)
-        };
-        let dst = weights.blocks(first, weights.k_chunks());
-        let groups = [
-            channel_groups,
-            (d.kh * d.kw) as u32,
-            rb.min(d.cout - co0) as u32,
-        ];
-        gpu.dispatch(
-            &pack_weights,
-            params_bytes(&p),
-            &[(2, weight.binding()), (5, dst)],
-            groups,
-        )?;
-    }
+    let pack_weights = || -> Result<Packed> {
+        let weights = Packed::alloc(gpu, 1, d.cout, k_words, row_words)?;
+        let channel_groups = cw.div_ceil(PACK_GROUP) as u32;
+        let pack_weights = kernel("pack_weights");
+        let rb = weights.rows_per_block();
+        for co0 in (0..d.cout).step_by(rb) {
+            let first = co0 / rb * weights.k_chunks();
+            let p = PackParams {
+                row0: co0 as u32,
+                dst_base: (first * BLOCK_WORDS) as u32,
+                ..params(&weights)
+            };
+            let dst = weights.blocks(first, weights.k_chunks());
+            let groups = [
+                channel_groups,
+                (d.kh * d.kw) as u32,
+                rb.min(d.cout - co0) as u32,
+            ];
+            gpu.dispatch(
+                &pack_weights,
+                params_bytes(&p),
+                &[(2, weight.binding()), (5, dst)],
+                groups,
+            )?;
+        }
+        Ok(weights)
+    };
+    let weights = if weight.is_constant() {
+        let layout = vec![d.cout, d.cin, d.kh, d.kw, row_words];
+        weight.derived(("conv2d pack_weights", layout), pack_weights)?
+    } else {
+        Arc::new(pack_weights()?)
+    };
     let epilogue = Epilogue {
         alpha: 1.0,
         bias,
@@ -570,25 +592,30 @@ fn run_packed(
     } else {
         (kernel("pack_taps"), 5, 1)
     };
-    for z in 0..d.n {
-        let (xb, x_off) = x.window(gpu, z * x_item, x_item);
+    for z0 in (0..d.n).step_by(items) {
+        let group = items.min(d.n - z0);
         for oy0 in (0..d.ho).step_by(band) {
             let rows = band.min(d.ho - oy0);
-            let p = PackParams {
-                rows: rows as u32,
-                oy0: oy0 as u32,
-                x_off,
-                ..params(&taps)
-            };
-            // The padded input the band reads: its columns and rows.
-            let groups = [
-                cw.div_ceil(PACK_GROUP * words_per_invocation) as u32,
-                ((d.wo - 1) * opts.stride + d.kw) as u32,
-                ((rows - 1) * opts.stride + d.kh) as u32,
-            ];
-            let dst = taps.blocks(0, taps.item_blocks());
-            let bindings = [(1, xb), (taps_slot, dst)];
-            gpu.dispatch(&pack_taps, params_bytes(&p), &bindings, groups)?;
+            // Item z0 + i's taps are the packed rows from i * rows * wo.
+            for i in 0..group {
+                let (xb, x_off) = x.window(gpu, (z0 + i) * x_item, x_item);
+                let p = PackParams {
+                    rows: rows as u32,
+                    oy0: oy0 as u32,
+                    x_off,
+                    row0: (i * rows * d.wo) as u32,
+                    ..params(&taps)
+                };
+                // The padded input the band reads: its columns and rows.
+                let groups = [
+                    cw.div_ceil(PACK_GROUP * words_per_invocation) as u32,
+                    ((d.wo - 1) * opts.stride + d.kw) as u32,
+                    ((rows - 1) * opts.stride + d.kh) as u32,
+                ];
+                let dst = taps.blocks(0, taps.item_blocks());
+                let bindings = [(1, xb), (taps_slot, dst)];
+                gpu.dispatch(&pack_taps, params_bytes(&p), &bindings, groups)?;
+            }
             let product = PackedProduct {
                 a: &weights,
                 b: &taps,
@@ -596,11 +623,13 @@ fn run_packed(
                 b_shared: true,
                 items: 1,
                 m: d.cout,
-                n: rows * d.wo,
+                n: group * rows * d.wo,
                 out,
-                out_base: z * d.cout * out_plane + oy0 * d.wo,
+                out_base: z0 * d.cout * out_plane + oy0 * d.wo,
                 out_item_stride: 0,
                 ldo: out_plane,
+                col_group: rows * d.wo,
+                col_group_stride: d.cout * out_plane,
             };
             gemm_packed(gpu, &product, &epilogue)?;
         }

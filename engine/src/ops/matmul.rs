@@ -3,11 +3,13 @@
 //! store. Operands larger than one storage binding are computed in windows of
 //! rows, columns and, when one row alone is too long, chunks of K.
 
+use std::sync::Arc;
+
 use bytemuck::{Pod, Zeroable};
 
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
-use crate::gpu::{Binding, Gpu, Kernel};
+use crate::gpu::{Binding, BlockPool, Gpu, Kernel};
 use crate::tensor::{fmt_shape, DType, Tensor};
 
 const SOURCE: &str = include_str!("../../../shaders/matmul.wgsl");
@@ -75,6 +77,10 @@ struct Params {
     klast4: u32,
     row0: u32,
     partial_ld: u32,
+    col0: u32,
+    col_group: u32,
+    col_group_stride: u32,
+    _pad0: u32,
 }
 
 /// The product's sizes after validation. A `b` without batch dims is shared
@@ -538,9 +544,19 @@ fn packed_plan(gpu: &Gpu, dtype: DType, d: &Dims) -> Option<usize> {
 }
 
 /// An operand packed into blocks (layout in shaders/matmul.wgsl), in a buffer
-/// of its own: pooled tensors cannot be bound as uniform buffers.
+/// of the GPU's block pool: pooled tensors cannot be bound as uniform buffers.
+///
+/// A reused buffer keeps what its last user wrote. That is safe because the
+/// pool hands a buffer back only for the same byte count, words per block
+/// row and words of K (see [`Packed::tag`]), so the K padding (words of the
+/// last chunk past K, which gemm_packed reads) lies at the same places, and
+/// every packing kernel writes there zeros or nothing: it stays as zero as
+/// the new buffer was. Rows past the matrix may hold old rows, but the
+/// outputs they feed are never stored.
 pub(crate) struct Packed {
-    buffer: wgpu::Buffer,
+    /// Taken from `pool` at allocation, returned on drop.
+    buffer: Option<wgpu::Buffer>,
+    pool: Arc<BlockPool>,
     /// Words per block row.
     kw: usize,
     /// Row blocks per item.
@@ -569,19 +585,32 @@ impl Packed {
                 limit: gpu.max_buffer_bytes(),
             });
         }
-        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("motif packed operand"),
-            size: bytes.max(BLOCK_BYTES),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
-            mapped_at_creation: false,
-        });
+        let tag = Packed::tag(kw, k_words);
+        // A dry run dispatches nothing: one block stands in for the operand.
+        let size = if gpu.is_plan() {
+            BLOCK_BYTES
+        } else {
+            bytes.max(BLOCK_BYTES)
+        };
         Ok(Packed {
-            buffer,
+            buffer: Some(gpu.blocks.take(&gpu.device, size, tag)),
+            pool: gpu.blocks.clone(),
             kw,
             n_rb,
             n_kc,
             k_words,
         })
+    }
+
+    /// The layout a reused buffer must share (see [`Packed`]).
+    fn tag(kw: usize, k_words: usize) -> u64 {
+        ((kw as u64) << 32) | k_words as u64
+    }
+
+    fn buffer(&self) -> &wgpu::Buffer {
+        self.buffer
+            .as_ref()
+            .expect("a packed operand holds its buffer until dropped")
     }
 
     pub(crate) fn rows_per_block(&self) -> usize {
@@ -601,7 +630,7 @@ impl Packed {
     /// block, then K chunk), for a packing kernel to write.
     pub(crate) fn blocks(&self, first: usize, count: usize) -> Binding<'_> {
         Binding {
-            buffer: &self.buffer,
+            buffer: self.buffer(),
             offset: first as u64 * BLOCK_BYTES,
             size: count as u64 * BLOCK_BYTES,
         }
@@ -609,6 +638,15 @@ impl Packed {
 
     fn block(&self, z: usize, rb: usize, kc: usize) -> Binding<'_> {
         self.blocks((z * self.n_rb + rb) * self.n_kc + kc, 1)
+    }
+}
+
+impl Drop for Packed {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            self.pool
+                .give_back(buffer, Packed::tag(self.kw, self.k_words));
+        }
     }
 }
 
@@ -779,10 +817,30 @@ fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
     Ok(packed)
 }
 
+/// `s` packed with `kw` words per block row: on every call, or, for a
+/// constant tensor (a weight), on the first and kept with the tensor.
+fn packed_operand(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Arc<Packed>> {
+    if !s.t.is_constant() {
+        return pack_rows(gpu, s, kw).map(Arc::new);
+    }
+    let layout = vec![
+        s.items,
+        s.rows,
+        s.k,
+        s.item_stride,
+        s.row_stride,
+        s.k_stride,
+        kw,
+    ];
+    s.t.derived(("matmul pack_rows", layout), || pack_rows(gpu, s, kw))
+}
+
 /// A product of packed operands: `a` holds the rows, `b` the columns, both
 /// packed along K with the same block shape. Item z uses a's item z (or 0
 /// when shared) and b's likewise; out[z, i, j] is at
-/// `out_base + z * out_item_stride + i * ldo + j`.
+/// `out_base + z * out_item_stride + i * ldo + (j / col_group) *
+/// col_group_stride + j % col_group` (one group of columns, `col_group` = n,
+/// but for conv2d's batch items side by side).
 pub(crate) struct PackedProduct<'a> {
     pub a: &'a Packed,
     pub b: &'a Packed,
@@ -795,6 +853,15 @@ pub(crate) struct PackedProduct<'a> {
     pub out_base: usize,
     pub out_item_stride: usize,
     pub ldo: usize,
+    pub col_group: usize,
+    pub col_group_stride: usize,
+}
+
+impl PackedProduct<'_> {
+    /// Where column `j` lies in `out`, relative to column 0.
+    fn out_column(&self, j: usize) -> usize {
+        (j / self.col_group) * self.col_group_stride + j % self.col_group
+    }
 }
 
 /// Records gemm_packed over every tile and pass of K.
@@ -816,39 +883,18 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
     let kw4 = a.kw / 4;
     let passes = a.n_kc.div_ceil(CHUNKS_PER_PASS);
     let max = Tensor::max_window_elems(gpu, dtype);
-    // Rows of a tile per dispatch: all of them unless their window of `out`
-    // (rows far apart, as conv2d's channels) is over the binding limit.
-    let group_rows = ((max.saturating_sub(rb)) / g.ldo.max(1) + 1) / PACKED_ROWS * PACKED_ROWS;
-    if group_rows == 0 {
-        return Err(EngineError::BindingTooLarge {
-            op: "matmul",
-            bytes: ((PACKED_ROWS - 1) * g.ldo + rb) as u64 * dtype.size_bytes(),
-            limit: gpu.max_binding_bytes(),
-        });
-    }
     // Two buffers for the partial sums of a tile between passes, taking turns.
-    let partials: Vec<wgpu::Buffer> = if passes > 1 {
+    // (Each pass writes what the next reads: old contents do not matter.)
+    let partials: Vec<Packed> = if passes > 1 {
         debug_assert!(
             rb * rb <= BLOCK_WORDS,
             "packed_row_words keeps such tiles small"
         );
         (0..2)
-            .map(|_| {
-                gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("motif partial sums"),
-                    size: BLOCK_BYTES,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
-                    mapped_at_creation: false,
-                })
-            })
-            .collect()
+            .map(|_| Packed::alloc(gpu, 1, 1, 1, BLOCK_WORDS))
+            .collect::<Result<_>>()?
     } else {
         Vec::new()
-    };
-    let whole = |buffer| Binding {
-        buffer,
-        offset: 0,
-        size: BLOCK_BYTES,
     };
     for z in 0..g.items {
         let za = if g.a_shared { 0 } else { z };
@@ -858,15 +904,29 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                 let cols = rb.min(g.n - j * rb);
                 let partial_ld = cols.next_multiple_of(PACKED_COLS);
                 let tile_rows = rb.min(g.m - i * rb);
+                // Rows of the tile per dispatch: all of them unless their
+                // window of `out` (rows far apart, as conv2d's channels) is
+                // over the binding limit.
+                let first_col = g.out_column(j * rb);
+                let col_span = g.out_column(j * rb + cols - 1) - first_col + 1;
+                let group_rows =
+                    (max.saturating_sub(col_span) / g.ldo.max(1) + 1) / PACKED_ROWS * PACKED_ROWS;
+                if col_span > max || group_rows == 0 {
+                    return Err(EngineError::BindingTooLarge {
+                        op: "matmul",
+                        bytes: ((PACKED_ROWS - 1) * g.ldo + col_span) as u64 * dtype.size_bytes(),
+                        limit: gpu.max_binding_bytes(),
+                    });
+                }
                 for row0 in (0..tile_rows).step_by(group_rows) {
                     let rows = group_rows.min(tile_rows - row0);
                     let (o_start, o_count) = span(
                         g.out_base + z * g.out_item_stride,
                         g.ldo,
                         i * rb + row0,
-                        j * rb,
+                        first_col,
                         rows,
-                        cols,
+                        col_span,
                     );
                     let (ob, out_off) = g.out.window(gpu, o_start, o_count);
                     let (bias0, bias_count) = if e.bias_per_row {
@@ -883,12 +943,12 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                             a.k_words.saturating_sub((first + nch - 1) * a.kw).min(a.kw);
                         // Unused partial slots get buffers the pass does not otherwise bind.
                         let partial_in = if pass > 0 {
-                            whole(&partials[(pass - 1) % 2])
+                            partials[(pass - 1) % 2].blocks(0, 1)
                         } else {
                             unused
                         };
                         let partial_out = if pass + 1 < passes {
-                            whole(&partials[pass % 2])
+                            partials[pass % 2].blocks(0, 1)
                         } else {
                             ob
                         };
@@ -916,6 +976,9 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                             klast4: last_words.div_ceil(4) as u32,
                             row0: row0 as u32,
                             partial_ld: partial_ld as u32,
+                            col0: (j * rb) as u32,
+                            col_group: g.col_group as u32,
+                            col_group_stride: g.col_group_stride as u32,
                             ..Params::default()
                         };
                         gpu.dispatch(
@@ -946,7 +1009,7 @@ fn run_packed(
     kw: usize,
 ) -> Result<()> {
     let b_items = if d.b_batched { d.batch } else { 1 };
-    let pa = pack_rows(
+    let pa = packed_operand(
         gpu,
         &Strided {
             t: a,
@@ -960,7 +1023,7 @@ fn run_packed(
         kw,
     )?;
     let (row_stride, k_stride) = if d.transpose_b { (d.k, 1) } else { (1, d.n) };
-    let pb = pack_rows(
+    let pb = packed_operand(
         gpu,
         &Strided {
             t: b,
@@ -985,6 +1048,8 @@ fn run_packed(
         out_base: 0,
         out_item_stride: d.m * d.n,
         ldo: d.n,
+        col_group: d.n,
+        col_group_stride: 0,
     };
     gemm_packed(gpu, &product, e)
 }

@@ -393,8 +393,14 @@ impl WeightSet {
     }
 
     /// Uploads a tensor in `dtype`, checked against `shape`. Stored f16 goes
-    /// up as is; other conversions happen on the CPU, once.
+    /// up as is; other conversions happen on the CPU, once. The tensor is
+    /// marked constant, so ops may keep forms of it (packed operands).
     pub fn upload(&self, gpu: &Gpu, key: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.upload_values(gpu, key, shape, dtype)
+            .map(Tensor::into_constant)
+    }
+
+    fn upload_values(&self, gpu: &Gpu, key: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         if self.lora.contains_key(key) && !gpu.is_plan() {
             // Fused on the CPU in f32, then stored in the GPU's precision.
             return Tensor::from_f32(gpu, &self.read_f32(key, shape)?, shape, dtype);
