@@ -426,7 +426,6 @@ fn load_image(path: &Path) -> Result<RgbImage> {
 
 /// Emits progress: a bar on a terminal, JSON lines, or nothing.
 struct Progress {
-    bar: Option<indicatif::ProgressBar>,
     json: bool,
     start: Instant,
 }
@@ -434,7 +433,6 @@ struct Progress {
 impl Progress {
     fn new(args: &GenerateArgs) -> Self {
         Progress {
-            bar: None,
             json: args.json,
             start: Instant::now(),
         }
@@ -451,7 +449,33 @@ impl Progress {
     }
 }
 
-pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result<()> {
+/// A generation ready to run: settings checked, stills read, model found,
+/// output format known. Nothing has touched the GPU yet.
+pub struct Prepared {
+    settings: Settings,
+    output: PathBuf,
+    image: Option<RgbImage>,
+    source: ModelSource,
+    camera_lora: Option<PathBuf>,
+}
+
+impl Prepared {
+    pub fn seed(&self) -> u64 {
+        self.settings.seed
+    }
+}
+
+/// A clip written to disk.
+pub struct Finished {
+    pub output: PathBuf,
+    pub recipe: PathBuf,
+    pub clip: motif_engine::pipeline::Generated,
+    pub fps: f32,
+}
+
+/// Every check that needs no GPU: flags over the recipe, the still, the
+/// LoRA files, the output format, the model's files.
+pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
     let recipe = args.from.as_deref().map(read_recipe).transpose()?;
     let settings = Settings::resolve(args, recipe.as_ref())?;
     let output = args
@@ -480,17 +504,36 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
         spec.loras.push((p.to_string_lossy().into_owned(), 1.0));
     }
     let source = ModelSource::open(&spec).context("opening the model")?;
+    Ok(Prepared {
+        settings,
+        output,
+        image,
+        source,
+        camera_lora,
+    })
+}
 
-    let gpu = gpu_for()?;
-    let mut progress = Progress::new(args);
-    let say = |msg: &str| {
-        if !args.quiet && !args.json {
-            eprintln!("{msg}");
-        }
-    };
+/// Loads the model, generates and writes the clip with its recipe.
+/// `say` receives status lines, `on_request` the final request just before
+/// denoising starts (it may ask for previews), `events` every engine event (returning false cancels).
+/// `Ok(None)`: cancelled, nothing written.
+pub fn generate_on(
+    gpu: &Gpu,
+    prepared: Prepared,
+    say: &dyn Fn(&str),
+    on_request: &mut dyn FnMut(&mut Request),
+    events: &mut dyn FnMut(Event) -> bool,
+) -> Result<Option<Finished>> {
+    let Prepared {
+        settings,
+        output,
+        image,
+        source,
+        camera_lora,
+    } = prepared;
     say(&format!("adapter: {} ({})", gpu.adapter(), gpu.precision()));
     say(&format!("loading {}", source.path().display()));
-    let mut pipe = AnimateDiff::load(&gpu, &source)
+    let mut pipe = AnimateDiff::load(gpu, &source)
         .with_context(|| format!("loading the model {}", source.path().display()))?;
     let defaults = pipe.defaults.clone();
     let (width, height) = settings.size(&defaults, pipe.scale_factor())?;
@@ -542,67 +585,11 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
     }
     pipe.validate(&req)?;
     let fps = settings.fps.unwrap_or(defaults.fps);
+    on_request(&mut req);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second handler cannot be installed (tests call run() once per process).
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-    }
-    say(&format!(
-        "generating {}x{}, {} frames, {} steps, guidance {}, seed {}",
-        width, height, req.frames, req.steps, req.guidance, settings.seed
-    ));
-    let show_bar = progress.show_bar(args);
-    progress.event(
-        json!({"event": "start", "seed": settings.seed, "width": width, "height": height,
-                          "frames": req.frames, "steps": req.steps}),
-    );
-    let result = {
-        let progress = &mut progress;
-        let stop = stop.clone();
-        pipe.generate(&gpu, &req, &mut |event| {
-            match event {
-                Event::Started { steps } => {
-                    if show_bar {
-                        let bar = indicatif::ProgressBar::new(steps as u64);
-                        bar.set_style(
-                            indicatif::ProgressStyle::with_template(
-                                "{msg} [{bar:30}] step {pos}/{len}  {per_sec}  ETA {eta}",
-                            )
-                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                            .progress_chars("=> "),
-                        );
-                        bar.set_message("denoising");
-                        progress.bar = Some(bar);
-                    }
-                }
-                Event::Step { index, total, timestep, .. } => {
-                    if let Some(bar) = &progress.bar {
-                        bar.set_position(index as u64 + 1);
-                    }
-                    progress.event(json!({"event": "step", "step": index + 1, "total": total, "timestep": timestep,
-                                          "elapsed_s": progress.start.elapsed().as_secs_f64()}));
-                }
-                Event::Decoded { frame, total } => {
-                    if let Some(bar) = progress.bar.take() {
-                        bar.finish_and_clear();
-                    }
-                    progress.event(json!({"event": "decoded", "frame": frame + 1, "total": total}));
-                }
-            }
-            !stop.load(Ordering::SeqCst)
-        })
-    };
-    if let Some(bar) = progress.bar.take() {
-        bar.finish_and_clear();
-    }
-    let clip = match result {
+    let clip = match pipe.generate(gpu, &req, events) {
         Ok(c) => c,
-        Err(motif_engine::EngineError::Cancelled) => {
-            eprintln!("interrupted: nothing written");
-            std::process::exit(130);
-        }
+        Err(motif_engine::EngineError::Cancelled) => return Ok(None),
         Err(e) => return Err(e).context("generating"),
     };
     let recipe = settings.recipe(&req, fps, clip.scheduler);
@@ -613,19 +600,107 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
             width: clip.width as u32,
             height: clip.height as u32,
             fps,
-            frames: clip.frames,
+            frames: clip.frames.clone(),
         },
         &recipe_text,
     )
     .with_context(|| format!("writing {}", output.display()))?;
+    Ok(Some(Finished {
+        recipe: motif_video::sidecar_path(&output),
+        output,
+        clip,
+        fps,
+    }))
+}
+
+pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result<()> {
+    let prepared = prepare(args)?;
+    let seed = prepared.seed();
+    let gpu = gpu_for()?;
+    let mut progress = Progress::new(args);
+    let say = |msg: &str| {
+        if !args.quiet && !args.json {
+            eprintln!("{msg}");
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second handler cannot be installed (tests call run() once per process).
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let show_bar = progress.show_bar(args);
+    let result = {
+        let progress = &mut progress;
+        let stop = stop.clone();
+        let mut on_request = |req: &mut Request| {
+            say(&format!(
+                "generating {}x{}, {} frames, {} steps, guidance {}, seed {}",
+                req.width, req.height, req.frames, req.steps, req.guidance, seed
+            ));
+            progress.event(json!({"event": "start", "seed": seed, "width": req.width,
+                                  "height": req.height, "frames": req.frames, "steps": req.steps}));
+        };
+        let mut bar: Option<indicatif::ProgressBar> = None;
+        let r = generate_on(&gpu, prepared, &say, &mut on_request, &mut |event| {
+            match event {
+                Event::Started { steps } => {
+                    if show_bar {
+                        let b = indicatif::ProgressBar::new(steps as u64);
+                        b.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "{msg} [{bar:30}] step {pos}/{len}  {per_sec}  ETA {eta}",
+                            )
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                            .progress_chars("=> "),
+                        );
+                        b.set_message("denoising");
+                        bar = Some(b);
+                    }
+                }
+                Event::Step {
+                    index,
+                    total,
+                    timestep,
+                    ..
+                } => {
+                    if let Some(b) = &bar {
+                        b.set_position(index as u64 + 1);
+                    }
+                    progress.event(json!({"event": "step", "step": index + 1, "total": total, "timestep": timestep,
+                                          "elapsed_s": progress.start.elapsed().as_secs_f64()}));
+                }
+                Event::Decoded { frame, total } => {
+                    if let Some(b) = bar.take() {
+                        b.finish_and_clear();
+                    }
+                    progress.event(json!({"event": "decoded", "frame": frame + 1, "total": total}));
+                }
+            }
+            !stop.load(Ordering::SeqCst)
+        });
+        if let Some(b) = bar.take() {
+            b.finish_and_clear();
+        }
+        r
+    };
+    let finished = match result? {
+        Some(f) => f,
+        None => {
+            eprintln!("interrupted: nothing written");
+            std::process::exit(130);
+        }
+    };
     let seconds = progress.start.elapsed().as_secs_f64();
-    progress.event(json!({"event": "done", "output": output.to_string_lossy(), "seed": settings.seed,
-                          "recipe": motif_video::sidecar_path(&output).to_string_lossy(), "seconds": seconds}));
+    progress.event(
+        json!({"event": "done", "output": finished.output.to_string_lossy(), "seed": seed,
+                          "recipe": finished.recipe.to_string_lossy(), "seconds": seconds}),
+    );
     if !args.json {
         if !args.quiet {
-            eprintln!("seed {} · {:.1} s", settings.seed, seconds);
+            eprintln!("seed {} · {:.1} s", seed, seconds);
         }
-        println!("{}", output.display());
+        println!("{}", finished.output.display());
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod catalog;
 mod generate;
+mod view;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Generate a clip from a prompt, or animate a still (--image), and write it as MP4, GIF, WebP or PNG frames.
     Generate(Box<generate::GenerateArgs>),
+    /// Open the viewer: controls, live preview of every frame while it denoises, playback, export, gallery.
+    View(Box<view::ViewArgs>),
     /// List the style presets for --style.
     Styles,
     /// List the models Motif finds: the bundled default, the models folder (MOTIF_MODELS) and the Hugging Face cache.
@@ -337,6 +340,11 @@ fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Generate(args) => generate::run(|| open_gpu(&cli), args),
+        Command::View(args) => match view::run(|| open_gpu(&cli), args) {
+            Ok(0) => Ok(()),
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
         Command::Styles => list_styles(),
         Command::Models => list_models(),
         Command::Info => info(&cli),

@@ -177,6 +177,7 @@ struct ErrorSink {
 
 /// An open GPU: device, queue, pool, pipelines and the pending commands.
 pub struct Gpu {
+    instance: wgpu::Instance,
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     adapter: wgpu::Adapter,
@@ -302,6 +303,7 @@ impl Gpu {
         };
 
         Ok(Gpu {
+            instance,
             device,
             queue,
             adapter: chosen,
@@ -319,6 +321,18 @@ impl Gpu {
             plan: options.plan,
             poison: options.poison,
         })
+    }
+
+    /// The wgpu instance, adapter, device and queue this context runs on, for
+    /// a window that draws on the same device (the viewer): it creates its
+    /// surface from the instance and renders with the device and queue.
+    pub fn wgpu_handles(&self) -> (wgpu::Instance, wgpu::Adapter, wgpu::Device, wgpu::Queue) {
+        (
+            self.instance.clone(),
+            self.adapter.clone(),
+            self.device.clone(),
+            self.queue.clone(),
+        )
     }
 
     pub fn adapter(&self) -> &AdapterSummary {

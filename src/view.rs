@@ -1,0 +1,242 @@
+//! `motif view`: opens the viewer with the panel set from flags (and a
+//! `--remix` recipe); generations go through the same code as
+//! `motif generate`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use motif_engine::pipeline::Event;
+use motif_engine::Gpu;
+use motif_viewer::{Controls, ModelChoice, ModelDefaults, Saved, Script};
+use serde_json::Value;
+
+use crate::catalog;
+use crate::generate::{self, GenerateArgs};
+
+#[derive(Args, Debug, Clone, Default)]
+#[command(after_help = "\
+Scripted mode (tests, documentation): --auto-generate starts at once; --screenshot saves a PNG \
+of the whole window when the run ends (or after --screenshot-at-step N), prints the clip's \
+rectangle in it as `clip_rect: X Y W H`, and exits (0 on success, 1 when the generation failed).")]
+pub struct ViewArgs {
+    /// The prompt in the panel.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    #[arg(long)]
+    pub negative: Option<String>,
+    #[arg(long, short = 'm', env = "MOTIF_MODEL")]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub style: Option<String>,
+    #[arg(long)]
+    pub camera: Option<String>,
+    #[arg(long)]
+    pub motion: Option<f32>,
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    #[arg(long)]
+    pub frames: Option<usize>,
+    #[arg(long)]
+    pub fps: Option<f32>,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// A fixed seed (locks it in the panel).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    #[arg(long)]
+    pub strength: Option<f32>,
+    /// Load every setting of this recipe (a clip's .json or a clip Motif wrote) into the panel; flags override it.
+    #[arg(long)]
+    pub remix: Option<PathBuf>,
+    /// Where clips are saved and the gallery reads [default: $XDG_DATA_HOME/motif/outputs, else ~/.local/share/motif/outputs].
+    #[arg(long, env = "MOTIF_OUTPUTS")]
+    pub outputs: Option<PathBuf>,
+    /// Start generating as soon as the window opens.
+    #[arg(long)]
+    pub auto_generate: bool,
+    /// Save a PNG of the window (when the run ends, or at --screenshot-at-step), print the clip's rectangle, exit.
+    #[arg(long)]
+    pub screenshot: Option<PathBuf>,
+    /// Take the screenshot after this step's preview (1-based), then exit.
+    #[arg(long, requires = "screenshot")]
+    pub screenshot_at_step: Option<usize>,
+    /// Press Cancel right after this step's preview (1-based).
+    #[arg(long)]
+    pub cancel_at_step: Option<usize>,
+}
+
+/// Generations for the viewer, through `motif generate`'s code.
+struct Engine;
+
+impl motif_viewer::Backend for Engine {
+    fn defaults(&self, model: &str) -> Result<ModelDefaults> {
+        model_defaults(model)
+    }
+
+    fn generate(
+        &self,
+        gpu: &Gpu,
+        c: &Controls,
+        output: &Path,
+        events: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<Option<Saved>> {
+        let args = GenerateArgs {
+            prompt: Some(c.prompt.clone()),
+            negative: Some(c.negative.clone()).filter(|n| !n.trim().is_empty()),
+            model: Some(c.model.clone()),
+            image: c.image.clone(),
+            strength: c.image.as_ref().map(|_| c.strength),
+            width: Some(c.width),
+            height: Some(c.height),
+            frames: Some(c.frames),
+            fps: Some(c.fps),
+            steps: Some(c.steps),
+            guidance: Some(c.guidance),
+            seed: Some(c.seed),
+            scheduler: c.scheduler.map(|s| s.name().to_string()),
+            motion: Some(c.motion),
+            camera: c.camera.map(|m| m.name().to_string()),
+            style: c.style.clone(),
+            output: Some(output.to_path_buf()),
+            quiet: true,
+            ..Default::default()
+        };
+        let prepared = generate::prepare(&args)?;
+        let finished = generate::generate_on(
+            gpu,
+            prepared,
+            &|_| {},
+            &mut |req| req.previews = true,
+            events,
+        )?;
+        Ok(finished.map(|f| Saved {
+            clip: f.output,
+            recipe: f.recipe,
+            width: f.clip.width,
+            height: f.clip.height,
+            fps: f.fps,
+            frames: f.clip.frames,
+        }))
+    }
+}
+
+/// A model's card defaults (`motif.json`), else AnimateDiff's published ones.
+fn model_defaults(model: &str) -> Result<ModelDefaults> {
+    let path = PathBuf::from(catalog::resolve_model_name(model));
+    let card: Option<Value> = match path.join("motif.json") {
+        p if p.is_file() => Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("{}: not valid JSON", p.display()))?,
+        ),
+        _ => None,
+    };
+    let num = |k: &str, d: f64| {
+        card.as_ref()
+            .and_then(|c| c.get("defaults"))
+            .and_then(|d| d.get(k))
+            .and_then(Value::as_f64)
+            .unwrap_or(d)
+    };
+    Ok(ModelDefaults {
+        width: num("width", 512.0) as usize,
+        height: num("height", 512.0) as usize,
+        frames: num("frames", 16.0) as usize,
+        steps: num("steps", 25.0) as usize,
+        guidance: num("guidance", 7.5) as f32,
+        fps: num("fps", 8.0) as f32,
+    })
+}
+
+fn outputs_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("XDG_DATA_HOME").filter(|s| !s.is_empty()) {
+        return PathBuf::from(p).join("motif").join("outputs");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/motif/outputs"),
+        None => PathBuf::from("motif-outputs"),
+    }
+}
+
+/// The panel from the flags over the recipe over the model's defaults.
+fn controls(args: &ViewArgs) -> Result<Controls> {
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => catalog::default_model().unwrap_or_default(),
+    };
+    let mut c = Controls::new(&model, &model_defaults(&model)?);
+    if let Some(r) = &args.remix {
+        c = motif_viewer::controls_from_recipe(r, &c)?;
+    }
+    let a = args;
+    if let Some(v) = &a.prompt {
+        c.prompt = v.clone();
+    }
+    if let Some(v) = &a.negative {
+        c.negative = v.clone();
+    }
+    if let Some(v) = &a.model {
+        c.model = v.clone();
+    }
+    if let Some(v) = &a.style {
+        catalog::style(v)?;
+        c.style = Some(v.clone());
+    }
+    if let Some(v) = &a.camera {
+        c.camera = Some(
+            v.parse()
+                .map_err(|e: String| anyhow::anyhow!("--camera: {e}"))?,
+        );
+    }
+    if let Some(v) = &a.scheduler {
+        c.scheduler = Some(v.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?);
+    }
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f { c.$f = v; } )* };
+    }
+    set!(motion, width, height, frames, fps, steps, guidance, strength);
+    if let Some(s) = a.seed {
+        c.seed = s;
+        c.seed_locked = true;
+    }
+    if let Some(i) = &a.image {
+        c.image = Some(i.clone());
+    }
+    Ok(c)
+}
+
+pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &ViewArgs) -> Result<i32> {
+    let controls = controls(args)?;
+    let styles = catalog::styles()?.into_iter().map(|s| s.name).collect();
+    let models = catalog::list_models()
+        .into_iter()
+        .map(|m| ModelChoice {
+            name: m.name,
+            path: m.path.to_string_lossy().into_owned(),
+        })
+        .collect();
+    let gpu = gpu_for()?;
+    let options = motif_viewer::Options {
+        controls,
+        styles,
+        models,
+        outputs: args.outputs.clone().unwrap_or_else(outputs_dir),
+        script: Script {
+            auto_generate: args.auto_generate,
+            screenshot: args.screenshot.clone(),
+            screenshot_at_step: args.screenshot_at_step,
+            cancel_at_step: args.cancel_at_step,
+        },
+    };
+    motif_viewer::run(gpu, Engine, options)
+}

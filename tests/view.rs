@@ -1,0 +1,311 @@
+//! `motif view` in its scripted mode, under Xvfb, on whatever adapter the
+//! engine picks (the software driver in CI): the window shows the clip it
+//! saved, the preview is live, Cancel leaves nothing, and a remix restores
+//! every setting. Generations are tiny: 64x64, 4 frames, 2 steps.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn model() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/models/default")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("motif-view-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A private X server for one test; killed on drop.
+struct Xvfb {
+    child: Child,
+    display: String,
+}
+
+impl Xvfb {
+    fn start(n: u32) -> Xvfb {
+        // Display numbers from the process id, so parallel test runs do not meet.
+        let number = 100 + (std::process::id() % 500) * 8 + n;
+        let child = Command::new("Xvfb")
+            .args([
+                &format!(":{number}"),
+                "-screen",
+                "0",
+                "1280x800x24",
+                "-nolisten",
+                "tcp",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("Xvfb runs (apt-get install xvfb; CI does)");
+        let socket = PathBuf::from(format!("/tmp/.X11-unix/X{number}"));
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "Xvfb :{number} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Xvfb {
+            child,
+            display: format!(":{number}"),
+        }
+    }
+}
+
+impl Drop for Xvfb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn view(x: &Xvfb, dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .current_dir(dir)
+        .arg("view")
+        .args(args)
+        .env("DISPLAY", &x.display)
+        .env_remove("WAYLAND_DISPLAY")
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env("WGPU_BACKEND", "vulkan")
+        .env_remove("MOTIF_MODEL")
+        .env_remove("MOTIF_PRECISION")
+        .output()
+        .expect("motif runs");
+    eprintln!(
+        "motif view {args:?}\n--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// 64x64, 4 frames, 2 steps, a fixed seed, clips into `outputs`.
+fn tiny<'a>(model: &'a str, outputs: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "--prompt",
+        "a red ball bouncing on green grass",
+        "--model",
+        model,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--frames",
+        "4",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+        "--outputs",
+        outputs,
+        "--auto-generate",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+fn line<'a>(out: &'a Output, key: &str) -> Option<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+}
+
+fn clip_rect(out: &Output) -> (u32, u32, u32, u32) {
+    let v: Vec<u32> = line(out, "clip_rect:")
+        .expect("the clip's rectangle is printed")
+        .split_whitespace()
+        .map(|n| n.parse::<f32>().unwrap() as u32)
+        .collect();
+    (v[0], v[1], v[2], v[3])
+}
+
+fn crop(png: &Path, (x, y, w, h): (u32, u32, u32, u32)) -> image::RgbImage {
+    let img = image::open(png).unwrap().to_rgb8();
+    assert!(x + w <= img.width() && y + h <= img.height());
+    image::imageops::crop_imm(&img, x, y, w, h).to_image()
+}
+
+/// The last frame of an MP4, decoded by ffmpeg.
+fn last_frame(mp4: &Path, w: u32, h: u32) -> image::RgbImage {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(mp4)
+        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .expect("ffmpeg runs (install ffmpeg; CI does)");
+    assert!(out.status.success());
+    let n = (w * h * 3) as usize;
+    assert!(out.stdout.len() >= n && out.stdout.len() % n == 0);
+    image::RgbImage::from_raw(w, h, out.stdout[out.stdout.len() - n..].to_vec()).unwrap()
+}
+
+/// Normalised cross-correlation of two same-size images (all channels).
+fn ncc(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    let (a, b): (Vec<f64>, Vec<f64>) = (
+        a.as_raw().iter().map(|&v| v as f64).collect(),
+        b.as_raw().iter().map(|&v| v as f64).collect(),
+    );
+    assert_eq!(a.len(), b.len());
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (ma, mb) = (mean(&a), mean(&b));
+    let (mut num, mut da, mut db) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(&b) {
+        num += (x - ma) * (y - mb);
+        da += (x - ma) * (x - ma);
+        db += (y - mb) * (y - mb);
+    }
+    num / (da.sqrt() * db.sqrt()).max(1e-9)
+}
+
+fn clips_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|e| {
+            e.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "mp4"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_window_shows_the_saved_clip_and_the_preview_is_live() {
+    let x = Xvfb::start(0);
+    let dir = scratch("final");
+    let (m, outputs) = (model(), dir.join("out").to_string_lossy().into_owned());
+
+    // At the end of the run: the saved clip's last frame fills the clip rectangle.
+    let out = view(
+        &x,
+        &dir,
+        &tiny(&m, &outputs, &["--screenshot", "final.png"]),
+    );
+    assert!(out.status.success());
+    let clip = PathBuf::from(line(&out, "clip:").expect("the clip's path is printed"));
+    assert!(clip.is_file() && clip.starts_with(&outputs));
+    let rect = clip_rect(&out);
+    assert!(rect.2 >= 64 && rect.3 >= 64, "clip drawn at {rect:?}");
+    let shown = crop(&dir.join("final.png"), rect);
+    let frame = image::imageops::resize(
+        &last_frame(&clip, 64, 64),
+        rect.2,
+        rect.3,
+        image::imageops::FilterType::Triangle,
+    );
+    let score = ncc(&shown, &frame);
+    assert!(
+        score >= 0.9,
+        "NCC {score:.3} between the window and the clip"
+    );
+
+    // After step 1 of 2: the same rectangle shows the forming clip, not the final one.
+    let out = view(
+        &x,
+        &dir,
+        &tiny(
+            &m,
+            &outputs,
+            &["--screenshot", "early.png", "--screenshot-at-step", "1"],
+        ),
+    );
+    assert!(out.status.success());
+    assert_eq!(clip_rect(&out), rect);
+    let early = crop(&dir.join("early.png"), rect);
+    let diff: f64 = early
+        .as_raw()
+        .iter()
+        .zip(shown.as_raw())
+        .map(|(&a, &b)| (a as f64 - b as f64).abs())
+        .sum::<f64>()
+        / early.as_raw().len() as f64;
+    assert!(
+        diff > 4.0,
+        "the step-1 preview equals the final frame (mean difference {diff:.2})"
+    );
+    // The screenshot run stopped there: still only the first clip.
+    assert_eq!(clips_in(Path::new(&outputs)).len(), 1);
+}
+
+#[test]
+fn cancel_stops_the_run_and_saves_nothing() {
+    let x = Xvfb::start(1);
+    let dir = scratch("cancel");
+    let (m, outputs) = (model(), dir.join("out").to_string_lossy().into_owned());
+    let out = view(
+        &x,
+        &dir,
+        &tiny(
+            &m,
+            &outputs,
+            &["--cancel-at-step", "1", "--screenshot", "c.png"],
+        ),
+    );
+    assert!(out.status.success());
+    assert_eq!(line(&out, "cancelled after step").as_deref(), Some("1"));
+    assert!(dir.join("c.png").is_file());
+    assert!(clips_in(Path::new(&outputs)).is_empty());
+    let leftovers: Vec<_> = std::fs::read_dir(&outputs)
+        .map(|e| e.filter_map(|e| e.ok()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "left {leftovers:?}");
+}
+
+#[test]
+fn remix_restores_every_setting_of_a_recipe() {
+    let x = Xvfb::start(2);
+    let dir = scratch("remix");
+    let outputs = dir.join("out").to_string_lossy().into_owned();
+    image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 90])
+    })
+    .save(dir.join("still.png"))
+    .unwrap();
+    let recipe = serde_json::json!({
+        "format": "motif-recipe-v1",
+        "prompt": "a blue cube on a wooden table",
+        "negative": "blurry",
+        "style": "anime",
+        "model": model(),
+        "image": dir.join("still.png").to_string_lossy(),
+        "strength": 0.5,
+        "width": 48,
+        "height": 32,
+        "frames": 3,
+        "fps": 12.0,
+        "steps": 2,
+        "guidance": 3.5,
+        "seed": 4242,
+        "scheduler": "euler",
+        "motion": 3.0,
+        "camera": "pan-left",
+    });
+    std::fs::write(dir.join("r.json"), recipe.to_string()).unwrap();
+    let out = view(
+        &x,
+        &dir,
+        &[
+            "--remix",
+            "r.json",
+            "--outputs",
+            &outputs,
+            "--auto-generate",
+            "--screenshot",
+            "r.png",
+        ],
+    );
+    assert!(out.status.success());
+    let written = PathBuf::from(line(&out, "recipe:").expect("the recipe's path is printed"));
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(written).unwrap()).unwrap();
+    for (key, want) in recipe.as_object().unwrap() {
+        assert_eq!(&got[key], want, "recipe field `{key}`");
+    }
+}

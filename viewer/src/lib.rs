@@ -1,0 +1,159 @@
+//! `motif view`: Motif's window. A controls panel, the clip forming live
+//! (every frame's x0 preview after every step), playback and export after a
+//! run, and a gallery of past clips. winit + egui + egui-wgpu, drawn on the
+//! engine's own wgpu device; generation runs on a worker thread that owns
+//! the engine's [`Gpu`], so the window keeps drawing while it works.
+//!
+//! The viewer holds no model logic: a [`Backend`] (the CLI) turns the panel's
+//! [`Controls`] into a generation and writes the clip, exactly as
+//! `motif generate` does.
+
+mod app;
+mod recipe;
+mod ui;
+mod worker;
+
+use std::path::{Path, PathBuf};
+
+use motif_engine::pipeline::{Camera, Event};
+use motif_engine::schedulers::SchedulerKind;
+use motif_engine::Gpu;
+
+pub use recipe::controls_from_recipe;
+
+/// Everything the panel sets: one generation's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Controls {
+    pub prompt: String,
+    /// Empty: the style's negative, else the model's.
+    pub negative: String,
+    pub style: Option<String>,
+    pub camera: Option<Camera>,
+    /// 0 (nearly still) ..= 4 (strong).
+    pub motion: f32,
+    pub width: usize,
+    pub height: usize,
+    pub seed: u64,
+    /// Unlocked: every Generate draws a new seed.
+    pub seed_locked: bool,
+    pub steps: usize,
+    pub guidance: f32,
+    pub frames: usize,
+    pub fps: f32,
+    /// `None`: the model's scheduler config.
+    pub scheduler: Option<SchedulerKind>,
+    /// A name from the model list or a path.
+    pub model: String,
+    /// A still to animate, and how far the other frames may move from it.
+    pub image: Option<PathBuf>,
+    pub strength: f32,
+}
+
+/// The size, length and sampling a model proposes (its card, else
+/// AnimateDiff's published defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelDefaults {
+    pub width: usize,
+    pub height: usize,
+    pub frames: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub fps: f32,
+}
+
+impl Controls {
+    /// A fresh panel for `model` at its defaults.
+    pub fn new(model: &str, d: &ModelDefaults) -> Self {
+        Controls {
+            prompt: String::new(),
+            negative: String::new(),
+            style: None,
+            camera: None,
+            motion: 2.0,
+            width: d.width,
+            height: d.height,
+            seed: 0,
+            seed_locked: false,
+            steps: d.steps,
+            guidance: d.guidance,
+            frames: d.frames,
+            fps: d.fps,
+            scheduler: None,
+            model: model.to_string(),
+            image: None,
+            strength: 0.8,
+        }
+    }
+}
+
+/// A clip the backend wrote.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub clip: PathBuf,
+    pub recipe: PathBuf,
+    pub width: usize,
+    pub height: usize,
+    pub fps: f32,
+    /// RGB8 frames, as written.
+    pub frames: Vec<Vec<u8>>,
+}
+
+/// What the viewer needs from the program around it.
+pub trait Backend: Send + Sync + 'static {
+    /// The defaults the panel shows for `model`.
+    fn defaults(&self, model: &str) -> anyhow::Result<ModelDefaults>;
+    /// Runs one generation on `gpu` (with x0 previews on every step event)
+    /// and writes the clip to `output` with its recipe. `events` returns
+    /// false to cancel. `Ok(None)`: cancelled, nothing written.
+    fn generate(
+        &self,
+        gpu: &Gpu,
+        controls: &Controls,
+        output: &Path,
+        events: &mut dyn FnMut(Event) -> bool,
+    ) -> anyhow::Result<Option<Saved>>;
+}
+
+/// A model the picker offers.
+#[derive(Debug, Clone)]
+pub struct ModelChoice {
+    pub name: String,
+    pub path: String,
+}
+
+/// The scripted mode, for tests and documentation screenshots.
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    /// Start generating as soon as the window is up.
+    pub auto_generate: bool,
+    /// Save a PNG of the whole window here (at `screenshot_at_step`, else
+    /// when the run ends), print where the clip is drawn, and exit.
+    pub screenshot: Option<PathBuf>,
+    /// 1-based step after whose preview the screenshot is taken.
+    pub screenshot_at_step: Option<usize>,
+    /// Press Cancel right after this (1-based) step's preview.
+    pub cancel_at_step: Option<usize>,
+}
+
+impl Script {
+    fn active(&self) -> bool {
+        self.auto_generate || self.screenshot.is_some()
+    }
+}
+
+pub struct Options {
+    /// The panel's starting settings.
+    pub controls: Controls,
+    pub styles: Vec<String>,
+    pub models: Vec<ModelChoice>,
+    /// Where clips are written and the gallery reads from.
+    pub outputs: PathBuf,
+    pub script: Script,
+}
+
+/// Opens the window and runs until it closes (or, scripted, until the
+/// script is done). Returns the process exit code: 0, or 1 when a scripted
+/// run failed.
+pub fn run(gpu: Gpu, backend: impl Backend, options: Options) -> anyhow::Result<i32> {
+    app::run(gpu, Box::new(backend), options)
+}

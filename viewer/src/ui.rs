@@ -1,0 +1,1066 @@
+//! What the window shows and does: the controls panel, the clip view (the
+//! x0 previews while denoising, then the decoded clip looping), the frame
+//! grid, progress, export and the gallery strip. No winit or wgpu here.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+
+use egui::{Color32, ColorImage, Rect, TextureHandle, TextureOptions, Vec2};
+use motif_engine::pipeline::Camera;
+use motif_engine::schedulers::SchedulerKind;
+
+use crate::worker::{Job, Update, Worker};
+use crate::{Backend, Controls, ModelChoice, ModelDefaults, Options, Saved, Script};
+
+/// The aspect buttons: width:height.
+const ASPECTS: [(usize, usize); 4] = [(16, 9), (9, 16), (1, 1), (4, 5)];
+
+/// Frames on screen: previews (latent size) or the decoded clip.
+struct Frames {
+    textures: Vec<TextureHandle>,
+    width: usize,
+    height: usize,
+}
+
+impl Frames {
+    fn upload(ctx: &egui::Context, name: &str, w: usize, h: usize, rgb: &[Vec<u8>]) -> Self {
+        let textures = rgb
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                ctx.load_texture(
+                    format!("{name}-{i}"),
+                    ColorImage::from_rgb([w, h], f),
+                    TextureOptions::LINEAR,
+                )
+            })
+            .collect();
+        Frames {
+            textures,
+            width: w,
+            height: h,
+        }
+    }
+
+    /// Replaces the pictures in place (same count and size), else re-creates them.
+    fn update(&mut self, ctx: &egui::Context, name: &str, w: usize, h: usize, rgb: &[Vec<u8>]) {
+        if self.textures.len() != rgb.len() || (self.width, self.height) != (w, h) {
+            *self = Frames::upload(ctx, name, w, h, rgb);
+            return;
+        }
+        for (t, f) in self.textures.iter_mut().zip(rgb) {
+            t.set(ColorImage::from_rgb([w, h], f), TextureOptions::LINEAR);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Loading,
+    Denoising,
+    Decoding,
+}
+
+struct Run {
+    cancel: Arc<AtomicBool>,
+    resume: Option<Sender<()>>,
+    phase: Phase,
+    step: usize,
+    total: usize,
+    decoded: usize,
+    frames: usize,
+    started: Instant,
+    denoise_start: Option<Instant>,
+    last_step_at: Option<Instant>,
+    cancelling: bool,
+}
+
+struct Playback {
+    playing: bool,
+    frame: usize,
+    fps: f32,
+    /// When frame 0 was (or would have been) shown, for looping by the clock.
+    t0: f64,
+}
+
+/// A past clip in the outputs folder.
+struct GalleryItem {
+    recipe: PathBuf,
+    clip: PathBuf,
+    prompt: String,
+    /// All frames stacked vertically (written by the viewer beside its clips).
+    sheet: Option<PathBuf>,
+    thumb: Option<TextureHandle>,
+}
+
+enum Message {
+    Info(String),
+    Error(String),
+}
+
+pub struct Viewer {
+    pub controls: Controls,
+    defaults: ModelDefaults,
+    styles: Vec<String>,
+    models: Vec<ModelChoice>,
+    outputs: PathBuf,
+    script: Script,
+    backend: Arc<dyn Backend>,
+    worker: Worker,
+    updates: Receiver<Update>,
+    run: Option<Run>,
+    frames: Option<Frames>,
+    playback: Playback,
+    /// The last clip written or replayed, for export.
+    current: Option<Saved>,
+    message: Option<Message>,
+    gallery: Vec<GalleryItem>,
+    /// Where the clip view was drawn in the last frame, in points.
+    pub clip_rect: Option<Rect>,
+    /// A screenshot to take of the frame being drawn.
+    pub want_screenshot: bool,
+    screenshot_taken: bool,
+    /// Resume the paused worker once the screenshot is saved.
+    resume_after_screenshot: bool,
+    /// Cancel the run once the screenshot is saved (a step screenshot ends it).
+    stop_after_screenshot: bool,
+    /// Exit with this code (after any pending screenshot).
+    pub exit: Option<i32>,
+    started_script: bool,
+}
+
+fn round8(v: f64) -> usize {
+    ((v / 8.0).round() as usize).max(1) * 8
+}
+
+impl Viewer {
+    pub fn new(
+        options: Options,
+        backend: Arc<dyn Backend>,
+        worker: Worker,
+        updates: Receiver<Update>,
+    ) -> Self {
+        let defaults = backend
+            .defaults(&options.controls.model)
+            .unwrap_or(ModelDefaults {
+                width: options.controls.width,
+                height: options.controls.height,
+                frames: options.controls.frames,
+                steps: options.controls.steps,
+                guidance: options.controls.guidance,
+                fps: options.controls.fps,
+            });
+        let mut v = Viewer {
+            playback: Playback {
+                playing: false,
+                frame: 0,
+                fps: options.controls.fps,
+                t0: 0.0,
+            },
+            controls: options.controls,
+            defaults,
+            styles: options.styles,
+            models: options.models,
+            outputs: options.outputs,
+            script: options.script,
+            backend,
+            worker,
+            updates,
+            run: None,
+            frames: None,
+            current: None,
+            message: None,
+            gallery: Vec::new(),
+            clip_rect: None,
+            want_screenshot: false,
+            screenshot_taken: false,
+            resume_after_screenshot: false,
+            stop_after_screenshot: false,
+            exit: None,
+            started_script: false,
+        };
+        v.scan_gallery();
+        v
+    }
+
+    pub fn script(&self) -> &Script {
+        &self.script
+    }
+
+    /// One frame of the UI.
+    pub fn show(&mut self, ui: &mut egui::Ui) {
+        let ctx = ui.ctx().clone();
+        self.take_updates(&ctx);
+        self.take_dropped_files(&ctx);
+        if self.script.active() && !self.started_script {
+            self.started_script = true;
+            if self.script.auto_generate {
+                self.generate();
+            } else {
+                self.want_screenshot = true;
+                self.exit = Some(0);
+            }
+        }
+
+        egui::Panel::left("controls")
+            .resizable(false)
+            .exact_size(300.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| self.controls_panel(ui));
+            });
+        egui::Panel::bottom("gallery")
+            .exact_size(110.0)
+            .show(ui, |ui| self.gallery_strip(ui));
+        egui::CentralPanel::default_margins().show(ui, |ui| self.clip_panel(ui));
+
+        if self.playback.playing {
+            ui.ctx()
+                .request_repaint_after(std::time::Duration::from_secs_f32(
+                    0.5 / self.playback.fps.max(1.0),
+                ));
+        }
+    }
+
+    fn take_updates(&mut self, ctx: &egui::Context) {
+        while let Ok(update) = self.updates.try_recv() {
+            let Some(run) = self.run.as_mut() else {
+                continue;
+            };
+            match update {
+                Update::Started { steps, at } => {
+                    run.phase = Phase::Denoising;
+                    run.total = steps;
+                    run.denoise_start = Some(at);
+                }
+                Update::Step {
+                    step,
+                    total,
+                    preview,
+                    at,
+                } => {
+                    run.step = step;
+                    run.total = total;
+                    run.last_step_at = Some(at);
+                    if let Some(p) = preview {
+                        match self.frames.as_mut() {
+                            Some(f) => f.update(ctx, "preview", p.width, p.height, &p.frames),
+                            None => {
+                                self.frames = Some(Frames::upload(
+                                    ctx, "preview", p.width, p.height, &p.frames,
+                                ))
+                            }
+                        }
+                        if self.script.active() {
+                            // Scripted screenshots show a fixed frame: the last.
+                            self.playback.frame = p.frames.len().saturating_sub(1);
+                        }
+                    }
+                    self.on_step(step);
+                    // Stop here, and no later: the remaining updates are for after the screenshot.
+                    if self.want_screenshot {
+                        return;
+                    }
+                }
+                Update::Decoded { frame, total } => {
+                    run.phase = Phase::Decoding;
+                    run.decoded = frame + 1;
+                    run.frames = total;
+                }
+                Update::Finished(saved) => {
+                    self.run = None;
+                    self.finished(ctx, saved);
+                }
+                Update::Cancelled { after_step } => {
+                    self.run = None;
+                    self.message = Some(Message::Info(format!(
+                        "cancelled after step {after_step}: nothing saved"
+                    )));
+                    if self.script.active() {
+                        println!("cancelled after step {after_step}");
+                        self.script_done(0);
+                    }
+                }
+                Update::Failed(e) => {
+                    self.run = None;
+                    self.message = Some(Message::Error(e.clone()));
+                    if self.script.active() {
+                        eprintln!("error: {e}");
+                        self.script_done(1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Scripted actions at a step (the worker waits until resumed).
+    fn on_step(&mut self, step: usize) {
+        let pause = self.pause_step();
+        if pause != Some(step) {
+            return;
+        }
+        if self.script.cancel_at_step == Some(step) {
+            self.cancel();
+        }
+        if self.script.screenshot_at_step == Some(step) && self.script.screenshot.is_some() {
+            self.want_screenshot = true;
+            self.resume_after_screenshot = true;
+            if self.script.cancel_at_step != Some(step) {
+                // The screenshot was the point of this run: stop it and exit.
+                self.stop_after_screenshot = true;
+                self.exit = Some(0);
+            }
+        } else {
+            self.resume();
+        }
+    }
+
+    fn pause_step(&self) -> Option<usize> {
+        let shot = self
+            .script
+            .screenshot_at_step
+            .filter(|_| self.script.screenshot.is_some());
+        match (shot, self.script.cancel_at_step) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(run) = &mut self.run {
+            if let Some(tx) = run.resume.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Scripted: take the final screenshot (if asked and not taken), then exit.
+    fn script_done(&mut self, code: i32) {
+        if self.script.screenshot.is_some() && !self.screenshot_taken {
+            self.want_screenshot = true;
+        }
+        self.exit = Some(code);
+    }
+
+    /// Called by the window once the screenshot of this frame is saved.
+    pub fn screenshot_saved(&mut self) {
+        self.screenshot_taken = true;
+        self.want_screenshot = false;
+        if self.stop_after_screenshot {
+            self.cancel();
+        }
+        if self.resume_after_screenshot {
+            self.resume_after_screenshot = false;
+            self.resume();
+        }
+    }
+
+    fn finished(&mut self, ctx: &egui::Context, saved: Saved) {
+        self.frames = Some(Frames::upload(
+            ctx,
+            "clip",
+            saved.width,
+            saved.height,
+            &saved.frames,
+        ));
+        self.playback = Playback {
+            playing: !self.script.active(),
+            frame: saved.frames.len().saturating_sub(1),
+            fps: saved.fps,
+            t0: ctx.input(|i| i.time),
+        };
+        if let Err(e) = write_sheet(&saved) {
+            self.message = Some(Message::Error(format!("writing the gallery sheet: {e:#}")));
+        } else {
+            self.message = Some(Message::Info(format!("saved {}", saved.clip.display())));
+        }
+        if self.script.active() {
+            println!("clip: {}", saved.clip.display());
+            println!("recipe: {}", saved.recipe.display());
+        }
+        self.current = Some(saved);
+        self.scan_gallery();
+        if self.script.active() {
+            self.script_done(0);
+        }
+    }
+
+    fn generate(&mut self) {
+        if self.run.is_some() {
+            return;
+        }
+        if self.controls.prompt.trim().is_empty() {
+            self.message = Some(Message::Error("type a prompt first".into()));
+            if self.script.active() {
+                eprintln!("error: no prompt");
+                self.script_done(1);
+            }
+            return;
+        }
+        if !self.controls.seed_locked {
+            self.controls.seed = rand::random::<u32>() as u64;
+        }
+        if let Err(e) = std::fs::create_dir_all(&self.outputs) {
+            self.message = Some(Message::Error(format!(
+                "cannot create the outputs folder {}: {e}",
+                self.outputs.display()
+            )));
+            return;
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let output = self
+            .outputs
+            .join(format!("motif-{stamp}-{}.mp4", self.controls.seed));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (resume_tx, resume_rx) = channel();
+        let pause = self.pause_step();
+        let job = Job {
+            controls: self.controls.clone(),
+            output,
+            cancel: cancel.clone(),
+            pause_after_step: pause,
+            resume: pause.map(|_| resume_rx),
+        };
+        if !self.worker.submit(job) {
+            self.message = Some(Message::Error("the generation thread has stopped".into()));
+            return;
+        }
+        self.message = None;
+        self.run = Some(Run {
+            cancel,
+            resume: pause.map(|_| resume_tx),
+            phase: Phase::Loading,
+            step: 0,
+            total: self.controls.steps,
+            decoded: 0,
+            frames: self.controls.frames,
+            started: Instant::now(),
+            denoise_start: None,
+            last_step_at: None,
+            cancelling: false,
+        });
+    }
+
+    fn cancel(&mut self) {
+        if let Some(run) = &mut self.run {
+            run.cancel.store(true, Ordering::SeqCst);
+            run.cancelling = true;
+        }
+    }
+
+    fn take_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<PathBuf> = ctx.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        });
+        for path in dropped {
+            self.set_image(path);
+        }
+    }
+
+    fn set_image(&mut self, path: PathBuf) {
+        match image::ImageReader::open(&path).and_then(|r| r.with_guessed_format()) {
+            Ok(r) if r.format().is_some() => {
+                self.message = Some(Message::Info(format!("image: {}", path.display())));
+                self.controls.image = Some(path);
+            }
+            _ => {
+                self.message = Some(Message::Error(format!(
+                    "{} is not an image (PNG, JPEG or WebP expected)",
+                    path.display()
+                )))
+            }
+        }
+    }
+
+    fn set_model(&mut self, model: String) {
+        match self.backend.defaults(&model) {
+            Ok(d) => {
+                self.defaults = d;
+                let c = &mut self.controls;
+                (c.width, c.height, c.frames, c.steps, c.guidance, c.fps) =
+                    (d.width, d.height, d.frames, d.steps, d.guidance, d.fps);
+            }
+            Err(e) => self.message = Some(Message::Error(format!("{e:#}"))),
+        }
+        self.controls.model = model;
+    }
+
+    fn controls_panel(&mut self, ui: &mut egui::Ui) {
+        let busy = self.run.is_some();
+        ui.heading("Motif");
+        ui.label("Prompt");
+        ui.add(
+            egui::TextEdit::multiline(&mut self.controls.prompt)
+                .desired_rows(3)
+                .desired_width(f32::INFINITY)
+                .hint_text("a red ball bouncing on grass"),
+        );
+        ui.label("Negative prompt");
+        ui.add(
+            egui::TextEdit::singleline(&mut self.controls.negative)
+                .desired_width(f32::INFINITY)
+                .hint_text("(the style's)"),
+        );
+        let c = &mut self.controls;
+        egui::Grid::new("picks").num_columns(2).show(ui, |ui| {
+            ui.label("Style");
+            egui::ComboBox::from_id_salt("style")
+                .selected_text(c.style.as_deref().unwrap_or("none"))
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut c.style, None, "none");
+                    for s in &self.styles {
+                        ui.selectable_value(&mut c.style, Some(s.clone()), s);
+                    }
+                });
+            ui.end_row();
+            ui.label("Camera");
+            egui::ComboBox::from_id_salt("camera")
+                .selected_text(c.camera.map_or("none", |m| m.name()))
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut c.camera, None, "none");
+                    for m in Camera::ALL {
+                        ui.selectable_value(&mut c.camera, Some(m), m.name());
+                    }
+                });
+            ui.end_row();
+            ui.label("Motion");
+            ui.add(egui::Slider::new(&mut c.motion, 0.0..=4.0).step_by(0.25));
+            ui.end_row();
+        });
+        ui.separator();
+        ui.horizontal(|ui| {
+            ui.label("Aspect");
+            let area = (self.defaults.width * self.defaults.height) as f64;
+            for (a, b) in ASPECTS {
+                let w = round8((area * a as f64 / b as f64).sqrt());
+                let h = round8(w as f64 * b as f64 / a as f64);
+                if ui
+                    .selectable_label((c.width, c.height) == (w, h), format!("{a}:{b}"))
+                    .clicked()
+                {
+                    (c.width, c.height) = (w, h);
+                }
+            }
+        });
+        egui::Grid::new("numbers").num_columns(2).show(ui, |ui| {
+            ui.label("Size");
+            ui.horizontal(|ui| {
+                ui.add(egui::DragValue::new(&mut c.width).range(8..=2048).speed(8));
+                ui.label("×");
+                ui.add(egui::DragValue::new(&mut c.height).range(8..=2048).speed(8));
+            });
+            // The VAE works in blocks of 8 pixels.
+            c.width = round8(c.width as f64);
+            c.height = round8(c.height as f64);
+            ui.end_row();
+            ui.label("Seed");
+            ui.horizontal(|ui| {
+                ui.add(egui::DragValue::new(&mut c.seed));
+                ui.checkbox(&mut c.seed_locked, "lock")
+                    .on_hover_text("unlocked: every Generate draws a new seed");
+                if ui.button("re-roll").clicked() {
+                    c.seed = rand::random::<u32>() as u64;
+                    c.seed_locked = true;
+                }
+            });
+            ui.end_row();
+            ui.label("Steps");
+            ui.add(egui::DragValue::new(&mut c.steps).range(1..=150));
+            ui.end_row();
+            ui.label("Guidance");
+            ui.add(
+                egui::DragValue::new(&mut c.guidance)
+                    .range(0.0..=30.0)
+                    .speed(0.1),
+            );
+            ui.end_row();
+            ui.label("Frames");
+            ui.add(egui::DragValue::new(&mut c.frames).range(1..=128));
+            ui.end_row();
+            ui.label("FPS");
+            ui.add(
+                egui::DragValue::new(&mut c.fps)
+                    .range(1.0..=60.0)
+                    .speed(0.5),
+            );
+            ui.end_row();
+            ui.label("Scheduler");
+            egui::ComboBox::from_id_salt("scheduler")
+                .selected_text(c.scheduler.map_or("model's", |s| s.name()))
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut c.scheduler, None, "model's");
+                    for s in SchedulerKind::ALL {
+                        ui.selectable_value(&mut c.scheduler, Some(s), s.name());
+                    }
+                });
+            ui.end_row();
+        });
+        ui.separator();
+        let mut new_model = None;
+        ui.horizontal(|ui| {
+            ui.label("Model");
+            let current = self
+                .models
+                .iter()
+                .find(|m| m.path == self.controls.model || m.name == self.controls.model)
+                .map_or(self.controls.model.clone(), |m| m.name.clone());
+            egui::ComboBox::from_id_salt("model")
+                .selected_text(current)
+                .width(200.0)
+                .show_ui(ui, |ui| {
+                    for m in &self.models {
+                        if ui
+                            .selectable_label(m.path == self.controls.model, &m.name)
+                            .on_hover_text(&m.path)
+                            .clicked()
+                        {
+                            new_model = Some(m.path.clone());
+                        }
+                    }
+                });
+        });
+        if let Some(m) = new_model {
+            self.set_model(m);
+        }
+        ui.label("Image to animate (drop a file on the window)");
+        let mut image_text = self
+            .controls
+            .image
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        ui.horizontal(|ui| {
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut image_text)
+                    .desired_width(220.0)
+                    .hint_text("none"),
+            );
+            if edit.lost_focus() && !image_text.trim().is_empty() {
+                self.set_image(PathBuf::from(image_text.trim()));
+            }
+            if self.controls.image.is_some() && ui.button("clear").clicked() {
+                self.controls.image = None;
+            }
+        });
+        if self.controls.image.is_some() {
+            ui.add(egui::Slider::new(&mut self.controls.strength, 0.05..=1.0).text("strength"));
+        }
+        ui.separator();
+        ui.horizontal(|ui| {
+            let generate = ui.add_enabled(!busy, egui::Button::new("Generate"));
+            if generate.clicked() {
+                self.generate();
+            }
+            let cancelling = self.run.as_ref().is_some_and(|r| r.cancelling);
+            if ui
+                .add_enabled(busy && !cancelling, egui::Button::new("Cancel"))
+                .clicked()
+            {
+                self.cancel();
+            }
+        });
+        match &self.message {
+            Some(Message::Info(m)) => {
+                ui.label(m);
+            }
+            Some(Message::Error(m)) => {
+                ui.colored_label(Color32::from_rgb(255, 110, 100), m);
+            }
+            None => {}
+        }
+    }
+
+    /// The progress row; always there, so the clip view does not move.
+    fn progress(&self, ui: &mut egui::Ui) {
+        let Some(run) = &self.run else {
+            let text = match &self.current {
+                Some(c) => {
+                    format!("done · seed {}", self.controls.seed)
+                        + &format!(" · {} frames of {}x{}", c.frames.len(), c.width, c.height)
+                }
+                None => "ready".to_string(),
+            };
+            ui.add(
+                egui::ProgressBar::new(if self.current.is_some() { 1.0 } else { 0.0 }).text(text),
+            );
+            return;
+        };
+        let (fraction, text) = match run.phase {
+            Phase::Loading => (
+                0.0,
+                format!(
+                    "loading the model… {:.1} s",
+                    run.started.elapsed().as_secs_f32()
+                ),
+            ),
+            Phase::Denoising => {
+                let mut text = format!("step {}/{}", run.step, run.total);
+                if let (Some(t0), Some(t1)) = (run.denoise_start, run.last_step_at) {
+                    let secs = (t1 - t0).as_secs_f64();
+                    if run.step > 0 && secs > 0.0 {
+                        let rate = run.step as f64 / secs;
+                        let eta = (run.total - run.step) as f64 / rate;
+                        text += &format!("  {rate:.2} it/s  ETA {eta:.0} s");
+                    }
+                }
+                (run.step as f32 / run.total.max(1) as f32, text)
+            }
+            Phase::Decoding => (
+                1.0,
+                format!("decoding frame {}/{}", run.decoded, run.frames),
+            ),
+        };
+        let text = if run.cancelling {
+            format!("{text}  (cancelling…)")
+        } else {
+            text
+        };
+        ui.add(egui::ProgressBar::new(fraction).text(text));
+        // While working, keep the clocks moving even without updates.
+        ui.ctx()
+            .request_repaint_after(std::time::Duration::from_millis(250));
+    }
+
+    fn clip_panel(&mut self, ui: &mut egui::Ui) {
+        self.progress(ui);
+        self.clip_rect = None;
+        let Some(frames) = &self.frames else {
+            ui.centered_and_justified(|ui| {
+                ui.label("Type a prompt and press Generate: every frame shows here as it forms.");
+            });
+            return;
+        };
+        let n = frames.textures.len();
+        if self.playback.playing && n > 0 {
+            let t = ui.input(|i| i.time) - self.playback.t0;
+            self.playback.frame = ((t * self.playback.fps as f64) as usize) % n;
+        }
+        self.playback.frame = self.playback.frame.min(n.saturating_sub(1));
+        // The clip view: as large as fits above the grid, aspect kept.
+        let avail = ui.available_size();
+        let aspect = frames.width as f32 / frames.height as f32;
+        let grid_h = 90.0;
+        let max = Vec2::new(avail.x, (avail.y - grid_h - 40.0).max(64.0));
+        let size = if max.x / max.y > aspect {
+            Vec2::new(max.y * aspect, max.y)
+        } else {
+            Vec2::new(max.x, max.x / aspect)
+        };
+        let size = size.floor();
+        ui.vertical_centered(|ui| {
+            let (rect, _) = ui.allocate_exact_size(size, egui::Sense::hover());
+            if let Some(t) = frames.textures.get(self.playback.frame) {
+                ui.painter().image(
+                    t.id(),
+                    rect,
+                    Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+                    Color32::WHITE,
+                );
+            }
+            self.clip_rect = Some(rect);
+        });
+        // Playback controls.
+        let mut restart = false;
+        ui.horizontal(|ui| {
+            let label = if self.playback.playing {
+                "pause"
+            } else {
+                "play"
+            };
+            if ui.button(label).clicked() {
+                self.playback.playing = !self.playback.playing;
+                restart = true;
+            }
+            let mut frame = self.playback.frame;
+            if ui
+                .add(egui::Slider::new(&mut frame, 0..=n.saturating_sub(1)).text("frame"))
+                .changed()
+            {
+                self.playback.frame = frame;
+                self.playback.playing = false;
+            }
+            if ui
+                .add(
+                    egui::DragValue::new(&mut self.playback.fps)
+                        .range(1.0..=60.0)
+                        .suffix(" fps"),
+                )
+                .changed()
+            {
+                restart = true;
+            }
+            if let Some(saved) = self.current.clone() {
+                ui.separator();
+                ui.label("Export");
+                for ext in ["gif", "webp"] {
+                    if ui.button(ext).clicked() {
+                        self.export(&saved, ext);
+                    }
+                }
+            }
+        });
+        if restart {
+            // Keep the current frame when the clock restarts.
+            let now = ui.input(|i| i.time);
+            self.playback.t0 = now - self.playback.frame as f64 / self.playback.fps as f64;
+        }
+        // Every frame, small.
+        let Some(frames) = &self.frames else {
+            return;
+        };
+        egui::ScrollArea::horizontal().show(ui, |ui| {
+            ui.horizontal(|ui| {
+                let h = grid_h - 10.0;
+                let w = h * aspect;
+                for (i, t) in frames.textures.iter().enumerate() {
+                    let (rect, resp) =
+                        ui.allocate_exact_size(Vec2::new(w, h), egui::Sense::click());
+                    ui.painter().image(
+                        t.id(),
+                        rect,
+                        Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+                        Color32::WHITE,
+                    );
+                    if i == self.playback.frame {
+                        ui.painter().rect_stroke(
+                            rect,
+                            0.0,
+                            egui::Stroke::new(2.0, Color32::YELLOW),
+                            egui::StrokeKind::Inside,
+                        );
+                    }
+                    if resp.clicked() {
+                        self.playback.frame = i;
+                        self.playback.playing = false;
+                    }
+                }
+            });
+        });
+    }
+
+    fn export(&mut self, saved: &Saved, ext: &str) {
+        let out = saved.clip.with_extension(ext);
+        let recipe = std::fs::read_to_string(&saved.recipe).unwrap_or_default();
+        let clip = motif_video::Clip {
+            width: saved.width as u32,
+            height: saved.height as u32,
+            fps: self.playback.fps,
+            frames: saved.frames.clone(),
+        };
+        self.message = Some(match motif_video::write_clip(&out, &clip, &recipe) {
+            Ok(()) => Message::Info(format!("exported {}", out.display())),
+            Err(e) => Message::Error(format!("exporting {}: {e}", out.display())),
+        });
+    }
+
+    /// Reads the outputs folder: every recipe sidecar, newest first.
+    fn scan_gallery(&mut self) {
+        let mut items = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(&self.outputs) {
+            let mut recipes: Vec<(std::time::SystemTime, PathBuf)> = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .map(|p| {
+                    let t = std::fs::metadata(&p)
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH);
+                    (t, p)
+                })
+                .collect();
+            recipes.sort_by(|a, b| b.0.cmp(&a.0));
+            for (_, recipe) in recipes.into_iter().take(50) {
+                let Ok(text) = std::fs::read_to_string(&recipe) else {
+                    continue;
+                };
+                let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+                    continue;
+                };
+                if value.get("format").and_then(|f| f.as_str()) != Some("motif-recipe-v1") {
+                    continue;
+                }
+                let clip = ["mp4", "gif", "webp"]
+                    .iter()
+                    .map(|e| recipe.with_extension(e))
+                    .find(|p| p.is_file())
+                    .unwrap_or_else(|| recipe.with_extension("mp4"));
+                let sheet = sheet_path(&clip);
+                // Keep textures already made.
+                let thumb = self
+                    .gallery
+                    .iter()
+                    .find(|g| g.recipe == recipe)
+                    .and_then(|g| g.thumb.clone());
+                items.push(GalleryItem {
+                    prompt: value
+                        .get("prompt")
+                        .and_then(|p| p.as_str())
+                        .unwrap_or("")
+                        .to_string(),
+                    sheet: sheet.is_file().then_some(sheet),
+                    recipe,
+                    clip,
+                    thumb,
+                });
+            }
+        }
+        self.gallery = items;
+    }
+
+    fn gallery_strip(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            ui.label(format!("Gallery · {}", self.outputs.display()));
+            if ui.small_button("rescan").clicked() {
+                self.scan_gallery();
+            }
+        });
+        let mut replay = None;
+        let mut remix = None;
+        egui::ScrollArea::horizontal().show(ui, |ui| {
+            ui.horizontal(|ui| {
+                for (i, item) in self.gallery.iter_mut().enumerate() {
+                    ui.vertical(|ui| {
+                        ui.set_width(72.0);
+                        if item.thumb.is_none() {
+                            item.thumb =
+                                item.sheet.as_deref().and_then(|s| read_sheet(s).ok()).map(
+                                    |(w, h, frames)| {
+                                        ui.ctx().load_texture(
+                                            item.recipe.display().to_string(),
+                                            ColorImage::from_rgb([w, h], &frames[0]),
+                                            TextureOptions::LINEAR,
+                                        )
+                                    },
+                                );
+                        }
+                        let resp = match &item.thumb {
+                            Some(t) => ui.add(egui::Button::image(
+                                egui::Image::from_texture(t).fit_to_exact_size(Vec2::splat(56.0)),
+                            )),
+                            None => ui.add_sized(
+                                Vec2::splat(60.0),
+                                egui::Button::new(item.prompt.chars().take(14).collect::<String>()),
+                            ),
+                        };
+                        if resp
+                            .on_hover_text(format!("{}\nclick: replay", item.prompt))
+                            .clicked()
+                        {
+                            replay = Some(i);
+                        }
+                        if ui.small_button("remix").clicked() {
+                            remix = Some(i);
+                        }
+                    });
+                }
+            });
+        });
+        if let Some(i) = replay {
+            self.replay(ui.ctx(), i);
+        }
+        if let Some(i) = remix {
+            let recipe = self.gallery[i].recipe.clone();
+            self.remix(&recipe);
+        }
+    }
+
+    fn replay(&mut self, ctx: &egui::Context, i: usize) {
+        let item = &self.gallery[i];
+        let Some(sheet) = &item.sheet else {
+            self.message = Some(Message::Info(
+                "no frames kept for this clip (not made in the viewer): remix it instead".into(),
+            ));
+            return;
+        };
+        match read_sheet(sheet) {
+            Ok((w, h, frames)) => {
+                let fps = std::fs::read_to_string(&item.recipe)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| v.get("fps").and_then(|f| f.as_f64()))
+                    .unwrap_or(8.0) as f32;
+                self.frames = Some(Frames::upload(ctx, "clip", w, h, &frames));
+                self.playback = Playback {
+                    playing: true,
+                    frame: 0,
+                    fps,
+                    t0: ctx.input(|i| i.time),
+                };
+                self.current = Some(Saved {
+                    clip: item.clip.clone(),
+                    recipe: item.recipe.clone(),
+                    width: w,
+                    height: h,
+                    fps,
+                    frames,
+                });
+            }
+            Err(e) => self.message = Some(Message::Error(format!("{e:#}"))),
+        }
+    }
+
+    /// Loads every setting of a recipe into the panel.
+    pub fn remix(&mut self, recipe: &Path) {
+        match crate::controls_from_recipe(recipe, &self.controls) {
+            Ok(c) => {
+                self.controls = c;
+                if let Ok(d) = self.backend.defaults(&self.controls.model) {
+                    self.defaults = d;
+                }
+                self.message = Some(Message::Info(format!("remix of {}", recipe.display())));
+            }
+            Err(e) => self.message = Some(Message::Error(format!("{e:#}"))),
+        }
+    }
+}
+
+/// The viewer keeps every clip it writes as one PNG with the frames stacked
+/// vertically, beside the clip: the gallery's thumbnail and replay source,
+/// without decoding video.
+fn sheet_path(clip: &Path) -> PathBuf {
+    clip.with_extension("frames.png")
+}
+
+fn write_sheet(saved: &Saved) -> anyhow::Result<()> {
+    let data: Vec<u8> = saved.frames.concat();
+    let img = image::RgbImage::from_raw(
+        saved.width as u32,
+        (saved.height * saved.frames.len()) as u32,
+        data,
+    )
+    .ok_or_else(|| anyhow::anyhow!("frames do not match the clip's size"))?;
+    img.save(sheet_path(&saved.clip))?;
+    Ok(())
+}
+
+/// (width, height, frames) of a frame sheet; the frame height comes from
+/// the recipe beside it.
+fn read_sheet(path: &Path) -> anyhow::Result<(usize, usize, Vec<Vec<u8>>)> {
+    let img = image::open(path)?.to_rgb8();
+    let (w, total_h) = (img.width() as usize, img.height() as usize);
+    let recipe = path
+        .to_string_lossy()
+        .trim_end_matches(".frames.png")
+        .to_string()
+        + ".json";
+    let h = std::fs::read_to_string(&recipe)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("height").and_then(|h| h.as_u64()))
+        .map(|h| h as usize)
+        .filter(|&h| h > 0 && total_h % h == 0)
+        .ok_or_else(|| anyhow::anyhow!("{}: no frame height in its recipe", path.display()))?;
+    let data = img.into_raw();
+    let frames = data.chunks(w * h * 3).map(|c| c.to_vec()).collect();
+    Ok((w, h, frames))
+}

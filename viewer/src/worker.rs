@@ -1,0 +1,124 @@
+//! The generation thread. It owns the engine's [`Gpu`] and runs one job at a
+//! time; every engine event becomes a [`Update`] for the window, which it
+//! wakes through the event loop. Cancel is a flag the event callback
+//! returns, so a run stops at the next step (or decoded frame).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+
+use motif_engine::pipeline::{Event, Preview};
+use motif_engine::Gpu;
+
+use crate::{Backend, Controls, Saved};
+
+pub struct Job {
+    pub controls: Controls,
+    pub output: PathBuf,
+    pub cancel: Arc<AtomicBool>,
+    /// After this 1-based step's update the worker waits for `resume`
+    /// (scripted screenshots and cancels land on an exact step).
+    pub pause_after_step: Option<usize>,
+    pub resume: Option<Receiver<()>>,
+}
+
+pub enum Update {
+    /// Prompts encoded, denoising starts.
+    Started {
+        steps: usize,
+        at: Instant,
+    },
+    Step {
+        /// 1-based.
+        step: usize,
+        total: usize,
+        preview: Option<Preview>,
+        at: Instant,
+    },
+    Decoded {
+        frame: usize,
+        total: usize,
+    },
+    Finished(Saved),
+    Cancelled {
+        after_step: usize,
+    },
+    Failed(String),
+}
+
+pub struct Worker {
+    jobs: Sender<Job>,
+}
+
+impl Worker {
+    /// Starts the thread; `wake` is called after every update is sent.
+    pub fn start(
+        gpu: Gpu,
+        backend: Arc<dyn Backend>,
+        updates: Sender<Update>,
+        wake: impl Fn() + Send + 'static,
+    ) -> Self {
+        let (jobs, rx) = channel::<Job>();
+        std::thread::Builder::new()
+            .name("motif-generate".into())
+            .spawn(move || {
+                for job in rx {
+                    let send = |u: Update| {
+                        // The window is gone: nothing left to tell.
+                        let _ = updates.send(u);
+                        wake();
+                    };
+                    run_job(&gpu, backend.as_ref(), job, &send);
+                }
+            })
+            .expect("spawning a thread only fails when the OS is out of threads");
+        Worker { jobs }
+    }
+
+    pub fn submit(&self, job: Job) -> bool {
+        self.jobs.send(job).is_ok()
+    }
+}
+
+fn run_job(gpu: &Gpu, backend: &dyn Backend, job: Job, send: &dyn Fn(Update)) {
+    let mut last_step = 0;
+    let result = backend.generate(gpu, &job.controls, &job.output, &mut |event| {
+        match event {
+            Event::Started { steps } => send(Update::Started {
+                steps,
+                at: Instant::now(),
+            }),
+            Event::Step {
+                index,
+                total,
+                preview,
+                ..
+            } => {
+                last_step = index + 1;
+                send(Update::Step {
+                    step: index + 1,
+                    total,
+                    preview: preview.cloned(),
+                    at: Instant::now(),
+                });
+                if job.pause_after_step == Some(index + 1) {
+                    if let Some(resume) = &job.resume {
+                        // A closed channel means the window went away: go on.
+                        let _ = resume.recv();
+                    }
+                }
+            }
+            Event::Decoded { frame, total } => send(Update::Decoded { frame, total }),
+        }
+        !job.cancel.load(Ordering::SeqCst)
+    });
+    send(match result {
+        Ok(Some(saved)) => Update::Finished(saved),
+        Ok(None) => Update::Cancelled {
+            after_step: last_step,
+        },
+        Err(e) => Update::Failed(format!("{e:#}")),
+    });
+}
