@@ -506,6 +506,8 @@ def main():
         t0 = time.time()
         if a.reuse_cases and (cases / "cases.json").exists():
             print(f"reusing the case set in {cases}")
+            names = [c["name"] for c in json.loads((cases / "cases.json").read_text())["cases"]]
+            chosen = [held_out()[int(re.match(r"heldout(\d+)_", n).group(1))] for n in names]
         else:
             print(f"writing {len(chosen)} pipeline cases to {cases}")
             write_engine_cases(cases, model, chosen, defaults)
@@ -521,12 +523,17 @@ def main():
                 e[1] = max(e[1], o["max_abs_err"] / o["tolerance"] if o["tolerance"] else 0.0)
         report["engine"]["max_error_by_output"] = {k: {"max_abs_err": v[0], "max_err_over_tolerance": v[1]}
                                                    for k, v in errs.items()}
+        by_case = {}
+        for o in report["engine"]["outputs"]:
+            by_case[o["case"]] = by_case.get(o["case"], True) and o["ok"]
+        report["engine"]["cases_passed"] = sum(by_case.values())
+        report["engine"]["cases_failed"] = len(chosen) - sum(by_case.values())
         print()
         print(f"{'output':<14} {'max |err|':>10} {'max err/tol':>11}   (over {len(chosen)} cases)")
         for k, (e, r) in errs.items():
             print(f"{k:<14} {e:10.3e} {r:11.3f}")
-        print(report["engine"]["summary"], f"(engine {report['engine']['seconds']:.0f}s, "
-              f"exit {report['engine']['exit_code']})")
+        print(f"{report['engine']['summary']} outputs; {report['engine']['cases_passed']}/{len(chosen)} cases pass "
+              f"(engine {report['engine']['seconds']:.0f}s, exit {report['engine']['exit_code']})")
     elif a.truth:
         print(f"ground truth: {len(items)} clips")
         t0 = time.time()
@@ -554,6 +561,8 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {a.out} ({report['wall_s']:.0f}s)")
+    if a.engine and report["engine"]["exit_code"] != 0:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
