@@ -457,12 +457,17 @@ def run_engine(cases_dir, precision):
 # --- main --------------------------------------------------------------------
 
 def held_out(n=None):
-    """The split's items (with their index), or n of them spread evenly over
-    it: still and moving cameras alike (n = 16 holds all eight moves)."""
+    """The split's items (with their index), or n of them: the first half
+    of n from the still-camera half of the split and the rest from the
+    moving-camera half. The split cycles through its 12 (colour, subject,
+    action) triples and its 8 camera moves, so n = 16 holds the 8 directed
+    triples twice, 8 direction clips and all 8 moves."""
     split = [dict(item, index=i) for i, item in enumerate(world.held_out_split())]
     if n is None or n >= len(split):
         return split
-    return [split[(i * len(split)) // n] for i in range(n)]
+    half = len(split) // 2
+    still = (n + 1) // 2
+    return split[:still] + split[half:half + n - still]
 
 
 def number_list(kind):
@@ -486,7 +491,7 @@ def main():
     ap.add_argument("--reuse-cases", action="store_true", help="--engine: run the case set already in --cases-dir")
     ap.add_argument("--steps", type=number_list(int), help="comma-separated (default: motif.json's)")
     ap.add_argument("--guidance", type=number_list(float), help="comma-separated (default: motif.json's)")
-    ap.add_argument("--limit", type=int, metavar="N", help="only N clips, spread evenly over the split")
+    ap.add_argument("--limit", type=int, metavar="N", help="only N clips, half with a still camera, half moving")
     ap.add_argument("--save-gifs", metavar="DIR", help="write each clip beside its ground-truth render")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval.json"), help="results (JSON)")
     a = ap.parse_args()
