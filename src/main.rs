@@ -55,9 +55,24 @@ enum Command {
         /// With --unet: walk the step through the allocator without running it and report its peak memory.
         #[arg(long)]
         plan: bool,
-        /// With --unet: the workload as WIDTHxHEIGHTxFRAMES (default 512x512x16 on GPUs, 128x128x4 on CPU adapters and always 512x512x16 with --plan).
+        /// With --unet or --model: the workload as WIDTHxHEIGHTxFRAMES (--unet: default 512x512x16 on GPUs, 128x128x4 on CPU adapters and always 512x512x16 with --plan; --model: the model's own defaults).
         #[arg(long, value_parser = parse_workload)]
         size: Option<(usize, usize, usize)>,
+        /// Time a real model's generation part by part (load, first preview, CLIP encode, UNet step, VAE decode, whole generations): a name from `motif models` or a folder. The PyTorch side of the same measurement is tools/bench/torch_side.py.
+        #[arg(long, value_name = "MODEL")]
+        model: Option<String>,
+        /// With --model: the step counts of the whole generations to time.
+        #[arg(long, value_delimiter = ',', default_value = "4,25")]
+        steps: Vec<usize>,
+        /// With --model: the guidance scale (above 1: batch 2, as diffusers runs it).
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f32,
+        /// With --model: the prompt.
+        #[arg(long, default_value = "a yellow star spinning over the sea at night")]
+        prompt: String,
+        /// With --model: print the report as one JSON object on stdout (progress goes to stderr).
+        #[arg(long)]
+        json: bool,
     },
     /// Run a reference case set (motif-cases-v1) and report the error of every output.
     Conformance {
@@ -156,6 +171,12 @@ fn info(cli: &Cli) -> Result<()> {
         "  TIMESTAMP_QUERY: {}",
         has(motif_engine::wgpu::Features::TIMESTAMP_QUERY)
     );
+    match gpu.pipeline_cache_path() {
+        Some(p) => println!("  pipeline cache: {}", p.display()),
+        None => println!(
+            "  pipeline cache: none (the backend has no PIPELINE_CACHE, or MOTIF_CACHE_DIR=off)"
+        ),
+    }
     println!(
         "  largest storage binding: {}",
         mib(limits.max_storage_buffer_binding_size)
@@ -220,6 +241,76 @@ fn bench_unet(
     println!("weights: {}", mib(report.weight_bytes));
     println!("peak GPU memory (pool): {}", mib(report.peak_bytes));
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_model(
+    cli: &Cli,
+    model: &str,
+    size: Option<(usize, usize, usize)>,
+    steps: &[usize],
+    guidance: f32,
+    prompt: &str,
+    iters: usize,
+    json: bool,
+) -> Result<()> {
+    if steps.iter().any(|&s| s == 0) {
+        anyhow::bail!("--steps: every step count must be at least 1");
+    }
+    let name = catalog::resolve_model_name(model);
+    let source =
+        motif_engine::models::source::ModelSource::open(&motif_engine::models::source::ModelSpec {
+            model: name.clone(),
+            motion_adapter: None,
+            vae: None,
+            loras: Vec::new(),
+        })
+        .with_context(|| format!("--model {model}: opening the model"))?;
+    let gpu = open_gpu(cli)?;
+    let defaults = read_defaults(&name);
+    let (width, height, frames) = size.unwrap_or(defaults);
+    let w = motif_engine::bench::PipelineBench {
+        prompt: prompt.to_string(),
+        width,
+        height,
+        frames,
+        steps: steps.to_vec(),
+        guidance,
+        iters: iters.max(1),
+    };
+    eprintln!("adapter: {} ({})", gpu.adapter(), gpu.precision());
+    eprintln!(
+        "workload: {} at {width}x{height}, {frames} frames, guidance {guidance}, steps {steps:?}",
+        source.path().display()
+    );
+    let report =
+        motif_engine::bench::bench_pipeline(&gpu, &source, &w, &mut |line| eprintln!("  {line}"))
+            .context("benchmarking the model")?;
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["adapter"] = serde_json::json!(gpu.adapter().to_string());
+        v["precision"] = serde_json::json!(gpu.precision().to_string());
+        v["workload"] = serde_json::json!({"width": width, "height": height, "frames": frames, "guidance": guidance});
+        println!("{v}");
+    } else {
+        println!("weights: {}", mib(report.weight_bytes));
+        println!("peak GPU memory (pool): {}", mib(report.peak_bytes));
+    }
+    Ok(())
+}
+
+/// The size a model card proposes (motif.json), else AnimateDiff's 512x512x16.
+fn read_defaults(model: &str) -> (usize, usize, usize) {
+    let card = std::path::Path::new(model).join("motif.json");
+    let v: Option<serde_json::Value> = std::fs::read_to_string(card)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let get = |k: &str, d: usize| {
+        v.as_ref()
+            .and_then(|v| v["defaults"][k].as_u64())
+            .map_or(d, |x| x as usize)
+    };
+    (get("width", 512), get("height", 512), get("frames", 16))
 }
 
 fn bench(cli: &Cli, ops: bool, iters: usize, all_precisions: bool) -> Result<()> {
@@ -355,8 +446,15 @@ fn main() {
             unet,
             plan,
             size,
+            model,
+            steps,
+            guidance,
+            prompt,
+            json,
         } => {
-            if *plan && !*unet {
+            if let Some(model) = model {
+                bench_model(&cli, model, *size, steps, *guidance, prompt, *iters, *json)
+            } else if *plan && !*unet {
                 Err(anyhow::anyhow!("--plan goes with --unet"))
             } else if *unet {
                 let r = if *ops {

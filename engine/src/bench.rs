@@ -312,3 +312,154 @@ pub fn bench_unet(gpu: &Gpu, w: &UNetBench, steps: usize) -> Result<UNetReport> 
         weight_bytes,
     })
 }
+
+/// The workload of `motif bench --model`: one model's generation, taken
+/// apart the way `tools/bench/torch_side.py` takes diffusers' apart, so
+/// that the two sides' figures line up one to one.
+#[derive(Debug, Clone)]
+pub struct PipelineBench {
+    pub prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub frames: usize,
+    /// Whole generations to time, by step count (e.g. 4 and 25).
+    pub steps: Vec<usize>,
+    pub guidance: f32,
+    /// Repetitions of each part (after a warm-up).
+    pub iters: usize,
+}
+
+/// Seconds, per part; generation figures per step count.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PipelineReport {
+    pub load_s: f64,
+    /// From the start of loading to the first step's preview frames, in the
+    /// first generation of the process (pipelines compiled on the way).
+    pub first_preview_cold_s: f64,
+    /// From the call to generate to the first step's preview frames, with
+    /// everything compiled and loaded.
+    pub first_preview_warm_s: f64,
+    /// Both prompts (negative, positive) through the text encoder.
+    pub clip_encode_s: f64,
+    /// One UNet forward at batch 2 (guidance), with its output read back,
+    /// as the sampling loop runs it.
+    pub unet_step_s: f64,
+    /// Every frame through the VAE decoder, read back.
+    pub vae_decode_s: f64,
+    /// (steps, seconds) of whole generations: prompts, sampling with
+    /// previews, decode.
+    pub generate_s: Vec<(usize, f64)>,
+    pub weight_bytes: u64,
+    pub peak_bytes: u64,
+}
+
+fn time_it<T>(gpu: &Gpu, iters: usize, mut run: impl FnMut() -> Result<T>) -> Result<f64> {
+    run()?;
+    gpu.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..iters.max(1) {
+        run()?;
+    }
+    gpu.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+/// Loads `source` and times its parts and whole generations. `say`
+/// receives a line per finished measurement (progress on slow adapters).
+pub fn bench_pipeline(
+    gpu: &Gpu,
+    source: &crate::models::source::ModelSource,
+    w: &PipelineBench,
+    say: &mut dyn FnMut(&str),
+) -> Result<PipelineReport> {
+    use crate::pipeline::{AnimateDiff, Event, Request};
+    let mut report = PipelineReport::default();
+    let t0 = Instant::now();
+    let mut pipe = AnimateDiff::load(gpu, source)?;
+    gpu.synchronize()?;
+    report.load_s = t0.elapsed().as_secs_f64();
+    report.weight_bytes = gpu.pool_stats().live_bytes;
+    say(&format!("load: {:.2} s", report.load_s));
+
+    let mut req = Request::new(w.prompt.clone(), &pipe.defaults);
+    req.width = w.width;
+    req.height = w.height;
+    req.frames = w.frames;
+    req.guidance = w.guidance;
+    req.previews = true;
+    req.steps = w.steps.iter().copied().min().unwrap_or(4).max(1);
+    pipe.validate(&req)?;
+
+    // The first generation of the process: the first preview, cold.
+    let mut first: Option<f64> = None;
+    pipe.generate(gpu, &req, &mut |e| {
+        if let (Event::Step { .. }, None) = (&e, first) {
+            first = Some(t0.elapsed().as_secs_f64());
+        }
+        true
+    })?;
+    report.first_preview_cold_s = first.unwrap_or(f64::NAN);
+    say(&format!(
+        "first preview, cold (from load): {:.2} s",
+        report.first_preview_cold_s
+    ));
+
+    let negative = req.negative.clone();
+    report.clip_encode_s = time_it(gpu, w.iters, || {
+        pipe.encode_prompts(gpu, &[negative.as_str(), w.prompt.as_str()], 0)
+    })?;
+    say(&format!("clip encode: {:.3} s", report.clip_encode_s));
+
+    let s = pipe.scale_factor();
+    let c = pipe.vae.config.latent_channels;
+    let (h, wd, f) = (w.height / s, w.width / s, w.frames);
+    let dim = pipe.text_encoder.config.hidden_size;
+    let dtype = gpu.precision();
+    let sample = random_tensor(gpu, &[2, c, f, h, wd], dtype, 31)?;
+    let context = random_tensor(gpu, &[2 * f, MAX_TOKENS, dim], dtype, 32)?;
+    report.unet_step_s = time_it(gpu, w.iters, || {
+        pipe.unet
+            .forward(gpu, &sample, &[501.0], &context)?
+            .to_f32(gpu)
+    })?;
+    say(&format!("unet step: {:.3} s", report.unet_step_s));
+
+    let latent = random_tensor(gpu, &[1, c, h, wd], dtype, 33)?;
+    report.vae_decode_s = time_it(gpu, w.iters, || {
+        for _ in 0..f {
+            pipe.vae.decode_scaled(gpu, &latent)?.to_f32(gpu)?;
+        }
+        Ok(())
+    })?;
+    say(&format!(
+        "vae decode ({f} frames): {:.3} s",
+        report.vae_decode_s
+    ));
+
+    for &steps in &w.steps {
+        req.steps = steps;
+        let start = Instant::now();
+        let mut first: Option<f64> = None;
+        pipe.generate(gpu, &req, &mut |e| {
+            if let (Event::Step { .. }, None) = (&e, first) {
+                first = Some(start.elapsed().as_secs_f64());
+            }
+            true
+        })?;
+        let total = start.elapsed().as_secs_f64();
+        if report.first_preview_warm_s == 0.0 {
+            report.first_preview_warm_s = first.unwrap_or(f64::NAN);
+            say(&format!(
+                "first preview, warm: {:.3} s",
+                report.first_preview_warm_s
+            ));
+        }
+        report.generate_s.push((steps, total));
+        say(&format!("generate, {steps} steps: {total:.2} s"));
+    }
+    report.peak_bytes = gpu.pool_stats().peak_allocated_bytes;
+    Ok(report)
+}
+
+/// Tokens per prompt (CLIP's context).
+const MAX_TOKENS: usize = crate::text::tokenizer::MAX_LENGTH;

@@ -277,9 +277,9 @@ const SD_LATENT_RGB: [[f32; 3]; 4] = [
 
 pub struct AnimateDiff {
     tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    unet: UNetMotionModel,
-    vae: AutoencoderKL,
+    pub(crate) text_encoder: ClipTextModel,
+    pub(crate) unet: UNetMotionModel,
+    pub(crate) vae: AutoencoderKL,
     scheduler_config: SchedulerConfig,
     pub defaults: ModelDefaults,
     /// The motion modules' window (motion_max_seq_length).
@@ -486,7 +486,7 @@ impl AnimateDiff {
     }
 
     /// Prompt embeddings [rows, 77, D] for `prompts` (weighted syntax allowed).
-    fn encode_prompts(
+    pub(crate) fn encode_prompts(
         &self,
         gpu: &Gpu,
         prompts: &[&str],

@@ -45,8 +45,99 @@ pub(crate) struct UniformArenas {
 
 #[derive(Default)]
 pub(crate) struct KernelCache {
-    modules: Mutex<HashMap<(&'static str, DType), wgpu::ShaderModule>>,
-    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    pub(super) modules: Mutex<HashMap<(&'static str, DType), wgpu::ShaderModule>>,
+    pub(super) pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    pub(crate) disk: Option<DiskCache>,
+}
+
+/// The driver's compiled pipelines, kept on disk between runs (wgpu's
+/// `PipelineCache`, Vulkan only), so that a second run reaches its first
+/// preview without compiling every kernel again. One file per adapter and
+/// driver (`wgpu::util::pipeline_cache_key`), written when the GPU closes.
+pub(crate) struct DiskCache {
+    cache: wgpu::PipelineCache,
+    path: std::path::PathBuf,
+    /// Pipelines compiled since the file was read.
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+/// Where pipeline caches live: `MOTIF_CACHE_DIR`, else the user's cache
+/// folder (`XDG_CACHE_HOME` or `~/.cache`) + `motif`. `MOTIF_CACHE_DIR=off`
+/// (or empty) turns the cache off.
+fn cache_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    match std::env::var_os("MOTIF_CACHE_DIR") {
+        Some(v) if v.is_empty() || v == "off" => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|d| d.join("motif")),
+    }
+}
+
+impl DiskCache {
+    /// Opens the cache file for this adapter, or an empty cache where none
+    /// exists or the file does not fit the adapter and driver. None where the
+    /// adapter has no pipeline caches or no cache folder is known.
+    pub(crate) fn open(
+        device: &wgpu::Device,
+        info: &wgpu::AdapterInfo,
+        features: wgpu::Features,
+        dir: Option<std::path::PathBuf>,
+    ) -> Option<Self> {
+        if !features.contains(wgpu::Features::PIPELINE_CACHE) {
+            return None;
+        }
+        let key = wgpu::util::pipeline_cache_key(info)?;
+        let path = dir.or_else(cache_dir)?.join(key);
+        let data = std::fs::read(&path).ok();
+        // SAFETY: the data is what `get_data` wrote for an adapter with the
+        // same key (the file name); wgpu checks its header against the
+        // adapter and driver, and `fallback` turns a mismatch into an empty
+        // cache rather than an error.
+        let cache = unsafe {
+            device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                label: Some("motif pipelines"),
+                data: data.as_deref(),
+                fallback: true,
+            })
+        };
+        Some(DiskCache {
+            cache,
+            path,
+            dirty: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Writes the cache if pipelines were compiled since it was read: to a
+    /// temporary file, then renamed, so that a crash leaves no torn file.
+    /// Failing to write only costs the next run its compile time.
+    pub(crate) fn save(&self) {
+        if !self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let Some(data) = self.cache.get_data() else {
+            return;
+        };
+        let Some(dir) = self.path.parent() else {
+            return;
+        };
+        let tmp = self
+            .path
+            .with_extension(format!("tmp{}", std::process::id()));
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&tmp, &data))
+            .and_then(|_| std::fs::rename(&tmp, &self.path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.path
+    }
 }
 
 impl UniformArenas {
@@ -125,8 +216,11 @@ impl Gpu {
                     constants: &k.constants,
                     zero_initialize_workgroup_memory: false,
                 },
-                cache: None,
+                cache: self.kernels.disk.as_ref().map(|d| &d.cache),
             });
+        if let Some(d) = &self.kernels.disk {
+            d.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(e) = pollster::block_on(scope.pop()) {
             // Only a bug in a shader or its op file gets here.
             return Err(EngineError::Device(format!("compiling kernel {key}: {e}")));

@@ -86,6 +86,9 @@ pub struct GpuOptions {
     /// memory it did not write shows up instead of giving results that depend
     /// on what ran before (`MOTIF_POISON_POOL=nan|finite`).
     pub poison: Option<u8>,
+    /// The folder for the compiled-pipeline cache; None: `MOTIF_CACHE_DIR`,
+    /// else the user's cache folder + `motif` (see `DiskCache`).
+    pub pipeline_cache: Option<std::path::PathBuf>,
 }
 
 impl GpuOptions {
@@ -144,6 +147,8 @@ pub(crate) struct GpuTimer {
     pub(crate) queries: wgpu::QuerySet,
     pub(crate) next: u32,
     capacity: u32,
+    /// Dispatches that found no free query pair: a sum would undercount.
+    missed: u32,
 }
 
 impl GpuTimer {
@@ -151,10 +156,12 @@ impl GpuTimer {
 
     /// The pass timestamp indices for the next dispatch, if room is left.
     pub(crate) fn take_pair(&mut self) -> Option<u32> {
-        (self.next + 2 <= self.capacity).then(|| {
-            self.next += 2;
-            self.next - 2
-        })
+        if self.next + 2 > self.capacity {
+            self.missed += 1;
+            return None;
+        }
+        self.next += 2;
+        Some(self.next - 2)
     }
 }
 
@@ -194,6 +201,12 @@ pub struct Gpu {
     submissions: std::sync::atomic::AtomicU64,
     plan: bool,
     pub(crate) poison: Option<u8>,
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        self.save_pipeline_cache();
+    }
 }
 
 /// Lists the adapters wgpu can see, in enumeration order.
@@ -236,6 +249,8 @@ impl Gpu {
         // Raise every limit to what the adapter allows: the networks need
         // large storage bindings and many bindings per kernel.
         let limits = chosen.limits();
+        // Compiled pipelines kept on disk between runs, where the backend can.
+        let features = features | (chosen.features() & wgpu::Features::PIPELINE_CACHE);
 
         let precision = match options.precision {
             Some(DType::F16) if !features.contains(wgpu::Features::SHADER_F16) => {
@@ -302,6 +317,15 @@ impl Gpu {
             None => adapter_binding / 4 * 4,
         };
 
+        let kernels = kernel::KernelCache {
+            disk: kernel::DiskCache::open(
+                &device,
+                &chosen.get_info(),
+                features,
+                options.pipeline_cache.clone(),
+            ),
+            ..Default::default()
+        };
         Ok(Gpu {
             instance,
             device,
@@ -314,7 +338,7 @@ impl Gpu {
             max_binding_bytes,
             pool: Arc::new(PoolHandle::default()),
             blocks: Arc::new(BlockPool::default()),
-            kernels: kernel::KernelCache::default(),
+            kernels,
             stream: Mutex::new(Stream::default()),
             errors,
             submissions: Default::default(),
@@ -384,6 +408,19 @@ impl Gpu {
         self.pool.reset_peaks();
     }
 
+    /// Writes the compiled pipelines to the disk cache now (it is also
+    /// written when the GPU closes).
+    pub fn save_pipeline_cache(&self) {
+        if let Some(d) = &self.kernels.disk {
+            d.save();
+        }
+    }
+
+    /// The pipeline cache file of this adapter, where there is one.
+    pub fn pipeline_cache_path(&self) -> Option<&std::path::Path> {
+        self.kernels.disk.as_ref().map(|d| d.path())
+    }
+
     /// Returns the pool's free buffers to the driver.
     pub fn trim_pool(&self) {
         self.pool.trim();
@@ -444,12 +481,14 @@ impl Gpu {
             queries,
             next: 0,
             capacity: GpuTimer::CAPACITY,
+            missed: 0,
         });
         true
     }
 
     /// Stops the timer and returns the summed GPU time of the timed
-    /// dispatches in seconds, and how many were timed (waits for the GPU).
+    /// dispatches in seconds, and how many were timed (waits for the GPU);
+    /// None if some dispatches could not be timed (more than the query set holds).
     pub fn stop_timer(&self) -> Result<Option<(f64, u32)>> {
         let timer = self
             .stream
@@ -458,6 +497,11 @@ impl Gpu {
             .timer
             .take();
         let Some(timer) = timer else { return Ok(None) };
+        // More dispatches than query pairs: no honest sum exists, and the
+        // caller falls back to the wall clock.
+        if timer.missed > 0 {
+            return Ok(None);
+        }
         if timer.next == 0 {
             return Ok(Some((0.0, 0)));
         }
