@@ -90,6 +90,7 @@ fn check_with(gpu: &Gpu, case: Case, coverage: Coverage) {
                 scale,
                 kernel,
                 max_keys_per_pass,
+                max_query_rows: None,
             };
             let got = attention::attention(gpu, &q, &k, &v, heads, &opts).unwrap();
             assert_eq!(got.shape(), &[b, lq, c]);
@@ -135,6 +136,45 @@ fn attention_handles_every_head_dim_up_to_160() {
     for d in [64, 80, 129] {
         check_with(gpu, case(d), Coverage::DefaultF32);
     }
+}
+
+/// Head dims beyond the fused kernels' (the SD VAE's one head of 512
+/// channels) take the unfused path, blocks of queries at a time.
+#[test]
+fn wide_heads_match_reference() {
+    let gpu = gpu();
+    for (heads, d, lq, lk) in [(1, 512, 33, 65), (1, 161, 7, 9), (2, 200, 9, 5)] {
+        check_with(
+            gpu,
+            Case {
+                b: 2,
+                lq,
+                lk,
+                heads,
+                d,
+                ..BASE
+            },
+            Coverage::Default,
+        );
+    }
+    // Query blocks of 2 rows: 3 blocks, the last one short.
+    let (lq, lk, d) = (5, 11, 192);
+    let (q, qs) = upload(gpu, &random(lq * d, 5), &[1, lq, d], DType::F32);
+    let (k, ks) = upload(gpu, &random(lk * d, 6), &[1, lk, d], DType::F32);
+    let (v, vs) = upload(gpu, &random(lk * d, 7), &[1, lk, d], DType::F32);
+    let opts = AttentionOptions {
+        max_query_rows: Some(2),
+        ..Default::default()
+    };
+    let got = attention::attention(gpu, &q, &k, &v, 1, &opts).unwrap();
+    let want = attention::attention_reference(&qs, &ks, &vs, 1, lq, lk, 1, &opts);
+    assert_close(
+        "attention in query blocks",
+        &got.to_f32(gpu).unwrap(),
+        &want,
+        DType::F32,
+        lk * d,
+    );
 }
 
 #[test]
@@ -393,7 +433,11 @@ fn bad_shapes_are_errors_that_name_the_op_and_shapes() {
         }
     }
     let wide = z(&[1, 2, 161]);
-    let msg = attention::attention(gpu, &wide, &wide, &wide, 1, &opts)
+    let causal = AttentionOptions {
+        causal: true,
+        ..Default::default()
+    };
+    let msg = attention::attention(gpu, &wide, &wide, &wide, 1, &causal)
         .unwrap_err()
         .to_string();
     assert!(msg.contains("160") && msg.contains("[1, 2, 161]"), "{msg}");

@@ -52,6 +52,10 @@ pub struct AttentionOptions {
     /// Caps the keys one dispatch walks; longer key ranges run as several
     /// passes that carry the softmax state. `None`: as the adapter needs.
     pub max_keys_per_pass: Option<usize>,
+    /// Head dims above [`MAX_HEAD_DIM`] materialise the scores a block of
+    /// queries at a time; this caps the query rows of a block. `None`: as
+    /// many as fit one binding and about 256 MiB.
+    pub max_query_rows: Option<usize>,
 }
 
 #[repr(C)]
@@ -345,16 +349,17 @@ pub fn attention(
             found: fmt_shape(v.shape()),
         });
     }
-    if heads == 0 || !channels.is_multiple_of(heads) || channels / heads > MAX_HEAD_DIM {
+    if heads == 0 || !channels.is_multiple_of(heads) {
         return Err(EngineError::Shape {
             op,
-            expected: format!(
-                "channels divisible by {heads} heads into a head dim of at most {MAX_HEAD_DIM}"
-            ),
+            expected: format!("channels divisible by {heads} heads"),
             found: fmt_shape(q.shape()),
         });
     }
     let head_dim = channels / heads;
+    if head_dim > MAX_HEAD_DIM {
+        return attention_unfused(gpu, q, k, v, heads, opts);
+    }
     let out = Tensor::empty(gpu, q.shape(), dtype)?;
     if out.numel() == 0 {
         return Ok(out);
@@ -452,6 +457,83 @@ pub fn attention(
         }
     }
     Ok(out)
+}
+
+/// Attention for head dims beyond the fused kernels' ([`MAX_HEAD_DIM`]):
+/// the SD VAE's mid-block attends over 512 channels in one head. The scores
+/// are materialised (product, softmax, product), a block of queries at a
+/// time so that they stay within one binding and about 256 MiB.
+fn attention_unfused(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    opts: &AttentionOptions,
+) -> Result<Tensor> {
+    use super::layout::{concat, narrow, permute};
+    use super::matmul::{matmul, MatmulOptions};
+    let op = "attention";
+    let dtype = q.dtype();
+    let (batch, lq, channels) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let lk = k.shape()[1];
+    let d = channels / heads;
+    if opts.causal {
+        return Err(EngineError::Argument {
+            op,
+            message: format!(
+                "causal attention takes head dims up to {MAX_HEAD_DIM}, found {d} (q {})",
+                fmt_shape(q.shape())
+            ),
+        });
+    }
+    let bh = batch * heads;
+    // [B, L, H*D] → [B*H, L, D]
+    let split = |x: &Tensor, l: usize| -> Result<Tensor> {
+        if heads == 1 {
+            x.reshape(&[batch, l, d])
+        } else {
+            permute(gpu, &x.reshape(&[batch, l, heads, d])?, &[0, 2, 1, 3])?.reshape(&[bh, l, d])
+        }
+    };
+    let (qh, kh, vh) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
+    let budget =
+        Tensor::max_window_elems(gpu, dtype).min((256 << 20) / dtype.size_bytes() as usize);
+    let rows = (budget / (bh * lk))
+        .min(opts.max_query_rows.unwrap_or(usize::MAX))
+        .clamp(1, lq);
+    let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let mut parts = Vec::with_capacity(lq.div_ceil(rows));
+    for q0 in (0..lq).step_by(rows) {
+        let n = rows.min(lq - q0);
+        let qc = if n == lq {
+            qh.clone()
+        } else {
+            narrow(gpu, &qh, 1, q0, n)?
+        };
+        let scores = matmul(
+            gpu,
+            &qc,
+            &kh,
+            &MatmulOptions {
+                transpose_b: true,
+                alpha: scale,
+                ..Default::default()
+            },
+        )?;
+        let p = super::softmax::softmax(gpu, &scores)?;
+        parts.push(matmul(gpu, &p, &vh, &MatmulOptions::default())?);
+    }
+    let o = match parts.len() {
+        1 => parts.pop().expect("one part"),
+        _ => concat(gpu, &parts.iter().collect::<Vec<_>>(), 1)?,
+    };
+    if heads == 1 {
+        o.reshape(&[batch, lq, channels])
+    } else {
+        permute(gpu, &o.reshape(&[batch, heads, lq, d])?, &[0, 2, 1, 3])?
+            .reshape(&[batch, lq, channels])
+    }
 }
 
 /// CPU reference of [`attention`] in f64: q [batch, lq, C], k and v
