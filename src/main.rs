@@ -73,6 +73,9 @@ enum Command {
         /// With --model: print the report as one JSON object on stdout (progress goes to stderr).
         #[arg(long)]
         json: bool,
+        /// Check and time the tensor-core (cooperative-matrix) matmul against the CPU reference and the portable kernel.
+        #[arg(long)]
+        coop: bool,
     },
     /// Run a reference case set (motif-cases-v1) and report the error of every output.
     Conformance {
@@ -359,6 +362,51 @@ fn bench(cli: &Cli, ops: bool, iters: usize, all_precisions: bool) -> Result<()>
     Ok(())
 }
 
+/// `motif bench --coop`: one line per case of the tensor-core matmul check;
+/// false if a case failed. An adapter without cooperative matrices is no
+/// failure: it says so and passes.
+fn bench_coop(cli: &Cli) -> Result<bool> {
+    let gpu = open_gpu(cli)?;
+    println!("adapter: {}", gpu.adapter());
+    let Some(config) = gpu.coop_matrix() else {
+        println!(
+            "no cooperative matrices (f16 x f16 -> f32 16x16x16) on this adapter, or MOTIF_NO_COOP is set: \
+             nothing to check"
+        );
+        return Ok(true);
+    };
+    println!(
+        "cooperative matrices: subgroup size {}, reported: {}",
+        config.subgroup_size,
+        config.reported.join(", ")
+    );
+    let cases = motif_engine::ops::matmul_coop::coop_check(&gpu)?;
+    println!(
+        "{:<38} {:<40} {:>10} {:>10} {:>10} {:>5} {:>9} {:>8}  timer",
+        "case", "shape", "max err", "tolerance", "vs tiled", "ok", "ms", "TFLOP/s"
+    );
+    let mut all_passed = true;
+    for c in &cases {
+        all_passed &= c.passed;
+        println!(
+            "{:<38} {:<40} {:>10.3e} {:>10.3e} {:>10.3e} {:>5} {:>9.3} {:>8.2}  {}",
+            c.name,
+            c.shape,
+            c.max_error,
+            c.tolerance,
+            c.vs_portable,
+            if c.passed { "pass" } else { "FAIL" },
+            c.ms,
+            c.tflops,
+            if c.gpu_timed { "gpu" } else { "wall" }
+        );
+        if let Some(e) = &c.error {
+            println!("    error: {e}");
+        }
+    }
+    Ok(all_passed)
+}
+
 fn conformance(
     cli: &Cli,
     dir: &std::path::Path,
@@ -451,8 +499,16 @@ fn main() {
             guidance,
             prompt,
             json,
+            coop,
         } => {
-            if let Some(model) = model {
+            if *coop {
+                match bench_coop(&cli) {
+                    Ok(true) => Ok(()),
+                    // The report already said which case failed.
+                    Ok(false) => std::process::exit(1),
+                    Err(e) => Err(e),
+                }
+            } else if let Some(model) = model {
                 bench_model(&cli, model, *size, steps, *guidance, prompt, *iters, *json)
             } else if *plan && !*unet {
                 Err(anyhow::anyhow!("--plan goes with --unet"))

@@ -201,6 +201,63 @@ pub struct Gpu {
     submissions: std::sync::atomic::AtomicU64,
     plan: bool,
     pub(crate) poison: Option<u8>,
+    coop: Option<CoopConfig>,
+    /// Pipelines of shaders that need `enable` directives the kernel prelude
+    /// cannot place (the cooperative-matrix matmul), by variant key; or why
+    /// the variant failed to compile (so that matmul falls back, once).
+    pub(crate) coop_pipelines: Mutex<CoopPipelines>,
+}
+
+pub(crate) type CoopPipelines =
+    std::collections::HashMap<String, std::result::Result<Arc<wgpu::ComputePipeline>, String>>;
+
+/// The cooperative-matrix (tensor core) configuration Motif uses: f16
+/// operands, f32 accumulators, 16 x 16 x 16 tiles, one subgroup of a fixed
+/// size per tile operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoopConfig {
+    /// Invocations per subgroup (the adapter's one subgroup size).
+    pub subgroup_size: u32,
+    /// Every configuration the adapter reports, as `MxNxK ab->cr`.
+    pub reported: Vec<String>,
+}
+
+/// The cooperative-matrix configuration to use on `adapter`, or `None`
+/// when it has none that Motif's kernel can run (or `MOTIF_NO_COOP=1`).
+/// The kernel needs f16 x f16 -> f32 in 16 x 16 x 16 tiles, and a fixed
+/// subgroup size so that a workgroup splits into a known number of
+/// subgroups.
+fn coop_config(adapter: &wgpu::Adapter, features: wgpu::Features) -> Option<CoopConfig> {
+    if std::env::var("MOTIF_NO_COOP").is_ok_and(|v| !v.is_empty() && v != "0") {
+        return None;
+    }
+    if !adapter
+        .features()
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        || !features.contains(wgpu::Features::SHADER_F16)
+    {
+        return None;
+    }
+    use wgpu::CooperativeScalarType as S;
+    let props = adapter.cooperative_matrix_properties();
+    let reported = props
+        .iter()
+        .map(|p| {
+            format!(
+                "{}x{}x{} {:?}->{:?}",
+                p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type
+            )
+        })
+        .collect();
+    let usable = props.iter().any(|p| {
+        (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (16, 16, 16, S::F16, S::F32)
+    });
+    let info = adapter.get_info();
+    let fixed = info.subgroup_min_size == info.subgroup_max_size;
+    (usable && fixed && info.subgroup_max_size >= 1).then_some(CoopConfig {
+        subgroup_size: info.subgroup_max_size,
+        reported,
+    })
 }
 
 impl Drop for Gpu {
@@ -245,7 +302,11 @@ impl Gpu {
 
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
-        let features = chosen.features() & wanted;
+        let mut features = chosen.features() & wanted;
+        let coop = coop_config(&chosen, features);
+        if coop.is_some() {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         // Raise every limit to what the adapter allows: the networks need
         // large storage bindings and many bindings per kernel.
         let limits = chosen.limits();
@@ -263,18 +324,42 @@ impl Gpu {
             None => DType::F32,
         };
 
-        let (device, queue) = pollster::block_on(chosen.request_device(&wgpu::DeviceDescriptor {
-            label: Some("motif"),
-            required_features: features,
-            required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| EngineError::DeviceRequest {
-            adapter: summary.name.clone(),
-            reason: e.to_string(),
-        })?;
+        let request = |features: wgpu::Features, experimental: bool| {
+            pollster::block_on(chosen.request_device(&wgpu::DeviceDescriptor {
+                label: Some("motif"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: if experimental {
+                    // SAFETY (wgpu's contract for experimental features): they
+                    // are only used by the one kernel of shaders/matmul_coop.wgsl,
+                    // and MOTIF_NO_COOP=1 leaves them off.
+                    unsafe { wgpu::ExperimentalFeatures::enabled() }
+                } else {
+                    wgpu::ExperimentalFeatures::disabled()
+                },
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            }))
+        };
+        // An experimental feature must never cost the device: if asking for
+        // it fails, ask again without it.
+        let (device, queue, features, coop) = match request(features, coop.is_some()) {
+            Ok((d, q)) => (d, q, features, coop),
+            Err(_) if coop.is_some() => {
+                let plain = features - wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+                let (d, q) = request(plain, false).map_err(|e| EngineError::DeviceRequest {
+                    adapter: summary.name.clone(),
+                    reason: e.to_string(),
+                })?;
+                (d, q, plain, None)
+            }
+            Err(e) => {
+                return Err(EngineError::DeviceRequest {
+                    adapter: summary.name.clone(),
+                    reason: e.to_string(),
+                })
+            }
+        };
 
         let errors = Arc::new(Mutex::new(ErrorSink::default()));
         {
@@ -344,6 +429,8 @@ impl Gpu {
             submissions: Default::default(),
             plan: options.plan,
             poison: options.poison,
+            coop,
+            coop_pipelines: Default::default(),
         })
     }
 
@@ -374,6 +461,12 @@ impl Gpu {
     /// The optional features Motif asked for and got.
     pub fn features(&self) -> wgpu::Features {
         self.features
+    }
+
+    /// The tensor-core configuration the cooperative-matrix matmul runs
+    /// with, if the adapter has one (see `ops::matmul_coop`).
+    pub fn coop_matrix(&self) -> Option<&CoopConfig> {
+        self.coop.as_ref()
     }
 
     pub fn has_f16(&self) -> bool {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{check_dtypes, params_bytes, Activation};
+use super::{check_dtypes, matmul_coop, params_bytes, Activation};
 use crate::error::{EngineError, Result};
 use crate::gpu::{Binding, BlockPool, Gpu, Kernel};
 use crate::tensor::{fmt_shape, DType, Tensor};
@@ -48,6 +48,9 @@ pub enum MatmulKernel {
     Tiled,
     /// Operands packed into uniform-buffer blocks first (CPU adapters).
     Packed,
+    /// Tensor cores through cooperative matrices (f16 on adapters that have
+    /// them, see ops/matmul_coop.rs); matmul_tiled's windows.
+    Coop,
 }
 
 #[repr(C)]
@@ -261,14 +264,43 @@ fn run(
         bias_per_row: false,
         activation: opts.activation,
     };
-    // The one choice between the two kernels (see shaders/matmul.wgsl): CPU
-    // adapters read storage buffers an order of magnitude slower than uniform
-    // buffers, GPUs want workgroup-memory tiles. Operands that cannot be
-    // packed in windows (a plain `b` larger than a binding) take the tiled
-    // kernel, which can split anything.
+    // Tensor cores first, where the adapter has cooperative matrices and
+    // the product is f16 (ops/matmul_coop.rs); they take matmul_tiled's
+    // windows.
+    let coop = match kernel {
+        MatmulKernel::Auto => {
+            matmul_coop::routes(gpu, a.dtype(), opts.transpose_b, opts.activation)
+        }
+        // Asked for by name: a compile error is reported, not hidden.
+        MatmulKernel::Coop => matmul_coop::available(gpu, a.dtype()),
+        _ => false,
+    };
+    match kernel {
+        MatmulKernel::Coop if !coop => {
+            return Err(EngineError::Argument {
+                op: "matmul",
+                message: format!(
+                    "the cooperative-matrix kernel needs f16 operands and an adapter with \
+                     f16 x f16 -> f32 16x16x16 cooperative matrices (adapter {}, {})",
+                    gpu.adapter().name,
+                    a.dtype()
+                ),
+            })
+        }
+        MatmulKernel::Coop | MatmulKernel::Auto if coop => {
+            run_tiled(gpu, a, b, &out, &d, &epilogue, true)?;
+            return Ok(out);
+        }
+        _ => {}
+    }
+    // The one choice between the two portable kernels (see
+    // shaders/matmul.wgsl): CPU adapters read storage buffers an order of
+    // magnitude slower than uniform buffers, GPUs want workgroup-memory
+    // tiles. Operands that cannot be packed in windows (a plain `b` larger
+    // than a binding) take the tiled kernel, which can split anything.
     let plan = packed_plan(gpu, a.dtype(), &d);
     let row_words = match (kernel, plan) {
-        (MatmulKernel::Tiled, _) | (MatmulKernel::Auto, None) => None,
+        (MatmulKernel::Tiled, _) | (MatmulKernel::Auto | MatmulKernel::Coop, None) => None,
         (_, Some(row_words)) => Some(row_words),
         (MatmulKernel::Packed, None) => {
             return Err(EngineError::Argument {
@@ -283,7 +315,7 @@ fn run(
     };
     match row_words {
         Some(row_words) => run_packed(gpu, a, b, &out, &d, &epilogue, row_words)?,
-        None => run_tiled(gpu, a, b, &out, &d, &epilogue, opts.transpose_b)?,
+        None => run_tiled(gpu, a, b, &out, &d, &epilogue, false)?,
     }
     Ok(out)
 }
@@ -395,8 +427,14 @@ fn run_tiled(
     out: &Tensor,
     d: &Dims,
     e: &Epilogue,
-    transpose_b: bool,
+    coop: bool,
 ) -> Result<()> {
+    let transpose_b = d.transpose_b;
+    debug_assert_eq!(
+        TILE,
+        matmul_coop::TILE,
+        "both kernels take the same windows"
+    );
     let max = Tensor::max_window_elems(gpu, a.dtype());
     let t = tiling(d, max);
     let k = Kernel {
@@ -462,16 +500,19 @@ fn run_tiled(
                         finish: (chunk + 1 == k_chunks.len()) as u32,
                         ..Params::default()
                     };
-                    gpu.dispatch(
-                        &k,
-                        params_bytes(&p),
-                        &[(1, ab), (2, bb), (3, biasb), (4, ob)],
-                        [
-                            cols.div_ceil(TILE) as u32,
-                            rows.div_ceil(TILE) as u32,
-                            items as u32,
-                        ],
-                    )?;
+                    let bindings = [(1, ab), (2, bb), (3, biasb), (4, ob)];
+                    let groups = [
+                        cols.div_ceil(TILE) as u32,
+                        rows.div_ceil(TILE) as u32,
+                        items as u32,
+                    ];
+                    if coop {
+                        let act = e.activation;
+                        let p = params_bytes(&p);
+                        matmul_coop::dispatch(gpu, transpose_b, act, p, &bindings, groups)?;
+                    } else {
+                        gpu.dispatch(&k, params_bytes(&p), &bindings, groups)?;
+                    }
                 }
             }
         }

@@ -10,6 +10,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod layout;
 pub mod matmul;
+pub mod matmul_coop;
 pub mod norm;
 pub mod softmax;
 

@@ -1,0 +1,222 @@
+// Batched matrix multiply on tensor cores (wgpu's experimental cooperative
+// matrices, VK_KHR_cooperative_matrix), f16 operands, f32 accumulation:
+//   out[z, i, j] = ACT(alpha * sum_k a[z, i, k] * b[z, k, j] + bias[j])
+// Same bindings, parameters and windowing as matmul_tiled in matmul.wgsl
+// (ops/matmul.rs fills one Params for both), so either kernel serves any
+// window of the product.
+//
+//   @binding(0) p     Params (uniform): the fields below, laid out as matmul.wgsl's
+//   @binding(1) a     array<f16> (read): item z at a_off + z * a_bstride, (i, k) at + i * lda + k
+//   @binding(2) b     array<f16> (read): item z at b_off + z * b_bstride;
+//                     TRANS_B = 0: (k, j) at + k * ldb + j; TRANS_B = 1: (k, j) at + j * ldb + k
+//   @binding(3) bias  array<f16> (read): bias[bias_off + j], read only when has_bias = 1
+//   @binding(4) out   array<f16> (read_write): (z, i, j) at out_off + z * o_bstride + i * ldo + j
+//
+// A workgroup computes a 64 x 64 tile of the output with 4 subgroups of 32
+// invocations (the only subgroup size ops/matmul_coop.rs routes here), each
+// owning a 32 x 32 quarter as 2 x 2 cooperative 16 x 16 accumulators. Operands
+// are staged through workgroup memory in steps of 32 along K, zero-padded
+// past M, N and K, so any sizes and offsets work: the cooperative loads only
+// ever read workgroup memory. The accumulators go back through workgroup
+// memory too, where the epilogue (alpha, the partial sums of earlier K
+// windows, bias, activation) is applied per element with bounds checks.
+//
+// The wording of the extension (naga 30): `coopLoadT` / `coopStoreT` are
+// row-major (`coopLoad` / `coopStore` column-major), the stride is in
+// elements, and coopMultiplyAdd(a, b, c) = a * b + c.
+
+enable f16;
+enable wgpu_cooperative_matrix;
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    a_off: u32,
+    b_off: u32,
+    bias_off: u32,
+    out_off: u32,
+    a_bstride: u32,
+    b_bstride: u32,     // 0: one b shared by every batch item
+    o_bstride: u32,
+    lda: u32,
+    ldb: u32,
+    ldo: u32,
+    alpha: f32,
+    has_bias: u32,
+    accumulate: u32,    // 1: add the partial sums of earlier windows of K (in `out`)
+    finish: u32,        // 1: last window of K: add the bias, apply the activation
+    // Fields of matmul.wgsl's gemm_packed, unused here (same block, same size).
+    bias_per_row: u32,
+    kw4: u32,
+    nch: u32,
+    klast4: u32,
+    row0: u32,
+    partial_ld: u32,
+    col0: u32,
+    col_group: u32,
+    col_group_stride: u32,
+    _pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f16>;
+@group(0) @binding(2) var<storage, read> b: array<f16>;
+@group(0) @binding(3) var<storage, read> bias: array<f16>;
+@group(0) @binding(4) var<storage, read_write> out: array<f16>;
+
+// 1: b is [N, K] (nn.Linear's weight layout).
+override TRANS_B: u32 = 0u;
+// Fused activation: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh), 4 quick-GELU.
+override ACT: u32 = 0u;
+
+fn sigmoid(x: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-x));
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7): WGSL has no erf.
+fn erf_approx(x: f32) -> f32 {
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.3275911 * z);
+    let poly = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t;
+    return sign(x) * (1.0 - poly * exp(-z * z));
+}
+
+fn activate(x: f32) -> f32 {
+    switch ACT {
+        case 1u: { return x * sigmoid(x); }
+        case 2u: { return 0.5 * x * (1.0 + erf_approx(x * 0.7071067811865476)); }
+        case 3u: {
+            // tanh has saturated long before |u| = 10; the clamp keeps exp() finite on every driver.
+            let u = clamp(0.7978845608028654 * (x + 0.044715 * x * x * x), -10.0, 10.0);
+            return 0.5 * x * (1.0 + tanh(u));
+        }
+        case 4u: { return x * sigmoid(1.702 * x); }
+        default: { return x; }
+    }
+}
+
+// Output tile of a workgroup, K step of the staging, one subgroup.
+const TILE_M: u32 = 64u;
+const TILE_N: u32 = 64u;
+const TILE_K: u32 = 32u;
+const SUBGROUP: u32 = 32u;
+const INVOCATIONS: u32 = 128u;
+const FRAG: u32 = 16u;
+// Row strides of the staged tiles, padded by 8 halves (16 bytes, which keeps
+// every fragment's start 16-byte aligned) so that rows start in different banks.
+const A_LD: u32 = TILE_K + 8u;
+const B_LD: u32 = TILE_N + 8u;
+
+var<workgroup> a_tile: array<f16, 2560>;       // TILE_M x A_LD, row-major
+var<workgroup> b_tile: array<f16, 2304>;       // TILE_K x B_LD, row-major
+var<workgroup> c_frag: array<f32, 1024>;       // one 16 x 16 fragment per subgroup
+
+fn load_a(z: u32, i: u32, kk: u32) -> f16 {
+    if (i >= p.m || kk >= p.k) {
+        return f16(0.0);
+    }
+    return a[p.a_off + z * p.a_bstride + i * p.lda + kk];
+}
+
+fn load_b(z: u32, kk: u32, j: u32) -> f16 {
+    if (j >= p.n || kk >= p.k) {
+        return f16(0.0);
+    }
+    if (TRANS_B == 1u) {
+        return b[p.b_off + z * p.b_bstride + j * p.ldb + kk];
+    }
+    return b[p.b_off + z * p.b_bstride + kk * p.ldb + j];
+}
+
+// Writes one accumulator fragment whose (0, 0) is output (i0, j0) through
+// the epilogue. Called by every subgroup in the same order (the barriers).
+fn store_fragment(frag: coop_mat16x16<f32, C>, sg: u32, lane: u32, z: u32, i0: u32, j0: u32) {
+    let base = sg * FRAG * FRAG;
+    coopStoreT(frag, &c_frag[base], FRAG);
+    workgroupBarrier();
+    for (var e = lane; e < FRAG * FRAG; e += SUBGROUP) {
+        let i = i0 + e / FRAG;
+        let j = j0 + e % FRAG;
+        if (i < p.m && j < p.n) {
+            let o = p.out_off + z * p.o_bstride + i * p.ldo + j;
+            var v = p.alpha * c_frag[base + e];
+            if (p.accumulate == 1u) {
+                v += f32(out[o]);
+            }
+            if (p.finish == 1u) {
+                if (p.has_bias == 1u) {
+                    v += f32(bias[p.bias_off + j]);
+                }
+                v = activate(v);
+            }
+            out[o] = f16(v);
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(128)
+fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let z = wid.z;
+    let i0 = wid.y * TILE_M;
+    let j0 = wid.x * TILE_N;
+    // Subgroups of a 1-D workgroup are consecutive invocations.
+    let sg = lid / SUBGROUP;
+    let lane = lid % SUBGROUP;
+    let sm = (sg / 2u) * 32u;
+    let sn = (sg % 2u) * 32u;
+
+    // The accumulators start as zeros loaded from workgroup memory: loads
+    // and stores are the operations every implementation of the extension
+    // has, where a zero constant of a cooperative type is less certain.
+    for (var e = lid; e < 4u * FRAG * FRAG; e += INVOCATIONS) {
+        c_frag[e] = 0.0;
+    }
+    workgroupBarrier();
+    var acc00 = coopLoadT<coop_mat16x16<f32, C>>(&c_frag[sg * FRAG * FRAG], FRAG);
+    var acc01 = acc00;
+    var acc10 = acc00;
+    var acc11 = acc00;
+    workgroupBarrier();
+
+    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
+        // 128 invocations stage 64 x 32 values of a and 32 x 64 of b, 16 each;
+        // consecutive invocations read consecutive addresses of both.
+        for (var e = lid; e < TILE_M * TILE_K; e += INVOCATIONS) {
+            let r = e / TILE_K;
+            let c = e % TILE_K;
+            a_tile[r * A_LD + c] = load_a(z, i0 + r, k0 + c);
+        }
+        for (var e = lid; e < TILE_K * TILE_N; e += INVOCATIONS) {
+            var kk: u32;
+            var j: u32;
+            if (TRANS_B == 1u) {
+                kk = e % TILE_K;
+                j = e / TILE_K;
+            } else {
+                kk = e / TILE_N;
+                j = e % TILE_N;
+            }
+            b_tile[kk * B_LD + j] = load_b(z, k0 + kk, j0 + j);
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk += FRAG) {
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&a_tile[sm * A_LD + kk], A_LD);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&a_tile[(sm + FRAG) * A_LD + kk], A_LD);
+            let b0 = coopLoadT<coop_mat16x16<f16, B>>(&b_tile[kk * B_LD + sn], B_LD);
+            let b1 = coopLoadT<coop_mat16x16<f16, B>>(&b_tile[kk * B_LD + sn + FRAG], B_LD);
+            acc00 = coopMultiplyAdd(a0, b0, acc00);
+            acc01 = coopMultiplyAdd(a0, b1, acc01);
+            acc10 = coopMultiplyAdd(a1, b0, acc10);
+            acc11 = coopMultiplyAdd(a1, b1, acc11);
+        }
+        workgroupBarrier();
+    }
+
+    store_fragment(acc00, sg, lane, z, i0 + sm, j0 + sn);
+    store_fragment(acc01, sg, lane, z, i0 + sm, j0 + sn + FRAG);
+    store_fragment(acc10, sg, lane, z, i0 + sm + FRAG, j0 + sn);
+    store_fragment(acc11, sg, lane, z, i0 + sm + FRAG, j0 + sn + FRAG);
+}
