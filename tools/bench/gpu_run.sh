@@ -20,8 +20,12 @@ cd "$(dirname "$0")/../.."
 OUT=${1:?usage: gpu_run.sh OUT_DIR}
 mkdir -p "$OUT"
 STEPS=${STEPS:-4,25}
-SIDE_TIMEOUT=${SIDE_TIMEOUT:-200}
+# The whole run's budget in seconds (the lent machine allows 600 per command):
+# every stage gets at most what is left of it.
+DEADLINE=$(( $(date +%s) + ${BUDGET:-540} ))
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/run.log"; }
+# limit SECONDS: the smaller of SECONDS and what is left of the budget (at least 1).
+limit() { local left=$(( DEADLINE - $(date +%s) )); [ "$left" -lt 1 ] && left=1; [ "$1" -lt "$left" ] && echo "$1" || echo "$left"; }
 
 if ! ldconfig -p | grep -q libvulkan.so.1; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done
@@ -47,24 +51,26 @@ python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffuser
 
 log "cooperative-matrix check"
 if "$MOTIF" bench --help | grep -q -- --coop; then
-  timeout 120 "$MOTIF" bench --coop >"$OUT/coop.txt" 2>&1; log "coop exit $?"
+  timeout $(limit 60) "$MOTIF" bench --coop >"$OUT/coop.txt" 2>&1; log "coop exit $?"
 fi
 
 log "PyTorch matmul 4096^3 fp16"
-timeout 60 python3 tools/bench/torch_side.py --matmul >"$OUT/torch_matmul.txt" 2>&1
+timeout $(limit 40) python3 tools/bench/torch_side.py --matmul >"$OUT/torch_matmul.txt" 2>&1
 
 log "full-size model (random weights)"
-timeout 150 python3 tools/bench/torch_side.py --make-full /tmp/full >"$OUT/make_full.txt" 2>&1; log "make-full exit $?"
+timeout $(limit 90) python3 tools/bench/torch_side.py --make-full /tmp/full >"$OUT/make_full.txt" 2>&1; log "make-full exit $?"
 
 log "side by side, $STEPS steps"
-PYTHONUNBUFFERED=1 timeout $((2 * SIDE_TIMEOUT + 30)) python3 tools/bench/compare.py --model /tmp/full --steps "$STEPS" \
-  --iters 3 --motif "$MOTIF" --timeout "$SIDE_TIMEOUT" --out "$OUT/full" >"$OUT/compare.txt" 2>&1
+# Each side gets half of what is left, less a reserve for the later stages.
+SIDE=$(( ( $(limit 100000) - ${RESERVE:-70} ) / 2 ))
+PYTHONUNBUFFERED=1 timeout $(limit $((2 * SIDE + 20))) python3 tools/bench/compare.py --model /tmp/full --steps "$STEPS" \
+  --iters 3 --motif "$MOTIF" --timeout "$SIDE" --out "$OUT/full" >"$OUT/compare.txt" 2>&1
 log "compare exit $?"
 
 log "second motif run: first preview with a warm pipeline cache"
-timeout 120 "$MOTIF" bench --model /tmp/full --steps 1 --iters 1 --json >"$OUT/warm_cache.json" 2>"$OUT/warm_cache.log"
+timeout $(limit 60) "$MOTIF" bench --model /tmp/full --steps 1 --iters 1 --json >"$OUT/warm_cache.json" 2>"$OUT/warm_cache.log"
 log "warm-cache exit $?"
 
 log "operators"
-timeout 90 "$MOTIF" bench --ops --all-precisions --iters 5 >"$OUT/ops.txt" 2>&1; log "ops exit $?"
+timeout $(limit 40) "$MOTIF" bench --ops --all-precisions --iters 5 >"$OUT/ops.txt" 2>&1; log "ops exit $?"
 log "done"
