@@ -68,6 +68,9 @@ struct Params {
 
 // 1: b is [N, K] (nn.Linear's weight layout).
 override TRANS_B: u32 = 0u;
+// 1: tiles inside the product are staged without bounds checks (0: every
+// tile checked; kept to compare, MOTIF_COOP_STAGING=checked).
+override FAST_STAGING: u32 = 1u;
 // Fused activation: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh), 4 quick-GELU.
 override ACT: u32 = 0u;
 
@@ -183,23 +186,47 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
         // 128 invocations stage 64 x 32 values of a and 32 x 64 of b, 16 each;
-        // consecutive invocations read consecutive addresses of both.
-        for (var e = lid; e < TILE_M * TILE_K; e += INVOCATIONS) {
-            let r = e / TILE_K;
-            let c = e % TILE_K;
-            a_tile[r * A_LD + c] = load_a(z, i0 + r, k0 + c);
-        }
-        for (var e = lid; e < TILE_K * TILE_N; e += INVOCATIONS) {
-            var kk: u32;
-            var j: u32;
-            if (TRANS_B == 1u) {
-                kk = e % TILE_K;
-                j = e / TILE_K;
-            } else {
-                kk = e / TILE_N;
-                j = e % TILE_N;
+        // consecutive invocations read consecutive addresses of both. A tile
+        // inside the product (the same answer for the whole workgroup) skips
+        // the bounds checks, so that all 16 loads can be in flight at once.
+        let interior = i0 + TILE_M <= p.m && j0 + TILE_N <= p.n && k0 + TILE_K <= p.k;
+        if (FAST_STAGING == 1u && interior) {
+            let a_base = p.a_off + z * p.a_bstride + i0 * p.lda + k0;
+            let b_base = p.b_off + z * p.b_bstride;
+            for (var t = 0u; t < TILE_M * TILE_K / INVOCATIONS; t++) {
+                let e = lid + t * INVOCATIONS;
+                a_tile[(e / TILE_K) * A_LD + e % TILE_K] = a[a_base + (e / TILE_K) * p.lda + e % TILE_K];
             }
-            b_tile[kk * B_LD + j] = load_b(z, k0 + kk, j0 + j);
+            for (var t = 0u; t < TILE_K * TILE_N / INVOCATIONS; t++) {
+                let e = lid + t * INVOCATIONS;
+                if (TRANS_B == 1u) {
+                    let kk = e % TILE_K;
+                    let j = e / TILE_K;
+                    b_tile[kk * B_LD + j] = b[b_base + (j0 + j) * p.ldb + k0 + kk];
+                } else {
+                    let kk = e / TILE_N;
+                    let j = e % TILE_N;
+                    b_tile[kk * B_LD + j] = b[b_base + (k0 + kk) * p.ldb + j0 + j];
+                }
+            }
+        } else {
+            for (var e = lid; e < TILE_M * TILE_K; e += INVOCATIONS) {
+                let r = e / TILE_K;
+                let c = e % TILE_K;
+                a_tile[r * A_LD + c] = load_a(z, i0 + r, k0 + c);
+            }
+            for (var e = lid; e < TILE_K * TILE_N; e += INVOCATIONS) {
+                var kk: u32;
+                var j: u32;
+                if (TRANS_B == 1u) {
+                    kk = e % TILE_K;
+                    j = e / TILE_K;
+                } else {
+                    kk = e / TILE_N;
+                    j = e % TILE_N;
+                }
+                b_tile[kk * B_LD + j] = load_b(z, k0 + kk, j0 + j);
+            }
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE_K; kk += FRAG) {

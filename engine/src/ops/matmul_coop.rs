@@ -45,9 +45,13 @@ pub(crate) fn available(gpu: &Gpu, dtype: DType) -> bool {
 /// The override constants of one variant (public for the validation test).
 #[doc(hidden)]
 pub fn variant_constants(transpose_b: bool, activation: Activation) -> Vec<(&'static str, f64)> {
+    // MOTIF_COOP_STAGING=checked: every tile through the bounds-checked
+    // staging, to compare (`motif bench --coop`).
+    let checked = std::env::var("MOTIF_COOP_STAGING").is_ok_and(|v| v == "checked");
     vec![
         ("TRANS_B", if transpose_b { 1.0 } else { 0.0 }),
         ("ACT", activation.code()),
+        ("FAST_STAGING", if checked { 0.0 } else { 1.0 }),
     ]
 }
 
@@ -468,38 +472,75 @@ pub fn coop_check(gpu: &Gpu) -> Result<Vec<CoopCase>> {
         });
         cases.push(case);
     }
-    // The portable kernel on the square case, for the speed-up.
-    let n = 4096;
-    let portable = (|| -> Result<CoopCase> {
-        let a = Tensor::from_f32(gpu, &random(n * n, 101), &[n, n], DType::F16)?;
-        let b = Tensor::from_f32(gpu, &random(n * n, 102), &[n, n], DType::F16)?;
-        let opts = MatmulOptions::default();
-        let run = || matmul_with_kernel(gpu, &a, &b, &opts, MatmulKernel::Tiled);
-        let (seconds, gpu_timed) = time_product(gpu, 3, &run)?;
-        Ok(CoopCase {
-            name: "portable kernel 4096^3 (timing only)".into(),
-            shape: format!("{n}x{n}x{n}"),
-            max_error: 0.0,
-            tolerance: 0.0,
-            vs_portable: 0.0,
-            passed: true,
-            ms: seconds * 1e3,
-            tflops: 2.0 * (n * n * n) as f64 / seconds / 1e12,
-            gpu_timed,
-            error: None,
-        })
-    })();
-    cases.push(portable.unwrap_or_else(|e| CoopCase {
-        name: "portable kernel 4096^3 (timing only)".into(),
-        shape: format!("{n}x{n}x{n}"),
-        max_error: f32::NAN,
-        tolerance: f32::NAN,
-        vs_portable: f32::NAN,
-        passed: false,
-        ms: f64::NAN,
-        tflops: f64::NAN,
-        gpu_timed: false,
-        error: Some(e.to_string()),
-    }));
+    // The portable kernel on the square case, for the speed-up; then any
+    // shapes to time from MOTIF_COOP_SHAPES (`MxKxN` or `MxKxNt` for a
+    // transposed b, comma-separated) on both kernels.
+    let mut timings = vec![(
+        "portable kernel",
+        [4096, 4096, 4096],
+        false,
+        MatmulKernel::Tiled,
+    )];
+    if let Ok(list) = std::env::var("MOTIF_COOP_SHAPES") {
+        for item in list.split(',').filter(|s| !s.is_empty()) {
+            let transpose_b = item.ends_with('t');
+            let dims: Vec<usize> = item
+                .trim_end_matches('t')
+                .split('x')
+                .filter_map(|d| d.parse().ok())
+                .collect();
+            let [m, k, n] = dims[..] else {
+                return Err(EngineError::Argument {
+                    op: "MOTIF_COOP_SHAPES",
+                    message: format!("expected MxKxN or MxKxNt, found `{item}`"),
+                });
+            };
+            timings.push(("coop kernel", [m, k, n], transpose_b, MatmulKernel::Coop));
+            timings.push((
+                "portable kernel",
+                [m, k, n],
+                transpose_b,
+                MatmulKernel::Tiled,
+            ));
+        }
+    }
+    for (i, (name, [m, k, n], transpose_b, kernel)) in timings.into_iter().enumerate() {
+        let shape = format!("{m}x{k}x{n}{}", if transpose_b { " bT" } else { "" });
+        let timed = (|| -> Result<CoopCase> {
+            let b_shape = if transpose_b { [n, k] } else { [k, n] };
+            let a = Tensor::from_f32(gpu, &random(m * k, 101 + i as u64), &[m, k], DType::F16)?;
+            let b = Tensor::from_f32(gpu, &random(k * n, 202 + i as u64), &b_shape, DType::F16)?;
+            let opts = MatmulOptions {
+                transpose_b,
+                ..Default::default()
+            };
+            let run = || matmul_with_kernel(gpu, &a, &b, &opts, kernel);
+            let (seconds, gpu_timed) = time_product(gpu, 3, &run)?;
+            Ok(CoopCase {
+                name: format!("{name} (timing only)"),
+                shape: shape.clone(),
+                max_error: 0.0,
+                tolerance: 0.0,
+                vs_portable: 0.0,
+                passed: true,
+                ms: seconds * 1e3,
+                tflops: 2.0 * (m * n * k) as f64 / seconds / 1e12,
+                gpu_timed,
+                error: None,
+            })
+        })();
+        cases.push(timed.unwrap_or_else(|e| CoopCase {
+            name: format!("{name} (timing only)"),
+            shape,
+            max_error: f32::NAN,
+            tolerance: f32::NAN,
+            vs_portable: f32::NAN,
+            passed: false,
+            ms: f64::NAN,
+            tflops: f64::NAN,
+            gpu_timed: false,
+            error: Some(e.to_string()),
+        }));
+    }
     Ok(cases)
 }
