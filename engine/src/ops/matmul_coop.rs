@@ -27,19 +27,25 @@ pub const SOURCE: &str = include_str!("../../../shaders/matmul_coop.wgsl");
 
 const ENTRY: &str = "matmul_coop";
 
-/// Output rows and columns of one workgroup (as matmul_tiled's `TILE`).
-pub(crate) const TILE: usize = 64;
+/// Output rows and columns of one workgroup.
+pub(crate) const TILE: usize = 128;
+/// Invocations and workgroup memory of one workgroup (see the shader).
+const INVOCATIONS: u32 = 256;
+const WORKGROUP_BYTES: u32 = 2 * (5120 + 4352) + 4 * 2048;
 
-/// The only subgroup size the kernel is written for: a workgroup of 128
-/// invocations is then exactly 4 subgroups, one per 32 x 32 quarter tile.
+/// The only subgroup size the kernel is written for: a workgroup of 256
+/// invocations is then exactly 8 subgroups, one per 32 x 64 block.
 const SUBGROUP: u32 = 32;
 
 /// Whether `gpu` has the cooperative matrices this kernel is written for.
 pub(crate) fn available(gpu: &Gpu, dtype: DType) -> bool {
+    let limits = gpu.limits();
     dtype == DType::F16
         && gpu
             .coop_matrix()
             .is_some_and(|c| c.subgroup_size == SUBGROUP)
+        && limits.max_compute_invocations_per_workgroup >= INVOCATIONS
+        && limits.max_compute_workgroup_storage_size >= WORKGROUP_BYTES
 }
 
 /// The override constants of one variant (public for the validation test).
@@ -100,7 +106,7 @@ pub(crate) fn routes(gpu: &Gpu, dtype: DType, transpose_b: bool, activation: Act
 
 /// Records one matmul_coop dispatch, as `Gpu::dispatch` does for kernels of
 /// the prelude: `params` is matmul.rs's parameter block, `bindings` its
-/// slots 1..4, one workgroup per 64 x 64 tile.
+/// slots 1..4, `workgroups` counted in [`TILE`]s.
 pub(crate) fn dispatch(
     gpu: &Gpu,
     transpose_b: bool,
