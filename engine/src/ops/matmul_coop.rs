@@ -446,8 +446,9 @@ fn run_case(gpu: &Gpu, c: &CheckCase, seed: u64) -> Result<CoopCase> {
 
 /// Runs the tensor-core kernel on the check's shapes (odd sizes, batches,
 /// bias and activations, K = 77, SD1.5's 4096x320x320, 4096³) against the
-/// CPU reference and the portable kernel, and times each; the last entry
-/// times the portable kernel on 4096³ for comparison. Fails with
+/// CPU reference and the portable kernel, and times each; then timing-only
+/// entries: the portable kernel on 4096³, and both kernels on the shapes of
+/// `MOTIF_COOP_SHAPES` (`MxKxN` or `MxKxNt`, comma-separated). Fails with
 /// [`EngineError::Argument`] when the adapter has no usable cooperative
 /// matrices. A case that fails to run is reported with its error, not
 /// returned as one, so that one broken case does not hide the others.
