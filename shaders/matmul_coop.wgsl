@@ -2,8 +2,8 @@
 // matrices, VK_KHR_cooperative_matrix), f16 operands, f32 accumulation:
 //   out[z, i, j] = ACT(alpha * sum_k a[z, i, k] * b[z, k, j] + bias[j])
 // Same bindings, parameters and windowing as matmul_tiled in matmul.wgsl
-// (ops/matmul.rs fills one Params for both), so either kernel serves any
-// window of the product.
+// (ops/matmul.rs fills one Params for both, only the tile differs), so either
+// kernel serves any window of the product.
 //
 //   @binding(0) p     Params (uniform): the fields below, laid out as matmul.wgsl's
 //   @binding(1) a     array<f16> (read): item z at a_off + z * a_bstride, (i, k) at + i * lda + k
@@ -12,9 +12,10 @@
 //   @binding(3) bias  array<f16> (read): bias[bias_off + j], read only when has_bias = 1
 //   @binding(4) out   array<f16> (read_write): (z, i, j) at out_off + z * o_bstride + i * ldo + j
 //
-// A workgroup computes a 64 x 64 tile of the output with 4 subgroups of 32
+// A workgroup computes a 128 x 128 tile of the output with 8 subgroups of 32
 // invocations (the only subgroup size ops/matmul_coop.rs routes here), each
-// owning a 32 x 32 quarter as 2 x 2 cooperative 16 x 16 accumulators. Operands
+// owning a 32 x 64 block as 2 x 4 cooperative 16 x 16 accumulators (larger
+// tiles than matmul_tiled's: half the staging per product). Operands
 // are staged through workgroup memory in steps of 32 along K, zero-padded
 // past M, N and K, so any sizes and offsets work: the cooperative loads only
 // ever read workgroup memory. The accumulators go back through workgroup
@@ -68,6 +69,9 @@ struct Params {
 
 // 1: b is [N, K] (nn.Linear's weight layout).
 override TRANS_B: u32 = 0u;
+// 1: tiles inside the product are staged without bounds checks (0: every
+// tile checked; kept to compare, MOTIF_COOP_STAGING=checked).
+override FAST_STAGING: u32 = 1u;
 // Fused activation: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh), 4 quick-GELU.
 override ACT: u32 = 0u;
 
@@ -98,20 +102,20 @@ fn activate(x: f32) -> f32 {
 }
 
 // Output tile of a workgroup, K step of the staging, one subgroup.
-const TILE_M: u32 = 64u;
-const TILE_N: u32 = 64u;
+const TILE_M: u32 = 128u;
+const TILE_N: u32 = 128u;
 const TILE_K: u32 = 32u;
 const SUBGROUP: u32 = 32u;
-const INVOCATIONS: u32 = 128u;
+const INVOCATIONS: u32 = 256u;
 const FRAG: u32 = 16u;
 // Row strides of the staged tiles, padded by 8 halves (16 bytes, which keeps
 // every fragment's start 16-byte aligned) so that rows start in different banks.
 const A_LD: u32 = TILE_K + 8u;
 const B_LD: u32 = TILE_N + 8u;
 
-var<workgroup> a_tile: array<f16, 2560>;       // TILE_M x A_LD, row-major
-var<workgroup> b_tile: array<f16, 2304>;       // TILE_K x B_LD, row-major
-var<workgroup> c_frag: array<f32, 1024>;       // one 16 x 16 fragment per subgroup
+var<workgroup> a_tile: array<f16, 5120>;       // TILE_M x A_LD, row-major
+var<workgroup> b_tile: array<f16, 4352>;       // TILE_K x B_LD, row-major
+var<workgroup> c_frag: array<f32, 2048>;       // one 16 x 16 fragment per subgroup
 
 fn load_a(z: u32, i: u32, kk: u32) -> f16 {
     if (i >= p.m || kk >= p.k) {
@@ -157,7 +161,7 @@ fn store_fragment(frag: coop_mat16x16<f32, C>, sg: u32, lane: u32, z: u32, i0: u
     workgroupBarrier();
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(256)
 fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let z = wid.z;
     let i0 = wid.y * TILE_M;
@@ -166,40 +170,68 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     let sg = lid / SUBGROUP;
     let lane = lid % SUBGROUP;
     let sm = (sg / 2u) * 32u;
-    let sn = (sg % 2u) * 32u;
+    let sn = (sg % 2u) * 64u;
 
     // The accumulators start as zeros loaded from workgroup memory: loads
     // and stores are the operations every implementation of the extension
     // has, where a zero constant of a cooperative type is less certain.
-    for (var e = lid; e < 4u * FRAG * FRAG; e += INVOCATIONS) {
+    for (var e = lid; e < 8u * FRAG * FRAG; e += INVOCATIONS) {
         c_frag[e] = 0.0;
     }
     workgroupBarrier();
     var acc00 = coopLoadT<coop_mat16x16<f32, C>>(&c_frag[sg * FRAG * FRAG], FRAG);
     var acc01 = acc00;
+    var acc02 = acc00;
+    var acc03 = acc00;
     var acc10 = acc00;
     var acc11 = acc00;
+    var acc12 = acc00;
+    var acc13 = acc00;
     workgroupBarrier();
 
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        // 128 invocations stage 64 x 32 values of a and 32 x 64 of b, 16 each;
-        // consecutive invocations read consecutive addresses of both.
-        for (var e = lid; e < TILE_M * TILE_K; e += INVOCATIONS) {
-            let r = e / TILE_K;
-            let c = e % TILE_K;
-            a_tile[r * A_LD + c] = load_a(z, i0 + r, k0 + c);
-        }
-        for (var e = lid; e < TILE_K * TILE_N; e += INVOCATIONS) {
-            var kk: u32;
-            var j: u32;
-            if (TRANS_B == 1u) {
-                kk = e % TILE_K;
-                j = e / TILE_K;
-            } else {
-                kk = e / TILE_N;
-                j = e % TILE_N;
+        // 256 invocations stage 128 x 32 values of a and 32 x 128 of b, 16 each;
+        // consecutive invocations read consecutive addresses of both. A tile
+        // inside the product (the same answer for the whole workgroup) skips
+        // the bounds checks, so that all 16 loads can be in flight at once.
+        let interior = i0 + TILE_M <= p.m && j0 + TILE_N <= p.n && k0 + TILE_K <= p.k;
+        if (FAST_STAGING == 1u && interior) {
+            let a_base = p.a_off + z * p.a_bstride + i0 * p.lda + k0;
+            let b_base = p.b_off + z * p.b_bstride;
+            for (var t = 0u; t < TILE_M * TILE_K / INVOCATIONS; t++) {
+                let e = lid + t * INVOCATIONS;
+                a_tile[(e / TILE_K) * A_LD + e % TILE_K] = a[a_base + (e / TILE_K) * p.lda + e % TILE_K];
             }
-            b_tile[kk * B_LD + j] = load_b(z, k0 + kk, j0 + j);
+            for (var t = 0u; t < TILE_K * TILE_N / INVOCATIONS; t++) {
+                let e = lid + t * INVOCATIONS;
+                if (TRANS_B == 1u) {
+                    let kk = e % TILE_K;
+                    let j = e / TILE_K;
+                    b_tile[kk * B_LD + j] = b[b_base + (j0 + j) * p.ldb + k0 + kk];
+                } else {
+                    let kk = e / TILE_N;
+                    let j = e % TILE_N;
+                    b_tile[kk * B_LD + j] = b[b_base + (k0 + kk) * p.ldb + j0 + j];
+                }
+            }
+        } else {
+            for (var e = lid; e < TILE_M * TILE_K; e += INVOCATIONS) {
+                let r = e / TILE_K;
+                let c = e % TILE_K;
+                a_tile[r * A_LD + c] = load_a(z, i0 + r, k0 + c);
+            }
+            for (var e = lid; e < TILE_K * TILE_N; e += INVOCATIONS) {
+                var kk: u32;
+                var j: u32;
+                if (TRANS_B == 1u) {
+                    kk = e % TILE_K;
+                    j = e / TILE_K;
+                } else {
+                    kk = e / TILE_N;
+                    j = e % TILE_N;
+                }
+                b_tile[kk * B_LD + j] = load_b(z, k0 + kk, j0 + j);
+            }
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE_K; kk += FRAG) {
@@ -207,16 +239,26 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             let a1 = coopLoadT<coop_mat16x16<f16, A>>(&a_tile[(sm + FRAG) * A_LD + kk], A_LD);
             let b0 = coopLoadT<coop_mat16x16<f16, B>>(&b_tile[kk * B_LD + sn], B_LD);
             let b1 = coopLoadT<coop_mat16x16<f16, B>>(&b_tile[kk * B_LD + sn + FRAG], B_LD);
+            let b2 = coopLoadT<coop_mat16x16<f16, B>>(&b_tile[kk * B_LD + sn + 2u * FRAG], B_LD);
+            let b3 = coopLoadT<coop_mat16x16<f16, B>>(&b_tile[kk * B_LD + sn + 3u * FRAG], B_LD);
             acc00 = coopMultiplyAdd(a0, b0, acc00);
             acc01 = coopMultiplyAdd(a0, b1, acc01);
+            acc02 = coopMultiplyAdd(a0, b2, acc02);
+            acc03 = coopMultiplyAdd(a0, b3, acc03);
             acc10 = coopMultiplyAdd(a1, b0, acc10);
             acc11 = coopMultiplyAdd(a1, b1, acc11);
+            acc12 = coopMultiplyAdd(a1, b2, acc12);
+            acc13 = coopMultiplyAdd(a1, b3, acc13);
         }
         workgroupBarrier();
     }
 
     store_fragment(acc00, sg, lane, z, i0 + sm, j0 + sn);
     store_fragment(acc01, sg, lane, z, i0 + sm, j0 + sn + FRAG);
+    store_fragment(acc02, sg, lane, z, i0 + sm, j0 + sn + 2u * FRAG);
+    store_fragment(acc03, sg, lane, z, i0 + sm, j0 + sn + 3u * FRAG);
     store_fragment(acc10, sg, lane, z, i0 + sm + FRAG, j0 + sn);
     store_fragment(acc11, sg, lane, z, i0 + sm + FRAG, j0 + sn + FRAG);
+    store_fragment(acc12, sg, lane, z, i0 + sm + FRAG, j0 + sn + 2u * FRAG);
+    store_fragment(acc13, sg, lane, z, i0 + sm + FRAG, j0 + sn + 3u * FRAG);
 }

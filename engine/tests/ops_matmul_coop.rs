@@ -34,68 +34,83 @@ fn shader_validates_and_writes_spirv_for_every_variant() {
             Activation::GeluTanh,
             Activation::QuickGelu,
         ] {
-            let constants = variant_constants(transpose_b, act)
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect();
-            let entry = Some((naga::ShaderStage::Compute, "matmul_coop"));
-            let (resolved, resolved_info) = naga::back::pipeline_constants::process_overrides(
-                &module, &info, entry, &constants,
-            )
-            .unwrap_or_else(|e| panic!("overrides {constants:?}: {e}"));
-            // What wgpu-hal's Vulkan backend (30.0) asks of naga on a Vulkan 1.3
-            // GPU with SHADER_F16, SUBGROUP and the cooperative-matrix feature:
-            // its capability list (a capability outside it fails the write, as
-            // it would fail the pipeline) and its strictest bounds checks.
-            use naga::back::spv::Capability as C;
-            let capabilities = [
-                C::Shader,
-                C::Matrix,
-                C::Float16,
-                C::GroupNonUniform,
-                C::GroupNonUniformVote,
-                C::GroupNonUniformArithmetic,
-                C::GroupNonUniformBallot,
-                C::GroupNonUniformShuffle,
-                C::GroupNonUniformShuffleRelative,
-                C::GroupNonUniformQuad,
-                C::CooperativeMatrixKHR,
-                C::VulkanMemoryModel,
-            ];
-            let restrict = naga::proc::BoundsCheckPolicy::Restrict;
-            let options = naga::back::spv::Options {
-                lang_version: (1, 6),
-                capabilities: Some(capabilities.into_iter().collect()),
-                bounds_check_policies: naga::proc::BoundsCheckPolicies {
-                    index: restrict,
-                    buffer: restrict,
-                    image_load: restrict,
-                    binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
-                },
-                force_loop_bounding: true,
-                ..Default::default()
-            };
-            let pipeline = naga::back::spv::PipelineOptions {
-                shader_stage: naga::ShaderStage::Compute,
-                entry_point: "matmul_coop".into(),
-            };
-            let words =
-                naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline))
-                    .unwrap_or_else(|e| panic!("SPIR-V for {constants:?}: {e}"));
-            assert_eq!(words[0], 0x0723_0203, "SPIR-V magic number");
-            // For spirv-val (not in CI): MOTIF_DUMP_SPIRV=<dir> writes each variant.
-            if let Ok(dir) = std::env::var("MOTIF_DUMP_SPIRV") {
-                let name = format!("matmul_coop_t{}_act{}.spv", transpose_b as u8, act as u8);
-                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-                std::fs::write(std::path::Path::new(&dir).join(name), bytes).unwrap();
+            for fast_staging in [0.0, 1.0] {
+                let constants = variant_constants(transpose_b, act)
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            if k == "FAST_STAGING" { fast_staging } else { v },
+                        )
+                    })
+                    .collect::<naga::back::PipelineConstants>();
+                assert!(constants.contains_key("FAST_STAGING"));
+                let entry = Some((naga::ShaderStage::Compute, "matmul_coop"));
+                let (resolved, resolved_info) = naga::back::pipeline_constants::process_overrides(
+                    &module, &info, entry, &constants,
+                )
+                .unwrap_or_else(|e| panic!("overrides {constants:?}: {e}"));
+                // What wgpu-hal's Vulkan backend (30.0) asks of naga on a Vulkan 1.3
+                // GPU with SHADER_F16, SUBGROUP and the cooperative-matrix feature:
+                // its capability list (a capability outside it fails the write, as
+                // it would fail the pipeline) and its strictest bounds checks.
+                use naga::back::spv::Capability as C;
+                let capabilities = [
+                    C::Shader,
+                    C::Matrix,
+                    C::Float16,
+                    C::GroupNonUniform,
+                    C::GroupNonUniformVote,
+                    C::GroupNonUniformArithmetic,
+                    C::GroupNonUniformBallot,
+                    C::GroupNonUniformShuffle,
+                    C::GroupNonUniformShuffleRelative,
+                    C::GroupNonUniformQuad,
+                    C::CooperativeMatrixKHR,
+                    C::VulkanMemoryModel,
+                ];
+                let restrict = naga::proc::BoundsCheckPolicy::Restrict;
+                let options = naga::back::spv::Options {
+                    lang_version: (1, 6),
+                    capabilities: Some(capabilities.into_iter().collect()),
+                    bounds_check_policies: naga::proc::BoundsCheckPolicies {
+                        index: restrict,
+                        buffer: restrict,
+                        image_load: restrict,
+                        binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
+                    },
+                    force_loop_bounding: true,
+                    ..Default::default()
+                };
+                let pipeline = naga::back::spv::PipelineOptions {
+                    shader_stage: naga::ShaderStage::Compute,
+                    entry_point: "matmul_coop".into(),
+                };
+                let words = naga::back::spv::write_vec(
+                    &resolved,
+                    &resolved_info,
+                    &options,
+                    Some(&pipeline),
+                )
+                .unwrap_or_else(|e| panic!("SPIR-V for {constants:?}: {e}"));
+                assert_eq!(words[0], 0x0723_0203, "SPIR-V magic number");
+                // For spirv-val (not in CI): MOTIF_DUMP_SPIRV=<dir> writes each variant.
+                if let Ok(dir) = std::env::var("MOTIF_DUMP_SPIRV") {
+                    let name = format!(
+                        "matmul_coop_t{}_act{}_fast{fast_staging}.spv",
+                        transpose_b as u8, act as u8
+                    );
+                    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                    std::fs::write(std::path::Path::new(&dir).join(name), bytes).unwrap();
+                }
+                // The module must really use the tensor-core instructions
+                // (OpCooperativeMatrixMulAddKHR is opcode 4459).
+                let has_muladd = words.iter().any(|w| w & 0xffff == 4459);
+                assert!(
+                    has_muladd,
+                    "no OpCooperativeMatrixMulAddKHR for {constants:?}"
+                );
             }
-            // The module must really use the tensor-core instructions
-            // (OpCooperativeMatrixMulAddKHR is opcode 4459).
-            let has_muladd = words.iter().any(|w| w & 0xffff == 4459);
-            assert!(
-                has_muladd,
-                "no OpCooperativeMatrixMulAddKHR for {constants:?}"
-            );
         }
     }
 }

@@ -27,27 +27,37 @@ pub const SOURCE: &str = include_str!("../../../shaders/matmul_coop.wgsl");
 
 const ENTRY: &str = "matmul_coop";
 
-/// Output rows and columns of one workgroup (as matmul_tiled's `TILE`).
-pub(crate) const TILE: usize = 64;
+/// Output rows and columns of one workgroup.
+pub(crate) const TILE: usize = 128;
+/// Invocations and workgroup memory of one workgroup (see the shader).
+const INVOCATIONS: u32 = 256;
+const WORKGROUP_BYTES: u32 = 2 * (5120 + 4352) + 4 * 2048;
 
-/// The only subgroup size the kernel is written for: a workgroup of 128
-/// invocations is then exactly 4 subgroups, one per 32 x 32 quarter tile.
+/// The only subgroup size the kernel is written for: a workgroup of 256
+/// invocations is then exactly 8 subgroups, one per 32 x 64 block.
 const SUBGROUP: u32 = 32;
 
 /// Whether `gpu` has the cooperative matrices this kernel is written for.
 pub(crate) fn available(gpu: &Gpu, dtype: DType) -> bool {
+    let limits = gpu.limits();
     dtype == DType::F16
         && gpu
             .coop_matrix()
             .is_some_and(|c| c.subgroup_size == SUBGROUP)
+        && limits.max_compute_invocations_per_workgroup >= INVOCATIONS
+        && limits.max_compute_workgroup_storage_size >= WORKGROUP_BYTES
 }
 
 /// The override constants of one variant (public for the validation test).
 #[doc(hidden)]
 pub fn variant_constants(transpose_b: bool, activation: Activation) -> Vec<(&'static str, f64)> {
+    // MOTIF_COOP_STAGING=checked: every tile through the bounds-checked
+    // staging, to compare (`motif bench --coop`).
+    let checked = std::env::var("MOTIF_COOP_STAGING").is_ok_and(|v| v == "checked");
     vec![
         ("TRANS_B", if transpose_b { 1.0 } else { 0.0 }),
         ("ACT", activation.code()),
+        ("FAST_STAGING", if checked { 0.0 } else { 1.0 }),
     ]
 }
 
@@ -96,7 +106,7 @@ pub(crate) fn routes(gpu: &Gpu, dtype: DType, transpose_b: bool, activation: Act
 
 /// Records one matmul_coop dispatch, as `Gpu::dispatch` does for kernels of
 /// the prelude: `params` is matmul.rs's parameter block, `bindings` its
-/// slots 1..4, one workgroup per 64 x 64 tile.
+/// slots 1..4, `workgroups` counted in [`TILE`]s.
 pub(crate) fn dispatch(
     gpu: &Gpu,
     transpose_b: bool,
@@ -436,8 +446,9 @@ fn run_case(gpu: &Gpu, c: &CheckCase, seed: u64) -> Result<CoopCase> {
 
 /// Runs the tensor-core kernel on the check's shapes (odd sizes, batches,
 /// bias and activations, K = 77, SD1.5's 4096x320x320, 4096³) against the
-/// CPU reference and the portable kernel, and times each; the last entry
-/// times the portable kernel on 4096³ for comparison. Fails with
+/// CPU reference and the portable kernel, and times each; then timing-only
+/// entries: the portable kernel on 4096³, and both kernels on the shapes of
+/// `MOTIF_COOP_SHAPES` (`MxKxN` or `MxKxNt`, comma-separated). Fails with
 /// [`EngineError::Argument`] when the adapter has no usable cooperative
 /// matrices. A case that fails to run is reported with its error, not
 /// returned as one, so that one broken case does not hide the others.
@@ -468,38 +479,75 @@ pub fn coop_check(gpu: &Gpu) -> Result<Vec<CoopCase>> {
         });
         cases.push(case);
     }
-    // The portable kernel on the square case, for the speed-up.
-    let n = 4096;
-    let portable = (|| -> Result<CoopCase> {
-        let a = Tensor::from_f32(gpu, &random(n * n, 101), &[n, n], DType::F16)?;
-        let b = Tensor::from_f32(gpu, &random(n * n, 102), &[n, n], DType::F16)?;
-        let opts = MatmulOptions::default();
-        let run = || matmul_with_kernel(gpu, &a, &b, &opts, MatmulKernel::Tiled);
-        let (seconds, gpu_timed) = time_product(gpu, 3, &run)?;
-        Ok(CoopCase {
-            name: "portable kernel 4096^3 (timing only)".into(),
-            shape: format!("{n}x{n}x{n}"),
-            max_error: 0.0,
-            tolerance: 0.0,
-            vs_portable: 0.0,
-            passed: true,
-            ms: seconds * 1e3,
-            tflops: 2.0 * (n * n * n) as f64 / seconds / 1e12,
-            gpu_timed,
-            error: None,
-        })
-    })();
-    cases.push(portable.unwrap_or_else(|e| CoopCase {
-        name: "portable kernel 4096^3 (timing only)".into(),
-        shape: format!("{n}x{n}x{n}"),
-        max_error: f32::NAN,
-        tolerance: f32::NAN,
-        vs_portable: f32::NAN,
-        passed: false,
-        ms: f64::NAN,
-        tflops: f64::NAN,
-        gpu_timed: false,
-        error: Some(e.to_string()),
-    }));
+    // The portable kernel on the square case, for the speed-up; then any
+    // shapes to time from MOTIF_COOP_SHAPES (`MxKxN` or `MxKxNt` for a
+    // transposed b, comma-separated) on both kernels.
+    let mut timings = vec![(
+        "portable kernel",
+        [4096, 4096, 4096],
+        false,
+        MatmulKernel::Tiled,
+    )];
+    if let Ok(list) = std::env::var("MOTIF_COOP_SHAPES") {
+        for item in list.split(',').filter(|s| !s.is_empty()) {
+            let transpose_b = item.ends_with('t');
+            let dims: Vec<usize> = item
+                .trim_end_matches('t')
+                .split('x')
+                .filter_map(|d| d.parse().ok())
+                .collect();
+            let [m, k, n] = dims[..] else {
+                return Err(EngineError::Argument {
+                    op: "MOTIF_COOP_SHAPES",
+                    message: format!("expected MxKxN or MxKxNt, found `{item}`"),
+                });
+            };
+            timings.push(("coop kernel", [m, k, n], transpose_b, MatmulKernel::Coop));
+            timings.push((
+                "portable kernel",
+                [m, k, n],
+                transpose_b,
+                MatmulKernel::Tiled,
+            ));
+        }
+    }
+    for (i, (name, [m, k, n], transpose_b, kernel)) in timings.into_iter().enumerate() {
+        let shape = format!("{m}x{k}x{n}{}", if transpose_b { " bT" } else { "" });
+        let timed = (|| -> Result<CoopCase> {
+            let b_shape = if transpose_b { [n, k] } else { [k, n] };
+            let a = Tensor::from_f32(gpu, &random(m * k, 101 + i as u64), &[m, k], DType::F16)?;
+            let b = Tensor::from_f32(gpu, &random(k * n, 202 + i as u64), &b_shape, DType::F16)?;
+            let opts = MatmulOptions {
+                transpose_b,
+                ..Default::default()
+            };
+            let run = || matmul_with_kernel(gpu, &a, &b, &opts, kernel);
+            let (seconds, gpu_timed) = time_product(gpu, 3, &run)?;
+            Ok(CoopCase {
+                name: format!("{name} (timing only)"),
+                shape: shape.clone(),
+                max_error: 0.0,
+                tolerance: 0.0,
+                vs_portable: 0.0,
+                passed: true,
+                ms: seconds * 1e3,
+                tflops: 2.0 * (m * n * k) as f64 / seconds / 1e12,
+                gpu_timed,
+                error: None,
+            })
+        })();
+        cases.push(timed.unwrap_or_else(|e| CoopCase {
+            name: format!("{name} (timing only)"),
+            shape,
+            max_error: f32::NAN,
+            tolerance: f32::NAN,
+            vs_portable: f32::NAN,
+            passed: false,
+            ms: f64::NAN,
+            tflops: f64::NAN,
+            gpu_timed: false,
+            error: Some(e.to_string()),
+        }));
+    }
     Ok(cases)
 }
