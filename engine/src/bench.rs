@@ -353,8 +353,9 @@ pub struct PipelineReport {
     pub peak_bytes: u64,
 }
 
+/// Mean seconds of `iters` runs. No warm-up: the first generation before
+/// has compiled every pipeline and filled the pool with these shapes.
 fn time_it<T>(gpu: &Gpu, iters: usize, mut run: impl FnMut() -> Result<T>) -> Result<f64> {
-    run()?;
     gpu.synchronize()?;
     let start = Instant::now();
     for _ in 0..iters.max(1) {

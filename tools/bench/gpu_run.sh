@@ -20,6 +20,8 @@ cd "$(dirname "$0")/../.."
 OUT=${1:?usage: gpu_run.sh OUT_DIR}
 mkdir -p "$OUT"
 STEPS=${STEPS:-4,25}
+SIZE=${SIZE:-512x512x16}
+ITERS=${ITERS:-3}
 # The whole run's budget in seconds (the lent machine allows 600 per command):
 # every stage gets at most what is left of it.
 DEADLINE=$(( $(date +%s) + ${BUDGET:-540} ))
@@ -40,8 +42,9 @@ if [ -f .devbin/motif.xz ]; then
   xz -dc .devbin/motif.xz >/tmp/motif && chmod +x /tmp/motif && MOTIF=/tmp/motif
 fi
 export MOTIF_CACHE_DIR=/tmp/motif-cache
-if ! "$MOTIF" info >"$OUT/info.txt" 2>&1 || ! grep -qi nvidia "$OUT/info.txt"; then
-  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+NV_ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if { ! "$MOTIF" info >"$OUT/info.txt" 2>&1 || ! grep -qi nvidia "$OUT/info.txt"; } && [ -f "$NV_ICD" ]; then
+  export VK_DRIVER_FILES=$NV_ICD
   "$MOTIF" info >"$OUT/info.txt" 2>&1
 fi
 export MOTIF_ADAPTER=${MOTIF_ADAPTER:-nvidia}
@@ -50,7 +53,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>
 python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__)' >>"$OUT/info.txt" 2>&1
 
 log "cooperative-matrix check"
-if "$MOTIF" bench --help | grep -q -- --coop; then
+if [ "${COOP:-1}" = 1 ] && "$MOTIF" bench --help | grep -q -- --coop; then
   timeout $(limit 60) "$MOTIF" bench --coop >"$OUT/coop.txt" 2>&1; log "coop exit $?"
 fi
 
@@ -63,14 +66,15 @@ timeout $(limit 90) python3 tools/bench/torch_side.py --make-full /tmp/full >"$O
 log "side by side, $STEPS steps"
 # Each side gets half of what is left, less a reserve for the later stages.
 SIDE=$(( ( $(limit 100000) - ${RESERVE:-70} ) / 2 ))
-PYTHONUNBUFFERED=1 timeout $(limit $((2 * SIDE + 20))) python3 tools/bench/compare.py --model /tmp/full --steps "$STEPS" \
-  --iters 3 --motif "$MOTIF" --timeout "$SIDE" --out "$OUT/full" >"$OUT/compare.txt" 2>&1
+[ "$SIDE" -lt 30 ] && SIDE=30
+PYTHONUNBUFFERED=1 timeout $(limit $((2 * SIDE + 20))) python3 tools/bench/compare.py --model /tmp/full --steps "$STEPS" --size "$SIZE" \
+  --iters "$ITERS" --motif "$MOTIF" --timeout "$SIDE" --out "$OUT/full" >"$OUT/compare.txt" 2>&1
 log "compare exit $?"
 
 log "second motif run: first preview with a warm pipeline cache"
-timeout $(limit 60) "$MOTIF" bench --model /tmp/full --steps 1 --iters 1 --json >"$OUT/warm_cache.json" 2>"$OUT/warm_cache.log"
+timeout $(limit 60) "$MOTIF" bench --model /tmp/full --size "$SIZE" --steps 1 --iters 1 --json >"$OUT/warm_cache.json" 2>"$OUT/warm_cache.log"
 log "warm-cache exit $?"
 
 log "operators"
-timeout $(limit 40) "$MOTIF" bench --ops --all-precisions --iters 5 >"$OUT/ops.txt" 2>&1; log "ops exit $?"
+[ "${OPS:-1}" = 1 ] && timeout $(limit 40) "$MOTIF" bench --ops --all-precisions --iters 5 >"$OUT/ops.txt" 2>&1; log "ops exit $?"
 log "done"
