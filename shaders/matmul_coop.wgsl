@@ -18,7 +18,10 @@
 // tiles than matmul_tiled's: half the staging per product). Operands
 // are staged through workgroup memory in steps of 32 along K, zero-padded
 // past M, N and K, so any sizes and offsets work: the cooperative loads only
-// ever read workgroup memory. The accumulators go back through workgroup
+// ever read workgroup memory. Tiles wholly inside the product are read in
+// straight-line code, the next one into registers while this one is
+// multiplied (on an H200 5x faster than looped staging, which the driver
+// did not unroll: docs/PERFORMANCE.md). The accumulators go back through workgroup
 // memory too, where the epilogue (alpha, the partial sums of earlier K
 // windows, bias, activation) is applied per element with bounds checks.
 //
@@ -69,8 +72,9 @@ struct Params {
 
 // 1: b is [N, K] (nn.Linear's weight layout).
 override TRANS_B: u32 = 0u;
-// 1: tiles inside the product are staged without bounds checks (0: every
-// tile checked; kept to compare, MOTIF_COOP_STAGING=checked).
+// 1: tiles inside the product are fetched ahead without bounds checks (0:
+// every tile through the checked loops; kept to compare,
+// MOTIF_COOP_STAGING=checked).
 override FAST_STAGING: u32 = 1u;
 // Fused activation: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh), 4 quick-GELU.
 override ACT: u32 = 0u;
