@@ -18,7 +18,10 @@
 // tiles than matmul_tiled's: half the staging per product). Operands
 // are staged through workgroup memory in steps of 32 along K, zero-padded
 // past M, N and K, so any sizes and offsets work: the cooperative loads only
-// ever read workgroup memory. The accumulators go back through workgroup
+// ever read workgroup memory. Tiles wholly inside the product are read in
+// straight-line code, the next one into registers while this one is
+// multiplied (on an H200 5x faster than looped staging, which the driver
+// did not unroll: docs/PERFORMANCE.md). The accumulators go back through workgroup
 // memory too, where the epilogue (alpha, the partial sums of earlier K
 // windows, bias, activation) is applied per element with bounds checks.
 //
@@ -69,8 +72,9 @@ struct Params {
 
 // 1: b is [N, K] (nn.Linear's weight layout).
 override TRANS_B: u32 = 0u;
-// 1: tiles inside the product are staged without bounds checks (0: every
-// tile checked; kept to compare, MOTIF_COOP_STAGING=checked).
+// 1: tiles inside the product are fetched ahead without bounds checks (0:
+// every tile through the checked loops; kept to compare,
+// MOTIF_COOP_STAGING=checked).
 override FAST_STAGING: u32 = 1u;
 // Fused activation: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh), 4 quick-GELU.
 override ACT: u32 = 0u;
@@ -134,6 +138,55 @@ fn load_b(z: u32, kk: u32, j: u32) -> f16 {
     return b[p.b_off + z * p.b_bstride + kk * p.ldb + j];
 }
 
+// Values 4q .. 4q+3 of an invocation's share of an interior tile (see the
+// main loop): read from the operand, written to the staged tile.
+fn fetch_a(g0: u32, gs: u32, q: u32) -> vec4<f16> {
+    let g = g0 + 4u * q * gs;
+    return vec4<f16>(a[g], a[g + gs], a[g + 2u * gs], a[g + 3u * gs]);
+}
+
+fn fetch_b(g0: u32, gs: u32, q: u32) -> vec4<f16> {
+    let g = g0 + 4u * q * gs;
+    return vec4<f16>(b[g], b[g + gs], b[g + 2u * gs], b[g + 3u * gs]);
+}
+
+fn put_a(v: vec4<f16>, s0: u32, ss: u32, q: u32) {
+    let s = s0 + 4u * q * ss;
+    a_tile[s] = v.x;
+    a_tile[s + ss] = v.y;
+    a_tile[s + 2u * ss] = v.z;
+    a_tile[s + 3u * ss] = v.w;
+}
+
+fn put_b(v: vec4<f16>, s0: u32, ss: u32, q: u32) {
+    let s = s0 + 4u * q * ss;
+    b_tile[s] = v.x;
+    b_tile[s + ss] = v.y;
+    b_tile[s + 2u * ss] = v.z;
+    b_tile[s + 3u * ss] = v.w;
+}
+
+// Stages the tile at k0 with bounds checks: zeros past M, N and K.
+fn stage_checked(z: u32, i0: u32, j0: u32, k0: u32, lid: u32) {
+    for (var e = lid; e < TILE_M * TILE_K; e += INVOCATIONS) {
+        let r = e / TILE_K;
+        let c = e % TILE_K;
+        a_tile[r * A_LD + c] = load_a(z, i0 + r, k0 + c);
+    }
+    for (var e = lid; e < TILE_K * TILE_N; e += INVOCATIONS) {
+        var kk: u32;
+        var j: u32;
+        if (TRANS_B == 1u) {
+            kk = e % TILE_K;
+            j = e / TILE_K;
+        } else {
+            kk = e / TILE_N;
+            j = e % TILE_N;
+        }
+        b_tile[kk * B_LD + j] = load_b(z, k0 + kk, j0 + j);
+    }
+}
+
 // Writes one accumulator fragment whose (0, 0) is output (i0, j0) through
 // the epilogue. Called by every subgroup in the same order (the barriers).
 fn store_fragment(frag: coop_mat16x16<f32, C>, sg: u32, lane: u32, z: u32, i0: u32, j0: u32) {
@@ -189,51 +242,71 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     var acc13 = acc00;
     workgroupBarrier();
 
-    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        // 256 invocations stage 128 x 32 values of a and 32 x 128 of b, 16 each;
-        // consecutive invocations read consecutive addresses of both. A tile
-        // inside the product (the same answer for the whole workgroup) skips
-        // the bounds checks, so that all 16 loads can be in flight at once.
-        let interior = i0 + TILE_M <= p.m && j0 + TILE_N <= p.n && k0 + TILE_K <= p.k;
-        if (FAST_STAGING == 1u && interior) {
-            let a_base = p.a_off + z * p.a_bstride + i0 * p.lda + k0;
-            let b_base = p.b_off + z * p.b_bstride;
-            for (var t = 0u; t < TILE_M * TILE_K / INVOCATIONS; t++) {
-                let e = lid + t * INVOCATIONS;
-                a_tile[(e / TILE_K) * A_LD + e % TILE_K] = a[a_base + (e / TILE_K) * p.lda + e % TILE_K];
-            }
-            for (var t = 0u; t < TILE_K * TILE_N / INVOCATIONS; t++) {
-                let e = lid + t * INVOCATIONS;
-                if (TRANS_B == 1u) {
-                    let kk = e % TILE_K;
-                    let j = e / TILE_K;
-                    b_tile[kk * B_LD + j] = b[b_base + (j0 + j) * p.ldb + k0 + kk];
-                } else {
-                    let kk = e / TILE_N;
-                    let j = e % TILE_N;
-                    b_tile[kk * B_LD + j] = b[b_base + (k0 + kk) * p.ldb + j0 + j];
-                }
-            }
+    // Where each invocation's 16 values of a and of b come from and go to
+    // in an interior tile: value q at g0 + q * g_step in the operand (plus
+    // k0 or its multiple) and at s0 + q * s_step in the staged tile.
+    let a_g0 = p.a_off + z * p.a_bstride + (i0 + lid / TILE_K) * p.lda + lid % TILE_K;
+    let a_gs = (INVOCATIONS / TILE_K) * p.lda;
+    let a_s0 = (lid / TILE_K) * A_LD + lid % TILE_K;
+    let a_ss = (INVOCATIONS / TILE_K) * A_LD;
+    var b_g0: u32;
+    var b_gs: u32;
+    var b_gk: u32;          // operand offset of one step of k
+    var b_s0: u32;
+    var b_ss: u32;
+    if (TRANS_B == 1u) {
+        b_g0 = p.b_off + z * p.b_bstride + (j0 + lid / TILE_K) * p.ldb + lid % TILE_K;
+        b_gs = (INVOCATIONS / TILE_K) * p.ldb;
+        b_gk = 1u;
+        b_s0 = (lid % TILE_K) * B_LD + lid / TILE_K;
+        b_ss = INVOCATIONS / TILE_K;
+    } else {
+        b_g0 = p.b_off + z * p.b_bstride + (lid / TILE_N) * p.ldb + j0 + lid % TILE_N;
+        b_gs = (INVOCATIONS / TILE_N) * p.ldb;
+        b_gk = p.ldb;
+        b_s0 = (lid / TILE_N) * B_LD + lid % TILE_N;
+        b_ss = (INVOCATIONS / TILE_N) * B_LD;
+    }
+    let rows_cols_inside = i0 + TILE_M <= p.m && j0 + TILE_N <= p.n;
+
+    // The next tile's values wait in registers while this one is multiplied
+    // (interior tiles; the others are staged with bounds checks in turn).
+    var pa0: vec4<f16>;
+    var pa1: vec4<f16>;
+    var pa2: vec4<f16>;
+    var pa3: vec4<f16>;
+    var pb0: vec4<f16>;
+    var pb1: vec4<f16>;
+    var pb2: vec4<f16>;
+    var pb3: vec4<f16>;
+    if (p.k > 0u) {
+        if (FAST_STAGING == 1u && rows_cols_inside && TILE_K <= p.k) {
+            put_a(fetch_a(a_g0, a_gs, 0u), a_s0, a_ss, 0u);
+            put_a(fetch_a(a_g0, a_gs, 1u), a_s0, a_ss, 1u);
+            put_a(fetch_a(a_g0, a_gs, 2u), a_s0, a_ss, 2u);
+            put_a(fetch_a(a_g0, a_gs, 3u), a_s0, a_ss, 3u);
+            put_b(fetch_b(b_g0, b_gs, 0u), b_s0, b_ss, 0u);
+            put_b(fetch_b(b_g0, b_gs, 1u), b_s0, b_ss, 1u);
+            put_b(fetch_b(b_g0, b_gs, 2u), b_s0, b_ss, 2u);
+            put_b(fetch_b(b_g0, b_gs, 3u), b_s0, b_ss, 3u);
         } else {
-            for (var e = lid; e < TILE_M * TILE_K; e += INVOCATIONS) {
-                let r = e / TILE_K;
-                let c = e % TILE_K;
-                a_tile[r * A_LD + c] = load_a(z, i0 + r, k0 + c);
-            }
-            for (var e = lid; e < TILE_K * TILE_N; e += INVOCATIONS) {
-                var kk: u32;
-                var j: u32;
-                if (TRANS_B == 1u) {
-                    kk = e % TILE_K;
-                    j = e / TILE_K;
-                } else {
-                    kk = e / TILE_N;
-                    j = e % TILE_N;
-                }
-                b_tile[kk * B_LD + j] = load_b(z, k0 + kk, j0 + j);
-            }
+            stage_checked(z, i0, j0, 0u, lid);
         }
+    }
+    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
         workgroupBarrier();
+        let kn = k0 + TILE_K;
+        let fast_next = FAST_STAGING == 1u && rows_cols_inside && kn + TILE_K <= p.k;
+        if (fast_next) {
+            pa0 = fetch_a(a_g0 + kn, a_gs, 0u);
+            pa1 = fetch_a(a_g0 + kn, a_gs, 1u);
+            pa2 = fetch_a(a_g0 + kn, a_gs, 2u);
+            pa3 = fetch_a(a_g0 + kn, a_gs, 3u);
+            pb0 = fetch_b(b_g0 + kn * b_gk, b_gs, 0u);
+            pb1 = fetch_b(b_g0 + kn * b_gk, b_gs, 1u);
+            pb2 = fetch_b(b_g0 + kn * b_gk, b_gs, 2u);
+            pb3 = fetch_b(b_g0 + kn * b_gk, b_gs, 3u);
+        }
         for (var kk = 0u; kk < TILE_K; kk += FRAG) {
             let a0 = coopLoadT<coop_mat16x16<f16, A>>(&a_tile[sm * A_LD + kk], A_LD);
             let a1 = coopLoadT<coop_mat16x16<f16, A>>(&a_tile[(sm + FRAG) * A_LD + kk], A_LD);
@@ -251,6 +324,18 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             acc13 = coopMultiplyAdd(a1, b3, acc13);
         }
         workgroupBarrier();
+        if (fast_next) {
+            put_a(pa0, a_s0, a_ss, 0u);
+            put_a(pa1, a_s0, a_ss, 1u);
+            put_a(pa2, a_s0, a_ss, 2u);
+            put_a(pa3, a_s0, a_ss, 3u);
+            put_b(pb0, b_s0, b_ss, 0u);
+            put_b(pb1, b_s0, b_ss, 1u);
+            put_b(pb2, b_s0, b_ss, 2u);
+            put_b(pb3, b_s0, b_ss, 3u);
+        } else if (kn < p.k) {
+            stage_checked(z, i0, j0, kn, lid);
+        }
     }
 
     store_fragment(acc00, sg, lane, z, i0 + sm, j0 + sn);

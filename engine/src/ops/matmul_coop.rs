@@ -311,6 +311,15 @@ fn check_cases() -> Vec<CheckCase> {
                 false,
             )
         },
+        // Whole tiles along M and N with a K tail: the unchecked staging
+        // hands over to the checked one for the last step of K.
+        case("whole tiles, K tail", &[256, 1000], &[1000, 384], false),
+        case(
+            "whole tiles, K tail, b transposed",
+            &[2, 128, 999],
+            &[2, 256, 999],
+            true,
+        ),
         CheckCase {
             bias: true,
             ..case("sd15 linear 4096x320x320", &[4096, 320], &[320, 320], true)
