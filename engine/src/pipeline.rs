@@ -511,6 +511,23 @@ impl AnimateDiff {
         Ok((encoded.iter().map(|(ids, _)| *ids).collect(), values))
     }
 
+    /// Frames the VAE decodes at once at `height` x `width`: as many as keep
+    /// the decoder's widest full-resolution activation (a few live at once)
+    /// within about 256 MiB, at least one. SD's VAE at 512x512 takes one
+    /// frame at a time; small models decode a whole clip in one pass, which
+    /// saves the per-dispatch cost of many small ones.
+    pub(crate) fn decode_chunk(&self, height: usize, width: usize) -> usize {
+        let widest = self
+            .vae
+            .config
+            .block_out_channels
+            .first()
+            .copied()
+            .unwrap_or(128);
+        let per_frame = 4 * widest * height * width * 4;
+        ((256usize << 20) / per_frame.max(1)).max(1)
+    }
+
     /// Gaussian noise [1, C, F, h, w] with the motion share and camera warp.
     fn initial_noise(&self, rng: &mut ChaCha8Rng, req: &Request) -> Vec<f32> {
         let s = self.scale_factor();
@@ -835,33 +852,41 @@ impl AnimateDiff {
             }
         }
 
-        // Decode frame by frame: [1, C, F, h, w] → per frame [1, C, h, w].
+        // Decode a chunk of frames at a time: [1, C, F, h, w] → [n, C, h, w].
         let (hh, ww) = (req.height, req.width);
+        let chunk = self.decode_chunk(hh, ww);
         let mut frames_f32 = vec![0f32; f * hh * ww * 3];
         let mut frames = Vec::with_capacity(f);
-        for fi in 0..f {
-            let mut z = vec![0f32; c * h * w];
-            for ch in 0..c {
-                let o = (ch * f + fi) * h * w;
-                z[ch * h * w..(ch + 1) * h * w].copy_from_slice(&latents[o..o + h * w]);
-            }
-            let zt = Tensor::from_f32(gpu, &z, &[1, c, h, w], gpu.precision())?;
-            let image = self.vae.decode_scaled(gpu, &zt)?.to_f32(gpu)?;
-            let out = &mut frames_f32[fi * hh * ww * 3..(fi + 1) * hh * ww * 3];
-            let mut rgb = vec![0u8; hh * ww * 3];
-            for p in 0..hh * ww {
-                for k in 0..3 {
-                    let v = (image[k * hh * ww + p] / 2.0 + 0.5).clamp(0.0, 1.0);
-                    out[p * 3 + k] = v;
-                    rgb[p * 3 + k] = (v * 255.0).round() as u8;
+        for f0 in (0..f).step_by(chunk) {
+            let n = chunk.min(f - f0);
+            let mut z = vec![0f32; n * c * h * w];
+            for (i, fi) in (f0..f0 + n).enumerate() {
+                for ch in 0..c {
+                    let o = (ch * f + fi) * h * w;
+                    let d = (i * c + ch) * h * w;
+                    z[d..d + h * w].copy_from_slice(&latents[o..o + h * w]);
                 }
             }
-            frames.push(rgb);
-            if !events(Event::Decoded {
-                frame: fi,
-                total: f,
-            }) {
-                return Err(EngineError::Cancelled);
+            let zt = Tensor::from_f32(gpu, &z, &[n, c, h, w], gpu.precision())?;
+            let images = self.vae.decode_scaled(gpu, &zt)?.to_f32(gpu)?;
+            for (i, image) in images.chunks(3 * hh * ww).enumerate() {
+                let fi = f0 + i;
+                let out = &mut frames_f32[fi * hh * ww * 3..(fi + 1) * hh * ww * 3];
+                let mut rgb = vec![0u8; hh * ww * 3];
+                for p in 0..hh * ww {
+                    for k in 0..3 {
+                        let v = (image[k * hh * ww + p] / 2.0 + 0.5).clamp(0.0, 1.0);
+                        out[p * 3 + k] = v;
+                        rgb[p * 3 + k] = (v * 255.0).round() as u8;
+                    }
+                }
+                frames.push(rgb);
+                if !events(Event::Decoded {
+                    frame: fi,
+                    total: f,
+                }) {
+                    return Err(EngineError::Cancelled);
+                }
             }
         }
         Ok(Generated {
