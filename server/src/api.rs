@@ -212,16 +212,28 @@ async fn submit(
                 ),
             )
         })?;
-    let deserializer = &mut serde_json::Deserializer::from_slice(&bytes);
-    let job: JobRequest = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "body",
+            format!("not valid JSON: {e}"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "body",
+            "expected a JSON object with the job's fields",
+        ));
+    }
+    let job: JobRequest = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let message = e.inner().to_string();
-        // A body that is not JSON at all has no field to name.
-        let field = match e.inner().classify() {
-            serde_json::error::Category::Data => field_of_serde_error(&path, &message),
-            _ => "body".to_string(),
-        };
-        ApiError::field(StatusCode::BAD_REQUEST, &field, message)
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            &field_of_serde_error(&path, &message),
+            message,
+        )
     })?;
     // The decoded still is only checked here; the job keeps the base64 text.
     job.validate(&limits.job)

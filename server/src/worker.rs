@@ -267,7 +267,15 @@ async fn write_still(db: &Db, store: &Store, job: &JobRow) -> Result<Option<Path
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(body.trim())
         .context("decoding the stored still")?;
-    let path = store.tmp.join(format!("{}-{}.img", job.id, job.attempts));
+    // The runner reads the still by its extension.
+    let extension = match image::guess_format(&bytes) {
+        Ok(image::ImageFormat::Jpeg) => "jpg",
+        Ok(image::ImageFormat::WebP) => "webp",
+        _ => "png",
+    };
+    let path = store
+        .tmp
+        .join(format!("{}-{}.{extension}", job.id, job.attempts));
     tokio::fs::write(&path, bytes)
         .await
         .with_context(|| format!("writing {}", path.display()))?;
