@@ -191,9 +191,12 @@ impl JobRequest {
         }
         if let Some(a) = &self.aspect {
             let number = |s: &str| {
-                (!s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit()))
-                    .then(|| s.parse::<u32>().ok())
-                    .flatten()
+                (!s.is_empty()
+                    && s.len() <= 3
+                    && !s.starts_with('0')
+                    && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse::<u32>().ok())
+                .flatten()
             };
             let parsed = a.split_once(':').and_then(|(w, h)| {
                 let (w, h) = (number(w)?, number(h)?);
