@@ -253,11 +253,14 @@ async fn submit(
         });
     }
     let now = db::now_ms();
-    let recent = state.db.submissions_since(&token.id, now - 60_000).await?;
-    if recent.len() as i64 >= limits.submissions_per_minute {
-        // The window frees a slot when the oldest submission in it turns a minute old.
-        let index = recent.len() - limits.submissions_per_minute.max(1) as usize;
-        let frees_at = recent.get(index).copied().unwrap_or(now) + 60_000;
+    let per_minute = limits.submissions_per_minute;
+    let recent = state
+        .db
+        .submissions_since(&token.id, now - 60_000, per_minute)
+        .await?;
+    if recent.len() as i64 >= per_minute {
+        // A slot frees when the oldest of the last `per_minute` submissions turns a minute old.
+        let frees_at = recent.last().copied().unwrap_or(now) + 60_000;
         let wait_s = ((frees_at - now).max(0) as u64).div_ceil(1000).max(1);
         return Err(ApiError {
             retry_after: Some(wait_s),

@@ -261,13 +261,21 @@ impl Db {
         Ok(row.try_get("n")?)
     }
 
-    /// Submission times (ms) of a token since `since_ms`, oldest first.
-    pub async fn submissions_since(&self, token_id: &str, since_ms: i64) -> Result<Vec<i64>> {
+    /// Submission times (ms) of a token since `since_ms`, newest first, at
+    /// most `limit` of them.
+    pub async fn submissions_since(
+        &self,
+        token_id: &str,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<i64>> {
         let rows = sqlx::query(
-            "SELECT created_ms FROM jobs WHERE token_id = $1 AND created_ms >= $2 ORDER BY created_ms",
+            "SELECT created_ms FROM jobs WHERE token_id = $1 AND created_ms >= $2 \
+             ORDER BY created_ms DESC LIMIT $3",
         )
         .bind(token_id)
         .bind(since_ms)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
