@@ -358,6 +358,12 @@ fn submit_watch_progress_and_download_the_clip() {
     let (content_type, bytes) = download(&server, &token, &format!("/api/v1/jobs/{id}/clip"));
     assert_eq!(content_type, "image/gif");
     assert!(bytes.starts_with(b"GIF89a"));
+    let recipe = get(&server, &format!("/api/v1/jobs/{id}/recipe"), Some(&token)).body;
+    assert_eq!(recipe["image"], "(uploaded)", "{recipe}");
+    assert!(
+        (recipe["strength"].as_f64().unwrap() - 0.7).abs() < 1e-6,
+        "{recipe}"
+    );
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
@@ -782,11 +788,11 @@ fn postgres_killed_worker_job_is_requeued_and_finishes() {
     let server = Server::start(&data, &["--workers", "0", "--database", &url]);
     let token = create_token(&["--database", &url], false);
     let id = submit(&server, &token, &tiny_job("a yellow star", 9));
-    let mut doomed = start_worker(&url, &data, "1.5");
+    let mut doomed = start_worker(&url, &data, "3");
     wait_for_state(&server, &token, &id, &["running"], Duration::from_secs(60));
     doomed.kill();
     // Still running on paper until the lease lapses; then the next worker takes it.
-    let _worker = start_worker(&url, &data, "1.5");
+    let _worker = start_worker(&url, &data, "3");
     let job = wait_for_state(
         &server,
         &token,

@@ -492,6 +492,7 @@ async fn stored_file(
     let bytes = tokio::fs::read(&file)
         .await
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+    let bytes = if recipe { public_recipe(bytes) } else { bytes };
     let content_type = if recipe {
         "application/json"
     } else {
@@ -512,6 +513,18 @@ async fn stored_file(
         .header(header::CONTENT_DISPOSITION, disposition)
         .body(Body::from(bytes))
         .map_err(|e| anyhow::anyhow!("building the response: {e}"))?)
+}
+
+/// The recipe names the uploaded still by its temporary path on the worker,
+/// which means nothing to a client and is gone: say it was uploaded.
+fn public_recipe(bytes: Vec<u8>) -> Vec<u8> {
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(mut recipe) if recipe.get("image").is_some_and(Value::is_string) => {
+            recipe["image"] = json!("(uploaded)");
+            serde_json::to_vec_pretty(&recipe).unwrap_or(bytes)
+        }
+        _ => bytes,
+    }
 }
 
 async fn clip(
