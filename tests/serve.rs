@@ -698,8 +698,26 @@ fn killed_server_restarts_and_finishes_every_job() {
 
 // ---- PostgreSQL ----
 
-/// A fresh database on the test server for one test.
-fn postgres_database(name: &str) -> String {
+/// A fresh database on the test server for one test, dropped at its end.
+struct PgDatabase {
+    base: String,
+    name: String,
+    url: String,
+}
+
+fn psql(base: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args([base, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql (Debian's postgresql-client) must be installed");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn postgres_database(name: &str) -> PgDatabase {
     let base = std::env::var("MOTIF_TEST_DATABASE_URL").unwrap_or_else(|_| {
         panic!(
             "MOTIF_TEST_DATABASE_URL is not set: the PostgreSQL tests need a server \
@@ -707,22 +725,28 @@ fn postgres_database(name: &str) -> String {
         )
     });
     let db = format!("motif_{name}_{}", std::process::id());
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {db}"),
-        format!("CREATE DATABASE {db}"),
-    ] {
-        let out = Command::new("psql")
-            .args([base.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql])
-            .output()
-            .expect("psql (Debian's postgresql-client) must be installed");
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    psql(&base, &format!("DROP DATABASE IF EXISTS {db}"));
+    psql(&base, &format!("CREATE DATABASE {db}"));
     let (prefix, _) = base.rsplit_once('/').expect("a URL ending in /DATABASE");
-    format!("{prefix}/{db}")
+    PgDatabase {
+        url: format!("{prefix}/{db}"),
+        base,
+        name: db,
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        // The server and workers are gone by now (declared after this guard).
+        let _ = Command::new("psql")
+            .args([
+                self.base.as_str(),
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
 }
 
 fn start_worker(url: &str, data: &Path, lease_seconds: &str) -> Proc {
@@ -742,7 +766,8 @@ fn start_worker(url: &str, data: &Path, lease_seconds: &str) -> Proc {
 
 #[test]
 fn postgres_two_workers_share_one_queue() {
-    let url = postgres_database("share");
+    let database = postgres_database("share");
+    let url = database.url.clone();
     let data = temp_dir("pg-share");
     let server = Server::start(&data, &["--workers", "0", "--database", &url]);
     let token = create_token(&["--database", &url], false);
@@ -783,7 +808,8 @@ fn postgres_two_workers_share_one_queue() {
 
 #[test]
 fn postgres_killed_worker_job_is_requeued_and_finishes() {
-    let url = postgres_database("kill");
+    let database = postgres_database("kill");
+    let url = database.url.clone();
     let data = temp_dir("pg-kill");
     let server = Server::start(&data, &["--workers", "0", "--database", &url]);
     let token = create_token(&["--database", &url], false);
