@@ -696,6 +696,79 @@ fn killed_server_restarts_and_finishes_every_job() {
     assert_eq!(names.len(), 2, "{names:?}");
 }
 
+/// Waits until the job has done at least one denoising step.
+fn wait_for_a_step(server: &Server, token: &str, id: &str) {
+    let start = Instant::now();
+    while get(server, &format!("/api/v1/jobs/{id}"), Some(token)).body["step"]
+        .as_i64()
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no step after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn running_jobs_cancel_and_a_stopped_server_puts_its_job_back() {
+    let data = temp_dir("cancel");
+    let server = Server::start(&data, &["--workers", "1"]);
+    let token = create_token(&["--data", data.to_str().unwrap()], false);
+    // Long enough (40 steps) to be caught running.
+    let mut long = tiny_job("a red ball bouncing", 11);
+    long["steps"] = json!(40);
+
+    let id = submit(&server, &token, &long);
+    wait_for_a_step(&server, &token, &id);
+    let a = post(
+        &server,
+        &format!("/api/v1/jobs/{id}/cancel"),
+        Some(&token),
+        "",
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["cancel_requested"], true, "{}", a.body);
+    let job = wait_for_state(
+        &server,
+        &token,
+        &id,
+        &["cancelled", "finished", "failed"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert!(job["step"].as_i64().unwrap() < 40, "{job}");
+    assert_eq!(
+        get(&server, &format!("/api/v1/jobs/{id}/clip"), Some(&token)).status,
+        409
+    );
+
+    // SIGTERM: the worker stops within a step and hands its job back unspent.
+    let id = submit(&server, &token, &long);
+    wait_for_a_step(&server, &token, &id);
+    let mut server = server;
+    let pid = server.proc.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    while server.proc.child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let server = Server::start(&data, &["--workers", "0"]);
+    let job = get(&server, &format!("/api/v1/jobs/{id}"), Some(&token)).body;
+    assert_eq!(job["state"], "queued", "{job}");
+    assert_eq!(job["attempts"], 0, "{job}");
+}
+
 // ---- PostgreSQL ----
 
 /// A fresh database on the test server for one test, dropped at its end.

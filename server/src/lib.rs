@@ -201,7 +201,31 @@ pub fn create_token(data: &Path, database: Option<&str>, admin: bool) -> Result<
     })
 }
 
-/// `motif serve`: the API and `workers` in-process workers, until Ctrl-C.
+/// Ctrl-C, or SIGTERM (what service managers send): workers put their job
+/// back in the queue and exit.
+async fn stop_requested() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `motif serve`: the API and `workers` in-process workers, until Ctrl-C or SIGTERM.
 pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
     let url = database_url(&options.data, options.database.as_deref())?;
     let store = Arc::new(Store::open(&options.data)?);
@@ -244,7 +268,7 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
         let signal = shutdown.clone();
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                let _ = tokio::signal::ctrl_c().await;
+                stop_requested().await;
                 signal.trigger();
             })
             .await
@@ -257,7 +281,7 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
     })
 }
 
-/// `motif worker`: `workers` workers on the shared queue, until Ctrl-C.
+/// `motif worker`: `workers` workers on the shared queue, until Ctrl-C or SIGTERM.
 pub fn work(options: WorkerOptions, runner: Arc<dyn Runner>) -> Result<()> {
     let url = database_url(&options.data, options.database.as_deref())?;
     let store = Arc::new(Store::open(&options.data)?);
@@ -279,7 +303,7 @@ pub fn work(options: WorkerOptions, runner: Arc<dyn Runner>) -> Result<()> {
         }
         let signal = shutdown.clone();
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            stop_requested().await;
             signal.trigger();
         });
         for h in handles {

@@ -165,7 +165,9 @@ async fn execute(
     };
 
     let lease_ms = queue.lease.as_millis() as i64;
-    let beat_every = queue.lease / 3;
+    // Renew well within the lease, and at least every second so that a cancel
+    // asked for between two steps is seen soon.
+    let beat_every = (queue.lease / 3).min(Duration::from_secs(1));
     let mut tick = tokio::time::interval(Duration::from_millis(200).min(beat_every));
     let mut last_beat = Instant::now();
     let mut sent_version = 0;
