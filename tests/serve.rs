@@ -769,6 +769,36 @@ fn running_jobs_cancel_and_a_stopped_server_puts_its_job_back() {
     assert_eq!(job["attempts"], 0, "{job}");
 }
 
+#[test]
+fn a_failing_job_is_retried_then_failed_with_its_error() {
+    let data = temp_dir("retry");
+    let server = Server::start(&data, &["--workers", "1", "--max-attempts", "2"]);
+    let token = create_token(&["--data", data.to_str().unwrap()], false);
+    // A PNG whose header is sound (the API checks it) but whose pixels are cut
+    // off: the worker's decoder fails, every time.
+    let mut png_bytes = Vec::new();
+    image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, 9]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut png_bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    png_bytes.truncate(png_bytes.len() - 20);
+    let mut job = tiny_job("a red ball", 1);
+    job["image"] = json!(base64_encode(&png_bytes));
+    let id = submit(&server, &token, &job);
+    let job = wait_for_state(
+        &server,
+        &token,
+        &id,
+        &["failed", "finished"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["attempts"], 2, "{job}");
+    assert!(job["error"].as_str().unwrap().contains("image"), "{job}");
+}
+
 // ---- PostgreSQL ----
 
 /// A fresh database on the test server for one test, dropped at its end.
