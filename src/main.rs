@@ -3,6 +3,7 @@
 
 mod catalog;
 mod generate;
+mod serve;
 mod view;
 
 use anyhow::{Context, Result};
@@ -87,6 +88,15 @@ enum Command {
         /// Also compare the cases' debug outputs, to locate where an error starts.
         #[arg(long)]
         debug: bool,
+    },
+    /// Serve the HTTP API (/api/v1) with a job queue and in-process GPU workers; clips and the SQLite database go to --data.
+    Serve(Box<serve::ServeArgs>),
+    /// Run GPU workers on the job queue of a `motif serve --database postgres://...`.
+    Worker(Box<serve::WorkerArgs>),
+    /// Server administration: API tokens.
+    Admin {
+        #[command(subcommand)]
+        command: serve::AdminCommand,
     },
 }
 
@@ -475,6 +485,19 @@ fn list_models() -> Result<()> {
     Ok(())
 }
 
+/// Opens the chosen GPU on demand, from the server's worker threads.
+fn gpu_opener(cli: &Cli) -> Box<dyn Fn() -> Result<Gpu> + Send + Sync> {
+    let (adapter, precision) = (cli.adapter.clone(), cli.precision);
+    Box::new(move || {
+        Gpu::new(GpuOptions {
+            adapter: adapter.clone(),
+            precision,
+            ..Default::default()
+        })
+        .context("opening the GPU")
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -533,6 +556,9 @@ fn main() {
             Ok(false) => std::process::exit(1),
             Err(e) => Err(e),
         },
+        Command::Serve(args) => serve::serve(gpu_opener(&cli), args),
+        Command::Worker(args) => serve::worker(gpu_opener(&cli), args),
+        Command::Admin { command } => serve::admin(command),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

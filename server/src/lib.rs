@@ -1,0 +1,314 @@
+//! `motif serve` and `motif worker`: Motif's generation service.
+//!
+//! The HTTP API (`api`), the metadata store and job queue (`db`: SQLite
+//! embedded in the data folder, or PostgreSQL shared with remote workers),
+//! the clip store (files under the data folder) and the worker loop
+//! (`worker`). Generation itself is behind the [`Runner`] trait, which the
+//! `motif` binary implements with the same code as `motif generate`, so this
+//! crate never touches the GPU.
+
+mod api;
+pub mod db;
+pub mod request;
+mod worker;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+pub use request::{FieldError, JobLimits, JobRequest};
+
+/// The port `motif serve` listens on by default: not one that ComfyUI (8188),
+/// the Gradio web UIs (7860), Ollama (11434) or the usual dev servers use.
+pub const DEFAULT_PORT: u16 = 7433;
+
+/// Preview frames after a denoising step, RGB8 at latent size.
+pub struct Preview {
+    pub width: usize,
+    pub height: usize,
+    pub frames: Vec<Vec<u8>>,
+}
+
+/// Progress of one job, reported by the runner after each step.
+pub struct Progress {
+    pub step: usize,
+    pub total: usize,
+    pub preview: Option<Preview>,
+}
+
+/// One job handed to a [`Runner`].
+pub struct RunJob {
+    pub id: String,
+    pub request: JobRequest,
+    /// The uploaded still, written to a file for the runner.
+    pub image: Option<PathBuf>,
+    /// Where the clip goes; the runner writes it under a temporary name and
+    /// renames it, with its recipe beside it.
+    pub output: PathBuf,
+}
+
+/// The files a finished run wrote.
+pub struct RunOutput {
+    pub clip: PathBuf,
+    pub recipe: PathBuf,
+}
+
+/// Runs generations for the service. Implemented by the `motif` binary.
+pub trait Runner: Send + Sync + 'static {
+    /// Every check that needs no GPU (model found, style known, sizes that
+    /// the model allows), at submission time.
+    fn check(&self, request: &JobRequest) -> Result<(), FieldError>;
+
+    /// Runs one job to completion on the calling (blocking) thread.
+    /// `progress` returns false to cancel. `Ok(None)`: cancelled, nothing written.
+    fn run(
+        &self,
+        job: &RunJob,
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Option<RunOutput>>;
+}
+
+/// How the queue treats claims.
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    /// A claimed job whose worker has not renewed its lease for this long is
+    /// re-queued (or failed once out of attempts).
+    pub lease: Duration,
+    /// Claims per job before it is failed.
+    pub max_attempts: i64,
+    /// How often an idle worker looks for a job.
+    pub poll: Duration,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions {
+            lease: Duration::from_secs(30),
+            max_attempts: 3,
+            poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Per-token limits and request bounds of the API.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    pub job: JobLimits,
+    /// Queued plus running jobs one token may have.
+    pub max_active_per_token: i64,
+    /// Jobs one token may submit in any 60 seconds.
+    pub submissions_per_minute: i64,
+    /// Largest request body (a base64 still included).
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            job: JobLimits::default(),
+            max_active_per_token: 10,
+            submissions_per_minute: 30,
+            max_body_bytes: 8 << 20,
+        }
+    }
+}
+
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    /// `postgres://...`; None: the SQLite file in `data`.
+    pub database: Option<String>,
+    pub workers: usize,
+    pub queue: QueueOptions,
+    pub limits: ApiLimits,
+}
+
+pub struct WorkerOptions {
+    pub data: PathBuf,
+    pub database: Option<String>,
+    pub workers: usize,
+    pub queue: QueueOptions,
+}
+
+/// The database URL: the given one, or the SQLite file `motif.db` in `data`.
+pub fn database_url(data: &Path, database: Option<&str>) -> Result<String> {
+    match database {
+        Some(url) => Ok(url.to_string()),
+        None => {
+            std::fs::create_dir_all(data)
+                .with_context(|| format!("creating the data folder {}", data.display()))?;
+            let dir = std::fs::canonicalize(data)
+                .with_context(|| format!("the data folder {}", data.display()))?;
+            Ok(format!(
+                "sqlite://{}?mode=rwc",
+                dir.join("motif.db").display()
+            ))
+        }
+    }
+}
+
+/// The folders of the local clip store.
+pub(crate) struct Store {
+    pub clips: PathBuf,
+    pub tmp: PathBuf,
+}
+
+impl Store {
+    fn open(data: &Path) -> Result<Store> {
+        let store = Store {
+            clips: data.join("clips"),
+            tmp: data.join("tmp"),
+        };
+        for dir in [&store.clips, &store.tmp] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(store)
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub(crate) fn hash_token(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// Creates an API token and returns it; only its SHA-256 is stored.
+pub fn create_token(data: &Path, database: Option<&str>, admin: bool) -> Result<String> {
+    let url = database_url(data, database)?;
+    runtime()?.block_on(async {
+        let db = db::Db::connect(&url).await?;
+        let token = format!("motif_{}", random_hex(32));
+        db.insert_token(&random_hex(8), &hash_token(&token), admin)
+            .await
+            .context("storing the token")?;
+        Ok(token)
+    })
+}
+
+/// Ctrl-C, or SIGTERM (what service managers send): workers put their job
+/// back in the queue and exit.
+async fn stop_requested() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `motif serve`: the API and `workers` in-process workers, until Ctrl-C or SIGTERM.
+pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
+    let url = database_url(&options.data, options.database.as_deref())?;
+    let store = Arc::new(Store::open(&options.data)?);
+    runtime()?.block_on(async move {
+        let db = db::Db::connect(&url).await?;
+        if !db.is_postgres() {
+            // Nobody else can hold a lease on the embedded database: jobs left
+            // running belonged to a server that died; hand them out again now.
+            db.expire_all_leases().await?;
+        }
+        let shutdown = worker::Shutdown::new();
+        let mut handles = Vec::new();
+        for index in 0..options.workers {
+            handles.push(tokio::spawn(worker::run(
+                db.clone(),
+                runner.clone(),
+                store.clone(),
+                options.queue.clone(),
+                worker::worker_name(index),
+                shutdown.clone(),
+            )));
+        }
+        let listener = tokio::net::TcpListener::bind(options.listen)
+            .await
+            .with_context(|| format!("listening on {}", options.listen))?;
+        eprintln!(
+            "motif serve: http://{} ({} worker{}, database {})",
+            listener.local_addr().unwrap_or(options.listen),
+            options.workers,
+            if options.workers == 1 { "" } else { "s" },
+            db::redact(&url)
+        );
+        let app = api::router(api::AppState {
+            db: db.clone(),
+            runner,
+            store,
+            limits: Arc::new(options.limits),
+            shutdown: shutdown.clone(),
+        });
+        let signal = shutdown.clone();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                stop_requested().await;
+                signal.trigger();
+            })
+            .await
+            .context("serving HTTP")?;
+        shutdown.trigger();
+        for h in handles {
+            let _ = h.await;
+        }
+        Ok(())
+    })
+}
+
+/// `motif worker`: `workers` workers on the shared queue, until Ctrl-C or SIGTERM.
+pub fn work(options: WorkerOptions, runner: Arc<dyn Runner>) -> Result<()> {
+    let url = database_url(&options.data, options.database.as_deref())?;
+    let store = Arc::new(Store::open(&options.data)?);
+    runtime()?.block_on(async move {
+        let db = db::Db::connect(&url).await?;
+        let shutdown = worker::Shutdown::new();
+        let mut handles = Vec::new();
+        for index in 0..options.workers.max(1) {
+            let name = worker::worker_name(index);
+            eprintln!("motif worker {name}: database {}", db::redact(&url));
+            handles.push(tokio::spawn(worker::run(
+                db.clone(),
+                runner.clone(),
+                store.clone(),
+                options.queue.clone(),
+                name,
+                shutdown.clone(),
+            )));
+        }
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            stop_requested().await;
+            signal.trigger();
+        });
+        for h in handles {
+            let _ = h.await;
+        }
+        Ok(())
+    })
+}

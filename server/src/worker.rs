@@ -1,0 +1,321 @@
+//! The worker loop: claim the oldest queued job, run it on a blocking thread
+//! while renewing the lease and recording progress, then record the outcome
+//! only if the lease is still ours, so that a job re-queued behind a worker's
+//! back is never finished twice.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use tokio::sync::watch;
+
+use crate::db::{Db, JobRow, Lease};
+use crate::{JobRequest, Preview, Progress, QueueOptions, RunJob, Runner, Store};
+
+/// Tells workers and event streams to stop.
+#[derive(Clone)]
+pub struct Shutdown {
+    sender: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Shutdown {
+            sender: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    pub fn trigger(&self) {
+        self.sender.send_replace(true);
+    }
+
+    pub fn is_set(&self) -> bool {
+        *self.sender.borrow()
+    }
+
+    /// Sleeps for `d`, or less if shutdown is triggered meanwhile.
+    pub async fn sleep(&self, d: Duration) {
+        let mut rx = self.sender.subscribe();
+        if *rx.borrow() {
+            return;
+        }
+        let _ = tokio::time::timeout(d, rx.changed()).await;
+    }
+}
+
+/// A name that tells which machine and process holds a lease.
+pub fn worker_name(index: usize) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "host".to_string());
+    format!(
+        "{host}-{}-{index}-{}",
+        std::process::id(),
+        crate::random_hex(3)
+    )
+}
+
+pub async fn run(
+    db: Db,
+    runner: Arc<dyn Runner>,
+    store: Arc<Store>,
+    queue: QueueOptions,
+    name: String,
+    shutdown: Shutdown,
+) {
+    while !shutdown.is_set() {
+        let claimed = async {
+            db.reclaim_expired(queue.max_attempts).await?;
+            db.claim(&name, queue.lease.as_millis() as i64).await
+        }
+        .await;
+        match claimed {
+            Ok(Some(job)) => {
+                let id = job.id.clone();
+                if let Err(e) = execute(&db, &runner, &store, &queue, &name, &shutdown, job).await {
+                    // The lease lapses and the job goes back to the queue.
+                    eprintln!("worker {name}: job {id}: {e:#}");
+                }
+            }
+            Ok(None) => shutdown.sleep(queue.poll).await,
+            Err(e) => {
+                eprintln!("worker {name}: database: {e:#}");
+                shutdown.sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// Latest progress, shared between the generating thread and the heartbeat.
+#[derive(Default)]
+struct Live {
+    step: i64,
+    total: i64,
+    preview: Option<String>,
+    version: u64,
+}
+
+async fn execute(
+    db: &Db,
+    runner: &Arc<dyn Runner>,
+    store: &Store,
+    queue: &QueueOptions,
+    name: &str,
+    shutdown: &Shutdown,
+    job: JobRow,
+) -> Result<()> {
+    let request: JobRequest = match serde_json::from_str(&job.request) {
+        Ok(r) => r,
+        Err(e) => {
+            // Only a schema change could cause this; retrying will not help.
+            db.fail(&job.id, name, &format!("unreadable job: {e}"), 0)
+                .await?;
+            return Ok(());
+        }
+    };
+    let image = write_still(db, store, &job).await;
+    let image = match image {
+        Ok(p) => p,
+        Err(e) => {
+            db.fail(&job.id, name, &format!("{e:#}"), queue.max_attempts)
+                .await?;
+            return Ok(());
+        }
+    };
+    let output = store
+        .clips
+        .join(format!("{}-{}.{}", job.id, job.attempts, job.format));
+    let run_job = RunJob {
+        id: job.id.clone(),
+        request,
+        image: image.clone(),
+        output,
+    };
+
+    let live = Arc::new(Mutex::new(Live::default()));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut handle = {
+        let (runner, live, cancel) = (runner.clone(), live.clone(), cancel.clone());
+        tokio::task::spawn_blocking(move || {
+            runner.run(&run_job, &mut |p: Progress| {
+                let preview = p.preview.as_ref().and_then(preview_data_url);
+                if let Ok(mut l) = live.lock() {
+                    l.step = p.step as i64;
+                    l.total = p.total as i64;
+                    if preview.is_some() {
+                        l.preview = preview;
+                    }
+                    l.version += 1;
+                }
+                !cancel.load(Ordering::SeqCst)
+            })
+        })
+    };
+
+    let lease_ms = queue.lease.as_millis() as i64;
+    // Renew well within the lease, and at least every second so that a cancel
+    // asked for between two steps is seen soon.
+    let beat_every = (queue.lease / 3).min(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(200).min(beat_every));
+    let mut last_beat = Instant::now();
+    let mut sent_version = 0;
+    let (mut user_cancelled, mut lease_lost, mut stopping) = (false, false, false);
+    let result = loop {
+        tokio::select! {
+            r = &mut handle => break r,
+            _ = tick.tick() => {
+                let (version, step, total, preview) = match live.lock() {
+                    Ok(mut l) => (l.version, l.step, l.total, l.preview.take()),
+                    Err(_) => (sent_version, 0, 0, None),
+                };
+                if version != sent_version || last_beat.elapsed() >= beat_every {
+                    match db.heartbeat(&job.id, name, lease_ms, step, total, preview.as_deref()).await {
+                        Ok(Lease::Held { cancel_requested }) => {
+                            sent_version = version;
+                            last_beat = Instant::now();
+                            if cancel_requested {
+                                user_cancelled = true;
+                                cancel.store(true, Ordering::SeqCst);
+                            }
+                        }
+                        Ok(Lease::Lost) => {
+                            lease_lost = true;
+                            cancel.store(true, Ordering::SeqCst);
+                        }
+                        // The next tick tries again; if the database stays away the
+                        // lease lapses and another worker takes the job.
+                        Err(e) => eprintln!("worker {name}: heartbeat of {}: {e:#}", job.id),
+                    }
+                }
+                if shutdown.is_set() && !stopping {
+                    stopping = true;
+                    cancel.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    };
+    if let Some(p) = &image {
+        let _ = tokio::fs::remove_file(p).await;
+    }
+
+    match result {
+        Ok(Ok(Some(out))) => {
+            let clip = file_name(&out.clip)?;
+            let recipe = file_name(&out.recipe)?;
+            let recorded = db.finish(&job.id, name, &clip, &recipe).await;
+            if !matches!(recorded, Ok(true)) {
+                // Someone else owns the job now: our files must not linger.
+                let _ = tokio::fs::remove_file(&out.clip).await;
+                let _ = tokio::fs::remove_file(&out.recipe).await;
+            }
+            recorded.map(|_| ())
+        }
+        Ok(Ok(None)) => {
+            if user_cancelled {
+                db.mark_cancelled(&job.id, name).await
+            } else if stopping && !lease_lost {
+                db.release(&job.id, name).await
+            } else {
+                Ok(())
+            }
+        }
+        Ok(Err(e)) => {
+            if lease_lost {
+                return Ok(());
+            }
+            db.fail(&job.id, name, &format!("{e:#}"), queue.max_attempts)
+                .await
+        }
+        Err(join) => {
+            db.fail(
+                &job.id,
+                name,
+                &format!("the generation stopped unexpectedly: {join}"),
+                queue.max_attempts,
+            )
+            .await
+        }
+    }
+}
+
+fn file_name(p: &Path) -> Result<String> {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .with_context(|| format!("{}: no file name", p.display()))
+}
+
+/// Writes the job's uploaded still to the store's temporary folder.
+async fn write_still(db: &Db, store: &Store, job: &JobRow) -> Result<Option<PathBuf>> {
+    let Some(b64) = db.job_image(&job.id).await? else {
+        return Ok(None);
+    };
+    let body = match b64.split_once(";base64,") {
+        Some((head, rest)) if head.starts_with("data:") => rest,
+        _ => b64.as_str(),
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .context("decoding the stored still")?;
+    // The runner reads the still by its extension.
+    let extension = match image::guess_format(&bytes) {
+        Ok(image::ImageFormat::Jpeg) => "jpg",
+        Ok(image::ImageFormat::WebP) => "webp",
+        _ => "png",
+    };
+    let path = store
+        .tmp
+        .join(format!("{}-{}.{extension}", job.id, job.attempts));
+    tokio::fs::write(&path, bytes)
+        .await
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(Some(path))
+}
+
+/// The preview frames as one PNG grid (as square as the frame count allows),
+/// as a `data:` URL.
+fn preview_data_url(p: &Preview) -> Option<String> {
+    let n = p.frames.len();
+    if n == 0 || p.width == 0 || p.height == 0 {
+        return None;
+    }
+    let cols = (n as f64).sqrt().ceil() as usize;
+    let rows = n.div_ceil(cols);
+    let (gw, gh) = (cols * p.width, rows * p.height);
+    let mut grid = vec![0u8; gw * gh * 3];
+    for (i, frame) in p.frames.iter().enumerate() {
+        if frame.len() != p.width * p.height * 3 {
+            return None;
+        }
+        let (cx, cy) = ((i % cols) * p.width, (i / cols) * p.height);
+        for y in 0..p.height {
+            let src = &frame[y * p.width * 3..(y + 1) * p.width * 3];
+            let start = ((cy + y) * gw + cx) * 3;
+            grid[start..start + p.width * 3].copy_from_slice(src);
+        }
+    }
+    let mut png_bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut png_bytes, gw as u32, gh as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().ok()?;
+        writer.write_image_data(&grid).ok()?;
+    }
+    Some(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png_bytes)
+    ))
+}
