@@ -459,17 +459,13 @@ impl MotionModule {
                 _ => block.forward(gpu, &tokens, None)?,
             };
         }
-        let out = layout::tokens_to_frames(
-            gpu,
-            &self.proj_out.forward(gpu, &tokens)?,
-            bf / frames,
-            h,
-            w,
-        )?;
-        if self.residual_scale == 1.0 {
-            ops::add(gpu, &out, x)
-        } else {
-            ops::add(gpu, &ops::scale(gpu, &out, self.residual_scale)?, x)
-        }
+        // residual_scale is applied in proj_out's epilogue; the residual x is
+        // laid out as frames, proj_out's output as tokens, so the add
+        // follows the permute.
+        let scaled = self
+            .proj_out
+            .forward_scaled(gpu, &tokens, self.residual_scale)?;
+        let out = layout::tokens_to_frames(gpu, &scaled, bf / frames, h, w)?;
+        ops::add(gpu, &out, x)
     }
 }

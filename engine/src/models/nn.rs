@@ -52,6 +52,13 @@ impl Linear {
         let act = Activation::None;
         ops::matmul::linear_residual(gpu, x, &self.weight, bias, act, Some(residual), scale)
     }
+
+    /// `self(x) · scale`, the scale applied in the epilogue.
+    pub fn forward_scaled(&self, gpu: &Gpu, x: &Tensor, scale: f32) -> Result<Tensor> {
+        let bias = self.bias.as_ref();
+        let act = Activation::None;
+        ops::matmul::linear_residual(gpu, x, &self.weight, bias, act, None, scale)
+    }
 }
 
 /// `nn.LayerNorm(dim, eps)` with affine weight and bias.

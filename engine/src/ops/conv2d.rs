@@ -1,10 +1,11 @@
 //! 2-D convolution (`shaders/conv2d.wgsl`), NCHW like PyTorch's nn.Conv2d,
 //! with any kernel size, stride, asymmetric zero padding, bias, a fused
-//! activation and optionally a fused residual (a resnet's shortcut). GPUs run a tiled implicit matrix product; CPU adapters pack
-//! input taps and weights for matmul's packed kernel (`shaders/matmul.wgsl`
-//! says why). Tensors larger than one storage binding run in windows: of
-//! batch items, output channels, output rows and input channels (tiled), of
-//! output rows and channel blocks (packed).
+//! activation and optionally a fused residual (a resnet's shortcut). GPUs
+//! run a tiled implicit matrix product; CPU adapters pack input taps and
+//! weights for matmul's packed kernel (`shaders/matmul.wgsl` says why).
+//! Tensors larger than one storage binding run in windows: of batch items,
+//! output channels, output rows and input channels (tiled), of output rows
+//! and channel blocks (packed).
 
 use std::sync::Arc;
 

@@ -1,7 +1,8 @@
 //! Matrix multiply and nn.Linear (`shaders/matmul.wgsl`): batched `a @ b` or
 //! `a @ bᵀ`, with alpha, a per-column bias, an activation, an output scale and
-//! a residual (the layer's skip connection) fused into the store. Operands larger than one storage binding are computed in windows of
-//! rows, columns and, when one row alone is too long, chunks of K.
+//! a residual (the layer's skip connection) fused into the store. Operands
+//! larger than one storage binding are computed in windows of rows, columns
+//! and, when one row alone is too long, chunks of K.
 
 use std::sync::Arc;
 
