@@ -1,6 +1,8 @@
 // 2-D convolution (cross-correlation, as PyTorch's nn.Conv2d) with bias and
 // a fused activation, NCHW:
-//   out[z, co, oy, ox] = ACT(bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] * x[z, ci, oy*s + ky - pad_t, ox*s + kx - pad_l])
+//   out[z, co, oy, ox] = ACT(bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] * x[z, ci, oy*s + ky - pad_t, ox*s + kx - pad_l]) * scale
+//                        + residual_scale * residual[z, co, oy, ox]
+// (the residual: a resnet's shortcut, read here instead of by a separate add).
 // Taps outside the input are zero (padding). As an implicit matrix product:
 // rows are output channels, columns output pixels, and K runs over the taps
 // (ci, ky, kx). Two ways to compute it, picked in ops/conv2d.rs:
@@ -16,12 +18,15 @@
 //   @binding(2) wt    array<st> (read): w[co, ci, ky, kx] at w_off + co * w_stride + (ci * kh + ky) * kw + kx
 //   @binding(3) bias  array<st> (read): bias[bias_off + co], read only when has_bias = 1
 //   @binding(4) out   array<st> (read_write): out[z, co, oy, ox] at out_off + z * o_bstride + co * ho * wo + oy * wo + ox
+//   @binding(19) residual array<st> (read): out[o]'s residual at res_off + o - out_off, read only
+//                     when has_residual = 1
 // A convolution too large for one binding runs in windows: of batch items,
 // of output channels (co counts from the window's first channel), of output
 // rows (oy0 .. oy0 + rows; x_off and out_off then hold the window's offset
 // minus its first row, with u32 wrap-around), and of input channels, whose
 // partial sums are added up in `out` (`accumulate` = 1) until the last chunk
-// (`finish` = 1) adds the bias and applies the activation.
+// (`finish` = 1) adds the bias, applies the activation, the scale and the
+// residual.
 
 struct Params {
     batch: u32,
@@ -48,6 +53,10 @@ struct Params {
     has_bias: u32,
     accumulate: u32,
     finish: u32,
+    res_off: u32,       // out_off's counterpart in `residual` (same wrap-around)
+    has_residual: u32,
+    scale: f32,
+    residual_scale: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -55,6 +64,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> wt: array<st>;
 @group(0) @binding(3) var<storage, read> bias: array<st>;
 @group(0) @binding(4) var<storage, read_write> out: array<st>;
+@group(0) @binding(19) var<storage, read> residual: array<st>;
 
 // Fused activation: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh), 4 quick-GELU.
 override ACT: u32 = 0u;
@@ -96,7 +106,10 @@ fn store(z: u32, co: u32, oy: u32, ox: u32, sum: f32) {
         if (p.has_bias == 1u) {
             v += f32(bias[p.bias_off + co]);
         }
-        v = activate(v);
+        v = activate(v) * p.scale;
+        if (p.has_residual == 1u) {
+            v += p.residual_scale * f32(residual[p.res_off + o - p.out_off]);
+        }
     }
     out[o] = st(v);
 }

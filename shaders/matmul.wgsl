@@ -1,5 +1,9 @@
 // Batched matrix multiply with a fused epilogue:
-//   out[z, i, j] = ACT(alpha * sum_k a[z, i, k] * b[z, k, j] + bias)
+//   out[z, i, j] = ACT(alpha * sum_k a[z, i, k] * b[z, k, j] + bias) * scale
+//                  + residual_scale * residual[z, i, j]
+// (the residual, laid out as `out`, is the skip connection of the layer the
+// product ends: one read of it here instead of a separate add's read of both
+// and write).
 // Two kernels compute it, picked by adapter in ops/matmul.rs:
 //   matmul_tiled   GPUs: workgroup-memory tiles, operands read straight from storage buffers.
 //   gemm_packed    CPU adapters (lavapipe): operands first copied (pack_rows, pack_rows4,
@@ -36,6 +40,10 @@ struct Params {
     col0: u32,          // gemm_packed: the product's column of the tile's column 0
     col_group: u32,     // gemm_packed: columns per output item (see out_column)
     col_group_stride: u32,
+    res_off: u32,       // element offset in `residual` of out[out_off]
+    has_residual: u32,
+    scale: f32,
+    residual_scale: f32,
     _pad0: u32,
 }
 
@@ -77,6 +85,8 @@ fn activate(x: f32) -> f32 {
 //                     TRANS_B = 0: (k, j) at + k * ldb + j; TRANS_B = 1: (k, j) at + j * ldb + k
 //   @binding(3) bias  array<st> (read): bias[bias_off + j], read only when has_bias = 1
 //   @binding(4) out   array<st> (read_write): (z, i, j) at out_off + z * o_bstride + i * ldo + j
+//   @binding(19) residual array<st> (read): out[o]'s residual at res_off + o - out_off, read
+//                     only when has_residual = 1
 // A product too large for one binding runs in windows of rows, columns and,
 // when even one row does not fit, chunks of K summed in `out` (`accumulate`,
 // `finish`).
@@ -85,6 +95,17 @@ fn activate(x: f32) -> f32 {
 @group(0) @binding(2) var<storage, read> b: array<st>;
 @group(0) @binding(3) var<storage, read> bias: array<st>;
 @group(0) @binding(4) var<storage, read_write> out: array<st>;
+@group(0) @binding(19) var<storage, read> residual: array<st>;
+
+// The end of the epilogue, after the activation: the output scale and the
+// residual of out[o].
+fn finish_value(o: u32, v: f32) -> f32 {
+    var r = v * p.scale;
+    if (p.has_residual == 1u) {
+        r += p.residual_scale * f32(residual[p.res_off + o - p.out_off]);
+    }
+    return r;
+}
 
 // 1: b is [N, K] (nn.Linear's weight layout).
 override TRANS_B: u32 = 0u;
@@ -99,7 +120,7 @@ fn store(o: u32, j: u32, dot: f32) {
         if (p.has_bias == 1u) {
             v += f32(bias[p.bias_off + j]);
         }
-        v = activate(v);
+        v = finish_value(o, activate(v));
     }
     out[o] = st(v);
 }
@@ -451,7 +472,7 @@ fn out_column(x: u32) -> u32 {
 // and the n columns; out, bias and the epilogue are as for matmul_tiled, with
 // (i, j) counted from (row0, 0) (out_off and bias_off point there) and
 // columns placed by out_column.
-// Bindings: bias (3) and out (4) as for matmul_tiled; a0..a5 (5..10) and
+// Bindings: bias (3), out (4) and residual (19) as for matmul_tiled; a0..a5 (5..10) and
 // b0..b5 (11..16) uniform blocks; partial_in (17) and partial_out (18).
 // A product with more K chunks than one dispatch binds runs in passes: each
 // but the last writes its sums (plus those of the passes before: accumulate
@@ -536,7 +557,7 @@ fn gemm_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocati
         v = vec4(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
         let o = p.out_off + i * p.ldo;
         for (var c = 0u; c < cols; c++) {
-            out[o + col_at[c]] = st(v[c]);
+            out[o + col_at[c]] = st(finish_value(o + col_at[c], v[c]));
         }
     }
 }

@@ -1,6 +1,7 @@
 // Batched matrix multiply on tensor cores (wgpu's experimental cooperative
 // matrices, VK_KHR_cooperative_matrix), f16 operands, f32 accumulation:
-//   out[z, i, j] = ACT(alpha * sum_k a[z, i, k] * b[z, k, j] + bias[j])
+//   out[z, i, j] = ACT(alpha * sum_k a[z, i, k] * b[z, k, j] + bias[j]) * scale
+//                  + residual_scale * residual[z, i, j]
 // Same bindings, parameters and windowing as matmul_tiled in matmul.wgsl
 // (ops/matmul.rs fills one Params for both, only the tile differs), so either
 // kernel serves any window of the product.
@@ -11,6 +12,8 @@
 //                     TRANS_B = 0: (k, j) at + k * ldb + j; TRANS_B = 1: (k, j) at + j * ldb + k
 //   @binding(3) bias  array<f16> (read): bias[bias_off + j], read only when has_bias = 1
 //   @binding(4) out   array<f16> (read_write): (z, i, j) at out_off + z * o_bstride + i * ldo + j
+//   @binding(19) residual array<f16> (read): out[o]'s residual at res_off + o - out_off, read
+//                     only when has_residual = 1
 //
 // A workgroup computes a 128 x 128 tile of the output with 8 subgroups of 32
 // invocations (the only subgroup size ops/matmul_coop.rs routes here), each
@@ -23,7 +26,7 @@
 // multiplied (on an H200 5x faster than looped staging, which the driver
 // did not unroll: docs/PERFORMANCE.md). The accumulators go back through workgroup
 // memory too, where the epilogue (alpha, the partial sums of earlier K
-// windows, bias, activation) is applied per element with bounds checks.
+// windows, bias, activation, scale, residual) is applied per element with bounds checks.
 //
 // The wording of the extension (naga 30): `coopLoadT` / `coopStoreT` are
 // row-major (`coopLoad` / `coopStore` column-major), the stride is in
@@ -61,6 +64,10 @@ struct Params {
     col0: u32,
     col_group: u32,
     col_group_stride: u32,
+    res_off: u32,       // element offset in `residual` of out[out_off]
+    has_residual: u32,
+    scale: f32,
+    residual_scale: f32,
     _pad0: u32,
 }
 
@@ -68,6 +75,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a: array<f16>;
 @group(0) @binding(2) var<storage, read> b: array<f16>;
 @group(0) @binding(3) var<storage, read> bias: array<f16>;
+@group(0) @binding(19) var<storage, read> residual: array<f16>;
 @group(0) @binding(4) var<storage, read_write> out: array<f16>;
 
 // 1: b is [N, K] (nn.Linear's weight layout).
@@ -206,7 +214,10 @@ fn store_fragment(frag: coop_mat16x16<f32, C>, sg: u32, lane: u32, z: u32, i0: u
                 if (p.has_bias == 1u) {
                     v += f32(bias[p.bias_off + j]);
                 }
-                v = activate(v);
+                v = activate(v) * p.scale;
+                if (p.has_residual == 1u) {
+                    v += p.residual_scale * f32(residual[p.res_off + o - p.out_off]);
+                }
             }
             out[o] = f16(v);
         }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use motif_engine::ops::conv2d::{self, Conv2dKernel, Conv2dOptions};
+use motif_engine::ops::conv2d::{self, Conv2dKernel, Conv2dOptions, Conv2dResidual};
 use motif_engine::ops::Activation;
 use motif_engine::{DType, EngineError, Gpu, GpuOptions, Tensor};
 use std::sync::OnceLock;
@@ -41,9 +41,25 @@ fn check(
 fn check_in(
     gpu: &Gpu,
     kernel: Conv2dKernel,
+    shapes: ([usize; 4], [usize; 4]),
+    bias: bool,
+    opts: &Conv2dOptions,
+    seed: u64,
+    dtype: DType,
+) {
+    check_residual_in(gpu, kernel, shapes, bias, opts, None, seed, dtype);
+}
+
+/// One convolution, with a residual of the output's shape and its scale
+/// when `residual` is set.
+#[allow(clippy::too_many_arguments)]
+fn check_residual_in(
+    gpu: &Gpu,
+    kernel: Conv2dKernel,
     (x_shape, w_shape): ([usize; 4], [usize; 4]),
     bias: bool,
     opts: &Conv2dOptions,
+    residual: Option<f32>,
     seed: u64,
     dtype: DType,
 ) {
@@ -61,18 +77,39 @@ fn check_in(
             dtype,
         );
         let (b, bv) = upload(gpu, &random(w_shape[0], seed + 2), &[w_shape[0]], dtype);
-        let got =
-            conv2d::conv2d_with_kernel(gpu, &x, &w, bias.then_some(&b), opts, kernel).unwrap();
         let want_shape = conv2d::conv2d_output_shape(x_shape, w_shape, opts).unwrap();
+        let out_len = want_shape.iter().product();
+        let (r, rv) = upload(gpu, &random(out_len, seed + 3), &want_shape, dtype);
+        let fused = residual.map(|scale| Conv2dResidual {
+            residual: &r,
+            scale,
+        });
+        let got = conv2d::conv2d_residual_with_kernel(
+            gpu,
+            &x,
+            &w,
+            bias.then_some(&b),
+            opts,
+            fused.as_ref(),
+            kernel,
+        )
+        .unwrap();
         assert_eq!(got.shape(), &want_shape[..]);
-        let want =
+        let mut want =
             conv2d::conv2d_reference(&xv, x_shape, &wv, w_shape, bias.then_some(&bv[..]), opts);
+        if let Some(scale) = residual {
+            for (v, r) in want.iter_mut().zip(&rv) {
+                *v = ((*v as f64 + *r as f64) * scale as f64) as f32;
+            }
+        }
         assert_close(
-            &format!("{kernel:?} x {x_shape:?} w {w_shape:?} bias={bias} {opts:?}"),
+            &format!(
+                "{kernel:?} x {x_shape:?} w {w_shape:?} bias={bias} {opts:?} residual={residual:?}"
+            ),
             &got.to_f32(gpu).unwrap(),
             &want,
             dtype,
-            w_shape[1] * w_shape[2] * w_shape[3] + 1,
+            w_shape[1] * w_shape[2] * w_shape[3] + 2,
         );
     }
 }
@@ -235,6 +272,69 @@ fn packed_kernel_windows_tensors_over_the_binding_limit() {
 }
 
 #[test]
+fn conv2d_fuses_a_residual_and_output_scale() {
+    // A resnet's conv2 + shortcut (1 / output_scale_factor = 0.5 or 1):
+    // odd sizes, a 1x1 conv (transformer proj_out), several passes over K,
+    // an activation before the residual, and small batch items side by side.
+    let gpu = gpu();
+    let same = Conv2dOptions::same(3, 1);
+    let silu = Conv2dOptions {
+        activation: Activation::Silu,
+        ..same
+    };
+    let cases: [([usize; 4], [usize; 4], Conv2dOptions); 5] = [
+        ([1, 7, 9, 11], [5, 7, 3, 3], same),
+        ([2, 3, 7, 7], [33, 3, 1, 1], Conv2dOptions::same(1, 1)),
+        ([1, 345, 5, 6], [7, 345, 3, 3], same),
+        ([1, 4, 9, 8], [6, 4, 3, 3], silu),
+        ([9, 6, 5, 3], [20, 6, 3, 3], same),
+    ];
+    for kernel in KERNELS {
+        for (i, (x, w, opts)) in cases.iter().enumerate() {
+            for dtype in dtypes() {
+                let scale = [1.0, 0.5][i % 2];
+                let seed = 800 + i as u64;
+                check_residual_in(gpu, kernel, (*x, *w), true, opts, Some(scale), seed, dtype);
+            }
+        }
+    }
+}
+
+#[test]
+fn conv2d_windows_a_residual_as_its_output() {
+    // Windows of items, input channels, output channels and output rows
+    // (4 KiB bindings), and the packed kernel's groups of output rows (1 MiB).
+    let small = small_binding_gpu();
+    let same = Conv2dOptions::same(3, 1);
+    let cases: [([usize; 4], [usize; 4], Conv2dOptions); 4] = [
+        ([5, 3, 9, 9], [4, 3, 3, 3], same),
+        ([2, 20, 10, 10], [4, 20, 3, 3], same),
+        ([1, 20, 5, 5], [9, 20, 3, 3], same),
+        ([1, 2, 41, 37], [3, 2, 3, 3], vae_downsample()),
+    ];
+    for kernel in [Conv2dKernel::Tiled, Conv2dKernel::Auto] {
+        for (i, (x, w, opts)) in cases.iter().enumerate() {
+            let seed = 900 + i as u64;
+            for dtype in dtypes() {
+                check_residual_in(small, kernel, (*x, *w), true, opts, Some(0.5), seed, dtype);
+            }
+        }
+    }
+    let shapes = ([2, 4, 128, 128], [40, 4, 3, 3]);
+    let packed = Conv2dKernel::Packed;
+    check_residual_in(
+        mib_binding_gpu(),
+        packed,
+        shapes,
+        true,
+        &same,
+        Some(1.0),
+        950,
+        DType::F32,
+    );
+}
+
+#[test]
 fn mismatched_operands_are_errors_that_name_the_op_and_shapes() {
     let gpu = gpu();
     let t = |shape: &[usize], dtype| Tensor::zeros(gpu, shape, dtype).unwrap();
@@ -284,6 +384,25 @@ fn mismatched_operands_are_errors_that_name_the_op_and_shapes() {
     ));
     assert!(
         m.contains("conv2d") && m.contains("[1, 3, 2, 2]") && m.contains("[4, 3, 5, 5]"),
+        "{m}"
+    );
+    let wrong = t(&[1, 4, 8, 7], DType::F32);
+    let m = msg(conv2d::conv2d_residual(
+        gpu,
+        &x,
+        &t(&[4, 3, 3, 3], DType::F32),
+        None,
+        &opts,
+        &Conv2dResidual {
+            residual: &wrong,
+            scale: 1.0,
+        },
+    ));
+    assert!(
+        m.contains("conv2d")
+            && m.contains("residual")
+            && m.contains("[1, 4, 8, 8]")
+            && m.contains("[1, 4, 8, 7]"),
         "{m}"
     );
     if gpu.has_f16() {

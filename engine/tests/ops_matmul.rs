@@ -23,6 +23,8 @@ struct Case<'a> {
     bias: bool,
     activation: Activation,
     alpha: f32,
+    /// A residual of the output's shape, with (scale, residual_scale).
+    residual: Option<(f32, f32)>,
 }
 
 impl Case<'_> {
@@ -34,7 +36,14 @@ impl Case<'_> {
             bias: false,
             activation: Activation::None,
             alpha: 1.0,
+            residual: None,
         }
+    }
+
+    /// The same product ending in a plain residual add.
+    fn with_residual(mut self) -> Self {
+        self.residual = Some((1.0, 1.0));
+        self
     }
 }
 
@@ -58,27 +67,40 @@ fn check_in(gpu: &Gpu, kernel: MatmulKernel, c: &Case, seed: u64, dtype: DType) 
         let (a, av) = upload(gpu, &random(na, seed), c.a, dtype);
         let (b, bv) = upload(gpu, &random(nb, seed + 1), c.b, dtype);
         let (bias, biasv) = upload(gpu, &random(n, seed + 2), &[n], dtype);
+        let mut want_shape = c.a.to_vec();
+        *want_shape.last_mut().unwrap() = n;
+        let out_len = want_shape.iter().product();
+        let (residual, residualv) = upload(gpu, &random(out_len, seed + 3), &want_shape, dtype);
+        let (scale, residual_scale) = c.residual.unwrap_or((1.0, 1.0));
         let opts = MatmulOptions {
             transpose_b: c.transpose_b,
             bias: c.bias.then_some(&bias),
             activation: c.activation,
             alpha: c.alpha,
+            scale,
+            residual: c.residual.is_some().then_some(&residual),
+            residual_scale,
         };
         let got = matmul::matmul_with_kernel(gpu, &a, &b, &opts, kernel).unwrap();
-        let mut want_shape = c.a.to_vec();
-        *want_shape.last_mut().unwrap() = n;
         assert_eq!(got.shape(), &want_shape[..]);
-        let want =
-            matmul::matmul_reference(&av, c.a, &bv, c.b, c.bias.then_some(&biasv[..]), &opts);
+        let want = matmul::matmul_reference(
+            &av,
+            c.a,
+            &bv,
+            c.b,
+            c.bias.then_some(&biasv[..]),
+            c.residual.is_some().then_some(&residualv[..]),
+            &opts,
+        );
         assert_close(
             &format!(
-                "{kernel:?} a {:?} b {:?} transpose_b={} bias={} {:?} alpha={}",
-                c.a, c.b, c.transpose_b, c.bias, c.activation, c.alpha
+                "{kernel:?} a {:?} b {:?} transpose_b={} bias={} {:?} alpha={} residual={:?}",
+                c.a, c.b, c.transpose_b, c.bias, c.activation, c.alpha, c.residual
             ),
             &got.to_f32(gpu).unwrap(),
             &want,
             dtype,
-            k + 1,
+            k + 2,
         );
     }
 }
@@ -95,13 +117,13 @@ fn matmul_matches_reference_on_odd_sizes_in_each_dim() {
                 check(
                     gpu,
                     kernel,
-                    &Case::plain(&[s, 9], &b_of(9, 7), transpose_b),
+                    &Case::plain(&[s, 9], &b_of(9, 7), transpose_b).with_residual(),
                     seed,
                 );
                 check(
                     gpu,
                     kernel,
-                    &Case::plain(&[7, 9], &b_of(9, s), transpose_b),
+                    &Case::plain(&[7, 9], &b_of(9, s), transpose_b).with_residual(),
                     seed,
                 );
                 check(
@@ -148,6 +170,8 @@ fn matmul_fuses_alpha_bias_and_activation() {
                     bias: true,
                     activation,
                     alpha: 0.7,
+                    // The residual with and without scales, on every activation.
+                    residual: [None, Some((1.0, 1.0)), Some((0.5, 0.25))][i % 3],
                 };
                 check_in(gpu, kernel, &case, 100 + i as u64, dtypes[i % dtypes.len()]);
             }
@@ -167,6 +191,7 @@ fn matmul_broadcasts_a_shared_weight_over_batch_dims() {
             };
             let mut case = Case::plain(&[2, 3, 7, 33], &shared, transpose_b);
             case.bias = true;
+            case.residual = Some((1.0, 1.0));
             check(gpu, kernel, &case, 200);
             case.b = &batched;
             check(gpu, kernel, &case, 201);
@@ -188,6 +213,8 @@ fn matmul_sums_long_k_over_several_passes() {
                 bias: true,
                 activation: Activation::GeluTanh,
                 alpha: 0.5,
+                // Added once, by the last pass.
+                residual: Some((1.0, 1.0)),
             };
             check(gpu, kernel, &case, 400 + i as u64);
         }
@@ -224,6 +251,8 @@ fn matmul_splits_operands_over_the_binding_limit() {
                 bias: true,
                 activation: Activation::Silu,
                 alpha: 1.0,
+                // Windowed as the output.
+                residual: [None, Some((0.5, 2.0))][i % 2],
             };
             check(gpu, kernel, &case, 300 + i as u64);
         }
@@ -262,6 +291,7 @@ fn packed_kernel_windows_operands_over_the_binding_limit() {
             bias: true,
             activation: Activation::None,
             alpha: 1.0,
+            residual: Some((1.0, 1.0)),
         };
         check_in(gpu, MatmulKernel::Packed, &case, 600 + i as u64, DType::F32);
     }
@@ -281,8 +311,28 @@ fn linear_matches_reference() {
             activation: Activation::GeluErf,
             ..Default::default()
         };
-        let want = matmul::matmul_reference(&xv, &[6, 33], &wv, &[7, 33], Some(&bv), &opts);
+        let want = matmul::matmul_reference(&xv, &[6, 33], &wv, &[7, 33], Some(&bv), None, &opts);
         assert_close("linear", &got.to_f32(gpu).unwrap(), &want, dtype, 34);
+
+        let (r, rv) = upload(gpu, &random(2 * 3 * 7, 4), &[2, 3, 7], dtype);
+        let got = matmul::linear_residual(gpu, &x, &w, Some(&b), Activation::Silu, Some(&r), 0.5)
+            .unwrap();
+        assert_eq!(got.shape(), &[2, 3, 7]);
+        let opts = MatmulOptions {
+            transpose_b: true,
+            activation: Activation::Silu,
+            scale: 0.5,
+            ..Default::default()
+        };
+        let want =
+            matmul::matmul_reference(&xv, &[6, 33], &wv, &[7, 33], Some(&bv), Some(&rv), &opts);
+        assert_close(
+            "linear_residual",
+            &got.to_f32(gpu).unwrap(),
+            &want,
+            dtype,
+            35,
+        );
     }
 }
 
@@ -324,6 +374,27 @@ fn mismatched_operands_are_errors_that_name_the_op_and_shapes() {
     expect_shape_error(
         matmul::linear(gpu, &a, &t(&[6, 5], DType::F32), None, Activation::None),
         &["linear", "[2, 3, 4]", "[6, 5]"],
+    );
+    let residual = t(&[2, 3, 5], DType::F32);
+    let with_residual = MatmulOptions {
+        residual: Some(&residual),
+        ..Default::default()
+    };
+    expect_shape_error(
+        matmul::matmul(gpu, &a, &t(&[4, 6], DType::F32), &with_residual),
+        &["matmul", "residual", "[2, 3, 6]", "[2, 3, 5]"],
+    );
+    expect_shape_error(
+        matmul::linear_residual(
+            gpu,
+            &a,
+            &t(&[6, 4], DType::F32),
+            None,
+            Activation::None,
+            Some(&residual),
+            1.0,
+        ),
+        &["linear", "residual", "[2, 3, 6]", "[2, 3, 5]"],
     );
     if gpu.has_f16() {
         let e = matmul::matmul(gpu, &a, &t(&[4, 6], DType::F16), &opts).unwrap_err();
@@ -368,7 +439,8 @@ fn a_constant_weight_packed_once_serves_every_later_product() {
                 activation: Activation::Silu,
                 ..Default::default()
             };
-            let want = matmul::matmul_reference(&xv, &[rows, 65], &wv, &[40, 65], Some(&bv), &opts);
+            let want =
+                matmul::matmul_reference(&xv, &[rows, 65], &wv, &[40, 65], Some(&bv), None, &opts);
             assert_close(
                 &format!("linear, constant weight, {rows} rows"),
                 &got.to_f32(gpu).unwrap(),
@@ -395,6 +467,7 @@ fn a_constant_weight_packed_once_serves_every_later_product() {
                 &[rows, 65],
                 &wv,
                 &[65, 40],
+                None,
                 None,
                 &MatmulOptions::default(),
             );

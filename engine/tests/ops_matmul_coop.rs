@@ -133,7 +133,7 @@ fn matmul_routes_around_missing_coop_matrices() {
             ..Default::default()
         };
         let got = matmul(gpu, &a, &b, &opts).unwrap().to_f32(gpu).unwrap();
-        let want = matmul_reference(&av, &[m, k], &bv, &[n, k], None, &opts);
+        let want = matmul_reference(&av, &[m, k], &bv, &[n, k], None, None, &opts);
         common::assert_close("matmul without coop", &got, &want, dtype, k);
     }
 }

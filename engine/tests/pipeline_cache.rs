@@ -22,7 +22,15 @@ fn product_is_right(gpu: &Gpu) {
     let (a, av) = upload(gpu, &random(m * k, 1), &[m, k], DType::F32);
     let (b, bv) = upload(gpu, &random(k * n, 2), &[k, n], DType::F32);
     let out = matmul(gpu, &a, &b, &MatmulOptions::default()).expect("matmul");
-    let want = matmul_reference(&av, &[m, k], &bv, &[k, n], None, &MatmulOptions::default());
+    let want = matmul_reference(
+        &av,
+        &[m, k],
+        &bv,
+        &[k, n],
+        None,
+        None,
+        &MatmulOptions::default(),
+    );
     assert_close(
         "matmul through the cache",
         &out.to_f32(gpu).expect("download"),

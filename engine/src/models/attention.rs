@@ -41,13 +41,29 @@ impl Attention {
 
     /// x [N, L, query_dim]; `context` [N, Lk, context_dim] or self-attention.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let o = self.attend(gpu, x, context)?;
+        self.to_out.forward(gpu, &o)
+    }
+
+    /// `forward(x, context) + residual`, the residual added in to_out's epilogue.
+    pub fn forward_residual(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let o = self.attend(gpu, x, context)?;
+        self.to_out.forward_residual(gpu, &o, residual, 1.0)
+    }
+
+    /// The heads' outputs, before to_out.
+    fn attend(&self, gpu: &Gpu, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let q = self.to_q.forward(gpu, x)?;
         let k = self.to_k.forward(gpu, ctx)?;
         let v = self.to_v.forward(gpu, ctx)?;
-        let o =
-            ops::attention::attention(gpu, &q, &k, &v, self.heads, &AttentionOptions::default())?;
-        self.to_out.forward(gpu, &o)
+        ops::attention::attention(gpu, &q, &k, &v, self.heads, &AttentionOptions::default())
     }
 }
 
@@ -69,6 +85,12 @@ impl FeedForward {
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         let h = ops::geglu(gpu, &self.proj_in.forward(gpu, x)?)?;
         self.proj_out.forward(gpu, &h)
+    }
+
+    /// `forward(x) + residual`, the residual added in net.2's epilogue.
+    pub fn forward_residual(&self, gpu: &Gpu, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = ops::geglu(gpu, &self.proj_in.forward(gpu, x)?)?;
+        self.proj_out.forward_residual(gpu, &h, residual, 1.0)
     }
 }
 
@@ -149,16 +171,16 @@ impl BasicTransformerBlock {
     /// x [N, L, dim]; `context` [N, Lk, cross_dim] for cross-attention blocks.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let h = self.with_positions(gpu, &self.norm1.forward(gpu, x)?)?;
-        let x = ops::add(gpu, &self.attn1.forward(gpu, &h, None)?, x)?;
+        let x = self.attn1.forward_residual(gpu, &h, None, x)?;
         let h = self.with_positions(gpu, &self.norm2.forward(gpu, &x)?)?;
         let ctx = if self.double_self_attention {
             None
         } else {
             context
         };
-        let x = ops::add(gpu, &self.attn2.forward(gpu, &h, ctx)?, &x)?;
+        let x = self.attn2.forward_residual(gpu, &h, ctx, &x)?;
         let h = self.norm3.forward(gpu, &x)?;
-        ops::add(gpu, &self.ff.forward(gpu, &h)?, &x)
+        self.ff.forward_residual(gpu, &h, &x)
     }
 }
 
@@ -204,9 +226,9 @@ impl BasicTransformerBlock {
         for (i, &(start, end)) in windows.iter().enumerate() {
             let chunk = layout::narrow(gpu, x, 1, start, end - start)?;
             let h = self.with_positions(gpu, &self.norm1.forward(gpu, &chunk)?)?;
-            let chunk = ops::add(gpu, &self.attn1.forward(gpu, &h, None)?, &chunk)?;
+            let chunk = self.attn1.forward_residual(gpu, &h, None, &chunk)?;
             let h = self.with_positions(gpu, &self.norm2.forward(gpu, &chunk)?)?;
-            let chunk = ops::add(gpu, &self.attn2.forward(gpu, &h, None)?, &chunk)?;
+            let chunk = self.attn2.forward_residual(gpu, &h, None, &chunk)?;
             let last_partial = i + 1 == windows.len() && !complete;
             let (keep_from, place_at) = if last_partial {
                 (length - tail, f - tail)
@@ -256,7 +278,7 @@ impl BasicTransformerBlock {
             .collect();
         let x = ops::mul(gpu, &acc, &Tensor::from_f32(gpu, &inv, &[1, f, 1], dtype)?)?;
         let h = self.norm3.forward(gpu, &x)?;
-        ops::add(gpu, &self.ff.forward(gpu, &h)?, &x)
+        self.ff.forward_residual(gpu, &h, &x)
     }
 }
 
@@ -359,11 +381,12 @@ impl Transformer2DModel {
         let to_image = |t: &Tensor| -> Result<Tensor> {
             layout::permute(gpu, t, &[0, 2, 1])?.reshape(&[n, c, h, w])
         };
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(gpu, &to_image(&tokens)?)?,
-            Projection::Linear(lin) => to_image(&lin.forward(gpu, &tokens)?)?,
-        };
-        ops::add(gpu, &out, x)
+        // The residual is fused where proj_out's output is laid out as x (a
+        // 1x1 conv); a linear proj_out writes tokens, which are permuted first.
+        match &self.proj_out {
+            Projection::Conv(conv) => conv.forward_residual(gpu, &to_image(&tokens)?, x, 1.0),
+            Projection::Linear(lin) => ops::add(gpu, &to_image(&lin.forward(gpu, &tokens)?)?, x),
+        }
     }
 }
 
@@ -436,17 +459,13 @@ impl MotionModule {
                 _ => block.forward(gpu, &tokens, None)?,
             };
         }
-        let out = layout::tokens_to_frames(
-            gpu,
-            &self.proj_out.forward(gpu, &tokens)?,
-            bf / frames,
-            h,
-            w,
-        )?;
-        if self.residual_scale == 1.0 {
-            ops::add(gpu, &out, x)
-        } else {
-            ops::add(gpu, &ops::scale(gpu, &out, self.residual_scale)?, x)
-        }
+        // residual_scale is applied in proj_out's epilogue; the residual x is
+        // laid out as frames, proj_out's output as tokens, so the add
+        // follows the permute.
+        let scaled = self
+            .proj_out
+            .forward_scaled(gpu, &tokens, self.residual_scale)?;
+        let out = layout::tokens_to_frames(gpu, &scaled, bf / frames, h, w)?;
+        ops::add(gpu, &out, x)
     }
 }

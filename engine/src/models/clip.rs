@@ -154,10 +154,10 @@ impl ClipEncoderLayer {
                 ..Default::default()
             },
         )?;
-        let x = ops::add(gpu, x, &a.out_proj.forward(gpu, &o)?)?;
+        let x = a.out_proj.forward_residual(gpu, &o, x, 1.0)?;
         let h = self.layer_norm2.forward(gpu, &x)?;
         let h = self.mlp.fc1.forward_act(gpu, &h, self.mlp.act)?;
-        ops::add(gpu, &x, &self.mlp.fc2.forward(gpu, &h)?)
+        self.mlp.fc2.forward_residual(gpu, &h, &x, 1.0)
     }
 }
 

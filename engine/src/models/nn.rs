@@ -38,6 +38,27 @@ impl Linear {
     pub fn forward_act(&self, gpu: &Gpu, x: &Tensor, act: Activation) -> Result<Tensor> {
         ops::matmul::linear(gpu, x, &self.weight, self.bias.as_ref(), act)
     }
+
+    /// `self(x) · scale + residual` in one pass: the layer that ends a
+    /// residual block, the skip connection added in its epilogue.
+    pub fn forward_residual(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        residual: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let bias = self.bias.as_ref();
+        let act = Activation::None;
+        ops::matmul::linear_residual(gpu, x, &self.weight, bias, act, Some(residual), scale)
+    }
+
+    /// `self(x) · scale`, the scale applied in the epilogue.
+    pub fn forward_scaled(&self, gpu: &Gpu, x: &Tensor, scale: f32) -> Result<Tensor> {
+        let bias = self.bias.as_ref();
+        let act = Activation::None;
+        ops::matmul::linear_residual(gpu, x, &self.weight, bias, act, None, scale)
+    }
 }
 
 /// `nn.LayerNorm(dim, eps)` with affine weight and bias.
@@ -108,6 +129,19 @@ impl Conv2d {
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         ops::conv2d::conv2d(gpu, x, &self.weight, self.bias.as_ref(), &self.opts)
+    }
+
+    /// `(self(x) + residual) · scale` in one pass (see
+    /// [`ops::conv2d::Conv2dResidual`]).
+    pub fn forward_residual(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        residual: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let r = ops::conv2d::Conv2dResidual { residual, scale };
+        ops::conv2d::conv2d_residual(gpu, x, &self.weight, self.bias.as_ref(), &self.opts, &r)
     }
 }
 

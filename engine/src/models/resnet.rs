@@ -5,7 +5,7 @@
 use super::nn::{Conv2d, GroupNorm, Linear};
 use crate::error::Result;
 use crate::gpu::Gpu;
-use crate::ops::{self, Activation};
+use crate::ops;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -78,18 +78,12 @@ impl ResnetBlock2D {
             h = ops::add(gpu, &h, &t.reshape(&[n, c, 1, 1])?)?;
         }
         let h = self.norm2.forward(gpu, &h, true)?;
-        let h = self.conv2.forward(gpu, &h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(gpu, x)?,
             None => x.clone(),
         };
-        ops::elementwise::binary(
-            gpu,
-            &shortcut,
-            &h,
-            false,
-            1.0 / self.output_scale_factor,
-            Activation::None,
-        )
+        // diffusers' (shortcut + conv2(h)) / output_scale_factor, in conv2's epilogue.
+        self.conv2
+            .forward_residual(gpu, &h, &shortcut, 1.0 / self.output_scale_factor)
     }
 }

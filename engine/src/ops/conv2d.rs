@@ -1,18 +1,19 @@
 //! 2-D convolution (`shaders/conv2d.wgsl`), NCHW like PyTorch's nn.Conv2d,
-//! with any kernel size, stride, asymmetric zero padding, bias and a fused
-//! activation. GPUs run a tiled implicit matrix product; CPU adapters pack
-//! input taps and weights for matmul's packed kernel (`shaders/matmul.wgsl`
-//! says why). Tensors larger than one storage binding run in windows: of
-//! batch items, output channels, output rows and input channels (tiled), of
-//! output rows and channel blocks (packed).
+//! with any kernel size, stride, asymmetric zero padding, bias, a fused
+//! activation and optionally a fused residual (a resnet's shortcut). GPUs
+//! run a tiled implicit matrix product; CPU adapters pack input taps and
+//! weights for matmul's packed kernel (`shaders/matmul.wgsl` says why).
+//! Tensors larger than one storage binding run in windows: of batch items,
+//! output channels, output rows and input channels (tiled), of output rows
+//! and channel blocks (packed).
 
 use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
 use super::matmul::{
-    gemm_packed, packed_row_words, packed_supported, values_per_word, Epilogue, Packed,
-    PackedProduct, BLOCK_WORDS,
+    check_residual, gemm_packed, packed_row_words, packed_supported, values_per_word, Epilogue,
+    Packed, PackedProduct, BLOCK_WORDS,
 };
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
@@ -94,6 +95,10 @@ struct Params {
     has_bias: u32,
     accumulate: u32,
     finish: u32,
+    res_off: u32,
+    has_residual: u32,
+    scale: f32,
+    residual_scale: f32,
 }
 
 /// The convolution's sizes after validation.
@@ -206,6 +211,36 @@ pub fn conv2d(
     conv2d_with_kernel(gpu, x, weight, bias, opts, Conv2dKernel::Auto)
 }
 
+/// A residual added in [`conv2d`]'s epilogue: `(act(conv + bias) + residual)
+/// · scale`, diffusers' `(input_tensor + hidden_states) /
+/// output_scale_factor` at the end of a `ResnetBlock2D` with `scale` =
+/// 1 / output_scale_factor. `residual` has the output's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dResidual<'a> {
+    pub residual: &'a Tensor,
+    pub scale: f32,
+}
+
+/// [`conv2d`] with a residual fused into the store.
+pub fn conv2d_residual(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &Conv2dOptions,
+    residual: &Conv2dResidual,
+) -> Result<Tensor> {
+    conv2d_residual_with_kernel(
+        gpu,
+        x,
+        weight,
+        bias,
+        opts,
+        Some(residual),
+        Conv2dKernel::Auto,
+    )
+}
+
 /// How the convolution is cut into dispatches: `items` whole batch items at
 /// a time, or per item windows of `channels` output channels x `rows` output
 /// rows over `depth` input channels.
@@ -283,8 +318,36 @@ pub fn conv2d_with_kernel(
     opts: &Conv2dOptions,
     kernel: Conv2dKernel,
 ) -> Result<Tensor> {
+    conv2d_residual_with_kernel(gpu, x, weight, bias, opts, None, kernel)
+}
+
+/// [`conv2d_residual`] with a chosen kernel (for tests and benchmarks).
+#[doc(hidden)]
+pub fn conv2d_residual_with_kernel(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &Conv2dOptions,
+    residual: Option<&Conv2dResidual>,
+    kernel: Conv2dKernel,
+) -> Result<Tensor> {
     let d = check_conv(x, weight, bias, opts)?;
-    let out = Tensor::empty(gpu, &[d.n, d.cout, d.ho, d.wo], x.dtype())?;
+    let out_shape = [d.n, d.cout, d.ho, d.wo];
+    if let Some(r) = residual {
+        check_dtypes("conv2d", &[x, r.residual])?;
+        check_residual("conv2d", Some(r.residual), &out_shape)?;
+    }
+    let e = Epilogue {
+        alpha: 1.0,
+        bias,
+        bias_per_row: true,
+        activation: opts.activation,
+        scale: residual.map_or(1.0, |r| r.scale),
+        residual: residual.map(|r| r.residual),
+        residual_scale: residual.map_or(1.0, |r| r.scale),
+    };
+    let out = Tensor::empty(gpu, &out_shape, x.dtype())?;
     if out.numel() == 0 {
         return Ok(out);
     }
@@ -314,18 +377,18 @@ pub fn conv2d_with_kernel(
         }
     };
     if packed {
-        match run_packed(gpu, x, weight, bias, opts, &d, &out) {
+        match run_packed(gpu, x, weight, &e, opts, &d, &out) {
             // The packed taps of one output row must fit 64 MiB; a wider
             // convolution takes the tiled kernel, which splits anything.
             // What was recorded before the error wrote only the packed
             // buffers or outputs that the tiled kernel writes again.
             Err(EngineError::BindingTooLarge { .. }) if kernel == Conv2dKernel::Auto => {
-                run_tiled(gpu, x, weight, bias, opts, &d, &out)?
+                run_tiled(gpu, x, weight, &e, opts, &d, &out)?
             }
             other => other?,
         }
     } else {
-        run_tiled(gpu, x, weight, bias, opts, &d, &out)?;
+        run_tiled(gpu, x, weight, &e, opts, &d, &out)?;
     }
     Ok(out)
 }
@@ -334,7 +397,7 @@ fn run_tiled(
     gpu: &Gpu,
     x: &Tensor,
     weight: &Tensor,
-    bias: Option<&Tensor>,
+    e: &Epilogue,
     opts: &Conv2dOptions,
     d: &Dims,
     out: &Tensor,
@@ -387,9 +450,13 @@ fn run_tiled(
                     let o_start = z0 * o_item + co0 * out_plane + oy0 * d.wo;
                     let o_count = (channels - 1) * out_plane + rows * d.wo;
                     let (ob, out_off) = out.window(gpu, o_start, o_count + extra * o_item);
-                    let (bb, bias_off): (Binding, u32) = match bias {
+                    let (bb, bias_off): (Binding, u32) = match e.bias {
                         Some(b) => b.window(gpu, co0, channels),
                         // Unused by the kernel, but every binding needs a buffer.
+                        None => (wb, 0),
+                    };
+                    let (rb, res_off): (Binding, u32) = match e.residual {
+                        Some(r) => r.window(gpu, o_start, o_count + extra * o_item),
                         None => (wb, 0),
                     };
                     let p = Params {
@@ -416,14 +483,18 @@ fn run_tiled(
                         x_bstride: x_item as u32,
                         o_bstride: o_item as u32,
                         w_stride: (d.cin * taps) as u32,
-                        has_bias: bias.is_some() as u32,
+                        has_bias: e.bias.is_some() as u32,
                         accumulate: (chunk > 0) as u32,
                         finish: (chunk + 1 == ci_chunks.len()) as u32,
+                        res_off: res_off.wrapping_sub((oy0 * d.wo) as u32),
+                        has_residual: e.residual.is_some() as u32,
+                        scale: e.scale,
+                        residual_scale: e.residual_scale,
                     };
                     gpu.dispatch(
                         &k,
                         params_bytes(&p),
-                        &[(1, xb), (2, wb), (3, bb), (4, ob)],
+                        &[(1, xb), (2, wb), (3, bb), (4, ob), (19, rb)],
                         [
                             (rows * d.wo).div_ceil(TILE) as u32,
                             channels.div_ceil(TILE) as u32,
@@ -474,7 +545,7 @@ fn run_packed(
     gpu: &Gpu,
     x: &Tensor,
     weight: &Tensor,
-    bias: Option<&Tensor>,
+    epilogue: &Epilogue,
     opts: &Conv2dOptions,
     d: &Dims,
     out: &Tensor,
@@ -578,12 +649,6 @@ fn run_packed(
     } else {
         Arc::new(pack_weights()?)
     };
-    let epilogue = Epilogue {
-        alpha: 1.0,
-        bias,
-        bias_per_row: true,
-        activation: opts.activation,
-    };
     let x_item = d.cin * d.h * d.w;
     let out_plane = d.ho * d.wo;
     // Four words of channels per invocation where they divide evenly.
@@ -631,7 +696,7 @@ fn run_packed(
                 col_group: rows * d.wo,
                 col_group_stride: d.cout * out_plane,
             };
-            gemm_packed(gpu, &product, &epilogue)?;
+            gemm_packed(gpu, &product, epilogue)?;
         }
     }
     Ok(())

@@ -1,7 +1,8 @@
 //! Matrix multiply and nn.Linear (`shaders/matmul.wgsl`): batched `a @ b` or
-//! `a @ bᵀ`, with alpha, a per-column bias and an activation fused into the
-//! store. Operands larger than one storage binding are computed in windows of
-//! rows, columns and, when one row alone is too long, chunks of K.
+//! `a @ bᵀ`, with alpha, a per-column bias, an activation, an output scale and
+//! a residual (the layer's skip connection) fused into the store. Operands
+//! larger than one storage binding are computed in windows of rows, columns
+//! and, when one row alone is too long, chunks of K.
 
 use std::sync::Arc;
 
@@ -25,6 +26,11 @@ pub struct MatmulOptions<'a> {
     pub activation: Activation,
     /// Scales the product before the bias (attention's 1/√d).
     pub alpha: f32,
+    /// Scales the result after the activation, before the residual.
+    pub scale: f32,
+    /// Added to the result, times `residual_scale`: shape of the output.
+    pub residual: Option<&'a Tensor>,
+    pub residual_scale: f32,
 }
 
 impl Default for MatmulOptions<'_> {
@@ -34,6 +40,9 @@ impl Default for MatmulOptions<'_> {
             bias: None,
             activation: Activation::None,
             alpha: 1.0,
+            scale: 1.0,
+            residual: None,
+            residual_scale: 1.0,
         }
     }
 }
@@ -83,6 +92,10 @@ struct Params {
     col0: u32,
     col_group: u32,
     col_group_stride: u32,
+    res_off: u32,
+    has_residual: u32,
+    scale: f32,
+    residual_scale: f32,
     _pad0: u32,
 }
 
@@ -98,7 +111,7 @@ struct Dims {
     transpose_b: bool,
 }
 
-/// `act(alpha · a @ b + bias)`.
+/// `act(alpha · a @ b + bias) · scale + residual_scale · residual`.
 ///
 /// `a` is `[batch..., M, K]`; `b` is `[batch..., K, N]`, or `[batch..., N, K]`
 /// with `transpose_b`. `b`'s batch dims may be absent (one weight shared by
@@ -117,6 +130,7 @@ pub fn matmul_with_kernel(
     kernel: MatmulKernel,
 ) -> Result<Tensor> {
     let (dims, out_shape) = check_matmul("matmul", a, b, opts)?;
+    check_residual("matmul", opts.residual, &out_shape)?;
     run(gpu, a, b, opts, dims, &out_shape, kernel)
 }
 
@@ -128,6 +142,21 @@ pub fn linear(
     weight: &Tensor,
     bias: Option<&Tensor>,
     activation: Activation,
+) -> Result<Tensor> {
+    linear_residual(gpu, x, weight, bias, activation, None, 1.0)
+}
+
+/// [`linear`] ending a residual block: `act(x @ weightᵀ + bias) · scale +
+/// residual`, `residual` of the output's shape `[..., N]` (diffusers'
+/// `hidden_states = attn(...) + hidden_states` in one pass).
+pub fn linear_residual(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Activation,
+    residual: Option<&Tensor>,
+    scale: f32,
 ) -> Result<Tensor> {
     let k = match x.shape().last() {
         Some(&k) => k,
@@ -155,11 +184,14 @@ pub fn linear(
         transpose_b: true,
         bias,
         activation,
-        alpha: 1.0,
+        scale,
+        residual,
+        ..MatmulOptions::default()
     };
     let (dims, _) = check_matmul("linear", &x2, weight, &opts)?;
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("x has rank >= 1") = weight.shape()[0];
+    check_residual("linear", residual, &out_shape)?;
     run(
         gpu,
         &x2,
@@ -179,6 +211,7 @@ fn check_matmul(
 ) -> Result<(Dims, Vec<usize>)> {
     let mut tensors = vec![a, b];
     tensors.extend(opts.bias);
+    tensors.extend(opts.residual);
     check_dtypes(op, &tensors)?;
     if a.rank() < 2 {
         return Err(EngineError::Shape {
@@ -245,6 +278,23 @@ fn check_matmul(
     Ok((dims, out_shape))
 }
 
+/// The residual must have the output's shape (its dtype is checked with the
+/// operands').
+pub(crate) fn check_residual(
+    op: &'static str,
+    residual: Option<&Tensor>,
+    out_shape: &[usize],
+) -> Result<()> {
+    match residual {
+        Some(r) if r.shape() != out_shape => Err(EngineError::Shape {
+            op,
+            expected: format!("residual of the output's shape {}", fmt_shape(out_shape)),
+            found: fmt_shape(r.shape()),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn run(
     gpu: &Gpu,
     a: &Tensor,
@@ -263,6 +313,9 @@ fn run(
         bias: opts.bias,
         bias_per_row: false,
         activation: opts.activation,
+        scale: opts.scale,
+        residual: opts.residual,
+        residual_scale: opts.residual_scale,
     };
     // Tensor cores first, where the adapter has cooperative matrices and
     // the product is f16 (ops/matmul_coop.rs); they take matmul_tiled's
@@ -320,13 +373,50 @@ fn run(
     Ok(out)
 }
 
-/// What the product's store adds: `act(alpha · dot + bias)`.
+/// What the product's store adds: `act(alpha · dot + bias) · scale +
+/// residual_scale · residual`.
 pub(crate) struct Epilogue<'a> {
     pub alpha: f32,
     pub bias: Option<&'a Tensor>,
     /// The bias is indexed by row (conv2d's output channels), not column.
     pub bias_per_row: bool,
     pub activation: Activation,
+    pub scale: f32,
+    /// Laid out as the output: each window of the output reads the same
+    /// window of it.
+    pub residual: Option<&'a Tensor>,
+    pub residual_scale: f32,
+}
+
+impl<'a> Epilogue<'a> {
+    /// The residual binding for the output window of `count` values from
+    /// `start`, or `unused` (as [`bias_window`]).
+    fn residual_window(
+        &self,
+        gpu: &Gpu,
+        start: usize,
+        count: usize,
+        unused: Binding<'a>,
+    ) -> (Binding<'a>, u32) {
+        match self.residual {
+            Some(r) => r.window(gpu, start, count),
+            None => (unused, 0),
+        }
+    }
+
+    /// The epilogue's fields of the parameter block.
+    fn params(&self, res_off: u32) -> Params {
+        Params {
+            alpha: self.alpha,
+            has_bias: self.bias.is_some() as u32,
+            bias_per_row: self.bias_per_row as u32,
+            res_off,
+            has_residual: self.residual.is_some() as u32,
+            scale: self.scale,
+            residual_scale: self.residual_scale,
+            ..Params::default()
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -475,8 +565,10 @@ fn run_tiled(
                             b.window(gpu, b_start, b_count + extra * b_stride),
                         )
                     };
-                    let (ob, out_off) = out.window(gpu, o_start, o_count + extra * o_item);
+                    let o_window = o_count + extra * o_item;
+                    let (ob, out_off) = out.window(gpu, o_start, o_window);
                     let (biasb, bias_off) = bias_window(gpu, e, j0, cols, ab);
+                    let (resb, res_off) = e.residual_window(gpu, o_start, o_window, ab);
                     let p = Params {
                         m: rows as u32,
                         n: cols as u32,
@@ -492,13 +584,11 @@ fn run_tiled(
                         lda: d.k as u32,
                         ldb: ldb as u32,
                         ldo: d.n as u32,
-                        alpha: e.alpha,
-                        has_bias: e.bias.is_some() as u32,
                         accumulate: (chunk > 0) as u32,
                         finish: (chunk + 1 == k_chunks.len()) as u32,
-                        ..Params::default()
+                        ..e.params(res_off)
                     };
-                    let bindings = [(1, ab), (2, bb), (3, biasb), (4, ob)];
+                    let bindings = [(1, ab), (2, bb), (3, biasb), (4, ob), (19, resb)];
                     let groups = [
                         cols.div_ceil(tile) as u32,
                         rows.div_ceil(tile) as u32,
@@ -975,6 +1065,7 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                     };
                     let unused = a.block(za, i, 0);
                     let (biasb, bias_off) = bias_window(gpu, e, bias0, bias_count, unused);
+                    let (resb, res_off) = e.residual_window(gpu, o_start, o_count, unused);
                     for pass in 0..passes {
                         let first = pass * CHUNKS_PER_PASS;
                         let nch = CHUNKS_PER_PASS.min(a.n_kc - first);
@@ -991,8 +1082,13 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                         } else {
                             ob
                         };
-                        let mut bindings =
-                            vec![(3, biasb), (4, ob), (17, partial_in), (18, partial_out)];
+                        let mut bindings = vec![
+                            (3, biasb),
+                            (4, ob),
+                            (17, partial_in),
+                            (18, partial_out),
+                            (19, resb),
+                        ];
                         for c in 0..CHUNKS_PER_PASS {
                             // Unused slots repeat the first chunk; the kernel skips them.
                             let kc = first + if c < nch { c } else { 0 };
@@ -1005,11 +1101,8 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                             bias_off,
                             out_off,
                             ldo: g.ldo as u32,
-                            alpha: e.alpha,
-                            has_bias: e.bias.is_some() as u32,
                             accumulate: (pass > 0) as u32,
                             finish: (pass + 1 == passes) as u32,
-                            bias_per_row: e.bias_per_row as u32,
                             kw4: kw4 as u32,
                             nch: nch as u32,
                             klast4: last_words.div_ceil(4) as u32,
@@ -1018,7 +1111,7 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                             col0: (j * rb) as u32,
                             col_group: g.col_group as u32,
                             col_group_stride: g.col_group_stride as u32,
-                            ..Params::default()
+                            ..e.params(res_off)
                         };
                         gpu.dispatch(
                             &k,
@@ -1094,13 +1187,15 @@ fn run_packed(
 }
 
 /// CPU reference of [`matmul`] in f64 accumulation. Shapes as in
-/// [`matmul`]; `bias` holds the bias values (`opts.bias` is not read).
+/// [`matmul`]; `bias` and `residual` hold the values of the bias and the
+/// residual (`opts.bias` and `opts.residual` are not read).
 pub fn matmul_reference(
     a: &[f32],
     a_shape: &[usize],
     b: &[f32],
     b_shape: &[usize],
     bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
     opts: &MatmulOptions,
 ) -> Vec<f32> {
     let r = a_shape.len();
@@ -1130,7 +1225,11 @@ pub fn matmul_reference(
                 if let Some(bias) = bias {
                     v += bias[j] as f64;
                 }
-                out.push(opts.activation.apply_reference(v) as f32);
+                let mut v = opts.activation.apply_reference(v) * opts.scale as f64;
+                if let Some(residual) = residual {
+                    v += opts.residual_scale as f64 * residual[out.len()] as f64;
+                }
+                out.push(v as f32);
             }
         }
     }

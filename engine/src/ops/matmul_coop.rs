@@ -386,6 +386,7 @@ fn run_case(gpu: &Gpu, c: &CheckCase, seed: u64) -> Result<CoopCase> {
         bias: bias.as_ref(),
         activation: c.activation,
         alpha: c.alpha,
+        ..MatmulOptions::default()
     };
     let coop = || matmul_with_kernel(gpu, &a, &b, &opts, MatmulKernel::Coop);
     let got = coop()?.to_f32(gpu)?;
@@ -398,6 +399,7 @@ fn run_case(gpu: &Gpu, c: &CheckCase, seed: u64) -> Result<CoopCase> {
             &b_vals,
             &c.b_shape,
             bias_vals.as_deref(),
+            None,
             &opts,
         );
         (want, &got[..])
@@ -409,6 +411,7 @@ fn run_case(gpu: &Gpu, c: &CheckCase, seed: u64) -> Result<CoopCase> {
             &b_vals,
             &c.b_shape[rb - 2..],
             bias_vals.as_deref(),
+            None,
             &opts,
         );
         (want, &got[..rows * n])
