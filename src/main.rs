@@ -280,20 +280,16 @@ fn bench_model(
         })
         .with_context(|| format!("--model {model}: opening the model"))?;
     let gpu = open_gpu(cli)?;
-    let defaults = read_defaults(&name);
-    let (width, height, frames) = size.unwrap_or(defaults);
     let w = motif_engine::bench::PipelineBench {
         prompt: prompt.to_string(),
-        width,
-        height,
-        frames,
+        size,
         steps: steps.to_vec(),
         guidance,
         iters: iters.max(1),
     };
     eprintln!("adapter: {} ({})", gpu.adapter(), gpu.precision());
     eprintln!(
-        "workload: {} at {width}x{height}, {frames} frames, guidance {guidance}, steps {steps:?}",
+        "workload: {}, guidance {guidance}, steps {steps:?}",
         source.path().display()
     );
     let report =
@@ -303,27 +299,13 @@ fn bench_model(
         let mut v = serde_json::to_value(&report)?;
         v["adapter"] = serde_json::json!(gpu.adapter().to_string());
         v["precision"] = serde_json::json!(gpu.precision().to_string());
-        v["workload"] = serde_json::json!({"width": width, "height": height, "frames": frames, "guidance": guidance});
+        v["workload"] = serde_json::json!({"width": report.width, "height": report.height, "frames": report.frames, "guidance": guidance});
         println!("{v}");
     } else {
         println!("weights: {}", mib(report.weight_bytes));
         println!("peak GPU memory (pool): {}", mib(report.peak_bytes));
     }
     Ok(())
-}
-
-/// The size a model card proposes (motif.json), else AnimateDiff's 512x512x16.
-fn read_defaults(model: &str) -> (usize, usize, usize) {
-    let card = std::path::Path::new(model).join("motif.json");
-    let v: Option<serde_json::Value> = std::fs::read_to_string(card)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    let get = |k: &str, d: usize| {
-        v.as_ref()
-            .and_then(|v| v["defaults"][k].as_u64())
-            .map_or(d, |x| x as usize)
-    };
-    (get("width", 512), get("height", 512), get("frames", 16))
 }
 
 fn bench(cli: &Cli, ops: bool, iters: usize, all_precisions: bool) -> Result<()> {

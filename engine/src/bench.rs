@@ -319,9 +319,8 @@ pub fn bench_unet(gpu: &Gpu, w: &UNetBench, steps: usize) -> Result<UNetReport> 
 #[derive(Debug, Clone)]
 pub struct PipelineBench {
     pub prompt: String,
-    pub width: usize,
-    pub height: usize,
-    pub frames: usize,
+    /// (width, height, frames); None: the model's own defaults (motif.json).
+    pub size: Option<(usize, usize, usize)>,
     /// Whole generations to time, by step count (e.g. 4 and 25).
     pub steps: Vec<usize>,
     pub guidance: f32,
@@ -332,6 +331,10 @@ pub struct PipelineBench {
 /// Seconds, per part; generation figures per step count.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PipelineReport {
+    /// The workload that ran.
+    pub width: usize,
+    pub height: usize,
+    pub frames: usize,
     pub load_s: f64,
     /// From the start of loading to the first step's preview frames, in the
     /// first generation of the process (pipelines compiled on the way).
@@ -382,10 +385,13 @@ pub fn bench_pipeline(
     report.weight_bytes = gpu.pool_stats().live_bytes;
     say(&format!("load: {:.2} s", report.load_s));
 
+    let d = &pipe.defaults;
+    let (width, height, frames) = w.size.unwrap_or((d.width, d.height, d.frames));
+    (report.width, report.height, report.frames) = (width, height, frames);
     let mut req = Request::new(w.prompt.clone(), &pipe.defaults);
-    req.width = w.width;
-    req.height = w.height;
-    req.frames = w.frames;
+    req.width = width;
+    req.height = height;
+    req.frames = frames;
     req.guidance = w.guidance;
     req.previews = true;
     req.steps = w.steps.iter().copied().min().unwrap_or(4).max(1);
@@ -413,7 +419,7 @@ pub fn bench_pipeline(
 
     let s = pipe.scale_factor();
     let c = pipe.vae.config.latent_channels;
-    let (h, wd, f) = (w.height / s, w.width / s, w.frames);
+    let (h, wd, f) = (height / s, width / s, frames);
     let dim = pipe.text_encoder.config.hidden_size;
     let dtype = gpu.precision();
     let sample = random_tensor(gpu, &[2, c, f, h, wd], dtype, 31)?;
@@ -426,7 +432,7 @@ pub fn bench_pipeline(
     say(&format!("unet step: {:.3} s", report.unet_step_s));
 
     // In the pipeline's chunks of frames.
-    let chunk = pipe.decode_chunk(w.height, w.width).min(f);
+    let chunk = pipe.decode_chunk(height, width).min(f);
     let latent = random_tensor(gpu, &[chunk, c, h, wd], dtype, 33)?;
     let last = random_tensor(gpu, &[(f - 1) % chunk + 1, c, h, wd], dtype, 34)?;
     report.vae_decode_s = time_it(gpu, w.iters, || {
