@@ -19,12 +19,15 @@
 // invocations (the only subgroup size ops/matmul_coop.rs routes here), each
 // owning a 32 x 64 block as 2 x 4 cooperative 16 x 16 accumulators (larger
 // tiles than matmul_tiled's: half the staging per product). Operands
-// are staged through workgroup memory in steps of 32 along K, zero-padded
-// past M, N and K, so any sizes and offsets work: the cooperative loads only
-// ever read workgroup memory. Tiles wholly inside the product are read in
-// straight-line code, the next one into registers while this one is
-// multiplied (on an H200 5x faster than looped staging, which the driver
-// did not unroll: docs/PERFORMANCE.md). The accumulators go back through workgroup
+// are staged through workgroup memory in steps of 32 along K, so any sizes
+// and offsets work: the cooperative loads only ever read workgroup memory.
+// Steps inside K are read in straight-line code, the next one into
+// registers while this one is multiplied (on an H200 5x faster than looped
+// staging, which the driver did not unroll: docs/PERFORMANCE.md); rows and
+// columns past M and N repeat the last one there, since their outputs are
+// dropped. The last, partial step of K is staged zero-padded with bounds
+// checks. With CONV = 1 the same kernel is a convolution, b gathered from
+// the input image (implicit GEMM, see CONV). The accumulators go back through workgroup
 // memory too, where the epilogue (alpha, the partial sums of earlier K
 // windows, bias, activation, scale, residual) is applied per element with bounds checks.
 //
@@ -54,16 +57,17 @@ struct Params {
     has_bias: u32,
     accumulate: u32,    // 1: add the partial sums of earlier windows of K (in `out`)
     finish: u32,        // 1: last window of K: add the bias, apply the activation
-    // Fields of matmul.wgsl's gemm_packed, unused here (same block, same size).
-    bias_per_row: u32,
-    kw4: u32,
-    nch: u32,
-    klast4: u32,
-    row0: u32,
-    partial_ld: u32,
-    col0: u32,
-    col_group: u32,
-    col_group_stride: u32,
+    // Fields that matmul.wgsl's gemm_packed reads; here (CONV = 1 only) the
+    // convolution's geometry (ops/matmul_coop.rs, ConvParams).
+    cv_h: u32,          // input height and width
+    cv_w: u32,
+    cv_taps: u32,       // kh * kw
+    cv_kw: u32,
+    cv_stride: u32,
+    cv_pad_l: u32,
+    cv_pad_t: u32,
+    cv_wo: u32,         // output width
+    cv_oy0: u32,        // first output row of the window
     res_off: u32,       // element offset in `residual` of out[out_off]
     has_residual: u32,
     scale: f32,
@@ -86,6 +90,12 @@ override TRANS_B: u32 = 0u;
 override FAST_STAGING: u32 = 1u;
 // Fused activation: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh), 4 quick-GELU.
 override ACT: u32 = 0u;
+// 1: an NCHW convolution as an implicit product (ops/conv2d.rs's windows):
+// a = the weight [Cout, Cin * kh * kw] (M = output channels, K = taps),
+// b[k, j] = the input value that tap k of output pixel j reads (zero in
+// the padding; N = output pixels of the window's rows, j = (oy - cv_oy0) *
+// cv_wo + ox), z = batch item; the bias is per row. Needs TRANS_B = 0.
+override CONV: u32 = 0u;
 
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
@@ -136,9 +146,30 @@ fn load_a(z: u32, i: u32, kk: u32) -> f16 {
     return a[p.a_off + z * p.a_bstride + i * p.lda + kk];
 }
 
+// CONV = 1: the input value that reduction index kk of output pixel
+// (oy, ox) reads, zero in the padding. Offsets wrap like ops/conv2d.rs's.
+fn conv_tap(z: u32, kk: u32, oy: u32, ox: u32) -> f16 {
+    let ci = kk / p.cv_taps;
+    let t = kk - ci * p.cv_taps;
+    let ky = t / p.cv_kw;
+    let kx = t - ky * p.cv_kw;
+    let iy = oy * p.cv_stride + ky;
+    let ix = ox * p.cv_stride + kx;
+    // Unsigned: a row or column left of the padding wraps past the input.
+    let y = iy - p.cv_pad_t;
+    let x = ix - p.cv_pad_l;
+    if (iy < p.cv_pad_t || ix < p.cv_pad_l || y >= p.cv_h || x >= p.cv_w) {
+        return f16(0.0);
+    }
+    return b[p.b_off + z * p.b_bstride + (ci * p.cv_h + y) * p.cv_w + x];
+}
+
 fn load_b(z: u32, kk: u32, j: u32) -> f16 {
     if (j >= p.n || kk >= p.k) {
         return f16(0.0);
+    }
+    if (CONV == 1u) {
+        return conv_tap(z, kk, p.cv_oy0 + j / p.cv_wo, j % p.cv_wo);
     }
     if (TRANS_B == 1u) {
         return b[p.b_off + z * p.b_bstride + j * p.ldb + kk];
@@ -146,15 +177,63 @@ fn load_b(z: u32, kk: u32, j: u32) -> f16 {
     return b[p.b_off + z * p.b_bstride + kk * p.ldb + j];
 }
 
-// Values 4q .. 4q+3 of an invocation's share of an interior tile (see the
-// main loop): read from the operand, written to the staged tile.
-fn fetch_a(g0: u32, gs: u32, q: u32) -> vec4<f16> {
-    let g = g0 + 4u * q * gs;
-    return vec4<f16>(a[g], a[g + gs], a[g + 2u * gs], a[g + 3u * gs]);
+// Rows of a (and of a transposed b) between one invocation's values in a
+// tile: 256 invocations cover 8 rows of 32 values of K at a time.
+const ROW_STEP: u32 = INVOCATIONS / TILE_K;
+
+// Where one invocation's values of an operand come from, besides K (see the
+// main loop): `base` the element offset of its first row (a) or column (b)
+// with K = 0, `first` that row or column (a, transposed b) or its row offset
+// along K (plain b, convolution), `oy`/`ox` its output pixel (convolution).
+struct Share {
+    base: u32,
+    first: u32,
+    oy: u32,
+    ox: u32,
 }
 
-fn fetch_b(g0: u32, gs: u32, q: u32) -> vec4<f16> {
-    let g = g0 + 4u * q * gs;
+// Values 4q .. 4q+3 of an invocation's share of a tile of a that lies inside
+// K: rows first + ROW_STEP * (4q .. 4q+3) at K offset kn. Rows past M read
+// the last row instead (their outputs are never stored), so the tiles at
+// the edge of M take this path too.
+fn fetch_a(sh: Share, kn: u32, q: u32) -> vec4<f16> {
+    let last = p.m - 1u;
+    let r = sh.first + 4u * q * ROW_STEP;
+    let g = sh.base + kn;
+    return vec4<f16>(
+        a[g + min(r, last) * p.lda],
+        a[g + min(r + ROW_STEP, last) * p.lda],
+        a[g + min(r + 2u * ROW_STEP, last) * p.lda],
+        a[g + min(r + 3u * ROW_STEP, last) * p.lda],
+    );
+}
+
+// The same for b, in its three forms. Columns past N were clamped in the
+// Share (plain b, convolution) or are clamped here (transposed b).
+fn fetch_b(z: u32, sh: Share, kn: u32, q: u32) -> vec4<f16> {
+    if (CONV == 1u) {
+        // Rows kn + first + 2 * (4q .. 4q+3) of the implicit b.
+        let k = kn + sh.first + 8u * q;
+        return vec4<f16>(
+            conv_tap(z, k, sh.oy, sh.ox),
+            conv_tap(z, k + 2u, sh.oy, sh.ox),
+            conv_tap(z, k + 4u, sh.oy, sh.ox),
+            conv_tap(z, k + 6u, sh.oy, sh.ox),
+        );
+    }
+    if (TRANS_B == 1u) {
+        let last = p.n - 1u;
+        let r = sh.first + 4u * q * ROW_STEP;
+        let g = sh.base + kn;
+        return vec4<f16>(
+            b[g + min(r, last) * p.ldb],
+            b[g + min(r + ROW_STEP, last) * p.ldb],
+            b[g + min(r + 2u * ROW_STEP, last) * p.ldb],
+            b[g + min(r + 3u * ROW_STEP, last) * p.ldb],
+        );
+    }
+    let g = sh.base + (kn + 8u * q) * p.ldb;
+    let gs = 2u * p.ldb;
     return vec4<f16>(b[g], b[g + gs], b[g + 2u * gs], b[g + 3u * gs]);
 }
 
@@ -212,7 +291,7 @@ fn store_fragment(frag: coop_mat16x16<f32, C>, sg: u32, lane: u32, z: u32, i0: u
             }
             if (p.finish == 1u) {
                 if (p.has_bias == 1u) {
-                    v += f32(bias[p.bias_off + j]);
+                    v += f32(bias[p.bias_off + select(j, i, CONV == 1u)]);
                 }
                 v = activate(v) * p.scale;
                 if (p.has_residual == 1u) {
@@ -253,35 +332,36 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     var acc13 = acc00;
     workgroupBarrier();
 
-    // Where each invocation's 16 values of a and of b come from and go to
-    // in an interior tile: value q at g0 + q * g_step in the operand (plus
-    // k0 or its multiple) and at s0 + q * s_step in the staged tile.
-    let a_g0 = p.a_off + z * p.a_bstride + (i0 + lid / TILE_K) * p.lda + lid % TILE_K;
-    let a_gs = (INVOCATIONS / TILE_K) * p.lda;
+    // Where each invocation's 16 values of a and of b come from (Share) and
+    // go to in the staged tiles: value q at s0 + q * ss.
+    let a_sh = Share(p.a_off + z * p.a_bstride + lid % TILE_K, i0 + lid / TILE_K, 0u, 0u);
     let a_s0 = (lid / TILE_K) * A_LD + lid % TILE_K;
-    let a_ss = (INVOCATIONS / TILE_K) * A_LD;
-    var b_g0: u32;
-    var b_gs: u32;
-    var b_gk: u32;          // operand offset of one step of k
+    let a_ss = ROW_STEP * A_LD;
+    var b_sh: Share;
     var b_s0: u32;
     var b_ss: u32;
     if (TRANS_B == 1u) {
-        b_g0 = p.b_off + z * p.b_bstride + (j0 + lid / TILE_K) * p.ldb + lid % TILE_K;
-        b_gs = (INVOCATIONS / TILE_K) * p.ldb;
-        b_gk = 1u;
+        b_sh = Share(p.b_off + z * p.b_bstride + lid % TILE_K, j0 + lid / TILE_K, 0u, 0u);
         b_s0 = (lid % TILE_K) * B_LD + lid / TILE_K;
-        b_ss = INVOCATIONS / TILE_K;
+        b_ss = ROW_STEP;
     } else {
-        b_g0 = p.b_off + z * p.b_bstride + (lid / TILE_N) * p.ldb + j0 + lid % TILE_N;
-        b_gs = (INVOCATIONS / TILE_N) * p.ldb;
-        b_gk = p.ldb;
-        b_s0 = (lid / TILE_N) * B_LD + lid % TILE_N;
+        // One column per invocation, clamped to the last: a column past N
+        // only feeds outputs that are never stored.
+        let j = min(j0 + lid % TILE_N, p.n - 1u);
+        let row = lid / TILE_N;
+        b_sh = Share(
+            p.b_off + z * p.b_bstride + row * p.ldb + j,
+            row,
+            p.cv_oy0 + j / max(p.cv_wo, 1u),
+            j % max(p.cv_wo, 1u),
+        );
+        b_s0 = row * B_LD + lid % TILE_N;
         b_ss = (INVOCATIONS / TILE_N) * B_LD;
     }
-    let rows_cols_inside = i0 + TILE_M <= p.m && j0 + TILE_N <= p.n;
 
-    // The next tile's values wait in registers while this one is multiplied
-    // (interior tiles; the others are staged with bounds checks in turn).
+    // The next tile's values wait in registers while this one is
+    // multiplied. Every tile inside K takes the unchecked path; the last,
+    // partial one of K is staged with bounds checks.
     var pa0: vec4<f16>;
     var pa1: vec4<f16>;
     var pa2: vec4<f16>;
@@ -291,15 +371,15 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     var pb2: vec4<f16>;
     var pb3: vec4<f16>;
     if (p.k > 0u) {
-        if (FAST_STAGING == 1u && rows_cols_inside && TILE_K <= p.k) {
-            put_a(fetch_a(a_g0, a_gs, 0u), a_s0, a_ss, 0u);
-            put_a(fetch_a(a_g0, a_gs, 1u), a_s0, a_ss, 1u);
-            put_a(fetch_a(a_g0, a_gs, 2u), a_s0, a_ss, 2u);
-            put_a(fetch_a(a_g0, a_gs, 3u), a_s0, a_ss, 3u);
-            put_b(fetch_b(b_g0, b_gs, 0u), b_s0, b_ss, 0u);
-            put_b(fetch_b(b_g0, b_gs, 1u), b_s0, b_ss, 1u);
-            put_b(fetch_b(b_g0, b_gs, 2u), b_s0, b_ss, 2u);
-            put_b(fetch_b(b_g0, b_gs, 3u), b_s0, b_ss, 3u);
+        if (FAST_STAGING == 1u && TILE_K <= p.k) {
+            put_a(fetch_a(a_sh, 0u, 0u), a_s0, a_ss, 0u);
+            put_a(fetch_a(a_sh, 0u, 1u), a_s0, a_ss, 1u);
+            put_a(fetch_a(a_sh, 0u, 2u), a_s0, a_ss, 2u);
+            put_a(fetch_a(a_sh, 0u, 3u), a_s0, a_ss, 3u);
+            put_b(fetch_b(z, b_sh, 0u, 0u), b_s0, b_ss, 0u);
+            put_b(fetch_b(z, b_sh, 0u, 1u), b_s0, b_ss, 1u);
+            put_b(fetch_b(z, b_sh, 0u, 2u), b_s0, b_ss, 2u);
+            put_b(fetch_b(z, b_sh, 0u, 3u), b_s0, b_ss, 3u);
         } else {
             stage_checked(z, i0, j0, 0u, lid);
         }
@@ -307,16 +387,16 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
         workgroupBarrier();
         let kn = k0 + TILE_K;
-        let fast_next = FAST_STAGING == 1u && rows_cols_inside && kn + TILE_K <= p.k;
+        let fast_next = FAST_STAGING == 1u && kn + TILE_K <= p.k;
         if (fast_next) {
-            pa0 = fetch_a(a_g0 + kn, a_gs, 0u);
-            pa1 = fetch_a(a_g0 + kn, a_gs, 1u);
-            pa2 = fetch_a(a_g0 + kn, a_gs, 2u);
-            pa3 = fetch_a(a_g0 + kn, a_gs, 3u);
-            pb0 = fetch_b(b_g0 + kn * b_gk, b_gs, 0u);
-            pb1 = fetch_b(b_g0 + kn * b_gk, b_gs, 1u);
-            pb2 = fetch_b(b_g0 + kn * b_gk, b_gs, 2u);
-            pb3 = fetch_b(b_g0 + kn * b_gk, b_gs, 3u);
+            pa0 = fetch_a(a_sh, kn, 0u);
+            pa1 = fetch_a(a_sh, kn, 1u);
+            pa2 = fetch_a(a_sh, kn, 2u);
+            pa3 = fetch_a(a_sh, kn, 3u);
+            pb0 = fetch_b(z, b_sh, kn, 0u);
+            pb1 = fetch_b(z, b_sh, kn, 1u);
+            pb2 = fetch_b(z, b_sh, kn, 2u);
+            pb3 = fetch_b(z, b_sh, kn, 3u);
         }
         for (var kk = 0u; kk < TILE_K; kk += FRAG) {
             let a0 = coopLoadT<coop_mat16x16<f16, A>>(&a_tile[sm * A_LD + kk], A_LD);

@@ -6,8 +6,11 @@
 
 mod common;
 
+use motif_engine::ops::conv2d::{
+    conv2d_reference, conv2d_with_kernel, Conv2dKernel, Conv2dOptions,
+};
 use motif_engine::ops::matmul::{matmul, matmul_reference, MatmulOptions};
-use motif_engine::ops::matmul_coop::{variant_constants, SOURCE};
+use motif_engine::ops::matmul_coop::{variant_constants, Variant, SOURCE};
 use motif_engine::ops::Activation;
 use motif_engine::wgpu::naga;
 
@@ -26,7 +29,11 @@ fn validate() -> (naga::Module, naga::valid::ModuleInfo) {
 #[test]
 fn shader_validates_and_writes_spirv_for_every_variant() {
     let (module, info) = validate();
-    for transpose_b in [false, true] {
+    for variant in [
+        Variant::Matmul { transpose_b: false },
+        Variant::Matmul { transpose_b: true },
+        Variant::Conv,
+    ] {
         for act in [
             Activation::None,
             Activation::Silu,
@@ -35,7 +42,7 @@ fn shader_validates_and_writes_spirv_for_every_variant() {
             Activation::QuickGelu,
         ] {
             for fast_staging in [0.0, 1.0] {
-                let constants = variant_constants(transpose_b, act)
+                let constants = variant_constants(variant, act)
                     .into_iter()
                     .map(|(k, v)| {
                         (
@@ -96,10 +103,12 @@ fn shader_validates_and_writes_spirv_for_every_variant() {
                 assert_eq!(words[0], 0x0723_0203, "SPIR-V magic number");
                 // For spirv-val (not in CI): MOTIF_DUMP_SPIRV=<dir> writes each variant.
                 if let Ok(dir) = std::env::var("MOTIF_DUMP_SPIRV") {
-                    let name = format!(
-                        "matmul_coop_t{}_act{}_fast{fast_staging}.spv",
-                        transpose_b as u8, act as u8
-                    );
+                    let kind = match variant {
+                        Variant::Matmul { transpose_b } => format!("t{}", transpose_b as u8),
+                        Variant::Conv => "conv".to_string(),
+                    };
+                    let name =
+                        format!("matmul_coop_{kind}_act{}_fast{fast_staging}.spv", act as u8);
                     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
                     std::fs::write(std::path::Path::new(&dir).join(name), bytes).unwrap();
                 }
@@ -136,4 +145,27 @@ fn matmul_routes_around_missing_coop_matrices() {
         let want = matmul_reference(&av, &[m, k], &bv, &[n, k], None, None, &opts);
         common::assert_close("matmul without coop", &got, &want, dtype, k);
     }
+}
+
+/// A convolution asked for on tensor cores where there are none is refused
+/// with an error naming the op; `Auto` keeps the portable kernels.
+#[test]
+fn conv2d_routes_around_missing_coop_matrices() {
+    let gpu = common::gpu();
+    if gpu.coop_matrix().is_some() {
+        return;
+    }
+    let dtype = common::dtypes()[common::dtypes().len() - 1];
+    let (xs, ws) = ([1, 3, 5, 6], [4, 3, 3, 3]);
+    let (x, xv) = common::upload(gpu, &common::random(90, 3), &xs, dtype);
+    let (w, wv) = common::upload(gpu, &common::random(108, 4), &ws, dtype);
+    let opts = Conv2dOptions::same(3, 1);
+    let err = conv2d_with_kernel(gpu, &x, &w, None, &opts, Conv2dKernel::Coop).unwrap_err();
+    assert!(err.to_string().contains("conv2d"), "{err}");
+    let got = conv2d_with_kernel(gpu, &x, &w, None, &opts, Conv2dKernel::Auto)
+        .unwrap()
+        .to_f32(gpu)
+        .unwrap();
+    let want = conv2d_reference(&xv, xs, &wv, ws, None, &opts);
+    common::assert_close("conv2d without coop", &got, &want, dtype, 27);
 }

@@ -15,6 +15,7 @@ use super::matmul::{
     check_residual, gemm_packed, packed_row_words, packed_supported, values_per_word, Epilogue,
     Packed, PackedProduct, BLOCK_WORDS,
 };
+use super::matmul_coop::{self, ConvParams, Variant};
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
 use crate::gpu::{Binding, Gpu, Kernel};
@@ -66,6 +67,9 @@ pub enum Conv2dKernel {
     /// Input taps and weights packed into uniform-buffer blocks, multiplied
     /// by matmul's packed kernel (CPU adapters).
     Packed,
+    /// Tensor cores: matmul_coop's kernel as an implicit product, in the
+    /// tiled kernel's windows (f16 on adapters with cooperative matrices).
+    Coop,
 }
 
 #[repr(C)]
@@ -351,6 +355,29 @@ pub fn conv2d_residual_with_kernel(
     if out.numel() == 0 {
         return Ok(out);
     }
+    // Tensor cores first, where the adapter has cooperative matrices and the
+    // convolution is f16 (ops/matmul_coop.rs).
+    let coop = match kernel {
+        Conv2dKernel::Auto => matmul_coop::routes(gpu, x.dtype(), Variant::Conv, opts.activation),
+        // Asked for by name: a compile error is reported, not hidden.
+        Conv2dKernel::Coop => matmul_coop::available(gpu, x.dtype()),
+        _ => false,
+    };
+    if kernel == Conv2dKernel::Coop && !coop {
+        return Err(EngineError::Argument {
+            op: "conv2d",
+            message: format!(
+                "the cooperative-matrix kernel needs f16 operands and an adapter with \
+                 f16 x f16 -> f32 16x16x16 cooperative matrices (adapter {}, {})",
+                gpu.adapter().name,
+                x.dtype()
+            ),
+        });
+    }
+    if coop {
+        run_tiled(gpu, x, weight, &e, opts, &d, &out, true)?;
+        return Ok(out);
+    }
     // The one choice between the two kernels, for the reasons given in
     // shaders/matmul.wgsl: CPU adapters read storage buffers an order of
     // magnitude slower than uniform buffers, GPUs want workgroup-memory tiles.
@@ -360,7 +387,7 @@ pub fn conv2d_residual_with_kernel(
         packed_supported(gpu) && d.cin * d.h * d.w <= max && weight.numel() <= max && x.numel() > 0;
     let packed = match kernel {
         Conv2dKernel::Auto => packable,
-        Conv2dKernel::Tiled => false,
+        Conv2dKernel::Tiled | Conv2dKernel::Coop => false,
         Conv2dKernel::Packed => {
             if !packable {
                 return Err(EngineError::Argument {
@@ -383,16 +410,17 @@ pub fn conv2d_residual_with_kernel(
             // What was recorded before the error wrote only the packed
             // buffers or outputs that the tiled kernel writes again.
             Err(EngineError::BindingTooLarge { .. }) if kernel == Conv2dKernel::Auto => {
-                run_tiled(gpu, x, weight, &e, opts, &d, &out)?
+                run_tiled(gpu, x, weight, &e, opts, &d, &out, false)?
             }
             other => other?,
         }
     } else {
-        run_tiled(gpu, x, weight, &e, opts, &d, &out)?;
+        run_tiled(gpu, x, weight, &e, opts, &d, &out, false)?;
     }
     Ok(out)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_tiled(
     gpu: &Gpu,
     x: &Tensor,
@@ -401,6 +429,7 @@ fn run_tiled(
     opts: &Conv2dOptions,
     d: &Dims,
     out: &Tensor,
+    coop: bool,
 ) -> Result<()> {
     let max = Tensor::max_window_elems(gpu, x.dtype());
     let t = tiling(d, opts.stride, max, x.dtype().size_bytes())?;
@@ -491,6 +520,54 @@ fn run_tiled(
                         scale: e.scale,
                         residual_scale: e.residual_scale,
                     };
+                    if coop {
+                        // The same window as a product: a = the weights, b
+                        // = the input taps; offsets from the window's start.
+                        let c = ConvParams {
+                            m: channels as u32,
+                            n: (rows * d.wo) as u32,
+                            k: (depth * taps) as u32,
+                            batch: items as u32,
+                            a_off: w_off,
+                            b_off: p.x_off,
+                            bias_off,
+                            out_off,
+                            a_bstride: 0,
+                            b_bstride: x_item as u32,
+                            o_bstride: o_item as u32,
+                            lda: (d.cin * taps) as u32,
+                            ldb: 0,
+                            ldo: out_plane as u32,
+                            alpha: 1.0,
+                            has_bias: p.has_bias,
+                            accumulate: p.accumulate,
+                            finish: p.finish,
+                            h: p.h,
+                            w: p.w,
+                            taps: taps as u32,
+                            kw: p.kw,
+                            stride: p.stride,
+                            pad_l: p.pad_l,
+                            pad_t: p.pad_t,
+                            wo: p.wo,
+                            oy0: p.oy0,
+                            res_off,
+                            has_residual: p.has_residual,
+                            scale: p.scale,
+                            residual_scale: p.residual_scale,
+                            _pad0: 0,
+                        };
+                        let groups = [
+                            (rows * d.wo).div_ceil(matmul_coop::TILE) as u32,
+                            channels.div_ceil(matmul_coop::TILE) as u32,
+                            items as u32,
+                        ];
+                        // matmul_coop's slots: the weight is `a` (1), the input `b` (2).
+                        let bindings = [(1, wb), (2, xb), (3, bb), (4, ob), (19, rb)];
+                        let (v, act) = (Variant::Conv, opts.activation);
+                        matmul_coop::dispatch(gpu, v, act, params_bytes(&c), &bindings, groups)?;
+                        continue;
+                    }
                     gpu.dispatch(
                         &k,
                         params_bytes(&p),

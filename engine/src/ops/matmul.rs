@@ -321,9 +321,14 @@ fn run(
     // the product is f16 (ops/matmul_coop.rs); they take matmul_tiled's
     // windows.
     let coop = match kernel {
-        MatmulKernel::Auto => {
-            matmul_coop::routes(gpu, a.dtype(), opts.transpose_b, opts.activation)
-        }
+        MatmulKernel::Auto => matmul_coop::routes(
+            gpu,
+            a.dtype(),
+            matmul_coop::Variant::Matmul {
+                transpose_b: opts.transpose_b,
+            },
+            opts.activation,
+        ),
         // Asked for by name: a compile error is reported, not hidden.
         MatmulKernel::Coop => matmul_coop::available(gpu, a.dtype()),
         _ => false,
@@ -597,7 +602,8 @@ fn run_tiled(
                     if coop {
                         let act = e.activation;
                         let p = params_bytes(&p);
-                        matmul_coop::dispatch(gpu, transpose_b, act, p, &bindings, groups)?;
+                        let v = matmul_coop::Variant::Matmul { transpose_b };
+                        matmul_coop::dispatch(gpu, v, act, p, &bindings, groups)?;
                     } else {
                         gpu.dispatch(&k, params_bytes(&p), &bindings, groups)?;
                     }

@@ -15,6 +15,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytemuck::{Pod, Zeroable};
+
+use super::conv2d::{
+    conv2d_output_shape, conv2d_reference, conv2d_residual_with_kernel, Conv2dKernel,
+    Conv2dOptions, Conv2dResidual,
+};
 use super::matmul::{matmul_reference, matmul_with_kernel, MatmulKernel, MatmulOptions};
 use super::Activation;
 use crate::error::{EngineError, Result};
@@ -48,17 +54,73 @@ pub(crate) fn available(gpu: &Gpu, dtype: DType) -> bool {
         && limits.max_compute_workgroup_storage_size >= WORKGROUP_BYTES
 }
 
+/// What one dispatch computes: a product (with `b` transposed or not) or a
+/// convolution (ops/conv2d.rs's windows, [`ConvParams`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Matmul { transpose_b: bool },
+    Conv,
+}
+
 /// The override constants of one variant (public for the validation test).
 #[doc(hidden)]
-pub fn variant_constants(transpose_b: bool, activation: Activation) -> Vec<(&'static str, f64)> {
+pub fn variant_constants(variant: Variant, activation: Activation) -> Vec<(&'static str, f64)> {
     // MOTIF_COOP_STAGING=checked: every tile through the bounds-checked
     // staging, to compare (`motif bench --coop`).
     let checked = std::env::var("MOTIF_COOP_STAGING").is_ok_and(|v| v == "checked");
+    let flag = |on: bool| if on { 1.0 } else { 0.0 };
     vec![
-        ("TRANS_B", if transpose_b { 1.0 } else { 0.0 }),
+        (
+            "TRANS_B",
+            flag(variant == Variant::Matmul { transpose_b: true }),
+        ),
+        ("CONV", flag(variant == Variant::Conv)),
         ("ACT", activation.code()),
-        ("FAST_STAGING", if checked { 0.0 } else { 1.0 }),
+        ("FAST_STAGING", flag(!checked)),
     ]
+}
+
+/// The parameter block of a convolution's dispatch: the shader's Params,
+/// which is matmul.wgsl's layout with the convolution's geometry in the
+/// fields only gemm_packed reads. The product is `a` = the weight window
+/// `[channels, depth * kh * kw]` times the implicit `b` of the input window
+/// (`n` = output pixels of `rows` whole rows starting at `oy0`).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub(crate) struct ConvParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub batch: u32,
+    pub a_off: u32,
+    pub b_off: u32,
+    pub bias_off: u32,
+    pub out_off: u32,
+    pub a_bstride: u32,
+    pub b_bstride: u32,
+    pub o_bstride: u32,
+    pub lda: u32,
+    pub ldb: u32,
+    pub ldo: u32,
+    pub alpha: f32,
+    pub has_bias: u32,
+    pub accumulate: u32,
+    pub finish: u32,
+    pub h: u32,
+    pub w: u32,
+    pub taps: u32,
+    pub kw: u32,
+    pub stride: u32,
+    pub pad_l: u32,
+    pub pad_t: u32,
+    pub wo: u32,
+    pub oy0: u32,
+    pub res_off: u32,
+    pub has_residual: u32,
+    pub scale: f32,
+    pub residual_scale: f32,
+    pub _pad0: u32,
 }
 
 /// The pipeline of one variant, compiled on first use. A variant that fails
@@ -99,26 +161,30 @@ fn pipeline(gpu: &Gpu, constants: &[(&'static str, f64)]) -> Result<Arc<wgpu::Co
 /// Whether [`matmul`](super::matmul::matmul) computes this product on
 /// tensor cores: f16, an adapter with the configuration the kernel needs,
 /// and the variant compiled.
-pub(crate) fn routes(gpu: &Gpu, dtype: DType, transpose_b: bool, activation: Activation) -> bool {
+pub(crate) fn routes(gpu: &Gpu, dtype: DType, variant: Variant, activation: Activation) -> bool {
     available(gpu, dtype)
-        && (gpu.is_plan() || pipeline(gpu, &variant_constants(transpose_b, activation)).is_ok())
+        && (gpu.is_plan() || pipeline(gpu, &variant_constants(variant, activation)).is_ok())
 }
 
 /// Records one matmul_coop dispatch, as `Gpu::dispatch` does for kernels of
-/// the prelude: `params` is matmul.rs's parameter block, `bindings` its
-/// slots 1..4, `workgroups` counted in [`TILE`]s.
+/// the prelude: `params` is matmul.rs's parameter block (or [`ConvParams`]),
+/// `bindings` its slots 1..4 and 19, `workgroups` counted in [`TILE`]s.
 pub(crate) fn dispatch(
     gpu: &Gpu,
-    transpose_b: bool,
+    variant: Variant,
     activation: Activation,
     params: &[u8],
     bindings: &[(u32, Binding<'_>)],
     workgroups: [u32; 3],
 ) -> Result<()> {
+    let op = match variant {
+        Variant::Matmul { .. } => "matmul",
+        Variant::Conv => "conv2d",
+    };
     for (_, b) in bindings {
         if b.size > gpu.max_binding_bytes() {
             return Err(EngineError::BindingTooLarge {
-                op: "matmul",
+                op,
                 bytes: b.size,
                 limit: gpu.max_binding_bytes(),
             });
@@ -127,14 +193,14 @@ pub(crate) fn dispatch(
     let max = gpu.limits().max_compute_workgroups_per_dimension;
     if workgroups.iter().any(|&w| w > max) {
         return Err(EngineError::Argument {
-            op: "matmul",
+            op,
             message: format!("dispatch of {workgroups:?} workgroups exceeds {max} per dimension"),
         });
     }
     if workgroups.contains(&0) || gpu.is_plan() {
         return Ok(());
     }
-    let pipeline = pipeline(gpu, &variant_constants(transpose_b, activation))?;
+    let pipeline = pipeline(gpu, &variant_constants(variant, activation))?;
     // A buffer of its own per dispatch: the prelude kernels' uniform arena is
     // private to gpu/kernel.rs, and a product is only a few dispatches.
     let size = (params.len() as u64).div_ceil(16) * 16;
@@ -456,6 +522,185 @@ fn run_case(gpu: &Gpu, c: &CheckCase, seed: u64) -> Result<CoopCase> {
     })
 }
 
+struct ConvCase {
+    name: &'static str,
+    x_shape: [usize; 4],
+    w_shape: [usize; 4],
+    opts: Conv2dOptions,
+    bias: bool,
+    /// The residual's scale, when one is fused.
+    residual: Option<f32>,
+    /// Compare with the CPU reference (else only with the portable kernel).
+    reference: bool,
+}
+
+fn conv_cases() -> Vec<ConvCase> {
+    let case = |name, x_shape, w_shape, opts| ConvCase {
+        name,
+        x_shape,
+        w_shape,
+        opts,
+        bias: true,
+        residual: None,
+        reference: true,
+    };
+    let same = Conv2dOptions::same(3, 1);
+    vec![
+        ConvCase {
+            bias: false,
+            ..case("conv 3x3 odd sizes", [2, 5, 9, 11], [7, 5, 3, 3], same)
+        },
+        case(
+            "conv 3x3 stride 2, padding right and bottom, silu",
+            [1, 20, 12, 13],
+            [130, 20, 3, 3],
+            Conv2dOptions {
+                stride: 2,
+                padding: [0, 1, 0, 1],
+                activation: Activation::Silu,
+            },
+        ),
+        ConvCase {
+            residual: Some(0.5),
+            ..case(
+                "conv 1x1 + residual",
+                [3, 40, 6, 7],
+                [9, 40, 1, 1],
+                Conv2dOptions::default(),
+            )
+        },
+        ConvCase {
+            residual: Some(1.0),
+            ..case(
+                "sd15 resnet conv 320, 32x32",
+                [1, 320, 32, 32],
+                [320, 320, 3, 3],
+                same,
+            )
+        },
+        ConvCase {
+            reference: false,
+            ..case(
+                "sd15 conv 320, 2x 64x64",
+                [2, 320, 64, 64],
+                [320, 320, 3, 3],
+                same,
+            )
+        },
+        ConvCase {
+            reference: false,
+            ..case(
+                "vae conv 128, 256x256",
+                [1, 128, 256, 256],
+                [128, 128, 3, 3],
+                same,
+            )
+        },
+    ]
+}
+
+fn run_conv_case(gpu: &Gpu, c: &ConvCase, seed: u64) -> Result<CoopCase> {
+    let dtype = DType::F16;
+    let x = Tensor::from_f32(
+        gpu,
+        &random(c.x_shape.iter().product(), seed),
+        &c.x_shape,
+        dtype,
+    )?;
+    let w = Tensor::from_f32(
+        gpu,
+        &random(c.w_shape.iter().product(), seed + 1),
+        &c.w_shape,
+        dtype,
+    )?;
+    let cout = c.w_shape[0];
+    let bias = if c.bias {
+        Some(Tensor::from_f32(
+            gpu,
+            &random(cout, seed + 2),
+            &[cout],
+            dtype,
+        )?)
+    } else {
+        None
+    };
+    let out_shape = conv2d_output_shape(c.x_shape, c.w_shape, &c.opts).ok_or_else(|| {
+        EngineError::Argument {
+            op: "coop_check",
+            message: format!("case {} has no output", c.name),
+        }
+    })?;
+    let residual = match c.residual {
+        Some(_) => Some(Tensor::from_f32(
+            gpu,
+            &random(out_shape.iter().product(), seed + 3),
+            &out_shape,
+            dtype,
+        )?),
+        None => None,
+    };
+    let fused = residual
+        .as_ref()
+        .zip(c.residual)
+        .map(|(r, scale)| Conv2dResidual { residual: r, scale });
+    let run = |kernel| {
+        conv2d_residual_with_kernel(gpu, &x, &w, bias.as_ref(), &c.opts, fused.as_ref(), kernel)
+    };
+    let got = run(Conv2dKernel::Coop)?.to_f32(gpu)?;
+    let portable = run(Conv2dKernel::Tiled)?.to_f32(gpu)?;
+    let reduction = c.w_shape[1] * c.w_shape[2] * c.w_shape[3];
+    let (max_error, tolerance) = if c.reference {
+        let mut want = conv2d_reference(
+            &x.to_f32(gpu)?,
+            c.x_shape,
+            &w.to_f32(gpu)?,
+            c.w_shape,
+            bias.as_ref().map(|b| b.to_f32(gpu)).transpose()?.as_deref(),
+            &c.opts,
+        );
+        if let (Some(r), Some(scale)) = (&residual, c.residual) {
+            for (v, r) in want.iter_mut().zip(r.to_f32(gpu)?) {
+                *v = (*v + r) * scale;
+            }
+        }
+        let ref_max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        (max_abs_diff(&got, &want), tolerance_f16(reduction, ref_max))
+    } else {
+        let ref_max = portable.iter().fold(0f32, |m, v| m.max(v.abs()));
+        (0.0, tolerance_f16(reduction, ref_max))
+    };
+    let vs_portable = max_abs_diff(&got, &portable);
+    let (seconds, gpu_timed) = time_product(gpu, 3, &|| run(Conv2dKernel::Coop))?;
+    let (portable_s, _) = time_product(gpu, 1, &|| run(Conv2dKernel::Tiled))?;
+    let flops = 2.0 * (out_shape.iter().product::<usize>() * reduction) as f64;
+    Ok(CoopCase {
+        name: format!(
+            "{} (portable {:.3} ms, {:.1}x)",
+            c.name,
+            portable_s * 1e3,
+            portable_s / seconds
+        ),
+        shape: format!(
+            "x {:?} w {:?} stride {} pad {:?}{}{}",
+            c.x_shape,
+            c.w_shape,
+            c.opts.stride,
+            c.opts.padding,
+            if c.bias { " +bias" } else { "" },
+            c.residual
+                .map_or(String::new(), |s| format!(" +residual*{s}")),
+        ),
+        max_error,
+        tolerance,
+        vs_portable,
+        passed: max_error <= tolerance && vs_portable <= 2.0 * tolerance,
+        ms: seconds * 1e3,
+        tflops: flops / seconds / 1e12,
+        gpu_timed,
+        error: None,
+    })
+}
+
 /// Runs the tensor-core kernel on the check's shapes (odd sizes, batches,
 /// bias and activations, K = 77, SD1.5's 4096x320x320, 4096³) against the
 /// CPU reference and the portable kernel, and times each; then timing-only
@@ -480,6 +725,23 @@ pub fn coop_check(gpu: &Gpu) -> Result<Vec<CoopCase>> {
         let case = run_case(gpu, c, 17 * i as u64 + 3).unwrap_or_else(|e| CoopCase {
             name: c.name.to_string(),
             shape: format!("{:?} x {:?}", c.a_shape, c.b_shape),
+            max_error: f32::NAN,
+            tolerance: f32::NAN,
+            vs_portable: f32::NAN,
+            passed: false,
+            ms: f64::NAN,
+            tflops: f64::NAN,
+            gpu_timed: false,
+            error: Some(e.to_string()),
+        });
+        cases.push(case);
+    }
+    // The convolutions (implicit products), against the CPU reference where
+    // it is affordable and always against the portable kernel.
+    for (i, c) in conv_cases().iter().enumerate() {
+        let case = run_conv_case(gpu, c, 31 * i as u64 + 5).unwrap_or_else(|e| CoopCase {
+            name: c.name.to_string(),
+            shape: format!("x {:?} w {:?}", c.x_shape, c.w_shape),
             max_error: f32::NAN,
             tolerance: f32::NAN,
             vs_portable: f32::NAN,
