@@ -208,19 +208,69 @@ fn fetch_a(sh: Share, kn: u32, q: u32) -> vec4<f16> {
     );
 }
 
-// The same for b, in its three forms. Columns past N were clamped in the
-// Share (plain b, convolution) or are clamped here (transposed b).
-fn fetch_b(z: u32, sh: Share, kn: u32, q: u32) -> vec4<f16> {
-    if (CONV == 1u) {
-        // Rows kn + first + 2 * (4q .. 4q+3) of the implicit b.
-        let k = kn + sh.first + 8u * q;
-        return vec4<f16>(
-            conv_tap(z, k, sh.oy, sh.ox),
-            conv_tap(z, k + 2u, sh.oy, sh.ox),
-            conv_tap(z, k + 4u, sh.oy, sh.ox),
-            conv_tap(z, k + 6u, sh.oy, sh.ox),
-        );
+// CONV = 1: where one invocation's next value of the implicit b comes
+// from: input channel, kernel row and column of reduction index k.
+struct Tap {
+    ci: u32,
+    ky: u32,
+    kx: u32,
+}
+
+fn decode_tap(k: u32) -> Tap {
+    let ci = k / p.cv_taps;
+    let t = k - ci * p.cv_taps;
+    let ky = t / p.cv_kw;
+    return Tap(ci, ky, t - ky * p.cv_kw);
+}
+
+// The value at *tap for output pixel (oy, ox) of item z (zero in the
+// padding), then *tap moves on by 2 along K (the invocation's next row of
+// the tile): compares, not the two divisions of decode_tap, which cost more
+// than the tile's tensor-core work.
+fn next_tap(tap: ptr<function, Tap>, z: u32, oy: u32, ox: u32) -> f16 {
+    let iy = oy * p.cv_stride + (*tap).ky;
+    let ix = ox * p.cv_stride + (*tap).kx;
+    let y = iy - p.cv_pad_t;
+    let x = ix - p.cv_pad_l;
+    var v = f16(0.0);
+    if (iy >= p.cv_pad_t && ix >= p.cv_pad_l && y < p.cv_h && x < p.cv_w) {
+        v = b[p.b_off + z * p.b_bstride + ((*tap).ci * p.cv_h + y) * p.cv_w + x];
     }
+    // At most two carries each: kw >= 1 and kh >= 1.
+    let kh = p.cv_taps / p.cv_kw;
+    (*tap).kx += 2u;
+    if ((*tap).kx >= p.cv_kw) {
+        (*tap).kx -= p.cv_kw;
+        (*tap).ky += 1u;
+    }
+    if ((*tap).kx >= p.cv_kw) {
+        (*tap).kx -= p.cv_kw;
+        (*tap).ky += 1u;
+    }
+    if ((*tap).ky >= kh) {
+        (*tap).ky -= kh;
+        (*tap).ci += 1u;
+    }
+    if ((*tap).ky >= kh) {
+        (*tap).ky -= kh;
+        (*tap).ci += 1u;
+    }
+    return v;
+}
+
+// Four consecutive values of the implicit b (rows 2 apart), from *tap on.
+fn next_taps(tap: ptr<function, Tap>, z: u32, sh: Share) -> vec4<f16> {
+    let v0 = next_tap(tap, z, sh.oy, sh.ox);
+    let v1 = next_tap(tap, z, sh.oy, sh.ox);
+    let v2 = next_tap(tap, z, sh.oy, sh.ox);
+    let v3 = next_tap(tap, z, sh.oy, sh.ox);
+    return vec4<f16>(v0, v1, v2, v3);
+}
+
+// The same as fetch_a for b (not a convolution, whose values come from
+// next_taps). Columns past N were clamped in the Share (plain b) or are
+// clamped here (transposed b).
+fn fetch_b(z: u32, sh: Share, kn: u32, q: u32) -> vec4<f16> {
     if (TRANS_B == 1u) {
         let last = p.n - 1u;
         let r = sh.first + 4u * q * ROW_STEP;
@@ -376,10 +426,19 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             put_a(fetch_a(a_sh, 0u, 1u), a_s0, a_ss, 1u);
             put_a(fetch_a(a_sh, 0u, 2u), a_s0, a_ss, 2u);
             put_a(fetch_a(a_sh, 0u, 3u), a_s0, a_ss, 3u);
-            put_b(fetch_b(z, b_sh, 0u, 0u), b_s0, b_ss, 0u);
-            put_b(fetch_b(z, b_sh, 0u, 1u), b_s0, b_ss, 1u);
-            put_b(fetch_b(z, b_sh, 0u, 2u), b_s0, b_ss, 2u);
-            put_b(fetch_b(z, b_sh, 0u, 3u), b_s0, b_ss, 3u);
+            if (CONV == 1u) {
+                // Rows first + 2 * (0 .. 15) of the implicit b, in order.
+                var tap = decode_tap(b_sh.first);
+                put_b(next_taps(&tap, z, b_sh), b_s0, b_ss, 0u);
+                put_b(next_taps(&tap, z, b_sh), b_s0, b_ss, 1u);
+                put_b(next_taps(&tap, z, b_sh), b_s0, b_ss, 2u);
+                put_b(next_taps(&tap, z, b_sh), b_s0, b_ss, 3u);
+            } else {
+                put_b(fetch_b(z, b_sh, 0u, 0u), b_s0, b_ss, 0u);
+                put_b(fetch_b(z, b_sh, 0u, 1u), b_s0, b_ss, 1u);
+                put_b(fetch_b(z, b_sh, 0u, 2u), b_s0, b_ss, 2u);
+                put_b(fetch_b(z, b_sh, 0u, 3u), b_s0, b_ss, 3u);
+            }
         } else {
             stage_checked(z, i0, j0, 0u, lid);
         }
@@ -393,10 +452,18 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             pa1 = fetch_a(a_sh, kn, 1u);
             pa2 = fetch_a(a_sh, kn, 2u);
             pa3 = fetch_a(a_sh, kn, 3u);
-            pb0 = fetch_b(z, b_sh, kn, 0u);
-            pb1 = fetch_b(z, b_sh, kn, 1u);
-            pb2 = fetch_b(z, b_sh, kn, 2u);
-            pb3 = fetch_b(z, b_sh, kn, 3u);
+            if (CONV == 1u) {
+                var tap = decode_tap(kn + b_sh.first);
+                pb0 = next_taps(&tap, z, b_sh);
+                pb1 = next_taps(&tap, z, b_sh);
+                pb2 = next_taps(&tap, z, b_sh);
+                pb3 = next_taps(&tap, z, b_sh);
+            } else {
+                pb0 = fetch_b(z, b_sh, kn, 0u);
+                pb1 = fetch_b(z, b_sh, kn, 1u);
+                pb2 = fetch_b(z, b_sh, kn, 2u);
+                pb3 = fetch_b(z, b_sh, kn, 3u);
+            }
         }
         for (var kk = 0u; kk < TILE_K; kk += FRAG) {
             let a0 = coopLoadT<coop_mat16x16<f16, A>>(&a_tile[sm * A_LD + kk], A_LD);

@@ -354,6 +354,10 @@ pub struct PipelineReport {
     pub generate_s: Vec<(usize, f64)>,
     pub weight_bytes: u64,
     pub peak_bytes: u64,
+    /// GPU time of one UNet step per kernel (entry point), slowest first:
+    /// (kernel, milliseconds, dispatches). Empty where the adapter has no
+    /// timestamp queries.
+    pub unet_step_kernels: Vec<(String, f64, u32)>,
 }
 
 /// Mean seconds of `iters` runs. No warm-up: the first generation before
@@ -430,6 +434,28 @@ pub fn bench_pipeline(
             .to_f32(gpu)
     })?;
     say(&format!("unet step: {:.3} s", report.unet_step_s));
+    // One more step with every dispatch timed on the GPU, per kernel.
+    gpu.synchronize()?;
+    if gpu.start_timer() {
+        pipe.unet.forward(gpu, &sample, &[501.0], &context)?;
+        if let Some(kernels) = gpu.stop_timer_by_kernel()? {
+            let total: f64 = kernels.iter().map(|k| k.seconds).sum();
+            let mut line = format!("unet step on the GPU: {:.1} ms;", total * 1e3);
+            for k in &kernels {
+                line.push_str(&format!(
+                    " {} {:.1} ms ({}),",
+                    k.kernel,
+                    k.seconds * 1e3,
+                    k.dispatches
+                ));
+            }
+            say(line.trim_end_matches(','));
+            report.unet_step_kernels = kernels
+                .into_iter()
+                .map(|k| (k.kernel, k.seconds * 1e3, k.dispatches))
+                .collect();
+        }
+    }
 
     // In the pipeline's chunks of frames.
     let chunk = pipe.decode_chunk(height, width).min(f);

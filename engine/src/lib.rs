@@ -18,7 +18,7 @@ pub mod text;
 pub mod weights;
 
 pub use error::{EngineError, Result};
-pub use gpu::{list_adapters, AdapterSummary, Gpu, GpuOptions, Precision};
+pub use gpu::{list_adapters, AdapterSummary, Gpu, GpuKernelTime, GpuOptions, Precision};
 pub use tensor::{DType, Tensor};
 /// The wgpu version the engine is built on, for callers that show adapter details.
 pub use wgpu;

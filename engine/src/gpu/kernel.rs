@@ -322,16 +322,9 @@ impl Gpu {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let timed = stream.timer.as_mut().and_then(|t| t.take_pair());
         let stream = &mut *stream;
-        let timestamp_writes = match (timed, &stream.timer) {
-            (Some(i), Some(t)) => Some(wgpu::ComputePassTimestampWrites {
-                query_set: &t.queries,
-                beginning_of_pass_write_index: Some(i),
-                end_of_pass_write_index: Some(i + 1),
-            }),
-            _ => None,
-        };
+        let timed = (stream.timer.as_mut()).and_then(|t| t.take_pair(&self.device, kernel.entry));
+        let timestamp_writes = stream.timer.as_ref().and_then(|t| t.writes(timed));
         let encoder = stream.encoder.get_or_insert_with(|| {
             self.device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {

@@ -12,6 +12,7 @@ mod pool;
 
 use std::sync::{Arc, Mutex};
 
+pub use self::KernelTime as GpuKernelTime;
 pub use adapter::AdapterSummary;
 pub(crate) use kernel::{grid_1d, Binding, Kernel};
 pub(crate) use pool::BlockPool;
@@ -142,27 +143,68 @@ pub(crate) struct Stream {
 }
 
 /// Timestamp queries around every dispatch between [`Gpu::start_timer`] and
-/// [`Gpu::stop_timer`].
+/// [`Gpu::stop_timer`], with the name of each dispatch's kernel.
 pub(crate) struct GpuTimer {
-    pub(crate) queries: wgpu::QuerySet,
-    pub(crate) next: u32,
-    capacity: u32,
+    /// Query sets of [`GpuTimer::SET_QUERIES`] each, added as dispatches
+    /// come (wgpu caps one set at 4096 queries).
+    pub(crate) sets: Vec<wgpu::QuerySet>,
+    /// The kernel of each timed dispatch, in query-pair order.
+    labels: Vec<&'static str>,
     /// Dispatches that found no free query pair: a sum would undercount.
     missed: u32,
 }
 
 impl GpuTimer {
-    const CAPACITY: u32 = 4096;
+    const SET_QUERIES: u32 = 4096;
+    /// At most this many dispatches are timed (a UNet step at full size
+    /// takes a few thousand).
+    const MAX_PAIRS: usize = 32768;
 
-    /// The pass timestamp indices for the next dispatch, if room is left.
-    pub(crate) fn take_pair(&mut self) -> Option<u32> {
-        if self.next + 2 > self.capacity {
+    /// The query set and pass timestamp index for the next dispatch, if
+    /// room is left.
+    pub(crate) fn take_pair(
+        &mut self,
+        device: &wgpu::Device,
+        label: &'static str,
+    ) -> Option<(usize, u32)> {
+        if self.labels.len() >= Self::MAX_PAIRS {
             self.missed += 1;
             return None;
         }
-        self.next += 2;
-        Some(self.next - 2)
+        let pair = self.labels.len() as u32;
+        let per_set = Self::SET_QUERIES / 2;
+        let (set, index) = ((pair / per_set) as usize, (pair % per_set) * 2);
+        if set == self.sets.len() {
+            self.sets
+                .push(device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("motif timer"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: Self::SET_QUERIES,
+                }));
+        }
+        self.labels.push(label);
+        Some((set, index))
     }
+
+    /// The pass timestamp writes of a dispatch given a pair by [`take_pair`](Self::take_pair).
+    pub(crate) fn writes(
+        &self,
+        pair: Option<(usize, u32)>,
+    ) -> Option<wgpu::ComputePassTimestampWrites<'_>> {
+        pair.map(|(set, i)| wgpu::ComputePassTimestampWrites {
+            query_set: &self.sets[set],
+            beginning_of_pass_write_index: Some(i),
+            end_of_pass_write_index: Some(i + 1),
+        })
+    }
+}
+
+/// GPU time of the dispatches of one kernel, from [`Gpu::stop_timer_by_kernel`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub seconds: f64,
+    pub dispatches: u32,
 }
 
 impl Stream {
@@ -564,16 +606,10 @@ impl Gpu {
         if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
             return false;
         }
-        let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("motif timer"),
-            ty: wgpu::QueryType::Timestamp,
-            count: GpuTimer::CAPACITY,
-        });
         let mut stream = self.stream.lock().expect("stream lock poisoned");
         stream.timer = Some(GpuTimer {
-            queries,
-            next: 0,
-            capacity: GpuTimer::CAPACITY,
+            sets: Vec::new(),
+            labels: Vec::new(),
             missed: 0,
         });
         true
@@ -581,8 +617,18 @@ impl Gpu {
 
     /// Stops the timer and returns the summed GPU time of the timed
     /// dispatches in seconds, and how many were timed (waits for the GPU);
-    /// None if some dispatches could not be timed (more than the query set holds).
+    /// None if some dispatches could not be timed (more than the timer holds).
     pub fn stop_timer(&self) -> Result<Option<(f64, u32)>> {
+        Ok(self.stop_timer_by_kernel()?.map(|kernels| {
+            kernels
+                .iter()
+                .fold((0.0, 0), |(s, n), k| (s + k.seconds, n + k.dispatches))
+        }))
+    }
+
+    /// [`stop_timer`](Self::stop_timer) per kernel (the entry point's name),
+    /// slowest first.
+    pub fn stop_timer_by_kernel(&self) -> Result<Option<Vec<KernelTime>>> {
         let timer = self
             .stream
             .lock()
@@ -595,22 +641,39 @@ impl Gpu {
         if timer.missed > 0 {
             return Ok(None);
         }
-        if timer.next == 0 {
-            return Ok(Some((0.0, 0)));
+        let per_set = GpuTimer::SET_QUERIES / 2;
+        let mut ticks: Vec<u64> = Vec::with_capacity(timer.labels.len() * 2);
+        for (set, queries) in timer.sets.iter().enumerate() {
+            let pairs = (timer.labels.len() as u32 - set as u32 * per_set).min(per_set);
+            let bytes = pairs as u64 * 16;
+            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("motif timer resolve"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            self.record(|enc| enc.resolve_query_set(queries, 0..pairs * 2, &resolve, 0));
+            let raw = self.read(&resolve, 0, bytes)?;
+            ticks.extend(bytemuck::pod_collect_to_vec::<u8, u64>(&raw));
         }
-        let bytes = timer.next as u64 * 8;
-        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("motif timer resolve"),
-            size: bytes,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        self.record(|enc| enc.resolve_query_set(&timer.queries, 0..timer.next, &resolve, 0));
-        let raw = self.read(&resolve, 0, bytes)?;
-        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
         let period_ns = self.queue.get_timestamp_period() as f64;
-        let total: u64 = ticks.chunks(2).map(|p| p[1].saturating_sub(p[0])).sum();
-        Ok(Some((total as f64 * period_ns * 1e-9, timer.next / 2)))
+        let mut kernels: Vec<KernelTime> = Vec::new();
+        for (label, pair) in timer.labels.iter().zip(ticks.chunks(2)) {
+            let seconds = pair[1].saturating_sub(pair[0]) as f64 * period_ns * 1e-9;
+            match kernels.iter_mut().find(|k| k.kernel == *label) {
+                Some(k) => {
+                    k.seconds += seconds;
+                    k.dispatches += 1;
+                }
+                None => kernels.push(KernelTime {
+                    kernel: label.to_string(),
+                    seconds,
+                    dispatches: 1,
+                }),
+            }
+        }
+        kernels.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        Ok(Some(kernels))
     }
 
     /// Submits pending work and blocks until the GPU has finished it.

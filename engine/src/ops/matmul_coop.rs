@@ -241,15 +241,12 @@ pub(crate) fn dispatch(
     });
     let mut stream = gpu.stream.lock().expect("stream lock poisoned");
     let stream = &mut *stream;
-    let timed = stream.timer.as_mut().and_then(|t| t.take_pair());
-    let timestamp_writes = match (timed, &stream.timer) {
-        (Some(i), Some(t)) => Some(wgpu::ComputePassTimestampWrites {
-            query_set: &t.queries,
-            beginning_of_pass_write_index: Some(i),
-            end_of_pass_write_index: Some(i + 1),
-        }),
-        _ => None,
+    let label = match variant {
+        Variant::Matmul { .. } => "matmul_coop",
+        Variant::Conv => "conv2d_coop",
     };
+    let timed = (stream.timer.as_mut()).and_then(|t| t.take_pair(&gpu.device, label));
+    let timestamp_writes = stream.timer.as_ref().and_then(|t| t.writes(timed));
     let encoder = stream.encoder.get_or_insert_with(|| {
         gpu.device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
