@@ -1,4 +1,5 @@
-//! The cooperative-matrix matmul (shaders/matmul_coop.wgsl). No adapter here
+//! The cooperative-matrix kernels (shaders/matmul_coop.wgsl: matmul and
+//! conv2d; shaders/attention_coop.wgsl). No adapter here
 //! has cooperative matrices (lavapipe has none), so the shader is checked as
 //! far as the CPU can: naga parses and validates it with the capability on
 //! and writes SPIR-V for every variant ops/matmul_coop.rs compiles. Its
@@ -10,25 +11,96 @@ use motif_engine::ops::conv2d::{
     conv2d_reference, conv2d_with_kernel, Conv2dKernel, Conv2dOptions,
 };
 use motif_engine::ops::matmul::{matmul, matmul_reference, MatmulOptions};
-use motif_engine::ops::matmul_coop::{variant_constants, Variant, SOURCE};
+use motif_engine::ops::matmul_coop::{variant_constants, Variant, ATTENTION_SOURCE, SOURCE};
 use motif_engine::ops::Activation;
 use motif_engine::wgpu::naga;
 
-fn validate() -> (naga::Module, naga::valid::ModuleInfo) {
-    let module = naga::front::wgsl::parse_str(SOURCE).unwrap_or_else(|e| {
-        panic!("matmul_coop.wgsl: {}", e.emit_to_string(SOURCE));
+fn validate(name: &str, source: &str) -> (naga::Module, naga::valid::ModuleInfo) {
+    let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| {
+        panic!("{name}: {}", e.emit_to_string(source));
     });
     let caps =
         naga::valid::Capabilities::COOPERATIVE_MATRIX | naga::valid::Capabilities::SHADER_FLOAT16;
     let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
         .validate(&module)
-        .unwrap_or_else(|e| panic!("matmul_coop.wgsl: {}", e.emit_to_string(SOURCE)));
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
     (module, info)
+}
+
+/// SPIR-V of one variant, as wgpu-hal's Vulkan backend (30.0) asks naga for
+/// it on a Vulkan 1.3 GPU with SHADER_F16, SUBGROUP and the
+/// cooperative-matrix feature: its capability list (a capability outside it
+/// fails the write, as it would fail the pipeline) and its strictest bounds
+/// checks. Checks that the module really uses the tensor-core instructions
+/// (OpCooperativeMatrixMulAddKHR is opcode 4459); MOTIF_DUMP_SPIRV=<dir>
+/// writes it as `file` for spirv-val (not in CI).
+fn spirv(
+    module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+    entry: &str,
+    constants: &naga::back::PipelineConstants,
+    file: &str,
+) {
+    let stage = Some((naga::ShaderStage::Compute, entry));
+    let (resolved, resolved_info) =
+        naga::back::pipeline_constants::process_overrides(module, info, stage, constants)
+            .unwrap_or_else(|e| panic!("overrides {constants:?}: {e}"));
+    use naga::back::spv::Capability as C;
+    let capabilities = [
+        C::Shader,
+        C::Matrix,
+        C::Float16,
+        C::GroupNonUniform,
+        C::GroupNonUniformVote,
+        C::GroupNonUniformArithmetic,
+        C::GroupNonUniformBallot,
+        C::GroupNonUniformShuffle,
+        C::GroupNonUniformShuffleRelative,
+        C::GroupNonUniformQuad,
+        C::CooperativeMatrixKHR,
+        C::VulkanMemoryModel,
+    ];
+    let restrict = naga::proc::BoundsCheckPolicy::Restrict;
+    let options = naga::back::spv::Options {
+        lang_version: (1, 6),
+        capabilities: Some(capabilities.into_iter().collect()),
+        bounds_check_policies: naga::proc::BoundsCheckPolicies {
+            index: restrict,
+            buffer: restrict,
+            image_load: restrict,
+            binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
+        },
+        force_loop_bounding: true,
+        ..Default::default()
+    };
+    let pipeline = naga::back::spv::PipelineOptions {
+        shader_stage: naga::ShaderStage::Compute,
+        entry_point: entry.into(),
+    };
+    let words = naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline))
+        .unwrap_or_else(|e| panic!("SPIR-V for {constants:?}: {e}"));
+    assert_eq!(words[0], 0x0723_0203, "SPIR-V magic number");
+    if let Ok(dir) = std::env::var("MOTIF_DUMP_SPIRV") {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        std::fs::write(std::path::Path::new(&dir).join(file), bytes).unwrap();
+    }
+    let has_muladd = words.iter().any(|w| w & 0xffff == 4459);
+    assert!(
+        has_muladd,
+        "no OpCooperativeMatrixMulAddKHR for {constants:?}"
+    );
+}
+
+fn named(constants: Vec<(&'static str, f64)>) -> naga::back::PipelineConstants {
+    constants
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 #[test]
 fn shader_validates_and_writes_spirv_for_every_variant() {
-    let (module, info) = validate();
+    let (module, info) = validate("matmul_coop.wgsl", SOURCE);
     for variant in [
         Variant::Matmul { transpose_b: false },
         Variant::Matmul { transpose_b: true },
@@ -42,85 +114,33 @@ fn shader_validates_and_writes_spirv_for_every_variant() {
             Activation::QuickGelu,
         ] {
             for fast_staging in [0.0, 1.0] {
-                let constants = variant_constants(variant, act)
-                    .into_iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_string(),
-                            if k == "FAST_STAGING" { fast_staging } else { v },
-                        )
-                    })
-                    .collect::<naga::back::PipelineConstants>();
+                let mut constants = named(variant_constants(variant, act));
                 assert!(constants.contains_key("FAST_STAGING"));
-                let entry = Some((naga::ShaderStage::Compute, "matmul_coop"));
-                let (resolved, resolved_info) = naga::back::pipeline_constants::process_overrides(
-                    &module, &info, entry, &constants,
-                )
-                .unwrap_or_else(|e| panic!("overrides {constants:?}: {e}"));
-                // What wgpu-hal's Vulkan backend (30.0) asks of naga on a Vulkan 1.3
-                // GPU with SHADER_F16, SUBGROUP and the cooperative-matrix feature:
-                // its capability list (a capability outside it fails the write, as
-                // it would fail the pipeline) and its strictest bounds checks.
-                use naga::back::spv::Capability as C;
-                let capabilities = [
-                    C::Shader,
-                    C::Matrix,
-                    C::Float16,
-                    C::GroupNonUniform,
-                    C::GroupNonUniformVote,
-                    C::GroupNonUniformArithmetic,
-                    C::GroupNonUniformBallot,
-                    C::GroupNonUniformShuffle,
-                    C::GroupNonUniformShuffleRelative,
-                    C::GroupNonUniformQuad,
-                    C::CooperativeMatrixKHR,
-                    C::VulkanMemoryModel,
-                ];
-                let restrict = naga::proc::BoundsCheckPolicy::Restrict;
-                let options = naga::back::spv::Options {
-                    lang_version: (1, 6),
-                    capabilities: Some(capabilities.into_iter().collect()),
-                    bounds_check_policies: naga::proc::BoundsCheckPolicies {
-                        index: restrict,
-                        buffer: restrict,
-                        image_load: restrict,
-                        binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
-                    },
-                    force_loop_bounding: true,
-                    ..Default::default()
+                constants.insert("FAST_STAGING".to_string(), fast_staging);
+                let kind = match variant {
+                    Variant::Matmul { transpose_b } => format!("t{}", transpose_b as u8),
+                    Variant::Conv => "conv".to_string(),
+                    Variant::Attention { .. } => unreachable!("not in this list"),
                 };
-                let pipeline = naga::back::spv::PipelineOptions {
-                    shader_stage: naga::ShaderStage::Compute,
-                    entry_point: "matmul_coop".into(),
-                };
-                let words = naga::back::spv::write_vec(
-                    &resolved,
-                    &resolved_info,
-                    &options,
-                    Some(&pipeline),
-                )
-                .unwrap_or_else(|e| panic!("SPIR-V for {constants:?}: {e}"));
-                assert_eq!(words[0], 0x0723_0203, "SPIR-V magic number");
-                // For spirv-val (not in CI): MOTIF_DUMP_SPIRV=<dir> writes each variant.
-                if let Ok(dir) = std::env::var("MOTIF_DUMP_SPIRV") {
-                    let kind = match variant {
-                        Variant::Matmul { transpose_b } => format!("t{}", transpose_b as u8),
-                        Variant::Conv => "conv".to_string(),
-                    };
-                    let name =
-                        format!("matmul_coop_{kind}_act{}_fast{fast_staging}.spv", act as u8);
-                    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-                    std::fs::write(std::path::Path::new(&dir).join(name), bytes).unwrap();
-                }
-                // The module must really use the tensor-core instructions
-                // (OpCooperativeMatrixMulAddKHR is opcode 4459).
-                let has_muladd = words.iter().any(|w| w & 0xffff == 4459);
-                assert!(
-                    has_muladd,
-                    "no OpCooperativeMatrixMulAddKHR for {constants:?}"
-                );
+                let file = format!("matmul_coop_{kind}_act{}_fast{fast_staging}.spv", act as u8);
+                spirv(&module, &info, "matmul_coop", &constants, &file);
             }
         }
+    }
+}
+
+/// The tensor-core attention, for SD's and CLIP's head dims and odd ones
+/// (the padding to whole fragments).
+#[test]
+fn attention_shader_validates_and_writes_spirv_for_every_head_dim() {
+    let (module, info) = validate("attention_coop.wgsl", ATTENTION_SOURCE);
+    for head_dim in [8, 40, 64, 72, 80] {
+        let constants = named(variant_constants(
+            Variant::Attention { head_dim },
+            Activation::None,
+        ));
+        let file = format!("attention_coop_d{head_dim}.spv");
+        spirv(&module, &info, "attention_coop", &constants, &file);
     }
 }
 
@@ -168,4 +188,50 @@ fn conv2d_routes_around_missing_coop_matrices() {
         .unwrap();
     let want = conv2d_reference(&xv, xs, &wv, ws, None, &opts);
     common::assert_close("conv2d without coop", &got, &want, dtype, 27);
+}
+
+/// Attention asked for on tensor cores where there are none is refused with
+/// an error naming the op; the default keeps the portable kernels.
+#[test]
+fn attention_routes_around_missing_coop_matrices() {
+    use motif_engine::ops::attention::{
+        attention, attention_reference, AttentionKernel, AttentionOptions,
+    };
+    let gpu = common::gpu();
+    if gpu.coop_matrix().is_some() {
+        return;
+    }
+    let dtype = common::dtypes()[common::dtypes().len() - 1];
+    let (batch, lq, lk, heads, d) = (1, 9, 7, 2, 8);
+    let (q, qv) = common::upload(
+        gpu,
+        &common::random(batch * lq * heads * d, 5),
+        &[batch, lq, heads * d],
+        dtype,
+    );
+    let (k, kv) = common::upload(
+        gpu,
+        &common::random(batch * lk * heads * d, 6),
+        &[batch, lk, heads * d],
+        dtype,
+    );
+    let (v, vv) = common::upload(
+        gpu,
+        &common::random(batch * lk * heads * d, 7),
+        &[batch, lk, heads * d],
+        dtype,
+    );
+    let coop = AttentionOptions {
+        kernel: Some(AttentionKernel::Coop),
+        ..Default::default()
+    };
+    let err = attention(gpu, &q, &k, &v, heads, &coop).unwrap_err();
+    assert!(err.to_string().contains("attention"), "{err}");
+    let opts = AttentionOptions::default();
+    let got = attention(gpu, &q, &k, &v, heads, &opts)
+        .unwrap()
+        .to_f32(gpu)
+        .unwrap();
+    let want = attention_reference(&qv, &kv, &vv, batch, lq, lk, heads, &opts);
+    common::assert_close("attention without coop", &got, &want, dtype, d);
 }

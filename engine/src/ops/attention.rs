@@ -15,7 +15,7 @@ use std::sync::{Mutex, OnceLock};
 use bytemuck::{Pod, Zeroable};
 
 use super::norm::CPU_LOOP_BUDGET;
-use super::{check_dtypes, check_rank, params_bytes, windows};
+use super::{check_dtypes, check_rank, matmul_coop, params_bytes, windows};
 use crate::error::{EngineError, Result};
 use crate::gpu::{Gpu, Kernel};
 use crate::tensor::{fmt_shape, DType, Tensor};
@@ -39,6 +39,10 @@ pub enum AttentionKernel {
     /// owning up to 8 queries in registers (`shaders/attention_subgroup.wgsl`).
     /// For CPU adapters; needs subgroups of at least 8 lanes.
     Subgroup,
+    /// Tensor cores through cooperative matrices, 64 queries per workgroup
+    /// (`shaders/attention_coop.wgsl`): f16, head dims up to 80, adapters
+    /// with the cooperative matrices ops/matmul_coop.rs uses.
+    Coop,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -122,7 +126,9 @@ struct Launch {
 fn launch(variant: AttentionKernel, dtype: DType, head_dim: usize, lq: usize) -> Launch {
     let d4 = head_dim.div_ceil(4);
     match variant {
-        AttentionKernel::Tiled => {
+        // Coop never gets here: attention() dispatches it itself, and
+        // available_kernels (the portable ones) never lists it.
+        AttentionKernel::Tiled | AttentionKernel::Coop => {
             let wg_q = if lq <= 16 { 16 } else { 64 };
             // Per tile: the tile loop, its load loop and two d4 loops; then
             // loading q and the state, storing the state or the output.
@@ -372,6 +378,87 @@ pub fn attention(
                 "{heads} heads exceed the {max_grid} workgroups of one dispatch dimension"
             ),
         });
+    }
+
+    // Tensor cores first where the adapter has them (f16, head dims up to
+    // 80, which hold SD's 4096- and 1024-token attention); a variant that
+    // fails to compile leaves the portable kernels in charge.
+    let coop = match opts.kernel {
+        None => {
+            matmul_coop::attention_available(gpu, dtype, head_dim)
+                && matmul_coop::routes_attention(gpu, head_dim)
+        }
+        Some(AttentionKernel::Coop) => {
+            if !matmul_coop::attention_available(gpu, dtype, head_dim) {
+                return Err(EngineError::Argument {
+                    op,
+                    message: format!(
+                        "the cooperative-matrix attention needs f16, head dims up to {} \
+                         (found {head_dim}) and an adapter with f16 x f16 -> f32 16x16x16 \
+                         cooperative matrices (adapter {}, {dtype})",
+                        matmul_coop::ATTENTION_MAX_HEAD_DIM,
+                        gpu.adapter().name
+                    ),
+                });
+            }
+            true
+        }
+        Some(_) => false,
+    };
+    if coop {
+        let scale = opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+        let max_elems = Tensor::max_window_elems(gpu, dtype);
+        let max_items = (max_elems / (lq * channels)).min(max_elems / (lk * channels));
+        if max_items == 0 {
+            return Err(EngineError::BindingTooLarge {
+                op,
+                bytes: (lq.max(lk) * channels) as u64 * dtype.size_bytes(),
+                limit: gpu.max_binding_bytes(),
+            });
+        }
+        let windows = windows(
+            op,
+            batch,
+            1,
+            max_items.min(max_grid),
+            gpu.max_binding_bytes(),
+        )?;
+        for (b0, items) in windows {
+            let (qb, q_off) = q.window(gpu, b0 * lq * channels, items * lq * channels);
+            let (kb, k_off) = k.window(gpu, b0 * lk * channels, items * lk * channels);
+            let (vb, v_off) = v.window(gpu, b0 * lk * channels, items * lk * channels);
+            let (ob, out_off) = out.window(gpu, b0 * lq * channels, items * lq * channels);
+            let p = Params {
+                lq: lq as u32,
+                lk: lk as u32,
+                stride: channels as u32,
+                causal: u32::from(opts.causal),
+                q_off,
+                k_off,
+                v_off,
+                out_off,
+                scale_log2: scale * std::f32::consts::LOG2_E,
+                key_start: 0,
+                key_end: lk as u32,
+                heads: heads as u32,
+                _pad: [0; 4],
+            };
+            matmul_coop::dispatch(
+                gpu,
+                matmul_coop::Variant::Attention {
+                    head_dim: head_dim as u32,
+                },
+                super::Activation::None,
+                params_bytes(&p),
+                &[(1, qb), (2, kb), (3, vb), (4, ob)],
+                [
+                    lq.div_ceil(matmul_coop::ATTENTION_QUERIES) as u32,
+                    heads as u32,
+                    items as u32,
+                ],
+            )?;
+        }
+        return Ok(out);
     }
 
     let variant = match opts.kernel.or_else(|| choose_kernel(gpu, dtype)) {

@@ -54,18 +54,55 @@ pub(crate) fn available(gpu: &Gpu, dtype: DType) -> bool {
         && limits.max_compute_workgroup_storage_size >= WORKGROUP_BYTES
 }
 
-/// What one dispatch computes: a product (with `b` transposed or not) or a
-/// convolution (ops/conv2d.rs's windows, [`ConvParams`]).
+/// The WGSL source of the tensor-core attention (public for the shader
+/// validation test); ops/attention.rs routes to it.
+#[doc(hidden)]
+pub const ATTENTION_SOURCE: &str = include_str!("../../../shaders/attention_coop.wgsl");
+
+/// What one dispatch computes: a product (with `b` transposed or not), a
+/// convolution (ops/conv2d.rs's windows, [`ConvParams`]) or attention
+/// (`shaders/attention_coop.wgsl`, ops/attention.rs's parameters).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
     Matmul { transpose_b: bool },
     Conv,
+    Attention { head_dim: u32 },
 }
+
+impl Variant {
+    /// The shader's source and entry point, and the op named in errors.
+    fn shader(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Variant::Matmul { .. } => (SOURCE, ENTRY, "matmul"),
+            Variant::Conv => (SOURCE, ENTRY, "conv2d"),
+            Variant::Attention { .. } => (ATTENTION_SOURCE, "attention_coop", "attention"),
+        }
+    }
+
+    /// The kernel's name in GPU timings.
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Matmul { .. } => "matmul_coop",
+            Variant::Conv => "conv2d_coop",
+            Variant::Attention { .. } => "attention_coop",
+        }
+    }
+}
+
+/// The largest head dim the tensor-core attention holds (its staged tiles).
+pub(crate) const ATTENTION_MAX_HEAD_DIM: usize = 80;
+/// Queries of one attention workgroup.
+pub(crate) const ATTENTION_QUERIES: usize = 64;
+const ATTENTION_INVOCATIONS: u32 = 128;
+const ATTENTION_WORKGROUP_BYTES: u32 = 2 * (5632 + 2 * 2816 + 2048) + 4 * (2048 + 128 + 256);
 
 /// The override constants of one variant (public for the validation test).
 #[doc(hidden)]
 pub fn variant_constants(variant: Variant, activation: Activation) -> Vec<(&'static str, f64)> {
+    if let Variant::Attention { head_dim } = variant {
+        return vec![("HEAD_DIM", head_dim as f64)];
+    }
     // MOTIF_COOP_STAGING=checked: every tile through the bounds-checked
     // staging, to compare (`motif bench --coop`).
     let checked = std::env::var("MOTIF_COOP_STAGING").is_ok_and(|v| v == "checked");
@@ -126,16 +163,21 @@ pub(crate) struct ConvParams {
 /// The pipeline of one variant, compiled on first use. A variant that fails
 /// to compile (the extension is experimental) is remembered as failed, so
 /// that [`routes`] sends its products to the portable kernel from then on.
-fn pipeline(gpu: &Gpu, constants: &[(&'static str, f64)]) -> Result<Arc<wgpu::ComputePipeline>> {
-    let key = format!("{ENTRY}:{constants:?}");
+fn pipeline_with(
+    gpu: &Gpu,
+    source: &'static str,
+    entry: &'static str,
+    constants: &[(&'static str, f64)],
+) -> Result<Arc<wgpu::ComputePipeline>> {
+    let key = format!("{entry}:{constants:?}");
     let mut cache = gpu.coop_pipelines.lock().expect("pipeline lock poisoned");
     let compiled = cache.entry(key).or_insert_with_key(|key| {
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = gpu
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("matmul_coop"),
-                source: wgpu::ShaderSource::Wgsl(SOURCE.into()),
+                label: Some(entry),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
             });
         let pipeline = gpu
             .device
@@ -143,7 +185,7 @@ fn pipeline(gpu: &Gpu, constants: &[(&'static str, f64)]) -> Result<Arc<wgpu::Co
                 label: Some(key),
                 layout: None,
                 module: &module,
-                entry_point: Some(ENTRY),
+                entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants,
                     zero_initialize_workgroup_memory: false,
@@ -158,12 +200,39 @@ fn pipeline(gpu: &Gpu, constants: &[(&'static str, f64)]) -> Result<Arc<wgpu::Co
     compiled.clone().map_err(EngineError::Device)
 }
 
+fn compiled(
+    gpu: &Gpu,
+    variant: Variant,
+    activation: Activation,
+) -> Result<Arc<wgpu::ComputePipeline>> {
+    let (source, entry, _) = variant.shader();
+    pipeline_with(gpu, source, entry, &variant_constants(variant, activation))
+}
+
+/// Whether the tensor-core attention runs here for this head dim: f16, the
+/// adapter's cooperative matrices, and its workgroup.
+pub(crate) fn attention_available(gpu: &Gpu, dtype: DType, head_dim: usize) -> bool {
+    let limits = gpu.limits();
+    available(gpu, dtype)
+        && head_dim <= ATTENTION_MAX_HEAD_DIM
+        && limits.max_compute_invocations_per_workgroup >= ATTENTION_INVOCATIONS
+        && limits.max_compute_workgroup_storage_size >= ATTENTION_WORKGROUP_BYTES
+}
+
+/// Whether the tensor-core attention's variant for `head_dim` compiled
+/// (the experimental extension may fail where the adapter reports it).
+pub(crate) fn routes_attention(gpu: &Gpu, head_dim: usize) -> bool {
+    let variant = Variant::Attention {
+        head_dim: head_dim as u32,
+    };
+    gpu.is_plan() || compiled(gpu, variant, Activation::None).is_ok()
+}
+
 /// Whether [`matmul`](super::matmul::matmul) computes this product on
 /// tensor cores: f16, an adapter with the configuration the kernel needs,
 /// and the variant compiled.
 pub(crate) fn routes(gpu: &Gpu, dtype: DType, variant: Variant, activation: Activation) -> bool {
-    available(gpu, dtype)
-        && (gpu.is_plan() || pipeline(gpu, &variant_constants(variant, activation)).is_ok())
+    available(gpu, dtype) && (gpu.is_plan() || compiled(gpu, variant, activation).is_ok())
 }
 
 /// Records one matmul_coop dispatch, as `Gpu::dispatch` does for kernels of
@@ -177,10 +246,7 @@ pub(crate) fn dispatch(
     bindings: &[(u32, Binding<'_>)],
     workgroups: [u32; 3],
 ) -> Result<()> {
-    let op = match variant {
-        Variant::Matmul { .. } => "matmul",
-        Variant::Conv => "conv2d",
-    };
+    let (_, _, op) = variant.shader();
     for (_, b) in bindings {
         if b.size > gpu.max_binding_bytes() {
             return Err(EngineError::BindingTooLarge {
@@ -200,12 +266,12 @@ pub(crate) fn dispatch(
     if workgroups.contains(&0) || gpu.is_plan() {
         return Ok(());
     }
-    let pipeline = pipeline(gpu, &variant_constants(variant, activation))?;
+    let pipeline = compiled(gpu, variant, activation)?;
     // A buffer of its own per dispatch: the prelude kernels' uniform arena is
     // private to gpu/kernel.rs, and a product is only a few dispatches.
     let size = (params.len() as u64).div_ceil(16) * 16;
     let uniform = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("matmul_coop params"),
+        label: Some("coop params"),
         size,
         usage: wgpu::BufferUsages::UNIFORM,
         mapped_at_creation: true,
@@ -235,17 +301,13 @@ pub(crate) fn dispatch(
         });
     }
     let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("matmul_coop"),
+        label: Some(variant.label()),
         layout: &pipeline.get_bind_group_layout(0),
         entries: &entries,
     });
     let mut stream = gpu.stream.lock().expect("stream lock poisoned");
     let stream = &mut *stream;
-    let label = match variant {
-        Variant::Matmul { .. } => "matmul_coop",
-        Variant::Conv => "conv2d_coop",
-    };
-    let timed = (stream.timer.as_mut()).and_then(|t| t.take_pair(&gpu.device, label));
+    let timed = (stream.timer.as_mut()).and_then(|t| t.take_pair(&gpu.device, variant.label()));
     let timestamp_writes = stream.timer.as_ref().and_then(|t| t.writes(timed));
     let encoder = stream.encoder.get_or_insert_with(|| {
         gpu.device
@@ -254,7 +316,7 @@ pub(crate) fn dispatch(
             })
     });
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("matmul_coop"),
+        label: Some(variant.label()),
         timestamp_writes,
     });
     pass.set_pipeline(&pipeline);
@@ -698,6 +760,133 @@ fn run_conv_case(gpu: &Gpu, c: &ConvCase, seed: u64) -> Result<CoopCase> {
     })
 }
 
+struct AttentionCase {
+    name: &'static str,
+    batch: usize,
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    head_dim: usize,
+    causal: bool,
+    /// Compare with the CPU reference (else only with the portable kernel).
+    reference: bool,
+}
+
+fn attention_cases() -> Vec<AttentionCase> {
+    let case = |name, batch, lq, lk, heads, head_dim| AttentionCase {
+        name,
+        batch,
+        lq,
+        lk,
+        heads,
+        head_dim,
+        causal: false,
+        reference: true,
+    };
+    vec![
+        case("attention odd sizes", 2, 70, 45, 2, 40),
+        case("attention head dim 8", 2, 16, 16, 1, 8),
+        AttentionCase {
+            causal: true,
+            ..case("attention causal, CLIP-like", 1, 77, 77, 4, 64)
+        },
+        case("attention head dim 80, cross 77 keys", 2, 129, 77, 2, 80),
+        case("motion-module attention, 16 frames", 64, 16, 16, 8, 40),
+        AttentionCase {
+            reference: false,
+            ..case("sd15 attention 4096 tokens, 8 x 40", 2, 4096, 4096, 8, 40)
+        },
+        AttentionCase {
+            reference: false,
+            ..case("sd15 attention 1024 tokens, 8 x 80", 2, 1024, 1024, 8, 80)
+        },
+    ]
+}
+
+fn run_attention_case(gpu: &Gpu, c: &AttentionCase, seed: u64) -> Result<CoopCase> {
+    use super::attention::{attention, attention_reference, AttentionKernel, AttentionOptions};
+    let dtype = DType::F16;
+    let channels = c.heads * c.head_dim;
+    let q_shape = [c.batch, c.lq, channels];
+    let k_shape = [c.batch, c.lk, channels];
+    // Scores of a few units, as trained projections give.
+    let scaled = |n: usize, s: u64| random(n, s).iter().map(|x| 2.0 * x).collect::<Vec<_>>();
+    let q = Tensor::from_f32(
+        gpu,
+        &scaled(c.batch * c.lq * channels, seed),
+        &q_shape,
+        dtype,
+    )?;
+    let k = Tensor::from_f32(
+        gpu,
+        &scaled(c.batch * c.lk * channels, seed + 1),
+        &k_shape,
+        dtype,
+    )?;
+    let v = Tensor::from_f32(
+        gpu,
+        &random(c.batch * c.lk * channels, seed + 2),
+        &k_shape,
+        dtype,
+    )?;
+    let opts = |kernel| AttentionOptions {
+        causal: c.causal,
+        kernel: Some(kernel),
+        ..Default::default()
+    };
+    let run = |kernel| attention(gpu, &q, &k, &v, c.heads, &opts(kernel));
+    let got = run(AttentionKernel::Coop)?.to_f32(gpu)?;
+    let portable = run(AttentionKernel::Tiled)?.to_f32(gpu)?;
+    // Outputs are averages of v (|v| < 1): the f16 tolerance of a sum of
+    // head_dim products bounds the scores' error, and P is rounded to f16.
+    let tolerance = tolerance_f16(c.head_dim, 1.0) + 4.0 * 2f32.powi(-11);
+    let max_error = if c.reference {
+        let want = attention_reference(
+            &q.to_f32(gpu)?,
+            &k.to_f32(gpu)?,
+            &v.to_f32(gpu)?,
+            c.batch,
+            c.lq,
+            c.lk,
+            c.heads,
+            &opts(AttentionKernel::Tiled),
+        );
+        max_abs_diff(&got, &want)
+    } else {
+        0.0
+    };
+    let vs_portable = max_abs_diff(&got, &portable);
+    let (seconds, gpu_timed) = time_product(gpu, 3, &|| run(AttentionKernel::Coop))?;
+    let (portable_s, _) = time_product(gpu, 1, &|| run(AttentionKernel::Tiled))?;
+    // QKᵀ and PV, as attention FLOPs are counted.
+    let flops = 4.0 * (c.batch * c.heads * c.lq * c.lk * c.head_dim) as f64;
+    Ok(CoopCase {
+        name: format!(
+            "{} (portable {:.3} ms, {:.1}x)",
+            c.name,
+            portable_s * 1e3,
+            portable_s / seconds
+        ),
+        shape: format!(
+            "{}x {}q {}k {}h x {}{}",
+            c.batch,
+            c.lq,
+            c.lk,
+            c.heads,
+            c.head_dim,
+            if c.causal { " causal" } else { "" }
+        ),
+        max_error,
+        tolerance,
+        vs_portable,
+        passed: max_error <= tolerance && vs_portable <= 2.0 * tolerance,
+        ms: seconds * 1e3,
+        tflops: flops / seconds / 1e12,
+        gpu_timed,
+        error: None,
+    })
+}
+
 /// Runs the tensor-core kernel on the check's shapes (odd sizes, batches,
 /// bias and activations, K = 77, SD1.5's 4096x320x320, 4096³) against the
 /// CPU reference and the portable kernel, and times each; then timing-only
@@ -739,6 +928,26 @@ pub fn coop_check(gpu: &Gpu) -> Result<Vec<CoopCase>> {
         let case = run_conv_case(gpu, c, 31 * i as u64 + 5).unwrap_or_else(|e| CoopCase {
             name: c.name.to_string(),
             shape: format!("x {:?} w {:?}", c.x_shape, c.w_shape),
+            max_error: f32::NAN,
+            tolerance: f32::NAN,
+            vs_portable: f32::NAN,
+            passed: false,
+            ms: f64::NAN,
+            tflops: f64::NAN,
+            gpu_timed: false,
+            error: Some(e.to_string()),
+        });
+        cases.push(case);
+    }
+    // The attention kernel, against the CPU reference where it is
+    // affordable and always against the portable kernel.
+    for (i, c) in attention_cases().iter().enumerate() {
+        let case = run_attention_case(gpu, c, 43 * i as u64 + 7).unwrap_or_else(|e| CoopCase {
+            name: c.name.to_string(),
+            shape: format!(
+                "{}x {}q {}k {}h x {}",
+                c.batch, c.lq, c.lk, c.heads, c.head_dim
+            ),
             max_error: f32::NAN,
             tolerance: f32::NAN,
             vs_portable: f32::NAN,
