@@ -41,7 +41,8 @@ pub enum AttentionKernel {
     Subgroup,
     /// Tensor cores through cooperative matrices, 64 queries per workgroup
     /// (`shaders/attention_coop.wgsl`): f16, head dims up to 80, adapters
-    /// with the cooperative matrices ops/matmul_coop.rs uses.
+    /// with the cooperative matrices ops/matmul_coop.rs uses. Only when
+    /// asked for: slower than `Tiled` on the GPUs measured so far.
     Coop,
 }
 
@@ -380,14 +381,11 @@ pub fn attention(
         });
     }
 
-    // Tensor cores first where the adapter has them (f16, head dims up to
-    // 80, which hold SD's 4096- and 1024-token attention); a variant that
-    // fails to compile leaves the portable kernels in charge.
+    // The tensor-core kernel only when asked for by name: it is right
+    // (`motif bench --coop`) but on an H100 2.3x slower than the portable
+    // kernel at SD's 4096 tokens (docs/PERFORMANCE.md), its scalar softmax
+    // and looped staging costing more than the products it moves.
     let coop = match opts.kernel {
-        None => {
-            matmul_coop::attention_available(gpu, dtype, head_dim)
-                && matmul_coop::routes_attention(gpu, head_dim)
-        }
         Some(AttentionKernel::Coop) => {
             if !matmul_coop::attention_available(gpu, dtype, head_dim) {
                 return Err(EngineError::Argument {
@@ -403,7 +401,7 @@ pub fn attention(
             }
             true
         }
-        Some(_) => false,
+        _ => false,
     };
     if coop {
         let scale = opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());

@@ -219,15 +219,6 @@ pub(crate) fn attention_available(gpu: &Gpu, dtype: DType, head_dim: usize) -> b
         && limits.max_compute_workgroup_storage_size >= ATTENTION_WORKGROUP_BYTES
 }
 
-/// Whether the tensor-core attention's variant for `head_dim` compiled
-/// (the experimental extension may fail where the adapter reports it).
-pub(crate) fn routes_attention(gpu: &Gpu, head_dim: usize) -> bool {
-    let variant = Variant::Attention {
-        head_dim: head_dim as u32,
-    };
-    gpu.is_plan() || compiled(gpu, variant, Activation::None).is_ok()
-}
-
 /// Whether [`matmul`](super::matmul::matmul) computes this product on
 /// tensor cores: f16, an adapter with the configuration the kernel needs,
 /// and the variant compiled.
