@@ -70,30 +70,39 @@ const FRAG: u32 = 16u;
 // Row stride of the staged q, k and v tiles: the largest D16 (80) plus 8
 // halves, which keeps fragments 16-byte aligned and rows in different banks.
 const LD: u32 = 88u;
-// Scores or probabilities of one subgroup: 16 rows x KEYS.
-const SUB_S: u32 = FRAG * KEYS;
+// Row strides of one subgroup's scores (f32) and probabilities (f16): KEYS
+// plus 16 bytes, so that the 16 rows a subgroup's lane pairs read at once
+// fall in different banks (a stride of exactly 32 words put all 16 in one).
+const S_LD: u32 = KEYS + 4u;
+const P_LD: u32 = KEYS + 8u;
+const SUB_S: u32 = FRAG * S_LD;
+const SUB_P: u32 = FRAG * P_LD;
 
 var<workgroup> q_tile: array<f16, 5632>;   // QUERIES x LD
 var<workgroup> k_tile: array<f16, 2816>;   // KEYS x LD
 var<workgroup> v_tile: array<f16, 2816>;   // KEYS x LD
-var<workgroup> s_tile: array<f32, 2048>;   // 4 subgroups x SUB_S
-var<workgroup> p_tile: array<f16, 2048>;   // 4 subgroups x SUB_S
+var<workgroup> s_tile: array<f32, 2304>;   // 4 subgroups x SUB_S
+var<workgroup> p_tile: array<f16, 2560>;   // 4 subgroups x SUB_P
 var<workgroup> pair: array<f32, 128>;      // one value per invocation, for lane pairs
 var<workgroup> zeros: array<f32, 256>;     // one 16 x 16 fragment of zeros
 
 // Stages KEYS rows of k (and of v, when `with_v`) from key kb on, zero past
-// lk and past HEAD_DIM.
+// lk and past HEAD_DIM: four invocations per row, each every fourth column
+// (neighbouring lanes read neighbouring values), in a loop of a constant
+// trip count.
 fn stage_keys(z: u32, h: u32, kb: u32, lid: u32, with_v: bool) {
-    for (var e = lid; e < KEYS * D16; e += INVOCATIONS) {
-        let r = e / D16;
-        let d = e % D16;
+    let r = lid / 4u;
+    let part = lid % 4u;
+    let inside = kb + r < p.lk;
+    let g = (z * p.lk + kb + r) * p.stride + h * HEAD_DIM;
+    for (var c = 0u; c < D16 / 4u; c++) {
+        let d = part + 4u * c;
         var kv = f16(0.0);
         var vv = f16(0.0);
-        if (kb + r < p.lk && d < HEAD_DIM) {
-            let g = (z * p.lk + kb + r) * p.stride + h * HEAD_DIM + d;
-            kv = k[p.k_off + g];
+        if (inside && d < HEAD_DIM) {
+            kv = k[p.k_off + g + d];
             if (with_v) {
-                vv = v[p.v_off + g];
+                vv = v[p.v_off + g + d];
             }
         }
         k_tile[r * LD + d] = kv;
@@ -104,7 +113,7 @@ fn stage_keys(z: u32, h: u32, kb: u32, lid: u32, with_v: bool) {
 }
 
 // This subgroup's 16 x KEYS scores q kᵀ for the staged keys, into its part
-// of s_tile (row-major, stride KEYS).
+// of s_tile (row-major, stride S_LD).
 fn scores(sg: u32) {
     var s0 = coopLoadT<coop_mat16x16<f32, C>>(&zeros[0], FRAG);
     var s1 = s0;
@@ -116,8 +125,8 @@ fn scores(sg: u32) {
         s0 = coopMultiplyAdd(a, b0, s0);
         s1 = coopMultiplyAdd(a, b1, s1);
     }
-    coopStoreT(s0, &s_tile[sg * SUB_S], KEYS);
-    coopStoreT(s1, &s_tile[sg * SUB_S + FRAG], KEYS);
+    coopStoreT(s0, &s_tile[sg * SUB_S], S_LD);
+    coopStoreT(s1, &s_tile[sg * SUB_S + FRAG], S_LD);
 }
 
 // Whether query `qi` sees key `key`.
@@ -144,8 +153,8 @@ fn pair_max(lid: u32, x: f32) -> f32 {
 
 // Adds P (16 x KEYS, f16) times the staged v's columns c .. c+15 to `o`.
 fn pv(sg: u32, c: u32, o: coop_mat16x16<f32, C>) -> coop_mat16x16<f32, C> {
-    let a0 = coopLoadT<coop_mat16x16<f16, A>>(&p_tile[sg * SUB_S], KEYS);
-    let a1 = coopLoadT<coop_mat16x16<f16, A>>(&p_tile[sg * SUB_S + FRAG], KEYS);
+    let a0 = coopLoadT<coop_mat16x16<f16, A>>(&p_tile[sg * SUB_P], P_LD);
+    let a1 = coopLoadT<coop_mat16x16<f16, A>>(&p_tile[sg * SUB_P + FRAG], P_LD);
     let b0 = coopLoadT<coop_mat16x16<f16, B>>(&v_tile[c], LD);
     let b1 = coopLoadT<coop_mat16x16<f16, B>>(&v_tile[FRAG * LD + c], LD);
     return coopMultiplyAdd(a1, b1, coopMultiplyAdd(a0, b0, o));
@@ -154,7 +163,7 @@ fn pv(sg: u32, c: u32, o: coop_mat16x16<f32, C>) -> coop_mat16x16<f32, C> {
 // Writes O's columns c .. c+15 divided by the row sums: each lane of a pair
 // stores 8 of its row's 16 values. Called by every subgroup in step.
 fn store_out(sg: u32, lane: u32, z: u32, h: u32, qi: u32, l: f32, c: u32, o: coop_mat16x16<f32, C>) {
-    coopStoreT(o, &s_tile[sg * SUB_S], FRAG);
+    coopStoreT(o, &s_tile[sg * SUB_S], S_LD);
     workgroupBarrier();
     let r = lane / 2u;
     let half = lane % 2u;
@@ -164,7 +173,7 @@ fn store_out(sg: u32, lane: u32, z: u32, h: u32, qi: u32, l: f32, c: u32, o: coo
             let d = c + col;
             if (d < HEAD_DIM) {
                 let g = (z * p.lq + qi) * p.stride + h * HEAD_DIM + d;
-                out[p.out_off + g] = f16(s_tile[sg * SUB_S + r * FRAG + col] / l);
+                out[p.out_off + g] = f16(s_tile[sg * SUB_S + r * S_LD + col] / l);
             }
         }
     }
@@ -187,14 +196,17 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     for (var e = lid; e < 256u; e += INVOCATIONS) {
         zeros[e] = 0.0;
     }
-    for (var e = lid; e < QUERIES * D16; e += INVOCATIONS) {
-        let r = e / D16;
-        let d = e % D16;
+    // Two invocations per query row, each every other column.
+    let q_row = lid / 2u;
+    let q_inside = q0 + q_row < p.lq;
+    let q_g = p.q_off + (z * p.lq + q0 + q_row) * p.stride + h * HEAD_DIM;
+    for (var c = 0u; c < D16 / 2u; c++) {
+        let d = lid % 2u + 2u * c;
         var x = f16(0.0);
-        if (q0 + r < p.lq && d < HEAD_DIM) {
-            x = q[p.q_off + (z * p.lq + q0 + r) * p.stride + h * HEAD_DIM + d];
+        if (q_inside && d < HEAD_DIM) {
+            x = q[q_g + d];
         }
-        q_tile[r * LD + d] = x;
+        q_tile[q_row * LD + d] = x;
     }
 
     // 1. The row maxima of the scaled scores.
@@ -208,7 +220,7 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         for (var j = 0u; j < 16u; j++) {
             let col = half * 16u + j;
             if (visible(qi, kb + col)) {
-                m = max(m, s_tile[sg * SUB_S + row * KEYS + col] * p.scale_log2);
+                m = max(m, s_tile[sg * SUB_S + row * S_LD + col] * p.scale_log2);
             }
         }
     }
@@ -231,10 +243,10 @@ fn attention_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             let col = half * 16u + j;
             var e = 0.0;
             if (visible(qi, kb + col)) {
-                e = exp2(s_tile[sg * SUB_S + row * KEYS + col] * p.scale_log2 - m);
+                e = exp2(s_tile[sg * SUB_S + row * S_LD + col] * p.scale_log2 - m);
             }
             l += e;
-            p_tile[sg * SUB_S + row * KEYS + col] = f16(e);
+            p_tile[sg * SUB_P + row * P_LD + col] = f16(e);
         }
         workgroupBarrier();
         o0 = pv(sg, 0u, o0);

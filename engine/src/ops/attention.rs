@@ -386,6 +386,12 @@ pub fn attention(
     // kernel at SD's 4096 tokens (docs/PERFORMANCE.md), its scalar softmax
     // and looped staging costing more than the products it moves.
     let coop = match opts.kernel {
+        // MOTIF_COOP_ATTENTION=1: by default too, to measure it.
+        None => {
+            std::env::var("MOTIF_COOP_ATTENTION").is_ok_and(|v| v == "1")
+                && matmul_coop::attention_available(gpu, dtype, head_dim)
+                && matmul_coop::routes_attention(gpu, head_dim)
+        }
         Some(AttentionKernel::Coop) => {
             if !matmul_coop::attention_available(gpu, dtype, head_dim) {
                 return Err(EngineError::Argument {

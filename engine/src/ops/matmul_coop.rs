@@ -95,7 +95,7 @@ pub(crate) const ATTENTION_MAX_HEAD_DIM: usize = 80;
 /// Queries of one attention workgroup.
 pub(crate) const ATTENTION_QUERIES: usize = 64;
 const ATTENTION_INVOCATIONS: u32 = 128;
-const ATTENTION_WORKGROUP_BYTES: u32 = 2 * (5632 + 2 * 2816 + 2048) + 4 * (2048 + 128 + 256);
+const ATTENTION_WORKGROUP_BYTES: u32 = 2 * (5632 + 2 * 2816 + 2560) + 4 * (2304 + 128 + 256);
 
 /// The override constants of one variant (public for the validation test).
 #[doc(hidden)]
@@ -217,6 +217,15 @@ pub(crate) fn attention_available(gpu: &Gpu, dtype: DType, head_dim: usize) -> b
         && head_dim <= ATTENTION_MAX_HEAD_DIM
         && limits.max_compute_invocations_per_workgroup >= ATTENTION_INVOCATIONS
         && limits.max_compute_workgroup_storage_size >= ATTENTION_WORKGROUP_BYTES
+}
+
+/// Whether the tensor-core attention's variant for `head_dim` compiled
+/// (the extension is experimental: an adapter may report it and still fail).
+pub(crate) fn routes_attention(gpu: &Gpu, head_dim: usize) -> bool {
+    let variant = Variant::Attention {
+        head_dim: head_dim as u32,
+    };
+    gpu.is_plan() || compiled(gpu, variant, Activation::None).is_ok()
 }
 
 /// Whether [`matmul`](super::matmul::matmul) computes this product on
