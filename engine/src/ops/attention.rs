@@ -42,7 +42,8 @@ pub enum AttentionKernel {
     /// Tensor cores through cooperative matrices, 64 queries per workgroup
     /// (`shaders/attention_coop.wgsl`): f16, head dims up to 80, adapters
     /// with the cooperative matrices ops/matmul_coop.rs uses. Only when
-    /// asked for: slower than `Tiled` on the GPUs measured so far.
+    /// asked for (or with MOTIF_COOP_ATTENTION=1): on an H100 it is slower
+    /// than `Tiled` at SD's 4096 tokens of head dim 40.
     Coop,
 }
 
@@ -381,10 +382,9 @@ pub fn attention(
         });
     }
 
-    // The tensor-core kernel only when asked for by name: it is right
-    // (`motif bench --coop`) but on an H100 2.3x slower than the portable
-    // kernel at SD's 4096 tokens (docs/PERFORMANCE.md), its scalar softmax
-    // and looped staging costing more than the products it moves.
+    // The tensor-core kernel only when asked for: it is right (`motif bench
+    // --coop`) but on an H100 slower than the portable kernel at SD's 4096
+    // tokens of head dim 40 and on the whole UNet (docs/PERFORMANCE.md).
     let coop = match opts.kernel {
         // MOTIF_COOP_ATTENTION=1: by default too, to measure it.
         None => {
