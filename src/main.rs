@@ -74,7 +74,7 @@ enum Command {
         /// With --model: print the report as one JSON object on stdout (progress goes to stderr).
         #[arg(long)]
         json: bool,
-        /// Check and time the tensor-core (cooperative-matrix) matmul against the CPU reference and the portable kernel.
+        /// Check and time the tensor-core (cooperative-matrix) kernels (matmul, convolution, attention) against the CPU reference and the portable kernels.
         #[arg(long)]
         coop: bool,
     },
