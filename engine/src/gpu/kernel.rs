@@ -270,10 +270,34 @@ impl Gpu {
         bindings: &[(u32, Binding<'_>)],
         workgroups: [u32; 3],
     ) -> Result<()> {
+        if !self.check_dispatch(kernel.op, bindings, workgroups)? {
+            return Ok(());
+        }
+        let pipeline = self.pipeline(kernel)?;
+        self.record_dispatch(
+            &pipeline,
+            kernel.op,
+            kernel.entry,
+            params,
+            bindings,
+            workgroups,
+        );
+        Ok(())
+    }
+
+    /// What every dispatch is checked for: bindings within the limit, a grid
+    /// within the per-dimension limit. Ok(false): nothing to record (an
+    /// empty grid, or a dry run).
+    pub(crate) fn check_dispatch(
+        &self,
+        op: &'static str,
+        bindings: &[(u32, Binding<'_>)],
+        workgroups: [u32; 3],
+    ) -> Result<bool> {
         for (_, b) in bindings {
             if b.size > self.max_binding_bytes() {
                 return Err(EngineError::BindingTooLarge {
-                    op: kernel.op,
+                    op,
                     bytes: b.size,
                     limit: self.max_binding_bytes(),
                 });
@@ -287,16 +311,29 @@ impl Gpu {
         let max = self.limits().max_compute_workgroups_per_dimension;
         if workgroups.iter().any(|&w| w > max) {
             return Err(EngineError::Argument {
-                op: kernel.op,
+                op,
                 message: format!(
                     "dispatch of {workgroups:?} workgroups exceeds {max} per dimension"
                 ),
             });
         }
-        if workgroups.contains(&0) || self.is_plan() {
-            return Ok(());
-        }
-        let pipeline = self.pipeline(kernel)?;
+        Ok(!workgroups.contains(&0) && !self.is_plan())
+    }
+
+    /// Records a checked dispatch of a compiled pipeline: `params` at binding
+    /// 0 from the uniform arena, `bindings` at their slots, a compute pass of
+    /// its own (timed as `kernel` while a GPU timer runs). For the kernels of
+    /// the prelude ([`dispatch`](Self::dispatch)) and those that build their
+    /// own pipelines (ops/matmul_coop.rs).
+    pub(crate) fn record_dispatch(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        op: &'static str,
+        kernel: &'static str,
+        params: &[u8],
+        bindings: &[(u32, Binding<'_>)],
+        workgroups: [u32; 3],
+    ) {
         let mut stream = self.stream.lock().expect("stream lock poisoned");
         let (ubuf, uoff, usize_) = self.uniform_slot(&mut stream.uniforms, params);
         let mut entries = vec![wgpu::BindGroupEntry {
@@ -318,12 +355,12 @@ impl Gpu {
             });
         }
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.op),
+            label: Some(op),
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
         let stream = &mut *stream;
-        let timed = (stream.timer.as_mut()).and_then(|t| t.take_pair(&self.device, kernel.entry));
+        let timed = (stream.timer.as_mut()).and_then(|t| t.take_pair(&self.device, kernel));
         let timestamp_writes = stream.timer.as_ref().and_then(|t| t.writes(timed));
         let encoder = stream.encoder.get_or_insert_with(|| {
             self.device
@@ -331,16 +368,13 @@ impl Gpu {
                     label: Some("motif ops"),
                 })
         });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(kernel.op),
-                timestamp_writes,
-            });
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
-        }
-        Ok(())
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(kernel),
+            timestamp_writes,
+        });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
     }
 
     /// Number of compiled pipelines (for `motif info` and tests of the cache).

@@ -10,7 +10,9 @@
 //!
 //! The shader needs `enable wgpu_cooperative_matrix;` before any declaration,
 //! where the kernel prelude (gpu/kernel.rs) puts its dtype aliases, so its
-//! pipelines are built and dispatched here rather than through `Kernel`.
+//! pipelines are built here rather than through `Kernel` (a variant that
+//! fails to compile is remembered); they are recorded like every other
+//! kernel's, by `Gpu::record_dispatch`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -247,81 +249,11 @@ pub(crate) fn dispatch(
     workgroups: [u32; 3],
 ) -> Result<()> {
     let (_, _, op) = variant.shader();
-    for (_, b) in bindings {
-        if b.size > gpu.max_binding_bytes() {
-            return Err(EngineError::BindingTooLarge {
-                op,
-                bytes: b.size,
-                limit: gpu.max_binding_bytes(),
-            });
-        }
-    }
-    let max = gpu.limits().max_compute_workgroups_per_dimension;
-    if workgroups.iter().any(|&w| w > max) {
-        return Err(EngineError::Argument {
-            op,
-            message: format!("dispatch of {workgroups:?} workgroups exceeds {max} per dimension"),
-        });
-    }
-    if workgroups.contains(&0) || gpu.is_plan() {
+    if !gpu.check_dispatch(op, bindings, workgroups)? {
         return Ok(());
     }
     let pipeline = compiled(gpu, variant, activation)?;
-    // A buffer of its own per dispatch: the prelude kernels' uniform arena is
-    // private to gpu/kernel.rs, and a product is only a few dispatches.
-    let size = (params.len() as u64).div_ceil(16) * 16;
-    let uniform = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("coop params"),
-        size,
-        usage: wgpu::BufferUsages::UNIFORM,
-        mapped_at_creation: true,
-    });
-    {
-        let mut padded = params.to_vec();
-        padded.resize(size as usize, 0);
-        uniform
-            .slice(..)
-            .get_mapped_range_mut()
-            .expect("a buffer created mapped can be viewed")
-            .copy_from_slice(&padded);
-    }
-    uniform.unmap();
-    let mut entries = vec![wgpu::BindGroupEntry {
-        binding: 0,
-        resource: uniform.as_entire_binding(),
-    }];
-    for (slot, b) in bindings {
-        entries.push(wgpu::BindGroupEntry {
-            binding: *slot,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: b.buffer,
-                offset: b.offset,
-                size: wgpu::BufferSize::new(b.size.max(4)),
-            }),
-        });
-    }
-    let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(variant.label()),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    });
-    let mut stream = gpu.stream.lock().expect("stream lock poisoned");
-    let stream = &mut *stream;
-    let timed = (stream.timer.as_mut()).and_then(|t| t.take_pair(&gpu.device, variant.label()));
-    let timestamp_writes = stream.timer.as_ref().and_then(|t| t.writes(timed));
-    let encoder = stream.encoder.get_or_insert_with(|| {
-        gpu.device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("motif ops"),
-            })
-    });
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some(variant.label()),
-        timestamp_writes,
-    });
-    pass.set_pipeline(&pipeline);
-    pass.set_bind_group(0, &bind_group, &[]);
-    pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+    gpu.record_dispatch(&pipeline, op, variant.label(), params, bindings, workgroups);
     Ok(())
 }
 
