@@ -66,6 +66,35 @@ pub struct JobRequest {
     pub image: Option<String>,
 }
 
+/// The style and model names a server accepts, from its own machine
+/// (`motif styles`, `motif models`).
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    pub styles: Vec<String>,
+    pub models: Vec<String>,
+}
+
+impl Names {
+    /// Style and model must be names this server knows: never a path, never
+    /// a model the OpenAPI document does not list.
+    pub fn check(&self, request: &JobRequest) -> Result<(), FieldError> {
+        for (field, value, known) in [
+            ("style", &request.style, &self.styles),
+            ("model", &request.model, &self.models),
+        ] {
+            if let Some(v) = value {
+                if !known.contains(v) {
+                    return Err(FieldError::new(
+                        field,
+                        format!("unknown {field} `{v}` (known here: {})", known.join(", ")),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A 4xx answer's content: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FieldError {
