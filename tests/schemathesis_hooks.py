@@ -41,3 +41,13 @@ stills = st.builds(
 
 schemathesis.openapi.format("image-base64", stills.map(lambda b: base64.b64encode(b).decode()))
 schemathesis.openapi.media_type("image/png", stills)
+
+
+@schemathesis.hook
+def before_call(context, case, kwargs):
+    # schemathesis 4's coverage phase, once a multipart part has a media-type
+    # strategy (the still above), sends every other required part as an empty
+    # string and still counts the request as schema-valid; an empty `recipe` is
+    # not the JSON object the document asks for. Send the smallest one it allows.
+    if isinstance(case.body, dict) and case.body.get("recipe") == "":
+        case.body = {**case.body, "recipe": {"prompt": "a still coming to life"}}
