@@ -3,9 +3,9 @@
 //! The HTTP API (`api`), the metadata store and job queue (`db`: SQLite
 //! embedded in the data folder, or PostgreSQL shared with remote workers),
 //! the clip store (`store`: files under the data folder, or an S3-compatible
-//! bucket) and the worker loop (`worker`). Generation itself is behind the [`Runner`] trait, which the
-//! `motif` binary implements with the same code as `motif generate`, so this
-//! crate never touches the GPU.
+//! bucket) and the worker loop (`worker`). Generation itself is behind the
+//! [`Runner`] trait, which the `motif` binary implements with the same code
+//! as `motif generate`, so this crate never touches the GPU.
 
 mod api;
 pub mod db;

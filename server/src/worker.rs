@@ -229,8 +229,9 @@ async fn execute(
                 }
             };
             let recorded = db.finish(&job.id, name, &clip, &recipe).await;
-            if !matches!(recorded, Ok(true)) {
-                // Someone else owns the job now: our objects must not linger.
+            // Someone else owns the job now: our objects must not linger. (After
+            // a database error the update may have committed: keep them.)
+            if let Ok(false) = recorded {
                 let _ = store.delete(&clip).await;
                 let _ = store.delete(&recipe).await;
             }
