@@ -31,7 +31,7 @@ const OPENAPI: &str = include_str!("openapi.json");
 pub struct AppState {
     pub db: Db,
     /// The served OpenAPI document ([`openapi_document`]).
-    pub openapi: Arc<String>,
+    pub openapi: axum::body::Bytes,
     pub names: Arc<Names>,
     pub runner: Arc<dyn Runner>,
     pub store: Arc<Store>,
@@ -132,11 +132,7 @@ async fn health() -> Json<Value> {
 }
 
 async fn openapi(State(state): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        state.openapi.as_str().to_owned(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], state.openapi).into_response()
 }
 
 /// `openapi.json` with `style` and `model` narrowed to the names this server
@@ -707,4 +703,40 @@ async fn recipe(
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
     stored_file(&state, &headers, path, true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_document_lists_the_names_and_derives_the_recipe_part() {
+        let names = Names {
+            styles: vec!["anime".into()],
+            models: vec!["default".into(), "org/model".into()],
+        };
+        let doc: Value = serde_json::from_str(&openapi_document(&names).unwrap()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let request = &schemas["JobRequest"];
+        assert_eq!(
+            request["properties"]["model"]["enum"],
+            json!(["default", "org/model"])
+        );
+        assert_eq!(request["properties"]["style"]["enum"], json!(["anime"]));
+        assert!(request["properties"]["image"].is_object());
+        assert!(request["not"].is_object(), "strength goes with image");
+        let recipe = &schemas["JobRecipe"];
+        assert_eq!(recipe["properties"]["style"]["enum"], json!(["anime"]));
+        assert!(recipe["properties"].get("image").is_none());
+        assert!(recipe.get("not").is_none());
+        let multipart = &doc["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]
+            ["multipart/form-data"]["schema"];
+        assert_eq!(
+            multipart["properties"]["recipe"]["$ref"],
+            "#/components/schemas/JobRecipe"
+        );
+        // With no model installed, the name pattern stands in for an (invalid) empty enum.
+        let none = openapi_document(&Names::default()).unwrap();
+        assert!(!none.contains("\"enum\": []"));
+    }
 }

@@ -270,7 +270,7 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
         let names = accepted_names(&*runner);
         let app = api::router(api::AppState {
             db: db.clone(),
-            openapi: Arc::new(api::openapi_document(&names)?),
+            openapi: api::openapi_document(&names)?.into(),
             names: Arc::new(names),
             runner,
             store,
