@@ -61,6 +61,8 @@ fn motif_command(args: &[&str], env: &[(&str, &str)]) -> Command {
         .env_remove("MOTIF_DATABASE_URL")
         .env_remove("MOTIF_STORE")
         .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
         .envs(env.iter().copied());
     command
 }
@@ -1381,6 +1383,11 @@ fn s3_store_misconfiguration_stops_startup_with_a_clear_error() {
                 "credentials were refused",
                 "AWS_SECRET_ACCESS_KEY",
             ],
+        ),
+        (
+            "no credentials",
+            serve("s3://motif-clips/x", &moto.endpoint, &[]),
+            vec!["--store s3://motif-clips/x", "AWS_ACCESS_KEY_ID is not set"],
         ),
         (
             "nothing at the endpoint",

@@ -145,6 +145,12 @@ impl Store {
                 "the credentials were refused: check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY \
                  and AWS_REGION, and that they may write to this bucket"
             }
+            // Without keys in the environment object_store asks the metadata
+            // service of a cloud machine, which elsewhere fails obscurely.
+            _ if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() => {
+                "no credentials: AWS_ACCESS_KEY_ID is not set (and the cloud metadata \
+                 service gave none); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            }
             _ => {
                 "check the bucket name in --store, --s3-endpoint (AWS_ENDPOINT_URL), \
                  AWS_REGION and the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
