@@ -98,7 +98,7 @@ pub struct WorkerArgs {
     /// The PostgreSQL URL the server uses.
     #[arg(long, env = "MOTIF_DATABASE_URL")]
     database: String,
-    /// Scratch space for running jobs, and the clip store unless --store names a bucket: then the same folder as the server's --data (shared storage). Default with --store: motif-worker in the system's temporary folder.
+    /// Scratch space for running jobs. Without --store it is also the clip store, so it must be the server's --data folder (a shared mount). With --store it defaults to motif-worker in the system's temporary folder.
     #[arg(long, required_unless_present = "store")]
     data: Option<PathBuf>,
     #[command(flatten)]
