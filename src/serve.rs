@@ -12,10 +12,11 @@ use clap::{Args, Subcommand};
 use motif_engine::pipeline::Event;
 use motif_engine::Gpu;
 use motif_server::{
-    ApiLimits, FieldError, JobRequest, Preview, Progress, QueueOptions, RunJob, RunOutput, Runner,
-    ServeOptions, WorkerOptions,
+    ApiLimits, FieldError, JobRequest, Names, Preview, Progress, QueueOptions, RunJob, RunOutput,
+    Runner, ServeOptions, StoreOptions, WorkerOptions,
 };
 
+use crate::catalog;
 use crate::generate::{self, GenerateArgs};
 
 #[derive(Args, Debug, Clone)]
@@ -47,6 +48,25 @@ impl QueueArgs {
     }
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Keep clips and recipes in an S3-compatible bucket, s3://BUCKET or s3://BUCKET/PREFIX, shared by the server and its workers, instead of the clips folder in --data. Credentials and region come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN) and AWS_REGION.
+    #[arg(long, env = "MOTIF_STORE", value_name = "s3://BUCKET/PREFIX")]
+    store: Option<String>,
+    /// The endpoint of an S3-compatible service other than AWS (MinIO, Cloudflare R2, moto), e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL, else AWS); an http:// endpoint is used without TLS.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+}
+
+impl StoreArgs {
+    fn options(&self) -> StoreOptions {
+        StoreOptions {
+            url: self.store.clone(),
+            endpoint: self.s3_endpoint.clone(),
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Folder for the SQLite database, the clips and their recipes (created if missing).
@@ -61,6 +81,8 @@ pub struct ServeArgs {
     /// A PostgreSQL URL (postgres://user:password@host/db) shared with `motif worker`s, instead of the SQLite file in --data.
     #[arg(long, env = "MOTIF_DATABASE_URL")]
     database: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Queued plus running jobs one token may have.
     #[arg(long, default_value_t = 10)]
     max_active_per_token: i64,
@@ -76,9 +98,11 @@ pub struct WorkerArgs {
     /// The PostgreSQL URL the server uses.
     #[arg(long, env = "MOTIF_DATABASE_URL")]
     database: String,
-    /// The clip store: the same folder as the server's --data (shared storage).
-    #[arg(long)]
-    data: PathBuf,
+    /// Scratch space for running jobs. Without --store it is also the clip store, so it must be the server's --data folder (a shared mount). With --store it defaults to motif-worker in the system's temporary folder.
+    #[arg(long, required_unless_present = "store")]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Workers in this process (each runs one job at a time).
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -174,6 +198,16 @@ impl Runner for EngineRunner {
         }
     }
 
+    fn names(&self) -> Names {
+        Names {
+            // The built-in presets always parse; a broken styles.json fails its own tests.
+            styles: catalog::styles()
+                .map(|all| all.into_iter().map(|s| s.name).collect())
+                .unwrap_or_default(),
+            models: catalog::list_models().into_iter().map(|m| m.name).collect(),
+        }
+    }
+
     fn run(
         &self,
         job: &RunJob,
@@ -241,6 +275,7 @@ pub fn serve(open_gpu: GpuOpener, args: &ServeArgs) -> Result<()> {
         listen: args.listen,
         data: args.data.clone(),
         database: args.database.clone(),
+        store: args.store.options(),
         workers: args.workers,
         queue: args.queue.options()?,
         limits: ApiLimits {
@@ -256,9 +291,14 @@ pub fn worker(open_gpu: GpuOpener, args: &WorkerArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    let data = args
+        .data
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("motif-worker"));
     let options = WorkerOptions {
-        data: args.data.clone(),
+        data,
         database: Some(args.database.clone()),
+        store: args.store.options(),
         workers: args.workers,
         queue: args.queue.options()?,
     };

@@ -1,4 +1,5 @@
-//! The HTTP API under `/api/v1`, described by `openapi.json` (served as is).
+//! The HTTP API under `/api/v1`, described by `openapi.json` (served with
+//! the style and model names of this server filled in).
 //! Every answer is JSON except the event stream and the clip; every input
 //! error is a 4xx `{"error": ..., "field": ...}`.
 
@@ -8,18 +9,19 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::Stream;
+use base64::Engine as _;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::db::{self, Db, JobRow, NewJob, Token};
-use crate::request::{field_of_serde_error, JobRequest};
+use crate::request::{field_of_serde_error, JobRequest, Names};
 use crate::worker::Shutdown;
 use crate::{ApiLimits, Runner, Store};
 
@@ -28,6 +30,9 @@ const OPENAPI: &str = include_str!("openapi.json");
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
+    /// The served OpenAPI document ([`openapi_document`]).
+    pub openapi: axum::body::Bytes,
+    pub names: Arc<Names>,
     pub runner: Arc<dyn Runner>,
     pub store: Arc<Store>,
     pub limits: Arc<ApiLimits>,
@@ -35,6 +40,9 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
+    // `submit` reads the body itself under this limit; the multipart parser
+    // would otherwise stop at axum's default of 2 MB.
+    let body_limit = DefaultBodyLimit::max(state.limits.max_body_bytes);
     Router::new()
         .route("/api/v1/health", get(health))
         .route("/api/v1/openapi.json", get(openapi))
@@ -45,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{id}/clip", get(clip))
         .route("/api/v1/jobs/{id}/recipe", get(recipe))
         .fallback(not_found)
+        .layer(body_limit)
         .with_state(state)
 }
 
@@ -122,8 +131,41 @@ async fn health() -> Json<Value> {
     Json(json!({ "ok": true, "version": env!("CARGO_PKG_VERSION") }))
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+async fn openapi(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], state.openapi).into_response()
+}
+
+/// `openapi.json` with `style` and `model` narrowed to the names this server
+/// accepts, so that every request the document allows is one the server
+/// takes (schemathesis checks exactly that), and `JobRecipe` — the recipe
+/// part of a multipart submission — derived from `JobRequest`.
+pub fn openapi_document(names: &Names) -> anyhow::Result<String> {
+    let mut doc: Value = serde_json::from_str(OPENAPI)?;
+    let schemas = &mut doc["components"]["schemas"];
+    let request = &mut schemas["JobRequest"];
+    for (field, known) in [("style", &names.styles), ("model", &names.models)] {
+        // With nothing installed the name pattern stays: an empty enum is not valid OpenAPI.
+        if known.is_empty() {
+            continue;
+        }
+        let property = &mut request["properties"][field];
+        let description = property["description"].clone();
+        *property = json!({ "type": "string", "enum": known, "description": description });
+    }
+    let mut recipe = request.clone();
+    if let Some(o) = recipe.as_object_mut() {
+        // The still is the `image` part; `strength` goes with it there.
+        o.remove("not");
+        o.insert(
+            "description".into(),
+            json!("The job's fields as in JobRequest, without `image`"),
+        );
+    }
+    if let Some(p) = recipe["properties"].as_object_mut() {
+        p.remove("image");
+    }
+    schemas["JobRecipe"] = recipe;
+    Ok(serde_json::to_string_pretty(&doc)?)
 }
 
 /// The token of `Authorization: Bearer TOKEN`.
@@ -200,43 +242,20 @@ async fn submit(
 ) -> ApiResult<Response> {
     let token = authenticate(&state.db, &headers).await?;
     let limits = &state.limits;
-    let bytes = axum::body::to_bytes(request.into_body(), limits.max_body_bytes)
-        .await
-        .map_err(|_| {
-            ApiError::field(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body",
-                format!(
-                    "the request body is larger than {} bytes",
-                    limits.max_body_bytes
-                ),
-            )
-        })?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "body",
-            format!("not valid JSON: {e}"),
-        )
-    })?;
-    if !value.is_object() {
-        return Err(ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "body",
-            "expected a JSON object with the job's fields",
-        ));
-    }
-    let job: JobRequest = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let message = e.inner().to_string();
-        ApiError::field(
-            StatusCode::BAD_REQUEST,
-            &field_of_serde_error(&path, &message),
-            message,
-        )
-    })?;
+    let multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
+    let (parts, body) = request.into_parts();
+    let bytes = read_body(body, limits.max_body_bytes).await?;
+    let job = if multipart {
+        job_from_multipart(Request::from_parts(parts, Body::from(bytes))).await?
+    } else {
+        parse_job(&bytes, "body")?
+    };
     // The decoded still is only checked here; the job keeps the base64 text.
     job.validate(&limits.job)
+        .and_then(|_| state.names.check(&job))
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.message))?;
 
     let active = state.db.active_jobs(&token.id).await?;
@@ -308,6 +327,144 @@ async fn submit(
         Json(body),
     )
         .into_response())
+}
+
+/// The request body, up to `limit` bytes. The rest of a longer body is read
+/// and dropped (up to a bound) before the 413: a client still sending when
+/// the server answers and closes would see a reset connection instead of
+/// the answer.
+async fn read_body(body: Body, limit: usize) -> ApiResult<axum::body::Bytes> {
+    let too_large = || {
+        ApiError::field(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body",
+            format!("the request body is larger than {limit} bytes"),
+        )
+    };
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let mut received = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "body",
+                format!("reading the body: {e}"),
+            )
+        })?;
+        received += chunk.len();
+        if received > limit {
+            let drain = async {
+                while received <= 4 * limit {
+                    match stream.next().await {
+                        Some(Ok(c)) => received += c.len(),
+                        _ => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes.into())
+}
+
+/// A job's JSON fields; `what` names the body or the multipart part they came in.
+fn parse_job(bytes: &[u8], what: &str) -> ApiResult<JobRequest> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            what,
+            format!("not valid JSON: {e}"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            what,
+            "expected a JSON object with the job's fields",
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.inner().to_string();
+        let field = field_of_serde_error(&path, &message);
+        let field = if field == "body" {
+            what.to_string()
+        } else {
+            field
+        };
+        ApiError::field(StatusCode::BAD_REQUEST, &field, message)
+    })
+}
+
+/// A `multipart/form-data` submission: a `recipe` part with the job's JSON
+/// fields and an `image` part with the still, as a browser form or `curl -F`
+/// sends them. The still joins the job as if it had come base64 in the JSON,
+/// so both ways share every check after this.
+async fn job_from_multipart(request: Request) -> ApiResult<JobRequest> {
+    let malformed = |e: String| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "body",
+            format!("not valid multipart/form-data: {e}"),
+        )
+    };
+    let mut form = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| malformed(e.body_text()))?;
+    let (mut recipe, mut image) = (None, None);
+    while let Some(part) = form
+        .next_field()
+        .await
+        .map_err(|e| malformed(e.body_text()))?
+    {
+        let name = part.name().unwrap_or_default().to_string();
+        let slot = match name.as_str() {
+            "recipe" => &mut recipe,
+            "image" => &mut image,
+            _ => {
+                let field = if name.is_empty() {
+                    "body"
+                } else {
+                    name.as_str()
+                };
+                return Err(ApiError::field(
+                    StatusCode::BAD_REQUEST,
+                    field,
+                    format!("unknown part `{name}`: expected `recipe` (the job's JSON) and `image` (the still)"),
+                ));
+            }
+        };
+        if slot.is_some() {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                &name,
+                format!("the `{name}` part is given twice"),
+            ));
+        }
+        *slot = Some(part.bytes().await.map_err(|e| malformed(e.body_text()))?);
+    }
+    let recipe = recipe.ok_or_else(|| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "recipe",
+            "missing the `recipe` part (the job's JSON fields)",
+        )
+    })?;
+    let mut job = parse_job(&recipe, "recipe")?;
+    if let Some(still) = image {
+        if job.image.is_some() {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "image",
+                "the still is given twice: as the `image` part and inside the recipe",
+            ));
+        }
+        job.image = Some(base64::engine::general_purpose::STANDARD.encode(&still));
+    }
+    Ok(job)
 }
 
 #[derive(Deserialize)]
@@ -488,11 +645,7 @@ async fn stored_file(
             format!("the job is {}: it has no clip", job.state),
         ));
     };
-    let file = state.store.clips.join(name);
-    let bytes = tokio::fs::read(&file)
-        .await
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
-    let bytes = if recipe { public_recipe(bytes) } else { bytes };
+    let object = state.store.get(name).await?;
     let content_type = if recipe {
         "application/json"
     } else {
@@ -507,12 +660,21 @@ async fn stored_file(
         job.id,
         if recipe { "json" } else { job.format.as_str() }
     );
-    Ok(Response::builder()
+    let response = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, content_type)
-        .header(header::CONTENT_DISPOSITION, disposition)
-        .body(Body::from(bytes))
-        .map_err(|e| anyhow::anyhow!("building the response: {e}"))?)
+        .header(header::CONTENT_DISPOSITION, disposition);
+    let response = if recipe {
+        let bytes = object.bytes().await.map_err(anyhow::Error::from)?;
+        response.body(Body::from(public_recipe(bytes.to_vec())))
+    } else {
+        // Streamed from the store (a bucket, for remote workers) without
+        // holding the clip in memory.
+        response
+            .header(header::CONTENT_LENGTH, object.meta.size)
+            .body(Body::from_stream(object.into_stream()))
+    };
+    Ok(response.map_err(|e| anyhow::anyhow!("building the response: {e}"))?)
 }
 
 /// The recipe names the uploaded still by its temporary path on the worker,
@@ -541,4 +703,40 @@ async fn recipe(
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
     stored_file(&state, &headers, path, true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_document_lists_the_names_and_derives_the_recipe_part() {
+        let names = Names {
+            styles: vec!["anime".into()],
+            models: vec!["default".into(), "org/model".into()],
+        };
+        let doc: Value = serde_json::from_str(&openapi_document(&names).unwrap()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let request = &schemas["JobRequest"];
+        assert_eq!(
+            request["properties"]["model"]["enum"],
+            json!(["default", "org/model"])
+        );
+        assert_eq!(request["properties"]["style"]["enum"], json!(["anime"]));
+        assert!(request["properties"]["image"].is_object());
+        assert!(request["not"].is_object(), "strength goes with image");
+        let recipe = &schemas["JobRecipe"];
+        assert_eq!(recipe["properties"]["style"]["enum"], json!(["anime"]));
+        assert!(recipe["properties"].get("image").is_none());
+        assert!(recipe.get("not").is_none());
+        let multipart = &doc["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]
+            ["multipart/form-data"]["schema"];
+        assert_eq!(
+            multipart["properties"]["recipe"]["$ref"],
+            "#/components/schemas/JobRecipe"
+        );
+        // With no model installed, the name pattern stands in for an (invalid) empty enum.
+        let none = openapi_document(&Names::default()).unwrap();
+        assert!(!none.contains("\"enum\": []"));
+    }
 }

@@ -2,14 +2,15 @@
 //!
 //! The HTTP API (`api`), the metadata store and job queue (`db`: SQLite
 //! embedded in the data folder, or PostgreSQL shared with remote workers),
-//! the clip store (files under the data folder) and the worker loop
-//! (`worker`). Generation itself is behind the [`Runner`] trait, which the
-//! `motif` binary implements with the same code as `motif generate`, so this
-//! crate never touches the GPU.
+//! the clip store (`store`: files under the data folder, or an S3-compatible
+//! bucket) and the worker loop (`worker`). Generation itself is behind the
+//! [`Runner`] trait, which the `motif` binary implements with the same code
+//! as `motif generate`, so this crate never touches the GPU.
 
 mod api;
 pub mod db;
 pub mod request;
+mod store;
 mod worker;
 
 use std::net::SocketAddr;
@@ -20,7 +21,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-pub use request::{FieldError, JobLimits, JobRequest};
+pub use request::{FieldError, JobLimits, JobRequest, Names};
+use store::Store;
+pub use store::StoreOptions;
 
 /// The port `motif serve` listens on by default: not one that ComfyUI (8188),
 /// the Gradio web UIs (7860), Ollama (11434) or the usual dev servers use.
@@ -46,8 +49,8 @@ pub struct RunJob {
     pub request: JobRequest,
     /// The uploaded still, written to a file for the runner.
     pub image: Option<PathBuf>,
-    /// Where the clip goes; the runner writes it under a temporary name and
-    /// renames it, with its recipe beside it.
+    /// Where the clip goes, in the worker's scratch folder, with its recipe
+    /// beside it; the worker then moves both to the clip store.
     pub output: PathBuf,
 }
 
@@ -62,6 +65,9 @@ pub trait Runner: Send + Sync + 'static {
     /// Every check that needs no GPU (model found, style known, sizes that
     /// the model allows), at submission time.
     fn check(&self, request: &JobRequest) -> Result<(), FieldError>;
+
+    /// The style presets and models this machine offers by name.
+    fn names(&self) -> Names;
 
     /// Runs one job to completion on the calling (blocking) thread.
     /// `progress` returns false to cancel. `Ok(None)`: cancelled, nothing written.
@@ -122,14 +128,17 @@ pub struct ServeOptions {
     pub data: PathBuf,
     /// `postgres://...`; None: the SQLite file in `data`.
     pub database: Option<String>,
+    pub store: StoreOptions,
     pub workers: usize,
     pub queue: QueueOptions,
     pub limits: ApiLimits,
 }
 
 pub struct WorkerOptions {
+    /// Scratch space; also the clip store unless `store` names a bucket.
     pub data: PathBuf,
     pub database: Option<String>,
+    pub store: StoreOptions,
     pub workers: usize,
     pub queue: QueueOptions,
 }
@@ -151,25 +160,6 @@ pub fn database_url(data: &Path, database: Option<&str>) -> Result<String> {
     }
 }
 
-/// The folders of the local clip store.
-pub(crate) struct Store {
-    pub clips: PathBuf,
-    pub tmp: PathBuf,
-}
-
-impl Store {
-    fn open(data: &Path) -> Result<Store> {
-        let store = Store {
-            clips: data.join("clips"),
-            tmp: data.join("tmp"),
-        };
-        for dir in [&store.clips, &store.tmp] {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        Ok(store)
-    }
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -186,6 +176,23 @@ pub(crate) fn random_hex(bytes: usize) -> String {
     (0..bytes)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect()
+}
+
+/// The names the server accepts and its OpenAPI document lists: the
+/// runner's, less any model its own check refuses (a folder in the models
+/// directory that is not a model it can open), so that the document never
+/// promises what a submission would be refused for.
+fn accepted_names(runner: &dyn Runner) -> Names {
+    let mut names = runner.names();
+    names.models.retain(|model| {
+        let probe = JobRequest {
+            prompt: "a probe".into(),
+            model: Some(model.clone()),
+            ..Default::default()
+        };
+        runner.check(&probe).is_ok()
+    });
+    names
 }
 
 /// Creates an API token and returns it; only its SHA-256 is stored.
@@ -228,8 +235,9 @@ async fn stop_requested() {
 /// `motif serve`: the API and `workers` in-process workers, until Ctrl-C or SIGTERM.
 pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
     let url = database_url(&options.data, options.database.as_deref())?;
-    let store = Arc::new(Store::open(&options.data)?);
+    let store = Arc::new(Store::open(&options.data, &options.store)?);
     runtime()?.block_on(async move {
+        store.check().await?;
         let db = db::Db::connect(&url).await?;
         if !db.is_postgres() {
             // Nobody else can hold a lease on the embedded database: jobs left
@@ -252,14 +260,18 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}", options.listen))?;
         eprintln!(
-            "motif serve: http://{} ({} worker{}, database {})",
+            "motif serve: http://{} ({} worker{}, database {}, clips in {})",
             listener.local_addr().unwrap_or(options.listen),
             options.workers,
             if options.workers == 1 { "" } else { "s" },
-            db::redact(&url)
+            db::redact(&url),
+            store.location
         );
+        let names = accepted_names(&*runner);
         let app = api::router(api::AppState {
             db: db.clone(),
+            openapi: api::openapi_document(&names)?.into(),
+            names: Arc::new(names),
             runner,
             store,
             limits: Arc::new(options.limits),
@@ -284,14 +296,19 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
 /// `motif worker`: `workers` workers on the shared queue, until Ctrl-C or SIGTERM.
 pub fn work(options: WorkerOptions, runner: Arc<dyn Runner>) -> Result<()> {
     let url = database_url(&options.data, options.database.as_deref())?;
-    let store = Arc::new(Store::open(&options.data)?);
+    let store = Arc::new(Store::open(&options.data, &options.store)?);
     runtime()?.block_on(async move {
+        store.check().await?;
         let db = db::Db::connect(&url).await?;
         let shutdown = worker::Shutdown::new();
         let mut handles = Vec::new();
         for index in 0..options.workers.max(1) {
             let name = worker::worker_name(index);
-            eprintln!("motif worker {name}: database {}", db::redact(&url));
+            eprintln!(
+                "motif worker {name}: database {}, clips in {}",
+                db::redact(&url),
+                store.location
+            );
             handles.push(tokio::spawn(worker::run(
                 db.clone(),
                 runner.clone(),

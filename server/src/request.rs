@@ -66,6 +66,35 @@ pub struct JobRequest {
     pub image: Option<String>,
 }
 
+/// The style and model names a server accepts, from its own machine
+/// (`motif styles`, `motif models`).
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    pub styles: Vec<String>,
+    pub models: Vec<String>,
+}
+
+impl Names {
+    /// Style and model must be names this server knows: never a path, never
+    /// a model the OpenAPI document does not list.
+    pub fn check(&self, request: &JobRequest) -> Result<(), FieldError> {
+        for (field, value, known) in [
+            ("style", &request.style, &self.styles),
+            ("model", &request.model, &self.models),
+        ] {
+            if let Some(v) = value {
+                if !known.contains(v) {
+                    return Err(FieldError::new(
+                        field,
+                        format!("unknown {field} `{v}` (known here: {})", known.join(", ")),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A 4xx answer's content: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FieldError {
@@ -225,10 +254,13 @@ impl JobRequest {
                 ));
             }
         }
-        check_range("fps", self.fps, 0.0, false, 120.0)?;
+        // fps and strength must be above 0 for the engine; the API's floors are
+        // round numbers instead, because a JSON number like 1e-300 passes "above
+        // 0" yet is 0 once it is the engine's f32.
+        check_range("fps", self.fps, 0.1, true, 120.0)?;
         check_range("guidance", self.guidance, 0.0, true, 30.0)?;
         check_range("motion", self.motion, 0.0, true, 4.0)?;
-        check_range("strength", self.strength, 0.0, false, 1.0)?;
+        check_range("strength", self.strength, 0.01, true, 1.0)?;
         if self.strength.is_some() && self.image.is_none() {
             return Err(FieldError::new("strength", "goes with `image`"));
         }

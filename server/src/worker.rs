@@ -1,7 +1,9 @@
 //! The worker loop: claim the oldest queued job, run it on a blocking thread
 //! while renewing the lease and recording progress, then record the outcome
 //! only if the lease is still ours, so that a job re-queued behind a worker's
-//! back is never finished twice.
+//! back is never finished twice. The clip and recipe reach the clip store
+//! whole before the job is marked finished, so a finished job never points
+//! at a missing object.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +15,7 @@ use base64::Engine as _;
 use tokio::sync::watch;
 
 use crate::db::{Db, JobRow, Lease};
-use crate::{JobRequest, Preview, Progress, QueueOptions, RunJob, Runner, Store};
+use crate::{JobRequest, Preview, Progress, QueueOptions, RunJob, RunOutput, Runner, Store};
 
 /// Tells workers and event streams to stop.
 #[derive(Clone)]
@@ -134,8 +136,10 @@ async fn execute(
             return Ok(());
         }
     };
+    // Named by attempt: a worker that lost its lease and a later claim of the
+    // same job never write the same object.
     let output = store
-        .clips
+        .tmp
         .join(format!("{}-{}.{}", job.id, job.attempts, job.format));
     let run_job = RunJob {
         id: job.id.clone(),
@@ -212,13 +216,24 @@ async fn execute(
 
     match result {
         Ok(Ok(Some(out))) => {
-            let clip = file_name(&out.clip)?;
-            let recipe = file_name(&out.recipe)?;
+            let stored = store_output(store, &out).await;
+            let _ = tokio::fs::remove_file(&out.clip).await;
+            let _ = tokio::fs::remove_file(&out.recipe).await;
+            let (clip, recipe) = match stored {
+                Ok(names) => names,
+                // The store is unreachable or refuses: the attempt failed; another may succeed.
+                Err(e) => {
+                    return db
+                        .fail(&job.id, name, &format!("{e:#}"), queue.max_attempts)
+                        .await
+                }
+            };
             let recorded = db.finish(&job.id, name, &clip, &recipe).await;
-            if !matches!(recorded, Ok(true)) {
-                // Someone else owns the job now: our files must not linger.
-                let _ = tokio::fs::remove_file(&out.clip).await;
-                let _ = tokio::fs::remove_file(&out.recipe).await;
+            // Someone else owns the job now: our objects must not linger. (After
+            // a database error the update may have committed: keep them.)
+            if let Ok(false) = recorded {
+                let _ = store.delete(&clip).await;
+                let _ = store.delete(&recipe).await;
             }
             recorded.map(|_| ())
         }
@@ -248,6 +263,18 @@ async fn execute(
             .await
         }
     }
+}
+
+/// Moves a run's clip and recipe to the clip store; returns their names there.
+async fn store_output(store: &Store, out: &RunOutput) -> Result<(String, String)> {
+    let clip = file_name(&out.clip)?;
+    let recipe = file_name(&out.recipe)?;
+    store.put_file(&recipe, &out.recipe).await?;
+    if let Err(e) = store.put_file(&clip, &out.clip).await {
+        let _ = store.delete(&recipe).await;
+        return Err(e);
+    }
+    Ok((clip, recipe))
 }
 
 fn file_name(p: &Path) -> Result<String> {
