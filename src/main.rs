@@ -89,11 +89,11 @@ enum Command {
         #[arg(long)]
         debug: bool,
     },
-    /// Serve the HTTP API (/api/v1) with a job queue and in-process GPU workers; clips and the SQLite database go to --data.
+    /// Serve the community gallery (/) and the HTTP API (/api/v1) with a job queue and in-process GPU workers; clips and the SQLite database go to --data.
     Serve(Box<serve::ServeArgs>),
     /// Run GPU workers on the job queue of a `motif serve --database postgres://...`.
     Worker(Box<serve::WorkerArgs>),
-    /// Server administration: API tokens.
+    /// Server administration: API tokens and gallery members.
     Admin {
         #[command(subcommand)]
         command: serve::AdminCommand,

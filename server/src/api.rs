@@ -58,7 +58,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -67,7 +67,7 @@ impl ApiError {
         }
     }
 
-    fn field(status: StatusCode, field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn field(status: StatusCode, field: &str, message: impl Into<String>) -> Self {
         ApiError {
             field: Some(field.to_string()),
             ..ApiError::new(status, message)
@@ -109,7 +109,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 async fn not_found() -> ApiError {
     ApiError::new(
@@ -199,6 +199,21 @@ async fn submit(
     request: Request,
 ) -> ApiResult<Response> {
     let token = authenticate(&state.db, &headers).await?;
+    let value = read_json_body(&state, request).await?;
+    let row = accept_job(&state, &token.id, value).await?;
+    let body = job_json(&state.db, &row).await?;
+    let location = HeaderValue::from_str(&format!("/api/v1/jobs/{}", row.id))
+        .map_err(|e| anyhow::anyhow!("location header: {e}"))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(body),
+    )
+        .into_response())
+}
+
+/// A request body as JSON, within the body limit.
+pub(crate) async fn read_json_body(state: &AppState, request: Request) -> ApiResult<Value> {
     let limits = &state.limits;
     let bytes = axum::body::to_bytes(request.into_body(), limits.max_body_bytes)
         .await
@@ -212,13 +227,23 @@ async fn submit(
                 ),
             )
         })?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+    serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::field(
             StatusCode::BAD_REQUEST,
             "body",
             format!("not valid JSON: {e}"),
         )
-    })?;
+    })
+}
+
+/// Checks a job (fields, the token's limits, what this machine can run) and
+/// queues it for `token_id`: the API's submissions and the gallery's.
+pub(crate) async fn accept_job(
+    state: &AppState,
+    token_id: &str,
+    value: Value,
+) -> ApiResult<JobRow> {
+    let limits = &state.limits;
     if !value.is_object() {
         return Err(ApiError::field(
             StatusCode::BAD_REQUEST,
@@ -239,7 +264,7 @@ async fn submit(
     job.validate(&limits.job)
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.message))?;
 
-    let active = state.db.active_jobs(&token.id).await?;
+    let active = state.db.active_jobs(token_id).await?;
     if active >= limits.max_active_per_token {
         return Err(ApiError {
             retry_after: Some(10),
@@ -256,7 +281,7 @@ async fn submit(
     let per_minute = limits.submissions_per_minute;
     let recent = state
         .db
-        .submissions_since(&token.id, now - 60_000, per_minute)
+        .submissions_since(token_id, now - 60_000, per_minute)
         .await?;
     if recent.len() as i64 >= per_minute {
         // A slot frees when the oldest of the last `per_minute` submissions turns a minute old.
@@ -288,26 +313,17 @@ async fn submit(
         .db
         .insert_job(&NewJob {
             id: &id,
-            token_id: &token.id,
+            token_id,
             request: &request_json,
             image: job.image.as_deref(),
             format: job.format(),
         })
         .await?;
-    let row = state
+    Ok(state
         .db
         .job(&id)
         .await?
-        .ok_or_else(|| anyhow::anyhow!("job {id} vanished after insert"))?;
-    let body = job_json(&state.db, &row).await?;
-    let location = HeaderValue::from_str(&format!("/api/v1/jobs/{id}"))
-        .map_err(|e| anyhow::anyhow!("location header: {e}"))?;
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, location)],
-        Json(body),
-    )
-        .into_response())
+        .ok_or_else(|| anyhow::anyhow!("job {id} vanished after insert"))?)
 }
 
 #[derive(Deserialize)]
@@ -411,6 +427,15 @@ async fn events(
     let token = authenticate(&state.db, &headers).await?;
     let id = job_id(path)?;
     owned_job(&state, &token, &id).await?;
+    Ok(job_events(state, id))
+}
+
+/// The event stream of a job the caller may see: state changes, progress with
+/// preview frames, and the end.
+pub(crate) fn job_events(
+    state: AppState,
+    id: String,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = async_stream::stream! {
         // Progress lives in the database (a remote worker writes it there), so
         // the stream polls the job and sends what changed.
@@ -468,7 +493,7 @@ async fn events(
             state.shutdown.sleep(Duration::from_millis(250)).await;
         }
     };
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 /// A finished job's file from the clip store.
@@ -488,10 +513,7 @@ async fn stored_file(
             format!("the job is {}: it has no clip", job.state),
         ));
     };
-    let file = state.store.clips.join(name);
-    let bytes = tokio::fs::read(&file)
-        .await
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+    let bytes = read_stored(state, name).await?;
     let bytes = if recipe { public_recipe(bytes) } else { bytes };
     let content_type = if recipe {
         "application/json"
@@ -515,9 +537,28 @@ async fn stored_file(
         .map_err(|e| anyhow::anyhow!("building the response: {e}"))?)
 }
 
+/// A file of the clip store (a clip or a recipe) by its stored name.
+pub(crate) async fn read_stored(state: &AppState, name: &str) -> anyhow::Result<Vec<u8>> {
+    let file = state.store.clips.join(name);
+    tokio::fs::read(&file)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))
+}
+
+/// Removes a file of the clip store; one already gone is not an error.
+pub(crate) async fn delete_stored(state: &AppState, name: &str) -> anyhow::Result<()> {
+    let file = state.store.clips.join(name);
+    match tokio::fs::remove_file(&file).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::anyhow!("removing {}: {e}", file.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The recipe names the uploaded still by its temporary path on the worker,
 /// which means nothing to a client and is gone: say it was uploaded.
-fn public_recipe(bytes: Vec<u8>) -> Vec<u8> {
+pub(crate) fn public_recipe(bytes: Vec<u8>) -> Vec<u8> {
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(mut recipe) if recipe.get("image").is_some_and(Value::is_string) => {
             recipe["image"] = json!("(uploaded)");

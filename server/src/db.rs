@@ -30,7 +30,7 @@ pub fn now_ms() -> i64 {
 
 #[derive(Clone)]
 pub struct Db {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     postgres: bool,
 }
 

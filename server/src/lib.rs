@@ -7,9 +7,12 @@
 //! `motif` binary implements with the same code as `motif generate`, so this
 //! crate never touches the GPU.
 
+pub mod accounts;
 mod api;
 pub mod db;
+pub mod gallery;
 pub mod request;
+mod web;
 mod worker;
 
 use std::net::SocketAddr;
@@ -21,6 +24,7 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 pub use request::{FieldError, JobLimits, JobRequest};
+pub use web::WebOptions;
 
 /// The port `motif serve` listens on by default: not one that ComfyUI (8188),
 /// the Gradio web UIs (7860), Ollama (11434) or the usual dev servers use.
@@ -125,6 +129,7 @@ pub struct ServeOptions {
     pub workers: usize,
     pub queue: QueueOptions,
     pub limits: ApiLimits,
+    pub web: WebOptions,
 }
 
 pub struct WorkerOptions {
@@ -170,7 +175,7 @@ impl Store {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -258,13 +263,14 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
             if options.workers == 1 { "" } else { "s" },
             db::redact(&url)
         );
-        let app = api::router(api::AppState {
+        let state = api::AppState {
             db: db.clone(),
             runner,
             store,
             limits: Arc::new(options.limits),
             shutdown: shutdown.clone(),
-        });
+        };
+        let app = web::app(api::router(state.clone()), state, options.web);
         let signal = shutdown.clone();
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
