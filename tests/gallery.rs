@@ -938,3 +938,94 @@ fn browser_signs_up_creates_publishes_finds_plays_remixes_and_likes() {
         .script("return document.querySelector(\"form[action$='/like'] button\").textContent;");
     assert_eq!(label, json!("♥ Liked"));
 }
+
+/// The screenshots in docs/ (README): a gallery of a few clips from the
+/// bundled model and one clip page. Run once with
+/// `MOTIF_SCREENSHOTS=DIR cargo test --release --test gallery -- --ignored screenshots`
+/// (docs/ holds them at 960 px wide, 192 colours, through ffmpeg's palettegen).
+#[test]
+#[ignore = "writes the README's screenshots; run by hand"]
+fn screenshots_of_the_gallery_and_a_clip_page() {
+    let dir = PathBuf::from(std::env::var("MOTIF_SCREENSHOTS").expect("MOTIF_SCREENSHOTS=DIR"));
+    let Some(browser) = Browser::start() else {
+        panic!("the screenshots need chromium and chromedriver");
+    };
+    let server = Server::start("screenshots", &["--workers", "1"]);
+    let clips = [
+        (
+            "a yellow star spinning over the sea at night",
+            "cinematic",
+            "zoom-in",
+        ),
+        (
+            "a white bird moving right over the city at sunset",
+            "",
+            "zoom-in",
+        ),
+        ("a blue fish moving left over the sea", "pixel-art", ""),
+        (
+            "a red ball bouncing in a green field",
+            "watercolor",
+            "pan-left",
+        ),
+        ("a white moon rising over the mountains", "anime", "tilt-up"),
+        (
+            "an orange circle moving right over the desert at noon",
+            "neon",
+            "",
+        ),
+        (
+            "a green triangle spinning in a forest",
+            "claymation",
+            "roll-cw",
+        ),
+        (
+            "a pink star moving left over the snow",
+            "sketch",
+            "pan-right",
+        ),
+    ];
+    let mut authors = [Visitor::new(&server), Visitor::new(&server)];
+    authors[0].signup("lumen", "lumen password");
+    authors[1].signup("kestrel", "kestrel password");
+    let mut ids = Vec::new();
+    for (i, (prompt, style, camera)) in clips.iter().enumerate() {
+        let mut job = json!({"prompt": prompt, "width": 128, "height": 128, "frames": 8,
+                             "steps": 6, "seed": 11 + i});
+        if !style.is_empty() {
+            job["style"] = json!(style);
+        }
+        if !camera.is_empty() {
+            job["camera"] = json!(camera);
+        }
+        let author = &mut authors[i % 2];
+        let id = author.submit(&job);
+        assert_eq!(author.wait(&id), "finished");
+        assert_eq!(author.post(&format!("/jobs/{id}/publish"), &[]).status, 303);
+        ids.push(id);
+    }
+    // A few likes, so the cards differ.
+    for id in ids.iter().take(3) {
+        authors[0].post(&format!("/clips/{id}/like"), &[]);
+    }
+    authors[1].post(&format!("/clips/{}/like", ids[0]), &[]);
+
+    std::fs::create_dir_all(&dir).unwrap();
+    browser.sign_up(&server, "maya", "maya password");
+    browser.goto(&server.url("/"));
+    browser.wait_for(
+        "Array.from(document.querySelectorAll('.grid video')).every(v => v.readyState >= 1)",
+        Duration::from_secs(20),
+    );
+    browser
+        .script("document.querySelectorAll('.grid video').forEach(v => { v.currentTime = 0.4; });");
+    std::thread::sleep(Duration::from_millis(800));
+    browser.screenshot(&dir.join("gallery.png"));
+    browser.goto(&server.url(&format!("/clips/{}", ids[0])));
+    browser.wait_for(
+        "document.getElementById('clip').readyState >= 2",
+        Duration::from_secs(20),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    browser.screenshot(&dir.join("gallery-clip.png"));
+}
