@@ -46,6 +46,8 @@ fn free_port() -> u16 {
 struct Server {
     base: String,
     data: PathBuf,
+    /// How `motif admin` finds its database: `--data DIR` or `--database URL`.
+    store: Vec<String>,
     log: PathBuf,
     child: Child,
 }
@@ -76,9 +78,14 @@ impl Server {
             .spawn()
             .unwrap();
         eprintln!("{name}: server pid {}, log {}", child.id(), log.display());
+        let store = match extra.iter().position(|a| *a == "--database") {
+            Some(i) => vec!["--database".to_string(), extra[i + 1].to_string()],
+            None => vec!["--data".to_string(), data.to_str().unwrap().to_string()],
+        };
         let server = Server {
             base: format!("http://{listen}"),
             data,
+            store,
             log,
             child,
         };
@@ -99,8 +106,8 @@ impl Server {
 
     /// `motif admin create-user NAME [--admin]` with the password on stdin.
     fn create_user(&self, name: &str, password: &str, admin: bool) {
-        let mut args = vec!["admin", "create-user", name, "--data"];
-        args.push(self.data.to_str().unwrap());
+        let mut args = vec!["admin", "create-user", name];
+        args.extend(self.store.iter().map(String::as_str));
         if admin {
             args.push("--admin");
         }
@@ -1028,4 +1035,103 @@ fn screenshots_of_the_gallery_and_a_clip_page() {
     );
     std::thread::sleep(Duration::from_millis(800));
     browser.screenshot(&dir.join("gallery-clip.png"));
+}
+
+/// A database of its own on the PostgreSQL of `MOTIF_TEST_DATABASE_URL`,
+/// dropped afterwards.
+struct PgDatabase {
+    base: String,
+    name: String,
+    url: String,
+}
+
+fn psql(base: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args([base, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql (Debian's postgresql-client) must be installed");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PgDatabase {
+    fn create(name: &str) -> PgDatabase {
+        let base = std::env::var("MOTIF_TEST_DATABASE_URL").unwrap_or_else(|_| {
+            panic!(
+                "MOTIF_TEST_DATABASE_URL is not set: the PostgreSQL tests need a server \
+                 (`.ci/run` installs and starts one; locally: postgres://USER:PASSWORD@127.0.0.1/DB with CREATEDB)"
+            )
+        });
+        let db = format!("motif_gallery_{name}_{}", std::process::id());
+        psql(&base, &format!("DROP DATABASE IF EXISTS {db}"));
+        psql(&base, &format!("CREATE DATABASE {db}"));
+        let (prefix, _) = base.rsplit_once('/').expect("a URL ending in /DATABASE");
+        PgDatabase {
+            url: format!("{prefix}/{db}"),
+            base,
+            name: db,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                self.base.as_str(),
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
+
+/// The gallery's SQL on PostgreSQL: every query of the pages once.
+#[test]
+fn postgres_gallery_round_trip() {
+    let pg = PgDatabase::create("round");
+    let server = Server::start("postgres", &["--workers", "1", "--database", &pg.url]);
+    server.create_user("root", "admin password 1", true);
+    let mut alice = Visitor::new(&server);
+    alice.signup("alice", "alice password");
+    let id = alice.submit(&tiny_job("a 100%_literal star over the sea"));
+    assert_eq!(alice.wait(&id), "finished");
+    assert!(alice.get("/me").body.contains("100%_literal"));
+    assert_eq!(alice.post(&format!("/jobs/{id}/publish"), &[]).status, 303);
+    let mut anon = Visitor::new(&server);
+    let card = format!("/clips/{id}");
+    assert!(anon
+        .get("/?q=100%25_LITERAL+sea&style=anime&camera=pan-left")
+        .body
+        .contains(&card));
+    assert!(
+        !anon.get("/?q=100%25x").body.contains(&card),
+        "% must match literally"
+    );
+    let mut bob = Visitor::new(&server);
+    bob.signup("bob", "bob password");
+    assert_eq!(bob.post(&format!("/clips/{id}/like"), &[]).status, 303);
+    assert!(anon.get("/?sort=liked").body.contains("♥ 1"));
+    assert_eq!(
+        bob.post(&format!("/clips/{id}/report"), &[("reason", "spam")])
+            .status,
+        200
+    );
+    let mut root = Visitor::new(&server);
+    assert_eq!(root.login("ROOT", "admin password 1").status, 303);
+    assert!(root.get("/admin/reports").body.contains("spam"));
+    assert_eq!(
+        root.post(&format!("/clips/{id}/hide"), &[("hidden", "1")])
+            .status,
+        303
+    );
+    assert_eq!(anon.get(&card).status, 404);
+    assert_eq!(alice.post("/me/tokens", &[]).status, 200);
+    assert_eq!(alice.post(&format!("/jobs/{id}/delete"), &[]).status, 303);
+    assert_eq!(root.get(&card).status, 404);
+    drop(server);
 }
