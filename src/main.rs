@@ -267,7 +267,7 @@ fn bench_model(
     iters: usize,
     json: bool,
 ) -> Result<()> {
-    if steps.iter().any(|&s| s == 0) {
+    if steps.contains(&0) {
         anyhow::bail!("--steps: every step count must be at least 1");
     }
     let name = catalog::resolve_model_name(model);

@@ -546,6 +546,24 @@ fn api_tokens_belong_to_members_and_old_tokens_stay_valid() {
     eve.signup("eve", "eve password");
     assert_eq!(eve.post(&format!("/jobs/{id}/cancel"), &[]).status, 404);
     assert_eq!(dana.post(&format!("/jobs/{id}/cancel"), &[]).status, 303);
+    // Her token also reaches the jobs she queues from the pages; Eve's does not.
+    let web_job = dana.submit(&tiny_job("a blue kite"));
+    let api_get = |token: &str| match ureq::get(&server.url(&format!("/api/v1/jobs/{web_job}")))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(s, _)) => s,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(api_get(&token), 200);
+    let out = Command::new(MOTIF)
+        .args(["admin", "create-token", "--data", data, "--user", "eve"])
+        .output()
+        .unwrap();
+    let eve_token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(api_get(&eve_token), 404);
+    assert_eq!(api_get(&old), 404);
     // A new token from the page, shown once.
     let p = dana.post("/me/tokens", &[]);
     assert_eq!(p.status, 200);

@@ -153,10 +153,17 @@ fn job_id(path: Result<Path<String>, PathRejection>) -> ApiResult<String> {
     Ok(id)
 }
 
-/// The job if this token may see it; another token's job is "not found".
+/// The job if this token may see it: its own, or its member's (queued from
+/// the gallery or another of their tokens); anyone else's is "not found".
 async fn owned_job(state: &AppState, token: &Token, id: &str) -> ApiResult<JobRow> {
-    match state.db.job(id).await? {
-        Some(job) if token.admin || job.token_id == token.id => Ok(job),
+    let Some(job) = state.db.job(id).await? else {
+        return Err(ApiError::not_found());
+    };
+    if token.admin || job.token_id == token.id {
+        return Ok(job);
+    }
+    match &token.user_id {
+        Some(user) if state.db.job_owner(id).await?.as_ref() == Some(user) => Ok(job),
         _ => Err(ApiError::not_found()),
     }
 }

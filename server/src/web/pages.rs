@@ -36,6 +36,23 @@ static STYLES: LazyLock<Vec<String>> = LazyLock::new(|| {
 /// The viewer's aspect buttons.
 const ASPECTS: [&str; 4] = ["16:9", "9:16", "1:1", "4:5"];
 const PAGE_SIZE: i64 = 24;
+const RECIPE_ORDER: [&str; 15] = [
+    "prompt",
+    "negative",
+    "style",
+    "camera",
+    "motion",
+    "aspect",
+    "seed",
+    "steps",
+    "width",
+    "height",
+    "frames",
+    "fps",
+    "guidance",
+    "scheduler",
+    "model",
+];
 const MAX_REPORT_CHARS: usize = 500;
 
 pub(super) fn routes() -> Router<WebState> {
@@ -315,7 +332,16 @@ async fn clip_page(
     };
     let mut rows = String::new();
     if let Value::Object(map) = &recipe {
-        for (k, v) in map {
+        // The fields of the create form first, in its order, then the rest.
+        let mut keys: Vec<&String> = map.keys().collect();
+        keys.sort_by_key(|k| {
+            RECIPE_ORDER
+                .iter()
+                .position(|o| o == k)
+                .unwrap_or(RECIPE_ORDER.len())
+        });
+        for k in keys {
+            let v = &map[k];
             if v.is_null() || k == "format" || k == "motif_version" {
                 continue;
             }
