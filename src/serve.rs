@@ -75,6 +75,9 @@ pub struct ServeArgs {
     /// Failed gallery logins to one account allowed per 15 minutes; more get 429.
     #[arg(long, default_value_t = 5)]
     login_failures: usize,
+    /// Clips on one gallery page.
+    #[arg(long, default_value_t = 24)]
+    page_size: usize,
     #[command(flatten)]
     queue: QueueArgs,
 }
@@ -262,8 +265,8 @@ pub fn serve(open_gpu: GpuOpener, args: &ServeArgs) -> Result<()> {
     if args.max_active_per_token < 1 || args.submissions_per_minute < 1 {
         bail!("--max-active-per-token and --submissions-per-minute must be at least 1");
     }
-    if args.session_seconds < 1 || args.login_failures < 1 {
-        bail!("--session-seconds and --login-failures must be at least 1");
+    if args.session_seconds < 1 || args.login_failures < 1 || !(1..=500).contains(&args.page_size) {
+        bail!("--session-seconds and --login-failures must be at least 1, --page-size 1 to 500");
     }
     let options = ServeOptions {
         listen: args.listen,
@@ -279,6 +282,7 @@ pub fn serve(open_gpu: GpuOpener, args: &ServeArgs) -> Result<()> {
         web: WebOptions {
             session: Duration::from_secs(args.session_seconds),
             login_failures: args.login_failures,
+            page_size: args.page_size,
             ..Default::default()
         },
     };

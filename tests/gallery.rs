@@ -340,7 +340,7 @@ fn assert_escaped(p: &Page, what: &str) {
 
 #[test]
 fn members_publish_like_report_and_only_touch_their_own_clips() {
-    let server = Server::start("rules", &["--workers", "1"]);
+    let server = Server::start("rules", &["--workers", "1", "--page-size", "1"]);
     let password = "correct horse battery";
     server.create_user("root", "admin password 1", true);
 
@@ -428,6 +428,23 @@ fn members_publish_like_report_and_only_touch_their_own_clips() {
         .contains(r#"name="seed" id="seed" type="number" min="0" step="1" value="7""#));
     assert!(remix.body.contains(r#"<option value="anime" selected>"#));
 
+    // Paging: one clip a page here, newest first, the search kept in the links.
+    let older = id.clone();
+    let newer = bob.submit(&tiny_job("a second yellow star"));
+    assert_eq!(bob.wait(&newer), "finished");
+    assert_eq!(bob.post(&format!("/jobs/{newer}/publish"), &[]).status, 303);
+    let first = anon.get("/?q=yellow");
+    assert!(first.body.contains(&format!("/clips/{newer}")));
+    assert!(!first.body.contains(&format!("/clips/{older}")));
+    assert!(
+        first.body.contains(r#"href="/?page=2&amp;q=yellow""#),
+        "no link to page 2"
+    );
+    let second = anon.get("/?page=2&q=yellow");
+    assert!(second.body.contains(&format!("/clips/{older}")));
+    assert!(!second.body.contains(r#"rel="next""#));
+    assert!(anon.get("/?page=3&q=yellow").body.contains("No clips here"));
+
     // Bob likes it (twice toggles), reports it; he cannot hide or delete it (403: it is public).
     let p = bob.post(&format!("/clips/{id}/like"), &[]);
     assert_eq!(p.status, 303);
@@ -467,7 +484,7 @@ fn members_publish_like_report_and_only_touch_their_own_clips() {
     );
     assert!(!anon.get("/").body.contains(&format!("/clips/{id}")));
     assert_eq!(anon.get(&format!("/clips/{id}")).status, 404);
-    assert!(root.get("/").body.contains(&format!("/clips/{id}")));
+    assert!(root.get("/?q=sea").body.contains(&format!("/clips/{id}")));
 
     // Security headers on pages, errors, assets and the API.
     for path in [

@@ -35,6 +35,8 @@ pub struct WebOptions {
     /// Failed logins to one account name allowed per `login_window`.
     pub login_failures: usize,
     pub login_window: Duration,
+    /// Clips on one gallery page.
+    pub page_size: usize,
 }
 
 impl Default for WebOptions {
@@ -43,6 +45,7 @@ impl Default for WebOptions {
             session: Duration::from_secs(14 * 24 * 3600),
             login_failures: 5,
             login_window: Duration::from_secs(15 * 60),
+            page_size: 24,
         }
     }
 }

@@ -35,7 +35,6 @@ static STYLES: LazyLock<Vec<String>> = LazyLock::new(|| {
 
 /// The viewer's aspect buttons.
 const ASPECTS: [&str; 4] = ["16:9", "9:16", "1:1", "4:5"];
-const PAGE_SIZE: i64 = 24;
 const RECIPE_ORDER: [&str; 15] = [
     "prompt",
     "negative",
@@ -220,18 +219,19 @@ async fn gallery(
             .filter(|n| (1..=10_000).contains(n))
             .ok_or_else(|| bad_request("page: expected a number from 1"))?,
     };
+    let page_size = state.options.page_size as i64;
     let search = Search {
         words,
         style: style.clone(),
         camera: camera.clone(),
         sort,
-        offset: (page_number - 1) * PAGE_SIZE,
-        limit: PAGE_SIZE + 1,
+        offset: (page_number - 1) * page_size,
+        limit: page_size + 1,
         include_hidden: visitor.user.as_ref().is_some_and(|u| u.admin),
     };
     let mut clips = state.app.db.search_clips(&search).await?;
-    let more = clips.len() as i64 > PAGE_SIZE;
-    clips.truncate(PAGE_SIZE as usize);
+    let more = clips.len() as i64 > page_size;
+    clips.truncate(page_size as usize);
 
     let now = now_ms();
     let sort_options = format!(
