@@ -401,6 +401,9 @@ fn members_publish_like_report_and_only_touch_their_own_clips() {
     );
     assert_escaped(&alice.get("/me"), "my clips");
     assert_escaped(&bob.get(&format!("/create?remix={id}")), "the remix form");
+    let refused = anon.get("/?style=%3Cscript%3Ealert(1)%3C/script%3E");
+    assert_eq!(refused.status, 400);
+    assert_escaped(&refused, "an error page");
     let search = anon.get(&format!("/?q={}", "%3Cscript%3E"));
     assert!(
         !search.body.contains("<script>"),
