@@ -435,7 +435,30 @@ fn members_publish_like_report_and_only_touch_their_own_clips() {
     let older = id.clone();
     let newer = bob.submit(&tiny_job("a second yellow star"));
     assert_eq!(bob.wait(&newer), "finished");
-    assert_eq!(bob.post(&format!("/jobs/{newer}/publish"), &[]).status, 303);
+    // Bob publishes this one through the API, with a token from his page.
+    let page = bob.post("/me/tokens", &[]);
+    let start = page.body.find("motif_").unwrap();
+    let bob_token: String = page.body[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    let api_publish =
+        |job: &str| match ureq::post(&server.url(&format!("/api/v1/jobs/{job}/publish")))
+            .set("Authorization", &format!("Bearer {bob_token}"))
+            .call()
+        {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        };
+    assert_eq!(
+        api_publish(&older).0,
+        404,
+        "bob's token publishes alice's job"
+    );
+    let (status, body) = api_publish(&newer);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("/clips/{newer}")), "{body}");
     let first = anon.get("/?q=yellow");
     assert!(first.body.contains(&format!("/clips/{newer}")));
     assert!(!first.body.contains(&format!("/clips/{older}")));
@@ -584,6 +607,26 @@ fn api_tokens_belong_to_members_and_old_tokens_stay_valid() {
     let eve_token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_eq!(api_get(&eve_token), 404);
     assert_eq!(api_get(&old), 404);
+    // A token of no member cannot publish, even its own job; a queued job cannot be published.
+    let publish = |token: &str, job: &str| match ureq::post(
+        &server.url(&format!("/api/v1/jobs/{job}/publish")),
+    )
+    .set("Authorization", &format!("Bearer {token}"))
+    .call()
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(s, _)) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let own: Value = ureq::post(&server.url("/api/v1/jobs"))
+        .set("Authorization", &format!("Bearer {old}"))
+        .send_json(tiny_job("an old job"))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(publish(&old, own["id"].as_str().unwrap()), 403);
+    assert_eq!(publish(&token, &web_job), 409);
+    assert_eq!(publish(&eve_token, &web_job), 404);
     // A new token from the page, shown once.
     let p = dana.post("/me/tokens", &[]);
     assert_eq!(p.status, 200);

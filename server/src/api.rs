@@ -41,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs", post(submit).get(list))
         .route("/api/v1/jobs/{id}", get(show))
         .route("/api/v1/jobs/{id}/cancel", post(cancel))
+        .route("/api/v1/jobs/{id}/publish", post(publish))
         .route("/api/v1/jobs/{id}/events", get(events))
         .route("/api/v1/jobs/{id}/clip", get(clip))
         .route("/api/v1/jobs/{id}/recipe", get(recipe))
@@ -424,6 +425,41 @@ async fn cancel(
         .await?
         .ok_or_else(ApiError::not_found)?;
     Ok(Json(job_json(&state.db, &job).await?))
+}
+
+/// Shows a finished clip in the gallery, for the member who owns both the
+/// token and the job.
+async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let token = authenticate(&state.db, &headers).await?;
+    let id = job_id(path)?;
+    let job = owned_job(&state, &token, &id).await?;
+    let Some(user) = &token.user_id else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this token belongs to no gallery member (`motif admin create-token --user NAME`)",
+        ));
+    };
+    if state.db.job_owner(&id).await?.as_ref() != Some(user) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the job belongs to another member",
+        ));
+    }
+    if job.state != db::FINISHED || job.clip.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "the job is {}: only a finished clip can be published",
+                job.state
+            ),
+        ));
+    }
+    state.db.publish_job(&job, user).await?;
+    Ok(Json(json!({ "id": id, "page": format!("/clips/{id}") })))
 }
 
 async fn events(

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use sqlx::Row;
 
-use crate::db::{now_ms, Db, FINISHED};
+use crate::db::{now_ms, Db, JobRow, FINISHED};
 
 /// A published clip as pages show it.
 #[derive(Debug, Clone)]
@@ -123,6 +123,27 @@ impl Db {
         .execute(&self.pool)
         .await?;
         Ok(true)
+    }
+
+    /// Publishes a finished job of `user_id`, with the prompt, style and
+    /// camera of its request for search and filters.
+    pub async fn publish_job(&self, job: &JobRow, user_id: &str) -> Result<bool> {
+        let request: serde_json::Value = serde_json::from_str(&job.request).unwrap_or_default();
+        let text = |k: &str| {
+            request
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        self.publish(
+            &job.id,
+            user_id,
+            &text("prompt"),
+            &text("style"),
+            &text("camera"),
+        )
+        .await
     }
 
     pub async fn clip(&self, job_id: &str) -> Result<Option<Clip>> {

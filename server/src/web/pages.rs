@@ -569,18 +569,7 @@ async fn publish(
             ),
         ));
     }
-    let request = request_of(&job);
-    state
-        .app
-        .db
-        .publish(
-            &id,
-            &user.id,
-            &text_of(&request, "prompt"),
-            &text_of(&request, "style"),
-            &text_of(&request, "camera"),
-        )
-        .await?;
+    state.app.db.publish_job(&job, &user.id).await?;
     Ok(see_other(&format!("/clips/{}", url_param(&id))))
 }
 
