@@ -3,6 +3,7 @@
 
 mod catalog;
 mod generate;
+mod remote;
 mod serve;
 mod view;
 

@@ -309,3 +309,104 @@ fn remix_restores_every_setting_of_a_recipe() {
         assert_eq!(&got[key], want, "recipe field `{key}`");
     }
 }
+
+/// `motif view --server URL --token T`: the job runs on a `motif serve`, the
+/// window shows its clip, saved (WebP and recipe) in the outputs folder.
+#[test]
+fn the_viewer_generates_on_a_server() {
+    let x = Xvfb::start(5);
+    let dir = scratch("remote");
+    let data = dir.join("server-data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .args(["serve", "--data", data.to_str().unwrap(), "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env_remove("MOTIF_DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(&mut server);
+    let start = Instant::now();
+    while ureq::get(&format!("{base}/api/v1/health")).call().is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no server");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let token = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .args(["admin", "create-token", "--data", data.to_str().unwrap()])
+        .env_remove("MOTIF_DATABASE_URL")
+        .output()
+        .unwrap();
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+
+    let (m, outputs) = (model(), dir.join("out").to_string_lossy().into_owned());
+    let out = view(
+        &x,
+        &dir,
+        &tiny(
+            &m,
+            &outputs,
+            &[
+                "--server",
+                &base,
+                "--token",
+                &token,
+                "--screenshot",
+                "remote.png",
+            ],
+        ),
+    );
+    assert!(out.status.success());
+    let clip = PathBuf::from(line(&out, "clip:").expect("the clip's path is printed"));
+    assert!(clip.is_file() && clip.starts_with(&outputs), "{clip:?}");
+    assert_eq!(clip.extension().unwrap(), "webp");
+    assert!(clip.with_extension("json").is_file());
+    let rect = clip_rect(&out);
+    assert!(rect.2 >= 64 && rect.3 >= 64, "clip drawn at {rect:?}");
+    // The job ran on the server, for this token.
+    let jobs: serde_json::Value = ureq::get(&format!("{base}/api/v1/jobs?state=finished"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let jobs = jobs["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(
+        jobs[0]["request"]["prompt"],
+        "a red ball bouncing on green grass"
+    );
+    assert_eq!(jobs[0]["request"]["seed"], 7);
+
+    // A refused job is an error the viewer reports, not a hang.
+    let out = view(
+        &x,
+        &dir,
+        &tiny(
+            &m,
+            &outputs,
+            &[
+                "--server",
+                &base,
+                "--token",
+                "motif_wrong",
+                "--screenshot",
+                "refused.png",
+            ],
+        ),
+    );
+    assert!(!out.status.success());
+}
