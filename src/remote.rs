@@ -4,8 +4,10 @@
 //! (animated WebP, which the `image` crate decodes into the viewer's frames)
 //! and its recipe are saved into the outputs folder as a local run would.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Cursor, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -21,6 +23,8 @@ pub struct Remote {
     pub token: String,
     /// The defaults of the panel (the local model card's, when there is one).
     pub defaults: ModelDefaults,
+    /// The server's job id of each clip saved here, for Publish.
+    pub jobs: Mutex<HashMap<PathBuf, String>>,
 }
 
 impl Remote {
@@ -114,6 +118,29 @@ fn preview_frames(data_url: &str, n: usize) -> Option<Preview> {
 impl motif_viewer::Backend for Remote {
     fn defaults(&self, _model: &str) -> Result<ModelDefaults> {
         Ok(self.defaults)
+    }
+
+    fn can_publish(&self) -> bool {
+        true
+    }
+
+    fn publish(&self, saved: &Saved) -> Result<String> {
+        let id = self
+            .jobs
+            .lock()
+            .ok()
+            .and_then(|jobs| jobs.get(&saved.clip).cloned())
+            .ok_or_else(|| anyhow!("{} was not made on this server", saved.clip.display()))?;
+        let answer: Value = ureq::post(&self.url(&format!("/api/v1/jobs/{id}/publish")))
+            .set("Authorization", &self.auth())
+            .call()
+            .map_err(Remote::refused)?
+            .into_json()
+            .context("the server's answer to publishing")?;
+        let page = answer["page"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the server's answer has no page: {answer}"))?;
+        Ok(self.url(page))
     }
 
     fn generate(
@@ -238,6 +265,9 @@ impl motif_viewer::Backend for Remote {
         std::fs::write(&recipe, &recipe_bytes)
             .with_context(|| format!("writing {}", recipe.display()))?;
         eprintln!("motif view: job {id} on {}", self.server);
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.insert(clip.clone(), id);
+        }
         Ok(Some(Saved {
             clip,
             recipe,

@@ -79,6 +79,9 @@ pub struct ViewArgs {
     /// The API token for --server (`motif admin create-token --user NAME`).
     #[arg(long, env = "MOTIF_TOKEN")]
     pub token: Option<String>,
+    /// Scripted: press Publish when the run ends (with --server), print `published: URL`.
+    #[arg(long, requires = "server")]
+    pub publish: bool,
 }
 
 /// Generations for the viewer, through `motif generate`'s code.
@@ -243,6 +246,7 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &ViewArgs) -> Result<i32
             screenshot: args.screenshot.clone(),
             screenshot_at_step: args.screenshot_at_step,
             cancel_at_step: args.cancel_at_step,
+            publish: args.publish,
         },
     };
     match (&args.server, &args.token) {
@@ -252,6 +256,7 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &ViewArgs) -> Result<i32
                 server: server.clone(),
                 token: token.clone(),
                 defaults,
+                jobs: Default::default(),
             };
             motif_viewer::run(gpu, remote, options)
         }

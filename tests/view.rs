@@ -3,6 +3,7 @@
 //! saved, the preview is live, Cancel leaves nothing, and a remix restores
 //! every setting. Generations are tiny: 64x64, 4 frames, 2 steps.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -113,7 +114,7 @@ fn tiny<'a>(model: &'a str, outputs: &'a str, extra: &[&'a str]) -> Vec<&'a str>
     a
 }
 
-fn line<'a>(out: &'a Output, key: &str) -> Option<String> {
+fn line(out: &Output, key: &str) -> Option<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
@@ -144,7 +145,7 @@ fn last_frame(mp4: &Path, w: u32, h: u32) -> image::RgbImage {
         .expect("ffmpeg runs (install ffmpeg; CI does)");
     assert!(out.status.success());
     let n = (w * h * 3) as usize;
-    assert!(out.stdout.len() >= n && out.stdout.len() % n == 0);
+    assert!(out.stdout.len() >= n && out.stdout.len().is_multiple_of(n));
     image::RgbImage::from_raw(w, h, out.stdout[out.stdout.len() - n..].to_vec()).unwrap()
 }
 
@@ -345,8 +346,25 @@ fn the_viewer_generates_on_a_server() {
         assert!(start.elapsed() < Duration::from_secs(30), "no server");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A gallery member and a token of theirs, so the window can publish.
+    let data_arg = data.to_str().unwrap();
+    let mut create = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .args(["admin", "create-user", "wren", "--data", data_arg])
+        .env_remove("MOTIF_DATABASE_URL")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(create.stdin.take().unwrap(), "wren's password").unwrap();
+    assert!(create.wait().unwrap().success());
     let token = Command::new(env!("CARGO_BIN_EXE_motif"))
-        .args(["admin", "create-token", "--data", data.to_str().unwrap()])
+        .args([
+            "admin",
+            "create-token",
+            "--user",
+            "wren",
+            "--data",
+            data_arg,
+        ])
         .env_remove("MOTIF_DATABASE_URL")
         .output()
         .unwrap();
@@ -366,6 +384,7 @@ fn the_viewer_generates_on_a_server() {
                 &token,
                 "--screenshot",
                 "remote.png",
+                "--publish",
             ],
         ),
     );
@@ -390,6 +409,12 @@ fn the_viewer_generates_on_a_server() {
         "a red ball bouncing on green grass"
     );
     assert_eq!(jobs[0]["request"]["seed"], 7);
+
+    // Publish, pressed in the window, put it in the server's gallery.
+    let page = line(&out, "published:").expect("the published page is printed");
+    assert!(page.starts_with(&format!("{base}/clips/")), "{page}");
+    let html = ureq::get(&page).call().unwrap().into_string().unwrap();
+    assert!(html.contains("a red ball bouncing on green grass"));
 
     // A refused job is an error the viewer reports, not a hang.
     let out = view(
