@@ -151,14 +151,6 @@ impl Db {
             .transpose()
     }
 
-    pub async fn user(&self, id: &str) -> Result<Option<User>> {
-        let row = sqlx::query("SELECT id, name, admin FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(user_from_row).transpose()
-    }
-
     /// Starts a session and returns the cookie's secret.
     pub async fn create_session(&self, user_id: &str, lifetime: Duration) -> Result<String> {
         let secret = random_hex(32);
@@ -231,17 +223,6 @@ impl Db {
         rows.iter()
             .map(|r| Ok((r.try_get("id")?, r.try_get("created_ms")?)))
             .collect()
-    }
-
-    pub async fn delete_user_token(&self, user_id: &str, token_id: &str) -> Result<bool> {
-        let n = sqlx::query("DELETE FROM tokens WHERE id = $1 AND user_id = $2 AND id <> $3")
-            .bind(token_id)
-            .bind(user_id)
-            .bind(web_token_id(user_id))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
     }
 
     /// The member whose token queued this job (None: a token without owner).

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use sqlx::Row;
 
-use crate::db::{now_ms, Db, JobRow, FINISHED};
+use crate::db::{now_ms, Db, JobRow};
 
 /// A published clip as pages show it.
 #[derive(Debug, Clone)]
@@ -335,14 +335,6 @@ impl Db {
                 })
             })
             .collect()
-    }
-
-    /// Whether a job finished with a clip.
-    pub async fn job_finished(&self, job_id: &str) -> Result<bool> {
-        Ok(self
-            .job(job_id)
-            .await?
-            .is_some_and(|j| j.state == FINISHED && j.clip.is_some()))
     }
 }
 
