@@ -1183,6 +1183,8 @@ fn postgres_gallery_round_trip() {
     assert_eq!(alice.wait(&id), "finished");
     assert!(alice.get("/me").body.contains("100%_literal"));
     assert_eq!(alice.post(&format!("/jobs/{id}/publish"), &[]).status, 303);
+    // Publishing again (a double click) changes nothing.
+    assert_eq!(alice.post(&format!("/jobs/{id}/publish"), &[]).status, 303);
     let mut anon = Visitor::new(&server);
     let card = format!("/clips/{id}");
     assert!(anon

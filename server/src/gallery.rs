@@ -103,16 +103,11 @@ impl Db {
         style: &str,
         camera: &str,
     ) -> Result<bool> {
-        let exists = sqlx::query("SELECT job_id FROM clips WHERE job_id = $1")
-            .bind(job_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        if exists.is_some() {
-            return Ok(false);
-        }
-        sqlx::query(
+        // ON CONFLICT: a second publish of the same clip (a double click) is
+        // a no-op on both SQLite and PostgreSQL, not a key violation.
+        let inserted = sqlx::query(
             "INSERT INTO clips (job_id, user_id, prompt, style, camera, published_ms, hidden, likes) \
-             VALUES ($1, $2, $3, $4, $5, $6, 0, 0)",
+             VALUES ($1, $2, $3, $4, $5, $6, 0, 0) ON CONFLICT (job_id) DO NOTHING",
         )
         .bind(job_id)
         .bind(user_id)
@@ -121,8 +116,9 @@ impl Db {
         .bind(camera)
         .bind(now_ms())
         .execute(&self.pool)
-        .await?;
-        Ok(true)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
     }
 
     /// Publishes a finished job of `user_id`, with the prompt, style and
@@ -212,12 +208,15 @@ impl Db {
             .await?
             .rows_affected();
         if removed == 0 {
-            sqlx::query("INSERT INTO likes (job_id, user_id, created_ms) VALUES ($1, $2, $3)")
-                .bind(job_id)
-                .bind(user_id)
-                .bind(now_ms())
-                .execute(&self.pool)
-                .await?;
+            sqlx::query(
+                "INSERT INTO likes (job_id, user_id, created_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (job_id, user_id) DO NOTHING",
+            )
+            .bind(job_id)
+            .bind(user_id)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
         }
         // Counted again rather than incremented: concurrent toggles stay exact.
         sqlx::query(

@@ -2,9 +2,10 @@
 //! clips, with accounts. No build step: the CSS and the small script are
 //! compiled into the binary.
 //!
-//! Security rules, all enforced here: every write needs a session and the
-//! form's CSRF token (double-submit: an HttpOnly SameSite=Strict cookie whose
-//! value each form repeats); members act only on their own jobs; every piece
+//! Security rules, all enforced here: every form post (sign-up and login
+//! included) carries the CSRF token (double-submit: an HttpOnly
+//! SameSite=Strict cookie whose value each form repeats), every write needs a
+//! session besides; members act only on their own jobs; every piece
 //! of user text is escaped ([`html::esc`]); every response carries a CSP
 //! without inline script, `frame-ancestors 'none'` and `nosniff`.
 
