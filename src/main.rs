@@ -3,6 +3,7 @@
 
 mod catalog;
 mod generate;
+mod remote;
 mod serve;
 mod view;
 
@@ -89,11 +90,11 @@ enum Command {
         #[arg(long)]
         debug: bool,
     },
-    /// Serve the HTTP API (/api/v1) with a job queue and in-process GPU workers; clips and the SQLite database go to --data.
+    /// Serve the community gallery (/) and the HTTP API (/api/v1) with a job queue and in-process GPU workers; clips and the SQLite database go to --data.
     Serve(Box<serve::ServeArgs>),
     /// Run GPU workers on the job queue of a `motif serve --database postgres://...`.
     Worker(Box<serve::WorkerArgs>),
-    /// Server administration: API tokens.
+    /// Server administration: API tokens and gallery members.
     Admin {
         #[command(subcommand)]
         command: serve::AdminCommand,
@@ -267,7 +268,7 @@ fn bench_model(
     iters: usize,
     json: bool,
 ) -> Result<()> {
-    if steps.iter().any(|&s| s == 0) {
+    if steps.contains(&0) {
         anyhow::bail!("--steps: every step count must be at least 1");
     }
     let name = catalog::resolve_model_name(model);

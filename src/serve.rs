@@ -2,18 +2,20 @@
 //! [`motif_server::Runner`] that runs a job with the same code as
 //! `motif generate`.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use motif_engine::pipeline::Event;
 use motif_engine::Gpu;
+use motif_server::accounts;
 use motif_server::{
     ApiLimits, FieldError, JobRequest, Names, Preview, Progress, QueueOptions, RunJob, RunOutput,
-    Runner, ServeOptions, StoreOptions, WorkerOptions,
+    Runner, ServeOptions, StoreOptions, WebOptions, WorkerOptions,
 };
 
 use crate::catalog;
@@ -89,6 +91,15 @@ pub struct ServeArgs {
     /// Jobs one token may submit per minute.
     #[arg(long, default_value_t = 30)]
     submissions_per_minute: i64,
+    /// How long a gallery login lasts, in seconds (default 14 days).
+    #[arg(long, env = "MOTIF_SESSION_SECONDS", default_value_t = 14 * 24 * 3600)]
+    session_seconds: u64,
+    /// Failed gallery logins to one account allowed per 15 minutes; more get 429.
+    #[arg(long, default_value_t = 5)]
+    login_failures: usize,
+    /// Clips on one gallery page.
+    #[arg(long, default_value_t = 24)]
+    page_size: usize,
     #[command(flatten)]
     queue: QueueArgs,
 }
@@ -115,6 +126,23 @@ pub enum AdminCommand {
     /// Create an API token and print it (only its hash is stored: keep it).
     CreateToken {
         /// The token sees and cancels every job.
+        #[arg(long)]
+        admin: bool,
+        /// The gallery member the token belongs to (it gets their admin rights).
+        #[arg(long, conflicts_with = "admin")]
+        user: Option<String>,
+        /// The server's --data folder (for its SQLite database).
+        #[arg(long, required_unless_present = "database")]
+        data: Option<PathBuf>,
+        /// The server's PostgreSQL URL.
+        #[arg(long, env = "MOTIF_DATABASE_URL")]
+        database: Option<String>,
+    },
+    /// Create a gallery member; the password is read from standard input (one line).
+    CreateUser {
+        /// 3 to 32 letters, digits, `_` or `-`.
+        name: String,
+        /// Admins hide clips and see reports.
         #[arg(long)]
         admin: bool,
         /// The server's --data folder (for its SQLite database).
@@ -271,6 +299,9 @@ pub fn serve(open_gpu: GpuOpener, args: &ServeArgs) -> Result<()> {
     if args.max_active_per_token < 1 || args.submissions_per_minute < 1 {
         bail!("--max-active-per-token and --submissions-per-minute must be at least 1");
     }
+    if args.session_seconds < 1 || args.login_failures < 1 || !(1..=500).contains(&args.page_size) {
+        bail!("--session-seconds and --login-failures must be at least 1, --page-size 1 to 500");
+    }
     let options = ServeOptions {
         listen: args.listen,
         data: args.data.clone(),
@@ -281,6 +312,12 @@ pub fn serve(open_gpu: GpuOpener, args: &ServeArgs) -> Result<()> {
         limits: ApiLimits {
             max_active_per_token: args.max_active_per_token,
             submissions_per_minute: args.submissions_per_minute,
+            ..Default::default()
+        },
+        web: WebOptions {
+            session: Duration::from_secs(args.session_seconds),
+            login_failures: args.login_failures,
+            page_size: args.page_size,
             ..Default::default()
         },
     };
@@ -309,12 +346,40 @@ pub fn admin(command: &AdminCommand) -> Result<()> {
     match command {
         AdminCommand::CreateToken {
             admin,
+            user,
             data,
             database,
         } => {
             let data = data.clone().unwrap_or_else(|| PathBuf::from("."));
-            let token = motif_server::create_token(&data, database.as_deref(), *admin)?;
+            let token = match user {
+                Some(name) => accounts::create_token_for(&data, database.as_deref(), name)?,
+                None => motif_server::create_token(&data, database.as_deref(), *admin)?,
+            };
             println!("{token}");
+            Ok(())
+        }
+        AdminCommand::CreateUser {
+            name,
+            admin,
+            data,
+            database,
+        } => {
+            let data = data.clone().unwrap_or_else(|| PathBuf::from("."));
+            // Not a flag: a password on the command line lands in shell
+            // histories and process lists.
+            if std::io::stdin().is_terminal() {
+                eprint!("Password for {name}: ");
+            }
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            accounts::create_user(&data, database.as_deref(), name, password, *admin)?;
+            eprintln!(
+                "created {}{name}",
+                if *admin { "the admin " } else { "the member " }
+            );
             Ok(())
         }
     }

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::catalog;
 use crate::generate::{self, GenerateArgs};
+use crate::remote::Remote;
 
 #[derive(Args, Debug, Clone, Default)]
 #[command(after_help = "\
@@ -72,6 +73,15 @@ pub struct ViewArgs {
     /// Press Cancel right after this step's preview (1-based).
     #[arg(long)]
     pub cancel_at_step: Option<usize>,
+    /// Generate on a `motif serve` at this URL (http://HOST:PORT) instead of this machine.
+    #[arg(long, requires = "token")]
+    pub server: Option<String>,
+    /// The API token for --server (`motif admin create-token --user NAME`).
+    #[arg(long, env = "MOTIF_TOKEN")]
+    pub token: Option<String>,
+    /// Scripted: press Publish when the run ends (with --server), print `published: URL`.
+    #[arg(long, requires = "server")]
+    pub publish: bool,
 }
 
 /// Generations for the viewer, through `motif generate`'s code.
@@ -236,7 +246,20 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &ViewArgs) -> Result<i32
             screenshot: args.screenshot.clone(),
             screenshot_at_step: args.screenshot_at_step,
             cancel_at_step: args.cancel_at_step,
+            publish: args.publish,
         },
     };
-    motif_viewer::run(gpu, Engine, options)
+    match (&args.server, &args.token) {
+        (Some(server), Some(token)) => {
+            let defaults = model_defaults(&options.controls.model)?;
+            let remote = Remote {
+                server: server.clone(),
+                token: token.clone(),
+                defaults,
+                jobs: Default::default(),
+            };
+            motif_viewer::run(gpu, remote, options)
+        }
+        _ => motif_viewer::run(gpu, Engine, options),
+    }
 }

@@ -3,6 +3,7 @@
 //! saved, the preview is live, Cancel leaves nothing, and a remix restores
 //! every setting. Generations are tiny: 64x64, 4 frames, 2 steps.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -113,7 +114,7 @@ fn tiny<'a>(model: &'a str, outputs: &'a str, extra: &[&'a str]) -> Vec<&'a str>
     a
 }
 
-fn line<'a>(out: &'a Output, key: &str) -> Option<String> {
+fn line(out: &Output, key: &str) -> Option<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
@@ -144,7 +145,7 @@ fn last_frame(mp4: &Path, w: u32, h: u32) -> image::RgbImage {
         .expect("ffmpeg runs (install ffmpeg; CI does)");
     assert!(out.status.success());
     let n = (w * h * 3) as usize;
-    assert!(out.stdout.len() >= n && out.stdout.len() % n == 0);
+    assert!(out.stdout.len() >= n && out.stdout.len().is_multiple_of(n));
     image::RgbImage::from_raw(w, h, out.stdout[out.stdout.len() - n..].to_vec()).unwrap()
 }
 
@@ -308,4 +309,129 @@ fn remix_restores_every_setting_of_a_recipe() {
     for (key, want) in recipe.as_object().unwrap() {
         assert_eq!(&got[key], want, "recipe field `{key}`");
     }
+}
+
+/// `motif view --server URL --token T`: the job runs on a `motif serve`, the
+/// window shows its clip, saved (WebP and recipe) in the outputs folder.
+#[test]
+fn the_viewer_generates_on_a_server() {
+    let x = Xvfb::start(5);
+    let dir = scratch("remote");
+    let data = dir.join("server-data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .args(["serve", "--data", data.to_str().unwrap(), "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env_remove("MOTIF_DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(&mut server);
+    let start = Instant::now();
+    while ureq::get(&format!("{base}/api/v1/health")).call().is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no server");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A gallery member and a token of theirs, so the window can publish.
+    let data_arg = data.to_str().unwrap();
+    let mut create = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .args(["admin", "create-user", "wren", "--data", data_arg])
+        .env_remove("MOTIF_DATABASE_URL")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(create.stdin.take().unwrap(), "wren's password").unwrap();
+    assert!(create.wait().unwrap().success());
+    let token = Command::new(env!("CARGO_BIN_EXE_motif"))
+        .args([
+            "admin",
+            "create-token",
+            "--user",
+            "wren",
+            "--data",
+            data_arg,
+        ])
+        .env_remove("MOTIF_DATABASE_URL")
+        .output()
+        .unwrap();
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+
+    let (m, outputs) = (model(), dir.join("out").to_string_lossy().into_owned());
+    let out = view(
+        &x,
+        &dir,
+        &tiny(
+            &m,
+            &outputs,
+            &[
+                "--server",
+                &base,
+                "--token",
+                &token,
+                "--screenshot",
+                "remote.png",
+                "--publish",
+            ],
+        ),
+    );
+    assert!(out.status.success());
+    let clip = PathBuf::from(line(&out, "clip:").expect("the clip's path is printed"));
+    assert!(clip.is_file() && clip.starts_with(&outputs), "{clip:?}");
+    assert_eq!(clip.extension().unwrap(), "webp");
+    assert!(clip.with_extension("json").is_file());
+    let rect = clip_rect(&out);
+    assert!(rect.2 >= 64 && rect.3 >= 64, "clip drawn at {rect:?}");
+    // The job ran on the server, for this token.
+    let jobs: serde_json::Value = ureq::get(&format!("{base}/api/v1/jobs?state=finished"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let jobs = jobs["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(
+        jobs[0]["request"]["prompt"],
+        "a red ball bouncing on green grass"
+    );
+    assert_eq!(jobs[0]["request"]["seed"], 7);
+
+    // Publish, pressed in the window, put it in the server's gallery.
+    let page = line(&out, "published:").expect("the published page is printed");
+    assert!(page.starts_with(&format!("{base}/clips/")), "{page}");
+    let html = ureq::get(&page).call().unwrap().into_string().unwrap();
+    assert!(html.contains("a red ball bouncing on green grass"));
+
+    // A refused job is an error the viewer reports, not a hang.
+    let out = view(
+        &x,
+        &dir,
+        &tiny(
+            &m,
+            &outputs,
+            &[
+                "--server",
+                &base,
+                "--token",
+                "motif_wrong",
+                "--screenshot",
+                "refused.png",
+            ],
+        ),
+    );
+    assert!(!out.status.success());
 }

@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs", post(submit).get(list))
         .route("/api/v1/jobs/{id}", get(show))
         .route("/api/v1/jobs/{id}/cancel", post(cancel))
+        .route("/api/v1/jobs/{id}/publish", post(publish))
         .route("/api/v1/jobs/{id}/events", get(events))
         .route("/api/v1/jobs/{id}/clip", get(clip))
         .route("/api/v1/jobs/{id}/recipe", get(recipe))
@@ -67,7 +68,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -76,7 +77,7 @@ impl ApiError {
         }
     }
 
-    fn field(status: StatusCode, field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn field(status: StatusCode, field: &str, message: impl Into<String>) -> Self {
         ApiError {
             field: Some(field.to_string()),
             ..ApiError::new(status, message)
@@ -118,7 +119,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 async fn not_found() -> ApiError {
     ApiError::new(
@@ -195,10 +196,17 @@ fn job_id(path: Result<Path<String>, PathRejection>) -> ApiResult<String> {
     Ok(id)
 }
 
-/// The job if this token may see it; another token's job is "not found".
+/// The job if this token may see it: its own, or its member's (queued from
+/// the gallery or another of their tokens); anyone else's is "not found".
 async fn owned_job(state: &AppState, token: &Token, id: &str) -> ApiResult<JobRow> {
-    match state.db.job(id).await? {
-        Some(job) if token.admin || job.token_id == token.id => Ok(job),
+    let Some(job) = state.db.job(id).await? else {
+        return Err(ApiError::not_found());
+    };
+    if token.admin || job.token_id == token.id {
+        return Ok(job);
+    }
+    match &token.user_id {
+        Some(user) if state.db.job_owner(id).await?.as_ref() == Some(user) => Ok(job),
         _ => Err(ApiError::not_found()),
     }
 }
@@ -241,24 +249,51 @@ async fn submit(
     request: Request,
 ) -> ApiResult<Response> {
     let token = authenticate(&state.db, &headers).await?;
+    let job = read_job(&state, request).await?;
+    let row = accept_job(&state, &token.id, job).await?;
+    let body = job_json(&state.db, &row).await?;
+    let location = HeaderValue::from_str(&format!("/api/v1/jobs/{}", row.id))
+        .map_err(|e| anyhow::anyhow!("location header: {e}"))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(body),
+    )
+        .into_response())
+}
+
+/// A submitted job: a JSON body, or multipart/form-data with a `recipe`
+/// JSON part and an `image` file part; within the body limit.
+pub(crate) async fn read_job(state: &AppState, request: Request) -> ApiResult<JobRequest> {
     let limits = &state.limits;
-    let multipart = headers
+    let multipart = request
+        .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
     let (parts, body) = request.into_parts();
     let bytes = read_body(body, limits.max_body_bytes).await?;
-    let job = if multipart {
-        job_from_multipart(Request::from_parts(parts, Body::from(bytes))).await?
+    if multipart {
+        job_from_multipart(Request::from_parts(parts, Body::from(bytes))).await
     } else {
-        parse_job(&bytes, "body")?
-    };
+        parse_job(&bytes, "body")
+    }
+}
+
+/// Checks a job (fields, the token's limits, what this machine can run) and
+/// queues it for `token_id`: the API's submissions and the gallery's.
+pub(crate) async fn accept_job(
+    state: &AppState,
+    token_id: &str,
+    job: JobRequest,
+) -> ApiResult<JobRow> {
+    let limits = &state.limits;
     // The decoded still is only checked here; the job keeps the base64 text.
     job.validate(&limits.job)
         .and_then(|_| state.names.check(&job))
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.message))?;
 
-    let active = state.db.active_jobs(&token.id).await?;
+    let active = state.db.active_jobs(token_id).await?;
     if active >= limits.max_active_per_token {
         return Err(ApiError {
             retry_after: Some(10),
@@ -275,7 +310,7 @@ async fn submit(
     let per_minute = limits.submissions_per_minute;
     let recent = state
         .db
-        .submissions_since(&token.id, now - 60_000, per_minute)
+        .submissions_since(token_id, now - 60_000, per_minute)
         .await?;
     if recent.len() as i64 >= per_minute {
         // A slot frees when the oldest of the last `per_minute` submissions turns a minute old.
@@ -307,26 +342,17 @@ async fn submit(
         .db
         .insert_job(&NewJob {
             id: &id,
-            token_id: &token.id,
+            token_id,
             request: &request_json,
             image: job.image.as_deref(),
             format: job.format(),
         })
         .await?;
-    let row = state
+    Ok(state
         .db
         .job(&id)
         .await?
-        .ok_or_else(|| anyhow::anyhow!("job {id} vanished after insert"))?;
-    let body = job_json(&state.db, &row).await?;
-    let location = HeaderValue::from_str(&format!("/api/v1/jobs/{id}"))
-        .map_err(|e| anyhow::anyhow!("location header: {e}"))?;
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, location)],
-        Json(body),
-    )
-        .into_response())
+        .ok_or_else(|| anyhow::anyhow!("job {id} vanished after insert"))?)
 }
 
 /// The request body, up to `limit` bytes. The rest of a longer body is read
@@ -560,6 +586,41 @@ async fn cancel(
     Ok(Json(job_json(&state.db, &job).await?))
 }
 
+/// Shows a finished clip in the gallery, for the member who owns both the
+/// token and the job.
+async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let token = authenticate(&state.db, &headers).await?;
+    let id = job_id(path)?;
+    let job = owned_job(&state, &token, &id).await?;
+    let Some(user) = &token.user_id else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this token belongs to no gallery member (`motif admin create-token --user NAME`)",
+        ));
+    };
+    if state.db.job_owner(&id).await?.as_ref() != Some(user) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the job belongs to another member",
+        ));
+    }
+    if job.state != db::FINISHED || job.clip.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "the job is {}: only a finished clip can be published",
+                job.state
+            ),
+        ));
+    }
+    state.db.publish_job(&job, user).await?;
+    Ok(Json(json!({ "id": id, "page": format!("/clips/{id}") })))
+}
+
 async fn events(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -568,6 +629,15 @@ async fn events(
     let token = authenticate(&state.db, &headers).await?;
     let id = job_id(path)?;
     owned_job(&state, &token, &id).await?;
+    Ok(job_events(state, id))
+}
+
+/// The event stream of a job the caller may see: state changes, progress with
+/// preview frames, and the end.
+pub(crate) fn job_events(
+    state: AppState,
+    id: String,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = async_stream::stream! {
         // Progress lives in the database (a remote worker writes it there), so
         // the stream polls the job and sends what changed.
@@ -625,7 +695,7 @@ async fn events(
             state.shutdown.sleep(Duration::from_millis(250)).await;
         }
     };
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 /// A finished job's file from the clip store.
@@ -677,9 +747,34 @@ async fn stored_file(
     Ok(response.map_err(|e| anyhow::anyhow!("building the response: {e}"))?)
 }
 
+/// A file of the clip store (a clip or a recipe) by its stored name, whole.
+pub(crate) async fn read_stored(state: &AppState, name: &str) -> anyhow::Result<Vec<u8>> {
+    let object = state.store.get(name).await?;
+    let bytes = object
+        .bytes()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading {name} from {}: {e}", state.store.location))?;
+    Ok(bytes.to_vec())
+}
+
+/// Removes a file of the clip store; one already gone is not an error.
+pub(crate) async fn delete_stored(state: &AppState, name: &str) -> anyhow::Result<()> {
+    match state.store.delete(name).await {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<object_store::Error>(),
+                Some(object_store::Error::NotFound { .. })
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// The recipe names the uploaded still by its temporary path on the worker,
 /// which means nothing to a client and is gone: say it was uploaded.
-fn public_recipe(bytes: Vec<u8>) -> Vec<u8> {
+pub(crate) fn public_recipe(bytes: Vec<u8>) -> Vec<u8> {
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(mut recipe) if recipe.get("image").is_some_and(Value::is_string) => {
             recipe["image"] = json!("(uploaded)");

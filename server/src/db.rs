@@ -30,7 +30,7 @@ pub fn now_ms() -> i64 {
 
 #[derive(Clone)]
 pub struct Db {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     postgres: bool,
 }
 
@@ -38,6 +38,8 @@ pub struct Db {
 pub struct Token {
     pub id: String,
     pub admin: bool,
+    /// The gallery member who owns it (None: a token from before accounts).
+    pub user_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -160,7 +162,7 @@ impl Db {
     }
 
     pub async fn token_by_hash(&self, hash: &str) -> Result<Option<Token>> {
-        let row = sqlx::query("SELECT id, admin FROM tokens WHERE hash = $1")
+        let row = sqlx::query("SELECT id, admin, user_id FROM tokens WHERE hash = $1")
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
@@ -168,6 +170,7 @@ impl Db {
             Ok(Token {
                 id: r.try_get("id")?,
                 admin: r.try_get::<i64, _>("admin")? != 0,
+                user_id: r.try_get("user_id")?,
             })
         })
         .transpose()

@@ -7,10 +7,13 @@
 //! [`Runner`] trait, which the `motif` binary implements with the same code
 //! as `motif generate`, so this crate never touches the GPU.
 
+pub mod accounts;
 mod api;
 pub mod db;
+pub mod gallery;
 pub mod request;
 mod store;
+mod web;
 mod worker;
 
 use std::net::SocketAddr;
@@ -24,6 +27,7 @@ use sha2::{Digest, Sha256};
 pub use request::{FieldError, JobLimits, JobRequest, Names};
 use store::Store;
 pub use store::StoreOptions;
+pub use web::WebOptions;
 
 /// The port `motif serve` listens on by default: not one that ComfyUI (8188),
 /// the Gradio web UIs (7860), Ollama (11434) or the usual dev servers use.
@@ -132,6 +136,7 @@ pub struct ServeOptions {
     pub workers: usize,
     pub queue: QueueOptions,
     pub limits: ApiLimits,
+    pub web: WebOptions,
 }
 
 pub struct WorkerOptions {
@@ -160,7 +165,7 @@ pub fn database_url(data: &Path, database: Option<&str>) -> Result<String> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -268,7 +273,7 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
             store.location
         );
         let names = accepted_names(&*runner);
-        let app = api::router(api::AppState {
+        let state = api::AppState {
             db: db.clone(),
             openapi: api::openapi_document(&names)?.into(),
             names: Arc::new(names),
@@ -276,7 +281,8 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
             store,
             limits: Arc::new(options.limits),
             shutdown: shutdown.clone(),
-        });
+        };
+        let app = web::app(api::router(state.clone()), state, options.web);
         let signal = shutdown.clone();
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {

@@ -112,6 +112,16 @@ pub trait Backend: Send + Sync + 'static {
         output: &Path,
         events: &mut dyn FnMut(Event) -> bool,
     ) -> anyhow::Result<Option<Saved>>;
+
+    /// Whether clips can be published to a gallery (the window then shows Publish).
+    fn can_publish(&self) -> bool {
+        false
+    }
+
+    /// Publishes a clip this backend made; returns the address of its page.
+    fn publish(&self, _saved: &Saved) -> anyhow::Result<String> {
+        anyhow::bail!("local clips have no gallery: run the viewer with --server")
+    }
 }
 
 /// A model the picker offers.
@@ -133,6 +143,8 @@ pub struct Script {
     pub screenshot_at_step: Option<usize>,
     /// Press Cancel right after this (1-based) step's preview.
     pub cancel_at_step: Option<usize>,
+    /// Press Publish when the run ends (prints `published: URL`).
+    pub publish: bool,
 }
 
 impl Script {

@@ -380,6 +380,15 @@ impl Viewer {
             println!("clip: {}", saved.clip.display());
             println!("recipe: {}", saved.recipe.display());
         }
+        if self.script.publish {
+            self.publish(&saved);
+            if let Some(Message::Error(e)) = &self.message {
+                eprintln!("publish: {e}");
+                self.current = Some(saved);
+                self.script_done(1);
+                return;
+            }
+        }
         self.current = Some(saved);
         self.scan_gallery();
         if self.script.active() {
@@ -807,6 +816,9 @@ impl Viewer {
                         self.export(&saved, ext);
                     }
                 }
+                if self.backend.can_publish() && ui.button("Publish").clicked() {
+                    self.publish(&saved);
+                }
             }
         });
         if restart {
@@ -848,6 +860,19 @@ impl Viewer {
         });
     }
 
+    /// Shows the clip in the server's gallery (a short request: on this thread).
+    fn publish(&mut self, saved: &Saved) {
+        self.message = Some(match self.backend.publish(saved) {
+            Ok(page) => {
+                if self.script.active() {
+                    println!("published: {page}");
+                }
+                Message::Info(format!("published: {page}"))
+            }
+            Err(e) => Message::Error(format!("publishing: {e:#}")),
+        });
+    }
+
     fn export(&mut self, saved: &Saved, ext: &str) {
         let out = saved.clip.with_extension(ext);
         let recipe = std::fs::read_to_string(&saved.recipe).unwrap_or_default();
@@ -878,7 +903,7 @@ impl Viewer {
                     (t, p)
                 })
                 .collect();
-            recipes.sort_by(|a, b| b.0.cmp(&a.0));
+            recipes.sort_by_key(|r| std::cmp::Reverse(r.0));
             for (_, recipe) in recipes.into_iter().take(50) {
                 let Ok(text) = std::fs::read_to_string(&recipe) else {
                     continue;

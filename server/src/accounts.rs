@@ -1,0 +1,340 @@
+//! Gallery accounts: members with argon2id password hashes, their sessions
+//! (a random secret in an HttpOnly cookie, stored as its SHA-256, with an
+//! expiry), the API tokens they own, and the limit on failed logins.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use sqlx::Row;
+
+use crate::db::{now_ms, Db};
+use crate::{database_url, hash_token, random_hex, runtime};
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+    pub admin: bool,
+}
+
+pub const MIN_PASSWORD_CHARS: usize = 8;
+pub const MAX_PASSWORD_CHARS: usize = 200;
+
+/// Member names appear in URLs and pages: 3 to 32 letters, digits, `_` or `-`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = (3..=32).contains(&name.chars().count())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err("a name has 3 to 32 letters, digits, `_` or `-`".to_string())
+    }
+}
+
+pub fn check_password(password: &str) -> Result<(), String> {
+    let n = password.chars().count();
+    if (MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "a password has {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters"
+        ))
+    }
+}
+
+/// argon2id with the crate's default cost (19 MiB, 2 passes): about 30 ms
+/// here, slow enough for offline guessing, fast enough for a login.
+pub fn hash_password(password: &str) -> Result<String> {
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
+        .map_err(|e| anyhow!("encoding a salt: {e}"))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow!("hashing a password: {e}"))
+}
+
+pub fn verify_password(password: &str, stored: &str) -> bool {
+    match PasswordHash::new(stored) {
+        Ok(hash) => Argon2::default()
+            .verify_password(password.as_bytes(), &hash)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Verified against when the name is unknown, so that a login takes as long
+/// whether or not the account exists.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| hash_password("not a password of anyone").unwrap_or_default());
+
+/// The token id under which a member's jobs from the web pages are queued
+/// (the queue's jobs belong to tokens). It has no usable secret.
+pub fn web_token_id(user_id: &str) -> String {
+    format!("web-{user_id}")
+}
+
+fn user_from_row(row: &sqlx::any::AnyRow) -> Result<User> {
+    Ok(User {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        admin: row.try_get::<i64, _>("admin")? != 0,
+    })
+}
+
+impl Db {
+    /// Creates a member and their web token; None when the name is taken.
+    pub async fn insert_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        admin: bool,
+    ) -> Result<Option<User>> {
+        let id = random_hex(8);
+        let now = now_ms();
+        let key = name.to_lowercase();
+        let taken = sqlx::query("SELECT id FROM users WHERE name_key = $1")
+            .bind(&key)
+            .fetch_optional(&self.pool)
+            .await?;
+        if taken.is_some() {
+            return Ok(None);
+        }
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO users (id, name, name_key, password_hash, admin, created_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(&key)
+        .bind(password_hash)
+        .bind(admin as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        if inserted.is_err() {
+            // Lost a race for the same name: the unique key refused it.
+            return Ok(None);
+        }
+        sqlx::query(
+            "INSERT INTO tokens (id, hash, admin, created_ms, user_id) VALUES ($1, $2, 0, $3, $4)",
+        )
+        .bind(web_token_id(&id))
+        .bind(hash_token(&format!("unusable-{}", random_hex(32))))
+        .bind(now)
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(User {
+            id,
+            name: name.to_string(),
+            admin,
+        }))
+    }
+
+    /// The member and their password hash.
+    pub async fn user_by_name(&self, name: &str) -> Result<Option<(User, String)>> {
+        let row =
+            sqlx::query("SELECT id, name, admin, password_hash FROM users WHERE name_key = $1")
+                .bind(name.to_lowercase())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| Ok((user_from_row(&r)?, r.try_get("password_hash")?)))
+            .transpose()
+    }
+
+    /// Starts a session and returns the cookie's secret.
+    pub async fn create_session(&self, user_id: &str, lifetime: Duration) -> Result<String> {
+        let secret = random_hex(32);
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO sessions (hash, user_id, created_ms, expires_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(hash_token(&secret))
+        .bind(user_id)
+        .bind(now)
+        .bind(now + lifetime.as_millis() as i64)
+        .execute(&self.pool)
+        .await?;
+        // Expired sessions of anyone go now, so the table does not grow.
+        sqlx::query("DELETE FROM sessions WHERE expires_ms < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(secret)
+    }
+
+    /// The member of a session that has not expired.
+    pub async fn session_user(&self, secret: &str) -> Result<Option<User>> {
+        let row = sqlx::query(
+            "SELECT u.id, u.name, u.admin FROM sessions s JOIN users u ON u.id = s.user_id \
+             WHERE s.hash = $1 AND s.expires_ms > $2",
+        )
+        .bind(hash_token(secret))
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    pub async fn delete_session(&self, secret: &str) -> Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE hash = $1")
+            .bind(hash_token(secret))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// An API token owned by a member; returns the token (only its hash is kept).
+    pub async fn create_user_token(&self, user: &User) -> Result<String> {
+        let token = format!("motif_{}", random_hex(32));
+        sqlx::query(
+            "INSERT INTO tokens (id, hash, admin, created_ms, user_id) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(random_hex(8))
+        .bind(hash_token(&token))
+        .bind(user.admin as i64)
+        .bind(now_ms())
+        .bind(&user.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(token)
+    }
+
+    /// API tokens of a member (their ids and creation times), newest first;
+    /// the web token is not listed.
+    pub async fn user_tokens(&self, user_id: &str) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT id, created_ms FROM tokens WHERE user_id = $1 AND id <> $2 \
+             ORDER BY created_ms DESC",
+        )
+        .bind(user_id)
+        .bind(web_token_id(user_id))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("created_ms")?)))
+            .collect()
+    }
+
+    /// The member whose token queued this job (None: a token without owner).
+    pub async fn job_owner(&self, job_id: &str) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT t.user_id FROM jobs j JOIN tokens t ON t.id = j.token_id WHERE j.id = $1",
+        )
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => r.try_get("user_id")?,
+            None => None,
+        })
+    }
+}
+
+/// Failed logins per account name within a window; past the limit, logins to
+/// that name are refused (429) until the oldest failure leaves the window.
+pub struct LoginLimiter {
+    pub max_failures: usize,
+    pub window: Duration,
+    failures: Mutex<HashMap<String, Vec<Instant>>>,
+}
+
+impl LoginLimiter {
+    pub fn new(max_failures: usize, window: Duration) -> Self {
+        LoginLimiter {
+            max_failures,
+            window,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Seconds to wait before this name may try again, if it must wait.
+    pub fn retry_after(&self, name: &str) -> Option<u64> {
+        let now = Instant::now();
+        let mut map = self.failures.lock().ok()?;
+        let list = map.get_mut(&name.to_lowercase())?;
+        list.retain(|t| now.duration_since(*t) < self.window);
+        if list.len() < self.max_failures {
+            return None;
+        }
+        let oldest = list.iter().min().copied()?;
+        let wait = self.window.saturating_sub(now.duration_since(oldest));
+        Some(wait.as_secs().max(1))
+    }
+
+    pub fn failed(&self, name: &str) {
+        if let Ok(mut map) = self.failures.lock() {
+            // Bound the memory an attacker can make us spend on made-up names.
+            if map.len() > 100_000 {
+                map.clear();
+            }
+            map.entry(name.to_lowercase())
+                .or_default()
+                .push(Instant::now());
+        }
+    }
+
+    pub fn succeeded(&self, name: &str) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(&name.to_lowercase());
+        }
+    }
+}
+
+/// Checks a login: the member, or None for an unknown name or a wrong password
+/// (the same time either way).
+pub async fn login(db: &Db, name: &str, password: &str) -> Result<Option<User>> {
+    let found = db.user_by_name(name).await?;
+    let password = password.to_string();
+    let (user, stored) = match found {
+        Some((u, h)) => (Some(u), h),
+        None => (None, DUMMY_HASH.clone()),
+    };
+    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &stored))
+        .await
+        .context("verifying a password")?;
+    Ok(user.filter(|_| ok))
+}
+
+/// `motif admin create-user`: a member (an admin with `admin`).
+pub fn create_user(
+    data: &Path,
+    database: Option<&str>,
+    name: &str,
+    password: &str,
+    admin: bool,
+) -> Result<()> {
+    check_name(name).map_err(|e| anyhow!("{name:?}: {e}"))?;
+    check_password(password).map_err(|e| anyhow!("the password: {e}"))?;
+    let url = database_url(data, database)?;
+    let hash = hash_password(password)?;
+    runtime()?.block_on(async {
+        let db = Db::connect(&url).await?;
+        match db.insert_user(name, &hash, admin).await? {
+            Some(_) => Ok(()),
+            None => bail!("the name {name:?} is taken"),
+        }
+    })
+}
+
+/// `motif admin create-token --user NAME`: an API token owned by that member.
+pub fn create_token_for(data: &Path, database: Option<&str>, name: &str) -> Result<String> {
+    let url = database_url(data, database)?;
+    runtime()?.block_on(async {
+        let db = Db::connect(&url).await?;
+        let (user, _) = db
+            .user_by_name(name)
+            .await?
+            .ok_or_else(|| anyhow!("no member named {name:?} (see `motif admin create-user`)"))?;
+        db.create_user_token(&user).await
+    })
+}

@@ -1,0 +1,260 @@
+//! The community gallery: server-rendered pages over the service's jobs and
+//! clips, with accounts. No build step: the CSS and the small script are
+//! compiled into the binary.
+//!
+//! Security rules, all enforced here: every form post (sign-up and login
+//! included) carries the CSRF token (double-submit: an HttpOnly
+//! SameSite=Strict cookie whose value each form repeats), every write needs a
+//! session besides; members act only on their own jobs; every piece
+//! of user text is escaped ([`html::esc`]); every response carries a CSP
+//! without inline script, `frame-ancestors 'none'` and `nosniff`.
+
+pub(crate) mod html;
+mod pages;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+use crate::accounts::{LoginLimiter, User};
+use crate::api::AppState;
+
+pub(crate) const SESSION_COOKIE: &str = "motif_session";
+pub(crate) const CSRF_COOKIE: &str = "motif_csrf";
+
+/// Gallery settings of `motif serve`.
+#[derive(Debug, Clone)]
+pub struct WebOptions {
+    /// How long a login lasts.
+    pub session: Duration,
+    /// Failed logins to one account name allowed per `login_window`.
+    pub login_failures: usize,
+    pub login_window: Duration,
+    /// Clips on one gallery page.
+    pub page_size: usize,
+}
+
+impl Default for WebOptions {
+    fn default() -> Self {
+        WebOptions {
+            session: Duration::from_secs(14 * 24 * 3600),
+            login_failures: 5,
+            login_window: Duration::from_secs(15 * 60),
+            page_size: 24,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct WebState {
+    pub app: AppState,
+    pub options: Arc<WebOptions>,
+    pub limiter: Arc<LoginLimiter>,
+}
+
+/// The API's routes and the gallery's, with the security headers on every answer.
+pub(crate) fn app(api: Router, state: AppState, options: WebOptions) -> Router {
+    let web = WebState {
+        app: state,
+        limiter: Arc::new(LoginLimiter::new(
+            options.login_failures,
+            options.login_window,
+        )),
+        options: Arc::new(options),
+    };
+    pages::routes()
+        .layer(middleware::from_fn(csrf_cookie))
+        .with_state(web)
+        .merge(api)
+        .layer(middleware::from_fn(security_headers))
+}
+
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; \
+     object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    response
+}
+
+/// The visitor's CSRF secret, from their cookie or new on this response.
+#[derive(Clone)]
+struct Csrf(String);
+
+/// Gives every visitor a CSRF cookie; forms repeat its value.
+async fn csrf_cookie(mut request: Request, next: Next) -> Response {
+    let existing = cookie(request.headers(), CSRF_COOKIE)
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()));
+    let (value, new) = match existing {
+        Some(v) => (v, false),
+        None => (crate::random_hex(32), true),
+    };
+    request.extensions_mut().insert(Csrf(value.clone()));
+    let mut response = next.run(request).await;
+    if new {
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "{CSRF_COOKIE}={value}; Path=/; HttpOnly; Secure; SameSite=Strict"
+        )) {
+            response.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    response
+}
+
+/// A cookie's value from the request.
+pub(crate) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+/// Equal strings, compared in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Who is asking: the member of a live session (if any) and the CSRF secret.
+pub(crate) struct Visitor {
+    pub user: Option<User>,
+    pub csrf: String,
+}
+
+impl Visitor {
+    pub fn frame(&self) -> html::Frame<'_> {
+        html::Frame {
+            user: self.user.as_ref(),
+            csrf: &self.csrf,
+        }
+    }
+
+    /// Refuses a write whose CSRF token is missing or wrong.
+    pub fn check_csrf(&self, given: Option<&str>) -> Result<(), PageError> {
+        match given {
+            Some(g) if same_secret(g, &self.csrf) => Ok(()),
+            Some(_) => Err(PageError::new(
+                StatusCode::FORBIDDEN,
+                "The form's security token is wrong. Reload the page and try again.",
+            )),
+            None => Err(PageError::new(
+                StatusCode::FORBIDDEN,
+                "The form's security token is missing. Reload the page and try again.",
+            )),
+        }
+    }
+
+    /// The member, or 401 for a visitor without a live session.
+    pub fn member(&self) -> Result<&User, PageError> {
+        self.user.as_ref().ok_or_else(|| {
+            PageError::new(
+                StatusCode::UNAUTHORIZED,
+                "Log in first (or your session has expired).",
+            )
+        })
+    }
+}
+
+impl FromRequestParts<WebState> for Visitor {
+    type Rejection = PageError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &WebState) -> Result<Self, PageError> {
+        let csrf = parts
+            .extensions
+            .get::<Csrf>()
+            .map(|c| c.0.clone())
+            .unwrap_or_default();
+        let user = match cookie(&parts.headers, SESSION_COOKIE) {
+            Some(secret) => state.app.db.session_user(&secret).await?,
+            None => None,
+        };
+        Ok(Visitor { user, csrf })
+    }
+}
+
+/// An error shown as a page (for form posts and page loads).
+#[derive(Debug)]
+pub(crate) struct PageError {
+    pub status: StatusCode,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl PageError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        PageError {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn not_found() -> Self {
+        PageError::new(StatusCode::NOT_FOUND, "No such clip.")
+    }
+}
+
+impl From<anyhow::Error> for PageError {
+    fn from(e: anyhow::Error) -> Self {
+        eprintln!("motif serve: internal error: {e:#}");
+        PageError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Something went wrong on the server.",
+        )
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let frame = html::Frame {
+            user: None,
+            csrf: "",
+        };
+        let title = self.status.canonical_reason().unwrap_or("Error");
+        let body = format!(
+            r#"<section class="narrow notice"><h1>{}</h1><p>{}</p><p><a href="/">Back to the gallery</a></p></section>"#,
+            html::esc(title),
+            html::esc(&self.message)
+        );
+        let mut response = (
+            self.status,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            html::page(&frame, title, &body),
+        )
+            .into_response();
+        if let Some(s) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
+    }
+}
