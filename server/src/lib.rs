@@ -9,6 +9,7 @@
 
 mod api;
 pub mod db;
+pub mod discord;
 pub mod request;
 mod worker;
 
