@@ -2,6 +2,7 @@
 //! and calls into the engine; no model or GPU logic lives here.
 
 mod catalog;
+mod discord;
 mod generate;
 mod remote;
 mod serve;
@@ -94,6 +95,11 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Run GPU workers on the job queue of a `motif serve --database postgres://...`.
     Worker(Box<serve::WorkerArgs>),
+    /// Motif's Discord app: `register` its slash commands (docs/DISCORD.md).
+    Discord {
+        #[command(subcommand)]
+        command: discord::DiscordCommand,
+    },
     /// Server administration: API tokens and gallery members.
     Admin {
         #[command(subcommand)]
@@ -542,6 +548,7 @@ fn main() {
         Command::Serve(args) => serve::serve(gpu_opener(&cli), args),
         Command::Worker(args) => serve::worker(gpu_opener(&cli), args),
         Command::Admin { command } => serve::admin(command),
+        Command::Discord { command } => discord::run(command),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -10,6 +10,7 @@
 pub mod accounts;
 mod api;
 pub mod db;
+pub mod discord;
 pub mod gallery;
 pub mod request;
 mod store;
