@@ -191,6 +191,37 @@ pub async fn register(
     Ok(Registration { url, commands })
 }
 
+/// [`register`] from synchronous code (`motif discord register`).
+pub fn register_blocking(
+    api_base: &str,
+    application_id: &str,
+    bot_token: &str,
+    guild: Option<&str>,
+    commands: &Value,
+) -> Result<Registration> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let client = reqwest::Client::builder()
+        .user_agent(concat!(
+            "DiscordBot (https://github.com/motif, ",
+            env!("CARGO_PKG_VERSION"),
+            ")"
+        ))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+    runtime.block_on(register(
+        &client,
+        api_base,
+        application_id,
+        bot_token,
+        guild,
+        commands,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,35 +277,4 @@ mod tests {
         assert!(animate.iter().any(|o| o["name"] == "strength"));
         assert!(!animate.iter().any(|o| o["name"] == "style"));
     }
-}
-
-/// [`register`] from synchronous code (`motif discord register`).
-pub fn register_blocking(
-    api_base: &str,
-    application_id: &str,
-    bot_token: &str,
-    guild: Option<&str>,
-    commands: &Value,
-) -> Result<Registration> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let client = reqwest::Client::builder()
-        .user_agent(concat!(
-            "DiscordBot (https://github.com/motif, ",
-            env!("CARGO_PKG_VERSION"),
-            ")"
-        ))
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .context("building the HTTP client")?;
-    runtime.block_on(register(
-        &client,
-        api_base,
-        application_id,
-        bot_token,
-        guild,
-        commands,
-    ))
 }
