@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use motif_engine::pipeline::Event;
+use motif_engine::pipeline::{Event, ModelCache};
 use motif_engine::Gpu;
 use motif_viewer::{Controls, ModelChoice, ModelDefaults, Saved, Script};
 use serde_json::Value;
@@ -72,6 +72,9 @@ pub struct ViewArgs {
     /// Press Cancel right after this step's preview (1-based).
     #[arg(long)]
     pub cancel_at_step: Option<usize>,
+    /// With --auto-generate: generate this many times in a row (the model stays loaded); the screenshot is of the last.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
 }
 
 /// Generations for the viewer, through `motif generate`'s code.
@@ -85,8 +88,10 @@ impl motif_viewer::Backend for Engine {
     fn generate(
         &self,
         gpu: &Gpu,
+        models: &mut ModelCache,
         c: &Controls,
         output: &Path,
+        say: &dyn Fn(&str),
         events: &mut dyn FnMut(Event) -> bool,
     ) -> Result<Option<Saved>> {
         let args = GenerateArgs {
@@ -111,11 +116,13 @@ impl motif_viewer::Backend for Engine {
             ..Default::default()
         };
         let prepared = generate::prepare(&args)?;
-        let finished = generate::generate_on(
+        // Previews straight into textures the window draws: the frames stay on the GPU.
+        let finished = generate::generate_cached(
             gpu,
             prepared,
-            &|_| {},
-            &mut |req| req.previews = true,
+            models,
+            say,
+            &mut |req| req.gpu_previews = true,
             events,
         )?;
         Ok(finished.map(|f| Saved {
@@ -236,6 +243,7 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &ViewArgs) -> Result<i32
             screenshot: args.screenshot.clone(),
             screenshot_at_step: args.screenshot_at_step,
             cancel_at_step: args.cancel_at_step,
+            repeat: args.repeat as usize,
         },
     };
     motif_viewer::run(gpu, Engine, options)
