@@ -80,6 +80,9 @@ impl Weston {
         let child = match Command::new("weston")
             .args([
                 "--backend=headless-backend.so",
+                // Its default renderer draws nothing and so never sends frame
+                // callbacks, on which a Vulkan FIFO present waits forever.
+                "--use-pixman",
                 &format!("--socket={socket}"),
                 "--width=1280",
                 "--height=800",
@@ -142,7 +145,10 @@ fn view(x: &Xvfb, dir: &Path, args: &[&str]) -> Output {
 }
 
 fn view_on(display: Display, dir: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_motif"));
+    // A window that never gets to draw (a compositor that sends no frame
+    // callbacks) would wait forever: coreutils' timeout ends it.
+    let mut cmd = Command::new("timeout");
+    cmd.args(["300", env!("CARGO_BIN_EXE_motif")]);
     match display {
         Display::X(x) => cmd.env("DISPLAY", &x.display).env_remove("WAYLAND_DISPLAY"),
         Display::Wayland(w) => cmd.env("WAYLAND_DISPLAY", &w.socket).env_remove("DISPLAY"),
@@ -158,7 +164,8 @@ fn view_on(display: Display, dir: &Path, args: &[&str]) -> Output {
         .output()
         .expect("motif runs");
     eprintln!(
-        "motif view {args:?}\n--- stdout\n{}--- stderr\n{}",
+        "motif view {args:?}: {}\n--- stdout\n{}--- stderr\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

@@ -310,6 +310,14 @@ impl ApplicationHandler<Wake> for App {
         }
     }
 
+    /// The window system's connection closes when the event loop returns:
+    /// the surface, the window and egui-winit's clipboard (a Wayland
+    /// clipboard thread holds the connection) must go before it.
+    fn exiting(&mut self, _: &ActiveEventLoop) {
+        self.painter.gc_viewports(&Default::default());
+        self.shown = None;
+    }
+
     fn about_to_wait(&mut self, event_loop: &ActiveEventLoop) {
         match self.repaint_at {
             Some(t) => event_loop.set_control_flow(ControlFlow::WaitUntil(t)),
