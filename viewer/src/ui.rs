@@ -36,8 +36,9 @@ struct Frames {
 }
 
 enum FrameSource {
-    /// Decoded frames uploaded to egui, which frees them with the handles.
-    Uploaded(#[allow(dead_code)] Vec<TextureHandle>),
+    /// Decoded frames uploaded to egui, which frees them with the handles
+    /// (kept only to keep the textures alive).
+    Uploaded { _handles: Vec<TextureHandle> },
     /// The engine's preview textures (their [`FrameTextures::id`]),
     /// registered with the renderer: the engine rewrites them every step.
     Native(u64),
@@ -60,7 +61,7 @@ impl Frames {
             ids: handles.iter().map(|t| t.id()).collect(),
             width: w,
             height: h,
-            source: FrameSource::Uploaded(handles),
+            source: FrameSource::Uploaded { _handles: handles },
         }
     }
 
