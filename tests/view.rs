@@ -197,7 +197,7 @@ fn tiny<'a>(model: &'a str, outputs: &'a str, extra: &[&'a str]) -> Vec<&'a str>
     a
 }
 
-fn line<'a>(out: &'a Output, key: &str) -> Option<String> {
+fn line(out: &Output, key: &str) -> Option<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
@@ -228,7 +228,7 @@ fn last_frame(mp4: &Path, w: u32, h: u32) -> image::RgbImage {
         .expect("ffmpeg runs (install ffmpeg; CI does)");
     assert!(out.status.success());
     let n = (w * h * 3) as usize;
-    assert!(out.stdout.len() >= n && out.stdout.len() % n == 0);
+    assert!(out.stdout.len() >= n && out.stdout.len().is_multiple_of(n));
     image::RgbImage::from_raw(w, h, out.stdout[out.stdout.len() - n..].to_vec()).unwrap()
 }
 

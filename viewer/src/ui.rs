@@ -1002,7 +1002,7 @@ impl Viewer {
                     (t, p)
                 })
                 .collect();
-            recipes.sort_by(|a, b| b.0.cmp(&a.0));
+            recipes.sort_by_key(|r| std::cmp::Reverse(r.0));
             for (_, recipe) in recipes.into_iter().take(50) {
                 let Ok(text) = std::fs::read_to_string(&recipe) else {
                     continue;
