@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use motif_engine::models::source::{ModelSource, ModelSpec};
-use motif_engine::pipeline::{AnimateDiff, Camera, Event, ModelDefaults, Request, RgbImage};
+use motif_engine::pipeline::{Camera, Event, ModelCache, ModelDefaults, Request, RgbImage};
 use motif_engine::schedulers::SchedulerKind;
 use motif_engine::Gpu;
 use serde_json::{json, Value};
@@ -456,6 +456,9 @@ pub struct Prepared {
     output: PathBuf,
     image: Option<RgbImage>,
     source: ModelSource,
+    /// What the model was opened from (model, adapter, VAE, LoRAs): equal
+    /// keys load equal weights, so a cached model can be reused.
+    model_key: String,
     camera_lora: Option<PathBuf>,
 }
 
@@ -509,6 +512,7 @@ pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
         output,
         image,
         source,
+        model_key: format!("{spec:?}"),
         camera_lora,
     })
 }
@@ -524,17 +528,45 @@ pub fn generate_on(
     on_request: &mut dyn FnMut(&mut Request),
     events: &mut dyn FnMut(Event) -> bool,
 ) -> Result<Option<Finished>> {
+    let mut models = ModelCache::default();
+    generate_cached(gpu, prepared, &mut models, say, on_request, events)
+}
+
+/// [`generate_on`] with the model taken from `models`: loaded only when it
+/// is not the one held (the viewer keeps one between Generates). `say`
+/// reports `model loaded: PATH (S s)` or `model kept loaded: PATH`.
+pub fn generate_cached(
+    gpu: &Gpu,
+    prepared: Prepared,
+    models: &mut ModelCache,
+    say: &dyn Fn(&str),
+    on_request: &mut dyn FnMut(&mut Request),
+    events: &mut dyn FnMut(Event) -> bool,
+) -> Result<Option<Finished>> {
     let Prepared {
         settings,
         output,
         image,
         source,
+        model_key,
         camera_lora,
     } = prepared;
     say(&format!("adapter: {} ({})", gpu.adapter(), gpu.precision()));
-    say(&format!("loading {}", source.path().display()));
-    let mut pipe = AnimateDiff::load(gpu, &source)
+    if models.key() != Some(model_key.as_str()) {
+        say(&format!("loading {}", source.path().display()));
+    }
+    let started = Instant::now();
+    let (pipe, loaded) = models
+        .get(gpu, &model_key, &source)
         .with_context(|| format!("loading the model {}", source.path().display()))?;
+    say(&match loaded {
+        true => format!(
+            "model loaded: {} ({:.1} s)",
+            source.path().display(),
+            started.elapsed().as_secs_f64()
+        ),
+        false => format!("model kept loaded: {}", source.path().display()),
+    });
     let defaults = pipe.defaults.clone();
     let (width, height) = settings.size(&defaults, pipe.scale_factor())?;
 

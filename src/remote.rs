@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use image::AnimationDecoder;
-use motif_engine::pipeline::{Event, Preview};
+use motif_engine::pipeline::{Event, ModelCache, Preview};
 use motif_engine::Gpu;
 use motif_viewer::{Controls, ModelDefaults, Saved};
 use serde_json::{json, Value};
@@ -146,8 +146,11 @@ impl motif_viewer::Backend for Remote {
     fn generate(
         &self,
         _gpu: &Gpu,
+        // The server loads and keeps its own models.
+        _models: &mut ModelCache,
         c: &Controls,
         output: &Path,
+        _say: &dyn Fn(&str),
         events: &mut dyn FnMut(Event) -> bool,
     ) -> Result<Option<Saved>> {
         let accepted: Value = ureq::post(&self.url("/api/v1/jobs"))
@@ -196,6 +199,8 @@ impl motif_viewer::Backend for Remote {
                             total,
                             timestep: 0.0,
                             preview: preview.as_ref(),
+                            // Frames from the server arrive as PNG, not on this GPU.
+                            gpu_preview: None,
                         });
                     }
                     go

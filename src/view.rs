@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use motif_engine::pipeline::Event;
+use motif_engine::pipeline::{Event, ModelCache};
 use motif_engine::Gpu;
 use motif_viewer::{Controls, ModelChoice, ModelDefaults, Saved, Script};
 use serde_json::Value;
@@ -82,6 +82,9 @@ pub struct ViewArgs {
     /// Scripted: press Publish when the run ends (with --server), print `published: URL`.
     #[arg(long, requires = "server")]
     pub publish: bool,
+    /// With --auto-generate: generate this many times in a row (the model stays loaded); the screenshot is of the last.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
 }
 
 /// Generations for the viewer, through `motif generate`'s code.
@@ -95,8 +98,10 @@ impl motif_viewer::Backend for Engine {
     fn generate(
         &self,
         gpu: &Gpu,
+        models: &mut ModelCache,
         c: &Controls,
         output: &Path,
+        say: &dyn Fn(&str),
         events: &mut dyn FnMut(Event) -> bool,
     ) -> Result<Option<Saved>> {
         let args = GenerateArgs {
@@ -121,11 +126,13 @@ impl motif_viewer::Backend for Engine {
             ..Default::default()
         };
         let prepared = generate::prepare(&args)?;
-        let finished = generate::generate_on(
+        // Previews straight into textures the window draws: the frames stay on the GPU.
+        let finished = generate::generate_cached(
             gpu,
             prepared,
-            &|_| {},
-            &mut |req| req.previews = true,
+            models,
+            say,
+            &mut |req| req.gpu_previews = true,
             events,
         )?;
         Ok(finished.map(|f| Saved {
@@ -247,6 +254,7 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &ViewArgs) -> Result<i32
             screenshot_at_step: args.screenshot_at_step,
             cancel_at_step: args.cancel_at_step,
             publish: args.publish,
+            repeat: args.repeat as usize,
         },
     };
     match (&args.server, &args.token) {

@@ -68,13 +68,96 @@ impl Drop for Xvfb {
     }
 }
 
+/// A headless Wayland compositor (Weston) for one test; killed on drop.
+/// None, after a loud message, where weston is not installed.
+struct Weston {
+    child: Child,
+    socket: String,
+}
+
+impl Weston {
+    fn start(n: u32) -> Option<Weston> {
+        let socket = format!("wayland-motif-{}-{n}", std::process::id());
+        let child = match Command::new("weston")
+            .args([
+                "--backend=headless-backend.so",
+                // Its default renderer draws nothing and so never sends frame
+                // callbacks, on which a Vulkan FIFO present waits forever.
+                "--use-pixman",
+                &format!("--socket={socket}"),
+                "--width=1280",
+                "--height=800",
+                "--idle-time=0",
+            ])
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .env_remove("DISPLAY")
+            .env_remove("WAYLAND_DISPLAY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!(
+                    "\n!!! SKIPPED: the Wayland test needs weston ({e}); apt-get install weston \
+                     (CI does) !!!\n"
+                );
+                return None;
+            }
+        };
+        let path = std::env::temp_dir().join(&socket);
+        let start = Instant::now();
+        let mut weston = Weston { child, socket };
+        while !path.exists() {
+            if let Ok(Some(status)) = weston.child.try_wait() {
+                panic!(
+                    "weston exited with {status} before opening {}",
+                    path.display()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "weston did not open {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let the shell finish starting before a client maps a window.
+        std::thread::sleep(Duration::from_millis(300));
+        Some(weston)
+    }
+}
+
+impl Drop for Weston {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the window opens: an X server or a Wayland compositor.
+enum Display<'a> {
+    X(&'a Xvfb),
+    Wayland(&'a Weston),
+}
+
 fn view(x: &Xvfb, dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_motif"))
+    view_on(Display::X(x), dir, args)
+}
+
+fn view_on(display: Display, dir: &Path, args: &[&str]) -> Output {
+    // A window that never gets to draw (a compositor that sends no frame
+    // callbacks) would wait forever: coreutils' timeout ends it.
+    let mut cmd = Command::new("timeout");
+    cmd.args(["300", env!("CARGO_BIN_EXE_motif")]);
+    match display {
+        Display::X(x) => cmd.env("DISPLAY", &x.display).env_remove("WAYLAND_DISPLAY"),
+        Display::Wayland(w) => cmd.env("WAYLAND_DISPLAY", &w.socket).env_remove("DISPLAY"),
+    };
+    let out = cmd
         .current_dir(dir)
         .arg("view")
         .args(args)
-        .env("DISPLAY", &x.display)
-        .env_remove("WAYLAND_DISPLAY")
         .env("XDG_RUNTIME_DIR", std::env::temp_dir())
         .env("WGPU_BACKEND", "vulkan")
         .env_remove("MOTIF_MODEL")
@@ -82,7 +165,8 @@ fn view(x: &Xvfb, dir: &Path, args: &[&str]) -> Output {
         .output()
         .expect("motif runs");
     eprintln!(
-        "motif view {args:?}\n--- stdout\n{}--- stderr\n{}",
+        "motif view {args:?}: {}\n--- stdout\n{}--- stderr\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -434,4 +518,53 @@ fn the_viewer_generates_on_a_server() {
         ),
     );
     assert!(!out.status.success());
+}
+
+#[test]
+fn a_second_generate_keeps_the_model_loaded() {
+    let x = Xvfb::start(3);
+    let dir = scratch("repeat");
+    let (m, outputs) = (model(), dir.join("out").to_string_lossy().into_owned());
+    let out = view(
+        &x,
+        &dir,
+        &tiny(&m, &outputs, &["--repeat", "2", "--screenshot", "r.png"]),
+    );
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let count = |prefix: &str| stdout.lines().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(count("model loaded:"), 1, "the weights were read once");
+    assert_eq!(count("model kept loaded:"), 1, "the second run reused them");
+    assert_eq!(count("clip:"), 2);
+    // Same seed, same second: two clips all the same, under two names.
+    assert_eq!(clips_in(Path::new(&outputs)).len(), 2);
+}
+
+#[test]
+fn the_window_works_under_wayland() {
+    let Some(w) = Weston::start(4) else {
+        return;
+    };
+    let dir = scratch("wayland");
+    let (m, outputs) = (model(), dir.join("out").to_string_lossy().into_owned());
+    let out = view_on(
+        Display::Wayland(&w),
+        &dir,
+        &tiny(&m, &outputs, &["--screenshot", "w.png"]),
+    );
+    assert!(out.status.success());
+    let clip = PathBuf::from(line(&out, "clip:").expect("the clip's path is printed"));
+    let rect = clip_rect(&out);
+    let shown = crop(&dir.join("w.png"), rect);
+    let frame = image::imageops::resize(
+        &last_frame(&clip, 64, 64),
+        rect.2,
+        rect.3,
+        image::imageops::FilterType::Triangle,
+    );
+    let score = ncc(&shown, &frame);
+    assert!(
+        score >= 0.9,
+        "NCC {score:.3} between the Wayland window and the clip"
+    );
 }

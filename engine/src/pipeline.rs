@@ -41,6 +41,8 @@ use crate::text::tokenizer::{ClipTokenizer, MAX_LENGTH};
 use crate::weights::config::read_json;
 use crate::weights::Weights;
 
+pub use crate::ops::preview::FrameTextures;
+
 fn argument(message: impl Into<String>) -> EngineError {
     EngineError::Argument {
         op: "generate",
@@ -182,8 +184,12 @@ pub struct Request {
     /// `None`: none when the clip fits the motion module's window, else
     /// windows of min(16, window) frames every 4.
     pub context: Option<(usize, usize)>,
-    /// Compute x0 previews for every step event.
+    /// Compute x0 previews for every step event, read back as RGB8 (for
+    /// callers that store or send them: the server's PNG previews).
     pub previews: bool,
+    /// Write every step's x0 previews into textures on the GPU instead
+    /// (for a window on the same device: the frames stay on the GPU).
+    pub gpu_previews: bool,
     /// Keep per-step latents and the prompt embeddings in the output.
     pub trace: bool,
 }
@@ -210,6 +216,7 @@ impl Request {
             step_noise: None,
             context: None,
             previews: false,
+            gpu_previews: false,
             trace: false,
         }
     }
@@ -234,6 +241,9 @@ pub enum Event<'a> {
         total: usize,
         timestep: f64,
         preview: Option<&'a Preview>,
+        /// With `gpu_previews`: the textures this step's previews were
+        /// written into (the same textures every step of a run).
+        gpu_preview: Option<&'a FrameTextures>,
     },
     Decoded {
         frame: usize,
@@ -286,6 +296,43 @@ pub struct AnimateDiff {
     pub max_frames: usize,
     latent_rgb: Vec<[f32; 3]>,
     latent_rgb_bias: [f32; 3],
+}
+
+/// One loaded model kept between generations (the viewer's worker), so
+/// that a second Generate with the same model does not read and upload its
+/// weights again. `key` names what was loaded (model, motion adapter, VAE,
+/// LoRAs): the model is loaded again only when it changes.
+#[derive(Default)]
+pub struct ModelCache {
+    loaded: Option<(String, AnimateDiff)>,
+}
+
+impl ModelCache {
+    /// The model for `key`, loaded from `source` unless it is the one held;
+    /// true when it was loaded now. A failed load leaves the cache empty.
+    pub fn get(
+        &mut self,
+        gpu: &Gpu,
+        key: &str,
+        source: &ModelSource,
+    ) -> Result<(&mut AnimateDiff, bool)> {
+        let fresh = !matches!(&self.loaded, Some((k, _)) if k == key);
+        if fresh {
+            // Free the old weights before the new ones take GPU memory.
+            self.loaded = None;
+            self.loaded = Some((key.to_string(), AnimateDiff::load(gpu, source)?));
+        }
+        let (_, pipe) = self
+            .loaded
+            .as_mut()
+            .expect("a model was just loaded or was held");
+        Ok((pipe, fresh))
+    }
+
+    /// The key of the model held, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.loaded.as_ref().map(|(k, _)| k.as_str())
+    }
 }
 
 /// AnimateDiff's published scheduler (DDIM, linear betas), for models that
@@ -631,7 +678,30 @@ impl AnimateDiff {
         })
     }
 
-    /// The CPU reference of [`AnimateDiff::preview`], for tests.
+    /// The previews of [`AnimateDiff::preview`] written into `target`'s
+    /// layers by a compute shader, without leaving the GPU.
+    pub fn preview_to_textures(
+        &self,
+        gpu: &Gpu,
+        x0: &[f32],
+        frames: usize,
+        h: usize,
+        w: usize,
+        target: &FrameTextures,
+    ) -> Result<()> {
+        let c = self.latent_rgb.len();
+        let latents = Tensor::from_f32(gpu, x0, &[c, frames, h, w], DType::F32)?;
+        crate::ops::preview::latent_rgb_to_textures(
+            gpu,
+            &latents,
+            &self.latent_rgb,
+            self.latent_rgb_bias,
+            target,
+        )
+    }
+
+    /// The CPU reference of [`AnimateDiff::preview`] and
+    /// [`AnimateDiff::preview_to_textures`], for tests.
     pub fn preview_reference(
         &self,
         x0: &[f32],
@@ -782,6 +852,7 @@ impl AnimateDiff {
             (z0.clone(), noise0)
         });
         let batch = prompts.len();
+        let mut gpu_frames: Option<FrameTextures> = None;
         for (k, &t) in timesteps.iter().enumerate().skip(start) {
             let model_in = scheduler.scale_model_input(&latents, k)?;
             let mut x = Vec::with_capacity(n * batch);
@@ -842,11 +913,21 @@ impl AnimateDiff {
                 }
                 false => None,
             };
+            if req.gpu_previews {
+                let x0 = out.denoised.as_ref().unwrap_or(&out.pred_original);
+                let target = match gpu_frames.take() {
+                    Some(t) => t,
+                    None => FrameTextures::new(gpu, w, h, f)?,
+                };
+                self.preview_to_textures(gpu, x0, f, h, w, &target)?;
+                gpu_frames = Some(target);
+            }
             if !events(Event::Step {
                 index: k - start,
                 total,
                 timestep: t,
                 preview: preview.as_ref(),
+                gpu_preview: gpu_frames.as_ref(),
             }) {
                 return Err(EngineError::Cancelled);
             }

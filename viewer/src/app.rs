@@ -16,7 +16,7 @@ use winit::event::{StartCause, WindowEvent};
 use winit::event_loop::{ActiveEventLoop, ControlFlow, EventLoop};
 use winit::window::{Window, WindowId};
 
-use crate::ui::Viewer;
+use crate::ui::{NativeTextures, Viewer};
 use crate::worker::Worker;
 use crate::{Backend, Options};
 
@@ -97,7 +97,16 @@ impl App {
         };
         let raw = shown.state.take_egui_input(&shown.window);
         let viewer = &mut self.viewer;
-        let mut out = self.ctx.run_ui(raw, |ui| viewer.show(ui));
+        let renderer = self
+            .painter
+            .render_state()
+            .map(|s| s.renderer)
+            .ok_or_else(|| anyhow!("the window has no renderer yet"))?;
+        let mut native = EguiTextures {
+            device: &self.device,
+            renderer: &renderer,
+        };
+        let mut out = self.ctx.run_ui(raw, |ui| viewer.show(ui, &mut native));
         let ppp = out.pixels_per_point;
         // The window's screenshot is of the frame just laid out.
         let mut captures = Vec::new();
@@ -161,6 +170,26 @@ impl App {
             self.repaint_at = None;
         }
         Ok(())
+    }
+}
+
+/// The engine's preview textures, drawn by egui-wgpu's renderer as they are.
+struct EguiTextures<'a> {
+    device: &'a motif_engine::wgpu::Device,
+    renderer: &'a egui::mutex::RwLock<egui_wgpu::Renderer>,
+}
+
+impl NativeTextures for EguiTextures<'_> {
+    fn register(&mut self, view: &motif_engine::wgpu::TextureView) -> egui::TextureId {
+        self.renderer.write().register_native_texture(
+            self.device,
+            view,
+            motif_engine::wgpu::FilterMode::Linear,
+        )
+    }
+
+    fn free(&mut self, id: egui::TextureId) {
+        self.renderer.write().free_texture(&id);
     }
 }
 
@@ -279,6 +308,14 @@ impl ApplicationHandler<Wake> for App {
         if response.repaint {
             shown.window.request_redraw();
         }
+    }
+
+    /// The window system's connection closes when the event loop returns:
+    /// the surface, the window and egui-winit's clipboard (a Wayland
+    /// clipboard thread holds the connection) must go before it.
+    fn exiting(&mut self, _: &ActiveEventLoop) {
+        self.painter.gc_viewports(&Default::default());
+        self.shown = None;
     }
 
     fn about_to_wait(&mut self, event_loop: &ActiveEventLoop) {

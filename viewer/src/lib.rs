@@ -2,7 +2,10 @@
 //! (every frame's x0 preview after every step), playback and export after a
 //! run, and a gallery of past clips. winit + egui + egui-wgpu, drawn on the
 //! engine's own wgpu device; generation runs on a worker thread that owns
-//! the engine's [`Gpu`], so the window keeps drawing while it works.
+//! the engine's [`Gpu`], so the window keeps drawing while it works. The
+//! previews are written by a compute shader into textures that egui draws
+//! as they are (no copy to the CPU), and the worker keeps the loaded model
+//! between Generates.
 //!
 //! The viewer holds no model logic: a [`Backend`] (the CLI) turns the panel's
 //! [`Controls`] into a generation and writes the clip, exactly as
@@ -15,7 +18,7 @@ mod worker;
 
 use std::path::{Path, PathBuf};
 
-use motif_engine::pipeline::{Camera, Event};
+use motif_engine::pipeline::{Camera, Event, ModelCache};
 use motif_engine::schedulers::SchedulerKind;
 use motif_engine::Gpu;
 
@@ -102,14 +105,19 @@ pub struct Saved {
 pub trait Backend: Send + Sync + 'static {
     /// The defaults the panel shows for `model`.
     fn defaults(&self, model: &str) -> anyhow::Result<ModelDefaults>;
-    /// Runs one generation on `gpu` (with x0 previews on every step event)
-    /// and writes the clip to `output` with its recipe. `events` returns
-    /// false to cancel. `Ok(None)`: cancelled, nothing written.
+    /// Runs one generation on `gpu` with the model from `models` (loaded
+    /// there only when it is not the one held), with x0 previews written to
+    /// textures (`Request::gpu_previews`) on every step event, and writes
+    /// the clip to `output` with its recipe. `say` takes status lines
+    /// (`model loaded: …`); `events` returns false to cancel. `Ok(None)`:
+    /// cancelled, nothing written.
     fn generate(
         &self,
         gpu: &Gpu,
+        models: &mut ModelCache,
         controls: &Controls,
         output: &Path,
+        say: &dyn Fn(&str),
         events: &mut dyn FnMut(Event) -> bool,
     ) -> anyhow::Result<Option<Saved>>;
 
@@ -145,6 +153,9 @@ pub struct Script {
     pub cancel_at_step: Option<usize>,
     /// Press Publish when the run ends (prints `published: URL`).
     pub publish: bool,
+    /// Generations in a row, each started when the last is saved (0 or 1:
+    /// one); the screenshot is of the last. Shows that the model stays loaded.
+    pub repeat: usize,
 }
 
 impl Script {

@@ -1,6 +1,7 @@
 //! What the window shows and does: the controls panel, the clip view (the
 //! x0 previews while denoising, then the decoded clip looping), the frame
-//! grid, progress, export and the gallery strip. No winit or wgpu here.
+//! grid, progress, export and the gallery strip. No winit here; of wgpu
+//! only the preview textures, which [`NativeTextures`] hands to egui.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,8 +9,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use egui::{Color32, ColorImage, Rect, TextureHandle, TextureOptions, Vec2};
-use motif_engine::pipeline::Camera;
+use egui::{Color32, ColorImage, Rect, TextureHandle, TextureId, TextureOptions, Vec2};
+use motif_engine::pipeline::{Camera, FrameTextures};
 use motif_engine::schedulers::SchedulerKind;
 
 use crate::worker::{Job, Update, Worker};
@@ -18,16 +19,34 @@ use crate::{Backend, Controls, ModelChoice, ModelDefaults, Options, Saved, Scrip
 /// The aspect buttons: width:height.
 const ASPECTS: [(usize, usize); 4] = [(16, 9), (9, 16), (1, 1), (4, 5)];
 
-/// Frames on screen: previews (latent size) or the decoded clip.
+/// Textures that live on the GPU, drawn by egui's renderer without a copy
+/// (the window implements it with egui-wgpu's native textures).
+pub trait NativeTextures {
+    /// Makes `view` drawable; it is sampled with linear filtering.
+    fn register(&mut self, view: &motif_engine::wgpu::TextureView) -> TextureId;
+    fn free(&mut self, id: TextureId);
+}
+
+/// Frames on screen: the previews (latent size) or the decoded clip.
 struct Frames {
-    textures: Vec<TextureHandle>,
+    ids: Vec<TextureId>,
     width: usize,
     height: usize,
+    source: FrameSource,
+}
+
+enum FrameSource {
+    /// Decoded frames uploaded to egui, which frees them with the handles
+    /// (kept only to keep the textures alive).
+    Uploaded { _handles: Vec<TextureHandle> },
+    /// The engine's preview textures (their [`FrameTextures::id`]),
+    /// registered with the renderer: the engine rewrites them every step.
+    Native(u64),
 }
 
 impl Frames {
     fn upload(ctx: &egui::Context, name: &str, w: usize, h: usize, rgb: &[Vec<u8>]) -> Self {
-        let textures = rgb
+        let handles: Vec<TextureHandle> = rgb
             .iter()
             .enumerate()
             .map(|(i, f)| {
@@ -39,20 +58,19 @@ impl Frames {
             })
             .collect();
         Frames {
-            textures,
+            ids: handles.iter().map(|t| t.id()).collect(),
             width: w,
             height: h,
+            source: FrameSource::Uploaded { _handles: handles },
         }
     }
 
-    /// Replaces the pictures in place (same count and size), else re-creates them.
-    fn update(&mut self, ctx: &egui::Context, name: &str, w: usize, h: usize, rgb: &[Vec<u8>]) {
-        if self.textures.len() != rgb.len() || (self.width, self.height) != (w, h) {
-            *self = Frames::upload(ctx, name, w, h, rgb);
-            return;
-        }
-        for (t, f) in self.textures.iter_mut().zip(rgb) {
-            t.set(ColorImage::from_rgb([w, h], f), TextureOptions::LINEAR);
+    fn native(textures: &FrameTextures, native: &mut dyn NativeTextures) -> Self {
+        Frames {
+            ids: textures.views.iter().map(|v| native.register(v)).collect(),
+            width: textures.width,
+            height: textures.height,
+            source: FrameSource::Native(textures.id),
         }
     }
 }
@@ -76,6 +94,8 @@ struct Run {
     denoise_start: Option<Instant>,
     last_step_at: Option<Instant>,
     cancelling: bool,
+    /// The backend's last status line (`model loaded: …`).
+    note: Option<String>,
 }
 
 struct Playback {
@@ -113,6 +133,12 @@ pub struct Viewer {
     updates: Receiver<Update>,
     run: Option<Run>,
     frames: Option<Frames>,
+    /// Native textures no longer shown, freed at the start of the next frame.
+    retired: Vec<TextureId>,
+    /// Scripted generations finished so far (of `script.repeat`).
+    runs_done: usize,
+    /// The open file dialog's answer, when one is open.
+    picking: Option<Receiver<Option<PathBuf>>>,
     playback: Playback,
     /// The last clip written or replayed, for export.
     current: Option<Saved>,
@@ -171,6 +197,9 @@ impl Viewer {
             updates,
             run: None,
             frames: None,
+            retired: Vec::new(),
+            runs_done: 0,
+            picking: None,
             current: None,
             message: None,
             gallery: Vec::new(),
@@ -191,10 +220,14 @@ impl Viewer {
     }
 
     /// One frame of the UI.
-    pub fn show(&mut self, ui: &mut egui::Ui) {
+    pub fn show(&mut self, ui: &mut egui::Ui, native: &mut dyn NativeTextures) {
         let ctx = ui.ctx().clone();
-        self.take_updates(&ctx);
+        for id in self.retired.drain(..) {
+            native.free(id);
+        }
+        self.take_updates(&ctx, native);
         self.take_dropped_files(&ctx);
+        self.take_picked_file(&ctx);
         if self.script.active() && !self.started_script {
             self.started_script = true;
             if self.script.auto_generate {
@@ -224,7 +257,16 @@ impl Viewer {
         }
     }
 
-    fn take_updates(&mut self, ctx: &egui::Context) {
+    /// Shows `frames` instead of what is shown.
+    fn set_frames(&mut self, frames: Frames) {
+        if let Some(old) = self.frames.replace(frames) {
+            if let FrameSource::Native(_) = old.source {
+                self.retired.extend(old.ids);
+            }
+        }
+    }
+
+    fn take_updates(&mut self, ctx: &egui::Context, native: &mut dyn NativeTextures) {
         while let Ok(update) = self.updates.try_recv() {
             let Some(run) = self.run.as_mut() else {
                 continue;
@@ -245,17 +287,18 @@ impl Viewer {
                     run.total = total;
                     run.last_step_at = Some(at);
                     if let Some(p) = preview {
-                        match self.frames.as_mut() {
-                            Some(f) => f.update(ctx, "preview", p.width, p.height, &p.frames),
-                            None => {
-                                self.frames = Some(Frames::upload(
-                                    ctx, "preview", p.width, p.height, &p.frames,
-                                ))
-                            }
+                        // The engine rewrote the textures in place; new ones
+                        // (a new run) are registered once.
+                        let shown = match &self.frames {
+                            Some(f) => matches!(f.source, FrameSource::Native(id) if id == p.id),
+                            None => false,
+                        };
+                        if !shown {
+                            self.set_frames(Frames::native(&p, native));
                         }
                         if self.script.active() {
                             // Scripted screenshots show a fixed frame: the last.
-                            self.playback.frame = p.frames.len().saturating_sub(1);
+                            self.playback.frame = p.frames().saturating_sub(1);
                         }
                     }
                     self.on_step(step);
@@ -268,6 +311,12 @@ impl Viewer {
                     run.phase = Phase::Decoding;
                     run.decoded = frame + 1;
                     run.frames = total;
+                }
+                Update::Note(line) => {
+                    if self.script.active() {
+                        println!("{line}");
+                    }
+                    run.note = Some(line);
                 }
                 Update::Finished(saved) => {
                     self.run = None;
@@ -358,7 +407,7 @@ impl Viewer {
     }
 
     fn finished(&mut self, ctx: &egui::Context, saved: Saved) {
-        self.frames = Some(Frames::upload(
+        self.set_frames(Frames::upload(
             ctx,
             "clip",
             saved.width,
@@ -392,7 +441,12 @@ impl Viewer {
         self.current = Some(saved);
         self.scan_gallery();
         if self.script.active() {
-            self.script_done(0);
+            self.runs_done += 1;
+            if self.runs_done < self.script.repeat {
+                self.generate();
+            } else {
+                self.script_done(0);
+            }
         }
     }
 
@@ -422,9 +476,15 @@ impl Viewer {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let output = self
-            .outputs
-            .join(format!("motif-{stamp}-{}.mp4", self.controls.seed));
+        // Two Generates within a second with a locked seed get distinct names.
+        let name = format!("motif-{stamp}-{}", self.controls.seed);
+        let output = (1..)
+            .map(|n| match n {
+                1 => self.outputs.join(format!("{name}.mp4")),
+                n => self.outputs.join(format!("{name}-{n}.mp4")),
+            })
+            .find(|p| !p.exists())
+            .expect("some numbered name is free");
         let cancel = Arc::new(AtomicBool::new(false));
         let (resume_tx, resume_rx) = channel();
         let pause = self.pause_step();
@@ -452,6 +512,7 @@ impl Viewer {
             denoise_start: None,
             last_step_at: None,
             cancelling: false,
+            note: None,
         });
     }
 
@@ -473,6 +534,58 @@ impl Viewer {
         });
         for path in dropped {
             self.set_image(path);
+        }
+    }
+
+    /// Opens the system's file dialog on its own thread (it blocks until
+    /// the user answers; the window keeps drawing).
+    fn open_file_dialog(&mut self) {
+        if let Some(why) = file_dialog_unavailable(&dialog_env()) {
+            self.message = Some(Message::Error(why));
+            return;
+        }
+        let (tx, rx) = channel();
+        let spawned = std::thread::Builder::new()
+            .name("motif-file-dialog".into())
+            .spawn(move || {
+                let picked = rfd::FileDialog::new()
+                    .set_title("Image to animate")
+                    .add_filter("image", &["png", "jpg", "jpeg", "webp"])
+                    .pick_file();
+                let _ = tx.send(picked);
+            });
+        match spawned {
+            Ok(_) => self.picking = Some(rx),
+            Err(e) => {
+                self.message = Some(Message::Error(format!("cannot open a file dialog: {e}")))
+            }
+        }
+    }
+
+    fn take_picked_file(&mut self, ctx: &egui::Context) {
+        let Some(rx) = &self.picking else {
+            return;
+        };
+        match rx.try_recv() {
+            Ok(Some(path)) => {
+                self.picking = None;
+                self.set_image(path);
+            }
+            Ok(None) => {
+                self.picking = None;
+                self.message = Some(Message::Info(
+                    "no file chosen (if no dialog appeared, this desktop offers no file \
+                     chooser: drop the image on the window or type its path)"
+                        .into(),
+                ));
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                ctx.request_repaint_after(std::time::Duration::from_millis(100));
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                self.picking = None;
+                self.message = Some(Message::Error("the file dialog failed".into()));
+            }
         }
     }
 
@@ -641,7 +754,7 @@ impl Viewer {
         if let Some(m) = new_model {
             self.set_model(m);
         }
-        ui.label("Image to animate (drop a file on the window)");
+        ui.label("Image to animate (open one, or drop a file on the window)");
         let mut image_text = self
             .controls
             .image
@@ -656,6 +769,12 @@ impl Viewer {
             );
             if edit.lost_focus() && !image_text.trim().is_empty() {
                 self.set_image(PathBuf::from(image_text.trim()));
+            }
+            if ui
+                .add_enabled(self.picking.is_none(), egui::Button::new("Open…"))
+                .clicked()
+            {
+                self.open_file_dialog();
             }
             if self.controls.image.is_some() && ui.button("clear").clicked() {
                 self.controls.image = None;
@@ -707,10 +826,15 @@ impl Viewer {
         let (fraction, text) = match run.phase {
             Phase::Loading => (
                 0.0,
-                format!(
-                    "loading the model… {:.1} s",
-                    run.started.elapsed().as_secs_f32()
-                ),
+                match &run.note {
+                    Some(note) if note.starts_with("model") => {
+                        format!("{note} · encoding the prompt…")
+                    }
+                    _ => format!(
+                        "loading the model… {:.1} s",
+                        run.started.elapsed().as_secs_f32()
+                    ),
+                },
             ),
             Phase::Denoising => {
                 let mut text = format!("step {}/{}", run.step, run.total);
@@ -749,7 +873,7 @@ impl Viewer {
             });
             return;
         };
-        let n = frames.textures.len();
+        let n = frames.ids.len();
         if self.playback.playing && n > 0 {
             let t = ui.input(|i| i.time) - self.playback.t0;
             self.playback.frame = ((t * self.playback.fps as f64) as usize) % n;
@@ -768,9 +892,9 @@ impl Viewer {
         let size = size.floor();
         ui.vertical_centered(|ui| {
             let (rect, _) = ui.allocate_exact_size(size, egui::Sense::hover());
-            if let Some(t) = frames.textures.get(self.playback.frame) {
+            if let Some(&id) = frames.ids.get(self.playback.frame) {
                 ui.painter().image(
-                    t.id(),
+                    id,
                     rect,
                     Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
                     Color32::WHITE,
@@ -834,11 +958,11 @@ impl Viewer {
             ui.horizontal(|ui| {
                 let h = grid_h - 10.0;
                 let w = h * aspect;
-                for (i, t) in frames.textures.iter().enumerate() {
+                for (i, &id) in frames.ids.iter().enumerate() {
                     let (rect, resp) =
                         ui.allocate_exact_size(Vec2::new(w, h), egui::Sense::click());
                     ui.painter().image(
-                        t.id(),
+                        id,
                         rect,
                         Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
                         Color32::WHITE,
@@ -1001,6 +1125,7 @@ impl Viewer {
 
     fn replay(&mut self, ctx: &egui::Context, i: usize) {
         let item = &self.gallery[i];
+        let (clip, recipe) = (item.clip.clone(), item.recipe.clone());
         let Some(sheet) = &item.sheet else {
             self.message = Some(Message::Info(
                 "no frames kept for this clip (not made in the viewer): remix it instead".into(),
@@ -1009,12 +1134,12 @@ impl Viewer {
         };
         match read_sheet(sheet) {
             Ok((w, h, frames)) => {
-                let fps = std::fs::read_to_string(&item.recipe)
+                let fps = std::fs::read_to_string(&recipe)
                     .ok()
                     .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
                     .and_then(|v| v.get("fps").and_then(|f| f.as_f64()))
                     .unwrap_or(8.0) as f32;
-                self.frames = Some(Frames::upload(ctx, "clip", w, h, &frames));
+                self.set_frames(Frames::upload(ctx, "clip", w, h, &frames));
                 self.playback = Playback {
                     playing: true,
                     frame: 0,
@@ -1022,8 +1147,8 @@ impl Viewer {
                     t0: ctx.input(|i| i.time),
                 };
                 self.current = Some(Saved {
-                    clip: item.clip.clone(),
-                    recipe: item.recipe.clone(),
+                    clip,
+                    recipe,
                     width: w,
                     height: h,
                     fps,
@@ -1047,6 +1172,36 @@ impl Viewer {
             Err(e) => self.message = Some(Message::Error(format!("{e:#}"))),
         }
     }
+}
+
+/// What decides whether a file dialog can appear.
+struct DialogEnv {
+    /// A D-Bus session bus to reach the desktop's file-chooser portal.
+    session_bus: bool,
+    /// zenity, the dialog rfd falls back to without a portal.
+    zenity: bool,
+}
+
+fn dialog_env() -> DialogEnv {
+    let runtime_bus = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| PathBuf::from(d).join("bus"))
+        .is_some_and(|p| p.exists());
+    let zenity = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("zenity").is_file()));
+    DialogEnv {
+        session_bus: std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some() || runtime_bus,
+        zenity,
+    }
+}
+
+/// Why no file dialog can appear here, if none can: rfd asks the desktop's
+/// portal over the session bus, else runs zenity.
+fn file_dialog_unavailable(env: &DialogEnv) -> Option<String> {
+    (!env.session_bus && !env.zenity).then(|| {
+        "no file dialog on this desktop (no D-Bus session bus for the file-chooser portal, \
+         no zenity): drop the image on the window or type its path"
+            .to_string()
+    })
 }
 
 /// The viewer keeps every clip it writes as one PNG with the frames stacked
@@ -1088,4 +1243,24 @@ fn read_sheet(path: &Path) -> anyhow::Result<(usize, usize, Vec<Vec<u8>>)> {
     let data = img.into_raw();
     let frames = data.chunks(w * h * 3).map(|c| c.to_vec()).collect();
     Ok((w, h, frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_dialog_needs_a_portal_or_zenity() {
+        let env = |session_bus, zenity| DialogEnv {
+            session_bus,
+            zenity,
+        };
+        let why = file_dialog_unavailable(&env(false, false)).expect("no way to show a dialog");
+        assert!(
+            why.contains("portal") && why.contains("drop the image"),
+            "{why}"
+        );
+        assert!(file_dialog_unavailable(&env(true, false)).is_none());
+        assert!(file_dialog_unavailable(&env(false, true)).is_none());
+    }
 }

@@ -1,7 +1,8 @@
-//! The generation thread. It owns the engine's [`Gpu`] and runs one job at a
-//! time; every engine event becomes a [`Update`] for the window, which it
-//! wakes through the event loop. Cancel is a flag the event callback
-//! returns, so a run stops at the next step (or decoded frame).
+//! The generation thread. It owns the engine's [`Gpu`] and the loaded model
+//! (kept between jobs, loaded again only when the model changes), and runs
+//! one job at a time; every engine event becomes a [`Update`] for the
+//! window, which it wakes through the event loop. Cancel is a flag the
+//! event callback returns, so a run stops at the next step (or decoded frame).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +10,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use motif_engine::pipeline::{Event, Preview};
+use motif_engine::pipeline::{Event, FrameTextures, ModelCache};
 use motif_engine::Gpu;
 
 use crate::{Backend, Controls, Saved};
@@ -34,13 +35,16 @@ pub enum Update {
         /// 1-based.
         step: usize,
         total: usize,
-        preview: Option<Preview>,
+        /// The textures the step's previews were written into, on the GPU.
+        preview: Option<FrameTextures>,
         at: Instant,
     },
     Decoded {
         frame: usize,
         total: usize,
     },
+    /// A status line from the backend (`model loaded: …`).
+    Note(String),
     Finished(Saved),
     Cancelled {
         after_step: usize,
@@ -64,13 +68,14 @@ impl Worker {
         std::thread::Builder::new()
             .name("motif-generate".into())
             .spawn(move || {
+                let mut models = ModelCache::default();
                 for job in rx {
                     let send = |u: Update| {
                         // The window is gone: nothing left to tell.
                         let _ = updates.send(u);
                         wake();
                     };
-                    run_job(&gpu, backend.as_ref(), job, &send);
+                    run_job(&gpu, &mut models, backend.as_ref(), job, &send);
                 }
             })
             .expect("spawning a thread only fails when the OS is out of threads");
@@ -82,38 +87,52 @@ impl Worker {
     }
 }
 
-fn run_job(gpu: &Gpu, backend: &dyn Backend, job: Job, send: &dyn Fn(Update)) {
+fn run_job(
+    gpu: &Gpu,
+    models: &mut ModelCache,
+    backend: &dyn Backend,
+    job: Job,
+    send: &dyn Fn(Update),
+) {
     let mut last_step = 0;
-    let result = backend.generate(gpu, &job.controls, &job.output, &mut |event| {
-        match event {
-            Event::Started { steps } => send(Update::Started {
-                steps,
-                at: Instant::now(),
-            }),
-            Event::Step {
-                index,
-                total,
-                preview,
-                ..
-            } => {
-                last_step = index + 1;
-                send(Update::Step {
-                    step: index + 1,
-                    total,
-                    preview: preview.cloned(),
+    let say = |line: &str| send(Update::Note(line.to_string()));
+    let result = backend.generate(
+        gpu,
+        models,
+        &job.controls,
+        &job.output,
+        &say,
+        &mut |event| {
+            match event {
+                Event::Started { steps } => send(Update::Started {
+                    steps,
                     at: Instant::now(),
-                });
-                if job.pause_after_step == Some(index + 1) {
-                    if let Some(resume) = &job.resume {
-                        // A closed channel means the window went away: go on.
-                        let _ = resume.recv();
+                }),
+                Event::Step {
+                    index,
+                    total,
+                    gpu_preview,
+                    ..
+                } => {
+                    last_step = index + 1;
+                    send(Update::Step {
+                        step: index + 1,
+                        total,
+                        preview: gpu_preview.cloned(),
+                        at: Instant::now(),
+                    });
+                    if job.pause_after_step == Some(index + 1) {
+                        if let Some(resume) = &job.resume {
+                            // A closed channel means the window went away: go on.
+                            let _ = resume.recv();
+                        }
                     }
                 }
+                Event::Decoded { frame, total } => send(Update::Decoded { frame, total }),
             }
-            Event::Decoded { frame, total } => send(Update::Decoded { frame, total }),
-        }
-        !job.cancel.load(Ordering::SeqCst)
-    });
+            !job.cancel.load(Ordering::SeqCst)
+        },
+    );
     send(match result {
         Ok(Some(saved)) => Update::Finished(saved),
         Ok(None) => Update::Cancelled {

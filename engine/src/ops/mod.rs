@@ -12,6 +12,7 @@ pub mod layout;
 pub mod matmul;
 pub mod matmul_coop;
 pub mod norm;
+pub mod preview;
 pub mod softmax;
 
 use crate::error::{EngineError, Result};
