@@ -409,75 +409,28 @@ pub fn attention(
         }
         _ => false,
     };
-    if coop {
-        let scale = opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
-        let max_elems = Tensor::max_window_elems(gpu, dtype);
-        let max_items = (max_elems / (lq * channels)).min(max_elems / (lk * channels));
-        if max_items == 0 {
-            return Err(EngineError::BindingTooLarge {
-                op,
-                bytes: (lq.max(lk) * channels) as u64 * dtype.size_bytes(),
-                limit: gpu.max_binding_bytes(),
-            });
-        }
-        let windows = windows(
-            op,
-            batch,
-            1,
-            max_items.min(max_grid),
-            gpu.max_binding_bytes(),
-        )?;
-        for (b0, items) in windows {
-            let (qb, q_off) = q.window(gpu, b0 * lq * channels, items * lq * channels);
-            let (kb, k_off) = k.window(gpu, b0 * lk * channels, items * lk * channels);
-            let (vb, v_off) = v.window(gpu, b0 * lk * channels, items * lk * channels);
-            let (ob, out_off) = out.window(gpu, b0 * lq * channels, items * lq * channels);
-            let p = Params {
-                lq: lq as u32,
-                lk: lk as u32,
-                stride: channels as u32,
-                causal: u32::from(opts.causal),
-                q_off,
-                k_off,
-                v_off,
-                out_off,
-                scale_log2: scale * std::f32::consts::LOG2_E,
-                key_start: 0,
-                key_end: lk as u32,
-                heads: heads as u32,
-                _pad: [0; 4],
-            };
-            matmul_coop::dispatch(
-                gpu,
-                matmul_coop::Variant::Attention {
-                    head_dim: head_dim as u32,
-                },
-                super::Activation::None,
-                params_bytes(&p),
-                &[(1, qb), (2, kb), (3, vb), (4, ob)],
-                [
-                    lq.div_ceil(matmul_coop::ATTENTION_QUERIES) as u32,
-                    heads as u32,
-                    items as u32,
-                ],
-            )?;
-        }
-        return Ok(out);
-    }
-
-    let variant = match opts.kernel.or_else(|| choose_kernel(gpu, dtype)) {
-        Some(v) if available_kernels(gpu, dtype).contains(&v) => v,
-        other => {
-            return Err(EngineError::Argument {
-                op,
-                message: format!("no attention kernel {other:?} runs on this adapter"),
-            })
-        }
+    // The portable kernels' launch; the tensor-core kernel takes every key
+    // in one pass.
+    let launch = if coop {
+        None
+    } else {
+        let variant = match opts.kernel.or_else(|| choose_kernel(gpu, dtype)) {
+            Some(v) if available_kernels(gpu, dtype).contains(&v) => v,
+            other => {
+                return Err(EngineError::Argument {
+                    op,
+                    message: format!("no attention kernel {other:?} runs on this adapter"),
+                })
+            }
+        };
+        Some(launch(variant, dtype, head_dim, lq))
     };
-    let launch = launch(variant, dtype, head_dim, lq);
-    let mut keys_per_pass = opts.max_keys_per_pass.unwrap_or(lk).max(1);
+    let mut keys_per_pass = match launch {
+        Some(_) => opts.max_keys_per_pass.unwrap_or(lk).max(1),
+        None => lk,
+    };
     // llvmpipe's loop limit (see CPU_LOOP_BUDGET): passes stay below it.
-    if gpu.adapter().is_cpu {
+    if let Some(launch) = launch.as_ref().filter(|_| gpu.adapter().is_cpu) {
         let (per_key, fixed) = launch.loop_cost;
         let budget = ((CPU_LOOP_BUDGET - fixed) as f64 / per_key) as usize;
         keys_per_pass = keys_per_pass.min(budget / TILE_KEYS * TILE_KEYS);
@@ -534,6 +487,23 @@ pub fn attention(
                 key_end: (key_start + keys_per_pass).min(lk) as u32,
                 heads: heads as u32,
                 _pad: [0; 4],
+            };
+            let Some(launch) = &launch else {
+                matmul_coop::dispatch(
+                    gpu,
+                    matmul_coop::Variant::Attention {
+                        head_dim: head_dim as u32,
+                    },
+                    super::Activation::None,
+                    params_bytes(&p),
+                    &[(1, qb), (2, kb), (3, vb), (4, ob)],
+                    [
+                        lq.div_ceil(matmul_coop::ATTENTION_QUERIES) as u32,
+                        heads as u32,
+                        items as u32,
+                    ],
+                )?;
+                continue;
             };
             gpu.dispatch(
                 &launch.kernel(pass == 0, pass + 1 == passes),

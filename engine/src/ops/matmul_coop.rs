@@ -282,6 +282,24 @@ pub struct CoopCase {
     pub error: Option<String>,
 }
 
+impl CoopCase {
+    /// A case that could not run at all, reported with its error.
+    fn failed(name: impl Into<String>, shape: String, e: &EngineError) -> CoopCase {
+        CoopCase {
+            name: name.into(),
+            shape,
+            max_error: f32::NAN,
+            tolerance: f32::NAN,
+            vs_portable: f32::NAN,
+            passed: false,
+            ms: f64::NAN,
+            tflops: f64::NAN,
+            gpu_timed: false,
+            error: Some(e.to_string()),
+        }
+    }
+}
+
 /// The largest allowed |gpu − reference| for an output summing
 /// `reduction_len` products: engine/tests/common's tolerance rule for f16
 /// (f32 accumulation error about √K ulps, plus the rounding of the f16 output).
@@ -840,54 +858,28 @@ pub fn coop_check(gpu: &Gpu) -> Result<Vec<CoopCase>> {
     }
     let mut cases = Vec::new();
     for (i, c) in check_cases().iter().enumerate() {
-        let case = run_case(gpu, c, 17 * i as u64 + 3).unwrap_or_else(|e| CoopCase {
-            name: c.name.to_string(),
-            shape: format!("{:?} x {:?}", c.a_shape, c.b_shape),
-            max_error: f32::NAN,
-            tolerance: f32::NAN,
-            vs_portable: f32::NAN,
-            passed: false,
-            ms: f64::NAN,
-            tflops: f64::NAN,
-            gpu_timed: false,
-            error: Some(e.to_string()),
+        let case = run_case(gpu, c, 17 * i as u64 + 3).unwrap_or_else(|e| {
+            CoopCase::failed(c.name, format!("{:?} x {:?}", c.a_shape, c.b_shape), &e)
         });
         cases.push(case);
     }
     // The convolutions (implicit products), against the CPU reference where
     // it is affordable and always against the portable kernel.
     for (i, c) in conv_cases().iter().enumerate() {
-        let case = run_conv_case(gpu, c, 31 * i as u64 + 5).unwrap_or_else(|e| CoopCase {
-            name: c.name.to_string(),
-            shape: format!("x {:?} w {:?}", c.x_shape, c.w_shape),
-            max_error: f32::NAN,
-            tolerance: f32::NAN,
-            vs_portable: f32::NAN,
-            passed: false,
-            ms: f64::NAN,
-            tflops: f64::NAN,
-            gpu_timed: false,
-            error: Some(e.to_string()),
+        let case = run_conv_case(gpu, c, 31 * i as u64 + 5).unwrap_or_else(|e| {
+            CoopCase::failed(c.name, format!("x {:?} w {:?}", c.x_shape, c.w_shape), &e)
         });
         cases.push(case);
     }
     // The attention kernel, against the CPU reference where it is
     // affordable and always against the portable kernel.
     for (i, c) in attention_cases().iter().enumerate() {
-        let case = run_attention_case(gpu, c, 43 * i as u64 + 7).unwrap_or_else(|e| CoopCase {
-            name: c.name.to_string(),
-            shape: format!(
+        let case = run_attention_case(gpu, c, 43 * i as u64 + 7).unwrap_or_else(|e| {
+            let shape = format!(
                 "{}x {}q {}k {}h x {}",
                 c.batch, c.lq, c.lk, c.heads, c.head_dim
-            ),
-            max_error: f32::NAN,
-            tolerance: f32::NAN,
-            vs_portable: f32::NAN,
-            passed: false,
-            ms: f64::NAN,
-            tflops: f64::NAN,
-            gpu_timed: false,
-            error: Some(e.to_string()),
+            );
+            CoopCase::failed(c.name, shape, &e)
         });
         cases.push(case);
     }
@@ -948,18 +940,9 @@ pub fn coop_check(gpu: &Gpu) -> Result<Vec<CoopCase>> {
                 error: None,
             })
         })();
-        cases.push(timed.unwrap_or_else(|e| CoopCase {
-            name: format!("{name} (timing only)"),
-            shape,
-            max_error: f32::NAN,
-            tolerance: f32::NAN,
-            vs_portable: f32::NAN,
-            passed: false,
-            ms: f64::NAN,
-            tflops: f64::NAN,
-            gpu_timed: false,
-            error: Some(e.to_string()),
-        }));
+        cases.push(
+            timed.unwrap_or_else(|e| CoopCase::failed(format!("{name} (timing only)"), shape, &e)),
+        );
     }
     Ok(cases)
 }
