@@ -4,6 +4,8 @@
 //! on its own still says how it was made) and in a sidecar `.json` beside it (so tools that
 //! cannot read container metadata still find it). [`read_recipe`] reads either.
 //!
+//! [`shrink_mp4`] re-encodes an MP4 clip smaller, for upload limits.
+//!
 //! Writes are atomic: the clip is built in memory, written under a temporary name in the
 //! same directory and renamed into place, so a failed or interrupted write never leaves a
 //! half-written clip at the final path.
@@ -12,6 +14,7 @@ mod atomic;
 mod gif;
 mod mp4;
 mod png_dir;
+mod shrink;
 mod webp;
 
 use std::path::{Path, PathBuf};
@@ -135,6 +138,30 @@ pub enum VideoError {
         path: PathBuf,
         expected: &'static str,
     },
+
+    #[error("MP4 to shrink: not an MP4 file: {message}")]
+    NotMp4 { message: String },
+
+    #[error("MP4 to shrink: no video track; expected an H.264 video track")]
+    NoVideoTrack,
+
+    #[error("MP4 to shrink: the video is {found}; expected H.264 (avc1)")]
+    NotH264 { found: String },
+
+    #[error("MP4 to shrink: the video has {found}; expected {expected}")]
+    UnsupportedVideo {
+        found: String,
+        expected: &'static str,
+    },
+
+    #[error("MP4 to shrink: H.264 decoding failed: {message}")]
+    Decode { message: String },
+
+    #[error("MP4 to shrink: {codec} encoder failed: {message}")]
+    Reencode {
+        codec: &'static str,
+        message: String,
+    },
 }
 
 /// Picks the format from the path: `.mp4`, `.gif`, `.webp` (any case), or a PNG folder for
@@ -222,6 +249,20 @@ pub fn read_recipe(path: &Path) -> Result<String, VideoError> {
         Format::Webp => webp::read_recipe(path, &read_clip_bytes(path)?),
         Format::PngDir => png_dir::read_recipe(path),
     }
+}
+
+/// Re-encodes an MP4 clip written by [`write_clip`] so that it takes at most `max_bytes`,
+/// keeping its frame rate, frame count and embedded recipe: first coarser quantisers at full
+/// size (QP 28, then 34; the writer uses 18), then half size (each side halved and rounded
+/// down to even, 2x2 box filter) at QP 30, then 40. Returns the first attempt that fits, or
+/// Ok(None) when none does. A clip that already fits comes back unchanged, once its video
+/// track has been checked to be H.264.
+///
+/// Only the first video track is kept (the writer makes no other tracks). Errors name what
+/// the input lacks: an MP4 structure, a video track, H.264, a constant frame rate, even
+/// sides, or samples that decode.
+pub fn shrink_mp4(mp4: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>>, VideoError> {
+    shrink::shrink(mp4, max_bytes)
 }
 
 fn read_clip_bytes(path: &Path) -> Result<Vec<u8>, VideoError> {

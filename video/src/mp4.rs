@@ -26,13 +26,13 @@ use crate::{frame_start, Clip, VideoError};
 
 /// Each sample lasts this many ticks and the timescale is `fps * TICKS_PER_FRAME`, which is
 /// exact for every fps with up to three decimals (7.5 fps -> 7500 ticks/s, ffprobe `15/2`).
-const TICKS_PER_FRAME: u32 = 1000;
+const TICKS_PER_FRAME: NonZeroU32 = NonZeroU32::new(1000).unwrap();
 /// OpenH264's largest frame, either way round.
 const MAX_LONG_SIDE: u32 = 3840;
 const MAX_SHORT_SIDE: u32 = 2160;
 /// Constant quantiser, near the usual "visually lossless" H.264 setting: clips are a few
 /// seconds long, so size matters less than not smearing generated detail.
-const QP: u8 = 18;
+const WRITE_QP: u8 = 18;
 /// An IDR frame every 2 seconds lets players seek without decoding from the start.
 const KEYFRAME_SECONDS: f32 = 2.0;
 
@@ -43,59 +43,117 @@ const DATA_TYPE_UTF8: u32 = 1;
 
 pub(crate) fn encode(path: &Path, clip: &Clip, recipe: &str) -> Result<Vec<u8>, VideoError> {
     let timescale = validate(path, clip)?;
-    let frames = encode_h264(clip).map_err(|message| VideoError::Encode {
+    let encode_error = |message| VideoError::Encode {
         path: path.to_path_buf(),
         codec: "H.264",
         message,
-    })?;
-    mux(&frames, timescale, recipe).map_err(|message| VideoError::Encode {
+    };
+    let (width, height) = (clip.width as usize, clip.height as usize);
+    let mut encoder = H264Encoder::new(width, height, clip.fps, WRITE_QP).map_err(encode_error)?;
+    let mut frames = Vec::with_capacity(clip.frames.len());
+    for rgb in &clip.frames {
+        let frame = encoder
+            .encode(&rgb_to_i420(rgb, width, height))
+            .map_err(encode_error)?;
+        frames.push(frame);
+    }
+    let timing = FrameTiming {
+        timescale,
+        ticks_per_frame: TICKS_PER_FRAME,
+    };
+    mux(&frames, timing, Some(recipe.as_bytes())).map_err(|message| VideoError::Encode {
         path: path.to_path_buf(),
         codec: "MP4",
         message,
     })
 }
 
+/// A 4:2:0 picture as three tightly packed planes (no row padding): `width * height` luma
+/// samples, then `width / 2 * height / 2` samples each of Cb and Cr. Width and height are even.
+pub(crate) struct I420 {
+    pub(crate) luma: Vec<u8>,
+    pub(crate) cb: Vec<u8>,
+    pub(crate) cr: Vec<u8>,
+}
+
+/// A constant frame rate as MP4 stores it: `timescale` ticks per second, every sample
+/// `ticks_per_frame` ticks long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FrameTiming {
+    pub(crate) timescale: NonZeroU32,
+    pub(crate) ticks_per_frame: NonZeroU32,
+}
+
+impl FrameTiming {
+    pub(crate) fn fps(self) -> f32 {
+        (self.timescale.get() as f64 / self.ticks_per_frame.get() as f64) as f32
+    }
+}
+
 /// One encoded frame: its parameter sets, and the rest as an MP4 sample (NAL units each
 /// prefixed with a 4-byte big-endian length instead of an Annex B start code).
-struct EncodedFrame {
+pub(crate) struct EncodedFrame {
     sps: Vec<Vec<u8>>,
     pps: Vec<Vec<u8>>,
-    sample: Vec<u8>,
+    pub(crate) sample: Vec<u8>,
     is_idr: bool,
 }
 
-fn encode_h264(clip: &Clip) -> Result<Vec<EncodedFrame>, String> {
-    // Constant QP: buffer-based rate control with the QP range pinned to one value. The
-    // quality and bitrate modes want to skip frames to meet a bitrate (OpenH264 warns when
-    // skipping is off, and drops frames when it is on), and RC off ignores the QP range.
-    let keyframe_interval = (clip.fps * KEYFRAME_SECONDS).round().max(1.0) as u32;
-    let config = EncoderConfig::new()
-        .skip_frames(false)
-        .rate_control_mode(RateControlMode::Bufferbased)
-        .qp(QpRange::new(QP, QP))
-        .max_frame_rate(FrameRate::from_hz(clip.fps))
-        .intra_frame_period(IntraFramePeriod::from_num_frames(keyframe_interval))
-        // The matrix and range rgb_to_i420 uses, so players convert back the same way.
-        .vui(VuiConfig::bt601());
-    let mut encoder =
-        Encoder::with_api_config(OpenH264API::from_source(), config).map_err(|e| e.to_string())?;
+/// OpenH264 at a constant quantiser, fed one [`I420`] picture at a time.
+pub(crate) struct H264Encoder {
+    encoder: Encoder,
+    width: usize,
+    height: usize,
+    fps: f32,
+    next_index: usize,
+}
 
-    let (width, height) = (clip.width as usize, clip.height as usize);
-    let mut frames = Vec::with_capacity(clip.frames.len());
-    for (index, rgb) in clip.frames.iter().enumerate() {
-        let (y, u, v) = rgb_to_i420(rgb, width, height);
-        let yuv = YUVSlices::new((&y, &u, &v), (width, height), (width, width / 2, width / 2));
-        let start_ms = frame_start(index, clip.fps, 1000.0) as u64;
-        let bitstream = encoder
+impl H264Encoder {
+    /// `qp` is the constant quantiser, 0 (best) to 51 (smallest).
+    pub(crate) fn new(width: usize, height: usize, fps: f32, qp: u8) -> Result<Self, String> {
+        // Constant QP: buffer-based rate control with the QP range pinned to one value. The
+        // quality and bitrate modes want to skip frames to meet a bitrate (OpenH264 warns when
+        // skipping is off, and drops frames when it is on), and RC off ignores the QP range.
+        let keyframe_interval = (fps * KEYFRAME_SECONDS).round().max(1.0) as u32;
+        let config = EncoderConfig::new()
+            .skip_frames(false)
+            .rate_control_mode(RateControlMode::Bufferbased)
+            .qp(QpRange::new(qp, qp))
+            .max_frame_rate(FrameRate::from_hz(fps))
+            .intra_frame_period(IntraFramePeriod::from_num_frames(keyframe_interval))
+            // The matrix and range rgb_to_i420 uses, so players convert back the same way.
+            .vui(VuiConfig::bt601());
+        let encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
+            .map_err(|e| e.to_string())?;
+        Ok(H264Encoder {
+            encoder,
+            width,
+            height,
+            fps,
+            next_index: 0,
+        })
+    }
+
+    pub(crate) fn encode(&mut self, frame: &I420) -> Result<EncodedFrame, String> {
+        let (width, height) = (self.width, self.height);
+        let yuv = YUVSlices::new(
+            (&frame.luma, &frame.cb, &frame.cr),
+            (width, height),
+            (width, width / 2, width / 2),
+        );
+        let index = self.next_index;
+        self.next_index += 1;
+        let start_ms = frame_start(index, self.fps, 1000.0) as u64;
+        let bitstream = self
+            .encoder
             .encode_at(&yuv, Timestamp::from_millis(start_ms))
             .map_err(|e| e.to_string())?;
         let frame_type = bitstream.frame_type();
         if frame_type == FrameType::Skip || frame_type == FrameType::Invalid {
             return Err(format!("frame {index} came back as {frame_type:?}"));
         }
-        frames.push(split_parameter_sets(&bitstream.to_vec()).map_err(|e| e.to_string())?);
+        split_parameter_sets(&bitstream.to_vec()).map_err(|e| e.to_string())
     }
-    Ok(frames)
 }
 
 fn split_parameter_sets(annexb: &[u8]) -> Result<EncodedFrame, shiguredo_mp4::Error> {
@@ -121,8 +179,12 @@ fn split_parameter_sets(annexb: &[u8]) -> Result<EncodedFrame, shiguredo_mp4::Er
     Ok(frame)
 }
 
-/// Lays the frames out as `ftyp`, `moov` (with the recipe), `mdat`.
-fn mux(frames: &[EncodedFrame], timescale: NonZeroU32, recipe: &str) -> Result<Vec<u8>, String> {
+/// Lays the frames out as `ftyp`, `moov` (with the recipe, if any), `mdat`.
+pub(crate) fn mux(
+    frames: &[EncodedFrame],
+    timing: FrameTiming,
+    recipe: Option<&[u8]>,
+) -> Result<Vec<u8>, String> {
     let first = frames.first().ok_or("no frames to mux")?;
     // OpenH264 repeats the same SPS/PPS before every IDR frame (its default ConstantId
     // strategy): the first copy goes into the avc1 sample entry, the repeats are dropped.
@@ -135,12 +197,11 @@ fn mux(frames: &[EncodedFrame], timescale: NonZeroU32, recipe: &str) -> Result<V
     )
     .map_err(|e| e.to_string())?;
 
-    let udta = recipe_udta(recipe);
+    let udta = recipe.map(recipe_udta);
     let mut muxer = Mp4FileMuxer::with_options(Mp4FileMuxerOptions {
         // Room for the muxer's moov plus our udta (payload and its 8-byte header).
         reserved_moov_box_size: estimate_maximum_moov_box_size(&[frames.len()])
-            + udta.payload.len()
-            + 8,
+            + udta.as_ref().map_or(0, |udta| udta.payload.len() + 8),
         ..Mp4FileMuxerOptions::default()
     })
     .map_err(|e| e.to_string())?;
@@ -152,8 +213,8 @@ fn mux(frames: &[EncodedFrame], timescale: NonZeroU32, recipe: &str) -> Result<V
             // Needed on the first sample only; later ones reuse it.
             sample_entry: sample_entry.take(),
             keyframe: frame.is_idr,
-            timescale,
-            duration: TICKS_PER_FRAME,
+            timescale: timing.timescale,
+            duration: timing.ticks_per_frame.get(),
             composition_time_offset: None,
             data_offset: mp4.len() as u64,
             data_size: frame.sample.len(),
@@ -170,6 +231,9 @@ fn mux(frames: &[EncodedFrame], timescale: NonZeroU32, recipe: &str) -> Result<V
         }
         mp4[offset..offset + bytes.len()].copy_from_slice(bytes);
     }
+    let Some(udta) = udta else {
+        return Ok(mp4);
+    };
     // The muxer's moov cannot carry a udta, so ours (the same boxes plus the recipe)
     // replaces it.
     let mut moov = finalized.moov_box().clone();
@@ -199,7 +263,7 @@ fn validate(path: &Path, clip: &Clip) -> Result<NonZeroU32, VideoError> {
             expected: "at most 3840x2160 or 2160x3840 for H.264 (OpenH264's limit)",
         });
     }
-    let ticks = (clip.fps as f64 * TICKS_PER_FRAME as f64).round();
+    let ticks = (clip.fps as f64 * TICKS_PER_FRAME.get() as f64).round();
     match NonZeroU32::new(ticks.min(u32::MAX as f64) as u32) {
         Some(timescale) if ticks <= u32::MAX as f64 => Ok(timescale),
         _ => Err(VideoError::Fps {
@@ -214,7 +278,7 @@ fn validate(path: &Path, clip: &Clip) -> Result<NonZeroU32, VideoError> {
 /// RGB8 to 4:2:0 YCbCr, BT.601 limited range (ITU-R BT.601 section 2.5.3: Y in 16..=235,
 /// Cb/Cr in 16..=240), rounded to nearest; each chroma sample comes from the average of a
 /// 2x2 block.
-fn rgb_to_i420(rgb: &[u8], width: usize, height: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+fn rgb_to_i420(rgb: &[u8], width: usize, height: usize) -> I420 {
     let pixel = |x: usize, y: usize| {
         let at = (y * width + x) * 3;
         [rgb[at] as f32, rgb[at + 1] as f32, rgb[at + 2] as f32]
@@ -246,18 +310,13 @@ fn rgb_to_i420(rgb: &[u8], width: usize, height: usize) -> (Vec<u8>, Vec<u8>, Ve
             cr.push(to_u8(128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0));
         }
     }
-    (luma, cb, cr)
+    I420 { luma, cb, cr }
 }
 
 /// `udta/meta/ilst/©cmt/data` holding the recipe.
-fn recipe_udta(recipe: &str) -> UnknownBox {
+fn recipe_udta(recipe: &[u8]) -> UnknownBox {
     // data: type (UTF-8 text), locale (0: any), then the text.
-    let text = [
-        &DATA_TYPE_UTF8.to_be_bytes()[..],
-        &[0; 4],
-        recipe.as_bytes(),
-    ]
-    .concat();
+    let text = [&DATA_TYPE_UTF8.to_be_bytes()[..], &[0; 4], recipe].concat();
     let data = mp4_box(b"data", &text);
     let ilst = mp4_box(b"ilst", &mp4_box(b"\xa9cmt", &data));
     // Handler 'mdir' marks iTunes-style metadata; version/flags, pre_defined, handler type,
@@ -356,30 +415,37 @@ fn child_boxes(bytes: &[u8]) -> Option<Vec<BoxSpan>> {
 }
 
 pub(crate) fn read_recipe(path: &Path, mp4: &[u8]) -> Result<String, VideoError> {
-    let malformed = || VideoError::Malformed {
-        path: path.to_path_buf(),
-        expected: "MP4 boxes whose sizes fit inside their parents",
-    };
-    let mut payload = mp4;
-    for fourcc in RECIPE_BOX_PATH {
-        let children = child_boxes(payload).ok_or_else(malformed)?;
-        let child = children
-            .iter()
-            .find(|b| &b.fourcc == fourcc)
-            .ok_or_else(|| VideoError::NoRecipe {
-                path: path.to_path_buf(),
-                expected: "a ©cmt comment in moov/udta/meta/ilst",
-            })?;
-        payload = &payload[child.payload_start..child.range.end];
-        if fourcc == b"meta" {
-            payload = payload.get(4..).ok_or_else(malformed)?; // version and flags
-        }
-    }
-    let text = payload.get(8..).ok_or_else(malformed)?; // data type and locale
+    let text = recipe_bytes(mp4)
+        .map_err(|expected| VideoError::Malformed {
+            path: path.to_path_buf(),
+            expected,
+        })?
+        .ok_or_else(|| VideoError::NoRecipe {
+            path: path.to_path_buf(),
+            expected: "a ©cmt comment in moov/udta/meta/ilst",
+        })?;
     String::from_utf8(text.to_vec()).map_err(|_| VideoError::Malformed {
         path: path.to_path_buf(),
         expected: "a UTF-8 recipe in the MP4 comment",
     })
+}
+
+/// The recipe's bytes from `moov/udta/meta/ilst/©cmt/data`: None when a box on that path is
+/// missing, Err (what was expected) when a box does not fit inside its parent.
+pub(crate) fn recipe_bytes(mp4: &[u8]) -> Result<Option<&[u8]>, &'static str> {
+    const MALFORMED: &str = "MP4 boxes whose sizes fit inside their parents";
+    let mut payload = mp4;
+    for fourcc in RECIPE_BOX_PATH {
+        let children = child_boxes(payload).ok_or(MALFORMED)?;
+        let Some(child) = children.iter().find(|b| &b.fourcc == fourcc) else {
+            return Ok(None);
+        };
+        payload = &payload[child.payload_start..child.range.end];
+        if fourcc == b"meta" {
+            payload = payload.get(4..).ok_or(MALFORMED)?; // version and flags
+        }
+    }
+    payload.get(8..).map(Some).ok_or(MALFORMED) // data type and locale
 }
 
 #[cfg(test)]
@@ -492,9 +558,9 @@ mod tests {
         ];
         for (rgb, expected) in cases {
             let block: Vec<u8> = rgb.repeat(4);
-            let (y, u, v) = rgb_to_i420(&block, 2, 2);
-            assert_eq!((y[0], u[0], v[0]), expected, "{rgb:?}");
-            assert!(y.iter().all(|&l| l == expected.0));
+            let I420 { luma, cb, cr } = rgb_to_i420(&block, 2, 2);
+            assert_eq!((luma[0], cb[0], cr[0]), expected, "{rgb:?}");
+            assert!(luma.iter().all(|&l| l == expected.0));
         }
     }
 }
