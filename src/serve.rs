@@ -13,6 +13,7 @@ use clap::{Args, Subcommand};
 use motif_engine::pipeline::Event;
 use motif_engine::Gpu;
 use motif_server::accounts;
+use motif_server::discord::{DiscordOptions, Verifier};
 use motif_server::{
     ApiLimits, FieldError, JobRequest, Names, Preview, Progress, QueueOptions, RunJob, RunOutput,
     Runner, ServeOptions, StoreOptions, WebOptions, WorkerOptions,
@@ -102,6 +103,92 @@ pub struct ServeArgs {
     page_size: usize,
     #[command(flatten)]
     queue: QueueArgs,
+    #[command(flatten)]
+    discord: DiscordArgs,
+}
+
+/// `motif serve` as a Discord app (docs/DISCORD.md); off unless the public key is given.
+#[derive(Args, Debug)]
+pub struct DiscordArgs {
+    /// Answer Discord interactions at /discord/interactions, checked against this app's public key (64 hex digits, Developer Portal, General Information). Needs MOTIF_DISCORD_APPLICATION_ID and MOTIF_DISCORD_BOT_TOKEN too.
+    #[arg(long, env = "MOTIF_DISCORD_PUBLIC_KEY", value_name = "HEX")]
+    discord_public_key: Option<String>,
+    /// The Discord app's Application ID.
+    #[arg(long, env = "MOTIF_DISCORD_APPLICATION_ID", value_name = "ID")]
+    discord_application_id: Option<String>,
+    /// Discord's REST API (another base only for tests and proxies).
+    #[arg(long, env = "MOTIF_DISCORD_API_BASE", default_value = motif_server::discord::commands::DEFAULT_API_BASE)]
+    discord_api_base: String,
+    /// Where /animate's images may be fetched from, https://HOST[:PORT]; repeat for several (default: Discord's attachment hosts).
+    #[arg(long = "discord-attachment-host", value_name = "ORIGIN")]
+    discord_attachment_hosts: Vec<String>,
+    /// Largest image /animate fetches, in bytes (also bounded by the API's 4 MiB still limit).
+    #[arg(long, default_value_t = 4 << 20)]
+    discord_max_attachment_bytes: usize,
+    /// Discord's upload limit for the bot, in bytes: larger clips are re-encoded smaller, else linked.
+    #[arg(long, default_value_t = motif_server::discord::DEFAULT_UPLOAD_LIMIT)]
+    discord_upload_limit_bytes: usize,
+    /// Commands one Discord user may run per minute.
+    #[arg(long, default_value_t = 3)]
+    discord_per_minute: usize,
+    /// Job fields every Discord clip starts from, as JSON (the command's options win), e.g. '{"steps": 8, "frames": 16}'.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    discord_defaults: String,
+    /// The gallery's address as people reach it, for the links in Discord messages (default: http:// and --listen).
+    #[arg(long, env = "MOTIF_PUBLIC_URL", value_name = "URL")]
+    public_url: Option<String>,
+}
+
+impl DiscordArgs {
+    fn options(&self, listen: SocketAddr) -> Result<Option<DiscordOptions>> {
+        let Some(key) = &self.discord_public_key else {
+            return Ok(None);
+        };
+        let public_key = Verifier::from_hex(key)
+            .map_err(|e| anyhow::anyhow!("--discord-public-key (MOTIF_DISCORD_PUBLIC_KEY): {e}"))?;
+        let application_id = self.discord_application_id.clone().context(
+            "--discord-public-key needs the app's id too: MOTIF_DISCORD_APPLICATION_ID \
+             or --discord-application-id",
+        )?;
+        // From the environment only: a flag would show in `ps` and shell history.
+        let bot_token = match std::env::var("MOTIF_DISCORD_BOT_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+            _ => bail!(
+                "--discord-public-key needs MOTIF_DISCORD_BOT_TOKEN (Developer Portal, Bot): \
+                 results that finish after 15 minutes are posted with it"
+            ),
+        };
+        let defaults = match serde_json::from_str(&self.discord_defaults) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => bail!(
+                "--discord-defaults {}: expected a JSON object of job fields",
+                self.discord_defaults
+            ),
+        };
+        let attachment_origins = if self.discord_attachment_hosts.is_empty() {
+            motif_server::discord::DEFAULT_ATTACHMENT_ORIGINS
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        } else {
+            self.discord_attachment_hosts.clone()
+        };
+        Ok(Some(DiscordOptions {
+            public_key,
+            application_id,
+            bot_token,
+            api_base: self.discord_api_base.clone(),
+            attachment_origins,
+            max_attachment_bytes: self.discord_max_attachment_bytes,
+            upload_limit_bytes: self.discord_upload_limit_bytes,
+            per_minute: self.discord_per_minute,
+            defaults,
+            public_url: self
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{listen}")),
+        }))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -320,6 +407,7 @@ pub fn serve(open_gpu: GpuOpener, args: &ServeArgs) -> Result<()> {
             page_size: args.page_size,
             ..Default::default()
         },
+        discord: args.discord.options(args.listen)?,
     };
     motif_server::serve(options, runner(open_gpu))
 }

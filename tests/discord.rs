@@ -1,61 +1,131 @@
-//! `motif discord register` against a stand-in for Discord's API on
-//! 127.0.0.1 that records every request (nothing here reaches the internet).
+//! Motif as a Discord app, against stand-ins for Discord's API and its
+//! attachment host on 127.0.0.1 that record every request (nothing here
+//! reaches the internet): `motif discord register`, and `motif serve`'s
+//! interactions endpoint with interactions signed by a generated Ed25519 key,
+//! clips made by the bundled model at 64x64, 4 frames, 2 steps.
 
-use std::process::{Command, Output};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::Value;
+use ed25519_dalek::{Signer, SigningKey};
+use serde_json::{json, Value};
+
+const MOTIF: &str = env!("CARGO_BIN_EXE_motif");
 
 #[derive(Debug, Clone)]
 struct Recorded {
     method: String,
     path: String,
     authorization: Option<String>,
+    content_type: Option<String>,
+    raw: Vec<u8>,
+    /// The body as JSON, or Null.
     body: Value,
 }
 
-/// A stand-in answering every request with `status`: on 200, the command
-/// list it was sent (as Discord answers a bulk overwrite).
+/// A stand-in answering GETs of its `files` with their bytes and every other
+/// request with `status`: on 200, the body it was sent (as Discord answers a
+/// bulk overwrite).
 struct StandIn {
     base: String,
+    origin: String,
     requests: Arc<Mutex<Vec<Recorded>>>,
 }
 
+impl StandIn {
+    fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Waits for a request that `pick` accepts, returning what it gives.
+    fn wait_for<T>(&self, what: &str, pick: impl Fn(&Recorded) -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(found) = self.requests().iter().find_map(&pick) {
+                return found;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "no {what} within 180 s; the stand-in saw: {:#?}",
+                self.requests()
+                    .iter()
+                    .map(|r| format!(
+                        "{} {} {}",
+                        r.method,
+                        r.path,
+                        String::from_utf8_lossy(&r.raw)
+                            .chars()
+                            .take(300)
+                            .collect::<String>()
+                    ))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 fn stand_in(status: u16) -> StandIn {
+    serve_stand_in(status, HashMap::new())
+}
+
+fn serve_stand_in(status: u16, files: HashMap<String, Vec<u8>>) -> StandIn {
     let server = tiny_http::Server::http("127.0.0.1:0").expect("binding a local port");
-    let base = format!("http://{}/api/v10", server.server_addr().to_ip().unwrap());
+    let origin = format!("http://{}", server.server_addr().to_ip().unwrap());
+    let base = format!("{origin}/api/v10");
     let requests = Arc::new(Mutex::new(Vec::new()));
     let seen = requests.clone();
     std::thread::spawn(move || {
         for mut request in server.incoming_requests() {
-            let mut body = String::new();
-            std::io::Read::read_to_string(request.as_reader(), &mut body).unwrap();
-            let authorization = request
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Authorization"))
-                .map(|h| h.value.to_string());
-            seen.lock().unwrap().push(Recorded {
+            let mut raw = Vec::new();
+            std::io::Read::read_to_end(request.as_reader(), &mut raw).unwrap();
+            let header = |name: &'static str| {
+                request
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv(name))
+                    .map(|h| h.value.to_string())
+            };
+            let recorded = Recorded {
                 method: request.method().to_string(),
                 path: request.url().to_string(),
-                authorization,
-                body: serde_json::from_str(&body).unwrap_or(Value::Null),
-            });
-            let answer = if status == 200 {
-                body
+                authorization: header("Authorization"),
+                content_type: header("Content-Type"),
+                body: serde_json::from_slice(&raw).unwrap_or(Value::Null),
+                raw,
+            };
+            seen.lock().unwrap().push(recorded.clone());
+            let (code, answer) = if recorded.method == "GET" {
+                match files.get(&recorded.path) {
+                    Some(bytes) => (200, bytes.clone()),
+                    None => (404, b"not here".to_vec()),
+                }
+            } else if status == 200 {
+                (200, recorded.raw.clone())
             } else {
-                r#"{"message": "401: Unauthorized", "code": 0}"#.to_string()
+                (
+                    status,
+                    br#"{"message": "401: Unauthorized", "code": 0}"#.to_vec(),
+                )
             };
             let header = "Content-Type: application/json"
                 .parse::<tiny_http::Header>()
                 .unwrap();
-            let response = tiny_http::Response::from_string(answer)
-                .with_status_code(status)
+            let response = tiny_http::Response::from_data(answer)
+                .with_status_code(code)
                 .with_header(header);
             let _ = request.respond(response);
         }
     });
-    StandIn { base, requests }
+    StandIn {
+        base,
+        origin,
+        requests,
+    }
 }
 
 fn register(base: &str, token: Option<&str>, args: &[&str]) -> Output {
@@ -179,4 +249,884 @@ fn register_errors_say_what_to_fix() {
         "{}",
         text(&out)
     );
+}
+
+// ---- the interactions endpoint on `motif serve` ----
+
+const APP_ID: &str = "424242";
+const BOT_TOKEN: &str = "test-bot-token";
+const CHANNEL: &str = "555";
+/// Discord's epoch in Unix milliseconds.
+const DISCORD_EPOCH_MS: u64 = 1_420_070_400_000;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "motif-discord-{name}-{}-{}",
+        std::process::id(),
+        now_ms()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `motif serve` acting as the Discord app, killed when dropped.
+struct Server {
+    base: String,
+    data: PathBuf,
+    log: PathBuf,
+    key: SigningKey,
+    child: Child,
+    /// Makes each interaction's id and token unique.
+    counter: Mutex<u64>,
+}
+
+/// What tiny clips cost: the size every Discord job starts from.
+const TINY: &str = r#"{"width": 64, "height": 64, "frames": 4, "steps": 2}"#;
+
+impl Server {
+    /// With Discord at `discord` and attachments allowed from `attachments`.
+    fn start(name: &str, discord: &StandIn, attachments: &StandIn, extra: &[&str]) -> Server {
+        let data = temp_dir(name);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let log = data.join("server.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let key = SigningKey::from_bytes(&rand_bytes());
+        let public_key: String = key
+            .verifying_key()
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let child = Command::new(MOTIF)
+            .args([
+                "serve",
+                "--data",
+                data.to_str().unwrap(),
+                "--listen",
+                &listen,
+            ])
+            .args(["--discord-public-key", &public_key])
+            .args(["--discord-application-id", APP_ID])
+            .args(["--discord-api-base", &discord.base])
+            .args(["--discord-attachment-host", &attachments.origin])
+            .args(["--discord-defaults", TINY])
+            .args(extra)
+            .env("MOTIF_DISCORD_BOT_TOKEN", BOT_TOKEN)
+            .env(
+                "XDG_RUNTIME_DIR",
+                std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
+            )
+            .env_remove("MOTIF_DATABASE_URL")
+            .env_remove("MOTIF_PUBLIC_URL")
+            .env_remove("MOTIF_DISCORD_API_BASE")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let server = Server {
+            base: format!("http://{listen}"),
+            data,
+            log,
+            key,
+            child,
+            counter: Mutex::new(0),
+        };
+        let start = Instant::now();
+        while ureq::get(&format!("{}/api/v1/health", server.base))
+            .call()
+            .is_err()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the server did not answer within 30 s: {}",
+                server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the SQLite files (the database and its write-ahead log) hold `text`.
+    fn database_holds(&self, text: &str) -> bool {
+        std::fs::read_dir(&self.data)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("motif.db"))
+            .any(|e| {
+                find(
+                    &std::fs::read(e.path()).unwrap_or_default(),
+                    text.as_bytes(),
+                )
+                .is_some()
+            })
+    }
+
+    /// A new snowflake made `age_ms` ago, and a token for it.
+    fn new_ids(&self, age_ms: u64) -> (String, String) {
+        let mut n = self.counter.lock().unwrap();
+        *n += 1;
+        let id = ((now_ms() - age_ms - DISCORD_EPOCH_MS) << 22) | *n;
+        (id.to_string(), format!("itoken{n}x{}", now_ms()))
+    }
+
+    /// Posts `body` signed with `key` at `timestamp` (None: unsigned).
+    fn post_signed(&self, body: &[u8], key: Option<&SigningKey>, timestamp: u64) -> (u16, Value) {
+        let mut request = ureq::post(&format!("{}/discord/interactions", self.base))
+            .set("Content-Type", "application/json");
+        if let Some(key) = key {
+            let mut message = timestamp.to_string().into_bytes();
+            message.extend_from_slice(body);
+            let signature: String = key
+                .sign(&message)
+                .to_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            request = request
+                .set("X-Signature-Ed25519", &signature)
+                .set("X-Signature-Timestamp", &timestamp.to_string());
+        }
+        let answer = match request.send_bytes(body) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("posting an interaction: {e}"),
+        };
+        let status = answer.status();
+        (status, answer.into_json().unwrap_or(Value::Null))
+    }
+
+    /// Sends an interaction as Discord would; returns its token and the answer.
+    fn interact(
+        &self,
+        kind: u64,
+        user: (&str, &str),
+        data: Value,
+        extra: Value,
+    ) -> (String, Value) {
+        self.interact_aged(kind, user, data, extra, 0)
+    }
+
+    fn interact_aged(
+        &self,
+        kind: u64,
+        user: (&str, &str),
+        data: Value,
+        extra: Value,
+        age_ms: u64,
+    ) -> (String, Value) {
+        let (id, token) = self.new_ids(age_ms);
+        let mut body = json!({
+            "type": kind, "id": id, "application_id": APP_ID, "token": token,
+            "channel_id": CHANNEL, "guild_id": "777",
+            "member": { "user": { "id": user.0, "username": user.1 } },
+            "data": data,
+        });
+        if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+            b.extend(e);
+        }
+        let (status, answer) = self.post_signed(
+            body.to_string().as_bytes(),
+            Some(&self.key),
+            now_ms() / 1000,
+        );
+        assert_eq!(status, 200, "{answer}\n{}", self.log_text());
+        (token, answer)
+    }
+
+    fn command(&self, user: (&str, &str), name: &str, options: Value) -> (String, Value) {
+        self.command_with(user, name, options, json!({}))
+    }
+
+    fn command_with(
+        &self,
+        user: (&str, &str),
+        name: &str,
+        options: Value,
+        resolved: Value,
+    ) -> (String, Value) {
+        let data =
+            json!({ "id": "1", "name": name, "type": 1, "options": options, "resolved": resolved });
+        self.interact(2, user, data, json!({}))
+    }
+
+    fn button(&self, user: (&str, &str), custom_id: &str, message: &str) -> Value {
+        let data = json!({ "custom_id": custom_id, "component_type": 2 });
+        self.interact(3, user, data, json!({ "message": { "content": message } }))
+            .1
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        match ureq::get(&format!("{}{path}", self.base)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+fn rand_bytes() -> [u8; 32] {
+    // Unpredictable enough for a test key: the time and the process.
+    let seed = now_ms() as u128 * 6364136223846793005 + std::process::id() as u128;
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = (seed >> ((i % 16) * 8)) as u8 ^ (i as u8).wrapping_mul(151);
+    }
+    out
+}
+
+const ADA: (&str, &str) = ("1001", "ada");
+const BO: (&str, &str) = ("1002", "bo");
+
+/// A multipart body's parts: (name, bytes).
+fn multipart_parts(content_type: &str, body: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let boundary = content_type
+        .split("boundary=")
+        .nth(1)
+        .expect("a multipart boundary")
+        .trim_matches('"');
+    let delimiter = format!("--{boundary}").into_bytes();
+    let mut parts = Vec::new();
+    let mut rest = body;
+    while let Some(at) = find(rest, &delimiter) {
+        rest = &rest[at + delimiter.len()..];
+        if rest.starts_with(b"--") {
+            break;
+        }
+        let Some(head_end) = find(rest, b"\r\n\r\n") else {
+            break;
+        };
+        let head = String::from_utf8_lossy(&rest[..head_end]).to_string();
+        let content = &rest[head_end + 4..];
+        let end = find(content, &delimiter).unwrap_or(content.len());
+        let bytes = content[..end.saturating_sub(2)].to_vec();
+        let name = head
+            .split("name=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap_or("")
+            .to_string();
+        parts.push((name, bytes));
+    }
+    parts
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A result as the stand-in received it: the message JSON and the attached clip.
+#[derive(Debug)]
+struct Posted {
+    method: String,
+    authorization: Option<String>,
+    message: Value,
+    clip: Option<Vec<u8>>,
+}
+
+fn posted(r: &Recorded) -> Posted {
+    let (message, clip) = match r.content_type.as_deref() {
+        Some(t) if t.starts_with("multipart/form-data") => {
+            let parts = multipart_parts(t, &r.raw);
+            let get = |n: &str| parts.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+            let message = serde_json::from_slice(&get("payload_json").unwrap_or_default())
+                .unwrap_or(Value::Null);
+            (message, get("files[0]"))
+        }
+        _ => (r.body.clone(), None),
+    };
+    Posted {
+        method: r.method.clone(),
+        authorization: r.authorization.clone(),
+        message,
+        clip,
+    }
+}
+
+fn original(token: &str) -> String {
+    format!("/api/v10/webhooks/{APP_ID}/{token}/messages/@original")
+}
+
+/// The result edited into the interaction's response (its components set:
+/// not the "queued" note).
+fn result_of(discord: &StandIn, token: &str) -> Posted {
+    let path = original(token);
+    discord.wait_for(&format!("the result for {token}"), |r| {
+        let p = posted(r);
+        (r.method == "PATCH" && r.path == path && p.message.get("components").is_some())
+            .then_some(p)
+    })
+}
+
+/// The error edited into the interaction's response.
+fn error_of(discord: &StandIn, token: &str) -> String {
+    let path = original(token);
+    discord.wait_for(&format!("the error for {token}"), |r| {
+        let text = r.body["content"].as_str()?;
+        (r.method == "PATCH" && r.path == path && text.starts_with("⚠️")).then(|| text.to_string())
+    })
+}
+
+/// Frames, width and height of an MP4 as ffprobe reads it.
+fn ffprobe(clip: &[u8]) -> (String, u64, u64, u64) {
+    let file = temp_dir("probe").join("clip.mp4");
+    std::fs::write(&file, clip).unwrap();
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
+        .args([
+            "-show_entries",
+            "stream=codec_name,width,height,nb_read_frames",
+        ])
+        .args(["-of", "json"])
+        .arg(&file)
+        .output()
+        .expect("ffprobe (Debian's ffmpeg) must be installed");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let s = &v["streams"][0];
+    let n = |k: &str| {
+        s[k].as_u64()
+            .or_else(|| s[k].as_str()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        s["codec_name"].as_str().unwrap_or("").to_string(),
+        n("nb_read_frames"),
+        n("width"),
+        n("height"),
+    )
+}
+
+/// The seed in a result's recipe line.
+fn seed_of(p: &Posted) -> u64 {
+    let text = p.message["content"].as_str().unwrap_or("");
+    text.split("seed `")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no seed in {text}"))
+}
+
+/// The job id of a result, from its gallery link.
+fn job_of(p: &Posted) -> String {
+    let text = p.message["content"].as_str().unwrap_or("");
+    text.split("/clips/")
+        .nth(1)
+        .map(|s| {
+            s.chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect()
+        })
+        .unwrap_or_else(|| panic!("no gallery link in {text}"))
+}
+
+fn assert_clip(p: &Posted, what: &str) -> Vec<u8> {
+    let clip = p
+        .clip
+        .clone()
+        .unwrap_or_else(|| panic!("{what}: no clip attached: {:?}", p.message));
+    assert_eq!(
+        ffprobe(&clip),
+        ("h264".to_string(), 4, 64, 64),
+        "{what}: the attachment is not a 4-frame 64x64 H.264 clip"
+    );
+    assert_eq!(
+        p.message["attachments"][0]["filename"]
+            .as_str()
+            .map(|n| n.ends_with(".mp4")),
+        Some(true),
+        "{what}: {}",
+        p.message
+    );
+    clip
+}
+
+fn png_still() -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+    });
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    bytes
+}
+
+fn attachment(id: &str, name: &str, url: &str, size: u64) -> Value {
+    json!({ "attachments": { id: {
+        "id": id, "filename": name, "url": url, "size": size, "content_type": "image/png"
+    } } })
+}
+
+#[test]
+fn interactions_are_verified_before_anything_else() {
+    let discord = stand_in(200);
+    let server = Server::start("verify", &discord, &discord, &[]);
+    let now = now_ms() / 1000;
+    let ping = json!({"type": 1, "id": "1", "application_id": APP_ID}).to_string();
+
+    assert_eq!(
+        server.post_signed(ping.as_bytes(), Some(&server.key), now),
+        (200, json!({"type": 1}))
+    );
+    let create = json!({"type": 2, "id": "2", "application_id": APP_ID, "token": "t",
+        "channel_id": CHANNEL, "member": {"user": {"id": "1", "username": "mallory"}},
+        "data": {"name": "create", "options": [{"name": "prompt", "value": "a forged fox"}]}})
+    .to_string();
+    let other_key = SigningKey::from_bytes(&[7u8; 32]);
+    for (what, body, key, timestamp, error) in [
+        (
+            "another key",
+            create.as_str(),
+            Some(&other_key),
+            now,
+            "does not match",
+        ),
+        ("no signature", create.as_str(), None, now, "missing header"),
+        (
+            "a stale timestamp",
+            create.as_str(),
+            Some(&server.key),
+            now - 600,
+            "600 s",
+        ),
+        (
+            "a future timestamp",
+            create.as_str(),
+            Some(&server.key),
+            now + 600,
+            "600 s",
+        ),
+    ] {
+        let (status, answer) = server.post_signed(body.as_bytes(), key, timestamp);
+        assert_eq!(status, 401, "{what}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap_or("").contains(error),
+            "{what}: {answer}"
+        );
+    }
+    // Signed, then changed on the way: the signature no longer matches.
+    let mut message = now.to_string().into_bytes();
+    message.extend_from_slice(create.as_bytes());
+    let signature: String = server
+        .key
+        .sign(&message)
+        .to_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let tampered = create.replace("forged", "hacked");
+    let answer = ureq::post(&format!("{}/discord/interactions", server.base))
+        .set("X-Signature-Ed25519", &signature)
+        .set("X-Signature-Timestamp", &now.to_string())
+        .send_bytes(tampered.as_bytes());
+    assert!(
+        matches!(answer, Err(ureq::Error::Status(401, _))),
+        "{answer:?}"
+    );
+
+    for (what, body) in [
+        ("not JSON", "{not json"),
+        (
+            "a command without a prompt",
+            r#"{"type":2,"id":"3","application_id":"424242","token":"t","member":{"user":{"id":"1","username":"a"}},"data":{"name":"create","options":[]}}"#,
+        ),
+        (
+            "an unknown type",
+            r#"{"type":42,"id":"3","application_id":"424242","token":"t"}"#,
+        ),
+    ] {
+        let (status, answer) = server.post_signed(body.as_bytes(), Some(&server.key), now);
+        assert_eq!(status, 400, "{what}: {answer}");
+        assert!(answer["error"].is_string(), "{what}: {answer}");
+    }
+    // Nothing was queued, nothing was sent to Discord, nothing panicked.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(discord.requests().is_empty(), "{:?}", discord.requests());
+    assert!(!server.database_holds("a forged fox"), "a job was stored");
+    assert!(
+        !server.log_text().contains("panicked"),
+        "{}",
+        server.log_text()
+    );
+}
+
+#[test]
+fn commands_queue_clips_that_come_back_with_buttons() {
+    let discord = stand_in(200);
+    let still = png_still();
+    let files = HashMap::from([
+        ("/attachments/cat.png".to_string(), still.clone()),
+        (
+            "/attachments/notes.png".to_string(),
+            b"these are notes, not an image".to_vec(),
+        ),
+        ("/attachments/huge.png".to_string(), vec![0x89; 300_000]),
+    ]);
+    let cdn = serve_stand_in(200, files.clone());
+    let elsewhere = serve_stand_in(200, files);
+    let server = Server::start(
+        "flow",
+        &discord,
+        &cdn,
+        &[
+            "--discord-per-minute",
+            "100",
+            "--discord-max-attachment-bytes",
+            "200000",
+        ],
+    );
+
+    // /create: "thinking…" at once, then the clip with its recipe and buttons.
+    let (token, answer) = server.command(
+        ADA,
+        "create",
+        json!([{"name": "prompt", "value": "a red fox in the snow @everyone"},
+               {"name": "style", "value": "anime"}, {"name": "camera", "value": "pan-left"}]),
+    );
+    assert_eq!(answer, json!({"type": 5}));
+    let first = result_of(&discord, &token);
+    assert_clip(&first, "/create");
+    let content = first.message["content"].as_str().unwrap().to_string();
+    assert!(
+        content.contains("<@1001>") && content.contains("anime"),
+        "{content}"
+    );
+    assert!(
+        content.contains("\\@everyone"),
+        "mentions are escaped: {content}"
+    );
+    assert_eq!(
+        first.message["allowed_mentions"],
+        json!({"parse": [], "users": ["1001"]})
+    );
+    let id = job_of(&first);
+    let link = format!("{}/clips/{id}", server.base);
+    assert!(content.contains(&link), "{content}");
+    let custom_ids: Vec<&str> = first.message["components"][0]["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["custom_id"].as_str())
+        .collect();
+    assert_eq!(
+        custom_ids,
+        [
+            format!("reroll:{id}"),
+            format!("publish:{id}"),
+            format!("remix:{id}")
+        ]
+    );
+    // The "queued" note came before the result, never after it.
+    let edits: Vec<Posted> = discord
+        .requests()
+        .iter()
+        .filter(|r| r.path == original(&token))
+        .map(posted)
+        .collect();
+    assert_eq!(edits.len(), 2, "{edits:?}");
+    assert!(edits[0].message["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("⏳ Queued"));
+    // Its page opens by the link; the gallery lists it only once published.
+    assert_eq!(server.get(&format!("/clips/{id}")).0, 200);
+    assert!(!server.get("/").1.contains(&id));
+
+    // Publish: only the author.
+    let refused = server.button(BO, &format!("publish:{id}"), &content);
+    assert_eq!(refused["type"], 4);
+    assert_eq!(refused["data"]["flags"], 64);
+    assert!(refused["data"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("Only <@1001>"));
+    assert!(!server.get("/").1.contains(&id));
+    let published = server.button(ADA, &format!("publish:{id}"), &content);
+    assert_eq!(published["type"], 7, "{published}");
+    let updated = published["data"]["content"].as_str().unwrap();
+    assert!(
+        updated.starts_with(&content) && updated.contains("Published"),
+        "{updated}"
+    );
+    assert_eq!(
+        published["data"]["components"][0]["components"][1]["disabled"],
+        true
+    );
+    assert!(server.get("/").1.contains(&id), "the gallery lists it now");
+    let again = server.button(ADA, &format!("publish:{id}"), &content);
+    assert!(again["data"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("already"));
+
+    // Re-roll (anyone): the same recipe with a new seed, as Bo's clip.
+    let (reroll, answer) = server.interact(
+        3,
+        BO,
+        json!({"custom_id": format!("reroll:{id}"), "component_type": 2}),
+        json!({}),
+    );
+    assert_eq!(answer, json!({"type": 5}));
+    let rerolled = result_of(&discord, &reroll);
+    assert_clip(&rerolled, "Re-roll");
+    assert_ne!(seed_of(&rerolled), seed_of(&first));
+    assert!(rerolled.message["content"]
+        .as_str()
+        .unwrap()
+        .contains("<@1002>"));
+
+    // Remix: a modal with the prompt, then the clip with the new prompt and the same seed.
+    let modal = server.button(BO, &format!("remix:{id}"), &content);
+    assert_eq!(modal["type"], 9, "{modal}");
+    assert_eq!(modal["data"]["custom_id"], format!("remix:{id}"));
+    let input = &modal["data"]["components"][0]["components"][0];
+    assert_eq!(input["value"], "a red fox in the snow @everyone");
+    let (remix, answer) = server.interact(
+        5,
+        BO,
+        json!({"custom_id": format!("remix:{id}"), "components": [{"type": 1, "components": [
+            {"type": 4, "custom_id": "prompt", "value": "a blue fox in the snow"}]}]}),
+        json!({}),
+    );
+    assert_eq!(answer, json!({"type": 5}));
+    let remixed = result_of(&discord, &remix);
+    assert_clip(&remixed, "the Remix modal");
+    assert!(remixed.message["content"]
+        .as_str()
+        .unwrap()
+        .contains("a blue fox"));
+    assert_eq!(seed_of(&remixed), seed_of(&first));
+
+    // /remix by the page's URL, overriding the seed.
+    let (token, _) = server.command(
+        BO,
+        "remix",
+        json!([{"name": "clip", "value": link}, {"name": "seed", "value": 99}]),
+    );
+    let remixed = result_of(&discord, &token);
+    assert_clip(&remixed, "/remix");
+    assert_eq!(seed_of(&remixed), 99);
+    assert!(remixed.message["content"]
+        .as_str()
+        .unwrap()
+        .contains("a red fox"));
+
+    // /animate with a still from the attachment host.
+    let url = format!("{}/attachments/cat.png", cdn.origin);
+    let (token, answer) = server.command_with(
+        ADA,
+        "animate",
+        json!([{"name": "image", "value": "900"}, {"name": "prompt", "value": "a gradient"},
+               {"name": "strength", "value": 0.7}]),
+        attachment("900", "cat.png", &url, still.len() as u64),
+    );
+    assert_eq!(answer, json!({"type": 5}));
+    let animated = result_of(&discord, &token);
+    assert_clip(&animated, "/animate");
+    assert!(animated.message["content"]
+        .as_str()
+        .unwrap()
+        .contains("strength 0.7"));
+
+    // Stills that are refused, each with a message saying why.
+    let animate = |name: &str, url: &str, size: u64| {
+        let (token, answer) = server.command_with(
+            ADA,
+            "animate",
+            json!([{"name": "image", "value": "901"}]),
+            attachment("901", name, url, size),
+        );
+        assert_eq!(answer, json!({"type": 5}));
+        error_of(&discord, &token)
+    };
+    let e = animate(
+        "notes.png",
+        &format!("{}/attachments/notes.png", cdn.origin),
+        29,
+    );
+    assert!(e.contains("not an image"), "{e}");
+    // Larger than declared: stopped while downloading.
+    let e = animate(
+        "huge.png",
+        &format!("{}/attachments/huge.png", cdn.origin),
+        1000,
+    );
+    assert!(e.contains("at most 200000 bytes"), "{e}");
+    // Declared too large: not even fetched.
+    let e = animate(
+        "big.png",
+        &format!("{}/attachments/big.png", cdn.origin),
+        50_000_000,
+    );
+    assert!(e.contains("at most 200000 bytes"), "{e}");
+    assert!(!cdn.requests().iter().any(|r| r.path.contains("big.png")));
+    // Another host: refused without a request to it.
+    let e = animate(
+        "cat.png",
+        &format!("{}/attachments/cat.png", elsewhere.origin),
+        100,
+    );
+    assert!(e.contains("attachment host"), "{e}");
+    assert!(
+        elsewhere.requests().is_empty(),
+        "{:?}",
+        elsewhere.requests()
+    );
+
+    // A recipe the server refuses: the error is posted.
+    let (token, _) = server.command(
+        ADA,
+        "create",
+        json!([{"name": "prompt", "value": "a fox"}, {"name": "style", "value": "no-such-style"}]),
+    );
+    let e = error_of(&discord, &token);
+    assert!(e.contains("style") && e.contains("no-such-style"), "{e}");
+    // /remix of something that is not a clip here.
+    let (token, _) = server.command(ADA, "remix", json!([{"name": "clip", "value": "ffff0000"}]));
+    assert!(error_of(&discord, &token).contains("no clip"));
+    assert!(
+        !server.log_text().contains("panicked"),
+        "{}",
+        server.log_text()
+    );
+}
+
+#[test]
+fn late_and_large_results_rate_limits() {
+    let discord = stand_in(200);
+    // Room for the first clip of the test above only once re-encoded.
+    let server = Server::start(
+        "late",
+        &discord,
+        &discord,
+        &[
+            "--discord-per-minute",
+            "1",
+            "--discord-upload-limit-bytes",
+            "300",
+        ],
+    );
+    // Made 20 minutes ago: its token has expired, so the bot posts in the channel.
+    let (token, answer) = server.interact_aged(
+        2,
+        ADA,
+        json!({"name": "create", "options": [{"name": "prompt", "value": "a late fox"}]}),
+        json!({}),
+        20 * 60 * 1000,
+    );
+    assert_eq!(answer, json!({"type": 5}));
+    // One command a minute: the next is answered politely, to Ada only.
+    let (_, answer) = server.command(ADA, "create", json!([{"name": "prompt", "value": "again"}]));
+    assert_eq!(answer["type"], 4);
+    assert_eq!(answer["data"]["flags"], 64);
+    assert!(
+        answer["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Try again in"),
+        "{answer}"
+    );
+    // Bo is not limited by Ada's commands.
+    assert_eq!(
+        server
+            .command(
+                BO,
+                "create",
+                json!([{"name": "prompt", "value": "a fox of Bo"}])
+            )
+            .1,
+        json!({"type": 5})
+    );
+
+    let channel_path = format!("/api/v10/channels/{CHANNEL}/messages");
+    let late = discord.wait_for("the late result", |r| {
+        let p = posted(r);
+        let text = p.message["content"].as_str()?;
+        (r.path == channel_path && text.contains("a late fox")).then_some(p)
+    });
+    assert_eq!(late.method, "POST");
+    assert_eq!(
+        late.authorization.as_deref(),
+        Some(&*format!("Bot {BOT_TOKEN}"))
+    );
+    // 300 bytes hold no MP4: the clip is linked, not attached.
+    assert!(late.clip.is_none());
+    let text = late.message["content"].as_str().unwrap();
+    assert!(
+        text.contains("Too large") && text.contains("/clips/"),
+        "{text}"
+    );
+    assert!(!discord
+        .requests()
+        .iter()
+        .any(|r| r.path == original(&token) && posted(r).message.get("components").is_some()));
+}
+
+#[test]
+fn clips_over_the_upload_limit_are_re_encoded_to_fit() {
+    let discord = stand_in(200);
+    let limit = 3000;
+    let server = Server::start(
+        "shrink",
+        &discord,
+        &discord,
+        &["--discord-upload-limit-bytes", &limit.to_string()],
+    );
+    let (token, _) = server.command(
+        ADA,
+        "create",
+        json!([{"name": "prompt", "value": "a lighthouse in a storm"}, {"name": "seed", "value": 3}]),
+    );
+    let result = result_of(&discord, &token);
+    let id = job_of(&result);
+    let (status, _) = server.get(&format!("/clips/{id}"));
+    assert_eq!(status, 200);
+    let full = ureq::get(&format!("{}/clips/{id}/video", server.base))
+        .call()
+        .unwrap();
+    let mut original = Vec::new();
+    std::io::Read::read_to_end(&mut full.into_reader(), &mut original).unwrap();
+    assert!(
+        original.len() > limit,
+        "the clip is {} bytes, within the {limit} of this test: lower the limit",
+        original.len()
+    );
+    let clip = result
+        .clip
+        .clone()
+        .expect("the re-encoded clip is attached");
+    assert!(clip.len() <= limit, "{} bytes attached", clip.len());
+    let (codec, frames, width, height) = ffprobe(&clip);
+    assert_eq!((codec.as_str(), frames), ("h264", 4));
+    assert!(width <= 64 && height <= 64 && width > 0);
+    let text = result.message["content"].as_str().unwrap();
+    assert!(text.contains("Re-encoded smaller"), "{text}");
 }

@@ -87,6 +87,18 @@ impl ApiError {
     fn not_found() -> Self {
         ApiError::new(StatusCode::NOT_FOUND, "no such job")
     }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The message, after the field it is about if any.
+    pub(crate) fn describe(&self) -> String {
+        match &self.field {
+            Some(f) => format!("{f}: {}", self.message),
+            None => self.message.clone(),
+        }
+    }
 }
 
 /// Database and file errors: the client gets a 500 without details, the log

@@ -18,6 +18,9 @@ pub struct Clip {
     pub published_ms: i64,
     pub hidden: bool,
     pub likes: i64,
+    /// In the gallery's index and search; an unlisted clip (shown on Discord,
+    /// not published) is reached only by its link.
+    pub listed: bool,
 }
 
 /// Orderings of the gallery.
@@ -64,7 +67,7 @@ pub struct Report {
 }
 
 const CLIP_COLUMNS: &str = "c.job_id, c.user_id, u.name AS author, c.prompt, c.style, c.camera, \
-     c.published_ms, c.hidden, c.likes";
+     c.published_ms, c.hidden, c.likes, c.listed";
 
 fn clip_from_row(row: &sqlx::any::AnyRow) -> Result<Clip> {
     Ok(Clip {
@@ -77,6 +80,7 @@ fn clip_from_row(row: &sqlx::any::AnyRow) -> Result<Clip> {
         published_ms: row.try_get("published_ms")?,
         hidden: row.try_get::<i64, _>("hidden")? != 0,
         likes: row.try_get("likes")?,
+        listed: row.try_get::<i64, _>("listed")? != 0,
     })
 }
 
@@ -94,52 +98,54 @@ fn like_pattern(word: &str) -> String {
 }
 
 impl Db {
-    /// Shows a finished job in the gallery; false if it already is.
-    pub async fn publish(
+    /// Adds a finished job's clip: listed in the gallery (published), or
+    /// only reachable by its link (`listed` false: shown on Discord). True
+    /// when this changed anything: a second publish of the same clip (a
+    /// double click) is a no-op on both SQLite and PostgreSQL, and an unlisted
+    /// clip that is published becomes listed as of now.
+    pub async fn add_clip(
         &self,
         job_id: &str,
         user_id: &str,
-        prompt: &str,
-        style: &str,
-        camera: &str,
+        fields: [&str; 3],
+        listed: bool,
     ) -> Result<bool> {
-        // ON CONFLICT: a second publish of the same clip (a double click) is
-        // a no-op on both SQLite and PostgreSQL, not a key violation.
-        let inserted = sqlx::query(
-            "INSERT INTO clips (job_id, user_id, prompt, style, camera, published_ms, hidden, likes) \
-             VALUES ($1, $2, $3, $4, $5, $6, 0, 0) ON CONFLICT (job_id) DO NOTHING",
-        )
+        let [prompt, style, camera] = fields;
+        let on_conflict = if listed {
+            "ON CONFLICT (job_id) DO UPDATE SET listed = 1, published_ms = $6 \
+             WHERE clips.listed = 0"
+        } else {
+            "ON CONFLICT (job_id) DO NOTHING"
+        };
+        let changed = sqlx::query(&format!(
+            "INSERT INTO clips (job_id, user_id, prompt, style, camera, published_ms, hidden, likes, listed) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, 0, $7) {on_conflict}"
+        ))
         .bind(job_id)
         .bind(user_id)
         .bind(prompt)
         .bind(style)
         .bind(camera)
         .bind(now_ms())
+        .bind(listed as i64)
         .execute(&self.pool)
         .await?
         .rows_affected();
-        Ok(inserted == 1)
+        Ok(changed == 1)
     }
 
     /// Publishes a finished job of `user_id`, with the prompt, style and
-    /// camera of its request for search and filters.
+    /// camera of its request for search and filters; false if it already was.
     pub async fn publish_job(&self, job: &JobRow, user_id: &str) -> Result<bool> {
+        self.add_job_clip(job, user_id, true).await
+    }
+
+    /// A finished job's clip with the search fields of its request.
+    pub async fn add_job_clip(&self, job: &JobRow, user_id: &str, listed: bool) -> Result<bool> {
         let request: serde_json::Value = serde_json::from_str(&job.request).unwrap_or_default();
-        let text = |k: &str| {
-            request
-                .get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_string()
-        };
-        self.publish(
-            &job.id,
-            user_id,
-            &text("prompt"),
-            &text("style"),
-            &text("camera"),
-        )
-        .await
+        let text = |k: &str| request.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        let fields = [text("prompt"), text("style"), text("camera")];
+        self.add_clip(&job.id, user_id, fields, listed).await
     }
 
     pub async fn clip(&self, job_id: &str) -> Result<Option<Clip>> {
@@ -165,6 +171,7 @@ impl Db {
         if !search.include_hidden {
             sql.push_str(" AND c.hidden = 0");
         }
+        sql.push_str(" AND c.listed = 1");
         for word in &search.words {
             next(
                 &mut sql,
@@ -314,7 +321,7 @@ impl Db {
     /// A member's jobs (from the web and from their API tokens), newest first.
     pub async fn user_jobs(&self, user_id: &str, limit: i64) -> Result<Vec<OwnJob>> {
         let rows = sqlx::query(
-            "SELECT j.id, j.state, j.request, j.created_ms, j.error, c.job_id AS published \
+            "SELECT j.id, j.state, j.request, j.created_ms, j.error, c.listed AS published \
              FROM jobs j JOIN tokens t ON t.id = j.token_id LEFT JOIN clips c ON c.job_id = j.id \
              WHERE t.user_id = $1 ORDER BY j.created_ms DESC, j.id DESC LIMIT $2",
         )
@@ -330,7 +337,7 @@ impl Db {
                     request: r.try_get("request")?,
                     created_ms: r.try_get("created_ms")?,
                     error: r.try_get("error")?,
-                    published: r.try_get::<Option<String>, _>("published")?.is_some(),
+                    published: r.try_get::<Option<i64>, _>("published")? == Some(1),
                 })
             })
             .collect()

@@ -138,6 +138,8 @@ pub struct ServeOptions {
     pub queue: QueueOptions,
     pub limits: ApiLimits,
     pub web: WebOptions,
+    /// Serve `POST /discord/interactions` as this Discord app.
+    pub discord: Option<discord::DiscordOptions>,
 }
 
 pub struct WorkerOptions {
@@ -240,6 +242,9 @@ async fn stop_requested() {
 
 /// `motif serve`: the API and `workers` in-process workers, until Ctrl-C or SIGTERM.
 pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
+    if let Some(discord) = &options.discord {
+        discord.check()?;
+    }
     let url = database_url(&options.data, options.database.as_deref())?;
     let store = Arc::new(Store::open(&options.data, &options.store)?);
     runtime()?.block_on(async move {
@@ -283,7 +288,17 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
             limits: Arc::new(options.limits),
             shutdown: shutdown.clone(),
         };
-        let app = web::app(api::router(state.clone()), state, options.web);
+        let mut routes = api::router(state.clone());
+        if let Some(discord) = options.discord {
+            let discord = discord::DiscordState::new(state.clone(), discord)?;
+            eprintln!(
+                "motif serve: Discord interactions at {}/discord/interactions",
+                discord.options.public_url.trim_end_matches('/')
+            );
+            handles.push(discord::spawn_delivery(discord.clone(), shutdown.clone()));
+            routes = routes.merge(discord::router(discord));
+        }
+        let app = web::app(routes, state, options.web);
         let signal = shutdown.clone();
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {

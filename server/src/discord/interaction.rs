@@ -45,7 +45,13 @@ pub struct RecipeOptions {
 impl RecipeOptions {
     /// Writes the given options over `recipe` (a job request's JSON object,
     /// the fields of `POST /api/v1/jobs`), leaving the others as they are.
+    /// An aspect ratio replaces the recipe's width and height (which would
+    /// otherwise win over it).
     pub fn apply(&self, recipe: &mut Map<String, Value>) {
+        if self.aspect.is_some() {
+            recipe.remove("width");
+            recipe.remove("height");
+        }
         let mut set = |name: &str, value: Option<Value>| {
             if let Some(v) = value {
                 recipe.insert(name.to_string(), v);
@@ -102,6 +108,18 @@ pub struct Interaction {
     /// Absent only for PING.
     pub user: Option<DiscordUser>,
     pub action: Action,
+    /// For a button: the text of the message it is on.
+    pub message_content: Option<String>,
+}
+
+/// Discord's epoch, 2015-01-01T00:00:00Z, in Unix milliseconds.
+const DISCORD_EPOCH_MS: i64 = 1_420_070_400_000;
+
+/// When a snowflake id (an interaction's, a message's) was made, in Unix
+/// milliseconds: its top 42 bits count milliseconds since Discord's epoch.
+pub fn snowflake_ms(id: &str) -> Option<i64> {
+    let id: u64 = id.parse().ok()?;
+    Some((id >> 22) as i64 + DISCORD_EPOCH_MS)
 }
 
 /// Why an interaction could not be understood (answered 400).
@@ -187,6 +205,11 @@ pub fn parse(body: &[u8]) -> Result<Interaction, BadInteraction> {
         guild_id: v.get("guild_id").and_then(Value::as_str).map(String::from),
         user,
         action,
+        message_content: v
+            .get("message")
+            .and_then(|m| m.get("content"))
+            .and_then(Value::as_str)
+            .map(String::from),
     })
 }
 
@@ -304,8 +327,30 @@ pub fn deferred() -> Value {
 }
 
 /// A message only the user who ran the command sees (rate limits, errors).
+/// It mentions nobody, whatever its text says.
 pub fn ephemeral(content: &str) -> Value {
-    json!({ "type": 4, "data": { "content": content, "flags": 64 } })
+    json!({ "type": 4, "data": {
+        "content": content, "flags": 64, "allowed_mentions": { "parse": [] }
+    } })
+}
+
+/// UPDATE_MESSAGE: the answer to a button that changes the message it is on.
+pub fn update_message(data: Value) -> Value {
+    json!({ "type": 7, "data": data })
+}
+
+/// MODAL: a form with one text input per (custom_id, label, value, max length).
+pub fn modal(custom_id: &str, title: &str, inputs: &[(&str, &str, &str, usize)]) -> Value {
+    let rows: Vec<Value> = inputs
+        .iter()
+        .map(|(id, label, value, max)| {
+            json!({ "type": 1, "components": [{
+                "type": 4, "custom_id": id, "label": label, "style": 2,
+                "min_length": 1, "max_length": max, "required": true, "value": value
+            }] })
+        })
+        .collect();
+    json!({ "type": 9, "data": { "custom_id": custom_id, "title": title, "components": rows } })
 }
 
 #[cfg(test)]
@@ -321,6 +366,14 @@ mod tests {
         })
         .to_string()
         .into_bytes()
+    }
+
+    #[test]
+    fn snowflakes_tell_their_time() {
+        // The example of Discord's documentation: 175928847299117063 was made
+        // at 2016-04-30 11:18:25.796 UTC.
+        assert_eq!(snowflake_ms("175928847299117063"), Some(1_462_015_105_796));
+        assert_eq!(snowflake_ms("not a number"), None);
     }
 
     #[test]
@@ -359,6 +412,8 @@ mod tests {
         };
         let mut recipe = Map::new();
         recipe.insert("steps".into(), json!(8));
+        recipe.insert("width".into(), json!(64));
+        recipe.insert("height".into(), json!(64));
         o.apply(&mut recipe);
         assert_eq!(
             Value::Object(recipe),
