@@ -301,7 +301,11 @@ const TINY: &str = r#"{"width": 64, "height": 64, "frames": 4, "steps": 2}"#;
 impl Server {
     /// With Discord at `discord` and attachments allowed from `attachments`.
     fn start(name: &str, discord: &StandIn, attachments: &StandIn, extra: &[&str]) -> Server {
-        let data = temp_dir(name);
+        Server::start_in(temp_dir(name), discord, attachments, extra)
+    }
+
+    /// The same, on the data folder `data` (kept when the server is dropped).
+    fn start_in(data: PathBuf, discord: &StandIn, attachments: &StandIn, extra: &[&str]) -> Server {
         let listen = format!("127.0.0.1:{}", free_port());
         let log = data.join("server.log");
         let out = std::fs::File::create(&log).unwrap();
@@ -487,7 +491,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.data);
     }
 }
 
@@ -1129,4 +1132,96 @@ fn clips_over_the_upload_limit_are_re_encoded_to_fit() {
     assert!(width <= 64 && height <= 64 && width > 0);
     let text = result.message["content"].as_str().unwrap();
     assert!(text.contains("Re-encoded smaller"), "{text}");
+}
+
+#[test]
+fn results_survive_a_restart_and_cancelled_jobs_are_posted() {
+    let discord = stand_in(200);
+    let data = temp_dir("restart");
+    // No workers: the jobs wait in the queue.
+    let first = Server::start_in(data.clone(), &discord, &discord, &["--workers", "0"]);
+    let (patient, answer) = first.command(
+        ADA,
+        "create",
+        json!([{"name": "prompt", "value": "a patient fox"}]),
+    );
+    assert_eq!(answer, json!({"type": 5}));
+    let (cancelled, _) = first.command(
+        ADA,
+        "create",
+        json!([{"name": "prompt", "value": "a cancelled fox"}]),
+    );
+    for token in [&patient, &cancelled] {
+        let queued = discord.wait_for("the queued note", |r| {
+            let text = r.body["content"].as_str()?;
+            (r.path == original(token) && text.starts_with("⏳ Queued")).then(|| text.to_string())
+        });
+        assert!(queued.contains("fox"), "{queued}");
+    }
+
+    // An admin cancels one through the API: its post says so.
+    let out = Command::new(MOTIF)
+        .args([
+            "admin",
+            "create-token",
+            "--admin",
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .env_remove("MOTIF_DATABASE_URL")
+        .output()
+        .unwrap();
+    let admin = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let jobs: Value = ureq::get(&format!("{}/api/v1/jobs", first.base))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let id = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["request"]["prompt"] == "a cancelled fox")
+        .and_then(|j| j["id"].as_str())
+        .unwrap_or_else(|| panic!("{jobs}"))
+        .to_string();
+    ureq::post(&format!("{}/api/v1/jobs/{id}/cancel", first.base))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .call()
+        .unwrap();
+    let note = discord.wait_for("the cancelled note", |r| {
+        let text = r.body["content"].as_str()?;
+        (r.path == original(&cancelled) && text.contains("cancelled.")).then(|| text.to_string())
+    });
+    assert!(
+        note.contains("<@1001>") && note.contains("a cancelled fox"),
+        "{note}"
+    );
+
+    // The server stops with the other job queued; the next one on the same
+    // data runs it and posts it.
+    drop(first);
+    let second = Server::start_in(data.clone(), &discord, &discord, &[]);
+    let result = result_of(&discord, &patient);
+    assert_clip(&result, "after the restart");
+    assert!(result.message["content"]
+        .as_str()
+        .unwrap()
+        .contains("a patient fox"));
+    // Each result is posted once.
+    std::thread::sleep(Duration::from_secs(2));
+    let posts = discord
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.path == original(&cancelled)
+                && r.body["content"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("cancelled."))
+        })
+        .count();
+    assert_eq!(posts, 1);
+    drop(second);
+    let _ = std::fs::remove_dir_all(&data);
 }
