@@ -4,104 +4,42 @@
 //! size (64x64, 4 frames, 2 steps). One test per security rule of the
 //! gallery, and a browser test in headless Chromium through WebDriver.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const MOTIF: &str = env!("CARGO_BIN_EXE_motif");
+use common::{free_port, temp_dir, PgDatabase, MOTIF};
+
 const XSS: &str = "<script>alert(1)</script>";
 const XSS_ESCAPED: &str = "&lt;script&gt;alert(1)&lt;/script&gt;";
 
-fn unique() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "motif-gallery-{name}-{}-{}",
-        std::process::id(),
-        unique()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `motif serve` on a free port, killed when dropped; its output goes to `log`.
+/// A `motif serve` on a data folder of its own, killed when dropped.
 struct Server {
-    base: String,
+    serve: common::Server,
     data: PathBuf,
     /// How `motif admin` finds its database: `--data DIR` or `--database URL`.
     store: Vec<String>,
-    log: PathBuf,
-    child: Child,
 }
 
 impl Server {
     fn start(name: &str, extra: &[&str]) -> Server {
         let data = temp_dir(name);
-        let listen = format!("127.0.0.1:{}", free_port());
-        let log = data.join("server.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(MOTIF)
-            .args([
-                "serve",
-                "--data",
-                data.to_str().unwrap(),
-                "--listen",
-                &listen,
-            ])
-            .args(extra)
-            .env(
-                "XDG_RUNTIME_DIR",
-                std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
-            )
-            .env_remove("MOTIF_DATABASE_URL")
-            .env_remove("MOTIF_SESSION_SECONDS")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        eprintln!("{name}: server pid {}, log {}", child.id(), log.display());
+        let serve = common::Server::start(&data, extra);
         let store = match extra.iter().position(|a| *a == "--database") {
             Some(i) => vec!["--database".to_string(), extra[i + 1].to_string()],
             None => vec!["--data".to_string(), data.to_str().unwrap().to_string()],
         };
-        let server = Server {
-            base: format!("http://{listen}"),
-            data,
-            store,
-            log,
-            child,
-        };
-        let start = Instant::now();
-        while ureq::get(&server.url("/api/v1/health")).call().is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the server did not answer within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        server
+        Server { serve, data, store }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        self.serve.url(path)
     }
 
     /// `motif admin create-user NAME [--admin]` with the password on stdin.
@@ -129,14 +67,7 @@ impl Server {
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        std::fs::read_to_string(&self.serve.proc.log).unwrap_or_default()
     }
 }
 
@@ -955,7 +886,7 @@ fn browser_signs_up_creates_publishes_finds_plays_remixes_and_likes() {
         Duration::from_secs(10),
     );
     let clip_url = browser.url();
-    let clip_path = clip_url.trim_start_matches(&server.base).to_string();
+    let clip_path = clip_url.trim_start_matches(&server.serve.base).to_string();
 
     // Find it by searching its prompt words from the gallery.
     browser.goto(&server.url("/"));
@@ -1118,63 +1049,10 @@ fn screenshots_of_the_gallery_and_a_clip_page() {
     browser.screenshot(&dir.join("gallery-clip.png"));
 }
 
-/// A database of its own on the PostgreSQL of `MOTIF_TEST_DATABASE_URL`,
-/// dropped afterwards.
-struct PgDatabase {
-    base: String,
-    name: String,
-    url: String,
-}
-
-fn psql(base: &str, sql: &str) {
-    let out = Command::new("psql")
-        .args([base, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .expect("psql (Debian's postgresql-client) must be installed");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl PgDatabase {
-    fn create(name: &str) -> PgDatabase {
-        let base = std::env::var("MOTIF_TEST_DATABASE_URL").unwrap_or_else(|_| {
-            panic!(
-                "MOTIF_TEST_DATABASE_URL is not set: the PostgreSQL tests need a server \
-                 (`.ci/run` installs and starts one; locally: postgres://USER:PASSWORD@127.0.0.1/DB with CREATEDB)"
-            )
-        });
-        let db = format!("motif_gallery_{name}_{}", std::process::id());
-        psql(&base, &format!("DROP DATABASE IF EXISTS {db}"));
-        psql(&base, &format!("CREATE DATABASE {db}"));
-        let (prefix, _) = base.rsplit_once('/').expect("a URL ending in /DATABASE");
-        PgDatabase {
-            url: format!("{prefix}/{db}"),
-            base,
-            name: db,
-        }
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args([
-                self.base.as_str(),
-                "-q",
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
-            .output();
-    }
-}
-
 /// The gallery's SQL on PostgreSQL: every query of the pages once.
 #[test]
 fn postgres_gallery_round_trip() {
-    let pg = PgDatabase::create("round");
+    let pg = PgDatabase::create("gallery_round");
     let server = Server::start("postgres", &["--workers", "1", "--database", &pg.url]);
     server.create_user("root", "admin password 1", true);
     let mut alice = Visitor::new(&server);

@@ -6,147 +6,16 @@
 //! installs from PyPI). Generations are tiny (64x64, 4 frames, 2 steps) on
 //! the bundled model.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const MOTIF: &str = env!("CARGO_BIN_EXE_motif");
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "motif-serve-{name}-{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos() ^ rand_suffix()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed (SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-    name: String,
-}
-
-/// `motif ARGS` with the environment of these tests: none of the caller's
-/// service settings, plus `env`.
-fn motif_command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(MOTIF);
-    command
-        .args(args)
-        .env(
-            "XDG_RUNTIME_DIR",
-            std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
-        )
-        .env_remove("MOTIF_DATABASE_URL")
-        .env_remove("MOTIF_STORE")
-        .env_remove("AWS_ENDPOINT_URL")
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .envs(env.iter().copied());
-    command
-}
-
-impl Proc {
-    fn spawn(name: &str, args: &[&str]) -> Proc {
-        Proc::spawn_with_env(name, args, &[])
-    }
-
-    fn spawn_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let log = std::env::temp_dir().join(format!("{name}-{}.log", rand_suffix()));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = motif_command(args, env)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        eprintln!("{name}: pid {}, log {}", child.id(), log.display());
-        Proc {
-            child,
-            name: name.to_string(),
-        }
-    }
-
-    /// kill -9.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            eprintln!("stopping {}", self.name);
-        }
-        self.kill();
-    }
-}
-
-struct Server {
-    base: String,
-    proc: Proc,
-}
-
-impl Server {
-    fn start(data: &Path, extra: &[&str]) -> Server {
-        Server::start_with_env(data, extra, &[])
-    }
-
-    fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut args = vec![
-            "serve",
-            "--data",
-            data.to_str().unwrap(),
-            "--listen",
-            &listen,
-        ];
-        args.extend_from_slice(extra);
-        let proc = Proc::spawn_with_env("motif-serve", &args, env);
-        let server = Server {
-            base: format!("http://{listen}"),
-            proc,
-        };
-        let start = Instant::now();
-        loop {
-            if let Ok(r) = ureq::get(&format!("{}/api/v1/health", server.base)).call() {
-                assert_eq!(r.status(), 200);
-                return server;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the server did not answer within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
+use common::{free_port, motif_command, temp_dir, unique, PgDatabase, Proc, Server, MOTIF};
 
 fn create_token(store: &[&str], admin: bool) -> String {
     let mut args = vec!["admin", "create-token"];
@@ -982,57 +851,6 @@ fn a_failing_job_is_retried_then_failed_with_its_error() {
 
 // ---- PostgreSQL ----
 
-/// A fresh database on the test server for one test, dropped at its end.
-struct PgDatabase {
-    base: String,
-    name: String,
-    url: String,
-}
-
-fn psql(base: &str, sql: &str) {
-    let out = Command::new("psql")
-        .args([base, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .expect("psql (Debian's postgresql-client) must be installed");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn postgres_database(name: &str) -> PgDatabase {
-    let base = std::env::var("MOTIF_TEST_DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "MOTIF_TEST_DATABASE_URL is not set: the PostgreSQL tests need a server \
-             (`.ci/run` installs and starts one; locally: postgres://USER:PASSWORD@127.0.0.1/DB with CREATEDB)"
-        )
-    });
-    let db = format!("motif_{name}_{}", std::process::id());
-    psql(&base, &format!("DROP DATABASE IF EXISTS {db}"));
-    psql(&base, &format!("CREATE DATABASE {db}"));
-    let (prefix, _) = base.rsplit_once('/').expect("a URL ending in /DATABASE");
-    PgDatabase {
-        url: format!("{prefix}/{db}"),
-        base,
-        name: db,
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        // The server and workers are gone by now (declared after this guard).
-        let _ = Command::new("psql")
-            .args([
-                self.base.as_str(),
-                "-q",
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
-            .output();
-    }
-}
-
 fn start_worker(url: &str, data: &Path, lease_seconds: &str) -> Proc {
     Proc::spawn(
         "motif-worker",
@@ -1050,7 +868,7 @@ fn start_worker(url: &str, data: &Path, lease_seconds: &str) -> Proc {
 
 #[test]
 fn postgres_two_workers_share_one_queue() {
-    let database = postgres_database("share");
+    let database = PgDatabase::create("share");
     let url = database.url.clone();
     let data = temp_dir("pg-share");
     let server = Server::start(&data, &["--workers", "0", "--database", &url]);
@@ -1092,7 +910,7 @@ fn postgres_two_workers_share_one_queue() {
 
 #[test]
 fn postgres_killed_worker_job_is_requeued_and_finishes() {
-    let database = postgres_database("kill");
+    let database = PgDatabase::create("kill");
     let url = database.url.clone();
     let data = temp_dir("pg-kill");
     let server = Server::start(&data, &["--workers", "0", "--database", &url]);
@@ -1146,7 +964,7 @@ fn moto(bucket: &str) -> Moto {
         )
     });
     let port = free_port();
-    let log = std::env::temp_dir().join(format!("moto-{}.log", rand_suffix()));
+    let log = std::env::temp_dir().join(format!("moto-{}.log", unique()));
     let out = std::fs::File::create(&log).unwrap();
     let child = Command::new(&server)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -1160,6 +978,7 @@ fn moto(bucket: &str) -> Moto {
     eprintln!("moto: pid {}, log {}", child.id(), log.display());
     let proc = Proc {
         child,
+        log,
         name: "moto".into(),
     };
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -1282,7 +1101,7 @@ fn s3_store_worker_writes_the_bucket_and_the_server_streams_it() {
     let moto = moto(bucket);
     let env = moto.env();
     let env = env_refs(&env);
-    let database = postgres_database("s3");
+    let database = PgDatabase::create("s3");
     let url = database.url.clone();
     let data = temp_dir("s3-server");
     let s3 = [

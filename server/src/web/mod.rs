@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 use crate::accounts::{LoginLimiter, User};
-use crate::api::AppState;
+use crate::api::{ApiError, AppState};
 
 pub(crate) const SESSION_COOKIE: &str = "motif_session";
 pub(crate) const CSRF_COOKIE: &str = "motif_csrf";
@@ -229,6 +229,13 @@ impl From<anyhow::Error> for PageError {
             StatusCode::INTERNAL_SERVER_ERROR,
             "Something went wrong on the server.",
         )
+    }
+}
+
+/// The same status and message as JSON, for the create page's script.
+impl From<PageError> for ApiError {
+    fn from(e: PageError) -> Self {
+        ApiError::new(e.status, e.message)
     }
 }
 

@@ -5,11 +5,11 @@ use std::fmt::Write as _;
 use std::sync::LazyLock;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Json, RequestExt, Router};
 use serde_json::{json, Value};
 
 use super::html::{age, csrf_field, esc, options, page, post_button, url_param};
@@ -99,11 +99,57 @@ fn form(body: &Bytes) -> Result<HashMap<String, String>, PageError> {
         .map_err(|e| bad_request(format!("unreadable form: {e}")))
 }
 
-/// A form post: its fields, once the CSRF token checks out.
-fn checked_form(visitor: &Visitor, body: &Bytes) -> Result<HashMap<String, String>, PageError> {
-    let fields = form(body)?;
-    visitor.check_csrf(fields.get("csrf").map(String::as_str))?;
-    Ok(fields)
+/// A form post by any visitor (sign-up and login included): its fields, once
+/// the CSRF token checks out. An unreadable form is 400, a missing or wrong
+/// token 403.
+struct CheckedForm {
+    visitor: Visitor,
+    fields: HashMap<String, String>,
+}
+
+impl FromRequest<WebState> for CheckedForm {
+    type Rejection = Response;
+
+    async fn from_request(mut request: Request, state: &WebState) -> Result<Self, Response> {
+        let visitor: Visitor = request
+            .extract_parts_with_state(state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let fields = form(&body).map_err(IntoResponse::into_response)?;
+        visitor
+            .check_csrf(fields.get("csrf").map(String::as_str))
+            .map_err(IntoResponse::into_response)?;
+        Ok(CheckedForm { visitor, fields })
+    }
+}
+
+/// A form post by a member: a [`CheckedForm`] whose visitor has a live
+/// session, else 401. The token is checked first, so a forged post is 403
+/// whether or not its visitor is signed in.
+struct MemberForm {
+    visitor: Visitor,
+    user: User,
+    fields: HashMap<String, String>,
+}
+
+impl FromRequest<WebState> for MemberForm {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &WebState) -> Result<Self, Response> {
+        let CheckedForm { visitor, fields } = CheckedForm::from_request(request, state).await?;
+        let user = visitor
+            .member()
+            .map_err(IntoResponse::into_response)?
+            .clone();
+        Ok(MemberForm {
+            visitor,
+            user,
+            fields,
+        })
+    }
 }
 
 fn may_see(clip: &Clip, user: Option<&User>) -> bool {
@@ -120,19 +166,14 @@ async fn visible_clip(state: &WebState, visitor: &Visitor, id: &str) -> Result<C
 
 /// A job of this member. Another member's job is "forbidden" where its clip
 /// is public anyway, else "not found", so that unpublished jobs stay unseen.
-async fn own_job(
-    state: &WebState,
-    visitor: &Visitor,
-    user: &User,
-    id: &str,
-) -> Result<JobRow, PageError> {
+async fn own_job(state: &WebState, user: &User, id: &str) -> Result<JobRow, PageError> {
     let db = &state.app.db;
     let job = db.job(id).await?.ok_or_else(PageError::not_found)?;
     if db.job_owner(id).await?.as_deref() == Some(user.id.as_str()) {
         return Ok(job);
     }
     match db.clip(id).await? {
-        Some(c) if may_see(&c, visitor.user.as_ref()) => Err(PageError::new(
+        Some(c) if may_see(&c, Some(user)) => Err(PageError::new(
             StatusCode::FORBIDDEN,
             "This clip belongs to another member.",
         )),
@@ -494,12 +535,9 @@ fn ranged(bytes: Vec<u8>, content_type: &str, headers: &HeaderMap) -> Response {
 
 async fn like(
     State(state): State<WebState>,
-    visitor: Visitor,
     Path(id): Path<String>,
-    body: Bytes,
+    MemberForm { visitor, user, .. }: MemberForm,
 ) -> PageResult {
-    checked_form(&visitor, &body)?;
-    let user = visitor.member()?;
     visible_clip(&state, &visitor, &id).await?;
     state.app.db.toggle_like(&id, &user.id).await?;
     Ok(see_other(&format!("/clips/{}", url_param(&id))))
@@ -507,12 +545,13 @@ async fn like(
 
 async fn report(
     State(state): State<WebState>,
-    visitor: Visitor,
     Path(id): Path<String>,
-    body: Bytes,
+    MemberForm {
+        visitor,
+        user,
+        fields,
+    }: MemberForm,
 ) -> PageResult {
-    let fields = checked_form(&visitor, &body)?;
-    let user = visitor.member()?;
     let clip = visible_clip(&state, &visitor, &id).await?;
     if clip.user_id == user.id {
         return Err(bad_request("you cannot report your own clip"));
@@ -533,12 +572,13 @@ async fn report(
 
 async fn hide(
     State(state): State<WebState>,
-    visitor: Visitor,
     Path(id): Path<String>,
-    body: Bytes,
+    MemberForm {
+        visitor,
+        user,
+        fields,
+    }: MemberForm,
 ) -> PageResult {
-    let fields = checked_form(&visitor, &body)?;
-    let user = visitor.member()?;
     let clip = visible_clip(&state, &visitor, &id).await?;
     if !user.admin {
         return Err(PageError::new(
@@ -553,13 +593,10 @@ async fn hide(
 
 async fn publish(
     State(state): State<WebState>,
-    visitor: Visitor,
     Path(id): Path<String>,
-    body: Bytes,
+    MemberForm { user, .. }: MemberForm,
 ) -> PageResult {
-    checked_form(&visitor, &body)?;
-    let user = visitor.member()?;
-    let job = own_job(&state, &visitor, user, &id).await?;
+    let job = own_job(&state, &user, &id).await?;
     if job.state != db::FINISHED || job.clip.is_none() {
         return Err(PageError::new(
             StatusCode::CONFLICT,
@@ -575,13 +612,10 @@ async fn publish(
 
 async fn cancel(
     State(state): State<WebState>,
-    visitor: Visitor,
     Path(id): Path<String>,
-    body: Bytes,
+    MemberForm { user, .. }: MemberForm,
 ) -> PageResult {
-    checked_form(&visitor, &body)?;
-    let user = visitor.member()?;
-    let job = own_job(&state, &visitor, user, &id).await?;
+    let job = own_job(&state, &user, &id).await?;
     if job.state != db::QUEUED && job.state != db::RUNNING {
         return Err(PageError::new(
             StatusCode::CONFLICT,
@@ -594,13 +628,10 @@ async fn cancel(
 
 async fn delete(
     State(state): State<WebState>,
-    visitor: Visitor,
     Path(id): Path<String>,
-    body: Bytes,
+    MemberForm { user, .. }: MemberForm,
 ) -> PageResult {
-    checked_form(&visitor, &body)?;
-    let user = visitor.member()?;
-    let job = own_job(&state, &visitor, user, &id).await?;
+    let job = own_job(&state, &user, &id).await?;
     if job.state == db::QUEUED || job.state == db::RUNNING {
         return Err(PageError::new(
             StatusCode::CONFLICT,
@@ -749,12 +780,8 @@ async fn create_job(
         .get("x-csrf-token")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    visitor
-        .check_csrf(given.as_deref())
-        .map_err(|e| ApiError::new(e.status, e.message))?;
-    let user = visitor
-        .member()
-        .map_err(|e| ApiError::new(e.status, e.message))?;
+    visitor.check_csrf(given.as_deref())?;
+    let user = visitor.member()?;
     let job = api::read_job(&state.app, request).await?;
     let job = api::accept_job(&state.app, &web_token_id(&user.id), job).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": job.id }))).into_response())
@@ -765,9 +792,7 @@ async fn create_events(
     visitor: Visitor,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let user = visitor
-        .member()
-        .map_err(|e| ApiError::new(e.status, e.message))?;
+    let user = visitor.member()?;
     match state.app.db.job_owner(&id).await? {
         Some(owner) if owner == user.id => {
             Ok(api::job_events(state.app.clone(), id).into_response())
@@ -869,10 +894,11 @@ async fn me(State(state): State<WebState>, visitor: Visitor) -> PageResult {
     Ok(html_page(&visitor, "My clips", &body))
 }
 
-async fn new_token(State(state): State<WebState>, visitor: Visitor, body: Bytes) -> PageResult {
-    checked_form(&visitor, &body)?;
-    let user = visitor.member()?;
-    let token = state.app.db.create_user_token(user).await?;
+async fn new_token(
+    State(state): State<WebState>,
+    MemberForm { visitor, user, .. }: MemberForm,
+) -> PageResult {
+    let token = state.app.db.create_user_token(&user).await?;
     let body = format!(
         r#"<section class="narrow notice"><h1>Your new API token</h1><p>Copy it now: only its hash is kept.</p><p><code class="token" id="token">{}</code></p><p><a href="/me">Back</a></p></section>"#,
         esc(&token)
@@ -1015,8 +1041,10 @@ async fn start_session(state: &WebState, user: &User) -> PageResult {
     Ok(response)
 }
 
-async fn signup(State(state): State<WebState>, visitor: Visitor, body: Bytes) -> PageResult {
-    let fields = checked_form(&visitor, &body)?;
+async fn signup(
+    State(state): State<WebState>,
+    CheckedForm { visitor, fields }: CheckedForm,
+) -> PageResult {
     let name = fields
         .get("name")
         .map(|s| s.trim())
@@ -1047,8 +1075,10 @@ async fn signup(State(state): State<WebState>, visitor: Visitor, body: Bytes) ->
     }
 }
 
-async fn login(State(state): State<WebState>, visitor: Visitor, body: Bytes) -> PageResult {
-    let fields = checked_form(&visitor, &body)?;
+async fn login(
+    State(state): State<WebState>,
+    CheckedForm { visitor, fields }: CheckedForm,
+) -> PageResult {
     let name = fields
         .get("name")
         .map(|s| s.trim())
@@ -1095,13 +1125,8 @@ async fn login(State(state): State<WebState>, visitor: Visitor, body: Bytes) -> 
     }
 }
 
-async fn logout(
-    State(state): State<WebState>,
-    visitor: Visitor,
-    headers: HeaderMap,
-    body: Bytes,
-) -> PageResult {
-    checked_form(&visitor, &body)?;
+/// Ends the session; like every form post, only with the CSRF token.
+async fn logout(State(state): State<WebState>, headers: HeaderMap, _: CheckedForm) -> PageResult {
     if let Some(secret) = super::cookie(&headers, SESSION_COOKIE) {
         state.app.db.delete_session(&secret).await?;
     }

@@ -1,0 +1,210 @@
+//! What the end-to-end tests of `motif serve` share (`mod common;` in
+//! tests/serve.rs and tests/gallery.rs): temporary folders, free ports, the
+//! `motif` processes under test and a PostgreSQL database of their own.
+
+// Each test file is its own crate and uses only some of these.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+pub const MOTIF: &str = env!("CARGO_BIN_EXE_motif");
+
+/// A number no other call returns: the clock in nanoseconds.
+pub fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// An empty folder of this test's own, `motif-TESTFILE-NAME-…` in the
+/// system's temporary folder (`CARGO_CRATE_NAME` is the test file's name, as
+/// this module is compiled into each).
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "motif-{}-{name}-{}-{}",
+        env!("CARGO_CRATE_NAME"),
+        std::process::id(),
+        unique()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `motif ARGS` with the environment of these tests: none of the caller's
+/// service settings, plus `env`.
+pub fn motif_command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(MOTIF);
+    command
+        .args(args)
+        .env(
+            "XDG_RUNTIME_DIR",
+            std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
+        )
+        .env_remove("MOTIF_DATABASE_URL")
+        .env_remove("MOTIF_SESSION_SECONDS")
+        .env_remove("MOTIF_STORE")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .envs(env.iter().copied());
+    command
+}
+
+/// A child process killed (SIGKILL) when dropped; its output goes to `log`.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[&str]) -> Proc {
+        Proc::spawn_with_env(name, args, &[])
+    }
+
+    pub fn spawn_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let log = std::env::temp_dir().join(format!("{name}-{}.log", unique()));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = motif_command(args, env)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        eprintln!("{name}: pid {}, log {}", child.id(), log.display());
+        Proc {
+            child,
+            log,
+            name: name.to_string(),
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            eprintln!("stopping {}", self.name);
+        }
+        self.kill();
+    }
+}
+
+/// `motif serve --data DATA` on a free port of 127.0.0.1, answering its
+/// health check.
+pub struct Server {
+    pub base: String,
+    pub proc: Proc,
+}
+
+impl Server {
+    pub fn start(data: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(data, extra, &[])
+    }
+
+    pub fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "serve",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn_with_env("motif-serve", &args, env);
+        let server = Server {
+            base: format!("http://{listen}"),
+            proc,
+        };
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = ureq::get(&server.url("/api/v1/health")).call() {
+                assert_eq!(r.status(), 200);
+                return server;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the server did not answer within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+/// A fresh database `motif_NAME_PID` on the PostgreSQL of
+/// `MOTIF_TEST_DATABASE_URL` for one test, dropped at its end.
+pub struct PgDatabase {
+    base: String,
+    name: String,
+    pub url: String,
+}
+
+pub fn psql(base: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args([base, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql (Debian's postgresql-client) must be installed");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PgDatabase {
+    pub fn create(name: &str) -> PgDatabase {
+        let base = std::env::var("MOTIF_TEST_DATABASE_URL").unwrap_or_else(|_| {
+            panic!(
+                "MOTIF_TEST_DATABASE_URL is not set: the PostgreSQL tests need a server \
+                 (`.ci/run` installs and starts one; locally: postgres://USER:PASSWORD@127.0.0.1/DB with CREATEDB)"
+            )
+        });
+        let db = format!("motif_{name}_{}", std::process::id());
+        psql(&base, &format!("DROP DATABASE IF EXISTS {db}"));
+        psql(&base, &format!("CREATE DATABASE {db}"));
+        let (prefix, _) = base.rsplit_once('/').expect("a URL ending in /DATABASE");
+        PgDatabase {
+            url: format!("{prefix}/{db}"),
+            base,
+            name: db,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        // The tests declare their server and workers after this guard, so
+        // they are gone by now.
+        let _ = Command::new("psql")
+            .args([
+                self.base.as_str(),
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
