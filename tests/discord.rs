@@ -4,17 +4,17 @@
 //! interactions endpoint with interactions signed by a generated Ed25519 key,
 //! clips made by the bundled model at 64x64, 4 frames, 2 steps.
 
+mod common;
+
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::{temp_dir, PgDatabase, MOTIF};
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::{json, Value};
-
-const MOTIF: &str = env!("CARGO_BIN_EXE_motif");
 
 #[derive(Debug, Clone)]
 struct Recorded {
@@ -266,31 +266,12 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "motif-discord-{name}-{}-{}",
-        std::process::id(),
-        now_ms()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A `motif serve` acting as the Discord app, killed when dropped.
 struct Server {
     base: String,
     data: PathBuf,
-    log: PathBuf,
+    server: common::Server,
     key: SigningKey,
-    child: Child,
     /// Makes each interaction's id and token unique.
     counter: Mutex<u64>,
 }
@@ -301,14 +282,11 @@ const TINY: &str = r#"{"width": 64, "height": 64, "frames": 4, "steps": 2}"#;
 impl Server {
     /// With Discord at `discord` and attachments allowed from `attachments`.
     fn start(name: &str, discord: &StandIn, attachments: &StandIn, extra: &[&str]) -> Server {
-        Server::start_in(temp_dir(name), discord, attachments, extra)
+        Server::start_in(&temp_dir(name), discord, attachments, extra)
     }
 
-    /// The same, on the data folder `data` (kept when the server is dropped).
-    fn start_in(data: PathBuf, discord: &StandIn, attachments: &StandIn, extra: &[&str]) -> Server {
-        let listen = format!("127.0.0.1:{}", free_port());
-        let log = data.join("server.log");
-        let out = std::fs::File::create(&log).unwrap();
+    /// The same, on the data folder `data`.
+    fn start_in(data: &Path, discord: &StandIn, attachments: &StandIn, extra: &[&str]) -> Server {
         let key = SigningKey::from_bytes(&rand_bytes());
         let public_key: String = key
             .verifying_key()
@@ -316,57 +294,32 @@ impl Server {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let child = Command::new(MOTIF)
-            .args([
-                "serve",
-                "--data",
-                data.to_str().unwrap(),
-                "--listen",
-                &listen,
-            ])
-            .args(["--discord-public-key", &public_key])
-            .args(["--discord-application-id", APP_ID])
-            .args(["--discord-api-base", &discord.base])
-            .args(["--discord-attachment-host", &attachments.origin])
-            .args(["--discord-defaults", TINY])
-            .args(extra)
-            .env("MOTIF_DISCORD_BOT_TOKEN", BOT_TOKEN)
-            .env(
-                "XDG_RUNTIME_DIR",
-                std::env::var("XDG_RUNTIME_DIR").unwrap_or("/tmp".into()),
-            )
-            .env_remove("MOTIF_DATABASE_URL")
-            .env_remove("MOTIF_PUBLIC_URL")
-            .env_remove("MOTIF_DISCORD_API_BASE")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let server = Server {
-            base: format!("http://{listen}"),
-            data,
-            log,
+        let mut args = vec![
+            "--discord-public-key",
+            &public_key,
+            "--discord-application-id",
+            APP_ID,
+            "--discord-api-base",
+            &discord.base,
+            "--discord-attachment-host",
+            &attachments.origin,
+            "--discord-defaults",
+            TINY,
+        ];
+        args.extend_from_slice(extra);
+        let server =
+            common::Server::start_with_env(data, &args, &[("MOTIF_DISCORD_BOT_TOKEN", BOT_TOKEN)]);
+        Server {
+            base: server.base.clone(),
+            data: data.to_path_buf(),
+            server,
             key,
-            child,
             counter: Mutex::new(0),
-        };
-        let start = Instant::now();
-        while ureq::get(&format!("{}/api/v1/health", server.base))
-            .call()
-            .is_err()
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the server did not answer within 30 s: {}",
-                server.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
         }
-        server
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(&self.server.proc.log).unwrap_or_default()
     }
 
     /// Whether the SQLite files (the database and its write-ahead log) hold `text`.
@@ -484,13 +437,6 @@ impl Server {
             Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
             Err(e) => panic!("GET {path}: {e}"),
         }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -860,7 +806,9 @@ fn commands_queue_clips_that_come_back_with_buttons() {
         .unwrap()
         .starts_with("⏳ Queued"));
     // Its page opens by the link; the gallery lists it only once published.
-    assert_eq!(server.get(&format!("/clips/{id}")).0, 200);
+    let (status, page) = server.get(&format!("/clips/{id}"));
+    assert_eq!(status, 200);
+    assert!(page.contains(">unlisted<"), "{page}");
     assert!(!server.get("/").1.contains(&id));
 
     // Publish: only the author.
@@ -884,6 +832,7 @@ fn commands_queue_clips_that_come_back_with_buttons() {
         true
     );
     assert!(server.get("/").1.contains(&id), "the gallery lists it now");
+    assert!(!server.get(&format!("/clips/{id}")).1.contains(">unlisted<"));
     let again = server.button(ADA, &format!("publish:{id}"), &content);
     assert!(again["data"]["content"]
         .as_str()
@@ -1139,7 +1088,7 @@ fn results_survive_a_restart_and_cancelled_jobs_are_posted() {
     let discord = stand_in(200);
     let data = temp_dir("restart");
     // No workers: the jobs wait in the queue.
-    let first = Server::start_in(data.clone(), &discord, &discord, &["--workers", "0"]);
+    let first = Server::start_in(&data, &discord, &discord, &["--workers", "0"]);
     let (patient, answer) = first.command(
         ADA,
         "create",
@@ -1202,7 +1151,7 @@ fn results_survive_a_restart_and_cancelled_jobs_are_posted() {
     // The server stops with the other job queued; the next one on the same
     // data runs it and posts it.
     drop(first);
-    let second = Server::start_in(data.clone(), &discord, &discord, &[]);
+    let second = Server::start_in(&data, &discord, &discord, &[]);
     let result = result_of(&discord, &patient);
     assert_clip(&result, "after the restart");
     assert!(result.message["content"]
@@ -1224,4 +1173,44 @@ fn results_survive_a_restart_and_cancelled_jobs_are_posted() {
     assert_eq!(posts, 1);
     drop(second);
     let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
+fn postgres_discord_round_trip() {
+    // Declared first, dropped last: after the server is gone.
+    let pg = PgDatabase::create("discord");
+    let discord = stand_in(200);
+    let server = Server::start(
+        "postgres",
+        &discord,
+        &discord,
+        &["--database", &pg.url, "--discord-per-minute", "10"],
+    );
+    let (token, _) = server.command(
+        ADA,
+        "create",
+        json!([{"name": "prompt", "value": "a fox on postgres"}]),
+    );
+    let result = result_of(&discord, &token);
+    assert_clip(&result, "on PostgreSQL");
+    let id = job_of(&result);
+    let content = result.message["content"].as_str().unwrap();
+    assert!(!server.get("/").1.contains(&id));
+    assert_eq!(
+        server.button(BO, &format!("publish:{id}"), content)["type"],
+        4
+    );
+    assert_eq!(
+        server.button(ADA, &format!("publish:{id}"), content)["type"],
+        7
+    );
+    assert!(server.get("/").1.contains(&id));
+    let (token, _) = server.command(
+        ADA,
+        "remix",
+        json!([{"name": "clip", "value": id}, {"name": "seed", "value": 5}]),
+    );
+    let remixed = result_of(&discord, &token);
+    assert_clip(&remixed, "/remix on PostgreSQL");
+    assert_eq!(seed_of(&remixed), 5);
 }

@@ -1,5 +1,5 @@
 //! What the end-to-end tests of `motif serve` share (`mod common;` in
-//! tests/serve.rs and tests/gallery.rs): temporary folders, free ports, the
+//! tests/serve.rs, tests/gallery.rs and tests/discord.rs): temporary folders, free ports, the
 //! `motif` processes under test and a PostgreSQL database of their own.
 
 // Each test file is its own crate and uses only some of these.
@@ -59,6 +59,11 @@ pub fn motif_command(args: &[&str], env: &[(&str, &str)]) -> Command {
         .env_remove("AWS_ENDPOINT_URL")
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("MOTIF_PUBLIC_URL")
+        .env_remove("MOTIF_DISCORD_PUBLIC_KEY")
+        .env_remove("MOTIF_DISCORD_APPLICATION_ID")
+        .env_remove("MOTIF_DISCORD_BOT_TOKEN")
+        .env_remove("MOTIF_DISCORD_API_BASE")
         .envs(env.iter().copied());
     command
 }

@@ -458,10 +458,12 @@ async fn clip_page(
         author = esc(&clip.author),
         age = esc(&age(clip.published_ms, now_ms())),
         likes = clip.likes,
-        hidden = if clip.hidden {
-            r#"<span class="tag warn">hidden</span>"#
-        } else {
-            ""
+        hidden = match (clip.hidden, clip.listed) {
+            (true, _) => r#"<span class="tag warn">hidden</span>"#,
+            (false, false) => {
+                r#"<span class="tag" title="Shown on Discord; in the gallery once its author publishes it">unlisted</span>"#
+            }
+            (false, true) => "",
         },
     );
     Ok(html_page(&visitor, &clip.prompt, &body))
