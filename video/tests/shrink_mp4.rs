@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{recipe, run_ffmpeg_tool, TestDir};
+use common::{recipe, TestDir};
 use motif_video::{read_recipe, shrink_mp4, write_clip, Clip, VideoError};
 use shiguredo_mp4::boxes::SampleEntry;
 use shiguredo_mp4::demux::{Input, Mp4FileDemuxer};
@@ -92,21 +92,7 @@ fn check_with_ffprobe(path: &Path, expected: &TrackSummary) {
         println!("ffprobe is not on PATH: skipping the independent decode of {path:?}");
         return;
     }
-    let path_text = path.to_str().expect("UTF-8 test path");
-    let json = run_ffmpeg_tool(
-        "ffprobe",
-        &[
-            "-v",
-            "error",
-            "-count_frames",
-            "-show_streams",
-            "-show_format",
-            "-of",
-            "json",
-            path_text,
-        ],
-    );
-    let probe: serde_json::Value = serde_json::from_slice(&json).expect("ffprobe prints JSON");
+    let probe = common::ffprobe(path);
     let stream = &probe["streams"][0];
     assert_eq!(stream["codec_name"], "h264", "{probe}");
     assert_eq!(stream["pix_fmt"], "yuv420p", "{probe}");
