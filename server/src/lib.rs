@@ -243,7 +243,7 @@ async fn stop_requested() {
 /// `motif serve`: the API and `workers` in-process workers, until Ctrl-C or SIGTERM.
 pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
     if let Some(discord) = &options.discord {
-        discord.check()?;
+        discord.check(&options.limits.job)?;
     }
     let url = database_url(&options.data, options.database.as_deref())?;
     let store = Arc::new(Store::open(&options.data, &options.store)?);

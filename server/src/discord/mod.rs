@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use crate::accounts::LoginLimiter;
 use crate::api::AppState;
 use crate::worker::Shutdown;
-use crate::JobRequest;
+use crate::{JobLimits, JobRequest};
 pub use verify::Verifier;
 
 /// Where Discord keeps attachments (the `url` of a resolved attachment).
@@ -72,8 +72,9 @@ impl std::fmt::Debug for DiscordOptions {
 }
 
 impl DiscordOptions {
-    /// Checks what can be checked before serving: ids, URLs, the defaults.
-    pub fn check(&self) -> Result<()> {
+    /// Checks what can be checked before serving: ids, URLs, the defaults
+    /// (within the server's `limits`, or every command would be refused).
+    pub fn check(&self, limits: &JobLimits) -> Result<()> {
         if self.application_id.is_empty()
             || !self.application_id.bytes().all(|b| b.is_ascii_digit())
         {
@@ -98,14 +99,21 @@ impl DiscordOptions {
                 bail!("{what} {url}: expected an http:// or https:// URL");
             }
         }
-        let mut probe = self.defaults.clone();
-        probe.insert("prompt".into(), Value::from("a probe"));
-        serde_json::from_value::<JobRequest>(Value::Object(probe))
-            .context("--discord-defaults: not job fields (see POST /api/v1/jobs)")?;
+        self.defaults_probe()?
+            .validate(limits)
+            .map_err(|e| anyhow::anyhow!("--discord-defaults: `{}`: {}", e.field, e.message))?;
         if self.per_minute == 0 {
             bail!("--discord-per-minute must be at least 1");
         }
         Ok(())
+    }
+
+    /// The defaults as a job with a placeholder prompt.
+    fn defaults_probe(&self) -> Result<JobRequest> {
+        let mut probe = self.defaults.clone();
+        probe.insert("prompt".into(), Value::from("a probe"));
+        serde_json::from_value::<JobRequest>(Value::Object(probe))
+            .context("--discord-defaults: not job fields (see POST /api/v1/jobs)")
     }
 }
 
@@ -122,7 +130,7 @@ pub(crate) struct DiscordState {
 
 impl DiscordState {
     pub fn new(app: AppState, options: DiscordOptions) -> Result<DiscordState> {
-        options.check()?;
+        options.check(&app.limits.job)?;
         let client = reqwest::Client::builder()
             .user_agent(concat!(
                 "DiscordBot (https://github.com/motif, ",
