@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -35,6 +35,10 @@ pub struct WebOptions {
     pub session: Duration,
     /// Failed logins to one account name allowed per `login_window`.
     pub login_failures: usize,
+    /// Failed logins from one client address, to any names, allowed per
+    /// `login_window`: the per-name limit alone lets one client try a
+    /// password against every account.
+    pub login_failures_per_ip: usize,
     pub login_window: Duration,
     /// Clips on one gallery page.
     pub page_size: usize,
@@ -45,6 +49,7 @@ impl Default for WebOptions {
         WebOptions {
             session: Duration::from_secs(14 * 24 * 3600),
             login_failures: 5,
+            login_failures_per_ip: 20,
             login_window: Duration::from_secs(15 * 60),
             page_size: 24,
         }
@@ -55,7 +60,10 @@ impl Default for WebOptions {
 pub(crate) struct WebState {
     pub app: AppState,
     pub options: Arc<WebOptions>,
+    /// Failed logins per account name.
     pub limiter: Arc<LoginLimiter>,
+    /// Failed logins per client address ([`crate::accounts::client_key`]).
+    pub ip_limiter: Arc<LoginLimiter>,
 }
 
 /// The API's routes and the gallery's, with the security headers on every answer.
@@ -66,13 +74,37 @@ pub(crate) fn app(api: Router, state: AppState, options: WebOptions) -> Router {
             options.login_failures,
             options.login_window,
         )),
+        ip_limiter: Arc::new(LoginLimiter::new(
+            options.login_failures_per_ip,
+            options.login_window,
+        )),
         options: Arc::new(options),
     };
     pages::routes()
         .layer(middleware::from_fn(csrf_cookie))
         .with_state(web)
         .merge(api)
+        .fallback(no_route)
         .layer(middleware::from_fn(security_headers))
+}
+
+/// Any path no route serves: the API's JSON 404 under the API's prefixes,
+/// where clients parse the answer, and the gallery's 404 page elsewhere.
+async fn no_route(uri: Uri) -> Response {
+    let path = uri.path();
+    let api = path == "/api/v1"
+        || path.starts_with("/api/v1/")
+        || path == "/discord"
+        || path.starts_with("/discord/");
+    if api {
+        crate::api::not_found().await.into_response()
+    } else {
+        PageError::new(
+            StatusCode::NOT_FOUND,
+            format!("There is no page at {path}."),
+        )
+        .into_response()
+    }
 }
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
