@@ -750,6 +750,22 @@ fn unknown_pages_get_the_gallery_404_page_and_api_paths_json() {
         assert!(p.body.contains("<h1>Not Found</h1>"), "{path}: {}", p.body);
         assert_security_headers(&p, path);
     }
+    // A member sees their own frame on error pages, as on every page.
+    let mut dana = Visitor::new(&server);
+    dana.signup("dana", "dana password");
+    for path in ["/nope", "/clips/nope"] {
+        let p = dana.get(path);
+        assert_eq!(p.status, 404, "{path}");
+        assert!(
+            p.body.contains(r#"<span class="who">dana</span>"#),
+            "{path}: {}",
+            p.body
+        );
+        assert!(
+            p.body.contains(&dana.csrf()),
+            "{path}: the logout form's token"
+        );
+    }
     // The path is shown as text. (A raw `<` in a path is refused with 400
     // before any route; a quote passes, unencoded.)
     let p = v.get("/it's-x");
@@ -769,6 +785,15 @@ fn unknown_pages_get_the_gallery_404_page_and_api_paths_json() {
         let body: Value = serde_json::from_str(&p.body).unwrap();
         assert!(body["error"].is_string(), "{path}: {body}");
         assert_security_headers(&p, path);
+        let r = ureq::get(&server.url(path)).call();
+        let Err(ureq::Error::Status(404, r)) = r else {
+            panic!("{path}: not 404")
+        };
+        assert_eq!(
+            r.header("set-cookie"),
+            None,
+            "{path}: an API answer sets no cookie"
+        );
     }
 }
 

@@ -15,7 +15,8 @@ mod pages;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Request};
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
@@ -81,22 +82,30 @@ pub(crate) fn app(api: Router, state: AppState, options: WebOptions) -> Router {
         options: Arc::new(options),
     };
     pages::routes()
+        .fallback(no_route)
+        .layer(middleware::from_fn_with_state(
+            web.clone(),
+            error_page_frame,
+        ))
         .layer(middleware::from_fn(csrf_cookie))
         .with_state(web)
         .merge(api)
-        .fallback(no_route)
         .layer(middleware::from_fn(security_headers))
+}
+
+/// Paths of the API and the Discord endpoint, whose clients read JSON.
+fn is_api_path(path: &str) -> bool {
+    path == "/api/v1"
+        || path.starts_with("/api/v1/")
+        || path == "/discord"
+        || path.starts_with("/discord/")
 }
 
 /// Any path no route serves: the API's JSON 404 under the API's prefixes,
 /// where clients parse the answer, and the gallery's 404 page elsewhere.
 async fn no_route(uri: Uri) -> Response {
     let path = uri.path();
-    let api = path == "/api/v1"
-        || path.starts_with("/api/v1/")
-        || path == "/discord"
-        || path.starts_with("/discord/");
-    if api {
+    if is_api_path(path) {
         crate::api::not_found().await.into_response()
     } else {
         PageError::new(
@@ -136,6 +145,11 @@ struct Csrf(String);
 
 /// Gives every visitor a CSRF cookie; forms repeat its value.
 async fn csrf_cookie(mut request: Request, next: Next) -> Response {
+    // The API's 404s come through here (the gallery's fallback answers
+    // them); its clients get no cookie.
+    if is_api_path(request.uri().path()) {
+        return next.run(request).await;
+    }
     let existing = cookie(request.headers(), CSRF_COOKIE)
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()));
     let (value, new) = match existing {
@@ -151,6 +165,53 @@ async fn csrf_cookie(mut request: Request, next: Next) -> Response {
             response.headers_mut().append(header::SET_COOKIE, v);
         }
     }
+    response
+}
+
+/// What an error page says, left on its response by [`PageError`], which is
+/// made where the visitor is not known.
+#[derive(Clone)]
+struct ErrorNotice {
+    title: String,
+    message: String,
+}
+
+fn error_body(title: &str, message: &str) -> String {
+    format!(
+        r#"<section class="narrow notice"><h1>{}</h1><p>{}</p><p><a href="/">Back to the gallery</a></p></section>"#,
+        html::esc(title),
+        html::esc(message)
+    )
+}
+
+/// Draws error pages again in the visitor's frame, as every other page is:
+/// a member keeps their name, links and logout form.
+async fn error_page_frame(State(state): State<WebState>, request: Request, next: Next) -> Response {
+    let session = cookie(request.headers(), SESSION_COOKIE);
+    let csrf = request
+        .extensions()
+        .get::<Csrf>()
+        .map(|c| c.0.clone())
+        .unwrap_or_default();
+    let mut response = next.run(request).await;
+    let Some(notice) = response.extensions_mut().remove::<ErrorNotice>() else {
+        return response;
+    };
+    let user = match session {
+        Some(secret) => state.app.db.session_user(&secret).await.ok().flatten(),
+        None => None,
+    };
+    let frame = html::Frame {
+        user: user.as_ref(),
+        csrf: &csrf,
+    };
+    let page = html::page(
+        &frame,
+        &notice.title,
+        &error_body(&notice.title, &notice.message),
+    );
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    *response.body_mut() = Body::from(page);
     response
 }
 
@@ -232,7 +293,8 @@ impl FromRequestParts<WebState> for Visitor {
     }
 }
 
-/// An error shown as a page (for form posts and page loads).
+/// An error shown as a page (for form posts and page loads), in the
+/// visitor's frame once [`error_page_frame`] has seen it.
 #[derive(Debug)]
 pub(crate) struct PageError {
     pub status: StatusCode,
@@ -273,22 +335,24 @@ impl From<PageError> for ApiError {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
+        // Drawn for nobody here; [`error_page_frame`] draws it again for the
+        // visitor on the gallery's routes.
         let frame = html::Frame {
             user: None,
             csrf: "",
         };
         let title = self.status.canonical_reason().unwrap_or("Error");
-        let body = format!(
-            r#"<section class="narrow notice"><h1>{}</h1><p>{}</p><p><a href="/">Back to the gallery</a></p></section>"#,
-            html::esc(title),
-            html::esc(&self.message)
-        );
+        let body = error_body(title, &self.message);
         let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
             html::page(&frame, title, &body),
         )
             .into_response();
+        response.extensions_mut().insert(ErrorNotice {
+            title: title.to_string(),
+            message: self.message,
+        });
         if let Some(s) = self.retry_after {
             response
                 .headers_mut()
