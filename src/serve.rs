@@ -98,6 +98,10 @@ pub struct ServeArgs {
     /// Failed gallery logins to one account allowed per 15 minutes; more get 429.
     #[arg(long, default_value_t = 5)]
     login_failures: usize,
+    /// Failed gallery logins from one client address (any names; IPv6 by
+    /// /64) allowed per 15 minutes; more get 429.
+    #[arg(long, default_value_t = 20)]
+    login_failures_per_ip: usize,
     /// Clips on one gallery page.
     #[arg(long, default_value_t = 24)]
     page_size: usize,
@@ -386,8 +390,15 @@ pub fn serve(open_gpu: GpuOpener, args: &ServeArgs) -> Result<()> {
     if args.max_active_per_token < 1 || args.submissions_per_minute < 1 {
         bail!("--max-active-per-token and --submissions-per-minute must be at least 1");
     }
-    if args.session_seconds < 1 || args.login_failures < 1 || !(1..=500).contains(&args.page_size) {
-        bail!("--session-seconds and --login-failures must be at least 1, --page-size 1 to 500");
+    if args.session_seconds < 1
+        || args.login_failures < 1
+        || args.login_failures_per_ip < 1
+        || !(1..=500).contains(&args.page_size)
+    {
+        bail!(
+            "--session-seconds, --login-failures and --login-failures-per-ip must be at least 1, \
+             --page-size 1 to 500"
+        );
     }
     let options = ServeOptions {
         listen: args.listen,
@@ -404,6 +415,7 @@ pub fn serve(open_gpu: GpuOpener, args: &ServeArgs) -> Result<()> {
         web: WebOptions {
             session: Duration::from_secs(args.session_seconds),
             login_failures: args.login_failures,
+            login_failures_per_ip: args.login_failures_per_ip,
             page_size: args.page_size,
             ..Default::default()
         },

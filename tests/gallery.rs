@@ -651,6 +651,152 @@ fn logins_are_rate_limited_and_passwords_stay_out_of_logs() {
 
 // ---------------------------------------------------------------- browser
 
+#[test]
+fn failed_logins_are_limited_per_client_address_across_names() {
+    let server = Server::start(
+        "iplimit",
+        &["--workers", "0", "--login-failures-per-ip", "3"],
+    );
+    server.create_user("jill", "jill's real password", false);
+    let mut v = Visitor::new(&server);
+    // One guess at each of three names: under the per-name limit (5), but
+    // the address has spent its three.
+    for name in ["kim", "lou", "jill"] {
+        assert_eq!(v.login(name, "a common password").status, 401, "{name}");
+    }
+    for name in ["mo", "jill"] {
+        let p = v.login(name, "a common password");
+        assert_eq!(p.status, 429, "{name}: {}", p.body);
+        let wait: u64 = p.header("retry-after").unwrap().parse().unwrap();
+        assert!(wait > 0 && wait <= 15 * 60, "Retry-After {wait}");
+    }
+    // The right password waits too, and X-Forwarded-For does not reset it.
+    assert_eq!(v.login("jill", "jill's real password").status, 429);
+    let r = v
+        .agent
+        .post(&server.url("/login"))
+        .set("Cookie", &v.cookie_header())
+        .set("X-Forwarded-For", "203.0.113.9")
+        .send_form(&[
+            ("csrf", v.csrf().as_str()),
+            ("name", "jill"),
+            ("password", "jill's real password"),
+        ]);
+    assert_eq!(v.answer(r).status, 429);
+}
+
+#[test]
+fn members_revoke_their_api_tokens_on_their_page() {
+    let server = Server::start("revoke", &["--workers", "0"]);
+    let mut dana = Visitor::new(&server);
+    dana.signup("dana", "dana password");
+    let p = dana.post("/me/tokens", &[]);
+    assert_eq!(p.status, 200);
+    let start = p.body.find("motif_").expect("the new token is shown");
+    let token = p.body[start..start + "motif_".len() + 64].to_string();
+    let api_status = |token: &str| match ureq::get(&server.url("/api/v1/jobs"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(s, _)) => s,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(api_status(&token), 200);
+    // /me lists it with a Revoke button; the web token is neither listed nor revocable.
+    let me = dana.get("/me");
+    let start = me
+        .body
+        .find(r#"action="/me/tokens/"#)
+        .expect("a Revoke button")
+        + r#"action=""#.len();
+    let end = start + me.body[start..].find('"').unwrap();
+    let revoke = me.body[start..end].to_string();
+    assert!(revoke.ends_with("/revoke"), "{revoke}");
+    assert_eq!(me.body.matches("/revoke").count(), 1, "{}", me.body);
+    assert!(!me.body.contains("web-"), "{}", me.body);
+    // Another member cannot revoke it, nor can a forged post.
+    let mut eve = Visitor::new(&server);
+    eve.signup("eve", "eve password");
+    assert_eq!(eve.post(&revoke, &[]).status, 404);
+    assert_eq!(dana.post_raw(&revoke, &[]).status, 403);
+    assert_eq!(api_status(&token), 200);
+    // Dana can; the API then refuses it, and /me no longer lists it.
+    let p = dana.post(&revoke, &[]);
+    assert_eq!(p.status, 303, "{}", p.body);
+    assert_eq!(api_status(&token), 401);
+    assert!(!dana.get("/me").body.contains(&revoke));
+    assert_eq!(dana.post(&revoke, &[]).status, 404);
+    // Her session and the pages' own token still work.
+    dana.submit(&tiny_job("after revoking"));
+}
+
+#[test]
+fn unknown_pages_get_the_gallery_404_page_and_api_paths_json() {
+    let server = Server::start("notfound", &["--workers", "0"]);
+    let mut v = Visitor::new(&server);
+    for path in ["/nope", "/clips/x/y/z", "/assets/nope.css", "/clips/nope"] {
+        let p = v.get(path);
+        assert_eq!(p.status, 404, "{path}");
+        assert!(
+            p.header("content-type").unwrap().starts_with("text/html"),
+            "{path}"
+        );
+        assert!(
+            p.body.contains(r#"<header class="top">"#),
+            "{path}: {}",
+            p.body
+        );
+        assert!(p.body.contains("<h1>Not Found</h1>"), "{path}: {}", p.body);
+        assert_security_headers(&p, path);
+    }
+    // A member sees their own frame on error pages, as on every page.
+    let mut dana = Visitor::new(&server);
+    dana.signup("dana", "dana password");
+    for path in ["/nope", "/clips/nope"] {
+        let p = dana.get(path);
+        assert_eq!(p.status, 404, "{path}");
+        assert!(
+            p.body.contains(r#"<span class="who">dana</span>"#),
+            "{path}: {}",
+            p.body
+        );
+        assert!(
+            p.body.contains(&dana.csrf()),
+            "{path}: the logout form's token"
+        );
+    }
+    // The path is shown as text. (A raw `<` in a path is refused with 400
+    // before any route; a quote passes, unencoded.)
+    let p = v.get("/it's-x");
+    assert_eq!(p.status, 404);
+    assert!(p.body.contains("/it&#39;s-x"), "{}", p.body);
+    assert!(!p.body.contains("/it's-x"), "{}", p.body);
+    // API paths keep the API's JSON 404.
+    for path in [
+        "/api/v1",
+        "/api/v1/nope",
+        "/api/v1/jobs/x/y/z",
+        "/discord/nope",
+    ] {
+        let p = v.get(path);
+        assert_eq!(p.status, 404, "{path}");
+        assert_eq!(p.header("content-type"), Some("application/json"), "{path}");
+        let body: Value = serde_json::from_str(&p.body).unwrap();
+        assert!(body["error"].is_string(), "{path}: {body}");
+        assert_security_headers(&p, path);
+        let r = ureq::get(&server.url(path)).call();
+        let Err(ureq::Error::Status(404, r)) = r else {
+            panic!("{path}: not 404")
+        };
+        assert_eq!(
+            r.header("set-cookie"),
+            None,
+            "{path}: an API answer sets no cookie"
+        );
+    }
+}
+
 /// The W3C WebDriver calls the browser test needs, over plain HTTP to
 /// chromedriver (ureq is already here; see the commit for why not a crate).
 struct Browser {

@@ -3,6 +3,7 @@
 //! expiry), the API tokens they own, and the limit on failed logins.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -209,12 +210,12 @@ impl Db {
         Ok(token)
     }
 
-    /// API tokens of a member (their ids and creation times), newest first;
-    /// the web token is not listed.
+    /// Live API tokens of a member (their ids and creation times), newest
+    /// first; the web token is not listed.
     pub async fn user_tokens(&self, user_id: &str) -> Result<Vec<(String, i64)>> {
         let rows = sqlx::query(
             "SELECT id, created_ms FROM tokens WHERE user_id = $1 AND id <> $2 \
-             ORDER BY created_ms DESC",
+             AND revoked_ms IS NULL ORDER BY created_ms DESC",
         )
         .bind(user_id)
         .bind(web_token_id(user_id))
@@ -223,6 +224,24 @@ impl Db {
         rows.iter()
             .map(|r| Ok((r.try_get("id")?, r.try_get("created_ms")?)))
             .collect()
+    }
+
+    /// Revokes one of a member's API tokens; false when no live token of
+    /// theirs has this id. The web token cannot be revoked: the pages queue
+    /// under it. The row is marked rather than deleted, so that the jobs the
+    /// token queued stay the member's.
+    pub async fn revoke_user_token(&self, user_id: &str, token_id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tokens SET revoked_ms = $1 \
+             WHERE id = $2 AND user_id = $3 AND id <> $4 AND revoked_ms IS NULL",
+        )
+        .bind(now_ms())
+        .bind(token_id)
+        .bind(user_id)
+        .bind(web_token_id(user_id))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// The member whose token queued this job (None: a token without owner).
@@ -240,8 +259,22 @@ impl Db {
     }
 }
 
-/// Failed logins per account name within a window; past the limit, logins to
-/// that name are refused (429) until the oldest failure leaves the window.
+/// The key under which failed logins from a client address count: an IPv4
+/// address as is, an IPv6 address by its /64, which one subscriber usually
+/// holds whole (counting single addresses would let them rotate freely).
+pub fn client_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+/// Failed logins per key (an account name, or a [`client_key`]) within a
+/// window; past the limit, logins under that key are refused (429) until the
+/// oldest failure leaves the window.
 pub struct LoginLimiter {
     pub max_failures: usize,
     pub window: Duration,
@@ -257,11 +290,11 @@ impl LoginLimiter {
         }
     }
 
-    /// Seconds to wait before this name may try again, if it must wait.
-    pub fn retry_after(&self, name: &str) -> Option<u64> {
+    /// Seconds to wait before this key may try again, if it must wait.
+    pub fn retry_after(&self, key: &str) -> Option<u64> {
         let now = Instant::now();
         let mut map = self.failures.lock().ok()?;
-        let list = map.get_mut(&name.to_lowercase())?;
+        let list = map.get_mut(&key.to_lowercase())?;
         list.retain(|t| now.duration_since(*t) < self.window);
         if list.len() < self.max_failures {
             return None;
@@ -271,21 +304,21 @@ impl LoginLimiter {
         Some(wait.as_secs().max(1))
     }
 
-    pub fn failed(&self, name: &str) {
+    pub fn failed(&self, key: &str) {
         if let Ok(mut map) = self.failures.lock() {
-            // Bound the memory an attacker can make us spend on made-up names.
+            // Bound the memory an attacker can make us spend on made-up keys.
             if map.len() > 100_000 {
                 map.clear();
             }
-            map.entry(name.to_lowercase())
+            map.entry(key.to_lowercase())
                 .or_default()
                 .push(Instant::now());
         }
     }
 
-    pub fn succeeded(&self, name: &str) {
+    pub fn succeeded(&self, key: &str) {
         if let Ok(mut map) = self.failures.lock() {
-            map.remove(&name.to_lowercase());
+            map.remove(&key.to_lowercase());
         }
     }
 }
@@ -337,4 +370,44 @@ pub fn create_token_for(data: &Path, database: Option<&str>, name: &str) -> Resu
             .ok_or_else(|| anyhow!("no member named {name:?} (see `motif admin create-user`)"))?;
         db.create_user_token(&user).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_revokes_only_their_own_api_tokens_and_never_the_web_token() -> Result<()> {
+        let file = std::env::temp_dir().join(format!("motif-revoke-{}.db", random_hex(8)));
+        let url = format!("sqlite://{}?mode=rwc", file.display());
+        let result = runtime()?.block_on(async {
+            let db = Db::connect(&url).await?;
+            let dana = db.insert_user("dana", "x", false).await?.context("dana")?;
+            let eve = db.insert_user("eve", "x", false).await?.context("eve")?;
+            let token = db.create_user_token(&dana).await?;
+            let (id, _) = db.user_tokens(&dana.id).await?.remove(0);
+            let web = web_token_id(&dana.id);
+            assert!(!db.revoke_user_token(&dana.id, &web).await?);
+            assert!(!db.revoke_user_token(&eve.id, &id).await?);
+            assert!(db.token_by_hash(&hash_token(&token)).await?.is_some());
+            assert!(db.revoke_user_token(&dana.id, &id).await?);
+            assert!(!db.revoke_user_token(&dana.id, &id).await?);
+            assert!(db.token_by_hash(&hash_token(&token)).await?.is_none());
+            assert!(db.user_tokens(&dana.id).await?.is_empty());
+            Ok::<(), anyhow::Error>(())
+        });
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+        }
+        result
+    }
+
+    #[test]
+    fn client_keys_are_addresses_and_ipv6_slash_64s() {
+        let key = |s: &str| client_key(s.parse().expect("a test address"));
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:bbbb::9"), key("2001:db8:1:2:aaaa::1"));
+    }
 }

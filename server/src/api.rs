@@ -53,7 +53,6 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{id}/events", get(events))
         .route("/api/v1/jobs/{id}/clip", get(clip))
         .route("/api/v1/jobs/{id}/recipe", get(recipe))
-        .fallback(not_found)
         .layer(body_limit)
         .with_state(state)
 }
@@ -133,7 +132,9 @@ impl IntoResponse for ApiError {
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
-async fn not_found() -> ApiError {
+/// Any path under the API's prefixes that no route serves (see `web::app`,
+/// which sends other paths to the gallery's 404 page).
+pub(crate) async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "no such endpoint (see /api/v1/openapi.json)",

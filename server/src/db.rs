@@ -161,11 +161,14 @@ impl Db {
         Ok(())
     }
 
+    /// The token with this hash, unless it was revoked.
     pub async fn token_by_hash(&self, hash: &str) -> Result<Option<Token>> {
-        let row = sqlx::query("SELECT id, admin, user_id FROM tokens WHERE hash = $1")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, admin, user_id FROM tokens WHERE hash = $1 AND revoked_ms IS NULL",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| {
             Ok(Token {
                 id: r.try_get("id")?,

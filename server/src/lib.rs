@@ -298,7 +298,8 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
             handles.push(discord::spawn_delivery(discord.clone(), shutdown.clone()));
             routes = routes.merge(discord::router(discord));
         }
-        let app = web::app(routes, state, options.web);
+        let app = web::app(routes, state, options.web)
+            .into_make_service_with_connect_info::<SocketAddr>();
         let signal = shutdown.clone();
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {

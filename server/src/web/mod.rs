@@ -15,9 +15,10 @@ mod pages;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Request};
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -35,6 +36,10 @@ pub struct WebOptions {
     pub session: Duration,
     /// Failed logins to one account name allowed per `login_window`.
     pub login_failures: usize,
+    /// Failed logins from one client address, to any names, allowed per
+    /// `login_window`: the per-name limit alone lets one client try a
+    /// password against every account.
+    pub login_failures_per_ip: usize,
     pub login_window: Duration,
     /// Clips on one gallery page.
     pub page_size: usize,
@@ -45,6 +50,7 @@ impl Default for WebOptions {
         WebOptions {
             session: Duration::from_secs(14 * 24 * 3600),
             login_failures: 5,
+            login_failures_per_ip: 20,
             login_window: Duration::from_secs(15 * 60),
             page_size: 24,
         }
@@ -55,7 +61,10 @@ impl Default for WebOptions {
 pub(crate) struct WebState {
     pub app: AppState,
     pub options: Arc<WebOptions>,
+    /// Failed logins per account name.
     pub limiter: Arc<LoginLimiter>,
+    /// Failed logins per client address ([`crate::accounts::client_key`]).
+    pub ip_limiter: Arc<LoginLimiter>,
 }
 
 /// The API's routes and the gallery's, with the security headers on every answer.
@@ -66,13 +75,45 @@ pub(crate) fn app(api: Router, state: AppState, options: WebOptions) -> Router {
             options.login_failures,
             options.login_window,
         )),
+        ip_limiter: Arc::new(LoginLimiter::new(
+            options.login_failures_per_ip,
+            options.login_window,
+        )),
         options: Arc::new(options),
     };
     pages::routes()
+        .fallback(no_route)
+        .layer(middleware::from_fn_with_state(
+            web.clone(),
+            error_page_frame,
+        ))
         .layer(middleware::from_fn(csrf_cookie))
         .with_state(web)
         .merge(api)
         .layer(middleware::from_fn(security_headers))
+}
+
+/// Paths of the API and the Discord endpoint, whose clients read JSON.
+fn is_api_path(path: &str) -> bool {
+    path == "/api/v1"
+        || path.starts_with("/api/v1/")
+        || path == "/discord"
+        || path.starts_with("/discord/")
+}
+
+/// Any path no route serves: the API's JSON 404 under the API's prefixes,
+/// where clients parse the answer, and the gallery's 404 page elsewhere.
+async fn no_route(uri: Uri) -> Response {
+    let path = uri.path();
+    if is_api_path(path) {
+        crate::api::not_found().await.into_response()
+    } else {
+        PageError::new(
+            StatusCode::NOT_FOUND,
+            format!("There is no page at {path}."),
+        )
+        .into_response()
+    }
 }
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
@@ -104,6 +145,11 @@ struct Csrf(String);
 
 /// Gives every visitor a CSRF cookie; forms repeat its value.
 async fn csrf_cookie(mut request: Request, next: Next) -> Response {
+    // The API's 404s come through here (the gallery's fallback answers
+    // them); its clients get no cookie.
+    if is_api_path(request.uri().path()) {
+        return next.run(request).await;
+    }
     let existing = cookie(request.headers(), CSRF_COOKIE)
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()));
     let (value, new) = match existing {
@@ -119,6 +165,53 @@ async fn csrf_cookie(mut request: Request, next: Next) -> Response {
             response.headers_mut().append(header::SET_COOKIE, v);
         }
     }
+    response
+}
+
+/// What an error page says, left on its response by [`PageError`], which is
+/// made where the visitor is not known.
+#[derive(Clone)]
+struct ErrorNotice {
+    title: String,
+    message: String,
+}
+
+fn error_body(title: &str, message: &str) -> String {
+    format!(
+        r#"<section class="narrow notice"><h1>{}</h1><p>{}</p><p><a href="/">Back to the gallery</a></p></section>"#,
+        html::esc(title),
+        html::esc(message)
+    )
+}
+
+/// Draws error pages again in the visitor's frame, as every other page is:
+/// a member keeps their name, links and logout form.
+async fn error_page_frame(State(state): State<WebState>, request: Request, next: Next) -> Response {
+    let session = cookie(request.headers(), SESSION_COOKIE);
+    let csrf = request
+        .extensions()
+        .get::<Csrf>()
+        .map(|c| c.0.clone())
+        .unwrap_or_default();
+    let mut response = next.run(request).await;
+    let Some(notice) = response.extensions_mut().remove::<ErrorNotice>() else {
+        return response;
+    };
+    let user = match session {
+        Some(secret) => state.app.db.session_user(&secret).await.ok().flatten(),
+        None => None,
+    };
+    let frame = html::Frame {
+        user: user.as_ref(),
+        csrf: &csrf,
+    };
+    let page = html::page(
+        &frame,
+        &notice.title,
+        &error_body(&notice.title, &notice.message),
+    );
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    *response.body_mut() = Body::from(page);
     response
 }
 
@@ -200,7 +293,8 @@ impl FromRequestParts<WebState> for Visitor {
     }
 }
 
-/// An error shown as a page (for form posts and page loads).
+/// An error shown as a page (for form posts and page loads), in the
+/// visitor's frame once [`error_page_frame`] has seen it.
 #[derive(Debug)]
 pub(crate) struct PageError {
     pub status: StatusCode,
@@ -241,22 +335,24 @@ impl From<PageError> for ApiError {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
+        // Drawn for nobody here; [`error_page_frame`] draws it again for the
+        // visitor on the gallery's routes.
         let frame = html::Frame {
             user: None,
             csrf: "",
         };
         let title = self.status.canonical_reason().unwrap_or("Error");
-        let body = format!(
-            r#"<section class="narrow notice"><h1>{}</h1><p>{}</p><p><a href="/">Back to the gallery</a></p></section>"#,
-            html::esc(title),
-            html::esc(&self.message)
-        );
+        let body = error_body(title, &self.message);
         let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
             html::page(&frame, title, &body),
         )
             .into_response();
+        response.extensions_mut().insert(ErrorNotice {
+            title: title.to_string(),
+            message: self.message,
+        });
         if let Some(s) = self.retry_after {
             response
                 .headers_mut()

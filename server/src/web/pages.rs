@@ -2,10 +2,11 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::LazyLock;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -70,6 +71,7 @@ pub(super) fn routes() -> Router<WebState> {
         .route("/create/jobs/{id}/events", get(create_events))
         .route("/me", get(me))
         .route("/me/tokens", post(new_token))
+        .route("/me/tokens/{id}/revoke", post(revoke_token))
         .route("/admin/reports", get(reports))
         .route("/signup", get(signup_page).post(signup))
         .route("/login", get(login_page).post(login))
@@ -871,9 +873,15 @@ async fn me(State(state): State<WebState>, visitor: Visitor) -> PageResult {
     for (id, created) in &tokens {
         let _ = write!(
             token_rows,
-            "<li><code>{}</code> created {}</li>",
+            "<li><code>{}</code> created {} {}</li>",
             esc(id),
-            esc(&age(*created, now))
+            esc(&age(*created, now)),
+            post_button(
+                &frame,
+                &format!("/me/tokens/{id}/revoke"),
+                "Revoke",
+                "danger"
+            )
         );
     }
     let body = format!(
@@ -910,6 +918,19 @@ async fn new_token(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+/// Revokes one of the member's API tokens; the API refuses it from then on.
+/// Another member's token, or one already revoked, is "not found".
+async fn revoke_token(
+    State(state): State<WebState>,
+    Path(id): Path<String>,
+    MemberForm { user, .. }: MemberForm,
+) -> PageResult {
+    if !state.app.db.revoke_user_token(&user.id, &id).await? {
+        return Err(PageError::new(StatusCode::NOT_FOUND, "No such API token."));
+    }
+    Ok(see_other("/me"))
 }
 
 async fn reports(State(state): State<WebState>, visitor: Visitor) -> PageResult {
@@ -1077,10 +1098,15 @@ async fn signup(
     }
 }
 
+/// A login, limited by failures per account name and per client address.
+/// The address is the TCP peer's: X-Forwarded-For is anyone's to write, so
+/// behind a reverse proxy every client shares the proxy's limit.
 async fn login(
     State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     CheckedForm { visitor, fields }: CheckedForm,
 ) -> PageResult {
+    let client = accounts::client_key(peer.ip());
     let name = fields
         .get("name")
         .map(|s| s.trim())
@@ -1096,7 +1122,11 @@ async fn login(
             StatusCode::UNAUTHORIZED,
         ));
     }
-    if let Some(wait) = state.limiter.retry_after(&name) {
+    let wait = state
+        .limiter
+        .retry_after(&name)
+        .max(state.ip_limiter.retry_after(&client));
+    if let Some(wait) = wait {
         let mut response = account_page(
             &visitor,
             false,
@@ -1116,6 +1146,9 @@ async fn login(
         }
         None => {
             state.limiter.failed(&name);
+            // A success does not clear the address's count: one account of
+            // their own must not let a client reset it between guesses.
+            state.ip_limiter.failed(&client);
             Ok(account_page(
                 &visitor,
                 false,
