@@ -1209,3 +1209,108 @@ fn postgres_discord_round_trip() {
     assert_clip(&remixed, "/remix on PostgreSQL");
     assert_eq!(seed_of(&remixed), 5);
 }
+
+#[test]
+fn bad_discord_settings_stop_startup_with_a_clear_error() {
+    let data = temp_dir("settings");
+    let key = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c";
+    let serve = |extra: &[&str], token: Option<&str>| {
+        let mut args = vec![
+            "serve",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let env: Vec<(&str, &str)> = token
+            .map(|t| ("MOTIF_DISCORD_BOT_TOKEN", t))
+            .into_iter()
+            .collect();
+        let mut child = common::motif_command(&args, &env)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A server that starts anyway is stopped, not waited for.
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{extra:?} started");
+        text(&out)
+    };
+    let app = ["--discord-application-id", APP_ID];
+    for (extra, token, expected) in [
+        (
+            vec!["--discord-public-key", "abc"],
+            Some("t"),
+            "64 hex digits",
+        ),
+        (
+            vec!["--discord-public-key", key],
+            Some("t"),
+            "MOTIF_DISCORD_APPLICATION_ID",
+        ),
+        (
+            vec!["--discord-public-key", key, app[0], app[1]],
+            None,
+            "MOTIF_DISCORD_BOT_TOKEN",
+        ),
+        (
+            vec![
+                "--discord-public-key",
+                key,
+                app[0],
+                app[1],
+                "--discord-defaults",
+                r#"{"stepz": 3}"#,
+            ],
+            Some("t"),
+            "unknown field `stepz`",
+        ),
+        (
+            vec![
+                "--discord-public-key",
+                key,
+                app[0],
+                app[1],
+                "--discord-defaults",
+                r#"{"steps": 100000}"#,
+            ],
+            Some("t"),
+            "`steps`",
+        ),
+        (
+            vec![
+                "--discord-public-key",
+                key,
+                app[0],
+                app[1],
+                "--discord-attachment-host",
+                "cdn.example",
+            ],
+            Some("t"),
+            "attachment host",
+        ),
+        (
+            vec![
+                "--discord-public-key",
+                key,
+                "--discord-application-id",
+                "my-app",
+            ],
+            Some("t"),
+            "numeric id",
+        ),
+    ] {
+        let said = serve(&extra, token);
+        assert!(
+            said.contains(expected),
+            "{extra:?}: expected {expected:?} in: {said}"
+        );
+        assert!(!said.contains("panicked"), "{said}");
+    }
+}
