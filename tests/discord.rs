@@ -322,6 +322,12 @@ impl Server {
         std::fs::read_to_string(&self.server.proc.log).unwrap_or_default()
     }
 
+    /// Nothing in the server's log says a thread panicked.
+    fn assert_no_panic(&self) {
+        let log = self.log_text();
+        assert!(!log.contains("panicked"), "{log}");
+    }
+
     /// Whether the SQLite files (the database and its write-ahead log) hold `text`.
     fn database_holds(&self, text: &str) -> bool {
         std::fs::read_dir(&self.data)
@@ -715,11 +721,7 @@ fn interactions_are_verified_before_anything_else() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(discord.requests().is_empty(), "{:?}", discord.requests());
     assert!(!server.database_holds("a forged fox"), "a job was stored");
-    assert!(
-        !server.log_text().contains("panicked"),
-        "{}",
-        server.log_text()
-    );
+    server.assert_no_panic();
 }
 
 #[test]
@@ -959,11 +961,7 @@ fn commands_queue_clips_that_come_back_with_buttons() {
     // /remix of something that is not a clip here.
     let (token, _) = server.command(ADA, "remix", json!([{"name": "clip", "value": "ffff0000"}]));
     assert!(error_of(&discord, &token).contains("no clip"));
-    assert!(
-        !server.log_text().contains("panicked"),
-        "{}",
-        server.log_text()
-    );
+    server.assert_no_panic();
 }
 
 #[test]

@@ -272,31 +272,31 @@ pub fn client_key(ip: IpAddr) -> String {
     }
 }
 
-/// Failed logins per key (an account name, or a [`client_key`]) within a
-/// window; past the limit, logins under that key are refused (429) until the
-/// oldest failure leaves the window.
-pub struct LoginLimiter {
-    pub max_failures: usize,
+/// Events per key within a sliding window: failed logins per account name or
+/// [`client_key`], Discord commands per user. Past `max_events`, the key waits
+/// (429, or a polite answer) until its oldest event leaves the window.
+pub struct RateLimiter {
+    pub max_events: usize,
     pub window: Duration,
-    failures: Mutex<HashMap<String, Vec<Instant>>>,
+    events: Mutex<HashMap<String, Vec<Instant>>>,
 }
 
-impl LoginLimiter {
-    pub fn new(max_failures: usize, window: Duration) -> Self {
-        LoginLimiter {
-            max_failures,
+impl RateLimiter {
+    pub fn new(max_events: usize, window: Duration) -> Self {
+        RateLimiter {
+            max_events,
             window,
-            failures: Mutex::new(HashMap::new()),
+            events: Mutex::new(HashMap::new()),
         }
     }
 
     /// Seconds to wait before this key may try again, if it must wait.
     pub fn retry_after(&self, key: &str) -> Option<u64> {
         let now = Instant::now();
-        let mut map = self.failures.lock().ok()?;
+        let mut map = self.events.lock().ok()?;
         let list = map.get_mut(&key.to_lowercase())?;
         list.retain(|t| now.duration_since(*t) < self.window);
-        if list.len() < self.max_failures {
+        if list.len() < self.max_events {
             return None;
         }
         let oldest = list.iter().min().copied()?;
@@ -304,8 +304,9 @@ impl LoginLimiter {
         Some(wait.as_secs().max(1))
     }
 
-    pub fn failed(&self, key: &str) {
-        if let Ok(mut map) = self.failures.lock() {
+    /// One more event (a failed login, a command) for `key`.
+    pub fn record(&self, key: &str) {
+        if let Ok(mut map) = self.events.lock() {
             // Bound the memory an attacker can make us spend on made-up keys.
             if map.len() > 100_000 {
                 map.clear();
@@ -316,8 +317,9 @@ impl LoginLimiter {
         }
     }
 
-    pub fn succeeded(&self, key: &str) {
-        if let Ok(mut map) = self.failures.lock() {
+    /// Forgets the key's events (a successful login).
+    pub fn clear(&self, key: &str) {
+        if let Ok(mut map) = self.events.lock() {
             map.remove(&key.to_lowercase());
         }
     }

@@ -66,13 +66,14 @@ enum Source {
 }
 
 async fn answer(state: &DiscordState, i: Interaction) -> Value {
-    let (user, action) = match (&i.user, &i.action) {
-        (_, Action::Ping) => return interaction::pong(),
-        (Some(user), action) => (user.clone(), action.clone()),
-        // parse() refuses anything else without a user.
-        (None, _) => return interaction::ephemeral("Motif could not tell who asked."),
+    if i.action == Action::Ping {
+        return interaction::pong();
+    }
+    // parse() refuses anything else without a user.
+    let Some(user) = i.user.clone() else {
+        return interaction::ephemeral("Motif could not tell who asked.");
     };
-    let source = match action {
+    let source = match i.action.clone() {
         Action::Ping => return interaction::pong(),
         Action::Create(options) => Source::New(options),
         Action::Animate { image, options } => Source::Animate(image, options),
@@ -116,7 +117,7 @@ async fn answer(state: &DiscordState, i: Interaction) -> Value {
             state.options.per_minute
         ));
     }
-    state.limiter.failed(&user.id);
+    state.limiter.record(&user.id);
     let task_state = state.clone();
     tokio::spawn(async move { queue(task_state, i, user, source).await });
     interaction::deferred()
@@ -299,9 +300,25 @@ fn clip_id(text: &str) -> Option<String> {
     plain.then(|| id.to_string())
 }
 
-/// The recipe of a clip this member may remix: one shown in the gallery or
-/// on Discord (and not hidden), or their own; with the seed it was made
-/// with and its still.
+/// A job whose clip this member may remix: one shown in the gallery or on
+/// Discord (and not hidden), or their own.
+async fn remixable(
+    state: &DiscordState,
+    member: &User,
+    id: &str,
+) -> anyhow::Result<Option<db::JobRow>> {
+    let db = &state.app.db;
+    let shown = db.clip(id).await?.is_some_and(|c| !c.hidden);
+    let own = db.job_owner(id).await?.as_deref() == Some(member.id.as_str());
+    Ok(if shown || own {
+        db.job(id).await?
+    } else {
+        None
+    })
+}
+
+/// The recipe of a clip this member may remix ([`remixable`]), with the
+/// seed it was made with and its still.
 async fn clip_recipe(
     state: &DiscordState,
     member: &User,
@@ -315,12 +332,7 @@ async fn clip_recipe(
         ))
     };
     let id = clip_id(clip).ok_or_else(unknown)?;
-    let job = db.job(&id).await?.ok_or_else(unknown)?;
-    let shown = db.clip(&id).await?.is_some_and(|c| !c.hidden);
-    let own = db.job_owner(&id).await?.as_deref() == Some(member.id.as_str());
-    if !(shown || own) {
-        return Err(unknown());
-    }
+    let job = remixable(state, member, &id).await?.ok_or_else(unknown)?;
     if job.state != db::FINISHED {
         return Err(Failure::User(format!(
             "The clip `{id}` is {}: only a finished clip can be remixed.",
@@ -396,13 +408,9 @@ async fn publish(
 
 /// Remix: a form with the clip's prompt to change.
 async fn remix_modal(state: &DiscordState, user: &DiscordUser, id: &str) -> anyhow::Result<Value> {
-    let db = &state.app.db;
-    let member = db.discord_member(user).await?;
-    let shown = db.clip(id).await?.is_some_and(|c| !c.hidden);
-    let own = db.job_owner(id).await?.as_deref() == Some(member.id.as_str());
-    let job = match db.job(id).await? {
-        Some(job) if shown || own => job,
-        _ => return Ok(interaction::ephemeral("That clip is gone.")),
+    let member = state.app.db.discord_member(user).await?;
+    let Some(job) = remixable(state, &member, id).await? else {
+        return Ok(interaction::ephemeral("That clip is gone."));
     };
     let request: Value = serde_json::from_str(&job.request).unwrap_or_default();
     let prompt = request.get("prompt").and_then(Value::as_str).unwrap_or("");

@@ -21,7 +21,7 @@ use axum::routing::post;
 use axum::Router;
 use serde_json::{Map, Value};
 
-use crate::accounts::LoginLimiter;
+use crate::accounts::RateLimiter;
 use crate::api::AppState;
 use crate::worker::Shutdown;
 use crate::{JobLimits, JobRequest};
@@ -123,14 +123,17 @@ pub(crate) struct DiscordState {
     pub app: AppState,
     pub options: Arc<DiscordOptions>,
     pub client: reqwest::Client,
-    /// Commands per Discord user per minute: the login limiter's sliding
-    /// window, counting commands instead of failed logins.
-    pub limiter: Arc<LoginLimiter>,
+    /// Commands per Discord user per minute.
+    pub limiter: Arc<RateLimiter>,
 }
 
 impl DiscordState {
-    pub fn new(app: AppState, options: DiscordOptions) -> Result<DiscordState> {
+    pub fn new(app: AppState, mut options: DiscordOptions) -> Result<DiscordState> {
         options.check(&app.limits.job)?;
+        // Compared as parsed, once, not at every fetch.
+        options.attachment_origins = (options.attachment_origins.iter())
+            .map(|o| fetch::parse_origin(o))
+            .collect::<Result<_>>()?;
         let client = reqwest::Client::builder()
             .user_agent(concat!(
                 "DiscordBot (https://github.com/motif, ",
@@ -144,7 +147,7 @@ impl DiscordState {
             .build()
             .context("building the HTTP client")?;
         Ok(DiscordState {
-            limiter: Arc::new(LoginLimiter::new(
+            limiter: Arc::new(RateLimiter::new(
                 options.per_minute,
                 Duration::from_secs(60),
             )),

@@ -23,7 +23,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
-use crate::accounts::{LoginLimiter, User};
+use crate::accounts::{RateLimiter, User};
 use crate::api::{ApiError, AppState};
 
 pub(crate) const SESSION_COOKIE: &str = "motif_session";
@@ -62,20 +62,20 @@ pub(crate) struct WebState {
     pub app: AppState,
     pub options: Arc<WebOptions>,
     /// Failed logins per account name.
-    pub limiter: Arc<LoginLimiter>,
+    pub limiter: Arc<RateLimiter>,
     /// Failed logins per client address ([`crate::accounts::client_key`]).
-    pub ip_limiter: Arc<LoginLimiter>,
+    pub ip_limiter: Arc<RateLimiter>,
 }
 
 /// The API's routes and the gallery's, with the security headers on every answer.
 pub(crate) fn app(api: Router, state: AppState, options: WebOptions) -> Router {
     let web = WebState {
         app: state,
-        limiter: Arc::new(LoginLimiter::new(
+        limiter: Arc::new(RateLimiter::new(
             options.login_failures,
             options.login_window,
         )),
-        ip_limiter: Arc::new(LoginLimiter::new(
+        ip_limiter: Arc::new(RateLimiter::new(
             options.login_failures_per_ip,
             options.login_window,
         )),

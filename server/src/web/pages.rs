@@ -1141,14 +1141,14 @@ async fn login(
     }
     match accounts::login(&state.app.db, &name, &password).await? {
         Some(user) => {
-            state.limiter.succeeded(&name);
+            state.limiter.clear(&name);
             start_session(&state, &user).await
         }
         None => {
-            state.limiter.failed(&name);
+            state.limiter.record(&name);
             // A success does not clear the address's count: one account of
             // their own must not let a client reset it between guesses.
-            state.ip_limiter.failed(&client);
+            state.ip_limiter.record(&client);
             Ok(account_page(
                 &visitor,
                 false,
