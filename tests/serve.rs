@@ -1,8 +1,8 @@
 //! `motif serve` and `motif worker` end to end: real server processes on
 //! 127.0.0.1, a real SQLite file in a temporary data folder, a real
 //! PostgreSQL for the scale-out cases (`MOTIF_TEST_DATABASE_URL`, which
-//! `.ci/run` sets after starting Debian's PostgreSQL) and a real S3 stand-in
-//! for the bucket store (moto's server, `MOTIF_TEST_MOTO`, which `.ci/run`
+//! `tools/test.sh` sets after starting Debian's PostgreSQL) and a real S3 stand-in
+//! for the bucket store (moto's server, `MOTIF_TEST_MOTO`, which `tools/test.sh`
 //! installs from PyPI). Generations are tiny (64x64, 4 frames, 2 steps) on
 //! the bundled model.
 
@@ -959,7 +959,7 @@ fn moto(bucket: &str) -> Moto {
     let server = std::env::var("MOTIF_TEST_MOTO").unwrap_or_else(|_| {
         panic!(
             "MOTIF_TEST_MOTO is not set: the S3 store tests need moto's S3 server \
-             (`.ci/run` installs it; locally: python3 -m pip install 'moto[server]' and \
+             (`bash tools/test.sh` installs it; locally: python3 -m pip install 'moto[server]' and \
              MOTIF_TEST_MOTO=$(command -v moto_server))"
         )
     });
@@ -1262,7 +1262,7 @@ fn s3_store_misconfiguration_stops_startup_with_a_clear_error() {
 
 #[test]
 fn openapi_document_holds_under_schemathesis() {
-    // schemathesis from PyPI; `.ci/run` installs it.
+    // schemathesis from PyPI; `tools/test.sh` installs it.
     let st = std::env::var("MOTIF_SCHEMATHESIS").unwrap_or_else(|_| "st".to_string());
     let found = Command::new(&st).arg("--version").output();
     assert!(

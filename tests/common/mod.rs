@@ -184,7 +184,7 @@ impl PgDatabase {
         let base = std::env::var("MOTIF_TEST_DATABASE_URL").unwrap_or_else(|_| {
             panic!(
                 "MOTIF_TEST_DATABASE_URL is not set: the PostgreSQL tests need a server \
-                 (`.ci/run` installs and starts one; locally: postgres://USER:PASSWORD@127.0.0.1/DB with CREATEDB)"
+                 (`bash tools/test.sh` installs and starts one; locally: postgres://USER:PASSWORD@127.0.0.1/DB with CREATEDB)"
             )
         });
         let db = format!("motif_{name}_{}", std::process::id());
