@@ -90,11 +90,11 @@ impl FlowMatchEuler {
                 )));
             }
         }
-        // The training table runs σ = t/N for t = N … 1, shifted in float32:
-        // set_timesteps spaces its grid between the shifted ends.
-        let n = num_train_timesteps as f32;
-        let sigma_max = shift_sigma_f32(shift, n / n);
-        let sigma_min = shift_sigma_f32(shift, 1.0 / n);
+        // The training table runs σ = t/N for t = N … 1 (its ends 1 and
+        // 1/N), shifted in float32: set_timesteps spaces its grid between the
+        // shifted ends.
+        let sigma_max = shift_sigma_f32(shift, 1.0);
+        let sigma_min = shift_sigma_f32(shift, 1.0 / num_train_timesteps as f32);
         Ok(Self {
             num_train_timesteps,
             shift,
