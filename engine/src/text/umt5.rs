@@ -28,6 +28,7 @@ const EOS_TOKEN: &str = "</s>";
 pub struct Umt5Tokenizer {
     inner: tokenizers::Tokenizer,
     pad_id: u32,
+    eos_id: u32,
     path: PathBuf,
 }
 
@@ -123,7 +124,7 @@ impl Umt5Tokenizer {
             "special_tokens": {EOS_TOKEN: {"id": EOS_TOKEN, "ids": [eos_id], "tokens": [EOS_TOKEN]}}
         });
         // Padding and truncation are the call's (transformers sets them per
-        // call), whatever the file was saved with.
+        // call, `encode` applies them), whatever the file was saved with.
         json["padding"] = Value::Null;
         json["truncation"] = Value::Null;
         let inner: tokenizers::Tokenizer = serde_json::from_value(json).map_err(|e| {
@@ -132,6 +133,7 @@ impl Umt5Tokenizer {
         Ok(Self {
             inner,
             pad_id,
+            eos_id,
             path: path.to_path_buf(),
         })
     }
@@ -152,13 +154,6 @@ impl Umt5Tokenizer {
                 ),
             });
         }
-        let mut inner = self.inner.clone();
-        inner
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
-            .map_err(|e| self.error(e.to_string()))?;
         let mut tokens = Umt5Tokens {
             input_ids: Vec::with_capacity(prompts.len() * max_length),
             attention_mask: Vec::with_capacity(prompts.len() * max_length),
@@ -167,12 +162,21 @@ impl Umt5Tokenizer {
         };
         for prompt in prompts {
             let cleaned = prompt_clean(prompt.as_ref());
-            let encoding = inner
+            let encoding = self
+                .inner
                 .encode(cleaned.as_str(), true)
                 .map_err(|e| self.error(format!("prompt {cleaned:?}: {e}")))?;
             let ids = encoding.get_ids();
+            // transformers' truncation of one sequence keeps the first
+            // L − 1 tokens, then the template appends `</s>`: the same as
+            // cutting the tokens before our template's `</s>`.
             let len = ids.len().min(max_length);
-            tokens.input_ids.extend_from_slice(&ids[..len]);
+            if ids.len() > max_length {
+                tokens.input_ids.extend_from_slice(&ids[..max_length - 1]);
+                tokens.input_ids.push(self.eos_id);
+            } else {
+                tokens.input_ids.extend_from_slice(ids);
+            }
             tokens
                 .input_ids
                 .extend(std::iter::repeat_n(self.pad_id, max_length - len));
