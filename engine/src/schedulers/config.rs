@@ -50,6 +50,16 @@ impl SchedulerConfig {
         self.values.get("_class_name").and_then(Value::as_str)
     }
 
+    /// Whether the config is a flow-matching model's (Wan): a `FlowMatch…`
+    /// class, flow sigmas, or flow prediction.
+    pub fn is_flow_matching(&self) -> Result<bool, LoadError> {
+        Ok(self
+            .class_name()
+            .is_some_and(|c| c.starts_with("FlowMatch"))
+            || self.bool_or("use_flow_sigmas", false)?
+            || self.opt_string("prediction_type")?.as_deref() == Some("flow_prediction"))
+    }
+
     pub(crate) fn error(&self, message: impl Into<String>) -> LoadError {
         LoadError::Config {
             path: self.path.clone(),

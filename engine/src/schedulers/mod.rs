@@ -1,5 +1,7 @@
 //! The diffusion schedulers AnimateDiff checkpoints ship with, equal to
-//! diffusers 0.42: DDIM, Euler, Euler ancestral, DPM-Solver++ 2M and LCM.
+//! diffusers 0.42: DDIM, Euler, Euler ancestral, DPM-Solver++ 2M and LCM;
+//! and the flow-matching samplers of Wan: UniPC with flow sigmas and
+//! flow-matching Euler.
 //!
 //! They run on the CPU in float32: a latent video is a few hundred thousand
 //! values, read back from the GPU once per step, and the schedulers' own
@@ -14,15 +16,21 @@
 //! [`Scheduler::init_noise_sigma`]; per step `i`, feed the UNet
 //! [`Scheduler::scale_model_input`] at timestep `timesteps()[i]`, then call
 //! [`Scheduler::step`] with its prediction.
+//!
+//! Flow-matching models (Wan) predict a velocity v = ε − x₀ on
+//! x_σ = (1 − σ)·x₀ + σ·ε; their schedules are shifted by `flow_shift` /
+//! `shift`, which [`SchedulerOptions::shift`] overrides (`--shift`).
 
 mod config;
 mod ddim;
 mod dpm_solver;
 mod euler;
 mod euler_ancestral;
+mod flow_match_euler;
 mod lcm;
 pub(crate) mod reference;
 mod schedule;
+mod unipc;
 
 use std::fmt;
 use std::str::FromStr;
@@ -39,16 +47,37 @@ pub enum SchedulerKind {
     EulerAncestral,
     DpmPp2m,
     Lcm,
+    /// UniPC with flow sigmas (flow-matching models: Wan's default).
+    UniPc,
+    /// Euler on the flow-matching ODE. On a flow-matching model `euler`
+    /// means this one (see [`SchedulerKind::for_config`]).
+    FlowMatchEuler,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 7] = [
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::Lcm,
+        SchedulerKind::UniPc,
+        SchedulerKind::FlowMatchEuler,
+    ];
+
+    /// The kinds for noise-prediction models (AnimateDiff).
+    pub const DIFFUSION: [SchedulerKind; 5] = [
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmPp2m,
         SchedulerKind::Lcm,
     ];
+
+    /// The kinds for flow-matching models (Wan), by the names a user of a
+    /// flow model types: `unipc`, `euler`.
+    pub const FLOW_MATCHING: [SchedulerKind; 2] =
+        [SchedulerKind::UniPc, SchedulerKind::FlowMatchEuler];
 
     /// The name on the command line (`--scheduler`).
     pub fn name(self) -> &'static str {
@@ -58,6 +87,8 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::DpmPp2m => "dpm++2m",
             SchedulerKind::Lcm => "lcm",
+            SchedulerKind::UniPc => "unipc",
+            SchedulerKind::FlowMatchEuler => "flow-euler",
         }
     }
 
@@ -69,6 +100,8 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmPp2m => "DPMSolverMultistepScheduler",
             SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::UniPc => "UniPCMultistepScheduler",
+            SchedulerKind::FlowMatchEuler => "FlowMatchEulerDiscreteScheduler",
         }
     }
 
@@ -80,6 +113,41 @@ impl SchedulerKind {
     /// `use_karras_sigmas`).
     pub fn supports_karras(self) -> bool {
         matches!(self, SchedulerKind::Euler | SchedulerKind::DpmPp2m)
+    }
+
+    /// Whether the kind samples a flow-matching model (velocity prediction).
+    pub fn is_flow_matching(self) -> bool {
+        matches!(self, SchedulerKind::UniPc | SchedulerKind::FlowMatchEuler)
+    }
+
+    /// The kind that runs for a model with scheduler config `config`: on a
+    /// flow-matching model `euler` is flow-matching Euler, the only Euler
+    /// that fits it (diffusers users swap in `FlowMatchEulerDiscreteScheduler`
+    /// for the same request). A kind for the other type of model is refused,
+    /// naming the kinds that fit.
+    pub fn for_config(self, config: &SchedulerConfig) -> Result<SchedulerKind> {
+        let flow = config.is_flow_matching()?;
+        let kind = match self {
+            SchedulerKind::Euler if flow => SchedulerKind::FlowMatchEuler,
+            k => k,
+        };
+        let class = config.class_name().unwrap_or("no `_class_name`");
+        if kind.is_flow_matching() && !flow {
+            return Err(argument(format!(
+                "{kind} samples flow-matching models (Wan), but {} is a noise-prediction \
+                 model's scheduler ({class}); choose one of {}",
+                config.path().display(),
+                Self::DIFFUSION.map(|k| k.name()).join(", ")
+            )));
+        }
+        if !kind.is_flow_matching() && flow {
+            return Err(argument(format!(
+                "{kind} samples noise-prediction models, but {} is a flow-matching model's \
+                 scheduler ({class}); choose unipc or euler",
+                config.path().display(),
+            )));
+        }
+        Ok(kind)
     }
 }
 
@@ -104,6 +172,19 @@ impl FromStr for SchedulerKind {
                 ),
             })
     }
+}
+
+/// How to build a [`Scheduler`] from a model's config: the overrides a
+/// user may give, each `None` for the config's own setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SchedulerOptions {
+    /// The sampler (`--scheduler`); `None` for the config's `_class_name`.
+    pub kind: Option<SchedulerKind>,
+    /// Karras sigmas on or off (Euler and DPM-Solver++ only).
+    pub karras: Option<bool>,
+    /// The flow-matching shift (`--shift`, UniPC's `flow_shift`,
+    /// flow-matching Euler's `shift`); flow-matching kinds only.
+    pub shift: Option<f64>,
 }
 
 /// What one denoising step produces.
@@ -228,18 +309,40 @@ impl Scheduler {
         kind: Option<SchedulerKind>,
         karras: Option<bool>,
     ) -> Result<Self> {
+        Self::with_options(
+            config,
+            SchedulerOptions {
+                kind,
+                karras,
+                shift: None,
+            },
+        )
+    }
+
+    /// As [`Scheduler::new`], with every override: a named kind is resolved
+    /// against the config by [`SchedulerKind::for_config`] (`euler` on a
+    /// flow-matching model is flow-matching Euler), and `shift` replaces
+    /// the config's flow shift.
+    pub fn with_options(config: &SchedulerConfig, options: SchedulerOptions) -> Result<Self> {
+        let SchedulerOptions {
+            kind,
+            karras,
+            shift,
+        } = options;
         let kind = match kind {
-            Some(k) => k,
+            Some(k) => k.for_config(config)?,
             None => {
                 let class = config.class_name().ok_or_else(|| {
                     config.error(
-                        "no `_class_name`: name the scheduler to use (ddim, euler, euler-a, dpm++2m, lcm)",
+                        "no `_class_name`: name the scheduler to use (ddim, euler, euler-a, dpm++2m, lcm; \
+                         unipc or euler for flow-matching models)",
                     )
                 })?;
                 SchedulerKind::from_class_name(class).ok_or_else(|| {
                     config.error(format!(
                         "`_class_name` is \"{class}\", which Motif does not implement (supported: {}); \
-                         choose one of ddim, euler, euler-a, dpm++2m, lcm instead",
+                         choose one of ddim, euler, euler-a, dpm++2m, lcm instead \
+                         (unipc or euler for flow-matching models)",
                         SchedulerKind::ALL.map(|k| k.class_name()).join(", ")
                     ))
                 })?
@@ -249,6 +352,13 @@ impl Scheduler {
             return Err(argument(format!(
                 "Karras sigmas apply to euler and dpm++2m, not to {kind}"
             )));
+        }
+        if let Some(shift) = shift {
+            if !kind.is_flow_matching() {
+                return Err(argument(format!(
+                    "shift {shift}: the shift applies to flow-matching samplers (unipc, flow-euler), not to {kind}"
+                )));
+            }
         }
         let algorithm: Box<dyn Algorithm> = match kind {
             SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config)?),
@@ -260,6 +370,10 @@ impl Scheduler {
                 Box::new(dpm_solver::DpmSolverMultistep::new(config, karras)?)
             }
             SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config)?),
+            SchedulerKind::UniPc => Box::new(unipc::UniPc::new(config, shift)?),
+            SchedulerKind::FlowMatchEuler => {
+                Box::new(flow_match_euler::FlowMatchEuler::new(config, shift)?)
+            }
         };
         Ok(Self {
             kind,
@@ -312,17 +426,20 @@ impl Scheduler {
         self.algorithm.timesteps()
     }
 
-    /// Whether the UNet gets the timesteps as integers (I64: DDIM,
-    /// DPM-Solver, LCM) or as fractional floats (F32: Euler, e.g. 499.5).
+    /// Whether the model gets the timesteps as integers (I64: DDIM,
+    /// DPM-Solver, LCM, UniPC — whose flow timesteps are σ·1000 truncated)
+    /// or as fractional floats (F32: Euler, e.g. 499.5; flow-matching Euler,
+    /// σ·1000).
     pub fn timesteps_are_integer(&self) -> bool {
         !matches!(
             self.kind,
-            SchedulerKind::Euler | SchedulerKind::EulerAncestral
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral | SchedulerKind::FlowMatchEuler
         )
     }
 
     /// The noise levels σ, one per timestep plus the final one, for the
-    /// schedulers that have them (Euler, Euler ancestral, DPM-Solver).
+    /// schedulers that have them (Euler, Euler ancestral, DPM-Solver, and
+    /// the flow-matching ones, whose σ is the flow time in [0, 1]).
     pub fn sigmas(&self) -> Option<&[f32]> {
         self.algorithm.sigmas()
     }
@@ -445,4 +562,46 @@ fn noise_to_alpha(original: &[f32], noise: &[f32], alpha_cumprod: f32) -> Vec<f3
         .zip(noise)
         .map(|(&x, &n)| a * x + b * n)
         .collect()
+}
+
+/// x₀ = x − σ·v: the clean latents a flow-matching model's velocity points
+/// to (diffusers' `convert_model_output` for `flow_prediction`).
+fn flow_predict_original(model_output: &[f32], sample: &[f32], sigma: f32) -> Vec<f32> {
+    sample
+        .iter()
+        .zip(model_output)
+        .map(|(&x, &v)| x - sigma * v)
+        .collect()
+}
+
+/// (1 − σ)·x₀ + σ·ε at the σ of `timestep` (image-to-video). UniPC falls
+/// back to the last step for a timestep not in the schedule, as diffusers'
+/// `index_for_timestep` does (`fallback_last`); flow-matching Euler errors.
+fn flow_add_noise(
+    timesteps: &[f64],
+    sigmas: &[f32],
+    original: &[f32],
+    noise: &[f32],
+    timestep: f64,
+    fallback_last: bool,
+) -> Result<Vec<f32>> {
+    if timesteps.is_empty() {
+        return Err(argument("call set_timesteps before add_noise"));
+    }
+    let index = match index_for_timestep(timesteps, timestep) {
+        Some(i) => i,
+        None if fallback_last => timesteps.len() - 1,
+        None => {
+            return Err(argument(format!(
+                "timestep {timestep} is not in the schedule (call set_timesteps and use one of timesteps())"
+            )))
+        }
+    };
+    let sigma = sigmas[index];
+    let alpha = 1.0 - sigma;
+    Ok(original
+        .iter()
+        .zip(noise)
+        .map(|(&x, &n)| alpha * x + sigma * n)
+        .collect())
 }
