@@ -1,0 +1,361 @@
+//! The Wan VAE (`models::wan_vae::AutoencoderKLWan`) against diffusers 0.42:
+//! every `vae` case of the Wan case sets (tests/fixtures/wan-a, wan-b;
+//! decode from `latents` → `sample`, encode from `video` →
+//! `posterior_mean`, `posterior_logvar`) in f32 within each output's
+//! `tolerance_max_abs` and in f16 within CONFORMANCE.md's f16 budget; tiled
+//! decoding against the plain decode; the decoder's device memory against
+//! clip length (plan mode, real config); bad input refused with what to pass.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use motif_engine::models::wan_vae::{AutoencoderKLWan, WanTiling, WanVaeConfig};
+use motif_engine::weights::{SafetensorsFile, WeightSet, Weights};
+use motif_engine::{DType, EngineError, Gpu, GpuOptions, Tensor};
+
+const SETS: [&str; 2] = ["wan-a", "wan-b"];
+
+fn set_dir(name: &str) -> PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures")).join(name)
+}
+
+fn gpu_for(dtype: DType) -> &'static Gpu {
+    static F32: OnceLock<Gpu> = OnceLock::new();
+    static F16: OnceLock<Gpu> = OnceLock::new();
+    let cell = match dtype {
+        DType::F32 => &F32,
+        DType::F16 => &F16,
+    };
+    cell.get_or_init(|| {
+        Gpu::new(GpuOptions {
+            precision: Some(dtype),
+            ..Default::default()
+        })
+        .expect("a GPU adapter (install mesa-vulkan-drivers)")
+    })
+}
+
+/// One expected output of a case: its name, tensor and f32 tolerance.
+struct Expected {
+    name: String,
+    tensor: String,
+    tolerance: f32,
+}
+
+fn outputs(case: &serde_json::Value) -> Vec<Expected> {
+    case["outputs"]
+        .as_array()
+        .expect("outputs list")
+        .iter()
+        .map(|o| {
+            let tensor = o["tensor"].as_str().expect("output tensor").to_string();
+            let name = o["name"].as_str().map(str::to_string).unwrap_or_else(|| {
+                ["posterior_mean", "posterior_logvar", "sample"]
+                    .into_iter()
+                    .find(|n| tensor.contains(n))
+                    .unwrap_or("sample")
+                    .to_string()
+            });
+            Expected {
+                name,
+                tensor,
+                tolerance: o["tolerance_max_abs"].as_f64().expect("tolerance") as f32,
+            }
+        })
+        .collect()
+}
+
+fn input<'a>(case: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    case["inputs"][name]["tensor"].as_str()
+}
+
+/// CONFORMANCE.md's budget: the f32 tolerance, or in f16 max(it, 3e-2 · max|expected|).
+fn budget(dtype: DType, tolerance: f32, expected: &[f32]) -> f32 {
+    match dtype {
+        DType::F32 => tolerance,
+        DType::F16 => tolerance.max(3e-2 * expected.iter().fold(0f32, |m, v| m.max(v.abs()))),
+    }
+}
+
+fn max_abs_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "output length");
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| {
+            let e = (g - w).abs();
+            if e.is_nan() {
+                f32::INFINITY
+            } else {
+                e
+            }
+        })
+        .fold(0f32, f32::max)
+}
+
+/// Runs every `vae` case of every set in `dtype`; returns one line per output.
+fn run_cases(dtype: DType) -> Vec<String> {
+    let gpu = gpu_for(dtype);
+    let mut lines = Vec::new();
+    let mut failures = Vec::new();
+    let mut cases_run = 0;
+    for set in SETS {
+        let dir = set_dir(set);
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap_or_else(
+                |e| panic!("{}: {e} (copy the Wan case sets into tests/fixtures)", dir.display()),
+            ))
+            .expect("cases.json parses");
+        let tensors = SafetensorsFile::open(dir.join("cases.safetensors")).expect("cases.safetensors");
+        let vae = AutoencoderKLWan::load(gpu, &dir.join("vae")).expect("the case set's VAE loads");
+        for case in manifest["cases"].as_array().expect("cases list") {
+            if case["component"] != "vae" {
+                continue;
+            }
+            cases_run += 1;
+            let case_name = case["name"].as_str().unwrap_or("?");
+            let upload = |key: &str| {
+                let info = tensors.info(key).unwrap_or_else(|| panic!("{key} in cases.safetensors"));
+                let values = tensors.to_f32(key).unwrap();
+                Tensor::from_f32(gpu, &values, &info.shape, dtype).unwrap()
+            };
+            let mut got: Vec<(String, Vec<f32>)> = Vec::new();
+            if let Some(latents) = input(case, "latents") {
+                let sample = vae.decode(gpu, &upload(latents)).expect("decode runs");
+                got.push(("sample".into(), sample.to_f32(gpu).unwrap()));
+            } else if let Some(video) = input(case, "video") {
+                let posterior = vae.encode(gpu, &upload(video)).expect("encode runs");
+                got.push(("posterior_mean".into(), posterior.mean.to_f32(gpu).unwrap()));
+                got.push(("posterior_logvar".into(), posterior.logvar.to_f32(gpu).unwrap()));
+            } else {
+                panic!("{set}/{case_name}: a vae case without `latents` or `video`");
+            }
+            for e in outputs(case) {
+                let want = tensors.to_f32(&e.tensor).unwrap();
+                let values = &got
+                    .iter()
+                    .find(|(n, _)| *n == e.name)
+                    .unwrap_or_else(|| panic!("{set}/{case_name}: unknown output {}", e.name))
+                    .1;
+                let err = max_abs_err(values, &want);
+                let limit = budget(dtype, e.tolerance, &want);
+                let ok = err <= limit;
+                let line = format!(
+                    "{set} {case_name} {} {dtype}: max_abs_err {err:.3e} budget {limit:.3e} {}",
+                    e.name,
+                    if ok { "ok" } else { "FAIL" }
+                );
+                if !ok {
+                    failures.push(line.clone());
+                }
+                lines.push(line);
+            }
+        }
+    }
+    for l in &lines {
+        eprintln!("{l}");
+    }
+    assert!(cases_run > 0, "no vae cases found");
+    assert!(failures.is_empty(), "failed:\n{}", failures.join("\n"));
+    lines
+}
+
+#[test]
+fn vae_cases_match_diffusers_in_f32() {
+    run_cases(DType::F32);
+}
+
+#[test]
+fn vae_cases_match_diffusers_in_f16() {
+    run_cases(DType::F16);
+}
+
+/// Latents of the first decode case of wan-a, and the VAE.
+fn first_decode_case(gpu: &Gpu) -> (AutoencoderKLWan, Tensor) {
+    let dir = set_dir("wan-a");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let tensors = SafetensorsFile::open(dir.join("cases.safetensors")).unwrap();
+    let case = manifest["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["component"] == "vae" && input(c, "latents").is_some())
+        .expect("a vae decode case in wan-a");
+    let key = input(case, "latents").unwrap();
+    let latents = Tensor::from_f32(
+        gpu,
+        &tensors.to_f32(key).unwrap(),
+        &tensors.info(key).unwrap().shape,
+        DType::F32,
+    )
+    .unwrap();
+    (AutoencoderKLWan::load(gpu, &dir.join("vae")).unwrap(), latents)
+}
+
+#[test]
+fn tiled_decode_equals_plain_decode_within_tolerance() {
+    let gpu = gpu_for(DType::F32);
+    let (vae, latents) = first_decode_case(gpu);
+    let sf = vae.config.spatial_scale_factor();
+    let (h, w) = (latents.shape()[3], latents.shape()[4]);
+    assert!(h >= 3 && w >= 3, "the case's latents are {h}x{w}: too small to tile");
+    // Tiles of 2/3 of the frame every 1/3: 2 x 2 tiles (or more) that
+    // overlap by a third, as diffusers' 256/192 do on a 384-pixel frame.
+    let tile = |side: usize| (side * 2).div_ceil(3) * sf;
+    let stride = |side: usize| side.div_ceil(3) * sf;
+    let tiling = WanTiling {
+        tile_sample_min_height: tile(h),
+        tile_sample_min_width: tile(w),
+        tile_sample_stride_height: stride(h),
+        tile_sample_stride_width: stride(w),
+    };
+    let tiled = vae.tiled_decode(gpu, &latents, &tiling).unwrap();
+    let plain = vae.decode(gpu, &latents).unwrap();
+    assert_eq!(&tiled.shape[..], plain.shape());
+    let plain = plain.to_f32(gpu).unwrap();
+    let err = max_abs_err(&tiled.data, &plain);
+    let mean_err = tiled.data.iter().zip(&plain).map(|(a, b)| (a - b).abs()).sum::<f32>()
+        / plain.len() as f32;
+    eprintln!("tiled vs plain ({tiling:?}): max {err:.3e}, mean {mean_err:.3e}");
+    // Tiles see less context near their edges than the whole frame does,
+    // so the two differ where tiles meet; the blend keeps that small.
+    assert!(err <= TILED_MAX_ABS, "tiled vs plain decode: max |err| {err}");
+    // No tiling needed: the same numbers as `decode`.
+    let whole = WanTiling {
+        tile_sample_min_height: h * sf,
+        tile_sample_min_width: w * sf,
+        ..tiling
+    };
+    let untiled = vae.tiled_decode(gpu, &latents, &whole).unwrap();
+    assert_eq!(untiled.data, plain);
+}
+
+/// What tiled decoding may differ from the plain decode by on the case
+/// sets' random-weight VAEs (outputs in [-1, 1]).
+const TILED_MAX_ABS: f32 = 0.25;
+
+#[test]
+fn decoder_memory_does_not_grow_with_clip_length() {
+    // A dry run of the real Wan 2.1 VAE (base_dim 96) on a 64x64 frame:
+    // allocations are accounted at their real size, nothing runs.
+    let gpu = common::plan_gpu();
+    let config =
+        WanVaeConfig::from_value(Path::new("(defaults)"), serde_json::json!({})).unwrap();
+    let w = Weights::new(Arc::new(WeightSet::synthetic()), DType::F32);
+    let vae = AutoencoderKLWan::new(&gpu, &w, config).unwrap();
+    let mut peaks = Vec::new();
+    for latent_frames in [3, 5, 9] {
+        let latents = Tensor::zeros(&gpu, &[1, 16, latent_frames, 8, 8], DType::F32).unwrap();
+        let before = gpu.pool_stats().live_bytes;
+        gpu.reset_peak_memory();
+        let mut frames = 0;
+        vae.decode_chunks(&gpu, &latents, |_, first, chunk| {
+            assert_eq!(first, frames);
+            frames += chunk.shape()[0];
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(frames, 1 + 4 * (latent_frames - 1));
+        peaks.push(gpu.pool_stats().peak_live_bytes - before);
+        drop(latents);
+    }
+    eprintln!("decoder peak live bytes above the weights and latents, 3/5/9 latent frames: {peaks:?}");
+    assert!(peaks.iter().all(|&p| p == peaks[0]), "peak grows with length: {peaks:?}");
+}
+
+/// A copy of `dir` (a vae folder) whose weights lack `key`.
+fn vae_without(dir: &Path, key: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("motif-wan-vae-missing-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(dir.join("config.json"), out.join("config.json")).unwrap();
+    let src = SafetensorsFile::open(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for name in src.names().filter(|n| *n != key).map(str::to_string).collect::<Vec<_>>() {
+        let info = src.info(&name).unwrap();
+        let bytes = src.bytes(&name).unwrap();
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": format!("{:?}", info.dtype),
+                "shape": info.shape,
+                "data_offsets": [data.len(), data.len() + bytes.len()],
+            }),
+        );
+        data.extend_from_slice(bytes);
+    }
+    let mut header = serde_json::to_vec(&header).unwrap();
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header);
+    file.extend(data);
+    std::fs::write(out.join("diffusion_pytorch_model.safetensors"), file).unwrap();
+    out
+}
+
+#[test]
+fn bad_input_is_refused_with_what_to_pass() {
+    let gpu = gpu_for(DType::F32);
+    let dir = set_dir("wan-a").join("vae");
+    // A missing tensor names the file and the key.
+    let key = "decoder.up_blocks.0.resnets.0.conv1.weight";
+    let broken = vae_without(&dir, key);
+    let err = AutoencoderKLWan::load(gpu, &broken).err().expect("a missing tensor is refused");
+    let message = err.to_string();
+    assert!(
+        message.contains(key) && message.contains("diffusion_pytorch_model.safetensors"),
+        "{message}"
+    );
+    std::fs::remove_dir_all(&broken).ok();
+
+    // Encoding takes 1 + 4k frames: 4 frames are refused with 1 or 5 to pass.
+    let vae = AutoencoderKLWan::load(gpu, &dir).unwrap();
+    let c = vae.config.in_channels;
+    let sf = vae.config.spatial_scale_factor();
+    let video = Tensor::zeros(gpu, &[1, c, 4, 2 * sf, 2 * sf], DType::F32).unwrap();
+    let err = vae.encode(gpu, &video).err().expect("4 frames are refused");
+    assert!(matches!(err, EngineError::Shape { .. }), "{err}");
+    assert!(err.to_string().contains("pass 1 or 5 frames"), "{err}");
+    // Sizes that are not multiples of the spatial factor, likewise.
+    let video = Tensor::zeros(gpu, &[1, c, 5, 2 * sf + 3, 2 * sf], DType::F32).unwrap();
+    let err = vae.encode(gpu, &video).err().expect("odd sizes are refused");
+    assert!(err.to_string().contains(&format!("pass {}x{}", 2 * sf, 2 * sf)), "{err}");
+    // Latents with the wrong channel count.
+    let latents = Tensor::zeros(gpu, &[1, 3, 2, 2, 2], DType::F32).unwrap();
+    let err = vae.decode(gpu, &latents).err().expect("3 latent channels are refused");
+    assert!(err.to_string().contains(&format!("[N, {}, f >= 1, h, w]", vae.config.z_dim)), "{err}");
+
+    // A Wan 2.2 VAE config is refused by name.
+    let err = WanVaeConfig::from_value(
+        Path::new("vae/config.json"),
+        serde_json::json!({"is_residual": true, "patch_size": 2}),
+    )
+    .err()
+    .expect("Wan 2.2 refused");
+    assert!(err.to_string().contains("not yet supported"), "{err}");
+}
+
+#[test]
+fn latents_normalisation_round_trips() {
+    let gpu = gpu_for(DType::F32);
+    let vae = AutoencoderKLWan::load(gpu, &set_dir("wan-a").join("vae")).unwrap();
+    let z = vae.config.z_dim;
+    let shape = [1, z, 2, 3, 2];
+    let values = common::random(shape.iter().product(), 7);
+    let x = Tensor::from_f32(gpu, &values, &shape, DType::F32).unwrap();
+    let raw = vae.denormalize_latents(gpu, &x).unwrap().to_f32(gpu).unwrap();
+    let per = 2 * 3 * 2;
+    for (i, (&r, &v)) in raw.iter().zip(&values).enumerate() {
+        let c = i / per;
+        // diffusers: latents / (1 / std) + mean.
+        let want = v / (1.0 / vae.config.latents_std[c]) + vae.config.latents_mean[c];
+        assert!((r - want).abs() <= 1e-6 * want.abs().max(1.0), "{i}: {r} vs {want}");
+    }
+    let raw_t = Tensor::from_f32(gpu, &raw, &shape, DType::F32).unwrap();
+    let back = vae.normalize_latents(gpu, &raw_t).unwrap().to_f32(gpu).unwrap();
+    common::assert_close("normalize(denormalize(x))", &back, &values, DType::F32, 4);
+}
