@@ -664,16 +664,16 @@ impl WanResample {
         let mut x = x.clone();
         if let (ResampleMode::Upsample3d, Some(time_conv)) = (self.mode, &self.time_conv) {
             let slot = cache.next();
-            let previous = match slot {
+            let previous = match &*slot {
                 // The first chunk keeps its frame count.
-                CacheSlot::Empty => {
-                    *slot = CacheSlot::Rep;
-                    None
-                }
+                CacheSlot::Empty => None,
                 // The second starts the time convolution from zero padding.
                 CacheSlot::Rep => Some(None),
                 CacheSlot::Frames(t) => Some(Some(t.clone())),
             };
+            if previous.is_none() {
+                *slot = CacheSlot::Rep;
+            }
             if let Some(previous) = previous {
                 let kept = next_cache(gpu, previous.as_ref(), &x)?;
                 let y = time_conv.forward(gpu, &x, previous.as_ref(), None)?;
