@@ -45,7 +45,8 @@ fn check(gpu: &Gpu, shape: &[usize], gamma_on: bool, beta_on: bool, silu: bool, 
         .expect("channel_rms_norm runs")
         .to_f32(gpu)
         .unwrap();
-        let case = format!("channel_rms_norm {shape:?} gamma {gamma_on} beta {beta_on} silu {silu}");
+        let case =
+            format!("channel_rms_norm {shape:?} gamma {gamma_on} beta {beta_on} silu {silu}");
         assert_close(&case, &got, &want, dtype, c);
     }
 }
@@ -55,8 +56,22 @@ fn channel_rms_norm_matches_reference_on_odd_sizes() {
     let gpu = gpu();
     for (i, &size) in ODD_SIZES.iter().enumerate() {
         let variant = (i % 2 == 0, i % 3 != 0, i % 2 == 1);
-        check(gpu, &[2, size, 5, 3], variant.0, variant.1, variant.2, i == 0);
-        check(gpu, &[3, 5, size, 2], variant.1, variant.0, !variant.2, false);
+        check(
+            gpu,
+            &[2, size, 5, 3],
+            variant.0,
+            variant.1,
+            variant.2,
+            i == 0,
+        );
+        check(
+            gpu,
+            &[3, 5, size, 2],
+            variant.1,
+            variant.0,
+            !variant.2,
+            false,
+        );
         check(gpu, &[size, 4, 3], true, false, true, false);
     }
     // The Wan VAE's layout: frames as items, [T, C, H, W].

@@ -12,11 +12,13 @@
 //!
 //! Causal 3-D convolutions run on the tuned 2-D convolution: out[t] =
 //! Σ_kt conv2d(x[t·stride + kt], W[:, :, kt]) over the past-padded stream of
-//! frames, one conv2d per time tap over all output frames at once, the taps
-//! accumulated in conv2d's residual epilogue. This reuses every conv2d
-//! kernel (packed on CPU adapters, tiled, tensor cores) instead of a new
-//! family that would have to be tuned again; the price is kT passes over the
-//! output and, for stride-2 taps, a gather of frames.
+//! frames is one conv2d whose input stacks, per output frame, the kT frames
+//! it reads as kT·Cin channels, against the kernel rearranged once at load
+//! to [Cout, kT·Cin, kh, kw]. This reuses every conv2d kernel (packed on CPU
+//! adapters, tiled, tensor cores) instead of a new family that would have
+//! to be tuned again, and keeps all taps in one f32 accumulator (summing
+//! per-tap convolutions through the stored output would round the partial
+//! sums to f16); the price is a copy of the input kT frames wide.
 //!
 //! Chunking and the feature cache are diffusers': the encoder sees frame 0
 //! alone, then chunks of 4 frames; the decoder one latent frame at a time.
@@ -200,15 +202,22 @@ impl WanVaeConfig {
 /// after the first, cached frames of the previous chunk stand in for as
 /// many of the zero frames.
 pub struct WanCausalConv3d {
-    /// `weight[:, :, kt]` for each time tap kt: [Cout, Cin, kh, kw].
-    pub taps: Vec<Tensor>,
+    /// The kernel with its time taps moved into the input channels:
+    /// [Cout, kT·Cin, kh, kw], channel kt·Cin + c = `weight[:, c, kt]`.
+    pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub time_kernel: usize,
     /// Zero frames before the input (2 · padding[0]).
     pub time_padding: usize,
     pub time_stride: usize,
     /// Spatial stride and symmetric padding.
     pub opts: conv2d::Conv2dOptions,
 }
+
+/// Bytes of stacked input (kT frames side by side per output frame) one
+/// conv2d call may take; longer chunks run in groups of output frames, so
+/// that full-size frames do not need kT copies of the whole chunk at once.
+const MAX_STACKED_BYTES: u64 = 256 << 20;
 
 impl WanCausalConv3d {
     pub fn new(
@@ -222,35 +231,32 @@ impl WanCausalConv3d {
     ) -> Result<Self> {
         let [kt, kh, kw] = kernel;
         let shape = [cout, cin, kt, kh, kw];
-        let tap_shape = [cout, cin, kh, kw];
-        let taps = if kt == 1 {
-            vec![w.tensor(gpu, "weight", &shape)?.reshape(&tap_shape)?]
-        } else if gpu.is_plan() {
-            // A dry run checks the key and shape and accounts the memory
-            // without reading values.
-            drop(w.tensor(gpu, "weight", &shape)?);
-            (0..kt)
-                .map(|_| Tensor::empty(gpu, &tap_shape, w.dtype()).map(Tensor::into_constant))
-                .collect::<Result<_>>()?
+        let stacked = [cout, kt * cin, kh, kw];
+        let weight = if kt == 1 || gpu.is_plan() {
+            // One tap needs no rearranging; a dry run has no values to
+            // rearrange (it checks the key and shape and accounts the memory).
+            w.tensor(gpu, "weight", &shape)?.reshape(&stacked)?
         } else {
-            // Stored [Cout, Cin, kT, kh, kw]: tap kt is a strided slice, so
-            // it is cut out on the CPU once, at load.
+            // Stored [Cout, Cin, kT, kh, kw]; the time taps become blocks of
+            // input channels, rearranged on the CPU once, at load.
             let values = w.set().read_f32(&w.key("weight"), &shape)?;
-            let per_tap = kh * kw;
-            (0..kt)
-                .map(|t| {
-                    let mut tap = Vec::with_capacity(cout * cin * per_tap);
-                    for oc_ic in 0..cout * cin {
-                        let start = (oc_ic * kt + t) * per_tap;
-                        tap.extend_from_slice(&values[start..start + per_tap]);
+            let taps = kh * kw;
+            let mut out = vec![0f32; values.len()];
+            for o in 0..cout {
+                for c in 0..cin {
+                    for t in 0..kt {
+                        let src = ((o * cin + c) * kt + t) * taps;
+                        let dst = ((o * kt + t) * cin + c) * taps;
+                        out[dst..dst + taps].copy_from_slice(&values[src..src + taps]);
                     }
-                    Tensor::from_f32(gpu, &tap, &tap_shape, w.dtype()).map(Tensor::into_constant)
-                })
-                .collect::<Result<_>>()?
+                }
+            }
+            Tensor::from_f32(gpu, &out, &stacked, w.dtype())?.into_constant()
         };
         Ok(WanCausalConv3d {
-            taps,
+            weight,
             bias: w.optional(gpu, "bias", &[cout])?,
+            time_kernel: kt,
             time_padding: 2 * padding[0],
             time_stride: stride[0],
             opts: conv2d::Conv2dOptions {
@@ -264,6 +270,11 @@ impl WanCausalConv3d {
     /// `x` [T, Cin, H, W] → [T', Cout, H', W']. `cache` holds up to
     /// `time_padding` frames that precede `x` (they replace that many of
     /// the zero frames); `residual`, of the output's shape, is added.
+    ///
+    /// out[t] = Σ_kt conv2d(stream[t·stride + kt], W[:, :, kt]) is one
+    /// conv2d over the kT frames each output reads, stacked as channels:
+    /// every tap is summed in the kernel's f32 accumulator, and the output
+    /// is stored once.
     pub fn forward(
         &self,
         gpu: &Gpu,
@@ -271,35 +282,33 @@ impl WanCausalConv3d {
         cache: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let kt = self.taps.len();
+        let kt = self.time_kernel;
+        let frames = x.shape()[0];
+        if kt == 1 && self.time_padding == 0 && self.time_stride == 1 {
+            return self.conv(gpu, x, residual);
+        }
         let cache = cache.filter(|_| self.time_padding > 0);
         let cached = cache.map_or(0, |c| c.shape()[0]).min(self.time_padding);
         let zeros = self.time_padding - cached;
-        let frames = x.shape()[0];
-        let stream = zeros + cached + frames;
-        if stream < kt || frames == 0 {
+        let stream_len = zeros + cached + frames;
+        if stream_len < kt || frames == 0 {
             return Err(EngineError::Shape {
                 op: "WanCausalConv3d",
-                expected: format!("at least {} input frames", kt.saturating_sub(zeros + cached).max(1)),
+                expected: format!(
+                    "at least {} input frames",
+                    kt.saturating_sub(zeros + cached).max(1)
+                ),
                 found: fmt_shape(x.shape()),
             });
         }
-        let out_frames = (stream - kt) / self.time_stride + 1;
-        // Taps that only ever read zero frames contribute nothing.
-        let first_read = |tap: usize| tap;
-        let last_read = |tap: usize| (out_frames - 1) * self.time_stride + tap;
-        let used: Vec<usize> = (0..kt).filter(|&t| last_read(t) >= zeros).collect();
-        let needs_zeros = used.iter().any(|&t| first_read(t) < zeros);
-        // The stream the used taps read: [zeros?, cache, x].
+        let out_frames = (stream_len - kt) / self.time_stride + 1;
+        // The stream the taps read: [zeros, cache, x].
         let mut parts: Vec<Tensor> = Vec::new();
-        let offset = if needs_zeros {
+        if zeros > 0 {
             let mut shape = x.shape().to_vec();
             shape[0] = zeros;
             parts.push(Tensor::zeros(gpu, &shape, x.dtype())?);
-            0
-        } else {
-            zeros
-        };
+        }
         if let Some(c) = cache {
             let n = c.shape()[0];
             parts.push(if n > cached {
@@ -308,33 +317,61 @@ impl WanCausalConv3d {
                 c.clone()
             });
         }
-        let stream_t = if parts.is_empty() {
+        let stream = if parts.is_empty() {
             x.clone()
         } else {
             parts.push(x.clone());
             layout::concat(gpu, &parts.iter().collect::<Vec<_>>(), 0)?
         };
-        let mut out: Option<Tensor> = None;
-        for &t in &used {
-            let input = select_frames(gpu, &stream_t, t - offset, self.time_stride, out_frames)?;
-            let bias = if out.is_none() { self.bias.as_ref() } else { None };
-            let acc = out.as_ref().or(residual);
-            out = Some(match acc {
-                Some(r) => conv2d::conv2d_residual(
-                    gpu,
-                    &input,
-                    &self.taps[t],
-                    bias,
-                    &self.opts,
-                    &conv2d::Conv2dResidual {
-                        residual: r,
-                        scale: 1.0,
-                    },
-                )?,
-                None => conv2d::conv2d(gpu, &input, &self.taps[t], bias, &self.opts)?,
-            });
+        drop(parts);
+        let frame_bytes = x.size_bytes() / frames as u64;
+        let group =
+            ((MAX_STACKED_BYTES / (kt as u64 * frame_bytes).max(1)) as usize).clamp(1, out_frames);
+        let mut outputs = Vec::new();
+        for t0 in (0..out_frames).step_by(group) {
+            let n = group.min(out_frames - t0);
+            // [n, kT·Cin, H, W]: tap kt of output t is frame (t0 + t)·stride + kt.
+            let taps = (0..kt)
+                .map(|tap| {
+                    select_frames(
+                        gpu,
+                        &stream,
+                        t0 * self.time_stride + tap,
+                        self.time_stride,
+                        n,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let stacked = if kt == 1 {
+                taps[0].clone()
+            } else {
+                layout::concat(gpu, &taps.iter().collect::<Vec<_>>(), 1)?
+            };
+            drop(taps);
+            let residual = match residual {
+                Some(r) if n < out_frames => Some(layout::narrow(gpu, r, 0, t0, n)?),
+                other => other.cloned(),
+            };
+            outputs.push(self.conv(gpu, &stacked, residual.as_ref())?);
         }
-        Ok(out.expect("the last tap always reads the input"))
+        if outputs.len() == 1 {
+            return Ok(outputs.pop().expect("one group"));
+        }
+        layout::concat(gpu, &outputs.iter().collect::<Vec<_>>(), 0)
+    }
+
+    fn conv(&self, gpu: &Gpu, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let bias = self.bias.as_ref();
+        match residual {
+            Some(residual) => {
+                let r = conv2d::Conv2dResidual {
+                    residual,
+                    scale: 1.0,
+                };
+                conv2d::conv2d_residual(gpu, x, &self.weight, bias, &self.opts, &r)
+            }
+            None => conv2d::conv2d(gpu, x, &self.weight, bias, &self.opts),
+        }
     }
 }
 
@@ -551,7 +588,10 @@ impl WanAttentionBlock {
     fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         let (t, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
         let normed = self.norm.forward(gpu, x, false)?;
-        let qkv = self.to_qkv.forward(gpu, &normed)?.reshape(&[t, 3 * c, h * w])?;
+        let qkv = self
+            .to_qkv
+            .forward(gpu, &normed)?
+            .reshape(&[t, 3 * c, h * w])?;
         // diffusers: qkv [T, 1, 3C, HW] → permute → [T, 1, HW, 3C] → chunk(3, -1).
         let tokens = layout::permute(gpu, &qkv, &[0, 2, 1])?;
         let q = layout::narrow(gpu, &tokens, 2, 0, c)?;
@@ -731,7 +771,8 @@ impl WanEncoder3d {
             .chain(cfg.dim_mult.iter().copied())
             .map(|m| dim * m)
             .collect();
-        let conv = |w: &Weights, ci, co| WanCausalConv3d::new(gpu, w, ci, co, [3; 3], [1; 3], [1; 3]);
+        let conv =
+            |w: &Weights, ci, co| WanCausalConv3d::new(gpu, w, ci, co, [3; 3], [1; 3], [1; 3]);
         let mut down_blocks = Vec::new();
         let levels = cfg.dim_mult.len();
         for i in 0..levels {
@@ -751,7 +792,9 @@ impl WanEncoder3d {
                     ResampleMode::Downsample2d
                 };
                 let b = w.pp("down_blocks").pp(down_blocks.len());
-                down_blocks.push(WanDownLayer::Resample(WanResample::new(gpu, &b, cout, mode)?));
+                down_blocks.push(WanDownLayer::Resample(WanResample::new(
+                    gpu, &b, cout, mode,
+                )?));
             }
         }
         let top = dims[levels];
@@ -804,9 +847,13 @@ impl WanDecoder3d {
             .map(|m| dim * m)
             .collect();
         // The decoder upsamples in time where the encoder downsampled, in reverse.
-        let temperal_upsample: Vec<bool> =
-            cfg.temperal_downsample[..levels - 1].iter().rev().copied().collect();
-        let conv = |w: &Weights, ci, co| WanCausalConv3d::new(gpu, w, ci, co, [3; 3], [1; 3], [1; 3]);
+        let temperal_upsample: Vec<bool> = cfg.temperal_downsample[..levels - 1]
+            .iter()
+            .rev()
+            .copied()
+            .collect();
+        let conv =
+            |w: &Weights, ci, co| WanCausalConv3d::new(gpu, w, ci, co, [3; 3], [1; 3], [1; 3]);
         let mut up_blocks = Vec::new();
         for i in 0..levels {
             // Wan 2.1: the previous block's upsampler halved the channels.
@@ -825,7 +872,12 @@ impl WanDecoder3d {
                 } else {
                     ResampleMode::Upsample2d
                 };
-                vec![WanResample::new(gpu, &b.pp("upsamplers").pp(0), cout, mode)?]
+                vec![WanResample::new(
+                    gpu,
+                    &b.pp("upsamplers").pp(0),
+                    cout,
+                    mode,
+                )?]
             } else {
                 vec![]
             };
@@ -914,7 +966,8 @@ pub struct AutoencoderKLWan {
 impl AutoencoderKLWan {
     pub fn new(gpu: &Gpu, w: &Weights, config: WanVaeConfig) -> Result<Self> {
         let z = config.z_dim;
-        let one = |name: &str, c| WanCausalConv3d::new(gpu, &w.pp(name), c, c, [1; 3], [1; 3], [0; 3]);
+        let one =
+            |name: &str, c| WanCausalConv3d::new(gpu, &w.pp(name), c, c, [1; 3], [1; 3], [0; 3]);
         Ok(AutoencoderKLWan {
             encoder: WanEncoder3d::new(gpu, &w.pp("encoder"), &config)?,
             quant_conv: one("quant_conv", 2 * z)?,
@@ -1116,7 +1169,10 @@ impl AutoencoderKLWan {
         let sf = self.config.spatial_scale_factor();
         let s = latents.shape().to_vec();
         let (h, w) = (s[3], s[4]);
-        let (min_h, min_w) = (tiling.tile_sample_min_height / sf, tiling.tile_sample_min_width / sf);
+        let (min_h, min_w) = (
+            tiling.tile_sample_min_height / sf,
+            tiling.tile_sample_min_width / sf,
+        );
         let (stride_h, stride_w) = (
             tiling.tile_sample_stride_height / sf,
             tiling.tile_sample_stride_width / sf,
@@ -1190,7 +1246,10 @@ impl AutoencoderKLWan {
                         let cols = cw.min(out_w.saturating_sub(x0));
                         let src = (plane * th + y) * tw;
                         let dst = (plane * out_h + y0 + y) * out_w + x0;
-                        for (d, v) in data[dst..dst + cols].iter_mut().zip(&t.data[src..src + cols]) {
+                        for (d, v) in data[dst..dst + cols]
+                            .iter_mut()
+                            .zip(&t.data[src..src + cols])
+                        {
                             *d = v.clamp(-1.0, 1.0);
                         }
                     }
@@ -1234,6 +1293,42 @@ fn blend(a: &Video, b: &mut Video, extent: usize, dim: usize) {
                     b.data[bi] = av * wa + b.data[bi] * wb;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{blend, Video};
+
+    fn video(h: usize, w: usize, value: f32) -> Video {
+        Video {
+            data: vec![value; 2 * h * w],
+            shape: [1, 1, 2, h, w],
+        }
+    }
+
+    #[test]
+    fn blend_fades_linearly_from_the_previous_tile() {
+        // diffusers' blend_v / blend_h: row (column) k of the overlap is
+        // a · (1 − k/e) + b · k/e; the rest of b is untouched.
+        let a = video(4, 3, 1.0);
+        let mut b = video(5, 3, 0.0);
+        blend(&a, &mut b, 4, 3);
+        for plane in 0..2 {
+            for y in 0..5 {
+                let want = if y < 4 { 1.0 - y as f32 / 4.0 } else { 0.0 };
+                for x in 0..3 {
+                    assert_eq!(b.data[(plane * 5 + y) * 3 + x], want, "row {y}");
+                }
+            }
+        }
+        let a = video(2, 6, 2.0);
+        let mut b = video(2, 4, 0.0);
+        // The extent is capped by the narrower tile.
+        blend(&a, &mut b, 8, 4);
+        for x in 0..4 {
+            assert_eq!(b.data[x], 2.0 * (1.0 - x as f32 / 4.0), "column {x}");
         }
     }
 }

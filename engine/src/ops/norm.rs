@@ -594,7 +594,10 @@ pub fn channel_rms_norm(
         constants,
     };
     let sumsq = kernel("channel_sumsq", vec![]);
-    let apply = kernel("channel_rms_apply", vec![("SILU", f64::from(u8::from(silu)))]);
+    let apply = kernel(
+        "channel_rms_apply",
+        vec![("SILU", f64::from(u8::from(silu)))],
+    );
     let params = |&(n0, n, c0, cb): &(usize, usize, usize, usize), accumulate: bool| {
         let start = n0 * item_len + c0 * spatial;
         let count = (n - 1) * item_len + cb * spatial;
@@ -636,7 +639,11 @@ pub fn channel_rms_norm(
             let (start, count, p) = params(w, false);
             let (xb, x_off) = x.window(gpu, start, count);
             let (ob, out_off) = out.window(gpu, start, count);
-            let p = Params { x_off, out_off, ..p };
+            let p = Params {
+                x_off,
+                out_off,
+                ..p
+            };
             let gb: Binding = gamma.map_or(xb, Tensor::binding);
             let bb: Binding = beta.map_or(xb, Tensor::binding);
             gpu.dispatch(
