@@ -371,7 +371,7 @@ fn vae_without(dir: &Path, key: &str) -> PathBuf {
         data.extend_from_slice(bytes);
     }
     let mut header = serde_json::to_vec(&header).unwrap();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut file = (header.len() as u64).to_le_bytes().to_vec();
@@ -421,8 +421,7 @@ fn bad_input_is_refused_with_what_to_pass() {
     let latents = Tensor::zeros(gpu, &[1, 3, 2, 2, 2], DType::F32).unwrap();
     let err = vae
         .decode(gpu, &latents)
-        .err()
-        .expect("3 latent channels are refused");
+        .expect_err("3 latent channels are refused");
     assert!(
         err.to_string()
             .contains(&format!("[N, {}, f >= 1, h, w]", vae.config.z_dim)),
@@ -434,8 +433,7 @@ fn bad_input_is_refused_with_what_to_pass() {
         Path::new("vae/config.json"),
         serde_json::json!({"is_residual": true, "patch_size": 2}),
     )
-    .err()
-    .expect("Wan 2.2 refused");
+    .expect_err("Wan 2.2 refused");
     assert!(err.to_string().contains("not yet supported"), "{err}");
 }
 

@@ -443,7 +443,7 @@ enum CacheSlot {
 /// convolution (and temporal resample), visited in forward order; the index
 /// restarts at every chunk.
 #[derive(Default)]
-pub struct FeatureCache {
+struct FeatureCache {
     slots: Vec<CacheSlot>,
     idx: usize,
 }
@@ -459,17 +459,6 @@ impl FeatureCache {
         }
         self.idx += 1;
         &mut self.slots[self.idx - 1]
-    }
-
-    /// Device bytes the cache holds.
-    pub fn size_bytes(&self) -> u64 {
-        self.slots
-            .iter()
-            .map(|s| match s {
-                CacheSlot::Frames(t) => t.size_bytes(),
-                _ => 0,
-            })
-            .sum()
     }
 }
 
@@ -751,8 +740,8 @@ impl WanResample {
 
 /// An entry of `WanEncoder3d.down_blocks`, a flat list in diffusers.
 pub enum WanDownLayer {
-    Residual(WanResidualBlock),
-    Resample(WanResample),
+    Residual(Box<WanResidualBlock>),
+    Resample(Box<WanResample>),
 }
 
 /// `WanEncoder3d`.
@@ -780,9 +769,9 @@ impl WanEncoder3d {
             let cout = dims[i + 1];
             for _ in 0..cfg.num_res_blocks {
                 let b = w.pp("down_blocks").pp(down_blocks.len());
-                down_blocks.push(WanDownLayer::Residual(WanResidualBlock::new(
+                down_blocks.push(WanDownLayer::Residual(Box::new(WanResidualBlock::new(
                     gpu, &b, cin, cout,
-                )?));
+                )?)));
                 cin = cout;
             }
             if i + 1 != levels {
@@ -792,9 +781,8 @@ impl WanEncoder3d {
                     ResampleMode::Downsample2d
                 };
                 let b = w.pp("down_blocks").pp(down_blocks.len());
-                down_blocks.push(WanDownLayer::Resample(WanResample::new(
-                    gpu, &b, cout, mode,
-                )?));
+                let resample = WanResample::new(gpu, &b, cout, mode)?;
+                down_blocks.push(WanDownLayer::Resample(Box::new(resample)));
             }
         }
         let top = dims[levels];
