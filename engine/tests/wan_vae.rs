@@ -468,3 +468,21 @@ fn latents_normalisation_round_trips() {
         .unwrap();
     common::assert_close("normalize(denormalize(x))", &back, &values, DType::F32, 4);
 }
+
+#[test]
+fn every_checkpoint_key_maps_to_a_module() {
+    // Module names mirror diffusers': loading reads every key of the
+    // fixtures' vae/ weights and no other.
+    let gpu = gpu_for(DType::F32);
+    for set in SETS {
+        let dir = set_dir(set).join("vae");
+        let weights = Arc::new(WeightSet::open_dir(&dir).unwrap());
+        let config = WanVaeConfig::load(&dir.join("config.json")).unwrap();
+        AutoencoderKLWan::new(gpu, &Weights::new(weights.clone(), DType::F32), config).unwrap();
+        assert_eq!(
+            weights.unused(),
+            Vec::<String>::new(),
+            "{set}: keys no module read"
+        );
+    }
+}
