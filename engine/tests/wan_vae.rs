@@ -486,3 +486,36 @@ fn every_checkpoint_key_maps_to_a_module() {
         );
     }
 }
+
+#[test]
+fn real_size_decode_plans_within_the_device_limits() {
+    // Wan 2.1's VAE at 832x480 in f16, as a dry run on this adapter's
+    // binding limits: every operator must find windows that fit, and the
+    // peak is what the decoder needs above its weights.
+    let gpu = Gpu::new(GpuOptions {
+        plan: true,
+        precision: Some(DType::F16),
+        ..Default::default()
+    })
+    .unwrap();
+    let config = WanVaeConfig::from_value(Path::new("(defaults)"), serde_json::json!({})).unwrap();
+    let w = Weights::new(Arc::new(WeightSet::synthetic()), DType::F16);
+    let vae = AutoencoderKLWan::new(&gpu, &w, config).unwrap();
+    let weights = gpu.pool_stats().live_bytes;
+    let latents = Tensor::zeros(&gpu, &[1, 16, 3, 60, 104], DType::F16).unwrap();
+    gpu.reset_peak_memory();
+    let mut frames = 0;
+    vae.decode_chunks(&gpu, &latents, |_, _, chunk| {
+        assert_eq!(&chunk.shape()[1..], &[3, 480, 832]);
+        frames += chunk.shape()[0];
+        Ok(())
+    })
+    .expect("a full-size decode fits the adapter's bindings");
+    assert_eq!(frames, 9);
+    let peak = gpu.pool_stats().peak_live_bytes;
+    eprintln!(
+        "Wan 2.1 VAE decode 832x480 f16: weights {:.1} MiB, peak {:.1} MiB",
+        weights as f64 / (1 << 20) as f64,
+        peak as f64 / (1 << 20) as f64
+    );
+}

@@ -312,7 +312,7 @@ impl WanCausalConv3d {
         if let Some(c) = cache {
             let n = c.shape()[0];
             parts.push(if n > cached {
-                layout::narrow(gpu, c, 0, n - cached, cached)?
+                layout::narrow_rows(gpu, c, n - cached, cached)?
             } else {
                 c.clone()
             });
@@ -321,7 +321,7 @@ impl WanCausalConv3d {
             x.clone()
         } else {
             parts.push(x.clone());
-            layout::concat(gpu, &parts.iter().collect::<Vec<_>>(), 0)?
+            layout::concat_rows(gpu, &parts.iter().collect::<Vec<_>>())?
         };
         drop(parts);
         let frame_bytes = x.size_bytes() / frames as u64;
@@ -330,26 +330,21 @@ impl WanCausalConv3d {
         let mut outputs = Vec::new();
         for t0 in (0..out_frames).step_by(group) {
             let n = group.min(out_frames - t0);
-            // [n, kT·Cin, H, W]: tap kt of output t is frame (t0 + t)·stride + kt.
-            let taps = (0..kt)
-                .map(|tap| {
-                    select_frames(
-                        gpu,
-                        &stream,
-                        t0 * self.time_stride + tap,
-                        self.time_stride,
-                        n,
-                    )
-                })
+            // [n, kT·Cin, H, W]: output t reads the kT consecutive frames
+            // from (t0 + t)·stride, which side by side are its channels.
+            let windows = (t0..t0 + n)
+                .map(|t| layout::narrow_rows(gpu, &stream, t * self.time_stride, kt))
                 .collect::<Result<Vec<_>>>()?;
-            let stacked = if kt == 1 {
-                taps[0].clone()
+            let stacked = if windows.len() == 1 {
+                windows[0].clone()
             } else {
-                layout::concat(gpu, &taps.iter().collect::<Vec<_>>(), 1)?
+                layout::concat_rows(gpu, &windows.iter().collect::<Vec<_>>())?
             };
-            drop(taps);
+            drop(windows);
+            let s = stream.shape();
+            let stacked = stacked.reshape(&[n, kt * s[1], s[2], s[3]])?;
             let residual = match residual {
-                Some(r) if n < out_frames => Some(layout::narrow(gpu, r, 0, t0, n)?),
+                Some(r) if n < out_frames => Some(layout::narrow_rows(gpu, r, t0, n)?),
                 other => other.cloned(),
             };
             outputs.push(self.conv(gpu, &stacked, residual.as_ref())?);
@@ -357,7 +352,7 @@ impl WanCausalConv3d {
         if outputs.len() == 1 {
             return Ok(outputs.pop().expect("one group"));
         }
-        layout::concat(gpu, &outputs.iter().collect::<Vec<_>>(), 0)
+        layout::concat_rows(gpu, &outputs.iter().collect::<Vec<_>>())
     }
 
     fn conv(&self, gpu: &Gpu, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
@@ -373,21 +368,6 @@ impl WanCausalConv3d {
             None => conv2d::conv2d(gpu, x, &self.weight, bias, &self.opts),
         }
     }
-}
-
-/// Frames start, start + step, ... (count of them) of x [T, ...].
-fn select_frames(gpu: &Gpu, x: &Tensor, start: usize, step: usize, count: usize) -> Result<Tensor> {
-    let t = x.shape()[0];
-    if step == 1 || count == 1 {
-        if start == 0 && count == t {
-            return Ok(x.clone());
-        }
-        return layout::narrow(gpu, x, 0, start, count);
-    }
-    let frames = (0..count)
-        .map(|i| layout::narrow(gpu, x, 0, start + i * step, 1))
-        .collect::<Result<Vec<_>>>()?;
-    layout::concat(gpu, &frames.iter().collect::<Vec<_>>(), 0)
 }
 
 /// Frames start..start + len of item `item` of a video [N, C, F, H, W], in
@@ -415,14 +395,14 @@ fn frames_of(gpu: &Gpu, video: &Tensor, item: usize, start: usize, len: usize) -
 fn next_cache(gpu: &Gpu, previous: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
     let t = x.shape()[0];
     if t >= CACHE_T {
-        return layout::narrow(gpu, x, 0, t - CACHE_T, CACHE_T);
+        return layout::narrow_rows(gpu, x, t - CACHE_T, CACHE_T);
     }
     match previous {
         Some(p) => {
             let n = p.shape()[0];
             let keep = (CACHE_T - t).min(n);
-            let tail = layout::narrow(gpu, p, 0, n - keep, keep)?;
-            layout::concat(gpu, &[&tail, x], 0)
+            let tail = layout::narrow_rows(gpu, p, n - keep, keep)?;
+            layout::concat_rows(gpu, &[&tail, x])
         }
         None => Ok(x.clone()),
     }
@@ -723,13 +703,13 @@ impl WanResample {
         };
         if let (ResampleMode::Downsample3d, Some(time_conv)) = (self.mode, &self.time_conv) {
             let t = x.shape()[0];
-            let last = layout::narrow(gpu, &x, 0, t - 1, 1)?;
+            let last = layout::narrow_rows(gpu, &x, t - 1, 1)?;
             let slot = cache.next();
             match std::mem::replace(slot, CacheSlot::Frames(last)) {
                 // The first chunk passes through; its last frame is kept.
                 CacheSlot::Empty | CacheSlot::Rep => return Ok(x),
                 CacheSlot::Frames(previous) => {
-                    let stream = layout::concat(gpu, &[&previous, &x], 0)?;
+                    let stream = layout::concat_rows(gpu, &[&previous, &x])?;
                     return time_conv.forward(gpu, &stream, None, None);
                 }
             }
@@ -1027,7 +1007,7 @@ impl AutoencoderKLWan {
                 chunks.push(self.quant_conv.forward(gpu, &h, None, None)?);
                 start += len;
             }
-            let enc = layout::concat(gpu, &chunks.iter().collect::<Vec<_>>(), 0)?;
+            let enc = layout::concat_rows(gpu, &chunks.iter().collect::<Vec<_>>())?;
             let f = enc.shape()[0];
             let mean = layout::narrow(gpu, &enc, 1, 0, z)?;
             let logvar = layout::narrow(gpu, &enc, 1, z, z)?;
@@ -1114,7 +1094,7 @@ impl AutoencoderKLWan {
         let videos = items
             .iter()
             .map(|chunks| {
-                let frames = layout::concat(gpu, &chunks.iter().collect::<Vec<_>>(), 0)?;
+                let frames = layout::concat_rows(gpu, &chunks.iter().collect::<Vec<_>>())?;
                 let f = frames.shape()[0];
                 layout::frames_to_video(gpu, &frames, f)
             })
