@@ -234,3 +234,65 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         out[p.out_off + row * d + e] = st(v);
     }
 }
+
+// Channel RMS norm (diffusers' WanRMS_norm, the Wan VAE's norm): for every
+// position of x [N, C, *spatial], x / max(‖x[n, :, s]‖₂, eps) · √C · gamma[c]
+// + beta[c] (F.normalize over dim 1), optionally SiLU. Two dispatches per
+// window of whole items (or, for an item larger than one binding, of a block
+// of its channels):
+//   channel_sumsq  one invocation per position: Σ_c x² over the window's
+//                  channels, into stats[item * S + s] (added to what is there
+//                  when flags bit 2 is set: a later channel block)
+//   channel_rms_apply  one invocation per element of the window
+// Params as used here: rows = items in the window, len = C (all channels, for
+// √C), channels = channels in the window, spatial = S, seg_stride = elements
+// between items (C·S), final_off = first channel of the window (gamma/beta
+// index), eps = F.normalize's 1e-12 floor on the norm; stats is f32 [rows · S].
+const RMS_WG: u32 = 64u;
+
+@compute @workgroup_size(RMS_WG)
+fn channel_sumsq(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * RMS_WG;
+    if (i >= p.rows * p.spatial) {
+        return;
+    }
+    let item = i / p.spatial;
+    let s = i - item * p.spatial;
+    let base = p.x_off + item * p.seg_stride + s;
+    var sum = 0.0;
+    for (var c = 0u; c < p.channels; c = c + 1u) {
+        let v = f32(x[base + c * p.spatial]);
+        sum = sum + v * v;
+    }
+    if ((p.flags & 4u) != 0u) {
+        sum = sum + stats[i];
+    }
+    stats[i] = sum;
+}
+
+@compute @workgroup_size(RMS_WG)
+fn channel_rms_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = gid.x + gid.y * nwg.x * RMS_WG;
+    let per_item = p.channels * p.spatial;
+    if (e >= p.rows * per_item) {
+        return;
+    }
+    let item = e / per_item;
+    let rem = e - item * per_item;
+    let c = rem / p.spatial;
+    let s = rem - c * p.spatial;
+    let offset = item * p.seg_stride + rem;
+    // PyTorch's order: x / max(norm, eps), then · √C, then · gamma, + beta.
+    var v = f32(x[p.x_off + offset]) / max(sqrt(stats[item * p.spatial + s]), p.eps);
+    v = v * sqrt(f32(p.len));
+    if ((p.flags & 1u) != 0u) {
+        v = v * f32(gamma[p.final_off + c]);
+    }
+    if ((p.flags & 2u) != 0u) {
+        v = v + f32(beta[p.final_off + c]);
+    }
+    if (SILU) {
+        v = silu(v);
+    }
+    out[p.out_off + offset] = st(v);
+}

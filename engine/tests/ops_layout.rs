@@ -257,3 +257,34 @@ fn narrow_copies_a_slice_of_one_dim() {
         "{e}"
     );
 }
+
+#[test]
+fn narrow_rows_and_concat_rows_equal_narrow_and_concat_past_the_binding_limit() {
+    // 4 KiB bindings: the shader copies refuse rows of 33 x 40 f32 values
+    // (5280 bytes), the buffer copies take them; odd f16 rows (not 4-byte
+    // aligned) fall back to the shader copies.
+    for (gpu, rows_shape) in [
+        (small_binding_gpu(), [33usize, 8, 5]),
+        (gpu(), [3, 5, 3]),
+        (gpu(), [7, 2, 3]),
+    ] {
+        for dtype in dtypes() {
+            let shape = [5, rows_shape[0], rows_shape[1], rows_shape[2]];
+            let n: usize = shape.iter().product();
+            let (x, xs) = upload(gpu, &random(n, n as u64), &shape, dtype);
+            let row = n / 5;
+            let got = layout::narrow_rows(gpu, &x, 1, 3).unwrap();
+            assert_eq!(got.shape(), [3, shape[1], shape[2], shape[3]]);
+            assert_exact("narrow_rows", &got.to_f32(gpu).unwrap(), &xs[row..4 * row]);
+            let head = layout::narrow_rows(gpu, &x, 0, 1).unwrap();
+            let joined = layout::concat_rows(gpu, &[&got, &head, &x]).unwrap();
+            assert_eq!(joined.shape()[0], 9);
+            let want: Vec<f32> = [&xs[row..4 * row], &xs[..row], &xs[..]]
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            assert_exact("concat_rows", &joined.to_f32(gpu).unwrap(), &want);
+        }
+    }
+}

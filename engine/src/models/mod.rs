@@ -8,3 +8,4 @@ pub mod resnet;
 pub mod source;
 pub mod unet_motion;
 pub mod vae;
+pub mod wan_vae;

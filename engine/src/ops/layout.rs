@@ -387,3 +387,63 @@ pub fn upsample_nearest_reference(
     }
     out
 }
+
+/// Rows `start..start + len` of dim 0 (frames of a [T, C, H, W] clip):
+/// [`narrow`] for a contiguous range, done by the device's buffer copy,
+/// which no storage-binding limit applies to (one full-size video chunk
+/// exceeds a 128 MiB binding). Ranges whose bytes are not 4-aligned (odd
+/// f16 element counts, small tensors) take [`narrow`].
+pub fn narrow_rows(gpu: &Gpu, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    if x.rank() == 0 || start + len > x.shape()[0] || len == 0 {
+        return narrow(gpu, x, 0, start, len);
+    }
+    let row = x.numel() / x.shape()[0];
+    let bytes = |rows: usize| (rows * row) as u64 * x.dtype().size_bytes();
+    if bytes(1) % wgpu::COPY_BUFFER_ALIGNMENT != 0 {
+        return narrow(gpu, x, 0, start, len);
+    }
+    let mut shape = x.shape().to_vec();
+    shape[0] = len;
+    let out = Tensor::empty(gpu, &shape, x.dtype())?;
+    if !gpu.is_plan() {
+        gpu.record(|enc| {
+            enc.copy_buffer_to_buffer(x.buffer(), bytes(start), out.buffer(), 0, bytes(len))
+        });
+    }
+    Ok(out)
+}
+
+/// [`concat`] along dim 0 by buffer copies (see [`narrow_rows`]).
+pub fn concat_rows(gpu: &Gpu, tensors: &[&Tensor]) -> Result<Tensor> {
+    let aligned = tensors.iter().all(|t| {
+        t.rank() > 0 && t.shape()[0] > 0 && t.size_bytes() % wgpu::COPY_BUFFER_ALIGNMENT == 0
+    });
+    let first = match tensors.first() {
+        Some(first) if aligned => first,
+        _ => return concat(gpu, tensors, 0),
+    };
+    check_dtypes("concat", tensors)?;
+    if let Some(t) = tensors
+        .iter()
+        .find(|t| t.shape()[1..] != first.shape()[1..])
+    {
+        return Err(EngineError::Shape {
+            op: "concat",
+            expected: format!("[*, {:?}] like the first tensor", &first.shape()[1..]),
+            found: fmt_shape(t.shape()),
+        });
+    }
+    let mut shape = first.shape().to_vec();
+    shape[0] = tensors.iter().map(|t| t.shape()[0]).sum();
+    let out = Tensor::empty(gpu, &shape, first.dtype())?;
+    if !gpu.is_plan() {
+        let mut offset = 0;
+        for t in tensors {
+            gpu.record(|enc| {
+                enc.copy_buffer_to_buffer(t.buffer(), 0, out.buffer(), offset, t.size_bytes())
+            });
+            offset += t.size_bytes();
+        }
+    }
+    Ok(out)
+}

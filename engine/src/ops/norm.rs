@@ -523,3 +523,167 @@ pub fn layer_norm_reference(
         })
         .collect()
 }
+
+/// Invocations per channel_sumsq / channel_rms_apply workgroup; mirrors
+/// `RMS_WG` of the shader.
+const RMS_WG: usize = 64;
+
+/// diffusers' `WanRMS_norm` (the Wan VAE's norm) with a channel-first input:
+/// x [N, C, *spatial] → `F.normalize(x, dim=1) · √C · gamma + beta`, i.e.
+/// every position's channel vector divided by max(its L2 norm, `eps`)
+/// (PyTorch's `F.normalize` floor is 1e-12), gamma/beta `[C]` optional,
+/// optional fused SiLU (the VAE always applies it after norm1/norm2/norm_out).
+/// Sums of squares in f32. A window holds whole items, or a block of one
+/// item's channels when an item is larger than one binding.
+pub fn channel_rms_norm(
+    gpu: &Gpu,
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    let op = "channel_rms_norm";
+    if x.rank() < 2 || x.shape()[1] == 0 {
+        return Err(EngineError::Shape {
+            op,
+            expected: "input [N, C, *spatial] with C >= 1".into(),
+            found: fmt_shape(x.shape()),
+        });
+    }
+    let (items, channels) = (x.shape()[0], x.shape()[1]);
+    let spatial: usize = x.shape()[2..].iter().product();
+    check_affine(op, "gamma", x, gamma, channels)?;
+    check_affine(op, "beta", x, beta, channels)?;
+    let out = Tensor::empty(gpu, x.shape(), x.dtype())?;
+    if x.numel() == 0 {
+        return Ok(out);
+    }
+    let item_len = channels * spatial;
+    let max = Tensor::max_window_elems(gpu, x.dtype());
+    let max_stats = Tensor::max_window_elems(gpu, DType::F32);
+    if spatial > max || spatial > max_stats {
+        return Err(EngineError::BindingTooLarge {
+            op,
+            bytes: spatial as u64 * 4,
+            limit: gpu.max_binding_bytes(),
+        });
+    }
+    // (first item, items, first channel, channels) of every window.
+    let mut windows = Vec::new();
+    if item_len <= max {
+        let per = (max / item_len).min(max_stats / spatial).max(1);
+        for n0 in (0..items).step_by(per) {
+            windows.push((n0, per.min(items - n0), 0, channels));
+        }
+    } else {
+        let block = max / spatial;
+        for n in 0..items {
+            for c0 in (0..channels).step_by(block) {
+                windows.push((n, 1, c0, block.min(channels - c0)));
+            }
+        }
+    }
+    let stats_len = windows.iter().map(|w| w.1).max().unwrap_or(1) * spatial;
+    let stats = Tensor::empty(gpu, &[stats_len], DType::F32)?;
+    let kernel = |entry, constants| Kernel {
+        op: "norm",
+        source: SOURCE,
+        entry,
+        dtype: x.dtype(),
+        constants,
+    };
+    let sumsq = kernel("channel_sumsq", vec![]);
+    let apply = kernel(
+        "channel_rms_apply",
+        vec![("SILU", f64::from(u8::from(silu)))],
+    );
+    let params = |&(n0, n, c0, cb): &(usize, usize, usize, usize), accumulate: bool| {
+        let start = n0 * item_len + c0 * spatial;
+        let count = (n - 1) * item_len + cb * spatial;
+        (start, count, {
+            Params {
+                rows: n as u32,
+                eps,
+                flags: affine_flags(gamma, beta) | (u32::from(accumulate) << 2),
+                len: channels as u32,
+                channels: cb as u32,
+                spatial: spatial as u32,
+                seg_stride: item_len as u32,
+                final_off: c0 as u32,
+                ..Params::default()
+            }
+        })
+    };
+    // All sums of one item's channel blocks come before any of its blocks
+    // is normalised: windows of one item are consecutive.
+    let mut i = 0;
+    while i < windows.len() {
+        let item = windows[i].0;
+        let end = windows[i..]
+            .iter()
+            .position(|w| w.0 != item)
+            .map_or(windows.len(), |k| i + k);
+        for (k, w) in windows[i..end].iter().enumerate() {
+            let (start, count, p) = params(w, k > 0);
+            let (xb, x_off) = x.window(gpu, start, count);
+            let p = Params { x_off, ..p };
+            gpu.dispatch(
+                &sumsq,
+                params_bytes(&p),
+                &[(1, xb), (5, stats.binding())],
+                grid_1d(((w.1 * spatial) as u64).div_ceil(RMS_WG as u64)),
+            )?;
+        }
+        for w in &windows[i..end] {
+            let (start, count, p) = params(w, false);
+            let (xb, x_off) = x.window(gpu, start, count);
+            let (ob, out_off) = out.window(gpu, start, count);
+            let p = Params {
+                x_off,
+                out_off,
+                ..p
+            };
+            let gb: Binding = gamma.map_or(xb, Tensor::binding);
+            let bb: Binding = beta.map_or(xb, Tensor::binding);
+            gpu.dispatch(
+                &apply,
+                params_bytes(&p),
+                &[(1, xb), (2, gb), (3, bb), (4, ob), (5, stats.binding())],
+                grid_1d(((w.1 * w.3 * spatial) as u64).div_ceil(RMS_WG as u64)),
+            )?;
+        }
+        i = end;
+    }
+    Ok(out)
+}
+
+/// CPU reference of [`channel_rms_norm`]: x row-major [N, C, *spatial].
+pub fn channel_rms_norm_reference(
+    x: &[f32],
+    shape: &[usize],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    eps: f32,
+    silu: bool,
+) -> Vec<f32> {
+    let (n, c) = (shape[0], shape[1]);
+    let s: usize = shape[2..].iter().product();
+    let scale = (c as f64).sqrt();
+    let mut out = vec![0f32; x.len()];
+    for item in 0..n {
+        for pos in 0..s {
+            let index = |ch: usize| (item * c + ch) * s + pos;
+            let norm = (0..c)
+                .map(|ch| (x[index(ch)] as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                .max(eps as f64);
+            for ch in 0..c {
+                let v = x[index(ch)] as f64 / norm * scale;
+                out[index(ch)] = affine_reference(v, ch, gamma, beta, silu);
+            }
+        }
+    }
+    out
+}
