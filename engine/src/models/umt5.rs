@@ -341,6 +341,19 @@ impl UMT5EncoderModel {
         input_ids: &[Vec<u32>],
         attention_mask: &[Vec<u32>],
     ) -> Result<Tensor> {
+        self.forward_observed(gpu, input_ids, attention_mask, &mut |_, _| Ok(()))
+    }
+
+    /// [`Self::forward`], showing `observe` each block's output as
+    /// `block_{i}` [N, L, D] (what reference cases name in their debug
+    /// outputs, to locate where an error starts).
+    pub fn forward_observed(
+        &self,
+        gpu: &Gpu,
+        input_ids: &[Vec<u32>],
+        attention_mask: &[Vec<u32>],
+        observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
         let n = input_ids.len();
         let len = input_ids.first().map(Vec::len).unwrap_or(0);
         let rows_ok = |rows: &[Vec<u32>]| rows.len() == n && rows.iter().all(|r| r.len() == len);
@@ -397,6 +410,7 @@ impl UMT5EncoderModel {
                 // Streamed: this block's weights live until the end of this arm.
                 None => UMT5Block::new(gpu, &enc.pp(i), cfg)?.forward(gpu, &x, &buckets, &mask)?,
             };
+            observe(&format!("block_{i}"), &x)?;
         }
         self.final_layer_norm.forward(gpu, &x)
     }

@@ -453,6 +453,22 @@ impl WanTransformer3DModel {
         timesteps: &[f32],
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
+        self.forward_observed(gpu, hidden_states, timesteps, encoder_hidden_states, &mut |_, _| Ok(()))
+    }
+
+    /// [`Self::forward`], showing `observe` the intermediate states that
+    /// reference cases name in their debug outputs, to locate where an error
+    /// starts: `patch_embedding` [B, S, dim] (tokens, frame-major),
+    /// `temb` [B, dim], `timestep_proj` [B, 6, dim], `text_embedding`
+    /// [B, L, dim], `block_{i}` [B, S, dim], `proj_out` [B, S, pt·ph·pw·Cout].
+    pub fn forward_observed(
+        &self,
+        gpu: &Gpu,
+        hidden_states: &Tensor,
+        timesteps: &[f32],
+        encoder_hidden_states: &Tensor,
+        observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let op = "wan_transformer";
         let [pt, ph, pw] = cfg.patch_size;
@@ -508,8 +524,12 @@ impl WanTransformer3DModel {
         )?
         .reshape(&[b, tokens, c * pt * ph * pw])?;
         let mut x = self.patch_embedding.forward(gpu, &patches)?;
+        observe("patch_embedding", &x)?;
 
         let cond = self.condition_embedder.forward(gpu, timesteps, encoder_hidden_states)?;
+        observe("temb", &cond.temb)?;
+        observe("timestep_proj", &cond.timestep_proj)?;
+        observe("text_embedding", &cond.context)?;
         let rope = self.rope(gpu, grid)?;
         let blocks = self.weights.pp("blocks");
         for i in 0..cfg.num_layers {
@@ -523,6 +543,7 @@ impl WanTransformer3DModel {
                     &rope,
                 )?,
             };
+            observe(&format!("block_{i}"), &x)?;
         }
 
         // Output norm modulated by temb and the model's own table, then the head.
@@ -532,6 +553,7 @@ impl WanTransformer3DModel {
         let h = ops::norm::layer_norm(gpu, &x, None, None, cfg.eps)?;
         let h = ops::elementwise::modulate(gpu, &h, &scale, &shift)?;
         let out = self.proj_out.forward(gpu, &h)?;
+        observe("proj_out", &out)?;
 
         // Unpatchify: [B, F', H', W', pt, ph, pw, Cout] → [B, Cout, F, H, W].
         let cout = cfg.out_channels();
