@@ -31,7 +31,7 @@ fn rows(values: &[i64], shape: &[usize]) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Runs every text_encoder case of `set` and returns one line per compared
+/// Runs every text_encoder case of `set`, printing one line per compared
 /// output; panics naming every output over its budget.
 fn run_set(set_name: &str, dtype: DType, residency: BlockResidency) {
     let Some(gpu) = gpu_in(dtype) else { return };
@@ -56,7 +56,8 @@ fn run_set(set_name: &str, dtype: DType, residency: BlockResidency) {
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         seen.push(("last_hidden_state".into(), out.to_f32(&gpu).unwrap()));
         for (kind, expected) in [("output", &case.outputs), ("debug", &case.debug_outputs)] {
-            for e in expected {
+            // The bucket table is integer, compared exactly by its own test.
+            for e in expected.iter().filter(|e| e.name != "relative_position_bucket") {
                 let want = set.f32s(&e.tensor);
                 let Some((_, got)) = seen.iter().find(|(n, _)| *n == e.name) else {
                     failures.push(format!("{} {kind} {}: not produced", case.name, e.name));
