@@ -464,16 +464,32 @@ fn rms_norm_matches_reference() {
         for (i, &d) in ODD_SIZES.iter().chain(&[512, 4099]).enumerate() {
             for (rows, with_gamma, offset) in [(3, true, 0.0), (5, false, 0.0), (2, true, 30.0)] {
                 let seed = 7000 + i as u64 * 10 + rows as u64;
-                let x: Vec<f32> = random(rows * d, seed).iter().map(|v| v * 3.0 + offset).collect();
+                let x: Vec<f32> = random(rows * d, seed)
+                    .iter()
+                    .map(|v| v * 3.0 + offset)
+                    .collect();
                 let (xt, xs) = upload(gpu, &x, &[rows, d], dtype);
                 let gamma = with_gamma.then(|| upload(gpu, &random(d, seed + 1), &[d], dtype));
-                let want = norm::rms_norm_reference(&xs, d, gamma.as_ref().map(|g| g.1.as_slice()), 1e-6);
+                let want =
+                    norm::rms_norm_reference(&xs, d, gamma.as_ref().map(|g| g.1.as_slice()), 1e-6);
                 for kernel in [ReductionKernel::Narrow, ReductionKernel::Wide] {
-                    let got = norm::rms_norm_with(gpu, &xt, gamma.as_ref().map(|g| &g.0), 1e-6, Some(kernel))
-                        .unwrap()
-                        .to_f32(gpu)
-                        .unwrap();
-                    assert_close(&format!("rms_norm d={d} rows={rows} {kernel:?}"), &got, &want, dtype, d);
+                    let got = norm::rms_norm_with(
+                        gpu,
+                        &xt,
+                        gamma.as_ref().map(|g| &g.0),
+                        1e-6,
+                        Some(kernel),
+                    )
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap();
+                    assert_close(
+                        &format!("rms_norm d={d} rows={rows} {kernel:?}"),
+                        &got,
+                        &want,
+                        dtype,
+                        d,
+                    );
                 }
             }
         }
@@ -487,8 +503,20 @@ fn rms_norm_windows_and_bad_shapes() {
     let (rows, d) = (40, 100);
     let (xt, xs) = upload(gpu, &random(rows * d, 71), &[rows, d], DType::F32);
     let (gt, gs) = upload(gpu, &random(d, 72), &[d], DType::F32);
-    let got = norm::rms_norm(gpu, &xt, Some(&gt), 1e-6).unwrap().to_f32(gpu).unwrap();
-    assert_close("rms_norm windows", &got, &norm::rms_norm_reference(&xs, d, Some(&gs), 1e-6), DType::F32, d);
+    let got = norm::rms_norm(gpu, &xt, Some(&gt), 1e-6)
+        .unwrap()
+        .to_f32(gpu)
+        .unwrap();
+    assert_close(
+        "rms_norm windows",
+        &got,
+        &norm::rms_norm_reference(&xs, d, Some(&gs), 1e-6),
+        DType::F32,
+        d,
+    );
     let (bad, _) = upload(gpu, &random(7, 73), &[7], DType::F32);
-    assert!(matches!(norm::rms_norm(gpu, &xt, Some(&bad), 1e-6), Err(EngineError::Shape { .. })));
+    assert!(matches!(
+        norm::rms_norm(gpu, &xt, Some(&bad), 1e-6),
+        Err(EngineError::Shape { .. })
+    ));
 }

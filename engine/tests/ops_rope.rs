@@ -9,7 +9,15 @@ use motif_engine::models::wan_transformer::rope_tables;
 use motif_engine::ops::rope;
 use motif_engine::{DType, EngineError, Gpu, Tensor};
 
-fn check(gpu: &Gpu, dtypes: Vec<DType>, batch: usize, seq: usize, heads: usize, half: usize, seed: u64) {
+fn check(
+    gpu: &Gpu,
+    dtypes: Vec<DType>,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    half: usize,
+    seed: u64,
+) {
     let channels = heads * half * 2;
     // Angles over a few turns, as positions × frequencies give.
     let angles: Vec<f32> = random(seq * half, seed).iter().map(|v| v * 20.0).collect();
@@ -18,10 +26,24 @@ fn check(gpu: &Gpu, dtypes: Vec<DType>, batch: usize, seq: usize, heads: usize, 
     let ct = Tensor::from_f32(gpu, &cos, &[seq, half], DType::F32).unwrap();
     let st = Tensor::from_f32(gpu, &sin, &[seq, half], DType::F32).unwrap();
     for dtype in dtypes {
-        let (x, xs) = upload(gpu, &random(batch * seq * channels, seed + 1), &[batch, seq, channels], dtype);
-        let got = rope::rotary_embedding(gpu, &x, &ct, &st, heads).unwrap().to_f32(gpu).unwrap();
+        let (x, xs) = upload(
+            gpu,
+            &random(batch * seq * channels, seed + 1),
+            &[batch, seq, channels],
+            dtype,
+        );
+        let got = rope::rotary_embedding(gpu, &x, &ct, &st, heads)
+            .unwrap()
+            .to_f32(gpu)
+            .unwrap();
         let want = rope::rotary_embedding_reference(&xs, seq, heads, &cos, &sin);
-        assert_close(&format!("rope b={batch} s={seq} h={heads} half={half}"), &got, &want, dtype, 2);
+        assert_close(
+            &format!("rope b={batch} s={seq} h={heads} half={half}"),
+            &got,
+            &want,
+            dtype,
+            2,
+        );
     }
 }
 
@@ -44,8 +66,14 @@ fn rotary_embedding_refuses_bad_tables() {
     let t = Tensor::from_f32(gpu, &random(3 * 2, 2), &[3, 2], DType::F32).unwrap();
     // 2 heads of dim 4 need tables [3, 2]; 1 head of dim 8 needs [3, 4].
     assert!(rope::rotary_embedding(gpu, &x, &t, &t, 2).is_ok());
-    assert!(matches!(rope::rotary_embedding(gpu, &x, &t, &t, 1), Err(EngineError::Shape { .. })));
-    assert!(matches!(rope::rotary_embedding(gpu, &x, &t, &t, 3), Err(EngineError::Shape { .. })));
+    assert!(matches!(
+        rope::rotary_embedding(gpu, &x, &t, &t, 1),
+        Err(EngineError::Shape { .. })
+    ));
+    assert!(matches!(
+        rope::rotary_embedding(gpu, &x, &t, &t, 3),
+        Err(EngineError::Shape { .. })
+    ));
 }
 
 /// diffusers' Wan tables: head dim 12 → parts (t, h, w) = (4, 4, 4); the
@@ -58,7 +86,14 @@ fn wan_rope_tables_split_the_head_dim_by_axis() {
     let token = |f: usize, h: usize, w: usize| (f * 2 + h) * 3 + w;
     let angle = |pos: usize, k: usize| pos as f64 / 10000f64.powf(2.0 * k as f64 / 4.0);
     let s = token(1, 1, 2);
-    let want = [angle(1, 0), angle(1, 1), angle(1, 0), angle(1, 1), angle(2, 0), angle(2, 1)];
+    let want = [
+        angle(1, 0),
+        angle(1, 1),
+        angle(1, 0),
+        angle(1, 1),
+        angle(2, 0),
+        angle(2, 1),
+    ];
     for (i, a) in want.iter().enumerate() {
         assert_eq!(cos[s * 6 + i], a.cos() as f32);
         assert_eq!(sin[s * 6 + i], a.sin() as f32);

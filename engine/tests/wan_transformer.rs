@@ -55,7 +55,9 @@ fn run_set(set_name: &str, dtype: DType, residency: BlockResidency) {
         let hs = Tensor::from_f32(&gpu, &set.f32s(&hs_key), &hs_shape, dtype).unwrap();
         let ts_key = CaseSet::input_key(case, "timestep");
         let timesteps: Vec<f32> = match set.tensors.info(&ts_key).unwrap().dtype {
-            motif_engine::weights::FileDType::I64 => set.i64s(&ts_key).iter().map(|&t| t as f32).collect(),
+            motif_engine::weights::FileDType::I64 => {
+                set.i64s(&ts_key).iter().map(|&t| t as f32).collect()
+            }
             _ => set.f32s(&ts_key),
         };
         let ehs_key = CaseSet::input_key(case, "encoder_hidden_states");
@@ -100,7 +102,10 @@ fn run_set(set_name: &str, dtype: DType, residency: BlockResidency) {
                     if ok { "ok" } else { "FAIL" }
                 );
                 if !ok {
-                    failures.push(format!("{} {kind} {}: {err:e} > {bgt:e}", case.name, e.name));
+                    failures.push(format!(
+                        "{} {kind} {}: {err:e} > {bgt:e}",
+                        case.name, e.name
+                    ));
                 }
             }
         }
@@ -154,8 +159,11 @@ fn edited_copy(edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
 fn bad_folders_are_refused_with_file_and_key() {
     let gpu = gpu_in(DType::F32).unwrap();
     for residency in [BlockResidency::Resident, BlockResidency::Streamed] {
-        let dir = edited_copy(|c| c["ffn_dim"] = serde_json::json!(c["ffn_dim"].as_u64().unwrap() + 8));
-        let err = WanTransformer3DModel::from_dir(&gpu, &dir, residency).err().expect("refused");
+        let dir =
+            edited_copy(|c| c["ffn_dim"] = serde_json::json!(c["ffn_dim"].as_u64().unwrap() + 8));
+        let err = WanTransformer3DModel::from_dir(&gpu, &dir, residency)
+            .err()
+            .expect("refused");
         match &err {
             EngineError::Load(LoadError::TensorShape { path, key, .. }) => {
                 assert!(key.contains("ffn.net.0.proj.weight"), "{err}");
@@ -166,9 +174,14 @@ fn bad_folders_are_refused_with_file_and_key() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let dir = edited_copy(|c| c["image_dim"] = serde_json::json!(1280));
-    let err = WanTransformer3DModel::from_dir(&gpu, &dir, BlockResidency::Resident).err().expect("refused");
+    let err = WanTransformer3DModel::from_dir(&gpu, &dir, BlockResidency::Resident)
+        .err()
+        .expect("refused");
     let msg = err.to_string();
-    assert!(msg.contains("image-to-video is not yet supported") && msg.contains("config.json"), "{msg}");
+    assert!(
+        msg.contains("image-to-video is not yet supported") && msg.contains("config.json"),
+        "{msg}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
     // A latent size that is not a multiple of the patch is refused by name.
@@ -180,6 +193,17 @@ fn bad_folders_are_refused_with_file_and_key() {
     .unwrap();
     let hs = Tensor::zeros(&gpu, &[1, 16, 2, 5, 6], DType::F32).unwrap();
     let ehs = Tensor::zeros(&gpu, &[1, 8, model.config.text_dim], DType::F32).unwrap();
-    let err = model.forward(&gpu, &hs, &[500.0], &ehs).err().expect("refused");
-    assert!(matches!(err, EngineError::Shape { op: "wan_transformer", .. }), "{err}");
+    let err = model
+        .forward(&gpu, &hs, &[500.0], &ehs)
+        .expect_err("a latent height of 5 with patch 2 is refused");
+    assert!(
+        matches!(
+            err,
+            EngineError::Shape {
+                op: "wan_transformer",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

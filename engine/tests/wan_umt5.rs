@@ -57,7 +57,10 @@ fn run_set(set_name: &str, dtype: DType, residency: BlockResidency) {
         seen.push(("last_hidden_state".into(), out.to_f32(&gpu).unwrap()));
         for (kind, expected) in [("output", &case.outputs), ("debug", &case.debug_outputs)] {
             // The bucket table is integer, compared exactly by its own test.
-            for e in expected.iter().filter(|e| e.name != "relative_position_bucket") {
+            for e in expected
+                .iter()
+                .filter(|e| e.name != "relative_position_bucket")
+            {
                 let want = set.f32s(&e.tensor);
                 let Some((_, got)) = seen.iter().find(|(n, _)| *n == e.name) else {
                     failures.push(format!("{} {kind} {}: not produced", case.name, e.name));
@@ -115,7 +118,11 @@ fn relative_position_buckets_match_transformers() {
         let (set, picked) = cases_of(set_name, "text_encoder");
         for &i in &picked {
             let case = &set.cases[i];
-            let Some(e) = case.debug_outputs.iter().find(|e| e.name == "relative_position_bucket") else {
+            let Some(e) = case
+                .debug_outputs
+                .iter()
+                .find(|e| e.name == "relative_position_bucket")
+            else {
                 continue;
             };
             let shape = set.shape(&e.tensor);
@@ -136,7 +143,11 @@ fn relative_position_buckets_match_transformers() {
     // Long sequences reach the logarithmic and the clamped buckets too.
     let long = relative_position_buckets(512, 32, 128);
     assert_eq!(long[511], 31, "distance 511 after the query: last bucket");
-    assert_eq!(long[511 * 512], 15, "distance 511 before the query: last backward bucket");
+    assert_eq!(
+        long[511 * 512],
+        15,
+        "distance 511 before the query: last backward bucket"
+    );
     assert_eq!(long[0], 0);
     println!("{checked} recorded bucket tables compared");
 }
@@ -165,7 +176,11 @@ mod tempdir {
     pub struct Dir(std::path::PathBuf);
     impl Dir {
         pub fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("motif-{tag}-{}-{:?}", std::process::id(), std::thread::current().id()));
+            let p = std::env::temp_dir().join(format!(
+                "motif-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
             let _ = std::fs::remove_dir_all(&p);
             std::fs::create_dir_all(&p).unwrap();
             Dir(p)
@@ -185,7 +200,9 @@ mod tempdir {
 fn a_config_that_disagrees_with_the_weights_names_file_and_key() {
     let gpu = gpu_in(DType::F32).unwrap();
     for residency in [BlockResidency::Resident, BlockResidency::Streamed] {
-        let dir = edited_copy("wan-a", |c| c["d_ff"] = serde_json::json!(c["d_ff"].as_u64().unwrap() * 2));
+        let dir = edited_copy("wan-a", |c| {
+            c["d_ff"] = serde_json::json!(c["d_ff"].as_u64().unwrap() * 2)
+        });
         let err = match UMT5EncoderModel::from_dir(&gpu, dir.path(), residency) {
             Err(e) => e,
             Ok(_) => panic!("a d_ff that disagrees with the weights loads ({residency:?})"),
@@ -198,12 +215,24 @@ fn a_config_that_disagrees_with_the_weights_names_file_and_key() {
             other => panic!("expected a tensor shape error, got {other}"),
         }
     }
-    let dir = edited_copy("wan-a", |c| c["feed_forward_proj"] = serde_json::json!("relu"));
-    let err = UMT5EncoderModel::from_dir(&gpu, dir.path(), BlockResidency::Resident).err().expect("refused");
-    assert!(matches!(err, EngineError::Load(LoadError::Config { .. })), "{err}");
-    assert!(err.to_string().contains("config.json") && err.to_string().contains("relu"), "{err}");
+    let dir = edited_copy("wan-a", |c| {
+        c["feed_forward_proj"] = serde_json::json!("relu")
+    });
+    let err = UMT5EncoderModel::from_dir(&gpu, dir.path(), BlockResidency::Resident)
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(err, EngineError::Load(LoadError::Config { .. })),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("config.json") && err.to_string().contains("relu"),
+        "{err}"
+    );
     let dir = edited_copy("wan-a", |c| c["num_layers"] = serde_json::json!(5));
-    let err = UMT5EncoderModel::from_dir(&gpu, dir.path(), BlockResidency::Streamed).err().expect("refused");
+    let err = UMT5EncoderModel::from_dir(&gpu, dir.path(), BlockResidency::Streamed)
+        .err()
+        .expect("refused");
     assert!(
         matches!(&err, EngineError::Load(LoadError::MissingTensor { key, .. }) if key.contains("block.2.")),
         "{err}"

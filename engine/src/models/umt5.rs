@@ -141,7 +141,8 @@ pub fn relative_position_bucket(relative: i64, num_buckets: usize, max_distance:
 pub fn relative_position_buckets(len: usize, num_buckets: usize, max_distance: usize) -> Vec<u32> {
     (0..len as i64)
         .flat_map(|q| {
-            (0..len as i64).map(move |k| relative_position_bucket(k - q, num_buckets, max_distance) as u32)
+            (0..len as i64)
+                .map(move |k| relative_position_bucket(k - q, num_buckets, max_distance) as u32)
         })
         .collect()
 }
@@ -203,7 +204,9 @@ impl UMT5Block {
                 wi_0: Linear::new(gpu, &f.pp("wi_0"), d, cfg.d_ff, false)?,
                 wi_1: Linear::new(gpu, &f.pp("wi_1"), d, cfg.d_ff, false)?,
                 wo: Linear::new(gpu, &f.pp("wo"), cfg.d_ff, d, false)?,
-                act: cfg.activation().expect("checked when the config was loaded"),
+                act: cfg
+                    .activation()
+                    .expect("checked when the config was loaded"),
             },
             ff_layer_norm: RmsNorm::new(gpu, &ff.pp("layer_norm"), d, eps)?,
         })
@@ -375,16 +378,21 @@ impl UMT5EncoderModel {
         if let Some(bad) = ids.iter().find(|&&i| i >= cfg.vocab_size) {
             return Err(EngineError::Argument {
                 op: "umt5_encoder",
-                message: format!("token id {bad} is out of range for a vocabulary of {}", cfg.vocab_size),
+                message: format!(
+                    "token id {bad} is out of range for a vocabulary of {}",
+                    cfg.vocab_size
+                ),
             });
         }
         // Only the prompt's rows of the embedding table leave the file.
         let rows = if gpu.is_plan() {
             Vec::new()
         } else {
-            self.weights
-                .set()
-                .read_rows_f32(&self.weights.key("shared.weight"), &[cfg.vocab_size, d], &ids)?
+            self.weights.set().read_rows_f32(
+                &self.weights.key("shared.weight"),
+                &[cfg.vocab_size, d],
+                &ids,
+            )?
         };
         let mut x = if gpu.is_plan() {
             Tensor::empty(gpu, &[n, len, d], dtype)?
@@ -459,14 +467,21 @@ fn check_block_shapes(enc: &Weights, cfg: &UMT5Config) -> Result<()> {
             ("layer.0.SelfAttention.k.weight", vec![inner, d]),
             ("layer.0.SelfAttention.v.weight", vec![inner, d]),
             ("layer.0.SelfAttention.o.weight", vec![d, inner]),
-            ("layer.0.SelfAttention.relative_attention_bias.weight", buckets.clone()),
+            (
+                "layer.0.SelfAttention.relative_attention_bias.weight",
+                buckets.clone(),
+            ),
             ("layer.0.layer_norm.weight", vec![d]),
             ("layer.1.DenseReluDense.wi_0.weight", vec![ff, d]),
             ("layer.1.DenseReluDense.wi_1.weight", vec![ff, d]),
             ("layer.1.DenseReluDense.wo.weight", vec![d, ff]),
             ("layer.1.layer_norm.weight", vec![d]),
         ];
-        expected.extend(block.into_iter().map(|(name, shape)| (format!("block.{i}.{name}"), shape)));
+        expected.extend(
+            block
+                .into_iter()
+                .map(|(name, shape)| (format!("block.{i}.{name}"), shape)),
+        );
     }
     check_shapes(enc, &expected)
 }

@@ -81,7 +81,10 @@ impl WanTransformerConfig {
             path: path.to_path_buf(),
             message,
         };
-        if cfg.image_dim.is_some() || cfg.added_kv_proj_dim.is_some() || cfg.pos_embed_seq_len.is_some() {
+        if cfg.image_dim.is_some()
+            || cfg.added_kv_proj_dim.is_some()
+            || cfg.pos_embed_seq_len.is_some()
+        {
             return Err(bad(
                 "this is an image-to-video Wan transformer (image_dim / added_kv_proj_dim set): \
                  image-to-video is not yet supported; use a text-to-video Wan 2.1 model"
@@ -89,7 +92,7 @@ impl WanTransformerConfig {
             ));
         }
         let d = cfg.attention_head_dim;
-        if cfg.num_attention_heads == 0 || d < 6 || d % 2 != 0 || cfg.num_layers == 0 {
+        if cfg.num_attention_heads == 0 || d < 6 || !d.is_multiple_of(2) || cfg.num_layers == 0 {
             return Err(bad(format!(
                 "num_attention_heads {} and attention_head_dim {} (even, >= 6: the rotary \
                  embedding splits it in three) and num_layers {} must be positive",
@@ -139,7 +142,10 @@ pub fn rope_tables(split: [usize; 3], grid: [usize; 3], theta: f64) -> (Vec<f32>
         })
         .collect();
     let tokens: usize = grid.iter().product();
-    let (mut cos, mut sin) = (Vec::with_capacity(tokens * half), Vec::with_capacity(tokens * half));
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(tokens * half),
+        Vec::with_capacity(tokens * half),
+    );
     for f in 0..grid[0] {
         for h in 0..grid[1] {
             for w in 0..grid[2] {
@@ -192,7 +198,13 @@ impl WanAttention {
     /// The heads' outputs before `to_out`: self-attention with the rotary
     /// embedding on q and k (`context` None), or cross-attention on
     /// `context` without it.
-    fn attend(&self, gpu: &Gpu, x: &Tensor, context: Option<&Tensor>, rope: Option<&Rope>) -> Result<Tensor> {
+    fn attend(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        rope: Option<&Rope>,
+    ) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let mut q = self.norm_q.forward(gpu, &self.to_q.forward(gpu, x)?)?;
         let mut k = self.norm_k.forward(gpu, &self.to_k.forward(gpu, ctx)?)?;
@@ -280,7 +292,10 @@ impl WanTransformerBlock {
         // 3. Feed-forward.
         let h = ops::norm::layer_norm(gpu, &x, None, None, self.eps)?;
         let h = ops::elementwise::modulate(gpu, &h, &c_scale_msa, &c_shift_msa)?;
-        let h = self.ffn.proj_in.forward_act(gpu, &h, Activation::GeluTanh)?;
+        let h = self
+            .ffn
+            .proj_in
+            .forward_act(gpu, &h, Activation::GeluTanh)?;
         let f = self.ffn.proj_out.forward(gpu, &h)?;
         ops::elementwise::gated_add(gpu, &x, &f, &c_gate_msa)
     }
@@ -345,14 +360,20 @@ impl WanTimeTextEmbedding {
             text.dtype(),
         )?;
         let te = &self.time_embedder;
-        let temb = te.linear_2.forward(gpu, &te.linear_1.forward_act(gpu, &sinusoid, Activation::Silu)?)?;
+        let temb = te.linear_2.forward(
+            gpu,
+            &te.linear_1.forward_act(gpu, &sinusoid, Activation::Silu)?,
+        )?;
         let dim = temb.shape()[1];
         let timestep_proj = self
             .time_proj
             .forward(gpu, &ops::silu(gpu, &temb)?)?
             .reshape(&[timesteps.len(), 6, dim])?;
         let tx = &self.text_embedder;
-        let context = tx.linear_2.forward(gpu, &tx.linear_1.forward_act(gpu, text, Activation::GeluTanh)?)?;
+        let context = tx.linear_2.forward(
+            gpu,
+            &tx.linear_1.forward_act(gpu, text, Activation::GeluTanh)?,
+        )?;
         Ok(WanConditions {
             temb,
             timestep_proj,
@@ -384,12 +405,19 @@ impl WanTransformer3DModel {
     /// Loads from weights rooted at the checkpoint's top level (diffusers
     /// keys). Refuses image-to-video checkpoints by their keys too, in case
     /// a config was edited.
-    pub fn new(gpu: &Gpu, w: &Weights, config: WanTransformerConfig, residency: BlockResidency) -> Result<Self> {
+    pub fn new(
+        gpu: &Gpu,
+        w: &Weights,
+        config: WanTransformerConfig,
+        residency: BlockResidency,
+    ) -> Result<Self> {
         if w.contains("condition_embedder.image_embedder.norm1.weight")
             || w.contains("blocks.0.attn2.add_k_proj.weight")
         {
             return Err(LoadError::Config {
-                path: w.set().path_of("condition_embedder.image_embedder.norm1.weight"),
+                path: w
+                    .set()
+                    .path_of("condition_embedder.image_embedder.norm1.weight"),
                 message: "this checkpoint has an image embedder: image-to-video is not yet \
                           supported; use a text-to-video Wan 2.1 model"
                     .into(),
@@ -418,9 +446,19 @@ impl WanTransformer3DModel {
         let table = w.tensor(gpu, "scale_shift_table", &[1, 2, dim])?;
         Ok(WanTransformer3DModel {
             patch_embedding,
-            condition_embedder: WanTimeTextEmbedding::new(gpu, &w.pp("condition_embedder"), &config)?,
+            condition_embedder: WanTimeTextEmbedding::new(
+                gpu,
+                &w.pp("condition_embedder"),
+                &config,
+            )?,
             blocks,
-            proj_out: Linear::new(gpu, &w.pp("proj_out"), dim, config.out_channels() * pt * ph * pw, true)?,
+            proj_out: Linear::new(
+                gpu,
+                &w.pp("proj_out"),
+                dim,
+                config.out_channels() * pt * ph * pw,
+                true,
+            )?,
             shift_table: ops::layout::narrow(gpu, &table, 1, 0, 1)?.into_constant(),
             scale_table: ops::layout::narrow(gpu, &table, 1, 1, 1)?.into_constant(),
             config,
@@ -453,7 +491,13 @@ impl WanTransformer3DModel {
         timesteps: &[f32],
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
-        self.forward_observed(gpu, hidden_states, timesteps, encoder_hidden_states, &mut |_, _| Ok(()))
+        self.forward_observed(
+            gpu,
+            hidden_states,
+            timesteps,
+            encoder_hidden_states,
+            &mut |_, _| Ok(()),
+        )
     }
 
     /// [`Self::forward`], showing `observe` the intermediate states that
@@ -475,9 +519,9 @@ impl WanTransformer3DModel {
         let shape = hidden_states.shape();
         let ok = shape.len() == 5
             && shape[1] == cfg.in_channels
-            && shape[2] % pt == 0
-            && shape[3] % ph == 0
-            && shape[4] % pw == 0
+            && shape[2].is_multiple_of(pt)
+            && shape[3].is_multiple_of(ph)
+            && shape[4].is_multiple_of(pw)
             && shape[2..].iter().all(|&s| s > 0);
         if !ok {
             return Err(EngineError::Shape {
@@ -509,7 +553,11 @@ impl WanTransformer3DModel {
                     "{b} timesteps and encoder_hidden_states [{b}, L, {}]",
                     cfg.text_dim
                 ),
-                found: format!("{} timesteps, encoder_hidden_states {}", timesteps.len(), fmt_shape(text)),
+                found: format!(
+                    "{} timesteps, encoder_hidden_states {}",
+                    timesteps.len(),
+                    fmt_shape(text)
+                ),
             });
         }
         let tokens: usize = grid.iter().product();
@@ -526,7 +574,9 @@ impl WanTransformer3DModel {
         let mut x = self.patch_embedding.forward(gpu, &patches)?;
         observe("patch_embedding", &x)?;
 
-        let cond = self.condition_embedder.forward(gpu, timesteps, encoder_hidden_states)?;
+        let cond = self
+            .condition_embedder
+            .forward(gpu, timesteps, encoder_hidden_states)?;
         observe("temb", &cond.temb)?;
         observe("timestep_proj", &cond.timestep_proj)?;
         observe("text_embedding", &cond.context)?;

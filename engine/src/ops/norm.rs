@@ -593,9 +593,9 @@ pub fn rms_norm_reference(x: &[f32], d: usize, gamma: Option<&[f32]>, eps: f32) 
         .flat_map(|row| {
             let mean_sq = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
             let rstd = 1.0 / (mean_sq + eps as f64).sqrt();
-            row.iter().enumerate().map(move |(i, &v)| {
-                (v as f64 * rstd * gamma.map_or(1.0, |g| g[i] as f64)) as f32
-            })
+            row.iter()
+                .enumerate()
+                .map(move |(i, &v)| (v as f64 * rstd * gamma.map_or(1.0, |g| g[i] as f64)) as f32)
         })
         .collect()
 }

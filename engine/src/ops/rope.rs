@@ -53,7 +53,10 @@ pub fn rotary_embedding(
         if t.shape() != [seq, half] || t.dtype() != DType::F32 {
             return Err(EngineError::Shape {
                 op,
-                expected: format!("{what} table [{seq}, {half}] in f32 for x {}", fmt_shape(x.shape())),
+                expected: format!(
+                    "{what} table [{seq}, {half}] in f32 for x {}",
+                    fmt_shape(x.shape())
+                ),
                 found: format!("{} in {}", fmt_shape(t.shape()), t.dtype()),
             });
         }

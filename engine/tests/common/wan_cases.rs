@@ -66,9 +66,9 @@ pub fn case_set(name: &str) -> CaseSet {
         .zip(manifest["cases"].as_array().expect("cases"))
         .map(|(case, raw)| (raw["component"].as_str().unwrap_or("").to_string(), case))
         .collect::<Vec<_>>();
-    let tensors = SafetensorsFile::open(dir.join(
-        manifest["tensors"].as_str().unwrap_or("cases.safetensors"),
-    ))
+    let tensors = SafetensorsFile::open(
+        dir.join(manifest["tensors"].as_str().unwrap_or("cases.safetensors")),
+    )
     .expect("cases.safetensors opens");
     CaseSet {
         dir,
@@ -97,15 +97,23 @@ pub fn cases_of(name: &str, component: &str) -> (CaseSet, Vec<usize>) {
 
 impl CaseSet {
     pub fn f32s(&self, key: &str) -> Vec<f32> {
-        self.tensors.to_f32(key).unwrap_or_else(|e| panic!("{key}: {e}"))
+        self.tensors
+            .to_f32(key)
+            .unwrap_or_else(|e| panic!("{key}: {e}"))
     }
 
     pub fn i64s(&self, key: &str) -> Vec<i64> {
-        self.tensors.to_i64(key).unwrap_or_else(|e| panic!("{key}: {e}"))
+        self.tensors
+            .to_i64(key)
+            .unwrap_or_else(|e| panic!("{key}: {e}"))
     }
 
     pub fn shape(&self, key: &str) -> Vec<usize> {
-        self.tensors.info(key).unwrap_or_else(|| panic!("{key} missing")).shape.clone()
+        self.tensors
+            .info(key)
+            .unwrap_or_else(|| panic!("{key} missing"))
+            .shape
+            .clone()
     }
 
     /// The tensor an input names.
