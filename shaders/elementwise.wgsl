@@ -128,3 +128,31 @@ fn geglu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let gate = f32(a[p.a_off + row * 2u * d + d + col]);
     out[p.out_off + i] = st(value * gelu_erf(gate));
 }
+
+// Three-operand forms of a DiT block's adaptive norm (diffusers' Wan blocks):
+//   @binding(4) c    array<st> (read), `modulate` and `gated_add` only
+// `modulate`:  out = a * (1 + b) + c, b (scale) and c (shift) of one shape,
+//              both broadcast into a's by `b_strides` and bound whole.
+// `gated_add`: out = a + c * b, c of a's shape (windowed with it), b (the
+//              gate) broadcast by `b_strides` and bound whole.
+@group(0) @binding(4) var<storage, read> c: array<st>;
+
+@compute @workgroup_size(WG)
+fn modulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+            @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if (i >= p.n) { return; }
+    let j = b_index(p.base + i);
+    let scale = f32(b[j]);
+    let shift = f32(c[j]);
+    out[p.out_off + i] = st(f32(a[p.a_off + i]) * (1.0 + scale) + shift);
+}
+
+@compute @workgroup_size(WG)
+fn gated_add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if (i >= p.n) { return; }
+    let gate = f32(b[b_index(p.base + i)]);
+    out[p.out_off + i] = st(f32(a[p.a_off + i]) + f32(c[p.b_off + i]) * gate);
+}

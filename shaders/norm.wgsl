@@ -295,4 +295,38 @@ fn channel_rms_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         v = silu(v);
     }
     out[p.out_off + offset] = st(v);
+// RMSNorm over the last dim (T5/UMT5's T5LayerNorm, torch.nn.RMSNorm):
+// out = x / sqrt(mean(x²) + eps) · gamma, no mean subtracted, no bias. One
+// workgroup per row of `len` = D values; the sum of squares is accumulated
+// in f32 (transformers upcasts to f32 for it) and reduced as a tree.
+@compute @workgroup_size(WG)
+fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+            @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let d = p.len;
+    let base = row * d;
+    var squares = 0.0;
+    for (var e = lid; e < d; e = e + WG) {
+        let v = f32(x[p.x_off + base + e]);
+        squares = squares + v * v;
+    }
+    red_m2[lid] = squares;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            red_m2[lid] = red_m2[lid] + red_m2[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let rstd = inverseSqrt(red_m2[0] / f32(d) + p.eps);
+    for (var e = lid; e < d; e = e + WG) {
+        var v = f32(x[p.x_off + base + e]) * rstd;
+        if ((p.flags & 1u) != 0u) {
+            v = v * f32(gamma[e]);
+        }
+        out[p.out_off + base + e] = st(v);
+    }
 }

@@ -485,3 +485,85 @@ fn timing_attention_4096_tokens() {
         );
     }
 }
+
+/// Wan2.1-1.3B's self-attention at 832x480x81 (21 latent frames of 30x52
+/// patches: 32,760 tokens, 12 heads of 128) in a dry run: the fused kernel's
+/// peak memory is its operands, not the 12 × 32,760² scores (25.8 GB in f16)
+/// that a materialising attention would hold.
+#[test]
+fn wan_1_3b_attention_at_32760_tokens_keeps_memory_linear() {
+    let gpu = motif_engine::Gpu::new(motif_engine::GpuOptions {
+        plan: true,
+        precision: Some(DType::F16),
+        ..Default::default()
+    })
+    .unwrap();
+    // Head dim 128 takes the fused kernel, not the materialising fallback.
+    const { assert!(128 <= attention::MAX_HEAD_DIM) };
+    let (l, heads, d) = (32_760, 12, 128);
+    let q = Tensor::empty(&gpu, &[1, l, heads * d], DType::F16).unwrap();
+    let k = Tensor::empty(&gpu, &[1, l, heads * d], DType::F16).unwrap();
+    let v = Tensor::empty(&gpu, &[1, l, heads * d], DType::F16).unwrap();
+    gpu.reset_peak_memory();
+    let o = attention::attention(&gpu, &q, &k, &v, heads, &AttentionOptions::default()).unwrap();
+    assert_eq!(o.shape(), [1, l, heads * d]);
+    let operand = q.size_bytes();
+    let peak = gpu.pool_stats().peak_live_bytes;
+    println!(
+        "attention [1, {l}, {heads}x{d}] f16 plan: peak live {:.1} MB ({:.2} x one operand of {:.1} MB)",
+        peak as f64 / 1e6,
+        peak as f64 / operand as f64,
+        operand as f64 / 1e6
+    );
+    assert!(
+        peak <= 5 * operand,
+        "peak {peak} bytes for operands of {operand}"
+    );
+}
+
+/// The fused kernel run for real at Wan's 32,760 tokens and head dim 128
+/// (one head: the work per head is what a 12-head call repeats), f32 and
+/// f16, 64 spread query rows checked against the f64 reference. Minutes on
+/// lavapipe, so ignored; prints the time per call.
+/// `cargo test --release -p motif-engine --test ops_attention -- --ignored --nocapture attention_32760`
+#[test]
+#[ignore]
+fn attention_32760_tokens_head_dim_128_matches_reference() {
+    let gpu = gpu();
+    let (l, d) = (32_760, 128);
+    let rows: Vec<usize> = (0..64)
+        .map(|i| (i * 7919 * 13) % l)
+        .chain([0, l - 1])
+        .collect();
+    for dtype in dtypes() {
+        let (q, qs) = upload(gpu, &random(l * d, 11), &[1, l, d], dtype);
+        let (k, ks) = upload(gpu, &random(l * d, 12), &[1, l, d], dtype);
+        let (v, vs) = upload(gpu, &random(l * d, 13), &[1, l, d], dtype);
+        let opts = AttentionOptions::default();
+        gpu.synchronize().unwrap();
+        let t = std::time::Instant::now();
+        let o = attention::attention(gpu, &q, &k, &v, 1, &opts).unwrap();
+        let got = o.to_f32(gpu).unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let q_rows: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| qs[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let want = attention::attention_reference(&q_rows, &ks, &vs, 1, rows.len(), l, 1, &opts);
+        let got_rows: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| got[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        assert_close(
+            &format!("attention [1, {l}, 1x{d}] rows {rows:?}"),
+            &got_rows,
+            &want,
+            dtype,
+            l,
+        );
+        println!(
+            "attention [1, {l}, 1x{d}] {dtype} on {}: {secs:.1} s (incl. compile and readback)",
+            gpu.adapter().name
+        );
+    }
+}

@@ -207,3 +207,57 @@ fn clamp_bounds_every_value() {
         }
     }
 }
+
+/// modulate (x·(1+scale)+shift) and gated_add (x + y·gate) with the shapes
+/// a DiT block uses ([B, S, D] against [B, 1, D]) and odd sizes, plus the
+/// windowed path.
+#[test]
+fn modulate_and_gated_add_match_reference() {
+    let check =
+        |gpu: &Gpu, dtypes: Vec<motif_engine::DType>, b: usize, s: usize, d: usize, seed: u64| {
+            for dtype in dtypes {
+                let shape = [b, s, d];
+                let small = [b, 1, d];
+                let (x, xs) = upload(gpu, &random(b * s * d, seed), &shape, dtype);
+                let (y, ys) = upload(gpu, &random(b * s * d, seed + 1), &shape, dtype);
+                let (sc, scs) = upload(gpu, &random(b * d, seed + 2), &small, dtype);
+                let (sh, shs) = upload(gpu, &random(b * d, seed + 3), &small, dtype);
+                let got = elementwise::modulate(gpu, &x, &sc, &sh)
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap();
+                let want = elementwise::modulate_reference(&xs, &shape, &scs, &shs, &small);
+                assert_close(&format!("modulate {shape:?}"), &got, &want, dtype, 2);
+                let got = elementwise::gated_add(gpu, &x, &y, &sc)
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap();
+                let want = elementwise::gated_add_reference(&xs, &shape, &ys, &scs, &small);
+                assert_close(&format!("gated_add {shape:?}"), &got, &want, dtype, 2);
+            }
+        };
+    for (i, &n) in ODD_SIZES.iter().enumerate() {
+        check(gpu(), dtypes(), 2, n, 33, 900 + i as u64);
+        check(gpu(), dtypes(), 1, 7, n, 950 + i as u64);
+    }
+    // 4 KiB bindings: 2·37·29 f32 values run in windows.
+    check(
+        small_binding_gpu(),
+        vec![motif_engine::DType::F32],
+        2,
+        37,
+        29,
+        990,
+    );
+    let gpu = gpu();
+    let (x, _) = upload(gpu, &random(12, 1), &[2, 2, 3], motif_engine::DType::F32);
+    let (bad, _) = upload(gpu, &random(4, 2), &[2, 1, 2], motif_engine::DType::F32);
+    assert!(matches!(
+        elementwise::modulate(gpu, &x, &bad, &bad),
+        Err(EngineError::Shape { .. })
+    ));
+    assert!(matches!(
+        elementwise::gated_add(gpu, &x, &bad, &bad),
+        Err(EngineError::Shape { .. })
+    ));
+}

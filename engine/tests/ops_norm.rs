@@ -453,3 +453,70 @@ fn rows_past_the_cpu_loop_limit_are_whole() {
     let want = norm::group_norm_frames_reference(&xs, &shape, 16, 1, None, None, 1e-5, false);
     assert_close("group_norm_frames long group", &got, &want, DType::F32, n);
 }
+
+/// RMS norm over odd row lengths, with and without the weight, both kernel
+/// shapes, and rows with a large common offset (no mean is subtracted, so
+/// the offset is part of the norm: checks the f32 accumulation).
+#[test]
+fn rms_norm_matches_reference() {
+    let gpu = gpu();
+    for dtype in dtypes() {
+        for (i, &d) in ODD_SIZES.iter().chain(&[512, 4099]).enumerate() {
+            for (rows, with_gamma, offset) in [(3, true, 0.0), (5, false, 0.0), (2, true, 30.0)] {
+                let seed = 7000 + i as u64 * 10 + rows as u64;
+                let x: Vec<f32> = random(rows * d, seed)
+                    .iter()
+                    .map(|v| v * 3.0 + offset)
+                    .collect();
+                let (xt, xs) = upload(gpu, &x, &[rows, d], dtype);
+                let gamma = with_gamma.then(|| upload(gpu, &random(d, seed + 1), &[d], dtype));
+                let want =
+                    norm::rms_norm_reference(&xs, d, gamma.as_ref().map(|g| g.1.as_slice()), 1e-6);
+                for kernel in [ReductionKernel::Narrow, ReductionKernel::Wide] {
+                    let got = norm::rms_norm_with(
+                        gpu,
+                        &xt,
+                        gamma.as_ref().map(|g| &g.0),
+                        1e-6,
+                        Some(kernel),
+                    )
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap();
+                    assert_close(
+                        &format!("rms_norm d={d} rows={rows} {kernel:?}"),
+                        &got,
+                        &want,
+                        dtype,
+                        d,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rms_norm_windows_and_bad_shapes() {
+    // 4 KiB bindings: 40 rows of 100 f32 values run in windows.
+    let gpu = small_binding_gpu();
+    let (rows, d) = (40, 100);
+    let (xt, xs) = upload(gpu, &random(rows * d, 71), &[rows, d], DType::F32);
+    let (gt, gs) = upload(gpu, &random(d, 72), &[d], DType::F32);
+    let got = norm::rms_norm(gpu, &xt, Some(&gt), 1e-6)
+        .unwrap()
+        .to_f32(gpu)
+        .unwrap();
+    assert_close(
+        "rms_norm windows",
+        &got,
+        &norm::rms_norm_reference(&xs, d, Some(&gs), 1e-6),
+        DType::F32,
+        d,
+    );
+    let (bad, _) = upload(gpu, &random(7, 73), &[7], DType::F32);
+    assert!(matches!(
+        norm::rms_norm(gpu, &xt, Some(&bad), 1e-6),
+        Err(EngineError::Shape { .. })
+    ));
+}

@@ -6,6 +6,8 @@ pub mod clip;
 pub mod nn;
 pub mod resnet;
 pub mod source;
+pub mod umt5;
 pub mod unet_motion;
 pub mod vae;
 pub mod wan_vae;
+pub mod wan_transformer;

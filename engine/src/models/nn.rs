@@ -176,3 +176,23 @@ impl GroupNorm {
         )
     }
 }
+
+/// RMSNorm with a weight and no bias (T5's `T5LayerNorm`, `torch.nn.RMSNorm`
+/// with elementwise_affine): `x / sqrt(mean(x²) + eps) · weight`.
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(gpu: &Gpu, w: &Weights, dim: usize, eps: f32) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.tensor(gpu, "weight", &[dim])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        ops::norm::rms_norm(gpu, x, Some(&self.weight), self.eps)
+    }
+}

@@ -394,3 +394,148 @@ pub fn geglu_reference(x: &[f32], last: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Which three-operand form [`three_operand`] runs.
+#[derive(Clone, Copy)]
+enum ThreeOperand {
+    Modulate,
+    GatedAdd,
+}
+
+/// `x · (1 + scale) + shift` (a DiT block's adaptive-norm modulation,
+/// diffusers' `norm(x) * (1 + scale_msa) + shift_msa`): `scale` and `shift`
+/// of one shape that broadcasts into x's.
+pub fn modulate(gpu: &Gpu, x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    if scale.shape() != shift.shape() {
+        return Err(EngineError::Shape {
+            op: "modulate",
+            expected: format!("shift of scale's shape {}", fmt_shape(scale.shape())),
+            found: fmt_shape(shift.shape()),
+        });
+    }
+    three_operand(gpu, "modulate", ThreeOperand::Modulate, x, scale, shift)
+}
+
+/// `x + y · gate` (a DiT block's gated residual, diffusers' `hidden_states +
+/// attn_output * gate_msa`): `y` of x's shape, `gate` broadcasting into it.
+pub fn gated_add(gpu: &Gpu, x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if y.shape() != x.shape() {
+        return Err(EngineError::Shape {
+            op: "gated_add",
+            expected: format!("y of x's shape {}", fmt_shape(x.shape())),
+            found: fmt_shape(y.shape()),
+        });
+    }
+    three_operand(gpu, "gated_add", ThreeOperand::GatedAdd, x, gate, y)
+}
+
+/// Runs `modulate` (a, b = scale, c = shift) or `gated_add` (a = x, b =
+/// gate, c = y): `b` broadcasts into `a`; `c` has b's shape (modulate) or
+/// a's (gated_add).
+fn three_operand(
+    gpu: &Gpu,
+    op: &'static str,
+    form: ThreeOperand,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+) -> Result<Tensor> {
+    check_dtypes(op, &[a, b, c])?;
+    let strides = broadcast_strides(a.shape(), b.shape()).ok_or_else(|| EngineError::Shape {
+        op,
+        expected: format!("an operand that broadcasts to {}", fmt_shape(a.shape())),
+        found: fmt_shape(b.shape()),
+    })?;
+    let (shape, strides) = collapse(a.shape(), &strides);
+    if shape.len() > MAX_RANK {
+        return Err(EngineError::Argument {
+            op,
+            message: format!(
+                "broadcast over more than {MAX_RANK} distinct dims: {}",
+                fmt_shape(a.shape())
+            ),
+        });
+    }
+    let entry = match form {
+        ThreeOperand::Modulate => "modulate",
+        ThreeOperand::GatedAdd => "gated_add",
+    };
+    let out = Tensor::empty(gpu, a.shape(), a.dtype())?;
+    let k = kernel(entry, a, Activation::None, 0.0);
+    let max = Tensor::max_window_elems(gpu, a.dtype());
+    for (start, n) in windows(op, a.numel(), 1, max, gpu.max_binding_bytes())? {
+        let (ab, a_off) = a.window(gpu, start, n);
+        let (ob, out_off) = out.window(gpu, start, n);
+        // gated_add's y is windowed with x (its offset travels in b_off);
+        // modulate's shift is bound whole like the scale.
+        let (cb, c_off) = match form {
+            ThreeOperand::Modulate => (c.binding(), 0),
+            ThreeOperand::GatedAdd => c.window(gpu, start, n),
+        };
+        let mut p = Params {
+            a_off,
+            b_off: c_off,
+            out_off,
+            base: start as u32,
+            rank: shape.len() as u32,
+            ..Params::new(n, 1.0)
+        };
+        p.shape[..shape.len()].copy_from_slice(&shape);
+        p.b_strides[..shape.len()].copy_from_slice(&strides);
+        gpu.dispatch(
+            &k,
+            params_bytes(&p),
+            &[(1, ab), (2, b.binding()), (3, ob), (4, cb)],
+            grid_1d((n as u64).div_ceil(WG)),
+        )?;
+    }
+    Ok(out)
+}
+
+/// The index into a broadcast operand of every element of `a_shape`.
+fn broadcast_indices(a_shape: &[usize], b_shape: &[usize]) -> Vec<usize> {
+    let strides =
+        broadcast_strides(a_shape, b_shape).expect("reference called with broadcastable shapes");
+    let n: usize = a_shape.iter().product();
+    (0..n)
+        .map(|i| {
+            let mut rem = i;
+            let mut bi = 0usize;
+            for d in (0..a_shape.len()).rev() {
+                bi += (rem % a_shape[d]) * strides[d] as usize;
+                rem /= a_shape[d];
+            }
+            bi
+        })
+        .collect()
+}
+
+/// CPU reference of [`modulate`] in f64.
+pub fn modulate_reference(
+    x: &[f32],
+    x_shape: &[usize],
+    scale: &[f32],
+    shift: &[f32],
+    scale_shape: &[usize],
+) -> Vec<f32> {
+    broadcast_indices(x_shape, scale_shape)
+        .into_iter()
+        .zip(x)
+        .map(|(j, &v)| (v as f64 * (1.0 + scale[j] as f64) + shift[j] as f64) as f32)
+        .collect()
+}
+
+/// CPU reference of [`gated_add`] in f64.
+pub fn gated_add_reference(
+    x: &[f32],
+    x_shape: &[usize],
+    y: &[f32],
+    gate: &[f32],
+    gate_shape: &[usize],
+) -> Vec<f32> {
+    broadcast_indices(x_shape, gate_shape)
+        .into_iter()
+        .zip(x.iter().zip(y))
+        .map(|(j, (&v, &w))| (v as f64 + w as f64 * gate[j] as f64) as f32)
+        .collect()
+}

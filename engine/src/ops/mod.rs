@@ -13,6 +13,7 @@ pub mod matmul;
 pub mod matmul_coop;
 pub mod norm;
 pub mod preview;
+pub mod rope;
 pub mod softmax;
 
 use crate::error::{EngineError, Result};

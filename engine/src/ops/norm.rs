@@ -654,6 +654,65 @@ pub fn channel_rms_norm(
             )?;
         }
         i = end;
+/// RMSNorm over the last dim D (T5/UMT5's `T5LayerNorm`, `torch.nn.RMSNorm`):
+/// `x / sqrt(mean(x²) + eps) · gamma`, no mean subtracted and no bias; the
+/// mean of squares in f32. x `[..., D]`, gamma `[D]` optional.
+pub fn rms_norm(gpu: &Gpu, x: &Tensor, gamma: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+    rms_norm_with(gpu, x, gamma, eps, None)
+}
+
+/// [`rms_norm`] with a chosen kernel shape; `None` picks the adapter's.
+pub fn rms_norm_with(
+    gpu: &Gpu,
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    eps: f32,
+    kernel: Option<ReductionKernel>,
+) -> Result<Tensor> {
+    let op = "rms_norm";
+    let d = match x.shape().last() {
+        Some(&d) if d > 0 => d,
+        _ => {
+            return Err(EngineError::Shape {
+                op,
+                expected: "input [..., D] with D >= 1".into(),
+                found: fmt_shape(x.shape()),
+            })
+        }
+    };
+    check_affine(op, "gamma", x, gamma, d)?;
+    let out = Tensor::empty(gpu, x.shape(), x.dtype())?;
+    let rows = x.numel() / d;
+    let max_rows = Tensor::max_window_elems(gpu, x.dtype()) / d;
+    if max_rows == 0 {
+        return Err(EngineError::BindingTooLarge {
+            op,
+            bytes: d as u64 * x.dtype().size_bytes(),
+            limit: gpu.max_binding_bytes(),
+        });
+    }
+    // Two loops over d / WG values each, as layer_norm.
+    let kernel = kernel.unwrap_or_else(|| default_reduction_kernel(gpu, d / 4));
+    let k = norm_kernel("rms_norm", x.dtype(), shape(kernel).wg, false);
+    for (row0, n) in windows(op, rows, 1, max_rows, gpu.max_binding_bytes())? {
+        let (xb, x_off) = x.window(gpu, row0 * d, n * d);
+        let (ob, out_off) = out.window(gpu, row0 * d, n * d);
+        let p = Params {
+            rows: n as u32,
+            x_off,
+            out_off,
+            eps,
+            flags: affine_flags(gamma, None),
+            len: d as u32,
+            ..Params::default()
+        };
+        let gb: Binding = gamma.map_or(xb, Tensor::binding);
+        gpu.dispatch(
+            &k,
+            params_bytes(&p),
+            &[(1, xb), (2, gb), (4, ob)],
+            grid_1d(n as u64),
+        )?;
     }
     Ok(out)
 }
@@ -686,4 +745,15 @@ pub fn channel_rms_norm_reference(
         }
     }
     out
+/// CPU reference of [`rms_norm`] in f64: rows of `d` values.
+pub fn rms_norm_reference(x: &[f32], d: usize, gamma: Option<&[f32]>, eps: f32) -> Vec<f32> {
+    x.chunks(d)
+        .flat_map(|row| {
+            let mean_sq = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+            let rstd = 1.0 / (mean_sq + eps as f64).sqrt();
+            row.iter()
+                .enumerate()
+                .map(move |(i, &v)| (v as f64 * rstd * gamma.map_or(1.0, |g| g[i] as f64)) as f32)
+        })
+        .collect()
 }

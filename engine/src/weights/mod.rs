@@ -345,6 +345,70 @@ impl WeightSet {
         self.fused(asked, file.to_f32(key)?)
     }
 
+    /// Rows `rows` of a tensor of `shape` (`[rows, ...]`) as f32, read from
+    /// the file without reading the rest: an embedding table looked up on the
+    /// host (UMT5-XXL's is 256k × 4096, never uploaded whole).
+    pub fn read_rows_f32(
+        &self,
+        key: &str,
+        shape: &[usize],
+        rows: &[usize],
+    ) -> Result<Vec<f32>, LoadError> {
+        let row_len: usize = shape[1..].iter().product();
+        let out_of_range = rows.iter().find(|&&r| r >= shape[0]);
+        if let Some(&r) = out_of_range {
+            return Err(LoadError::TensorShape {
+                path: self.path_of(key),
+                key: format!("{key} (row {r} asked)"),
+                expected: vec![r + 1],
+                found: shape.to_vec(),
+            });
+        }
+        let stored = self.stored(key);
+        if self.lora.contains_key(key) || self.virtual_shape(stored, shape).is_some() {
+            // LoRA-fused and stand-in tables are computed whole.
+            let all = self.read_f32(key, shape)?;
+            return Ok(rows
+                .iter()
+                .flat_map(|&r| all[r * row_len..(r + 1) * row_len].iter().copied())
+                .collect());
+        }
+        let file = self.file(stored)?;
+        self.check_shape(file, stored, shape)?;
+        self.used
+            .lock()
+            .expect("used-key lock poisoned")
+            .insert(stored.to_string());
+        let info = file.info(stored).expect("file() found the key");
+        let bytes = file.bytes(stored)?;
+        let size = info.dtype.size_bytes();
+        let mut out = Vec::with_capacity(rows.len() * row_len);
+        for &r in rows {
+            let row = &bytes[r * row_len * size..(r + 1) * row_len * size];
+            match info.dtype {
+                FileDType::F32 => out.extend(bytemuck::pod_collect_to_vec::<u8, f32>(row)),
+                FileDType::F16 => out.extend(
+                    bytemuck::pod_collect_to_vec::<u8, f16>(row)
+                        .iter()
+                        .map(|v| v.to_f32()),
+                ),
+                FileDType::BF16 => out.extend(
+                    bytemuck::pod_collect_to_vec::<u8, half::bf16>(row)
+                        .iter()
+                        .map(|v| v.to_f32()),
+                ),
+                FileDType::I64 => {
+                    return Err(LoadError::UnsupportedDType {
+                        path: file.path().to_path_buf(),
+                        key: stored.to_string(),
+                        dtype: "I64".into(),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// An aliased checkpoint's `[C, C, 1, 1]` 1x1 conv read as `[C, C]`.
     fn reinterpretable(&self, stored: &[usize], asked: &[usize]) -> bool {
         let squeezed = |s: &[usize]| {
