@@ -295,6 +295,9 @@ fn channel_rms_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         v = silu(v);
     }
     out[p.out_off + offset] = st(v);
+}
+
+
 // RMSNorm over the last dim (T5/UMT5's T5LayerNorm, torch.nn.RMSNorm):
 // out = x / sqrt(mean(x²) + eps) · gamma, no mean subtracted, no bias. One
 // workgroup per row of `len` = D values; the sum of squares is accumulated

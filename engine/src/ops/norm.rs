@@ -654,6 +654,41 @@ pub fn channel_rms_norm(
             )?;
         }
         i = end;
+    }
+    Ok(out)
+}
+
+/// CPU reference of [`channel_rms_norm`]: x row-major [N, C, *spatial].
+pub fn channel_rms_norm_reference(
+    x: &[f32],
+    shape: &[usize],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    eps: f32,
+    silu: bool,
+) -> Vec<f32> {
+    let (n, c) = (shape[0], shape[1]);
+    let s: usize = shape[2..].iter().product();
+    let scale = (c as f64).sqrt();
+    let mut out = vec![0f32; x.len()];
+    for item in 0..n {
+        for pos in 0..s {
+            let index = |ch: usize| (item * c + ch) * s + pos;
+            let norm = (0..c)
+                .map(|ch| (x[index(ch)] as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                .max(eps as f64);
+            for ch in 0..c {
+                let v = x[index(ch)] as f64 / norm * scale;
+                out[index(ch)] = affine_reference(v, ch, gamma, beta, silu);
+            }
+        }
+    }
+    out
+}
+
+
 /// RMSNorm over the last dim D (T5/UMT5's `T5LayerNorm`, `torch.nn.RMSNorm`):
 /// `x / sqrt(mean(x²) + eps) · gamma`, no mean subtracted and no bias; the
 /// mean of squares in f32. x `[..., D]`, gamma `[D]` optional.
@@ -717,34 +752,6 @@ pub fn rms_norm_with(
     Ok(out)
 }
 
-/// CPU reference of [`channel_rms_norm`]: x row-major [N, C, *spatial].
-pub fn channel_rms_norm_reference(
-    x: &[f32],
-    shape: &[usize],
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
-    eps: f32,
-    silu: bool,
-) -> Vec<f32> {
-    let (n, c) = (shape[0], shape[1]);
-    let s: usize = shape[2..].iter().product();
-    let scale = (c as f64).sqrt();
-    let mut out = vec![0f32; x.len()];
-    for item in 0..n {
-        for pos in 0..s {
-            let index = |ch: usize| (item * c + ch) * s + pos;
-            let norm = (0..c)
-                .map(|ch| (x[index(ch)] as f64).powi(2))
-                .sum::<f64>()
-                .sqrt()
-                .max(eps as f64);
-            for ch in 0..c {
-                let v = x[index(ch)] as f64 / norm * scale;
-                out[index(ch)] = affine_reference(v, ch, gamma, beta, silu);
-            }
-        }
-    }
-    out
 /// CPU reference of [`rms_norm`] in f64: rows of `d` values.
 pub fn rms_norm_reference(x: &[f32], d: usize, gamma: Option<&[f32]>, eps: f32) -> Vec<f32> {
     x.chunks(d)
