@@ -48,8 +48,16 @@ fn still() -> RgbImage {
     for y in 0..height {
         for x in 0..width {
             let square = (12..24).contains(&x) && (8..20).contains(&y);
-            data.push(if square { 0.95 } else { x as f32 / width as f32 });
-            data.push(if square { 0.9 } else { y as f32 / height as f32 });
+            data.push(if square {
+                0.95
+            } else {
+                x as f32 / width as f32
+            });
+            data.push(if square {
+                0.9
+            } else {
+                y as f32 / height as f32
+            });
             data.push(0.3);
         }
     }
@@ -132,8 +140,7 @@ fn the_bundled_model_makes_the_committed_clips() {
         return;
     }
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("golden.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir().join("golden.json")).unwrap()).unwrap();
     let exact = manifest["adapter"].as_str() == Some(adapter(gpu).as_str());
     for (name, got) in &runs {
         let want = std::fs::read(dir().join(format!("{name}.bin"))).unwrap();
