@@ -380,7 +380,7 @@ pub fn bench_pipeline(
     w: &PipelineBench,
     say: &mut dyn FnMut(&str),
 ) -> Result<PipelineReport> {
-    use crate::pipeline::{AnimateDiff, Event, Request};
+    use crate::pipelines::{AnimateDiff, Event, Request};
     let mut report = PipelineReport::default();
     let t0 = Instant::now();
     let mut pipe = AnimateDiff::load(gpu, source)?;

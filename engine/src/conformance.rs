@@ -12,7 +12,7 @@ use crate::models::clip::ClipTextModel;
 use crate::models::source::{ModelSource, ModelSpec};
 use crate::models::unet_motion::UNetMotionModel;
 use crate::models::vae::AutoencoderKL;
-use crate::pipeline::{AnimateDiff, Request};
+use crate::pipelines::{AnimateDiff, Request};
 use crate::tensor::Tensor;
 use crate::text::ClipTokenizer;
 use crate::weights::{config::read_json, SafetensorsFile, Weights};

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use motif_engine::models::source::ModelSource;
-use motif_engine::pipeline::{AnimateDiff, Camera, Generated, Request, RgbImage};
+use motif_engine::pipelines::{AnimateDiff, Camera, Generated, Request, RgbImage};
 use motif_engine::{DType, Gpu, GpuOptions};
 
 fn dir() -> PathBuf {
@@ -69,7 +69,7 @@ fn still() -> RgbImage {
 }
 
 /// The generations, by name: 64x64, 4 frames, 2 steps, fixed seeds.
-fn requests(defaults: &motif_engine::pipeline::ModelDefaults) -> Vec<(&'static str, Request)> {
+fn requests(defaults: &motif_engine::pipelines::ModelDefaults) -> Vec<(&'static str, Request)> {
     let base = |seed: u64| {
         let mut r = Request::new("a red ball bouncing on green grass", defaults);
         (r.width, r.height, r.frames, r.steps, r.seed) = (64, 64, 4, 2, seed);

@@ -6,7 +6,7 @@
 mod common;
 
 use motif_engine::models::source::ModelSource;
-use motif_engine::pipeline::{AnimateDiff, Event, Request};
+use motif_engine::pipelines::{AnimateDiff, Event, Request};
 use motif_engine::EngineError;
 
 fn pipeline() -> AnimateDiff {
@@ -49,8 +49,8 @@ fn every_step_reports_a_preview_of_the_x0_estimate() {
     let x0: Vec<f32> = (0..4 * 3 * 4 * 6)
         .map(|i| ((i * 37 % 23) as f32 - 11.0) / 6.0)
         .collect();
-    let got = p.preview(gpu, &x0, 3, 4, 6).unwrap();
-    let want = p.preview_reference(&x0, 3, 4, 6);
+    let got = p.latent_rgb().preview(gpu, &x0, 3, 4, 6).unwrap();
+    let want = p.latent_rgb().reference(&x0, 3, 4, 6);
     for (g, w) in got.frames.iter().zip(&want) {
         for (&gb, &wv) in g.iter().zip(w) {
             let expect = ((wv + 1.0) * 127.5).clamp(0.0, 255.0);
