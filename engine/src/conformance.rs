@@ -10,7 +10,7 @@ use crate::error::{EngineError, LoadError, Result};
 use crate::gpu::{DType, Gpu};
 use crate::models::clip::ClipTextModel;
 use crate::models::source::{ModelSource, ModelSpec};
-use crate::models::unet_motion::UNetMotionModel;
+use crate::models::unet_motion::{MotionOptions, UNetMotionModel};
 use crate::models::vae::AutoencoderKL;
 use crate::pipelines::{AnimateDiff, Request};
 use crate::tensor::Tensor;
@@ -453,7 +453,7 @@ fn run_case(
             // Timesteps arrive as I64 (DDIM, DPM, LCM) or fractional F32 (Euler).
             let key = input_tensor(case, "timestep")?;
             let timestep = set.tensors.to_f32(key)?;
-            let out = unet.forward(gpu, &sample, &timestep, &ehs)?;
+            let out = unet.forward(gpu, &sample, &timestep, &ehs, &MotionOptions::default())?;
             (
                 vec!["noise_pred"],
                 HashMap::from([("noise_pred", values(gpu, &out)?)]),

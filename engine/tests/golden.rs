@@ -104,7 +104,7 @@ fn generate_all() -> Vec<(&'static str, Vec<u8>)> {
     let source = ModelSource::folder(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/default"),
     );
-    let mut pipe = AnimateDiff::load(gpu, &source).unwrap();
+    let pipe = AnimateDiff::load(gpu, &source).unwrap();
     let requests = requests(&pipe.defaults);
     requests
         .into_iter()

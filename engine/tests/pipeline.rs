@@ -23,7 +23,7 @@ fn tiny(p: &AnimateDiff) -> Request {
 #[test]
 fn every_step_reports_a_preview_of_the_x0_estimate() {
     let gpu = common::gpu();
-    let mut p = pipeline();
+    let p = pipeline();
     let mut req = tiny(&p);
     req.previews = true;
     let mut previews = Vec::new();
@@ -62,7 +62,7 @@ fn every_step_reports_a_preview_of_the_x0_estimate() {
 #[test]
 fn a_callback_returning_false_cancels_and_bad_requests_fail_first() {
     let gpu = common::gpu();
-    let mut p = pipeline();
+    let p = pipeline();
     let req = tiny(&p);
     let mut steps = 0;
     let r = p.generate(gpu, &req, &mut |e| {

@@ -57,7 +57,7 @@ fn the_shader_writes_the_reference_projection_into_the_texture_layers() {
 #[test]
 fn every_step_rewrites_the_same_textures_with_the_rgb_preview() {
     let gpu = common::gpu();
-    let mut p = pipeline();
+    let p = pipeline();
     let mut req = Request::new("a red ball", &p.defaults);
     (req.width, req.height, req.frames, req.steps, req.seed) = (24, 16, 3, 2, 9);
     req.previews = true;

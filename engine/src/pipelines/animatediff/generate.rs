@@ -9,6 +9,7 @@ use super::image::Anchor;
 use super::{motion_scale, AnimateDiff};
 use crate::error::Result;
 use crate::gpu::Gpu;
+use crate::models::unet_motion::MotionOptions;
 use crate::pipelines::camera::{camera_guide, camera_weight};
 use crate::pipelines::decode::decode_in_chunks;
 use crate::pipelines::events::{emit, Event, Generated, Trace};
@@ -22,7 +23,7 @@ impl AnimateDiff {
     /// Runs one generation. `events` returns false to cancel (the result is
     /// then `EngineError::Cancelled`).
     pub fn generate(
-        &mut self,
+        &self,
         gpu: &Gpu,
         req: &Request,
         events: &mut dyn FnMut(Event) -> bool,
@@ -51,9 +52,11 @@ impl AnimateDiff {
             gpu.precision(),
         )?;
 
-        self.unet.set_motion_scale(motion_scale(req.motion));
         let context = self.context_for(req);
-        self.unet.set_context_windows(context);
+        let motion = MotionOptions {
+            residual_scale: motion_scale(req.motion),
+            context_windows: context,
+        };
         let noise = match &req.latents {
             Some(l) => l.clone(),
             None => {
@@ -102,7 +105,10 @@ impl AnimateDiff {
                 x.extend_from_slice(&model_in);
             }
             let x = Tensor::from_f32(gpu, &x, &[batch, c, f, h, w], gpu.precision())?;
-            let pred = self.unet.forward(gpu, &x, &[t as f32], &ehs)?.to_f32(gpu)?;
+            let pred = self
+                .unet
+                .forward(gpu, &x, &[t as f32], &ehs, &motion)?
+                .to_f32(gpu)?;
             let guided = guidance::combine(pred, req.guidance);
             let step_noise = scheduler.needs_noise(k).then(|| {
                 let given = req.step_noise.as_ref().and_then(|v| v.get(k - start));
