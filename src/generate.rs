@@ -567,7 +567,7 @@ pub fn generate_cached(
         ),
         false => format!("model kept loaded: {}", source.path().display()),
     });
-    let defaults = pipe.defaults.clone();
+    let defaults = pipe.defaults().clone();
     let (width, height) = settings.size(&defaults, pipe.scale_factor())?;
 
     // A camera move the model was trained to read from the caption.

@@ -383,7 +383,7 @@ pub fn bench_pipeline(
     w: &PipelineBench,
     say: &mut dyn FnMut(&str),
 ) -> Result<PipelineReport> {
-    use crate::pipelines::{AnimateDiff, Event, Request};
+    use crate::pipelines::{AnimateDiff, Event, Family, Request};
     let mut report = PipelineReport::default();
     let t0 = Instant::now();
     let pipe = AnimateDiff::load(gpu, source)?;
@@ -392,10 +392,10 @@ pub fn bench_pipeline(
     report.weight_bytes = gpu.pool_stats().live_bytes;
     say(&format!("load: {:.2} s", report.load_s));
 
-    let d = &pipe.defaults;
+    let d = pipe.defaults();
     let (width, height, frames) = w.size.unwrap_or((d.width, d.height, d.frames));
     (report.width, report.height, report.frames) = (width, height, frames);
-    let mut req = Request::new(w.prompt.clone(), &pipe.defaults);
+    let mut req = Request::new(w.prompt.clone(), pipe.defaults());
     req.width = width;
     req.height = height;
     req.frames = frames;

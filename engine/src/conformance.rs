@@ -12,7 +12,7 @@ use crate::models::clip::ClipTextModel;
 use crate::models::source::{ModelSource, ModelSpec};
 use crate::models::unet_motion::{MotionOptions, UNetMotionModel};
 use crate::models::vae::AutoencoderKL;
-use crate::pipelines::{AnimateDiff, Request};
+use crate::pipelines::{AnimateDiff, Family, Request};
 use crate::tensor::Tensor;
 use crate::text::ClipTokenizer;
 use crate::weights::{config::read_json, SafetensorsFile, Weights};
@@ -592,7 +592,7 @@ fn run_pipeline_case(
     let config =
         crate::schedulers::SchedulerConfig::load(&set.dir.join(text("scheduler_config")?))?;
     pipe.set_scheduler_config(config);
-    let mut req = Request::new(text("prompt")?, &pipe.defaults);
+    let mut req = Request::new(text("prompt")?, pipe.defaults());
     req.negative = text("negative_prompt")?;
     req.frames = number("frames")? as usize;
     req.height = number("height")? as usize;

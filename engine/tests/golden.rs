@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use motif_engine::models::source::ModelSource;
-use motif_engine::pipelines::{AnimateDiff, Camera, Generated, Request, RgbImage};
+use motif_engine::pipelines::{AnimateDiff, Camera, Family, Generated, Request, RgbImage};
 use motif_engine::{DType, Gpu, GpuOptions};
 
 fn dir() -> PathBuf {
@@ -105,7 +105,7 @@ fn generate_all() -> Vec<(&'static str, Vec<u8>)> {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/default"),
     );
     let pipe = AnimateDiff::load(gpu, &source).unwrap();
-    let requests = requests(&pipe.defaults);
+    let requests = requests(pipe.defaults());
     requests
         .into_iter()
         .map(|(name, req)| {

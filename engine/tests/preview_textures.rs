@@ -7,7 +7,7 @@ mod common;
 
 use motif_engine::models::source::ModelSource;
 use motif_engine::ops::preview::{latent_rgb_to_textures, FrameTextures};
-use motif_engine::pipelines::{AnimateDiff, Event, Request};
+use motif_engine::pipelines::{AnimateDiff, Event, Family, Request};
 use motif_engine::{DType, Tensor};
 
 fn pipeline() -> AnimateDiff {
@@ -58,7 +58,7 @@ fn the_shader_writes_the_reference_projection_into_the_texture_layers() {
 fn every_step_rewrites_the_same_textures_with_the_rgb_preview() {
     let gpu = common::gpu();
     let p = pipeline();
-    let mut req = Request::new("a red ball", &p.defaults);
+    let mut req = Request::new("a red ball", p.defaults());
     (req.width, req.height, req.frames, req.steps, req.seed) = (24, 16, 3, 2, 9);
     req.previews = true;
     req.gpu_previews = true;

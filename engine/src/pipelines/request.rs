@@ -22,7 +22,14 @@ pub struct ModelDefaults {
     pub camera_prompts: std::collections::BTreeMap<String, String>,
 }
 
-/// One generation.
+/// `Request::motion` unless set: the middle of 0..4.
+pub const DEFAULT_MOTION: f32 = 2.0;
+/// `Request::strength` unless set (diffusers' img2img default).
+pub const DEFAULT_STRENGTH: f32 = 0.8;
+
+/// One generation. Settings a model's family does not honour must stay at
+/// their defaults (`None`, or `Request::new`'s value): the family refuses
+/// them by name otherwise (see `Controls`).
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: String,
@@ -42,6 +49,15 @@ pub struct Request {
     /// 0 (nearly still) ..= 4 (strong motion).
     pub motion: f32,
     pub camera: Option<Camera>,
+    /// The flow-matching schedule's shift (Wan); `None`: the model's.
+    pub shift: Option<f32>,
+    /// The guidance scale of the second, low-noise expert (Wan 2.2's
+    /// `guidance_scale_2`); `None`: `guidance`.
+    pub guidance_2: Option<f32>,
+    /// A still the clip ends on (first-last-frame models).
+    pub last_image: Option<RgbImage>,
+    /// Input frames to transform, re-noised to `strength` (video to video).
+    pub video: Option<Vec<RgbImage>>,
     /// Initial latents [1, C, F, h, w] instead of seeded noise (reference
     /// cases); still multiplied by the scheduler's init_noise_sigma.
     pub latents: Option<Vec<f32>>,
@@ -76,9 +92,13 @@ impl Request {
             karras: None,
             clip_skip: 0,
             image: None,
-            strength: 0.8,
-            motion: 2.0,
+            strength: DEFAULT_STRENGTH,
+            motion: DEFAULT_MOTION,
             camera: None,
+            shift: None,
+            guidance_2: None,
+            last_image: None,
+            video: None,
             latents: None,
             step_noise: None,
             context: None,

@@ -20,15 +20,14 @@ use crate::tensor::Tensor;
 use crate::text::tokenizer::MAX_LENGTH;
 
 impl AnimateDiff {
-    /// Runs one generation. `events` returns false to cancel (the result is
-    /// then `EngineError::Cancelled`).
-    pub fn generate(
+    /// One generation of a request already validated (see
+    /// `Family::generate`).
+    pub(super) fn run(
         &self,
         gpu: &Gpu,
         req: &Request,
         events: &mut dyn FnMut(Event) -> bool,
     ) -> Result<Generated> {
-        self.validate(req)?;
         let (c, f, h, w) = self.latent_shape(req);
         let n = c * f * h * w;
         let mut rng = noise::seeded(req.seed);

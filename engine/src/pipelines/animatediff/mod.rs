@@ -28,10 +28,14 @@ mod context;
 mod generate;
 mod image;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use super::card::ModelCard;
+use super::controls::{Control, Controls};
+use super::events::{Event, Generated};
+use super::noise::interpolate;
 use super::preview::LatentRgb;
-use super::{argument, ModelDefaults, Request};
+use super::{argument, Family, ModelDefaults, Request};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::models::clip::ClipTextModel;
@@ -39,12 +43,36 @@ use crate::models::source::ModelSource;
 use crate::models::unet_motion::UNetMotionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::prompt;
-use crate::schedulers::SchedulerConfig;
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::text::tokenizer::{ClipTokenizer, MAX_LENGTH};
-use crate::weights::config::read_json;
 use crate::weights::Weights;
 
-use super::noise::interpolate;
+/// The diffusers pipeline classes whose folders this family runs: its own,
+/// its video-to-video sibling (same parts), and a Stable Diffusion 1.x
+/// folder, which takes a motion adapter beside it.
+pub const PIPELINE_CLASSES: &[&str] = &[
+    "AnimateDiffPipeline",
+    "AnimateDiffVideoToVideoPipeline",
+    "StableDiffusionPipeline",
+];
+
+/// Every control but those of the coming families (flow shift, a second
+/// expert's guidance, a last image, an input video).
+pub const CONTROLS: Controls = Controls {
+    supported: &[
+        Control::Motion,
+        Control::Camera,
+        Control::Image,
+        Control::Strength,
+        Control::Karras,
+        Control::ClipSkip,
+        Control::ContextWindows,
+        Control::Lora,
+        Control::InitialLatents,
+        Control::StepNoise,
+    ],
+    schedulers: &SchedulerKind::ALL,
+};
 
 /// The motion-residual scale at motion level m (0.8 ..= 1.2).
 pub fn motion_scale(m: f32) -> f32 {
@@ -52,12 +80,13 @@ pub fn motion_scale(m: f32) -> f32 {
 }
 
 pub struct AnimateDiff {
+    model: PathBuf,
     tokenizer: ClipTokenizer,
     pub(crate) text_encoder: ClipTextModel,
     pub(crate) unet: UNetMotionModel,
     pub(crate) vae: AutoencoderKL,
     scheduler_config: SchedulerConfig,
-    pub defaults: ModelDefaults,
+    defaults: ModelDefaults,
     /// The motion modules' window (motion_max_seq_length).
     pub max_frames: usize,
     latent_rgb: LatentRgb,
@@ -69,9 +98,8 @@ const DEFAULT_SCHEDULER: &str = r#"{"_class_name": "DDIMScheduler", "beta_start"
  "beta_end": 0.012, "beta_schedule": "linear", "clip_sample": false, "num_train_timesteps": 1000,
  "set_alpha_to_one": true, "steps_offset": 1, "timestep_spacing": "linspace", "prediction_type": "epsilon"}"#;
 
-impl AnimateDiff {
-    /// Loads every part of `source` onto `gpu` in the GPU's precision.
-    pub fn load(gpu: &Gpu, source: &ModelSource) -> Result<Self> {
+impl Family for AnimateDiff {
+    fn load(gpu: &Gpu, source: &ModelSource) -> Result<Self> {
         let tokenizer = source.tokenizer()?;
         let te = source.text_encoder()?;
         let text_encoder =
@@ -96,57 +124,22 @@ impl AnimateDiff {
                 Path::new("(built-in AnimateDiff scheduler)"),
             )?,
         };
-        let card = match source.path().is_dir() {
-            true => {
-                let p = source.path().join("motif.json");
-                if p.is_file() {
-                    Some(read_json(&p)?)
-                } else {
-                    None
-                }
-            }
-            false => None,
-        };
+        let card = ModelCard::for_model(source.path())?;
         let scale = vae.config.scale_factor();
-        let get = |k: &str| {
-            card.as_ref()
-                .and_then(|c| c.get("defaults"))
-                .and_then(|d| d.get(k))
-        };
-        let num = |k: &str, d: f64| get(k).and_then(|v| v.as_f64()).unwrap_or(d);
-        let defaults = ModelDefaults {
-            width: num("width", (64 * scale) as f64) as usize,
-            height: num("height", (64 * scale) as f64) as usize,
-            frames: num("frames", max_frames.min(16) as f64) as usize,
-            steps: num("steps", 25.0) as usize,
-            guidance: num("guidance", 7.5) as f32,
-            fps: num("fps", 8.0) as f32,
-            negative: get("negative")
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_string(),
-            camera_prompts: card
-                .as_ref()
-                .and_then(|c| c.get("camera_prompts"))
-                .and_then(|v| v.as_object())
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        };
-        let factors = card
-            .as_ref()
-            .and_then(|c| c.get("latent_rgb_factors"))
-            .and_then(|f| serde_json::from_value::<Vec<[f32; 3]>>(f.clone()).ok());
-        let bias = card
-            .as_ref()
-            .and_then(|c| c.get("latent_rgb_bias"))
-            .and_then(|b| serde_json::from_value::<[f32; 3]>(b.clone()).ok())
-            .unwrap_or([0.0; 3]);
-        let latent_rgb = LatentRgb::new(factors.map(|f| (f, bias)), vae.config.latent_channels);
+        // AnimateDiff's published settings, at the VAE's 64-latent size.
+        let defaults = card.defaults(ModelDefaults {
+            width: 64 * scale,
+            height: 64 * scale,
+            frames: max_frames.min(16),
+            steps: 25,
+            guidance: 7.5,
+            fps: 8.0,
+            negative: String::new(),
+            camera_prompts: Default::default(),
+        });
+        let latent_rgb = LatentRgb::new(card.latent_rgb(), vae.config.latent_channels);
         Ok(AnimateDiff {
+            model: source.path().to_path_buf(),
             tokenizer,
             text_encoder,
             unet,
@@ -158,32 +151,27 @@ impl AnimateDiff {
         })
     }
 
-    /// Replaces the model's scheduler config (reference cases, `--scheduler`
-    /// presets that need other settings).
-    pub fn set_scheduler_config(&mut self, config: SchedulerConfig) {
-        self.scheduler_config = config;
+    fn family(&self) -> &'static str {
+        "AnimateDiff"
     }
 
-    pub fn scheduler_config(&self) -> &SchedulerConfig {
-        &self.scheduler_config
+    fn model(&self) -> &Path {
+        &self.model
     }
 
-    pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
+    fn defaults(&self) -> &ModelDefaults {
+        &self.defaults
     }
 
-    /// The preview projection of this model's latents.
-    pub fn latent_rgb(&self) -> &LatentRgb {
-        &self.latent_rgb
+    fn controls(&self) -> Controls {
+        CONTROLS
     }
 
-    /// Pixels per latent pixel.
-    pub fn scale_factor(&self) -> usize {
+    fn scale_factor(&self) -> usize {
         self.vae.config.scale_factor()
     }
 
-    /// Checks a request against the model before any GPU work.
-    pub fn validate(&self, req: &Request) -> Result<()> {
+    fn check_values(&self, req: &Request) -> Result<()> {
         let s = self.scale_factor();
         for (name, v) in [("width", req.width), ("height", req.height)] {
             if v == 0 || v % s != 0 {
@@ -237,6 +225,37 @@ impl AnimateDiff {
             }
         }
         Ok(())
+    }
+
+    fn generate(
+        &self,
+        gpu: &Gpu,
+        req: &Request,
+        events: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<Generated> {
+        self.validate(req)?;
+        self.run(gpu, req, events)
+    }
+}
+
+impl AnimateDiff {
+    /// Replaces the model's scheduler config (reference cases, `--scheduler`
+    /// presets that need other settings).
+    pub fn set_scheduler_config(&mut self, config: SchedulerConfig) {
+        self.scheduler_config = config;
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// The preview projection of this model's latents.
+    pub fn latent_rgb(&self) -> &LatentRgb {
+        &self.latent_rgb
     }
 
     /// The latent shape (C, F, h, w) of a request.
