@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use motif_engine::pipeline::Camera;
+use motif_engine::pipelines::Camera;
 use motif_server::discord::commands;
 
 #[derive(Subcommand, Debug)]

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use motif_engine::models::source::{ModelSource, ModelSpec};
-use motif_engine::pipeline::{Camera, Event, ModelCache, ModelDefaults, Request, RgbImage};
+use motif_engine::pipelines::{Camera, Event, ModelCache, ModelDefaults, Request, RgbImage};
 use motif_engine::schedulers::SchedulerKind;
 use motif_engine::Gpu;
 use serde_json::{json, Value};
@@ -472,7 +472,7 @@ impl Prepared {
 pub struct Finished {
     pub output: PathBuf,
     pub recipe: PathBuf,
-    pub clip: motif_engine::pipeline::Generated,
+    pub clip: motif_engine::pipelines::Generated,
     pub fps: f32,
 }
 
@@ -567,7 +567,7 @@ pub fn generate_cached(
         ),
         false => format!("model kept loaded: {}", source.path().display()),
     });
-    let defaults = pipe.defaults.clone();
+    let defaults = pipe.defaults().clone();
     let (width, height) = settings.size(&defaults, pipe.scale_factor())?;
 
     // A camera move the model was trained to read from the caption.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use image::AnimationDecoder;
-use motif_engine::pipeline::{Event, ModelCache, Preview};
+use motif_engine::pipelines::{Event, ModelCache, Preview};
 use motif_engine::Gpu;
 use motif_viewer::{Controls, ModelDefaults, Saved};
 use serde_json::{json, Value};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use motif_engine::pipeline::Event;
+use motif_engine::pipelines::Event;
 use motif_engine::Gpu;
 use motif_server::accounts;
 use motif_server::discord::{DiscordOptions, Verifier};

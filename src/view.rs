@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use motif_engine::pipeline::{Event, ModelCache};
+use motif_engine::pipelines::{Event, ModelCache};
 use motif_engine::Gpu;
 use motif_viewer::{Controls, ModelChoice, ModelDefaults, Saved, Script};
 use serde_json::Value;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::error::Result;
 use crate::gpu::{DType, Gpu};
+use crate::models::unet_motion::MotionOptions;
 use crate::ops::{
     self, attention::AttentionOptions, conv2d::Conv2dOptions, matmul::MatmulOptions, Activation,
 };
@@ -277,7 +278,9 @@ pub fn bench_unet(gpu: &Gpu, w: &UNetBench, steps: usize) -> Result<UNetReport> 
     let (h, wd) = (w.height / 8, w.width / 8);
     let sample = random_tensor(gpu, &[w.batch, 4, w.frames, h, wd], dtype, 21)?;
     let context = random_tensor(gpu, &[w.batch * w.frames, 77, 768], dtype, 22)?;
-    let step = || -> Result<Tensor> { model.forward(gpu, &sample, &[261.0], &context) };
+    let step = || -> Result<Tensor> {
+        model.forward(gpu, &sample, &[261.0], &context, &MotionOptions::default())
+    };
     if gpu.is_plan() {
         step()?;
         let stats = gpu.pool_stats();
@@ -380,19 +383,19 @@ pub fn bench_pipeline(
     w: &PipelineBench,
     say: &mut dyn FnMut(&str),
 ) -> Result<PipelineReport> {
-    use crate::pipeline::{AnimateDiff, Event, Request};
+    use crate::pipelines::{AnimateDiff, Event, Family, Request};
     let mut report = PipelineReport::default();
     let t0 = Instant::now();
-    let mut pipe = AnimateDiff::load(gpu, source)?;
+    let pipe = AnimateDiff::load(gpu, source)?;
     gpu.synchronize()?;
     report.load_s = t0.elapsed().as_secs_f64();
     report.weight_bytes = gpu.pool_stats().live_bytes;
     say(&format!("load: {:.2} s", report.load_s));
 
-    let d = &pipe.defaults;
+    let d = pipe.defaults();
     let (width, height, frames) = w.size.unwrap_or((d.width, d.height, d.frames));
     (report.width, report.height, report.frames) = (width, height, frames);
-    let mut req = Request::new(w.prompt.clone(), &pipe.defaults);
+    let mut req = Request::new(w.prompt.clone(), pipe.defaults());
     req.width = width;
     req.height = height;
     req.frames = frames;
@@ -430,14 +433,15 @@ pub fn bench_pipeline(
     let context = random_tensor(gpu, &[2 * f, MAX_TOKENS, dim], dtype, 32)?;
     report.unet_step_s = time_it(gpu, w.iters, || {
         pipe.unet
-            .forward(gpu, &sample, &[501.0], &context)?
+            .forward(gpu, &sample, &[501.0], &context, &MotionOptions::default())?
             .to_f32(gpu)
     })?;
     say(&format!("unet step: {:.3} s", report.unet_step_s));
     // One more step with every dispatch timed on the GPU, per kernel.
     gpu.synchronize()?;
     if gpu.start_timer() {
-        pipe.unet.forward(gpu, &sample, &[501.0], &context)?;
+        pipe.unet
+            .forward(gpu, &sample, &[501.0], &context, &MotionOptions::default())?;
         if let Some(kernels) = gpu.stop_timer_by_kernel()? {
             let total: f64 = kernels.iter().map(|k| k.seconds).sum();
             let mut line = format!("unet step on the GPU: {:.1} ms;", total * 1e3);

@@ -10,9 +10,9 @@ use crate::error::{EngineError, LoadError, Result};
 use crate::gpu::{DType, Gpu};
 use crate::models::clip::ClipTextModel;
 use crate::models::source::{ModelSource, ModelSpec};
-use crate::models::unet_motion::UNetMotionModel;
+use crate::models::unet_motion::{MotionOptions, UNetMotionModel};
 use crate::models::vae::AutoencoderKL;
-use crate::pipeline::{AnimateDiff, Request};
+use crate::pipelines::{AnimateDiff, Family, Request};
 use crate::tensor::Tensor;
 use crate::text::ClipTokenizer;
 use crate::weights::{config::read_json, SafetensorsFile, Weights};
@@ -453,7 +453,7 @@ fn run_case(
             // Timesteps arrive as I64 (DDIM, DPM, LCM) or fractional F32 (Euler).
             let key = input_tensor(case, "timestep")?;
             let timestep = set.tensors.to_f32(key)?;
-            let out = unet.forward(gpu, &sample, &timestep, &ehs)?;
+            let out = unet.forward(gpu, &sample, &timestep, &ehs, &MotionOptions::default())?;
             (
                 vec!["noise_pred"],
                 HashMap::from([("noise_pred", values(gpu, &out)?)]),
@@ -592,7 +592,7 @@ fn run_pipeline_case(
     let config =
         crate::schedulers::SchedulerConfig::load(&set.dir.join(text("scheduler_config")?))?;
     pipe.set_scheduler_config(config);
-    let mut req = Request::new(text("prompt")?, &pipe.defaults);
+    let mut req = Request::new(text("prompt")?, pipe.defaults());
     req.negative = text("negative_prompt")?;
     req.frames = number("frames")? as usize;
     req.height = number("height")? as usize;

@@ -119,6 +119,24 @@ pub enum EngineError {
     #[error("interrupted")]
     Cancelled,
 
+    /// A request setting (a `Request` field, or `loras`) that the model's
+    /// family cannot honour: refused rather than ignored.
+    #[error("`{control}` is not supported by the model {model} ({family} family)")]
+    UnsupportedControl {
+        control: String,
+        model: String,
+        family: &'static str,
+    },
+
+    /// A model folder whose pipeline class (model_index.json's
+    /// `_class_name`) no family in this build runs.
+    #[error("{}: `{class}` models are not supported yet (Motif runs: {supported})", model.display())]
+    UnsupportedFamily {
+        model: PathBuf,
+        class: String,
+        supported: String,
+    },
+
     #[error(transparent)]
     Load(#[from] LoadError),
 }

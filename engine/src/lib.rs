@@ -10,7 +10,7 @@ pub mod error;
 pub mod gpu;
 pub mod models;
 pub mod ops;
-pub mod pipeline;
+pub mod pipelines;
 pub mod prompt;
 pub mod schedulers;
 pub mod tensor;

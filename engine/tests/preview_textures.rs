@@ -7,7 +7,7 @@ mod common;
 
 use motif_engine::models::source::ModelSource;
 use motif_engine::ops::preview::{latent_rgb_to_textures, FrameTextures};
-use motif_engine::pipeline::{AnimateDiff, Event, Request};
+use motif_engine::pipelines::{AnimateDiff, Event, Family, Request};
 use motif_engine::{DType, Tensor};
 
 fn pipeline() -> AnimateDiff {
@@ -45,18 +45,20 @@ fn the_shader_writes_the_reference_projection_into_the_texture_layers() {
         .map(|i| ((i * 37 % 23) as f32 - 11.0) / 6.0)
         .collect();
     let target = FrameTextures::new(gpu, w, h, f).unwrap();
-    p.preview_to_textures(gpu, &x0, f, h, w, &target).unwrap();
+    p.latent_rgb()
+        .to_textures(gpu, &x0, f, h, w, &target)
+        .unwrap();
     assert_matches_reference(
         &target.read_rgba(gpu).unwrap(),
-        &p.preview_reference(&x0, f, h, w),
+        &p.latent_rgb().reference(&x0, f, h, w),
     );
 }
 
 #[test]
 fn every_step_rewrites_the_same_textures_with_the_rgb_preview() {
     let gpu = common::gpu();
-    let mut p = pipeline();
-    let mut req = Request::new("a red ball", &p.defaults);
+    let p = pipeline();
+    let mut req = Request::new("a red ball", p.defaults());
     (req.width, req.height, req.frames, req.steps, req.seed) = (24, 16, 3, 2, 9);
     req.previews = true;
     req.gpu_previews = true;

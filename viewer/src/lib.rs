@@ -18,7 +18,7 @@ mod worker;
 
 use std::path::{Path, PathBuf};
 
-use motif_engine::pipeline::{Camera, Event, ModelCache};
+use motif_engine::pipelines::{Camera, Event, ModelCache};
 use motif_engine::schedulers::SchedulerKind;
 use motif_engine::Gpu;
 

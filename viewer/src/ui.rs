@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use egui::{Color32, ColorImage, Rect, TextureHandle, TextureId, TextureOptions, Vec2};
-use motif_engine::pipeline::{Camera, FrameTextures};
+use motif_engine::pipelines::{Camera, FrameTextures};
 use motif_engine::schedulers::SchedulerKind;
 
 use crate::worker::{Job, Update, Worker};

@@ -10,7 +10,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use motif_engine::pipeline::{Event, FrameTextures, ModelCache};
+use motif_engine::pipelines::{Event, FrameTextures, ModelCache};
 use motif_engine::Gpu;
 
 use crate::{Backend, Controls, Saved};

@@ -398,12 +398,28 @@ pub struct MotionModule {
     pub proj_in: Linear,
     pub transformer_blocks: Vec<BasicTransformerBlock>,
     pub proj_out: Linear,
-    /// Multiplies the module's residual (1.0 = as trained); the motion
-    /// control keeps it near 1.
+}
+
+/// One call's settings of the motion modules, passed down with every
+/// forward so that a loaded model holds none of a previous generation's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MotionOptions {
+    /// Multiplies every motion module's residual (1.0 = as trained); the
+    /// motion control keeps it near 1.
     pub residual_scale: f32,
     /// FreeNoise context windows (length, stride) for clips longer than
     /// one window; `None` attends over all frames at once.
-    pub context: Option<(usize, usize)>,
+    pub context_windows: Option<(usize, usize)>,
+}
+
+impl Default for MotionOptions {
+    /// The modules as trained: full residual, all frames at once.
+    fn default() -> Self {
+        MotionOptions {
+            residual_scale: 1.0,
+            context_windows: None,
+        }
+    }
 }
 
 impl MotionModule {
@@ -430,13 +446,17 @@ impl MotionModule {
                 .map(|i| BasicTransformerBlock::new(gpu, &w.pp("transformer_blocks").pp(i), &cfg))
                 .collect::<Result<Vec<_>>>()?,
             proj_out: Linear::new(gpu, &w.pp("proj_out"), channels, channels, true)?,
-            residual_scale: 1.0,
-            context: None,
         })
     }
 
     /// x [B·F, C, H, W] with row = b·F + f.
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, frames: usize) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        frames: usize,
+        options: &MotionOptions,
+    ) -> Result<Tensor> {
         let (bf, _, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
         let normed = ops::norm::group_norm_frames(
             gpu,
@@ -452,7 +472,7 @@ impl MotionModule {
             .proj_in
             .forward(gpu, &layout::frames_to_tokens(gpu, &normed, frames)?)?;
         for block in &self.transformer_blocks {
-            tokens = match self.context {
+            tokens = match options.context_windows {
                 Some((length, stride)) if frames > length => {
                     block.forward_windows(gpu, &tokens, length, stride)?
                 }
@@ -464,7 +484,7 @@ impl MotionModule {
         // follows the permute.
         let scaled = self
             .proj_out
-            .forward_scaled(gpu, &tokens, self.residual_scale)?;
+            .forward_scaled(gpu, &tokens, options.residual_scale)?;
         let out = layout::tokens_to_frames(gpu, &scaled, bf / frames, h, w)?;
         ops::add(gpu, &out, x)
     }

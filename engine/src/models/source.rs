@@ -175,6 +175,32 @@ impl ModelSource {
         }
     }
 
+    /// The diffusers pipeline class of a model folder (`_class_name` in its
+    /// `model_index.json`: `AnimateDiffPipeline`, `WanPipeline`, …), which
+    /// says which family runs it; `None` for single files and folders
+    /// without a model_index.json.
+    pub fn pipeline_class(&self) -> Result<Option<String>, LoadError> {
+        let Location::Folder(dir) = &self.model else {
+            return Ok(None);
+        };
+        let index = dir.join("model_index.json");
+        if !index.is_file() {
+            return Ok(None);
+        }
+        #[derive(serde::Deserialize)]
+        struct ModelIndex {
+            #[serde(rename = "_class_name")]
+            class_name: Option<String>,
+        }
+        let parsed: ModelIndex = read_config(&index)?;
+        Ok(parsed.class_name)
+    }
+
+    /// The LoRA files fused into this model, with their weights.
+    pub fn loras(&self) -> impl Iterator<Item = (&LoraFile, f32)> {
+        self.loras.iter().map(|(f, w)| (f.as_ref(), *w))
+    }
+
     pub fn is_single_file(&self) -> bool {
         matches!(self.model, Location::File(_))
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+pub use super::attention::MotionOptions;
 use super::attention::{MotionModule, Transformer2DModel};
 use super::nn::{Conv2d, GroupNorm, Linear};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
@@ -585,39 +586,18 @@ impl UNetMotionModel {
         })
     }
 
-    /// FreeNoise context windows for every motion module (see
-    /// `BasicTransformerBlock::forward_windows`); `None` turns them off.
-    pub fn set_context_windows(&mut self, context: Option<(usize, usize)>) {
-        for m in self.motion_modules_mut() {
-            m.context = context;
-        }
-    }
-
-    fn motion_modules_mut(&mut self) -> impl Iterator<Item = &mut MotionModule> {
-        self.down_blocks
-            .iter_mut()
-            .chain(self.up_blocks.iter_mut())
-            .flat_map(|b| b.motion_modules.iter_mut())
-            .chain(self.mid_block.motion_modules.iter_mut())
-    }
-
-    /// Scales every motion module's residual (1.0 = as trained).
-    pub fn set_motion_scale(&mut self, scale: f32) {
-        for m in self.motion_modules_mut() {
-            m.residual_scale = scale;
-        }
-    }
-
     /// The noise prediction for `sample` [B, C, F, H, W] at `timestep`
     /// (one value, or one per batch item; fractional values are allowed),
     /// with `encoder_hidden_states` [B·F, L, D] (already repeated per frame,
-    /// batch-major, as diffusers' pipeline passes them).
+    /// batch-major, as diffusers' pipeline passes them); `options` steer
+    /// the motion modules for this call only.
     pub fn forward(
         &self,
         gpu: &Gpu,
         sample: &Tensor,
         timestep: &[f32],
         encoder_hidden_states: &Tensor,
+        options: &MotionOptions,
     ) -> Result<Tensor> {
         let c = &self.config;
         if sample.rank() != 5 || sample.shape()[1] != c.in_channels {
@@ -648,11 +628,8 @@ impl UNetMotionModel {
                 message: format!("{} timesteps for a batch of {b}", timestep.len()),
             });
         }
-        let windowed = self
-            .down_blocks
-            .first()
-            .and_then(|b| b.motion_modules.first())
-            .and_then(|m| m.context)
+        let windowed = options
+            .context_windows
             .is_some_and(|(length, _)| length <= c.motion_max_seq_length && length <= f);
         if f > c.motion_max_seq_length && !windowed {
             return Err(EngineError::Argument {
@@ -687,7 +664,7 @@ impl UNetMotionModel {
                 if let Some(a) = block.attentions.get(j) {
                     h = a.forward(gpu, &h, ctx)?;
                 }
-                h = block.motion_modules[j].forward(gpu, &h, f)?;
+                h = block.motion_modules[j].forward(gpu, &h, f, options)?;
                 skips.push(h.clone());
             }
             if let Some(down) = &block.sampler {
@@ -701,7 +678,7 @@ impl UNetMotionModel {
         for j in 0..mid.attentions.len() {
             h = mid.attentions[j].forward(gpu, &h, ctx)?;
             if let Some(m) = mid.motion_modules.get(j) {
-                h = m.forward(gpu, &h, f)?;
+                h = m.forward(gpu, &h, f, options)?;
             }
             h = mid.resnets[j + 1].forward(gpu, &h, Some(&temb))?;
         }
@@ -716,7 +693,7 @@ impl UNetMotionModel {
                 if let Some(a) = block.attentions.get(j) {
                     h = a.forward(gpu, &h, ctx)?;
                 }
-                h = block.motion_modules[j].forward(gpu, &h, f)?;
+                h = block.motion_modules[j].forward(gpu, &h, f, options)?;
             }
             if let Some(up) = &block.sampler {
                 // Nearest upsampling to the next skip's exact size (2x unless

@@ -1,0 +1,174 @@
+//! AnimateDiff's step loop: prompts encoded once, the initial noise (or
+//! the still, noised to `strength`), then per step the motion UNet on the
+//! [uncond, cond] batch, guidance, the scheduler step, camera guidance,
+//! the still's anchoring, previews and a step event; finally the VAE
+//! decode a chunk of frames at a time.
+
+use super::context::shuffle_context;
+use super::image::Anchor;
+use super::{motion_scale, AnimateDiff};
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::models::unet_motion::MotionOptions;
+use crate::pipelines::camera::{camera_guide, camera_weight};
+use crate::pipelines::decode::decode_in_chunks;
+use crate::pipelines::events::{emit, Event, Generated, Trace};
+use crate::pipelines::preview::StepPreviews;
+use crate::pipelines::{guidance, noise, Request};
+use crate::schedulers::Scheduler;
+use crate::tensor::Tensor;
+use crate::text::tokenizer::MAX_LENGTH;
+
+impl AnimateDiff {
+    /// One generation of a request already validated (see
+    /// `Family::generate`).
+    pub(super) fn run(
+        &self,
+        gpu: &Gpu,
+        req: &Request,
+        events: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<Generated> {
+        let (c, f, h, w) = self.latent_shape(req);
+        let n = c * f * h * w;
+        let mut rng = noise::seeded(req.seed);
+        let mut scheduler = Scheduler::new(&self.scheduler_config, req.scheduler, req.karras)?;
+
+        let prompts = guidance::prompt_batch(&req.prompt, &req.negative, req.guidance);
+        let (ids, embeds) = self.encode_prompts(gpu, &prompts, req.clip_skip)?;
+        let per_prompt = embeds.len() / prompts.len();
+        // Each prompt's states repeated per frame: rows b·F + f.
+        let mut ehs = Vec::with_capacity(per_prompt * prompts.len() * f);
+        for row in embeds.chunks(per_prompt) {
+            for _ in 0..f {
+                ehs.extend_from_slice(row);
+            }
+        }
+        let dim = per_prompt / MAX_LENGTH;
+        let ehs = Tensor::from_f32(
+            gpu,
+            &ehs,
+            &[prompts.len() * f, MAX_LENGTH, dim],
+            gpu.precision(),
+        )?;
+
+        let context = self.context_for(req);
+        let motion = MotionOptions {
+            residual_scale: motion_scale(req.motion),
+            context_windows: context,
+        };
+        let noise = match &req.latents {
+            Some(l) => l.clone(),
+            None => {
+                let mut noise =
+                    noise::initial_noise(&mut rng, (c, f, h, w), req.motion, req.camera);
+                if let Some(windows) = context {
+                    shuffle_context(&mut noise, &mut rng, (c, f, h * w), windows);
+                }
+                noise
+            }
+        };
+        let (start, anchor) = match &req.image {
+            Some(image) => {
+                let start = scheduler.set_timesteps_for_strength(req.steps, req.strength as f64)?;
+                let still = self.encode_image(gpu, image, req.width, req.height)?;
+                (start, Some(Anchor::new(still, &noise, (c, f, h * w))))
+            }
+            None => {
+                scheduler.set_timesteps(req.steps)?;
+                (0, None)
+            }
+        };
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut latents = match &anchor {
+            // Every frame starts from the still, noised to the strength.
+            Some(anchor) => anchor.start(&scheduler, &noise, timesteps[start], (c, f, h * w))?,
+            None => {
+                let sigma = scheduler.init_noise_sigma();
+                noise.iter().map(|v| v * sigma).collect()
+            }
+        };
+        let total = timesteps.len() - start;
+        emit(events, Event::Started { steps: total })?;
+        let mut trace = req.trace.then(|| Trace {
+            timesteps: timesteps[start..].to_vec(),
+            prompt_ids: ids.clone(),
+            prompt_embeds: embeds.clone(),
+            ..Default::default()
+        });
+        let batch = prompts.len();
+        let mut previews = StepPreviews::default();
+        for (k, &t) in timesteps.iter().enumerate().skip(start) {
+            let model_in = scheduler.scale_model_input(&latents, k)?;
+            let mut x = Vec::with_capacity(n * batch);
+            for _ in 0..batch {
+                x.extend_from_slice(&model_in);
+            }
+            let x = Tensor::from_f32(gpu, &x, &[batch, c, f, h, w], gpu.precision())?;
+            let pred = self
+                .unet
+                .forward(gpu, &x, &[t as f32], &ehs, &motion)?
+                .to_f32(gpu)?;
+            let guided = guidance::combine(pred, req.guidance);
+            let step_noise = scheduler.needs_noise(k).then(|| {
+                let given = req.step_noise.as_ref().and_then(|v| v.get(k - start));
+                noise::step_noise(given, &mut rng, n)
+            });
+            let out = scheduler.step(&guided, k, &latents, step_noise.as_deref())?;
+            latents = out.prev_sample;
+            let x0 = out.denoised.as_ref().unwrap_or(&out.pred_original);
+            let next = timesteps.get(k + 1).copied();
+            if let (Some(cam), Some(next)) = (req.camera, next) {
+                let weight = camera_weight(k - start, total);
+                if weight > 0.0 {
+                    latents =
+                        camera_guide(&scheduler, cam, &latents, x0, next, weight, c, f, h, w)?;
+                }
+            }
+            if let Some(anchor) = &anchor {
+                // The first frame is the still, at the next step's noise level.
+                anchor.apply(&scheduler, &mut latents, next, (c, f, h * w))?;
+            }
+            if let Some(tr) = trace.as_mut() {
+                tr.step_latents.push(latents.clone());
+            }
+            let preview = previews.update(
+                gpu,
+                &self.latent_rgb,
+                x0,
+                (f, h, w),
+                req.previews,
+                req.gpu_previews,
+            )?;
+            emit(
+                events,
+                Event::Step {
+                    index: k - start,
+                    total,
+                    timestep: t,
+                    preview: preview.as_ref(),
+                    gpu_preview: previews.textures.as_ref(),
+                },
+            )?;
+        }
+
+        let (hh, ww) = (req.height, req.width);
+        let decoded = decode_in_chunks(
+            gpu,
+            &latents,
+            (c, f, h, w),
+            (hh, ww),
+            self.decode_chunk(hh, ww),
+            &|z| self.vae.decode_scaled(gpu, z),
+            events,
+        )?;
+        Ok(Generated {
+            width: ww,
+            height: hh,
+            frames: decoded.rgb8,
+            frames_f32: decoded.f32,
+            latents,
+            scheduler: scheduler.kind(),
+            trace,
+        })
+    }
+}

@@ -1,0 +1,33 @@
+//! Classifier-free guidance (Ho & Salimans 2022), as diffusers' pipelines
+//! apply it: the network runs on [unconditional, conditional] inputs in one
+//! batch, and the prediction is pushed away from the unconditional one.
+
+/// Whether a scale asks for guidance: diffusers'
+/// `do_classifier_free_guidance` (`guidance_scale > 1`).
+pub fn uses_guidance(scale: f32) -> bool {
+    scale > 1.0
+}
+
+/// The prompts to encode, in diffusers' batch order: [negative, prompt]
+/// under guidance, else the prompt alone.
+pub fn prompt_batch<'a>(prompt: &'a str, negative: &'a str, scale: f32) -> Vec<&'a str> {
+    if uses_guidance(scale) {
+        vec![negative, prompt]
+    } else {
+        vec![prompt]
+    }
+}
+
+/// `uncond + scale · (cond − uncond)` for a prediction batched as
+/// [uncond, cond]; a prediction without guidance passes through.
+pub fn combine(prediction: Vec<f32>, scale: f32) -> Vec<f32> {
+    if !uses_guidance(scale) {
+        return prediction;
+    }
+    let (uncond, cond) = prediction.split_at(prediction.len() / 2);
+    uncond
+        .iter()
+        .zip(cond)
+        .map(|(u, c)| u + scale * (c - u))
+        .collect()
+}

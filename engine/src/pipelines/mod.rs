@@ -1,0 +1,191 @@
+//! Text- and image-to-video pipelines: one folder per model family, plus
+//! what every family shares, written once — the request and its events
+//! (cancellation included), the model card, the controls a family declares,
+//! classifier-free guidance, seeded noise, camera moves, previews and
+//! decoding in chunks.
+//!
+//! A family implements [`Family`] and has a line in [`FAMILIES`], which
+//! picks it by the pipeline class a model folder names (model_index.json's
+//! `_class_name`). Adding a family is its folder here, its architectures in
+//! `models/`, and that line.
+
+pub mod animatediff;
+pub mod camera;
+pub mod card;
+pub mod controls;
+pub mod decode;
+pub mod events;
+pub mod guidance;
+pub mod image;
+pub mod noise;
+pub mod preview;
+pub mod request;
+
+use std::path::Path;
+
+pub use crate::ops::preview::FrameTextures;
+pub use animatediff::AnimateDiff;
+pub use camera::Camera;
+pub use card::ModelCard;
+pub use controls::{Control, Controls};
+pub use events::{Event, Generated, Preview, Trace};
+pub use image::{fit_image, RgbImage};
+pub use noise::motion_share;
+pub use preview::LatentRgb;
+pub use request::{ModelDefaults, Request};
+
+use crate::error::{EngineError, Result};
+use crate::gpu::Gpu;
+use crate::models::source::ModelSource;
+
+/// A request the engine refuses, in the words of `generate`.
+pub(crate) fn argument(message: impl Into<String>) -> EngineError {
+    EngineError::Argument {
+        op: "generate",
+        message: message.into(),
+    }
+}
+
+/// A model family: an architecture and its pipeline, loaded onto a GPU.
+/// A loaded model keeps no state from one generation to the next
+/// (`generate` takes `&self`), so a cache can hold it between requests.
+pub trait Family: Send {
+    /// Loads every part of `source` onto `gpu` in the GPU's precision.
+    fn load(gpu: &Gpu, source: &ModelSource) -> Result<Self>
+    where
+        Self: Sized;
+
+    /// The family's name in messages ("AnimateDiff").
+    fn family(&self) -> &'static str;
+
+    /// Where the model was loaded from, for messages.
+    fn model(&self) -> &Path;
+
+    /// The settings the model proposes: its card's over the family's own.
+    fn defaults(&self) -> &ModelDefaults;
+
+    /// The request settings the family honours.
+    fn controls(&self) -> Controls;
+
+    /// Pixels per latent pixel: width and height must be multiples of it.
+    fn scale_factor(&self) -> usize;
+
+    /// The family's own checks of a request's values (sizes, ranges),
+    /// before any GPU work.
+    fn check_values(&self, req: &Request) -> Result<()>;
+
+    /// Checks a request before any GPU work: a setting the family does not
+    /// honour is refused by name ([`EngineError::UnsupportedControl`]),
+    /// then the family checks the values.
+    fn validate(&self, req: &Request) -> Result<()> {
+        let model = self.model().display().to_string();
+        self.controls().check(req, self.family(), &model)?;
+        self.check_values(req)
+    }
+
+    /// Runs one generation (validating `req` first). `events` receives
+    /// progress and previews and returns false to cancel: the result is
+    /// then `EngineError::Cancelled`.
+    fn generate(
+        &self,
+        gpu: &Gpu,
+        req: &Request,
+        events: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<Generated>;
+}
+
+/// A family's line in the registry.
+pub struct Registered {
+    pub name: &'static str,
+    /// The pipeline classes (model_index.json `_class_name`) it runs.
+    pub classes: &'static [&'static str],
+    /// Whether it runs sources that name no class: single-file checkpoints
+    /// and folders without a model_index.json.
+    pub unnamed: bool,
+    pub controls: Controls,
+    pub load: fn(&Gpu, &ModelSource) -> Result<Box<dyn Family>>,
+}
+
+/// The registry's `load` for a family type.
+fn load_boxed<F: Family + 'static>(gpu: &Gpu, source: &ModelSource) -> Result<Box<dyn Family>> {
+    Ok(Box::new(F::load(gpu, source)?))
+}
+
+/// Every family this build runs.
+pub const FAMILIES: &[Registered] = &[Registered {
+    name: "AnimateDiff",
+    classes: animatediff::PIPELINE_CLASSES,
+    unnamed: true,
+    controls: animatediff::CONTROLS,
+    load: load_boxed::<AnimateDiff>,
+}];
+
+/// The family that runs `source`, from the pipeline class it names.
+pub fn family_of(source: &ModelSource) -> Result<&'static Registered> {
+    let class = source.pipeline_class()?;
+    let found = FAMILIES.iter().find(|f| match &class {
+        Some(c) => f.classes.contains(&c.as_str()),
+        None => f.unnamed,
+    });
+    found.ok_or_else(|| EngineError::UnsupportedFamily {
+        model: source.path().to_path_buf(),
+        class: class.unwrap_or_else(|| "(no pipeline class)".into()),
+        supported: FAMILIES
+            .iter()
+            .flat_map(|f| f.classes.iter().copied())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// Loads `source` with the family that runs it. LoRAs are refused here
+/// for a family that cannot fuse them.
+pub fn load(gpu: &Gpu, source: &ModelSource) -> Result<Box<dyn Family>> {
+    let family = family_of(source)?;
+    if source.loras().next().is_some() && !family.controls.supports(Control::Lora) {
+        return Err(EngineError::UnsupportedControl {
+            control: Control::Lora.field().into(),
+            model: source.path().display().to_string(),
+            family: family.name,
+        });
+    }
+    (family.load)(gpu, source)
+}
+
+/// One loaded model kept between generations (the viewer's worker), so
+/// that a second Generate with the same model does not read and upload its
+/// weights again. `key` names what was loaded (model, motion adapter, VAE,
+/// LoRAs): the model is loaded again only when it changes.
+#[derive(Default)]
+pub struct ModelCache {
+    loaded: Option<(String, Box<dyn Family>)>,
+}
+
+impl ModelCache {
+    /// The model for `key`, loaded from `source` (by its family) unless it
+    /// is the one held; true when it was loaded now. A failed load leaves
+    /// the cache empty.
+    pub fn get(
+        &mut self,
+        gpu: &Gpu,
+        key: &str,
+        source: &ModelSource,
+    ) -> Result<(&mut dyn Family, bool)> {
+        let fresh = !matches!(&self.loaded, Some((k, _)) if k == key);
+        if fresh {
+            // Free the old weights before the new ones take GPU memory.
+            self.loaded = None;
+            self.loaded = Some((key.to_string(), load(gpu, source)?));
+        }
+        let (_, model) = self
+            .loaded
+            .as_mut()
+            .expect("a model was just loaded or was held");
+        Ok((model.as_mut(), fresh))
+    }
+
+    /// The key of the model held, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.loaded.as_ref().map(|(k, _)| k.as_str())
+    }
+}
