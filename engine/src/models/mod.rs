@@ -9,5 +9,5 @@ pub mod source;
 pub mod umt5;
 pub mod unet_motion;
 pub mod vae;
-pub mod wan_vae;
 pub mod wan_transformer;
+pub mod wan_vae;

@@ -688,7 +688,6 @@ pub fn channel_rms_norm_reference(
     out
 }
 
-
 /// RMSNorm over the last dim D (T5/UMT5's `T5LayerNorm`, `torch.nn.RMSNorm`):
 /// `x / sqrt(mean(x²) + eps) · gamma`, no mean subtracted and no bias; the
 /// mean of squares in f32. x `[..., D]`, gamma `[D]` optional.

@@ -20,6 +20,7 @@ pub mod image;
 pub mod noise;
 pub mod preview;
 pub mod request;
+pub mod wan;
 
 use std::path::Path;
 
@@ -33,6 +34,7 @@ pub use image::{fit_image, RgbImage};
 pub use noise::motion_share;
 pub use preview::LatentRgb;
 pub use request::{ModelDefaults, Request};
+pub use wan::Wan;
 
 use crate::error::{EngineError, Result};
 use crate::gpu::Gpu;
@@ -112,13 +114,22 @@ fn load_boxed<F: Family + 'static>(gpu: &Gpu, source: &ModelSource) -> Result<Bo
 }
 
 /// Every family this build runs.
-pub const FAMILIES: &[Registered] = &[Registered {
-    name: "AnimateDiff",
-    classes: animatediff::PIPELINE_CLASSES,
-    unnamed: true,
-    controls: animatediff::CONTROLS,
-    load: load_boxed::<AnimateDiff>,
-}];
+pub const FAMILIES: &[Registered] = &[
+    Registered {
+        name: "AnimateDiff",
+        classes: animatediff::PIPELINE_CLASSES,
+        unnamed: true,
+        controls: animatediff::CONTROLS,
+        load: load_boxed::<AnimateDiff>,
+    },
+    Registered {
+        name: "Wan",
+        classes: wan::PIPELINE_CLASSES,
+        unnamed: false,
+        controls: wan::CONTROLS,
+        load: load_boxed::<wan::Wan>,
+    },
+];
 
 /// The family that runs `source`, from the pipeline class it names.
 pub fn family_of(source: &ModelSource) -> Result<&'static Registered> {

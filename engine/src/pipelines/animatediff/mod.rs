@@ -71,7 +71,7 @@ pub const CONTROLS: Controls = Controls {
         Control::InitialLatents,
         Control::StepNoise,
     ],
-    schedulers: &SchedulerKind::ALL,
+    schedulers: &SchedulerKind::DIFFUSION,
 };
 
 /// The motion-residual scale at motion level m (0.8 ..= 1.2).

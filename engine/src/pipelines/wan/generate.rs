@@ -1,0 +1,182 @@
+//! Wan's step loop, as diffusers' `WanPipeline.__call__`: the prompt and
+//! the negative prompt encoded once (each embedding past its prompt's
+//! length zeroed), the initial noise (no `init_noise_sigma`: flow matching
+//! starts from pure noise at σ = 1), then per step the transformer on the
+//! prompt and — with guidance above 1 — on the negative prompt, guidance,
+//! the scheduler step, previews and a step event; finally the VAE decode,
+//! one latent frame at a time through its feature cache.
+
+use super::Wan;
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::pipelines::events::{emit, Event, Generated, Trace};
+use crate::pipelines::preview::StepPreviews;
+use crate::pipelines::{guidance, noise, Request};
+use crate::schedulers::{Scheduler, SchedulerOptions};
+use crate::tensor::Tensor;
+
+impl Wan {
+    /// Prompt embeddings [N, L, D] for `prompts` (after the pipeline's
+    /// `prompt_clean`), every row past a prompt's own length zeroed as the
+    /// Wan pipelines do (the transformer's cross-attention then sees zeros
+    /// there, not a mask). Returned on the CPU, prompt by prompt.
+    pub fn encode_prompts(&self, gpu: &Gpu, prompts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let len = self.max_sequence_length;
+        let tokens = self.tokenizer.encode(prompts, len)?;
+        let ids: Vec<Vec<u32>> = tokens.input_ids.chunks(len).map(<[u32]>::to_vec).collect();
+        let mask: Vec<Vec<u32>> = tokens
+            .attention_mask
+            .chunks(len)
+            .map(<[u32]>::to_vec)
+            .collect();
+        let states = self.text_encoder.forward(gpu, &ids, &mask)?.to_f32(gpu)?;
+        let dim = states.len() / (prompts.len() * len);
+        Ok(states
+            .chunks(len * dim)
+            .zip(&tokens.lengths)
+            .map(|(rows, &keep)| {
+                let mut rows = rows.to_vec();
+                rows[keep * dim..].fill(0.0);
+                rows
+            })
+            .collect())
+    }
+
+    /// One generation of a request already validated (see
+    /// `Family::generate`).
+    pub(super) fn run(
+        &self,
+        gpu: &Gpu,
+        req: &Request,
+        events: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<Generated> {
+        let (c, f, h, w) = self.latent_shape(req);
+        let n = c * f * h * w;
+        let mut scheduler = Scheduler::with_options(
+            &self.scheduler_config,
+            SchedulerOptions {
+                kind: req.scheduler,
+                karras: None,
+                shift: req.shift.map(f64::from),
+            },
+        )?;
+        let guided = guidance::uses_guidance(req.guidance);
+        // diffusers encodes the prompt, then the negative prompt.
+        let prompts: Vec<&str> = match guided {
+            true => vec![&req.prompt, &req.negative],
+            false => vec![&req.prompt],
+        };
+        let embeds = self.encode_prompts(gpu, &prompts)?;
+        let len = self.max_sequence_length;
+        let dim = embeds[0].len() / len;
+        let upload = |e: &Vec<f32>| Tensor::from_f32(gpu, e, &[1, len, dim], gpu.precision());
+        let cond = upload(&embeds[0])?;
+        let uncond = embeds.get(1).map(upload).transpose()?;
+
+        let mut latents = match &req.latents {
+            Some(l) => l.clone(),
+            None => noise::normal(&mut noise::seeded(req.seed), n),
+        };
+        scheduler.set_timesteps(req.steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        emit(events, Event::Started { steps: total })?;
+        let mut trace = req.trace.then(|| Trace {
+            timesteps: timesteps.clone(),
+            // Uncond first, as the reference cases store them.
+            prompt_embeds: embeds.iter().rev().flatten().copied().collect(),
+            ..Default::default()
+        });
+        let mut previews = StepPreviews::default();
+        for (k, &t) in timesteps.iter().enumerate() {
+            let x = Tensor::from_f32(gpu, &latents, &[1, c, f, h, w], gpu.precision())?;
+            let t = [t as f32];
+            let mut pred = self.transformer.forward(gpu, &x, &t, &cond)?.to_f32(gpu)?;
+            if let Some(uncond) = &uncond {
+                let u = self.transformer.forward(gpu, &x, &t, uncond)?.to_f32(gpu)?;
+                // diffusers: uncond + g · (cond − uncond).
+                let g = req.guidance;
+                for (p, u) in pred.iter_mut().zip(&u) {
+                    *p = u + g * (*p - u);
+                }
+            }
+            let out = scheduler.step(&pred, k, &latents, None)?;
+            latents = out.prev_sample;
+            if let Some(tr) = trace.as_mut() {
+                tr.step_latents.push(latents.clone());
+            }
+            let preview = previews.update(
+                gpu,
+                &self.latent_rgb,
+                &out.pred_original,
+                (f, h, w),
+                req.previews,
+                req.gpu_previews,
+            )?;
+            emit(
+                events,
+                Event::Step {
+                    index: k,
+                    total,
+                    timestep: timesteps[k],
+                    preview: preview.as_ref(),
+                    gpu_preview: previews.textures.as_ref(),
+                },
+            )?;
+        }
+
+        let (frames_rgb8, frames_f32) = self.decode(gpu, &latents, (c, f, h, w), req, events)?;
+        Ok(Generated {
+            width: req.width,
+            height: req.height,
+            frames: frames_rgb8,
+            frames_f32,
+            latents,
+            scheduler: scheduler.kind(),
+            trace,
+        })
+    }
+
+    /// Latents [1, C, f, h, w] in the denoiser's domain → frames, one latent
+    /// frame at a time (the first gives one frame, each next four), with a
+    /// `Decoded` event per frame: RGB8 per frame and [F, H, W, 3] in [0, 1]
+    /// (diffusers' `postprocess_video`: x / 2 + 0.5, clamped).
+    fn decode(
+        &self,
+        gpu: &Gpu,
+        latents: &[f32],
+        (c, f, h, w): (usize, usize, usize, usize),
+        req: &Request,
+        events: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<(Vec<Vec<u8>>, Vec<f32>)> {
+        let (hh, ww) = (req.height, req.width);
+        let z = Tensor::from_f32(gpu, latents, &[1, c, f, h, w], gpu.precision())?;
+        let raw = self.vae.denormalize_latents(gpu, &z)?;
+        let total = req.frames;
+        let mut frames_f32 = vec![0f32; total * hh * ww * 3];
+        let mut frames = Vec::with_capacity(total);
+        self.vae.decode_chunks(gpu, &raw, |_, first, chunk| {
+            // chunk [Tc, 3, H, W] in [-1, 1].
+            let values = chunk.to_f32(gpu)?;
+            for (i, image) in values.chunks(3 * hh * ww).enumerate() {
+                let fi = first + i;
+                if fi >= total {
+                    break;
+                }
+                let out = &mut frames_f32[fi * hh * ww * 3..(fi + 1) * hh * ww * 3];
+                let mut rgb = vec![0u8; hh * ww * 3];
+                for p in 0..hh * ww {
+                    for k in 0..3 {
+                        let v = (image[k * hh * ww + p] / 2.0 + 0.5).clamp(0.0, 1.0);
+                        out[p * 3 + k] = v;
+                        rgb[p * 3 + k] = (v * 255.0).round() as u8;
+                    }
+                }
+                frames.push(rgb);
+                emit(events, Event::Decoded { frame: fi, total })?;
+            }
+            Ok(())
+        })?;
+        Ok((frames, frames_f32))
+    }
+}

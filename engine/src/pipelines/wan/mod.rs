@@ -1,0 +1,359 @@
+//! The Wan 2.1 text-to-video family (diffusers `WanPipeline`): prompt →
+//! UMT5 (embeddings past each prompt's length zeroed) → the Wan diffusion
+//! transformer denoising seeded noise under classifier-free guidance with a
+//! flow-matching sampler (UniPC or Euler) → the causal video VAE, decoded a
+//! latent frame at a time. Equal to diffusers 0.42 on the reference case
+//! sets (tests/fixtures/wan-*).
+//!
+//! What diffusers does silently and Motif refuses instead: frame counts
+//! that are not 4k + 1 and sizes that are not multiples of 16 (diffusers
+//! rounds them down with a log line); the error names the nearest valid
+//! values. The creative controls of the AnimateDiff family (motion, camera,
+//! stills) have no verified effect on Wan without trained weights for them:
+//! they are refused by name (see [`CONTROLS`]).
+//!
+//! The step loop is in `generate.rs`.
+
+mod generate;
+
+use std::path::{Path, PathBuf};
+
+use super::card::ModelCard;
+use super::controls::{Control, Controls};
+use super::events::{Event, Generated};
+use super::preview::LatentRgb;
+use super::{argument, Family, ModelDefaults, Request};
+use crate::error::{LoadError, Result};
+use crate::gpu::Gpu;
+use crate::models::source::ModelSource;
+use crate::models::umt5::{BlockResidency, UMT5EncoderModel};
+use crate::models::wan_transformer::WanTransformer3DModel;
+use crate::models::wan_vae::AutoencoderKLWan;
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::text::umt5::{Umt5Tokenizer, UMT5_MAX_LENGTH};
+
+/// The diffusers pipeline class whose folders this family runs.
+pub const PIPELINE_CLASSES: &[&str] = &["WanPipeline"];
+
+/// Wan's own settings: the flow shift, and given latents (reference cases).
+pub const CONTROLS: Controls = Controls {
+    supported: &[Control::Shift, Control::InitialLatents],
+    schedulers: &SchedulerKind::FLOW_MATCHING,
+};
+
+/// Text encoders larger than this run block by block, with only the
+/// current block's weights on the device: UMT5-XXL is 11.4 GB in f16 and
+/// is never resident whole (a small model is faster kept resident).
+const STREAM_TEXT_ENCODER_ABOVE: u64 = 1 << 30;
+
+/// Wan 2.1's latent → RGB fit for previews (16 × 3, then a bias): the
+/// published factors of ComfyUI's `latent_formats.Wan21`.
+const WAN21_LATENT_RGB: [[f32; 3]; 16] = [
+    [-0.1299, -0.1692, 0.2932],
+    [0.0671, 0.0406, 0.0442],
+    [0.3568, 0.2548, 0.1747],
+    [0.0372, 0.2344, 0.1420],
+    [0.0313, 0.0189, -0.0328],
+    [0.0296, -0.0956, -0.0665],
+    [-0.3477, -0.4059, -0.2925],
+    [0.0166, 0.1902, 0.1975],
+    [-0.0412, 0.0267, -0.1364],
+    [-0.1293, 0.0740, 0.1636],
+    [0.0680, 0.3019, 0.1128],
+    [0.0032, 0.0581, 0.0639],
+    [-0.1251, 0.0927, 0.1699],
+    [0.0060, -0.0633, 0.0005],
+    [0.3477, 0.2275, 0.2950],
+    [0.1984, 0.0913, 0.1861],
+];
+const WAN21_LATENT_RGB_BIAS: [f32; 3] = [-0.1835, -0.0868, -0.3360];
+
+/// A Wan 2.1 text-to-video model loaded onto a GPU.
+pub struct Wan {
+    model: PathBuf,
+    tokenizer: Umt5Tokenizer,
+    text_encoder: UMT5EncoderModel,
+    transformer: WanTransformer3DModel,
+    vae: AutoencoderKLWan,
+    scheduler_config: SchedulerConfig,
+    defaults: ModelDefaults,
+    latent_rgb: LatentRgb,
+    /// Text tokens per prompt (diffusers' `max_sequence_length`, 512).
+    max_sequence_length: usize,
+}
+
+/// What `model_index.json` of a Wan folder says beyond its class.
+#[derive(serde::Deserialize)]
+struct WanIndex {
+    #[serde(default)]
+    boundary_ratio: Option<f64>,
+    #[serde(default)]
+    expand_timesteps: bool,
+    #[serde(default)]
+    transformer_2: Option<serde_json::Value>,
+    #[serde(default)]
+    image_encoder: Option<serde_json::Value>,
+}
+
+/// Whether a model_index.json component entry names a part: diffusers
+/// writes `[library, class]`, and `[null, null]` (or null) for an absent
+/// optional one.
+fn present(entry: &Option<serde_json::Value>) -> bool {
+    match entry {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Array(parts)) => parts.iter().any(|p| !p.is_null()),
+        Some(_) => true,
+    }
+}
+
+fn not_yet(path: &Path, what: &str) -> LoadError {
+    LoadError::Layout {
+        path: path.to_path_buf(),
+        message: format!("{what} is not yet supported (Motif runs Wan 2.1 text-to-video folders)"),
+    }
+}
+
+/// The folder of one component (`transformer/`, `vae/`, …), or an error
+/// naming the model folder and the missing part.
+fn component(dir: &Path, name: &str, holds: &str) -> Result<PathBuf, LoadError> {
+    let path = dir.join(name);
+    if path.is_dir() {
+        Ok(path)
+    } else {
+        Err(LoadError::Layout {
+            path: dir.to_path_buf(),
+            message: format!("a Wan folder needs `{name}/` ({holds}); it is missing"),
+        })
+    }
+}
+
+/// Bytes of the safetensors files in `dir`.
+fn weight_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+impl Wan {
+    /// The nearest frame counts the VAE takes (1 + 4k) around `frames`.
+    fn valid_frames(&self, frames: usize) -> (usize, usize) {
+        let t = self.vae.config.temporal_scale_factor();
+        let below = (frames.max(1) - 1) / t * t + 1;
+        (below, below + t)
+    }
+
+    /// Pixels per side that one transformer token covers (VAE × patch):
+    /// widths and heights must be multiples of it (16 for Wan 2.1).
+    fn size_multiple(&self) -> usize {
+        let [_, ph, pw] = self.transformer.config.patch_size;
+        self.vae.config.spatial_scale_factor() * ph.max(pw)
+    }
+
+    /// The latent shape [C, f, h, w] of a request.
+    fn latent_shape(&self, req: &Request) -> (usize, usize, usize, usize) {
+        let s = self.vae.config.spatial_scale_factor();
+        let t = self.vae.config.temporal_scale_factor();
+        (
+            self.transformer.config.in_channels,
+            (req.frames - 1) / t + 1,
+            req.height / s,
+            req.width / s,
+        )
+    }
+
+    /// Replaces the model's scheduler config (reference cases).
+    pub fn set_scheduler_config(&mut self, config: SchedulerConfig) {
+        self.scheduler_config = config;
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// Text tokens per prompt (diffusers' `max_sequence_length`; 512, what
+    /// Wan was trained with). Reference cases set other lengths.
+    pub fn set_max_sequence_length(&mut self, len: usize) {
+        self.max_sequence_length = len;
+    }
+
+    pub fn latent_rgb(&self) -> &LatentRgb {
+        &self.latent_rgb
+    }
+}
+
+impl Family for Wan {
+    fn load(gpu: &Gpu, source: &ModelSource) -> Result<Self> {
+        let dir = source.path().to_path_buf();
+        let index_path = dir.join("model_index.json");
+        let index: WanIndex = crate::weights::config::read_config(&index_path)?;
+        if present(&index.transformer_2) || index.boundary_ratio.is_some()
+        {
+            return Err(not_yet(&dir, "Wan 2.2 A14B (two experts: transformer_2)").into());
+        }
+        if index.expand_timesteps {
+            return Err(not_yet(&dir, "Wan 2.2 TI2V (expand_timesteps)").into());
+        }
+        if present(&index.image_encoder) {
+            return Err(not_yet(&dir, "Wan image-to-video (image_encoder)").into());
+        }
+        let tokenizer = Umt5Tokenizer::from_dir(&component(&dir, "tokenizer", "tokenizer.json")?)?;
+        let te_dir = component(&dir, "text_encoder", "the UMT5 encoder")?;
+        let residency = if weight_bytes(&te_dir) > STREAM_TEXT_ENCODER_ABOVE {
+            BlockResidency::Streamed
+        } else {
+            BlockResidency::Resident
+        };
+        let text_encoder = UMT5EncoderModel::from_dir(gpu, &te_dir, residency)?;
+        let transformer = WanTransformer3DModel::from_dir(
+            gpu,
+            &component(&dir, "transformer", "the Wan transformer")?,
+            BlockResidency::Resident,
+        )?;
+        let vae = AutoencoderKLWan::load(gpu, &component(&dir, "vae", "the Wan VAE")?)?;
+        let scheduler_path =
+            component(&dir, "scheduler", "scheduler_config.json")?.join("scheduler_config.json");
+        let scheduler_config = SchedulerConfig::load(&scheduler_path)?;
+        if !scheduler_config.is_flow_matching()? {
+            return Err(LoadError::Config {
+                path: scheduler_path,
+                message: "Wan needs a flow-matching scheduler (UniPCMultistepScheduler with \
+                          use_flow_sigmas, or FlowMatchEulerDiscreteScheduler)"
+                    .into(),
+            }
+            .into());
+        }
+        if text_encoder.config.d_model != transformer.config.text_dim {
+            return Err(LoadError::Config {
+                path: dir.join("transformer").join("config.json"),
+                message: format!(
+                    "text_dim {} differs from the text encoder's d_model {}",
+                    transformer.config.text_dim, text_encoder.config.d_model
+                ),
+            }
+            .into());
+        }
+        if vae.config.z_dim != transformer.config.in_channels {
+            return Err(LoadError::Config {
+                path: dir.join("transformer").join("config.json"),
+                message: format!(
+                    "in_channels {} differs from the VAE's z_dim {}",
+                    transformer.config.in_channels, vae.config.z_dim
+                ),
+            }
+            .into());
+        }
+        let card = ModelCard::for_model(&dir)?;
+        // The Wan 2.1 repositories' published settings: 832x480, 81 frames
+        // (5 s at 16 fps), 50 steps, guidance 5.
+        let defaults = card.defaults(ModelDefaults {
+            width: 832,
+            height: 480,
+            frames: 81,
+            steps: 50,
+            guidance: 5.0,
+            fps: 16.0,
+            negative: String::new(),
+            camera_prompts: Default::default(),
+        });
+        let latent_rgb = LatentRgb::new(
+            card.latent_rgb().or_else(|| {
+                (vae.config.z_dim == 16).then(|| (WAN21_LATENT_RGB.to_vec(), WAN21_LATENT_RGB_BIAS))
+            }),
+            vae.config.z_dim,
+        );
+        Ok(Wan {
+            model: dir,
+            tokenizer,
+            text_encoder,
+            transformer,
+            vae,
+            scheduler_config,
+            defaults,
+            latent_rgb,
+            max_sequence_length: UMT5_MAX_LENGTH,
+        })
+    }
+
+    fn family(&self) -> &'static str {
+        "Wan"
+    }
+
+    fn model(&self) -> &Path {
+        &self.model
+    }
+
+    fn defaults(&self) -> &ModelDefaults {
+        &self.defaults
+    }
+
+    fn controls(&self) -> Controls {
+        CONTROLS
+    }
+
+    fn scale_factor(&self) -> usize {
+        self.size_multiple()
+    }
+
+    fn check_values(&self, req: &Request) -> Result<()> {
+        let m = self.size_multiple();
+        for (name, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % m != 0 {
+                let below = (v / m).max(1) * m;
+                return Err(argument(format!(
+                    "{name} {v}: Wan takes multiples of {m} (the VAE's 8 × the transformer's patch); pass {below} or {}",
+                    below + m
+                )));
+            }
+        }
+        let t = self.vae.config.temporal_scale_factor();
+        if req.frames == 0 || (req.frames - 1) % t != 0 {
+            let (below, above) = self.valid_frames(req.frames);
+            return Err(argument(format!(
+                "frames {}: Wan takes 1 + {t}k frames (its VAE is causal in time); pass {below} or {above}",
+                req.frames
+            )));
+        }
+        if req.steps == 0 {
+            return Err(argument("steps must be at least 1"));
+        }
+        if !(req.guidance.is_finite() && req.guidance >= 0.0) {
+            return Err(argument(format!(
+                "guidance {} must be a finite number ≥ 0",
+                req.guidance
+            )));
+        }
+        if let Some(shift) = req.shift {
+            if !(shift.is_finite() && shift > 0.0) {
+                return Err(argument(format!("shift {shift} must be a number > 0")));
+            }
+        }
+        let (c, f, h, w) = self.latent_shape(req);
+        if let Some(l) = &req.latents {
+            if l.len() != c * f * h * w {
+                return Err(argument(format!(
+                    "initial latents have {} values, expected {} ([1, {c}, {f}, {h}, {w}])",
+                    l.len(),
+                    c * f * h * w
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn generate(
+        &self,
+        gpu: &Gpu,
+        req: &Request,
+        events: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<Generated> {
+        self.validate(req)?;
+        self.run(gpu, req, events)
+    }
+}

@@ -1,0 +1,142 @@
+//! The Wan family end to end against diffusers' `WanPipeline` on the Wan
+//! reference case sets (tests/fixtures/wan-a, wan-b): every `pipeline` case
+//! (UniPC and flow-matching Euler, guidance on, non-square sizes, 5 and 9
+//! frames) through the whole denoising loop — timesteps, prompt
+//! embeddings, the latents after every step, the final latents and the
+//! decoded frames — in f32 (the case's tolerances) and f16 (CONFORMANCE.md's
+//! pipeline budget); and the family's refusals, before any GPU work.
+
+mod common;
+#[path = "common/wan_cases.rs"]
+mod wan_cases;
+
+use motif_engine::models::source::ModelSource;
+use motif_engine::pipelines::{Family, ModelDefaults, Request, Wan};
+use motif_engine::schedulers::SchedulerConfig;
+use motif_engine::{DType, EngineError, Gpu, GpuOptions};
+use wan_cases::*;
+
+fn gpu_in(dtype: DType) -> Gpu {
+    let gpu = Gpu::new(GpuOptions {
+        precision: Some(dtype),
+        ..Default::default()
+    })
+    .expect("a GPU adapter (install mesa-vulkan-drivers)");
+    assert!(
+        dtype == DType::F32 || gpu.has_f16(),
+        "the adapter has no f16 storage"
+    );
+    gpu
+}
+
+fn run_set(set_name: &str, dtype: DType) {
+    let gpu = gpu_in(dtype);
+    let (set, picked) = cases_of(set_name, "pipeline");
+    assert!(!picked.is_empty(), "{set_name} has pipeline cases");
+    let mut wan = Wan::load(&gpu, &ModelSource::folder(&set.dir))
+        .unwrap_or_else(|e| panic!("{set_name}: loading: {e}"));
+    let mut failures = Vec::new();
+    for &i in &picked {
+        let case = &set.cases[i];
+        let inputs = &case.inputs;
+        let config = set
+            .dir
+            .join(inputs["scheduler_config"].as_str().expect("scheduler_config"));
+        wan.set_scheduler_config(SchedulerConfig::load(&config).expect("scheduler config"));
+        wan.set_max_sequence_length(inputs["max_sequence_length"].as_u64().unwrap_or(512) as usize);
+        let defaults = ModelDefaults {
+            width: inputs["width"].as_u64().expect("width") as usize,
+            height: inputs["height"].as_u64().expect("height") as usize,
+            frames: inputs["frames"].as_u64().expect("frames") as usize,
+            steps: inputs["steps"].as_u64().expect("steps") as usize,
+            guidance: inputs["guidance"].as_f64().expect("guidance") as f32,
+            fps: 16.0,
+            negative: inputs["negative_prompt"].as_str().unwrap_or("").to_string(),
+            camera_prompts: Default::default(),
+        };
+        let mut req = Request::new(inputs["prompt"].as_str().expect("prompt"), &defaults);
+        req.latents = Some(set.f32s(&CaseSet::input_key(case, "latents")));
+        req.trace = true;
+        let out = wan
+            .generate(&gpu, &req, &mut |_| true)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let trace = out.trace.as_ref().expect("trace asked for");
+        for e in &case.outputs {
+            let want = set.f32s(&e.tensor);
+            let got: Vec<f32> = match e.name.as_str() {
+                "timesteps" => trace.timesteps.iter().map(|&t| t as f32).collect(),
+                "prompt_embeds" => trace.prompt_embeds.clone(),
+                "step_latents" => trace.step_latents.concat(),
+                "latents" => out.latents.clone(),
+                "frames" => out.frames_f32.clone(),
+                other => panic!("{}: unexpected output {other}", case.name),
+            };
+            let err = max_abs_err(&got, &want);
+            // CONFORMANCE.md: the pipeline's f16 budget is 5e-2 · max|expected|.
+            let allowed = match dtype {
+                DType::F32 => e.tolerance,
+                DType::F16 => e
+                    .tolerance
+                    .max(5e-2 * want.iter().fold(0f32, |m, v| m.max(v.abs()))),
+            };
+            println!("{dtype:?} {} {}: {err:.3e} (allowed {allowed:.1e})", case.name, e.name);
+            if !(err <= allowed) {
+                failures.push(format!("{} {}: {err:.3e} > {allowed:.1e}", case.name, e.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{dtype:?}: {failures:#?}");
+}
+
+#[test]
+fn wan_a_pipeline_f32() {
+    run_set("wan-a", DType::F32);
+}
+
+#[test]
+fn wan_b_pipeline_f32() {
+    run_set("wan-b", DType::F32);
+}
+
+#[test]
+fn wan_a_pipeline_f16() {
+    run_set("wan-a", DType::F16);
+}
+
+#[test]
+fn wan_b_pipeline_f16() {
+    run_set("wan-b", DType::F16);
+}
+
+/// Frames that are not 4k + 1, sizes that are not multiples of 16 and the
+/// AnimateDiff family's controls are refused by name with what to pass.
+#[test]
+fn refusals_name_the_setting_and_the_valid_values() {
+    let gpu = gpu_in(DType::F32);
+    let set = case_set("wan-a");
+    let wan = Wan::load(&gpu, &ModelSource::folder(&set.dir)).expect("loads");
+    let base = Request::new("a red ball", wan.defaults());
+    assert_eq!((base.width, base.height, base.frames), (832, 480, 81));
+    let message = |req: &Request| match wan.validate(req) {
+        Err(e) => e.to_string(),
+        Ok(()) => panic!("accepted {req:?}"),
+    };
+    let mut r = base.clone();
+    r.frames = 16;
+    assert!(message(&r).contains("pass 13 or 17"), "{}", message(&r));
+    let mut r = base.clone();
+    r.width = 840;
+    assert!(message(&r).contains("pass 832 or 848"), "{}", message(&r));
+    let mut r = base.clone();
+    r.motion = 3.0;
+    assert!(matches!(wan.validate(&r), Err(EngineError::UnsupportedControl { ref control, .. }) if control == "motion"));
+    let mut r = base.clone();
+    r.camera = Some("zoom-in".parse().expect("a camera"));
+    assert!(message(&r).contains("`camera` is not supported"), "{}", message(&r));
+    let mut r = base.clone();
+    r.scheduler = Some(motif_engine::schedulers::SchedulerKind::Ddim);
+    assert!(message(&r).contains("scheduler ddim"), "{}", message(&r));
+    let mut r = base;
+    r.shift = Some(0.0);
+    assert!(message(&r).contains("shift"), "{}", message(&r));
+}
