@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::gpu::{DType, Gpu};
 use crate::models::unet_motion::MotionOptions;
 use crate::ops::{
@@ -504,3 +504,123 @@ pub fn bench_pipeline(
 
 /// Tokens per prompt (CLIP's context).
 const MAX_TOKENS: usize = crate::text::tokenizer::MAX_LENGTH;
+
+/// Peak device memory of one Wan generation by phase (`motif bench --plan
+/// --wan`): bytes held by the buffer pool at its highest during text
+/// encoding, denoising and decoding, with every model of the pipeline
+/// loaded as `Wan::load` loads them (text encoder streamed block by block,
+/// transformer and VAE resident).
+#[derive(Debug, Clone)]
+pub struct WanPlanReport {
+    /// (width, height, frames) planned.
+    pub size: (usize, usize, usize),
+    /// Bytes of the resident weights (transformer, VAE, the text encoder's
+    /// final norm) before any phase runs.
+    pub weight_bytes: u64,
+    pub text_encoding_peak: u64,
+    pub denoising_peak: u64,
+    pub decoding_peak: u64,
+}
+
+impl WanPlanReport {
+    pub fn peak(&self) -> u64 {
+        self.text_encoding_peak
+            .max(self.denoising_peak)
+            .max(self.decoding_peak)
+    }
+}
+
+/// diffusers' `Wan-AI/Wan2.1-T2V-1.3B-Diffusers` transformer config.
+const WAN21_1_3B_TRANSFORMER: &str = r#"{"patch_size": [1, 2, 2], "num_attention_heads": 12,
+ "attention_head_dim": 128, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
+ "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30, "cross_attn_norm": true,
+ "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024}"#;
+
+/// google/umt5-xxl's encoder (what every Wan 2.1 folder ships), with the
+/// vocabulary cut to 1,000 rows: the embedding table never reaches the
+/// device (only the prompt's rows are read, on the host), and the plan's
+/// stand-in table would otherwise be computed whole on the host (4 GB).
+const UMT5_XXL_PLAN: &str = r#"{"vocab_size": 1000, "d_model": 4096, "d_kv": 64,
+ "d_ff": 10240, "num_layers": 24, "num_heads": 64, "relative_attention_num_buckets": 32,
+ "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu"}"#;
+
+/// Walks one Wan 2.1 1.3B generation at `width` x `height` x `frames` on a
+/// plan-mode GPU (no memory is taken, every allocation is counted at its
+/// real size): the prompt and negative prompt through UMT5-XXL at 512
+/// tokens, one denoising step (two transformer passes, guidance on) and the
+/// decode of every latent frame.
+pub fn plan_wan(gpu: &Gpu, width: usize, height: usize, frames: usize) -> Result<WanPlanReport> {
+    use crate::models::umt5::{BlockResidency, UMT5Config, UMT5EncoderModel};
+    use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
+    use crate::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
+    use crate::weights::{WeightSet, Weights};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    if !gpu.is_plan() {
+        return Err(EngineError::Argument {
+            op: "plan_wan",
+            message: "needs a plan-mode GPU (motif bench --plan)".into(),
+        });
+    }
+    if width % 16 != 0 || height % 16 != 0 || frames == 0 || (frames - 1) % 4 != 0 {
+        return Err(EngineError::Argument {
+            op: "plan_wan",
+            message: format!(
+                "{width}x{height}x{frames}: Wan takes sizes that are multiples of 16 and 1 + 4k frames"
+            ),
+        });
+    }
+    let config_err = |e: serde_json::Error| EngineError::Argument {
+        op: "plan_wan",
+        message: e.to_string(),
+    };
+    let te_config: UMT5Config = serde_json::from_str(UMT5_XXL_PLAN).map_err(config_err)?;
+    let tr_config: WanTransformerConfig =
+        serde_json::from_str(WAN21_1_3B_TRANSFORMER).map_err(config_err)?;
+    let vae_config = WanVaeConfig::from_value(Path::new("(Wan 2.1 VAE)"), serde_json::json!({}))?;
+    let w = Weights::new(Arc::new(WeightSet::synthetic()), gpu.precision());
+    gpu.reset_peak_memory();
+    let text_encoder = UMT5EncoderModel::new(gpu, &w, te_config, BlockResidency::Streamed)?;
+    let transformer =
+        WanTransformer3DModel::new(gpu, &w, tr_config.clone(), BlockResidency::Resident)?;
+    let vae = AutoencoderKLWan::new(gpu, &w, vae_config)?;
+    let weight_bytes = gpu.pool_stats().live_bytes;
+    let dtype = gpu.precision();
+
+    // Text encoding: prompt and negative prompt, 512 tokens each.
+    let len = 512;
+    let ids = vec![vec![1u32; len]; 2];
+    let states = text_encoder.forward(gpu, &ids, &ids)?;
+    let text_encoding_peak = gpu.pool_stats().peak_allocated_bytes;
+    drop(states);
+    // As the pipeline does between phases: the pool's free buffers go back.
+    gpu.trim_pool();
+
+    // Denoising: one step, the transformer on the prompt then the negative.
+    gpu.reset_peak_memory();
+    let (f, h, w) = ((frames - 1) / 4 + 1, height / 8, width / 8);
+    let latents = Tensor::zeros(gpu, &[1, 16, f, h, w], dtype)?;
+    let context = Tensor::zeros(gpu, &[1, len, tr_config.text_dim], dtype)?;
+    for _ in 0..2 {
+        drop(transformer.forward(gpu, &latents, &[999.0], &context)?);
+    }
+    let denoising_peak = gpu.pool_stats().peak_allocated_bytes;
+    drop(context);
+    gpu.trim_pool();
+
+    // Decoding: a latent frame at a time through the feature cache.
+    gpu.reset_peak_memory();
+    vae.decode_chunks(gpu, &latents, |_, _, chunk| {
+        drop(chunk);
+        Ok(())
+    })?;
+    let decoding_peak = gpu.pool_stats().peak_allocated_bytes;
+    Ok(WanPlanReport {
+        size: (width, height, frames),
+        weight_bytes,
+        text_encoding_peak,
+        denoising_peak,
+        decoding_peak,
+    })
+}

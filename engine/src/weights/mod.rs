@@ -253,6 +253,11 @@ impl WeightSet {
         Self::open(&safetensors_files(dir)?)
     }
 
+    /// A stand-in set ([`WeightSet::synthetic`]) that answers every key.
+    pub fn is_synthetic(&self) -> bool {
+        self.synthetic
+    }
+
     pub fn contains(&self, key: &str) -> bool {
         let key = self.stored(key);
         self.synthetic || self.index.contains_key(key) || self.shapes.contains_key(key)

@@ -72,6 +72,9 @@ impl Wan {
         let upload = |e: &Vec<f32>| Tensor::from_f32(gpu, e, &[1, len, dim], gpu.precision());
         let cond = upload(&embeds[0])?;
         let uncond = embeds.get(1).map(upload).transpose()?;
+        // Each phase's free buffers go back to the driver before the next
+        // phase, whose sizes differ: the peak is one phase's, not their sum.
+        gpu.trim_pool();
 
         let mut latents = match &req.latents {
             Some(l) => l.clone(),
@@ -125,6 +128,7 @@ impl Wan {
             )?;
         }
 
+        gpu.trim_pool();
         let (frames_rgb8, frames_f32) = self.decode(gpu, &latents, (c, f, h, w), req, events)?;
         Ok(Generated {
             width: req.width,

@@ -193,8 +193,7 @@ impl Family for Wan {
         let dir = source.path().to_path_buf();
         let index_path = dir.join("model_index.json");
         let index: WanIndex = crate::weights::config::read_config(&index_path)?;
-        if present(&index.transformer_2) || index.boundary_ratio.is_some()
-        {
+        if present(&index.transformer_2) || index.boundary_ratio.is_some() {
             return Err(not_yet(&dir, "Wan 2.2 A14B (two experts: transformer_2)").into());
         }
         if index.expand_timesteps {
