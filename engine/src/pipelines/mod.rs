@@ -78,8 +78,7 @@ pub trait Family: Send {
     /// honour is refused by name ([`EngineError::UnsupportedControl`]),
     /// then the family checks the values.
     fn validate(&self, req: &Request) -> Result<()> {
-        let model = self.model().display().to_string();
-        self.controls().check(req, self.family(), &model)?;
+        self.controls().check(req, self.family(), self.model())?;
         self.check_values(req)
     }
 
@@ -145,7 +144,7 @@ pub fn load(gpu: &Gpu, source: &ModelSource) -> Result<Box<dyn Family>> {
     if source.loras().next().is_some() && !family.controls.supports(Control::Lora) {
         return Err(EngineError::UnsupportedControl {
             control: Control::Lora.field().into(),
-            model: source.path().display().to_string(),
+            model: source.path().to_path_buf(),
             family: family.name,
         });
     }
