@@ -106,18 +106,15 @@ pub struct Registered {
 }
 
 /// The registry's `load` for a family type.
-fn load_boxed<F: Family + 'static>(gpu: &Gpu, source: &ModelSource) -> Result<Box<dyn Family>> {
+pub(crate) fn load_boxed<F: Family + 'static>(
+    gpu: &Gpu,
+    source: &ModelSource,
+) -> Result<Box<dyn Family>> {
     Ok(Box::new(F::load(gpu, source)?))
 }
 
-/// Every family this build runs.
-pub const FAMILIES: &[Registered] = &[Registered {
-    name: "AnimateDiff",
-    classes: animatediff::PIPELINE_CLASSES,
-    unnamed: true,
-    controls: animatediff::CONTROLS,
-    load: load_boxed::<AnimateDiff>,
-}];
+/// Every family this build runs, one line each.
+pub const FAMILIES: &[Registered] = &[animatediff::REGISTERED];
 
 /// The family that runs `source`, from the pipeline class it names.
 pub fn family_of(source: &ModelSource) -> Result<&'static Registered> {
