@@ -121,10 +121,10 @@ pub enum EngineError {
 
     /// A request setting (a `Request` field, or `loras`) that the model's
     /// family cannot honour: refused rather than ignored.
-    #[error("`{control}` is not supported by the model {model} ({family} family)")]
+    #[error("`{control}` is not supported by the model {} ({family} family)", model.display())]
     UnsupportedControl {
         control: String,
-        model: String,
+        model: PathBuf,
         family: &'static str,
     },
 

@@ -3,6 +3,8 @@
 //! setting a family cannot use is an error naming it and the model, never
 //! silently dropped.
 
+use std::path::Path;
+
 use super::request::{DEFAULT_MOTION, DEFAULT_STRENGTH};
 use super::Request;
 use crate::error::{EngineError, Result};
@@ -119,10 +121,10 @@ impl Controls {
 
     /// Refuses the first setting of `req` that these controls do not
     /// cover, naming it, the model and its family.
-    pub fn check(&self, req: &Request, family: &'static str, model: &str) -> Result<()> {
+    pub fn check(&self, req: &Request, family: &'static str, model: &Path) -> Result<()> {
         let refuse = |control: String| EngineError::UnsupportedControl {
             control,
-            model: model.to_string(),
+            model: model.to_path_buf(),
             family,
         };
         if let Some(c) = Control::ALL
@@ -166,7 +168,7 @@ mod tests {
     }
 
     fn refused(req: &Request) -> String {
-        match STILLS.check(req, "Stills", "models/stills") {
+        match STILLS.check(req, "Stills", Path::new("models/stills")) {
             Err(EngineError::UnsupportedControl { control, .. }) => control,
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -174,7 +176,9 @@ mod tests {
 
     #[test]
     fn settings_left_at_their_defaults_pass_and_others_are_named() {
-        assert!(STILLS.check(&request(), "Stills", "models/stills").is_ok());
+        assert!(STILLS
+            .check(&request(), "Stills", Path::new("models/stills"))
+            .is_ok());
         let mut r = request();
         r.motion = 3.0;
         assert_eq!(refused(&r), "motion");
@@ -186,7 +190,9 @@ mod tests {
         assert_eq!(refused(&r), "scheduler euler");
         let mut r = request();
         r.video = Some(Vec::new());
-        let e = STILLS.check(&r, "Stills", "models/stills").unwrap_err();
+        let e = STILLS
+            .check(&r, "Stills", Path::new("models/stills"))
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "`video` is not supported by the model models/stills (Stills family)"

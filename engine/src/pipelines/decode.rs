@@ -20,7 +20,7 @@ pub fn chunk_frames(widest: usize, height: usize, width: usize) -> usize {
 }
 
 /// Decoded frames: RGB8 per frame, and [F, H, W, 3] in [0, 1].
-pub struct Frames {
+pub(crate) struct Frames {
     pub rgb8: Vec<Vec<u8>>,
     pub f32: Vec<f32>,
 }

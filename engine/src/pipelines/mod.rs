@@ -80,8 +80,7 @@ pub trait Family: Send {
     /// honour is refused by name ([`EngineError::UnsupportedControl`]),
     /// then the family checks the values.
     fn validate(&self, req: &Request) -> Result<()> {
-        let model = self.model().display().to_string();
-        self.controls().check(req, self.family(), &model)?;
+        self.controls().check(req, self.family(), self.model())?;
         self.check_values(req)
     }
 
@@ -109,27 +108,15 @@ pub struct Registered {
 }
 
 /// The registry's `load` for a family type.
-fn load_boxed<F: Family + 'static>(gpu: &Gpu, source: &ModelSource) -> Result<Box<dyn Family>> {
+pub(crate) fn load_boxed<F: Family + 'static>(
+    gpu: &Gpu,
+    source: &ModelSource,
+) -> Result<Box<dyn Family>> {
     Ok(Box::new(F::load(gpu, source)?))
 }
 
-/// Every family this build runs.
-pub const FAMILIES: &[Registered] = &[
-    Registered {
-        name: "AnimateDiff",
-        classes: animatediff::PIPELINE_CLASSES,
-        unnamed: true,
-        controls: animatediff::CONTROLS,
-        load: load_boxed::<AnimateDiff>,
-    },
-    Registered {
-        name: "Wan",
-        classes: wan::PIPELINE_CLASSES,
-        unnamed: false,
-        controls: wan::CONTROLS,
-        load: load_boxed::<wan::Wan>,
-    },
-];
+/// Every family this build runs, one line each.
+pub const FAMILIES: &[Registered] = &[animatediff::REGISTERED, wan::REGISTERED];
 
 /// The family that runs `source`, from the pipeline class it names.
 pub fn family_of(source: &ModelSource) -> Result<&'static Registered> {
@@ -156,7 +143,7 @@ pub fn load(gpu: &Gpu, source: &ModelSource) -> Result<Box<dyn Family>> {
     if source.loras().next().is_some() && !family.controls.supports(Control::Lora) {
         return Err(EngineError::UnsupportedControl {
             control: Control::Lora.field().into(),
-            model: source.path().display().to_string(),
+            model: source.path().to_path_buf(),
             family: family.name,
         });
     }

@@ -21,9 +21,9 @@ pub(crate) fn normal(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
 
 /// The noise a scheduler step draws: the reference case's where given,
 /// else `n` values from the generation's stream.
-pub(crate) fn step_noise(given: Option<&Vec<f32>>, rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+pub(crate) fn step_noise(given: Option<&[f32]>, rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     match given {
-        Some(v) => v.clone(),
+        Some(v) => v.to_vec(),
         None => normal(rng, n),
     }
 }

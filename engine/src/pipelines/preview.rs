@@ -133,7 +133,6 @@ pub(crate) struct StepPreviews {
 impl StepPreviews {
     /// This step's previews of x0 [C, F, h, w]: the RGB8 frames if `rgb`,
     /// and the textures rewritten if `textures`.
-    #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
         gpu: &Gpu,

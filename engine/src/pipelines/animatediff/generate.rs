@@ -110,7 +110,11 @@ impl AnimateDiff {
                 .to_f32(gpu)?;
             let guided = guidance::combine(pred, req.guidance);
             let step_noise = scheduler.needs_noise(k).then(|| {
-                let given = req.step_noise.as_ref().and_then(|v| v.get(k - start));
+                let given = req
+                    .step_noise
+                    .as_ref()
+                    .and_then(|v| v.get(k - start))
+                    .map(Vec::as_slice);
                 noise::step_noise(given, &mut rng, n)
             });
             let out = scheduler.step(&guided, k, &latents, step_noise.as_deref())?;

@@ -35,7 +35,7 @@ use super::controls::{Control, Controls};
 use super::events::{Event, Generated};
 use super::noise::interpolate;
 use super::preview::LatentRgb;
-use super::{argument, Family, ModelDefaults, Request};
+use super::{argument, load_boxed, Family, ModelDefaults, Registered, Request};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::models::clip::ClipTextModel;
@@ -72,6 +72,18 @@ pub const CONTROLS: Controls = Controls {
         Control::StepNoise,
     ],
     schedulers: &SchedulerKind::DIFFUSION,
+};
+
+/// This family's line in the registry (`pipelines::FAMILIES`).
+pub const REGISTERED: Registered = Registered {
+    name: "AnimateDiff",
+    classes: PIPELINE_CLASSES,
+    // Single-file SD checkpoints and bare folders of parts: the only
+    // layouts ModelSource reads without a model_index.json are this
+    // family's.
+    unnamed: true,
+    controls: CONTROLS,
+    load: load_boxed::<AnimateDiff>,
 };
 
 /// The motion-residual scale at motion level m (0.8 ..= 1.2).
@@ -152,7 +164,7 @@ impl Family for AnimateDiff {
     }
 
     fn family(&self) -> &'static str {
-        "AnimateDiff"
+        REGISTERED.name
     }
 
     fn model(&self) -> &Path {

@@ -22,7 +22,7 @@ use super::card::ModelCard;
 use super::controls::{Control, Controls};
 use super::events::{Event, Generated};
 use super::preview::LatentRgb;
-use super::{argument, Family, ModelDefaults, Request};
+use super::{argument, load_boxed, Family, ModelDefaults, Registered, Request};
 use crate::error::{LoadError, Result};
 use crate::gpu::Gpu;
 use crate::models::source::ModelSource;
@@ -39,6 +39,16 @@ pub const PIPELINE_CLASSES: &[&str] = &["WanPipeline"];
 pub const CONTROLS: Controls = Controls {
     supported: &[Control::Shift, Control::InitialLatents],
     schedulers: &SchedulerKind::FLOW_MATCHING,
+};
+
+/// The family's line in the registry.
+pub const REGISTERED: Registered = Registered {
+    name: "Wan",
+    classes: PIPELINE_CLASSES,
+    // Wan folders always name their class.
+    unnamed: false,
+    controls: CONTROLS,
+    load: load_boxed::<Wan>,
 };
 
 /// Text encoders larger than this run block by block, with only the
@@ -281,7 +291,7 @@ impl Family for Wan {
     }
 
     fn family(&self) -> &'static str {
-        "Wan"
+        REGISTERED.name
     }
 
     fn model(&self) -> &Path {
