@@ -194,7 +194,7 @@ pub fn flag_error(e: FieldError) -> anyhow::Error {
 
 /// The recipe field an error of [`prepare`] or [`generate_cached`] is about,
 /// where it is about one.
-pub fn field_of(e: &anyhow::Error) -> Option<&FieldError> {
+pub fn recipe_field(e: &anyhow::Error) -> Option<&FieldError> {
     e.chain()
         .find_map(|c| c.downcast_ref::<FlagError>())
         .map(|f| &f.0)
@@ -419,7 +419,7 @@ pub struct Finished {
 
 /// Every check that needs no GPU: the recipe's values, the still, the
 /// LoRA files, the output format (`output`, default `motif-SEED.mp4`), the
-/// model's files. An error about a recipe field carries it ([`field_of`]).
+/// model's files. An error about a recipe field carries it ([`recipe_field`]).
 pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
     let settings = Settings::resolve(recipe)?;
     let output = output.unwrap_or_else(|| PathBuf::from(format!("motif-{}.mp4", settings.seed)));

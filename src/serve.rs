@@ -285,7 +285,7 @@ impl Runner for EngineRunner {
     fn check(&self, request: &JobRequest) -> Result<(), FieldError> {
         match generate::prepare(request.recipe.clone(), Some(PathBuf::from("check.mp4"))) {
             Ok(_) => Ok(()),
-            Err(e) => Err(match generate::field_of(&e) {
+            Err(e) => Err(match generate::recipe_field(&e) {
                 Some(f) => FieldError::new(&f.field, f.reason.clone()),
                 None => FieldError::new("request", format!("{e:#}")),
             }),

@@ -125,3 +125,40 @@ fn old_recipes_replay_to_the_same_clips() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--from` names what is wrong with a recipe: an unknown or ill-typed
+/// field, a value out of range, a control the model's family lacks.
+#[test]
+fn bad_recipes_are_refused_naming_the_field() {
+    let dir = std::env::temp_dir().join(format!("motif-bad-recipes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (fields, expected) in [
+        (r#""promt": "a""#, "unknown field `promt`"),
+        (r#""width": "wide""#, "`width`"),
+        (r#""motion": 7"#, "--motion 7"),
+        (r#""shift": 3.0"#, "--shift is not a control of default"),
+        (r#""video": "in.mp4""#, "--video is not a control"),
+    ] {
+        let path = dir.join("r.json");
+        std::fs::write(
+            &path,
+            format!(r#"{{"format": "motif-recipe-v1", "prompt": "a ball", {fields}}}"#),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_motif"))
+            .current_dir(&dir)
+            .args(["generate", "--from", "r.json", "-o", "out.mp4"])
+            .env_remove("MOTIF_MODEL")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{fields} was accepted");
+        assert!(
+            stderr.contains(expected),
+            "{fields}: `{expected}` not in {stderr}"
+        );
+        assert!(!dir.join("out.mp4").exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
