@@ -13,29 +13,19 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use motif_engine::models::source::{ModelSource, ModelSpec};
-use motif_engine::pipelines::{Camera, Event, ModelCache, ModelDefaults, Request, RgbImage};
+use motif_engine::pipelines::{Camera, Event, ModelCache, Request, RgbImage};
 use motif_engine::schedulers::SchedulerKind;
 use motif_engine::Gpu;
+use motif_recipe::{CameraMove, FieldError, Lora, Recipe, Scheduler};
 use serde_json::{json, Value};
 
 use crate::catalog;
 
-const RECIPE_FORMAT: &str = "motif-recipe-v1";
-
+/// The settings of one generation as flags: `motif generate` and `motif
+/// view` both flatten this group (the prompt stays theirs: positional in
+/// one, `--prompt` in the other). Each flag is a [`Recipe`] field.
 #[derive(Args, Debug, Clone, Default)]
-#[command(after_help = "\
-Defaults come from the model: its motif.json card where it has one, else AnimateDiff's \
-(512x512, 16 frames, 25 steps, guidance 7.5, 8 fps, the model's scheduler). Flags override \
-a --from recipe, which overrides a --style preset, which overrides the model.
-
-Prompt weighting: (word:1.3) sets a weight, (word) multiplies by 1.1, ((word)) by 1.21, \
-[word] divides by 1.1; \\( and \\) are literal brackets.
-
-Camera moves name how the picture content moves: pan-left shifts it left, tilt-up up, \
-zoom-in enlarges it, roll-cw turns it clockwise.")]
-pub struct GenerateArgs {
-    /// What the clip shows.
-    pub prompt: Option<String>,
+pub struct RecipeArgs {
     /// What to steer away from (classifier-free guidance's negative prompt).
     #[arg(long)]
     pub negative: Option<String>,
@@ -59,31 +49,31 @@ pub struct GenerateArgs {
     pub strength: Option<f32>,
     /// Output width in pixels (a multiple of 8).
     #[arg(long)]
-    pub width: Option<usize>,
+    pub width: Option<u32>,
     /// Output height in pixels (a multiple of 8).
     #[arg(long)]
-    pub height: Option<usize>,
+    pub height: Option<u32>,
     /// Aspect ratio such as 16:9, 9:16, 1:1, 4:5: keeps the model's pixel count (or the given width or height).
     #[arg(long)]
     pub aspect: Option<String>,
     /// Number of frames.
     #[arg(long)]
-    pub frames: Option<usize>,
+    pub frames: Option<u32>,
     /// Frames per second of the written clip.
     #[arg(long)]
     pub fps: Option<f32>,
     /// Denoising steps.
     #[arg(long)]
-    pub steps: Option<usize>,
+    pub steps: Option<u32>,
     /// Classifier-free guidance scale; 1 skips the unconditional pass.
     #[arg(long)]
     pub guidance: Option<f32>,
-    /// Seed for the noise: the same seed gives the same clip on the same adapter. Random (and printed) when absent.
+    /// Seed for the noise: the same seed gives the same clip on the same adapter. Random (and printed) when absent; fixed, it locks the viewer's seed.
     #[arg(long)]
     pub seed: Option<u64>,
     /// ddim, euler, euler-a, dpm++2m or lcm [default: the model's scheduler config].
     #[arg(long)]
-    pub scheduler: Option<String>,
+    pub scheduler: Option<Scheduler>,
     /// Karras sigmas (euler, dpm++2m).
     #[arg(long)]
     pub karras: bool,
@@ -92,13 +82,68 @@ pub struct GenerateArgs {
     pub motion: Option<f32>,
     /// zoom-in, zoom-out, pan-left, pan-right, tilt-up, tilt-down, roll-cw or roll-ccw.
     #[arg(long)]
-    pub camera: Option<String>,
+    pub camera: Option<CameraMove>,
     /// A style preset (see `motif styles`).
     #[arg(long)]
     pub style: Option<String>,
     /// Use the text encoder's penultimate layer (1) instead of the last (0).
     #[arg(long)]
-    pub clip_skip: Option<usize>,
+    pub clip_skip: Option<u32>,
+}
+
+impl RecipeArgs {
+    /// The flags given, as recipe fields (`prompt` is the command's own).
+    pub fn recipe(&self, prompt: Option<String>) -> Result<Recipe> {
+        let loras = (self.loras.iter())
+            .map(|s| Lora::parse(s).map_err(flag_error))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Recipe {
+            prompt,
+            negative: self.negative.clone(),
+            model: self.model.clone(),
+            motion_adapter: self.motion_adapter.clone(),
+            vae: self.vae.clone(),
+            loras,
+            image: self
+                .image
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            strength: self.strength,
+            width: self.width,
+            height: self.height,
+            aspect: self.aspect.clone(),
+            frames: self.frames,
+            fps: self.fps,
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed,
+            scheduler: self.scheduler,
+            karras: self.karras.then_some(true),
+            motion: self.motion,
+            camera: self.camera,
+            style: self.style.clone(),
+            clip_skip: self.clip_skip,
+            ..Default::default()
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone, Default)]
+#[command(after_help = "\
+Defaults come from the model: its motif.json card where it has one, else AnimateDiff's \
+(512x512, 16 frames, 25 steps, guidance 7.5, 8 fps, the model's scheduler). Flags override \
+a --from recipe, which overrides a --style preset, which overrides the model.
+
+Prompt weighting: (word:1.3) sets a weight, (word) multiplies by 1.1, ((word)) by 1.21, \
+[word] divides by 1.1; \\( and \\) are literal brackets.
+
+Camera moves name how the picture content moves: pan-left shifts it left, tilt-up up, \
+zoom-in enlarges it, roll-cw turns it clockwise.")]
+pub struct GenerateArgs {
+    /// What the clip shows.
+    pub prompt: Option<String>,
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
     /// Output file: .mp4, .gif, .webp, or a folder (no extension) of PNG frames [default: motif-SEED.mp4].
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
@@ -113,294 +158,188 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-/// Everything that decides a clip, as recorded in its recipe.
-#[derive(Debug, Clone)]
-struct Settings {
-    prompt: String,
-    negative: Option<String>,
-    model: String,
-    motion_adapter: Option<String>,
-    vae: Option<String>,
-    loras: Vec<(String, f32)>,
-    image: Option<PathBuf>,
-    strength: f32,
-    width: Option<usize>,
-    height: Option<usize>,
-    aspect: Option<(usize, usize)>,
-    frames: Option<usize>,
-    fps: Option<f32>,
-    steps: Option<usize>,
-    guidance: Option<f32>,
-    seed: u64,
-    scheduler: Option<SchedulerKind>,
-    karras: bool,
-    motion: f32,
-    camera: Option<Camera>,
-    style: Option<String>,
-    clip_skip: usize,
+impl GenerateArgs {
+    /// The flags over the `--from` recipe.
+    pub fn recipe(&self) -> Result<Recipe> {
+        let flags = self.recipe.recipe(self.prompt.clone())?;
+        Ok(match &self.from {
+            Some(path) => flags.over(read_recipe(path)?),
+            None => flags,
+        })
+    }
 }
 
-fn parse_lora(s: &str) -> Result<(String, f32)> {
-    // A weight is what follows the last ':' if it parses (Windows paths have ':' too).
-    if let Some((file, w)) = s.rsplit_once(':') {
-        if let Ok(w) = w.parse::<f32>() {
-            if !w.is_finite() {
-                bail!("--lora {s}: the weight must be a finite number");
-            }
-            return Ok((file.to_string(), w));
+/// A recipe field at fault on the command line: shown as its flag
+/// (`--width 30: expected ...`); the server names the field from it.
+#[derive(Debug)]
+pub struct FlagError(pub FieldError);
+
+impl std::fmt::Display for FlagError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let field = self.0.field.as_str();
+        match field {
+            "prompt" => write!(f, "the prompt: {}", self.0.reason),
+            "loras" => write!(f, "--lora {}", self.0.reason),
+            _ => write!(f, "--{} {}", field.replace('_', "-"), self.0.reason),
         }
     }
-    Ok((s.to_string(), 1.0))
 }
 
-fn parse_aspect(s: &str) -> Result<(usize, usize)> {
-    let bad = || anyhow!("--aspect {s}: expected W:H with positive whole numbers, such as 16:9");
-    let (a, b) = s.split_once(':').ok_or_else(bad)?;
-    let (a, b) = (
-        a.trim().parse::<usize>().map_err(|_| bad())?,
-        b.trim().parse::<usize>().map_err(|_| bad())?,
-    );
-    if a == 0 || b == 0 {
-        return Err(bad());
-    }
-    Ok((a, b))
+impl std::error::Error for FlagError {}
+
+/// A recipe field's error as an `anyhow` error that keeps its field.
+pub fn flag_error(e: FieldError) -> anyhow::Error {
+    FlagError(e).into()
 }
 
-fn get<'a>(recipe: &'a Value, key: &str) -> Option<&'a Value> {
-    recipe.get(key).filter(|v| !v.is_null())
+/// The recipe field an error of [`prepare`] or [`generate_cached`] is about,
+/// where it is about one.
+pub fn recipe_field(e: &anyhow::Error) -> Option<&FieldError> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<FlagError>())
+        .map(|f| &f.0)
 }
 
-fn recipe_str(recipe: &Value, key: &str) -> Result<Option<String>> {
-    match get(recipe, key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => bail!("recipe field `{key}` must be a string, found {other}"),
-    }
-}
-
-fn recipe_num(recipe: &Value, key: &str) -> Result<Option<f64>> {
-    match get(recipe, key) {
-        None => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| anyhow!("recipe field `{key}` must be a number, found {v}")),
-    }
-}
-
-fn read_recipe(path: &Path) -> Result<Value> {
+/// Reads the recipe of a `.json` sidecar or of a clip Motif wrote.
+pub fn read_recipe(path: &Path) -> Result<Recipe> {
     let text = motif_video::read_recipe(path)
         .with_context(|| format!("reading the recipe of {}", path.display()))?;
-    let recipe: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: the recipe is not valid JSON", path.display()))?;
-    if recipe.get("format").and_then(Value::as_str) != Some(RECIPE_FORMAT) {
-        bail!(
-            "{}: not a Motif recipe (expected \"format\": \"{RECIPE_FORMAT}\")",
-            path.display()
-        );
+    Recipe::from_json(&text).with_context(|| format!("{}: the recipe", path.display()))
+}
+
+/// The recipe's camera move as the engine's.
+fn engine_camera(c: CameraMove) -> Camera {
+    match c {
+        CameraMove::ZoomIn => Camera::ZoomIn,
+        CameraMove::ZoomOut => Camera::ZoomOut,
+        CameraMove::PanLeft => Camera::PanLeft,
+        CameraMove::PanRight => Camera::PanRight,
+        CameraMove::TiltUp => Camera::TiltUp,
+        CameraMove::TiltDown => Camera::TiltDown,
+        CameraMove::RollCw => Camera::RollCw,
+        CameraMove::RollCcw => Camera::RollCcw,
     }
-    Ok(recipe)
+}
+
+/// The recipe's scheduler as the engine's.
+fn engine_scheduler(s: Scheduler) -> SchedulerKind {
+    match s {
+        Scheduler::Ddim => SchedulerKind::Ddim,
+        Scheduler::Euler => SchedulerKind::Euler,
+        Scheduler::EulerAncestral => SchedulerKind::EulerAncestral,
+        Scheduler::DpmPp2m => SchedulerKind::DpmPp2m,
+        Scheduler::Lcm => SchedulerKind::Lcm,
+        Scheduler::UniPc => SchedulerKind::UniPc,
+        Scheduler::FlowEuler => SchedulerKind::FlowMatchEuler,
+    }
+}
+
+/// The engine's scheduler as the recipe records it.
+fn recipe_scheduler(s: SchedulerKind) -> Scheduler {
+    match s {
+        SchedulerKind::Ddim => Scheduler::Ddim,
+        SchedulerKind::Euler => Scheduler::Euler,
+        SchedulerKind::EulerAncestral => Scheduler::EulerAncestral,
+        SchedulerKind::DpmPp2m => Scheduler::DpmPp2m,
+        SchedulerKind::Lcm => Scheduler::Lcm,
+        SchedulerKind::UniPc => Scheduler::UniPc,
+        SchedulerKind::FlowMatchEuler => Scheduler::FlowEuler,
+    }
+}
+
+/// Everything that decides a clip: the recipe with the CLI's defaults
+/// (prompt, model, seed, motion, strength, clip skip) filled in.
+#[derive(Debug, Clone)]
+struct Settings {
+    recipe: Recipe,
+    prompt: String,
+    model: String,
+    seed: u64,
+    strength: f32,
+    motion: f32,
+    clip_skip: u32,
 }
 
 impl Settings {
-    /// Flags over the recipe; checks every value that needs no model.
-    fn resolve(args: &GenerateArgs, recipe: Option<&Value>) -> Result<Self> {
-        let empty = json!({});
-        let r = recipe.unwrap_or(&empty);
-        let prompt = match (&args.prompt, recipe_str(r, "prompt")?) {
-            (Some(p), _) => p.clone(),
-            (None, Some(p)) => p,
-            (None, None) => bail!("no prompt: pass the text of the clip (or --from a recipe)"),
-        };
-        let model = match (&args.model, recipe_str(r, "model")?) {
-            (Some(m), _) => m.clone(),
-            (None, Some(m)) => m,
+    /// Checks every value that needs no model and fills in the defaults.
+    fn resolve(recipe: Recipe) -> Result<Self> {
+        let prompt = recipe
+            .prompt
+            .clone()
+            .ok_or_else(|| anyhow!("no prompt: pass the text of the clip (or --from a recipe)"))?;
+        let model = match &recipe.model {
+            Some(m) => m.clone(),
             // Recorded by name, so that a recipe replays on another checkout.
-            (None, None) => catalog::default_model().map(|_| "default".to_string()).ok_or_else(|| {
-                anyhow!(
-                    "no --model given and no bundled default model is installed yet: pass a diffusers AnimateDiff folder, \
+            None => catalog::default_model().map(|_| "default".to_string()).ok_or_else(|| {
+                flag_error(FieldError::new("model",
+                    "none given and no bundled default model is installed yet: pass a diffusers AnimateDiff folder, \
                      a single-file SD1.5 checkpoint with --motion-adapter, a name from `motif models`, or an org/name in \
                      the Hugging Face cache (MOTIF_MODEL sets a default)"
-                )
+                ))
             })?,
         };
-        let loras = if !args.loras.is_empty() {
-            args.loras
-                .iter()
-                .map(|s| parse_lora(s))
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            match get(r, "loras") {
-                None => Vec::new(),
-                Some(v) => {
-                    serde_json::from_value::<Vec<(String, f32)>>(v.clone()).map_err(|_| {
-                        anyhow!("recipe field `loras` must be a list of [file, weight] pairs")
-                    })?
-                }
-            }
-        };
-        let scheduler = match args.scheduler.clone().or(recipe_str(r, "scheduler")?) {
-            None => None,
-            Some(s) => Some(
-                s.parse::<SchedulerKind>()
-                    .map_err(|e| anyhow!("--scheduler: {e}"))?,
-            ),
-        };
-        let camera = match args.camera.clone().or(recipe_str(r, "camera")?) {
-            None => None,
-            Some(s) => Some(s.parse::<Camera>().map_err(|e| anyhow!("--camera: {e}"))?),
-        };
-        let style = args.style.clone().or(recipe_str(r, "style")?);
-        if let Some(name) = &style {
-            catalog::style(name)?;
+        recipe.validate().map_err(flag_error)?;
+        // The only family yet is AnimateDiff: the controls later families
+        // add are refused by name rather than ignored.
+        if let Some(field) = recipe.family_controls().first() {
+            return Err(flag_error(FieldError::new(
+                field,
+                format!("is not a control of {model} (an AnimateDiff model)"),
+            )));
         }
-        let aspect = match args.aspect.clone().or(recipe_str(r, "aspect")?) {
-            None => None,
-            Some(s) => Some(parse_aspect(&s)?),
-        };
-        let usize_of = |flag: Option<usize>, key: &str| -> Result<Option<usize>> {
-            match flag {
-                Some(v) => Ok(Some(v)),
-                None => Ok(recipe_num(r, key)?.map(|v| v as usize)),
-            }
-        };
-        let f32_of = |flag: Option<f32>, key: &str| -> Result<Option<f32>> {
-            match flag {
-                Some(v) => Ok(Some(v)),
-                None => Ok(recipe_num(r, key)?.map(|v| v as f32)),
-            }
-        };
-        let width = usize_of(args.width, "width")?;
-        let height = usize_of(args.height, "height")?;
-        for (name, v) in [("--width", width), ("--height", height)] {
-            if let Some(v) = v {
-                if v == 0 || v % 8 != 0 {
-                    bail!("{name} {v}: expected a positive multiple of 8");
-                }
-            }
+        if let Some(name) = &recipe.style {
+            catalog::style(name)
+                .map_err(|e| flag_error(FieldError::new("style", format!("{name}: {e}"))))?;
         }
-        let frames = usize_of(args.frames, "frames")?;
-        if frames == Some(0) {
-            bail!("--frames must be at least 1");
-        }
-        let steps = usize_of(args.steps, "steps")?;
-        if steps == Some(0) {
-            bail!("--steps must be at least 1");
-        }
-        let fps = f32_of(args.fps, "fps")?;
-        if let Some(f) = fps {
-            if !(f.is_finite() && f > 0.0 && f <= 120.0) {
-                bail!("--fps {f}: expected a number above 0 and at most 120");
-            }
-        }
-        let guidance = f32_of(args.guidance, "guidance")?;
-        if let Some(g) = guidance {
-            if !(g.is_finite() && g >= 0.0) {
-                bail!("--guidance {g}: expected a number >= 0");
-            }
-        }
-        let motion = f32_of(args.motion, "motion")?.unwrap_or(2.0);
-        if !(0.0..=4.0).contains(&motion) {
-            bail!("--motion {motion}: expected a value from 0 (nearly still) to 4 (strong)");
-        }
-        let strength = f32_of(args.strength, "strength")?.unwrap_or(0.8);
-        if !(strength > 0.0 && strength <= 1.0) {
-            bail!("--strength {strength}: expected a value above 0 and at most 1");
-        }
-        let clip_skip = usize_of(args.clip_skip, "clip_skip")?.unwrap_or(0);
-        if clip_skip > 1 {
-            bail!("--clip-skip {clip_skip}: expected 0 or 1");
-        }
-        let seed = match args.seed {
-            Some(s) => s,
-            None => match recipe_num(r, "seed")? {
-                Some(s) => get(r, "seed").and_then(Value::as_u64).unwrap_or(s as u64),
-                None => rand::random::<u32>() as u64,
-            },
-        };
+        let seed = recipe.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
         Ok(Settings {
             prompt,
-            negative: args.negative.clone().or(recipe_str(r, "negative")?),
             model,
-            motion_adapter: args
-                .motion_adapter
-                .clone()
-                .or(recipe_str(r, "motion_adapter")?),
-            vae: args.vae.clone().or(recipe_str(r, "vae")?),
-            loras,
-            image: args
-                .image
-                .clone()
-                .or(recipe_str(r, "image")?.map(PathBuf::from)),
-            strength,
-            width,
-            height,
-            aspect,
-            frames,
-            fps,
-            steps,
-            guidance,
             seed,
-            scheduler,
-            karras: args.karras || get(r, "karras").and_then(Value::as_bool).unwrap_or(false),
-            motion,
-            camera,
-            style,
-            clip_skip,
+            strength: recipe.strength.unwrap_or(0.8),
+            motion: recipe.motion.unwrap_or(2.0),
+            clip_skip: recipe.clip_skip.unwrap_or(0),
+            recipe,
         })
     }
 
-    /// The final size: explicit sizes, else the aspect ratio at the model's
-    /// pixel count (or at the given width or height), else the model's size.
-    fn size(&self, d: &ModelDefaults, multiple: usize) -> Result<(usize, usize)> {
-        let round = |v: f64| ((v / multiple as f64).round() as usize).max(1) * multiple;
-        let (w, h) = match (self.width, self.height, self.aspect) {
-            (Some(w), Some(h), _) => (w, h),
-            (Some(w), None, Some((a, b))) => (w, round(w as f64 * b as f64 / a as f64)),
-            (None, Some(h), Some((a, b))) => (round(h as f64 * a as f64 / b as f64), h),
-            (None, None, Some((a, b))) => {
-                let area = (d.width * d.height) as f64;
-                let w = (area * a as f64 / b as f64).sqrt();
-                (round(w), round(w * b as f64 / a as f64))
-            }
-            (Some(w), None, None) => (w, d.height),
-            (None, Some(h), None) => (d.width, h),
-            (None, None, None) => (d.width, d.height),
-        };
-        for (name, v) in [("width", w), ("height", h)] {
-            if v % multiple != 0 {
-                bail!("{name} {v} is not a multiple of {multiple} (the model's VAE scale factor)");
-            }
+    fn image(&self) -> Option<PathBuf> {
+        self.recipe.image.as_ref().map(PathBuf::from)
+    }
+
+    fn camera(&self) -> Option<Camera> {
+        self.recipe.camera.map(engine_camera)
+    }
+
+    /// The recipe the clip is written with: every setting as resolved, in
+    /// the fields (and the `null`s) the release before this one wrote.
+    fn written(&self, req: &Request, fps: f32, scheduler: SchedulerKind) -> Recipe {
+        let r = &self.recipe;
+        Recipe {
+            motif_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            prompt: Some(self.prompt.clone()),
+            negative: Some(req.negative.clone()),
+            style: r.style.clone(),
+            model: Some(self.model.clone()),
+            motion_adapter: r.motion_adapter.clone(),
+            vae: r.vae.clone(),
+            loras: r.loras.clone(),
+            image: r.image.clone(),
+            strength: r.image.as_ref().map(|_| self.strength),
+            width: Some(req.width as u32),
+            height: Some(req.height as u32),
+            frames: Some(req.frames as u32),
+            fps: Some(fps),
+            steps: Some(req.steps as u32),
+            guidance: Some(req.guidance),
+            seed: Some(self.seed),
+            scheduler: Some(recipe_scheduler(scheduler)),
+            karras: Some(r.karras.unwrap_or(false)),
+            motion: Some(self.motion),
+            camera: r.camera,
+            clip_skip: Some(self.clip_skip),
+            ..Default::default()
         }
-        Ok((w, h))
-    }
-
-    fn recipe(&self, req: &Request, fps: f32, scheduler: SchedulerKind) -> Value {
-        json!({
-            "format": RECIPE_FORMAT,
-            "motif_version": env!("CARGO_PKG_VERSION"),
-            "prompt": self.prompt,
-            "negative": req.negative,
-            "style": self.style,
-            "model": self.model,
-            "motion_adapter": self.motion_adapter,
-            "vae": self.vae,
-            "loras": self.loras,
-            "image": self.image.as_ref().map(|p| p.to_string_lossy().into_owned()),
-            "strength": self.image.as_ref().map(|_| self.strength),
-            "width": req.width,
-            "height": req.height,
-            "frames": req.frames,
-            "fps": fps,
-            "steps": req.steps,
-            "guidance": req.guidance,
-            "seed": self.seed,
-            "scheduler": scheduler.name(),
-            "karras": self.karras,
-            "motion": self.motion,
-            "camera": self.camera.map(|c| c.name()),
-            "clip_skip": self.clip_skip,
-        })
     }
 }
 
@@ -466,6 +405,12 @@ impl Prepared {
     pub fn seed(&self) -> u64 {
         self.settings.seed
     }
+
+    /// What the model is opened from (model, motion adapter, VAE, LoRAs):
+    /// the key of a [`ModelCache`] that may already hold it.
+    pub fn model_key(&self) -> &str {
+        &self.model_key
+    }
 }
 
 /// A clip written to disk.
@@ -476,20 +421,23 @@ pub struct Finished {
     pub fps: f32,
 }
 
-/// Every check that needs no GPU: flags over the recipe, the still, the
-/// LoRA files, the output format, the model's files.
-pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
-    let recipe = args.from.as_deref().map(read_recipe).transpose()?;
-    let settings = Settings::resolve(args, recipe.as_ref())?;
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("motif-{}.mp4", settings.seed)));
+/// Every check that needs no GPU: the recipe's values, the still, the
+/// LoRA files, the output format (`output`, default `motif-SEED.mp4`), the
+/// model's files. An error about a recipe field carries it ([`recipe_field`]).
+pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
+    let settings = Settings::resolve(recipe)?;
+    let output = output.unwrap_or_else(|| PathBuf::from(format!("motif-{}.mp4", settings.seed)));
     motif_video::format_for(&output).with_context(|| format!("--output {}", output.display()))?;
-    let image = settings.image.as_deref().map(load_image).transpose()?;
-    for (file, _) in &settings.loras {
+    let image = settings
+        .image()
+        .map(|p| load_image(&p).map_err(|e| flag_error(FieldError::new("image", format!("{e:#}")))))
+        .transpose()?;
+    for Lora(file, _) in &settings.recipe.loras {
         if !Path::new(file).is_file() {
-            bail!("--lora {file}: no such file");
+            return Err(flag_error(FieldError::new(
+                "loras",
+                format!("{file}: no such file"),
+            )));
         }
     }
 
@@ -497,7 +445,7 @@ pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
     let mut spec = model_spec(&settings, &model);
     // A motion LoRA the model ships for this camera move
     // (`motion_loras/<move>.safetensors`) replaces the training-free warp.
-    let camera_lora = settings.camera.and_then(|c| {
+    let camera_lora = settings.recipe.camera.and_then(|c| {
         let p = Path::new(&model)
             .join("motion_loras")
             .join(format!("{}.safetensors", c.name()));
@@ -506,7 +454,12 @@ pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
     if let Some(p) = &camera_lora {
         spec.loras.push((p.to_string_lossy().into_owned(), 1.0));
     }
-    let source = ModelSource::open(&spec).context("opening the model")?;
+    let source = ModelSource::open(&spec).map_err(|e| {
+        flag_error(FieldError::new(
+            "model",
+            format!("{}: cannot open it: {e:#}", settings.model),
+        ))
+    })?;
     Ok(Prepared {
         settings,
         output,
@@ -568,10 +521,17 @@ pub fn generate_cached(
         false => format!("model kept loaded: {}", source.path().display()),
     });
     let defaults = pipe.defaults().clone();
-    let (width, height) = settings.size(&defaults, pipe.scale_factor())?;
+    let r = &settings.recipe;
+    let (width, height) = r
+        .size(
+            (defaults.width as u32, defaults.height as u32),
+            pipe.scale_factor() as u32,
+        )
+        .map_err(flag_error)?;
+    let (width, height) = (width as usize, height as usize);
 
     // A camera move the model was trained to read from the caption.
-    let user_prompt = match settings
+    let user_prompt = match r
         .camera
         .filter(|_| camera_lora.is_none())
         .and_then(|c| defaults.camera_prompts.get(c.name()))
@@ -582,7 +542,7 @@ pub fn generate_cached(
         }
         None => settings.prompt.clone(),
     };
-    let (prompt, style_negative) = match &settings.style {
+    let (prompt, style_negative) = match &r.style {
         Some(name) => {
             let s = catalog::style(name)?;
             (s.prompt.replace("{prompt}", &user_prompt), Some(s.negative))
@@ -590,33 +550,33 @@ pub fn generate_cached(
         None => (user_prompt, None),
     };
     let mut req = Request::new(prompt, &defaults);
-    req.negative = match (&settings.negative, style_negative) {
+    req.negative = match (&r.negative, style_negative) {
         (Some(n), _) => n.clone(),
         (None, Some(n)) => n,
         (None, None) => defaults.negative.clone(),
     };
     req.width = width;
     req.height = height;
-    req.frames = settings.frames.unwrap_or(defaults.frames);
-    req.steps = settings.steps.unwrap_or(defaults.steps);
-    req.guidance = settings.guidance.unwrap_or(defaults.guidance);
+    req.frames = r.frames.map_or(defaults.frames, |f| f as usize);
+    req.steps = r.steps.map_or(defaults.steps, |s| s as usize);
+    req.guidance = r.guidance.unwrap_or(defaults.guidance);
     req.seed = settings.seed;
-    req.scheduler = settings.scheduler;
-    req.karras = settings.karras.then_some(true);
-    req.clip_skip = settings.clip_skip;
+    req.scheduler = r.scheduler.map(engine_scheduler);
+    req.karras = r.karras.filter(|k| *k);
+    req.clip_skip = settings.clip_skip as usize;
     req.image = image;
     req.strength = settings.strength;
     req.motion = settings.motion;
     req.camera = if camera_lora.is_some() {
         None
     } else {
-        settings.camera
+        settings.camera()
     };
     if let Some(p) = &camera_lora {
         say(&format!("camera: motion LoRA {}", p.display()));
     }
     pipe.validate(&req)?;
-    let fps = settings.fps.unwrap_or(defaults.fps);
+    let fps = r.fps.unwrap_or(defaults.fps);
     on_request(&mut req);
 
     let clip = match pipe.generate(gpu, &req, events) {
@@ -624,8 +584,7 @@ pub fn generate_cached(
         Err(motif_engine::EngineError::Cancelled) => return Ok(None),
         Err(e) => return Err(e).context("generating"),
     };
-    let recipe = settings.recipe(&req, fps, clip.scheduler);
-    let recipe_text = serde_json::to_string_pretty(&recipe)?;
+    let recipe_text = settings.written(&req, fps, clip.scheduler).to_json_pretty();
     motif_video::write_clip(
         &output,
         &motif_video::Clip {
@@ -646,7 +605,7 @@ pub fn generate_cached(
 }
 
 pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result<()> {
-    let prepared = prepare(args)?;
+    let prepared = prepare(args.recipe()?, args.output.clone())?;
     let seed = prepared.seed();
     let gpu = gpu_for()?;
     let mut progress = Progress::new(args);
@@ -740,8 +699,10 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
 fn model_spec(settings: &Settings, model: &str) -> ModelSpec {
     ModelSpec {
         model: model.to_string(),
-        motion_adapter: settings.motion_adapter.clone(),
-        vae: settings.vae.clone(),
-        loras: settings.loras.clone(),
+        motion_adapter: settings.recipe.motion_adapter.clone(),
+        vae: settings.recipe.vae.clone(),
+        loras: (settings.recipe.loras.iter())
+            .map(|Lora(file, weight)| (file.clone(), *weight))
+            .collect(),
     }
 }

@@ -15,8 +15,10 @@ use base64::Engine as _;
 use image::AnimationDecoder;
 use motif_engine::pipelines::{Event, ModelCache, Preview};
 use motif_engine::Gpu;
+use motif_recipe::OutputFormat;
+use motif_server::JobRequest;
 use motif_viewer::{Controls, ModelDefaults, Saved};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub struct Remote {
     pub server: String,
@@ -54,31 +56,25 @@ impl Remote {
         }
     }
 
+    /// The job of a Generate: the panel's recipe for the server's own
+    /// model, its clip as animated WebP, the still base64.
     fn job(&self, c: &Controls) -> Result<Value> {
-        let mut job = json!({
-            "prompt": c.prompt, "width": c.width, "height": c.height, "frames": c.frames,
-            "fps": c.fps, "steps": c.steps, "guidance": c.guidance, "seed": c.seed,
-            "motion": c.motion, "format": "webp",
-        });
-        if !c.negative.trim().is_empty() {
-            job["negative"] = json!(c.negative);
-        }
-        if let Some(s) = &c.style {
-            job["style"] = json!(s);
-        }
-        if let Some(m) = c.camera {
-            job["camera"] = json!(m.name());
-        }
-        if let Some(s) = c.scheduler {
-            job["scheduler"] = json!(s.name());
-        }
-        if let Some(path) = &c.image {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            job["image"] = json!(base64::engine::general_purpose::STANDARD.encode(bytes));
-            job["strength"] = json!(c.strength);
-        }
-        Ok(job)
+        let mut recipe = c.recipe();
+        recipe.model = None;
+        let image = match &recipe.image {
+            Some(path) => {
+                let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+                Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+            }
+            None => None,
+        };
+        recipe.image = None;
+        let job = JobRequest {
+            recipe,
+            format: Some(OutputFormat::Webp),
+            image,
+        };
+        Ok(job.body())
     }
 }
 

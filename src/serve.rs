@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use motif_engine::pipelines::Event;
+use motif_engine::pipelines::{Event, ModelCache};
 use motif_engine::Gpu;
 use motif_server::accounts;
 use motif_server::discord::{DiscordOptions, Verifier};
@@ -20,7 +20,7 @@ use motif_server::{
 };
 
 use crate::catalog;
-use crate::generate::{self, GenerateArgs};
+use crate::generate;
 
 #[derive(Args, Debug, Clone)]
 pub struct QueueArgs {
@@ -247,73 +247,48 @@ pub enum AdminCommand {
 
 type GpuOpener = Box<dyn Fn() -> Result<Gpu> + Send + Sync>;
 
-/// Runs jobs with `motif generate`'s code; keeps opened GPUs for the next job.
+/// A worker's GPU and the model loaded on it.
+struct Loaded {
+    gpu: Gpu,
+    models: ModelCache,
+}
+
+/// Runs jobs with `motif generate`'s code. Between jobs each opened GPU is
+/// kept with its loaded model: a job takes the idle GPU that holds its
+/// model (keyed as [`generate::Prepared::model_key`]: model, motion
+/// adapter, VAE, LoRAs), else any idle one (another model evicts the one it
+/// holds), else a new one.
 struct EngineRunner {
     open_gpu: GpuOpener,
-    idle_gpus: Mutex<Vec<Gpu>>,
+    idle: Mutex<Vec<Loaded>>,
 }
 
-/// The generate flags of a job.
-fn generate_args(request: &JobRequest) -> GenerateArgs {
-    GenerateArgs {
-        prompt: Some(request.prompt.clone()),
-        negative: request.negative.clone(),
-        model: request.model.clone(),
-        strength: request.strength,
-        width: request.width.map(|v| v as usize),
-        height: request.height.map(|v| v as usize),
-        aspect: request.aspect.clone(),
-        frames: request.frames.map(|v| v as usize),
-        fps: request.fps,
-        steps: request.steps.map(|v| v as usize),
-        guidance: request.guidance,
-        seed: request.seed,
-        scheduler: request.scheduler.clone(),
-        karras: request.karras.unwrap_or(false),
-        motion: request.motion,
-        camera: request.camera.clone(),
-        style: request.style.clone(),
-        quiet: true,
-        ..Default::default()
+impl EngineRunner {
+    fn take(&self, model_key: &str) -> Result<Loaded> {
+        let held = self.idle.lock().ok().and_then(|mut idle| {
+            let i = (idle.iter())
+                .position(|l| l.models.key() == Some(model_key))
+                .or_else(|| idle.len().checked_sub(1))?;
+            Some(idle.swap_remove(i))
+        });
+        match held {
+            Some(l) => Ok(l),
+            None => Ok(Loaded {
+                gpu: (self.open_gpu)()?,
+                models: ModelCache::default(),
+            }),
+        }
     }
-}
-
-/// The request field an error of `generate::prepare` is about: its messages
-/// start with the flag they concern.
-fn field_of(message: &str) -> &'static str {
-    const FIELDS: [(&str, &str); 14] = [
-        ("--width", "width"),
-        ("--height", "height"),
-        ("--aspect", "aspect"),
-        ("--frames", "frames"),
-        ("--steps", "steps"),
-        ("--fps", "fps"),
-        ("--guidance", "guidance"),
-        ("--motion", "motion"),
-        ("--strength", "strength"),
-        ("--scheduler", "scheduler"),
-        ("--camera", "camera"),
-        ("unknown style", "style"),
-        ("--model", "model"),
-        ("opening the model", "model"),
-    ];
-    FIELDS
-        .iter()
-        .find(|(prefix, _)| message.starts_with(prefix))
-        .map(|(_, field)| *field)
-        .unwrap_or("request")
 }
 
 impl Runner for EngineRunner {
     fn check(&self, request: &JobRequest) -> Result<(), FieldError> {
-        let mut args = generate_args(request);
-        args.output = Some(PathBuf::from("check.mp4"));
-        match generate::prepare(&args) {
+        match generate::prepare(request.recipe.clone(), Some(PathBuf::from("check.mp4"))) {
             Ok(_) => Ok(()),
-            Err(e) => {
-                let message = format!("{e:#}");
-                Err(FieldError::new(field_of(&message), message))
-            }
+            Err(e) => Err(match generate::recipe_field(&e) {
+                Some(f) => FieldError::new(&f.field, f.reason.clone()),
+                None => FieldError::new("request", format!("{e:#}")),
+            }),
         }
     }
 
@@ -332,19 +307,16 @@ impl Runner for EngineRunner {
         job: &RunJob,
         progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Option<RunOutput>> {
-        let mut args = generate_args(&job.request);
-        args.image = job.image.clone();
-        args.output = Some(job.output.clone());
-        let prepared = generate::prepare(&args)?;
-        let reused = self.idle_gpus.lock().ok().and_then(|mut g| g.pop());
-        let gpu = match reused {
-            Some(g) => g,
-            None => (self.open_gpu)()?,
-        };
-        let result = generate::generate_on(
-            &gpu,
+        let mut recipe = job.request.recipe.clone();
+        recipe.image = (job.image.as_ref()).map(|p| p.to_string_lossy().into_owned());
+        let prepared = generate::prepare(recipe, Some(job.output.clone()))?;
+        let mut loaded = self.take(prepared.model_key())?;
+        let result = generate::generate_cached(
+            &loaded.gpu,
             prepared,
-            &|_| {},
+            &mut loaded.models,
+            // Loads and reuses of the model, in the server's log.
+            &|line| eprintln!("motif worker: job {}: {line}", job.id),
             &mut |req| req.previews = true,
             &mut |event| match event {
                 Event::Started { steps } => progress(Progress {
@@ -369,8 +341,8 @@ impl Runner for EngineRunner {
                 Event::Decoded { .. } => true,
             },
         );
-        if let Ok(mut idle) = self.idle_gpus.lock() {
-            idle.push(gpu);
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(loaded);
         }
         Ok(result?.map(|f| RunOutput {
             clip: f.output,
@@ -382,7 +354,7 @@ impl Runner for EngineRunner {
 fn runner(open_gpu: GpuOpener) -> Arc<dyn Runner> {
     Arc::new(EngineRunner {
         open_gpu,
-        idle_gpus: Mutex::new(Vec::new()),
+        idle: Mutex::new(Vec::new()),
     })
 }
 

@@ -12,7 +12,7 @@ use motif_viewer::{Controls, ModelChoice, ModelDefaults, Saved, Script};
 use serde_json::Value;
 
 use crate::catalog;
-use crate::generate::{self, GenerateArgs};
+use crate::generate::{self, RecipeArgs};
 use crate::remote::Remote;
 
 #[derive(Args, Debug, Clone, Default)]
@@ -24,37 +24,9 @@ pub struct ViewArgs {
     /// The prompt in the panel.
     #[arg(long)]
     pub prompt: Option<String>,
-    #[arg(long)]
-    pub negative: Option<String>,
-    #[arg(long, short = 'm', env = "MOTIF_MODEL")]
-    pub model: Option<String>,
-    #[arg(long)]
-    pub style: Option<String>,
-    #[arg(long)]
-    pub camera: Option<String>,
-    #[arg(long)]
-    pub motion: Option<f32>,
-    #[arg(long)]
-    pub width: Option<usize>,
-    #[arg(long)]
-    pub height: Option<usize>,
-    #[arg(long)]
-    pub frames: Option<usize>,
-    #[arg(long)]
-    pub fps: Option<f32>,
-    #[arg(long)]
-    pub steps: Option<usize>,
-    #[arg(long)]
-    pub guidance: Option<f32>,
-    /// A fixed seed (locks it in the panel).
-    #[arg(long)]
-    pub seed: Option<u64>,
-    #[arg(long)]
-    pub scheduler: Option<String>,
-    #[arg(long)]
-    pub image: Option<PathBuf>,
-    #[arg(long)]
-    pub strength: Option<f32>,
+    /// The panel's settings (those it has no widget for, such as --lora, go with every Generate).
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
     /// Load every setting of this recipe (a clip's .json or a clip Motif wrote) into the panel; flags override it.
     #[arg(long)]
     pub remix: Option<PathBuf>,
@@ -104,28 +76,7 @@ impl motif_viewer::Backend for Engine {
         say: &dyn Fn(&str),
         events: &mut dyn FnMut(Event) -> bool,
     ) -> Result<Option<Saved>> {
-        let args = GenerateArgs {
-            prompt: Some(c.prompt.clone()),
-            negative: Some(c.negative.clone()).filter(|n| !n.trim().is_empty()),
-            model: Some(c.model.clone()),
-            image: c.image.clone(),
-            strength: c.image.as_ref().map(|_| c.strength),
-            width: Some(c.width),
-            height: Some(c.height),
-            frames: Some(c.frames),
-            fps: Some(c.fps),
-            steps: Some(c.steps),
-            guidance: Some(c.guidance),
-            seed: Some(c.seed),
-            scheduler: c.scheduler.map(|s| s.name().to_string()),
-            motion: Some(c.motion),
-            camera: c.camera.map(|m| m.name().to_string()),
-            style: c.style.clone(),
-            output: Some(output.to_path_buf()),
-            quiet: true,
-            ..Default::default()
-        };
-        let prepared = generate::prepare(&args)?;
+        let prepared = generate::prepare(c.recipe(), Some(output.to_path_buf()))?;
         // Previews straight into textures the window draws: the frames stay on the GPU.
         let finished = generate::generate_cached(
             gpu,
@@ -187,48 +138,31 @@ fn outputs_dir() -> PathBuf {
 
 /// The panel from the flags over the recipe over the model's defaults.
 fn controls(args: &ViewArgs) -> Result<Controls> {
-    let model = match &args.model {
+    let mut flags = args.recipe.recipe(args.prompt.clone())?;
+    flags.validate().map_err(generate::flag_error)?;
+    if let Some(v) = &flags.style {
+        catalog::style(v)?;
+    }
+    let model = match &flags.model {
         Some(m) => m.clone(),
         None => catalog::default_model().unwrap_or_default(),
     };
-    let mut c = Controls::new(&model, &model_defaults(&model)?);
+    let defaults = model_defaults(&model)?;
+    // The panel shows a size, not a ratio: --aspect becomes one here, at
+    // the model's pixel count as `motif generate` makes it.
+    if flags.aspect.is_some() {
+        let (w, h) = flags
+            .size((defaults.width as u32, defaults.height as u32), 8)
+            .map_err(generate::flag_error)?;
+        (flags.width, flags.height, flags.aspect) = (Some(w), Some(h), None);
+    }
+    let mut c = Controls::new(&model, &defaults);
     if let Some(r) = &args.remix {
         c = motif_viewer::controls_from_recipe(r, &c)?;
     }
-    let a = args;
-    if let Some(v) = &a.prompt {
-        c.prompt = v.clone();
-    }
-    if let Some(v) = &a.negative {
-        c.negative = v.clone();
-    }
-    if let Some(v) = &a.model {
-        c.model = v.clone();
-    }
-    if let Some(v) = &a.style {
-        catalog::style(v)?;
-        c.style = Some(v.clone());
-    }
-    if let Some(v) = &a.camera {
-        c.camera = Some(
-            v.parse()
-                .map_err(|e: String| anyhow::anyhow!("--camera: {e}"))?,
-        );
-    }
-    if let Some(v) = &a.scheduler {
-        c.scheduler = Some(v.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?);
-    }
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = a.$f { c.$f = v; } )* };
-    }
-    set!(motion, width, height, frames, fps, steps, guidance, strength);
-    if let Some(s) = a.seed {
-        c.seed = s;
-        c.seed_locked = true;
-    }
-    if let Some(i) = &a.image {
-        c.image = Some(i.clone());
-    }
+    let seed_locked = flags.seed.is_some() || c.seed_locked;
+    let mut c = c.with_recipe(&flags.over(c.recipe()));
+    c.seed_locked = seed_locked;
     Ok(c)
 }
 

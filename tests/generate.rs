@@ -268,7 +268,7 @@ fn bad_input_fails_before_any_file_is_written() {
         (plain(&m, &["--width", "30", "--frames", "3"]), "--width 30"),
         (
             plain(&m, &["--width", "24", "--frames", "0"]),
-            "--frames must be at least 1",
+            "--frames 0: expected at least 1",
         ),
         (tiny(&m, &["--motion", "7"]), "--motion 7"),
         (

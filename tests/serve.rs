@@ -306,6 +306,24 @@ fn submit_watch_progress_and_download_the_clip() {
     );
 }
 
+/// A worker keeps its model loaded between jobs: three jobs for the bundled
+/// model load it once (the worker's log says so for every job).
+#[test]
+fn a_worker_loads_its_model_once_for_several_jobs() {
+    let data = temp_dir("kept");
+    let server = Server::start(&data, &["--workers", "1"]);
+    let token = create_token(&["--data", data.to_str().unwrap()], false);
+    let ids: Vec<String> = (1..=3)
+        .map(|seed| submit(&server, &token, &tiny_job("a red ball", seed)))
+        .collect();
+    for id in &ids {
+        wait_for_state(&server, &token, id, &["finished"], Duration::from_secs(300));
+    }
+    let log = std::fs::read_to_string(&server.proc.log).unwrap();
+    assert_eq!(log.matches("model loaded:").count(), 1, "{log}");
+    assert_eq!(log.matches("model kept loaded:").count(), 2, "{log}");
+}
+
 fn base64_encode(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();

@@ -17,11 +17,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use futures_util::{Stream, StreamExt};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::db::{self, Db, JobRow, NewJob, Token};
-use crate::request::{field_of_serde_error, JobRequest, Names};
+use crate::request::{JobRequest, Names};
 use crate::worker::Shutdown;
 use crate::{ApiLimits, Runner, Store};
 
@@ -224,6 +223,19 @@ async fn owned_job(state: &AppState, token: &Token, id: &str) -> ApiResult<JobRo
     }
 }
 
+/// The preamble of every `/jobs/{id}` handler: the caller's token, and the
+/// job of the path if that token may see it.
+async fn caller_job(
+    state: &AppState,
+    headers: &HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<(Token, JobRow)> {
+    let token = authenticate(&state.db, headers).await?;
+    let id = job_id(path)?;
+    let job = owned_job(state, &token, &id).await?;
+    Ok((token, job))
+}
+
 async fn job_json(db: &Db, job: &JobRow) -> ApiResult<Value> {
     let queue_position = if job.state == db::QUEUED {
         Some(db.queue_position(job).await?)
@@ -304,7 +316,7 @@ pub(crate) async fn accept_job(
     // The decoded still is only checked here; the job keeps the base64 text.
     job.validate(&limits.job)
         .and_then(|_| state.names.check(&job))
-        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.message))?;
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.reason))?;
 
     let active = state.db.active_jobs(token_id).await?;
     if active >= limits.max_active_per_token {
@@ -347,7 +359,7 @@ pub(crate) async fn accept_job(
     tokio::task::spawn_blocking(move || runner.check(&checked))
         .await
         .map_err(|e| anyhow::anyhow!("checking the job: {e}"))?
-        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.message))?;
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.reason))?;
 
     let id = format!("{:x}{}", now, crate::random_hex(6));
     let request_json = serde_json::to_string(&job).map_err(anyhow::Error::from)?;
@@ -358,7 +370,7 @@ pub(crate) async fn accept_job(
             token_id,
             request: &request_json,
             image: job.image.as_deref(),
-            format: job.format(),
+            format: job.format().extension(),
         })
         .await?;
     Ok(state
@@ -418,23 +430,9 @@ fn parse_job(bytes: &[u8], what: &str) -> ApiResult<JobRequest> {
             format!("not valid JSON: {e}"),
         )
     })?;
-    if !value.is_object() {
-        return Err(ApiError::field(
-            StatusCode::BAD_REQUEST,
-            what,
-            "expected a JSON object with the job's fields",
-        ));
-    }
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let message = e.inner().to_string();
-        let field = field_of_serde_error(&path, &message);
-        let field = if field == "body" {
-            what.to_string()
-        } else {
-            field
-        };
-        ApiError::field(StatusCode::BAD_REQUEST, &field, message)
+    JobRequest::from_value(value).map_err(|e| {
+        let field = if e.field == "body" { what } else { &e.field };
+        ApiError::field(StatusCode::BAD_REQUEST, field, e.reason)
     })
 }
 
@@ -506,54 +504,66 @@ async fn job_from_multipart(request: Request) -> ApiResult<JobRequest> {
     Ok(job)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `GET /api/v1/jobs`'s query: `state` and `limit`, each checked by name.
 struct ListQuery {
     state: Option<String>,
-    limit: Option<i64>,
+    limit: i64,
+}
+
+impl ListQuery {
+    fn parse(pairs: Vec<(String, String)>) -> ApiResult<ListQuery> {
+        let bad = |field: &str, message: &str| {
+            ApiError::field(StatusCode::BAD_REQUEST, field, message.to_string())
+        };
+        let mut query = ListQuery {
+            state: None,
+            limit: 50,
+        };
+        for (key, value) in pairs {
+            match key.as_str() {
+                "limit" => {
+                    query.limit = (value.parse::<i64>().ok())
+                        .filter(|l| (1..=200).contains(l))
+                        .ok_or_else(|| bad("limit", "expected 1 to 200"))?
+                }
+                "state" => {
+                    let known = [
+                        db::QUEUED,
+                        db::RUNNING,
+                        db::FINISHED,
+                        db::FAILED,
+                        db::CANCELLED,
+                    ];
+                    if !known.contains(&value.as_str()) {
+                        return Err(bad(
+                            "state",
+                            "expected queued, running, finished, failed or cancelled",
+                        ));
+                    }
+                    query.state = Some(value);
+                }
+                other => {
+                    return Err(bad(
+                        other,
+                        &format!("unknown query parameter `{other}`: expected state or limit"),
+                    ))
+                }
+            }
+        }
+        Ok(query)
+    }
 }
 
 async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
-    query: Result<Query<ListQuery>, QueryRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let token = authenticate(&state.db, &headers).await?;
-    let Query(query) = query.map_err(|e| {
-        let message = e.body_text();
-        let field = field_of_serde_error("", &message);
-        let field = if field == "body" {
-            "query".to_string()
-        } else {
-            field
-        };
-        ApiError::field(StatusCode::BAD_REQUEST, &field, message)
-    })?;
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "limit",
-            "expected 1 to 200",
-        ));
-    }
-    if let Some(s) = &query.state {
-        if ![
-            db::QUEUED,
-            db::RUNNING,
-            db::FINISHED,
-            db::FAILED,
-            db::CANCELLED,
-        ]
-        .contains(&s.as_str())
-        {
-            return Err(ApiError::field(
-                StatusCode::BAD_REQUEST,
-                "state",
-                "expected queued, running, finished, failed or cancelled",
-            ));
-        }
-    }
+    let Query(pairs) =
+        query.map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "query", e.body_text()))?;
+    let query = ListQuery::parse(pairs)?;
+    let limit = query.limit;
     let owner = (!token.admin).then_some(token.id.as_str());
     let rows = state
         .db
@@ -571,9 +581,7 @@ async fn show(
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<Value>> {
-    let token = authenticate(&state.db, &headers).await?;
-    let id = job_id(path)?;
-    let job = owned_job(&state, &token, &id).await?;
+    let (_, job) = caller_job(&state, &headers, path).await?;
     Ok(Json(job_json(&state.db, &job).await?))
 }
 
@@ -582,9 +590,8 @@ async fn cancel(
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<Value>> {
-    let token = authenticate(&state.db, &headers).await?;
-    let id = job_id(path)?;
-    let job = owned_job(&state, &token, &id).await?;
+    let (_, job) = caller_job(&state, &headers, path).await?;
+    let id = job.id.clone();
     if ![db::QUEUED, db::RUNNING].contains(&job.state.as_str()) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -606,9 +613,8 @@ async fn publish(
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<Value>> {
-    let token = authenticate(&state.db, &headers).await?;
-    let id = job_id(path)?;
-    let job = owned_job(&state, &token, &id).await?;
+    let (token, job) = caller_job(&state, &headers, path).await?;
+    let id = job.id.clone();
     let Some(user) = &token.user_id else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -639,10 +645,8 @@ async fn events(
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    let token = authenticate(&state.db, &headers).await?;
-    let id = job_id(path)?;
-    owned_job(&state, &token, &id).await?;
-    Ok(job_events(state, id))
+    let (_, job) = caller_job(&state, &headers, path).await?;
+    Ok(job_events(state, job.id))
 }
 
 /// The event stream of a job the caller may see: state changes, progress with
@@ -718,9 +722,7 @@ async fn stored_file(
     path: Result<Path<String>, PathRejection>,
     recipe: bool,
 ) -> ApiResult<Response> {
-    let token = authenticate(&state.db, headers).await?;
-    let id = job_id(path)?;
-    let job = owned_job(state, &token, &id).await?;
+    let (_, job) = caller_job(state, headers, path).await?;
     let name = if recipe { &job.recipe } else { &job.clip };
     let Some(name) = name.as_ref().filter(|_| job.state == db::FINISHED) else {
         return Err(ApiError::new(

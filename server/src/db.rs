@@ -63,6 +63,14 @@ pub struct JobRow {
     pub recipe: Option<String>,
 }
 
+impl JobRow {
+    /// The job's fields, read as a submission is ([`crate::JobRequest`]);
+    /// `None` for a row no release of this server wrote.
+    pub fn job_request(&self) -> Option<crate::JobRequest> {
+        serde_json::from_str(&self.request).ok()
+    }
+}
+
 /// What a worker learns from a heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lease {

@@ -142,9 +142,12 @@ impl Db {
 
     /// A finished job's clip with the search fields of its request.
     pub async fn add_job_clip(&self, job: &JobRow, user_id: &str, listed: bool) -> Result<bool> {
-        let request: serde_json::Value = serde_json::from_str(&job.request).unwrap_or_default();
-        let text = |k: &str| request.get(k).and_then(|v| v.as_str()).unwrap_or("");
-        let fields = [text("prompt"), text("style"), text("camera")];
+        let recipe = job.job_request().unwrap_or_default().recipe;
+        let fields = [
+            recipe.prompt.as_deref().unwrap_or(""),
+            recipe.style.as_deref().unwrap_or(""),
+            recipe.camera.map_or("", |c| c.name()),
+        ];
         self.add_clip(&job.id, user_id, fields, listed).await
     }
 

@@ -193,11 +193,8 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 fn accepted_names(runner: &dyn Runner) -> Names {
     let mut names = runner.names();
     names.models.retain(|model| {
-        let probe = JobRequest {
-            prompt: "a probe".into(),
-            model: Some(model.clone()),
-            ..Default::default()
-        };
+        let mut probe = JobRequest::new("a probe");
+        probe.recipe.model = Some(model.clone());
         runner.check(&probe).is_ok()
     });
     names

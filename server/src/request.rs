@@ -1,69 +1,158 @@
-//! The job a client submits: the recipe fields of `motif generate`, checked
-//! here for everything that needs neither a model nor a GPU.
+//! The job a client submits: a [`Recipe`] (the fields of `motif generate`'s
+//! recipe that a client may choose), the clip's container and an uploaded
+//! still; checked here for everything that needs neither a model nor a GPU.
+//! On the wire it is one JSON object, as `POST /api/v1/jobs` documents it.
 
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use motif_recipe::{OutputFormat, Recipe, RecipeError};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
 
-/// Camera moves and schedulers as `motif generate` spells them.
-pub const CAMERAS: [&str; 8] = [
-    "zoom-in",
-    "zoom-out",
-    "pan-left",
-    "pan-right",
-    "tilt-up",
-    "tilt-down",
-    "roll-cw",
-    "roll-ccw",
+pub use motif_recipe::FieldError;
+
+/// The recipe fields a job may set. The others (paths on the server's
+/// disk: motion adapter, VAE, LoRAs; a later family's controls) are
+/// refused like unknown fields until the API documents them.
+pub const RECIPE_FIELDS: [&str; 17] = [
+    "prompt",
+    "negative",
+    "style",
+    "camera",
+    "motion",
+    "aspect",
+    "width",
+    "height",
+    "frames",
+    "fps",
+    "steps",
+    "guidance",
+    "seed",
+    "model",
+    "scheduler",
+    "karras",
+    "strength",
 ];
-pub const SCHEDULERS: [&str; 5] = ["ddim", "euler", "euler-a", "dpm++2m", "lcm"];
-pub const FORMATS: [&str; 3] = ["mp4", "gif", "webp"];
 
 /// A submitted job. Every field but the prompt is optional: the model's
 /// defaults fill the rest, as on the command line.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobRequest {
-    pub prompt: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub negative: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub style: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub camera: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub motion: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aspect: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub width: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub height: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frames: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fps: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub steps: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guidance: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scheduler: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub karras: Option<bool>,
-    /// With `image`: how far the other frames may move from the still (0 < S <= 1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub strength: Option<f32>,
+    /// The generation's settings: only [`RECIPE_FIELDS`], the prompt always.
+    pub recipe: Recipe,
     /// mp4 (default), gif or webp.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub format: Option<String>,
+    pub format: Option<OutputFormat>,
     /// A still to animate: PNG, JPEG or WebP, base64 (standard alphabet, with
-    /// or without a `data:image/...;base64,` prefix). Not stored in the recipe.
-    #[serde(default, skip_serializing)]
+    /// or without a `data:image/...;base64,` prefix). Not stored with the job's fields.
     pub image: Option<String>,
+}
+
+impl JobRequest {
+    /// A job of this prompt and nothing else.
+    pub fn new(prompt: &str) -> Self {
+        JobRequest {
+            recipe: Recipe {
+                prompt: Some(prompt.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Reads a job's JSON object; the error names the field at fault
+    /// (`body` when the JSON is not an object).
+    pub fn from_value(value: Value) -> Result<JobRequest, FieldError> {
+        let Value::Object(mut map) = value else {
+            return Err(FieldError::new(
+                "body",
+                "expected a JSON object with the job's fields",
+            ));
+        };
+        let format = match map.remove("format") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                serde_json::from_value(v).map_err(|e| FieldError::new("format", e.to_string()))?,
+            ),
+        };
+        let image = match map.remove("image") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(other) => {
+                return Err(FieldError::new(
+                    "image",
+                    format!("expected base64 text, found {other}"),
+                ))
+            }
+        };
+        if let Some(key) = map.keys().find(|k| !RECIPE_FIELDS.contains(&k.as_str())) {
+            return Err(FieldError::new(
+                key,
+                format!(
+                    "unknown field `{key}`, expected one of: {}, format, image",
+                    RECIPE_FIELDS.join(", ")
+                ),
+            ));
+        }
+        let recipe = Recipe::from_map(map).map_err(|e| match e {
+            RecipeError::Field(f) => f,
+            other => FieldError::new("body", other.to_string()),
+        })?;
+        if recipe.prompt.is_none() {
+            return Err(FieldError::new("prompt", "missing field `prompt`"));
+        }
+        Ok(JobRequest {
+            recipe,
+            format,
+            image,
+        })
+    }
+
+    /// The job's fields as stored with it and shown by the API: the recipe
+    /// fields set, and the format; never the still.
+    pub fn fields(&self) -> Map<String, Value> {
+        // Printed and read back rather than `to_value`d: printing writes an
+        // f32 as its shortest form (0.7), as the job was submitted, where a
+        // JSON value would hold its f64 widening (0.699999988079071).
+        let text = serde_json::to_string(&self.recipe).expect("a recipe always serializes");
+        let mut map: Map<String, Value> =
+            serde_json::from_str(&text).expect("serde_json reads what it printed");
+        map.retain(|k, v| !v.is_null() && RECIPE_FIELDS.contains(&k.as_str()));
+        if let Some(f) = self.format {
+            map.insert("format".into(), Value::from(f.name()));
+        }
+        map
+    }
+
+    /// The whole request as a client sends it: [`JobRequest::fields`] and the still.
+    pub fn body(&self) -> Value {
+        let mut map = self.fields();
+        if let Some(image) = &self.image {
+            map.insert("image".into(), Value::from(image.as_str()));
+        }
+        Value::Object(map)
+    }
+
+    pub fn prompt(&self) -> &str {
+        self.recipe.prompt.as_deref().unwrap_or_default()
+    }
+
+    pub fn format(&self) -> OutputFormat {
+        self.format.unwrap_or(OutputFormat::Mp4)
+    }
+}
+
+/// Serialized as [`JobRequest::fields`]: what the job table stores.
+impl Serialize for JobRequest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.fields().serialize(s)
+    }
+}
+
+/// Read through [`JobRequest::from_value`].
+impl<'de> Deserialize<'de> for JobRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(d)?;
+        JobRequest::from_value(value).map_err(serde::de::Error::custom)
+    }
 }
 
 /// The style and model names a server accepts, from its own machine
@@ -79,8 +168,8 @@ impl Names {
     /// a model the OpenAPI document does not list.
     pub fn check(&self, request: &JobRequest) -> Result<(), FieldError> {
         for (field, value, known) in [
-            ("style", &request.style, &self.styles),
-            ("model", &request.model, &self.models),
+            ("style", &request.recipe.style, &self.styles),
+            ("model", &request.recipe.model, &self.models),
         ] {
             if let Some(v) = value {
                 if !known.contains(v) {
@@ -92,22 +181,6 @@ impl Names {
             }
         }
         Ok(())
-    }
-}
-
-/// A 4xx answer's content: which field, and what is wrong with it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: &str, message: impl Into<String>) -> Self {
-        FieldError {
-            field: field.to_string(),
-            message: message.into(),
-        }
     }
 }
 
@@ -135,19 +208,6 @@ impl Default for JobLimits {
     }
 }
 
-fn check_name(field: &str, value: &Option<String>, allowed: &[&str]) -> Result<(), FieldError> {
-    match value {
-        Some(v) if !allowed.contains(&v.as_str()) => Err(FieldError::new(
-            field,
-            format!(
-                "unknown value `{v}` (expected one of: {})",
-                allowed.join(", ")
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
 fn check_range(
     field: &str,
     value: Option<f32>,
@@ -169,10 +229,13 @@ fn check_range(
 }
 
 impl JobRequest {
-    /// Checks every field against the limits; returns the decoded still.
+    /// Checks every field: the recipe's own rules ([`Recipe::validate`]),
+    /// then this server's limits; returns the decoded still.
     pub fn validate(&self, limits: &JobLimits) -> Result<Option<Vec<u8>>, FieldError> {
-        let prompt_chars = self.prompt.chars().count();
-        if self.prompt.trim().is_empty() {
+        let r = &self.recipe;
+        let prompt = self.prompt();
+        let prompt_chars = prompt.chars().count();
+        if prompt.trim().is_empty() {
             return Err(FieldError::new("prompt", "the prompt is empty"));
         }
         if prompt_chars > limits.max_prompt_chars {
@@ -184,7 +247,7 @@ impl JobRequest {
                 ),
             ));
         }
-        if let Some(n) = &self.negative {
+        if let Some(n) = &r.negative {
             if n.chars().count() > limits.max_prompt_chars {
                 return Err(FieldError::new(
                     "negative",
@@ -192,10 +255,7 @@ impl JobRequest {
                 ));
             }
         }
-        check_name("camera", &self.camera, &CAMERAS)?;
-        check_name("scheduler", &self.scheduler, &SCHEDULERS)?;
-        check_name("format", &self.format, &FORMATS)?;
-        for (field, value) in [("style", &self.style), ("model", &self.model)] {
+        for (field, value) in [("style", &r.style), ("model", &r.model)] {
             if let Some(v) = value {
                 if !is_plain_name(v) {
                     return Err(FieldError::new(
@@ -205,9 +265,10 @@ impl JobRequest {
                 }
             }
         }
-        for (field, value) in [("width", self.width), ("height", self.height)] {
+        r.validate()?;
+        for (field, value) in [("width", r.width), ("height", r.height)] {
             if let Some(v) = value {
-                if v == 0 || v % 8 != 0 || v > limits.max_side {
+                if v > limits.max_side {
                     return Err(FieldError::new(
                         field,
                         format!(
@@ -218,7 +279,8 @@ impl JobRequest {
                 }
             }
         }
-        if let Some(a) = &self.aspect {
+        if let Some(a) = &r.aspect {
+            // Stricter than the recipe's W:H: small plain numbers only.
             let number = |s: &str| {
                 (!s.is_empty()
                     && s.len() <= 3
@@ -238,40 +300,29 @@ impl JobRequest {
                 ));
             }
         }
-        if let Some(f) = self.frames {
-            if f == 0 || f > limits.max_frames {
-                return Err(FieldError::new(
-                    "frames",
-                    format!("{f}: expected 1 to {}", limits.max_frames),
-                ));
-            }
-        }
-        if let Some(s) = self.steps {
-            if s == 0 || s > limits.max_steps {
-                return Err(FieldError::new(
-                    "steps",
-                    format!("{s}: expected 1 to {}", limits.max_steps),
-                ));
+        for (field, value, max) in [
+            ("frames", r.frames, limits.max_frames),
+            ("steps", r.steps, limits.max_steps),
+        ] {
+            if let Some(v) = value {
+                if v > max {
+                    return Err(FieldError::new(field, format!("{v}: expected 1 to {max}")));
+                }
             }
         }
         // fps and strength must be above 0 for the engine; the API's floors are
         // round numbers instead, because a JSON number like 1e-300 passes "above
         // 0" yet is 0 once it is the engine's f32.
-        check_range("fps", self.fps, 0.1, true, 120.0)?;
-        check_range("guidance", self.guidance, 0.0, true, 30.0)?;
-        check_range("motion", self.motion, 0.0, true, 4.0)?;
-        check_range("strength", self.strength, 0.01, true, 1.0)?;
-        if self.strength.is_some() && self.image.is_none() {
+        check_range("fps", r.fps, 0.1, true, 120.0)?;
+        check_range("guidance", r.guidance, 0.0, true, 30.0)?;
+        check_range("strength", r.strength, 0.01, true, 1.0)?;
+        if r.strength.is_some() && self.image.is_none() {
             return Err(FieldError::new("strength", "goes with `image`"));
         }
         self.image
             .as_deref()
             .map(|b64| decode_image(b64, limits))
             .transpose()
-    }
-
-    pub fn format(&self) -> &str {
-        self.format.as_deref().unwrap_or("mp4")
     }
 }
 
@@ -333,57 +384,72 @@ fn decode_image(b64: &str, limits: &JobLimits) -> Result<Vec<u8>, FieldError> {
     Ok(bytes)
 }
 
-/// The field named by a serde error from parsing a job, where it names one.
-pub fn field_of_serde_error(path: &str, message: &str) -> String {
-    for marker in ["unknown field `", "missing field `", "duplicate field `"] {
-        if let Some(start) = message.find(marker) {
-            let rest = &message[start + marker.len()..];
-            if let Some(end) = rest.find('`') {
-                return rest[..end].to_string();
-            }
-        }
-    }
-    if path.is_empty() || path == "." {
-        "body".to_string()
-    } else {
-        path.to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn job(json: &str) -> Result<JobRequest, serde_json::Error> {
-        serde_json::from_str(json)
+    /// The field a job's JSON is refused for, reading or checking it.
+    fn refused(json: &str) -> String {
+        let limits = JobLimits::default();
+        match JobRequest::from_value(serde_json::from_str(json).unwrap()) {
+            Err(e) => e.field,
+            Ok(job) => job.validate(&limits).unwrap_err().field,
+        }
     }
 
     #[test]
-    fn unknown_fields_are_refused() {
-        let e = job(r#"{"prompt": "a", "promt": "b"}"#).unwrap_err();
-        assert_eq!(field_of_serde_error("", &e.to_string()), "promt");
+    fn unknown_and_ill_typed_fields_are_named() {
+        for (json, field) in [
+            (r#"{"prompt": "a", "promt": "b"}"#, "promt"),
+            (r#"{"prompt": "a", "vae": "/etc/vae"}"#, "vae"),
+            (r#"{"prompt": "a", "shift": 3}"#, "shift"),
+            (r#"{"prompt": "a", "width": "wide"}"#, "width"),
+            (r#"{"prompt": "a", "seed": -3}"#, "seed"),
+            (r#"{"prompt": "a", "format": "avi"}"#, "format"),
+            (r#"{"prompt": "a", "image": 7}"#, "image"),
+            (r#"{"negative": "a"}"#, "prompt"),
+            ("[1]", "body"),
+        ] {
+            assert_eq!(refused(json), field, "{json}");
+        }
     }
 
     #[test]
     fn bounds_name_their_field() {
-        let limits = JobLimits::default();
         let cases = [
             (r#"{"prompt": "a", "width": 12}"#, "width"),
             (r#"{"prompt": "a", "height": 4096}"#, "height"),
             (r#"{"prompt": "a", "frames": 0}"#, "frames"),
+            (r#"{"prompt": "a", "steps": 101}"#, "steps"),
             (r#"{"prompt": "a", "camera": "sideways"}"#, "camera"),
+            (r#"{"prompt": "a", "scheduler": "heun"}"#, "scheduler"),
+            (r#"{"prompt": "a", "motion": 5}"#, "motion"),
             (r#"{"prompt": "a", "model": "../etc"}"#, "model"),
             (r#"{"prompt": "a", "aspect": "16x9"}"#, "aspect"),
+            (r#"{"prompt": "a", "aspect": "160:90"}"#, "aspect"),
             (r#"{"prompt": "a", "image": "aGVsbG8="}"#, "image"),
+            (r#"{"prompt": "a", "strength": 0.5}"#, "strength"),
             (r#"{"prompt": " "}"#, "prompt"),
         ];
         for (json, field) in cases {
-            let e = job(json).unwrap().validate(&limits).unwrap_err();
-            assert_eq!(e.field, field, "{json}: {}", e.message);
+            assert_eq!(refused(json), field, "{json}");
         }
-        assert!(job(r#"{"prompt": "a", "model": "org/name", "width": 64}"#)
-            .unwrap()
-            .validate(&limits)
-            .is_ok());
+        let job: JobRequest =
+            serde_json::from_str(r#"{"prompt": "a", "model": "org/name", "width": 64}"#).unwrap();
+        assert!(job.validate(&JobLimits::default()).is_ok());
+    }
+
+    #[test]
+    fn the_wire_shape_round_trips_without_the_still() {
+        // f32 values come back as submitted (0.7, not its f64 widening).
+        let body = serde_json::json!({"prompt": "a", "camera": "pan-left", "karras": true,
+            "motion": 0.7, "strength": 0.7, "format": "gif", "image": "aGVsbG8="});
+        let job = JobRequest::from_value(body.clone()).unwrap();
+        assert_eq!(job.body(), body);
+        let stored = serde_json::to_value(&job).unwrap();
+        assert!(stored.get("image").is_none());
+        assert_eq!(stored["format"], "gif");
+        let again: JobRequest = serde_json::from_value(stored).unwrap();
+        assert_eq!(again.recipe, job.recipe);
     }
 }

@@ -18,20 +18,22 @@ mod worker;
 
 use std::path::{Path, PathBuf};
 
-use motif_engine::pipelines::{Camera, Event, ModelCache};
-use motif_engine::schedulers::SchedulerKind;
+use motif_engine::pipelines::{Event, ModelCache};
 use motif_engine::Gpu;
+use motif_recipe::{CameraMove, Recipe, Scheduler};
 
+pub use motif_recipe;
 pub use recipe::controls_from_recipe;
 
-/// Everything the panel sets: one generation's settings.
+/// Everything the panel sets: one generation's settings, as concrete
+/// values for its widgets; [`Controls::recipe`] is the recipe they make.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Controls {
     pub prompt: String,
     /// Empty: the style's negative, else the model's.
     pub negative: String,
     pub style: Option<String>,
-    pub camera: Option<Camera>,
+    pub camera: Option<CameraMove>,
     /// 0 (nearly still) ..= 4 (strong).
     pub motion: f32,
     pub width: usize,
@@ -44,12 +46,16 @@ pub struct Controls {
     pub frames: usize,
     pub fps: f32,
     /// `None`: the model's scheduler config.
-    pub scheduler: Option<SchedulerKind>,
+    pub scheduler: Option<Scheduler>,
     /// A name from the model list or a path.
     pub model: String,
     /// A still to animate, and how far the other frames may move from it.
     pub image: Option<PathBuf>,
     pub strength: f32,
+    /// The settings the panel has no widget for (LoRAs, VAE, motion
+    /// adapter, Karras, clip skip, a later family's controls), from the
+    /// flags or a remixed recipe: passed on unchanged.
+    pub extra: Recipe,
 }
 
 /// The size, length and sampling a model proposes (its card, else
@@ -85,6 +91,7 @@ impl Controls {
             model: model.to_string(),
             image: None,
             strength: 0.8,
+            extra: Recipe::default(),
         }
     }
 }

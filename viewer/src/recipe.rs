@@ -1,10 +1,11 @@
-//! A clip's recipe (`motif-recipe-v1`, as `motif generate` writes it) back
-//! into the panel's settings: remix.
+//! The panel's settings and the recipe (`motif_recipe::Recipe`, as
+//! `motif generate` writes it): the recipe a Generate makes, and a clip's
+//! recipe back into the panel (remix).
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
+use anyhow::{Context, Result};
+use motif_recipe::Recipe;
 
 use crate::Controls;
 
@@ -13,88 +14,74 @@ use crate::Controls;
 pub fn controls_from_recipe(path: &Path, base: &Controls) -> Result<Controls> {
     let text = motif_video::read_recipe(path)
         .with_context(|| format!("reading the recipe of {}", path.display()))?;
-    let recipe: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: the recipe is not valid JSON", path.display()))?;
-    if recipe.get("format").and_then(Value::as_str) != Some("motif-recipe-v1") {
-        bail!(
-            "{}: not a Motif recipe (expected \"format\": \"motif-recipe-v1\")",
-            path.display()
-        );
-    }
-    apply(&recipe, base).with_context(|| format!("{}", path.display()))
+    let recipe =
+        Recipe::from_json(&text).with_context(|| format!("{}: the recipe", path.display()))?;
+    Ok(base.with_recipe(&recipe))
 }
 
-fn apply(r: &Value, base: &Controls) -> Result<Controls> {
-    let field = |k: &str| r.get(k).filter(|v| !v.is_null());
-    let string = |k: &str| -> Result<Option<String>> {
-        match field(k) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => bail!("recipe field `{k}` must be a string, found {v}"),
+impl Controls {
+    /// The recipe of a Generate: the panel's values over the settings it
+    /// has no widget for.
+    pub fn recipe(&self) -> Recipe {
+        Recipe {
+            format: None,
+            motif_version: None,
+            prompt: Some(self.prompt.clone()),
+            negative: Some(self.negative.clone()).filter(|n| !n.trim().is_empty()),
+            style: self.style.clone(),
+            camera: self.camera,
+            motion: Some(self.motion),
+            width: Some(self.width as u32),
+            height: Some(self.height as u32),
+            // The panel's width and height are the size.
+            aspect: None,
+            seed: Some(self.seed),
+            steps: Some(self.steps as u32),
+            guidance: Some(self.guidance),
+            frames: Some(self.frames as u32),
+            fps: Some(self.fps),
+            scheduler: self.scheduler,
+            model: Some(self.model.clone()),
+            image: (self.image.as_ref()).map(|p| p.to_string_lossy().into_owned()),
+            strength: self.image.as_ref().map(|_| self.strength),
+            ..self.extra.clone()
         }
-    };
-    let number = |k: &str| -> Result<Option<f64>> {
-        match field(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| anyhow!("recipe field `{k}` must be a number, found {v}")),
+    }
+
+    /// The panel with every setting `r` records: what it leaves out keeps
+    /// the panel's value, but for the negative prompt, style, camera,
+    /// scheduler and still, whose absence is itself a setting.
+    pub fn with_recipe(&self, r: &Recipe) -> Controls {
+        let mut c = self.clone();
+        if let Some(p) = &r.prompt {
+            c.prompt = p.clone();
         }
-    };
-    let mut c = base.clone();
-    if let Some(p) = string("prompt")? {
-        c.prompt = p;
+        c.negative = r.negative.clone().unwrap_or_default();
+        c.style = r.style.clone();
+        c.camera = r.camera;
+        c.scheduler = r.scheduler;
+        if let Some(m) = &r.model {
+            c.model = m.clone();
+        }
+        c.image = r.image.as_ref().map(PathBuf::from);
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = r.$field { c.$field = v as _; } )* };
+        }
+        set!(strength, motion, width, height, frames, steps, guidance, fps);
+        if let Some(v) = r.seed {
+            c.seed = v;
+            // A remix starts from the recorded clip: same seed until re-rolled.
+            c.seed_locked = true;
+        }
+        c.extra = r.clone();
+        c
     }
-    c.negative = string("negative")?.unwrap_or_default();
-    c.style = string("style")?;
-    c.camera = string("camera")?
-        .map(|s| s.parse().map_err(|e: String| anyhow!("camera: {e}")))
-        .transpose()?;
-    c.scheduler = string("scheduler")?
-        .map(|s| s.parse().map_err(|e| anyhow!("scheduler: {e}")))
-        .transpose()?;
-    if let Some(m) = string("model")? {
-        c.model = m;
-    }
-    c.image = string("image")?.map(PathBuf::from);
-    if let Some(v) = number("strength")? {
-        c.strength = v as f32;
-    }
-    if let Some(v) = number("motion")? {
-        c.motion = v as f32;
-    }
-    if let Some(v) = number("width")? {
-        c.width = v as usize;
-    }
-    if let Some(v) = number("height")? {
-        c.height = v as usize;
-    }
-    if let Some(v) = number("frames")? {
-        c.frames = v as usize;
-    }
-    if let Some(v) = number("steps")? {
-        c.steps = v as usize;
-    }
-    if let Some(v) = number("guidance")? {
-        c.guidance = v as f32;
-    }
-    if let Some(v) = number("fps")? {
-        c.fps = v as f32;
-    }
-    if let Some(v) = field("seed").and_then(Value::as_u64) {
-        c.seed = v;
-        // A remix starts from the recorded clip: same seed until re-rolled.
-        c.seed_locked = true;
-    }
-    Ok(c)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ModelDefaults;
-    use serde_json::json;
 
     #[test]
     fn every_recorded_setting_comes_back() {
@@ -109,11 +96,15 @@ mod tests {
                 fps: 8.0,
             },
         );
-        let r = json!({"format": "motif-recipe-v1", "prompt": "a red ball", "negative": "blur",
+        let r = Recipe::from_json(
+            r#"{"format": "motif-recipe-v1", "prompt": "a red ball", "negative": "blur",
             "style": "anime", "model": "/m", "image": "still.png", "strength": 0.6, "width": 64,
             "height": 48, "frames": 4, "fps": 12.0, "steps": 2, "guidance": 3.5, "seed": 77,
-            "scheduler": "euler", "motion": 3.0, "camera": "pan-left"});
-        let c = apply(&r, &base).unwrap();
+            "scheduler": "euler", "motion": 3.0, "camera": "pan-left", "karras": true,
+            "loras": [["a.safetensors", 0.5]]}"#,
+        )
+        .unwrap();
+        let c = base.with_recipe(&r);
         assert_eq!(c.prompt, "a red ball");
         assert_eq!(c.negative, "blur");
         assert_eq!(c.style.as_deref(), Some("anime"));
@@ -127,6 +118,18 @@ mod tests {
         assert_eq!((c.seed, c.seed_locked), (77, true));
         assert_eq!(c.scheduler.map(|s| s.name()), Some("euler"));
         assert_eq!(c.camera.map(|s| s.name()), Some("pan-left"));
-        assert!(apply(&json!({"camera": "sideways"}), &base).is_err());
+        // What the panel does not show goes on to the next Generate.
+        let again = c.recipe();
+        assert_eq!(again.karras, Some(true));
+        assert_eq!(again.loras, r.loras);
+        assert_eq!(again.format, None);
+        assert_eq!(
+            Recipe {
+                format: r.format,
+                motif_version: None,
+                ..again
+            },
+            r
+        );
     }
 }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use egui::{Color32, ColorImage, Rect, TextureHandle, TextureId, TextureOptions, Vec2};
-use motif_engine::pipelines::{Camera, FrameTextures};
-use motif_engine::schedulers::SchedulerKind;
+use motif_engine::pipelines::FrameTextures;
+use motif_recipe::{CameraMove, Recipe, Scheduler};
 
 use crate::worker::{Job, Update, Worker};
 use crate::{Backend, Controls, ModelChoice, ModelDefaults, Options, Saved, Script};
@@ -650,7 +650,7 @@ impl Viewer {
                 .selected_text(c.camera.map_or("none", |m| m.name()))
                 .show_ui(ui, |ui| {
                     ui.selectable_value(&mut c.camera, None, "none");
-                    for m in Camera::ALL {
+                    for &m in CameraMove::ALL {
                         ui.selectable_value(&mut c.camera, Some(m), m.name());
                     }
                 });
@@ -721,7 +721,7 @@ impl Viewer {
                 .selected_text(c.scheduler.map_or("model's", |s| s.name()))
                 .show_ui(ui, |ui| {
                     ui.selectable_value(&mut c.scheduler, None, "model's");
-                    for s in SchedulerKind::ALL {
+                    for &s in Scheduler::ALL {
                         ui.selectable_value(&mut c.scheduler, Some(s), s.name());
                     }
                 });
@@ -1029,15 +1029,9 @@ impl Viewer {
                 .collect();
             recipes.sort_by_key(|r| std::cmp::Reverse(r.0));
             for (_, recipe) in recipes.into_iter().take(50) {
-                let Ok(text) = std::fs::read_to_string(&recipe) else {
+                let Some(made) = read_recipe(&recipe) else {
                     continue;
                 };
-                let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
-                    continue;
-                };
-                if value.get("format").and_then(|f| f.as_str()) != Some("motif-recipe-v1") {
-                    continue;
-                }
                 let clip = ["mp4", "gif", "webp"]
                     .iter()
                     .map(|e| recipe.with_extension(e))
@@ -1051,11 +1045,7 @@ impl Viewer {
                     .find(|g| g.recipe == recipe)
                     .and_then(|g| g.thumb.clone());
                 items.push(GalleryItem {
-                    prompt: value
-                        .get("prompt")
-                        .and_then(|p| p.as_str())
-                        .unwrap_or("")
-                        .to_string(),
+                    prompt: made.prompt.unwrap_or_default(),
                     sheet: sheet.is_file().then_some(sheet),
                     recipe,
                     clip,
@@ -1134,11 +1124,7 @@ impl Viewer {
         };
         match read_sheet(sheet) {
             Ok((w, h, frames)) => {
-                let fps = std::fs::read_to_string(&recipe)
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                    .and_then(|v| v.get("fps").and_then(|f| f.as_f64()))
-                    .unwrap_or(8.0) as f32;
+                let fps = read_recipe(&recipe).and_then(|r| r.fps).unwrap_or(8.0);
                 self.set_frames(Frames::upload(ctx, "clip", w, h, &frames));
                 self.playback = Playback {
                     playing: true,
@@ -1223,6 +1209,12 @@ fn write_sheet(saved: &Saved) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A recipe sidecar of the outputs folder; `None` when it is not one.
+fn read_recipe(path: &Path) -> Option<Recipe> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Recipe::from_json(&text).ok()
+}
+
 /// (width, height, frames) of a frame sheet; the frame height comes from
 /// the recipe beside it.
 fn read_sheet(path: &Path) -> anyhow::Result<(usize, usize, Vec<Vec<u8>>)> {
@@ -1233,10 +1225,8 @@ fn read_sheet(path: &Path) -> anyhow::Result<(usize, usize, Vec<Vec<u8>>)> {
         .trim_end_matches(".frames.png")
         .to_string()
         + ".json";
-    let h = std::fs::read_to_string(&recipe)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("height").and_then(|h| h.as_u64()))
+    let h = read_recipe(Path::new(&recipe))
+        .and_then(|r| r.height)
         .map(|h| h as usize)
         .filter(|&h| h > 0 && total_h % h == 0)
         .ok_or_else(|| anyhow::anyhow!("{}: no frame height in its recipe", path.display()))?;

@@ -79,8 +79,7 @@ async fn post_result(state: &DiscordState, result: &DiscordJob) -> Result<()> {
         .await?
         .context("the job is gone")?;
     let author = format!("<@{}>", result.discord_id);
-    let request: Value = serde_json::from_str(&job.request).unwrap_or_default();
-    let prompt = plain(request.get("prompt").and_then(Value::as_str).unwrap_or(""));
+    let prompt = plain(job.job_request().unwrap_or_default().prompt());
     let (content, upload, components) = match job.state.as_str() {
         db::FINISHED => {
             let (content, upload) = finished(state, &job, &author, &prompt).await?;

@@ -266,9 +266,9 @@ async fn queue_job(
         // /animate may leave the prompt out: the still says what it is.
         recipe.insert("prompt".into(), Value::from("the picture, moving"));
     }
-    let request: JobRequest = serde_json::from_value(Value::Object(recipe))
+    let request = JobRequest::from_value(Value::Object(recipe))
         .map_err(|e| Failure::User(format!("that recipe does not work: {e}")))?;
-    let prompt = request.prompt.clone();
+    let prompt = request.prompt().to_string();
     let job = api::accept_job(&state.app, &web_token_id(&member.id), request)
         .await
         .map_err(|e| {
@@ -349,10 +349,13 @@ async fn clip_recipe(
     };
     if !recipe.contains_key("seed") {
         if let Some(name) = &job.recipe {
-            let made: Value = serde_json::from_slice(&api::read_stored(&state.app, name).await?)
-                .unwrap_or_default();
-            if let Some(seed) = made.get("seed").filter(|s| s.is_u64()) {
-                recipe.insert("seed".into(), seed.clone());
+            let made = api::read_stored(&state.app, name).await?;
+            let made = String::from_utf8_lossy(&made);
+            if let Some(seed) = motif_recipe::Recipe::from_json(&made)
+                .ok()
+                .and_then(|r| r.seed)
+            {
+                recipe.insert("seed".into(), Value::from(seed));
             }
         }
     }
@@ -412,8 +415,8 @@ async fn remix_modal(state: &DiscordState, user: &DiscordUser, id: &str) -> anyh
     let Some(job) = remixable(state, &member, id).await? else {
         return Ok(interaction::ephemeral("That clip is gone."));
     };
-    let request: Value = serde_json::from_str(&job.request).unwrap_or_default();
-    let prompt = request.get("prompt").and_then(Value::as_str).unwrap_or("");
+    let request = job.job_request().unwrap_or_default();
+    let prompt = request.prompt();
     let max = state.app.limits.job.max_prompt_chars.min(4000);
     let prompt: String = prompt.chars().take(max).collect();
     Ok(interaction::modal(

@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use crate::accounts::RateLimiter;
 use crate::api::AppState;
 use crate::worker::Shutdown;
-use crate::{JobLimits, JobRequest};
+use crate::{FieldError, JobLimits, JobRequest};
 pub use verify::Verifier;
 
 /// Where Discord keeps attachments (the `url` of a resolved attachment).
@@ -99,9 +99,9 @@ impl DiscordOptions {
                 bail!("{what} {url}: expected an http:// or https:// URL");
             }
         }
-        self.defaults_probe()?
-            .validate(limits)
-            .map_err(|e| anyhow::anyhow!("--discord-defaults: `{}`: {}", e.field, e.message))?;
+        self.defaults_probe()
+            .and_then(|probe| probe.validate(limits).map(|_| ()))
+            .map_err(|e| anyhow::anyhow!("--discord-defaults: {e}"))?;
         if self.per_minute == 0 {
             bail!("--discord-per-minute must be at least 1");
         }
@@ -109,11 +109,10 @@ impl DiscordOptions {
     }
 
     /// The defaults as a job with a placeholder prompt.
-    fn defaults_probe(&self) -> Result<JobRequest> {
+    fn defaults_probe(&self) -> Result<JobRequest, FieldError> {
         let mut probe = self.defaults.clone();
         probe.insert("prompt".into(), Value::from("a probe"));
-        serde_json::from_value::<JobRequest>(Value::Object(probe))
-            .context("--discord-defaults: not job fields (see POST /api/v1/jobs)")
+        JobRequest::from_value(Value::Object(probe))
     }
 }
 

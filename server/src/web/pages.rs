@@ -19,7 +19,13 @@ use crate::accounts::{self, web_token_id, User};
 use crate::api::{self, ApiError};
 use crate::db::{self, now_ms, JobRow};
 use crate::gallery::{Clip, Search, Sort};
-use crate::request::CAMERAS;
+
+/// The camera moves by name, for the create form and the gallery filter.
+static CAMERAS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    (motif_recipe::CameraMove::ALL.iter())
+        .map(|c| c.name())
+        .collect()
+});
 
 const STYLE_CSS: &str = include_str!("../../assets/style.css");
 const APP_JS: &str = include_str!("../../assets/app.js");

@@ -38,7 +38,13 @@ pub const PIPELINE_CLASSES: &[&str] = &["WanPipeline"];
 /// Wan's own settings: the flow shift, and given latents (reference cases).
 pub const CONTROLS: Controls = Controls {
     supported: &[Control::Shift, Control::InitialLatents],
-    schedulers: &SchedulerKind::FLOW_MATCHING,
+    // `euler` names flow-matching Euler on a Wan model (the sampler
+    // resolves it against the flow-matching config).
+    schedulers: &[
+        SchedulerKind::UniPc,
+        SchedulerKind::FlowMatchEuler,
+        SchedulerKind::Euler,
+    ],
 };
 
 /// The family's line in the registry.
