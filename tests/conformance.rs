@@ -50,9 +50,7 @@ fn outputs_of(dir: &Path, components: Option<&[&str]>) -> usize {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|c| {
-            components.is_none_or(|list| list.iter().any(|&n| c["component"] == n))
-        })
+        .filter(|c| components.is_none_or(|list| list.iter().any(|&n| c["component"] == n)))
         .map(|c| c["outputs"].as_array().map_or(0, Vec::len))
         .sum()
 }
@@ -89,7 +87,13 @@ fn every_component_matches_the_reference_in_f32_and_f16() {
 
 /// The Wan components the runner has models for (the `pipeline` cases wait
 /// for the Wan family, see `wan_pipeline_cases_fail_by_name`).
-const WAN_COMPONENTS: [&str; 5] = ["tokenizer", "text_encoder", "transformer", "vae", "scheduler"];
+const WAN_COMPONENTS: [&str; 5] = [
+    "tokenizer",
+    "text_encoder",
+    "transformer",
+    "vae",
+    "scheduler",
+];
 
 /// Outputs known to exceed CONFORMANCE.md's fixed f16 budget, excluded from
 /// the f16 runs by name (the budget itself is never widened): (set, output
@@ -131,11 +135,18 @@ fn every_wan_component_matches_the_reference_in_f32_and_f16() {
                 .filter(|l| l.contains("FAIL"))
                 .filter(|l| !excused.iter().any(|o| l.contains(&format!("  {o}  "))))
                 .collect();
-            assert!(failing.is_empty(), "{set} {precision}: {failing:#?}\n{stderr}");
+            assert!(
+                failing.is_empty(),
+                "{set} {precision}: {failing:#?}\n{stderr}"
+            );
             let (passed, failed) = summary(&stdout);
             assert_eq!(failed, excused.len(), "{set} {precision}:\n{stdout}");
             assert_eq!(passed + failed, outputs, "{set} {precision}:\n{stdout}");
-            assert_eq!(code == 0, excused.is_empty(), "{set} {precision}: exit {code}");
+            assert_eq!(
+                code == 0,
+                excused.is_empty(),
+                "{set} {precision}: exit {code}"
+            );
             assert_eq!(
                 stdout.lines().filter(|l| l.ends_with(" ok")).count(),
                 outputs - excused.len(),
