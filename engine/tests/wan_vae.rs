@@ -104,14 +104,20 @@ fn max_abs_err(got: &[f32], want: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-/// f16 outputs over CONFORMANCE.md's budget, with the error they may not
-/// exceed: (case, output, cap). wan-a's decoder is 4 channels wide at full
-/// resolution, so its RMS norms normalise 4-vectors: where a pixel's vector
-/// is short, the f16 rounding of the conv output before it is amplified.
-/// Measured 3.07e-2 against a budget of 3.0e-2 (0.03 at an expected -0.47,
-/// frame 1); f32 is within 1/7 of its tolerance, wan-b's decoder (12
-/// channels) within half of its f16 budget.
-const KNOWN_F16_OVER_BUDGET: [(&str, &str, f32); 1] = [("wan-a_vae_decode", "sample", 3.2e-2)];
+/// f16 outputs known to exceed CONFORMANCE.md's fixed budget: expected
+/// failures (case, output, measured max_abs_err). They are reported as
+/// FAIL, never passed under a wider budget; the test fails if one of them
+/// comes within the budget, so that the entry is removed.
+///
+/// wan-a's decoder is 4 channels wide at full resolution, so its RMS norms
+/// normalise 4-vectors: where a pixel's vector is short, the f16 error the
+/// conv output carries from the layers before is amplified. Measured
+/// 3.07e-2 against a budget of 3.0e-2 (0.03 at an expected -0.47, frame
+/// 1); f32 is within 1/7 of its tolerance, wan-b's decoder (12 channels)
+/// within half of its f16 budget. An f32 intermediate before the norms
+/// has not been tried: it needs kernels the engine lacks (a conv storing
+/// f32 from f16 operands, or a channel norm reading f32 amid f16 storage).
+const KNOWN_F16_OVER_BUDGET: [(&str, &str, f32); 1] = [("wan-a_vae_decode", "sample", 3.07e-2)];
 
 /// Runs every `vae` case of every set in `dtype`; returns one line per output.
 fn run_cases(dtype: DType) -> Vec<String> {
@@ -172,21 +178,28 @@ fn run_cases(dtype: DType) -> Vec<String> {
                 let known = KNOWN_F16_OVER_BUDGET.iter().find(|(case, output, _)| {
                     dtype == DType::F16 && *case == case_name && *output == e.name
                 });
-                let ok = err <= limit || known.is_some_and(|k| err <= k.2);
-                if err > limit {
+                let ok = err <= limit;
+                if !ok {
                     let (i, g, w) = worst(values, &want);
                     eprintln!("  over budget at flat index {i}: got {g}, want {w}");
                 }
                 let line = format!(
                     "{set} {case_name} {} {dtype}: max_abs_err {err:.3e} budget {limit:.3e} {}",
                     e.name,
-                    match (ok, err <= limit) {
-                        (true, true) => "ok",
-                        (true, false) => "over budget (known, see KNOWN_F16_OVER_BUDGET)",
-                        _ => "FAIL",
+                    match (ok, known) {
+                        (true, None) => "ok".to_string(),
+                        (false, Some(k)) => format!(
+                            "FAIL (expected, measured {:.2e}: see KNOWN_F16_OVER_BUDGET)",
+                            k.2
+                        ),
+                        (true, Some(_)) => {
+                            "ok, but listed in KNOWN_F16_OVER_BUDGET: remove the entry".to_string()
+                        }
+                        (false, None) => "FAIL".to_string(),
                     }
                 );
-                if !ok {
+                // An expected failure that passes fails the test too.
+                if ok == known.is_some() {
                     failures.push(line.clone());
                 }
                 lines.push(line);

@@ -1,0 +1,313 @@
+//! Wan case sets (CONFORMANCE.md, "Wan"): the components `tokenizer`
+//! (UMT5's, ids and mask), `text_encoder` (UMT5EncoderModel), `transformer`
+//! (WanTransformer3DModel, `transformer` or `transformer_2`), `vae`
+//! (AutoencoderKLWan: decode from `latents`, encode from `video`),
+//! `scheduler` (UniPC / FlowMatchEuler, by the case's config) and
+//! `pipeline` (not wired in yet: see [`pipeline_case`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::{
+    argument, computed_from, has_input, input_shape, input_tensor, literal, resolve_prompts,
+    scheduler_case, upload_input, values, CaseSet, Computed,
+};
+use crate::error::{EngineError, Result};
+use crate::gpu::Gpu;
+use crate::models::umt5::{relative_position_buckets, BlockResidency, UMT5EncoderModel};
+use crate::models::wan_transformer::{rope_tables, WanTransformer3DModel, ROPE_THETA};
+use crate::models::wan_vae::AutoencoderKLWan;
+use crate::tensor::Tensor;
+use crate::text::{Umt5Tokenizer, UMT5_MAX_LENGTH};
+use crate::weights::FileDType;
+
+/// The set's pipeline folder and the components its cases have loaded.
+pub(super) struct Runner {
+    dir: PathBuf,
+    tokenizer: Option<Umt5Tokenizer>,
+    text_encoder: Option<UMT5EncoderModel>,
+    /// By folder: `transformer` and, for Wan 2.2 A14B, `transformer_2`.
+    transformers: HashMap<&'static str, WanTransformer3DModel>,
+    vae: Option<AutoencoderKLWan>,
+}
+
+impl Runner {
+    pub(super) fn new(pipeline_dir: &Path) -> Self {
+        Runner {
+            dir: pipeline_dir.to_path_buf(),
+            tokenizer: None,
+            text_encoder: None,
+            transformers: HashMap::new(),
+            vae: None,
+        }
+    }
+
+    /// The outputs of one case of `component`; with `debug`, also the
+    /// intermediate states the models show (their `forward_observed`).
+    pub(super) fn compute(
+        &mut self,
+        gpu: &Gpu,
+        set: &CaseSet,
+        case: &serde_json::Value,
+        component: &str,
+        debug: bool,
+    ) -> Result<Computed> {
+        if has_input(case, "transformer_file") || has_input(case, "pipeline_dir") {
+            return Err(argument(
+                "Wan cases over single files (`transformer_file`, `pipeline_dir`) are not supported yet",
+            ));
+        }
+        match component {
+            "tokenizer" => self.tokenizer_case(set, case),
+            "text_encoder" => self.text_encoder_case(gpu, set, case, debug),
+            "transformer" => self.transformer_case(gpu, set, case, debug),
+            "vae" => self.vae_case(gpu, set, case),
+            "scheduler" => scheduler_case(set, case),
+            "pipeline" => pipeline_case(gpu, set, case),
+            other => Err(argument(format!(
+                "component `{other}` is not a Wan component"
+            ))),
+        }
+    }
+
+    fn tokenizer_case(&mut self, set: &CaseSet, case: &serde_json::Value) -> Result<Computed> {
+        if self.tokenizer.is_none() {
+            self.tokenizer = Some(Umt5Tokenizer::from_dir(&self.dir.join("tokenizer"))?);
+        }
+        let Some(tokenizer) = self.tokenizer.as_ref() else {
+            unreachable!("loaded above")
+        };
+        let prompts = resolve_prompts(set, case.get("inputs").and_then(|i| i.get("prompts")))?;
+        let max_length = match case.get("inputs").and_then(|i| i.get("max_length")) {
+            None => UMT5_MAX_LENGTH,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| argument("input `max_length` is not a count"))?
+                as usize,
+        };
+        let tokens = tokenizer.encode(&prompts, max_length)?;
+        let widen = |v: &[u32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+        Ok(computed_from([
+            ("input_ids", widen(&tokens.input_ids)),
+            ("attention_mask", widen(&tokens.attention_mask)),
+        ]))
+    }
+
+    fn text_encoder_case(
+        &mut self,
+        gpu: &Gpu,
+        set: &CaseSet,
+        case: &serde_json::Value,
+        debug: bool,
+    ) -> Result<Computed> {
+        if self.text_encoder.is_none() {
+            self.text_encoder = Some(UMT5EncoderModel::from_dir(
+                gpu,
+                &self.dir.join("text_encoder"),
+                BlockResidency::Resident,
+            )?);
+        }
+        let Some(model) = self.text_encoder.as_ref() else {
+            unreachable!("loaded above")
+        };
+        let ids_key = input_tensor(case, "input_ids")?;
+        let mask_key = input_tensor(case, "attention_mask")?;
+        let shape = input_shape(set, ids_key)?;
+        if shape.len() != 2 || input_shape(set, mask_key)? != shape {
+            return Err(EngineError::Shape {
+                op: "text_encoder case",
+                expected: "input_ids and attention_mask [N, L]".into(),
+                found: format!(
+                    "input_ids {shape:?}, attention_mask {:?}",
+                    input_shape(set, mask_key)?
+                ),
+            });
+        }
+        let rows = |key: &str| -> Result<Vec<Vec<u32>>> {
+            Ok(set
+                .tensors
+                .to_i64(key)?
+                .chunks(shape[1].max(1))
+                .map(|r| r.iter().map(|&v| v as u32).collect())
+                .collect())
+        };
+        let (ids, mask) = (rows(ids_key)?, rows(mask_key)?);
+        let mut computed = Computed::new();
+        let out = model.forward_observed(gpu, &ids, &mask, &mut |name, t: &Tensor| {
+            if debug {
+                computed.push((name.to_string(), values(gpu, t)?));
+            }
+            Ok(())
+        })?;
+        computed.push(("last_hidden_state".into(), values(gpu, &out)?));
+        if debug {
+            // transformers' bucket table [L, L] (memory − query positions).
+            let cfg = &model.config;
+            let buckets = relative_position_buckets(
+                shape[1],
+                cfg.relative_attention_num_buckets,
+                cfg.relative_attention_max_distance,
+            );
+            computed.push((
+                "relative_position_bucket".into(),
+                buckets.iter().map(|&b| f64::from(b)).collect(),
+            ));
+        }
+        Ok(computed)
+    }
+
+    fn transformer_case(
+        &mut self,
+        gpu: &Gpu,
+        set: &CaseSet,
+        case: &serde_json::Value,
+        debug: bool,
+    ) -> Result<Computed> {
+        // Which expert: Wan 2.2 A14B runs `transformer_2` below its boundary.
+        let which: &'static str = match case.get("inputs").and_then(|i| i.get("transformer")) {
+            None => "transformer",
+            Some(v) => match v.as_str() {
+                Some("transformer") => "transformer",
+                Some("transformer_2") => "transformer_2",
+                _ => {
+                    return Err(argument(format!(
+                        "input `transformer` is {v}: expected \"transformer\" or \"transformer_2\""
+                    )))
+                }
+            },
+        };
+        let folder = self.dir.join(which);
+        if !folder.join("config.json").is_file() {
+            return Err(argument(format!(
+                "the case runs `{which}`, but {} has no {which}/config.json",
+                self.dir.display()
+            )));
+        }
+        if has_input(case, "encoder_hidden_states_image") {
+            return Err(argument(
+                "input `encoder_hidden_states_image`: image-conditioned (I2V) transformer cases are not supported yet",
+            ));
+        }
+        if !self.transformers.contains_key(which) {
+            let model = WanTransformer3DModel::from_dir(gpu, &folder, BlockResidency::Resident)?;
+            self.transformers.insert(which, model);
+        }
+        let model = &self.transformers[which];
+        let cfg = &model.config;
+
+        let hidden_states = upload_input(gpu, set, case, "hidden_states")?;
+        let hs_shape = hidden_states.shape().to_vec();
+        let ts_key = input_tensor(case, "timestep")?;
+        let ts_shape = input_shape(set, ts_key)?;
+        if ts_shape.len() != 1 {
+            return Err(EngineError::Shape {
+                op: "transformer case",
+                expected: "timestep [B] (per-token timesteps [B, S], Wan 2.2 TI2V's \
+                           expand_timesteps, are not supported yet)"
+                    .into(),
+                found: format!("{ts_shape:?}"),
+            });
+        }
+        // Integers as UniPC gives them, fractions as FlowMatchEuler does.
+        let timesteps: Vec<f32> = match set.tensors.info(ts_key).map(|i| i.dtype) {
+            Some(FileDType::I64) => set
+                .tensors
+                .to_i64(ts_key)?
+                .iter()
+                .map(|&t| t as f32)
+                .collect(),
+            _ => set.tensors.to_f32(ts_key)?,
+        };
+        let ehs = upload_input(gpu, set, case, "encoder_hidden_states")?;
+
+        let mut computed = Computed::new();
+        let out = model.forward_observed(
+            gpu,
+            &hidden_states,
+            &timesteps,
+            &ehs,
+            &mut |name, t: &Tensor| {
+                if debug {
+                    computed.push((name.to_string(), values(gpu, t)?));
+                }
+                Ok(())
+            },
+        )?;
+        computed.push(("sample".into(), values(gpu, &out)?));
+        if debug {
+            let [pt, ph, pw] = cfg.patch_size;
+            let grid = [hs_shape[2] / pt, hs_shape[3] / ph, hs_shape[4] / pw];
+            let tokens: usize = grid.iter().product();
+            // diffusers' Conv3d output is [B, dim, f, h, w]; the engine's
+            // patch embedding is tokens [B, S, dim].
+            if let Some((_, v)) = computed.iter_mut().find(|(n, _)| n == "patch_embedding") {
+                *v = channels_first(v, hs_shape[0], tokens, cfg.inner_dim());
+            }
+            // The rotary tables as diffusers hands them to attention:
+            // [1, S, 1, head_dim], each angle repeated for its pair.
+            let (cos, sin) = rope_tables(cfg.rope_split(), grid, ROPE_THETA);
+            let pairs = |t: &[f32]| t.iter().flat_map(|&v| [v as f64; 2]).collect::<Vec<f64>>();
+            computed.push(("rotary_cos".into(), pairs(&cos)));
+            computed.push(("rotary_sin".into(), pairs(&sin)));
+        }
+        Ok(computed)
+    }
+
+    fn vae_case(&mut self, gpu: &Gpu, set: &CaseSet, case: &serde_json::Value) -> Result<Computed> {
+        if self.vae.is_none() {
+            self.vae = Some(AutoencoderKLWan::load(gpu, &self.dir.join("vae"))?);
+        }
+        let Some(vae) = self.vae.as_ref() else {
+            unreachable!("loaded above")
+        };
+        // The VAE shows no intermediates: its debug outputs are reported as
+        // not exposed.
+        if has_input(case, "latents") {
+            let latents = upload_input(gpu, set, case, "latents")?;
+            let sample = vae.decode(gpu, &latents)?;
+            Ok(computed_from([("sample", values(gpu, &sample)?)]))
+        } else if has_input(case, "video") {
+            let video = upload_input(gpu, set, case, "video")?;
+            let posterior = vae.encode(gpu, &video)?;
+            Ok(computed_from([
+                ("posterior_mean", values(gpu, &posterior.mean)?),
+                ("posterior_logvar", values(gpu, &posterior.logvar)?),
+            ]))
+        } else {
+            Err(argument(
+                "a Wan vae case needs input `latents` (raw, to decode) or `video` (to encode)",
+            ))
+        }
+    }
+}
+
+/// [B, S, C] → [B, C, S].
+fn channels_first(x: &[f64], b: usize, s: usize, c: usize) -> Vec<f64> {
+    let mut out = vec![0f64; x.len()];
+    for bi in 0..b {
+        for si in 0..s {
+            for ci in 0..c {
+                out[(bi * c + ci) * s + si] = x[(bi * s + si) * c + ci];
+            }
+        }
+    }
+    out
+}
+
+/// A Wan `pipeline` case. THE ONE PLACE to wire in the Wan family
+/// (engine/src/pipelines/wan/) when it lands: read the request from the
+/// case (`prompt`, `negative_prompt`, `frames`, `height`, `width`, `steps`,
+/// `guidance`, `max_sequence_length`, `scheduler_config`, `latents`), run
+/// it with a trace, and return `timesteps`, `prompt_embeds`,
+/// `step_latents`, `latents`, `frames` (and the debug `prompt_ids`,
+/// `transformer_timestep`, `noise_pred_cond`, `noise_pred_uncond`). Until
+/// then every Wan pipeline case fails, as the format demands of a case
+/// that cannot run.
+fn pipeline_case(_gpu: &Gpu, _set: &CaseSet, case: &serde_json::Value) -> Result<Computed> {
+    // The inputs are checked now so that a malformed case is named as such.
+    literal(case, "prompt")?;
+    input_tensor(case, "latents")?;
+    Err(argument(
+        "the Wan pipeline case needs the Wan family (engine/src/pipelines/wan/), not wired into the runner yet",
+    ))
+}
