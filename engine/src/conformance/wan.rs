@@ -3,7 +3,7 @@
 //! (WanTransformer3DModel, `transformer` or `transformer_2`), `vae`
 //! (AutoencoderKLWan: decode from `latents`, encode from `video`),
 //! `scheduler` (UniPC / FlowMatchEuler, by the case's config) and
-//! `pipeline` (not wired in yet: see [`pipeline_case`]).
+//! `pipeline` (the Wan family end to end: see [`pipeline_case`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,10 @@ use crate::error::{EngineError, Result};
 use crate::gpu::Gpu;
 use crate::models::umt5::{relative_position_buckets, BlockResidency, UMT5EncoderModel};
 use crate::models::wan_transformer::{rope_tables, WanTransformer3DModel, ROPE_THETA};
+use crate::models::source::ModelSource;
 use crate::models::wan_vae::AutoencoderKLWan;
+use crate::pipelines::{Family, ModelDefaults, Request, Wan};
+use crate::schedulers::SchedulerConfig;
 use crate::tensor::Tensor;
 use crate::text::{Umt5Tokenizer, UMT5_MAX_LENGTH};
 use crate::weights::FileDType;
@@ -29,6 +32,7 @@ pub(super) struct Runner {
     /// By folder: `transformer` and, for Wan 2.2 A14B, `transformer_2`.
     transformers: HashMap<&'static str, WanTransformer3DModel>,
     vae: Option<AutoencoderKLWan>,
+    pipeline: Option<Wan>,
 }
 
 impl Runner {
@@ -39,6 +43,7 @@ impl Runner {
             text_encoder: None,
             transformers: HashMap::new(),
             vae: None,
+            pipeline: None,
         }
     }
 
@@ -63,7 +68,15 @@ impl Runner {
             "transformer" => self.transformer_case(gpu, set, case, debug),
             "vae" => self.vae_case(gpu, set, case),
             "scheduler" => scheduler_case(set, case),
-            "pipeline" => pipeline_case(gpu, set, case),
+            "pipeline" => {
+                if self.pipeline.is_none() {
+                    self.pipeline = Some(Wan::load(gpu, &ModelSource::folder(&self.dir))?);
+                }
+                let Some(wan) = self.pipeline.as_mut() else {
+                    unreachable!("loaded above")
+                };
+                pipeline_case(gpu, set, wan, case)
+            }
             other => Err(argument(format!(
                 "component `{other}` is not a Wan component"
             ))),
@@ -294,20 +307,59 @@ fn channels_first(x: &[f64], b: usize, s: usize, c: usize) -> Vec<f64> {
     out
 }
 
-/// A Wan `pipeline` case. THE ONE PLACE to wire in the Wan family
-/// (engine/src/pipelines/wan/) when it lands: read the request from the
-/// case (`prompt`, `negative_prompt`, `frames`, `height`, `width`, `steps`,
-/// `guidance`, `max_sequence_length`, `scheduler_config`, `latents`), run
-/// it with a trace, and return `timesteps`, `prompt_embeds`,
-/// `step_latents`, `latents`, `frames` (and the debug `prompt_ids`,
-/// `transformer_timestep`, `noise_pred_cond`, `noise_pred_uncond`). Until
-/// then every Wan pipeline case fails, as the format demands of a case
-/// that cannot run.
-fn pipeline_case(_gpu: &Gpu, _set: &CaseSet, case: &serde_json::Value) -> Result<Computed> {
-    // The inputs are checked now so that a malformed case is named as such.
-    literal(case, "prompt")?;
-    input_tensor(case, "latents")?;
-    Err(argument(
-        "the Wan pipeline case needs the Wan family (engine/src/pipelines/wan/), not wired into the runner yet",
-    ))
+/// A `pipeline` case: the Wan family (`pipelines::wan`) end to end on the
+/// case's latents with its scheduler config and text length, traced:
+/// `timesteps`, `prompt_embeds` (uncond first), `step_latents`, `latents`,
+/// `frames` [1, F, H, W, 3]. Its debug outputs (per-step transformer
+/// outputs and timesteps, prompt ids) are not exposed by the family.
+fn pipeline_case(
+    gpu: &Gpu,
+    set: &CaseSet,
+    wan: &mut Wan,
+    case: &serde_json::Value,
+) -> Result<Computed> {
+    let count = |name: &str| -> Result<usize> {
+        literal(case, name)?
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| argument(format!("input `{name}` is not a count")))
+    };
+    let text = |name: &str| -> Result<String> {
+        Ok(literal(case, name)?
+            .as_str()
+            .ok_or_else(|| argument(format!("input `{name}` is not a string")))?
+            .to_string())
+    };
+    let config = text("scheduler_config")?;
+    wan.set_scheduler_config(SchedulerConfig::load(&set.dir.join(config))?);
+    wan.set_max_sequence_length(match has_input(case, "max_sequence_length") {
+        true => count("max_sequence_length")?,
+        false => UMT5_MAX_LENGTH,
+    });
+    let defaults = ModelDefaults {
+        width: count("width")?,
+        height: count("height")?,
+        frames: count("frames")?,
+        steps: count("steps")?,
+        guidance: literal(case, "guidance")?
+            .as_f64()
+            .ok_or_else(|| argument("input `guidance` is not a number"))? as f32,
+        fps: 16.0,
+        negative: text("negative_prompt").unwrap_or_default(),
+        camera_prompts: Default::default(),
+    };
+    let mut req = Request::new(text("prompt")?, &defaults);
+    let key = input_tensor(case, "latents")?;
+    req.latents = Some(set.tensors.to_f32(key)?);
+    req.trace = true;
+    let out = wan.generate(gpu, &req, &mut |_| true)?;
+    let trace = out.trace.unwrap_or_default();
+    let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    Ok(computed_from([
+        ("timesteps", trace.timesteps.clone()),
+        ("prompt_embeds", widen(&trace.prompt_embeds)),
+        ("step_latents", widen(&trace.step_latents.concat())),
+        ("latents", widen(&out.latents)),
+        ("frames", widen(&out.frames_f32)),
+    ]))
 }
