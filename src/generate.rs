@@ -89,6 +89,10 @@ pub struct RecipeArgs {
     /// Use the text encoder's penultimate layer (1) instead of the last (0).
     #[arg(long)]
     pub clip_skip: Option<u32>,
+    /// Flow-matching models (Wan): the sampler's shift, over the model's
+    /// scheduler config (Wan 2.1 ships 3.0 for 480p, 5.0 is used for 720p).
+    #[arg(long)]
+    pub shift: Option<f32>,
 }
 
 impl RecipeArgs {
@@ -123,6 +127,7 @@ impl RecipeArgs {
             camera: self.camera,
             style: self.style.clone(),
             clip_skip: self.clip_skip,
+            shift: self.shift,
             ..Default::default()
         })
     }
@@ -279,12 +284,17 @@ impl Settings {
             })?,
         };
         recipe.validate().map_err(flag_error)?;
-        // The only family yet is AnimateDiff: the controls later families
-        // add are refused by name rather than ignored.
-        if let Some(field) = recipe.family_controls().first() {
+        // The model's family refuses what it cannot honour (shift, a second
+        // guidance) by name; inputs no family takes yet (a last image, an
+        // input video) are refused here, before anything is read.
+        if let Some(field) = recipe
+            .family_controls()
+            .into_iter()
+            .find(|f| !matches!(*f, "shift" | "guidance_2"))
+        {
             return Err(flag_error(FieldError::new(
                 field,
-                format!("is not a control of {model} (an AnimateDiff model)"),
+                format!("is not supported by any model family yet (model {model})"),
             )));
         }
         if let Some(name) = &recipe.style {
@@ -338,6 +348,8 @@ impl Settings {
             motion: Some(self.motion),
             camera: r.camera,
             clip_skip: Some(self.clip_skip),
+            shift: req.shift,
+            guidance_2: req.guidance_2,
             ..Default::default()
         }
     }
@@ -563,6 +575,8 @@ pub fn generate_cached(
     req.seed = settings.seed;
     req.scheduler = r.scheduler.map(engine_scheduler);
     req.karras = r.karras.filter(|k| *k);
+    req.shift = r.shift;
+    req.guidance_2 = r.guidance_2;
     req.clip_skip = settings.clip_skip as usize;
     req.image = image;
     req.strength = settings.strength;

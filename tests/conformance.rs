@@ -169,7 +169,8 @@ fn wan_pipeline_cases_run_through_the_whole_denoising_loop() {
             assert!(
                 stdout
                     .lines()
-                    .any(|l| l.contains(&format!("pipeline_{sampler}.{output}")) && l.ends_with(" ok")),
+                    .any(|l| l.contains(&format!("pipeline_{sampler}.{output}"))
+                        && l.ends_with(" ok")),
                 "{sampler} {output}:\n{stdout}"
             );
         }

@@ -429,10 +429,15 @@ impl Recipe {
             (None, None, None) => default,
         };
         for (field, v) in [("width", w), ("height", h)] {
-            if v % multiple.max(1) != 0 {
+            let m = multiple.max(1);
+            if v % m != 0 {
+                let below = (v / m).max(1) * m;
                 return Err(FieldError::new(
                     field,
-                    format!("{v}: not a multiple of {multiple} (the model's VAE scale factor)"),
+                    format!(
+                        "{v}: not a multiple of {m} (what the model's latents need); pass {below} or {}",
+                        below + m
+                    ),
                 ));
             }
         }

@@ -14,9 +14,9 @@ use super::{
 };
 use crate::error::{EngineError, Result};
 use crate::gpu::Gpu;
+use crate::models::source::ModelSource;
 use crate::models::umt5::{relative_position_buckets, BlockResidency, UMT5EncoderModel};
 use crate::models::wan_transformer::{rope_tables, WanTransformer3DModel, ROPE_THETA};
-use crate::models::source::ModelSource;
 use crate::models::wan_vae::AutoencoderKLWan;
 use crate::pipelines::{Family, ModelDefaults, Request, Wan};
 use crate::schedulers::SchedulerConfig;
