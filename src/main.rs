@@ -58,6 +58,10 @@ enum Command {
         /// With --unet: walk the step through the allocator without running it and report its peak memory.
         #[arg(long)]
         plan: bool,
+        /// With --plan: Wan2.1-T2V-1.3B's whole generation (UMT5-XXL text encoding, one denoising step, the
+        /// decode) instead of the UNet, by phase; --size default 832x480x81.
+        #[arg(long)]
+        wan: bool,
         /// With --unet or --model: the workload as WIDTHxHEIGHTxFRAMES (--unet: default 512x512x16 on GPUs, 128x128x4 on CPU adapters and always 512x512x16 with --plan; --model: the model's own defaults).
         #[arg(long, value_parser = parse_workload)]
         size: Option<(usize, usize, usize)>,
@@ -218,6 +222,31 @@ fn info(cli: &Cli) -> Result<()> {
         "  workgroups per dimension: {}",
         limits.max_compute_workgroups_per_dimension
     );
+    Ok(())
+}
+
+/// `motif bench --plan --wan`: the peak device memory of a Wan2.1-1.3B
+/// generation by phase, walked through the allocator.
+fn plan_wan(cli: &Cli, size: Option<(usize, usize, usize)>) -> Result<()> {
+    let gpu = Gpu::new(GpuOptions {
+        adapter: cli.adapter.clone(),
+        precision: cli.precision,
+        plan: true,
+        ..Default::default()
+    })
+    .context("opening the GPU")?;
+    let (width, height, frames) = size.unwrap_or((832, 480, 81));
+    println!("adapter: {}", gpu.adapter());
+    println!(
+        "Wan2.1-T2V-1.3B at {width}x{height}x{frames} in {} (plan: nothing runs, every allocation is counted)",
+        gpu.precision()
+    );
+    let r = motif_engine::bench::plan_wan(&gpu, width, height, frames)?;
+    println!("resident weights (transformer, VAE):  {}", mib(r.weight_bytes));
+    println!("peak, text encoding (UMT5-XXL streamed): {}", mib(r.text_encoding_peak));
+    println!("peak, denoising (one step, guidance on): {}", mib(r.denoising_peak));
+    println!("peak, decoding:                          {}", mib(r.decoding_peak));
+    println!("peak device memory:                      {}", mib(r.peak()));
     Ok(())
 }
 
@@ -505,6 +534,7 @@ fn main() {
             all_precisions,
             unet,
             plan,
+            wan,
             size,
             model,
             steps,
@@ -522,8 +552,14 @@ fn main() {
                 }
             } else if let Some(model) = model {
                 bench_model(&cli, model, *size, steps, *guidance, prompt, *iters, *json)
+            } else if *wan {
+                if *plan {
+                    plan_wan(&cli, *size)
+                } else {
+                    Err(anyhow::anyhow!("--wan goes with --plan"))
+                }
             } else if *plan && !*unet {
-                Err(anyhow::anyhow!("--plan goes with --unet"))
+                Err(anyhow::anyhow!("--plan goes with --unet or --wan"))
             } else if *unet {
                 let r = if *ops {
                     bench(&cli, true, *iters, *all_precisions)
