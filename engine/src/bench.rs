@@ -563,7 +563,11 @@ pub fn plan_wan(gpu: &Gpu, width: usize, height: usize, frames: usize) -> Result
             message: "needs a plan-mode GPU (motif bench --plan)".into(),
         });
     }
-    if width % 16 != 0 || height % 16 != 0 || frames == 0 || (frames - 1) % 4 != 0 {
+    if !width.is_multiple_of(16)
+        || !height.is_multiple_of(16)
+        || frames == 0
+        || !(frames - 1).is_multiple_of(4)
+    {
         return Err(EngineError::Argument {
             op: "plan_wan",
             message: format!(
