@@ -137,7 +137,7 @@ fn bad_recipes_are_refused_naming_the_field() {
         (r#""promt": "a""#, "unknown field `promt`"),
         (r#""width": "wide""#, "`width`"),
         (r#""motion": 7"#, "--motion 7"),
-        (r#""shift": 3.0"#, "--shift is not a control of default"),
+        (r#""shift": 3.0"#, "`shift` is not supported by the model"),
         (r#""video": "in.mp4""#, "--video is not a control"),
     ] {
         let path = dir.join("r.json");
