@@ -212,20 +212,6 @@ pub fn read_recipe(path: &Path) -> Result<Recipe> {
     Recipe::from_json(&text).with_context(|| format!("{}: the recipe", path.display()))
 }
 
-/// The recipe's camera move as the engine's.
-fn engine_camera(c: CameraMove) -> Camera {
-    match c {
-        CameraMove::ZoomIn => Camera::ZoomIn,
-        CameraMove::ZoomOut => Camera::ZoomOut,
-        CameraMove::PanLeft => Camera::PanLeft,
-        CameraMove::PanRight => Camera::PanRight,
-        CameraMove::TiltUp => Camera::TiltUp,
-        CameraMove::TiltDown => Camera::TiltDown,
-        CameraMove::RollCw => Camera::RollCw,
-        CameraMove::RollCcw => Camera::RollCcw,
-    }
-}
-
 /// The recipe's scheduler as the engine's.
 fn engine_scheduler(s: Scheduler) -> SchedulerKind {
     match s {
@@ -318,7 +304,8 @@ impl Settings {
     }
 
     fn camera(&self) -> Option<Camera> {
-        self.recipe.camera.map(engine_camera)
+        // The engine's camera type is the recipe's.
+        self.recipe.camera
     }
 
     /// The recipe the clip is written with: every setting as resolved, in

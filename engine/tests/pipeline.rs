@@ -121,27 +121,30 @@ fn the_registry_picks_the_family_from_the_pipeline_class() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cases-b");
     let family = pipelines::family_of(&ModelSource::folder(&fixture)).unwrap();
     assert_eq!(family.name, "AnimateDiff");
+    let wan = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/wan-a");
+    assert_eq!(pipelines::family_of(&ModelSource::folder(&wan)).unwrap().name, "Wan");
     // A class no family runs yet is named, with the ones that run.
     let dir = std::env::temp_dir().join(format!("motif-family-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("model_index.json"),
-        r#"{"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}"#,
+        r#"{"_class_name": "WanImageToVideoPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}"#,
     )
     .unwrap();
     let source = ModelSource::folder(&dir);
     let e = pipelines::family_of(&source).err().unwrap();
-    assert!(matches!(&e, EngineError::UnsupportedFamily { class, .. } if class == "WanPipeline"));
+    assert!(matches!(&e, EngineError::UnsupportedFamily { class, .. } if class == "WanImageToVideoPipeline"));
     let message = e.to_string();
     assert!(
-        message.contains("`WanPipeline` models are not supported yet")
-            && message.contains("AnimateDiffPipeline"),
+        message.contains("`WanImageToVideoPipeline` models are not supported yet")
+            && message.contains("AnimateDiffPipeline")
+            && message.contains("WanPipeline"),
         "{message}"
     );
     // Loading through the registry (as the model cache does) says the same.
     let mut cache = pipelines::ModelCache::default();
     let e = cache.get(common::gpu(), "wan", &source).err().unwrap();
-    assert!(e.to_string().contains("`WanPipeline`"), "{e}");
+    assert!(e.to_string().contains("`WanImageToVideoPipeline`"), "{e}");
     assert_eq!(cache.key(), None);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,112 +4,60 @@
 //! estimate and noise towards frame 0's, warped to the frame's place along
 //! the move). Directions name how the picture content moves on screen.
 
-use std::str::FromStr;
-
 use crate::error::Result;
 use crate::schedulers::Scheduler;
 
-/// A camera move, applied without training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Camera {
-    ZoomIn,
-    ZoomOut,
-    PanLeft,
-    PanRight,
-    TiltUp,
-    TiltDown,
-    RollCw,
-    RollCcw,
+/// A camera move: the recipe's own name set (`motif_recipe::CameraMove`,
+/// what every surface reads and writes); what a move does is here.
+pub use motif_recipe::CameraMove as Camera;
+
+/// Where frame content at progress `p` (0..1) samples the common noise:
+/// maps an output latent position (centred coordinates) to a source one.
+fn source(camera: Camera, p: f32, x: f32, y: f32, w: f32, h: f32) -> (f32, f32) {
+    // A quarter of the frame over the clip for shifts, 1.5x for zooms,
+    // 20 degrees for rolls.
+    let shift_x = 0.25 * w * p;
+    let shift_y = 0.25 * h * p;
+    let zoom = 1.0 + 0.5 * p;
+    let angle = 20f32.to_radians() * p;
+    match camera {
+        Camera::PanLeft => (x + shift_x, y),
+        Camera::PanRight => (x - shift_x, y),
+        Camera::TiltUp => (x, y + shift_y),
+        Camera::TiltDown => (x, y - shift_y),
+        Camera::ZoomIn => (x / zoom, y / zoom),
+        Camera::ZoomOut => (x * zoom, y * zoom),
+        // Content turns clockwise on screen (y grows downwards).
+        Camera::RollCw => rotate(x, y, -angle),
+        Camera::RollCcw => rotate(x, y, angle),
+    }
 }
 
-impl Camera {
-    pub const ALL: [Camera; 8] = [
-        Camera::ZoomIn,
-        Camera::ZoomOut,
-        Camera::PanLeft,
-        Camera::PanRight,
-        Camera::TiltUp,
-        Camera::TiltDown,
-        Camera::RollCw,
-        Camera::RollCcw,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Camera::ZoomIn => "zoom-in",
-            Camera::ZoomOut => "zoom-out",
-            Camera::PanLeft => "pan-left",
-            Camera::PanRight => "pan-right",
-            Camera::TiltUp => "tilt-up",
-            Camera::TiltDown => "tilt-down",
-            Camera::RollCw => "roll-cw",
-            Camera::RollCcw => "roll-ccw",
-        }
-    }
-
-    /// Where frame content at progress `p` (0..1) samples the common noise:
-    /// maps an output latent position (centred coordinates) to a source one.
-    fn source(self, p: f32, x: f32, y: f32, w: f32, h: f32) -> (f32, f32) {
-        // A quarter of the frame over the clip for shifts, 1.5x for zooms,
-        // 20 degrees for rolls.
-        let shift_x = 0.25 * w * p;
-        let shift_y = 0.25 * h * p;
-        let zoom = 1.0 + 0.5 * p;
-        let angle = 20f32.to_radians() * p;
-        match self {
-            Camera::PanLeft => (x + shift_x, y),
-            Camera::PanRight => (x - shift_x, y),
-            Camera::TiltUp => (x, y + shift_y),
-            Camera::TiltDown => (x, y - shift_y),
-            Camera::ZoomIn => (x / zoom, y / zoom),
-            Camera::ZoomOut => (x * zoom, y * zoom),
-            // Content turns clockwise on screen (y grows downwards).
-            Camera::RollCw => rotate(x, y, -angle),
-            Camera::RollCcw => rotate(x, y, angle),
-        }
-    }
-
-    /// The latent pixel of a [h, w] plane that pixel (x, y) of the frame at
-    /// progress `p` takes the common noise from: nearest, wrapping around
-    /// the edges so that every output pixel draws real noise.
-    pub(crate) fn noise_source(
-        self,
-        p: f32,
-        x: usize,
-        y: usize,
-        w: usize,
-        h: usize,
-    ) -> (usize, usize) {
-        let (cx, cy) = (
-            x as f32 - (w as f32 - 1.0) / 2.0,
-            y as f32 - (h as f32 - 1.0) / 2.0,
-        );
-        let (ux, uy) = self.source(p, cx, cy, w as f32, h as f32);
-        let wrap = |v: f32, n: usize| ((v.round() as i64).rem_euclid(n as i64)) as usize;
-        (
-            wrap(ux + (w as f32 - 1.0) / 2.0, w),
-            wrap(uy + (h as f32 - 1.0) / 2.0, h),
-        )
-    }
+/// The latent pixel of a [h, w] plane that pixel (x, y) of the frame at
+/// progress `p` takes the common noise from: nearest, wrapping around
+/// the edges so that every output pixel draws real noise.
+pub(crate) fn noise_source(
+    camera: Camera,
+    p: f32,
+    x: usize,
+    y: usize,
+    w: usize,
+    h: usize,
+) -> (usize, usize) {
+    let (cx, cy) = (
+        x as f32 - (w as f32 - 1.0) / 2.0,
+        y as f32 - (h as f32 - 1.0) / 2.0,
+    );
+    let (ux, uy) = source(camera, p, cx, cy, w as f32, h as f32);
+    let wrap = |v: f32, n: usize| ((v.round() as i64).rem_euclid(n as i64)) as usize;
+    (
+        wrap(ux + (w as f32 - 1.0) / 2.0, w),
+        wrap(uy + (h as f32 - 1.0) / 2.0, h),
+    )
 }
 
 fn rotate(x: f32, y: f32, a: f32) -> (f32, f32) {
     (x * a.cos() - y * a.sin(), x * a.sin() + y * a.cos())
-}
-
-impl FromStr for Camera {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Camera::ALL
-            .into_iter()
-            .find(|c| c.name() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown camera move `{s}` (expected one of: {})",
-                    Camera::ALL.map(|c| c.name()).join(", ")
-                )
-            })
-    }
 }
 
 /// How strongly the camera move steers step k of n (see `camera_guide`):
@@ -161,7 +109,7 @@ pub(crate) fn camera_guide(
                     x as f32 - (w as f32 - 1.0) / 2.0,
                     y as f32 - (h as f32 - 1.0) / 2.0,
                 );
-                let (ux, uy) = cam.source(p, cx, cy, w as f32, h as f32);
+                let (ux, uy) = source(cam, p, cx, cy, w as f32, h as f32);
                 let sx = (ux + (w as f32 - 1.0) / 2.0).clamp(0.0, (w - 1) as f32);
                 let sy = (uy + (h as f32 - 1.0) / 2.0).clamp(0.0, (h - 1) as f32);
                 for ch in 0..c {

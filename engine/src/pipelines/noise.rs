@@ -61,7 +61,7 @@ pub(crate) fn initial_noise(
             for x in 0..w {
                 let (sx, sy) = match camera {
                     None => (x, y),
-                    Some(cam) => cam.noise_source(p, x, y, w, h),
+                    Some(cam) => super::camera::noise_source(cam, p, x, y, w, h),
                 };
                 for ch in 0..c {
                     let o = ((ch * f + fi) * h + y) * w + x;
