@@ -242,10 +242,22 @@ fn plan_wan(cli: &Cli, size: Option<(usize, usize, usize)>) -> Result<()> {
         gpu.precision()
     );
     let r = motif_engine::bench::plan_wan(&gpu, width, height, frames)?;
-    println!("resident weights (transformer, VAE):  {}", mib(r.weight_bytes));
-    println!("peak, text encoding (UMT5-XXL streamed): {}", mib(r.text_encoding_peak));
-    println!("peak, denoising (one step, guidance on): {}", mib(r.denoising_peak));
-    println!("peak, decoding:                          {}", mib(r.decoding_peak));
+    println!(
+        "resident weights (transformer, VAE):  {}",
+        mib(r.weight_bytes)
+    );
+    println!(
+        "peak, text encoding (UMT5-XXL streamed): {}",
+        mib(r.text_encoding_peak)
+    );
+    println!(
+        "peak, denoising (one step, guidance on): {}",
+        mib(r.denoising_peak)
+    );
+    println!(
+        "peak, decoding:                          {}",
+        mib(r.decoding_peak)
+    );
     println!("peak device memory:                      {}", mib(r.peak()));
     Ok(())
 }

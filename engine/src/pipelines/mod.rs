@@ -104,7 +104,30 @@ pub struct Registered {
     /// and folders without a model_index.json.
     pub unnamed: bool,
     pub controls: Controls,
+    /// The settings the family publishes, before a model's card: what a
+    /// surface (the viewer's panel) proposes without loading the weights.
+    pub defaults: fn() -> ModelDefaults,
+    /// Widths and heights are multiples of this for the family's usual
+    /// models (the loaded model's `scale_factor` is the exact rule).
+    pub size_multiple: usize,
+    /// Frame counts are 1 + k × this (1: any count), for the same models.
+    pub frame_step: usize,
     pub load: fn(&Gpu, &ModelSource) -> Result<Box<dyn Family>>,
+}
+
+impl Registered {
+    /// What `source` proposes before it is loaded: its card's defaults
+    /// over the family's published ones.
+    pub fn defaults_for(&self, source: &ModelSource) -> Result<ModelDefaults> {
+        let card = ModelCard::for_model(source.path())?;
+        Ok(card.defaults((self.defaults)()))
+    }
+
+    /// The nearest frame count the family takes (1 + k × `frame_step`).
+    pub fn nearest_frames(&self, frames: usize) -> usize {
+        let step = self.frame_step.max(1);
+        (frames.max(1) - 1 + step / 2) / step * step + 1
+    }
 }
 
 /// The registry's `load` for a family type.
