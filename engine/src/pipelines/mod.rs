@@ -144,11 +144,7 @@ pub const FAMILIES: &[Registered] = &[animatediff::REGISTERED, wan::REGISTERED];
 /// The family that runs `source`, from the pipeline class it names.
 pub fn family_of(source: &ModelSource) -> Result<&'static Registered> {
     let class = source.pipeline_class()?;
-    let found = FAMILIES.iter().find(|f| match &class {
-        Some(c) => f.classes.contains(&c.as_str()),
-        None => f.unnamed,
-    });
-    found.ok_or_else(|| EngineError::UnsupportedFamily {
+    family_for_class(class.as_deref()).ok_or_else(|| EngineError::UnsupportedFamily {
         model: source.path().to_path_buf(),
         class: class.unwrap_or_else(|| "(no pipeline class)".into()),
         supported: FAMILIES
@@ -156,6 +152,16 @@ pub fn family_of(source: &ModelSource) -> Result<&'static Registered> {
             .flat_map(|f| f.classes.iter().copied())
             .collect::<Vec<_>>()
             .join(", "),
+    })
+}
+
+/// The family that runs models naming pipeline `class` (model_index.json's
+/// `_class_name`; `None` for single files and folders without one), if this
+/// build has it.
+pub fn family_for_class(class: Option<&str>) -> Option<&'static Registered> {
+    FAMILIES.iter().find(|f| match class {
+        Some(c) => f.classes.contains(&c),
+        None => f.unnamed,
     })
 }
 
