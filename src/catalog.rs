@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
+use motif_engine::pipelines::family_for_class;
 use serde_json::Value;
 
 const STYLES: &str = include_str!("../assets/styles.json");
@@ -124,19 +125,29 @@ fn size_of(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// What a folder or file is, for the listing; `None` if not a model.
-fn kind_of(path: &Path) -> Option<String> {
+/// The family that runs a model naming pipeline `class` ("AnimateDiff",
+/// "Wan"), or a note that this build has none.
+fn family_name(class: Option<&str>) -> &'static str {
+    family_for_class(class).map_or("no family in this build", |f| f.name)
+}
+
+/// What a folder or file is and the family that runs it, for the listing;
+/// `None` if not a model.
+fn kind_of(path: &Path) -> Option<(String, &'static str)> {
     if path.is_file() {
-        return (path.extension().and_then(|e| e.to_str()) == Some("safetensors"))
-            .then(|| "single-file checkpoint (.safetensors)".to_string());
+        return (path.extension().and_then(|e| e.to_str()) == Some("safetensors")).then(|| {
+            (
+                "single-file checkpoint (.safetensors)".to_string(),
+                family_name(None),
+            )
+        });
     }
     let index = path.join("model_index.json");
     let text = std::fs::read_to_string(&index).ok()?;
     let json: Value = serde_json::from_str(&text).ok()?;
-    let class = json
-        .get("_class_name")
-        .and_then(Value::as_str)
-        .unwrap_or("diffusers pipeline");
+    let named = json.get("_class_name").and_then(Value::as_str);
+    let family = family_name(named);
+    let class = named.unwrap_or("diffusers pipeline");
     let motion = if path.join("motion_adapter").is_dir() {
         ", SD UNet + motion_adapter/"
     } else if json
@@ -149,13 +160,15 @@ fn kind_of(path: &Path) -> Option<String> {
     } else {
         ""
     };
-    Some(format!("diffusers folder ({class}{motion})"))
+    Some((format!("diffusers folder ({class}{motion})"), family))
 }
 
 pub struct Listed {
     pub name: String,
     pub source: &'static str,
     pub kind: String,
+    /// The model family that runs it ("AnimateDiff", "Wan").
+    pub family: &'static str,
     pub bytes: u64,
     pub path: PathBuf,
 }
@@ -164,10 +177,12 @@ pub fn list_models() -> Vec<Listed> {
     let mut out = Vec::new();
     if let Some(path) = default_model() {
         let path = PathBuf::from(path);
+        let (kind, family) = kind_of(&path).unwrap_or_default();
         out.push(Listed {
             name: "default".into(),
             source: "bundled",
-            kind: kind_of(&path).unwrap_or_default(),
+            kind,
+            family,
             bytes: size_of(&path),
             path,
         });
@@ -178,7 +193,7 @@ pub fn list_models() -> Vec<Listed> {
                 entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
             paths.sort();
             for path in paths {
-                if let Some(kind) = kind_of(&path) {
+                if let Some((kind, family)) = kind_of(&path) {
                     out.push(Listed {
                         name: path
                             .file_name()
@@ -186,6 +201,7 @@ pub fn list_models() -> Vec<Listed> {
                             .unwrap_or_default(),
                         source: "models folder",
                         kind,
+                        family,
                         bytes: size_of(&path),
                         path,
                     });
@@ -204,7 +220,7 @@ pub fn list_models() -> Vec<Listed> {
             for repo in repos {
                 if let Ok(snapshot) = motif_engine::weights::folder::resolve_in_cache(&cache, &repo)
                 {
-                    if let Some(kind) = kind_of(&snapshot) {
+                    if let Some((kind, family)) = kind_of(&snapshot) {
                         let blobs = cache
                             .join(format!("models--{}", repo.replace('/', "--")))
                             .join("blobs");
@@ -212,6 +228,7 @@ pub fn list_models() -> Vec<Listed> {
                             name: repo,
                             source: "Hugging Face cache",
                             kind,
+                            family,
                             bytes: size_of(&blobs),
                             path: snapshot,
                         });

@@ -494,9 +494,10 @@ fn list_models() -> Result<()> {
     }
     for m in &models {
         println!(
-            "{:<40} {:<18} {:>9}  {}",
+            "{:<40} {:<18} {:<12} {:>9}  {}",
             m.name,
             m.source,
+            m.family,
             mib(m.bytes),
             m.kind
         );

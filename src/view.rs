@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use motif_engine::pipelines::{Event, ModelCache};
+use motif_engine::models::source::{ModelSource, ModelSpec};
+use motif_engine::pipelines::{self, Control, Event, ModelCache, ModelCard};
 use motif_engine::Gpu;
 use motif_viewer::{Controls, ModelChoice, ModelDefaults, Saved, Script};
-use serde_json::Value;
 
 use crate::catalog;
 use crate::generate::{self, RecipeArgs};
@@ -97,32 +97,53 @@ impl motif_viewer::Backend for Engine {
     }
 }
 
-/// A model's card defaults (`motif.json`), else AnimateDiff's published ones.
-fn model_defaults(model: &str) -> Result<ModelDefaults> {
-    let path = PathBuf::from(catalog::resolve_model_name(model));
-    let card: Option<Value> = match path.join("motif.json") {
-        p if p.is_file() => Some(
-            serde_json::from_str(
-                &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
-            )
-            .with_context(|| format!("{}: not valid JSON", p.display()))?,
-        ),
-        _ => None,
+/// What a model proposes before it is loaded: its card's defaults
+/// (`motif.json`) over its family's published ones, and what the family
+/// takes (size multiple, frame step, motion, camera, still). A model this
+/// machine cannot open (a name only a server has) gets AnimateDiff's, under
+/// its card if it has one here.
+pub(crate) fn model_defaults(model: &str) -> Result<ModelDefaults> {
+    let path = catalog::resolve_model_name(model);
+    let spec = ModelSpec {
+        model: path.clone(),
+        motion_adapter: None,
+        vae: None,
+        loras: Vec::new(),
     };
-    let num = |k: &str, d: f64| {
-        card.as_ref()
-            .and_then(|c| c.get("defaults"))
-            .and_then(|d| d.get(k))
-            .and_then(Value::as_f64)
-            .unwrap_or(d)
+    let family = ModelSource::open(&spec)
+        .ok()
+        .and_then(|source| Some((pipelines::family_of(&source).ok()?, source)));
+    let Some((family, source)) = family else {
+        let card = ModelCard::for_model(Path::new(&path))
+            .with_context(|| format!("reading the card of {path}"))?;
+        let d = card.defaults((pipelines::animatediff::REGISTERED.defaults)());
+        return Ok(ModelDefaults {
+            width: d.width,
+            height: d.height,
+            frames: d.frames,
+            steps: d.steps,
+            guidance: d.guidance,
+            fps: d.fps,
+            ..ModelDefaults::ANIMATEDIFF
+        });
     };
+    let d = family
+        .defaults_for(&source)
+        .with_context(|| format!("reading the card of {path}"))?;
+    let takes = |c| family.controls.supports(c);
     Ok(ModelDefaults {
-        width: num("width", 512.0) as usize,
-        height: num("height", 512.0) as usize,
-        frames: num("frames", 16.0) as usize,
-        steps: num("steps", 25.0) as usize,
-        guidance: num("guidance", 7.5) as f32,
-        fps: num("fps", 8.0) as f32,
+        width: d.width,
+        height: d.height,
+        frames: d.frames,
+        steps: d.steps,
+        guidance: d.guidance,
+        fps: d.fps,
+        family: family.name,
+        size_multiple: family.size_multiple,
+        frame_step: family.frame_step,
+        motion: takes(Control::Motion),
+        camera: takes(Control::Camera),
+        image: takes(Control::Image),
     })
 }
 
@@ -152,7 +173,10 @@ fn controls(args: &ViewArgs) -> Result<Controls> {
     // the model's pixel count as `motif generate` makes it.
     if flags.aspect.is_some() {
         let (w, h) = flags
-            .size((defaults.width as u32, defaults.height as u32), 8)
+            .size(
+                (defaults.width as u32, defaults.height as u32),
+                defaults.size_multiple as u32,
+            )
             .map_err(generate::flag_error)?;
         (flags.width, flags.height, flags.aspect) = (Some(w), Some(h), None);
     }

@@ -371,6 +371,7 @@ fn styles_and_models_are_listed() {
         text.contains("tiny")
             && text.contains("models folder")
             && text.contains("merged motion UNet")
+            && text.contains("AnimateDiff")
             && text.contains("bundled"),
         "{text}"
     );

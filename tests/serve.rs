@@ -1422,3 +1422,68 @@ fn api_throughput() {
     let path = format!("/api/v1/jobs/{id}");
     report("GET /api/v1/jobs/{id}", run(&|_, _| Some(path.clone())));
 }
+
+/// A Wan 2.1 folder in the server's models folder (`MOTIF_MODELS`): listed
+/// by `motif models` with its family, named by a job, run by a worker into a
+/// 5-frame H.264 MP4, with live previews.
+#[test]
+fn a_job_runs_on_a_wan_model_from_the_models_folder() {
+    let data = temp_dir("wan");
+    let models = data.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let wan = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan-a");
+    std::os::unix::fs::symlink(&wan, models.join("wan-tiny")).unwrap();
+    let models_env = models.to_str().unwrap();
+    let no_cache = data.join("no-hf-cache");
+    let env = [
+        ("MOTIF_MODELS", models_env),
+        ("HF_HUB_CACHE", no_cache.to_str().unwrap()),
+    ];
+
+    let listed = motif_command(&["models"], &env).output().unwrap();
+    assert!(listed.status.success());
+    let text = String::from_utf8_lossy(&listed.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("wan-tiny"))
+        .unwrap_or_else(|| panic!("wan-tiny not listed:\n{text}"));
+    assert!(
+        line.contains("Wan") && line.contains("WanPipeline") && line.contains("models folder"),
+        "{line}"
+    );
+
+    let server = Server::start_with_env(&data, &["--workers", "1"], &env);
+    let token = create_token(&["--data", data.to_str().unwrap()], false);
+    let prompt = "a red ball bouncing on grass";
+    let job = json!({"prompt": prompt, "model": "wan-tiny", "width": 48, "height": 32,
+                     "frames": 5, "steps": 2, "seed": 11});
+    let id = submit(&server, &token, &job);
+    let events = read_events(&server, &token, &id);
+    // The stream sends the latest progress (steps may be coalesced): the
+    // last step's, with the preview of the forming clip.
+    let progress: Vec<&Value> = (events.iter())
+        .filter_map(|(n, d)| (n == "progress").then_some(d))
+        .collect();
+    let last_step = progress.last().expect("progress events");
+    assert_eq!(
+        (&last_step["step"], &last_step["total"]),
+        (&json!(2), &json!(2))
+    );
+    assert!(
+        (last_step["preview"].as_str()).is_some_and(|p| p.starts_with("data:image/png;base64,")),
+        "{last_step}"
+    );
+    let (last, done) = events.last().unwrap();
+    assert_eq!(
+        (last.as_str(), &done["state"]),
+        ("done", &json!("finished")),
+        "{done}"
+    );
+    check_clip(&server, &token, &id, prompt, 5);
+    let recipe = get(&server, &format!("/api/v1/jobs/{id}/recipe"), Some(&token)).body;
+    assert_eq!(recipe["model"], "wan-tiny", "{recipe}");
+    assert_eq!(
+        (recipe["width"].as_u64(), recipe["height"].as_u64()),
+        (Some(48), Some(32))
+    );
+}

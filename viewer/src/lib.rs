@@ -58,8 +58,8 @@ pub struct Controls {
     pub extra: Recipe,
 }
 
-/// The size, length and sampling a model proposes (its card, else
-/// AnimateDiff's published defaults).
+/// The size, length and sampling a model proposes (its card, else its
+/// family's published defaults), and what its family takes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelDefaults {
     pub width: usize,
@@ -68,6 +68,56 @@ pub struct ModelDefaults {
     pub steps: usize,
     pub guidance: f32,
     pub fps: f32,
+    /// The model's family ("AnimateDiff", "Wan"); empty when unknown.
+    pub family: &'static str,
+    /// Widths and heights come in multiples of this (8: the SD VAE; 16:
+    /// Wan's VAE × its transformer's patch).
+    pub size_multiple: usize,
+    /// Frame counts come as 1 + k × this (1: any count; 4: Wan's causal VAE).
+    pub frame_step: usize,
+    /// Whether the family honours the motion slider, a camera move, a still.
+    pub motion: bool,
+    pub camera: bool,
+    pub image: bool,
+}
+
+impl ModelDefaults {
+    /// AnimateDiff's published settings and rules (a model whose family
+    /// is not known, such as one only a server has).
+    pub const ANIMATEDIFF: ModelDefaults = ModelDefaults {
+        width: 512,
+        height: 512,
+        frames: 16,
+        steps: 25,
+        guidance: 7.5,
+        fps: 8.0,
+        family: "",
+        size_multiple: 8,
+        frame_step: 1,
+        motion: true,
+        camera: true,
+        image: true,
+    };
+
+    /// The family's name for messages ("this model" when unknown).
+    pub fn family_name(&self) -> &'static str {
+        match self.family {
+            "" => "this model",
+            f => f,
+        }
+    }
+
+    /// The nearest width or height the model takes.
+    pub fn snap_size(&self, v: f64) -> usize {
+        let m = self.size_multiple.max(1);
+        ((v / m as f64).round() as usize).max(1) * m
+    }
+
+    /// The nearest frame count the model takes.
+    pub fn snap_frames(&self, frames: usize) -> usize {
+        let step = self.frame_step.max(1);
+        (frames.max(1) - 1 + step / 2) / step * step + 1
+    }
 }
 
 impl Controls {

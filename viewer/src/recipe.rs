@@ -94,6 +94,7 @@ mod tests {
                 steps: 8,
                 guidance: 5.0,
                 fps: 8.0,
+                ..ModelDefaults::ANIMATEDIFF
             },
         );
         let r = Recipe::from_json(
@@ -131,5 +132,34 @@ mod tests {
             },
             r
         );
+    }
+
+    #[test]
+    fn sizes_and_frames_snap_to_what_the_family_takes() {
+        let ad = ModelDefaults::ANIMATEDIFF;
+        assert_eq!((ad.snap_size(52.0), ad.snap_frames(16)), (56, 16));
+        let wan = ModelDefaults {
+            size_multiple: 16,
+            frame_step: 4,
+            ..ad
+        };
+        // Wan's published 832x480x81 and the test sizes stay as they are.
+        assert_eq!(
+            (
+                wan.snap_size(832.0),
+                wan.snap_size(480.0),
+                wan.snap_frames(81)
+            ),
+            (832, 480, 81)
+        );
+        assert_eq!(
+            (wan.snap_size(48.0), wan.snap_size(32.0), wan.snap_frames(5)),
+            (48, 32, 5)
+        );
+        assert_eq!(
+            (wan.snap_size(56.0), wan.snap_frames(16), wan.snap_frames(0)),
+            (64, 17, 1)
+        );
+        assert_eq!(wan.snap_frames(2), 1);
     }
 }

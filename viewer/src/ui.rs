@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use egui::{Color32, ColorImage, Rect, TextureHandle, TextureId, TextureOptions, Vec2};
+use motif_engine::pipelines::request::DEFAULT_MOTION;
 use motif_engine::pipelines::FrameTextures;
 use motif_recipe::{CameraMove, Recipe, Scheduler};
 
@@ -158,10 +159,6 @@ pub struct Viewer {
     started_script: bool,
 }
 
-fn round8(v: f64) -> usize {
-    ((v / 8.0).round() as usize).max(1) * 8
-}
-
 impl Viewer {
     pub fn new(
         options: Options,
@@ -178,6 +175,7 @@ impl Viewer {
                 steps: options.controls.steps,
                 guidance: options.controls.guidance,
                 fps: options.controls.fps,
+                ..ModelDefaults::ANIMATEDIFF
             });
         let mut v = Viewer {
             playback: Playback {
@@ -617,6 +615,39 @@ impl Viewer {
         self.controls.model = model;
     }
 
+    /// The still to animate: a path, Open…, clear, and its strength.
+    fn image_picker(&mut self, ui: &mut egui::Ui) {
+        ui.label("Image to animate (open one, or drop a file on the window)");
+        let mut image_text = self
+            .controls
+            .image
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        ui.horizontal(|ui| {
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut image_text)
+                    .desired_width(220.0)
+                    .hint_text("none"),
+            );
+            if edit.lost_focus() && !image_text.trim().is_empty() {
+                self.set_image(PathBuf::from(image_text.trim()));
+            }
+            if ui
+                .add_enabled(self.picking.is_none(), egui::Button::new("Open…"))
+                .clicked()
+            {
+                self.open_file_dialog();
+            }
+            if self.controls.image.is_some() && ui.button("clear").clicked() {
+                self.controls.image = None;
+            }
+        });
+        if self.controls.image.is_some() {
+            ui.add(egui::Slider::new(&mut self.controls.strength, 0.05..=1.0).text("strength"));
+        }
+    }
+
     fn controls_panel(&mut self, ui: &mut egui::Ui) {
         let busy = self.run.is_some();
         ui.heading("Motif");
@@ -634,6 +665,7 @@ impl Viewer {
                 .hint_text("(the style's)"),
         );
         let c = &mut self.controls;
+        let d = self.defaults;
         egui::Grid::new("picks").num_columns(2).show(ui, |ui| {
             ui.label("Style");
             egui::ComboBox::from_id_salt("style")
@@ -645,27 +677,39 @@ impl Viewer {
                     }
                 });
             ui.end_row();
+            // A family without a control greys it out, unless it holds a
+            // value (a remix) that must be set back to run: the engine then
+            // refuses it by name, shown below.
+            let family = d.family_name();
             ui.label("Camera");
-            egui::ComboBox::from_id_salt("camera")
-                .selected_text(c.camera.map_or("none", |m| m.name()))
-                .show_ui(ui, |ui| {
-                    ui.selectable_value(&mut c.camera, None, "none");
-                    for &m in CameraMove::ALL {
-                        ui.selectable_value(&mut c.camera, Some(m), m.name());
-                    }
-                });
+            ui.add_enabled_ui(d.camera || c.camera.is_some(), |ui| {
+                egui::ComboBox::from_id_salt("camera")
+                    .selected_text(c.camera.map_or("none", |m| m.name()))
+                    .show_ui(ui, |ui| {
+                        ui.selectable_value(&mut c.camera, None, "none");
+                        for &m in CameraMove::ALL {
+                            ui.selectable_value(&mut c.camera, Some(m), m.name());
+                        }
+                    });
+            })
+            .response
+            .on_disabled_hover_text(format!("{family} takes no camera move"));
             ui.end_row();
             ui.label("Motion");
-            ui.add(egui::Slider::new(&mut c.motion, 0.0..=4.0).step_by(0.25));
+            ui.add_enabled(
+                d.motion || c.motion != DEFAULT_MOTION,
+                egui::Slider::new(&mut c.motion, 0.0..=4.0).step_by(0.25),
+            )
+            .on_disabled_hover_text(format!("{family} has no motion setting"));
             ui.end_row();
         });
         ui.separator();
         ui.horizontal(|ui| {
             ui.label("Aspect");
-            let area = (self.defaults.width * self.defaults.height) as f64;
+            let area = (d.width * d.height) as f64;
             for (a, b) in ASPECTS {
-                let w = round8((area * a as f64 / b as f64).sqrt());
-                let h = round8(w as f64 * b as f64 / a as f64);
+                let w = d.snap_size((area * a as f64 / b as f64).sqrt());
+                let h = d.snap_size(w as f64 * b as f64 / a as f64);
                 if ui
                     .selectable_label((c.width, c.height) == (w, h), format!("{a}:{b}"))
                     .clicked()
@@ -677,13 +721,23 @@ impl Viewer {
         egui::Grid::new("numbers").num_columns(2).show(ui, |ui| {
             ui.label("Size");
             ui.horizontal(|ui| {
-                ui.add(egui::DragValue::new(&mut c.width).range(8..=2048).speed(8));
+                let m = d.size_multiple;
+                ui.add(
+                    egui::DragValue::new(&mut c.width)
+                        .range(m..=2048)
+                        .speed(m as f64),
+                );
                 ui.label("×");
-                ui.add(egui::DragValue::new(&mut c.height).range(8..=2048).speed(8));
+                ui.add(
+                    egui::DragValue::new(&mut c.height)
+                        .range(m..=2048)
+                        .speed(m as f64),
+                );
             });
-            // The VAE works in blocks of 8 pixels.
-            c.width = round8(c.width as f64);
-            c.height = round8(c.height as f64);
+            // The VAE works in blocks of 8 pixels (Wan's transformer in
+            // patches of 2 latent pixels on top).
+            c.width = d.snap_size(c.width as f64);
+            c.height = d.snap_size(c.height as f64);
             ui.end_row();
             ui.label("Seed");
             ui.horizontal(|ui| {
@@ -707,7 +761,14 @@ impl Viewer {
             );
             ui.end_row();
             ui.label("Frames");
-            ui.add(egui::DragValue::new(&mut c.frames).range(1..=128));
+            // A drag moves by whole steps, so snapping never holds it back.
+            ui.add(
+                egui::DragValue::new(&mut c.frames)
+                    .range(1..=257)
+                    .speed(d.frame_step as f64),
+            );
+            // Wan's VAE is causal in time: 1 + 4k frames.
+            c.frames = d.snap_frames(c.frames);
             ui.end_row();
             ui.label("FPS");
             ui.add(
@@ -749,40 +810,22 @@ impl Viewer {
                             new_model = Some(m.path.clone());
                         }
                     }
-                });
+                })
+                .response
+                .on_hover_text(format!("family: {}", self.defaults.family_name()));
         });
         if let Some(m) = new_model {
             self.set_model(m);
         }
-        ui.label("Image to animate (open one, or drop a file on the window)");
-        let mut image_text = self
-            .controls
-            .image
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        ui.horizontal(|ui| {
-            let edit = ui.add(
-                egui::TextEdit::singleline(&mut image_text)
-                    .desired_width(220.0)
-                    .hint_text("none"),
-            );
-            if edit.lost_focus() && !image_text.trim().is_empty() {
-                self.set_image(PathBuf::from(image_text.trim()));
-            }
-            if ui
-                .add_enabled(self.picking.is_none(), egui::Button::new("Open…"))
-                .clicked()
-            {
-                self.open_file_dialog();
-            }
-            if self.controls.image.is_some() && ui.button("clear").clicked() {
-                self.controls.image = None;
-            }
-        });
-        if self.controls.image.is_some() {
-            ui.add(egui::Slider::new(&mut self.controls.strength, 0.05..=1.0).text("strength"));
-        }
+        // Greyed out for a family that animates no still (Wan text-to-video),
+        // unless one is set (a remix), so that it can be cleared.
+        let takes_image = self.defaults.image || self.controls.image.is_some();
+        ui.add_enabled_ui(takes_image, |ui| self.image_picker(ui))
+            .response
+            .on_disabled_hover_text(format!(
+                "{} does not animate a still",
+                self.defaults.family_name()
+            ));
         ui.separator();
         ui.horizontal(|ui| {
             let generate = ui.add_enabled(!busy, egui::Button::new("Generate"));

@@ -104,7 +104,30 @@ pub struct Registered {
     /// and folders without a model_index.json.
     pub unnamed: bool,
     pub controls: Controls,
+    /// The settings the family publishes, before a model's card: what a
+    /// surface (the viewer's panel) proposes without loading the weights.
+    pub defaults: fn() -> ModelDefaults,
+    /// Widths and heights are multiples of this for the family's usual
+    /// models (the loaded model's `scale_factor` is the exact rule).
+    pub size_multiple: usize,
+    /// Frame counts are 1 + k × this (1: any count), for the same models.
+    pub frame_step: usize,
     pub load: fn(&Gpu, &ModelSource) -> Result<Box<dyn Family>>,
+}
+
+impl Registered {
+    /// What `source` proposes before it is loaded: its card's defaults
+    /// over the family's published ones.
+    pub fn defaults_for(&self, source: &ModelSource) -> Result<ModelDefaults> {
+        let card = ModelCard::for_model(source.path())?;
+        Ok(card.defaults((self.defaults)()))
+    }
+
+    /// The nearest frame count the family takes (1 + k × `frame_step`).
+    pub fn nearest_frames(&self, frames: usize) -> usize {
+        let step = self.frame_step.max(1);
+        (frames.max(1) - 1 + step / 2) / step * step + 1
+    }
 }
 
 /// The registry's `load` for a family type.
@@ -121,11 +144,7 @@ pub const FAMILIES: &[Registered] = &[animatediff::REGISTERED, wan::REGISTERED];
 /// The family that runs `source`, from the pipeline class it names.
 pub fn family_of(source: &ModelSource) -> Result<&'static Registered> {
     let class = source.pipeline_class()?;
-    let found = FAMILIES.iter().find(|f| match &class {
-        Some(c) => f.classes.contains(&c.as_str()),
-        None => f.unnamed,
-    });
-    found.ok_or_else(|| EngineError::UnsupportedFamily {
+    family_for_class(class.as_deref()).ok_or_else(|| EngineError::UnsupportedFamily {
         model: source.path().to_path_buf(),
         class: class.unwrap_or_else(|| "(no pipeline class)".into()),
         supported: FAMILIES
@@ -133,6 +152,16 @@ pub fn family_of(source: &ModelSource) -> Result<&'static Registered> {
             .flat_map(|f| f.classes.iter().copied())
             .collect::<Vec<_>>()
             .join(", "),
+    })
+}
+
+/// The family that runs models naming pipeline `class` (model_index.json's
+/// `_class_name`; `None` for single files and folders without one), if this
+/// build has it.
+pub fn family_for_class(class: Option<&str>) -> Option<&'static Registered> {
+    FAMILIES.iter().find(|f| match class {
+        Some(c) => f.classes.contains(&c),
+        None => f.unnamed,
     })
 }
 

@@ -83,8 +83,27 @@ pub const REGISTERED: Registered = Registered {
     // family's.
     unnamed: true,
     controls: CONTROLS,
+    defaults: published_defaults,
+    // The SD VAE's 8; the motion module takes any frame count.
+    size_multiple: 8,
+    frame_step: 1,
     load: load_boxed::<AnimateDiff>,
 };
+
+/// AnimateDiff's published settings (512x512, 16 frames at 8 fps, 25
+/// steps, guidance 7.5) for the SD VAE's 64-latent size.
+fn published_defaults() -> ModelDefaults {
+    ModelDefaults {
+        width: 512,
+        height: 512,
+        frames: 16,
+        steps: 25,
+        guidance: 7.5,
+        fps: 8.0,
+        negative: String::new(),
+        camera_prompts: Default::default(),
+    }
+}
 
 /// The motion-residual scale at motion level m (0.8 ..= 1.2).
 pub fn motion_scale(m: f32) -> f32 {
@@ -143,11 +162,7 @@ impl Family for AnimateDiff {
             width: 64 * scale,
             height: 64 * scale,
             frames: max_frames.min(16),
-            steps: 25,
-            guidance: 7.5,
-            fps: 8.0,
-            negative: String::new(),
-            camera_prompts: Default::default(),
+            ..published_defaults()
         });
         let latent_rgb = LatentRgb::new(card.latent_rgb(), vae.config.latent_channels);
         Ok(AnimateDiff {

@@ -54,8 +54,28 @@ pub const REGISTERED: Registered = Registered {
     // Wan folders always name their class.
     unnamed: false,
     controls: CONTROLS,
+    defaults: published_defaults,
+    // The VAE's 8 × the transformer's 2x2 patch; the VAE is causal in
+    // time and 4x temporally compressed (Wan 2.1).
+    size_multiple: 16,
+    frame_step: 4,
     load: load_boxed::<Wan>,
 };
+
+/// The Wan 2.1 repositories' published settings: 832x480, 81 frames
+/// (5 s at 16 fps), 50 steps, guidance 5.
+fn published_defaults() -> ModelDefaults {
+    ModelDefaults {
+        width: 832,
+        height: 480,
+        frames: 81,
+        steps: 50,
+        guidance: 5.0,
+        fps: 16.0,
+        negative: String::new(),
+        camera_prompts: Default::default(),
+    }
+}
 
 /// Text encoders larger than this run block by block, with only the
 /// current block's weights on the device: UMT5-XXL is 11.4 GB in f16 and
@@ -265,18 +285,7 @@ impl Family for Wan {
             .into());
         }
         let card = ModelCard::for_model(&dir)?;
-        // The Wan 2.1 repositories' published settings: 832x480, 81 frames
-        // (5 s at 16 fps), 50 steps, guidance 5.
-        let defaults = card.defaults(ModelDefaults {
-            width: 832,
-            height: 480,
-            frames: 81,
-            steps: 50,
-            guidance: 5.0,
-            fps: 16.0,
-            negative: String::new(),
-            camera_prompts: Default::default(),
-        });
+        let defaults = card.defaults(published_defaults());
         let latent_rgb = LatentRgb::new(
             card.latent_rgb().or_else(|| {
                 (vae.config.z_dim == 16).then(|| (WAN21_LATENT_RGB.to_vec(), WAN21_LATENT_RGB_BIAS))
