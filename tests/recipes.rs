@@ -138,7 +138,10 @@ fn bad_recipes_are_refused_naming_the_field() {
         (r#""width": "wide""#, "`width`"),
         (r#""motion": 7"#, "--motion 7"),
         (r#""shift": 3.0"#, "`shift` is not supported by the model"),
-        (r#""video": "in.mp4""#, "--video is not supported by any model family yet"),
+        (
+            r#""video": "in.mp4""#,
+            "--video is not supported by any model family yet",
+        ),
     ] {
         let path = dir.join("r.json");
         std::fs::write(

@@ -122,7 +122,12 @@ fn the_registry_picks_the_family_from_the_pipeline_class() {
     let family = pipelines::family_of(&ModelSource::folder(&fixture)).unwrap();
     assert_eq!(family.name, "AnimateDiff");
     let wan = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/wan-a");
-    assert_eq!(pipelines::family_of(&ModelSource::folder(&wan)).unwrap().name, "Wan");
+    assert_eq!(
+        pipelines::family_of(&ModelSource::folder(&wan))
+            .unwrap()
+            .name,
+        "Wan"
+    );
     // A class no family runs yet is named, with the ones that run.
     let dir = std::env::temp_dir().join(format!("motif-family-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -133,7 +138,9 @@ fn the_registry_picks_the_family_from_the_pipeline_class() {
     .unwrap();
     let source = ModelSource::folder(&dir);
     let e = pipelines::family_of(&source).err().unwrap();
-    assert!(matches!(&e, EngineError::UnsupportedFamily { class, .. } if class == "WanImageToVideoPipeline"));
+    assert!(
+        matches!(&e, EngineError::UnsupportedFamily { class, .. } if class == "WanImageToVideoPipeline")
+    );
     let message = e.to_string();
     assert!(
         message.contains("`WanImageToVideoPipeline` models are not supported yet")
