@@ -337,7 +337,7 @@ impl Family for Wan {
             }
         }
         let t = self.vae.config.temporal_scale_factor();
-        if req.frames == 0 || (req.frames - 1) % t != 0 {
+        if req.frames == 0 || !(req.frames - 1).is_multiple_of(t) {
             let (below, above) = self.valid_frames(req.frames);
             return Err(argument(format!(
                 "frames {}: Wan takes 1 + {t}k frames (its VAE is causal in time); pass {below} or {above}",
