@@ -122,12 +122,6 @@ impl Registered {
         let card = ModelCard::for_model(source.path())?;
         Ok(card.defaults((self.defaults)()))
     }
-
-    /// The nearest frame count the family takes (1 + k × `frame_step`).
-    pub fn nearest_frames(&self, frames: usize) -> usize {
-        let step = self.frame_step.max(1);
-        (frames.max(1) - 1 + step / 2) / step * step + 1
-    }
 }
 
 /// The registry's `load` for a family type.
@@ -214,5 +208,40 @@ impl ModelCache {
     /// The key of the model held, if any.
     pub fn key(&self) -> Option<&str> {
         self.loaded.as_ref().map(|(k, _)| k.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::source::ModelSpec;
+
+    #[test]
+    fn a_family_is_picked_by_class_and_proposes_its_defaults_unloaded() {
+        assert_eq!(
+            family_for_class(Some("WanPipeline")).map(|f| f.name),
+            Some("Wan")
+        );
+        assert_eq!(family_for_class(None).map(|f| f.name), Some("AnimateDiff"));
+        assert!(family_for_class(Some("FluxPipeline")).is_none());
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/wan-a");
+        let source = ModelSource::open(&ModelSpec {
+            model: dir.into(),
+            motion_adapter: None,
+            vae: None,
+            loras: Vec::new(),
+        })
+        .unwrap();
+        let family = family_of(&source).unwrap();
+        let d = family.defaults_for(&source).unwrap();
+        assert_eq!((d.width, d.height, d.frames, d.fps), (832, 480, 81, 16.0));
+        assert_eq!((family.size_multiple, family.frame_step), (16, 4));
+        // The published defaults are ones the family's own rules take.
+        for f in FAMILIES {
+            let d = (f.defaults)();
+            assert!(d.width.is_multiple_of(f.size_multiple), "{}", f.name);
+            assert!(d.height.is_multiple_of(f.size_multiple), "{}", f.name);
+            assert!((d.frames - 1).is_multiple_of(f.frame_step), "{}", f.name);
+        }
     }
 }
