@@ -95,7 +95,7 @@ const WAN_COMPONENTS: [&str; 6] = [
     "pipeline",
 ];
 
-/// Outputs known to exceed CONFORMANCE.md's fixed f16 budget, excluded from
+/// Outputs known to exceed docs/CASES.md's fixed f16 budget, excluded from
 /// the f16 runs by name (the budget itself is never widened): (set, output
 /// tensor, why). wan-a's VAE decoder is 4 channels wide at full resolution,
 /// so its channel RMS norms normalise 4-vectors, amplifying the f16

@@ -3,7 +3,7 @@
 //! (UniPC and flow-matching Euler, guidance on, non-square sizes, 5 and 9
 //! frames) through the whole denoising loop — timesteps, prompt
 //! embeddings, the latents after every step, the final latents and the
-//! decoded frames — in f32 (the case's tolerances) and f16 (CONFORMANCE.md's
+//! decoded frames — in f32 (the case's tolerances) and f16 (docs/CASES.md's
 //! pipeline budget); and the family's refusals, before any GPU work.
 
 mod common;
@@ -74,7 +74,7 @@ fn run_set(set_name: &str, dtype: DType) {
                 other => panic!("{}: unexpected output {other}", case.name),
             };
             let err = max_abs_err(&got, &want);
-            // CONFORMANCE.md: the pipeline's f16 budget is 5e-2 · max|expected|.
+            // docs/CASES.md: the pipeline's f16 budget is 5e-2 · max|expected|.
             let allowed = match dtype {
                 DType::F32 => e.tolerance,
                 DType::F16 => e

@@ -1,5 +1,5 @@
 //! Wan's samplers against diffusers 0.42: every `scheduler` case of the Wan
-//! reference case sets (tests/fixtures/wan-a, wan-b; CONFORMANCE.md, "Wan")
+//! reference case sets (tests/fixtures/wan-a, wan-b; docs/CASES.md, "Wan")
 //! run through the public scheduler API as WanPipeline drives it — no
 //! scaling of the initial latents, `step` once per timestep — then the
 //! flow samplers' algebra, the shift override and the kind resolution.

@@ -2,7 +2,7 @@
 //! (tests/fixtures/wan-a, wan-b): every `transformer` case (integer and
 //! fractional timesteps, batch 1 and 2), its output and every debug output
 //! (rotary tables, patch embedding, conditions, each block, the head), in
-//! f32 (the case's tolerance) and f16 (CONFORMANCE.md's budget), with
+//! f32 (the case's tolerance) and f16 (docs/CASES.md's budget), with
 //! blocks resident and streamed; bad folders.
 
 mod common;

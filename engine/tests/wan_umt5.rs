@@ -1,7 +1,7 @@
 //! The UMT5 text encoder against transformers on the Wan reference case
 //! sets (tests/fixtures/wan-a, wan-b): every `text_encoder` case, its
 //! outputs and debug outputs, in f32 (the case's tolerance) and f16
-//! (CONFORMANCE.md's budget), with blocks resident and streamed; the
+//! (docs/CASES.md's budget), with blocks resident and streamed; the
 //! relative-position buckets against transformers' table; bad folders.
 
 mod common;

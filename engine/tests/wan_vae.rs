@@ -2,7 +2,7 @@
 //! every `vae` case of the Wan case sets (tests/fixtures/wan-a, wan-b;
 //! decode from `latents` → `sample`, encode from `video` →
 //! `posterior_mean`, `posterior_logvar`) in f32 within each output's
-//! `tolerance_max_abs` and in f16 within CONFORMANCE.md's f16 budget; tiled
+//! `tolerance_max_abs` and in f16 within docs/CASES.md's f16 budget; tiled
 //! decoding against the plain decode; the decoder's device memory against
 //! clip length (plan mode, real config); bad input refused with what to pass.
 
@@ -71,7 +71,7 @@ fn input<'a>(case: &'a serde_json::Value, name: &str) -> Option<&'a str> {
     case["inputs"][name]["tensor"].as_str()
 }
 
-/// CONFORMANCE.md's budget: the f32 tolerance, or in f16 max(it, 3e-2 · max|expected|).
+/// docs/CASES.md's budget: the f32 tolerance, or in f16 max(it, 3e-2 · max|expected|).
 fn budget(dtype: DType, tolerance: f32, expected: &[f32]) -> f32 {
     match dtype {
         DType::F32 => tolerance,
@@ -104,7 +104,7 @@ fn max_abs_err(got: &[f32], want: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-/// f16 outputs known to exceed CONFORMANCE.md's fixed budget: expected
+/// f16 outputs known to exceed docs/CASES.md's fixed budget: expected
 /// failures (case, output, measured max_abs_err). They are reported as
 /// FAIL, never passed under a wider budget; the test fails if one of them
 /// comes within the budget, so that the entry is removed.

@@ -1,5 +1,5 @@
 //! The reference-case runner behind `motif conformance DIR` (format
-//! `motif-cases-v1`, see CONFORMANCE.md in the shared folder): loads DIR as a
+//! `motif-cases-v1`, see docs/CASES.md): loads DIR as a
 //! model, runs every case (or the selected components), and compares each
 //! output with its expected tensor.
 //!
@@ -7,7 +7,7 @@
 //! `Wan…Pipeline` sets run through [`wan`], every other set (AnimateDiff
 //! folders and single-file checkpoints, which have no model index) through
 //! [`animatediff`]. Both share what this module holds: reading the manifest
-//! and the case tensors, the comparison and CONFORMANCE.md's fixed budget.
+//! and the case tensors, the comparison and docs/CASES.md's fixed budget.
 
 mod animatediff;
 mod wan;
@@ -19,7 +19,7 @@ use crate::gpu::{DType, Gpu};
 use crate::tensor::Tensor;
 use crate::weights::{config::read_json, SafetensorsFile};
 
-/// Components this runner knows, over both families (CONFORMANCE.md).
+/// Components this runner knows, over both families (docs/CASES.md).
 pub const COMPONENTS: [&str; 7] = [
     "tokenizer",
     "text_encoder",
@@ -419,7 +419,7 @@ fn compare(
     Ok(lines)
 }
 
-/// The tolerance applied, and how it was chosen (CONFORMANCE.md): integers
+/// The tolerance applied, and how it was chosen (docs/CASES.md): integers
 /// exact; f32 the case's tolerance; f16 storage max(f32 tolerance,
 /// 3e-2 · max|expected|), 5e-2 for the `pipeline` component. Fixed by the
 /// format: never widened per case or per family.

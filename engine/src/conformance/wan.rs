@@ -1,4 +1,4 @@
-//! Wan case sets (CONFORMANCE.md, "Wan"): the components `tokenizer`
+//! Wan case sets (docs/CASES.md, "Wan"): the components `tokenizer`
 //! (UMT5's, ids and mask), `text_encoder` (UMT5EncoderModel), `transformer`
 //! (WanTransformer3DModel, `transformer` or `transformer_2`), `vae`
 //! (AutoencoderKLWan: decode from `latents`, encode from `video`),

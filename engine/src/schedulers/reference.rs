@@ -1,4 +1,4 @@
-//! Runs a `scheduler` reference case (CONFORMANCE.md, `motif-cases-v1`):
+//! Runs a `scheduler` reference case (docs/CASES.md, `motif-cases-v1`):
 //! the diffusers pipeline's scheduler loop with the UNet replaced by the
 //! case's fixed per-step model outputs.
 

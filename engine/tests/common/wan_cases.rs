@@ -1,6 +1,6 @@
 //! Reading the Wan reference case sets (tests/fixtures/wan-a, wan-b; format
-//! motif-cases-v1, CONFORMANCE.md's Wan section) for the model tests, and
-//! judging an output by the case's tolerance (f32) or CONFORMANCE.md's fixed
+//! motif-cases-v1, docs/CASES.md's Wan section) for the model tests, and
+//! judging an output by the case's tolerance (f32) or docs/CASES.md's fixed
 //! f16 budget.
 #![allow(dead_code)]
 
@@ -126,7 +126,7 @@ impl CaseSet {
 }
 
 /// The budget an output is judged by: the case's tolerance in f32; in f16
-/// storage max(tolerance, 3e-2 · max|expected|) (CONFORMANCE.md).
+/// storage max(tolerance, 3e-2 · max|expected|) (docs/CASES.md).
 pub fn budget(dtype: DType, tolerance: f32, expected: &[f32]) -> f32 {
     match dtype {
         DType::F32 => tolerance,
