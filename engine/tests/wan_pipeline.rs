@@ -16,19 +16,6 @@ use motif_engine::schedulers::SchedulerConfig;
 use motif_engine::{DType, EngineError, Gpu, GpuOptions};
 use wan_cases::*;
 
-fn gpu_in(dtype: DType) -> Gpu {
-    let gpu = Gpu::new(GpuOptions {
-        precision: Some(dtype),
-        ..Default::default()
-    })
-    .expect("a GPU adapter (install mesa-vulkan-drivers)");
-    assert!(
-        dtype == DType::F32 || gpu.has_f16(),
-        "the adapter has no f16 storage"
-    );
-    gpu
-}
-
 fn run_set(set_name: &str, dtype: DType) {
     let gpu = gpu_in(dtype);
     let (set, picked) = cases_of(set_name, "pipeline");

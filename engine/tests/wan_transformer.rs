@@ -14,17 +14,8 @@ use std::path::Path;
 use motif_engine::error::LoadError;
 use motif_engine::models::umt5::BlockResidency;
 use motif_engine::models::wan_transformer::{rope_tables, WanTransformer3DModel, ROPE_THETA};
-use motif_engine::{DType, EngineError, Gpu, GpuOptions, Tensor};
+use motif_engine::{DType, EngineError, Tensor};
 use wan_cases::*;
-
-fn gpu_in(dtype: DType) -> Option<Gpu> {
-    let gpu = Gpu::new(GpuOptions {
-        precision: Some(dtype),
-        ..Default::default()
-    })
-    .expect("a GPU adapter (install mesa-vulkan-drivers)");
-    (dtype == DType::F32 || gpu.has_f16()).then_some(gpu)
-}
 
 /// [B, C, S] → [B, S, C] (diffusers' Conv3d output against our tokens).
 fn channels_last(x: &[f32], b: usize, c: usize, s: usize) -> Vec<f32> {
@@ -40,7 +31,7 @@ fn channels_last(x: &[f32], b: usize, c: usize, s: usize) -> Vec<f32> {
 }
 
 fn run_set(set_name: &str, dtype: DType, residency: BlockResidency) {
-    let Some(gpu) = gpu_in(dtype) else { return };
+    let gpu = gpu_in(dtype);
     let (set, picked) = cases_of(set_name, "transformer");
     assert!(!picked.is_empty(), "{set_name} has transformer cases");
     let mut failures = Vec::new();
@@ -157,7 +148,7 @@ fn edited_copy(edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
 
 #[test]
 fn bad_folders_are_refused_with_file_and_key() {
-    let gpu = gpu_in(DType::F32).unwrap();
+    let gpu = gpu_in(DType::F32);
     for residency in [BlockResidency::Resident, BlockResidency::Streamed] {
         let dir =
             edited_copy(|c| c["ffn_dim"] = serde_json::json!(c["ffn_dim"].as_u64().unwrap() + 8));

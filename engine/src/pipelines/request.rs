@@ -1,8 +1,10 @@
 //! One generation's settings as the engine takes them, and the defaults a
 //! model proposes for them.
 
+use super::argument;
 use super::camera::Camera;
 use super::image::RgbImage;
+use crate::error::Result;
 use crate::schedulers::SchedulerKind;
 
 /// Defaults a model proposes: its `motif.json` (our model card's settings)
@@ -105,6 +107,29 @@ impl Request {
             previews: false,
             gpu_previews: false,
             trace: false,
+        }
+    }
+
+    /// The checks every family makes of the settings they all share: at
+    /// least one step, a finite guidance ≥ 0, and given initial latents of
+    /// the length the family's latent shape has (`shape`, for the message).
+    pub(crate) fn check_shared(&self, latent_shape: &[usize]) -> Result<()> {
+        if self.steps == 0 {
+            return Err(argument("steps must be at least 1"));
+        }
+        if !(self.guidance.is_finite() && self.guidance >= 0.0) {
+            return Err(argument(format!(
+                "guidance {} must be a finite number ≥ 0",
+                self.guidance
+            )));
+        }
+        let len: usize = latent_shape.iter().product();
+        match &self.latents {
+            Some(l) if l.len() != len => Err(argument(format!(
+                "initial latents have {} values, expected {len} ({latent_shape:?})",
+                l.len()
+            ))),
+            _ => Ok(()),
         }
     }
 }

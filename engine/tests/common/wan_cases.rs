@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use motif_engine::weights::SafetensorsFile;
-use motif_engine::DType;
+use motif_engine::{DType, Gpu, GpuOptions};
 use serde_json::Value;
 
 /// One expected tensor of a case.
@@ -148,4 +148,19 @@ pub fn max_abs_err(got: &[f32], want: &[f32]) -> f32 {
             }
         })
         .fold(0f32, f32::max)
+}
+
+/// The software driver (or any adapter) storing tensors in `dtype`; an
+/// adapter without f16 storage fails the f16 runs rather than skip them.
+pub fn gpu_in(dtype: DType) -> Gpu {
+    let gpu = Gpu::new(GpuOptions {
+        precision: Some(dtype),
+        ..Default::default()
+    })
+    .expect("a GPU adapter (install mesa-vulkan-drivers)");
+    assert!(
+        dtype == DType::F32 || gpu.has_f16(),
+        "the adapter has no f16 storage"
+    );
+    gpu
 }

@@ -218,15 +218,6 @@ impl Family for AnimateDiff {
                 )));
             }
         }
-        if req.steps == 0 {
-            return Err(argument("steps must be at least 1"));
-        }
-        if !(req.guidance.is_finite() && req.guidance >= 0.0) {
-            return Err(argument(format!(
-                "guidance {} must be a finite number ≥ 0",
-                req.guidance
-            )));
-        }
         if !(0.0..=4.0).contains(&req.motion) {
             return Err(argument(format!("motion {} is outside 0..4", req.motion)));
         }
@@ -242,16 +233,8 @@ impl Family for AnimateDiff {
                 req.clip_skip
             )));
         }
-        let latents_len = self.latent_len(req);
-        if let Some(l) = &req.latents {
-            if l.len() != latents_len {
-                return Err(argument(format!(
-                    "initial latents have {} values, expected {latents_len}",
-                    l.len()
-                )));
-            }
-        }
-        Ok(())
+        let (c, f, h, w) = self.latent_shape(req);
+        req.check_shared(&[1, c, f, h, w])
     }
 
     fn generate(
@@ -294,11 +277,6 @@ impl AnimateDiff {
             req.height / s,
             req.width / s,
         )
-    }
-
-    fn latent_len(&self, req: &Request) -> usize {
-        let (c, f, h, w) = self.latent_shape(req);
-        c * f * h * w
     }
 
     /// Prompt embeddings [rows, 77, D] for `prompts` (weighted syntax allowed).

@@ -344,31 +344,13 @@ impl Family for Wan {
                 req.frames
             )));
         }
-        if req.steps == 0 {
-            return Err(argument("steps must be at least 1"));
-        }
-        if !(req.guidance.is_finite() && req.guidance >= 0.0) {
-            return Err(argument(format!(
-                "guidance {} must be a finite number ≥ 0",
-                req.guidance
-            )));
-        }
         if let Some(shift) = req.shift {
             if !(shift.is_finite() && shift > 0.0) {
                 return Err(argument(format!("shift {shift} must be a number > 0")));
             }
         }
         let (c, f, h, w) = self.latent_shape(req);
-        if let Some(l) = &req.latents {
-            if l.len() != c * f * h * w {
-                return Err(argument(format!(
-                    "initial latents have {} values, expected {} ([1, {c}, {f}, {h}, {w}])",
-                    l.len(),
-                    c * f * h * w
-                )));
-            }
-        }
-        Ok(())
+        req.check_shared(&[1, c, f, h, w])
     }
 
     fn generate(
