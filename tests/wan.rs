@@ -14,18 +14,17 @@ fn wan() -> String {
         .into_owned()
 }
 
+mod common;
+
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("motif-wan-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir(name)
 }
 
+/// `motif ARGS` in `dir`, with no model or precision from the caller's
+/// environment.
 fn motif(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_motif"))
+    common::motif_command(args, &[])
         .current_dir(dir)
-        .args(args)
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
         .env_remove("MOTIF_MODEL")
         .env_remove("MOTIF_PRECISION")
         .output()
