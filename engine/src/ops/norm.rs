@@ -367,7 +367,22 @@ pub fn layer_norm_with(
     eps: f32,
     kernel: Option<ReductionKernel>,
 ) -> Result<Tensor> {
-    let op = "layer_norm";
+    last_dim_norm(gpu, "layer_norm", x, gamma, Some(beta), eps, kernel)
+}
+
+/// The norms over the last dim D of x [..., D], one workgroup per row, rows
+/// in windows of what one binding holds: `layer_norm` (with its optional
+/// beta: `beta` is `Some`) and `rms_norm` (no beta binding: `None`), the
+/// entry point named `op`.
+fn last_dim_norm(
+    gpu: &Gpu,
+    op: &'static str,
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<Option<&Tensor>>,
+    eps: f32,
+    kernel: Option<ReductionKernel>,
+) -> Result<Tensor> {
     let d = match x.shape().last() {
         Some(&d) if d > 0 => d,
         _ => {
@@ -379,7 +394,8 @@ pub fn layer_norm_with(
         }
     };
     check_affine(op, "gamma", x, gamma, d)?;
-    check_affine(op, "beta", x, beta, d)?;
+    let beta_tensor = beta.flatten();
+    check_affine(op, "beta", x, beta_tensor, d)?;
     let out = Tensor::empty(gpu, x.shape(), x.dtype())?;
     let rows = x.numel() / d;
     let max_rows = Tensor::max_window_elems(gpu, x.dtype()) / d;
@@ -390,10 +406,9 @@ pub fn layer_norm_with(
             limit: gpu.max_binding_bytes(),
         });
     }
-    // Welford and apply loops over d / 8 values each.
+    // The statistics and apply loops walk d / WG values each.
     let kernel = kernel.unwrap_or_else(|| default_reduction_kernel(gpu, d / 4));
-    let wg = shape(kernel).wg;
-    let k = norm_kernel("layer_norm", x.dtype(), wg, false);
+    let k = norm_kernel(op, x.dtype(), shape(kernel).wg, false);
     for (row0, n) in windows(op, rows, 1, max_rows, gpu.max_binding_bytes())? {
         let (xb, x_off) = x.window(gpu, row0 * d, n * d);
         let (ob, out_off) = out.window(gpu, row0 * d, n * d);
@@ -402,18 +417,16 @@ pub fn layer_norm_with(
             x_off,
             out_off,
             eps,
-            flags: affine_flags(gamma, beta),
+            flags: affine_flags(gamma, beta_tensor),
             len: d as u32,
             ..Params::default()
         };
         let gb: Binding = gamma.map_or(xb, Tensor::binding);
-        let bb: Binding = beta.map_or(xb, Tensor::binding);
-        gpu.dispatch(
-            &k,
-            params_bytes(&p),
-            &[(1, xb), (2, gb), (3, bb), (4, ob)],
-            grid_1d(n as u64),
-        )?;
+        let mut bindings = vec![(1, xb), (2, gb), (4, ob)];
+        if beta.is_some() {
+            bindings.push((3, beta_tensor.map_or(xb, Tensor::binding)));
+        }
+        gpu.dispatch(&k, params_bytes(&p), &bindings, grid_1d(n as u64))?;
     }
     Ok(out)
 }
@@ -703,52 +716,7 @@ pub fn rms_norm_with(
     eps: f32,
     kernel: Option<ReductionKernel>,
 ) -> Result<Tensor> {
-    let op = "rms_norm";
-    let d = match x.shape().last() {
-        Some(&d) if d > 0 => d,
-        _ => {
-            return Err(EngineError::Shape {
-                op,
-                expected: "input [..., D] with D >= 1".into(),
-                found: fmt_shape(x.shape()),
-            })
-        }
-    };
-    check_affine(op, "gamma", x, gamma, d)?;
-    let out = Tensor::empty(gpu, x.shape(), x.dtype())?;
-    let rows = x.numel() / d;
-    let max_rows = Tensor::max_window_elems(gpu, x.dtype()) / d;
-    if max_rows == 0 {
-        return Err(EngineError::BindingTooLarge {
-            op,
-            bytes: d as u64 * x.dtype().size_bytes(),
-            limit: gpu.max_binding_bytes(),
-        });
-    }
-    // Two loops over d / WG values each, as layer_norm.
-    let kernel = kernel.unwrap_or_else(|| default_reduction_kernel(gpu, d / 4));
-    let k = norm_kernel("rms_norm", x.dtype(), shape(kernel).wg, false);
-    for (row0, n) in windows(op, rows, 1, max_rows, gpu.max_binding_bytes())? {
-        let (xb, x_off) = x.window(gpu, row0 * d, n * d);
-        let (ob, out_off) = out.window(gpu, row0 * d, n * d);
-        let p = Params {
-            rows: n as u32,
-            x_off,
-            out_off,
-            eps,
-            flags: affine_flags(gamma, None),
-            len: d as u32,
-            ..Params::default()
-        };
-        let gb: Binding = gamma.map_or(xb, Tensor::binding);
-        gpu.dispatch(
-            &k,
-            params_bytes(&p),
-            &[(1, xb), (2, gb), (4, ob)],
-            grid_1d(n as u64),
-        )?;
-    }
-    Ok(out)
+    last_dim_norm(gpu, "rms_norm", x, gamma, None, eps, kernel)
 }
 
 /// CPU reference of [`rms_norm`] in f64: rows of `d` values.
