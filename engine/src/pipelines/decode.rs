@@ -54,15 +54,7 @@ pub(crate) fn decode_in_chunks(
         for (i, image) in images.chunks(3 * hh * ww).enumerate() {
             let fi = f0 + i;
             let out = &mut frames_f32[fi * hh * ww * 3..(fi + 1) * hh * ww * 3];
-            let mut rgb = vec![0u8; hh * ww * 3];
-            for p in 0..hh * ww {
-                for k in 0..3 {
-                    let v = (image[k * hh * ww + p] / 2.0 + 0.5).clamp(0.0, 1.0);
-                    out[p * 3 + k] = v;
-                    rgb[p * 3 + k] = (v * 255.0).round() as u8;
-                }
-            }
-            frames.push(rgb);
+            frames.push(to_frame(image, out));
             emit(
                 events,
                 Event::Decoded {
@@ -76,4 +68,20 @@ pub(crate) fn decode_in_chunks(
         rgb8: frames,
         f32: frames_f32,
     })
+}
+
+/// One decoded image [3, H, W] in [-1, 1] as a frame: `out` [H, W, 3] gets
+/// diffusers' postprocessing (x / 2 + 0.5, clamped to [0, 1]); returns the
+/// same as RGB8.
+pub(crate) fn to_frame(image: &[f32], out: &mut [f32]) -> Vec<u8> {
+    let pixels = out.len() / 3;
+    let mut rgb = vec![0u8; pixels * 3];
+    for p in 0..pixels {
+        for k in 0..3 {
+            let v = (image[k * pixels + p] / 2.0 + 0.5).clamp(0.0, 1.0);
+            out[p * 3 + k] = v;
+            rgb[p * 3 + k] = (v * 255.0).round() as u8;
+        }
+    }
+    rgb
 }

@@ -9,6 +9,7 @@
 use super::Wan;
 use crate::error::Result;
 use crate::gpu::Gpu;
+use crate::pipelines::decode::to_frame;
 use crate::pipelines::events::{emit, Event, Generated, Trace};
 use crate::pipelines::preview::StepPreviews;
 use crate::pipelines::{guidance, noise, Request};
@@ -168,15 +169,7 @@ impl Wan {
                     break;
                 }
                 let out = &mut frames_f32[fi * hh * ww * 3..(fi + 1) * hh * ww * 3];
-                let mut rgb = vec![0u8; hh * ww * 3];
-                for p in 0..hh * ww {
-                    for k in 0..3 {
-                        let v = (image[k * hh * ww + p] / 2.0 + 0.5).clamp(0.0, 1.0);
-                        out[p * 3 + k] = v;
-                        rgb[p * 3 + k] = (v * 255.0).round() as u8;
-                    }
-                }
-                frames.push(rgb);
+                frames.push(to_frame(image, out));
                 emit(events, Event::Decoded { frame: fi, total })?;
             }
             Ok(())
