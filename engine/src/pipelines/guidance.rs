@@ -1,6 +1,7 @@
 //! Classifier-free guidance (Ho & Salimans 2022), as diffusers' pipelines
-//! apply it: the network runs on [unconditional, conditional] inputs in one
-//! batch, and the prediction is pushed away from the unconditional one.
+//! apply it: the network runs on unconditional and conditional inputs (one
+//! [uncond, cond] batch for AnimateDiff, two passes for Wan), and the
+//! prediction is pushed away from the unconditional one.
 
 /// Whether a scale asks for guidance: diffusers'
 /// `do_classifier_free_guidance` (`guidance_scale > 1`).
@@ -25,6 +26,12 @@ pub fn combine(prediction: Vec<f32>, scale: f32) -> Vec<f32> {
         return prediction;
     }
     let (uncond, cond) = prediction.split_at(prediction.len() / 2);
+    guide(uncond, cond, scale)
+}
+
+/// `uncond + scale · (cond − uncond)`, for families that run the two
+/// predictions as separate passes (Wan, as diffusers' `WanPipeline`).
+pub fn guide(uncond: &[f32], cond: &[f32], scale: f32) -> Vec<f32> {
     uncond
         .iter()
         .zip(cond)

@@ -98,11 +98,7 @@ impl Wan {
             let mut pred = self.transformer.forward(gpu, &x, &t, &cond)?.to_f32(gpu)?;
             if let Some(uncond) = &uncond {
                 let u = self.transformer.forward(gpu, &x, &t, uncond)?.to_f32(gpu)?;
-                // diffusers: uncond + g · (cond − uncond).
-                let g = req.guidance;
-                for (p, u) in pred.iter_mut().zip(&u) {
-                    *p = u + g * (*p - u);
-                }
+                pred = guidance::guide(&u, &pred, req.guidance);
             }
             let out = scheduler.step(&pred, k, &latents, None)?;
             latents = out.prev_sample;
