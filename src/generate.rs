@@ -35,9 +35,12 @@ pub struct RecipeArgs {
     /// AnimateDiff motion module for a plain SD model: folder, file (original or diffusers format) or org/name.
     #[arg(long)]
     pub motion_adapter: Option<String>,
-    /// A VAE to use instead of the model's: .safetensors file (LDM or diffusers names) or folder.
+    /// A VAE to use instead of the model's: .safetensors file (LDM, diffusers or Wan names) or folder.
     #[arg(long)]
     pub vae: Option<String>,
+    /// The text encoder of a single-file Wan model: a UMT5 .safetensors file (ComfyUI's umt5_xxl, tokenizer inside).
+    #[arg(long)]
+    pub text_encoder: Option<String>,
     /// A LoRA to fuse, with an optional weight (default 1): FILE or FILE:0.8. Repeatable.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
@@ -107,6 +110,7 @@ impl RecipeArgs {
             model: self.model.clone(),
             motion_adapter: self.motion_adapter.clone(),
             vae: self.vae.clone(),
+            text_encoder: self.text_encoder.clone(),
             loras,
             image: self
                 .image
@@ -320,6 +324,7 @@ impl Settings {
             model: Some(self.model.clone()),
             motion_adapter: r.motion_adapter.clone(),
             vae: r.vae.clone(),
+            text_encoder: r.text_encoder.clone(),
             loras: r.loras.clone(),
             image: r.image.clone(),
             strength: r.image.as_ref().map(|_| self.strength),
@@ -702,6 +707,8 @@ fn model_spec(settings: &Settings, model: &str) -> ModelSpec {
         model: model.to_string(),
         motion_adapter: settings.recipe.motion_adapter.clone(),
         vae: settings.recipe.vae.clone(),
+        text_encoder: settings.recipe.text_encoder.clone(),
+        transformer_config: None,
         loras: (settings.recipe.loras.iter())
             .map(|Lora(file, weight)| (file.clone(), *weight))
             .collect(),

@@ -325,6 +325,7 @@ fn bench_model(
             motion_adapter: None,
             vae: None,
             loras: Vec::new(),
+            ..Default::default()
         })
         .with_context(|| format!("--model {model}: opening the model"))?;
     let gpu = open_gpu(cli)?;

@@ -109,6 +109,7 @@ pub(crate) fn model_defaults(model: &str) -> Result<ModelDefaults> {
         motion_adapter: None,
         vae: None,
         loras: Vec::new(),
+        ..Default::default()
     };
     let family = ModelSource::open(&spec)
         .ok()

@@ -85,6 +85,9 @@ pub struct Recipe {
     pub motion_adapter: Option<String>,
     #[serde(default)]
     pub vae: Option<String>,
+    /// A text encoder file for a single-file model (Wan's UMT5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder: Option<String>,
     #[serde(default)]
     pub loras: Vec<Lora>,
     /// A still to animate (a path).
@@ -254,6 +257,7 @@ impl Recipe {
             model: self.model.or(base.model),
             motion_adapter: self.motion_adapter.or(base.motion_adapter),
             vae: self.vae.or(base.vae),
+            text_encoder: self.text_encoder.or(base.text_encoder),
             loras: if self.loras.is_empty() {
                 base.loras
             } else {

@@ -50,6 +50,7 @@ impl Runner {
             motion_adapter: beside("motion_adapter"),
             vae: beside("vae"),
             loras: Vec::new(),
+            ..Default::default()
         })?;
         Ok(Runner {
             source,

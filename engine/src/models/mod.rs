@@ -9,5 +9,6 @@ pub mod source;
 pub mod umt5;
 pub mod unet_motion;
 pub mod vae;
+pub mod wan_files;
 pub mod wan_transformer;
 pub mod wan_vae;

@@ -14,11 +14,13 @@ use std::sync::Arc;
 use super::clip::ClipTextConfig;
 use super::unet_motion::{MotionAdapterConfig, UNetConfigFile, UNetMotionConfig};
 use super::vae::VaeConfig;
+use super::wan_files::WanFiles;
 use crate::error::LoadError;
 use crate::text::ClipTokenizer;
 use crate::weights::config::read_config;
 use crate::weights::folder::{component_dir, resolve_model};
 use crate::weights::single_file::{self, FileKind, Inferred, KeyShapes};
+use crate::weights::wan_files;
 use crate::weights::{
     refuse_pickle, safetensors_files, LoraFile, LoraTarget, SafetensorsFile, WeightSet,
 };
@@ -33,6 +35,11 @@ pub struct ModelSpec {
     /// fused in this order into the UNet and, where a file has text-encoder
     /// modules, the text encoder.
     pub loras: Vec<(String, f32)>,
+    /// The text encoder of a single-file Wan transformer (a UMT5 file).
+    pub text_encoder: Option<String>,
+    /// A diffusers config for a single-file Wan transformer, for what its
+    /// shapes cannot tell (see [`WanFiles`]).
+    pub transformer_config: Option<String>,
 }
 
 /// A part's weights and config; `origin` names it in messages.
@@ -54,6 +61,8 @@ pub struct ModelSource {
     adapter: Option<Location>,
     vae: Option<Location>,
     loras: Vec<(Arc<LoraFile>, f32)>,
+    /// Set when the model is a single-file Wan transformer.
+    wan: Option<Arc<WanFiles>>,
 }
 
 fn layout(path: &Path, message: impl Into<String>) -> LoadError {
@@ -115,8 +124,13 @@ impl ModelSource {
     /// Resolves the paths and checks what kind of file each one is.
     pub fn open(spec: &ModelSpec) -> Result<Self, LoadError> {
         let model = locate(&spec.model)?;
+        let mut wan = None;
         if let Location::File(path) = &model {
-            match single_file::detect(&file_keys(path)?) {
+            let keys = file_keys(path)?;
+            if let Some(kind) = wan_files::detect(&keys) {
+                wan = Some(Arc::new(WanFiles::open(path, kind, spec)?));
+            } else {
+                match single_file::detect(&keys) {
                 FileKind::LdmStableDiffusion => {}
                 FileKind::MotionModule => {
                     return Err(layout(
@@ -130,11 +144,18 @@ impl ModelSource {
                 FileKind::DiffusersUNet | FileKind::Unknown => {
                     return Err(layout(
                         path,
-                        "not a Stable Diffusion checkpoint with original (LDM) key names (no `model.diffusion_model.*`); \
-                         pass a diffusers model folder instead",
+                        "not a Stable Diffusion checkpoint with original (LDM) key names (no `model.diffusion_model.*`) \
+                         nor a Wan transformer; pass a diffusers model folder instead",
                     ))
                 }
             }
+            }
+        }
+        if let (Some(te), None) = (&spec.text_encoder, &wan) {
+            return Err(layout(
+                Path::new(te),
+                "--text-encoder is taken beside a single-file Wan transformer --model only",
+            ));
         }
         let adapter = spec.motion_adapter.as_deref().map(locate).transpose()?;
         let vae = spec.vae.as_deref().map(locate).transpose()?;
@@ -143,6 +164,7 @@ impl ModelSource {
             adapter,
             vae,
             loras: open_loras(&spec.loras)?,
+            wan,
         })
     }
 
@@ -166,7 +188,13 @@ impl ModelSource {
             adapter: None,
             vae: None,
             loras: Vec::new(),
+            wan: None,
         }
+    }
+
+    /// The files of a single-file Wan model, if this is one.
+    pub fn wan_files(&self) -> Option<&WanFiles> {
+        self.wan.as_deref()
     }
 
     pub fn path(&self) -> &Path {
@@ -177,9 +205,13 @@ impl ModelSource {
 
     /// The diffusers pipeline class of a model folder (`_class_name` in its
     /// `model_index.json`: `AnimateDiffPipeline`, `WanPipeline`, …), which
-    /// says which family runs it; `None` for single files and folders
-    /// without a model_index.json.
+    /// says which family runs it; `WanPipeline` for a single-file Wan
+    /// transformer; `None` for other single files and folders without a
+    /// model_index.json.
     pub fn pipeline_class(&self) -> Result<Option<String>, LoadError> {
+        if self.wan.is_some() {
+            return Ok(Some("WanPipeline".into()));
+        }
         let Location::Folder(dir) = &self.model else {
             return Ok(None);
         };

@@ -72,7 +72,20 @@ pub struct UMT5Config {
 
 impl UMT5Config {
     pub fn load(path: &Path) -> Result<Self, LoadError> {
-        let cfg: UMT5Config = read_config(path)?;
+        Self::check(path, read_config(path)?)
+    }
+
+    /// A config already parsed as JSON (inferred from a single file's
+    /// shapes); `path` names it in errors.
+    pub fn from_value(path: &Path, value: serde_json::Value) -> Result<Self, LoadError> {
+        let cfg = serde_json::from_value(value).map_err(|e| LoadError::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::check(path, cfg)
+    }
+
+    fn check(path: &Path, cfg: UMT5Config) -> Result<Self, LoadError> {
         let bad = |message: String| LoadError::Config {
             path: path.to_path_buf(),
             message,

@@ -230,6 +230,7 @@ mod tests {
             motion_adapter: None,
             vae: None,
             loras: Vec::new(),
+            ..Default::default()
         })
         .unwrap();
         let family = family_of(&source).unwrap();

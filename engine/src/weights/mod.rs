@@ -9,6 +9,7 @@ pub mod folder;
 pub mod lora;
 pub mod safetensors;
 pub mod single_file;
+pub mod wan_files;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -14,6 +14,7 @@
 //!
 //! The step loop is in `generate.rs`.
 
+mod files;
 mod generate;
 
 use std::path::{Path, PathBuf};
@@ -163,6 +164,15 @@ fn component(dir: &Path, name: &str, holds: &str) -> Result<PathBuf, LoadError> 
     }
 }
 
+/// Where a model's transformer config is, for messages: a folder's
+/// `transformer/config.json`, or the single file itself.
+fn transformer_config_path(model: &Path) -> PathBuf {
+    match model.is_dir() {
+        true => model.join("transformer").join("config.json"),
+        false => model.to_path_buf(),
+    }
+}
+
 /// Bytes of the safetensors files in `dir`.
 fn weight_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
@@ -222,10 +232,75 @@ impl Wan {
     pub fn latent_rgb(&self) -> &LatentRgb {
         &self.latent_rgb
     }
+
+    /// The checks across parts and the model's card, shared by folders and
+    /// single files. `config_path` names the transformer's config in errors.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        dir: PathBuf,
+        tokenizer: Umt5Tokenizer,
+        text_encoder: UMT5EncoderModel,
+        transformer: WanTransformer3DModel,
+        vae: AutoencoderKLWan,
+        scheduler_config: SchedulerConfig,
+        scheduler_path: PathBuf,
+    ) -> Result<Self> {
+        if !scheduler_config.is_flow_matching()? {
+            return Err(LoadError::Config {
+                path: scheduler_path,
+                message: "Wan needs a flow-matching scheduler (UniPCMultistepScheduler with \
+                          use_flow_sigmas, or FlowMatchEulerDiscreteScheduler)"
+                    .into(),
+            }
+            .into());
+        }
+        if text_encoder.config.d_model != transformer.config.text_dim {
+            return Err(LoadError::Config {
+                path: transformer_config_path(&dir),
+                message: format!(
+                    "text_dim {} differs from the text encoder's d_model {}",
+                    transformer.config.text_dim, text_encoder.config.d_model
+                ),
+            }
+            .into());
+        }
+        if vae.config.z_dim != transformer.config.in_channels {
+            return Err(LoadError::Config {
+                path: transformer_config_path(&dir),
+                message: format!(
+                    "in_channels {} differs from the VAE's z_dim {}",
+                    transformer.config.in_channels, vae.config.z_dim
+                ),
+            }
+            .into());
+        }
+        let card = ModelCard::for_model(&dir)?;
+        let defaults = card.defaults(published_defaults());
+        let latent_rgb = LatentRgb::new(
+            card.latent_rgb().or_else(|| {
+                (vae.config.z_dim == 16).then(|| (WAN21_LATENT_RGB.to_vec(), WAN21_LATENT_RGB_BIAS))
+            }),
+            vae.config.z_dim,
+        );
+        Ok(Wan {
+            model: dir,
+            tokenizer,
+            text_encoder,
+            transformer,
+            vae,
+            scheduler_config,
+            defaults,
+            latent_rgb,
+            max_sequence_length: UMT5_MAX_LENGTH,
+        })
+    }
 }
 
 impl Family for Wan {
     fn load(gpu: &Gpu, source: &ModelSource) -> Result<Self> {
+        if let Some(files) = source.wan_files() {
+            return Self::from_files(gpu, files);
+        }
         let dir = source.path().to_path_buf();
         let index_path = dir.join("model_index.json");
         let index: WanIndex = crate::weights::config::read_config(&index_path)?;
@@ -255,54 +330,15 @@ impl Family for Wan {
         let scheduler_path =
             component(&dir, "scheduler", "scheduler_config.json")?.join("scheduler_config.json");
         let scheduler_config = SchedulerConfig::load(&scheduler_path)?;
-        if !scheduler_config.is_flow_matching()? {
-            return Err(LoadError::Config {
-                path: scheduler_path,
-                message: "Wan needs a flow-matching scheduler (UniPCMultistepScheduler with \
-                          use_flow_sigmas, or FlowMatchEulerDiscreteScheduler)"
-                    .into(),
-            }
-            .into());
-        }
-        if text_encoder.config.d_model != transformer.config.text_dim {
-            return Err(LoadError::Config {
-                path: dir.join("transformer").join("config.json"),
-                message: format!(
-                    "text_dim {} differs from the text encoder's d_model {}",
-                    transformer.config.text_dim, text_encoder.config.d_model
-                ),
-            }
-            .into());
-        }
-        if vae.config.z_dim != transformer.config.in_channels {
-            return Err(LoadError::Config {
-                path: dir.join("transformer").join("config.json"),
-                message: format!(
-                    "in_channels {} differs from the VAE's z_dim {}",
-                    transformer.config.in_channels, vae.config.z_dim
-                ),
-            }
-            .into());
-        }
-        let card = ModelCard::for_model(&dir)?;
-        let defaults = card.defaults(published_defaults());
-        let latent_rgb = LatentRgb::new(
-            card.latent_rgb().or_else(|| {
-                (vae.config.z_dim == 16).then(|| (WAN21_LATENT_RGB.to_vec(), WAN21_LATENT_RGB_BIAS))
-            }),
-            vae.config.z_dim,
-        );
-        Ok(Wan {
-            model: dir,
+        Self::assemble(
+            dir,
             tokenizer,
             text_encoder,
             transformer,
             vae,
             scheduler_config,
-            defaults,
-            latent_rgb,
-            max_sequence_length: UMT5_MAX_LENGTH,
-        })
+            scheduler_path,
+        )
     }
 
     fn family(&self) -> &'static str {

@@ -1,0 +1,271 @@
+//! A Wan model from single files, as ComfyUI users keep it: the diffusion
+//! transformer (`--model`, e.g. `diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors`),
+//! the UMT5 text encoder (`--text-encoder`, `text_encoders/umt5_xxl_fp16.safetensors`,
+//! its SentencePiece tokenizer inside) and the VAE (`--vae`,
+//! `vae/wan_2.1_vae.safetensors`). Opening checks that each file is what
+//! its flag takes, from the header alone; weights are read when a part is
+//! built. Key maps and configs come from `weights::wan_files`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::source::{ModelSpec, Part};
+use super::umt5::UMT5Config;
+use super::wan_transformer::WanTransformerConfig;
+use super::wan_vae::WanVaeConfig;
+use crate::error::LoadError;
+use crate::text::Umt5Tokenizer;
+use crate::weights::config::read_config;
+use crate::weights::single_file::{Inferred, KeyShapes};
+use crate::weights::wan_files::{self, WanFile};
+use crate::weights::{SafetensorsFile, WeightSet};
+
+/// The three files of a single-file Wan model.
+#[derive(Debug, Clone)]
+pub struct WanFiles {
+    pub transformer: PathBuf,
+    pub text_encoder: PathBuf,
+    pub vae: PathBuf,
+    /// A diffusers `config.json` for the transformer (or its folder): what
+    /// the shapes cannot tell (the head count of models whose heads are not
+    /// Wan's 128 wide: the reference cases' tiny ones).
+    pub transformer_config: Option<PathBuf>,
+}
+
+fn layout(path: &Path, message: impl Into<String>) -> LoadError {
+    LoadError::Layout {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Key → shape of a safetensors file's header.
+pub(crate) fn file_keys(path: &Path) -> Result<KeyShapes, LoadError> {
+    let file = SafetensorsFile::open(path)?;
+    Ok(file
+        .names()
+        .filter_map(|k| Some((k.to_string(), file.info(k)?.shape.clone())))
+        .collect())
+}
+
+/// A `.safetensors` file named by a flag, or an error naming the flag.
+fn given_file(
+    spec: Option<&str>,
+    model: &Path,
+    flag: &str,
+    needs: &str,
+) -> Result<PathBuf, LoadError> {
+    let Some(spec) = spec else {
+        return Err(layout(
+            model,
+            format!("a Wan transformer file holds no {needs}: pass one with {flag} FILE"),
+        ));
+    };
+    let path = PathBuf::from(spec);
+    if !path.is_file() {
+        return Err(LoadError::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{flag}: no such file"),
+            ),
+        });
+    }
+    Ok(path)
+}
+
+/// Fails unless `path`'s keys are a `want` file, naming the flag it belongs to.
+fn expect_kind(path: &Path, flag: &str, want: &[WanFile], what: &str) -> Result<(), LoadError> {
+    let found = wan_files::detect(&file_keys(path)?);
+    match found {
+        Some(kind) if want.contains(&kind) => Ok(()),
+        Some(kind) => Err(layout(
+            path,
+            format!(
+                "given as {flag}, but this is {}: pass it as {} and give {what} with {flag}",
+                kind.describe(),
+                kind.flag()
+            ),
+        )),
+        None => Err(layout(
+            path,
+            format!("given as {flag}, but this is not {what} (its key names are not Wan's)"),
+        )),
+    }
+}
+
+impl WanFiles {
+    /// The files of a Wan transformer `--model` file: `--text-encoder` and
+    /// `--vae` must name a UMT5 file and a Wan VAE file.
+    pub fn open(model: &Path, kind: WanFile, spec: &ModelSpec) -> Result<Self, LoadError> {
+        if kind != WanFile::Transformer {
+            return Err(layout(
+                model,
+                format!(
+                    "this is {}, not a model: pass it as {} beside a Wan transformer --model FILE",
+                    kind.describe(),
+                    kind.flag()
+                ),
+            ));
+        }
+        if spec.motion_adapter.is_some() {
+            return Err(layout(
+                model,
+                "a Wan transformer takes no --motion-adapter (AnimateDiff's)",
+            ));
+        }
+        let text_encoder = given_file(
+            spec.text_encoder.as_deref(),
+            model,
+            "--text-encoder",
+            "text encoder (UMT5, e.g. ComfyUI's text_encoders/umt5_xxl_fp16.safetensors)",
+        )?;
+        let vae = given_file(
+            spec.vae.as_deref(),
+            model,
+            "--vae",
+            "VAE (e.g. ComfyUI's vae/wan_2.1_vae.safetensors)",
+        )?;
+        expect_kind(
+            &text_encoder,
+            "--text-encoder",
+            &[WanFile::Umt5Transformers, WanFile::Umt5Wan],
+            "a UMT5 text encoder",
+        )?;
+        expect_kind(&vae, "--vae", &[WanFile::Vae], "a Wan 2.1 VAE")?;
+        let files = WanFiles {
+            transformer: model.to_path_buf(),
+            text_encoder,
+            vae,
+            transformer_config: spec.transformer_config.as_ref().map(PathBuf::from),
+        };
+        files.check()?;
+        Ok(files)
+    }
+
+    /// The parts fit together (from the headers alone, before any weight
+    /// is read): the text encoder's width is the transformer's text_dim,
+    /// the VAE's latent channels its in_channels; and the tokenizer reads.
+    fn check(&self) -> Result<(), LoadError> {
+        let transformer = self.transformer()?.config;
+        let text_encoder = self.text_encoder()?.config;
+        let vae = self.vae()?.config;
+        if text_encoder.d_model != transformer.text_dim {
+            return Err(layout(
+                &self.text_encoder,
+                format!(
+                    "this text encoder is {} wide, but the transformer {} takes {}-wide text \
+                     (UMT5-XXL: 4096): pass the text encoder made for it",
+                    text_encoder.d_model,
+                    self.transformer.display(),
+                    transformer.text_dim
+                ),
+            ));
+        }
+        if vae.z_dim != transformer.in_channels {
+            return Err(layout(
+                &self.vae,
+                format!(
+                    "this VAE has {} latent channels, but the transformer {} takes {}: pass the \
+                     Wan 2.1 VAE (wan_2.1_vae.safetensors)",
+                    vae.z_dim,
+                    self.transformer.display(),
+                    transformer.in_channels
+                ),
+            ));
+        }
+        self.tokenizer().map(|_| ())
+    }
+
+    fn weights(path: &Path, aliases: HashMap<String, String>) -> Result<Arc<WeightSet>, LoadError> {
+        Ok(Arc::new(
+            WeightSet::open(&[path.to_path_buf()])?.with_aliases(aliases),
+        ))
+    }
+
+    /// The transformer with its inferred config. With `transformer_config`
+    /// given, its head count is taken and every other field must equal
+    /// what the shapes say.
+    pub fn transformer(&self) -> Result<Part<WanTransformerConfig>, LoadError> {
+        let path = &self.transformer;
+        let keys = file_keys(path)?;
+        let given = match &self.transformer_config {
+            None => None,
+            Some(p) => {
+                let p = if p.is_dir() {
+                    p.join("config.json")
+                } else {
+                    p.clone()
+                };
+                let value: serde_json::Value = read_config(&p)?;
+                Some((p, value))
+            }
+        };
+        let heads = given
+            .as_ref()
+            .and_then(|(_, v)| v.get("num_attention_heads")?.as_u64())
+            .map(|h| h as usize);
+        let Inferred { config, aliases } = wan_files::transformer(&keys, path, heads)?;
+        if let Some((config_path, value)) = &given {
+            for (field, inferred) in config.as_object().into_iter().flatten() {
+                let stated = value.get(field).unwrap_or(&serde_json::Value::Null);
+                let same = match (stated.as_f64(), inferred.as_f64()) {
+                    (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                    _ => stated == inferred,
+                };
+                if field != "_class_name" && !same {
+                    return Err(LoadError::Config {
+                        path: config_path.clone(),
+                        message: format!(
+                            "`{field}` is {stated}, but {} has {inferred} by its tensor shapes",
+                            path.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(Part {
+            config: WanTransformerConfig::from_value(path, config)?,
+            weights: Self::weights(path, aliases)?,
+            origin: path.clone(),
+        })
+    }
+
+    pub fn text_encoder(&self) -> Result<Part<UMT5Config>, LoadError> {
+        let path = &self.text_encoder;
+        let Inferred { config, aliases } = wan_files::umt5(&file_keys(path)?, path)?;
+        Ok(Part {
+            config: UMT5Config::from_value(path, config)?,
+            weights: Self::weights(path, aliases)?,
+            origin: path.clone(),
+        })
+    }
+
+    pub fn vae(&self) -> Result<Part<WanVaeConfig>, LoadError> {
+        let path = &self.vae;
+        let Inferred { config, aliases } = wan_files::vae(&file_keys(path)?, path)?;
+        Ok(Part {
+            config: WanVaeConfig::from_value(path, config)?,
+            weights: Self::weights(path, aliases)?,
+            origin: path.clone(),
+        })
+    }
+
+    /// The text encoder's tokenizer: a `tokenizer.json` beside the file.
+    pub fn tokenizer(&self) -> Result<Umt5Tokenizer, LoadError> {
+        let beside = self
+            .text_encoder
+            .parent()
+            .map(|d| d.join("tokenizer.json"))
+            .filter(|p| p.is_file());
+        match beside {
+            Some(p) => Umt5Tokenizer::from_file(&p),
+            None => Err(layout(
+                &self.text_encoder,
+                "this UMT5 file carries no tokenizer (no `spiece_model` tensor) and there is no \
+                 tokenizer.json beside it: put UMT5's tokenizer.json next to the file",
+            )),
+        }
+    }
+}

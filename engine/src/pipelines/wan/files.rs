@@ -1,0 +1,74 @@
+//! The Wan family from single files (`--model` transformer, `--text-encoder`
+//! UMT5, `--vae`): the parts come from `models::wan_files`, the scheduler
+//! is the one Wan 2.1's diffusers repositories ship, and everything after
+//! the parts is the folder path's.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use super::{Wan, STREAM_TEXT_ENCODER_ABOVE};
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::models::umt5::{BlockResidency, UMT5EncoderModel};
+use crate::models::wan_files::WanFiles;
+use crate::models::wan_transformer::WanTransformer3DModel;
+use crate::models::wan_vae::AutoencoderKLWan;
+use crate::schedulers::SchedulerConfig;
+use crate::weights::Weights;
+
+/// `scheduler/scheduler_config.json` of Wan-AI/Wan2.1-T2V-1.3B-Diffusers
+/// (UniPC on flow sigmas, shift 3): single files carry no scheduler.
+fn published_scheduler() -> serde_json::Value {
+    json!({
+        "_class_name": "UniPCMultistepScheduler",
+        "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+        "disable_corrector": [], "dynamic_thresholding_ratio": 0.995,
+        "final_sigmas_type": "zero", "flow_shift": 3.0, "lower_order_final": true,
+        "num_train_timesteps": 1000, "predict_x0": true, "prediction_type": "flow_prediction",
+        "rescale_betas_zero_snr": false, "sample_max_value": 1.0, "solver_order": 2,
+        "solver_type": "bh2", "steps_offset": 0, "thresholding": false,
+        "time_shift_type": "exponential", "timestep_spacing": "linspace",
+        "use_beta_sigmas": false, "use_dynamic_shifting": false,
+        "use_exponential_sigmas": false, "use_flow_sigmas": true, "use_karras_sigmas": false
+    })
+}
+
+impl Wan {
+    pub(super) fn from_files(gpu: &Gpu, files: &WanFiles) -> Result<Self> {
+        let tokenizer = files.tokenizer()?;
+        let te = files.text_encoder()?;
+        let bytes = std::fs::metadata(&files.text_encoder).map_or(0, |m| m.len());
+        let residency = match bytes > STREAM_TEXT_ENCODER_ABOVE {
+            true => BlockResidency::Streamed,
+            false => BlockResidency::Resident,
+        };
+        let text_encoder = UMT5EncoderModel::new(
+            gpu,
+            &Weights::new(te.weights, gpu.precision()),
+            te.config,
+            residency,
+        )?;
+        let tr = files.transformer()?;
+        let transformer = WanTransformer3DModel::new(
+            gpu,
+            &Weights::new(tr.weights, gpu.precision()),
+            tr.config,
+            BlockResidency::Resident,
+        )?;
+        let vae = files.vae()?;
+        let vae =
+            AutoencoderKLWan::new(gpu, &Weights::new(vae.weights, gpu.precision()), vae.config)?;
+        let path = Path::new(&files.transformer);
+        let scheduler_config = SchedulerConfig::from_json(published_scheduler(), path)?;
+        Self::assemble(
+            path.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            transformer,
+            vae,
+            scheduler_config,
+            path.to_path_buf(),
+        )
+    }
+}

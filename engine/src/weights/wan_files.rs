@@ -1,0 +1,700 @@
+//! Wan 2.1 as users keep it: single `.safetensors` files with the original
+//! key names of the Wan repository (`Wan-Video/Wan2.1`, `wan/modules/`) —
+//! the transformer (`blocks.N.self_attn.q…`, optionally under
+//! `model.diffusion_model.`), the VAE (`encoder.downsamples.N.residual…`) —
+//! and UMT5 files in transformers' T5 naming (`encoder.block.N.layer.0…`,
+//! ComfyUI's `umt5_xxl_*`) or in the Wan repository's own (`blocks.N.attn.q…`).
+//!
+//! As for the SD files in `single_file.rs`, nothing is converted on disk:
+//! each component gets an alias map (diffusers name → stored name) and a
+//! config inferred from the stored shapes. The key mapping is the one
+//! diffusers documents (`convert_wan_transformer_to_diffusers`,
+//! `convert_wan_vae_to_diffusers`); the decoder's flat `upsamples` list is
+//! split into levels by where its resamples are, which diffusers hard-codes
+//! for Wan 2.1's layout. What shapes cannot tell: the transformer's head
+//! count (its q/k norms span all heads), for which Wan's 128-wide heads are
+//! taken (every published Wan 2.1/2.2 transformer has them) unless a config
+//! is given.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde_json::json;
+
+use super::single_file::{Inferred, KeyShapes};
+use crate::error::LoadError;
+
+/// Width of one attention head in every published Wan transformer.
+pub const WAN_HEAD_DIM: usize = 128;
+
+/// The prefix some single files (ComfyUI checkpoints saved whole) put
+/// before the transformer's keys.
+pub const WAN_PREFIX: &str = "model.diffusion_model.";
+
+/// Tensors that ComfyUI stores beside the weights and no loader reads: the
+/// UMT5 tokenizer's SentencePiece model, the fp8 marker, and per-tensor
+/// input scales (for fp8 matmuls; dequantising needs `scale_weight` only).
+pub fn is_side_tensor(key: &str) -> bool {
+    key == "spiece_model"
+        || key == "scaled_fp8"
+        || key.ends_with(".scaled_fp8")
+        || key.ends_with(".scale_weight")
+        || key.ends_with(".scale_input")
+}
+
+/// What a Wan-family single file holds, judged from its key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WanFile {
+    /// The diffusion transformer, original names (with or without
+    /// [`WAN_PREFIX`]).
+    Transformer,
+    /// UMT5 encoder, transformers' naming (`encoder.block.0…`).
+    Umt5Transformers,
+    /// UMT5 encoder, the Wan repository's naming (`blocks.0.attn.q…`).
+    Umt5Wan,
+    /// The Wan 2.1 VAE, original names.
+    Vae,
+}
+
+impl WanFile {
+    /// What this file is, in a user's words (for messages).
+    pub fn describe(self) -> &'static str {
+        match self {
+            WanFile::Transformer => "a Wan transformer",
+            WanFile::Umt5Transformers | WanFile::Umt5Wan => "a UMT5 text encoder",
+            WanFile::Vae => "a Wan VAE",
+        }
+    }
+
+    /// The flag that takes this kind of file.
+    pub fn flag(self) -> &'static str {
+        match self {
+            WanFile::Transformer => "--model",
+            WanFile::Umt5Transformers | WanFile::Umt5Wan => "--text-encoder",
+            WanFile::Vae => "--vae",
+        }
+    }
+}
+
+/// The Wan kind of a file's keys, if it is one.
+pub fn detect(keys: &KeyShapes) -> Option<WanFile> {
+    let has = |k: &str| keys.contains_key(k);
+    if has("patch_embedding.weight") && has("head.modulation")
+        || has(&format!("{WAN_PREFIX}patch_embedding.weight"))
+            && has(&format!("{WAN_PREFIX}head.modulation"))
+    {
+        Some(WanFile::Transformer)
+    } else if has("encoder.block.0.layer.0.SelfAttention.q.weight")
+        && has("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    {
+        // UMT5 (a bias per layer), not T5 (layer 0 only).
+        Some(WanFile::Umt5Transformers)
+    } else if has("token_embedding.weight") && has("blocks.0.attn.q.weight") {
+        Some(WanFile::Umt5Wan)
+    } else if has("decoder.middle.0.residual.0.gamma")
+        && has("encoder.downsamples.0.residual.0.gamma")
+    {
+        Some(WanFile::Vae)
+    } else {
+        None
+    }
+}
+
+fn layout(path: &Path, message: impl Into<String>) -> LoadError {
+    LoadError::Layout {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn shape<'a>(keys: &'a KeyShapes, path: &Path, key: &str) -> Result<&'a [usize], LoadError> {
+    keys.get(key)
+        .map(Vec::as_slice)
+        .ok_or_else(|| LoadError::MissingTensor {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+        })
+}
+
+fn dim(keys: &KeyShapes, path: &Path, key: &str, axis: usize) -> Result<usize, LoadError> {
+    let s = shape(keys, path, key)?;
+    s.get(axis).copied().ok_or_else(|| LoadError::TensorShape {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        expected: vec![0; axis + 1],
+        found: s.to_vec(),
+    })
+}
+
+/// The distinct numbers of the path segment right after `head`.
+fn indices(keys: &KeyShapes, head: &str) -> Vec<usize> {
+    let mut found: Vec<usize> = keys
+        .keys()
+        .filter_map(|k| k.strip_prefix(head))
+        .filter_map(|rest| rest.split('.').next()?.parse().ok())
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+/// `(block index, rest)` of `head` + "N." + rest.
+fn numbered<'a>(key: &'a str, head: &str) -> Option<(usize, &'a str)> {
+    let rest = key.strip_prefix(head)?;
+    let (n, tail) = rest.split_once('.')?;
+    Some((n.parse().ok()?, tail))
+}
+
+/// Every stored key must map: an unknown one means a variant this code
+/// does not know (image-to-video, VACE, a Wan 2.2 part), refused by name
+/// rather than loaded half.
+fn map_all(
+    keys: &KeyShapes,
+    path: &Path,
+    what: &str,
+    map: impl Fn(&str) -> Option<String>,
+) -> Result<HashMap<String, String>, LoadError> {
+    let mut aliases = HashMap::new();
+    for key in keys.keys().filter(|k| !is_side_tensor(k)) {
+        let Some(asked) = map(key) else {
+            return Err(layout(
+                path,
+                format!(
+                    "tensor `{key}` is not part of {what} that Motif runs (Wan 2.1 text-to-video)"
+                ),
+            ));
+        };
+        if let Some(other) = aliases.insert(asked.clone(), key.clone()) {
+            return Err(layout(
+                path,
+                format!("tensors `{other}` and `{key}` both name `{asked}`"),
+            ));
+        }
+    }
+    Ok(aliases)
+}
+
+// ---------------------------------------------------------------- transformer
+
+/// The diffusers name of one original Wan transformer key (prefix removed).
+pub fn transformer_key(key: &str) -> Option<String> {
+    const TOP: [(&str, &str); 7] = [
+        ("patch_embedding.", "patch_embedding."),
+        (
+            "text_embedding.0.",
+            "condition_embedder.text_embedder.linear_1.",
+        ),
+        (
+            "text_embedding.2.",
+            "condition_embedder.text_embedder.linear_2.",
+        ),
+        (
+            "time_embedding.0.",
+            "condition_embedder.time_embedder.linear_1.",
+        ),
+        (
+            "time_embedding.2.",
+            "condition_embedder.time_embedder.linear_2.",
+        ),
+        ("time_projection.1.", "condition_embedder.time_proj."),
+        ("head.head.", "proj_out."),
+    ];
+    if key == "head.modulation" {
+        return Some("scale_shift_table".into());
+    }
+    for (from, to) in TOP {
+        if let Some(tail) = key.strip_prefix(from) {
+            return Some(format!("{to}{tail}"));
+        }
+    }
+    let (i, rest) = numbered(key, "blocks.")?;
+    let block = |s: String| Some(format!("blocks.{i}.{s}"));
+    if rest == "modulation" {
+        return block("scale_shift_table".into());
+    }
+    for (from, to) in [("self_attn.", "attn1."), ("cross_attn.", "attn2.")] {
+        if let Some(tail) = rest.strip_prefix(from) {
+            let (layer, param) = tail.split_once('.')?;
+            let layer = match layer {
+                "q" => "to_q",
+                "k" => "to_k",
+                "v" => "to_v",
+                "o" => "to_out.0",
+                "norm_q" | "norm_k" => layer,
+                _ => return None,
+            };
+            return block(format!("{to}{layer}.{param}"));
+        }
+    }
+    // The original applies norm1 (self-attention), norm3 (cross-attention)
+    // and norm2 (feed-forward); diffusers numbers them in that order.
+    const BLOCK: [(&str, &str); 4] = [
+        ("norm3.", "norm2."),
+        ("norm2.", "norm3."),
+        ("ffn.0.", "ffn.net.0.proj."),
+        ("ffn.2.", "ffn.net.2."),
+    ];
+    for (from, to) in BLOCK {
+        if let Some(tail) = rest.strip_prefix(from) {
+            return block(format!("{to}{tail}"));
+        }
+    }
+    None
+}
+
+/// The original name of one diffusers Wan transformer key (the inverse of
+/// [`transformer_key`]).
+pub fn transformer_key_original(key: &str) -> Option<String> {
+    const TOP: [(&str, &str); 7] = [
+        ("patch_embedding.", "patch_embedding."),
+        (
+            "condition_embedder.text_embedder.linear_1.",
+            "text_embedding.0.",
+        ),
+        (
+            "condition_embedder.text_embedder.linear_2.",
+            "text_embedding.2.",
+        ),
+        (
+            "condition_embedder.time_embedder.linear_1.",
+            "time_embedding.0.",
+        ),
+        (
+            "condition_embedder.time_embedder.linear_2.",
+            "time_embedding.2.",
+        ),
+        ("condition_embedder.time_proj.", "time_projection.1."),
+        ("proj_out.", "head.head."),
+    ];
+    if key == "scale_shift_table" {
+        return Some("head.modulation".into());
+    }
+    for (from, to) in TOP {
+        if let Some(tail) = key.strip_prefix(from) {
+            return Some(format!("{to}{tail}"));
+        }
+    }
+    let (i, rest) = numbered(key, "blocks.")?;
+    let block = |s: String| Some(format!("blocks.{i}.{s}"));
+    if rest == "scale_shift_table" {
+        return block("modulation".into());
+    }
+    for (from, to) in [("attn1.", "self_attn."), ("attn2.", "cross_attn.")] {
+        if let Some(tail) = rest.strip_prefix(from) {
+            let (layer, param) = match tail.strip_prefix("to_out.0.") {
+                Some(param) => ("o", param),
+                None => {
+                    let (layer, param) = tail.split_once('.')?;
+                    let layer = match layer {
+                        "to_q" => "q",
+                        "to_k" => "k",
+                        "to_v" => "v",
+                        "norm_q" | "norm_k" => layer,
+                        _ => return None,
+                    };
+                    (layer, param)
+                }
+            };
+            return block(format!("{to}{layer}.{param}"));
+        }
+    }
+    const BLOCK: [(&str, &str); 4] = [
+        ("norm2.", "norm3."),
+        ("norm3.", "norm2."),
+        ("ffn.net.0.proj.", "ffn.0."),
+        ("ffn.net.2.", "ffn.2."),
+    ];
+    for (from, to) in BLOCK {
+        if let Some(tail) = rest.strip_prefix(from) {
+            return block(format!("{to}{tail}"));
+        }
+    }
+    None
+}
+
+/// The transformer of an original-key file: a `WanTransformer3DModel`
+/// config and aliases. `heads` overrides the head count (a config given
+/// beside the file); otherwise it is width / [`WAN_HEAD_DIM`].
+pub fn transformer(
+    keys: &KeyShapes,
+    path: &Path,
+    heads: Option<usize>,
+) -> Result<Inferred, LoadError> {
+    let prefixed = keys.keys().any(|k| k.starts_with(WAN_PREFIX));
+    let stripped: KeyShapes = keys
+        .iter()
+        .filter_map(|(k, s)| {
+            let k = if prefixed {
+                k.strip_prefix(WAN_PREFIX)?
+            } else {
+                k
+            };
+            Some((k.to_string(), s.clone()))
+        })
+        .collect();
+    if stripped.keys().any(|k| k.starts_with("img_emb.")) {
+        return Err(layout(
+            path,
+            "this Wan transformer has an image embedder (`img_emb`): image-to-video is not yet \
+             supported; pass a text-to-video Wan 2.1 transformer",
+        ));
+    }
+    let k = &stripped;
+    let pe = shape(k, path, "patch_embedding.weight")?;
+    let [width, in_channels, pt, ph, pw] = *pe else {
+        return Err(LoadError::TensorShape {
+            path: path.to_path_buf(),
+            key: "patch_embedding.weight".into(),
+            expected: vec![0; 5],
+            found: pe.to_vec(),
+        });
+    };
+    let heads = match heads {
+        Some(h) => h,
+        None if width.is_multiple_of(WAN_HEAD_DIM) => width / WAN_HEAD_DIM,
+        None => {
+            return Err(layout(
+                path,
+                format!(
+                    "width {width} is not a multiple of Wan's {WAN_HEAD_DIM}-wide heads: the head count \
+                     cannot be told from the file; pass the model's diffusers folder instead"
+                ),
+            ))
+        }
+    };
+    if heads == 0 || !width.is_multiple_of(heads) {
+        return Err(layout(
+            path,
+            format!("width {width} does not split into {heads} heads"),
+        ));
+    }
+    let patch = pt * ph * pw;
+    let out = dim(k, path, "head.head.weight", 0)?;
+    if patch == 0 || !out.is_multiple_of(patch) {
+        return Err(layout(
+            path,
+            format!("head.head.weight has {out} outputs, not a multiple of the patch's {patch}"),
+        ));
+    }
+    let config = json!({
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": [pt, ph, pw],
+        "num_attention_heads": heads,
+        "attention_head_dim": width / heads,
+        "in_channels": in_channels,
+        "out_channels": out / patch,
+        "text_dim": dim(k, path, "text_embedding.0.weight", 1)?,
+        "freq_dim": dim(k, path, "time_embedding.0.weight", 1)?,
+        "ffn_dim": dim(k, path, "blocks.0.ffn.0.weight", 0)?,
+        "num_layers": indices(k, "blocks.").len(),
+        "cross_attn_norm": k.contains_key("blocks.0.norm3.weight"),
+        "qk_norm": k.contains_key("blocks.0.self_attn.norm_q.weight").then_some("rms_norm_across_heads"),
+        "eps": 1e-6,
+    });
+    let aliases = map_all(k, path, "a Wan transformer", transformer_key)?
+        .into_iter()
+        .map(|(asked, stored)| {
+            let stored = if prefixed {
+                format!("{WAN_PREFIX}{stored}")
+            } else {
+                stored
+            };
+            (asked, stored)
+        })
+        .collect();
+    Ok(Inferred { config, aliases })
+}
+
+// ----------------------------------------------------------------------- UMT5
+
+/// The transformers name of one Wan-repository UMT5 key.
+pub fn umt5_key(key: &str) -> Option<String> {
+    match key {
+        "token_embedding.weight" => return Some("shared.weight".into()),
+        "norm.weight" => return Some("encoder.final_layer_norm.weight".into()),
+        _ => {}
+    }
+    let (i, rest) = numbered(key, "blocks.")?;
+    let to = match rest {
+        "attn.q.weight" => "layer.0.SelfAttention.q.weight",
+        "attn.k.weight" => "layer.0.SelfAttention.k.weight",
+        "attn.v.weight" => "layer.0.SelfAttention.v.weight",
+        "attn.o.weight" => "layer.0.SelfAttention.o.weight",
+        "pos_embedding.embedding.weight" => "layer.0.SelfAttention.relative_attention_bias.weight",
+        "norm1.weight" => "layer.0.layer_norm.weight",
+        "norm2.weight" => "layer.1.layer_norm.weight",
+        "ffn.gate.0.weight" => "layer.1.DenseReluDense.wi_0.weight",
+        "ffn.fc1.weight" => "layer.1.DenseReluDense.wi_1.weight",
+        "ffn.fc2.weight" => "layer.1.DenseReluDense.wo.weight",
+        _ => return None,
+    };
+    Some(format!("encoder.block.{i}.{to}"))
+}
+
+/// The UMT5 encoder of a single file in either naming: a `UMT5Config`
+/// (transformers) and aliases.
+pub fn umt5(keys: &KeyShapes, path: &Path) -> Result<Inferred, LoadError> {
+    let kind = detect(keys);
+    let mut aliases = match kind {
+        Some(WanFile::Umt5Wan) => map_all(keys, path, "a UMT5 encoder", umt5_key)?,
+        Some(WanFile::Umt5Transformers) => map_all(keys, path, "a UMT5 encoder", |k| {
+            let known = k == "shared.weight"
+                || k == "encoder.embed_tokens.weight"
+                || k == "encoder.final_layer_norm.weight"
+                || k.starts_with("encoder.block.");
+            known.then(|| k.to_string())
+        })?,
+        _ => {
+            return Err(layout(
+                path,
+                "not a UMT5 text encoder: expected `encoder.block.0.layer.0.SelfAttention…` \
+                 (transformers, ComfyUI) or `blocks.0.attn…` (Wan) keys",
+            ))
+        }
+    };
+    // transformers ties `encoder.embed_tokens` to `shared`; files keep one.
+    if !aliases.contains_key("shared.weight") {
+        if let Some(stored) = aliases.remove("encoder.embed_tokens.weight") {
+            aliases.insert("shared.weight".into(), stored);
+        }
+    }
+    aliases.remove("encoder.embed_tokens.weight");
+    let asked: KeyShapes = aliases
+        .iter()
+        .filter_map(|(a, s)| Some((a.clone(), keys.get(s)?.clone())))
+        .collect();
+    let a = &asked;
+    let bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight";
+    let heads = dim(a, path, bias, 1)?;
+    let inner = dim(a, path, "encoder.block.0.layer.0.SelfAttention.q.weight", 0)?;
+    if heads == 0 || !inner.is_multiple_of(heads) {
+        return Err(layout(
+            path,
+            format!("attention width {inner} does not split into {heads} heads"),
+        ));
+    }
+    let config = json!({
+        "vocab_size": dim(a, path, "shared.weight", 0)?,
+        "d_model": dim(a, path, "shared.weight", 1)?,
+        "d_kv": inner / heads,
+        "d_ff": dim(a, path, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", 0)?,
+        "num_layers": indices(a, "encoder.block.").len(),
+        "num_heads": heads,
+        "relative_attention_num_buckets": dim(a, path, bias, 0)?,
+        // Not in any shape: UMT5's published value.
+        "relative_attention_max_distance": 128,
+        "layer_norm_epsilon": 1e-6,
+        "feed_forward_proj": "gated-gelu",
+    });
+    Ok(Inferred { config, aliases })
+}
+
+// ------------------------------------------------------------------------ VAE
+
+/// The diffusers name of a residual block's parameter (`residual.0.gamma`
+/// → `norm1.gamma`, …), `rest` after the block index.
+fn vae_residual(rest: &str) -> Option<String> {
+    const NAMES: [(&str, &str); 5] = [
+        ("residual.0.", "norm1."),
+        ("residual.2.", "conv1."),
+        ("residual.3.", "norm2."),
+        ("residual.6.", "conv2."),
+        ("shortcut.", "conv_shortcut."),
+    ];
+    NAMES
+        .iter()
+        .find_map(|(from, to)| rest.strip_prefix(from).map(|t| format!("{to}{t}")))
+}
+
+/// The inverse of [`vae_residual`].
+fn vae_residual_original(rest: &str) -> Option<String> {
+    const NAMES: [(&str, &str); 5] = [
+        ("norm1.", "residual.0."),
+        ("conv1.", "residual.2."),
+        ("norm2.", "residual.3."),
+        ("conv2.", "residual.6."),
+        ("conv_shortcut.", "shortcut."),
+    ];
+    NAMES
+        .iter()
+        .find_map(|(from, to)| rest.strip_prefix(from).map(|t| format!("{to}{t}")))
+}
+
+/// Where each entry of the decoder's flat `upsamples` list sits in
+/// diffusers' up blocks: `index → (level, Some(resnet) | None = upsampler)`.
+/// Each level is its residual blocks followed by one resample, the last
+/// level without; the layout is read off the keys.
+fn decoder_layout(keys: &KeyShapes) -> BTreeMap<usize, (usize, Option<usize>)> {
+    let mut layout = BTreeMap::new();
+    let (mut level, mut resnet) = (0, 0);
+    for i in indices(keys, "decoder.upsamples.") {
+        let resample = keys
+            .keys()
+            .any(|k| k.starts_with(&format!("decoder.upsamples.{i}.resample.")));
+        if resample {
+            layout.insert(i, (level, None));
+            level += 1;
+            resnet = 0;
+        } else {
+            layout.insert(i, (level, Some(resnet)));
+            resnet += 1;
+        }
+    }
+    layout
+}
+
+/// The diffusers name of one original Wan VAE key, given the decoder's
+/// layout ([`decoder_layout`]).
+fn vae_key(key: &str, decoder: &BTreeMap<usize, (usize, Option<usize>)>) -> Option<String> {
+    const FIXED: [(&str, &str); 8] = [
+        ("conv1.", "quant_conv."),
+        ("conv2.", "post_quant_conv."),
+        ("encoder.conv1.", "encoder.conv_in."),
+        ("decoder.conv1.", "decoder.conv_in."),
+        ("encoder.head.0.", "encoder.norm_out."),
+        ("encoder.head.2.", "encoder.conv_out."),
+        ("decoder.head.0.", "decoder.norm_out."),
+        ("decoder.head.2.", "decoder.conv_out."),
+    ];
+    for (from, to) in FIXED {
+        if let Some(tail) = key.strip_prefix(from) {
+            return Some(format!("{to}{tail}"));
+        }
+    }
+    for side in ["encoder", "decoder"] {
+        if let Some((i, rest)) = numbered(key, &format!("{side}.middle.")) {
+            return match i {
+                0 | 2 => Some(format!(
+                    "{side}.mid_block.resnets.{}.{}",
+                    i / 2,
+                    vae_residual(rest)?
+                )),
+                1 => Some(format!("{side}.mid_block.attentions.0.{rest}")),
+                _ => None,
+            };
+        }
+    }
+    if let Some((i, rest)) = numbered(key, "encoder.downsamples.") {
+        // diffusers keeps the encoder's flat list; only residual names change.
+        let rest = vae_residual(rest).unwrap_or_else(|| rest.to_string());
+        return Some(format!("encoder.down_blocks.{i}.{rest}"));
+    }
+    if let Some((i, rest)) = numbered(key, "decoder.upsamples.") {
+        return match decoder.get(&i)? {
+            (level, Some(j)) => Some(format!(
+                "decoder.up_blocks.{level}.resnets.{j}.{}",
+                vae_residual(rest)?
+            )),
+            (level, None) => Some(format!("decoder.up_blocks.{level}.upsamplers.0.{rest}")),
+        };
+    }
+    None
+}
+
+/// The original name of one diffusers Wan VAE key, for a VAE with
+/// `num_res_blocks` (the inverse of the mapping [`vae`] uses).
+pub fn vae_key_original(key: &str, num_res_blocks: usize) -> Option<String> {
+    const FIXED: [(&str, &str); 8] = [
+        ("quant_conv.", "conv1."),
+        ("post_quant_conv.", "conv2."),
+        ("encoder.conv_in.", "encoder.conv1."),
+        ("decoder.conv_in.", "decoder.conv1."),
+        ("encoder.norm_out.", "encoder.head.0."),
+        ("encoder.conv_out.", "encoder.head.2."),
+        ("decoder.norm_out.", "decoder.head.0."),
+        ("decoder.conv_out.", "decoder.head.2."),
+    ];
+    for (from, to) in FIXED {
+        if let Some(tail) = key.strip_prefix(from) {
+            return Some(format!("{to}{tail}"));
+        }
+    }
+    for side in ["encoder", "decoder"] {
+        if let Some((j, rest)) = numbered(key, &format!("{side}.mid_block.resnets.")) {
+            return Some(format!(
+                "{side}.middle.{}.{}",
+                j * 2,
+                vae_residual_original(rest)?
+            ));
+        }
+        if let Some(rest) = key.strip_prefix(&format!("{side}.mid_block.attentions.0.")) {
+            return Some(format!("{side}.middle.1.{rest}"));
+        }
+    }
+    if let Some((i, rest)) = numbered(key, "encoder.down_blocks.") {
+        let rest = vae_residual_original(rest).unwrap_or_else(|| rest.to_string());
+        return Some(format!("encoder.downsamples.{i}.{rest}"));
+    }
+    let per_level = num_res_blocks + 2;
+    if let Some((level, rest)) = numbered(key, "decoder.up_blocks.") {
+        if let Some((j, rest)) = numbered(rest, "resnets.") {
+            return Some(format!(
+                "decoder.upsamples.{}.{}",
+                level * per_level + j,
+                vae_residual_original(rest)?
+            ));
+        }
+        let rest = rest.strip_prefix("upsamplers.0.")?;
+        return Some(format!(
+            "decoder.upsamples.{}.{rest}",
+            level * per_level + num_res_blocks + 1
+        ));
+    }
+    None
+}
+
+/// The VAE of an original-key file: an `AutoencoderKLWan` config and
+/// aliases. Levels, residual blocks per level and temporal downsampling
+/// are read from the encoder's flat list (a resample closes a level; one
+/// with a `time_conv` also halves time).
+pub fn vae(keys: &KeyShapes, path: &Path) -> Result<Inferred, LoadError> {
+    let base_dim = dim(keys, path, "encoder.conv1.weight", 0)?;
+    let mut dim_mult = Vec::new();
+    let mut temperal_downsample = Vec::new();
+    let mut blocks_per_level = Vec::new();
+    let (mut blocks, mut width) = (0, 0);
+    for i in indices(keys, "encoder.downsamples.") {
+        let head = format!("encoder.downsamples.{i}.");
+        let has = |s: &str| keys.contains_key(&format!("{head}{s}"));
+        if has("resample.1.weight") {
+            dim_mult.push(width / base_dim.max(1));
+            blocks_per_level.push(blocks);
+            temperal_downsample.push(has("time_conv.weight"));
+            blocks = 0;
+        } else if has("residual.2.weight") {
+            width = dim(keys, path, &format!("{head}residual.2.weight"), 0)?;
+            blocks += 1;
+        } else {
+            return Err(layout(
+                path,
+                format!(
+                    "encoder block {i} is neither a residual block nor a resample (attention \
+                     inside the levels is not part of the Wan 2.1 VAE)"
+                ),
+            ));
+        }
+    }
+    dim_mult.push(width / base_dim.max(1));
+    blocks_per_level.push(blocks);
+    let num_res_blocks = blocks_per_level[0];
+    if num_res_blocks == 0 || blocks_per_level.iter().any(|&b| b != num_res_blocks) {
+        return Err(layout(
+            path,
+            format!("the encoder's levels hold {blocks_per_level:?} residual blocks: expected the same count in each"),
+        ));
+    }
+    let config = json!({
+        "_class_name": "AutoencoderKLWan",
+        "base_dim": base_dim,
+        "z_dim": dim(keys, path, "conv2.weight", 0)?,
+        "dim_mult": dim_mult,
+        "num_res_blocks": num_res_blocks,
+        "attn_scales": [],
+        "temperal_downsample": temperal_downsample,
+        "in_channels": dim(keys, path, "encoder.conv1.weight", 1)?,
+        "out_channels": dim(keys, path, "decoder.head.2.weight", 0)?,
+    });
+    let decoder = decoder_layout(keys);
+    let aliases = map_all(keys, path, "a Wan 2.1 VAE", |k| vae_key(k, &decoder))?;
+    Ok(Inferred { config, aliases })
+}
