@@ -19,7 +19,10 @@ use crate::text::Umt5Tokenizer;
 use crate::weights::config::read_config;
 use crate::weights::single_file::{Inferred, KeyShapes};
 use crate::weights::wan_files::{self, WanFile};
-use crate::weights::{SafetensorsFile, WeightSet};
+use crate::weights::{FileDType, SafetensorsFile, WeightSet};
+
+/// The tensor ComfyUI's UMT5 files keep their SentencePiece model in.
+const SPIECE_TENSOR: &str = "spiece_model";
 
 /// The three files of a single-file Wan model.
 #[derive(Debug, Clone)]
@@ -252,20 +255,33 @@ impl WanFiles {
         })
     }
 
-    /// The text encoder's tokenizer: a `tokenizer.json` beside the file.
+    /// The text encoder's tokenizer: the SentencePiece model stored in the
+    /// file as the `spiece_model` byte tensor (ComfyUI's UMT5 files), else a
+    /// `tokenizer.json` or `spiece.model` beside the file.
     pub fn tokenizer(&self) -> Result<Umt5Tokenizer, LoadError> {
-        let beside = self
-            .text_encoder
-            .parent()
-            .map(|d| d.join("tokenizer.json"))
-            .filter(|p| p.is_file());
-        match beside {
-            Some(p) => Umt5Tokenizer::from_file(&p),
-            None => Err(layout(
-                &self.text_encoder,
-                "this UMT5 file carries no tokenizer (no `spiece_model` tensor) and there is no \
-                 tokenizer.json beside it: put UMT5's tokenizer.json next to the file",
-            )),
+        let path = &self.text_encoder;
+        let file = SafetensorsFile::open(path)?;
+        if let Some(info) = file.info(SPIECE_TENSOR) {
+            if info.dtype != FileDType::U8 {
+                return Err(LoadError::UnsupportedDType {
+                    path: path.clone(),
+                    key: SPIECE_TENSOR.into(),
+                    dtype: format!(
+                        "{:?} where U8 (the SentencePiece model's bytes) was expected",
+                        info.dtype
+                    ),
+                });
+            }
+            return Umt5Tokenizer::from_sentencepiece(file.bytes(SPIECE_TENSOR)?, path);
         }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if dir.join("tokenizer.json").is_file() || dir.join("spiece.model").is_file() {
+            return Umt5Tokenizer::from_dir(dir);
+        }
+        Err(layout(
+            path,
+            "this UMT5 file carries no tokenizer (no `spiece_model` tensor) and there is no \
+             tokenizer.json or spiece.model beside it: put UMT5's spiece.model next to the file",
+        ))
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod html;
 mod html_entities;
+pub mod sentencepiece;
 pub mod tokenizer;
 pub mod umt5;
 

@@ -45,24 +45,25 @@ pub struct Umt5Tokens {
 }
 
 impl Umt5Tokenizer {
-    /// Loads a `tokenizer/` folder's `tokenizer.json`.
+    /// Loads a `tokenizer/` folder's `tokenizer.json`, or, where the
+    /// folder has only `spiece.model`, what transformers builds from it.
     pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
         let path = dir.join("tokenizer.json");
+        let spiece = dir.join("spiece.model");
+        if !path.is_file() && spiece.is_file() {
+            let bytes = std::fs::read(&spiece).map_err(|source| LoadError::Io {
+                path: spiece.clone(),
+                source,
+            })?;
+            return Self::from_sentencepiece(&bytes, &spiece);
+        }
         if !path.is_file() {
-            let spiece = dir.join("spiece.model").is_file();
             return Err(LoadError::Layout {
                 path: dir.to_path_buf(),
-                message: format!(
-                    "no tokenizer.json: a UMT5 tokenizer folder holds tokenizer.json, the tokenizers-library \
-                     file transformers saves{}",
-                    if spiece {
-                        "; this folder has only spiece.model (sentencepiece), which Motif does not read: \
-                         write tokenizer.json with transformers \
-                         (`AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)`)"
-                    } else {
-                        ""
-                    }
-                ),
+                message: "no tokenizer.json nor spiece.model: a UMT5 tokenizer folder holds \
+                          tokenizer.json (the tokenizers-library file transformers saves) or \
+                          spiece.model (SentencePiece)"
+                    .into(),
             });
         }
         Self::from_file(&path)
@@ -86,8 +87,50 @@ impl Umt5Tokenizer {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut json: Value = serde_json::from_str(&text)
+        let json: Value = serde_json::from_str(&text)
             .map_err(|e| config_error(format!("not valid JSON: {e}")))?;
+        Self::from_json(json, path, None)
+    }
+
+    /// The tokenizer transformers 5's `T5Tokenizer` builds from a bare
+    /// SentencePiece model (`spiece.model`, or the `spiece_model` tensor of
+    /// a ComfyUI UMT5 file): `origin` names where the bytes came from.
+    pub fn from_sentencepiece(bytes: &[u8], origin: &Path) -> Result<Self, LoadError> {
+        let bad = |message: String| LoadError::Config {
+            path: origin.to_path_buf(),
+            message,
+        };
+        let model = super::sentencepiece::parse(bytes).map_err(bad)?;
+        let precompiled = match model.precompiled_charsmap.is_empty() {
+            true => None,
+            false => Some(
+                tokenizers::normalizers::Precompiled::from(&model.precompiled_charsmap).map_err(
+                    |e| {
+                        bad(format!(
+                            "the SentencePiece normaliser's charsmap does not read: {e}"
+                        ))
+                    },
+                )?,
+            ),
+        };
+        Self::from_json(
+            super::sentencepiece::t5_tokenizer_json(&model),
+            origin,
+            precompiled,
+        )
+    }
+
+    /// A tokenizers-library JSON rebuilt as described at [`Self::from_file`];
+    /// `precompiled` replaces the file's normaliser.
+    fn from_json(
+        mut json: Value,
+        path: &Path,
+        precompiled: Option<tokenizers::normalizers::Precompiled>,
+    ) -> Result<Self, LoadError> {
+        let config_error = |message: String| LoadError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
         let model_type = json["model"]["type"].as_str().unwrap_or("(none)");
         if model_type != "Unigram" {
             return Err(config_error(format!(
@@ -127,9 +170,14 @@ impl Umt5Tokenizer {
         // call, `encode` applies them), whatever the file was saved with.
         json["padding"] = Value::Null;
         json["truncation"] = Value::Null;
-        let inner: tokenizers::Tokenizer = serde_json::from_value(json).map_err(|e| {
+        let mut inner: tokenizers::Tokenizer = serde_json::from_value(json).map_err(|e| {
             config_error(format!("not a tokenizers-library Unigram tokenizer: {e}"))
         })?;
+        if let Some(precompiled) = precompiled {
+            inner
+                .with_normalizer(Some(precompiled))
+                .map_err(|e| config_error(format!("the normaliser does not apply: {e}")))?;
+        }
         Ok(Self {
             inner,
             pad_id,

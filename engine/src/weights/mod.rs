@@ -403,11 +403,11 @@ impl WeightSet {
                         .iter()
                         .map(|v| v.to_f32()),
                 ),
-                FileDType::I64 => {
+                FileDType::I64 | FileDType::U8 => {
                     return Err(LoadError::UnsupportedDType {
                         path: file.path().to_path_buf(),
                         key: stored.to_string(),
-                        dtype: "I64".into(),
+                        dtype: format!("{:?}", info.dtype),
                     })
                 }
             }
@@ -499,11 +499,11 @@ impl WeightSet {
             .expect("used-key lock poisoned")
             .insert(key.to_string());
         let info = file.info(key).expect("file() found the key");
-        if info.dtype == FileDType::I64 {
+        if matches!(info.dtype, FileDType::I64 | FileDType::U8) {
             return Err(LoadError::UnsupportedDType {
                 path: file.path().to_path_buf(),
                 key: key.to_string(),
-                dtype: "I64".into(),
+                dtype: format!("{:?}", info.dtype),
             }
             .into());
         }

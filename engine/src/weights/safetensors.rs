@@ -25,6 +25,8 @@ pub enum FileDType {
     BF16,
     /// Integer ids and timesteps in reference case files; never a weight.
     I64,
+    /// Raw bytes: the SentencePiece model inside ComfyUI's UMT5 files.
+    U8,
 }
 
 impl FileDType {
@@ -33,6 +35,7 @@ impl FileDType {
             FileDType::F32 => 4,
             FileDType::F16 | FileDType::BF16 => 2,
             FileDType::I64 => 8,
+            FileDType::U8 => 1,
         }
     }
 }
@@ -154,6 +157,7 @@ impl SafetensorsFile {
                 .iter()
                 .map(|v| v.to_f32())
                 .collect(),
+            FileDType::U8 => bytes.iter().map(|&v| f32::from(v)).collect(),
         })
     }
 }
@@ -269,6 +273,7 @@ fn parse_header_inner(file: &[u8]) -> Result<Header, HeaderError> {
             "F16" => FileDType::F16,
             "BF16" => FileDType::BF16,
             "I64" => FileDType::I64,
+            "U8" => FileDType::U8,
             other => {
                 return Err(HeaderError::DType {
                     key: name.clone(),
@@ -315,6 +320,7 @@ pub fn write(
             FileDType::F16 => "F16",
             FileDType::BF16 => "BF16",
             FileDType::I64 => "I64",
+            FileDType::U8 => "U8",
         };
         header.insert(
             name.to_string(),
