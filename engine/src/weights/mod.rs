@@ -5,6 +5,7 @@
 //! weight is reported with its full key and file.
 
 pub mod config;
+pub mod dtype;
 pub mod folder;
 pub mod lora;
 pub mod safetensors;
@@ -128,6 +129,7 @@ impl WeightSet {
         for path in paths {
             refuse_pickle(path)?;
             let file = SafetensorsFile::open(path)?;
+            dtype::check_scales(&file)?;
             for name in file.names() {
                 if let Some(&other) = index.get(name) {
                     let other: &SafetensorsFile = &files[other];
@@ -388,29 +390,18 @@ impl WeightSet {
         let info = file.info(stored).expect("file() found the key");
         let bytes = file.bytes(stored)?;
         let size = info.dtype.size_bytes();
+        let scale = dtype::scale_of(file, stored)?.unwrap_or(1.0);
         let mut out = Vec::with_capacity(rows.len() * row_len);
         for &r in rows {
             let row = &bytes[r * row_len * size..(r + 1) * row_len * size];
-            match info.dtype {
-                FileDType::F32 => out.extend(bytemuck::pod_collect_to_vec::<u8, f32>(row)),
-                FileDType::F16 => out.extend(
-                    bytemuck::pod_collect_to_vec::<u8, f16>(row)
-                        .iter()
-                        .map(|v| v.to_f32()),
-                ),
-                FileDType::BF16 => out.extend(
-                    bytemuck::pod_collect_to_vec::<u8, half::bf16>(row)
-                        .iter()
-                        .map(|v| v.to_f32()),
-                ),
-                FileDType::I64 | FileDType::U8 => {
-                    return Err(LoadError::UnsupportedDType {
-                        path: file.path().to_path_buf(),
-                        key: stored.to_string(),
-                        dtype: format!("{:?}", info.dtype),
-                    })
-                }
+            if matches!(info.dtype, FileDType::I64 | FileDType::U8) {
+                return Err(LoadError::UnsupportedDType {
+                    path: file.path().to_path_buf(),
+                    key: stored.to_string(),
+                    dtype: format!("{:?}", info.dtype),
+                });
             }
+            out.extend(dtype::decode(info.dtype, row).iter().map(|v| v * scale));
         }
         Ok(out)
     }

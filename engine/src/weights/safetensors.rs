@@ -13,8 +13,6 @@ use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
-
 use crate::error::LoadError;
 
 /// Element types Motif loads.
@@ -27,6 +25,9 @@ pub enum FileDType {
     I64,
     /// Raw bytes: the SentencePiece model inside ComfyUI's UMT5 files.
     U8,
+    /// float8_e4m3fn and float8_e5m2 (fp8 checkpoints; see `dtype.rs`).
+    F8E4M3,
+    F8E5M2,
 }
 
 impl FileDType {
@@ -35,7 +36,7 @@ impl FileDType {
             FileDType::F32 => 4,
             FileDType::F16 | FileDType::BF16 => 2,
             FileDType::I64 => 8,
-            FileDType::U8 => 1,
+            FileDType::U8 | FileDType::F8E4M3 | FileDType::F8E5M2 => 1,
         }
     }
 }
@@ -139,26 +140,10 @@ impl SafetensorsFile {
         ))
     }
 
-    /// A tensor's values as f32 (any stored dtype).
+    /// A tensor's values as f32 (any stored dtype; scaled fp8 weights
+    /// times their scale).
     pub fn to_f32(&self, key: &str) -> Result<Vec<f32>, LoadError> {
-        let info = self.entry(key)?;
-        let bytes = &self.map[info.range.clone()];
-        Ok(match info.dtype {
-            FileDType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(bytes),
-            FileDType::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(bytes)
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
-            FileDType::I64 => bytemuck::pod_collect_to_vec::<u8, i64>(bytes)
-                .iter()
-                .map(|&v| v as f32)
-                .collect(),
-            FileDType::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(bytes)
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
-            FileDType::U8 => bytes.iter().map(|&v| f32::from(v)).collect(),
-        })
+        super::dtype::tensor_f32(self, key)
     }
 }
 
@@ -274,6 +259,8 @@ fn parse_header_inner(file: &[u8]) -> Result<Header, HeaderError> {
             "BF16" => FileDType::BF16,
             "I64" => FileDType::I64,
             "U8" => FileDType::U8,
+            "F8_E4M3" => FileDType::F8E4M3,
+            "F8_E5M2" => FileDType::F8E5M2,
             other => {
                 return Err(HeaderError::DType {
                     key: name.clone(),
@@ -321,6 +308,8 @@ pub fn write(
             FileDType::BF16 => "BF16",
             FileDType::I64 => "I64",
             FileDType::U8 => "U8",
+            FileDType::F8E4M3 => "F8_E4M3",
+            FileDType::F8E5M2 => "F8_E5M2",
         };
         header.insert(
             name.to_string(),
