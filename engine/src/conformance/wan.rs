@@ -14,15 +14,17 @@ use super::{
 };
 use crate::error::{EngineError, Result};
 use crate::gpu::Gpu;
-use crate::models::source::ModelSource;
+use crate::models::source::{ModelSource, ModelSpec};
 use crate::models::umt5::{relative_position_buckets, BlockResidency, UMT5EncoderModel};
+use crate::models::wan_files::WanFiles;
 use crate::models::wan_transformer::{rope_tables, WanTransformer3DModel, ROPE_THETA};
 use crate::models::wan_vae::AutoencoderKLWan;
 use crate::pipelines::{Family, ModelDefaults, Request, Wan};
 use crate::schedulers::SchedulerConfig;
 use crate::tensor::Tensor;
 use crate::text::{Umt5Tokenizer, UMT5_MAX_LENGTH};
-use crate::weights::FileDType;
+use crate::weights::wan_files::WanFile;
+use crate::weights::{FileDType, Weights};
 
 /// The set's pipeline folder and the components its cases have loaded.
 pub(super) struct Runner {
@@ -33,6 +35,9 @@ pub(super) struct Runner {
     transformers: HashMap<&'static str, WanTransformer3DModel>,
     vae: Option<AutoencoderKLWan>,
     pipeline: Option<Wan>,
+    /// The single files a set's cases name (`transformer_file`,
+    /// `text_encoder_file`, `vae_file`), in place of its folders.
+    files: Option<WanFiles>,
 }
 
 impl Runner {
@@ -44,6 +49,7 @@ impl Runner {
             transformers: HashMap::new(),
             vae: None,
             pipeline: None,
+            files: None,
         }
     }
 
@@ -57,10 +63,13 @@ impl Runner {
         component: &str,
         debug: bool,
     ) -> Result<Computed> {
-        if has_input(case, "transformer_file") || has_input(case, "pipeline_dir") {
+        if has_input(case, "pipeline_dir") || has_input(case, "lora_file") {
             return Err(argument(
-                "Wan cases over single files (`transformer_file`, `pipeline_dir`) are not supported yet",
+                "Wan cases with `pipeline_dir` or `lora_file` are not supported yet",
             ));
+        }
+        if self.files.is_none() {
+            self.files = case_files(set, case)?;
         }
         match component {
             "tokenizer" => self.tokenizer_case(set, case),
@@ -70,7 +79,20 @@ impl Runner {
             "scheduler" => scheduler_case(set, case),
             "pipeline" => {
                 if self.pipeline.is_none() {
-                    self.pipeline = Some(Wan::load(gpu, &ModelSource::folder(&self.dir))?);
+                    let source = match &self.files {
+                        Some(files) => ModelSource::open(&ModelSpec {
+                            model: files.transformer.to_string_lossy().into_owned(),
+                            text_encoder: Some(files.text_encoder.to_string_lossy().into_owned()),
+                            vae: Some(files.vae.to_string_lossy().into_owned()),
+                            transformer_config: files
+                                .transformer_config
+                                .as_ref()
+                                .map(|p| p.to_string_lossy().into_owned()),
+                            ..Default::default()
+                        })?,
+                        None => ModelSource::folder(&self.dir),
+                    };
+                    self.pipeline = Some(Wan::load(gpu, &source)?);
                 }
                 let Some(wan) = self.pipeline.as_mut() else {
                     unreachable!("loaded above")
@@ -85,7 +107,10 @@ impl Runner {
 
     fn tokenizer_case(&mut self, set: &CaseSet, case: &serde_json::Value) -> Result<Computed> {
         if self.tokenizer.is_none() {
-            self.tokenizer = Some(Umt5Tokenizer::from_dir(&self.dir.join("tokenizer"))?);
+            self.tokenizer = Some(match &self.files {
+                Some(files) => files.tokenizer()?,
+                None => Umt5Tokenizer::from_dir(&self.dir.join("tokenizer"))?,
+            });
         }
         let Some(tokenizer) = self.tokenizer.as_ref() else {
             unreachable!("loaded above")
@@ -114,11 +139,22 @@ impl Runner {
         debug: bool,
     ) -> Result<Computed> {
         if self.text_encoder.is_none() {
-            self.text_encoder = Some(UMT5EncoderModel::from_dir(
-                gpu,
-                &self.dir.join("text_encoder"),
-                BlockResidency::Resident,
-            )?);
+            self.text_encoder = Some(match &self.files {
+                Some(files) => {
+                    let part = files.text_encoder()?;
+                    UMT5EncoderModel::new(
+                        gpu,
+                        &Weights::new(part.weights, gpu.precision()),
+                        part.config,
+                        BlockResidency::Resident,
+                    )?
+                }
+                None => UMT5EncoderModel::from_dir(
+                    gpu,
+                    &self.dir.join("text_encoder"),
+                    BlockResidency::Resident,
+                )?,
+            });
         }
         let Some(model) = self.text_encoder.as_ref() else {
             unreachable!("loaded above")
@@ -190,7 +226,13 @@ impl Runner {
             },
         };
         let folder = self.dir.join(which);
-        if !folder.join("config.json").is_file() {
+        if let (Some(files), false) = (&self.files, self.transformers.contains_key(which)) {
+            let part = files.transformer()?;
+            let w = Weights::new(part.weights, gpu.precision());
+            let model = WanTransformer3DModel::new(gpu, &w, part.config, BlockResidency::Resident)?;
+            self.transformers.insert(which, model);
+        }
+        if !self.transformers.contains_key(which) && !folder.join("config.json").is_file() {
             return Err(argument(format!(
                 "the case runs `{which}`, but {} has no {which}/config.json",
                 self.dir.display()
@@ -268,7 +310,17 @@ impl Runner {
 
     fn vae_case(&mut self, gpu: &Gpu, set: &CaseSet, case: &serde_json::Value) -> Result<Computed> {
         if self.vae.is_none() {
-            self.vae = Some(AutoencoderKLWan::load(gpu, &self.dir.join("vae"))?);
+            self.vae = Some(match &self.files {
+                Some(files) => {
+                    let part = files.vae()?;
+                    AutoencoderKLWan::new(
+                        gpu,
+                        &Weights::new(part.weights, gpu.precision()),
+                        part.config,
+                    )?
+                }
+                None => AutoencoderKLWan::load(gpu, &self.dir.join("vae"))?,
+            });
         }
         let Some(vae) = self.vae.as_ref() else {
             unreachable!("loaded above")
@@ -292,6 +344,43 @@ impl Runner {
             ))
         }
     }
+}
+
+/// The files of a case over single files (paths relative to the set), or
+/// `None` for a case over the set's folders.
+fn case_files(set: &CaseSet, case: &serde_json::Value) -> Result<Option<WanFiles>> {
+    let names = [
+        "transformer_file",
+        "text_encoder_file",
+        "vae_file",
+        "transformer_config",
+    ];
+    if !names.iter().any(|n| has_input(case, n)) {
+        return Ok(None);
+    }
+    let path = |name: &str| -> Result<Option<String>> {
+        if !has_input(case, name) {
+            return Ok(None);
+        }
+        let rel = literal(case, name)?
+            .as_str()
+            .ok_or_else(|| argument(format!("input `{name}` is not a path")))?;
+        Ok(Some(set.dir.join(rel).to_string_lossy().into_owned()))
+    };
+    let model = path("transformer_file")?
+        .ok_or_else(|| argument("a Wan case over single files names its `transformer_file`"))?;
+    let spec = ModelSpec {
+        model: model.clone(),
+        text_encoder: path("text_encoder_file")?,
+        vae: path("vae_file")?,
+        transformer_config: path("transformer_config")?,
+        ..Default::default()
+    };
+    Ok(Some(WanFiles::open(
+        Path::new(&model),
+        WanFile::Transformer,
+        &spec,
+    )?))
 }
 
 /// [B, S, C] → [B, C, S].

@@ -151,6 +151,12 @@ impl WanFiles {
     /// is read): the text encoder's width is the transformer's text_dim,
     /// the VAE's latent channels its in_channels; and the tokenizer reads.
     fn check(&self) -> Result<(), LoadError> {
+        // What the files themselves hold first (fp8 scales, the tokenizer),
+        // then how the parts fit.
+        for path in [&self.transformer, &self.text_encoder, &self.vae] {
+            crate::weights::dtype::check_scales(&SafetensorsFile::open(path)?)?;
+        }
+        self.tokenizer()?;
         let transformer = self.transformer()?.config;
         let text_encoder = self.text_encoder()?.config;
         let vae = self.vae()?.config;
@@ -178,7 +184,7 @@ impl WanFiles {
                 ),
             ));
         }
-        self.tokenizer().map(|_| ())
+        Ok(())
     }
 
     fn weights(path: &Path, aliases: HashMap<String, String>) -> Result<Arc<WeightSet>, LoadError> {
