@@ -87,7 +87,7 @@ fn locate(spec: &str) -> Result<Location, LoadError> {
     Ok(Location::File(path))
 }
 
-fn file_keys(path: &Path) -> Result<KeyShapes, LoadError> {
+pub(crate) fn file_keys(path: &Path) -> Result<KeyShapes, LoadError> {
     let file = SafetensorsFile::open(path)?;
     Ok(file
         .names()

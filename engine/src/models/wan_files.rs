@@ -10,14 +10,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::source::{ModelSpec, Part};
+use super::source::{file_keys, ModelSpec, Part};
 use super::umt5::UMT5Config;
 use super::wan_transformer::WanTransformerConfig;
 use super::wan_vae::WanVaeConfig;
 use crate::error::LoadError;
 use crate::text::Umt5Tokenizer;
 use crate::weights::config::read_config;
-use crate::weights::single_file::{Inferred, KeyShapes};
+use crate::weights::single_file::Inferred;
 use crate::weights::wan_files::{self, WanFile};
 use crate::weights::{FileDType, SafetensorsFile, WeightSet};
 
@@ -41,15 +41,6 @@ fn layout(path: &Path, message: impl Into<String>) -> LoadError {
         path: path.to_path_buf(),
         message: message.into(),
     }
-}
-
-/// Key → shape of a safetensors file's header.
-pub(crate) fn file_keys(path: &Path) -> Result<KeyShapes, LoadError> {
-    let file = SafetensorsFile::open(path)?;
-    Ok(file
-        .names()
-        .filter_map(|k| Some((k.to_string(), file.info(k)?.shape.clone())))
-        .collect())
 }
 
 /// A `.safetensors` file named by a flag, or an error naming the flag.
