@@ -209,7 +209,11 @@ fn a_re_roll_reads_the_prompt_embeddings_from_the_cache() {
 
     req.seed = 2;
     let cached = generate(&wan, &req);
-    assert_eq!(wan.text_encoder_runs(), 1, "the re-roll ran the text encoder");
+    assert_eq!(
+        wan.text_encoder_runs(),
+        1,
+        "the re-roll ran the text encoder"
+    );
     wan.set_prompt_cache(None);
     let uncached = generate(&wan, &req);
     assert_eq!(wan.text_encoder_runs(), 2);
@@ -221,7 +225,11 @@ fn a_re_roll_reads_the_prompt_embeddings_from_the_cache() {
     assert_eq!(wan.text_encoder_runs(), 3, "a changed prompt misses");
     req.negative = "grainy".into();
     generate(&wan, &req);
-    assert_eq!(wan.text_encoder_runs(), 4, "a changed negative prompt misses");
+    assert_eq!(
+        wan.text_encoder_runs(),
+        4,
+        "a changed negative prompt misses"
+    );
     assert_eq!(entries(), 4);
 
     // Damage every entry: each is ignored (a warning), encoded again and
@@ -236,6 +244,10 @@ fn a_re_roll_reads_the_prompt_embeddings_from_the_cache() {
     let again = generate(&wan, &req);
     assert_eq!(wan.text_encoder_runs(), 5, "a damaged entry was trusted");
     assert!(again == generate(&wan, &req));
-    assert_eq!(wan.text_encoder_runs(), 5, "the damaged entries were not rewritten");
+    assert_eq!(
+        wan.text_encoder_runs(),
+        5,
+        "the damaged entries were not rewritten"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
