@@ -64,7 +64,7 @@ pub(crate) struct DiskCache {
 /// Where pipeline caches live: `MOTIF_CACHE_DIR`, else the user's cache
 /// folder (`XDG_CACHE_HOME` or `~/.cache`) + `motif`. `MOTIF_CACHE_DIR=off`
 /// (or empty) turns the cache off.
-fn cache_dir() -> Option<std::path::PathBuf> {
+pub(crate) fn cache_dir() -> Option<std::path::PathBuf> {
     use std::path::PathBuf;
     match std::env::var_os("MOTIF_CACHE_DIR") {
         Some(v) if v.is_empty() || v == "off" => None,

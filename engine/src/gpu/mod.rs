@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 pub use self::KernelTime as GpuKernelTime;
 pub use adapter::AdapterSummary;
-pub(crate) use kernel::{grid_1d, Binding, Kernel};
+pub(crate) use kernel::{cache_dir, grid_1d, Binding, Kernel};
 pub(crate) use pool::BlockPool;
 pub(crate) use pool::BufferPool as PoolHandle;
 pub use pool::PoolStats;

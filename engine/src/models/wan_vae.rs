@@ -267,9 +267,10 @@ impl WanCausalConv3d {
         })
     }
 
-    /// `x` [T, Cin, H, W] → [T', Cout, H', W']. `cache` holds up to
-    /// `time_padding` frames that precede `x` (they replace that many of
-    /// the zero frames); `residual`, of the output's shape, is added.
+    /// `x` [T, Cin, H, W] → [T', Cout, H', W']. `cache` holds runs of the
+    /// frames that precede `x`, oldest first: the last `time_padding` of
+    /// them replace as many of the zero frames; `residual`, of the
+    /// output's shape, is added.
     ///
     /// out[t] = Σ_kt conv2d(stream[t·stride + kt], W[:, :, kt]) is one
     /// conv2d over the kT frames each output reads, stacked as channels:
@@ -279,7 +280,7 @@ impl WanCausalConv3d {
         &self,
         gpu: &Gpu,
         x: &Tensor,
-        cache: Option<&Tensor>,
+        cache: &[Tensor],
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let kt = self.time_kernel;
@@ -287,8 +288,9 @@ impl WanCausalConv3d {
         if kt == 1 && self.time_padding == 0 && self.time_stride == 1 {
             return self.conv(gpu, x, residual);
         }
-        let cache = cache.filter(|_| self.time_padding > 0);
-        let cached = cache.map_or(0, |c| c.shape()[0]).min(self.time_padding);
+        let cache = if self.time_padding > 0 { cache } else { &[] };
+        let available: usize = cache.iter().map(|c| c.shape()[0]).sum();
+        let cached = available.min(self.time_padding);
         let zeros = self.time_padding - cached;
         let stream_len = zeros + cached + frames;
         if stream_len < kt || frames == 0 {
@@ -309,13 +311,19 @@ impl WanCausalConv3d {
             shape[0] = zeros;
             parts.push(Tensor::zeros(gpu, &shape, x.dtype())?);
         }
-        if let Some(c) = cache {
+        let mut skip = available - cached;
+        for c in cache {
             let n = c.shape()[0];
-            parts.push(if n > cached {
-                layout::narrow_rows(gpu, c, n - cached, cached)?
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            parts.push(if skip > 0 {
+                layout::narrow_rows(gpu, c, skip, n - skip)?
             } else {
                 c.clone()
             });
+            skip = 0;
         }
         let stream = if parts.is_empty() {
             x.clone()
@@ -332,10 +340,15 @@ impl WanCausalConv3d {
             let n = group.min(out_frames - t0);
             // [n, kT·Cin, H, W]: output t reads the kT consecutive frames
             // from (t0 + t)·stride, which side by side are its channels.
+            let whole = n == 1 && kt == stream.shape()[0];
             let windows = (t0..t0 + n)
+                .filter(|_| !whole)
                 .map(|t| layout::narrow_rows(gpu, &stream, t * self.time_stride, kt))
                 .collect::<Result<Vec<_>>>()?;
-            let stacked = if windows.len() == 1 {
+            let stacked = if whole {
+                // The one window is the whole stream: no copy.
+                stream.clone()
+            } else if windows.len() == 1 {
                 windows[0].clone()
             } else {
                 layout::concat_rows(gpu, &windows.iter().collect::<Vec<_>>())?
@@ -391,21 +404,32 @@ fn frames_of(gpu: &Gpu, video: &Tensor, item: usize, start: usize, len: usize) -
 }
 
 /// The last `CACHE_T` frames of the stream [previous, x]: what diffusers
-/// stores in `feat_cache` after a causal convolution reads `x`.
-fn next_cache(gpu: &Gpu, previous: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+/// stores in `feat_cache` after a causal convolution reads `x`. Kept as
+/// runs of frames, oldest first, that share the tensors they come from
+/// where they can: a frame at a time (the decoder's full-resolution
+/// levels), the cache is `x` itself and the previous frame, no copy.
+fn next_cache(gpu: &Gpu, previous: &[Tensor], x: &Tensor) -> Result<Vec<Tensor>> {
     let t = x.shape()[0];
-    if t >= CACHE_T {
-        return layout::narrow_rows(gpu, x, t - CACHE_T, CACHE_T);
+    if t > CACHE_T {
+        return Ok(vec![layout::narrow_rows(gpu, x, t - CACHE_T, CACHE_T)?]);
     }
-    match previous {
-        Some(p) => {
-            let n = p.shape()[0];
-            let keep = (CACHE_T - t).min(n);
-            let tail = layout::narrow_rows(gpu, p, n - keep, keep)?;
-            layout::concat_rows(gpu, &[&tail, x])
+    let mut kept = vec![x.clone()];
+    let mut wanted = CACHE_T - t;
+    for p in previous.iter().rev() {
+        if wanted == 0 {
+            break;
         }
-        None => Ok(x.clone()),
+        let n = p.shape()[0];
+        let take = n.min(wanted);
+        kept.push(if take == n {
+            p.clone()
+        } else {
+            layout::narrow_rows(gpu, p, n - take, take)?
+        });
+        wanted -= take;
     }
+    kept.reverse();
+    Ok(kept)
 }
 
 /// One entry of diffusers' `feat_cache`.
@@ -416,7 +440,8 @@ enum CacheSlot {
     /// `upsample3d` has seen its first chunk (diffusers' "Rep"): its time
     /// convolution starts on the next one, from zero padding.
     Rep,
-    Frames(Tensor),
+    /// Runs of frames, oldest first (see `next_cache`).
+    Frames(Vec<Tensor>),
 }
 
 /// diffusers' `feat_cache` with its `feat_idx`: one slot per causal
@@ -451,12 +476,13 @@ fn cached_conv(
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let slot = cache.next();
-    let previous = match slot {
-        CacheSlot::Frames(t) => Some(t.clone()),
-        _ => None,
+    let previous = match std::mem::take(slot) {
+        CacheSlot::Frames(frames) => frames,
+        _ => Vec::new(),
     };
-    let kept = next_cache(gpu, previous.as_ref(), x)?;
-    let out = conv.forward(gpu, x, previous.as_ref(), residual)?;
+    let kept = next_cache(gpu, &previous, x)?;
+    let out = conv.forward(gpu, x, &previous, residual)?;
+    drop(previous);
     *slot = CacheSlot::Frames(kept);
     Ok(out)
 }
@@ -525,7 +551,7 @@ impl WanResidualBlock {
 
     fn forward(&self, gpu: &Gpu, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
         let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(gpu, x, None, None)?,
+            Some(c) => c.forward(gpu, x, &[], None)?,
             None => x.clone(),
         };
         let h = self.norm1.forward(gpu, x, true)?;
@@ -677,15 +703,15 @@ impl WanResample {
                 // The first chunk keeps its frame count.
                 CacheSlot::Empty => None,
                 // The second starts the time convolution from zero padding.
-                CacheSlot::Rep => Some(None),
-                CacheSlot::Frames(t) => Some(Some(t.clone())),
+                CacheSlot::Rep => Some(Vec::new()),
+                CacheSlot::Frames(frames) => Some(frames.clone()),
             };
             if previous.is_none() {
                 *slot = CacheSlot::Rep;
             }
             if let Some(previous) = previous {
-                let kept = next_cache(gpu, previous.as_ref(), &x)?;
-                let y = time_conv.forward(gpu, &x, previous.as_ref(), None)?;
+                let kept = next_cache(gpu, &previous, &x)?;
+                let y = time_conv.forward(gpu, &x, &previous, None)?;
                 *slot = CacheSlot::Frames(kept);
                 // [T, 2C, H, W]: channel half s of frame τ is frame 2τ + s
                 // (diffusers' reshape to (2, C) and stack on the time axis).
@@ -705,12 +731,14 @@ impl WanResample {
             let t = x.shape()[0];
             let last = layout::narrow_rows(gpu, &x, t - 1, 1)?;
             let slot = cache.next();
-            match std::mem::replace(slot, CacheSlot::Frames(last)) {
+            match std::mem::replace(slot, CacheSlot::Frames(vec![last])) {
                 // The first chunk passes through; its last frame is kept.
                 CacheSlot::Empty | CacheSlot::Rep => return Ok(x),
                 CacheSlot::Frames(previous) => {
-                    let stream = layout::concat_rows(gpu, &[&previous, &x])?;
-                    return time_conv.forward(gpu, &stream, None, None);
+                    let mut parts: Vec<&Tensor> = previous.iter().collect();
+                    parts.push(&x);
+                    let stream = layout::concat_rows(gpu, &parts)?;
+                    return time_conv.forward(gpu, &stream, &[], None);
                 }
             }
         }
@@ -868,16 +896,67 @@ impl WanDecoder3d {
         cache.start_chunk();
         let mut h = cached_conv(gpu, &self.conv_in, x, cache, None)?;
         h = self.mid_block.forward(gpu, &h, cache)?;
-        for block in &self.up_blocks {
-            for r in &block.resnets {
-                h = r.forward(gpu, &h, cache)?;
-            }
-            for up in &block.upsamplers {
-                h = up.forward(gpu, &h, cache)?;
-            }
+        // The blocks after the last temporal upsampling keep the frame
+        // count, and they are the full-resolution ones: run them a frame at
+        // a time, so that only one frame of their activations is live (at
+        // 832x480, four frames of the last level's are over a gigabyte).
+        // Frame by frame is the same arithmetic: each causal convolution's
+        // feature cache holds the frames before, as between chunks.
+        let per_frame = self
+            .up_blocks
+            .iter()
+            .rposition(|b| {
+                b.upsamplers
+                    .iter()
+                    .any(|u| u.mode == ResampleMode::Upsample3d)
+            })
+            .map_or(0, |i| i + 1);
+        for block in &self.up_blocks[..per_frame] {
+            h = block.forward(gpu, &h, cache)?;
+        }
+        let frames = h.shape()[0];
+        if frames == 1 {
+            return self.forward_tail(gpu, &h, cache, per_frame);
+        }
+        let first_slot = cache.idx;
+        let mut outputs = Vec::with_capacity(frames);
+        for t in 0..frames {
+            // Every frame visits the same cache slots, in order.
+            cache.idx = first_slot;
+            let frame = layout::narrow_rows(gpu, &h, t, 1)?;
+            outputs.push(self.forward_tail(gpu, &frame, cache, per_frame)?);
+        }
+        drop(h);
+        layout::concat_rows(gpu, &outputs.iter().collect::<Vec<_>>())
+    }
+
+    /// Up blocks `from..`, `norm_out` and `conv_out`.
+    fn forward_tail(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        cache: &mut FeatureCache,
+        from: usize,
+    ) -> Result<Tensor> {
+        let mut h = x.clone();
+        for block in &self.up_blocks[from..] {
+            h = block.forward(gpu, &h, cache)?;
         }
         h = self.norm_out.forward(gpu, &h, true)?;
         cached_conv(gpu, &self.conv_out, &h, cache, None)
+    }
+}
+
+impl WanUpBlock {
+    fn forward(&self, gpu: &Gpu, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        let mut h = x.clone();
+        for r in &self.resnets {
+            h = r.forward(gpu, &h, cache)?;
+        }
+        for up in &self.upsamplers {
+            h = up.forward(gpu, &h, cache)?;
+        }
+        Ok(h)
     }
 }
 
@@ -1004,7 +1083,7 @@ impl AutoencoderKLWan {
                 let len = if start == 0 { 1 } else { ENCODE_CHUNK };
                 let x = frames_of(gpu, video, item, start, len)?;
                 let h = self.encoder.forward(gpu, &x, &mut cache)?;
-                chunks.push(self.quant_conv.forward(gpu, &h, None, None)?);
+                chunks.push(self.quant_conv.forward(gpu, &h, &[], None)?);
                 start += len;
             }
             let enc = layout::concat_rows(gpu, &chunks.iter().collect::<Vec<_>>())?;
@@ -1064,10 +1143,17 @@ impl AutoencoderKLWan {
             for i in 0..f {
                 // post_quant_conv is 1x1x1: per latent frame, like the rest.
                 let x = frames_of(gpu, latents, item, i, 1)?;
-                let x = self.post_quant_conv.forward(gpu, &x, None, None)?;
+                let x = self.post_quant_conv.forward(gpu, &x, &[], None)?;
                 let mut out = self.decoder.forward(gpu, &x, &mut cache)?;
                 if clamp {
                     out = ops::elementwise::clamp(gpu, &out, -1.0, 1.0)?;
+                }
+                if i == 0 {
+                    // The first chunk's shapes (one frame where the next
+                    // chunks have four) do not come again: its free
+                    // buffers go back to the driver rather than sit in
+                    // the pool beside the next chunks' (gigabytes at 832x480).
+                    gpu.trim_pool();
                 }
                 let len = out.shape()[0];
                 sink(item, first, out)?;

@@ -19,6 +19,7 @@ pub mod guidance;
 pub mod image;
 pub mod noise;
 pub mod preview;
+pub mod prompt_cache;
 pub mod request;
 pub mod wan;
 

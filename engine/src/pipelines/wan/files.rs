@@ -69,6 +69,9 @@ impl Wan {
             vae,
             scheduler_config,
             path.to_path_buf(),
+            // The prompt cache keys entries on a text encoder folder's
+            // files: a single file has none yet, so nothing is cached.
+            None,
         )
     }
 }

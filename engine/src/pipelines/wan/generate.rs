@@ -12,27 +12,70 @@ use crate::gpu::Gpu;
 use crate::pipelines::decode::to_frame;
 use crate::pipelines::events::{emit, Event, Generated, Trace};
 use crate::pipelines::preview::StepPreviews;
+use crate::pipelines::prompt_cache::PromptKey;
 use crate::pipelines::{guidance, noise, Request};
 use crate::schedulers::{Scheduler, SchedulerOptions};
 use crate::tensor::Tensor;
+use crate::text::umt5::prompt_clean;
+use std::sync::atomic::Ordering;
 
 impl Wan {
     /// Prompt embeddings [N, L, D] for `prompts` (after the pipeline's
     /// `prompt_clean`), every row past a prompt's own length zeroed as the
     /// Wan pipelines do (the transformer's cross-attention then sees zeros
     /// there, not a mask). Returned on the CPU, prompt by prompt.
+    ///
+    /// With a prompt cache, prompts encoded before (same encoder,
+    /// tokenizer, cleaned prompt, length and precision) are read from disk
+    /// and the text encoder does not run; if any prompt is missing, all
+    /// of them are encoded together, as without the cache, so that the
+    /// embeddings never depend on which were cached.
     pub fn encode_prompts(&self, gpu: &Gpu, prompts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let len = self.max_sequence_length;
         let tokens = self.tokenizer.encode(prompts, len)?;
+        let dim = self.text_encoder.config.d_model;
+        let mut warn = |w: String| eprintln!("motif: warning: {w}");
+        let cached = match (&self.prompt_cache, &self.encoder_identity) {
+            (Some(cache), Some(identity)) => {
+                let keys: Vec<PromptKey> = prompts
+                    .iter()
+                    .map(|p| identity.key(&prompt_clean(p), len, gpu.precision()))
+                    .collect();
+                Some((cache, keys))
+            }
+            _ => None,
+        };
+        if let Some((cache, keys)) = &cached {
+            let hits: Option<Vec<Vec<f32>>> = keys
+                .iter()
+                .zip(&tokens.lengths)
+                .map(|(key, &keep)| {
+                    let mut rows = cache.get(key, dim, &mut warn)?;
+                    if rows.len() != keep * dim {
+                        warn(format!(
+                            "prompt cache: an entry holds {} tokens where the prompt has {keep}; \
+                             encoding again",
+                            rows.len() / dim.max(1)
+                        ));
+                        return None;
+                    }
+                    rows.resize(len * dim, 0.0);
+                    Some(rows)
+                })
+                .collect();
+            if let Some(hits) = hits {
+                return Ok(hits);
+            }
+        }
         let ids: Vec<Vec<u32>> = tokens.input_ids.chunks(len).map(<[u32]>::to_vec).collect();
         let mask: Vec<Vec<u32>> = tokens
             .attention_mask
             .chunks(len)
             .map(<[u32]>::to_vec)
             .collect();
+        self.text_encoder_runs.fetch_add(1, Ordering::Relaxed);
         let states = self.text_encoder.forward(gpu, &ids, &mask)?.to_f32(gpu)?;
-        let dim = states.len() / (prompts.len() * len);
-        Ok(states
+        let embeds: Vec<Vec<f32>> = states
             .chunks(len * dim)
             .zip(&tokens.lengths)
             .map(|(rows, &keep)| {
@@ -40,7 +83,14 @@ impl Wan {
                 rows[keep * dim..].fill(0.0);
                 rows
             })
-            .collect())
+            .collect();
+        if let Some((cache, keys)) = &cached {
+            for ((rows, &keep), key) in embeds.iter().zip(&tokens.lengths).zip(keys) {
+                // Only the prompt's own rows: the rest are zeros.
+                cache.put(key, &rows[..keep * dim], dim, &mut warn);
+            }
+        }
+        Ok(embeds)
     }
 
     /// One generation of a request already validated (see

@@ -18,11 +18,13 @@ mod files;
 mod generate;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
 
 use super::card::ModelCard;
 use super::controls::{Control, Controls};
 use super::events::{Event, Generated};
 use super::preview::LatentRgb;
+use super::prompt_cache::{EncoderIdentity, PromptCache};
 use super::{argument, load_boxed, Family, ModelDefaults, Registered, Request};
 use crate::error::{LoadError, Result};
 use crate::gpu::Gpu;
@@ -117,6 +119,11 @@ pub struct Wan {
     latent_rgb: LatentRgb,
     /// Text tokens per prompt (diffusers' `max_sequence_length`, 512).
     max_sequence_length: usize,
+    /// Prompt embeddings on disk (None: off) and what keys them.
+    prompt_cache: Option<PromptCache>,
+    encoder_identity: Option<EncoderIdentity>,
+    /// Text encoder forward passes so far (a cache hit runs none).
+    text_encoder_runs: AtomicUsize,
 }
 
 /// What `model_index.json` of a Wan folder says beyond its class.
@@ -225,6 +232,24 @@ impl Wan {
 
     /// Text tokens per prompt (diffusers' `max_sequence_length`; 512, what
     /// Wan was trained with). Reference cases set other lengths.
+    /// Where prompt embeddings are cached (None: nowhere). Loading picks
+    /// `prompts/` in Motif's cache folder (see
+    /// [`PromptCache::default_location`]).
+    pub fn set_prompt_cache(&mut self, cache: Option<PromptCache>) {
+        self.prompt_cache = cache;
+    }
+
+    pub fn prompt_cache(&self) -> Option<&PromptCache> {
+        self.prompt_cache.as_ref()
+    }
+
+    /// How many times the text encoder has run since loading: a
+    /// generation whose prompts were all cached adds none.
+    pub fn text_encoder_runs(&self) -> usize {
+        self.text_encoder_runs
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn set_max_sequence_length(&mut self, len: usize) {
         self.max_sequence_length = len;
     }
@@ -244,6 +269,7 @@ impl Wan {
         vae: AutoencoderKLWan,
         scheduler_config: SchedulerConfig,
         scheduler_path: PathBuf,
+        encoder_identity: Option<EncoderIdentity>,
     ) -> Result<Self> {
         if !scheduler_config.is_flow_matching()? {
             return Err(LoadError::Config {
@@ -292,6 +318,9 @@ impl Wan {
             defaults,
             latent_rgb,
             max_sequence_length: UMT5_MAX_LENGTH,
+            prompt_cache: PromptCache::default_location(),
+            encoder_identity,
+            text_encoder_runs: AtomicUsize::new(0),
         })
     }
 }
@@ -313,7 +342,8 @@ impl Family for Wan {
         if present(&index.image_encoder) {
             return Err(not_yet(&dir, "Wan image-to-video (image_encoder)").into());
         }
-        let tokenizer = Umt5Tokenizer::from_dir(&component(&dir, "tokenizer", "tokenizer.json")?)?;
+        let tokenizer_dir = component(&dir, "tokenizer", "tokenizer.json")?;
+        let tokenizer = Umt5Tokenizer::from_dir(&tokenizer_dir)?;
         let te_dir = component(&dir, "text_encoder", "the UMT5 encoder")?;
         let residency = if weight_bytes(&te_dir) > STREAM_TEXT_ENCODER_ABOVE {
             BlockResidency::Streamed
@@ -321,6 +351,10 @@ impl Family for Wan {
             BlockResidency::Resident
         };
         let text_encoder = UMT5EncoderModel::from_dir(gpu, &te_dir, residency)?;
+        // Without an identity (a file that cannot be read now), nothing is
+        // cached rather than something keyed on less than the encoder.
+        let encoder_identity =
+            EncoderIdentity::of(&te_dir, &tokenizer_dir.join("tokenizer.json")).ok();
         let transformer = WanTransformer3DModel::from_dir(
             gpu,
             &component(&dir, "transformer", "the Wan transformer")?,
@@ -338,6 +372,7 @@ impl Family for Wan {
             vae,
             scheduler_config,
             scheduler_path,
+            encoder_identity,
         )
     }
 
