@@ -58,11 +58,7 @@ fn run() -> Result<(), String> {
         writeln!(table, "    ({rel:?}, include_bytes!({abs:?})),").expect("writing to a String");
     }
     table.push_str("];\n");
-    let digest: String = hash
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
     writeln!(
         table,
         "/// SHA-256 of every path and its bytes, in hex.\npub(crate) const HASH: &str = {digest:?};"

@@ -108,8 +108,8 @@ fn write_all(dir: &Path) -> Result<()> {
         if let Some(sub) = path.parent() {
             std::fs::create_dir_all(sub).with_context(|| format!("creating {}", sub.display()))?;
         }
-        let mut file = std::fs::File::create(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        let mut file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         file.write_all(bytes)
             .and_then(|()| file.sync_all())
             .with_context(|| format!("writing {}", path.display()))?;

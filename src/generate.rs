@@ -434,8 +434,12 @@ pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
         }
     }
 
-    let model = catalog::resolve_model_name(&settings.model)
-        .map_err(|e| flag_error(FieldError::new("model", format!("{}: {e:#}", settings.model))))?;
+    let model = catalog::resolve_model_name(&settings.model).map_err(|e| {
+        flag_error(FieldError::new(
+            "model",
+            format!("{}: {e:#}", settings.model),
+        ))
+    })?;
     let mut spec = model_spec(&settings, &model);
     // A motion LoRA the model ships for this camera move
     // (`motion_loras/<move>.safetensors`) replaces the training-free warp.
