@@ -1,11 +1,14 @@
 //! What Motif can offer by name: style presets (`assets/styles.json`, built
-//! in) and models (`motif models`): the bundled default, the models folder
+//! in) and models (`motif models`): the bundled default (built into the
+//! binary, unpacked into the cache folder on first use), the models folder
 //! (`MOTIF_MODELS`, else the user's data directory) and the Hugging Face
 //! cache.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
+
+use crate::bundled;
 use motif_engine::pipelines::family_for_class;
 use serde_json::Value;
 
@@ -79,36 +82,23 @@ pub fn models_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/motif/models"))
 }
 
-/// The bundled default model, when this build ships one.
-pub fn default_model() -> Option<String> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("assets")
-        .join("models")
-        .join("default");
-    dir.join("model_index.json")
-        .is_file()
-        .then(|| dir.to_string_lossy().into_owned())
-}
-
 /// A `--model` value: an existing path, a name in the models folder,
-/// `default` (the bundled model), or (left as is) an org/name for the
-/// Hugging Face cache.
-pub fn resolve_model_name(spec: &str) -> String {
+/// `default` (the bundled model, unpacked on first use), or (left as is) an
+/// org/name for the Hugging Face cache.
+pub fn resolve_model_name(spec: &str) -> Result<String> {
     if Path::new(spec).exists() {
-        return spec.to_string();
+        return Ok(spec.to_string());
     }
     if let Some(dir) = models_dir() {
         let candidate = dir.join(spec);
         if candidate.exists() {
-            return candidate.to_string_lossy().into_owned();
+            return Ok(candidate.to_string_lossy().into_owned());
         }
     }
     if spec == "default" {
-        if let Some(bundled) = default_model() {
-            return bundled;
-        }
+        return Ok(bundled::folder()?.to_string_lossy().into_owned());
     }
-    spec.to_string()
+    Ok(spec.to_string())
 }
 
 fn size_of(path: &Path) -> u64 {
@@ -175,17 +165,27 @@ pub struct Listed {
 
 pub fn list_models() -> Vec<Listed> {
     let mut out = Vec::new();
-    if let Some(path) = default_model() {
-        let path = PathBuf::from(path);
-        let (kind, family) = kind_of(&path).unwrap_or_default();
-        out.push(Listed {
+    // Unpacked here so that the listed path is one the viewer can open.
+    match bundled::folder() {
+        Ok(path) => {
+            let (kind, family) = kind_of(&path).unwrap_or_default();
+            out.push(Listed {
+                name: "default".into(),
+                source: "bundled",
+                kind,
+                family,
+                bytes: bundled::bytes(),
+                path,
+            });
+        }
+        Err(e) => out.push(Listed {
             name: "default".into(),
             source: "bundled",
-            kind,
-            family,
-            bytes: size_of(&path),
-            path,
-        });
+            kind: format!("not unpacked: {e:#}"),
+            family: "",
+            bytes: bundled::bytes(),
+            path: bundled::target().unwrap_or_default(),
+        }),
     }
     if let Some(dir) = models_dir() {
         if let Ok(entries) = std::fs::read_dir(&dir) {

@@ -264,14 +264,8 @@ impl Settings {
             .ok_or_else(|| anyhow!("no prompt: pass the text of the clip (or --from a recipe)"))?;
         let model = match &recipe.model {
             Some(m) => m.clone(),
-            // Recorded by name, so that a recipe replays on another checkout.
-            None => catalog::default_model().map(|_| "default".to_string()).ok_or_else(|| {
-                flag_error(FieldError::new("model",
-                    "none given and no bundled default model is installed yet: pass a diffusers AnimateDiff folder, \
-                     a single-file SD1.5 checkpoint with --motion-adapter, a name from `motif models`, or an org/name in \
-                     the Hugging Face cache (MOTIF_MODEL sets a default)"
-                ))
-            })?,
+            // Recorded by name, so that a recipe replays on another machine.
+            None => "default".to_string(),
         };
         recipe.validate().map_err(flag_error)?;
         // The model's family refuses what it cannot honour (shift, a second
@@ -445,7 +439,12 @@ pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
         }
     }
 
-    let model = catalog::resolve_model_name(&settings.model);
+    let model = catalog::resolve_model_name(&settings.model).map_err(|e| {
+        flag_error(FieldError::new(
+            "model",
+            format!("{}: {e:#}", settings.model),
+        ))
+    })?;
     let mut spec = model_spec(&settings, &model);
     // A motion LoRA the model ships for this camera move
     // (`motion_loras/<move>.safetensors`) replaces the training-free warp.

@@ -1,6 +1,7 @@
 //! `motif`: the command-line front end. It parses arguments, shows progress
 //! and calls into the engine; no model or GPU logic lives here.
 
+mod bundled;
 mod catalog;
 mod discord;
 mod generate;
@@ -318,7 +319,7 @@ fn bench_model(
     if steps.contains(&0) {
         anyhow::bail!("--steps: every step count must be at least 1");
     }
-    let name = catalog::resolve_model_name(model);
+    let name = catalog::resolve_model_name(model).with_context(|| format!("--model {model}"))?;
     let source =
         motif_engine::models::source::ModelSource::open(&motif_engine::models::source::ModelSpec {
             model: name.clone(),
@@ -510,9 +511,6 @@ fn list_models() -> Result<()> {
             dir.display()
         ),
         None => println!("\nmodels folder: none (set MOTIF_MODELS)"),
-    }
-    if catalog::default_model().is_none() {
-        println!("bundled default: none in this build yet");
     }
     Ok(())
 }

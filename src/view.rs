@@ -103,7 +103,7 @@ impl motif_viewer::Backend for Engine {
 /// machine cannot open (a name only a server has) gets AnimateDiff's, under
 /// its card if it has one here.
 pub(crate) fn model_defaults(model: &str) -> Result<ModelDefaults> {
-    let path = catalog::resolve_model_name(model);
+    let path = catalog::resolve_model_name(model).with_context(|| format!("--model {model}"))?;
     let spec = ModelSpec {
         model: path.clone(),
         motion_adapter: None,
@@ -167,7 +167,8 @@ fn controls(args: &ViewArgs) -> Result<Controls> {
     }
     let model = match &flags.model {
         Some(m) => m.clone(),
-        None => catalog::default_model().unwrap_or_default(),
+        // By name, as `motif generate` records it.
+        None => "default".to_string(),
     };
     let defaults = model_defaults(&model)?;
     // The panel shows a size, not a ratio: --aspect becomes one here, at

@@ -1,5 +1,5 @@
-//! What the end-to-end tests of `motif serve` share (`mod common;` in
-//! tests/serve.rs, tests/gallery.rs and tests/discord.rs): temporary folders, free ports, the
+//! What the end-to-end tests share (`mod common;` in tests/serve.rs,
+//! tests/gallery.rs, tests/discord.rs, tests/wan.rs and tests/bundled.rs): temporary folders, free ports, the
 //! `motif` processes under test and a PostgreSQL database of their own.
 
 // Each test file is its own crate and uses only some of these.
@@ -46,7 +46,12 @@ pub fn free_port() -> u16 {
 /// `motif ARGS` with the environment of these tests: none of the caller's
 /// service settings, plus `env`.
 pub fn motif_command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(MOTIF);
+    motif_command_at(Path::new(MOTIF), args, env)
+}
+
+/// `motif_command` for the binary at `bin` (a copy of the built one).
+pub fn motif_command_at(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(bin);
     command
         .args(args)
         .env(
