@@ -15,8 +15,8 @@ use motif_engine::Gpu;
 use motif_server::accounts;
 use motif_server::discord::{DiscordOptions, Verifier};
 use motif_server::{
-    ApiLimits, ConnectionLimits, FieldError, HashingOptions, JobRequest, Names, Preview, Progress, QueueOptions, RunJob, RunOutput,
-    Runner, ServeOptions, StoreOptions, WebOptions, WorkerOptions,
+    ApiLimits, ConnectionLimits, FieldError, HashingOptions, JobRequest, Names, Preview, Progress,
+    QueueOptions, RunJob, RunOutput, Runner, ServeOptions, StoreOptions, WebOptions, WorkerOptions,
 };
 
 use crate::catalog;

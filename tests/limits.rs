@@ -267,9 +267,17 @@ fn parallel_submissions_stop_at_the_active_limit(store: Store) {
         10,
         "accepted where 10 may be active: {counts:?}"
     );
-    assert_eq!(counts.get(&429).copied().unwrap_or(0), PARALLEL - 10, "{counts:?}");
+    assert_eq!(
+        counts.get(&429).copied().unwrap_or(0),
+        PARALLEL - 10,
+        "{counts:?}"
+    );
     for a in answers.iter().filter(|a| a.status == 429) {
-        assert!(a.retry_after.is_some(), "429 without Retry-After: {}", a.body);
+        assert!(
+            a.retry_after.is_some(),
+            "429 without Retry-After: {}",
+            a.body
+        );
     }
 }
 
@@ -296,7 +304,11 @@ fn parallel_submissions_stop_at_the_per_minute_limit(store: Store) {
     let base = server.base.clone();
     let counts = tally(&at_once(PARALLEL, move |i| submit_api(&base, &token, i)));
     assert_eq!(counts.get(&202).copied().unwrap_or(0), 12, "{counts:?}");
-    assert_eq!(counts.get(&429).copied().unwrap_or(0), PARALLEL - 12, "{counts:?}");
+    assert_eq!(
+        counts.get(&429).copied().unwrap_or(0),
+        PARALLEL - 12,
+        "{counts:?}"
+    );
 }
 
 #[test]
@@ -327,7 +339,11 @@ fn a_members_tokens_are_capped_and_share_one_limit(store: Store) {
         10,
         "tokens made where a member may hold 10: {counts:?}"
     );
-    assert_eq!(counts.get(&409).copied().unwrap_or(0), PARALLEL - 10, "{counts:?}");
+    assert_eq!(
+        counts.get(&409).copied().unwrap_or(0),
+        PARALLEL - 10,
+        "{counts:?}"
+    );
     let tokens: Vec<String> = answers
         .iter()
         .filter(|a| a.status == 200)
@@ -349,7 +365,11 @@ fn a_members_tokens_are_capped_and_share_one_limit(store: Store) {
         10,
         "jobs accepted for one member over five tokens, 10 allowed: {counts:?}"
     );
-    assert_eq!(counts.get(&429).copied().unwrap_or(0), PARALLEL - 10, "{counts:?}");
+    assert_eq!(
+        counts.get(&429).copied().unwrap_or(0),
+        PARALLEL - 10,
+        "{counts:?}"
+    );
 }
 
 #[test]
@@ -393,7 +413,10 @@ fn parallel_wrong_passwords_stop_at_the_limits(store: Store) {
         "{checked} passwords checked for one account, 5 allowed: {counts:?}"
     );
 
-    for a in answers.iter().filter(|a| a.status == 429 || a.status == 503) {
+    for a in answers
+        .iter()
+        .filter(|a| a.status == 429 || a.status == 503)
+    {
         assert!(a.retry_after.is_some(), "{} without Retry-After", a.status);
     }
 
@@ -403,7 +426,10 @@ fn parallel_wrong_passwords_stop_at_the_limits(store: Store) {
     let answers = at_once(PARALLEL, move |i| {
         g.post_form(
             "/login",
-            &[("name", &format!("name{i}")), ("password", "a common password")],
+            &[
+                ("name", &format!("name{i}")),
+                ("password", "a common password"),
+            ],
         )
     });
     let counts = tally(&answers);
@@ -446,14 +472,20 @@ fn password_hashes_in_flight_stay_under_the_cap(store: &Store) {
     let signups = at_once(PARALLEL, move |i| {
         v.post_form(
             "/signup",
-            &[("name", &format!("user{i}")), ("password", "a long password")],
+            &[
+                ("name", &format!("user{i}")),
+                ("password", "a long password"),
+            ],
         )
     });
     let v = visitor.clone();
     let logins = at_once(PARALLEL, move |i| {
         v.post_form(
             "/login",
-            &[("name", &format!("user{i}")), ("password", "a long password")],
+            &[
+                ("name", &format!("user{i}")),
+                ("password", "a long password"),
+            ],
         )
     });
     for (what, answers, done) in [("sign-up", &signups, 303), ("login", &logins, 303)] {
@@ -461,10 +493,14 @@ fn password_hashes_in_flight_stay_under_the_cap(store: &Store) {
         // A login of a name whose sign-up was refused is 401.
         let allowed = [done, 401, 503];
         assert!(
-            counts.keys().all(|s| allowed.contains(s)) && (what == "login" || !counts.contains_key(&401)),
+            counts.keys().all(|s| allowed.contains(s))
+                && (what == "login" || !counts.contains_key(&401)),
             "{what}: {counts:?}"
         );
-        assert!(counts.get(&done).copied().unwrap_or(0) >= 1, "{what}: {counts:?}");
+        // At least one request got the hash (a login may check a name whose sign-up was refused).
+        let checked =
+            counts.get(&done).copied().unwrap_or(0) + counts.get(&401).copied().unwrap_or(0);
+        assert!(checked >= 1, "{what}: {counts:?}");
         assert!(
             counts.get(&503).copied().unwrap_or(0) >= 1,
             "{what}: no refusal with one hash allowed at a time: {counts:?}"
@@ -493,15 +529,26 @@ fn signups_stop_at_the_per_address_limit(store: &Store) {
     let answers = at_once(PARALLEL, move |i| {
         visitor.post_form(
             "/signup",
-            &[("name", &format!("member{i}")), ("password", "a long password")],
+            &[
+                ("name", &format!("member{i}")),
+                ("password", "a long password"),
+            ],
         )
     });
     let counts = tally(&answers);
     assert_eq!(counts.get(&303).copied().unwrap_or(0), 5, "{counts:?}");
-    assert_eq!(counts.get(&429).copied().unwrap_or(0), PARALLEL - 5, "{counts:?}");
+    assert_eq!(
+        counts.get(&429).copied().unwrap_or(0),
+        PARALLEL - 5,
+        "{counts:?}"
+    );
     for a in answers.iter().filter(|a| a.status == 429) {
         let wait: u64 = a.retry_after.as_deref().unwrap_or("").parse().unwrap_or(0);
-        assert!((1..=3600).contains(&wait), "Retry-After {:?}", a.retry_after);
+        assert!(
+            (1..=3600).contains(&wait),
+            "Retry-After {:?}",
+            a.retry_after
+        );
     }
 }
 
@@ -600,14 +647,22 @@ fn slow_clients_are_dropped_and_connections_per_address_capped() {
     let mut streams: Vec<TcpStream> = (0..PARALLEL).map(|_| connect(&server)).collect();
     let closed = streams
         .iter_mut()
-        .filter(|s| closed_within(s, Duration::from_millis(1500)).0)
+        .map(|s| closed_within(s, Duration::from_millis(1500)).0)
+        .filter(|closed| *closed)
         .count();
-    assert_eq!(closed, PARALLEL - 20, "connections closed where 20 may be open");
+    assert_eq!(
+        closed,
+        PARALLEL - 20,
+        "connections closed where 20 may be open"
+    );
     // Held ones are released when their clients leave; the address may connect again.
     drop(streams);
     let start = Instant::now();
     while ureq::get(&server.url("/api/v1/health")).call().is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no connection after the others left");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no connection after the others left"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

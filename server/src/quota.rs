@@ -29,9 +29,13 @@ pub(crate) struct JobQuota {
 pub(crate) enum Admission {
     Accepted,
     /// `active` jobs are queued or running already.
-    TooManyActive { active: i64 },
+    TooManyActive {
+        active: i64,
+    },
     /// The per-minute limit is spent; a slot frees in `wait_s` seconds.
-    TooManyRecent { wait_s: u64 },
+    TooManyRecent {
+        wait_s: u64,
+    },
 }
 
 /// Whose jobs count together: a member's tokens, or one token of no member.
@@ -79,8 +83,16 @@ impl Db {
     }
 
     /// The scope a token's jobs count in, with its lock taken.
-    async fn lock_scope(&self, tx: &mut Transaction<'static, Any>, token_id: &str) -> Result<Scope> {
-        let lock = if self.is_postgres() { " FOR UPDATE" } else { "" };
+    async fn lock_scope(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        token_id: &str,
+    ) -> Result<Scope> {
+        let lock = if self.is_postgres() {
+            " FOR UPDATE"
+        } else {
+            ""
+        };
         let row = sqlx::query(&format!("SELECT user_id FROM tokens WHERE id = $1{lock}"))
             .bind(token_id)
             .fetch_optional(&mut **tx)
@@ -136,7 +148,9 @@ impl Db {
                 Some(r) => r.try_get("created_ms")?,
                 None => now,
             };
-            let wait_s = ((oldest + 60_000 - now).max(0) as u64).div_ceil(1000).max(1);
+            let wait_s = ((oldest + 60_000 - now).max(0) as u64)
+                .div_ceil(1000)
+                .max(1);
             return Ok(Admission::TooManyRecent { wait_s });
         }
         sqlx::query(

@@ -918,7 +918,9 @@ async fn new_token(
     let Some(token) = state.app.db.create_user_token_within(&user, max).await? else {
         return Err(PageError::new(
             StatusCode::CONFLICT,
-            format!("You have {max} API tokens already, the most a member may hold: revoke one first."),
+            format!(
+                "You have {max} API tokens already, the most a member may hold: revoke one first."
+            ),
         ));
     };
     let body = format!(
@@ -1129,7 +1131,9 @@ async fn signup(
                 &visitor,
                 true,
                 &name,
-                Some(format!("Too many sign-ups from your address: try again in {wait} s.").as_str()),
+                Some(
+                    format!("Too many sign-ups from your address: try again in {wait} s.").as_str(),
+                ),
                 StatusCode::TOO_MANY_REQUESTS,
             );
             return Ok(with_retry_after(page, wait));
