@@ -15,8 +15,8 @@ use motif_engine::Gpu;
 use motif_server::accounts;
 use motif_server::discord::{DiscordOptions, Verifier};
 use motif_server::{
-    ApiLimits, FieldError, JobRequest, Names, Preview, Progress, QueueOptions, RunJob, RunOutput,
-    Runner, ServeOptions, StoreOptions, WebOptions, WorkerOptions,
+    ApiLimits, ConnectionLimits, FieldError, HashingOptions, JobRequest, Names, Preview, Progress,
+    QueueOptions, RunJob, RunOutput, Runner, ServeOptions, StoreOptions, WebOptions, WorkerOptions,
 };
 
 use crate::catalog;
@@ -86,10 +86,10 @@ pub struct ServeArgs {
     database: Option<String>,
     #[command(flatten)]
     store: StoreArgs,
-    /// Queued plus running jobs one token may have.
-    #[arg(long, default_value_t = 10)]
-    max_active_per_token: i64,
-    /// Jobs one token may submit per minute.
+    /// Queued plus running jobs one member may have, all their tokens (API, web pages, Discord) together; a token of no member has its own.
+    #[arg(long, alias = "max-active-per-token", default_value_t = 10)]
+    max_active_per_member: i64,
+    /// Jobs one member (all their tokens together) may submit per minute.
     #[arg(long, default_value_t = 30)]
     submissions_per_minute: i64,
     /// How long a gallery login lasts, in seconds (default 14 days).
@@ -109,6 +109,59 @@ pub struct ServeArgs {
     queue: QueueArgs,
     #[command(flatten)]
     discord: DiscordArgs,
+    #[command(flatten)]
+    abuse: AbuseLimitArgs,
+}
+
+/// Limits against floods and slow clients (README, "Limits").
+#[derive(Args, Debug)]
+pub struct AbuseLimitArgs {
+    /// Live API tokens one member may hold (made on /me; the web pages' own token not counted).
+    #[arg(long, default_value_t = 10)]
+    max_tokens_per_member: i64,
+    /// Password hashes (sign-ups, logins) running at once, each about 19 MiB and a core for tens of milliseconds; more get 503 with Retry-After (default: 2 per core, at least 4).
+    #[arg(long, value_name = "N")]
+    max_password_hashes: Option<usize>,
+    /// Sign-ups from one client address (IPv6 by /64) per hour; more get 429.
+    #[arg(long, default_value_t = 10)]
+    signups_per_address: usize,
+    /// Seconds a client has to send a request's headers, from connecting or from its previous answer (so also how long an idle keep-alive connection stays open).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Longest pause, in seconds, while a request body arrives; a stalled upload is ended.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Open connections from one client address (IPv6 by /64); more are closed as they arrive.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_connections_per_address: usize,
+}
+
+impl AbuseLimitArgs {
+    fn seconds(flag: &str, value: f64) -> Result<Duration> {
+        if !(value.is_finite() && (0.1..=3600.0).contains(&value)) {
+            bail!("--{flag} {value}: expected 0.1 to 3600 seconds");
+        }
+        Ok(Duration::from_secs_f64(value))
+    }
+
+    fn connections(&self) -> Result<ConnectionLimits> {
+        if self.max_connections_per_address < 1 {
+            bail!("--max-connections-per-address must be at least 1");
+        }
+        Ok(ConnectionLimits {
+            header_timeout: Self::seconds("header-timeout", self.header_timeout)?,
+            body_timeout: Self::seconds("body-timeout", self.body_timeout)?,
+            max_per_address: self.max_connections_per_address,
+        })
+    }
+
+    fn hashing(&self) -> Result<HashingOptions> {
+        match self.max_password_hashes {
+            Some(0) => bail!("--max-password-hashes must be at least 1"),
+            Some(n) => Ok(HashingOptions { max_in_flight: n }),
+            None => Ok(HashingOptions::default()),
+        }
+    }
 }
 
 /// `motif serve` as a Discord app (docs/DISCORD.md); off unless the public key is given.
@@ -359,8 +412,15 @@ fn runner(open_gpu: GpuOpener) -> Arc<dyn Runner> {
 }
 
 pub fn serve(open_gpu: GpuOpener, args: &ServeArgs) -> Result<()> {
-    if args.max_active_per_token < 1 || args.submissions_per_minute < 1 {
-        bail!("--max-active-per-token and --submissions-per-minute must be at least 1");
+    if args.max_active_per_member < 1
+        || args.submissions_per_minute < 1
+        || args.abuse.max_tokens_per_member < 1
+        || args.abuse.signups_per_address < 1
+    {
+        bail!(
+            "--max-active-per-member, --submissions-per-minute, --max-tokens-per-member and \
+             --signups-per-address must be at least 1"
+        );
     }
     if args.session_seconds < 1
         || args.login_failures < 1
@@ -380,14 +440,18 @@ pub fn serve(open_gpu: GpuOpener, args: &ServeArgs) -> Result<()> {
         workers: args.workers,
         queue: args.queue.options()?,
         limits: ApiLimits {
-            max_active_per_token: args.max_active_per_token,
+            max_active_per_member: args.max_active_per_member,
             submissions_per_minute: args.submissions_per_minute,
+            max_tokens_per_member: args.abuse.max_tokens_per_member,
             ..Default::default()
         },
+        connections: args.abuse.connections()?,
+        hashing: args.abuse.hashing()?,
         web: WebOptions {
             session: Duration::from_secs(args.session_seconds),
             login_failures: args.login_failures,
             login_failures_per_ip: args.login_failures_per_ip,
+            signups_per_address: args.abuse.signups_per_address,
             page_size: args.page_size,
             ..Default::default()
         },

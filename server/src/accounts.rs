@@ -5,13 +5,15 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use sqlx::Row;
+use tokio::sync::Semaphore;
 
 use crate::db::{now_ms, Db};
 use crate::{database_url, hash_token, random_hex, runtime};
@@ -290,30 +292,44 @@ impl RateLimiter {
         }
     }
 
-    /// Seconds to wait before this key may try again, if it must wait.
-    pub fn retry_after(&self, key: &str) -> Option<u64> {
+    /// Checks and records one event for `key` under one lock: Err with the
+    /// seconds to wait when the key has spent its events. Parallel requests
+    /// each take a slot or are refused; none can pass a check that another
+    /// is about to spend (a failed login is reserved before its password is
+    /// checked, a sign-up before its hash).
+    pub fn reserve(&self, key: &str) -> Result<Reservation, u64> {
         let now = Instant::now();
-        let mut map = self.events.lock().ok()?;
-        let list = map.get_mut(&key.to_lowercase())?;
-        list.retain(|t| now.duration_since(*t) < self.window);
-        if list.len() < self.max_events {
-            return None;
-        }
-        let oldest = list.iter().min().copied()?;
-        let wait = self.window.saturating_sub(now.duration_since(oldest));
-        Some(wait.as_secs().max(1))
-    }
-
-    /// One more event (a failed login, a command) for `key`.
-    pub fn record(&self, key: &str) {
-        if let Ok(mut map) = self.events.lock() {
-            // Bound the memory an attacker can make us spend on made-up keys.
+        let key = key.to_lowercase();
+        let Ok(mut map) = self.events.lock() else {
+            // Only a panic while holding the lock poisons it: refuse rather than let all through.
+            return Err(self.window.as_secs().max(1));
+        };
+        if map.len() > 100_000 && !map.contains_key(&key) {
+            map.retain(|_, list| list.iter().any(|t| now.duration_since(*t) < self.window));
             if map.len() > 100_000 {
                 map.clear();
             }
-            map.entry(key.to_lowercase())
-                .or_default()
-                .push(Instant::now());
+        }
+        let list = map.entry(key.clone()).or_default();
+        list.retain(|t| now.duration_since(*t) < self.window);
+        if list.len() >= self.max_events {
+            let oldest = list.iter().min().copied().unwrap_or(now);
+            let wait = self.window.saturating_sub(now.duration_since(oldest));
+            return Err(wait.as_secs().max(1));
+        }
+        list.push(now);
+        Ok(Reservation { key, at: now })
+    }
+
+    /// Gives back a reserved event that turned out not to count (a login
+    /// that succeeded, a sign-up refused before any work).
+    pub fn release(&self, reservation: Reservation) {
+        if let Ok(mut map) = self.events.lock() {
+            if let Some(list) = map.get_mut(&reservation.key) {
+                if let Some(i) = list.iter().position(|t| *t == reservation.at) {
+                    list.swap_remove(i);
+                }
+            }
         }
     }
 
@@ -325,19 +341,136 @@ impl RateLimiter {
     }
 }
 
-/// Checks a login: the member, or None for an unknown name or a wrong password
-/// (the same time either way).
-pub async fn login(db: &Db, name: &str, password: &str) -> Result<Option<User>> {
-    let found = db.user_by_name(name).await?;
-    let password = password.to_string();
-    let (user, stored) = match found {
-        Some((u, h)) => (Some(u), h),
-        None => (None, DUMMY_HASH.clone()),
-    };
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &stored))
+/// One event held in a [`RateLimiter`] by [`RateLimiter::reserve`].
+#[derive(Debug)]
+pub struct Reservation {
+    key: String,
+    at: Instant,
+}
+
+/// How many password hashes (sign-up) and verifications (login) may run at
+/// once: each takes argon2's 19 MiB and a core for tens of milliseconds.
+#[derive(Debug, Clone)]
+pub struct HashingOptions {
+    pub max_in_flight: usize,
+}
+
+impl Default for HashingOptions {
+    fn default() -> Self {
+        HashingOptions {
+            max_in_flight: default_hashes_in_flight(),
+        }
+    }
+}
+
+/// Two per core, at least 4: the CPU stays busy and memory stays at a few
+/// tens of MiB.
+pub fn default_hashes_in_flight() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (2 * cores).max(4)
+}
+
+/// All hashing is refused for now: `max_in_flight` hashes are running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashingBusy;
+
+/// The semaphore around password hashing, with counters an operator (and
+/// the tests) read on `/api/v1/health`.
+pub struct PasswordHashing {
+    permits: Arc<Semaphore>,
+    max_in_flight: usize,
+    in_flight: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    refused: AtomicU64,
+}
+
+impl PasswordHashing {
+    pub fn new(options: &HashingOptions) -> Self {
+        let max = options.max_in_flight.max(1);
+        PasswordHashing {
+            permits: Arc::new(Semaphore::new(max)),
+            max_in_flight: max,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            peak: Arc::new(AtomicUsize::new(0)),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs `work` on a blocking thread if a permit is free now, else
+    /// [`HashingBusy`] at once: a client waits on a 503 and its Retry-After,
+    /// not in a queue that holds its connection. The permit moves into the
+    /// blocking task, so a hash whose client went away still counts until it ends.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<Result<T, HashingBusy>> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Ok(Err(HashingBusy));
+        };
+        let in_flight = self.in_flight.clone();
+        let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        let result = tokio::task::spawn_blocking(move || {
+            let result = work();
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            drop(permit);
+            result
+        })
         .await
-        .context("verifying a password")?;
-    Ok(user.filter(|_| ok))
+        .context("hashing a password")?;
+        Ok(Ok(result))
+    }
+
+    pub async fn hash(&self, password: String) -> Result<Result<String, HashingBusy>> {
+        match self.run(move || hash_password(&password)).await? {
+            Ok(hash) => Ok(Ok(hash?)),
+            Err(busy) => Ok(Err(busy)),
+        }
+    }
+
+    /// Checks `password` against `stored`, or against a hash of no one's
+    /// password when `stored` is None (an unknown name takes as long).
+    pub async fn verify(
+        &self,
+        password: String,
+        stored: Option<String>,
+    ) -> Result<Result<bool, HashingBusy>> {
+        self.run(move || {
+            // DUMMY_HASH is made on first use, here on a blocking thread under the permit.
+            let ok = verify_password(&password, stored.as_deref().unwrap_or(&DUMMY_HASH));
+            ok && stored.is_some()
+        })
+        .await
+    }
+
+    /// `{"max_in_flight", "in_flight", "peak_in_flight", "refused"}`.
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::json!({
+            "max_in_flight": self.max_in_flight,
+            "in_flight": self.in_flight.load(Ordering::SeqCst),
+            "peak_in_flight": self.peak.load(Ordering::SeqCst),
+            "refused": self.refused.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Checks a login: the member, or None for an unknown name or a wrong password
+/// (the same time either way); [`HashingBusy`] when no hash may start now.
+pub async fn login(
+    db: &Db,
+    hashing: &PasswordHashing,
+    name: &str,
+    password: &str,
+) -> Result<Result<Option<User>, HashingBusy>> {
+    let (user, stored) = match db.user_by_name(name).await? {
+        Some((u, h)) => (Some(u), Some(h)),
+        None => (None, None),
+    };
+    Ok(hashing
+        .verify(password.to_string(), stored)
+        .await?
+        .map(|ok| user.filter(|_| ok)))
 }
 
 /// `motif admin create-user`: a member (an admin with `admin`).

@@ -19,7 +19,9 @@ use base64::Engine as _;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Value};
 
+use crate::accounts::PasswordHashing;
 use crate::db::{self, Db, JobRow, NewJob, Token};
+use crate::quota::{Admission, JobQuota};
 use crate::request::{JobRequest, Names};
 use crate::worker::Shutdown;
 use crate::{ApiLimits, Runner, Store};
@@ -35,6 +37,8 @@ pub struct AppState {
     pub runner: Arc<dyn Runner>,
     pub store: Arc<Store>,
     pub limits: Arc<ApiLimits>,
+    /// The cap on password hashes in flight (sign-up, login).
+    pub hashing: Arc<PasswordHashing>,
     pub shutdown: Shutdown,
 }
 
@@ -140,8 +144,14 @@ pub(crate) async fn not_found() -> ApiError {
     )
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({ "ok": true, "version": env!("CARGO_PKG_VERSION") }))
+/// Up, and how busy password hashing is (the cap of `--max-password-hashes`
+/// is what keeps sign-up floods from taking the memory).
+async fn health(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "ok": true,
+        "version": env!("CARGO_PKG_VERSION"),
+        "password_hashing": state.hashing.report(),
+    }))
 }
 
 async fn openapi(State(state): State<AppState>) -> Response {
@@ -305,7 +315,7 @@ pub(crate) async fn read_job(state: &AppState, request: Request) -> ApiResult<Jo
     }
 }
 
-/// Checks a job (fields, the token's limits, what this machine can run) and
+/// Checks a job (fields, what this machine can run, its member's limits) and
 /// queues it for `token_id`: the API's submissions and the gallery's.
 pub(crate) async fn accept_job(
     state: &AppState,
@@ -318,42 +328,8 @@ pub(crate) async fn accept_job(
         .and_then(|_| state.names.check(&job))
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.reason))?;
 
-    let active = state.db.active_jobs(token_id).await?;
-    if active >= limits.max_active_per_token {
-        return Err(ApiError {
-            retry_after: Some(10),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "{active} jobs queued or running for this token: at most {} at once",
-                    limits.max_active_per_token
-                ),
-            )
-        });
-    }
-    let now = db::now_ms();
-    let per_minute = limits.submissions_per_minute;
-    let recent = state
-        .db
-        .submissions_since(token_id, now - 60_000, per_minute)
-        .await?;
-    if recent.len() as i64 >= per_minute {
-        // A slot frees when the oldest of the last `per_minute` submissions turns a minute old.
-        let frees_at = recent.last().copied().unwrap_or(now) + 60_000;
-        let wait_s = ((frees_at - now).max(0) as u64).div_ceil(1000).max(1);
-        return Err(ApiError {
-            retry_after: Some(wait_s),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "at most {} submissions a minute for this token",
-                    limits.submissions_per_minute
-                ),
-            )
-        });
-    }
-
-    // Model and style names are checked against what this machine has.
+    // Model and style names are checked against what this machine has,
+    // before the member's lock is taken: the check may read the disk.
     let runner = state.runner.clone();
     let checked = job.clone();
     tokio::task::spawn_blocking(move || runner.check(&checked))
@@ -361,18 +337,46 @@ pub(crate) async fn accept_job(
         .map_err(|e| anyhow::anyhow!("checking the job: {e}"))?
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.reason))?;
 
-    let id = format!("{:x}{}", now, crate::random_hex(6));
+    let id = format!("{:x}{}", db::now_ms(), crate::random_hex(6));
     let request_json = serde_json::to_string(&job).map_err(anyhow::Error::from)?;
-    state
-        .db
-        .insert_job(&NewJob {
-            id: &id,
-            token_id,
-            request: &request_json,
-            image: job.image.as_deref(),
-            format: job.format().extension(),
-        })
-        .await?;
+    let quota = JobQuota {
+        max_active: limits.max_active_per_member,
+        per_minute: limits.submissions_per_minute,
+    };
+    let new_job = NewJob {
+        id: &id,
+        token_id,
+        request: &request_json,
+        image: job.image.as_deref(),
+        format: job.format().extension(),
+    };
+    match state.db.insert_job_within_quota(&new_job, quota).await? {
+        Admission::Accepted => {}
+        Admission::TooManyActive { active } => {
+            return Err(ApiError {
+                retry_after: Some(10),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "{active} jobs queued or running for this member: at most {} at once",
+                        limits.max_active_per_member
+                    ),
+                )
+            })
+        }
+        Admission::TooManyRecent { wait_s } => {
+            return Err(ApiError {
+                retry_after: Some(wait_s),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "at most {} submissions a minute for this member",
+                        limits.submissions_per_minute
+                    ),
+                )
+            })
+        }
+    }
     Ok(state
         .db
         .job(&id)

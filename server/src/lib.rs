@@ -12,6 +12,8 @@ mod api;
 pub mod db;
 pub mod discord;
 pub mod gallery;
+mod listen;
+mod quota;
 pub mod request;
 mod store;
 mod web;
@@ -25,6 +27,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+pub use accounts::HashingOptions;
+pub use listen::ConnectionLimits;
 pub use request::{FieldError, JobLimits, JobRequest, Names};
 use store::Store;
 pub use store::StoreOptions;
@@ -105,14 +109,18 @@ impl Default for QueueOptions {
     }
 }
 
-/// Per-token limits and request bounds of the API.
+/// Per-member limits and request bounds of the API. A member's tokens (API
+/// tokens, the web pages', Discord's) share their member's limits; a token of
+/// no member has limits of its own.
 #[derive(Debug, Clone)]
 pub struct ApiLimits {
     pub job: JobLimits,
-    /// Queued plus running jobs one token may have.
-    pub max_active_per_token: i64,
-    /// Jobs one token may submit in any 60 seconds.
+    /// Queued plus running jobs one member may have.
+    pub max_active_per_member: i64,
+    /// Jobs one member may submit in any 60 seconds.
     pub submissions_per_minute: i64,
+    /// Live API tokens one member may hold (the web pages' own not counted).
+    pub max_tokens_per_member: i64,
     /// Largest request body (a base64 still included).
     pub max_body_bytes: usize,
 }
@@ -121,8 +129,9 @@ impl Default for ApiLimits {
     fn default() -> Self {
         ApiLimits {
             job: JobLimits::default(),
-            max_active_per_token: 10,
+            max_active_per_member: 10,
             submissions_per_minute: 30,
+            max_tokens_per_member: 10,
             max_body_bytes: 8 << 20,
         }
     }
@@ -137,6 +146,10 @@ pub struct ServeOptions {
     pub workers: usize,
     pub queue: QueueOptions,
     pub limits: ApiLimits,
+    /// Timeouts and the per-address cap on connections.
+    pub connections: ConnectionLimits,
+    /// The cap on password hashes in flight.
+    pub hashing: HashingOptions,
     pub web: WebOptions,
     /// Serve `POST /discord/interactions` as this Discord app.
     pub discord: Option<discord::DiscordOptions>,
@@ -283,6 +296,7 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
             runner,
             store,
             limits: Arc::new(options.limits),
+            hashing: Arc::new(accounts::PasswordHashing::new(&options.hashing)),
             shutdown: shutdown.clone(),
         };
         let mut routes = api::router(state.clone());
@@ -295,16 +309,14 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
             handles.push(discord::spawn_delivery(discord.clone(), shutdown.clone()));
             routes = routes.merge(discord::router(discord));
         }
-        let app = web::app(routes, state, options.web)
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let app = web::app(routes, state, options.web);
         let signal = shutdown.clone();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                stop_requested().await;
-                signal.trigger();
-            })
-            .await
-            .context("serving HTTP")?;
+        listen::serve(listener, app, &options.connections, async move {
+            stop_requested().await;
+            signal.trigger();
+        })
+        .await
+        .context("serving HTTP")?;
         shutdown.trigger();
         for h in handles {
             let _ = h.await;

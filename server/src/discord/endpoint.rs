@@ -111,13 +111,13 @@ async fn answer(state: &DiscordState, i: Interaction) -> Value {
             _ => return outdated(),
         },
     };
-    if let Some(wait) = state.limiter.retry_after(&user.id) {
+    // Checked and counted under one lock: parallel commands each take a slot or wait.
+    if let Err(wait) = state.limiter.reserve(&user.id) {
         return interaction::ephemeral(&format!(
             "You're making clips quickly: at most {} a minute. Try again in {wait} s.",
             state.options.per_minute
         ));
     }
-    state.limiter.record(&user.id);
     let task_state = state.clone();
     tokio::spawn(async move { queue(task_state, i, user, source).await });
     interaction::deferred()

@@ -41,6 +41,10 @@ pub struct WebOptions {
     /// password against every account.
     pub login_failures_per_ip: usize,
     pub login_window: Duration,
+    /// Sign-ups (forms that reach the password hash) from one client
+    /// address allowed per `signup_window`.
+    pub signups_per_address: usize,
+    pub signup_window: Duration,
     /// Clips on one gallery page.
     pub page_size: usize,
 }
@@ -52,6 +56,8 @@ impl Default for WebOptions {
             login_failures: 5,
             login_failures_per_ip: 20,
             login_window: Duration::from_secs(15 * 60),
+            signups_per_address: 10,
+            signup_window: Duration::from_secs(3600),
             page_size: 24,
         }
     }
@@ -65,6 +71,8 @@ pub(crate) struct WebState {
     pub limiter: Arc<RateLimiter>,
     /// Failed logins per client address ([`crate::accounts::client_key`]).
     pub ip_limiter: Arc<RateLimiter>,
+    /// Sign-ups per client address.
+    pub signup_limiter: Arc<RateLimiter>,
 }
 
 /// The API's routes and the gallery's, with the security headers on every answer.
@@ -78,6 +86,10 @@ pub(crate) fn app(api: Router, state: AppState, options: WebOptions) -> Router {
         ip_limiter: Arc::new(RateLimiter::new(
             options.login_failures_per_ip,
             options.login_window,
+        )),
+        signup_limiter: Arc::new(RateLimiter::new(
+            options.signups_per_address,
+            options.signup_window,
         )),
         options: Arc::new(options),
     };

@@ -914,7 +914,15 @@ async fn new_token(
     State(state): State<WebState>,
     MemberForm { visitor, user, .. }: MemberForm,
 ) -> PageResult {
-    let token = state.app.db.create_user_token(&user).await?;
+    let max = state.app.limits.max_tokens_per_member;
+    let Some(token) = state.app.db.create_user_token_within(&user, max).await? else {
+        return Err(PageError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "You have {max} API tokens already, the most a member may hold: revoke one first."
+            ),
+        ));
+    };
     let body = format!(
         r#"<section class="narrow notice"><h1>Your new API token</h1><p>Copy it now: only its hash is kept.</p><p><code class="token" id="token">{}</code></p><p><a href="/me">Back</a></p></section>"#,
         esc(&token)
@@ -1070,8 +1078,33 @@ async fn start_session(state: &WebState, user: &User) -> PageResult {
     Ok(response)
 }
 
+/// An answer that tells the client when to come back.
+fn with_retry_after(mut response: Response, seconds: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
+/// The form's page again with 503: every password-hashing slot is taken
+/// (`--max-password-hashes`). A hash takes tens of milliseconds, so a second
+/// is long enough to wait.
+fn hashing_busy(visitor: &Visitor, signup: bool, name: &str) -> Response {
+    let page = account_page(
+        visitor,
+        signup,
+        name,
+        Some("The server is busy checking other passwords: try again in a moment."),
+        StatusCode::SERVICE_UNAVAILABLE,
+    );
+    with_retry_after(page, 1)
+}
+
+/// A sign-up, limited per client address (`--signups-per-address`) and by
+/// the cap on password hashes in flight.
 async fn signup(
     State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     CheckedForm { visitor, fields }: CheckedForm,
 ) -> PageResult {
     let name = fields
@@ -1089,9 +1122,31 @@ async fn signup(
             StatusCode::BAD_REQUEST,
         ));
     }
-    let hash = tokio::task::spawn_blocking(move || accounts::hash_password(&password))
-        .await
-        .map_err(|e| anyhow::anyhow!("hashing: {e}"))??;
+    // Reserved before the hash, so that parallel sign-ups cannot all pass the count.
+    let client = accounts::client_key(peer.ip());
+    let reservation = match state.signup_limiter.reserve(&client) {
+        Ok(r) => r,
+        Err(wait) => {
+            let page = account_page(
+                &visitor,
+                true,
+                &name,
+                Some(
+                    format!("Too many sign-ups from your address: try again in {wait} s.").as_str(),
+                ),
+                StatusCode::TOO_MANY_REQUESTS,
+            );
+            return Ok(with_retry_after(page, wait));
+        }
+    };
+    let hash = match state.app.hashing.hash(password).await? {
+        Ok(hash) => hash,
+        Err(accounts::HashingBusy) => {
+            // Nothing was done: the attempt does not count against the address.
+            state.signup_limiter.release(reservation);
+            return Ok(hashing_busy(&visitor, true, &name));
+        }
+    };
     match state.app.db.insert_user(&name, &hash, false).await? {
         Some(user) => start_session(&state, &user).await,
         None => Ok(account_page(
@@ -1106,7 +1161,10 @@ async fn signup(
 
 /// A login, limited by failures per account name and per client address.
 /// The address is the TCP peer's: X-Forwarded-For is anyone's to write, so
-/// behind a reverse proxy every client shares the proxy's limit.
+/// behind a reverse proxy every client shares the proxy's limit. Each
+/// attempt is reserved as a failure before its password is checked (and
+/// given back if it succeeds), so parallel guesses cannot all pass the
+/// count before the first failure is recorded.
 async fn login(
     State(state): State<WebState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -1128,41 +1186,50 @@ async fn login(
             StatusCode::UNAUTHORIZED,
         ));
     }
-    let wait = state
-        .limiter
-        .retry_after(&name)
-        .max(state.ip_limiter.retry_after(&client));
-    if let Some(wait) = wait {
-        let mut response = account_page(
-            &visitor,
-            false,
-            &name,
-            Some(format!("Too many failed logins: try again in {wait} s.").as_str()),
-            StatusCode::TOO_MANY_REQUESTS,
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(wait));
-        return Ok(response);
-    }
-    match accounts::login(&state.app.db, &name, &password).await? {
-        Some(user) => {
-            state.limiter.clear(&name);
-            start_session(&state, &user).await
-        }
-        None => {
-            state.limiter.record(&name);
-            // A success does not clear the address's count: one account of
-            // their own must not let a client reset it between guesses.
-            state.ip_limiter.record(&client);
-            Ok(account_page(
+    let reserved = match state.limiter.reserve(&name) {
+        Ok(by_name) => match state.ip_limiter.reserve(&client) {
+            Ok(by_address) => Ok((by_name, by_address)),
+            Err(wait) => {
+                state.limiter.release(by_name);
+                Err(wait)
+            }
+        },
+        Err(wait) => Err(wait),
+    };
+    let (by_name, by_address) = match reserved {
+        Ok(r) => r,
+        Err(wait) => {
+            let page = account_page(
                 &visitor,
                 false,
                 &name,
-                Some("Wrong name or password."),
-                StatusCode::UNAUTHORIZED,
-            ))
+                Some(format!("Too many failed logins: try again in {wait} s.").as_str()),
+                StatusCode::TOO_MANY_REQUESTS,
+            );
+            return Ok(with_retry_after(page, wait));
         }
+    };
+    match accounts::login(&state.app.db, &state.app.hashing, &name, &password).await? {
+        Err(accounts::HashingBusy) => {
+            state.limiter.release(by_name);
+            state.ip_limiter.release(by_address);
+            Ok(hashing_busy(&visitor, false, &name))
+        }
+        Ok(Some(user)) => {
+            state.limiter.clear(&name);
+            // Only this attempt is given back: a success does not clear the
+            // address's count, or one account of their own would let a
+            // client reset it between guesses.
+            state.ip_limiter.release(by_address);
+            start_session(&state, &user).await
+        }
+        Ok(None) => Ok(account_page(
+            &visitor,
+            false,
+            &name,
+            Some("Wrong name or password."),
+            StatusCode::UNAUTHORIZED,
+        )),
     }
 }
 
