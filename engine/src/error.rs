@@ -19,7 +19,7 @@ pub enum LoadError {
     Corrupt { path: PathBuf, reason: String },
 
     #[error(
-        "{}: tensor `{key}` has dtype {dtype}, which Motif does not load (expected F32, F16 or BF16)",
+        "{}: tensor `{key}` has dtype {dtype}, which Motif does not load (weights: F32, F16, BF16, F8_E4M3 or F8_E5M2)",
         path.display()
     )]
     UnsupportedDType {

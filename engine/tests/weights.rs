@@ -186,13 +186,212 @@ fn corrupt_files_are_refused_with_the_reason() {
     assert!(matches!(err, LoadError::UnsupportedDType { .. }));
     assert!(
         err.to_string().contains("`q` has dtype I8")
-            && err.to_string().contains("F32, F16 or BF16"),
+            && err.to_string().contains("F32, F16, BF16"),
         "{err}"
     );
 
     let shape = r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,8]}}"#;
     assert!(open_err(&raw_file(&dir, "neg.safetensors", shape, 8, None))
         .contains("non-negative integers"));
+}
+
+/// One broken file: its header, data length and the phrases its refusal must
+/// hold (besides the file's name, which every refusal must hold).
+struct Broken {
+    name: &'static str,
+    header: &'static str,
+    data_len: usize,
+    expected: &'static [&'static str],
+}
+
+/// Opens each file and lists every refusal that is missing, does not name the
+/// file, or lacks an expected phrase (all of them, so that one run shows
+/// every rule the reader breaks).
+fn refusals_that_fall_short(dir: &Path, cases: &[Broken]) -> Vec<String> {
+    cases
+        .iter()
+        .filter_map(|case| {
+            let path = raw_file(dir, case.name, case.header, case.data_len, None);
+            let message = match SafetensorsFile::open(&path) {
+                Ok(_) => return Some(format!("{}: opened", case.name)),
+                Err(e) => e.to_string(),
+            };
+            let named = message.contains(case.name);
+            let explained = case.expected.iter().all(|p| message.contains(p));
+            (!named || !explained).then(|| format!("{}: {message}", case.name))
+        })
+        .collect()
+}
+
+/// The format's own rules, enforced by its reference reader: files that lay
+/// tensors out with gaps, overlaps or trailing bytes, use a dtype the format
+/// does not define, or hold non-string metadata are not safetensors files.
+#[test]
+fn files_the_format_forbids_are_refused_naming_the_tensor() {
+    let dir = tmp("format-rules");
+    let cases = [
+        Broken {
+            name: "gap.safetensors",
+            header: r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
+            data_len: 12,
+            expected: &["tensor `b`", "[8, 12]", "gap after byte 4"],
+        },
+        Broken {
+            name: "overlap.safetensors",
+            header: r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            data_len: 12,
+            expected: &["tensor `b`", "[4, 12]", "overlap", "ends at byte 8"],
+        },
+        Broken {
+            name: "shared.safetensors",
+            header: r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            data_len: 8,
+            expected: &["tensor `b`", "[0, 8]", "overlap"],
+        },
+        Broken {
+            name: "trailing.safetensors",
+            header: r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            data_len: 12,
+            expected: &[
+                "12 bytes of data",
+                "cover 8",
+                "no bytes after the last tensor",
+            ],
+        },
+        Broken {
+            name: "q4.safetensors",
+            header: r#"{"q":{"dtype":"Q4_0","shape":[8],"data_offsets":[0,4]}}"#,
+            data_len: 4,
+            expected: &["tensor `q`", "unknown variant `Q4_0`"],
+        },
+        Broken {
+            name: "meta.safetensors",
+            header: r#"{"__metadata__":{"epochs":3},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            data_len: 8,
+            expected: &["`__metadata__` must map strings to strings"],
+        },
+    ];
+    let failures = refusals_that_fall_short(&dir, &cases);
+    assert!(failures.is_empty(), "{failures:#?}");
+
+    // A header length over the format's limit is refused before the header
+    // is read, even where the file is long enough to hold it (a sparse file).
+    let path = dir.join("huge.safetensors");
+    let huge: u64 = 100_000_001;
+    std::fs::write(&path, huge.to_le_bytes()).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(8 + huge))
+        .unwrap();
+    let e = open_err(&path);
+    assert!(
+        e.contains("huge.safetensors") && e.contains("exceeds the format's 100 MB limit"),
+        "{e}"
+    );
+}
+
+/// Every other class of header refusal names the file, and the tensor where
+/// there is one; dtypes the format defines but Motif does not compute with
+/// are refused by name (typed, so callers can tell them from corruption).
+#[test]
+fn every_header_refusal_names_the_file() {
+    let dir = tmp("refusals");
+    let cases = [
+        Broken {
+            name: "noheader.safetensors",
+            header: "",
+            data_len: 0,
+            expected: &["not valid JSON"],
+        },
+        Broken {
+            name: "array.safetensors",
+            header: "[1, 2]",
+            data_len: 0,
+            expected: &["not a JSON object"],
+        },
+        Broken {
+            name: "nodtype.safetensors",
+            header: r#"{"w":{"shape":[2],"data_offsets":[0,8]}}"#,
+            data_len: 8,
+            expected: &["tensor `w`", "missing field `dtype`"],
+        },
+        Broken {
+            name: "overflow.safetensors",
+            header: r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
+            data_len: 8,
+            expected: &["tensor `w`", "byte size overflows"],
+        },
+        Broken {
+            name: "nibbles.safetensors",
+            header: r#"{"w":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#,
+            data_len: 2,
+            expected: &["tensor `w`", "byte boundary"],
+        },
+        Broken {
+            name: "f64.safetensors",
+            header: r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F64","shape":[1],"data_offsets":[4,12]}}"#,
+            data_len: 12,
+            expected: &["tensor `w` has dtype F64", "F32, F16, BF16"],
+        },
+    ];
+    let failures = refusals_that_fall_short(&dir, &cases);
+    assert!(failures.is_empty(), "{failures:#?}");
+    let path = dir.join("empty.safetensors");
+    std::fs::write(&path, b"").unwrap();
+    let e = open_err(&path);
+    assert!(
+        e.contains("empty.safetensors") && e.contains("has 0 bytes, fewer than the 8-byte"),
+        "{e}"
+    );
+
+    // "café" in Latin-1: the 0xE9 byte is not UTF-8.
+    let path = dir.join("latin1.safetensors");
+    let header = b"{\"caf\xe9\":1}";
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    std::fs::write(&path, bytes).unwrap();
+    let e = open_err(&path);
+    assert!(
+        e.contains("latin1.safetensors") && e.contains("not UTF-8"),
+        "{e}"
+    );
+
+    let fp8 = SafetensorsFile::open(dir.join("fp8.safetensors")).err();
+    assert!(
+        matches!(fp8, Some(LoadError::UnsupportedDType { ref key, .. }) if key == "w"),
+        "{fp8:?}"
+    );
+}
+
+/// The writer is the format's own: what it writes, the reader reads back,
+/// and a byte count that disagrees with the shape is refused, naming the tensor.
+#[test]
+fn written_files_read_back_and_bad_tensors_are_not_written() {
+    let dir = tmp("writer");
+    let path = dir.join("w.safetensors");
+    let e = safetensors::write(&path, &[("w", FileDType::F32, &[3], &[0u8; 8])])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("w.safetensors")
+            && e.contains("tensor `w`")
+            && e.contains("needs 12 bytes, 8 given"),
+        "{e}"
+    );
+    assert!(!path.exists(), "a refused write left a file");
+    let ids: Vec<u8> = [3i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+    safetensors::write(
+        &path,
+        &[
+            ("w", FileDType::F32, &[2], &f32_bytes(&[1.5, -2.0])),
+            ("ids", FileDType::I64, &[2], &ids),
+        ],
+    )
+    .unwrap();
+    let file = SafetensorsFile::open(&path).unwrap();
+    assert_eq!(file.to_f32("w").unwrap(), vec![1.5, -2.0]);
+    assert_eq!(file.to_i64("ids").unwrap(), vec![3, -1]);
 }
 
 #[test]

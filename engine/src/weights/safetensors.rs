@@ -1,17 +1,23 @@
-//! safetensors files: memory-mapped, with the whole header checked (length,
-//! JSON, dtypes, offsets, sizes) before any tensor is read. The format is an
-//! 8-byte little-endian header length, a JSON header mapping each tensor to
-//! `{dtype, shape, data_offsets: [begin, end]}` relative to the data section
-//! that follows, and the raw little-endian data.
+//! safetensors files, memory-mapped and read through the `safetensors` crate,
+//! the format's reference implementation (what Python's `safetensors` runs).
+//! The crate decides what a valid file is: an 8-byte little-endian header
+//! length within the format's 100 MB limit, a UTF-8 JSON header mapping each
+//! tensor to a known `dtype`, a `shape` and `data_offsets`, offsets that lay
+//! the tensors back to back from the start of the data section, byte spans
+//! that match shape × dtype, and a data section covered exactly (no missing
+//! or trailing bytes).
 //!
-//! The parser is ours rather than the `safetensors` crate's because a user
-//! must learn *which* tensor is broken and how (that crate reports
-//! "invalid offset" or "invalid info" without the numbers).
+//! On top, Motif keeps its own rules: only the dtypes it computes with are
+//! loaded, every error names the file, and a refusal says which tensor broke
+//! which rule with the numbers (the crate's own messages carry neither).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{TensorInfo as FormatEntry, TensorView};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::error::LoadError;
 
@@ -39,6 +45,32 @@ impl FileDType {
             FileDType::U8 | FileDType::F8E4M3 | FileDType::F8E5M2 => 1,
         }
     }
+
+    /// The format's dtype, if Motif loads it.
+    fn from_format(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(FileDType::F32),
+            Dtype::F16 => Some(FileDType::F16),
+            Dtype::BF16 => Some(FileDType::BF16),
+            Dtype::I64 => Some(FileDType::I64),
+            Dtype::U8 => Some(FileDType::U8),
+            Dtype::F8_E4M3 => Some(FileDType::F8E4M3),
+            Dtype::F8_E5M2 => Some(FileDType::F8E5M2),
+            _ => None,
+        }
+    }
+
+    fn to_format(self) -> Dtype {
+        match self {
+            FileDType::F32 => Dtype::F32,
+            FileDType::F16 => Dtype::F16,
+            FileDType::BF16 => Dtype::BF16,
+            FileDType::I64 => Dtype::I64,
+            FileDType::U8 => Dtype::U8,
+            FileDType::F8E4M3 => Dtype::F8_E4M3,
+            FileDType::F8E5M2 => Dtype::F8_E5M2,
+        }
+    }
 }
 
 /// One tensor's entry in the header.
@@ -58,9 +90,8 @@ pub struct SafetensorsFile {
     metadata: BTreeMap<String, String>,
 }
 
-/// The largest header we accept: real headers are well under 10 MB; anything
-/// larger is a corrupt length field, refused before reading it.
-const MAX_HEADER_BYTES: u64 = 100 << 20;
+/// The header length field's size, in front of the header.
+const LENGTH_FIELD_BYTES: usize = 8;
 
 impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, LoadError> {
@@ -75,7 +106,42 @@ impl SafetensorsFile {
             path: path.clone(),
             source,
         })?;
-        let (tensors, metadata) = parse_header(&map, &path)?;
+        let (header_len, header) =
+            SafeTensors::read_metadata(&map).map_err(|error| LoadError::Corrupt {
+                path: path.clone(),
+                reason: refusal_reason(&map, error),
+            })?;
+        // The crate has checked that every range lies inside the data section.
+        let data_start = LENGTH_FIELD_BYTES + header_len;
+        let mut tensors = BTreeMap::new();
+        // In file order, so that of several unloadable tensors the first is named.
+        for name in header.offset_keys() {
+            let entry = header
+                .info(&name)
+                .expect("offset_keys lists the header's tensors");
+            let Some(dtype) = FileDType::from_format(entry.dtype) else {
+                return Err(LoadError::UnsupportedDType {
+                    path,
+                    key: name,
+                    dtype: entry.dtype.to_string(),
+                });
+            };
+            let (begin, end) = entry.data_offsets;
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dtype,
+                    shape: entry.shape.clone(),
+                    range: data_start + begin..data_start + end,
+                },
+            );
+        }
+        let metadata = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         Ok(SafetensorsFile {
             path,
             map,
@@ -147,189 +213,195 @@ impl SafetensorsFile {
     }
 }
 
-type Header = (BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
+/// Why the crate refused `file`, in plain words with the numbers: the file's
+/// size and header length, and the tensor entry at fault with its dtype,
+/// shape and offsets. The crate has already decided; this only explains.
+fn refusal_reason(file: &[u8], error: SafeTensorError) -> String {
+    let file_len = file.len();
+    let header_len = file
+        .get(..LENGTH_FIELD_BYTES)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .unwrap_or(0);
+    // Past the length checks, the crate has read exactly these bytes.
+    let header = usize::try_from(header_len)
+        .ok()
+        .and_then(|len| file.get(LENGTH_FIELD_BYTES..LENGTH_FIELD_BYTES.checked_add(len)?))
+        .unwrap_or_default();
+    match error {
+        SafeTensorError::HeaderTooSmall => format!(
+            "the file has {file_len} bytes, fewer than the {LENGTH_FIELD_BYTES}-byte header length"
+        ),
+        SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength => {
+            if header_len > file_len.saturating_sub(LENGTH_FIELD_BYTES) as u64 {
+                format!(
+                    "the header length {header_len} runs past the end of the file ({file_len} bytes)"
+                )
+            } else {
+                format!("the header length {header_len} exceeds the format's 100 MB limit")
+            }
+        }
+        SafeTensorError::InvalidHeader(e) => format!("the header is not UTF-8: {e}"),
+        SafeTensorError::InvalidHeaderDeserialization(e) | SafeTensorError::JsonError(e) => {
+            match serde_json::from_slice::<serde_json::Value>(header) {
+                Err(json) => format!("the header is not valid JSON: {json}"),
+                Ok(serde_json::Value::Object(map)) => malformed_entry(map)
+                    .unwrap_or_else(|| format!("the header does not follow the format: {e}")),
+                Ok(_) => "the header is not a JSON object".into(),
+            }
+        }
+        layout => entries(header)
+            .and_then(|entries| layout_reason(&entries, file_len, header_len, &layout))
+            .unwrap_or_else(|| layout.to_string()),
+    }
+}
 
-fn parse_header(file: &[u8], path: &Path) -> Result<Header, LoadError> {
-    parse_header_inner(file).map_err(|e| match e {
-        HeaderError::Corrupt(reason) => LoadError::Corrupt {
-            path: path.to_path_buf(),
-            reason,
-        },
-        HeaderError::DType { key, dtype } => LoadError::UnsupportedDType {
-            path: path.to_path_buf(),
-            key,
-            dtype,
-        },
+/// The first header entry that does not deserialize into the format's types.
+fn malformed_entry(header: serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    header.into_iter().find_map(|(name, value)| {
+        if name == "__metadata__" {
+            serde_json::from_value::<HashMap<String, String>>(value)
+                .err()
+                .map(|e| format!("`__metadata__` must map strings to strings: {e}"))
+        } else {
+            serde_json::from_value::<FormatEntry>(value).err().map(|e| {
+                format!(
+                    "tensor `{name}`: {e} (each tensor needs a `dtype` the format defines, \
+                     a `shape` of non-negative integers and two `data_offsets`)"
+                )
+            })
+        }
     })
 }
 
-enum HeaderError {
-    Corrupt(String),
-    DType { key: String, dtype: String },
+/// The header's tensor entries in offset order, as the crate reads them.
+fn entries(header: &[u8]) -> Option<Vec<(String, FormatEntry)>> {
+    #[derive(serde::Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__")]
+        _metadata: Option<HashMap<String, String>>,
+        #[serde(flatten)]
+        tensors: HashMap<String, FormatEntry>,
+    }
+    let header: Header = serde_json::from_slice(header).ok()?;
+    let mut entries: Vec<_> = header.tensors.into_iter().collect();
+    // Ties broken by name, so that the message does not vary between runs.
+    entries.sort_by(|(a, x), (b, y)| x.data_offsets.cmp(&y.data_offsets).then(a.cmp(b)));
+    Some(entries)
 }
 
-impl From<String> for HeaderError {
-    fn from(s: String) -> Self {
-        HeaderError::Corrupt(s)
+/// An entry's byte size from its shape and dtype, or why it has none.
+fn entry_bytes(entry: &FormatEntry) -> Result<usize, &'static str> {
+    let bits = entry
+        .shape
+        .iter()
+        .try_fold(entry.dtype.bitsize(), |n, &d| n.checked_mul(d))
+        .ok_or("its byte size overflows")?;
+    if !bits.is_multiple_of(8) {
+        return Err("its elements do not end on a byte boundary");
     }
+    Ok(bits / 8)
 }
 
-impl From<&str> for HeaderError {
-    fn from(s: &str) -> Self {
-        HeaderError::Corrupt(s.to_string())
-    }
-}
-
-fn parse_header_inner(file: &[u8]) -> Result<Header, HeaderError> {
-    let len = file.len() as u64;
-    if len < 8 {
-        return Err(
-            format!("the file has {len} bytes, fewer than the 8-byte header length").into(),
-        );
-    }
-    let header_len = u64::from_le_bytes(file[..8].try_into().expect("8 bytes"));
-    if header_len > len - 8 {
-        return Err(format!(
-            "the header length {header_len} runs past the end of the file ({len} bytes)"
-        )
-        .into());
-    }
-    if header_len > MAX_HEADER_BYTES {
-        return Err(format!(
-            "the header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit"
-        )
-        .into());
-    }
-    let header_end = 8 + header_len as usize;
-    let text = std::str::from_utf8(&file[8..header_end])
-        .map_err(|e| format!("the header is not UTF-8: {e}"))?;
-    let json: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| format!("the header is not valid JSON: {e}"))?;
-    let obj = json.as_object().ok_or("the header is not a JSON object")?;
-    let data_len = file.len() - header_end;
-
-    let mut tensors = BTreeMap::new();
-    let mut metadata = BTreeMap::new();
-    for (name, entry) in obj {
-        if name == "__metadata__" {
-            if let Some(m) = entry.as_object() {
-                for (k, v) in m {
-                    metadata.insert(
-                        k.clone(),
-                        v.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string()),
-                    );
+/// The entry behind an offset, size or coverage refusal, with its numbers.
+fn layout_reason(
+    entries: &[(String, FormatEntry)],
+    file_len: usize,
+    header_len: u64,
+    error: &SafeTensorError,
+) -> Option<String> {
+    let back_to_back = "tensors lie back to back from byte 0 of the data section";
+    match error {
+        SafeTensorError::InvalidOffset(_) => {
+            // The first entry that does not begin where the one before it
+            // ends (the crate's name for it is ambiguous when two entries
+            // share offsets).
+            let mut previous_end = 0;
+            entries.iter().find_map(|(name, entry)| {
+                let (begin, end) = entry.data_offsets;
+                let what = if end < begin {
+                    "are reversed".to_string()
+                } else if begin > previous_end {
+                    format!("leave a gap after byte {previous_end}, where the data before ends")
+                } else if begin < previous_end {
+                    format!("overlap the data before, which ends at byte {previous_end}")
+                } else {
+                    previous_end = end;
+                    return None;
+                };
+                Some(format!(
+                    "tensor `{name}`: data_offsets [{begin}, {end}] {what} ({back_to_back})"
+                ))
+            })
+        }
+        SafeTensorError::TensorInvalidInfo
+        | SafeTensorError::ValidationOverflow
+        | SafeTensorError::MisalignedSlice => entries.iter().find_map(|(name, entry)| {
+            let (begin, end) = entry.data_offsets;
+            let span = end.saturating_sub(begin);
+            let what = format!(
+                "tensor `{name}`: shape {:?} of {}",
+                entry.shape, entry.dtype
+            );
+            match entry_bytes(entry) {
+                Err(why) => Some(format!("{what}: {why}")),
+                Ok(bytes) if bytes != span => Some(format!(
+                    "{what} needs {bytes} bytes but data_offsets [{begin}, {end}] span {span}"
+                )),
+                Ok(_) => None,
+            }
+        }),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            let data_len = (file_len as u64).saturating_sub(LENGTH_FIELD_BYTES as u64 + header_len);
+            let covered = entries.last().map_or(0, |(_, e)| e.data_offsets.1 as u64);
+            Some(match entries.last() {
+                Some((name, entry)) if covered > data_len => {
+                    let (begin, end) = entry.data_offsets;
+                    format!(
+                        "tensor `{name}`: data_offsets [{begin}, {end}] run past the end of the \
+                         data section ({data_len} bytes): the file is truncated"
+                    )
                 }
-            }
-            continue;
+                _ => format!(
+                    "{data_len} bytes of data follow the header but its tensors cover {covered}: \
+                     the format allows no bytes after the last tensor"
+                ),
+            })
         }
-        let bad = |what: &str| format!("tensor `{name}`: {what}");
-        let dtype_name = entry
-            .get("dtype")
-            .and_then(|d| d.as_str())
-            .ok_or_else(|| bad("no `dtype` string"))?;
-        let shape: Vec<usize> = entry
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| bad("no `shape` list"))?
-            .iter()
-            .map(|d| d.as_u64().map(|v| v as usize))
-            .collect::<Option<_>>()
-            .ok_or_else(|| bad("`shape` holds something other than non-negative integers"))?;
-        let offsets: Vec<u64> = entry
-            .get("data_offsets")
-            .and_then(|s| s.as_array())
-            .filter(|a| a.len() == 2)
-            .and_then(|a| a.iter().map(|v| v.as_u64()).collect::<Option<_>>())
-            .ok_or_else(|| bad("`data_offsets` is not a pair of byte offsets"))?;
-        let (begin, end) = (offsets[0], offsets[1]);
-        if begin > end {
-            return Err(bad(&format!("data_offsets [{begin}, {end}] are reversed")).into());
-        }
-        if end > data_len as u64 {
-            return Err(bad(&format!(
-                "data_offsets [{begin}, {end}] run past the end of the data section ({data_len} bytes; the file may be truncated)"
-            ))
-            .into());
-        }
-        let dtype = match dtype_name {
-            "F32" => FileDType::F32,
-            "F16" => FileDType::F16,
-            "BF16" => FileDType::BF16,
-            "I64" => FileDType::I64,
-            "U8" => FileDType::U8,
-            "F8_E4M3" => FileDType::F8E4M3,
-            "F8_E5M2" => FileDType::F8E5M2,
-            other => {
-                return Err(HeaderError::DType {
-                    key: name.clone(),
-                    dtype: other.to_string(),
-                })
-            }
-        };
-        let numel = shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
-            .ok_or_else(|| bad("shape overflows"))?;
-        let want = numel * dtype.size_bytes() as u64;
-        if want != end - begin {
-            return Err(bad(&format!(
-                "shape {shape:?} of {dtype_name} needs {want} bytes but data_offsets [{begin}, {end}] span {}",
-                end - begin
-            ))
-            .into());
-        }
-        let range = header_end + begin as usize..header_end + end as usize;
-        tensors.insert(
-            name.clone(),
-            TensorInfo {
-                dtype,
-                shape,
-                range,
-            },
-        );
+        _ => None,
     }
-    Ok((tensors, metadata))
 }
 
-/// Writes a safetensors file (tests and tools build small checkpoints with it).
+/// Writes a safetensors file with the format's own writer, atomically (a
+/// sibling temporary file renamed into place). Tests and tools build small
+/// checkpoints with it.
 pub fn write(
     path: impl AsRef<Path>,
     tensors: &[(&str, FileDType, &[usize], &[u8])],
 ) -> Result<(), LoadError> {
     let path = path.as_ref();
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, dtype, shape, bytes) in tensors {
-        let dtype = match dtype {
-            FileDType::F32 => "F32",
-            FileDType::F16 => "F16",
-            FileDType::BF16 => "BF16",
-            FileDType::I64 => "I64",
-            FileDType::U8 => "U8",
-            FileDType::F8E4M3 => "F8_E4M3",
-            FileDType::F8E5M2 => "F8_E5M2",
-        };
-        header.insert(
-            name.to_string(),
-            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()] }),
-        );
-        offset += bytes.len();
-    }
-    let mut text = serde_json::Value::Object(header).to_string();
-    // Pad so that the data section starts 8-byte aligned, as the reference writer does.
-    while !(8 + text.len()).is_multiple_of(8) {
-        text.push(' ');
-    }
-    let mut out = Vec::with_capacity(8 + text.len() + offset);
-    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
-    out.extend_from_slice(text.as_bytes());
-    for (_, _, _, bytes) in tensors {
-        out.extend_from_slice(bytes);
-    }
-    std::fs::write(path, out).map_err(|source| LoadError::Io {
-        path: path.to_path_buf(),
-        source,
+    let views = tensors
+        .iter()
+        .map(|&(name, dtype, shape, bytes)| {
+            TensorView::new(dtype.to_format(), shape.to_vec(), bytes)
+                .map(|view| (name, view))
+                .map_err(|_| LoadError::Layout {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "tensor `{name}`: {dtype:?} of shape {shape:?} needs {} bytes, {} given",
+                        shape.iter().product::<usize>() * dtype.size_bytes(),
+                        bytes.len()
+                    ),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize_to_file(views, None, path).map_err(|error| match error {
+        SafeTensorError::IoError(source) => LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => LoadError::Layout {
+            path: path.to_path_buf(),
+            message: format!("cannot be written as safetensors: {other}"),
+        },
     })
 }
