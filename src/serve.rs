@@ -11,10 +11,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use motif_engine::pipelines::{Event, ModelCache};
+use motif_engine::EngineError;
 use motif_engine::Gpu;
 use motif_server::accounts;
 use motif_server::discord::{DiscordOptions, Verifier};
-use motif_engine::EngineError;
 use motif_server::{
     ApiLimits, ClipSize, FieldError, JobRequest, Names, Preview, Progress, QueueOptions, RunError,
     RunJob, RunOutput, Runner, ServeOptions, StoreOptions, WebOptions, WorkerOptions,
@@ -35,7 +35,12 @@ pub struct QueueArgs {
     #[arg(long, default_value_t = 5.0)]
     db_acquire_timeout_seconds: f64,
     /// Shifts this process's clock (tests only: machines whose clocks disagree).
-    #[arg(long, default_value_t = 0.0, hide = true, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        hide = true,
+        allow_negative_numbers = true
+    )]
     clock_offset_seconds: f64,
 }
 
@@ -59,7 +64,10 @@ impl QueueArgs {
             );
         }
         if !(self.clock_offset_seconds.is_finite() && self.clock_offset_seconds.abs() < 1e9) {
-            bail!("--clock-offset-seconds {}: expected a number of seconds", self.clock_offset_seconds);
+            bail!(
+                "--clock-offset-seconds {}: expected a number of seconds",
+                self.clock_offset_seconds
+            );
         }
         Ok(QueueOptions {
             lease: Duration::from_secs_f64(self.lease_seconds),
@@ -319,11 +327,18 @@ fn run_error(e: anyhow::Error) -> RunError {
     }
     let engine = e.chain().find_map(|c| c.downcast_ref::<EngineError>());
     match engine {
-        Some(EngineError::Argument { .. } | EngineError::Shape { .. } | EngineError::DType { .. }) => {
-            let message = format!("the request cannot be generated: {}", engine.map(|x| x.to_string()).unwrap_or_default());
+        Some(
+            EngineError::Argument { .. } | EngineError::Shape { .. } | EngineError::DType { .. },
+        ) => {
+            let message = format!(
+                "the request cannot be generated: {}",
+                engine.map(|x| x.to_string()).unwrap_or_default()
+            );
             RunError::permanent(message, e)
         }
-        Some(EngineError::UnsupportedControl { control, family, .. }) => RunError::permanent(
+        Some(EngineError::UnsupportedControl {
+            control, family, ..
+        }) => RunError::permanent(
             format!("`{control}` is not supported by this model ({family} family)"),
             e,
         ),

@@ -89,9 +89,9 @@ fn tiny_job(prompt: &str) -> Value {
     json!({"prompt": prompt, "width": 64, "height": 64, "frames": 4, "steps": 2, "seed": 1})
 }
 
-/// A job that runs for several seconds on the software driver.
+/// A job whose steps take a few seconds on the software driver.
 fn slow_job(prompt: &str) -> Value {
-    json!({"prompt": prompt, "width": 128, "height": 128, "frames": 8, "steps": 12, "seed": 2})
+    json!({"prompt": prompt, "width": 64, "height": 64, "frames": 8, "steps": 8, "seed": 2})
 }
 
 fn wait_for(server: &Server, token: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
@@ -127,7 +127,13 @@ fn sqlite_url(data: &Path) -> String {
 
 /// `motif worker` on `url` with scratch (and clips) in `data`.
 fn start_worker(url: &str, data: &Path, extra: &[&str]) -> Proc {
-    let mut args = vec!["worker", "--database", url, "--data", data.to_str().unwrap()];
+    let mut args = vec![
+        "worker",
+        "--database",
+        url,
+        "--data",
+        data.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     Proc::spawn("motif-worker", &args)
 }
@@ -136,7 +142,11 @@ fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {
@@ -252,7 +262,11 @@ fn discord_server(data: &Path, key: &SigningKey, extra: &[&str]) -> Server {
         r#"{"width": 64, "height": 64, "frames": 4, "steps": 2}"#,
     ];
     args.extend_from_slice(extra);
-    Server::start_with_env(data, &args, &[("MOTIF_DISCORD_BOT_TOKEN", "test-bot-token")])
+    Server::start_with_env(
+        data,
+        &args,
+        &[("MOTIF_DISCORD_BOT_TOKEN", "test-bot-token")],
+    )
 }
 
 /// A signed `/create` as Discord sends it: the same bytes each time it is posted.
@@ -343,7 +357,13 @@ fn postgres_a_discord_interaction_replayed_to_another_server_is_refused() {
 
 fn create_user(data: &Path, name: &str, password: &str) {
     let mut child = Command::new(MOTIF)
-        .args(["admin", "create-user", name, "--data", data.to_str().unwrap()])
+        .args([
+            "admin",
+            "create-user",
+            name,
+            "--data",
+            data.to_str().unwrap(),
+        ])
         .env_remove("MOTIF_DATABASE_URL")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -384,7 +404,10 @@ fn an_unsatisfiable_range_gets_416() {
     assert!(len > 100, "{len} bytes");
 
     // A range that can be served still is.
-    let part = ureq::get(&video).set("Range", "bytes=10-19").call().unwrap();
+    let part = ureq::get(&video)
+        .set("Range", "bytes=10-19")
+        .call()
+        .unwrap();
     assert_eq!(part.status(), 206);
     assert_eq!(
         part.header("Content-Range"),
@@ -425,12 +448,28 @@ fn clock_offset_does_not_steal_a_running_job(server: &Server, token: &str, url: 
         data,
         &["--lease-seconds", "30", "--clock-offset-seconds", "120"],
     );
-    // Long enough for the second worker to start and look at the queue a few times.
-    std::thread::sleep(Duration::from_secs(3));
+    // Once it is up, the second worker looks at the queue every half second.
+    let start = Instant::now();
+    while !log_of(&ahead).contains("motif worker ") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            log_of(&ahead)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let job = get(server, &format!("/api/v1/jobs/{id}"), token).body;
+    assert_eq!(job["attempts"], 1, "the job was taken again: {job}");
+    assert_eq!(
+        job["state"], "running",
+        "the job should still be running on the first worker (too quick to show anything?): {job}"
+    );
     let job = wait_for_state(server, token, &id, &["finished", "failed"]);
     assert_eq!(job["state"], "finished", "{job}");
     assert_eq!(
-        job["attempts"], 1,
+        job["attempts"],
+        1,
         "the worker whose clock runs ahead took the job: {job}\n{}",
         log_of(&ahead)
     );
@@ -469,11 +508,7 @@ fn a_worker_started_before_its_sqlite_database_waits_for_it() {
     let data = root.join("data");
     let url = sqlite_url(&data);
     let scratch = temp_dir("late-db-scratch");
-    let mut worker = start_worker(
-        &url,
-        &scratch,
-        &["--db-acquire-timeout-seconds", "1"],
-    );
+    let mut worker = start_worker(&url, &scratch, &["--db-acquire-timeout-seconds", "1"]);
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         worker.child.try_wait().unwrap().is_none(),
@@ -653,7 +688,11 @@ fn workers_log_each_job_and_a_requeued_job_starts_its_progress_over() {
     assert!(stopped.success());
     let job = wait_for_state(&server, &token, &slow, &["queued", "finished", "failed"]);
     assert_eq!(job["state"], "queued", "{job}");
-    assert_eq!((job["step"].as_i64(), job["total"].as_i64()), (Some(0), Some(0)), "{job}");
+    assert_eq!(
+        (job["step"].as_i64(), job["total"].as_i64()),
+        (Some(0), Some(0)),
+        "{job}"
+    );
     let start = Instant::now();
     while !log_of(&worker).contains(&format!("job {slow}: put back in the queue")) {
         assert!(

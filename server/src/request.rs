@@ -214,7 +214,11 @@ impl JobLimits {
     /// no way of asking for a size escapes it. The error names the field the
     /// size came from: `width`/`height` when given, else `aspect`, else the
     /// model's default (`width`).
-    pub fn check_size(&self, request: &JobRequest, size: crate::ClipSize) -> Result<(), FieldError> {
+    pub fn check_size(
+        &self,
+        request: &JobRequest,
+        size: crate::ClipSize,
+    ) -> Result<(), FieldError> {
         let r = &request.recipe;
         let crate::ClipSize {
             width,
@@ -239,7 +243,10 @@ impl JobLimits {
         if frames > self.max_frames {
             return Err(FieldError::new(
                 "frames",
-                format!("the clip would have {frames} frames: at most {}", self.max_frames),
+                format!(
+                    "the clip would have {frames} frames: at most {}",
+                    self.max_frames
+                ),
             ));
         }
         Ok(())

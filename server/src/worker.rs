@@ -352,7 +352,9 @@ async fn write_still(db: &Db, store: &Store, job: &JobRow) -> Result<Option<Path
     tokio::fs::write(&path, bytes)
         .await
         .with_context(|| format!("writing {}", path.display()))
-        .map_err(|e| RunError::transient("the uploaded image could not be staged for the run", e))?;
+        .map_err(|e| {
+            RunError::transient("the uploaded image could not be staged for the run", e)
+        })?;
     Ok(Some(path))
 }
 
