@@ -409,6 +409,23 @@ impl Prepared {
     pub fn model_key(&self) -> &str {
         &self.model_key
     }
+
+    /// The clip's width, height and frame count as [`generate_cached`] will
+    /// make them, from the model's card and family without loading it: the
+    /// size a server bounds before queueing a job.
+    pub fn clip_size(&self) -> Result<(u32, u32, u32)> {
+        let family = motif_engine::pipelines::family_of(&self.source)?;
+        let defaults = family.defaults_for(&self.source)?;
+        let r = &self.settings.recipe;
+        let (width, height) = r
+            .size(
+                (defaults.width as u32, defaults.height as u32),
+                family.size_multiple as u32,
+            )
+            .map_err(flag_error)?;
+        let frames = r.frames.unwrap_or(defaults.frames as u32);
+        Ok((width, height, frames))
+    }
 }
 
 /// A clip written to disk.

@@ -11,12 +11,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use motif_engine::pipelines::{Event, ModelCache};
+use motif_engine::EngineError;
 use motif_engine::Gpu;
 use motif_server::accounts;
 use motif_server::discord::{DiscordOptions, Verifier};
 use motif_server::{
-    ApiLimits, ConnectionLimits, FieldError, HashingOptions, JobRequest, Names, Preview, Progress,
-    QueueOptions, RunJob, RunOutput, Runner, ServeOptions, StoreOptions, WebOptions, WorkerOptions,
+    ApiLimits, ClipSize, ConnectionLimits, FieldError, HashingOptions, JobRequest, Names, Preview,
+    Progress, QueueOptions, RunError, RunJob, RunOutput, Runner, ServeOptions, StoreOptions,
+    WebOptions, WorkerOptions,
 };
 
 use crate::catalog;
@@ -27,9 +29,20 @@ pub struct QueueArgs {
     /// Seconds a worker's claim on a job lasts without a heartbeat; a job whose worker died goes back to the queue after it.
     #[arg(long, env = "MOTIF_LEASE_SECONDS", default_value_t = 30.0)]
     lease_seconds: f64,
-    /// Claims per job (a worker that dies or a run that fails uses one) before the job is failed with its error.
+    /// Claims per job (a worker that dies or a run that fails uses one) before the job is failed with its error. Input that can never succeed (a corrupt still) fails at once.
     #[arg(long, default_value_t = 3)]
     max_attempts: i64,
+    /// Seconds to wait for a database connection before the database counts as unreachable: API requests then answer 503 with Retry-After.
+    #[arg(long, default_value_t = 5.0)]
+    db_acquire_timeout_seconds: f64,
+    /// Shifts this process's clock (tests only: machines whose clocks disagree).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        hide = true,
+        allow_negative_numbers = true
+    )]
+    clock_offset_seconds: f64,
 }
 
 impl QueueArgs {
@@ -43,9 +56,25 @@ impl QueueArgs {
         if self.max_attempts < 1 {
             bail!("--max-attempts must be at least 1");
         }
+        if !(self.db_acquire_timeout_seconds.is_finite()
+            && (0.1..=600.0).contains(&self.db_acquire_timeout_seconds))
+        {
+            bail!(
+                "--db-acquire-timeout-seconds {}: expected 0.1 to 600",
+                self.db_acquire_timeout_seconds
+            );
+        }
+        if !(self.clock_offset_seconds.is_finite() && self.clock_offset_seconds.abs() < 1e9) {
+            bail!(
+                "--clock-offset-seconds {}: expected a number of seconds",
+                self.clock_offset_seconds
+            );
+        }
         Ok(QueueOptions {
             lease: Duration::from_secs_f64(self.lease_seconds),
             max_attempts: self.max_attempts,
+            acquire_timeout: Duration::from_secs_f64(self.db_acquire_timeout_seconds),
+            clock_offset_ms: (self.clock_offset_seconds * 1000.0) as i64,
             ..Default::default()
         })
     }
@@ -334,15 +363,60 @@ impl EngineRunner {
     }
 }
 
-impl Runner for EngineRunner {
-    fn check(&self, request: &JobRequest) -> Result<(), FieldError> {
-        match generate::prepare(request.recipe.clone(), Some(PathBuf::from("check.mp4"))) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(match generate::recipe_field(&e) {
-                Some(f) => FieldError::new(&f.field, f.reason.clone()),
-                None => FieldError::new("request", format!("{e:#}")),
-            }),
+/// A failed run as the job's owner is told it, classified where the error
+/// arises: a recipe field or a request the engine refuses is the input's
+/// fault (permanent); the GPU, the model's files or anything unforeseen is
+/// the machine's (transient: another attempt may succeed). Messages never
+/// carry the paths of the server's files.
+fn run_error(e: anyhow::Error) -> RunError {
+    if let Some(f) = generate::recipe_field(&e) {
+        let message = match f.field.as_str() {
+            // Its reason names the server's copy of the still.
+            "image" => "the uploaded image cannot be read (PNG, JPEG or WebP expected)".to_string(),
+            // Its reason names the model's folder.
+            "model" => "model: the model cannot be opened on this server".to_string(),
+            field => format!("{field}: {}", f.reason),
+        };
+        return RunError::permanent(message, e);
+    }
+    let engine = e.chain().find_map(|c| c.downcast_ref::<EngineError>());
+    match engine {
+        Some(
+            EngineError::Argument { .. } | EngineError::Shape { .. } | EngineError::DType { .. },
+        ) => {
+            let message = format!(
+                "the request cannot be generated: {}",
+                engine.map(|x| x.to_string()).unwrap_or_default()
+            );
+            RunError::permanent(message, e)
         }
+        Some(EngineError::UnsupportedControl {
+            control, family, ..
+        }) => RunError::permanent(
+            format!("`{control}` is not supported by this model ({family} family)"),
+            e,
+        ),
+        _ => RunError::transient(
+            "the generation failed on the worker (the server's log has the cause)",
+            e,
+        ),
+    }
+}
+
+impl Runner for EngineRunner {
+    fn check(&self, request: &JobRequest) -> Result<ClipSize, FieldError> {
+        let field_error = |e: anyhow::Error| match generate::recipe_field(&e) {
+            Some(f) => FieldError::new(&f.field, f.reason.clone()),
+            None => FieldError::new("request", format!("{e:#}")),
+        };
+        let prepared = generate::prepare(request.recipe.clone(), Some(PathBuf::from("check.mp4")))
+            .map_err(field_error)?;
+        let (width, height, frames) = prepared.clip_size().map_err(field_error)?;
+        Ok(ClipSize {
+            width,
+            height,
+            frames,
+        })
     }
 
     fn names(&self) -> Names {
@@ -359,11 +433,13 @@ impl Runner for EngineRunner {
         &self,
         job: &RunJob,
         progress: &mut dyn FnMut(Progress) -> bool,
-    ) -> Result<Option<RunOutput>> {
+    ) -> Result<Option<RunOutput>, RunError> {
         let mut recipe = job.request.recipe.clone();
         recipe.image = (job.image.as_ref()).map(|p| p.to_string_lossy().into_owned());
-        let prepared = generate::prepare(recipe, Some(job.output.clone()))?;
-        let mut loaded = self.take(prepared.model_key())?;
+        let prepared = generate::prepare(recipe, Some(job.output.clone())).map_err(run_error)?;
+        let mut loaded = self
+            .take(prepared.model_key())
+            .map_err(|e| RunError::transient("no GPU could be opened on the worker", e))?;
         let result = generate::generate_cached(
             &loaded.gpu,
             prepared,
@@ -397,7 +473,7 @@ impl Runner for EngineRunner {
         if let Ok(mut idle) = self.idle.lock() {
             idle.push(loaded);
         }
-        Ok(result?.map(|f| RunOutput {
+        Ok(result.map_err(run_error)?.map(|f| RunOutput {
             clip: f.output,
             recipe: f.recipe,
         }))

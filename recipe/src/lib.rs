@@ -418,15 +418,31 @@ impl Recipe {
     /// where derived, refused where given and not a multiple of it.
     pub fn size(&self, default: (u32, u32), multiple: u32) -> Result<(u32, u32), FieldError> {
         let m = multiple.max(1) as f64;
-        let round = |v: f64| ((v / m).round() as u32).max(1) * multiple.max(1);
+        // A side derived from the aspect ratio is refused where it would not
+        // fit a u32 (it would wrap into a small, wrong size); the server's
+        // own bound on sizes applies to what this returns.
+        let round = |v: f64| -> Result<u32, FieldError> {
+            let side = ((v / m).round()).max(1.0) * m;
+            if side <= u32::MAX as f64 {
+                Ok(side as u32)
+            } else {
+                Err(FieldError::new(
+                    "aspect",
+                    format!(
+                        "{}: gives a side of {side} pixels",
+                        self.aspect.as_deref().unwrap_or_default()
+                    ),
+                ))
+            }
+        };
         let (w, h) = match (self.width, self.height, self.aspect_ratio()?) {
             (Some(w), Some(h), _) => (w, h),
-            (Some(w), None, Some((a, b))) => (w, round(w as f64 * b as f64 / a as f64)),
-            (None, Some(h), Some((a, b))) => (round(h as f64 * a as f64 / b as f64), h),
+            (Some(w), None, Some((a, b))) => (w, round(w as f64 * b as f64 / a as f64)?),
+            (None, Some(h), Some((a, b))) => (round(h as f64 * a as f64 / b as f64)?, h),
             (None, None, Some((a, b))) => {
                 let area = default.0 as f64 * default.1 as f64;
                 let w = (area * a as f64 / b as f64).sqrt();
-                (round(w), round(w * b as f64 / a as f64))
+                (round(w)?, round(w * b as f64 / a as f64)?)
             }
             (Some(w), None, None) => (w, default.1),
             (None, Some(h), None) => (default.0, h),

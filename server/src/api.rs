@@ -40,6 +40,9 @@ pub struct AppState {
     /// The cap on password hashes in flight (sign-up, login).
     pub hashing: Arc<PasswordHashing>,
     pub shutdown: Shutdown,
+    /// Seconds a client told 503 (database unreachable) waits before trying
+    /// again: the acquire timeout it just waited.
+    pub retry_after: u64,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -103,10 +106,18 @@ impl ApiError {
     }
 }
 
-/// Database and file errors: the client gets a 500 without details, the log
-/// gets the cause.
+/// Database and file errors: the client gets a 500 without details (a 503
+/// while the database is unreachable: `web::app` adds its `Retry-After`),
+/// the log gets the cause.
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
+        if db::is_unavailable(&e) {
+            eprintln!("motif serve: database unreachable: {e:#}");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database is unreachable right now; try again shortly",
+            );
+        }
         eprintln!("motif serve: internal error: {e:#}");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
@@ -328,13 +339,18 @@ pub(crate) async fn accept_job(
         .and_then(|_| state.names.check(&job))
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.reason))?;
 
-    // Model and style names are checked against what this machine has,
-    // before the member's lock is taken: the check may read the disk.
+    // Model and style names are checked against what this machine has, and
+    // the size the clip will have against the server's bound, before the
+    // member's lock is taken: the check may read the disk.
     let runner = state.runner.clone();
     let checked = job.clone();
-    tokio::task::spawn_blocking(move || runner.check(&checked))
+    let size = tokio::task::spawn_blocking(move || runner.check(&checked))
         .await
         .map_err(|e| anyhow::anyhow!("checking the job: {e}"))?
+        .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.reason))?;
+    limits
+        .job
+        .check_size(&job, size)
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.reason))?;
 
     let id = format!("{:x}{}", db::now_ms(), crate::random_hex(6));

@@ -5,7 +5,8 @@
 //! that concurrent workers never take the same job; SQLite serialises all
 //! writes anyway (and the pool has one connection).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -21,11 +22,46 @@ pub const FINISHED: &str = "finished";
 pub const FAILED: &str = "failed";
 pub const CANCELLED: &str = "cancelled";
 
+/// Added to this process's clock: set only by tests (`--clock-offset-seconds`)
+/// to play machines whose clocks disagree.
+static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Shifts [`now_ms`] for the whole process (tests only).
+pub fn set_clock_offset_ms(offset: i64) {
+    CLOCK_OFFSET_MS.store(offset, Ordering::Relaxed);
+}
+
+/// This process's clock in Unix milliseconds: for times shown and rates
+/// counted on one machine. Leases use the database's clock ([`Db::now_sql`]).
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+        + CLOCK_OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// How long a request waits for a database connection before giving up
+/// (`--db-acquire-timeout-seconds`): short, so that during an outage clients
+/// get a 503 soon instead of hanging.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether `e` means the database cannot be reached right now (no connection
+/// within the acquire timeout, or the connection broke), as opposed to a
+/// statement it refused: a 503 to clients, a retry to workers.
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<sqlx::Error>(),
+            Some(
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::WorkerCrashed
+            )
+        )
+    })
 }
 
 #[derive(Clone)]
@@ -117,16 +153,33 @@ impl Db {
     /// Opens (creating if needed) the database at `url` and brings its
     /// schema up to date.
     pub async fn connect(url: &str) -> Result<Db> {
+        Db::connect_with(url, DEFAULT_ACQUIRE_TIMEOUT).await
+    }
+
+    /// [`Db::connect`], waiting at most `acquire_timeout` for a connection
+    /// (here and in every later statement).
+    pub async fn connect_with(url: &str, acquire_timeout: Duration) -> Result<Db> {
+        let db = Db::open(url, acquire_timeout).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// Reaches the database at `url`, without touching its schema: the step
+    /// that fails while the database is down.
+    pub async fn open(url: &str, acquire_timeout: Duration) -> Result<Db> {
         sqlx::any::install_default_drivers();
         let postgres = url.starts_with("postgres:") || url.starts_with("postgresql:");
         let options = if postgres {
-            AnyPoolOptions::new().max_connections(8)
+            AnyPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(acquire_timeout)
         } else {
             // One connection: SQLite takes one writer at a time, and in WAL mode a
             // second connection whose read snapshot went stale fails its write with
             // SQLITE_BUSY instead of waiting. Statements here are all short.
             AnyPoolOptions::new()
                 .max_connections(1)
+                .acquire_timeout(acquire_timeout)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
                         // Another process (`motif admin create-token`) may hold the lock briefly.
@@ -147,15 +200,32 @@ impl Db {
                 .await
                 .context("switching SQLite to WAL")?;
         }
-        MIGRATOR
-            .run(&pool)
-            .await
-            .context("migrating the database schema")?;
         Ok(Db { pool, postgres })
+    }
+
+    /// Brings the schema up to date.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .context("migrating the database schema")
     }
 
     pub fn is_postgres(&self) -> bool {
         self.postgres
+    }
+
+    /// The database's clock in Unix milliseconds, as an SQL expression: lease
+    /// times are written and compared on one clock however far the clocks of
+    /// the machines sharing the queue drift apart.
+    fn now_sql(&self) -> &'static str {
+        if self.postgres {
+            "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+        } else {
+            // julianday counts days from noon, 24 November 4714 BC; the Unix
+            // epoch is day 2440587.5.
+            "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+        }
     }
 
     pub async fn insert_token(&self, id: &str, hash: &str, admin: bool) -> Result<()> {
@@ -323,40 +393,38 @@ impl Db {
     /// Returns how many were touched.
     pub async fn reclaim_expired(&self, max_attempts: i64) -> Result<u64> {
         let now = now_ms();
-        let cancelled = sqlx::query(
+        let db_now = self.now_sql();
+        let cancelled = sqlx::query(&format!(
             "UPDATE jobs SET state = $1, finished_ms = $2, worker = NULL, lease_until_ms = NULL \
-             WHERE state = $3 AND lease_until_ms < $4 AND cancel_requested = 1",
-        )
+             WHERE state = $3 AND lease_until_ms < {db_now} AND cancel_requested = 1"
+        ))
         .bind(CANCELLED)
         .bind(now)
         .bind(RUNNING)
-        .bind(now)
         .execute(&self.pool)
         .await?
         .rows_affected();
-        let failed = sqlx::query(
+        let failed = sqlx::query(&format!(
             "UPDATE jobs SET state = $1, finished_ms = $2, worker = NULL, lease_until_ms = NULL, \
              error = COALESCE(error || '; ', '') || $3 \
-             WHERE state = $4 AND lease_until_ms < $5 AND attempts >= $6",
-        )
+             WHERE state = $4 AND lease_until_ms < {db_now} AND attempts >= $5"
+        ))
         .bind(FAILED)
         .bind(now)
         .bind(format!(
             "its worker stopped without finishing it {max_attempts} times (attempt limit)"
         ))
         .bind(RUNNING)
-        .bind(now)
         .bind(max_attempts)
         .execute(&self.pool)
         .await?
         .rows_affected();
-        let requeued = sqlx::query(
-            "UPDATE jobs SET state = $1, worker = NULL, lease_until_ms = NULL, step = 0, preview = NULL \
-             WHERE state = $2 AND lease_until_ms < $3",
-        )
+        let requeued = sqlx::query(&format!(
+            "UPDATE jobs SET state = $1, worker = NULL, lease_until_ms = NULL, step = 0, total = 0, \
+             preview = NULL WHERE state = $2 AND lease_until_ms < {db_now}"
+        ))
         .bind(QUEUED)
         .bind(RUNNING)
-        .bind(now)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -382,8 +450,9 @@ impl Db {
         } else {
             ""
         };
+        let db_now = self.now_sql();
         let sql = format!(
-            "UPDATE jobs SET state = $1, worker = $2, lease_until_ms = $3, started_ms = $4, \
+            "UPDATE jobs SET state = $1, worker = $2, lease_until_ms = {db_now} + $3, started_ms = $4, \
              attempts = attempts + 1, step = 0, total = 0, preview = NULL \
              WHERE id = (SELECT id FROM jobs WHERE state = $5 ORDER BY created_ms, id LIMIT 1{lock}) \
              AND state = $6 RETURNING {JOB_COLUMNS}"
@@ -391,7 +460,7 @@ impl Db {
         let row = sqlx::query(&sql)
             .bind(RUNNING)
             .bind(worker)
-            .bind(now + lease_ms)
+            .bind(lease_ms)
             .bind(now)
             .bind(QUEUED)
             .bind(QUEUED)
@@ -410,11 +479,12 @@ impl Db {
         total: i64,
         preview: Option<&str>,
     ) -> Result<Lease> {
-        let row = sqlx::query(
-            "UPDATE jobs SET lease_until_ms = $1, step = $2, total = $3, preview = COALESCE($4, preview) \
+        let row = sqlx::query(&format!(
+            "UPDATE jobs SET lease_until_ms = {} + $1, step = $2, total = $3, preview = COALESCE($4, preview) \
              WHERE id = $5 AND worker = $6 AND state = $7 RETURNING cancel_requested",
-        )
-        .bind(now_ms() + lease_ms)
+            self.now_sql()
+        ))
+        .bind(lease_ms)
         .bind(step)
         .bind(total)
         .bind(preview)
@@ -451,14 +521,21 @@ impl Db {
     }
 
     /// A run ended with an error: back to the queue while attempts remain,
-    /// else failed with this error.
-    pub async fn fail(&self, id: &str, worker: &str, error: &str, max_attempts: i64) -> Result<()> {
+    /// else failed with this error (at once where `max_attempts` is 0).
+    /// Returns the job's state afterwards; None if this worker no longer held it.
+    pub async fn fail(
+        &self,
+        id: &str,
+        worker: &str,
+        error: &str,
+        max_attempts: i64,
+    ) -> Result<Option<String>> {
         let now = now_ms();
-        sqlx::query(
+        let row = sqlx::query(
             "UPDATE jobs SET state = CASE WHEN attempts >= $1 THEN $2 ELSE $3 END, \
              finished_ms = CASE WHEN attempts >= $4 THEN $5 ELSE NULL END, \
-             error = $6, worker = NULL, lease_until_ms = NULL, step = 0, preview = NULL \
-             WHERE id = $7 AND worker = $8 AND state = $9",
+             error = $6, worker = NULL, lease_until_ms = NULL, step = 0, total = 0, preview = NULL \
+             WHERE id = $7 AND worker = $8 AND state = $9 RETURNING state",
         )
         .bind(max_attempts)
         .bind(FAILED)
@@ -469,9 +546,9 @@ impl Db {
         .bind(id)
         .bind(worker)
         .bind(RUNNING)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(())
+        Ok(row.map(|r| r.try_get("state")).transpose()?)
     }
 
     pub async fn mark_cancelled(&self, id: &str, worker: &str) -> Result<()> {
@@ -493,7 +570,7 @@ impl Db {
     pub async fn release(&self, id: &str, worker: &str) -> Result<()> {
         sqlx::query(
             "UPDATE jobs SET state = $1, worker = NULL, lease_until_ms = NULL, attempts = attempts - 1, \
-             step = 0, preview = NULL WHERE id = $2 AND worker = $3 AND state = $4",
+             step = 0, total = 0, preview = NULL WHERE id = $2 AND worker = $3 AND state = $4",
         )
         .bind(QUEUED)
         .bind(id)

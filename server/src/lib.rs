@@ -69,11 +69,53 @@ pub struct RunOutput {
     pub recipe: PathBuf,
 }
 
+/// The clip a job makes, once the model's defaults fill in what the job left
+/// out and `aspect` is turned into a size: what the server's bounds apply to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClipSize {
+    pub width: u32,
+    pub height: u32,
+    pub frames: u32,
+}
+
+/// Why a run failed. `message` is what the job's owner sees (the API, /me,
+/// Discord): it names the input ("the uploaded image"), never a path on the
+/// server; `detail` is the whole cause, for the server's log.
+#[derive(Debug)]
+pub struct RunError {
+    pub message: String,
+    /// The input itself is at fault (a corrupt still, a request the model
+    /// refuses): another attempt would fail the same way, so none is made.
+    pub permanent: bool,
+    pub detail: anyhow::Error,
+}
+
+impl RunError {
+    pub fn permanent(message: impl Into<String>, detail: anyhow::Error) -> Self {
+        RunError {
+            message: message.into(),
+            permanent: true,
+            detail,
+        }
+    }
+
+    /// The machine, not the input, failed (GPU, disk, the model's files):
+    /// another attempt, maybe on another worker, may succeed.
+    pub fn transient(message: impl Into<String>, detail: anyhow::Error) -> Self {
+        RunError {
+            message: message.into(),
+            permanent: false,
+            detail,
+        }
+    }
+}
+
 /// Runs generations for the service. Implemented by the `motif` binary.
 pub trait Runner: Send + Sync + 'static {
     /// Every check that needs no GPU (model found, style known, sizes that
-    /// the model allows), at submission time.
-    fn check(&self, request: &JobRequest) -> Result<(), FieldError>;
+    /// the model allows), at submission time; returns the clip's final size,
+    /// which the server then bounds ([`JobLimits::check_size`]).
+    fn check(&self, request: &JobRequest) -> Result<ClipSize, FieldError>;
 
     /// The style presets and models this machine offers by name.
     fn names(&self) -> Names;
@@ -84,7 +126,7 @@ pub trait Runner: Send + Sync + 'static {
         &self,
         job: &RunJob,
         progress: &mut dyn FnMut(Progress) -> bool,
-    ) -> Result<Option<RunOutput>>;
+    ) -> Result<Option<RunOutput>, RunError>;
 }
 
 /// How the queue treats claims.
@@ -97,6 +139,12 @@ pub struct QueueOptions {
     pub max_attempts: i64,
     /// How often an idle worker looks for a job.
     pub poll: Duration,
+    /// How long a statement waits for a database connection before the
+    /// database counts as unreachable (API: 503 with `Retry-After`).
+    pub acquire_timeout: Duration,
+    /// Added to this process's clock (tests play machines whose clocks
+    /// disagree with it); 0 in service.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for QueueOptions {
@@ -105,6 +153,8 @@ impl Default for QueueOptions {
             lease: Duration::from_secs(30),
             max_attempts: 3,
             poll: Duration::from_millis(500),
+            acquire_timeout: db::DEFAULT_ACQUIRE_TIMEOUT,
+            clock_offset_ms: 0,
         }
     }
 }
@@ -257,9 +307,10 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
     }
     let url = database_url(&options.data, options.database.as_deref())?;
     let store = Arc::new(Store::open(&options.data, &options.store)?);
+    db::set_clock_offset_ms(options.queue.clock_offset_ms);
     runtime()?.block_on(async move {
         store.check().await?;
-        let db = db::Db::connect(&url).await?;
+        let db = db::Db::connect_with(&url, options.queue.acquire_timeout).await?;
         if !db.is_postgres() {
             // Nobody else can hold a lease on the embedded database: jobs left
             // running belonged to a server that died; hand them out again now.
@@ -298,6 +349,7 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
             limits: Arc::new(options.limits),
             hashing: Arc::new(accounts::PasswordHashing::new(&options.hashing)),
             shutdown: shutdown.clone(),
+            retry_after: options.queue.acquire_timeout.as_secs().max(1),
         };
         let mut routes = api::router(state.clone());
         if let Some(discord) = options.discord {
@@ -325,14 +377,55 @@ pub fn serve(options: ServeOptions, runner: Arc<dyn Runner>) -> Result<()> {
     })
 }
 
+/// Longest wait between two tries to reach the database at start-up.
+const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A worker may start before its database (a machine booting, an outage):
+/// it tries again, waiting twice as long each time up to
+/// [`MAX_CONNECT_BACKOFF`], and says so each time. A schema it cannot
+/// migrate is an error at once. None: asked to stop first.
+async fn connect_until_up(
+    url: &str,
+    queue: &QueueOptions,
+    shutdown: &worker::Shutdown,
+) -> Result<Option<db::Db>> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match db::Db::open(url, queue.acquire_timeout).await {
+            Ok(db) => {
+                db.migrate().await?;
+                return Ok(Some(db));
+            }
+            Err(e) => eprintln!(
+                "motif worker: cannot reach the database {} ({e:#}); trying again in {} s",
+                db::redact(url),
+                wait.as_secs()
+            ),
+        }
+        shutdown.sleep(wait).await;
+        if shutdown.is_set() {
+            return Ok(None);
+        }
+        wait = (wait * 2).min(MAX_CONNECT_BACKOFF);
+    }
+}
+
 /// `motif worker`: `workers` workers on the shared queue, until Ctrl-C or SIGTERM.
 pub fn work(options: WorkerOptions, runner: Arc<dyn Runner>) -> Result<()> {
     let url = database_url(&options.data, options.database.as_deref())?;
     let store = Arc::new(Store::open(&options.data, &options.store)?);
+    db::set_clock_offset_ms(options.queue.clock_offset_ms);
     runtime()?.block_on(async move {
         store.check().await?;
-        let db = db::Db::connect(&url).await?;
         let shutdown = worker::Shutdown::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            stop_requested().await;
+            signal.trigger();
+        });
+        let Some(db) = connect_until_up(&url, &options.queue, &shutdown).await? else {
+            return Ok(());
+        };
         let mut handles = Vec::new();
         for index in 0..options.workers.max(1) {
             let name = worker::worker_name(index);
@@ -350,11 +443,6 @@ pub fn work(options: WorkerOptions, runner: Arc<dyn Runner>) -> Result<()> {
                 shutdown.clone(),
             )));
         }
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            stop_requested().await;
-            signal.trigger();
-        });
         for h in handles {
             let _ = h.await;
         }

@@ -208,6 +208,51 @@ impl Default for JobLimits {
     }
 }
 
+impl JobLimits {
+    /// The one bound on a job's size, applied to the clip as it will be made
+    /// (the model's defaults filled in, `aspect` turned into pixels), so that
+    /// no way of asking for a size escapes it. The error names the field the
+    /// size came from: `width`/`height` when given, else `aspect`, else the
+    /// model's default (`width`).
+    pub fn check_size(
+        &self,
+        request: &JobRequest,
+        size: crate::ClipSize,
+    ) -> Result<(), FieldError> {
+        let r = &request.recipe;
+        let crate::ClipSize {
+            width,
+            height,
+            frames,
+        } = size;
+        for (field, given, value) in [("width", r.width, width), ("height", r.height, height)] {
+            if value > self.max_side {
+                let field = match (given, &r.aspect) {
+                    (None, Some(_)) => "aspect",
+                    _ => field,
+                };
+                return Err(FieldError::new(
+                    field,
+                    format!(
+                        "the clip would be {width}x{height}: at most {} pixels a side",
+                        self.max_side
+                    ),
+                ));
+            }
+        }
+        if frames > self.max_frames {
+            return Err(FieldError::new(
+                "frames",
+                format!(
+                    "the clip would have {frames} frames: at most {}",
+                    self.max_frames
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn check_range(
     field: &str,
     value: Option<f32>,

@@ -15,7 +15,9 @@ use base64::Engine as _;
 use tokio::sync::watch;
 
 use crate::db::{Db, JobRow, Lease};
-use crate::{JobRequest, Preview, Progress, QueueOptions, RunJob, RunOutput, Runner, Store};
+use crate::{
+    JobRequest, Preview, Progress, QueueOptions, RunError, RunJob, RunOutput, Runner, Store,
+};
 
 /// Tells workers and event streams to stop.
 #[derive(Clone)]
@@ -86,9 +88,25 @@ pub async fn run(
         match claimed {
             Ok(Some(job)) => {
                 let id = job.id.clone();
-                if let Err(e) = execute(&db, &runner, &store, &queue, &name, &shutdown, job).await {
+                // One line at the claim and one at the end, each with the job
+                // id, so that an operator can follow a job across machines.
+                eprintln!(
+                    "worker {name}: job {id}: claimed, attempt {} of {}",
+                    job.attempts, queue.max_attempts
+                );
+                let started = Instant::now();
+                let attempt = job.attempts;
+                let outcome = execute(&db, &runner, &store, &queue, &name, &shutdown, job).await;
+                let seconds = started.elapsed().as_secs_f64();
+                match outcome {
+                    Ok(end) => eprintln!(
+                        "worker {name}: job {id}: {end} after {seconds:.1} s (attempt {attempt})"
+                    ),
                     // The lease lapses and the job goes back to the queue.
-                    eprintln!("worker {name}: job {id}: {e:#}");
+                    Err(e) => eprintln!(
+                        "worker {name}: job {id}: could not record its outcome after {seconds:.1} s \
+                         (attempt {attempt}; the lease will lapse): {e:#}"
+                    ),
                 }
             }
             Ok(None) => shutdown.sleep(queue.poll).await,
@@ -109,6 +127,16 @@ struct Live {
     version: u64,
 }
 
+/// A failed attempt recorded: re-queued or failed, as the logs say it.
+fn failed_as(state: Option<String>, error: &str) -> String {
+    match state.as_deref() {
+        Some(crate::db::QUEUED) => format!("failed, re-queued: {error}"),
+        Some(_) => format!("failed: {error}"),
+        None => format!("failed after its lease was lost: {error}"),
+    }
+}
+
+/// Runs one claimed job to its end; returns how it ended, for the log.
 async fn execute(
     db: &Db,
     runner: &Arc<dyn Runner>,
@@ -117,23 +145,23 @@ async fn execute(
     name: &str,
     shutdown: &Shutdown,
     job: JobRow,
-) -> Result<()> {
+) -> Result<String> {
     let request: JobRequest = match serde_json::from_str(&job.request) {
         Ok(r) => r,
         Err(e) => {
             // Only a schema change could cause this; retrying will not help.
-            db.fail(&job.id, name, &format!("unreadable job: {e}"), 0)
-                .await?;
-            return Ok(());
+            let error = format!("unreadable job: {e}");
+            let state = db.fail(&job.id, name, &error, 0).await?;
+            return Ok(failed_as(state, &error));
         }
     };
-    let image = write_still(db, store, &job).await;
-    let image = match image {
+    let image = match write_still(db, store, &job).await {
         Ok(p) => p,
         Err(e) => {
-            db.fail(&job.id, name, &format!("{e:#}"), queue.max_attempts)
-                .await?;
-            return Ok(());
+            eprintln!("worker {name}: job {}: {:#}", job.id, e.detail);
+            let attempts = if e.permanent { 0 } else { queue.max_attempts };
+            let state = db.fail(&job.id, name, &e.message, attempts).await?;
+            return Ok(failed_as(state, &e.message));
         }
     };
     // Named by attempt: a worker that lost its lease and a later claim of the
@@ -221,11 +249,13 @@ async fn execute(
             let _ = tokio::fs::remove_file(&out.recipe).await;
             let (clip, recipe) = match stored {
                 Ok(names) => names,
-                // The store is unreachable or refuses: the attempt failed; another may succeed.
+                // The store is unreachable or refuses: the attempt failed; another may
+                // succeed. Its location is the operator's business, not the client's.
                 Err(e) => {
-                    return db
-                        .fail(&job.id, name, &format!("{e:#}"), queue.max_attempts)
-                        .await
+                    eprintln!("worker {name}: job {}: {e:#}", job.id);
+                    let error = "the clip could not be stored";
+                    let state = db.fail(&job.id, name, error, queue.max_attempts).await?;
+                    return Ok(failed_as(state, error));
                 }
             };
             let recorded = db.finish(&job.id, name, &clip, &recipe).await;
@@ -235,32 +265,37 @@ async fn execute(
                 let _ = store.delete(&clip).await;
                 let _ = store.delete(&recipe).await;
             }
-            recorded.map(|_| ())
+            Ok(match recorded? {
+                true => "finished".to_string(),
+                false => "finished, but its lease was lost: the clip was dropped".to_string(),
+            })
         }
         Ok(Ok(None)) => {
             if user_cancelled {
-                db.mark_cancelled(&job.id, name).await
+                db.mark_cancelled(&job.id, name).await?;
+                Ok("cancelled".to_string())
             } else if stopping && !lease_lost {
-                db.release(&job.id, name).await
+                db.release(&job.id, name).await?;
+                Ok("put back in the queue (the worker is stopping)".to_string())
             } else {
-                Ok(())
+                Ok("stopped: its lease was lost".to_string())
             }
         }
         Ok(Err(e)) => {
+            eprintln!("worker {name}: job {}: {:#}", job.id, e.detail);
             if lease_lost {
-                return Ok(());
+                return Ok(format!("failed after its lease was lost: {}", e.message));
             }
-            db.fail(&job.id, name, &format!("{e:#}"), queue.max_attempts)
-                .await
+            // An input that can never succeed fails now instead of after every attempt.
+            let attempts = if e.permanent { 0 } else { queue.max_attempts };
+            let state = db.fail(&job.id, name, &e.message, attempts).await?;
+            Ok(failed_as(state, &e.message))
         }
         Err(join) => {
-            db.fail(
-                &job.id,
-                name,
-                &format!("the generation stopped unexpectedly: {join}"),
-                queue.max_attempts,
-            )
-            .await
+            eprintln!("worker {name}: job {}: {join}", job.id);
+            let error = "the generation stopped unexpectedly";
+            let state = db.fail(&job.id, name, error, queue.max_attempts).await?;
+            Ok(failed_as(state, error))
         }
     }
 }
@@ -285,8 +320,12 @@ fn file_name(p: &Path) -> Result<String> {
 }
 
 /// Writes the job's uploaded still to the store's temporary folder.
-async fn write_still(db: &Db, store: &Store, job: &JobRow) -> Result<Option<PathBuf>> {
-    let Some(b64) = db.job_image(&job.id).await? else {
+async fn write_still(db: &Db, store: &Store, job: &JobRow) -> Result<Option<PathBuf>, RunError> {
+    let stored = db
+        .job_image(&job.id)
+        .await
+        .map_err(|e| RunError::transient("the uploaded image could not be read back", e))?;
+    let Some(b64) = stored else {
         return Ok(None);
     };
     let body = match b64.split_once(";base64,") {
@@ -295,7 +334,12 @@ async fn write_still(db: &Db, store: &Store, job: &JobRow) -> Result<Option<Path
     };
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(body.trim())
-        .context("decoding the stored still")?;
+        .map_err(|e| {
+            RunError::permanent(
+                format!("the uploaded image is not valid base64: {e}"),
+                e.into(),
+            )
+        })?;
     // The runner reads the still by its extension.
     let extension = match image::guess_format(&bytes) {
         Ok(image::ImageFormat::Jpeg) => "jpg",
@@ -307,7 +351,10 @@ async fn write_still(db: &Db, store: &Store, job: &JobRow) -> Result<Option<Path
         .join(format!("{}-{}.{extension}", job.id, job.attempts));
     tokio::fs::write(&path, bytes)
         .await
-        .with_context(|| format!("writing {}", path.display()))?;
+        .with_context(|| format!("writing {}", path.display()))
+        .map_err(|e| {
+            RunError::transient("the uploaded image could not be staged for the run", e)
+        })?;
     Ok(Some(path))
 }
 

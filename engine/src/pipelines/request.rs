@@ -110,10 +110,33 @@ impl Request {
         }
     }
 
-    /// The checks every family makes of the settings they all share: at
-    /// least one step, a finite guidance ≥ 0, and given initial latents of
+    /// The checks every family makes of the settings they all share: a
+    /// size and a frame count of at least 1 whose latents the GPU can index,
+    /// at least one step, a finite guidance ≥ 0, and given initial latents of
     /// the length the family's latent shape has (`shape`, for the message).
     pub(crate) fn check_shared(&self, latent_shape: &[usize]) -> Result<()> {
+        if self.width == 0 || self.height == 0 || self.frames == 0 {
+            return Err(argument(format!(
+                "a {}x{} clip of {} frames: width, height and frames must be at least 1",
+                self.width, self.height, self.frames
+            )));
+        }
+        // The shaders index tensors with u32: a latent past that would wrap,
+        // whatever the adapter's memory (a size derived from an extreme aspect
+        // ratio reaches it).
+        let values = latent_shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        if values.is_none_or(|n| n > u32::MAX as u64) {
+            return Err(argument(format!(
+                "a {}x{} clip of {} frames has latents of {latent_shape:?}: more values than \
+                 the GPU kernels can index (at most {})",
+                self.width,
+                self.height,
+                self.frames,
+                u32::MAX
+            )));
+        }
         if self.steps == 0 {
             return Err(argument("steps must be at least 1"));
         }

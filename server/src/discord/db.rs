@@ -56,6 +56,30 @@ const COLUMNS: &str = "job_id, discord_id, application_id, interaction_token, \
      token_expires_ms, channel_id, attempts";
 
 impl Db {
+    /// Records an interaction id; false if it was seen already (a replay).
+    /// Ids older than `keep_ms` are forgotten first: by then the signature
+    /// check refuses the request anyway.
+    pub async fn first_sight_of_interaction(&self, id: &str, keep_ms: i64) -> Result<bool> {
+        let now = now_ms();
+        sqlx::query("DELETE FROM discord_interactions WHERE seen_ms < $1")
+            .bind(now - keep_ms)
+            .execute(&self.pool)
+            .await
+            .context("forgetting old Discord interactions")?;
+        // One statement, so that two servers sharing the database cannot both
+        // take the same id as new.
+        let inserted = sqlx::query(
+            "INSERT INTO discord_interactions (id, seen_ms) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .context("recording a Discord interaction")?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
     /// The Motif account of a Discord user, made on first use under their
     /// Discord name (with a number after it when the name is taken).
     pub async fn discord_member(&self, discord: &DiscordUser) -> Result<User> {

@@ -21,6 +21,12 @@ use crate::{api, JobRequest};
 /// An interaction's token lasts this long after the interaction was made.
 pub const TOKEN_LIFETIME_MS: i64 = 15 * 60 * 1000;
 
+/// How long an interaction id is remembered: a replay is accepted by the
+/// signature check up to the window after its timestamp, by a server whose
+/// clock may run up to the window behind, so twice the window (and a minute
+/// for the time in between).
+const REMEMBER_INTERACTIONS_MS: i64 = (2 * super::verify::MAX_AGE_SECONDS as i64 + 60) * 1000;
+
 pub(crate) async fn interactions(
     State(state): State<DiscordState>,
     headers: HeaderMap,
@@ -47,6 +53,28 @@ pub(crate) async fn interactions(
             return (StatusCode::BAD_REQUEST, Json(json!({ "error": e.0 }))).into_response();
         }
     };
+    // A signed request stays valid for the whole signature window: one sent
+    // again within it (captured on the way) must not run a second time. A
+    // ping changes nothing and is answered however often it comes.
+    if interaction.action != Action::Ping {
+        match state
+            .app
+            .db
+            .first_sight_of_interaction(&interaction.id, REMEMBER_INTERACTIONS_MS)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                let error = json!({ "error": format!("interaction {} was already answered", interaction.id) });
+                return (StatusCode::CONFLICT, Json(error)).into_response();
+            }
+            Err(e) => {
+                eprintln!("motif serve: discord: {e:#}");
+                let error = json!({ "error": "the server cannot record interactions right now" });
+                return (StatusCode::SERVICE_UNAVAILABLE, Json(error)).into_response();
+            }
+        }
+    }
     Json(answer(&state, interaction).await).into_response()
 }
 

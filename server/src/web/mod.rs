@@ -77,6 +77,7 @@ pub(crate) struct WebState {
 
 /// The API's routes and the gallery's, with the security headers on every answer.
 pub(crate) fn app(api: Router, state: AppState, options: WebOptions) -> Router {
+    let retry_after = state.retry_after;
     let web = WebState {
         app: state,
         limiter: Arc::new(RateLimiter::new(
@@ -103,6 +104,21 @@ pub(crate) fn app(api: Router, state: AppState, options: WebOptions) -> Router {
         .with_state(web)
         .merge(api)
         .layer(middleware::from_fn(security_headers))
+        .layer(middleware::map_response(move |response: Response| {
+            retry_unavailable(response, retry_after)
+        }))
+}
+
+/// A 503 (the database unreachable) says when to try again, on every path.
+async fn retry_unavailable(mut response: Response, retry_after: u64) -> Response {
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE
+        && !response.headers().contains_key(header::RETRY_AFTER)
+    {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    }
+    response
 }
 
 /// Paths of the API and the Discord endpoint, whose clients read JSON.
@@ -330,6 +346,13 @@ impl PageError {
 
 impl From<anyhow::Error> for PageError {
     fn from(e: anyhow::Error) -> Self {
+        if crate::db::is_unavailable(&e) {
+            eprintln!("motif serve: database unreachable: {e:#}");
+            return PageError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The server cannot reach its database right now. Please try again shortly.",
+            );
+        }
         eprintln!("motif serve: internal error: {e:#}");
         PageError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

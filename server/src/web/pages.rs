@@ -506,39 +506,73 @@ async fn clip_video(
     Ok(ranged(bytes, content_type, &headers))
 }
 
-/// The bytes, or the one range `bytes=A-B` asked for (players seek with it).
-fn ranged(bytes: Vec<u8>, content_type: &str, headers: &HeaderMap) -> Response {
-    let len = bytes.len();
-    let range = headers
+/// The one range `bytes=A-B`, `bytes=A-` or `bytes=-N` of a header, as asked.
+enum ByteRange {
+    /// No usable Range header (absent, several ranges, not bytes): the
+    /// whole file, as RFC 9110 allows.
+    Whole,
+    /// Bytes `start..=end`.
+    Part(usize, usize),
+    /// A range that starts past the end of the file (or an empty suffix): 416.
+    Unsatisfiable,
+}
+
+fn byte_range(headers: &HeaderMap, len: usize) -> ByteRange {
+    let Some((a, b)) = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("bytes="))
         .filter(|v| !v.contains(','))
         .and_then(|v| v.split_once('-'))
-        .and_then(|(a, b)| {
-            let (start, end) = match (a.trim(), b.trim()) {
-                ("", suffix) => {
-                    let n: usize = suffix.parse().ok()?;
-                    (len.saturating_sub(n), len.checked_sub(1)?)
-                }
-                (a, "") => (a.parse().ok()?, len.checked_sub(1)?),
-                (a, b) => (
-                    a.parse().ok()?,
-                    b.parse::<usize>().ok()?.min(len.checked_sub(1)?),
-                ),
+    else {
+        return ByteRange::Whole;
+    };
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", suffix) => match suffix.parse::<usize>() {
+            Ok(0) => return ByteRange::Unsatisfiable,
+            Ok(n) => (len.saturating_sub(n), len.saturating_sub(1)),
+            Err(_) => return ByteRange::Whole,
+        },
+        (a, b) => {
+            let Ok(start) = a.parse::<usize>() else {
+                return ByteRange::Whole;
             };
-            (start <= end && end < len).then_some((start, end))
-        });
+            let end = match b {
+                "" => usize::MAX,
+                b => match b.parse::<usize>() {
+                    Ok(end) if end >= start => end,
+                    // A last byte before the first is not a range: ignored.
+                    _ => return ByteRange::Whole,
+                },
+            };
+            (start, end.min(len.saturating_sub(1)))
+        }
+    };
+    if len == 0 || start >= len {
+        ByteRange::Unsatisfiable
+    } else {
+        ByteRange::Part(start, end)
+    }
+}
+
+/// The bytes, or the one range `bytes=A-B` asked for (players seek with it);
+/// 416 for a range past the end.
+fn ranged(bytes: Vec<u8>, content_type: &str, headers: &HeaderMap) -> Response {
+    let len = bytes.len();
     let builder = Response::builder()
         .header(header::CONTENT_TYPE, content_type)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CACHE_CONTROL, "private, max-age=60");
-    let response = match range {
-        Some((start, end)) => builder
+    let response = match byte_range(headers, len) {
+        ByteRange::Part(start, end) => builder
             .status(StatusCode::PARTIAL_CONTENT)
             .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
             .body(Body::from(bytes[start..=end].to_vec())),
-        None => builder.status(StatusCode::OK).body(Body::from(bytes)),
+        ByteRange::Unsatisfiable => builder
+            .status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+            .body(Body::empty()),
+        ByteRange::Whole => builder.status(StatusCode::OK).body(Body::from(bytes)),
     };
     response.unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
