@@ -90,7 +90,7 @@ fn rewrite_safetensors(path: &Path, edit: impl Fn(&str) -> Edit) {
         );
     }
     let mut text = serde_json::to_vec(&Value::Object(out_header)).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
