@@ -147,6 +147,7 @@ fn assert_refused(work: &Path, model: &Path, size: [&str; 3], expected: &[&str])
         .filter(|n| n != "model")
         .collect();
     assert!(left.is_empty(), "files written by a refused run: {left:?}");
+    let _ = std::fs::remove_dir_all(work);
 }
 
 const ANIMATEDIFF: [&str; 3] = ["24", "16", "3"];
