@@ -104,7 +104,13 @@ fn missing_and_misshapen_tensors_name_the_key_and_file() {
         e.contains("`a.weight` has shape [2, 3], expected [3, 2]"),
         "{e}"
     );
-    assert!(w.pp("a").optional(gpu(), "bias", &[3]).unwrap().is_none());
+    // No tensor is optional: an absent bias is a missing tensor too.
+    let e = w
+        .pp("a")
+        .tensor(gpu(), "bias", &[3])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing tensor `a.bias`"), "{e}");
 }
 
 /// Builds a file from a raw header and data section.

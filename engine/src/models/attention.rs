@@ -290,27 +290,13 @@ fn pyramid_weights(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// diffusers `SinusoidalPositionalEmbedding`: the checkpoint's `pe` buffer
-/// [1, max_len, dim] when present, else the same table computed as diffusers
-/// does (f32: div_j = exp(2j · −ln(10000)/dim); even columns sin, odd cos).
+/// diffusers `SinusoidalPositionalEmbedding`: its `pe` buffer
+/// [1, max_len, dim] is part of the state dict diffusers saves (and of the
+/// original motion modules, as `pos_encoder.pe`), so it is read like any
+/// weight: a file without it is refused rather than given a computed table.
 fn sinusoidal_table(gpu: &Gpu, w: &Weights, max_len: usize, dim: usize) -> Result<Tensor> {
-    if w.contains("pe") {
-        let values = w.set().read_f32(&w.key("pe"), &[1, max_len, dim])?;
-        return Tensor::from_f32(gpu, &values, &[max_len, dim], w.dtype());
-    }
-    let mut pe = vec![0f32; max_len * dim];
-    let step = -(10000f32.ln()) / dim as f32;
-    for p in 0..max_len {
-        for j in (0..dim).step_by(2) {
-            let div = ((j as f32 * step) as f64).exp() as f32;
-            let arg = (p as f32 * div) as f64;
-            pe[p * dim + j] = arg.sin() as f32;
-            if j + 1 < dim {
-                pe[p * dim + j + 1] = arg.cos() as f32;
-            }
-        }
-    }
-    Tensor::from_f32(gpu, &pe, &[max_len, dim], w.dtype())
+    let values = w.set().read_f32(&w.key("pe"), &[1, max_len, dim])?;
+    Tensor::from_f32(gpu, &values, &[max_len, dim], w.dtype())
 }
 
 /// `Transformer2DModel` on continuous input: GroupNorm, proj_in (1x1 conv or

@@ -14,26 +14,49 @@ use crate::ops::{self, attention::AttentionOptions, Activation};
 use crate::tensor::{fmt_shape, Tensor};
 use crate::weights::{config::read_config, Weights};
 
+// transformers' `CLIPTextConfig` defaults, for keys a config leaves out.
 fn default_eps() -> f32 {
     1e-5
 }
-
 fn default_act() -> String {
     "quick_gelu".into()
 }
-
 fn default_eos() -> u32 {
-    2
+    49407
+}
+fn default_vocab() -> usize {
+    49408
+}
+fn default_hidden() -> usize {
+    512
+}
+fn default_intermediate() -> usize {
+    2048
+}
+fn default_layers() -> usize {
+    12
+}
+fn default_heads() -> usize {
+    8
+}
+fn default_positions() -> usize {
+    77
 }
 
 /// `text_encoder/config.json` (transformers `CLIPTextConfig`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipTextConfig {
+    #[serde(default = "default_vocab")]
     pub vocab_size: usize,
+    #[serde(default = "default_hidden")]
     pub hidden_size: usize,
+    #[serde(default = "default_intermediate")]
     pub intermediate_size: usize,
+    #[serde(default = "default_layers")]
     pub num_hidden_layers: usize,
+    #[serde(default = "default_heads")]
     pub num_attention_heads: usize,
+    #[serde(default = "default_positions")]
     pub max_position_embeddings: usize,
     #[serde(default = "default_act")]
     pub hidden_act: String,

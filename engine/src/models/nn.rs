@@ -100,9 +100,11 @@ impl Embedding {
 }
 
 /// `nn.Conv2d(in, out, k, stride, padding)` with bias: weight [out, in, k, k].
+/// Every Conv2d of the models here has a bias in diffusers (`bias=True`,
+/// PyTorch's default), so a file without one is refused, not run without.
 pub struct Conv2d {
     pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    pub bias: Tensor,
     pub opts: ops::conv2d::Conv2dOptions,
 }
 
@@ -118,7 +120,7 @@ impl Conv2d {
     ) -> Result<Self> {
         Ok(Conv2d {
             weight: w.tensor(gpu, "weight", &[cout, cin, kernel, kernel])?,
-            bias: w.optional(gpu, "bias", &[cout])?,
+            bias: w.tensor(gpu, "bias", &[cout])?,
             opts: ops::conv2d::Conv2dOptions {
                 stride,
                 padding: [padding; 4],
@@ -128,7 +130,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        ops::conv2d::conv2d(gpu, x, &self.weight, self.bias.as_ref(), &self.opts)
+        ops::conv2d::conv2d(gpu, x, &self.weight, Some(&self.bias), &self.opts)
     }
 
     /// `(self(x) + residual) · scale` in one pass (see
@@ -141,7 +143,7 @@ impl Conv2d {
         scale: f32,
     ) -> Result<Tensor> {
         let r = ops::conv2d::Conv2dResidual { residual, scale };
-        ops::conv2d::conv2d_residual(gpu, x, &self.weight, self.bias.as_ref(), &self.opts, &r)
+        ops::conv2d::conv2d_residual(gpu, x, &self.weight, Some(&self.bias), &self.opts, &r)
     }
 }
 

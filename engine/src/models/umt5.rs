@@ -49,16 +49,41 @@ fn default_ff() -> String {
     "gated-gelu".into()
 }
 
+fn default_vocab() -> usize {
+    250112
+}
+fn default_d_model() -> usize {
+    512
+}
+fn default_d_kv() -> usize {
+    64
+}
+fn default_d_ff() -> usize {
+    1024
+}
+fn default_layers() -> usize {
+    8
+}
+fn default_heads() -> usize {
+    6
+}
+
 /// `text_encoder/config.json` (transformers `UMT5Config`), the fields the
-/// encoder uses.
+/// encoder uses; a key left out takes `UMT5Config`'s default.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UMT5Config {
+    #[serde(default = "default_vocab")]
     pub vocab_size: usize,
+    #[serde(default = "default_d_model")]
     pub d_model: usize,
     /// Width of one attention head.
+    #[serde(default = "default_d_kv")]
     pub d_kv: usize,
+    #[serde(default = "default_d_ff")]
     pub d_ff: usize,
+    #[serde(default = "default_layers")]
     pub num_layers: usize,
+    #[serde(default = "default_heads")]
     pub num_heads: usize,
     #[serde(default = "default_buckets")]
     pub relative_attention_num_buckets: usize,

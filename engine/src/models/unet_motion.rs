@@ -37,6 +37,10 @@ impl<T: Clone> PerBlock<T> {
     }
 }
 
+// diffusers' `__init__` defaults of `UNet2DConditionModel`, `UNetMotionModel`
+// and `MotionAdapter`, used where a config leaves a key out. The two UNet
+// classes agree on every default read here (their block type names differ,
+// their structure does not).
 fn d_four() -> usize {
     4
 }
@@ -61,14 +65,48 @@ fn d_silu() -> String {
 fn d_layers() -> PerBlock<usize> {
     PerBlock::One(1)
 }
+fn d_two_layers() -> PerBlock<usize> {
+    PerBlock::One(2)
+}
 fn d_heads() -> PerBlock<usize> {
     PerBlock::One(8)
 }
 fn d_seq() -> usize {
     32
 }
+fn d_channels() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn d_cross_attention_dim() -> PerBlock<usize> {
+    PerBlock::One(1280)
+}
+fn d_down_blocks() -> Vec<String> {
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_up_blocks() -> Vec<String> {
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
 
 /// `unet/config.json`: a `UNet2DConditionModel` or a merged `UNetMotionModel`.
+///
+/// `flip_sin_to_cos` and `freq_shift` are not read: diffusers' AnimateDiff
+/// always runs a `UNetMotionModel`, whose time projection is fixed
+/// (`Timesteps(C, True, 0)`) whatever the file says, and `from_unet2d` drops
+/// those keys from an SD UNet's config.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfigFile {
     #[serde(rename = "_class_name", default)]
@@ -77,9 +115,13 @@ pub struct UNetConfigFile {
     pub in_channels: usize,
     #[serde(default = "d_four")]
     pub out_channels: usize,
+    #[serde(default = "d_down_blocks")]
     pub down_block_types: Vec<String>,
+    #[serde(default = "d_up_blocks")]
     pub up_block_types: Vec<String>,
+    #[serde(default = "d_channels")]
     pub block_out_channels: Vec<usize>,
+    #[serde(default = "d_two_layers")]
     pub layers_per_block: PerBlock<usize>,
     #[serde(default = "d_one")]
     pub downsample_padding: usize,
@@ -91,20 +133,18 @@ pub struct UNetConfigFile {
     pub norm_num_groups: usize,
     #[serde(default = "d_eps")]
     pub norm_eps: f32,
+    #[serde(default = "d_cross_attention_dim")]
     pub cross_attention_dim: PerBlock<usize>,
     #[serde(default = "d_layers")]
     pub transformer_layers_per_block: PerBlock<usize>,
-    /// Legacy naming in SD configs: the number of heads.
+    /// Legacy naming in SD configs: the number of heads (8 when absent).
+    /// `UNetMotionModel` has no such argument and ignores it.
     #[serde(default)]
     pub attention_head_dim: Option<PerBlock<usize>>,
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock<usize>>,
     #[serde(default)]
     pub use_linear_projection: bool,
-    #[serde(default = "d_true")]
-    pub flip_sin_to_cos: bool,
-    #[serde(default)]
-    pub freq_shift: f32,
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default)]
@@ -115,7 +155,8 @@ pub struct UNetConfigFile {
     pub encoder_hid_dim_type: Option<String>,
     #[serde(default)]
     pub resnet_time_scale_shift: Option<String>,
-    // Present in merged UNetMotionModel configs.
+    // Read from merged UNetMotionModel configs (their defaults are applied
+    // in `resolve`, where the class is known).
     #[serde(default)]
     pub motion_num_attention_heads: Option<PerBlock<usize>>,
     #[serde(default)]
@@ -126,15 +167,27 @@ pub struct UNetConfigFile {
     pub temporal_transformer_layers_per_block: Option<PerBlock<usize>>,
     #[serde(default)]
     pub temporal_transformer_layers_per_mid_block: Option<usize>,
+    /// `None`: transformer_layers_per_block of the last level (diffusers).
+    #[serde(default)]
+    pub transformer_layers_per_mid_block: Option<usize>,
     #[serde(default)]
     pub mid_block_layers: Option<usize>,
+    // Asymmetric up blocks (`UNetMotionModel`): not implemented, refused
+    // when set rather than built symmetric.
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    #[serde(default)]
+    pub reverse_temporal_transformer_layers_per_block: Option<serde_json::Value>,
+    #[serde(default)]
+    pub reverse_motion_num_attention_heads: Option<serde_json::Value>,
 }
 
 /// `motion_adapter/config.json` (diffusers `MotionAdapter`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct MotionAdapterConfig {
+    #[serde(default = "d_channels")]
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "d_layers")]
+    #[serde(default = "d_two_layers")]
     pub motion_layers_per_block: PerBlock<usize>,
     #[serde(default = "d_layers")]
     pub motion_transformer_layers_per_block: PerBlock<usize>,
@@ -163,6 +216,8 @@ pub struct UNetMotionConfig {
     pub up_cross_attention: Vec<bool>,
     pub layers_per_block: Vec<usize>,
     pub transformer_layers: Vec<usize>,
+    /// Transformer layers in each of the mid block's attentions.
+    pub mid_transformer_layers: usize,
     pub heads: Vec<usize>,
     pub cross_attention_dim: Vec<usize>,
     pub motion_heads: Vec<usize>,
@@ -248,12 +303,37 @@ impl UNetMotionConfig {
                 })
                 .collect()
         };
-        let heads = match (&unet.num_attention_heads, &unet.attention_head_dim) {
-            (Some(h), _) => h.expand(n),
-            (None, Some(h)) => h.expand(n),
-            (None, None) => vec![8; n],
-        };
         let merged = unet.class_name.as_deref() == Some("UNetMotionModel");
+        for (key, value) in [
+            (
+                "reverse_transformer_layers_per_block",
+                &unet.reverse_transformer_layers_per_block,
+            ),
+            (
+                "reverse_temporal_transformer_layers_per_block",
+                &unet.reverse_temporal_transformer_layers_per_block,
+            ),
+            (
+                "reverse_motion_num_attention_heads",
+                &unet.reverse_motion_num_attention_heads,
+            ),
+        ] {
+            if let (true, Some(v)) = (merged, value) {
+                return Err(bad(
+                    unet_path,
+                    format!("{key} = {v} (asymmetric up blocks) is not supported"),
+                ));
+            }
+        }
+        // UNet2DConditionModel reads `num_attention_heads or
+        // attention_head_dim` (the legacy name, default 8), and from_unet2d
+        // carries that over; a merged UNetMotionModel knows only
+        // `num_attention_heads` (default 8).
+        let heads = match (&unet.num_attention_heads, &unet.attention_head_dim, merged) {
+            (Some(h), _, _) => h.expand(n),
+            (None, Some(h), false) => h.expand(n),
+            (None, _, _) => vec![8; n],
+        };
         let (motion_heads, motion_layers, motion_mid_layers, max_seq, use_mid, layers_per_block, mid_block_layers) = match (merged, adapter) {
             (true, _) => (
                 unet.motion_num_attention_heads.clone().unwrap_or(PerBlock::One(8)).expand(n),
@@ -299,6 +379,16 @@ impl UNetMotionConfig {
             up_cross_attention: cross(&unet.up_block_types, unet_path)?,
             layers_per_block,
             transformer_layers: unet.transformer_layers_per_block.expand(n),
+            // An SD UNet's config has no such key (from_unet2d carries none).
+            mid_transformer_layers: match (merged, unet.transformer_layers_per_mid_block) {
+                (true, Some(layers)) => layers,
+                _ => unet
+                    .transformer_layers_per_block
+                    .expand(n)
+                    .last()
+                    .copied()
+                    .unwrap_or(1),
+            },
             heads,
             cross_attention_dim: unet.cross_attention_dim.expand(n),
             motion_heads,
@@ -312,8 +402,8 @@ impl UNetMotionConfig {
             downsample_padding: unet.downsample_padding,
             mid_block_scale_factor: unet.mid_block_scale_factor,
             use_linear_projection: unet.use_linear_projection,
-            flip_sin_to_cos: unet.flip_sin_to_cos,
-            freq_shift: unet.freq_shift,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
         };
         for (name, v) in [
             ("layers_per_block", &cfg.layers_per_block),
@@ -502,7 +592,7 @@ impl UNetMotionModel {
                 &m.pp("attentions").pp(j),
                 top,
                 c.heads[n - 1],
-                c.transformer_layers[n - 1],
+                c.mid_transformer_layers,
                 c.cross_attention_dim[n - 1],
             )?);
             if c.use_motion_mid_block {

@@ -35,16 +35,31 @@ fn four() -> usize {
 fn thirty_two() -> usize {
     32
 }
+fn one_down_block() -> Vec<String> {
+    vec!["DownEncoderBlock2D".into()]
+}
+fn one_up_block() -> Vec<String> {
+    vec!["UpDecoderBlock2D".into()]
+}
+fn sixty_four() -> Vec<usize> {
+    vec![64]
+}
 
-/// `vae/config.json`.
+/// `vae/config.json`, each key absent taking `AutoencoderKL.__init__`'s
+/// default. `shift_factor`, `latents_mean` and `latents_std` are not read:
+/// diffusers' AnimateDiff pipeline decodes with `latents / scaling_factor`
+/// only.
 #[derive(Debug, Clone, Deserialize)]
 pub struct VaeConfig {
     #[serde(default = "three")]
     pub in_channels: usize,
     #[serde(default = "three")]
     pub out_channels: usize,
+    #[serde(default = "one_down_block")]
     pub down_block_types: Vec<String>,
+    #[serde(default = "one_up_block")]
     pub up_block_types: Vec<String>,
+    #[serde(default = "sixty_four")]
     pub block_out_channels: Vec<usize>,
     #[serde(default = "one")]
     pub layers_per_block: usize,

@@ -24,6 +24,8 @@ use crate::ops::{self, attention::AttentionOptions, embedding::TimestepEmbedding
 use crate::tensor::{fmt_shape, Tensor};
 use crate::weights::{config::read_config, WeightSet, Weights};
 
+// `WanTransformer3DModel.__init__`'s defaults (the Wan 2.1 14B model), for
+// keys a config leaves out.
 fn default_patch() -> [usize; 3] {
     [1, 2, 2]
 }
@@ -39,27 +41,58 @@ fn default_rope_len() -> usize {
 fn default_freq_dim() -> usize {
     256
 }
+fn default_heads() -> usize {
+    40
+}
+fn default_head_dim() -> usize {
+    128
+}
+fn default_channels() -> usize {
+    16
+}
+fn default_out_channels() -> Option<usize> {
+    Some(16)
+}
+fn default_text_dim() -> usize {
+    4096
+}
+fn default_ffn_dim() -> usize {
+    13824
+}
+fn default_layers() -> usize {
+    40
+}
+fn default_qk_norm() -> Option<String> {
+    Some("rms_norm_across_heads".into())
+}
 
 /// `transformer/config.json` (diffusers `WanTransformer3DModel`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct WanTransformerConfig {
     #[serde(default = "default_patch")]
     pub patch_size: [usize; 3],
+    #[serde(default = "default_heads")]
     pub num_attention_heads: usize,
+    #[serde(default = "default_head_dim")]
     pub attention_head_dim: usize,
+    #[serde(default = "default_channels")]
     pub in_channels: usize,
-    /// `None` (null): in_channels.
-    #[serde(default)]
+    /// Absent: 16, diffusers' default; `null`: in_channels (diffusers'
+    /// `out_channels or in_channels`).
+    #[serde(default = "default_out_channels")]
     pub out_channels: Option<usize>,
+    #[serde(default = "default_text_dim")]
     pub text_dim: usize,
     #[serde(default = "default_freq_dim")]
     pub freq_dim: usize,
+    #[serde(default = "default_ffn_dim")]
     pub ffn_dim: usize,
+    #[serde(default = "default_layers")]
     pub num_layers: usize,
     #[serde(default = "default_true")]
     pub cross_attn_norm: bool,
     /// diffusers builds norm_q/norm_k whatever this says; kept to report it.
-    #[serde(default)]
+    #[serde(default = "default_qk_norm")]
     pub qk_norm: Option<String>,
     #[serde(default = "default_eps")]
     pub eps: f32,
@@ -127,7 +160,10 @@ impl WanTransformerConfig {
     }
 
     pub fn out_channels(&self) -> usize {
-        self.out_channels.unwrap_or(self.in_channels)
+        // diffusers: `out_channels or in_channels` (0 counts as unset too).
+        self.out_channels
+            .filter(|&c| c != 0)
+            .unwrap_or(self.in_channels)
     }
 
     /// The head dim's split for the rotary embedding (diffusers'

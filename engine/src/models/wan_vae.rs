@@ -205,7 +205,8 @@ pub struct WanCausalConv3d {
     /// The kernel with its time taps moved into the input channels:
     /// [Cout, kT·Cin, kh, kw], channel kt·Cin + c = `weight[:, c, kt]`.
     pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    /// `nn.Conv3d`'s bias: every one in the Wan VAE has it (`bias=True`).
+    pub bias: Tensor,
     pub time_kernel: usize,
     /// Zero frames before the input (2 · padding[0]).
     pub time_padding: usize,
@@ -255,7 +256,7 @@ impl WanCausalConv3d {
         };
         Ok(WanCausalConv3d {
             weight,
-            bias: w.optional(gpu, "bias", &[cout])?,
+            bias: w.tensor(gpu, "bias", &[cout])?,
             time_kernel: kt,
             time_padding: 2 * padding[0],
             time_stride: stride[0],
@@ -369,7 +370,7 @@ impl WanCausalConv3d {
     }
 
     fn conv(&self, gpu: &Gpu, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let bias = self.bias.as_ref();
+        let bias = Some(&self.bias);
         match residual {
             Some(residual) => {
                 let r = conv2d::Conv2dResidual {
@@ -487,11 +488,11 @@ fn cached_conv(
     Ok(out)
 }
 
-/// `WanRMS_norm`: F.normalize over channels · √C · gamma (no bias in Wan
-/// 2.1). `gamma` is stored [C, 1, 1, 1] (`images=False`) or [C, 1, 1].
+/// `WanRMS_norm`: F.normalize over channels · √C · gamma. `gamma` is stored
+/// [C, 1, 1, 1] (`images=False`) or [C, 1, 1]. diffusers builds every one of
+/// these norms with `bias=False`, so the architecture has no bias to load.
 pub struct WanRmsNorm {
     pub gamma: Tensor,
-    pub bias: Option<Tensor>,
 }
 
 impl WanRmsNorm {
@@ -499,16 +500,12 @@ impl WanRmsNorm {
         let shape: &[usize] = if images { &[c, 1, 1] } else { &[c, 1, 1, 1] };
         Ok(WanRmsNorm {
             gamma: w.tensor(gpu, "gamma", shape)?.reshape(&[c])?,
-            bias: match w.optional(gpu, "bias", shape)? {
-                Some(b) => Some(b.reshape(&[c])?),
-                None => None,
-            },
         })
     }
 
     /// x [T, C, H, W], SiLU fused when `silu`.
     fn forward(&self, gpu: &Gpu, x: &Tensor, silu: bool) -> Result<Tensor> {
-        norm::channel_rms_norm(gpu, x, Some(&self.gamma), self.bias.as_ref(), RMS_EPS, silu)
+        norm::channel_rms_norm(gpu, x, Some(&self.gamma), None, RMS_EPS, silu)
     }
 }
 

@@ -49,6 +49,30 @@ pub(crate) fn argument(message: impl Into<String>) -> EngineError {
     }
 }
 
+/// Refuses a tokenizer whose ids the text encoder's embedding table cannot
+/// hold: a token id at or past the table's `rows` would read past the table
+/// (or, clamped, another token's row), so the two files cannot be one
+/// model's. A table larger than the vocabulary is fine (UMT5's is padded).
+pub(crate) fn check_vocabulary(
+    tokenizer_file: &Path,
+    max_id: u32,
+    encoder_config: &Path,
+    rows: usize,
+) -> Result<(), crate::error::LoadError> {
+    if max_id as usize >= rows {
+        return Err(crate::error::LoadError::Config {
+            path: tokenizer_file.to_path_buf(),
+            message: format!(
+                "token id {max_id} does not fit the text encoder's embedding table of {rows} rows \
+                 (`vocab_size` of {}): expected ids below {rows}; this tokenizer is not the \
+                 text encoder's",
+                encoder_config.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A model family: an architecture and its pipeline, loaded onto a GPU.
 /// A loaded model keeps no state from one generation to the next
 /// (`generate` takes `&self`), so a cache can hold it between requests.

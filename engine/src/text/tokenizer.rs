@@ -29,6 +29,10 @@ pub struct ClipTokenizer {
     bos: u32,
     eos: u32,
     pad: u32,
+    /// The largest id of the vocabulary, and the file it comes from: the
+    /// text encoder's embedding table must have a row for it.
+    max_id: u32,
+    vocab_path: PathBuf,
 }
 
 fn layout(path: &Path, message: impl Into<String>) -> LoadError {
@@ -105,6 +109,15 @@ impl ClipTokenizer {
                 }
             }
         }
+        // A byte-level BPE without merges tokenizes every word into single
+        // bytes: it loads, but it is not the vocabulary any CLIP was trained
+        // with (CLIP's has 48,894 merges).
+        if merges.is_empty() {
+            return Err(layout(
+                merges_path,
+                "no merges: expected CLIP's BPE merge list (one `a b` pair per line)",
+            ));
+        }
         let id = |token: &str, path: &Path| {
             vocab_map
                 .get(token)
@@ -114,6 +127,12 @@ impl ClipTokenizer {
         };
         let bos = id("<|startoftext|>", vocab_path)?;
         let eos = id("<|endoftext|>", vocab_path)?;
+        let max_id = vocab_map
+            .values()
+            .filter_map(|v| v.as_u64())
+            .max()
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| layout(vocab_path, "ids must fit in 32 bits"))?;
         let spec = serde_json::json!({
             "version": "1.0",
             "truncation": null,
@@ -151,7 +170,19 @@ impl ClipTokenizer {
             bos,
             eos,
             pad: eos,
+            max_id,
+            vocab_path: vocab_path.to_path_buf(),
         })
+    }
+
+    /// The largest token id this tokenizer can produce.
+    pub fn max_id(&self) -> u32 {
+        self.max_id
+    }
+
+    /// The vocabulary file (`vocab.json`), for messages.
+    pub fn vocab_path(&self) -> &Path {
+        &self.vocab_path
     }
 
     /// The folder's files, for messages.

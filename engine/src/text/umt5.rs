@@ -24,6 +24,9 @@ pub const UMT5_MAX_LENGTH: usize = 512;
 const PAD_TOKEN: &str = "<pad>";
 /// The end-of-sequence token appended to every prompt (id 1).
 const EOS_TOKEN: &str = "</s>";
+/// The unknown-piece token (id 2), which the tokenizer emits for pieces
+/// outside the vocabulary.
+const UNK_TOKEN: &str = "<unk>";
 
 pub struct Umt5Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -147,6 +150,11 @@ impl Umt5Tokenizer {
                 "no `{EOS_TOKEN}` token: expected UMT5's vocabulary (`{EOS_TOKEN}` = 1)"
             ))
         })?;
+        if token_id(&json, UNK_TOKEN).is_none() {
+            return Err(config_error(format!(
+                "no `{UNK_TOKEN}` token: expected UMT5's vocabulary (`{UNK_TOKEN}` = 2)"
+            )));
+        }
         let charsmap = precompiled_charsmap(&json["normalizer"]);
         json["model"]["unk_id"] = json!(2);
         json["model"]["byte_fallback"] = json!(false);
@@ -188,6 +196,21 @@ impl Umt5Tokenizer {
 
     pub fn pad_id(&self) -> u32 {
         self.pad_id
+    }
+
+    /// The largest token id this tokenizer can produce (vocabulary pieces
+    /// and added tokens).
+    pub fn max_id(&self) -> u32 {
+        self.inner
+            .get_vocab(true)
+            .into_values()
+            .max()
+            .unwrap_or(self.eos_id.max(self.pad_id))
+    }
+
+    /// The `tokenizer.json` it was read from, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The pipeline's tokenizer call: each prompt through [`prompt_clean`],

@@ -570,13 +570,4 @@ impl Weights {
     pub fn tensor(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.set.upload(gpu, &self.key(name), shape, self.dtype)
     }
-
-    /// Uploads `prefix.name` if present (optional biases, affine norms).
-    pub fn optional(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        if self.contains(name) {
-            self.tensor(gpu, name, shape).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
 }

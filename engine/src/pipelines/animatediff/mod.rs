@@ -133,6 +133,12 @@ impl Family for AnimateDiff {
     fn load(gpu: &Gpu, source: &ModelSource) -> Result<Self> {
         let tokenizer = source.tokenizer()?;
         let te = source.text_encoder()?;
+        super::check_vocabulary(
+            tokenizer.vocab_path(),
+            tokenizer.max_id(),
+            &te.origin,
+            te.config.vocab_size,
+        )?;
         let text_encoder =
             ClipTextModel::new(gpu, &Weights::new(te.weights, gpu.precision()), te.config)?;
         let unet_part = source.unet()?;

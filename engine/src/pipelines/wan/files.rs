@@ -38,6 +38,12 @@ impl Wan {
     pub(super) fn from_files(gpu: &Gpu, files: &WanFiles) -> Result<Self> {
         let tokenizer = files.tokenizer()?;
         let te = files.text_encoder()?;
+        crate::pipelines::check_vocabulary(
+            tokenizer.path(),
+            tokenizer.max_id(),
+            Path::new(&files.text_encoder),
+            te.config.vocab_size,
+        )?;
         let bytes = std::fs::metadata(&files.text_encoder).map_or(0, |m| m.len());
         let residency = match bytes > STREAM_TEXT_ENCODER_ABOVE {
             true => BlockResidency::Streamed,

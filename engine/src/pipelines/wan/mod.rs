@@ -29,7 +29,7 @@ use super::{argument, load_boxed, Family, ModelDefaults, Registered, Request};
 use crate::error::{LoadError, Result};
 use crate::gpu::Gpu;
 use crate::models::source::ModelSource;
-use crate::models::umt5::{BlockResidency, UMT5EncoderModel};
+use crate::models::umt5::{BlockResidency, UMT5Config, UMT5EncoderModel};
 use crate::models::wan_transformer::WanTransformer3DModel;
 use crate::models::wan_vae::AutoencoderKLWan;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
@@ -350,6 +350,14 @@ impl Family for Wan {
         } else {
             BlockResidency::Resident
         };
+        let te_config_path = te_dir.join("config.json");
+        let te_config = UMT5Config::load(&te_config_path)?;
+        super::check_vocabulary(
+            tokenizer.path(),
+            tokenizer.max_id(),
+            &te_config_path,
+            te_config.vocab_size,
+        )?;
         let text_encoder = UMT5EncoderModel::from_dir(gpu, &te_dir, residency)?;
         // Without an identity (a file that cannot be read now), nothing is
         // cached rather than something keyed on less than the encoder.
