@@ -191,8 +191,7 @@ fn corrupt_files_are_refused_with_the_reason() {
         .unwrap();
     assert!(matches!(err, LoadError::UnsupportedDType { .. }));
     assert!(
-        err.to_string().contains("`q` has dtype I8")
-            && err.to_string().contains("F32, F16, BF16"),
+        err.to_string().contains("`q` has dtype I8") && err.to_string().contains("F32, F16, BF16"),
         "{err}"
     );
 
