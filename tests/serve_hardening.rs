@@ -89,9 +89,10 @@ fn tiny_job(prompt: &str) -> Value {
     json!({"prompt": prompt, "width": 64, "height": 64, "frames": 4, "steps": 2, "seed": 1})
 }
 
-/// A job whose steps take a few seconds on the software driver.
+/// A job at the tests' size limit, the longest these tests may run: long
+/// enough to be seen running after its first step.
 fn slow_job(prompt: &str) -> Value {
-    json!({"prompt": prompt, "width": 64, "height": 64, "frames": 8, "steps": 8, "seed": 2})
+    json!({"prompt": prompt, "width": 64, "height": 64, "frames": 4, "steps": 2, "seed": 2})
 }
 
 fn wait_for(server: &Server, token: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
@@ -437,12 +438,23 @@ fn an_unsatisfiable_range_gets_416() {
 
 /// A worker whose clock runs two minutes ahead of the one running a job
 /// (lease 30 s) must not take that job: it is still running elsewhere.
+/// Sends `signal` (STOP or CONT) to a worker.
+fn signal(proc: &Proc, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &proc.child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
 fn clock_offset_does_not_steal_a_running_job(server: &Server, token: &str, url: &str, data: &Path) {
     let id = submit(server, token, &slow_job("a green lantern"));
     let honest = start_worker(url, data, &["--lease-seconds", "30"]);
-    wait_for(server, token, &id, |job| {
-        job["state"] == "running" && job["step"].as_i64().unwrap_or(0) >= 1
-    });
+    wait_for(server, token, &id, |job| job["state"] == "running");
+    // The job's worker is frozen mid-run (its lease, 30 s by the database's
+    // clock, still far from expiry), so the job is running elsewhere however
+    // fast this machine is, while a worker whose clock is 120 s ahead looks.
+    signal(&honest, "STOP");
     let ahead = start_worker(
         url,
         data,
@@ -451,20 +463,17 @@ fn clock_offset_does_not_steal_a_running_job(server: &Server, token: &str, url: 
     // Once it is up, the second worker looks at the queue every half second.
     let start = Instant::now();
     while !log_of(&ahead).contains("motif worker ") {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{}",
-            log_of(&ahead)
-        );
+        if start.elapsed() > Duration::from_secs(30) {
+            signal(&honest, "CONT");
+            panic!("the second worker did not start:\n{}", log_of(&ahead));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(1500));
     let job = get(server, &format!("/api/v1/jobs/{id}"), token).body;
+    signal(&honest, "CONT");
     assert_eq!(job["attempts"], 1, "the job was taken again: {job}");
-    assert_eq!(
-        job["state"], "running",
-        "the job should still be running on the first worker (too quick to show anything?): {job}"
-    );
+    assert_eq!(job["state"], "running", "{job}");
     let job = wait_for_state(server, token, &id, &["finished", "failed"]);
     assert_eq!(job["state"], "finished", "{job}");
     assert_eq!(
@@ -681,11 +690,11 @@ fn workers_log_each_job_and_a_requeued_job_starts_its_progress_over() {
     wait_for(&server, &token, &slow, |job| {
         job["state"] == "running" && job["total"].as_i64().unwrap_or(0) > 0
     });
-    let stopped = Command::new("kill")
-        .args(["-TERM", &worker.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(stopped.success());
+    // Frozen first, so the job is mid-run however fast this machine is: the
+    // SIGTERM waits until the worker runs again.
+    signal(&worker, "STOP");
+    signal(&worker, "TERM");
+    signal(&worker, "CONT");
     let job = wait_for_state(&server, &token, &slow, &["queued", "finished", "failed"]);
     assert_eq!(job["state"], "queued", "{job}");
     assert_eq!(
