@@ -198,12 +198,18 @@ impl Umt5Tokenizer {
         self.pad_id
     }
 
-    /// The largest token id this tokenizer can produce (vocabulary pieces
-    /// and added tokens).
+    /// The largest token id of the vocabulary, T5's `<extra_id_N>`
+    /// sentinels left out: what must fit the text encoder's embedding table.
+    /// transformers appends 100 sentinels to a bare SentencePiece model
+    /// whether or not the table has rows for them (they are T5's
+    /// pre-training masks, not prompt text), and a prompt that spells one
+    /// past the table is refused when it is encoded.
     pub fn max_id(&self) -> u32 {
         self.inner
             .get_vocab(true)
-            .into_values()
+            .into_iter()
+            .filter(|(token, _)| !(token.starts_with("<extra_id_") && token.ends_with('>')))
+            .map(|(_, id)| id)
             .max()
             .unwrap_or(self.eos_id.max(self.pad_id))
     }
