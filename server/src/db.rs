@@ -257,23 +257,6 @@ impl Db {
         .transpose()
     }
 
-    pub async fn insert_job(&self, job: &NewJob<'_>) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO jobs (id, token_id, state, request, image, format, created_ms, attempts, \
-             cancel_requested, step, total) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, 0, 0)",
-        )
-        .bind(job.id)
-        .bind(job.token_id)
-        .bind(QUEUED)
-        .bind(job.request)
-        .bind(job.image)
-        .bind(job.format)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     pub async fn job(&self, id: &str) -> Result<Option<JobRow>> {
         let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
             .bind(id)

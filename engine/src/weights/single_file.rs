@@ -86,7 +86,7 @@ fn dim(keys: &KeyShapes, path: &Path, key: &str, axis: usize) -> Result<usize, L
 
 /// The distinct values of the numeric path segment right after `head`
 /// (`head` = "input_blocks." gives the block indices present).
-fn indices(keys: &KeyShapes, head: &str) -> Vec<usize> {
+pub(super) fn indices(keys: &KeyShapes, head: &str) -> Vec<usize> {
     let mut found: Vec<usize> = keys
         .keys()
         .filter_map(|k| k.strip_prefix(head))

@@ -21,7 +21,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use super::single_file::{Inferred, KeyShapes};
+use super::single_file::{indices, Inferred, KeyShapes};
 use crate::error::LoadError;
 
 /// Width of one attention head in every published Wan transformer.
@@ -124,18 +124,6 @@ fn dim(keys: &KeyShapes, path: &Path, key: &str, axis: usize) -> Result<usize, L
         expected: vec![0; axis + 1],
         found: s.to_vec(),
     })
-}
-
-/// The distinct numbers of the path segment right after `head`.
-fn indices(keys: &KeyShapes, head: &str) -> Vec<usize> {
-    let mut found: Vec<usize> = keys
-        .keys()
-        .filter_map(|k| k.strip_prefix(head))
-        .filter_map(|rest| rest.split('.').next()?.parse().ok())
-        .collect();
-    found.sort_unstable();
-    found.dedup();
-    found
 }
 
 /// `(block index, rest)` of `head` + "N." + rest.
