@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,26 +44,8 @@ impl Server {
 
     /// `motif admin create-user NAME [--admin]` with the password on stdin.
     fn create_user(&self, name: &str, password: &str, admin: bool) {
-        let mut args = vec!["admin", "create-user", name];
-        args.extend(self.store.iter().map(String::as_str));
-        if admin {
-            args.push("--admin");
-        }
-        let mut child = Command::new(MOTIF)
-            .args(&args)
-            .env_remove("MOTIF_DATABASE_URL")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "create-user: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let store: Vec<&str> = self.store.iter().map(String::as_str).collect();
+        common::create_user(&store, name, password, admin);
     }
 
     fn log_text(&self) -> String {

@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -341,35 +341,16 @@ fn postgres_a_discord_interaction_replayed_to_another_server_is_refused() {
 
 // ---- 9: an unsatisfiable Range gets 416 ----
 
-fn create_user(data: &Path, name: &str, password: &str) {
-    let mut child = Command::new(MOTIF)
-        .args([
-            "admin",
-            "create-user",
-            name,
-            "--data",
-            data.to_str().unwrap(),
-        ])
-        .env_remove("MOTIF_DATABASE_URL")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "create-user: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn an_unsatisfiable_range_gets_416() {
     let data = temp_dir("range");
     let server = Server::start(&data, &["--workers", "1"]);
-    create_user(&data, "ranger", "a long enough password");
+    common::create_user(
+        &["--data", data.to_str().unwrap()],
+        "ranger",
+        "a long enough password",
+        false,
+    );
     let token = create_token(&["--data", data.to_str().unwrap()], &["--user", "ranger"]);
     let id = submit(&server, &token, &tiny_job("a blue kite"));
     let job = wait_for_state(&server, &token, &id, &["finished", "failed"]);

@@ -1,5 +1,5 @@
 //! What the end-to-end tests share (`mod common;` in tests/serve.rs,
-//! tests/gallery.rs, tests/discord.rs, tests/wan.rs and tests/bundled.rs): temporary folders, free ports, the
+//! tests/gallery.rs, tests/discord.rs, tests/wan.rs, tests/bundled.rs and others): temporary folders, free ports, the
 //! `motif` processes under test and a PostgreSQL database of their own.
 
 // Each test file is its own crate and uses only some of these.
@@ -217,4 +217,31 @@ impl Drop for PgDatabase {
             ])
             .output();
     }
+}
+
+/// `motif admin create-user NAME STORE… [--admin]` with the password on
+/// stdin; `store` is `--data DIR` or `--database URL`.
+pub fn create_user(store: &[&str], name: &str, password: &str, admin: bool) {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut args = vec!["admin", "create-user", name];
+    args.extend_from_slice(store);
+    if admin {
+        args.push("--admin");
+    }
+    let mut child = Command::new(MOTIF)
+        .args(&args)
+        .env_remove("MOTIF_DATABASE_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "create-user: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
