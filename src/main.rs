@@ -1,6 +1,7 @@
 //! `motif`: the command-line front end. It parses arguments, shows progress
 //! and calls into the engine; no model or GPU logic lives here.
 
+mod bench_coop;
 mod bundled;
 mod catalog;
 mod discord;
@@ -84,6 +85,9 @@ enum Command {
         /// Check and time the tensor-core (cooperative-matrix) kernels (matmul, convolution, attention) against the CPU reference and the portable kernels.
         #[arg(long)]
         coop: bool,
+        /// With --coop: more matmul shapes to time on both kernels, `MxKxN` or `MxKxNt` (b transposed), comma-separated.
+        #[arg(long, value_delimiter = ',', env = "MOTIF_COOP_SHAPES")]
+        coop_shapes: Vec<String>,
     },
     /// Run a reference case set (motif-cases-v1) and report the error of every output.
     Conformance {
@@ -407,7 +411,7 @@ fn bench(cli: &Cli, ops: bool, iters: usize, all_precisions: bool) -> Result<()>
 /// `motif bench --coop`: one line per case of the tensor-core matmul check;
 /// false if a case failed. An adapter without cooperative matrices is no
 /// failure: it says so and passes.
-fn bench_coop(cli: &Cli) -> Result<bool> {
+fn bench_coop(cli: &Cli, shapes: &[String]) -> Result<bool> {
     let gpu = open_gpu(cli)?;
     println!("adapter: {}", gpu.adapter());
     let Some(config) = gpu.coop_matrix() else {
@@ -422,7 +426,7 @@ fn bench_coop(cli: &Cli) -> Result<bool> {
         config.subgroup_size,
         config.reported.join(", ")
     );
-    let cases = motif_engine::ops::matmul_coop::coop_check(&gpu)?;
+    let cases = bench_coop::coop_check(&gpu, shapes)?;
     println!(
         "{:<38} {:<40} {:>10} {:>10} {:>10} {:>5} {:>9} {:>8}  timer",
         "case", "shape", "max err", "tolerance", "vs tiled", "ok", "ms", "TFLOP/s"
@@ -554,9 +558,10 @@ fn main() {
             prompt,
             json,
             coop,
+            coop_shapes,
         } => {
             if *coop {
-                match bench_coop(&cli) {
+                match bench_coop(&cli, coop_shapes) {
                     Ok(true) => Ok(()),
                     // The report already said which case failed.
                     Ok(false) => std::process::exit(1),
