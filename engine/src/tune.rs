@@ -221,10 +221,13 @@ pub struct ClassReport {
     pub chosen: Option<Variant>,
 }
 
-/// A variant to try: how it computes the class's op on given inputs.
+/// How a variant computes the class's op on given inputs.
+pub type RunVariant<'a> = Box<dyn Fn(&Gpu, &Inputs) -> Result<Tensor> + 'a>;
+
+/// A variant to try.
 pub struct Candidate<'a> {
     pub variant: Variant,
-    pub run: Box<dyn Fn(&Gpu, &Inputs) -> Result<Tensor> + 'a>,
+    pub run: RunVariant<'a>,
 }
 
 /// The inputs of one trial shape, uploaded, with their stored values.
