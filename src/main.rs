@@ -1,6 +1,7 @@
 //! `motif`: the command-line front end. It parses arguments, shows progress
 //! and calls into the engine; no model or GPU logic lives here.
 
+mod bench_coop;
 mod bundled;
 mod catalog;
 mod discord;
@@ -59,8 +60,8 @@ enum Command {
         /// With --unet: walk the step through the allocator without running it and report its peak memory.
         #[arg(long)]
         plan: bool,
-        /// With --plan: Wan2.1-T2V-1.3B's whole generation (UMT5-XXL text encoding, one denoising step, the
-        /// decode) instead of the UNet, by phase; --size default 832x480x81.
+        /// Wan2.1-T2V-1.3B (random weights): with --plan its whole generation (UMT5-XXL text encoding, one denoising step, the
+        /// decode) instead of the UNet, by phase; alone, one denoising step timed (--json: as JSON); --size default 832x480x81.
         #[arg(long)]
         wan: bool,
         /// With --unet or --model: the workload as WIDTHxHEIGHTxFRAMES (--unet: default 512x512x16 on GPUs, 128x128x4 on CPU adapters and always 512x512x16 with --plan; --model: the model's own defaults).
@@ -84,6 +85,15 @@ enum Command {
         /// Check and time the tensor-core (cooperative-matrix) kernels (matmul, convolution, attention) against the CPU reference and the portable kernels.
         #[arg(long)]
         coop: bool,
+        /// Tune the kernels: try every variant of matmul, convolution and attention on the models' shape classes, check each against the CPU reference and the portable kernel, and write the fastest correct one per class to this adapter's tuning file (beside the pipeline cache; MOTIF_TUNING=off ignores it). --json: the trials as JSON.
+        #[arg(long)]
+        tune: bool,
+        /// With --wan (timed): only the first N of the transformer's 30 blocks (a quick check of the plumbing on a CPU adapter).
+        #[arg(long, value_name = "N")]
+        wan_layers: Option<usize>,
+        /// With --coop: more matmul shapes to time on both kernels, `MxKxN` or `MxKxNt` (b transposed), comma-separated.
+        #[arg(long, value_delimiter = ',', env = "MOTIF_COOP_SHAPES")]
+        coop_shapes: Vec<String>,
     },
     /// Run a reference case set (motif-cases-v1) and report the error of every output.
     Conformance {
@@ -223,6 +233,96 @@ fn info(cli: &Cli) -> Result<()> {
         "  workgroups per dimension: {}",
         limits.max_compute_workgroups_per_dimension
     );
+    Ok(())
+}
+
+/// `motif bench --tune`: the tuner over the models' shape classes; writes
+/// the adapter's tuning file and prints one line per trial (or JSON).
+fn bench_tune(cli: &Cli, iters: usize, json: bool) -> Result<()> {
+    use motif_engine::gpu::tuning;
+    let gpu = open_gpu(cli)?;
+    let dtype = gpu.precision();
+    let path = tuning::path_for(&gpu.adapter_info(), gpu.options().pipeline_cache.clone())
+        .context("no cache folder for the tuning file: set MOTIF_CACHE_DIR")?;
+    eprintln!(
+        "adapter: {} ({dtype}); tuning file {}",
+        gpu.adapter(),
+        path.display()
+    );
+    let shapes = motif_engine::tune::model_classes(&gpu);
+    let (reports, tuning) = motif_engine::tune::tune(&gpu, &shapes, dtype, iters, &mut |r| {
+        eprintln!("{} {} ({}):", r.op, r.class, r.shape);
+        for t in &r.trials {
+            let verdict = match (&t.error, t.correct) {
+                (Some(e), _) => format!("failed: {e}"),
+                (None, true) => "ok".to_string(),
+                (None, false) => "WRONG".to_string(),
+            };
+            eprintln!(
+                "  {:<28} {:>10.3} ms {:>8.2} TFLOP/s  err {:.2e}/{:.2e} vs portable {:.2e}/{:.2e}  {verdict}",
+                t.variant.describe(),
+                t.ms,
+                t.tflops,
+                t.small_error,
+                t.small_tolerance,
+                t.large_error,
+                t.large_tolerance
+            );
+        }
+        match &r.chosen {
+            Some(v) => eprintln!("  chosen: {}", v.describe()),
+            None => eprintln!("  chosen: none (no variant computed right): defaults stay"),
+        }
+    })
+    .context("tuning")?;
+    tuning.save(&path).context("writing the tuning file")?;
+    eprintln!("wrote {}", path.display());
+    if json {
+        println!("{}", serde_json::to_string(&reports)?);
+    }
+    Ok(())
+}
+
+/// `motif bench --wan`: one Wan2.1-1.3B denoising step with random weights,
+/// timed (JSON with `--json`: `step_s` and the slowest kernels).
+fn bench_wan(
+    cli: &Cli,
+    size: Option<(usize, usize, usize)>,
+    iters: usize,
+    json: bool,
+    layers: Option<usize>,
+) -> Result<()> {
+    let gpu = open_gpu(cli)?;
+    let (width, height, frames) = size.unwrap_or((832, 480, 81));
+    eprintln!(
+        "adapter: {}; Wan2.1-T2V-1.3B step at {width}x{height}x{frames} in {}, random weights",
+        gpu.adapter(),
+        gpu.precision()
+    );
+    let (seconds, kernels) =
+        motif_engine::bench::bench_wan_step(&gpu, width, height, frames, iters, layers)
+            .context("benchmarking the Wan step")?;
+    if json {
+        let kernels: Vec<_> = kernels
+            .iter()
+            .take(12)
+            .map(|k| serde_json::json!({"kernel": k.kernel, "s": k.seconds, "dispatches": k.dispatches}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"step_s": seconds, "size": [width, height, frames], "kernels": kernels})
+        );
+    } else {
+        println!("step (two transformer passes): {:.3} s", seconds);
+        for k in kernels.iter().take(12) {
+            println!(
+                "  {:<28} {:>9.3} ms  {:>6} dispatches",
+                k.kernel,
+                k.seconds * 1e3,
+                k.dispatches
+            );
+        }
+    }
     Ok(())
 }
 
@@ -407,7 +507,7 @@ fn bench(cli: &Cli, ops: bool, iters: usize, all_precisions: bool) -> Result<()>
 /// `motif bench --coop`: one line per case of the tensor-core matmul check;
 /// false if a case failed. An adapter without cooperative matrices is no
 /// failure: it says so and passes.
-fn bench_coop(cli: &Cli) -> Result<bool> {
+fn bench_coop(cli: &Cli, shapes: &[String]) -> Result<bool> {
     let gpu = open_gpu(cli)?;
     println!("adapter: {}", gpu.adapter());
     let Some(config) = gpu.coop_matrix() else {
@@ -422,7 +522,7 @@ fn bench_coop(cli: &Cli) -> Result<bool> {
         config.subgroup_size,
         config.reported.join(", ")
     );
-    let cases = motif_engine::ops::matmul_coop::coop_check(&gpu)?;
+    let cases = bench_coop::coop_check(&gpu, shapes)?;
     println!(
         "{:<38} {:<40} {:>10} {:>10} {:>10} {:>5} {:>9} {:>8}  timer",
         "case", "shape", "max err", "tolerance", "vs tiled", "ok", "ms", "TFLOP/s"
@@ -554,9 +654,14 @@ fn main() {
             prompt,
             json,
             coop,
+            coop_shapes,
+            tune,
+            wan_layers,
         } => {
-            if *coop {
-                match bench_coop(&cli) {
+            if *tune {
+                bench_tune(&cli, *iters, *json)
+            } else if *coop {
+                match bench_coop(&cli, coop_shapes) {
                     Ok(true) => Ok(()),
                     // The report already said which case failed.
                     Ok(false) => std::process::exit(1),
@@ -568,7 +673,7 @@ fn main() {
                 if *plan {
                     plan_wan(&cli, *size)
                 } else {
-                    Err(anyhow::anyhow!("--wan goes with --plan"))
+                    bench_wan(&cli, *size, *iters, *json, *wan_layers)
                 }
             } else if *plan && !*unet {
                 Err(anyhow::anyhow!("--plan goes with --unet or --wan"))

@@ -628,3 +628,78 @@ pub fn plan_wan(gpu: &Gpu, width: usize, height: usize, frames: usize) -> Result
         decoding_peak,
     })
 }
+
+/// Times one Wan2.1-1.3B denoising step (two transformer passes: prompt and
+/// negative prompt, as guidance runs them) at `width` x `height` x `frames`
+/// with random weights (`motif bench --wan`); the PyTorch side is
+/// tools/bench/torch_side.py --wan-step. Returns seconds per step (wall
+/// clock around a synchronize: the step is thousands of dispatches) and
+/// the slowest kernels from the GPU timer where the adapter has one.
+/// `layers`: only the first blocks of the 30 (a dry run on a CPU adapter).
+pub fn bench_wan_step(
+    gpu: &Gpu,
+    width: usize,
+    height: usize,
+    frames: usize,
+    iters: usize,
+    layers: Option<usize>,
+) -> Result<(f64, Vec<crate::gpu::GpuKernelTime>)> {
+    use crate::models::umt5::BlockResidency;
+    use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
+    use crate::weights::{WeightSet, Weights};
+    use std::sync::Arc;
+
+    if !width.is_multiple_of(16)
+        || !height.is_multiple_of(16)
+        || frames == 0
+        || !(frames - 1).is_multiple_of(4)
+    {
+        return Err(EngineError::Argument {
+            op: "bench_wan_step",
+            message: format!(
+                "{width}x{height}x{frames}: Wan takes sizes that are multiples of 16 and 1 + 4k frames"
+            ),
+        });
+    }
+    let mut config: WanTransformerConfig =
+        serde_json::from_str(WAN21_1_3B_TRANSFORMER).map_err(|e| EngineError::Argument {
+            op: "bench_wan_step",
+            message: e.to_string(),
+        })?;
+    if let Some(layers) = layers {
+        if layers == 0 || layers > config.num_layers {
+            return Err(EngineError::Argument {
+                op: "bench_wan_step",
+                message: format!("layers: expected 1..={}, found {layers}", config.num_layers),
+            });
+        }
+        config.num_layers = layers;
+    }
+    let w = Weights::new(Arc::new(WeightSet::synthetic()), gpu.precision());
+    let transformer =
+        WanTransformer3DModel::new(gpu, &w, config.clone(), BlockResidency::Resident)?;
+    let dtype = gpu.precision();
+    let (f, h, wd) = ((frames - 1) / 4 + 1, height / 8, width / 8);
+    let latents = Tensor::zeros(gpu, &[1, 16, f, h, wd], dtype)?;
+    let context = Tensor::zeros(gpu, &[1, 512, config.text_dim], dtype)?;
+    let step = || -> Result<()> {
+        for _ in 0..2 {
+            drop(transformer.forward(gpu, &latents, &[999.0], &context)?);
+        }
+        Ok(())
+    };
+    step()?;
+    gpu.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..iters.max(1) {
+        step()?;
+    }
+    gpu.synchronize()?;
+    let seconds = start.elapsed().as_secs_f64() / iters.max(1) as f64;
+    let mut kernels = Vec::new();
+    if gpu.start_timer() {
+        step()?;
+        kernels = gpu.stop_timer_by_kernel()?.unwrap_or_default();
+    }
+    Ok((seconds, kernels))
+}

@@ -107,6 +107,26 @@ pub enum EngineError {
     #[error("precision f16 needs the SHADER_F16 feature, which adapter `{adapter}` lacks; use --precision f32")]
     F16Unsupported { adapter: String },
 
+    /// A kernel asked for by name that cannot run here (ops/route.rs).
+    #[error(
+        "{op}: the {kernel} kernel needs {needs}; adapter `{adapter}` with {found} does not have it"
+    )]
+    KernelUnavailable {
+        op: &'static str,
+        kernel: &'static str,
+        needs: String,
+        adapter: String,
+        found: String,
+    },
+
+    /// The per-adapter tuning file (`motif bench --tune`) cannot be used.
+    #[error(
+        "tuning file {}: {reason} (run `motif bench --tune` again, delete the file, or set \
+         MOTIF_TUNING=off)",
+        path.display()
+    )]
+    BadTuningFile { path: PathBuf, reason: String },
+
     #[error("GPU out of memory: {0}")]
     OutOfMemory(String),
 

@@ -15,6 +15,7 @@ pub mod prompt;
 pub mod schedulers;
 pub mod tensor;
 pub mod text;
+pub mod tune;
 pub mod weights;
 
 pub use error::{EngineError, Result};

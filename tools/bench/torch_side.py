@@ -127,6 +127,65 @@ def matmul(device, n=4096, iters=20):
           f"{s * 1e3:.3f} ms, {2 * n**3 / s / 1e12:.1f} TFLOP/s")
 
 
+def attention(device, iters=10):
+    """SDPA at the two attention shapes `motif bench --tune` times: SD's 4,096
+    tokens of 8 heads x 40, and Wan2.1-1.3B's 32,760 tokens (832x480x81) of 12
+    heads x 128. Prints {"4096": ms, "32760": ms} as JSON."""
+    import torch.nn.functional as F
+    dev = torch.device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    out = {}
+    for tokens, heads, d in [(4096, 8, 40), (32760, 12, 128)]:
+        if dev.type != "cuda" and tokens > 4096:
+            continue
+        q, k, v = (torch.randn(1, heads, tokens, d, device=dev, dtype=dtype) for _ in range(3))
+        with torch.inference_mode():
+            F.scaled_dot_product_attention(q, k, v)
+            sync()
+            t = time.perf_counter()
+            for _ in range(iters):
+                F.scaled_dot_product_attention(q, k, v)
+            sync()
+        out[str(tokens)] = (time.perf_counter() - t) / iters * 1e3
+    print(json.dumps(out))
+
+
+# Wan2.1-T2V-1.3B's transformer config (engine/src/bench.rs's WAN21_1_3B_TRANSFORMER).
+WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def wan_step(device, size, iters=1):
+    """One Wan2.1-1.3B denoising step with random weights (two transformer
+    passes: prompt and negative prompt), as `motif bench --wan` times it.
+    Prints {"step_s": seconds} as JSON."""
+    from diffusers import WanTransformer3DModel
+    dev = torch.device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    width, height, frames = size
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**WAN21_1_3B).to(dev, dtype).eval()
+    latents = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device=dev, dtype=dtype)
+    context = torch.randn(1, 512, 4096, device=dev, dtype=dtype)
+    t = torch.tensor([999], device=dev)
+
+    def step():
+        for _ in range(2):
+            model(latents, t, context, return_dict=False)
+
+    with torch.inference_mode():
+        step()
+        sync()
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        sync()
+    print(json.dumps({"step_s": (time.perf_counter() - start) / iters, "size": [width, height, frames]}))
+
+
 def parse_size(s):
     w, h, f = (int(x) for x in s.lower().split("x"))
     return w, h, f
@@ -151,7 +210,15 @@ def main():
     ap.add_argument("--iters", type=int, default=2, help="repetitions of each part after a warm-up")
     ap.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     ap.add_argument("--matmul", action="store_true", help="time a 4096x4096x4096 product (fp16 on CUDA, fp32 on the CPU) and exit")
+    ap.add_argument("--attention", action="store_true", help="time SDPA at 4,096 and 32,760 tokens (JSON) and exit")
+    ap.add_argument("--wan-step", action="store_true", help="time one Wan2.1-1.3B step, random weights, at --size (default 832x480x81; JSON) and exit")
     args = ap.parse_args()
+    if args.attention:
+        attention(args.device)
+        return
+    if args.wan_step:
+        wan_step(args.device, args.size or (832, 480, 81), max(1, args.iters))
+        return
     if args.matmul:
         matmul(args.device)
         return

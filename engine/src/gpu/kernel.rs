@@ -45,8 +45,10 @@ pub(crate) struct UniformArenas {
 
 #[derive(Default)]
 pub(crate) struct KernelCache {
-    pub(super) modules: Mutex<HashMap<(&'static str, DType), wgpu::ShaderModule>>,
+    pub(super) modules: Mutex<HashMap<(&'static str, Option<DType>), wgpu::ShaderModule>>,
     pub(super) pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// Variants that failed to compile, with the error (see `Gpu::compile`).
+    pub(super) failed: Mutex<HashMap<String, String>>,
     pub(crate) disk: Option<DiskCache>,
 }
 
@@ -180,7 +182,24 @@ impl Gpu {
                 adapter: self.adapter().name.clone(),
             });
         }
-        let key = format!("{}:{}:{:?}:{:?}", k.op, k.entry, k.dtype, k.constants);
+        self.compile(k.op, k.source, k.entry, Some(k.dtype), &k.constants)
+    }
+
+    /// The pipeline of one variant, compiled once through the one cache (in
+    /// memory and on disk). `dtype` picks the prelude of `st` aliases; None:
+    /// the source is taken as it is, for shaders whose own `enable`
+    /// directives must come before any declaration (the cooperative-matrix
+    /// kernels, ops/coop.rs). A variant that fails to compile is remembered
+    /// with its error, so that routing asks once and falls back from then on.
+    pub(crate) fn compile(
+        &self,
+        op: &'static str,
+        source: &'static str,
+        entry: &'static str,
+        dtype: Option<DType>,
+        constants: &[(&'static str, f64)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = format!("{op}:{entry}:{dtype:?}:{constants:?}");
         if let Some(p) = self
             .kernels
             .pipelines
@@ -190,15 +209,27 @@ impl Gpu {
         {
             return Ok(p.clone());
         }
+        if let Some(e) = self
+            .kernels
+            .failed
+            .lock()
+            .expect("pipeline lock poisoned")
+            .get(&key)
+        {
+            return Err(EngineError::Device(e.clone()));
+        }
         let module = {
             let mut modules = self.kernels.modules.lock().expect("module lock poisoned");
             modules
-                .entry((k.op, k.dtype))
+                .entry((op, dtype))
                 .or_insert_with(|| {
-                    let source = format!("{}{}", prelude(k.dtype), k.source);
+                    let source = match dtype {
+                        Some(dtype) => format!("{}{}", prelude(dtype), source),
+                        None => source.to_string(),
+                    };
                     self.device
                         .create_shader_module(wgpu::ShaderModuleDescriptor {
-                            label: Some(k.op),
+                            label: Some(op),
                             source: wgpu::ShaderSource::Wgsl(source.into()),
                         })
                 })
@@ -211,9 +242,9 @@ impl Gpu {
                 label: Some(&key),
                 layout: None,
                 module: &module,
-                entry_point: Some(k.entry),
+                entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &k.constants,
+                    constants,
                     zero_initialize_workgroup_memory: false,
                 },
                 cache: self.kernels.disk.as_ref().map(|d| &d.cache),
@@ -222,8 +253,16 @@ impl Gpu {
             d.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         if let Some(e) = pollster::block_on(scope.pop()) {
-            // Only a bug in a shader or its op file gets here.
-            return Err(EngineError::Device(format!("compiling kernel {key}: {e}")));
+            // A portable kernel only gets here through a bug in a shader or
+            // its op file; a cooperative-matrix one also where the driver's
+            // experimental support falls short.
+            let message = format!("compiling kernel {key}: {e}");
+            self.kernels
+                .failed
+                .lock()
+                .expect("pipeline lock poisoned")
+                .insert(key, message.clone());
+            return Err(EngineError::Device(message));
         }
         let pipeline = Arc::new(pipeline);
         self.kernels
@@ -323,8 +362,8 @@ impl Gpu {
     /// Records a checked dispatch of a compiled pipeline: `params` at binding
     /// 0 from the uniform arena, `bindings` at their slots, a compute pass of
     /// its own (timed as `kernel` while a GPU timer runs). For the kernels of
-    /// the prelude ([`dispatch`](Self::dispatch)) and those that build their
-    /// own pipelines (ops/matmul_coop.rs).
+    /// the prelude ([`dispatch`](Self::dispatch)) and the cooperative-matrix
+    /// ones, whose source carries its own directives (ops/coop.rs).
     pub(crate) fn record_dispatch(
         &self,
         pipeline: &wgpu::ComputePipeline,

@@ -9,6 +9,7 @@
 mod adapter;
 mod kernel;
 mod pool;
+pub mod tuning;
 
 use std::sync::{Arc, Mutex};
 
@@ -90,12 +91,45 @@ pub struct GpuOptions {
     /// The folder for the compiled-pipeline cache; None: `MOTIF_CACHE_DIR`,
     /// else the user's cache folder + `motif` (see `DiskCache`).
     pub pipeline_cache: Option<std::path::PathBuf>,
+    /// Leaves the tensor cores (cooperative matrices) off even where the
+    /// adapter has them (`MOTIF_NO_COOP=1`).
+    pub no_coop: bool,
+    /// Stages every tile of the cooperative-matrix matmul through the
+    /// bounds-checked path, to compare with the fast one
+    /// (`MOTIF_COOP_STAGING=checked`).
+    pub coop_checked_staging: bool,
+    /// Routes attention to the tensor-core kernel by default, not only when
+    /// asked for by name (`MOTIF_COOP_ATTENTION=1`): to measure it.
+    pub coop_attention: bool,
+    /// Ignores the tuning file (`motif bench --tune`) and routes every op
+    /// by the built-in defaults (`MOTIF_TUNING=off`).
+    pub no_tuning: bool,
+}
+
+/// Whether an on/off switch in the environment is on: set, not empty, not `0`.
+fn env_on(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 impl GpuOptions {
-    /// Fills unset fields from `MOTIF_ADAPTER`, `MOTIF_PRECISION` and
-    /// `MOTIF_MAX_BINDING_BYTES`.
+    /// Fills unset fields from `MOTIF_ADAPTER`, `MOTIF_PRECISION`,
+    /// `MOTIF_MAX_BINDING_BYTES`, `MOTIF_POISON_POOL` and the kernel switches
+    /// (`MOTIF_NO_COOP`, `MOTIF_COOP_STAGING`, `MOTIF_COOP_ATTENTION`,
+    /// `MOTIF_TUNING`): the one place the engine reads them.
     pub fn with_env(mut self) -> Result<Self> {
+        self.no_coop |= env_on("MOTIF_NO_COOP");
+        self.coop_attention |= std::env::var("MOTIF_COOP_ATTENTION").is_ok_and(|v| v == "1");
+        self.no_tuning |= std::env::var("MOTIF_TUNING").is_ok_and(|v| v == "off");
+        match std::env::var("MOTIF_COOP_STAGING").as_deref() {
+            Ok("checked") => self.coop_checked_staging = true,
+            Ok("fast") | Ok("") | Err(_) => {}
+            Ok(other) => {
+                return Err(EngineError::Argument {
+                    op: "MOTIF_COOP_STAGING",
+                    message: format!("expected `checked` or `fast`, found `{other}`"),
+                })
+            }
+        }
         match std::env::var("MOTIF_POISON_POOL").as_deref() {
             Ok("nan") => self.poison = Some(0xFF),
             Ok("finite") => self.poison = Some(0x40),
@@ -244,14 +278,12 @@ pub struct Gpu {
     plan: bool,
     pub(crate) poison: Option<u8>,
     coop: Option<CoopConfig>,
-    /// Pipelines of shaders that need `enable` directives the kernel prelude
-    /// cannot place (the cooperative-matrix matmul), by variant key; or why
-    /// the variant failed to compile (so that matmul falls back, once).
-    pub(crate) coop_pipelines: Mutex<CoopPipelines>,
+    /// The options it was opened with, environment switches read in.
+    options: GpuOptions,
+    /// The per-adapter tuning file's choices (`motif bench --tune`); empty
+    /// where there is none. Replaced only by the tuner, between its trials.
+    tuning: std::sync::RwLock<tuning::Tuning>,
 }
-
-pub(crate) type CoopPipelines =
-    std::collections::HashMap<String, std::result::Result<Arc<wgpu::ComputePipeline>, String>>;
 
 /// The cooperative-matrix (tensor core) configuration Motif uses: f16
 /// operands, f32 accumulators, 16 x 16 x 16 tiles, one subgroup of a fixed
@@ -265,12 +297,16 @@ pub struct CoopConfig {
 }
 
 /// The cooperative-matrix configuration to use on `adapter`, or `None`
-/// when it has none that Motif's kernel can run (or `MOTIF_NO_COOP=1`).
+/// when it has none that Motif's kernel can run (or `no_coop`).
 /// The kernel needs f16 x f16 -> f32 in 16 x 16 x 16 tiles, and a fixed
 /// subgroup size so that a workgroup splits into a known number of
 /// subgroups.
-fn coop_config(adapter: &wgpu::Adapter, features: wgpu::Features) -> Option<CoopConfig> {
-    if std::env::var("MOTIF_NO_COOP").is_ok_and(|v| !v.is_empty() && v != "0") {
+fn coop_config(
+    adapter: &wgpu::Adapter,
+    features: wgpu::Features,
+    no_coop: bool,
+) -> Option<CoopConfig> {
+    if no_coop {
         return None;
     }
     if !adapter
@@ -345,7 +381,7 @@ impl Gpu {
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let mut features = chosen.features() & wanted;
-        let coop = coop_config(&chosen, features);
+        let coop = coop_config(&chosen, features, options.no_coop);
         if coop.is_some() {
             features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
@@ -373,7 +409,7 @@ impl Gpu {
                 required_limits: limits.clone(),
                 experimental_features: if experimental {
                     // SAFETY (wgpu's contract for experimental features): they
-                    // are only used by the one kernel of shaders/matmul_coop.wgsl,
+                    // are only used by the cooperative-matrix kernels (ops/coop.rs),
                     // and MOTIF_NO_COOP=1 leaves them off.
                     unsafe { wgpu::ExperimentalFeatures::enabled() }
                 } else {
@@ -453,6 +489,11 @@ impl Gpu {
             ),
             ..Default::default()
         };
+        let tuning = if options.no_tuning {
+            tuning::Tuning::default()
+        } else {
+            tuning::Tuning::load_for(&chosen.get_info(), options.pipeline_cache.clone())?
+        };
         Ok(Gpu {
             instance,
             device,
@@ -472,7 +513,8 @@ impl Gpu {
             plan: options.plan,
             poison: options.poison,
             coop,
-            coop_pipelines: Default::default(),
+            tuning: std::sync::RwLock::new(tuning),
+            options,
         })
     }
 
@@ -509,6 +551,30 @@ impl Gpu {
     /// with, if the adapter has one (see `ops::matmul_coop`).
     pub fn coop_matrix(&self) -> Option<&CoopConfig> {
         self.coop.as_ref()
+    }
+
+    /// The options this context was opened with, environment switches read
+    /// in ([`GpuOptions::with_env`]).
+    pub fn options(&self) -> &GpuOptions {
+        &self.options
+    }
+
+    /// The kernel choices routing follows (ops/route.rs): the tuning file
+    /// read when the GPU opened, or what [`set_tuning`](Self::set_tuning) put.
+    pub fn tuning(&self) -> tuning::Tuning {
+        self.tuning.read().expect("tuning lock poisoned").clone()
+    }
+
+    /// Routes by `tuning` from now on (the tuner, trying each variant
+    /// through the same routing the models take).
+    pub fn set_tuning(&self, tuning: tuning::Tuning) {
+        *self.tuning.write().expect("tuning lock poisoned") = tuning;
+    }
+
+    /// The tuned variant of `op` for `class`, if any.
+    pub(crate) fn tuned(&self, op: &str, class: &str) -> Option<tuning::Variant> {
+        let tuning = self.tuning.read().expect("tuning lock poisoned");
+        tuning.choice(op, class).cloned()
     }
 
     pub fn has_f16(&self) -> bool {

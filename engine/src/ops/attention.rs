@@ -14,11 +14,57 @@ use std::sync::{Mutex, OnceLock};
 
 use bytemuck::{Pod, Zeroable};
 
+use super::coop::{self, CoopKernel, CoopNeeds};
 use super::norm::CPU_LOOP_BUDGET;
-use super::{check_dtypes, check_rank, matmul_coop, params_bytes, windows};
+use super::route::{self, Route};
+use super::{check_dtypes, check_rank, params_bytes, windows};
 use crate::error::{EngineError, Result};
+use crate::gpu::tuning::KernelName;
 use crate::gpu::{Gpu, Kernel};
 use crate::tensor::{fmt_shape, DType, Tensor};
+
+/// The tensor-core attention (`shaders/attention_coop.wgsl`), public for the
+/// shader validation test.
+#[doc(hidden)]
+pub const COOP_SOURCE: &str = include_str!("../../../shaders/attention_coop.wgsl");
+/// The largest head dim the tensor-core attention holds (its staged tiles).
+pub(crate) const COOP_MAX_HEAD_DIM: usize = 80;
+/// Queries of one tensor-core attention workgroup.
+pub(crate) const COOP_QUERIES: usize = 64;
+/// 4 subgroups of 32 over 64 queries; staging of q, k, v and P in halves,
+/// scores and the softmax state in floats (see the shader).
+const COOP_NEEDS: CoopNeeds = CoopNeeds {
+    invocations: 128,
+    workgroup_bytes: 2 * (5632 + 2 * 2816 + 2560) + 4 * (2304 + 128 + 256),
+    subgroup: 32,
+};
+
+/// The override constants of the tensor-core attention for `head_dim`
+/// (public for the validation test).
+#[doc(hidden)]
+pub fn coop_constants(head_dim: usize) -> Vec<(&'static str, f64)> {
+    vec![("HEAD_DIM", head_dim as f64)]
+}
+
+/// Whether `gpu` runs the tensor-core attention on `dtype` at `head_dim`
+/// (for tests and `motif bench --coop`).
+#[doc(hidden)]
+pub fn coop_supported(gpu: &Gpu, dtype: DType, head_dim: usize) -> bool {
+    coop_kernel(head_dim).is_some_and(|k| coop::supported(gpu, dtype, &k.needs))
+}
+
+/// The tensor-core attention for `head_dim`, where it holds that head dim.
+fn coop_kernel(head_dim: usize) -> Option<CoopKernel> {
+    (head_dim <= COOP_MAX_HEAD_DIM).then(|| CoopKernel {
+        op: "attention",
+        family: "attention_coop",
+        label: "attention_coop",
+        source: COOP_SOURCE,
+        entry: "attention_coop",
+        constants: coop_constants(head_dim),
+        needs: COOP_NEEDS,
+    })
+}
 
 const SOURCE: &str = include_str!("../../../shaders/attention.wgsl");
 /// A template, expanded per head dim and slot layout by [`subgroup_kernel`].
@@ -41,7 +87,7 @@ pub enum AttentionKernel {
     Subgroup,
     /// Tensor cores through cooperative matrices, 64 queries per workgroup
     /// (`shaders/attention_coop.wgsl`): f16, head dims up to 80, adapters
-    /// with the cooperative matrices ops/matmul_coop.rs uses. Only when
+    /// with the cooperative matrices ops/coop.rs checks for. Only when
     /// asked for (or with MOTIF_COOP_ATTENTION=1): on an H100 it is slower
     /// than `Tiled` at SD's 4096 tokens of head dim 40.
     Coop,
@@ -382,39 +428,42 @@ pub fn attention(
         });
     }
 
-    // The tensor-core kernel only when asked for: it is right (`motif bench
-    // --coop`) but on an H100 slower than the portable kernel at SD's 4096
-    // tokens of head dim 40 and on the whole UNet (docs/PERFORMANCE.md).
-    let coop = match opts.kernel {
-        // MOTIF_COOP_ATTENTION=1: by default too, to measure it.
-        None => {
-            std::env::var("MOTIF_COOP_ATTENTION").is_ok_and(|v| v == "1")
-                && matmul_coop::attention_available(gpu, dtype, head_dim)
-                && matmul_coop::routes_attention(gpu, head_dim)
-        }
-        Some(AttentionKernel::Coop) => {
-            if !matmul_coop::attention_available(gpu, dtype, head_dim) {
-                return Err(EngineError::Argument {
-                    op,
-                    message: format!(
-                        "the cooperative-matrix attention needs f16, head dims up to {} \
-                         (found {head_dim}) and an adapter with f16 x f16 -> f32 16x16x16 \
-                         cooperative matrices (adapter {}, {dtype})",
-                        matmul_coop::ATTENTION_MAX_HEAD_DIM,
-                        gpu.adapter().name
-                    ),
-                });
-            }
-            true
-        }
-        _ => false,
+    // The tensor-core kernel only when asked for or tuned: it is right
+    // (`motif bench --coop`) but on an H100 slower than the portable kernel
+    // at SD's 4096 tokens of head dim 40 and on the whole UNet
+    // (docs/PERFORMANCE.md). `coop_attention` (MOTIF_COOP_ATTENTION=1): by
+    // default too, to measure it.
+    let request = route::Request {
+        op,
+        class: route::attention_class(dtype, head_dim, lq, lk, opts.causal),
+        dtype,
+        asked: opts.kernel.map(|k| match k {
+            AttentionKernel::Tiled => KernelName::Tiled,
+            AttentionKernel::Subgroup => KernelName::Subgroup,
+            AttentionKernel::Coop => KernelName::Coop,
+        }),
+        coop: coop_kernel(head_dim),
+        coop_missing: Some(format!(
+            "head dims up to {COOP_MAX_HEAD_DIM} (found {head_dim})"
+        )),
+        coop_by_default: gpu.options().coop_attention,
+    };
+    let (coop, portable) = match route::route(gpu, request)? {
+        Route::Coop(k) => (Some(k), None),
+        Route::Portable(Some(KernelName::Tiled)) => (None, Some(AttentionKernel::Tiled)),
+        Route::Portable(Some(KernelName::Subgroup)) => (None, Some(AttentionKernel::Subgroup)),
+        Route::Portable(_) => (None, None),
     };
     // The portable kernels' launch; the tensor-core kernel takes every key
     // in one pass.
-    let launch = if coop {
+    let launch = if coop.is_some() {
         None
     } else {
-        let variant = match opts.kernel.or_else(|| choose_kernel(gpu, dtype)) {
+        // A tuned kernel that does not run here (another dtype's choice
+        // cannot be, but a class spans both): the adapter's default.
+        let tuned =
+            portable.filter(|k| opts.kernel.is_some() || available_kernels(gpu, dtype).contains(k));
+        let variant = match tuned.or_else(|| choose_kernel(gpu, dtype)) {
             Some(v) if available_kernels(gpu, dtype).contains(&v) => v,
             other => {
                 return Err(EngineError::Argument {
@@ -489,19 +538,13 @@ pub fn attention(
                 _pad: [0; 4],
             };
             let Some(launch) = &launch else {
-                matmul_coop::dispatch(
+                let coop = coop.as_ref().expect("no launch only for the tensor cores");
+                coop::dispatch(
                     gpu,
-                    matmul_coop::Variant::Attention {
-                        head_dim: head_dim as u32,
-                    },
-                    super::Activation::None,
+                    coop,
                     params_bytes(&p),
                     &[(1, qb), (2, kb), (3, vb), (4, ob)],
-                    [
-                        lq.div_ceil(matmul_coop::ATTENTION_QUERIES) as u32,
-                        heads as u32,
-                        items as u32,
-                    ],
+                    [lq.div_ceil(COOP_QUERIES) as u32, heads as u32, items as u32],
                 )?;
                 continue;
             };

@@ -11,18 +11,63 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
+use super::coop::{self, CoopKernel};
+use super::matmul::{self as mm, CoopProduct};
 use super::matmul::{
     check_residual, gemm_packed, packed_row_words, packed_supported, values_per_word, Epilogue,
     Packed, PackedProduct, BLOCK_WORDS,
 };
-use super::matmul_coop::{self, ConvParams, Variant};
+use super::route::{self, Route};
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
+use crate::gpu::tuning::KernelName;
 use crate::gpu::{Binding, Gpu, Kernel};
 use crate::tensor::{fmt_shape, Tensor};
 
 const SOURCE: &str = include_str!("../../../shaders/conv2d.wgsl");
 const MAX_GROUPS: usize = 65535;
+
+/// The parameter block of a convolution's dispatch: the shader's Params,
+/// which is matmul.wgsl's layout with the convolution's geometry in the
+/// fields only gemm_packed reads (see ops/matmul.rs's `COOP_SOURCE`). The product is `a` = the weight window
+/// `[channels, depth * kh * kw]` times the implicit `b` of the input window
+/// (`n` = output pixels of `rows` whole rows starting at `oy0`).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub(crate) struct ConvParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub batch: u32,
+    pub a_off: u32,
+    pub b_off: u32,
+    pub bias_off: u32,
+    pub out_off: u32,
+    pub a_bstride: u32,
+    pub b_bstride: u32,
+    pub o_bstride: u32,
+    pub lda: u32,
+    pub ldb: u32,
+    pub ldo: u32,
+    pub alpha: f32,
+    pub has_bias: u32,
+    pub accumulate: u32,
+    pub finish: u32,
+    pub h: u32,
+    pub w: u32,
+    pub taps: u32,
+    pub kw: u32,
+    pub stride: u32,
+    pub pad_l: u32,
+    pub pad_t: u32,
+    pub wo: u32,
+    pub oy0: u32,
+    pub res_off: u32,
+    pub has_residual: u32,
+    pub scale: f32,
+    pub residual_scale: f32,
+    pub _pad0: u32,
+}
 
 /// Options of [`conv2d`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +112,7 @@ pub enum Conv2dKernel {
     /// Input taps and weights packed into uniform-buffer blocks, multiplied
     /// by matmul's packed kernel (CPU adapters).
     Packed,
-    /// Tensor cores: matmul_coop's kernel as an implicit product, in the
+    /// Tensor cores: matmul's coop kernel as an implicit product, in the
     /// tiled kernel's windows (f16 on adapters with cooperative matrices).
     Coop,
 }
@@ -355,29 +400,32 @@ pub fn conv2d_residual_with_kernel(
     if out.numel() == 0 {
         return Ok(out);
     }
-    // Tensor cores first, where the adapter has cooperative matrices and the
-    // convolution is f16 (ops/matmul_coop.rs).
-    let coop = match kernel {
-        Conv2dKernel::Auto => matmul_coop::routes(gpu, x.dtype(), Variant::Conv, opts.activation),
-        // Asked for by name: a compile error is reported, not hidden.
-        Conv2dKernel::Coop => matmul_coop::available(gpu, x.dtype()),
-        _ => false,
+    // Tensor cores where routing sends the convolution (ops/route.rs).
+    let asked = match kernel {
+        Conv2dKernel::Auto => None,
+        Conv2dKernel::Tiled => Some(KernelName::Tiled),
+        Conv2dKernel::Packed => Some(KernelName::Packed),
+        Conv2dKernel::Coop => Some(KernelName::Coop),
     };
-    if kernel == Conv2dKernel::Coop && !coop {
-        return Err(EngineError::Argument {
-            op: "conv2d",
-            message: format!(
-                "the cooperative-matrix kernel needs f16 operands and an adapter with \
-                 f16 x f16 -> f32 16x16x16 cooperative matrices (adapter {}, {})",
-                gpu.adapter().name,
-                x.dtype()
-            ),
-        });
-    }
-    if coop {
-        run_tiled(gpu, x, weight, &e, opts, &d, &out, true)?;
-        return Ok(out);
-    }
+    let request = route::Request {
+        op: "conv2d",
+        class: route::conv2d_class(x.dtype(), d.cout, d.cin, [d.kh, d.kw], d.ho * d.wo),
+        dtype: x.dtype(),
+        asked,
+        coop: Some(mm::coop_kernel(gpu, CoopProduct::Conv, opts.activation)),
+        coop_missing: None,
+        coop_by_default: true,
+    };
+    let kernel = match route::route(gpu, request)? {
+        Route::Coop(k) => {
+            run_tiled(gpu, x, weight, &e, opts, &d, &out, Some(&k))?;
+            return Ok(out);
+        }
+        Route::Portable(Some(KernelName::Tiled)) => Conv2dKernel::Tiled,
+        // A tuned choice only where the operands can be packed (below).
+        Route::Portable(Some(KernelName::Packed)) => Conv2dKernel::Packed,
+        Route::Portable(_) => Conv2dKernel::Auto,
+    };
     // The one choice between the two kernels, for the reasons given in
     // shaders/matmul.wgsl: CPU adapters read storage buffers an order of
     // magnitude slower than uniform buffers, GPUs want workgroup-memory tiles.
@@ -388,6 +436,7 @@ pub fn conv2d_residual_with_kernel(
     let packed = match kernel {
         Conv2dKernel::Auto => packable,
         Conv2dKernel::Tiled | Conv2dKernel::Coop => false,
+        Conv2dKernel::Packed if asked.is_none() => packable,
         Conv2dKernel::Packed => {
             if !packable {
                 return Err(EngineError::Argument {
@@ -409,13 +458,13 @@ pub fn conv2d_residual_with_kernel(
             // convolution takes the tiled kernel, which splits anything.
             // What was recorded before the error wrote only the packed
             // buffers or outputs that the tiled kernel writes again.
-            Err(EngineError::BindingTooLarge { .. }) if kernel == Conv2dKernel::Auto => {
-                run_tiled(gpu, x, weight, &e, opts, &d, &out, false)?
+            Err(EngineError::BindingTooLarge { .. }) if asked.is_none() => {
+                run_tiled(gpu, x, weight, &e, opts, &d, &out, None)?
             }
             other => other?,
         }
     } else {
-        run_tiled(gpu, x, weight, &e, opts, &d, &out, false)?;
+        run_tiled(gpu, x, weight, &e, opts, &d, &out, None)?;
     }
     Ok(out)
 }
@@ -429,7 +478,7 @@ fn run_tiled(
     opts: &Conv2dOptions,
     d: &Dims,
     out: &Tensor,
-    coop: bool,
+    coop: Option<&CoopKernel>,
 ) -> Result<()> {
     let max = Tensor::max_window_elems(gpu, x.dtype());
     let t = tiling(d, opts.stride, max, x.dtype().size_bytes())?;
@@ -520,7 +569,7 @@ fn run_tiled(
                         scale: e.scale,
                         residual_scale: e.residual_scale,
                     };
-                    if coop {
+                    if let Some(coop) = coop {
                         // The same window as a product: a = the weights, b
                         // = the input taps; offsets from the window's start.
                         let c = ConvParams {
@@ -558,14 +607,13 @@ fn run_tiled(
                             _pad0: 0,
                         };
                         let groups = [
-                            (rows * d.wo).div_ceil(matmul_coop::TILE) as u32,
-                            channels.div_ceil(matmul_coop::TILE) as u32,
+                            (rows * d.wo).div_ceil(mm::COOP_TILE) as u32,
+                            channels.div_ceil(mm::COOP_TILE) as u32,
                             items as u32,
                         ];
                         // matmul_coop's slots: the weight is `a` (1), the input `b` (2).
                         let bindings = [(1, wb), (2, xb), (3, bb), (4, ob), (19, rb)];
-                        let (v, act) = (Variant::Conv, opts.activation);
-                        matmul_coop::dispatch(gpu, v, act, params_bytes(&c), &bindings, groups)?;
+                        coop::dispatch(gpu, coop, params_bytes(&c), &bindings, groups)?;
                         continue;
                     }
                     gpu.dispatch(

@@ -8,13 +8,84 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{check_dtypes, matmul_coop, params_bytes, Activation};
+use super::coop::{self, CoopKernel, CoopNeeds};
+use super::route::{self, Route};
+use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
+use crate::gpu::tuning::KernelName;
 use crate::gpu::{Binding, BlockPool, Gpu, Kernel};
 use crate::tensor::{fmt_shape, DType, Tensor};
 
 const SOURCE: &str = include_str!("../../../shaders/matmul.wgsl");
 const MAX_GROUPS: usize = 65535;
+
+/// The tensor-core kernel (`shaders/matmul_coop.wgsl`): f16 operands, f32
+/// accumulation, matmul_tiled's parameters, bindings and windows, and, with
+/// `CONV = 1`, ops/conv2d.rs's implicit product. Public for the shader
+/// validation test.
+#[doc(hidden)]
+pub const COOP_SOURCE: &str = include_str!("../../../shaders/matmul_coop.wgsl");
+/// Output rows and columns of one matmul_coop workgroup.
+pub(crate) const COOP_TILE: usize = 128;
+/// A workgroup of 256 invocations is exactly 8 subgroups of 32, one per
+/// 32 x 64 block; its staging is 2 x (5120 + 4352) halves and 2048 floats.
+pub(crate) const COOP_NEEDS: CoopNeeds = CoopNeeds {
+    invocations: 256,
+    workgroup_bytes: 2 * (5120 + 4352) + 4 * 2048,
+    subgroup: 32,
+};
+
+/// What one matmul_coop dispatch computes: a product (with `b` transposed
+/// or not) or a convolution's implicit product (ops/conv2d.rs).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoopProduct {
+    Matmul { transpose_b: bool },
+    Conv,
+}
+
+/// The override constants of one matmul_coop variant (public for the
+/// validation test). `checked_staging`: every tile through the
+/// bounds-checked staging, to compare (`MOTIF_COOP_STAGING=checked`).
+#[doc(hidden)]
+pub fn coop_constants(
+    product: CoopProduct,
+    activation: Activation,
+    checked_staging: bool,
+) -> Vec<(&'static str, f64)> {
+    vec![
+        (
+            "TRANS_B",
+            coop::flag(product == CoopProduct::Matmul { transpose_b: true }),
+        ),
+        ("CONV", coop::flag(product == CoopProduct::Conv)),
+        ("ACT", activation.code()),
+        ("FAST_STAGING", coop::flag(!checked_staging)),
+    ]
+}
+
+/// The matmul_coop variant for `product` on `gpu` (its staging switch).
+pub(crate) fn coop_kernel(gpu: &Gpu, product: CoopProduct, activation: Activation) -> CoopKernel {
+    let (op, label) = match product {
+        CoopProduct::Matmul { .. } => ("matmul", "matmul_coop"),
+        CoopProduct::Conv => ("conv2d", "conv2d_coop"),
+    };
+    CoopKernel {
+        op,
+        family: "matmul_coop",
+        label,
+        source: COOP_SOURCE,
+        entry: "matmul_coop",
+        constants: coop_constants(product, activation, gpu.options().coop_checked_staging),
+        needs: COOP_NEEDS,
+    }
+}
+
+/// Whether `gpu` runs matmul_coop on `dtype` operands (for `motif bench --coop`).
+#[doc(hidden)]
+pub fn coop_supported(gpu: &Gpu, dtype: DType) -> bool {
+    coop::supported(gpu, dtype, &COOP_NEEDS)
+}
 
 /// Options of [`matmul`]; the default is a plain `a @ b`.
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +129,7 @@ pub enum MatmulKernel {
     /// Operands packed into uniform-buffer blocks first (CPU adapters).
     Packed,
     /// Tensor cores through cooperative matrices (f16 on adapters that have
-    /// them, see ops/matmul_coop.rs); matmul_tiled's windows.
+    /// them, [`COOP_SOURCE`]); matmul_tiled's windows.
     Coop,
 }
 
@@ -317,46 +388,47 @@ fn run(
         residual: opts.residual,
         residual_scale: opts.residual_scale,
     };
-    // Tensor cores first, where the adapter has cooperative matrices and
-    // the product is f16 (ops/matmul_coop.rs); they take matmul_tiled's
-    // windows.
-    let coop = match kernel {
-        MatmulKernel::Auto => matmul_coop::routes(
-            gpu,
-            a.dtype(),
-            matmul_coop::Variant::Matmul {
-                transpose_b: opts.transpose_b,
-            },
-            opts.activation,
-        ),
-        // Asked for by name: a compile error is reported, not hidden.
-        MatmulKernel::Coop => matmul_coop::available(gpu, a.dtype()),
-        _ => false,
+    // Tensor cores where routing sends the product (ops/route.rs); they
+    // take matmul_tiled's windows.
+    let asked = match kernel {
+        MatmulKernel::Auto => None,
+        MatmulKernel::Tiled => Some(KernelName::Tiled),
+        MatmulKernel::Packed => Some(KernelName::Packed),
+        MatmulKernel::Coop => Some(KernelName::Coop),
     };
-    match kernel {
-        MatmulKernel::Coop if !coop => {
-            return Err(EngineError::Argument {
-                op: "matmul",
-                message: format!(
-                    "the cooperative-matrix kernel needs f16 operands and an adapter with \
-                     f16 x f16 -> f32 16x16x16 cooperative matrices (adapter {}, {})",
-                    gpu.adapter().name,
-                    a.dtype()
-                ),
-            })
-        }
-        MatmulKernel::Coop | MatmulKernel::Auto if coop => {
-            run_tiled(gpu, a, b, &out, &d, &epilogue, true)?;
+    let product = CoopProduct::Matmul {
+        transpose_b: opts.transpose_b,
+    };
+    let request = route::Request {
+        op: "matmul",
+        class: route::matmul_class(a.dtype(), d.batch * d.m, d.k, d.n, d.transpose_b),
+        dtype: a.dtype(),
+        asked,
+        coop: Some(coop_kernel(gpu, product, opts.activation)),
+        coop_missing: None,
+        coop_by_default: true,
+    };
+    let kernel = match route::route(gpu, request)? {
+        Route::Coop(k) => {
+            run_tiled(gpu, a, b, &out, &d, &epilogue, Some(&k))?;
             return Ok(out);
         }
-        _ => {}
-    }
+        Route::Portable(Some(KernelName::Tiled)) => MatmulKernel::Tiled,
+        Route::Portable(Some(KernelName::Packed)) => MatmulKernel::Packed,
+        Route::Portable(_) => MatmulKernel::Auto,
+    };
     // The one choice between the two portable kernels (see
     // shaders/matmul.wgsl): CPU adapters read storage buffers an order of
     // magnitude slower than uniform buffers, GPUs want workgroup-memory
     // tiles. Operands that cannot be packed in windows (a plain `b` larger
     // than a binding) take the tiled kernel, which can split anything.
     let plan = packed_plan(gpu, a.dtype(), &d);
+    // A tuned choice of the packed kernel for operands it cannot pack (the
+    // class spans sizes) leaves the choice to the default.
+    let kernel = match (kernel, asked, plan) {
+        (MatmulKernel::Packed, None, None) => MatmulKernel::Auto,
+        (k, _, _) => k,
+    };
     let row_words = match (kernel, plan) {
         (MatmulKernel::Tiled, _) | (MatmulKernel::Auto | MatmulKernel::Coop, None) => None,
         (_, Some(row_words)) => Some(row_words),
@@ -373,7 +445,7 @@ fn run(
     };
     match row_words {
         Some(row_words) => run_packed(gpu, a, b, &out, &d, &epilogue, row_words)?,
-        None => run_tiled(gpu, a, b, &out, &d, &epilogue, false)?,
+        None => run_tiled(gpu, a, b, &out, &d, &epilogue, None)?,
     }
     Ok(out)
 }
@@ -522,12 +594,12 @@ fn run_tiled(
     out: &Tensor,
     d: &Dims,
     e: &Epilogue,
-    coop: bool,
+    coop: Option<&CoopKernel>,
 ) -> Result<()> {
     let transpose_b = d.transpose_b;
     // The windows suit both kernels (tiling() bounds a window's workgroups
     // with the smaller tile); only the grid differs.
-    let tile = if coop { matmul_coop::TILE } else { TILE };
+    let tile = if coop.is_some() { COOP_TILE } else { TILE };
     let max = Tensor::max_window_elems(gpu, a.dtype());
     let t = tiling(d, max);
     let k = Kernel {
@@ -599,11 +671,8 @@ fn run_tiled(
                         rows.div_ceil(tile) as u32,
                         items as u32,
                     ];
-                    if coop {
-                        let act = e.activation;
-                        let p = params_bytes(&p);
-                        let v = matmul_coop::Variant::Matmul { transpose_b };
-                        matmul_coop::dispatch(gpu, v, act, p, &bindings, groups)?;
+                    if let Some(coop) = coop {
+                        coop::dispatch(gpu, coop, params_bytes(&p), &bindings, groups)?;
                     } else {
                         gpu.dispatch(&k, params_bytes(&p), &bindings, groups)?;
                     }

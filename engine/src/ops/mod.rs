@@ -3,17 +3,20 @@
 //! the kernel variant, fills the parameter block and dispatches. Each family
 //! also keeps a plain CPU reference (`*_reference`), which the tests compare
 //! the GPU against and which the next faster kernel is checked with.
+//! Tensor-core kernels share the leaf `coop` (no operator in it), and
+//! `route` is the one place that picks an operator's kernel.
 
 pub mod attention;
 pub mod conv2d;
+pub(crate) mod coop;
 pub mod elementwise;
 pub mod embedding;
 pub mod layout;
 pub mod matmul;
-pub mod matmul_coop;
 pub mod norm;
 pub mod preview;
 pub mod rope;
+pub mod route;
 pub mod softmax;
 
 use crate::error::{EngineError, Result};

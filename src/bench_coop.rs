@@ -1,264 +1,26 @@
-//! Matrix multiply on tensor cores (`shaders/matmul_coop.wgsl`), through
-//! wgpu's experimental cooperative matrices: f16 operands, f32 accumulation.
-//!
-//! [`matmul`](super::matmul::matmul) routes here for f16 products when the
-//! adapter has the configuration the kernel needs ([`Gpu::coop_matrix`]);
-//! the windowing, parameters and bindings are matmul_tiled's (ops/matmul.rs),
-//! only the kernel differs. [`coop_check`] is the check on such a GPU
-//! (`motif bench --coop`): this kernel against the CPU reference and the
-//! portable kernel, and both kernels timed.
-//!
-//! The shader needs `enable wgpu_cooperative_matrix;` before any declaration,
-//! where the kernel prelude (gpu/kernel.rs) puts its dtype aliases, so its
-//! pipelines are built here rather than through `Kernel` (a variant that
-//! fails to compile is remembered); they are recorded like every other
-//! kernel's, by `Gpu::record_dispatch`.
+//! `motif bench --coop`: the check on a tensor-core GPU. Every
+//! cooperative-matrix kernel (matmul, convolution, attention) against the
+//! CPU reference and the portable kernels on odd sizes, batches, fused
+//! epilogues and the models' shapes, each timed. It drives the engine only
+//! through its public API (`*_with_kernel`, the references, the GPU timer),
+//! so it sits here above the engine library.
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use bytemuck::{Pod, Zeroable};
-
-use super::conv2d::{
+use motif_engine::error::{EngineError, Result};
+use motif_engine::gpu::Gpu;
+use motif_engine::ops::attention::{
+    attention, attention_reference, AttentionKernel, AttentionOptions,
+};
+use motif_engine::ops::conv2d::{
     conv2d_output_shape, conv2d_reference, conv2d_residual_with_kernel, Conv2dKernel,
     Conv2dOptions, Conv2dResidual,
 };
-use super::matmul::{matmul_reference, matmul_with_kernel, MatmulKernel, MatmulOptions};
-use super::Activation;
-use crate::error::{EngineError, Result};
-use crate::gpu::{Binding, Gpu};
-use crate::tensor::{DType, Tensor};
-
-/// The WGSL source (public for the shader validation test).
-#[doc(hidden)]
-pub const SOURCE: &str = include_str!("../../../shaders/matmul_coop.wgsl");
-
-const ENTRY: &str = "matmul_coop";
-
-/// Output rows and columns of one workgroup.
-pub(crate) const TILE: usize = 128;
-/// Invocations and workgroup memory of one workgroup (see the shader).
-const INVOCATIONS: u32 = 256;
-const WORKGROUP_BYTES: u32 = 2 * (5120 + 4352) + 4 * 2048;
-
-/// The only subgroup size the kernel is written for: a workgroup of 256
-/// invocations is then exactly 8 subgroups, one per 32 x 64 block.
-const SUBGROUP: u32 = 32;
-
-/// Whether `gpu` has the cooperative matrices this kernel is written for.
-pub(crate) fn available(gpu: &Gpu, dtype: DType) -> bool {
-    let limits = gpu.limits();
-    dtype == DType::F16
-        && gpu
-            .coop_matrix()
-            .is_some_and(|c| c.subgroup_size == SUBGROUP)
-        && limits.max_compute_invocations_per_workgroup >= INVOCATIONS
-        && limits.max_compute_workgroup_storage_size >= WORKGROUP_BYTES
-}
-
-/// The WGSL source of the tensor-core attention (public for the shader
-/// validation test); ops/attention.rs routes to it.
-#[doc(hidden)]
-pub const ATTENTION_SOURCE: &str = include_str!("../../../shaders/attention_coop.wgsl");
-
-/// What one dispatch computes: a product (with `b` transposed or not), a
-/// convolution (ops/conv2d.rs's windows, [`ConvParams`]) or attention
-/// (`shaders/attention_coop.wgsl`, ops/attention.rs's parameters).
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Variant {
-    Matmul { transpose_b: bool },
-    Conv,
-    Attention { head_dim: u32 },
-}
-
-impl Variant {
-    /// The shader's source and entry point, and the op named in errors.
-    fn shader(self) -> (&'static str, &'static str, &'static str) {
-        match self {
-            Variant::Matmul { .. } => (SOURCE, ENTRY, "matmul"),
-            Variant::Conv => (SOURCE, ENTRY, "conv2d"),
-            Variant::Attention { .. } => (ATTENTION_SOURCE, "attention_coop", "attention"),
-        }
-    }
-
-    /// The kernel's name in GPU timings.
-    fn label(self) -> &'static str {
-        match self {
-            Variant::Matmul { .. } => "matmul_coop",
-            Variant::Conv => "conv2d_coop",
-            Variant::Attention { .. } => "attention_coop",
-        }
-    }
-}
-
-/// The largest head dim the tensor-core attention holds (its staged tiles).
-pub(crate) const ATTENTION_MAX_HEAD_DIM: usize = 80;
-/// Queries of one attention workgroup.
-pub(crate) const ATTENTION_QUERIES: usize = 64;
-const ATTENTION_INVOCATIONS: u32 = 128;
-const ATTENTION_WORKGROUP_BYTES: u32 = 2 * (5632 + 2 * 2816 + 2560) + 4 * (2304 + 128 + 256);
-
-/// The override constants of one variant (public for the validation test).
-#[doc(hidden)]
-pub fn variant_constants(variant: Variant, activation: Activation) -> Vec<(&'static str, f64)> {
-    if let Variant::Attention { head_dim } = variant {
-        return vec![("HEAD_DIM", head_dim as f64)];
-    }
-    // MOTIF_COOP_STAGING=checked: every tile through the bounds-checked
-    // staging, to compare (`motif bench --coop`).
-    let checked = std::env::var("MOTIF_COOP_STAGING").is_ok_and(|v| v == "checked");
-    let flag = |on: bool| if on { 1.0 } else { 0.0 };
-    vec![
-        (
-            "TRANS_B",
-            flag(variant == Variant::Matmul { transpose_b: true }),
-        ),
-        ("CONV", flag(variant == Variant::Conv)),
-        ("ACT", activation.code()),
-        ("FAST_STAGING", flag(!checked)),
-    ]
-}
-
-/// The parameter block of a convolution's dispatch: the shader's Params,
-/// which is matmul.wgsl's layout with the convolution's geometry in the
-/// fields only gemm_packed reads. The product is `a` = the weight window
-/// `[channels, depth * kh * kw]` times the implicit `b` of the input window
-/// (`n` = output pixels of `rows` whole rows starting at `oy0`).
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-pub(crate) struct ConvParams {
-    pub m: u32,
-    pub n: u32,
-    pub k: u32,
-    pub batch: u32,
-    pub a_off: u32,
-    pub b_off: u32,
-    pub bias_off: u32,
-    pub out_off: u32,
-    pub a_bstride: u32,
-    pub b_bstride: u32,
-    pub o_bstride: u32,
-    pub lda: u32,
-    pub ldb: u32,
-    pub ldo: u32,
-    pub alpha: f32,
-    pub has_bias: u32,
-    pub accumulate: u32,
-    pub finish: u32,
-    pub h: u32,
-    pub w: u32,
-    pub taps: u32,
-    pub kw: u32,
-    pub stride: u32,
-    pub pad_l: u32,
-    pub pad_t: u32,
-    pub wo: u32,
-    pub oy0: u32,
-    pub res_off: u32,
-    pub has_residual: u32,
-    pub scale: f32,
-    pub residual_scale: f32,
-    pub _pad0: u32,
-}
-
-/// The pipeline of one variant, compiled on first use. A variant that fails
-/// to compile (the extension is experimental) is remembered as failed, so
-/// that [`routes`] sends its products to the portable kernel from then on.
-fn pipeline_with(
-    gpu: &Gpu,
-    source: &'static str,
-    entry: &'static str,
-    constants: &[(&'static str, f64)],
-) -> Result<Arc<wgpu::ComputePipeline>> {
-    let key = format!("{entry}:{constants:?}");
-    let mut cache = gpu.coop_pipelines.lock().expect("pipeline lock poisoned");
-    let compiled = cache.entry(key).or_insert_with_key(|key| {
-        let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = gpu
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(entry),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-        let pipeline = gpu
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(key),
-                layout: None,
-                module: &module,
-                entry_point: Some(entry),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants,
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            });
-        match pollster::block_on(scope.pop()) {
-            Some(e) => Err(format!("compiling kernel {key}: {e}")),
-            None => Ok(Arc::new(pipeline)),
-        }
-    });
-    compiled.clone().map_err(EngineError::Device)
-}
-
-fn compiled(
-    gpu: &Gpu,
-    variant: Variant,
-    activation: Activation,
-) -> Result<Arc<wgpu::ComputePipeline>> {
-    let (source, entry, _) = variant.shader();
-    pipeline_with(gpu, source, entry, &variant_constants(variant, activation))
-}
-
-/// Whether the tensor-core attention runs here for this head dim: f16, the
-/// adapter's cooperative matrices, and its workgroup.
-pub(crate) fn attention_available(gpu: &Gpu, dtype: DType, head_dim: usize) -> bool {
-    let limits = gpu.limits();
-    available(gpu, dtype)
-        && head_dim <= ATTENTION_MAX_HEAD_DIM
-        && limits.max_compute_invocations_per_workgroup >= ATTENTION_INVOCATIONS
-        && limits.max_compute_workgroup_storage_size >= ATTENTION_WORKGROUP_BYTES
-}
-
-/// Whether the tensor-core attention's variant for `head_dim` compiled
-/// (the extension is experimental: an adapter may report it and still fail).
-pub(crate) fn routes_attention(gpu: &Gpu, head_dim: usize) -> bool {
-    let variant = Variant::Attention {
-        head_dim: head_dim as u32,
-    };
-    gpu.is_plan() || compiled(gpu, variant, Activation::None).is_ok()
-}
-
-/// Whether [`matmul`](super::matmul::matmul) computes this product on
-/// tensor cores: f16, an adapter with the configuration the kernel needs,
-/// and the variant compiled.
-pub(crate) fn routes(gpu: &Gpu, dtype: DType, variant: Variant, activation: Activation) -> bool {
-    available(gpu, dtype) && (gpu.is_plan() || compiled(gpu, variant, activation).is_ok())
-}
-
-/// Records one matmul_coop dispatch, as `Gpu::dispatch` does for kernels of
-/// the prelude: `params` is matmul.rs's parameter block (or [`ConvParams`]),
-/// `bindings` its slots 1..4 and 19, `workgroups` counted in [`TILE`]s.
-pub(crate) fn dispatch(
-    gpu: &Gpu,
-    variant: Variant,
-    activation: Activation,
-    params: &[u8],
-    bindings: &[(u32, Binding<'_>)],
-    workgroups: [u32; 3],
-) -> Result<()> {
-    let (_, _, op) = variant.shader();
-    if !gpu.check_dispatch(op, bindings, workgroups)? {
-        return Ok(());
-    }
-    let pipeline = compiled(gpu, variant, activation)?;
-    gpu.record_dispatch(&pipeline, op, variant.label(), params, bindings, workgroups);
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// The check on a tensor-core GPU (`motif bench --coop`).
+use motif_engine::ops::matmul::{
+    coop_supported, matmul_reference, matmul_with_kernel, MatmulKernel, MatmulOptions,
+};
+use motif_engine::ops::Activation;
+use motif_engine::tensor::{DType, Tensor};
 
 /// One case of [`coop_check`].
 #[derive(Debug, Clone)]
@@ -754,7 +516,6 @@ fn attention_cases() -> Vec<AttentionCase> {
 }
 
 fn run_attention_case(gpu: &Gpu, c: &AttentionCase, seed: u64) -> Result<CoopCase> {
-    use super::attention::{attention, attention_reference, AttentionKernel, AttentionOptions};
     let dtype = DType::F16;
     let channels = c.heads * c.head_dim;
     let q_shape = [c.batch, c.lq, channels];
@@ -841,12 +602,12 @@ fn run_attention_case(gpu: &Gpu, c: &AttentionCase, seed: u64) -> Result<CoopCas
 /// bias and activations, K = 77, SD1.5's 4096x320x320, 4096³) against the
 /// CPU reference and the portable kernel, and times each; then timing-only
 /// entries: the portable kernel on 4096³, and both kernels on the shapes of
-/// `MOTIF_COOP_SHAPES` (`MxKxN` or `MxKxNt`, comma-separated). Fails with
+/// `shapes` (`MxKxN` or `MxKxNt`; `--coop-shapes`, or `MOTIF_COOP_SHAPES`). Fails with
 /// [`EngineError::Argument`] when the adapter has no usable cooperative
 /// matrices. A case that fails to run is reported with its error, not
 /// returned as one, so that one broken case does not hide the others.
-pub fn coop_check(gpu: &Gpu) -> Result<Vec<CoopCase>> {
-    if !available(gpu, DType::F16) {
+pub fn coop_check(gpu: &Gpu, shapes: &[String]) -> Result<Vec<CoopCase>> {
+    if !coop_supported(gpu, DType::F16) {
         return Err(EngineError::Argument {
             op: "coop_check",
             message: format!(
@@ -884,36 +645,34 @@ pub fn coop_check(gpu: &Gpu) -> Result<Vec<CoopCase>> {
         cases.push(case);
     }
     // The portable kernel on the square case, for the speed-up; then any
-    // shapes to time from MOTIF_COOP_SHAPES (`MxKxN` or `MxKxNt` for a
-    // transposed b, comma-separated) on both kernels.
+    // shapes to time from `shapes` (`MxKxN` or `MxKxNt` for a transposed
+    // b) on both kernels.
     let mut timings = vec![(
         "portable kernel",
         [4096, 4096, 4096],
         false,
         MatmulKernel::Tiled,
     )];
-    if let Ok(list) = std::env::var("MOTIF_COOP_SHAPES") {
-        for item in list.split(',').filter(|s| !s.is_empty()) {
-            let transpose_b = item.ends_with('t');
-            let dims: Vec<usize> = item
-                .trim_end_matches('t')
-                .split('x')
-                .filter_map(|d| d.parse().ok())
-                .collect();
-            let [m, k, n] = dims[..] else {
-                return Err(EngineError::Argument {
-                    op: "MOTIF_COOP_SHAPES",
-                    message: format!("expected MxKxN or MxKxNt, found `{item}`"),
-                });
-            };
-            timings.push(("coop kernel", [m, k, n], transpose_b, MatmulKernel::Coop));
-            timings.push((
-                "portable kernel",
-                [m, k, n],
-                transpose_b,
-                MatmulKernel::Tiled,
-            ));
-        }
+    for item in shapes.iter().filter(|s| !s.is_empty()) {
+        let transpose_b = item.ends_with('t');
+        let dims: Vec<usize> = item
+            .trim_end_matches('t')
+            .split('x')
+            .filter_map(|d| d.parse().ok())
+            .collect();
+        let [m, k, n] = dims[..] else {
+            return Err(EngineError::Argument {
+                op: "--coop-shapes",
+                message: format!("expected MxKxN or MxKxNt, found `{item}`"),
+            });
+        };
+        timings.push(("coop kernel", [m, k, n], transpose_b, MatmulKernel::Coop));
+        timings.push((
+            "portable kernel",
+            [m, k, n],
+            transpose_b,
+            MatmulKernel::Tiled,
+        ));
     }
     for (i, (name, [m, k, n], transpose_b, kernel)) in timings.into_iter().enumerate() {
         let shape = format!("{m}x{k}x{n}{}", if transpose_b { " bT" } else { "" });

@@ -1,0 +1,507 @@
+//! The tensor-core (cooperative-matrix) kernels and their portable twins.
+//!
+//! Every variant has a numeric test against the CPU reference that runs
+//! wherever the adapter supports it, and prints why it is skipped where it
+//! does not (lavapipe has no cooperative matrices); its portable twin (the
+//! same case on the portable kernel) runs everywhere. Every variant's WGSL
+//! is also parsed and validated by naga with the cooperative-matrix
+//! capability on, written to SPIR-V as wgpu's Vulkan backend asks for it,
+//! and the SPIR-V walked instruction by instruction for the tensor-core
+//! multiply-add.
+
+mod common;
+
+use motif_engine::ops::attention::{
+    self, attention, attention_reference, AttentionKernel, AttentionOptions,
+};
+use motif_engine::ops::conv2d::{
+    conv2d_reference, conv2d_residual_with_kernel, conv2d_with_kernel, Conv2dKernel, Conv2dOptions,
+    Conv2dResidual,
+};
+use motif_engine::ops::matmul::{
+    self, matmul, matmul_reference, matmul_with_kernel, CoopProduct, MatmulKernel, MatmulOptions,
+};
+use motif_engine::ops::Activation;
+use motif_engine::wgpu::naga;
+use motif_engine::DType;
+
+const ACTIVATIONS: [Activation; 5] = [
+    Activation::None,
+    Activation::Silu,
+    Activation::GeluErf,
+    Activation::GeluTanh,
+    Activation::QuickGelu,
+];
+
+/// The head dims the models use (SD's 40/80/160, CLIP's 64, Wan's 128) and
+/// odd ones (padding to whole fragments).
+const HEAD_DIMS: [usize; 7] = [8, 40, 64, 72, 80, 128, 160];
+
+// ---------------------------------------------------------------------------
+// WGSL and SPIR-V of every variant (no GPU needed).
+
+fn validate(name: &str, source: &str) -> (naga::Module, naga::valid::ModuleInfo) {
+    let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| {
+        panic!("{name}: {}", e.emit_to_string(source));
+    });
+    let caps =
+        naga::valid::Capabilities::COOPERATIVE_MATRIX | naga::valid::Capabilities::SHADER_FLOAT16;
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
+    (module, info)
+}
+
+/// OpCooperativeMatrixMulAddKHR (SPV_KHR_cooperative_matrix).
+const OP_COOP_MULADD: u16 = 4459;
+
+/// The opcodes of a SPIR-V module, walked instruction by instruction: the
+/// five header words, then each instruction's first word holds its word
+/// count (high half) and opcode (low half). Fails on a wrong magic number,
+/// a zero word count, or an instruction running past the end.
+fn spirv_opcodes(words: &[u32]) -> Result<Vec<u16>, String> {
+    if words.len() < 5 || words[0] != 0x0723_0203 {
+        return Err("no SPIR-V header".into());
+    }
+    let mut opcodes = Vec::new();
+    let mut at = 5;
+    while at < words.len() {
+        let count = (words[at] >> 16) as usize;
+        if count == 0 || at + count > words.len() {
+            return Err(format!(
+                "instruction at word {at} has word count {count} ({} words left)",
+                words.len() - at
+            ));
+        }
+        opcodes.push((words[at] & 0xffff) as u16);
+        at += count;
+    }
+    Ok(opcodes)
+}
+
+/// The walk finds an opcode only where an instruction starts: 4459 as an
+/// operand (a constant's value) is not a multiply-add, which a scan of
+/// arbitrary words took for one; and a torn module is refused.
+#[test]
+fn spirv_walk_sees_instructions_not_operands() {
+    let header = [0x0723_0203, 0x0001_0600, 0, 100, 0];
+    // OpConstant %uint %id 4459: four words, opcode 43.
+    let constant = [(4 << 16) | 43, 1, 2, OP_COOP_MULADD as u32];
+    let mut words = header.to_vec();
+    words.extend(constant);
+    let ops = spirv_opcodes(&words).unwrap();
+    assert_eq!(ops, vec![43]);
+    assert!(!ops.contains(&OP_COOP_MULADD));
+    // OpCooperativeMatrixMulAddKHR %type %result %a %b %c: six words.
+    words.extend([(6 << 16) | OP_COOP_MULADD as u32, 3, 4, 5, 6, 7]);
+    assert!(spirv_opcodes(&words).unwrap().contains(&OP_COOP_MULADD));
+    words.pop();
+    assert!(spirv_opcodes(&words).is_err(), "a torn last instruction");
+}
+
+/// SPIR-V of one variant, as wgpu-hal's Vulkan backend (30.0) asks naga for
+/// it on a Vulkan 1.3 GPU with SHADER_F16, SUBGROUP and the
+/// cooperative-matrix feature: its capability list (a capability outside it
+/// fails the write, as it would fail the pipeline) and its strictest bounds
+/// checks. MOTIF_DUMP_SPIRV=<dir> writes it as `file` for spirv-val.
+fn spirv(
+    module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+    entry: &str,
+    constants: &[(&'static str, f64)],
+    file: &str,
+) {
+    let constants: naga::back::PipelineConstants =
+        constants.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let stage = Some((naga::ShaderStage::Compute, entry));
+    let (resolved, resolved_info) =
+        naga::back::pipeline_constants::process_overrides(module, info, stage, &constants)
+            .unwrap_or_else(|e| panic!("overrides {constants:?}: {e}"));
+    use naga::back::spv::Capability as C;
+    let capabilities = [
+        C::Shader,
+        C::Matrix,
+        C::Float16,
+        C::GroupNonUniform,
+        C::GroupNonUniformVote,
+        C::GroupNonUniformArithmetic,
+        C::GroupNonUniformBallot,
+        C::GroupNonUniformShuffle,
+        C::GroupNonUniformShuffleRelative,
+        C::GroupNonUniformQuad,
+        C::CooperativeMatrixKHR,
+        C::VulkanMemoryModel,
+    ];
+    let restrict = naga::proc::BoundsCheckPolicy::Restrict;
+    let options = naga::back::spv::Options {
+        lang_version: (1, 6),
+        capabilities: Some(capabilities.into_iter().collect()),
+        bounds_check_policies: naga::proc::BoundsCheckPolicies {
+            index: restrict,
+            buffer: restrict,
+            image_load: restrict,
+            binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
+        },
+        force_loop_bounding: true,
+        ..Default::default()
+    };
+    let pipeline = naga::back::spv::PipelineOptions {
+        shader_stage: naga::ShaderStage::Compute,
+        entry_point: entry.into(),
+    };
+    let words = naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline))
+        .unwrap_or_else(|e| panic!("SPIR-V for {constants:?}: {e}"));
+    if let Ok(dir) = std::env::var("MOTIF_DUMP_SPIRV") {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        std::fs::write(std::path::Path::new(&dir).join(file), bytes).unwrap();
+    }
+    let opcodes = spirv_opcodes(&words).unwrap_or_else(|e| panic!("{file}: {e}"));
+    assert!(
+        opcodes.contains(&OP_COOP_MULADD),
+        "{file}: no OpCooperativeMatrixMulAddKHR instruction"
+    );
+}
+
+#[test]
+fn matmul_coop_validates_and_writes_spirv_for_every_variant() {
+    let (module, info) = validate("matmul_coop.wgsl", matmul::COOP_SOURCE);
+    for product in [
+        CoopProduct::Matmul { transpose_b: false },
+        CoopProduct::Matmul { transpose_b: true },
+        CoopProduct::Conv,
+    ] {
+        for act in ACTIVATIONS {
+            for checked_staging in [false, true] {
+                let constants = matmul::coop_constants(product, act, checked_staging);
+                let file = format!("matmul_coop_{product:?}_{act:?}_checked{checked_staging}.spv")
+                    .replace([' ', '{', '}', ':'], "");
+                spirv(&module, &info, "matmul_coop", &constants, &file);
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_coop_validates_and_writes_spirv_for_every_head_dim() {
+    let (module, info) = validate("attention_coop.wgsl", attention::COOP_SOURCE);
+    for head_dim in HEAD_DIMS.into_iter().filter(|&d| d <= 80) {
+        let constants = attention::coop_constants(head_dim);
+        let file = format!("attention_coop_d{head_dim}.spv");
+        spirv(&module, &info, "attention_coop", &constants, &file);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Numbers: each variant where the adapter runs it, its portable twin always.
+
+/// Prints why a tensor-core variant is not run here (cargo test shows it
+/// with --nocapture), so that a skip is visible and never a silent pass.
+fn skip(case: &str, why: &str) {
+    eprintln!("skipped on {}: {case}: {why}", common::gpu().adapter().name);
+}
+
+/// Every matmul_coop variant of a plain product: `b` transposed or not,
+/// each activation, with bias, alpha, scale and residual (the fused
+/// epilogue), odd sizes with a K tail.
+#[test]
+fn matmul_coop_variants_match_the_reference() {
+    let gpu = common::gpu();
+    let dtype = DType::F16;
+    if !gpu.has_f16() {
+        skip("matmul_coop", "no f16 storage");
+        return;
+    }
+    let coop = matmul::coop_supported(gpu, dtype);
+    if !coop {
+        skip(
+            "matmul_coop (portable twins only)",
+            "no f16 x f16 -> f32 16x16x16 cooperative matrices with 32-wide subgroups",
+        );
+    }
+    let (m, k, n) = (37, 77, 45);
+    for transpose_b in [false, true] {
+        for (i, act) in ACTIVATIONS.into_iter().enumerate() {
+            let seed = 10 * i as u64 + transpose_b as u64;
+            let b_shape = if transpose_b { [n, k] } else { [k, n] };
+            let (a, av) = common::upload(gpu, &common::random(m * k, seed), &[m, k], dtype);
+            let (b, bv) = common::upload(gpu, &common::random(k * n, seed + 1), &b_shape, dtype);
+            let (bias, biasv) = common::upload(gpu, &common::random(n, seed + 2), &[n], dtype);
+            let (res, resv) = common::upload(gpu, &common::random(m * n, seed + 3), &[m, n], dtype);
+            let opts = MatmulOptions {
+                transpose_b,
+                bias: Some(&bias),
+                activation: act,
+                alpha: 0.5,
+                scale: 0.75,
+                residual: Some(&res),
+                residual_scale: 0.25,
+            };
+            let want = matmul_reference(
+                &av,
+                &[m, k],
+                &bv,
+                &b_shape,
+                Some(&biasv),
+                Some(&resv),
+                &opts,
+            );
+            let kernels: &[MatmulKernel] = if coop {
+                &[MatmulKernel::Tiled, MatmulKernel::Coop]
+            } else {
+                &[MatmulKernel::Tiled]
+            };
+            for &kernel in kernels {
+                let got = matmul_with_kernel(gpu, &a, &b, &opts, kernel)
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap();
+                let case = format!("matmul {kernel:?} bT={transpose_b} {act:?}");
+                common::assert_close(&case, &got, &want, dtype, k);
+            }
+        }
+    }
+}
+
+/// The convolution variant of matmul_coop (implicit product): 3x3 with
+/// stride and asymmetric padding, 1x1 with a fused residual.
+#[test]
+fn conv2d_coop_matches_the_reference() {
+    let gpu = common::gpu();
+    let dtype = DType::F16;
+    if !gpu.has_f16() {
+        skip("conv2d_coop", "no f16 storage");
+        return;
+    }
+    let coop = matmul::coop_supported(gpu, dtype);
+    if !coop {
+        skip(
+            "conv2d_coop (portable twins only)",
+            "no f16 x f16 -> f32 16x16x16 cooperative matrices with 32-wide subgroups",
+        );
+    }
+    let cases = [
+        (
+            [2, 5, 9, 11],
+            [7, 5, 3, 3],
+            Conv2dOptions {
+                stride: 2,
+                padding: [0, 1, 0, 1],
+                activation: Activation::Silu,
+            },
+            None,
+        ),
+        (
+            [1, 20, 6, 7],
+            [9, 20, 1, 1],
+            Conv2dOptions::default(),
+            Some(0.5),
+        ),
+    ];
+    for (i, (xs, ws, opts, residual_scale)) in cases.into_iter().enumerate() {
+        let seed = 100 + 10 * i as u64;
+        let (x, xv) = common::upload(gpu, &common::random(xs.iter().product(), seed), &xs, dtype);
+        let (w, wv) = common::upload(
+            gpu,
+            &common::random(ws.iter().product(), seed + 1),
+            &ws,
+            dtype,
+        );
+        let (bias, biasv) = common::upload(gpu, &common::random(ws[0], seed + 2), &[ws[0]], dtype);
+        let mut want = conv2d_reference(&xv, xs, &wv, ws, Some(&biasv), &opts);
+        let out_shape = motif_engine::ops::conv2d::conv2d_output_shape(xs, ws, &opts).unwrap();
+        let (res, resv) = common::upload(
+            gpu,
+            &common::random(out_shape.iter().product(), seed + 3),
+            &out_shape,
+            dtype,
+        );
+        if let Some(scale) = residual_scale {
+            for (v, r) in want.iter_mut().zip(&resv) {
+                *v = (*v + r) * scale;
+            }
+        }
+        let fused = residual_scale.map(|scale| Conv2dResidual {
+            residual: &res,
+            scale,
+        });
+        let kernels: &[Conv2dKernel] = if coop {
+            &[Conv2dKernel::Tiled, Conv2dKernel::Coop]
+        } else {
+            &[Conv2dKernel::Tiled]
+        };
+        for &kernel in kernels {
+            let got = conv2d_residual_with_kernel(
+                gpu,
+                &x,
+                &w,
+                Some(&bias),
+                &opts,
+                fused.as_ref(),
+                kernel,
+            )
+            .unwrap()
+            .to_f32(gpu)
+            .unwrap();
+            let case = format!("conv2d {kernel:?} case {i}");
+            common::assert_close(&case, &got, &want, dtype, ws[1] * ws[2] * ws[3]);
+        }
+    }
+}
+
+/// The tensor-core attention at every head dim it holds, causal and not,
+/// with key counts off the 32-key tile; the portable twin at every head
+/// dim the models use.
+#[test]
+fn attention_coop_matches_the_reference_at_every_head_dim() {
+    let gpu = common::gpu();
+    let dtype = DType::F16;
+    if !gpu.has_f16() {
+        skip("attention_coop", "no f16 storage");
+        return;
+    }
+    let (batch, lq, lk, heads) = (1, 70, 45, 2);
+    for head_dim in HEAD_DIMS {
+        for causal in [false, true] {
+            let seed = 1000 + head_dim as u64 + causal as u64;
+            let channels = heads * head_dim;
+            let mk = |len: usize, s: u64| {
+                common::upload(
+                    gpu,
+                    &common::random(batch * len * channels, s),
+                    &[batch, len, channels],
+                    dtype,
+                )
+            };
+            let (q, qv) = mk(lq, seed);
+            let (k, kv) = mk(lk, seed + 1);
+            let (v, vv) = mk(lk, seed + 2);
+            let opts = |kernel| AttentionOptions {
+                causal,
+                kernel: Some(kernel),
+                ..Default::default()
+            };
+            let want = attention_reference(
+                &qv,
+                &kv,
+                &vv,
+                batch,
+                lq,
+                lk,
+                heads,
+                &opts(AttentionKernel::Tiled),
+            );
+            let mut kernels = vec![AttentionKernel::Tiled];
+            if attention::coop_supported(gpu, dtype, head_dim) {
+                kernels.push(AttentionKernel::Coop);
+            } else {
+                skip(
+                    &format!("attention_coop d{head_dim} causal={causal} (portable twin only)"),
+                    "no cooperative matrices here, or no tensor-core variant for this head dim",
+                );
+            }
+            for kernel in kernels {
+                let got = attention(gpu, &q, &k, &v, heads, &opts(kernel))
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap();
+                let case = format!("attention {kernel:?} d{head_dim} causal={causal}");
+                common::assert_close(&case, &got, &want, dtype, head_dim);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Routing around missing tensor cores.
+
+/// A GPU opened with the tensor cores off (`GpuOptions::no_coop`, what
+/// MOTIF_NO_COOP=1 sets), so that these run on every adapter.
+fn no_coop_gpu() -> &'static motif_engine::Gpu {
+    static GPU: std::sync::OnceLock<motif_engine::Gpu> = std::sync::OnceLock::new();
+    GPU.get_or_init(|| {
+        motif_engine::Gpu::new(motif_engine::GpuOptions {
+            no_coop: true,
+            ..Default::default()
+        })
+        .expect("a GPU adapter (install mesa-vulkan-drivers)")
+    })
+}
+
+/// With the tensor cores off (MOTIF_NO_COOP's option), whatever the adapter,
+/// the default route keeps the portable kernels and the product is right.
+#[test]
+fn matmul_routes_around_missing_coop_matrices() {
+    let gpu = no_coop_gpu();
+    assert!(gpu.coop_matrix().is_none());
+    for dtype in common::dtypes() {
+        let (m, k, n) = (33, 77, 45);
+        let (a, av) = common::upload(gpu, &common::random(m * k, 1), &[m, k], dtype);
+        let (b, bv) = common::upload(gpu, &common::random(n * k, 2), &[n, k], dtype);
+        let opts = MatmulOptions {
+            transpose_b: true,
+            ..Default::default()
+        };
+        let got = matmul(gpu, &a, &b, &opts).unwrap().to_f32(gpu).unwrap();
+        let want = matmul_reference(&av, &[m, k], &bv, &[n, k], None, None, &opts);
+        common::assert_close("matmul without coop", &got, &want, dtype, k);
+    }
+}
+
+/// A convolution asked for on tensor cores where there are none is refused
+/// with one error naming the op and what the kernel needs; `Auto` keeps the
+/// portable kernels.
+#[test]
+fn conv2d_routes_around_missing_coop_matrices() {
+    let gpu = no_coop_gpu();
+    let dtype = common::dtypes()[common::dtypes().len() - 1];
+    let (xs, ws) = ([1, 3, 5, 6], [4, 3, 3, 3]);
+    let (x, xv) = common::upload(gpu, &common::random(90, 3), &xs, dtype);
+    let (w, wv) = common::upload(gpu, &common::random(108, 4), &ws, dtype);
+    let opts = Conv2dOptions::same(3, 1);
+    let err = conv2d_with_kernel(gpu, &x, &w, None, &opts, Conv2dKernel::Coop).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("conv2d") && message.contains("cooperative"),
+        "{message}"
+    );
+    let got = conv2d_with_kernel(gpu, &x, &w, None, &opts, Conv2dKernel::Auto)
+        .unwrap()
+        .to_f32(gpu)
+        .unwrap();
+    let want = conv2d_reference(&xv, xs, &wv, ws, None, &opts);
+    common::assert_close("conv2d without coop", &got, &want, dtype, 27);
+}
+
+/// Attention asked for on tensor cores where there are none, or at a head
+/// dim they do not hold, is refused with an error naming the op; the
+/// default keeps the portable kernels.
+#[test]
+fn attention_routes_around_missing_coop_matrices() {
+    let gpu = no_coop_gpu();
+    let dtype = common::dtypes()[common::dtypes().len() - 1];
+    let (batch, lq, lk, heads, d) = (1, 9, 7, 2, 8);
+    let mk = |len: usize, s: u64| {
+        common::upload(
+            gpu,
+            &common::random(batch * len * heads * d, s),
+            &[batch, len, heads * d],
+            dtype,
+        )
+    };
+    let (q, qv) = mk(lq, 5);
+    let (k, kv) = mk(lk, 6);
+    let (v, vv) = mk(lk, 7);
+    let coop = AttentionOptions {
+        kernel: Some(AttentionKernel::Coop),
+        ..Default::default()
+    };
+    let err = attention(gpu, &q, &k, &v, heads, &coop).unwrap_err();
+    assert!(err.to_string().contains("attention"), "{err}");
+    let opts = AttentionOptions::default();
+    let got = attention(gpu, &q, &k, &v, heads, &opts)
+        .unwrap()
+        .to_f32(gpu)
+        .unwrap();
+    let want = attention_reference(&qv, &kv, &vv, batch, lq, lk, heads, &opts);
+    common::assert_close("attention without coop", &got, &want, dtype, d);
+}
