@@ -224,6 +224,15 @@ def window_lr(base, progress, warmup):
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * rest)))
 
 
+def should_stop(elapsed, seen, step_time, seconds, clips_budget, margin):
+    """Whether the window ends before its next step: the clip budget is
+    spent, or the next step (counted twice, for safety) and the final
+    checkpoint (`margin` seconds) would not fit in the time budget."""
+    if clips_budget is not None and seen >= clips_budget:
+        return True
+    return elapsed + 2 * (step_time or 0.0) + margin >= seconds
+
+
 class Prefetch:
     """Draws the host's part of each batch (choices, captions, token ids,
     render parameters, all pinned) in a thread, in order, so that the
@@ -496,12 +505,7 @@ def train_unet(a, log, vae, te=None, unet=None):
     loss_sum, loss_n, step_time = None, 0, None
     while True:
         elapsed = time.time() - t0
-        if budget is not None and seen >= budget:
-            break
-        # Stop while a step and the checkpoint still fit in the time budget.
-        if step_time is not None and elapsed + 2 * step_time + a.deadline_margin >= seconds:
-            break
-        if elapsed >= seconds:
+        if should_stop(elapsed, seen, step_time, seconds, budget, a.deadline_margin):
             break
         progress = max(elapsed / seconds, (seen + a.clips) / budget if budget else 0.0)
         ts = time.time()
