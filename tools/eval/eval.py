@@ -34,11 +34,17 @@ Modes:
     python3 tools/eval/eval.py --truth
     # the model, at motif.json's defaults (diffusers on the CPU)
     python3 tools/eval/eval.py [--limit N] [--save-gifs DIR]
+    # the same on a GPU: all 48 clips in one batch, measured there
+    python3 tools/eval/eval.py --device cuda --batch 48
     # a sweep: every (steps, guidance) pair, rates per pair
     python3 tools/eval/eval.py --limit 16 --guidance 2.5,4,5,7
     # N held-out prompts through the Rust engine: writes a motif-cases-v1
     # `pipeline` case set on the shipped weights, runs `motif conformance`
     python3 tools/eval/eval.py --engine 8
+
+Each clip's initial noise comes from its own CPU generator seeded with its
+seed, so a clip is the same in any batch and on any device (up to the
+device's arithmetic).
 
 Results go to --out (JSON, per clip and per setting); a table is printed.
 """

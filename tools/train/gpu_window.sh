@@ -39,6 +39,7 @@ TINY=0
 OUT=${OUT:?"OUT must name the folder for the results"}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/window.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
 exec > >(tee -a "$OUT/log.txt") 2>&1
 if [[ -d .whl ]] && compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

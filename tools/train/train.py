@@ -5,23 +5,42 @@ a GPU machine or a background chunk on a CPU, and each resumable:
 
   vae   AutoencoderKL on single frames (L1 + L2 + image-gradient L1 + a
         small KL), then its latent scaling factor is measured.
-  unet  UNetMotionModel and CLIPTextModel together, from scratch, on whole
-        16-frame clips encoded by the frozen VAE: v-prediction on a
-        zero-terminal-SNR schedule (Lin et al. 2023), min-SNR-5 weighting
-        (Hang et al. 2023), 10 % empty and 5 % preset-negative captions
-        for classifier-free guidance, an exponential moving average of the
-        weights.
+  unet  UNetMotionModel and CLIPTextModel together on whole 16-frame clips
+        encoded by the frozen VAE: v-prediction on a zero-terminal-SNR
+        schedule (Lin et al. 2023), min-SNR-5 weighting (Hang et al. 2023),
+        10 % empty and 5 % preset-negative captions for classifier-free
+        guidance, an exponential moving average of the weights.
+
+A GPU window continues the shipped model instead of starting over:
+--resume-from assets/models/default loads its f16 weights (VAE frozen),
+starts a fresh optimiser and restarts the schedule (linear warm-up over the
+first --warmup of the window, cosine to 10 % over the rest; the window is
+--unet-seconds and/or --clips-budget, and the loop stops early enough to
+save). The held-out loss (the training loss on the 48 held-out clips, fixed
+noise and timesteps) is measured at both ends. tools/train/ship.py then
+decides whether the window's weights ship; tools/train/gpu_window.sh runs a
+whole window.
+
+Throughput: each step's clips are drawn on the host in a prefetch thread
+(choices, captions, token ids, render parameters; pinned, sorted by
+subject) and rendered and VAE-encoded on the device inside the step, with
+no device-to-host read (the loss is read back every --log-every steps);
+bf16 autocast on CUDA, --channels-last, --compile, fused AdamW. --clips
+scales the learning rate by the square root of --clips / --lr-ref-clips.
+--bench N times N steps (clips/s in bench.json); --legacy-loop is the old
+loop, kept for that comparison.
 
 Outputs in --out: vae.safetensors, text_encoder.safetensors,
-unet.safetensors (f16, the averaged weights), configs.json, log.txt,
-sample.png (four held-out prompts sampled at the end) and, unless
---no-state, state-*.pt (full-precision weights and optimiser, for
---resume). `export.py` turns them into the diffusers folder that ships.
+unet.safetensors (f16, the averaged weights), configs.json (with the
+window's record under train.window), log.txt, sample.png (four held-out
+prompts sampled at the end) and, unless --no-state, state-*.pt
+(full-precision weights and optimiser, for --resume). `export.py` turns
+them into the diffusers folder that ships.
 
     python3 tools/train/train.py --out runs/full --device cuda \
-        --vae-seconds 110 --unet-seconds 330              # one H100/H200
-    python3 tools/train/train.py --out runs/cpu --device cpu --size 64 \
-        --clips 2 --vae-seconds 600 --unet-seconds 3000   # CPU, smaller
+        --vae-seconds 110 --unet-seconds 330              # from scratch
+    python3 tools/train/train.py --out runs/window --resume-from assets/models/default \
+        --clips 96 --lr 3e-4 --unet-seconds 330 --channels-last   # a window
 """
 
 import argparse

@@ -575,9 +575,18 @@ def draw_batch(rng, n, recipe=None):
     return dict(items=items, captions=caps, params=params, subject_counts=counts)
 
 
-def render_batch(batch, frames, size, device, pin=True):
-    """Draws a `draw_batch` batch on the device: [n, frames, 3, size, size]."""
-    return render(to_device(batch["params"], device, pin), frames, size, device, batch["subject_counts"])
+def render_batch(batch, frames, size, device, pin=True, chunk=32):
+    """Draws a `draw_batch` batch on the device: [n, frames, 3, size, size],
+    `chunk` clips at a time (the renderer's intermediates are a few
+    hundred MB per chunk at 128 px)."""
+    p = to_device(batch["params"], device, pin)
+    subjects = [SUBJECTS.index(c["subject"]) for c in batch["items"]]
+    out = []
+    for i in range(0, len(subjects), chunk):
+        part = subjects[i:i + chunk]
+        counts = [part.count(k) for k in range(len(SUBJECTS))]
+        out.append(render({k: v[i:i + chunk] for k, v in p.items()}, frames, size, device, counts))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 if __name__ == "__main__":
