@@ -88,9 +88,15 @@ if (( TRAIN_S < 20 )); then
   echo "error: only ${TRAIN_S}s left for training after the throughput run; nothing trained"; exit 1
 fi
 echo "== training ${TRAIN_S}s from the shipped weights ($(elapsed) s)"
-"$PY" tools/train/train.py --out "$WORK/run" --device $DEV "${COMMON[@]}" --resume-from $SHIPPED \
-  --size $SIZE --frames $FRAMES --clips $CLIPS --lr $LR --lr-ref-clips 24 --channels-last --compile $COMPILE \
-  --unet-seconds $TRAIN_S --deadline-margin 10 --no-state --no-sample --log-every 50 --save-every 120
+# The loop stops itself before TRAIN_S; the timeout (loading, the held-out
+# loss at both ends and the final save on top) is a safety net that falls
+# back on the last periodic checkpoint.
+timeout $(( TRAIN_S + 90 )) "$PY" tools/train/train.py --out "$WORK/run" --device $DEV "${COMMON[@]}" \
+  --resume-from $SHIPPED --size $SIZE --frames $FRAMES --clips $CLIPS --lr $LR --lr-ref-clips 24 --channels-last \
+  --compile $COMPILE --unet-seconds $TRAIN_S --deadline-margin 10 --no-state --no-sample --log-every 50 \
+  --save-every 120 || {
+  rc=$?; [[ -f "$WORK/run/unet.safetensors" ]] || { echo "error: training failed (exit $rc), no checkpoint"; exit $rc; }
+  echo "training stopped (exit $rc); the last checkpoint goes on"; }
 
 echo "== evaluation and decision ($(elapsed) s)"
 rc=0
