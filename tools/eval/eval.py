@@ -34,11 +34,17 @@ Modes:
     python3 tools/eval/eval.py --truth
     # the model, at motif.json's defaults (diffusers on the CPU)
     python3 tools/eval/eval.py [--limit N] [--save-gifs DIR]
+    # the same on a GPU: all 48 clips in one batch, measured there
+    python3 tools/eval/eval.py --device cuda --batch 48
     # a sweep: every (steps, guidance) pair, rates per pair
     python3 tools/eval/eval.py --limit 16 --guidance 2.5,4,5,7
     # N held-out prompts through the Rust engine: writes a motif-cases-v1
     # `pipeline` case set on the shipped weights, runs `motif conformance`
     python3 tools/eval/eval.py --engine 8
+
+Each clip's initial noise comes from its own CPU generator seeded with its
+seed, so a clip is the same in any batch and on any device (up to the
+device's arithmetic).
 
 Results go to --out (JSON, per clip and per setting); a table is printed.
 """
@@ -135,29 +141,33 @@ _CHROMATIC = torch.tensor([i for i in range(len(world.COLOUR_NAMES)) if i != _WH
 def classify(clip):
     """[F, 3, H, W] in [0, 1] -> [F, H, W] colour indices, -1 for none."""
     hue, sat, value = hsv(clip.permute(0, 2, 3, 1))
-    gap = (hue[..., None] - _HUE[_CHROMATIC]).abs()
+    chromatic = _CHROMATIC.to(clip.device)
+    gap = (hue[..., None] - _HUE.to(clip.device)[chromatic]).abs()
     gap, nearest = torch.minimum(gap, 360 - gap).min(-1)
     labels = torch.where((sat >= MIN_SATURATION) & (value >= MIN_VALUE) & (gap <= MAX_HUE_DEG),
-                         _CHROMATIC[nearest], torch.full_like(nearest, -1))
+                         chromatic[nearest], torch.full_like(nearest, -1))
     return torch.where((sat < WHITE_SATURATION) & (value >= WHITE_VALUE), torch.full_like(labels, _WHITE), labels)
 
 
 def colour_shares(clip):
+    """Share of the clip's pixels of each colour (on the CPU)."""
     labels = classify(clip)
-    return torch.stack([(labels == c).float().mean() for c in range(len(world.COLOUR_NAMES))])
+    return torch.stack([(labels == c).float().mean() for c in range(len(world.COLOUR_NAMES))]).cpu()
 
 
 _BACKGROUNDS = {}
 
 
-def background_shares(item, size):
+def background_shares(item, size, device="cpu"):
     """Mean and spread of the colour shares of background-only renders of
-    the item (cached: a sweep measures the same items again)."""
+    the item, all drawn in one batch on `device` (cached: a sweep measures
+    the same items again)."""
     key = (item["seed"], size)
     if key not in _BACKGROUNDS:
-        shares = torch.stack([colour_shares(world.render(item_params(item, v + 1, subject=False),
-                                                         BACKGROUND_FRAMES, size)[0])
-                              for v in range(BACKGROUND_RENDERS)])
+        rows = [item_params(item, v + 1, subject=False) for v in range(BACKGROUND_RENDERS)]
+        p = world.to_device({k: torch.cat([r[k] for r in rows]) for k in rows[0]}, device)
+        clips = world.render(p, BACKGROUND_FRAMES, size, device)
+        shares = torch.stack([colour_shares(c) for c in clips])
         _BACKGROUNDS[key] = (shares.mean(0), shares.std(0))
     return _BACKGROUNDS[key]
 
@@ -185,7 +195,7 @@ def direction_metric(clip, item):
     """Centroid track of the prompted colour's moving pixels."""
     frames, _, size, _ = clip.shape
     mask = classify(clip) == world.COLOUR_NAMES.index(item["colour"])
-    moving = mask & ~(mask.float().mean(0) >= STATIC_SHARE)
+    moving = (mask & ~(mask.float().mean(0) >= STATIC_SHARE)).cpu()
     rows = torch.arange(size, dtype=torch.float32)[:, None]
     cols = torch.arange(size, dtype=torch.float32)[None, :]
     t, xs, ys = [], [], []
@@ -227,7 +237,7 @@ def camera_transform(camera, t, scale):
 
 def _blur(x, sigma):
     r = max(1, int(math.ceil(3 * sigma)))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma * sigma))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32, device=x.device) ** 2 / (2 * sigma * sigma))
     k = (k / k.sum()).to(x.dtype)
     c = x.shape[1]
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
@@ -241,7 +251,7 @@ def camera_errors(clip):
     frames, _, size, _ = clip.shape
     sigma = BLUR_SIGMA * size / 128
     x = _blur(clip.float(), sigma)
-    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
+    centres = (torch.arange(size, dtype=torch.float32, device=clip.device) + 0.5) / size * 2 - 1
     v, u = -centres[:, None].expand(size, size), centres[None, :].expand(size, size)
     # Pixels whose source lies within the blur's reach of frame 0's edge
     # are not predicted.
@@ -260,7 +270,8 @@ def camera_errors(clip):
             pred = F.grid_sample(x[:1].expand(frames - 1, -1, -1, -1), grid, mode="bilinear",
                                  padding_mode="zeros", align_corners=False)
             valid = (grid[..., 0].abs() <= margin) & (grid[..., 1].abs() <= margin)
-            diff = (pred - x[1:]).abs().mean(1)
+            diff = (pred - x[1:]).abs().mean(1).cpu()
+            valid = valid.cpu()
             per_frame = [float(diff[f][valid[f]].median()) if int(valid[f].sum()) >= 64 else float("inf")
                          for f in range(frames - 1)]
             errors[(camera, scale)] = sum(per_frame) / len(per_frame)
@@ -308,6 +319,41 @@ def save_gif(path, clip, truth, fps):
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
 
 
+def render_truths(items, frames, size, device="cpu"):
+    """Ground-truth renders of `items` in one batch on `device`."""
+    rows = [item_params(it) for it in items]
+    p = world.to_device({k: torch.cat([r[k] for r in rows]) for k in rows[0]}, device)
+    return world.render(p, frames, size, device)
+
+
+def run_generate(model, items, defaults, steps, guidance, device="cpu", batch=1, gifs=None, label="", pipe=None):
+    """One (steps, guidance) setting over `items`: the clips generated in
+    batches of `batch` on `device` and measured there."""
+    pipe = pipe or load_pipeline(model).to(device)
+    print(f"steps {steps}, guidance {guidance}: {len(items)} clips, batches of {batch} on {device}", flush=True)
+    t0 = time.time()
+    clips = evaluate(items, lambda chunk: generate(pipe, chunk, defaults, steps, guidance), defaults, gifs, label,
+                     batch, device)
+    wall = time.time() - t0
+    return {"steps": steps, "guidance": guidance, "rates": rates(clips), "seconds_per_clip": wall / len(items),
+            "wall_s": round(wall, 1), "device": device, "batch": batch, "clips": clips}
+
+
+def model_defaults(model, size=None, frames=None):
+    """motif.json's defaults, with the frame size and count overridden (a
+    quick check at a smaller size)."""
+    path = Path(model) / "motif.json"
+    try:
+        defaults = json.loads(path.read_text())["defaults"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path}: expected motif.json with a 'defaults' object ({e})")
+    if size:
+        defaults = dict(defaults, width=size, height=size)
+    if frames:
+        defaults = dict(defaults, frames=frames)
+    return defaults
+
+
 def load_pipeline(model):
     import diffusers
     import transformers
@@ -322,32 +368,43 @@ def load_pipeline(model):
     return pipe
 
 
-def generate(pipe, item, defaults, steps, guidance):
-    out = pipe(prompt=world.caption(item), negative_prompt=defaults.get("negative", ""),
+def generate(pipe, items, defaults, steps, guidance):
+    """The clips of `items` in one batch, [n, F, 3, H, W]. Each item's
+    initial noise comes from its own CPU generator seeded with its seed, so
+    a clip does not depend on the batch it is in or on the device."""
+    out = pipe(prompt=[world.caption(it) for it in items], negative_prompt=[defaults.get("negative", "")] * len(items),
                num_frames=defaults["frames"], height=defaults["height"], width=defaults["width"],
                num_inference_steps=steps, guidance_scale=guidance,
-               generator=torch.Generator().manual_seed(item["seed"]), output_type="pt")
-    return out.frames[0].float()
+               generator=[torch.Generator().manual_seed(it["seed"]) for it in items], output_type="pt")
+    return out.frames.float()
 
 
-def evaluate(items, source, defaults, gifs=None, label=""):
-    """`source(item)` gives the clip [F, 3, H, W]; returns per-clip results."""
+def evaluate(items, source, defaults, gifs=None, label="", batch=1, device="cpu"):
+    """`source(items)` gives their clips [n, F, 3, H, W], `batch` items at a
+    time; the metrics run on `device`. Returns per-clip results."""
     frames, size = defaults["frames"], defaults["width"]
     results = []
-    for i, item in enumerate(items):
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
         t0 = time.time()
-        clip = source(item)
-        wall = time.time() - t0
-        r = measure(clip, item, background_shares(item, size))
-        r = {"index": item["index"], "prompt": world.caption(item), "seed": item["seed"], **r,
-             "clip_s": round(wall, 2)}
-        results.append(r)
-        if gifs:
-            name = f"{label}{item['index']:02d}-{item['colour']}-{item['subject']}-{item['action']}-{item['camera']}.gif"
-            save_gif(os.path.join(gifs, name), clip, render_truth(item, frames, size), defaults.get("fps", 8))
-        marks = " ".join(f"{m}={'ok' if r[m]['correct'] else 'x '}" for m in ("colour", "direction", "camera") if m in r)
-        print(f"  [{i + 1:2d}/{len(items)}] #{item['index']:02d} {marks:32s} {wall:5.1f}s  {r['prompt']}", flush=True)
+        clips = source(chunk).to(device)
+        wall = (time.time() - t0) / len(chunk)
+        for j, (item, clip) in enumerate(zip(chunk, clips)):
+            results.append(_evaluate_one(start + j, len(items), item, clip, wall, defaults, gifs, label, device))
     return results
+
+
+def _evaluate_one(i, n, item, clip, wall, defaults, gifs, label, device):
+    frames, size = defaults["frames"], defaults["width"]
+    r = measure(clip, item, background_shares(item, size, device))
+    r = {"index": item["index"], "prompt": world.caption(item), "seed": item["seed"], **r,
+         "clip_s": round(wall, 2)}
+    if gifs:
+        name = f"{label}{item['index']:02d}-{item['colour']}-{item['subject']}-{item['action']}-{item['camera']}.gif"
+        save_gif(os.path.join(gifs, name), clip.cpu(), render_truth(item, frames, size), defaults.get("fps", 8))
+    marks = " ".join(f"{m}={'ok' if r[m]['correct'] else 'x '}" for m in ("colour", "direction", "camera") if m in r)
+    print(f"  [{i + 1:2d}/{n}] #{item['index']:02d} {marks:32s} {wall:5.1f}s  {r['prompt']}", flush=True)
+    return r
 
 
 def print_table(settings):
@@ -494,14 +551,25 @@ def main():
     ap.add_argument("--limit", type=int, metavar="N", help="only N clips, half with a still camera, half moving")
     ap.add_argument("--save-gifs", metavar="DIR", help="write each clip beside its ground-truth render")
     ap.add_argument("--out", default=str(ROOT / "runs" / "eval.json"), help="results (JSON)")
+    ap.add_argument("--device", default="cpu", help="where the clips are generated and measured (cuda for a GPU)")
+    ap.add_argument("--batch", type=int, default=1, help="clips generated at once (48 on a GPU: the whole split)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    ap.add_argument("--size", type=int, help="frame size instead of motif.json's (a quick check, not the record)")
+    ap.add_argument("--frames", type=int, help="frames instead of motif.json's (a quick check, not the record)")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    if a.batch < 1:
+        ap.error(f"--batch: expected at least 1, found {a.batch}")
+    torch.set_num_threads(a.threads)
+    if a.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model = Path(a.model).resolve()
-    defaults = json.loads((model / "motif.json").read_text())["defaults"]
+    defaults = model_defaults(model, a.size, a.frames)
     items = held_out(a.limit)
     if a.save_gifs:
         os.makedirs(a.save_gifs, exist_ok=True)
-    report = {"model": os.path.relpath(model, ROOT), "versions": versions(), "torch_threads": 2, "defaults": defaults,
+    report = {"model": os.path.relpath(model, ROOT), "versions": versions(), "torch_threads": a.threads,
+              "device": a.device, "batch": a.batch, "defaults": defaults,
               "metric_constants": {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, tuple))}}
     t_start = time.time()
 
@@ -542,23 +610,20 @@ def main():
     elif a.truth:
         print(f"ground truth: {len(items)} clips")
         t0 = time.time()
-        clips = evaluate(items, lambda it: render_truth(it, defaults["frames"], defaults["width"]), defaults, a.save_gifs)
+        clips = evaluate(items, lambda chunk: render_truths(chunk, defaults["frames"], defaults["width"], a.device),
+                         defaults, a.save_gifs, batch=a.batch, device=a.device)
         wall = time.time() - t0
         report.update(mode="truth", settings=[{"steps": None, "guidance": None, "rates": rates(clips),
                                                "seconds_per_clip": wall / len(items), "clips": clips}])
         print_table(report["settings"])
     else:
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(model).to(a.device)
         settings = []
         for steps in a.steps or [defaults["steps"]]:
             for guidance in a.guidance or [defaults["guidance"]]:
-                print(f"steps {steps}, guidance {guidance}: {len(items)} clips")
-                t0 = time.time()
                 label = f"s{steps}-g{guidance}-" if (a.steps or a.guidance) else ""
-                clips = evaluate(items, lambda it: generate(pipe, it, defaults, steps, guidance), defaults, a.save_gifs, label)
-                wall = time.time() - t0
-                settings.append({"steps": steps, "guidance": guidance, "rates": rates(clips),
-                                 "seconds_per_clip": wall / len(items), "clips": clips})
+                settings.append(run_generate(model, items, defaults, steps, guidance, a.device, a.batch,
+                                             a.save_gifs, label, pipe))
         report.update(mode="generate", settings=settings)
         print_table(settings)
 

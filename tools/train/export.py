@@ -55,15 +55,12 @@ def latent_rgb(vae, n=8, seed=7):
     return sol[:-1].tolist(), sol[-1].tolist()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="a train.py --out folder")
-    ap.add_argument("out", help="the diffusers folder to write (replaced)")
-    ap.add_argument("--card", help="JSON merged into motif.json (notes, figures)")
-    a = ap.parse_args()
+def export(run, out, card_extra=None):
+    """Writes the diffusers folder for `run` at `out` (replaced as a whole,
+    through a temporary folder beside it); returns its size in bytes."""
     from diffusers import DDIMScheduler
-    cfg, vae, te, unet = load(a.run)
-    tmp = a.out.rstrip("/") + ".tmp"
+    cfg, vae, te, unet = load(run)
+    tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     vae.half().save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
@@ -72,7 +69,7 @@ def main():
     DDIMScheduler(**train.SCHED_CFG).save_pretrained(os.path.join(tmp, "scheduler"))
     # The tokenizer is the repository's copy of CLIP's (assets/clip_tokenizer):
     # linked when the folder is written inside the repository, else copied.
-    final = os.path.abspath(a.out)
+    final = os.path.abspath(out)
     if final.startswith(train.ROOT + os.sep):
         os.symlink(os.path.relpath(train.TOKENIZER, final), os.path.join(tmp, "tokenizer"))
     else:
@@ -97,15 +94,25 @@ def main():
         "latent_rgb_bias": [round(v, 5) for v in bias],
         "training": cfg.get("train", {}),
     }
-    if a.card:
-        card.update(json.load(open(a.card)))
+    if card_extra:
+        card.update(card_extra)
     json.dump(card, open(os.path.join(tmp, "motif.json"), "w"), indent=1)
-    shutil.rmtree(a.out, ignore_errors=True)
-    os.replace(tmp, a.out)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     total = 0
-    for root, _, files in os.walk(a.out):
+    for root, _, files in os.walk(out):
         for f in files:
             total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a train.py --out folder")
+    ap.add_argument("out", help="the diffusers folder to write (replaced)")
+    ap.add_argument("--card", help="JSON merged into motif.json (notes, figures)")
+    a = ap.parse_args()
+    total = export(a.run, a.out, json.load(open(a.card)) if a.card else None)
     print(f"wrote {a.out}: {total / 1e6:.1f} MB")
 
 

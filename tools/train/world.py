@@ -150,17 +150,73 @@ def held_out_split():
     return items
 
 
-def sample_choices(rng, allow_held_out=False):
-    """One clip's discrete choices, drawn uniformly (held-out triples redrawn)."""
+class Recipe:
+    """What the training clips and captions are drawn from: relative weights
+    of the actions and camera moves (uniform when None) and the share of
+    captions in the canonical phrasing (the one eval.py prompts with)
+    instead of a random one. The defaults are the recipe the shipped model
+    was trained on."""
+
+    def __init__(self, action_weights=None, camera_weights=None, canonical_share=0.0):
+        self.action_weights = _weights("action", action_weights, ACTIONS)
+        self.camera_weights = _weights("camera", camera_weights, CAMERAS)
+        if not 0.0 <= canonical_share <= 1.0:
+            raise ValueError(f"canonical caption share must be within [0, 1], found {canonical_share}")
+        self.canonical_share = canonical_share
+
+    def describe(self):
+        return dict(action_weights=self.action_weights and dict(zip(ACTIONS, self.action_weights)),
+                    camera_weights=self.camera_weights and dict(zip(CAMERAS, self.camera_weights)),
+                    canonical_share=self.canonical_share)
+
+
+def _weights(what, weights, names):
+    """None, or a {name: weight} dict (names left out weigh 1), as a list."""
+    if weights is None:
+        return None
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"{what} weights: unknown {what} {unknown}; expected some of {names}")
+    out = [float(weights.get(n, 1.0)) for n in names]
+    if any(w < 0 for w in out) or sum(out) <= 0:
+        raise ValueError(f"{what} weights must be >= 0 with a positive sum, found {dict(zip(names, out))}")
+    return out
+
+
+def parse_weights(text):
+    """'left=2,right=2' -> {'left': 2.0, 'right': 2.0} (for command lines)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"weight {part!r}: expected NAME=NUMBER") from None
+        if not sep:
+            raise ValueError(f"weight {part!r}: expected NAME=NUMBER")
+    return out
+
+
+def _pick(rng, names, weights):
+    # Uniform draws keep rng.choice so that the default recipe draws the
+    # same clips as before recipes existed.
+    return rng.choice(names) if weights is None else rng.choices(names, weights)[0]
+
+
+def sample_choices(rng, allow_held_out=False, recipe=None):
+    """One clip's discrete choices (held-out triples redrawn), uniform
+    unless `recipe` weighs actions or camera moves."""
+    aw = recipe.action_weights if recipe else None
+    cw = recipe.camera_weights if recipe else None
     while True:
-        c = dict(colour=rng.choice(COLOUR_NAMES), subject=rng.choice(SUBJECTS), action=rng.choice(ACTIONS))
+        c = dict(colour=rng.choice(COLOUR_NAMES), subject=rng.choice(SUBJECTS), action=_pick(rng, ACTIONS, aw))
         if allow_held_out or (c["colour"], c["subject"], c["action"]) not in HELD_OUT:
             break
     c["scene"] = rng.choice(SCENES)
     c["time"] = rng.choice(TIMES)
     c["style"] = rng.choice(STYLES)
     # A plain background shows no camera move, so it keeps the camera still.
-    c["camera"] = "static" if c["scene"] == "plain" else rng.choice(CAMERAS)
+    c["camera"] = "static" if c["scene"] == "plain" else _pick(rng, CAMERAS, cw)
     bgs = [b for b in BACKGROUND_NAMES if b != c["colour"]]
     c["background"] = rng.choice(bgs)
     return c
@@ -191,20 +247,29 @@ def caption(c, rng=None):
     return form.format(p=p)
 
 
-def choices_to_tensors(items, device, gen):
-    """Integer and continuous parameters for `render`, one row per clip."""
+def choices_to_tensors(items, device, gen, pin=False):
+    """Integer and continuous parameters for `render`, one row per clip.
+    Drawn on the CPU (the same values on every device); with `pin` they
+    go to a CUDA device from pinned memory without blocking, so that the
+    host never waits for the GPU to catch up."""
     n = len(items)
 
     def idx(key, names):
-        return torch.tensor([names.index(it[key]) for it in items], device=device)
+        return torch.tensor([names.index(it[key]) for it in items])
 
-    u = lambda: torch.rand(n, generator=gen, device="cpu").to(device)  # noqa: E731
-    return dict(
+    u = lambda: torch.rand(n, generator=gen, device="cpu")  # noqa: E731
+    p = dict(
         colour=idx("colour", COLOUR_NAMES), subject=idx("subject", SUBJECTS), action=idx("action", ACTIONS),
         scene=idx("scene", SCENES), time=idx("time", TIMES), camera=idx("camera", CAMERAS),
         style=idx("style", STYLES), background=idx("background", BACKGROUND_NAMES),
         jx=u() * 2 - 1, jy=u() * 2 - 1, size=0.30 + 0.12 * u(), cam_x=u() * 8 - 4, seed=u() * 100,
-        spin=torch.where(u() < 0.5, -1.0, 1.0).to(device), phase=u())
+        spin=torch.where(u() < 0.5, -1.0, 1.0), phase=u())
+    return to_device(p, device, pin)
+
+
+def to_device(p, device, pin=False):
+    pin = pin and str(device).startswith("cuda")
+    return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device)) for k, v in p.items()}
 
 
 # --- drawing helpers -------------------------------------------------------
@@ -229,8 +294,16 @@ def _mix(a, b, t):
     return a + (b - a) * t
 
 
+_RGB = {}
+
+
 def _rgb(values, device):
-    return torch.tensor(values, device=device, dtype=torch.float32)
+    # Cached per device: a fresh tensor would be a host-to-device copy, and
+    # one that waits for the GPU, dozens of times per render.
+    key = (tuple(values) if not isinstance(values[0], (list, tuple)) else tuple(map(tuple, values)), str(device))
+    if key not in _RGB:
+        _RGB[key] = torch.tensor(values, device=device, dtype=torch.float32)
+    return _RGB[key]
 
 
 def _col(table, index):
@@ -289,8 +362,13 @@ def _subject_sdf(kind, qx, qy, t, flip):
     raise ValueError(kind)
 
 
-def render(p, frames=16, size=128, device="cpu"):
-    """Draws the clips: [n, frames, 3, size, size] in [0, 1]."""
+def render(p, frames=16, size=128, device="cpu", subject_counts=None):
+    """Draws the clips: [n, frames, 3, size, size] in [0, 1].
+
+    `subject_counts` (a host-side list, clips per entry of SUBJECTS) says
+    that the clips are sorted by subject: each subject's shape is then
+    drawn on a slice, and nothing waits for the device to say which clips
+    hold which subject. Without it the clips may come in any order."""
     n = p["colour"].shape[0]
     H = W = size
     f = torch.arange(frames, device=device, dtype=torch.float32)
@@ -414,15 +492,28 @@ def render(p, frames=16, size=128, device="cpu"):
     flip = torch.where(is_act("left") > 0, -1.0, 1.0)
     if style.is_floating_point():
         raise TypeError("style must be integer")
-    sdf = torch.full_like(X, 10.0)
-    detail = torch.full_like(X, 10.0)
-    for k, kind in enumerate(SUBJECTS):
-        sel = (p["subject"] == k)
-        if not bool(sel.any()):
-            continue
-        a, b = _subject_sdf(kind, qx[sel], qy[sel], t.expand(int(sel.sum()), -1, H, W)[..., :1, :1], flip[sel])
-        sdf[sel] = a
-        detail[sel] = b
+    if subject_counts is None:
+        sdf = torch.full_like(X, 10.0)
+        detail = torch.full_like(X, 10.0)
+        for k, kind in enumerate(SUBJECTS):
+            sel = (p["subject"] == k)
+            if not bool(sel.any()):
+                continue
+            a, b = _subject_sdf(kind, qx[sel], qy[sel], t.expand(int(sel.sum()), -1, H, W)[..., :1, :1], flip[sel])
+            sdf[sel] = a
+            detail[sel] = b
+    else:
+        if len(subject_counts) != len(SUBJECTS) or sum(subject_counts) != n:
+            raise ValueError(f"subject_counts: expected {len(SUBJECTS)} counts summing to {n} clips, "
+                             f"found {list(subject_counts)}")
+        parts, start = [], 0
+        for kind, count in zip(SUBJECTS, subject_counts):
+            if count:
+                sl = slice(start, start + count)
+                parts.append(_subject_sdf(kind, qx[sl], qy[sl], t.expand(count, -1, H, W)[..., :1, :1], flip[sl]))
+                start += count
+        sdf = torch.cat([a for a, _ in parts])
+        detail = torch.cat([b for _, b in parts])
     painterly = style == STYLES.index("painterly")
     wobble = (_noise(qx * 2.5, qy * 2.5, seed + 12) - 0.5) * 0.12
     sdf = torch.where(painterly, sdf + wobble, sdf)
@@ -468,6 +559,34 @@ def make_batch(rng, n, frames=16, size=128, device="cpu", gen=None):
     gen = gen or torch.Generator().manual_seed(rng.randrange(1 << 30))
     clips = render(choices_to_tensors(items, device, gen), frames, size, device)
     return clips, caps, items
+
+
+def draw_batch(rng, n, recipe=None):
+    """The host's part of a training batch, drawn without touching the
+    device: n clips' choices sorted by subject (see `render`), their
+    captions and their render parameters on the CPU. `render_batch` draws
+    it on the device."""
+    items = sorted((sample_choices(rng, recipe=recipe) for _ in range(n)), key=lambda c: SUBJECTS.index(c["subject"]))
+    share = recipe.canonical_share if recipe else 0.0
+    caps = [caption(c) if share and rng.random() < share else caption(c, rng) for c in items]
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    params = choices_to_tensors(items, "cpu", gen)
+    counts = [sum(1 for c in items if c["subject"] == s) for s in SUBJECTS]
+    return dict(items=items, captions=caps, params=params, subject_counts=counts)
+
+
+def render_batch(batch, frames, size, device, pin=True, chunk=32):
+    """Draws a `draw_batch` batch on the device: [n, frames, 3, size, size],
+    `chunk` clips at a time (the renderer's intermediates are a few
+    hundred MB per chunk at 128 px)."""
+    p = to_device(batch["params"], device, pin)
+    subjects = [SUBJECTS.index(c["subject"]) for c in batch["items"]]
+    out = []
+    for i in range(0, len(subjects), chunk):
+        part = subjects[i:i + chunk]
+        counts = [part.count(k) for k in range(len(SUBJECTS))]
+        out.append(render({k: v[i:i + chunk] for k, v in p.items()}, frames, size, device, counts))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 if __name__ == "__main__":
