@@ -955,6 +955,79 @@ mod tests {
     }
 
     #[test]
+    fn wan_names_in_every_layout_reach_the_same_module() {
+        let keys: KeyShapes = [
+            "blocks.0.attn1.to_q.weight",
+            "blocks.0.attn1.to_out.0.weight",
+            "blocks.0.attn1.to_out.0.bias",
+            "blocks.0.ffn.net.0.proj.weight",
+            "blocks.0.norm2.weight",
+            "condition_embedder.time_proj.weight",
+            "proj_out.weight",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), vec![4, 4]))
+        .collect();
+        let m = ModelModules::new(&keys, LoraTarget::Transformer);
+        let module = |stem: &str| {
+            let (target, name) = module_name(stem, false).unwrap();
+            assert_eq!(target, LoraTarget::Transformer, "{stem}");
+            m.module(&name, target)
+        };
+        for (stems, want) in [
+            (
+                [
+                    "transformer.blocks.0.attn1.to_out.0",
+                    "blocks.0.attn1.to_out.0",
+                    "diffusion_model.blocks.0.self_attn.o",
+                    "lora_unet_blocks_0_self_attn_o",
+                ],
+                "blocks.0.attn1.to_out.0",
+            ),
+            (
+                [
+                    "transformer.blocks.0.ffn.net.0.proj",
+                    "blocks.0.ffn.0",
+                    "diffusion_model.blocks.0.ffn.0",
+                    "lora_unet_blocks_0_ffn_0",
+                ],
+                "blocks.0.ffn.net.0.proj",
+            ),
+            (
+                [
+                    "transformer.condition_embedder.time_proj",
+                    "time_projection.1",
+                    "diffusion_model.time_projection.1",
+                    "condition_embedder.time_proj",
+                ],
+                "condition_embedder.time_proj",
+            ),
+        ] {
+            for stem in stems {
+                assert_eq!(module(stem).as_deref(), Some(want), "{stem}");
+            }
+        }
+        // The original norm3 is diffusers' norm2 (the cross-attention norm).
+        assert_eq!(
+            module("diffusion_model.blocks.0.norm3").as_deref(),
+            Some("blocks.0.norm2")
+        );
+        assert_eq!(
+            module("diffusion_model.head.head").as_deref(),
+            Some("proj_out")
+        );
+        // Image-to-video modules have no place in a text-to-video model.
+        assert_eq!(module("diffusion_model.blocks.0.cross_attn.k_img"), None);
+        // SD kohya names stay the UNet's.
+        assert_eq!(
+            module_name("lora_unet_down_blocks_0_attentions_0_proj_in", false)
+                .unwrap()
+                .0,
+            LoraTarget::Unet
+        );
+    }
+
+    #[test]
     fn ldm_kohya_names_follow_the_single_file_mapping() {
         assert_eq!(
             ldm_module("input_blocks_1_1_transformer_blocks_0_attn1_to_q", 2).as_deref(),
