@@ -361,14 +361,14 @@ impl Runner {
     }
 }
 
+/// LoRA files opened, with the user's weight of each.
+type OpenLoras = Vec<(Arc<LoraFile>, f32)>;
+
 /// The LoRA a transformer case fuses in: its literal inputs `lora_file` (a
 /// path relative to the case set) and `lora_scale` (diffusers'
 /// `fuse_lora(lora_scale=…)`, default 1). Also the model cache's key: ""
 /// without one.
-fn case_lora(
-    set: &CaseSet,
-    case: &serde_json::Value,
-) -> Result<(String, Vec<(Arc<LoraFile>, f32)>)> {
+fn case_lora(set: &CaseSet, case: &serde_json::Value) -> Result<(String, OpenLoras)> {
     if !has_input(case, "lora_file") {
         return Ok((String::new(), Vec::new()));
     }
