@@ -606,6 +606,8 @@ impl LoraFile {
 pub(crate) struct Update {
     file: Arc<LoraFile>,
     delta: Delta,
+    /// The factors' rank (0 for a full difference).
+    rank: usize,
     /// The user's weight times the module's scale.
     coefficient: f32,
 }
@@ -616,13 +618,12 @@ impl Update {
     /// `values += coefficient · diff` for a full difference.
     pub(crate) fn add_to(&self, values: &mut [f32], key: &str) -> Result<(), LoadError> {
         // resolve() checked the shapes; only a changed file fails these.
-        let changed =
-            |what: &str| layout(self.file.path(), format!("{what} no longer fit `{key}`"));
+        let changed = |what: String| layout(self.file.path(), format!("{what} `{key}`"));
         let (down_key, up_key) = match &self.delta {
             Delta::Full { key: diff_key, .. } => {
                 let diff = self.file.file.to_f32(diff_key)?;
                 if diff.len() != values.len() {
-                    return Err(changed(&format!("`{diff_key}` does")));
+                    return Err(changed(format!("`{diff_key}` no longer fits")));
                 }
                 for (w, d) in values.iter_mut().zip(diff) {
                     *w += self.coefficient * d;
@@ -633,18 +634,12 @@ impl Update {
         };
         let down = self.file.file.to_f32(down_key)?;
         let up = self.file.file.to_f32(up_key)?;
-        let rank = self
-            .file
-            .file
-            .info(down_key)
-            .and_then(|i| i.shape.first().copied())
-            .unwrap_or(0);
-        if rank == 0 {
-            return Err(changed(&format!("`{down_key}` has no rank and does not")));
-        }
+        let rank = self.rank.max(1);
         let cols = down.len() / rank;
         if up.len() / rank * cols != values.len() {
-            return Err(changed(&format!("factors `{down_key}` and `{up_key}`")));
+            return Err(changed(format!(
+                "factors `{down_key}` and `{up_key}` no longer fit"
+            )));
         }
         let mut row = vec![0f32; cols];
         for (out, up_row) in values.chunks_mut(cols).zip(up.chunks(rank)) {
@@ -868,6 +863,7 @@ pub(crate) fn resolve(
                     updates.entry(key.clone()).or_default().push(Update {
                         file: lora.clone(),
                         delta: module.delta.clone(),
+                        rank: 0,
                         coefficient: coefficient(module),
                     });
                     continue;
@@ -898,6 +894,7 @@ pub(crate) fn resolve(
             updates.entry(key.clone()).or_default().push(Update {
                 file: lora.clone(),
                 delta: module.delta.clone(),
+                rank,
                 coefficient: coefficient(module),
             });
         }
