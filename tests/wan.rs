@@ -162,3 +162,62 @@ fn settings_wan_cannot_take_are_refused_with_what_to_pass() {
         assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn a_wan_lora_changes_the_clip_at_its_weight_and_misfits_are_refused() {
+    let dir = scratch("lora");
+    let model = wan();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let lora = |name: &str, weight: &str| {
+        format!(
+            "{}:{weight}",
+            fixtures.join("wan-lora").join(name).display()
+        )
+    };
+    let (with, zero) = (
+        lora("comfy.safetensors", "0.7"),
+        lora("comfy.safetensors", "0"),
+    );
+    for (out, extra) in [
+        ("plain", vec![]),
+        ("with", vec!["--lora", with.as_str()]),
+        ("zero", vec!["--lora", zero.as_str()]),
+    ] {
+        let mut args = tiny(&model, &extra);
+        args.extend_from_slice(&["-o", out]);
+        let o = motif(&dir, &args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    // The frames' pixels (each PNG also carries its recipe, which names the LoRA).
+    let pixels = |d: &str| {
+        let mut names: Vec<_> = std::fs::read_dir(dir.join(d))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "png"))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|p| image::open(p).unwrap().to_rgb8().into_raw())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(pixels("plain").len(), 5);
+    assert_ne!(pixels("plain"), pixels("with"), "the LoRA changed nothing");
+    assert_eq!(pixels("plain"), pixels("zero"), "weight 0 is no LoRA");
+
+    // An AnimateDiff LoRA on Wan: refused before any file appears.
+    let sd = format!("{}:0.5", fixtures.join("lora/kohya.safetensors").display());
+    let mut args = tiny(&model, &["--lora", sd.as_str()]);
+    args.extend_from_slice(&["-o", "x.mp4"]);
+    let o = motif(&dir, &args);
+    assert!(!o.status.success(), "an SD LoRA was accepted");
+    let e = stderr(&o);
+    assert!(
+        e.contains("kohya.safetensors") && e.contains("this LoRA is for Stable Diffusion"),
+        "{e}"
+    );
+    assert!(
+        !dir.join("x.mp4").exists() && !e.contains("panicked"),
+        "{e}"
+    );
+}

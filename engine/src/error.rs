@@ -53,6 +53,19 @@ pub enum LoadError {
 
     #[error("{}: {message}", path.display())]
     Layout { path: PathBuf, message: String },
+
+    /// A LoRA made for another model family (an SD/AnimateDiff LoRA given
+    /// to a Wan model, or the reverse).
+    #[error(
+        "{}: this LoRA is for {lora} models (tensor `{key}`), but the model is {model}: pass a LoRA trained for it",
+        path.display()
+    )]
+    LoraFamily {
+        path: PathBuf,
+        key: String,
+        lora: &'static str,
+        model: &'static str,
+    },
 }
 
 #[derive(Debug, Error)]

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{
     argument, computed_from, has_input, input_shape, input_tensor, literal, resolve_prompts,
@@ -17,22 +18,25 @@ use crate::gpu::Gpu;
 use crate::models::source::{ModelSource, ModelSpec};
 use crate::models::umt5::{relative_position_buckets, BlockResidency, UMT5EncoderModel};
 use crate::models::wan_files::WanFiles;
-use crate::models::wan_transformer::{rope_tables, WanTransformer3DModel, ROPE_THETA};
+use crate::models::wan_transformer::{
+    rope_tables, WanTransformer3DModel, WanTransformerConfig, ROPE_THETA,
+};
 use crate::models::wan_vae::AutoencoderKLWan;
 use crate::pipelines::{Family, ModelDefaults, Request, Wan};
 use crate::schedulers::SchedulerConfig;
 use crate::tensor::Tensor;
 use crate::text::{Umt5Tokenizer, UMT5_MAX_LENGTH};
 use crate::weights::wan_files::WanFile;
-use crate::weights::{FileDType, Weights};
+use crate::weights::{FileDType, LoraFile, LoraTarget, WeightSet, Weights};
 
 /// The set's pipeline folder and the components its cases have loaded.
 pub(super) struct Runner {
     dir: PathBuf,
     tokenizer: Option<Umt5Tokenizer>,
     text_encoder: Option<UMT5EncoderModel>,
-    /// By folder: `transformer` and, for Wan 2.2 A14B, `transformer_2`.
-    transformers: HashMap<&'static str, WanTransformer3DModel>,
+    /// By folder (`transformer` and, for Wan 2.2 A14B, `transformer_2`)
+    /// and the LoRA fused in (see [`case_lora`]).
+    transformers: HashMap<(&'static str, String), WanTransformer3DModel>,
     vae: Option<AutoencoderKLWan>,
     pipeline: Option<Wan>,
     /// The single files a set's cases name (`transformer_file`,
@@ -63,10 +67,15 @@ impl Runner {
         component: &str,
         debug: bool,
     ) -> Result<Computed> {
-        if has_input(case, "pipeline_dir") || has_input(case, "lora_file") {
+        if has_input(case, "pipeline_dir") {
             return Err(argument(
-                "Wan cases with `pipeline_dir` or `lora_file` are not supported yet",
+                "Wan cases with `pipeline_dir` are not supported yet",
             ));
+        }
+        if has_input(case, "lora_file") && component != "transformer" {
+            return Err(argument(format!(
+                "input `lora_file`: Wan LoRAs are fused into the transformer; `{component}` cases take none"
+            )));
         }
         if self.files.is_none() {
             self.files = case_files(set, case)?;
@@ -226,13 +235,15 @@ impl Runner {
             },
         };
         let folder = self.dir.join(which);
-        if let (Some(files), false) = (&self.files, self.transformers.contains_key(which)) {
-            let part = files.transformer()?;
+        let (lora_key, loras) = case_lora(set, case)?;
+        let cache_key = (which, lora_key);
+        if let (Some(files), false) = (&self.files, self.transformers.contains_key(&cache_key)) {
+            let part = files.transformer_with_loras(&loras)?;
             let w = Weights::new(part.weights, gpu.precision());
             let model = WanTransformer3DModel::new(gpu, &w, part.config, BlockResidency::Resident)?;
-            self.transformers.insert(which, model);
+            self.transformers.insert(cache_key.clone(), model);
         }
-        if !self.transformers.contains_key(which) && !folder.join("config.json").is_file() {
+        if !self.transformers.contains_key(&cache_key) && !folder.join("config.json").is_file() {
             return Err(argument(format!(
                 "the case runs `{which}`, but {} has no {which}/config.json",
                 self.dir.display()
@@ -243,11 +254,15 @@ impl Runner {
                 "input `encoder_hidden_states_image`: image-conditioned (I2V) transformer cases are not supported yet",
             ));
         }
-        if !self.transformers.contains_key(which) {
-            let model = WanTransformer3DModel::from_dir(gpu, &folder, BlockResidency::Resident)?;
-            self.transformers.insert(which, model);
+        if !self.transformers.contains_key(&cache_key) {
+            let config = WanTransformerConfig::load(&folder.join("config.json"))?;
+            let weights =
+                WeightSet::open_dir(&folder)?.with_loras(&loras, LoraTarget::Transformer)?;
+            let w = Weights::new(Arc::new(weights), gpu.precision());
+            let model = WanTransformer3DModel::new(gpu, &w, config, BlockResidency::Resident)?;
+            self.transformers.insert(cache_key.clone(), model);
         }
-        let model = &self.transformers[which];
+        let model = &self.transformers[&cache_key];
         let cfg = &model.config;
 
         let hidden_states = upload_input(gpu, set, case, "hidden_states")?;
@@ -344,6 +359,33 @@ impl Runner {
             ))
         }
     }
+}
+
+/// LoRA files opened, with the user's weight of each.
+type OpenLoras = Vec<(Arc<LoraFile>, f32)>;
+
+/// The LoRA a transformer case fuses in: its literal inputs `lora_file` (a
+/// path relative to the case set) and `lora_scale` (diffusers'
+/// `fuse_lora(lora_scale=…)`, default 1). Also the model cache's key: ""
+/// without one.
+fn case_lora(set: &CaseSet, case: &serde_json::Value) -> Result<(String, OpenLoras)> {
+    if !has_input(case, "lora_file") {
+        return Ok((String::new(), Vec::new()));
+    }
+    let file = literal(case, "lora_file")?
+        .as_str()
+        .ok_or_else(|| argument("input `lora_file` is not a path"))?;
+    let scale = match has_input(case, "lora_scale") {
+        true => literal(case, "lora_scale")?
+            .as_f64()
+            .ok_or_else(|| argument("input `lora_scale` is not a number"))?,
+        false => 1.0,
+    };
+    let lora = LoraFile::open(&set.dir.join(file))?;
+    Ok((
+        format!("{file}:{scale}"),
+        vec![(Arc::new(lora), scale as f32)],
+    ))
 }
 
 /// The files of a case over single files (paths relative to the set), or

@@ -25,7 +25,8 @@ use crate::weights::{
     refuse_pickle, safetensors_files, LoraFile, LoraTarget, SafetensorsFile, WeightSet,
 };
 
-/// What the user named: `--model`, `--motion-adapter`, `--vae`, `--lora`.
+/// What the user named: `--model`, `--motion-adapter`, `--vae`, `--lora`
+/// (for Wan: fused into the transformer).
 #[derive(Debug, Clone, Default)]
 pub struct ModelSpec {
     pub model: String,
@@ -159,25 +160,61 @@ impl ModelSource {
         }
         let adapter = spec.motion_adapter.as_deref().map(locate).transpose()?;
         let vae = spec.vae.as_deref().map(locate).transpose()?;
-        Ok(ModelSource {
+        let source = ModelSource {
             model,
             adapter,
             vae,
             loras: open_loras(&spec.loras)?,
             wan,
-        })
+        };
+        source.check_loras()?;
+        Ok(source)
     }
 
     /// The same model with `loras` (file, weight) in place of its LoRAs.
     pub fn with_loras(&self, loras: &[(String, f32)]) -> Result<Self, LoadError> {
-        Ok(ModelSource {
+        let source = ModelSource {
             loras: open_loras(loras)?,
             ..self.clone()
-        })
+        };
+        source.check_loras()?;
+        Ok(source)
     }
 
-    /// `set` with this source's LoRAs fused into the `target` weights.
-    fn fuse_loras(&self, set: WeightSet, target: LoraTarget) -> Result<Arc<WeightSet>, LoadError> {
+    /// Refuses, from the headers alone, a LoRA of another family than the
+    /// model's, and for a Wan model one that does not fit its transformer
+    /// (a module that matches nothing, another model size): nothing has
+    /// been read or put on a GPU yet.
+    fn check_loras(&self) -> Result<(), LoadError> {
+        if self.loras.is_empty() {
+            return Ok(());
+        }
+        if let Some(files) = &self.wan {
+            files.transformer_with_loras(&self.loras)?;
+            return Ok(());
+        }
+        let wan_folder = self.pipeline_class()?.as_deref() == Some("WanPipeline");
+        if let (true, Location::Folder(dir)) = (wan_folder, &self.model) {
+            let transformer = dir.join("transformer");
+            if transformer.is_dir() {
+                WeightSet::open_dir(&transformer)?
+                    .with_loras(&self.loras, LoraTarget::Transformer)?;
+            }
+            return Ok(());
+        }
+        for (lora, _) in &self.loras {
+            lora.check_family(LoraTarget::Unet)?;
+        }
+        Ok(())
+    }
+
+    /// `set` with this source's LoRAs fused into the `target` weights
+    /// (checked against the set's keys and shapes, nothing read yet).
+    pub(crate) fn fuse_loras(
+        &self,
+        set: WeightSet,
+        target: LoraTarget,
+    ) -> Result<Arc<WeightSet>, LoadError> {
         Ok(Arc::new(set.with_loras(&self.loras, target)?))
     }
 
@@ -226,6 +263,11 @@ impl ModelSource {
         }
         let parsed: ModelIndex = read_config(&index)?;
         Ok(parsed.class_name)
+    }
+
+    /// The opened LoRA files with their weights, for loaders that fuse them.
+    pub(crate) fn lora_files(&self) -> &[(Arc<LoraFile>, f32)] {
+        &self.loras
     }
 
     /// The LoRA files fused into this model, with their weights.

@@ -19,7 +19,7 @@ use crate::text::Umt5Tokenizer;
 use crate::weights::config::read_config;
 use crate::weights::single_file::Inferred;
 use crate::weights::wan_files::{self, WanFile};
-use crate::weights::{FileDType, SafetensorsFile, WeightSet};
+use crate::weights::{FileDType, LoraFile, LoraTarget, SafetensorsFile, WeightSet};
 
 /// The tensor ComfyUI's UMT5 files keep their SentencePiece model in.
 const SPIECE_TENSOR: &str = "spiece_model";
@@ -188,6 +188,14 @@ impl WanFiles {
     /// given, its head count is taken and every other field must equal
     /// what the shapes say.
     pub fn transformer(&self) -> Result<Part<WanTransformerConfig>, LoadError> {
+        self.transformer_with_loras(&[])
+    }
+
+    /// [`WanFiles::transformer`] with LoRAs (file, user weight) fused in.
+    pub fn transformer_with_loras(
+        &self,
+        loras: &[(Arc<LoraFile>, f32)],
+    ) -> Result<Part<WanTransformerConfig>, LoadError> {
         let path = &self.transformer;
         let keys = file_keys(path)?;
         let given = match &self.transformer_config {
@@ -227,7 +235,11 @@ impl WanFiles {
         }
         Ok(Part {
             config: WanTransformerConfig::from_value(path, config)?,
-            weights: Self::weights(path, aliases)?,
+            weights: Arc::new(
+                WeightSet::open(std::slice::from_ref(path))?
+                    .with_aliases(aliases)
+                    .with_loras(loras, LoraTarget::Transformer)?,
+            ),
             origin: path.clone(),
         })
     }

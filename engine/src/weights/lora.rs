@@ -18,6 +18,18 @@
 //!   the original LDM UNet layout (`input_blocks_1_1_…`) go through the
 //!   single-file LDM mapping.
 //!
+//! - Wan transformer LoRAs (the layouts diffusers converts in
+//!   `_convert_non_diffusers_wan_lora_to_diffusers` and
+//!   `_convert_musubi_wan_lora_to_diffusers`): diffusers/PEFT
+//!   `transformer.blocks.N.attn1.to_q.lora_A.weight` (the prefix optional);
+//!   ComfyUI / original Wan names `diffusion_model.blocks.N.self_attn.q.lora_down.weight`
+//!   (or `.lora_A.weight`) with `.alpha`; musubi-tuner / kohya names
+//!   `lora_unet_blocks_N_self_attn_q.lora_down.weight`; and full deltas,
+//!   `.diff` (W += weight · diff) and `.diff_b` (bias += weight · diff_b),
+//!   as ComfyUI applies them. diffusers 0.42 ignores `.diff` keys of block
+//!   layers and drops those of norms; Motif applies every one (the format's
+//!   meaning), and refuses none silently.
+//!
 //! Scale: alpha / rank where the file stores an `alpha` (kohya); for PEFT
 //! files, the `LoraConfig` diffusers saves in the `lora_adapter_metadata`
 //! header entry (`r`, `lora_alpha`, `rank_pattern`, `alpha_pattern`,
@@ -29,15 +41,17 @@
 //! encoder (diffusers applies the most common one to every module).
 //!
 //! Refused, with the reason: DoRA, LyCORIS LoHa/LoKr, Tucker-decomposed convs
-//! (`lora_mid`), full-weight diffs, LoRA biases, SDXL's second text encoder —
-//! and any module that matches no weight of the model: a LoRA is never
-//! applied in part.
+//! (`lora_mid`), full-weight diffs outside Wan LoRAs, LoRA biases, SDXL's
+//! second text encoder, a LoRA of another family than the model's — and
+//! any module that matches no weight of the model: a LoRA is never applied
+//! in part.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
 use super::single_file::{self, KeyShapes};
+use super::wan_files;
 use super::{refuse_pickle, FileDType, SafetensorsFile};
 use crate::error::LoadError;
 
@@ -46,6 +60,8 @@ use crate::error::LoadError;
 pub enum LoraTarget {
     Unet,
     TextEncoder,
+    /// The Wan diffusion transformer (`WanTransformer3DModel`).
+    Transformer,
 }
 
 impl LoraTarget {
@@ -54,6 +70,24 @@ impl LoraTarget {
         match self {
             LoraTarget::Unet => "unet",
             LoraTarget::TextEncoder => "text_encoder",
+            LoraTarget::Transformer => "transformer",
+        }
+    }
+
+    /// The model family whose LoRAs update this model, for messages.
+    fn family(self) -> &'static str {
+        match self {
+            LoraTarget::Unet | LoraTarget::TextEncoder => "Stable Diffusion / AnimateDiff",
+            LoraTarget::Transformer => "Wan",
+        }
+    }
+
+    /// The model's name in messages.
+    fn describe(self) -> &'static str {
+        match self {
+            LoraTarget::Unet => "UNet",
+            LoraTarget::TextEncoder => "text encoder",
+            LoraTarget::Transformer => "Wan transformer",
         }
     }
 }
@@ -63,18 +97,40 @@ impl LoraTarget {
 enum ModuleName {
     /// A diffusers/transformers module path (`down_blocks.0.….attn1.to_q`).
     Path(String),
-    /// kohya's module path with `_` for `.` (`down_blocks_0_…_attn1_to_q`).
+    /// kohya's module path with `_` for `.` (`down_blocks_0_…_attn1_to_q`;
+    /// for Wan, musubi's original names: `blocks_0_self_attn_q`).
     Kohya(String),
+    /// A module path in the original Wan repository's names
+    /// (`blocks.0.self_attn.q`, `head.head`), as ComfyUI files give them.
+    WanOriginal(String),
 }
 
-/// One low-rank update in a file.
+/// What a module's tensors change.
+#[derive(Debug, Clone)]
+enum Delta {
+    /// Low-rank factors: down [r, in, (kh, kw)], up [out, r, (1, 1)].
+    LowRank { down: String, up: String },
+    /// A full difference to add to the weight (`.diff`) or to the bias
+    /// (`.diff_b`), of the parameter's own shape.
+    Full { key: String, bias: bool },
+}
+
+impl Delta {
+    /// The file key that names it in messages.
+    fn key(&self) -> &str {
+        match self {
+            Delta::LowRank { down, .. } => down,
+            Delta::Full { key, .. } => key,
+        }
+    }
+}
+
+/// One update in a file.
 #[derive(Debug, Clone)]
 struct Module {
     target: LoraTarget,
     name: ModuleName,
-    /// Stored keys of the factors: down [r, in, (kh, kw)], up [out, r, (1, 1)].
-    down: String,
-    up: String,
+    delta: Delta,
     /// alpha / rank (alpha / √rank with rsLoRA), or 1.
     scale: f64,
 }
@@ -101,12 +157,16 @@ enum Role {
     Down,
     Up,
     Alpha,
+    /// A full weight difference (`.diff`).
+    Diff,
+    /// A full bias difference (`.diff_b`).
+    DiffBias,
 }
 
 /// Key endings of LoRA tensors, each with its role. `_lora.…` is diffusers'
 /// attention-processor form (`to_q_lora.down.weight`): the `to_q` before it
 /// belongs to the module name.
-const SUFFIXES: [(&str, Role); 11] = [
+const SUFFIXES: [(&str, Role); 13] = [
     (".lora_down.weight", Role::Down),
     (".lora_up.weight", Role::Up),
     (".lora_A.weight", Role::Down),
@@ -118,6 +178,8 @@ const SUFFIXES: [(&str, Role); 11] = [
     ("_lora.down.weight", Role::Down),
     ("_lora.up.weight", Role::Up),
     (".alpha", Role::Alpha),
+    (".diff", Role::Diff),
+    (".diff_b", Role::DiffBias),
 ];
 
 /// What a key of an adapter kind other than plain LoRA belongs to.
@@ -131,9 +193,6 @@ fn unsupported(key: &str) -> Option<&'static str> {
         ("lora_B.bias", "a LoRA bias"),
         ("lora_up.bias", "a LoRA bias"),
     ];
-    if key.ends_with(".diff") || key.ends_with(".diff_b") {
-        return Some("a full-weight difference");
-    }
     FRAGMENTS
         .iter()
         .find(|(fragment, _)| key.contains(fragment))
@@ -188,7 +247,40 @@ fn module_name(stem: &str, processor_form: bool) -> Result<(LoraTarget, ModuleNa
         return Err("it belongs to a second text encoder (SDXL); Motif's models have one".into());
     }
     if let Some(rest) = stem.strip_prefix("lora_unet_") {
-        return Ok((LoraTarget::Unet, ModuleName::Kohya(rest.into())));
+        // musubi-tuner's Wan names start at the transformer's `blocks`, a
+        // name no Stable Diffusion UNet has at its top.
+        let target = match rest.starts_with("blocks_") {
+            true => LoraTarget::Transformer,
+            false => LoraTarget::Unet,
+        };
+        return Ok((target, ModuleName::Kohya(rest.into())));
+    }
+    if let Some(rest) = stem.strip_prefix("diffusion_model.") {
+        return Ok((
+            LoraTarget::Transformer,
+            ModuleName::WanOriginal(rest.into()),
+        ));
+    }
+    if let Some(rest) = stem.strip_prefix("transformer.") {
+        return Ok((LoraTarget::Transformer, ModuleName::Path(rest.into())));
+    }
+    // Without a prefix: the Wan transformer's top-level modules, in either
+    // naming (a UNet's modules all sit below `down_blocks`, `mid_block`, …).
+    let top = stem.split('.').next().unwrap_or(stem);
+    if matches!(
+        top,
+        "blocks" | "condition_embedder" | "proj_out" | "patch_embedding"
+    ) {
+        return Ok((LoraTarget::Transformer, ModuleName::Path(stem.into())));
+    }
+    if matches!(
+        top,
+        "text_embedding" | "time_embedding" | "time_projection" | "head"
+    ) {
+        return Ok((
+            LoraTarget::Transformer,
+            ModuleName::WanOriginal(stem.into()),
+        ));
     }
     if let Some(rest) = stem
         .strip_prefix("lora_te_")
@@ -363,20 +455,11 @@ impl LoraFile {
         let configs = [
             PeftConfig::from_metadata(&meta, LoraTarget::Unet, path)?,
             PeftConfig::from_metadata(&meta, LoraTarget::TextEncoder, path)?,
+            PeftConfig::from_metadata(&meta, LoraTarget::Transformer, path)?,
         ];
 
         let mut modules = Vec::new();
         for (stem, (processor_form, roles)) in &stems {
-            let (Some(down), Some(up)) = (roles.get(&Role::Down), roles.get(&Role::Up)) else {
-                let have = roles.values().cloned().collect::<Vec<_>>();
-                return Err(layout(
-                    path,
-                    format!(
-                        "module `{stem}` lacks its down or up factor (has {})",
-                        few(&have)
-                    ),
-                ));
-            };
             let (target, name) = module_name(stem, *processor_form)
                 .map_err(|why| layout(path, format!("module `{stem}`: {why}")))?;
             let info = |key: &str| {
@@ -389,6 +472,44 @@ impl LoraFile {
                     });
                 }
                 Ok(info.shape.clone())
+            };
+            for (role, bias) in [(Role::Diff, false), (Role::DiffBias, true)] {
+                let Some(key) = roles.get(&role) else {
+                    continue;
+                };
+                if target != LoraTarget::Transformer {
+                    return Err(layout(
+                        path,
+                        format!(
+                            "tensor `{key}` is a full-weight difference, which Motif fuses in Wan LoRAs only \
+                             (plain LoRA and LoCon for this model)"
+                        ),
+                    ));
+                }
+                info(key)?;
+                modules.push(Module {
+                    target,
+                    name: name.clone(),
+                    delta: Delta::Full {
+                        key: key.clone(),
+                        bias,
+                    },
+                    scale: 1.0,
+                });
+            }
+            let factors = [Role::Down, Role::Up, Role::Alpha];
+            if !factors.iter().any(|r| roles.contains_key(r)) {
+                continue;
+            }
+            let (Some(down), Some(up)) = (roles.get(&Role::Down), roles.get(&Role::Up)) else {
+                let have = roles.values().cloned().collect::<Vec<_>>();
+                return Err(layout(
+                    path,
+                    format!(
+                        "module `{stem}` lacks its down or up factor (has {})",
+                        few(&have)
+                    ),
+                ));
             };
             let (down_shape, up_shape) = (info(down)?, info(up)?);
             let rank = match (down_shape.first(), up_shape.get(1)) {
@@ -405,6 +526,7 @@ impl LoraFile {
             let config = match target {
                 LoraTarget::Unet => &configs[0],
                 LoraTarget::TextEncoder => &configs[1],
+                LoraTarget::Transformer => &configs[2],
             };
             let scale = if let Some(alpha_key) = roles.get(&Role::Alpha) {
                 let alpha = file.to_f32(alpha_key)?;
@@ -440,8 +562,10 @@ impl LoraFile {
             modules.push(Module {
                 target,
                 name,
-                down: down.clone(),
-                up: up.clone(),
+                delta: Delta::LowRank {
+                    down: down.clone(),
+                    up: up.clone(),
+                },
                 scale,
             });
         }
@@ -451,14 +575,38 @@ impl LoraFile {
     pub fn path(&self) -> &Path {
         self.file.path()
     }
+
+    /// Fails unless every module of this LoRA belongs to the family of
+    /// `target`'s model: an SD LoRA's modules would match none of a Wan
+    /// model's parts and be skipped as "not this part's" (and the reverse).
+    pub fn check_family(&self, target: LoraTarget) -> Result<(), LoadError> {
+        match self
+            .modules
+            .iter()
+            .find(|m| m.target.family() != target.family())
+        {
+            None => Ok(()),
+            Some(other) => Err(LoadError::LoraFamily {
+                path: self.path().to_path_buf(),
+                key: other.delta.key().to_string(),
+                lora: other.target.family(),
+                model: match target {
+                    LoraTarget::Transformer => "a Wan model",
+                    LoraTarget::Unet | LoraTarget::TextEncoder => {
+                        "an AnimateDiff (Stable Diffusion) model"
+                    }
+                },
+            }),
+        }
+    }
 }
 
-/// One LoRA's low-rank update of one weight, fused when the weight is read.
+/// One LoRA's update of one weight or bias, fused when it is read.
 #[derive(Debug, Clone)]
 pub(crate) struct Update {
     file: Arc<LoraFile>,
-    down: String,
-    up: String,
+    delta: Delta,
+    /// The factors' rank (0 for a full difference).
     rank: usize,
     /// The user's weight times the module's scale.
     coefficient: f32,
@@ -466,23 +614,35 @@ pub(crate) struct Update {
 
 impl Update {
     /// `values += coefficient · (up @ down)` for the weight [out, in · kh · kw],
-    /// the product in f32 before it is scaled, as peft's merge computes it.
+    /// the product in f32 before it is scaled, as peft's merge computes it;
+    /// `values += coefficient · diff` for a full difference.
     pub(crate) fn add_to(&self, values: &mut [f32], key: &str) -> Result<(), LoadError> {
-        let down = self.file.file.to_f32(&self.down)?;
-        let up = self.file.file.to_f32(&self.up)?;
-        let cols = down.len() / self.rank;
-        if up.len() / self.rank * cols != values.len() {
-            // resolve() checked the shapes; only a changed file gets here.
-            return Err(layout(
-                self.file.path(),
-                format!(
-                    "factors `{}` and `{}` no longer fit `{key}`",
-                    self.down, self.up
-                ),
-            ));
+        // resolve() checked the shapes; only a changed file fails these.
+        let changed = |what: String| layout(self.file.path(), format!("{what} `{key}`"));
+        let (down_key, up_key) = match &self.delta {
+            Delta::Full { key: diff_key, .. } => {
+                let diff = self.file.file.to_f32(diff_key)?;
+                if diff.len() != values.len() {
+                    return Err(changed(format!("`{diff_key}` no longer fits")));
+                }
+                for (w, d) in values.iter_mut().zip(diff) {
+                    *w += self.coefficient * d;
+                }
+                return Ok(());
+            }
+            Delta::LowRank { down, up } => (down, up),
+        };
+        let down = self.file.file.to_f32(down_key)?;
+        let up = self.file.file.to_f32(up_key)?;
+        let rank = self.rank.max(1);
+        let cols = down.len() / rank;
+        if up.len() / rank * cols != values.len() {
+            return Err(changed(format!(
+                "factors `{down_key}` and `{up_key}` no longer fit"
+            )));
         }
         let mut row = vec![0f32; cols];
-        for (out, up_row) in values.chunks_mut(cols).zip(up.chunks(self.rank)) {
+        for (out, up_row) in values.chunks_mut(cols).zip(up.chunks(rank)) {
             row.fill(0.0);
             for (&u, down_row) in up_row.iter().zip(down.chunks(cols)) {
                 for (acc, &d) in row.iter_mut().zip(down_row) {
@@ -512,7 +672,11 @@ fn squeezed(shape: &[usize]) -> &[usize] {
 /// checkpoints have it or not depending on the transformers version).
 struct ModelModules {
     by_path: HashMap<String, (String, Vec<usize>)>,
+    /// Module path → its bias (key, shape), for `.diff_b` deltas.
+    biases: HashMap<String, (String, Vec<usize>)>,
     /// kohya name → module path; `None` where two paths give the same name.
+    /// For the Wan transformer, the kohya names of its original names
+    /// (musubi's `blocks_0_self_attn_q`).
     by_kohya: HashMap<String, Option<String>>,
     /// Resnets per down level, for the LDM layout.
     layers_per_block: Option<usize>,
@@ -521,17 +685,30 @@ struct ModelModules {
 impl ModelModules {
     fn new(keys: &KeyShapes, target: LoraTarget) -> Self {
         let mut by_path = HashMap::new();
+        let mut biases = HashMap::new();
         let mut by_kohya: HashMap<String, Option<String>> = HashMap::new();
         for (key, shape) in keys {
-            let Some(module) = key.strip_suffix(".weight") else {
-                continue;
+            let (module, bias) = match (key.strip_suffix(".weight"), key.strip_suffix(".bias")) {
+                (Some(m), _) => (m, false),
+                (None, Some(m)) => (m, true),
+                (None, None) => continue,
             };
             let module = match target {
                 LoraTarget::TextEncoder => module.strip_prefix("text_model.").unwrap_or(module),
-                LoraTarget::Unet => module,
+                LoraTarget::Unet | LoraTarget::Transformer => module,
+            };
+            if bias {
+                biases.insert(module.to_string(), (key.clone(), shape.clone()));
+                continue;
+            }
+            let kohya = match target {
+                LoraTarget::Transformer => wan_files::transformer_key_original(key)
+                    .and_then(|k| k.strip_suffix(".weight").map(str::to_string))
+                    .unwrap_or_else(|| module.to_string()),
+                LoraTarget::Unet | LoraTarget::TextEncoder => module.to_string(),
             };
             by_kohya
-                .entry(module.replace('.', "_"))
+                .entry(kohya.replace('.', "_"))
                 .and_modify(|m| *m = None)
                 .or_insert_with(|| Some(module.to_string()));
             by_path.insert(module.to_string(), (key.clone(), shape.clone()));
@@ -549,37 +726,67 @@ impl ModelModules {
             .map(|n| n + 1);
         ModelModules {
             by_path,
+            biases,
             by_kohya,
             layers_per_block,
         }
     }
 
-    /// The model's weight (asked key, stored shape) a module updates.
-    fn find(&self, name: &ModuleName, target: LoraTarget) -> Option<&(String, Vec<usize>)> {
+    /// Whether the model has a module at `path` (a weight or a bias).
+    fn has(&self, path: &str) -> bool {
+        self.by_path.contains_key(path) || self.biases.contains_key(path)
+    }
+
+    /// The model's module path a LoRA module names.
+    fn module(&self, name: &ModuleName, target: LoraTarget) -> Option<String> {
         match name {
             ModuleName::Path(p) => {
                 let p = match target {
                     LoraTarget::TextEncoder => p.strip_prefix("text_model.").unwrap_or(p),
-                    LoraTarget::Unet => p,
+                    LoraTarget::Unet | LoraTarget::Transformer => p,
                 };
-                self.by_path.get(p)
+                if self.has(p) {
+                    return Some(p.to_string());
+                }
+                // A Wan LoRA without a prefix may use the original names.
+                match target {
+                    LoraTarget::Transformer => wan_module(p).filter(|m| self.has(m)),
+                    LoraTarget::Unet | LoraTarget::TextEncoder => None,
+                }
             }
+            ModuleName::WanOriginal(p) => wan_module(p).filter(|m| self.has(m)),
             ModuleName::Kohya(k) => {
                 let k = match target {
                     LoraTarget::TextEncoder => k.strip_prefix("text_model_").unwrap_or(k),
-                    LoraTarget::Unet => k,
+                    LoraTarget::Unet | LoraTarget::Transformer => k,
                 };
                 match self.by_kohya.get(k) {
-                    Some(Some(path)) => self.by_path.get(path),
+                    Some(Some(path)) => Some(path.clone()),
                     Some(None) => None,
                     None if target == LoraTarget::Unet => {
-                        self.by_path.get(&ldm_module(k, self.layers_per_block?)?)
+                        let path = ldm_module(k, self.layers_per_block?)?;
+                        self.has(&path).then_some(path)
                     }
                     None => None,
                 }
             }
         }
     }
+
+    /// The model's weight (asked key, stored shape) a module updates.
+    #[cfg(test)]
+    fn find(&self, name: &ModuleName, target: LoraTarget) -> Option<&(String, Vec<usize>)> {
+        self.by_path.get(&self.module(name, target)?)
+    }
+}
+
+/// The diffusers module path of an original Wan module path
+/// (`blocks.0.self_attn.q` → `blocks.0.attn1.to_q`), by the single-file
+/// key mapping.
+fn wan_module(original: &str) -> Option<String> {
+    wan_files::transformer_key(&format!("{original}.weight"))?
+        .strip_suffix(".weight")
+        .map(str::to_string)
 }
 
 /// The diffusers path of a kohya name in the original (LDM) UNet layout
@@ -607,8 +814,9 @@ fn ldm_module(kohya: &str, layers_per_block: usize) -> Option<String> {
 
 /// Every weight the `target` modules of `loras` update (asked key → the
 /// updates, in order), checked against the model's `keys` (asked key →
-/// stored shape). Fails, naming the LoRA file, for a module that matches no
-/// weight or factors whose shapes do not fit the weight.
+/// stored shape). Fails, naming the LoRA file, for a LoRA of another model
+/// family, a module that matches no weight, or factors or differences whose
+/// shapes do not fit the weight.
 pub(crate) fn resolve(
     loras: &[(Arc<LoraFile>, f32)],
     target: LoraTarget,
@@ -618,27 +826,56 @@ pub(crate) fn resolve(
     let mut updates: HashMap<String, Vec<Update>> = HashMap::new();
     for (lora, weight) in loras {
         let path = lora.path();
+        lora.check_family(target)?;
         let mine: Vec<&Module> = lora.modules.iter().filter(|m| m.target == target).collect();
         let mut unmatched = Vec::new();
+        let info = |k: &str| {
+            lora.file
+                .info(k)
+                .expect("key comes from this file")
+                .shape
+                .clone()
+        };
+        let coefficient = |module: &Module| (*weight as f64 * module.scale) as f32;
         for module in &mine {
-            let Some((key, shape)) = model.find(&module.name, target) else {
-                unmatched.push(module.down.clone());
+            let found = model
+                .module(&module.name, target)
+                .and_then(|m| match &module.delta {
+                    Delta::Full { bias: true, .. } => model.biases.get(&m),
+                    _ => model.by_path.get(&m),
+                });
+            let Some((key, shape)) = found else {
+                unmatched.push(module.delta.key().to_string());
                 continue;
             };
-            let info = |k: &str| {
-                lora.file
-                    .info(k)
-                    .expect("key comes from this file")
-                    .shape
-                    .clone()
+            let (down_key, up_key) = match &module.delta {
+                Delta::LowRank { down, up } => (down, up),
+                Delta::Full { key: diff_key, .. } => {
+                    let diff = info(diff_key);
+                    if &diff != shape {
+                        return Err(LoadError::TensorShape {
+                            path: path.to_path_buf(),
+                            key: diff_key.clone(),
+                            expected: shape.clone(),
+                            found: diff,
+                        });
+                    }
+                    updates.entry(key.clone()).or_default().push(Update {
+                        file: lora.clone(),
+                        delta: module.delta.clone(),
+                        rank: 0,
+                        coefficient: coefficient(module),
+                    });
+                    continue;
+                }
             };
-            let (down, up) = (info(&module.down), info(&module.up));
+            let (down, up) = (info(down_key), info(up_key));
             let rank = down[0];
             let expected_up = vec![shape.first().copied().unwrap_or(0), rank];
             if squeezed(&up) != expected_up.as_slice() {
                 return Err(LoadError::TensorShape {
                     path: path.to_path_buf(),
-                    key: module.up.clone(),
+                    key: up_key.clone(),
                     expected: expected_up,
                     found: up,
                 });
@@ -646,7 +883,7 @@ pub(crate) fn resolve(
             if shape.len() < 2 || squeezed(&down[1..]) != squeezed(&shape[1..]) {
                 return Err(LoadError::TensorShape {
                     path: path.to_path_buf(),
-                    key: module.down.clone(),
+                    key: down_key.clone(),
                     expected: [rank]
                         .into_iter()
                         .chain(shape.iter().skip(1).copied())
@@ -656,17 +893,13 @@ pub(crate) fn resolve(
             }
             updates.entry(key.clone()).or_default().push(Update {
                 file: lora.clone(),
-                down: module.down.clone(),
-                up: module.up.clone(),
+                delta: module.delta.clone(),
                 rank,
-                coefficient: (*weight as f64 * module.scale) as f32,
+                coefficient: coefficient(module),
             });
         }
         if !unmatched.is_empty() {
-            let what = match target {
-                LoraTarget::Unet => "UNet",
-                LoraTarget::TextEncoder => "text encoder",
-            };
+            let what = target.describe();
             let message = if unmatched.len() == mine.len() {
                 format!(
                     "none of this LoRA's {} {what} modules matches a weight of the model (is it for another base model?): {}",
@@ -716,6 +949,79 @@ mod tests {
         assert!(matches!(original, (LoraTarget::Unet, ModuleName::Path(p))
             if p == "up_blocks.1.motion_modules.2.transformer_blocks.0.attn2.to_q"));
         assert!(module_name("lora_te2_text_model_encoder_layers_0_mlp_fc1", false).is_err());
+    }
+
+    #[test]
+    fn wan_names_in_every_layout_reach_the_same_module() {
+        let keys: KeyShapes = [
+            "blocks.0.attn1.to_q.weight",
+            "blocks.0.attn1.to_out.0.weight",
+            "blocks.0.attn1.to_out.0.bias",
+            "blocks.0.ffn.net.0.proj.weight",
+            "blocks.0.norm2.weight",
+            "condition_embedder.time_proj.weight",
+            "proj_out.weight",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), vec![4, 4]))
+        .collect();
+        let m = ModelModules::new(&keys, LoraTarget::Transformer);
+        let module = |stem: &str| {
+            let (target, name) = module_name(stem, false).unwrap();
+            assert_eq!(target, LoraTarget::Transformer, "{stem}");
+            m.module(&name, target)
+        };
+        for (stems, want) in [
+            (
+                [
+                    "transformer.blocks.0.attn1.to_out.0",
+                    "blocks.0.attn1.to_out.0",
+                    "diffusion_model.blocks.0.self_attn.o",
+                    "lora_unet_blocks_0_self_attn_o",
+                ],
+                "blocks.0.attn1.to_out.0",
+            ),
+            (
+                [
+                    "transformer.blocks.0.ffn.net.0.proj",
+                    "blocks.0.ffn.0",
+                    "diffusion_model.blocks.0.ffn.0",
+                    "lora_unet_blocks_0_ffn_0",
+                ],
+                "blocks.0.ffn.net.0.proj",
+            ),
+            (
+                [
+                    "transformer.condition_embedder.time_proj",
+                    "time_projection.1",
+                    "diffusion_model.time_projection.1",
+                    "condition_embedder.time_proj",
+                ],
+                "condition_embedder.time_proj",
+            ),
+        ] {
+            for stem in stems {
+                assert_eq!(module(stem).as_deref(), Some(want), "{stem}");
+            }
+        }
+        // The original norm3 is diffusers' norm2 (the cross-attention norm).
+        assert_eq!(
+            module("diffusion_model.blocks.0.norm3").as_deref(),
+            Some("blocks.0.norm2")
+        );
+        assert_eq!(
+            module("diffusion_model.head.head").as_deref(),
+            Some("proj_out")
+        );
+        // Image-to-video modules have no place in a text-to-video model.
+        assert_eq!(module("diffusion_model.blocks.0.cross_attn.k_img"), None);
+        // SD kohya names stay the UNet's.
+        assert_eq!(
+            module_name("lora_unet_down_blocks_0_attentions_0_proj_in", false)
+                .unwrap()
+                .0,
+            LoraTarget::Unet
+        );
     }
 
     #[test]

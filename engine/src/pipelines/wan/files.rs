@@ -10,6 +10,7 @@ use serde_json::json;
 use super::{Wan, STREAM_TEXT_ENCODER_ABOVE};
 use crate::error::Result;
 use crate::gpu::Gpu;
+use crate::models::source::ModelSource;
 use crate::models::umt5::{BlockResidency, UMT5EncoderModel};
 use crate::models::wan_files::WanFiles;
 use crate::models::wan_transformer::WanTransformer3DModel;
@@ -35,7 +36,10 @@ fn published_scheduler() -> serde_json::Value {
 }
 
 impl Wan {
-    pub(super) fn from_files(gpu: &Gpu, files: &WanFiles) -> Result<Self> {
+    pub(super) fn from_files(gpu: &Gpu, files: &WanFiles, source: &ModelSource) -> Result<Self> {
+        // LoRAs are checked against the transformer (headers only) before
+        // any part goes to the GPU.
+        let tr = files.transformer_with_loras(source.lora_files())?;
         let tokenizer = files.tokenizer()?;
         let te = files.text_encoder()?;
         crate::pipelines::check_vocabulary(
@@ -55,7 +59,6 @@ impl Wan {
             te.config,
             residency,
         )?;
-        let tr = files.transformer()?;
         let transformer = WanTransformer3DModel::new(
             gpu,
             &Weights::new(tr.weights, gpu.precision()),

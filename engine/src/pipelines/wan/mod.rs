@@ -30,17 +30,19 @@ use crate::error::{LoadError, Result};
 use crate::gpu::Gpu;
 use crate::models::source::ModelSource;
 use crate::models::umt5::{BlockResidency, UMT5Config, UMT5EncoderModel};
-use crate::models::wan_transformer::WanTransformer3DModel;
+use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
 use crate::models::wan_vae::AutoencoderKLWan;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::text::umt5::{Umt5Tokenizer, UMT5_MAX_LENGTH};
+use crate::weights::{LoraTarget, WeightSet, Weights};
 
 /// The diffusers pipeline class whose folders this family runs.
 pub const PIPELINE_CLASSES: &[&str] = &["WanPipeline"];
 
 /// Wan's own settings: the flow shift, and given latents (reference cases).
 pub const CONTROLS: Controls = Controls {
-    supported: &[Control::Shift, Control::InitialLatents],
+    // LoRAs are fused into the transformer (`weights::lora`, Wan layouts).
+    supported: &[Control::Shift, Control::InitialLatents, Control::Lora],
     // `euler` names flow-matching Euler on a Wan model (the sampler
     // resolves it against the flow-matching config).
     schedulers: &[
@@ -328,7 +330,7 @@ impl Wan {
 impl Family for Wan {
     fn load(gpu: &Gpu, source: &ModelSource) -> Result<Self> {
         if let Some(files) = source.wan_files() {
-            return Self::from_files(gpu, files);
+            return Self::from_files(gpu, files, source);
         }
         let dir = source.path().to_path_buf();
         let index_path = dir.join("model_index.json");
@@ -342,6 +344,14 @@ impl Family for Wan {
         if present(&index.image_encoder) {
             return Err(not_yet(&dir, "Wan image-to-video (image_encoder)").into());
         }
+        // LoRAs are checked against the transformer (headers only) before
+        // any part goes to the GPU.
+        let transformer_dir = component(&dir, "transformer", "the Wan transformer")?;
+        let transformer_config = WanTransformerConfig::load(&transformer_dir.join("config.json"))?;
+        let transformer_weights = source.fuse_loras(
+            WeightSet::open_dir(&transformer_dir)?,
+            LoraTarget::Transformer,
+        )?;
         let tokenizer_dir = component(&dir, "tokenizer", "tokenizer.json")?;
         let tokenizer = Umt5Tokenizer::from_dir(&tokenizer_dir)?;
         let te_dir = component(&dir, "text_encoder", "the UMT5 encoder")?;
@@ -363,9 +373,10 @@ impl Family for Wan {
         // cached rather than something keyed on less than the encoder.
         let encoder_identity =
             EncoderIdentity::of(&te_dir, &tokenizer_dir.join("tokenizer.json")).ok();
-        let transformer = WanTransformer3DModel::from_dir(
+        let transformer = WanTransformer3DModel::new(
             gpu,
-            &component(&dir, "transformer", "the Wan transformer")?,
+            &Weights::new(transformer_weights, gpu.precision()),
+            transformer_config,
             BlockResidency::Resident,
         )?;
         let vae = AutoencoderKLWan::load(gpu, &component(&dir, "vae", "the Wan VAE")?)?;
