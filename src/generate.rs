@@ -453,29 +453,35 @@ pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
             format!("{}: {e:#}", settings.model),
         ))
     })?;
+    let mut spec = model_spec(&settings, &model)?;
     // A Wan transformer alone: the one text encoder and VAE of the models
     // folder that fit it are taken, said aloud, and written into the
     // recipe so that it replays with the same files.
-    let r = &settings.recipe;
-    let picked = catalog::companions(Path::new(&model), r.text_encoder.is_none(), r.vae.is_none())
-        .map_err(|e| {
-            flag_error(FieldError::new(
-                "model",
-                format!("{}: {e:#}", settings.model),
-            ))
-        })?;
+    let picked = catalog::companions(
+        Path::new(&model),
+        spec.text_encoder.is_none(),
+        spec.vae.is_none(),
+    )
+    .map_err(|e| {
+        flag_error(FieldError::new(
+            "model",
+            format!("{}: {e:#}", settings.model),
+        ))
+    })?;
     for (flag, name, path) in picked {
         eprintln!(
             "{}: using {name} ({}), the only one in the models folder that fits",
             flag.name(),
             path.display()
         );
+        let path = Some(path.to_string_lossy().into_owned());
         match flag {
-            catalog::Flag::TextEncoder => settings.recipe.text_encoder = Some(name),
-            _ => settings.recipe.vae = Some(name),
+            catalog::Flag::TextEncoder => {
+                (settings.recipe.text_encoder, spec.text_encoder) = (Some(name), path)
+            }
+            _ => (settings.recipe.vae, spec.vae) = (Some(name), path),
         }
     }
-    let mut spec = model_spec(&settings, &model)?;
     // A motion LoRA the model ships for this camera move
     // (`motion_loras/<move>.safetensors`) replaces the training-free warp.
     let camera_lora = settings.recipe.camera.and_then(|c| {
