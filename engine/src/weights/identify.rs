@@ -129,12 +129,11 @@ pub struct Identified {
 }
 
 /// One tensor's header entry: dtype as the file spells it (`BF16`,
-/// `F8_E4M3`), shape, and the end of its bytes in the data section.
+/// `F8_E4M3`) and shape.
 #[derive(Debug, Clone)]
 pub struct HeaderEntry {
     pub dtype: String,
     pub shape: Vec<usize>,
-    pub end: u64,
 }
 
 /// A safetensors header read without touching the data: the tensors and
@@ -204,7 +203,6 @@ pub fn read_header(path: &Path) -> Result<Header, LoadError> {
             HeaderEntry {
                 dtype: raw.dtype,
                 shape: raw.shape,
-                end: raw.data_offsets.1,
             },
         );
     }
