@@ -440,29 +440,48 @@ pub struct Finished {
 /// LoRA files, the output format (`output`, default `motif-SEED.mp4`), the
 /// model's files. An error about a recipe field carries it ([`recipe_field`]).
 pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
-    let settings = Settings::resolve(recipe)?;
+    let mut settings = Settings::resolve(recipe)?;
     let output = output.unwrap_or_else(|| PathBuf::from(format!("motif-{}.mp4", settings.seed)));
     motif_video::format_for(&output).with_context(|| format!("--output {}", output.display()))?;
     let image = settings
         .image()
         .map(|p| load_image(&p).map_err(|e| flag_error(FieldError::new("image", format!("{e:#}")))))
         .transpose()?;
-    for Lora(file, _) in &settings.recipe.loras {
-        if !Path::new(file).is_file() {
-            return Err(flag_error(FieldError::new(
-                "loras",
-                format!("{file}: no such file"),
-            )));
-        }
-    }
-
     let model = catalog::resolve_model_name(&settings.model).map_err(|e| {
         flag_error(FieldError::new(
             "model",
             format!("{}: {e:#}", settings.model),
         ))
     })?;
-    let mut spec = model_spec(&settings, &model);
+    let mut spec = model_spec(&settings, &model)?;
+    // A Wan transformer alone: the one text encoder and VAE of the models
+    // folder that fit it are taken, said aloud, and written into the
+    // recipe so that it replays with the same files.
+    let picked = catalog::companions(
+        Path::new(&model),
+        spec.text_encoder.is_none(),
+        spec.vae.is_none(),
+    )
+    .map_err(|e| {
+        flag_error(FieldError::new(
+            "model",
+            format!("{}: {e:#}", settings.model),
+        ))
+    })?;
+    for (flag, name, path) in picked {
+        eprintln!(
+            "{}: using {name} ({}), the only one in the models folder that fits",
+            flag.name(),
+            path.display()
+        );
+        let path = Some(path.to_string_lossy().into_owned());
+        match flag {
+            catalog::Flag::TextEncoder => {
+                (settings.recipe.text_encoder, spec.text_encoder) = (Some(name), path)
+            }
+            _ => (settings.recipe.vae, spec.vae) = (Some(name), path),
+        }
+    }
     // A motion LoRA the model ships for this camera move
     // (`motion_loras/<move>.safetensors`) replaces the training-free warp.
     let camera_lora = settings.recipe.camera.and_then(|c| {
@@ -718,15 +737,38 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
     Ok(())
 }
 
-fn model_spec(settings: &Settings, model: &str) -> ModelSpec {
-    ModelSpec {
+/// The files the settings name, each name resolved to its path (a name
+/// from `motif models` for --text-encoder, --vae, --motion-adapter, --lora).
+fn model_spec(settings: &Settings, model: &str) -> Result<ModelSpec> {
+    use catalog::Flag;
+    let r = &settings.recipe;
+    let resolve = |flag: Flag, field: &str, spec: &Option<String>| {
+        spec.as_deref()
+            .map(|s| {
+                catalog::resolve_file_name(flag, s)
+                    .map_err(|e| flag_error(FieldError::new(field, format!("{s}: {e:#}"))))
+            })
+            .transpose()
+    };
+    let loras = (r.loras.iter())
+        .map(|Lora(file, weight)| {
+            let path = catalog::resolve_file_name(Flag::Lora, file)
+                .map_err(|e| flag_error(FieldError::new("loras", format!("{file}: {e:#}"))))?;
+            if !Path::new(&path).is_file() {
+                return Err(flag_error(FieldError::new(
+                    "loras",
+                    format!("{file}: not a file"),
+                )));
+            }
+            Ok((path, *weight))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ModelSpec {
         model: model.to_string(),
-        motion_adapter: settings.recipe.motion_adapter.clone(),
-        vae: settings.recipe.vae.clone(),
-        text_encoder: settings.recipe.text_encoder.clone(),
+        motion_adapter: resolve(Flag::MotionAdapter, "motion_adapter", &r.motion_adapter)?,
+        vae: resolve(Flag::Vae, "vae", &r.vae)?,
+        text_encoder: resolve(Flag::TextEncoder, "text_encoder", &r.text_encoder)?,
         transformer_config: None,
-        loras: (settings.recipe.loras.iter())
-            .map(|Lora(file, weight)| (file.clone(), *weight))
-            .collect(),
-    }
+        loras,
+    })
 }

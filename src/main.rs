@@ -160,6 +160,15 @@ fn mib(bytes: u64) -> String {
     }
 }
 
+/// A size for the listing: small files (LoRAs, test models) in KiB.
+fn size_on_disk(bytes: u64) -> String {
+    if bytes < 1 << 20 {
+        format!("{:.0} KiB", bytes as f64 / 1024.0)
+    } else {
+        mib(bytes)
+    }
+}
+
 fn info(cli: &Cli) -> Result<()> {
     println!("motif {}", env!("CARGO_PKG_VERSION"));
     let adapters = gpu::list_adapters();
@@ -420,14 +429,27 @@ fn bench_model(
         anyhow::bail!("--steps: every step count must be at least 1");
     }
     let name = catalog::resolve_model_name(model).with_context(|| format!("--model {model}"))?;
-    let source =
-        motif_engine::models::source::ModelSource::open(&motif_engine::models::source::ModelSpec {
-            model: name.clone(),
-            motion_adapter: None,
-            vae: None,
-            loras: Vec::new(),
-            ..Default::default()
-        })
+    let mut spec = motif_engine::models::source::ModelSpec {
+        model: name.clone(),
+        ..Default::default()
+    };
+    // `motif bench` takes --model only: a Wan transformer file runs with
+    // the text encoder and VAE of the models folder that fit it.
+    for (flag, picked, path) in catalog::companions(std::path::Path::new(&name), true, true)
+        .with_context(|| format!("--model {model}"))?
+    {
+        eprintln!(
+            "{}: using {picked} ({}), the only one in the models folder that fits",
+            flag.name(),
+            path.display()
+        );
+        let path = Some(path.to_string_lossy().into_owned());
+        match flag {
+            catalog::Flag::TextEncoder => spec.text_encoder = path,
+            _ => spec.vae = path,
+        }
+    }
+    let source = motif_engine::models::source::ModelSource::open(&spec)
         .with_context(|| format!("--model {model}: opening the model"))?;
     let gpu = open_gpu(cli)?;
     let w = motif_engine::bench::PipelineBench {
@@ -596,11 +618,11 @@ fn list_models() -> Result<()> {
     }
     for m in &models {
         println!(
-            "{:<40} {:<18} {:<12} {:>9}  {}",
+            "{:<40} {:<18} {:<14} {:>9}  {}",
             m.name,
             m.source,
             m.family,
-            mib(m.bytes),
+            size_on_disk(m.bytes),
             m.kind
         );
         println!("{:<40} {}", "", m.path.display());

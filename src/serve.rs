@@ -425,7 +425,11 @@ impl Runner for EngineRunner {
             styles: catalog::styles()
                 .map(|all| all.into_iter().map(|s| s.name).collect())
                 .unwrap_or_default(),
-            models: catalog::list_models().into_iter().map(|m| m.name).collect(),
+            models: catalog::list_models()
+                .into_iter()
+                .filter(catalog::Listed::is_model)
+                .map(|m| m.name)
+                .collect(),
         }
     }
 

@@ -104,13 +104,19 @@ impl motif_viewer::Backend for Engine {
 /// its card if it has one here.
 pub(crate) fn model_defaults(model: &str) -> Result<ModelDefaults> {
     let path = catalog::resolve_model_name(model).with_context(|| format!("--model {model}"))?;
-    let spec = ModelSpec {
+    let mut spec = ModelSpec {
         model: path.clone(),
-        motion_adapter: None,
-        vae: None,
-        loras: Vec::new(),
         ..Default::default()
     };
+    // A Wan transformer file opens with the parts of the models folder
+    // that fit it (the generation itself says which it takes).
+    for (flag, _, picked) in catalog::companions(Path::new(&path), true, true).unwrap_or_default() {
+        let picked = Some(picked.to_string_lossy().into_owned());
+        match flag {
+            catalog::Flag::TextEncoder => spec.text_encoder = picked,
+            _ => spec.vae = picked,
+        }
+    }
     let family = ModelSource::open(&spec)
         .ok()
         .and_then(|source| Some((pipelines::family_of(&source).ok()?, source)));
@@ -197,6 +203,7 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &ViewArgs) -> Result<i32
     let styles = catalog::styles()?.into_iter().map(|s| s.name).collect();
     let models = catalog::list_models()
         .into_iter()
+        .filter(catalog::Listed::is_model)
         .map(|m| ModelChoice {
             name: m.name,
             path: m.path.to_string_lossy().into_owned(),

@@ -144,7 +144,11 @@ fn bad_files_are_refused_before_gpu_work_naming_the_file_and_what_to_pass() {
                 "--vae",
                 &vae,
             ],
-            vec!["transformer_truncated.safetensors", "truncated"],
+            vec![
+                "transformer_truncated.safetensors",
+                "truncated",
+                "download it again",
+            ],
         ),
         (
             vec![
@@ -155,7 +159,12 @@ fn bad_files_are_refused_before_gpu_work_naming_the_file_and_what_to_pass() {
                 "--vae",
                 &vae,
             ],
-            vec!["umt5_bad_spiece.safetensors", "SentencePiece"],
+            vec![
+                "umt5_bad_spiece.safetensors",
+                "`spiece_model` tensor (the tokenizer) is damaged",
+                "SentencePiece",
+                "download the text encoder again",
+            ],
         ),
     ];
     for (files, expected) in cases {

@@ -281,7 +281,22 @@ impl WanFiles {
                     ),
                 });
             }
-            return Umt5Tokenizer::from_sentencepiece(file.bytes(SPIECE_TENSOR)?, path);
+            // A tensor that does not parse is a damaged file: no other
+            // tokenizer is taken in its place (a different vocabulary would
+            // silently change every prompt).
+            return Umt5Tokenizer::from_sentencepiece(file.bytes(SPIECE_TENSOR)?, path).map_err(
+                |e| match e {
+                    LoadError::Config { path, message } => LoadError::Config {
+                        path,
+                        message: format!(
+                            "its `{SPIECE_TENSOR}` tensor (the tokenizer) is damaged: {message}; \
+                             download the text encoder again (e.g. ComfyUI's \
+                             text_encoders/umt5_xxl_fp16.safetensors)"
+                        ),
+                    },
+                    other => other,
+                },
+            );
         }
         let dir = path.parent().unwrap_or(Path::new("."));
         if dir.join("tokenizer.json").is_file() || dir.join("spiece.model").is_file() {

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod dtype;
 pub mod folder;
+pub mod identify;
 pub mod lora;
 pub mod safetensors;
 pub mod single_file;

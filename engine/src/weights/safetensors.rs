@@ -358,7 +358,8 @@ fn layout_reason(
                     let (begin, end) = entry.data_offsets;
                     format!(
                         "tensor `{name}`: data_offsets [{begin}, {end}] run past the end of the \
-                         data section ({data_len} bytes): the file is truncated"
+                         data section ({data_len} bytes): the file is truncated (a download cut \
+                         short?); download it again"
                     )
                 }
                 _ => format!(
