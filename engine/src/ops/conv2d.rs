@@ -6,6 +6,11 @@
 //! Tensors larger than one storage binding run in windows: of batch items,
 //! output channels, output rows and input channels (tiled), of output rows
 //! and channel blocks (packed).
+//!
+//! The weights may be f32 against f16 activations (every other operand f16):
+//! for models whose weights rounded to f16 alone cost more accuracy than the
+//! f16 budget allows (the Wan VAE). The tiled and packed kernels take them;
+//! the tensor-core kernel does not, so such convolutions take the tiled one.
 
 use std::sync::Arc;
 
@@ -18,10 +23,42 @@ use super::matmul::{
 use super::matmul_coop::{self, ConvParams, Variant};
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
-use crate::gpu::{Binding, Gpu, Kernel};
+use crate::gpu::{Binding, DType, Gpu, Kernel};
 use crate::tensor::{fmt_shape, Tensor};
 
-const SOURCE: &str = include_str!("../../../shaders/conv2d.wgsl");
+/// The shader with weights stored as the activations are, and with f32
+/// weights (`wst`, see the shader's header). WGSL declarations may come in
+/// any order, so the alias can precede the prelude's `st`.
+const SOURCE: &str = concat!(
+    "alias wst = st;\n",
+    include_str!("../../../shaders/conv2d.wgsl")
+);
+const SOURCE_F32_WEIGHTS: &str = concat!(
+    "alias wst = f32;\n",
+    include_str!("../../../shaders/conv2d.wgsl")
+);
+
+/// The shader source and its name in the kernel cache (which keeps one
+/// module per name and activation dtype) for `weight`'s dtype.
+fn source_for(weight: &Tensor) -> (&'static str, &'static str) {
+    if mixed(weight) {
+        ("conv2d_f32_weights", SOURCE_F32_WEIGHTS)
+    } else {
+        ("conv2d", SOURCE)
+    }
+}
+
+/// Whether `weight` is f32 against f16 activations. check_conv allows no
+/// other mix, so an f32 weight is mixed exactly when the input is f16.
+fn mixed(weight: &Tensor) -> bool {
+    weight.dtype() == DType::F32
+}
+
+/// The most elements one window of any operand may hold: the limit of the
+/// wider dtype where the weights are f32 and the activations f16.
+fn max_window(gpu: &Gpu, x: &Tensor, weight: &Tensor) -> usize {
+    Tensor::max_window_elems(gpu, x.dtype()).min(Tensor::max_window_elems(gpu, weight.dtype()))
+}
 const MAX_GROUPS: usize = 65535;
 
 /// Options of [`conv2d`].
@@ -147,9 +184,17 @@ fn check_conv(
     opts: &Conv2dOptions,
 ) -> Result<Dims> {
     let op = "conv2d";
-    let mut tensors = vec![x, weight];
+    let mut tensors = vec![x];
     tensors.extend(bias);
     check_dtypes(op, &tensors)?;
+    // The weights as the input, or f32 against f16 (see the module's header).
+    if weight.dtype() != x.dtype() && !(x.dtype() == DType::F16 && weight.dtype() == DType::F32) {
+        return Err(EngineError::DType {
+            op,
+            expected: format!("a weight in {} (or f32 against f16 input)", x.dtype()),
+            found: weight.dtype().to_string(),
+        });
+    }
     let (xs, ws) = match (x.shape(), weight.shape()) {
         (&[n, c, h, w], &[co, ci, kh, kw]) if ci == c => ([n, c, h, w], [co, ci, kh, kw]),
         _ => {
@@ -356,21 +401,27 @@ pub fn conv2d_residual_with_kernel(
         return Ok(out);
     }
     // Tensor cores first, where the adapter has cooperative matrices and the
-    // convolution is f16 (ops/matmul_coop.rs).
-    let coop = match kernel {
-        Conv2dKernel::Auto => matmul_coop::routes(gpu, x.dtype(), Variant::Conv, opts.activation),
-        // Asked for by name: a compile error is reported, not hidden.
-        Conv2dKernel::Coop => matmul_coop::available(gpu, x.dtype()),
-        _ => false,
-    };
+    // convolution is f16 (ops/matmul_coop.rs). Its kernel multiplies f16
+    // matrices only: f32 weights take the tiled kernel instead.
+    let coop = !mixed(weight)
+        && match kernel {
+            Conv2dKernel::Auto => {
+                matmul_coop::routes(gpu, x.dtype(), Variant::Conv, opts.activation)
+            }
+            // Asked for by name: a compile error is reported, not hidden.
+            Conv2dKernel::Coop => matmul_coop::available(gpu, x.dtype()),
+            _ => false,
+        };
     if kernel == Conv2dKernel::Coop && !coop {
         return Err(EngineError::Argument {
             op: "conv2d",
             message: format!(
                 "the cooperative-matrix kernel needs f16 operands and an adapter with \
-                 f16 x f16 -> f32 16x16x16 cooperative matrices (adapter {}, {})",
+                 f16 x f16 -> f32 16x16x16 cooperative matrices (adapter {}, input {}, \
+                 weight {})",
                 gpu.adapter().name,
-                x.dtype()
+                x.dtype(),
+                weight.dtype()
             ),
         });
     }
@@ -382,7 +433,7 @@ pub fn conv2d_residual_with_kernel(
     // shaders/matmul.wgsl: CPU adapters read storage buffers an order of
     // magnitude slower than uniform buffers, GPUs want workgroup-memory tiles.
     // An item larger than one binding takes the tiled kernel, which splits it.
-    let max = Tensor::max_window_elems(gpu, x.dtype());
+    let max = max_window(gpu, x, weight);
     let packable =
         packed_supported(gpu) && d.cin * d.h * d.w <= max && weight.numel() <= max && x.numel() > 0;
     let packed = match kernel {
@@ -431,11 +482,13 @@ fn run_tiled(
     out: &Tensor,
     coop: bool,
 ) -> Result<()> {
-    let max = Tensor::max_window_elems(gpu, x.dtype());
-    let t = tiling(d, opts.stride, max, x.dtype().size_bytes())?;
+    let max = max_window(gpu, x, weight);
+    let elem_bytes = x.dtype().size_bytes().max(weight.dtype().size_bytes());
+    let t = tiling(d, opts.stride, max, elem_bytes)?;
+    let (op, source) = source_for(weight);
     let k = Kernel {
-        op: "conv2d",
-        source: SOURCE,
+        op,
+        source,
         entry: "conv2d_tiled",
         dtype: x.dtype(),
         constants: vec![("ACT", opts.activation.code())],
@@ -628,7 +681,9 @@ fn run_packed(
     out: &Tensor,
 ) -> Result<()> {
     let dtype = x.dtype();
-    let cw = d.cin.div_ceil(values_per_word(dtype));
+    // The packing: f32 words for both operands where the weights are f32.
+    let packing = weight.dtype();
+    let cw = d.cin.div_ceil(values_per_word(packing));
     let k_words = d.kh * d.kw * cw;
     let limit = MAX_PACKED_BYTES.min(gpu.max_binding_bytes());
     let packed_bytes = |rows: usize, row_words: usize| {
@@ -660,16 +715,17 @@ fn run_packed(
             limit,
         });
     }
+    let (op, source) = source_for(weight);
     let kernel = |entry| Kernel {
-        op: "conv2d",
-        source: SOURCE,
+        op,
+        source,
         entry,
         dtype,
         constants: vec![
             ("KH", d.kh as f64),
             ("KW", d.kw as f64),
             ("STRIDE", opts.stride as f64),
-            ("PACKED_F16", (values_per_word(dtype) == 2) as u8 as f64),
+            ("PACKED_F16", (values_per_word(packing) == 2) as u8 as f64),
         ],
     };
     let taps = Packed::alloc(gpu, 1, columns, k_words, row_words)?;
@@ -772,6 +828,7 @@ fn run_packed(
                 ldo: out_plane,
                 col_group: rows * d.wo,
                 col_group_stride: d.cout * out_plane,
+                packed_f16: values_per_word(packing) == 2,
             };
             gemm_packed(gpu, &product, epilogue)?;
         }
