@@ -540,7 +540,9 @@ fn f32_weights_against_f16_input_match_the_reference_in_every_kernel() {
         return;
     }
     let same = Conv2dOptions::same(3, 1);
-    let cases: [(([usize; 4], [usize; 4]), Conv2dOptions, Option<f32>); 4] = [
+    // (x and weight shapes, options, residual scale)
+    type Case = (([usize; 4], [usize; 4]), Conv2dOptions, Option<f32>);
+    let cases: [Case; 4] = [
         // Odd channels: one f32 word per channel in the packed taps.
         (([2, 5, 7, 9], [6, 5, 3, 3]), same, None),
         // Channels in fours: pack_taps4.
