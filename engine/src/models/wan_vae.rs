@@ -48,6 +48,10 @@ use crate::weights::{config::read_config, Weights};
 
 /// Frames of its input each causal convolution keeps for the next chunk.
 const CACHE_T: usize = 2;
+/// `F.normalize`'s floor on the norm in `WanRMS_norm`.
+const RMS_EPS: f32 = 1e-12;
+/// Video frames per encoder chunk after the first frame (diffusers' `_encode`).
+const ENCODE_CHUNK: usize = 4;
 /// Every convolution weight's dtype, whatever the precision (see the
 /// module's header). Biases and norm scales follow the precision: conv2d's
 /// epilogue reads them as it stores the output.
@@ -77,10 +81,6 @@ fn conv2d_layer(
         },
     })
 }
-/// `F.normalize`'s floor on the norm in `WanRMS_norm`.
-const RMS_EPS: f32 = 1e-12;
-/// Video frames per encoder chunk after the first frame (diffusers' `_encode`).
-const ENCODE_CHUNK: usize = 4;
 
 fn base_dim() -> usize {
     96

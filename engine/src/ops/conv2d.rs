@@ -39,19 +39,19 @@ const SOURCE_F32_WEIGHTS: &str = concat!(
 );
 
 /// The shader source and its name in the kernel cache (which keeps one
-/// module per name and activation dtype) for `weight`'s dtype.
-fn source_for(weight: &Tensor) -> (&'static str, &'static str) {
-    if mixed(weight) {
+/// module per name and activation dtype) for these operands.
+fn source_for(x: &Tensor, weight: &Tensor) -> (&'static str, &'static str) {
+    if mixed(x, weight) {
         ("conv2d_f32_weights", SOURCE_F32_WEIGHTS)
     } else {
         ("conv2d", SOURCE)
     }
 }
 
-/// Whether `weight` is f32 against f16 activations. check_conv allows no
-/// other mix, so an f32 weight is mixed exactly when the input is f16.
-fn mixed(weight: &Tensor) -> bool {
-    weight.dtype() == DType::F32
+/// Whether the weights are f32 against f16 activations (the one mix
+/// check_conv allows).
+fn mixed(x: &Tensor, weight: &Tensor) -> bool {
+    x.dtype() == DType::F16 && weight.dtype() == DType::F32
 }
 
 /// The most elements one window of any operand may hold: the limit of the
@@ -188,7 +188,7 @@ fn check_conv(
     tensors.extend(bias);
     check_dtypes(op, &tensors)?;
     // The weights as the input, or f32 against f16 (see the module's header).
-    if weight.dtype() != x.dtype() && !(x.dtype() == DType::F16 && weight.dtype() == DType::F32) {
+    if weight.dtype() != x.dtype() && !mixed(x, weight) {
         return Err(EngineError::DType {
             op,
             expected: format!("a weight in {} (or f32 against f16 input)", x.dtype()),
@@ -403,7 +403,7 @@ pub fn conv2d_residual_with_kernel(
     // Tensor cores first, where the adapter has cooperative matrices and the
     // convolution is f16 (ops/matmul_coop.rs). Its kernel multiplies f16
     // matrices only: f32 weights take the tiled kernel instead.
-    let coop = !mixed(weight)
+    let coop = !mixed(x, weight)
         && match kernel {
             Conv2dKernel::Auto => {
                 matmul_coop::routes(gpu, x.dtype(), Variant::Conv, opts.activation)
@@ -485,7 +485,7 @@ fn run_tiled(
     let max = max_window(gpu, x, weight);
     let elem_bytes = x.dtype().size_bytes().max(weight.dtype().size_bytes());
     let t = tiling(d, opts.stride, max, elem_bytes)?;
-    let (op, source) = source_for(weight);
+    let (op, source) = source_for(x, weight);
     let k = Kernel {
         op,
         source,
@@ -715,7 +715,7 @@ fn run_packed(
             limit,
         });
     }
-    let (op, source) = source_for(weight);
+    let (op, source) = source_for(x, weight);
     let kernel = |entry| Kernel {
         op,
         source,
