@@ -15,7 +15,7 @@
 // Bindings (element indices inside each binding):
 //   @binding(0) p     uniform Params
 //   @binding(1) x     array<st> (read): x[z, ci, iy, ix] at x_off + z * x_bstride + ci * h * w + iy * w + ix
-//   @binding(2) wt    array<st> (read): w[co, ci, ky, kx] at w_off + co * w_stride + (ci * kh + ky) * kw + kx
+//   @binding(2) wt    array<wst> (read): w[co, ci, ky, kx] at w_off + co * w_stride + (ci * kh + ky) * kw + kx
 //   @binding(3) bias  array<st> (read): bias[bias_off + co], read only when has_bias = 1
 //   @binding(4) out   array<st> (read_write): out[z, co, oy, ox] at out_off + z * o_bstride + co * ho * wo + oy * wo + ox
 //   @binding(19) residual array<st> (read): out[o]'s residual at res_off + o - out_off, read only
@@ -27,6 +27,11 @@
 // partial sums are added up in `out` (`accumulate` = 1) until the last chunk
 // (`finish` = 1) adds the bias, applies the activation, the scale and the
 // residual.
+//
+// The weights' storage type `wst` is `st` or f32: ops/conv2d.rs prepends its
+// alias. f32 weights against f16 activations serve models whose f16-rounded
+// weights alone cost more accuracy than the f16 budget allows (the Wan VAE);
+// every product is f32 either way.
 
 struct Params {
     batch: u32,
@@ -61,7 +66,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<st>;
-@group(0) @binding(2) var<storage, read> wt: array<st>;
+@group(0) @binding(2) var<storage, read> wt: array<wst>;
 @group(0) @binding(3) var<storage, read> bias: array<st>;
 @group(0) @binding(4) var<storage, read_write> out: array<st>;
 @group(0) @binding(19) var<storage, read> residual: array<st>;
@@ -206,7 +211,9 @@ const BLOCK_WORDS: u32 = 16384u;
 override KH: u32 = 3u;
 override KW: u32 = 3u;
 override STRIDE: u32 = 1u;
-// 1: words hold two f16 values (st = f16), low half first.
+// 1: words hold two f16 values (st = f16), low half first. f32 weights
+// (wst = f32) pack both operands as f32 words, f16 input taps too: the
+// product of matmul.wgsl takes one packing for both.
 override PACKED_F16: bool = false;
 
 struct PackParams {

@@ -95,18 +95,6 @@ const WAN_COMPONENTS: [&str; 6] = [
     "pipeline",
 ];
 
-/// Outputs known to exceed docs/CASES.md's fixed f16 budget, excluded from
-/// the f16 runs by name (the budget itself is never widened): (set, output
-/// tensor, why). wan-a's VAE decode: measured 3.07e-2 against a budget of
-/// 3.0e-2 (f32: within 1/7 of its tolerance; wan-b's decoder within half
-/// its f16 budget), of which 2.1e-2 is the rounding of the decoder's
-/// convolution weights to f16 alone (see engine/tests/wan_vae.rs).
-const WAN_F16_OVER_BUDGET: [(&str, &str, &str); 1] = [(
-    "wan-a",
-    "wan-a_vae_decode.sample",
-    "the decoder's conv weights rounded to f16 alone give 2.1e-2: 3.07e-2 > 3.0e-2",
-)];
-
 #[test]
 fn every_wan_component_matches_the_reference_in_f32_and_f16() {
     for set in ["wan-a", "wan-b"] {
@@ -121,34 +109,20 @@ fn every_wan_component_matches_the_reference_in_f32_and_f16() {
                 "--component",
                 &WAN_COMPONENTS.join(","),
             ]);
-            let excused: Vec<&str> = WAN_F16_OVER_BUDGET
-                .iter()
-                .filter(|(s, _, _)| precision == "f16" && *s == set)
-                .map(|(_, output, why)| {
-                    eprintln!("{set} {precision}: {output} excluded: {why}");
-                    *output
-                })
-                .collect();
-            let failing: Vec<&str> = stdout
-                .lines()
-                .filter(|l| l.contains("FAIL"))
-                .filter(|l| !excused.iter().any(|o| l.contains(&format!("  {o}  "))))
-                .collect();
+            let failing: Vec<&str> = stdout.lines().filter(|l| l.contains("FAIL")).collect();
             assert!(
                 failing.is_empty(),
                 "{set} {precision}: {failing:#?}\n{stderr}"
             );
-            let (passed, failed) = summary(&stdout);
-            assert_eq!(failed, excused.len(), "{set} {precision}:\n{stdout}");
-            assert_eq!(passed + failed, outputs, "{set} {precision}:\n{stdout}");
             assert_eq!(
-                code == 0,
-                excused.is_empty(),
-                "{set} {precision}: exit {code}"
+                summary(&stdout),
+                (outputs, 0),
+                "{set} {precision}:\n{stdout}"
             );
+            assert_eq!(code, 0, "{set} {precision}: exit {code}");
             assert_eq!(
                 stdout.lines().filter(|l| l.ends_with(" ok")).count(),
-                outputs - excused.len(),
+                outputs,
                 "{stdout}"
             );
         }

@@ -476,3 +476,147 @@ fn packed_kernel_puts_small_batch_items_side_by_side() {
         );
     }
 }
+
+/// f16 input, bias and residual against f32 weights (the Wan VAE's f16
+/// mode) in `kernel`: the reference takes the input rounded to f16 and the
+/// weights as they are.
+#[allow(clippy::too_many_arguments)]
+fn check_f32_weights(
+    gpu: &Gpu,
+    kernel: Conv2dKernel,
+    (x_shape, w_shape): ([usize; 4], [usize; 4]),
+    opts: &Conv2dOptions,
+    residual: Option<f32>,
+    seed: u64,
+) {
+    let (x, xv) = upload(
+        gpu,
+        &random(x_shape.iter().product(), seed),
+        &x_shape,
+        DType::F16,
+    );
+    let (w, wv) = upload(
+        gpu,
+        &random(w_shape.iter().product(), seed + 1),
+        &w_shape,
+        DType::F32,
+    );
+    let (b, bv) = upload(
+        gpu,
+        &random(w_shape[0], seed + 2),
+        &[w_shape[0]],
+        DType::F16,
+    );
+    let want_shape = conv2d::conv2d_output_shape(x_shape, w_shape, opts).unwrap();
+    let (r, rv) = upload(
+        gpu,
+        &random(want_shape.iter().product(), seed + 3),
+        &want_shape,
+        DType::F16,
+    );
+    let fused = residual.map(|scale| Conv2dResidual {
+        residual: &r,
+        scale,
+    });
+    let case = format!("{kernel:?} f32 weights x {x_shape:?} w {w_shape:?} {opts:?}");
+    let got =
+        conv2d::conv2d_residual_with_kernel(gpu, &x, &w, Some(&b), opts, fused.as_ref(), kernel)
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+    assert_eq!(got.dtype(), DType::F16, "{case}");
+    let mut want = conv2d::conv2d_reference(&xv, x_shape, &wv, w_shape, Some(&bv), opts);
+    if let Some(scale) = residual {
+        for (v, r) in want.iter_mut().zip(&rv) {
+            *v = ((*v as f64 + *r as f64) * scale as f64) as f32;
+        }
+    }
+    let k = w_shape[1] * w_shape[2] * w_shape[3] + 2;
+    assert_close(&case, &got.to_f32(gpu).unwrap(), &want, DType::F16, k);
+}
+
+#[test]
+fn f32_weights_against_f16_input_match_the_reference_in_every_kernel() {
+    let gpu = gpu();
+    if !gpu.has_f16() {
+        return;
+    }
+    let same = Conv2dOptions::same(3, 1);
+    // (x and weight shapes, options, residual scale)
+    type Case = (([usize; 4], [usize; 4]), Conv2dOptions, Option<f32>);
+    let cases: [Case; 4] = [
+        // Odd channels: one f32 word per channel in the packed taps.
+        (([2, 5, 7, 9], [6, 5, 3, 3]), same, None),
+        // Channels in fours: pack_taps4.
+        (([1, 8, 9, 6], [5, 8, 3, 3]), same, Some(0.5)),
+        (([1, 3, 9, 8], [4, 3, 3, 3]), vae_downsample(), None),
+        (
+            ([3, 16, 5, 5], [7, 16, 1, 1]),
+            Conv2dOptions::default(),
+            Some(1.0),
+        ),
+    ];
+    for kernel in KERNELS {
+        for (i, (shapes, opts, residual)) in cases.iter().enumerate() {
+            check_f32_weights(gpu, kernel, *shapes, opts, *residual, 900 + 4 * i as u64);
+        }
+    }
+    // Windows of every operand, the f32 weights' counted at 4 bytes.
+    let small = small_binding_gpu();
+    for (i, shapes) in [
+        ([1, 4, 20, 20], [8, 4, 3, 3]),
+        ([2, 20, 10, 10], [4, 20, 3, 3]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check_f32_weights(
+            small,
+            Conv2dKernel::Tiled,
+            shapes,
+            &same,
+            None,
+            950 + i as u64,
+        );
+    }
+}
+
+#[test]
+fn f32_weights_keep_their_precision_against_f16_input() {
+    // 576 taps of 1 · (1/3) sum to 192 with f32 weights; rounded to f16 the
+    // weight is 0.33325195 and the sum 191.953. The residual -192 cancels
+    // the exact sum, so the f16 output can show what the weights kept.
+    let gpu = gpu();
+    if !gpu.has_f16() {
+        return;
+    }
+    // Eight output pixels: a binding of the f16 output is at least 16 bytes.
+    let x = Tensor::from_f32(gpu, &[1.0; 64 * 30], &[1, 64, 3, 10], DType::F16).unwrap();
+    let w = Tensor::from_f32(gpu, &[1.0 / 3.0; 64 * 9], &[1, 64, 3, 3], DType::F32).unwrap();
+    let r = Tensor::from_f32(gpu, &[-192.0; 8], &[1, 1, 1, 8], DType::F16).unwrap();
+    let residual = Conv2dResidual {
+        residual: &r,
+        scale: 1.0,
+    };
+    let opts = Conv2dOptions::default();
+    for kernel in [
+        Conv2dKernel::Auto,
+        Conv2dKernel::Tiled,
+        Conv2dKernel::Packed,
+    ] {
+        let got =
+            conv2d::conv2d_residual_with_kernel(gpu, &x, &w, None, &opts, Some(&residual), kernel)
+                .unwrap()
+                .to_f32(gpu)
+                .unwrap();
+        let worst = got.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(worst < 1e-3, "{kernel:?}: {got:?} (f16 weights: -0.047)");
+    }
+    // The tensor-core kernel multiplies f16 matrices only: asked for by
+    // name with f32 weights, it is refused and the message says why.
+    let err = conv2d::conv2d_with_kernel(gpu, &x, &w, None, &opts, Conv2dKernel::Coop)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("conv2d") && err.contains("weight f32"),
+        "{err}"
+    );
+}

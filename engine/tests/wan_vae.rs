@@ -104,24 +104,6 @@ fn max_abs_err(got: &[f32], want: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-/// f16 outputs known to exceed docs/CASES.md's fixed budget: expected
-/// failures (case, output, measured max_abs_err). They are reported as
-/// FAIL, never passed under a wider budget; the test fails if one of them
-/// comes within the budget, so that the entry is removed.
-///
-/// wan-a's decode: measured 3.07e-2 against a budget of 3.0e-2 (0.03 at an
-/// expected -0.47, frame 1); f32 is within 1/7 of its tolerance, wan-b's
-/// decoder within half of its f16 budget. Where it comes from, measured by
-/// rounding one thing at a time to f16 and computing the rest in f32: the
-/// decoder's convolution weights alone 2.1e-2, all its weights 2.3e-2, the
-/// input latents alone 2.9e-3; the norm statistics, the attention and the
-/// convolutions' sums are already f32. Rounding the weights to f16 is what
-/// f16 storage is (diffusers in float16 does the same, which is why its
-/// Wan examples keep the VAE in float32), so no f32 accumulation recovers
-/// it: passing needs f32 VAE weights against f16 activations, a conv
-/// kernel variant the engine does not have yet.
-const KNOWN_F16_OVER_BUDGET: [(&str, &str, f32); 1] = [("wan-a_vae_decode", "sample", 3.07e-2)];
-
 /// Runs every `vae` case of every set in `dtype`; returns one line per output.
 fn run_cases(dtype: DType) -> Vec<String> {
     let gpu = gpu_for(dtype);
@@ -178,9 +160,6 @@ fn run_cases(dtype: DType) -> Vec<String> {
                     .1;
                 let err = max_abs_err(values, &want);
                 let limit = budget(dtype, e.tolerance, &want);
-                let known = KNOWN_F16_OVER_BUDGET.iter().find(|(case, output, _)| {
-                    dtype == DType::F16 && *case == case_name && *output == e.name
-                });
                 let ok = err <= limit;
                 if !ok {
                     let (i, g, w) = worst(values, &want);
@@ -189,20 +168,9 @@ fn run_cases(dtype: DType) -> Vec<String> {
                 let line = format!(
                     "{set} {case_name} {} {dtype}: max_abs_err {err:.3e} budget {limit:.3e} {}",
                     e.name,
-                    match (ok, known) {
-                        (true, None) => "ok".to_string(),
-                        (false, Some(k)) => format!(
-                            "FAIL (expected, measured {:.2e}: see KNOWN_F16_OVER_BUDGET)",
-                            k.2
-                        ),
-                        (true, Some(_)) => {
-                            "ok, but listed in KNOWN_F16_OVER_BUDGET: remove the entry".to_string()
-                        }
-                        (false, None) => "FAIL".to_string(),
-                    }
+                    if ok { "ok" } else { "FAIL" }
                 );
-                // An expected failure that passes fails the test too.
-                if ok == known.is_some() {
+                if !ok {
                     failures.push(line.clone());
                 }
                 lines.push(line);

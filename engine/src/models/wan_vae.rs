@@ -25,6 +25,15 @@
 //! Every causal convolution keeps the last `CACHE_T` = 2 frames of its input
 //! stream, which replace the zero time-padding on the next chunk, so memory
 //! is the cache plus one chunk whatever the clip's length.
+//!
+//! Convolution weights stay f32 in f16 mode too, against f16 activations
+//! (conv2d's f32-weight variant): on the wan-a case set's decode, computed in
+//! f32 with one kind of weight rounded to f16, the convolution weights alone
+//! put the output 2.1e-2 off diffusers' (biases 6.5e-3, norm scales 5.6e-3),
+//! and the whole f16 decode was 3.07e-2, over the f16 budget of 3e-2; with
+//! f32 convolution weights it is 1.5e-2. diffusers' own Wan examples load
+//! this VAE in float32 too. The price is 2 bytes more per weight (about
+//! 250 MB for Wan 2.1's 127 M).
 
 use std::path::Path;
 
@@ -32,7 +41,7 @@ use serde::Deserialize;
 
 use super::nn::Conv2d;
 use crate::error::{EngineError, LoadError, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{DType, Gpu};
 use crate::ops::{self, attention::AttentionOptions, conv2d, layout, norm, Activation};
 use crate::tensor::{fmt_shape, Tensor};
 use crate::weights::{config::read_config, Weights};
@@ -43,6 +52,35 @@ const CACHE_T: usize = 2;
 const RMS_EPS: f32 = 1e-12;
 /// Video frames per encoder chunk after the first frame (diffusers' `_encode`).
 const ENCODE_CHUNK: usize = 4;
+/// Every convolution weight's dtype, whatever the precision (see the
+/// module's header). Biases and norm scales follow the precision: conv2d's
+/// epilogue reads them as it stores the output.
+const CONV_WEIGHT_DTYPE: DType = DType::F32;
+
+/// `name` of `w` in [`CONV_WEIGHT_DTYPE`].
+fn conv_weight(gpu: &Gpu, w: &Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
+    w.set().upload(gpu, &w.key(name), shape, CONV_WEIGHT_DTYPE)
+}
+
+/// `nn.Conv2d` (nn::Conv2d's layout) with its weight in [`CONV_WEIGHT_DTYPE`].
+fn conv2d_layer(
+    gpu: &Gpu,
+    w: &Weights,
+    (cin, cout): (usize, usize),
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv2d> {
+    Ok(Conv2d {
+        weight: conv_weight(gpu, w, "weight", &[cout, cin, kernel, kernel])?,
+        bias: w.tensor(gpu, "bias", &[cout])?,
+        opts: conv2d::Conv2dOptions {
+            stride,
+            padding: [padding; 4],
+            activation: Activation::None,
+        },
+    })
+}
 
 fn base_dim() -> usize {
     96
@@ -236,7 +274,7 @@ impl WanCausalConv3d {
         let weight = if kt == 1 || gpu.is_plan() {
             // One tap needs no rearranging; a dry run has no values to
             // rearrange (it checks the key and shape and accounts the memory).
-            w.tensor(gpu, "weight", &shape)?.reshape(&stacked)?
+            conv_weight(gpu, w, "weight", &shape)?.reshape(&stacked)?
         } else {
             // Stored [Cout, Cin, kT, kh, kw]; the time taps become blocks of
             // input channels, rearranged on the CPU once, at load.
@@ -252,7 +290,7 @@ impl WanCausalConv3d {
                     }
                 }
             }
-            Tensor::from_f32(gpu, &out, &stacked, w.dtype())?.into_constant()
+            Tensor::from_f32(gpu, &out, &stacked, CONV_WEIGHT_DTYPE)?.into_constant()
         };
         Ok(WanCausalConv3d {
             weight,
@@ -572,8 +610,8 @@ impl WanAttentionBlock {
     fn new(gpu: &Gpu, w: &Weights, c: usize) -> Result<Self> {
         Ok(WanAttentionBlock {
             norm: WanRmsNorm::new(gpu, &w.pp("norm"), c, true)?,
-            to_qkv: Conv2d::new(gpu, &w.pp("to_qkv"), c, 3 * c, 1, 1, 0)?,
-            proj: Conv2d::new(gpu, &w.pp("proj"), c, c, 1, 1, 0)?,
+            to_qkv: conv2d_layer(gpu, &w.pp("to_qkv"), (c, 3 * c), 1, 1, 0)?,
+            proj: conv2d_layer(gpu, &w.pp("proj"), (c, c), 1, 1, 0)?,
         })
     }
 
@@ -650,7 +688,7 @@ impl WanResample {
         let (resample, time_conv) = match mode {
             ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
                 // diffusers' WanUpBlock leaves upsample_out_dim at dim // 2.
-                let resample = Conv2d::new(gpu, &conv, dim, dim / 2, 3, 1, 1)?;
+                let resample = conv2d_layer(gpu, &conv, (dim, dim / 2), 3, 1, 1)?;
                 let time_conv = (mode == ResampleMode::Upsample3d)
                     .then(|| {
                         WanCausalConv3d::new(
@@ -667,7 +705,7 @@ impl WanResample {
                 (resample, time_conv)
             }
             ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
-                let mut resample = Conv2d::new(gpu, &conv, dim, dim, 3, 2, 0)?;
+                let mut resample = conv2d_layer(gpu, &conv, (dim, dim), 3, 2, 0)?;
                 resample.opts.padding = [0, 1, 0, 1];
                 let time_conv = (mode == ResampleMode::Downsample3d)
                     .then(|| {

@@ -6,6 +6,11 @@
 //! Tensors larger than one storage binding run in windows: of batch items,
 //! output channels, output rows and input channels (tiled), of output rows
 //! and channel blocks (packed).
+//!
+//! The weights may be f32 against f16 activations (every other operand f16):
+//! for models whose weights rounded to f16 alone cost more accuracy than the
+//! f16 budget allows (the Wan VAE). The tiled and packed kernels take them;
+//! the tensor-core kernel does not, so such convolutions take the tiled one.
 
 use std::sync::Arc;
 
@@ -21,10 +26,42 @@ use super::route::{self, Route};
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
 use crate::gpu::tuning::KernelName;
-use crate::gpu::{Binding, Gpu, Kernel};
+use crate::gpu::{Binding, DType, Gpu, Kernel};
 use crate::tensor::{fmt_shape, Tensor};
 
-const SOURCE: &str = include_str!("../../../shaders/conv2d.wgsl");
+/// The shader with weights stored as the activations are, and with f32
+/// weights (`wst`, see the shader's header). WGSL declarations may come in
+/// any order, so the alias can precede the prelude's `st`.
+const SOURCE: &str = concat!(
+    "alias wst = st;\n",
+    include_str!("../../../shaders/conv2d.wgsl")
+);
+const SOURCE_F32_WEIGHTS: &str = concat!(
+    "alias wst = f32;\n",
+    include_str!("../../../shaders/conv2d.wgsl")
+);
+
+/// The shader source and its name in the kernel cache (which keeps one
+/// module per name and activation dtype) for these operands.
+fn source_for(x: &Tensor, weight: &Tensor) -> (&'static str, &'static str) {
+    if mixed(x, weight) {
+        ("conv2d_f32_weights", SOURCE_F32_WEIGHTS)
+    } else {
+        ("conv2d", SOURCE)
+    }
+}
+
+/// Whether the weights are f32 against f16 activations (the one mix
+/// check_conv allows).
+fn mixed(x: &Tensor, weight: &Tensor) -> bool {
+    x.dtype() == DType::F16 && weight.dtype() == DType::F32
+}
+
+/// The most elements one window of any operand may hold: the limit of the
+/// wider dtype where the weights are f32 and the activations f16.
+fn max_window(gpu: &Gpu, x: &Tensor, weight: &Tensor) -> usize {
+    Tensor::max_window_elems(gpu, x.dtype()).min(Tensor::max_window_elems(gpu, weight.dtype()))
+}
 const MAX_GROUPS: usize = 65535;
 
 /// The parameter block of a convolution's dispatch: the shader's Params,
@@ -192,9 +229,17 @@ fn check_conv(
     opts: &Conv2dOptions,
 ) -> Result<Dims> {
     let op = "conv2d";
-    let mut tensors = vec![x, weight];
+    let mut tensors = vec![x];
     tensors.extend(bias);
     check_dtypes(op, &tensors)?;
+    // The weights as the input, or f32 against f16 (see the module's header).
+    if weight.dtype() != x.dtype() && !mixed(x, weight) {
+        return Err(EngineError::DType {
+            op,
+            expected: format!("a weight in {} (or f32 against f16 input)", x.dtype()),
+            found: weight.dtype().to_string(),
+        });
+    }
     let (xs, ws) = match (x.shape(), weight.shape()) {
         (&[n, c, h, w], &[co, ci, kh, kw]) if ci == c => ([n, c, h, w], [co, ci, kh, kw]),
         _ => {
@@ -412,8 +457,16 @@ pub fn conv2d_residual_with_kernel(
         class: route::conv2d_class(x.dtype(), d.cout, d.cin, [d.kh, d.kw], d.ho * d.wo),
         dtype: x.dtype(),
         asked,
-        coop: Some(mm::coop_kernel(gpu, CoopProduct::Conv, opts.activation)),
-        coop_missing: None,
+        // The tensor-core kernel multiplies f16 matrices only: f32 weights
+        // (the Wan VAE's in f16 mode) take a portable kernel.
+        coop: (!mixed(x, weight)).then(|| mm::coop_kernel(gpu, CoopProduct::Conv, opts.activation)),
+        coop_missing: mixed(x, weight).then(|| {
+            format!(
+                "f16 weights (this convolution has input {}, weight {})",
+                x.dtype(),
+                weight.dtype()
+            )
+        }),
         coop_by_default: true,
     };
     let kernel = match route::route(gpu, request)? {
@@ -430,7 +483,7 @@ pub fn conv2d_residual_with_kernel(
     // shaders/matmul.wgsl: CPU adapters read storage buffers an order of
     // magnitude slower than uniform buffers, GPUs want workgroup-memory tiles.
     // An item larger than one binding takes the tiled kernel, which splits it.
-    let max = Tensor::max_window_elems(gpu, x.dtype());
+    let max = max_window(gpu, x, weight);
     let packable =
         packed_supported(gpu) && d.cin * d.h * d.w <= max && weight.numel() <= max && x.numel() > 0;
     let packed = match kernel {
@@ -480,11 +533,13 @@ fn run_tiled(
     out: &Tensor,
     coop: Option<&CoopKernel>,
 ) -> Result<()> {
-    let max = Tensor::max_window_elems(gpu, x.dtype());
-    let t = tiling(d, opts.stride, max, x.dtype().size_bytes())?;
+    let max = max_window(gpu, x, weight);
+    let elem_bytes = x.dtype().size_bytes().max(weight.dtype().size_bytes());
+    let t = tiling(d, opts.stride, max, elem_bytes)?;
+    let (op, source) = source_for(x, weight);
     let k = Kernel {
-        op: "conv2d",
-        source: SOURCE,
+        op,
+        source,
         entry: "conv2d_tiled",
         dtype: x.dtype(),
         constants: vec![("ACT", opts.activation.code())],
@@ -676,7 +731,9 @@ fn run_packed(
     out: &Tensor,
 ) -> Result<()> {
     let dtype = x.dtype();
-    let cw = d.cin.div_ceil(values_per_word(dtype));
+    // The packing: f32 words for both operands where the weights are f32.
+    let packing = weight.dtype();
+    let cw = d.cin.div_ceil(values_per_word(packing));
     let k_words = d.kh * d.kw * cw;
     let limit = MAX_PACKED_BYTES.min(gpu.max_binding_bytes());
     let packed_bytes = |rows: usize, row_words: usize| {
@@ -708,16 +765,17 @@ fn run_packed(
             limit,
         });
     }
+    let (op, source) = source_for(x, weight);
     let kernel = |entry| Kernel {
-        op: "conv2d",
-        source: SOURCE,
+        op,
+        source,
         entry,
         dtype,
         constants: vec![
             ("KH", d.kh as f64),
             ("KW", d.kw as f64),
             ("STRIDE", opts.stride as f64),
-            ("PACKED_F16", (values_per_word(dtype) == 2) as u8 as f64),
+            ("PACKED_F16", (values_per_word(packing) == 2) as u8 as f64),
         ],
     };
     let taps = Packed::alloc(gpu, 1, columns, k_words, row_words)?;
@@ -820,6 +878,7 @@ fn run_packed(
                 ldo: out_plane,
                 col_group: rows * d.wo,
                 col_group_stride: d.cout * out_plane,
+                packed_f16: values_per_word(packing) == 2,
             };
             gemm_packed(gpu, &product, epilogue)?;
         }

@@ -1059,6 +1059,9 @@ pub(crate) struct PackedProduct<'a> {
     pub ldo: usize,
     pub col_group: usize,
     pub col_group_stride: usize,
+    /// Whether both operands hold two f16 values per word (else one f32):
+    /// the output's dtype but for conv2d's f32 weights against f16 input.
+    pub packed_f16: bool,
 }
 
 impl PackedProduct<'_> {
@@ -1080,7 +1083,7 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
         dtype,
         constants: vec![
             ("ACT", e.activation.code()),
-            ("PACKED_F16", (dtype == DType::F16) as u8 as f64),
+            ("PACKED_F16", g.packed_f16 as u8 as f64),
         ],
     };
     let rb = a.rows_per_block();
@@ -1257,6 +1260,7 @@ fn run_packed(
         ldo: d.n,
         col_group: d.n,
         col_group_stride: 0,
+        packed_f16: out.dtype() == DType::F16,
     };
     gemm_packed(gpu, &product, e)
 }
