@@ -1,6 +1,10 @@
 //! Still images given to a generation (image animation; later a last image
 //! or video frames): the type and the fit to the clip's size.
 
+/// Stills smaller than this on a side are refused: there is nothing in
+/// them to animate, and every resize would invent it all.
+pub const MIN_IMAGE_SIDE: usize = 16;
+
 /// An RGB image with values in [0, 1], row-major, 3 channels interleaved.
 #[derive(Debug, Clone)]
 pub struct RgbImage {

@@ -11,15 +11,13 @@ use super::{component, transformer_config_path, Wan};
 use crate::error::{LoadError, Result};
 use crate::gpu::Gpu;
 use crate::models::clip_vision::ClipVisionModel;
-use crate::models::wan_transformer::WanTransformer3DModel;
+use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
 use crate::pipelines::argument;
-use crate::pipelines::image::{pil_resize, to_rgb8, ClipImageProcessor, PilFilter, RgbImage};
+use crate::pipelines::image::{
+    pil_resize, to_rgb8, ClipImageProcessor, PilFilter, RgbImage, MIN_IMAGE_SIDE,
+};
 use crate::pipelines::Request;
 use crate::tensor::Tensor;
-
-/// Stills smaller than this on a side are refused: there is nothing in
-/// them to animate, and the CLIP resize would invent it all.
-pub const MIN_IMAGE_SIDE: usize = 16;
 
 /// The image encoder and its processor of an image-to-video folder.
 pub struct ImageConditioning {
@@ -47,6 +45,36 @@ impl ImageConditioning {
             .into());
         }
         Ok(ImageConditioning { encoder, processor })
+    }
+}
+
+/// A folder's image encoder against its transformer's config, before
+/// anything loads: an image-to-video transformer without the image
+/// encoder it reads (or an image encoder beside a text-to-video one).
+pub(super) fn check_folder(
+    dir: &Path,
+    config: &WanTransformerConfig,
+    has_image_encoder: bool,
+) -> Result<()> {
+    let needs = |message: String| LoadError::Layout {
+        path: dir.to_path_buf(),
+        message,
+    };
+    match (config.image_dim, has_image_encoder) {
+        (Some(d), false) => Err(needs(format!(
+            "this is an image-to-video Wan transformer (image_dim {d}) but model_index.json names \
+             no image encoder: the folder needs `image_encoder/` (CLIPVisionModel) and \
+             `image_processor/` (CLIPImageProcessor), named in model_index.json"
+        ))
+        .into()),
+        (None, true) => Err(LoadError::Config {
+            path: transformer_config_path(dir),
+            message: "model_index.json names an image_encoder but this transformer has no \
+                      image_dim (a text-to-video transformer)"
+                .into(),
+        }
+        .into()),
+        _ => Ok(()),
     }
 }
 

@@ -37,7 +37,7 @@ use crate::error::{LoadError, Result};
 use crate::gpu::Gpu;
 use crate::models::source::ModelSource;
 use crate::models::umt5::{BlockResidency, UMT5Config, UMT5EncoderModel};
-use crate::models::wan_transformer::WanTransformer3DModel;
+use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
 use crate::models::wan_vae::AutoencoderKLWan;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::text::umt5::{Umt5Tokenizer, UMT5_MAX_LENGTH};
@@ -392,6 +392,11 @@ impl Family for Wan {
         if index.expand_timesteps {
             return Err(not_yet(&dir, "Wan 2.2 TI2V (expand_timesteps)").into());
         }
+        // Whether the folder is image-to-video, from the configs alone:
+        // parts missing are named before any weight reaches the GPU.
+        let transformer_dir = component(&dir, "transformer", "the Wan transformer")?;
+        let tr_config = WanTransformerConfig::load(&transformer_dir.join("config.json"))?;
+        image::check_folder(&dir, &tr_config, present(&index.image_encoder))?;
         let tokenizer_dir = component(&dir, "tokenizer", "tokenizer.json")?;
         let tokenizer = Umt5Tokenizer::from_dir(&tokenizer_dir)?;
         let te_dir = component(&dir, "text_encoder", "the UMT5 encoder")?;
@@ -413,11 +418,8 @@ impl Family for Wan {
         // cached rather than something keyed on less than the encoder.
         let encoder_identity =
             EncoderIdentity::of(&te_dir, &tokenizer_dir.join("tokenizer.json")).ok();
-        let transformer = WanTransformer3DModel::from_dir(
-            gpu,
-            &component(&dir, "transformer", "the Wan transformer")?,
-            BlockResidency::Resident,
-        )?;
+        let transformer =
+            WanTransformer3DModel::from_dir(gpu, &transformer_dir, BlockResidency::Resident)?;
         let vae = AutoencoderKLWan::load(gpu, &component(&dir, "vae", "the Wan VAE")?)?;
         let image = match present(&index.image_encoder) {
             true => Some(image::ImageConditioning::load(gpu, &dir)?),
