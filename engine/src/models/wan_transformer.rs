@@ -4,7 +4,10 @@
 //! vectors per block; text projection), blocks of modulated self-attention
 //! with RMS-normed q/k and 3D rotary embedding, cross-attention on the text
 //! tokens and a GELU (tanh) feed-forward with gated residuals, then the
-//! modulated output norm, the head and the unpatchify. Field names mirror
+//! modulated output norm, the head and the unpatchify. Image-to-video
+//! models (Wan 2.1 I2V/FLF2V) add the image embedder on the CLIP tokens and,
+//! in every cross-attention, a second attention of the same queries on
+//! those tokens (`add_k_proj`/`add_v_proj`), summed. Field names mirror
 //! diffusers' module tree (`blocks.{i}.attn1.to_q`, `condition_embedder.
 //! time_embedder.linear_1`, ...).
 //!
@@ -154,7 +157,10 @@ impl WanTransformerConfig {
                         cfg.inner_dim()
                     )));
                 }
-                if cfg.pos_embed_seq_len.is_some_and(|p| p == 0 || p % 2 != 0) {
+                if cfg
+                    .pos_embed_seq_len
+                    .is_some_and(|p| p == 0 || !p.is_multiple_of(2))
+                {
                     return Err(bad(format!(
                         "pos_embed_seq_len {:?} must be even: it spans the first and the last \
                          image's tokens",
@@ -473,7 +479,7 @@ impl WanImageEmbedding {
             Some(pos) => {
                 let s = image.shape();
                 let want = pos.shape()[1];
-                if s.len() != 3 || s[0] % 2 != 0 || 2 * s[1] != want {
+                if s.len() != 3 || !s[0].is_multiple_of(2) || 2 * s[1] != want {
                     return Err(EngineError::Shape {
                         op: "wan_image_embedding",
                         expected: format!(
