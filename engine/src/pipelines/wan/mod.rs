@@ -9,8 +9,9 @@
 //! that are not 4k + 1 and sizes that are not multiples of 16 (diffusers
 //! rounds them down with a log line); the error names the nearest valid
 //! values. The creative controls of the AnimateDiff family (motion, camera,
-//! stills) have no verified effect on Wan without trained weights for them:
-//! they are refused by name (see [`CONTROLS`]).
+//! and stills on a text-to-video model) have no verified effect on Wan
+//! without trained weights for them: they are refused by name (see
+//! [`CONTROLS`]).
 //!
 //! Wan 2.1 image-to-video (`WanImageToVideoPipeline`, I2V and first-last
 //! frame FLF2V) is the same family: a folder with `image_encoder/` (CLIP
