@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use motif_engine::models::source::{ModelSource, ModelSpec};
-use motif_engine::pipelines::{Camera, Event, ModelCache, Request, RgbImage};
+use motif_engine::pipelines::{Camera, Event, ModelCache, Request, RgbImage, MIN_IMAGE_SIDE};
 use motif_engine::schedulers::SchedulerKind;
 use motif_engine::Gpu;
 use motif_recipe::{CameraMove, FieldError, Lora, Recipe, Scheduler};
@@ -44,9 +44,12 @@ pub struct RecipeArgs {
     /// A LoRA to fuse, with an optional weight (default 1): FILE or FILE:0.8. Repeatable.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
-    /// Animate this still (PNG, JPEG or WebP): it becomes the first frame, resized and centre-cropped to the output size.
+    /// Animate this still (PNG, JPEG or WebP): it becomes the first frame. AnimateDiff resizes and centre-crops it to the output size; a Wan image-to-video model resizes it (without cropping, as diffusers does) and also reads it through its CLIP image encoder.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// With --image, on a first-last-frame model (Wan2.1-FLF2V): the still the clip ends on.
+    #[arg(long)]
+    pub last_image: Option<PathBuf>,
     /// With --image: how far the other frames may move from the still, 0 < S <= 1 [default: 0.8].
     #[arg(long)]
     pub strength: Option<f32>,
@@ -114,6 +117,10 @@ impl RecipeArgs {
             loras,
             image: self
                 .image
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            last_image: self
+                .last_image
                 .as_ref()
                 .map(|p| p.to_string_lossy().into_owned()),
             strength: self.strength,
@@ -269,16 +276,22 @@ impl Settings {
         };
         recipe.validate().map_err(flag_error)?;
         // The model's family refuses what it cannot honour (shift, a second
-        // guidance) by name; inputs no family takes yet (a last image, an
+        // guidance, a last image) by name; inputs no family takes yet (an
         // input video) are refused here, before anything is read.
         if let Some(field) = recipe
             .family_controls()
             .into_iter()
-            .find(|f| !matches!(*f, "shift" | "guidance_2"))
+            .find(|f| !matches!(*f, "shift" | "guidance_2" | "last_image"))
         {
             return Err(flag_error(FieldError::new(
                 field,
                 format!("is not supported by any model family yet (model {model})"),
+            )));
+        }
+        if recipe.last_image.is_some() && recipe.image.is_none() {
+            return Err(flag_error(FieldError::new(
+                "last_image",
+                "needs a first image too: pass --image FIRST with --last-image LAST",
             )));
         }
         if let Some(name) = &recipe.style {
@@ -321,6 +334,7 @@ impl Settings {
             text_encoder: r.text_encoder.clone(),
             loras: r.loras.clone(),
             image: r.image.clone(),
+            last_image: r.last_image.clone(),
             strength: r.image.as_ref().map(|_| self.strength),
             width: Some(req.width as u32),
             height: Some(req.height as u32),
@@ -351,8 +365,11 @@ fn load_image(path: &Path) -> Result<RgbImage> {
         })?
         .to_rgb8();
     let (w, h) = img.dimensions();
-    if w == 0 || h == 0 {
-        bail!("{}: the image is empty", path.display());
+    if (w as usize) < MIN_IMAGE_SIDE || (h as usize) < MIN_IMAGE_SIDE {
+        bail!(
+            "{}: the image is {w}x{h} pixels; at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed",
+            path.display()
+        );
     }
     Ok(RgbImage {
         width: w as usize,
@@ -392,6 +409,7 @@ pub struct Prepared {
     settings: Settings,
     output: PathBuf,
     image: Option<RgbImage>,
+    last_image: Option<RgbImage>,
     source: ModelSource,
     /// What the model was opened from (model, adapter, VAE, LoRAs): equal
     /// keys load equal weights, so a cached model can be reused.
@@ -447,6 +465,13 @@ pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
         .image()
         .map(|p| load_image(&p).map_err(|e| flag_error(FieldError::new("image", format!("{e:#}")))))
         .transpose()?;
+    let last_image = (settings.recipe.last_image.as_ref())
+        .map(|p| {
+            load_image(Path::new(p))
+                .map_err(|e| flag_error(FieldError::new("last_image", format!("{e:#}"))))
+        })
+        .transpose()?;
+
     let model = catalog::resolve_model_name(&settings.model).map_err(|e| {
         flag_error(FieldError::new(
             "model",
@@ -503,6 +528,7 @@ pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
         settings,
         output,
         image,
+        last_image,
         source,
         model_key: format!("{spec:?}"),
         camera_lora,
@@ -539,6 +565,7 @@ pub fn generate_cached(
         settings,
         output,
         image,
+        last_image,
         source,
         model_key,
         camera_lora,
@@ -606,6 +633,7 @@ pub fn generate_cached(
     req.guidance_2 = r.guidance_2;
     req.clip_skip = settings.clip_skip as usize;
     req.image = image;
+    req.last_image = last_image;
     req.strength = settings.strength;
     req.motion = settings.motion;
     req.camera = if camera_lora.is_some() {

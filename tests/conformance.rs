@@ -1,6 +1,7 @@
 //! `motif conformance` on the committed reference case sets (written by
-//! tools/fixtures/make_cases.py and make_wan_cases.py from diffusers and
-//! transformers), in f32 and f16, and the runner's failure modes.
+//! tools/fixtures/make_cases.py, make_wan_cases.py and make_wan_i2v_cases.py
+//! from diffusers and transformers), in f32 and f16, and the runner's
+//! failure modes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -125,6 +126,46 @@ fn every_wan_component_matches_the_reference_in_f32_and_f16() {
                 outputs,
                 "{stdout}"
             );
+        }
+    }
+}
+
+#[test]
+fn wan_image_to_video_sets_match_the_reference_in_f32_and_f16() {
+    // wan-i2v (Wan2.1-I2V) and wan-flf2v (first-last frame, pos_embed):
+    // the CLIP image processor (PIL backend, bit for bit) and vision
+    // encoder, the transformer with image tokens and 36 input channels, the
+    // VAE encoding of the conditioning video, and the pipeline through its
+    // denoising loop (image tokens, the mask + condition channels, every
+    // step's latents, the frames).
+    for set in ["wan-i2v", "wan-flf2v"] {
+        let dir = fixtures().join(set);
+        let outputs = outputs_in(&dir);
+        assert!(outputs >= 15, "{set}: only {outputs} outputs");
+        for precision in ["f32", "f16"] {
+            let (code, stdout, stderr) =
+                conformance(&[dir.to_str().unwrap(), "--precision", precision]);
+            assert_eq!(code, 0, "{set} {precision}:\n{stdout}\n{stderr}");
+            assert_eq!(
+                summary(&stdout),
+                (outputs, 0),
+                "{set} {precision}:\n{stdout}"
+            );
+            for output in [
+                "image_processor.pixel_values_1",
+                "image_encoder.penultimate_hidden_state",
+                "pipeline_unipc.image_embeds",
+                "pipeline_unipc.condition",
+                "pipeline_unipc.step_latents",
+                "pipeline_unipc.frames",
+            ] {
+                assert!(
+                    stdout
+                        .lines()
+                        .any(|l| l.contains(&format!("{set}_{output}")) && l.ends_with(" ok")),
+                    "{set} {precision} {output}:\n{stdout}"
+                );
+            }
         }
     }
 }

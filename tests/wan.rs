@@ -221,3 +221,158 @@ fn a_wan_lora_changes_the_clip_at_its_weight_and_misfits_are_refused() {
         "{e}"
     );
 }
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A still with a gradient per channel (`tint` changes it).
+fn write_png(path: &Path, (w, h): (u32, u32), tint: u8) {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 5) as u8, (y * 7) as u8, tint])
+    })
+    .save(path)
+    .unwrap();
+}
+
+/// All PNG frames of an output folder, in order.
+fn png_frames(dir: &Path) -> Vec<Vec<u8>> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .collect();
+    names.sort();
+    names.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+#[test]
+fn wan_image_to_video_folders_animate_a_still_and_end_on_a_last_one() {
+    // wan-i2v (Wan2.1-I2V layout) and wan-flf2v (first-last frame): the
+    // reference sets' folders, loaded as a user's download is.
+    let dir = scratch("i2v");
+    write_png(&dir.join("first.png"), (48, 32), 40);
+    write_png(&dir.join("other.png"), (48, 32), 220);
+    write_png(&dir.join("last.png"), (60, 40), 200);
+    let (i2v, flf) = (fixture("wan-i2v"), fixture("wan-flf2v"));
+
+    let o = motif(&dir, &tiny(&i2v, &["--image", "first.png", "-o", "a"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(png_frames(&dir.join("a")).len(), 5);
+    let recipe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("a/recipe.json")).unwrap()).unwrap();
+    assert_eq!(recipe["image"], "first.png");
+    // The still conditions the clip: another still, another clip.
+    let o = motif(&dir, &tiny(&i2v, &["--image", "other.png", "-o", "b"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(png_frames(&dir.join("a")), png_frames(&dir.join("b")));
+
+    // First-last frame, a last image of another size (resized as diffusers does).
+    let args = sized(
+        &flf,
+        ("32", "48", "9"),
+        &[
+            "--image",
+            "first.png",
+            "--last-image",
+            "last.png",
+            "-o",
+            "c.mp4",
+        ],
+    );
+    let o = motif(&dir, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recipe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("c.json")).unwrap()).unwrap();
+    assert_eq!(recipe["last_image"], "last.png");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_stills_and_image_to_video_folders_are_refused_before_any_output() {
+    let dir = scratch("i2v-refused");
+    write_png(&dir.join("first.png"), (48, 32), 40);
+    write_png(&dir.join("tiny.png"), (12, 20), 40);
+    std::fs::write(dir.join("broken.png"), b"not a png at all").unwrap();
+    let (i2v, flf, t2v) = (fixture("wan-i2v"), fixture("wan-flf2v"), wan());
+    // An image-to-video folder whose model_index.json names no image encoder.
+    let no_encoder = dir.join("no-encoder");
+    std::fs::create_dir_all(&no_encoder).unwrap();
+    for entry in std::fs::read_dir(&i2v).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_owned();
+        if path.is_dir() && name != "image_encoder" && name != "image_processor" {
+            let to = no_encoder.join(&name);
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(&path).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let mut index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&i2v).join("model_index.json")).unwrap(),
+    )
+    .unwrap();
+    index["image_encoder"] = serde_json::json!([null, null]);
+    index["image_processor"] = serde_json::json!([null, null]);
+    std::fs::write(no_encoder.join("model_index.json"), index.to_string()).unwrap();
+    let no_encoder = no_encoder.to_string_lossy().into_owned();
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            tiny(&i2v, &["--image", "broken.png"]),
+            "broken.png: cannot read the image",
+        ),
+        (
+            tiny(&i2v, &["--image", "tiny.png"]),
+            "12x20 pixels; at least 16x16",
+        ),
+        (
+            tiny(&flf, &["--last-image", "first.png"]),
+            "needs a first image too",
+        ),
+        (
+            tiny(
+                &flf,
+                &["--image", "first.png", "--last-image", "broken.png"],
+            ),
+            "broken.png",
+        ),
+        (tiny(&i2v, &[]), "image-to-video model: give it the still"),
+        (
+            tiny(&flf, &["--image", "first.png"]),
+            "first-last-frame model: give it the last frame too",
+        ),
+        (
+            tiny(&i2v, &["--image", "first.png", "--last-image", "first.png"]),
+            "`last_image` is not supported",
+        ),
+        (
+            tiny(&t2v, &["--image", "first.png"]),
+            "`image` is not supported",
+        ),
+        (
+            tiny(&i2v, &["--image", "first.png", "--strength", "0.5"]),
+            "`strength` is not supported",
+        ),
+        (
+            tiny(&no_encoder, &["--image", "first.png"]),
+            "names no image encoder",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut args = args;
+        args.extend_from_slice(&["-o", "x.mp4"]);
+        let o = motif(&dir, &args);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
+        assert!(!dir.join("x.mp4").exists(), "{args:?} left a file");
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -607,7 +607,7 @@ pub fn plan_wan(gpu: &Gpu, width: usize, height: usize, frames: usize) -> Result
     let latents = Tensor::zeros(gpu, &[1, 16, f, h, w], dtype)?;
     let context = Tensor::zeros(gpu, &[1, len, tr_config.text_dim], dtype)?;
     for _ in 0..2 {
-        drop(transformer.forward(gpu, &latents, &[999.0], &context)?);
+        drop(transformer.forward(gpu, &latents, &[999.0], &context, None)?);
     }
     let denoising_peak = gpu.pool_stats().peak_allocated_bytes;
     drop(context);

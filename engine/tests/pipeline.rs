@@ -133,17 +133,17 @@ fn the_registry_picks_the_family_from_the_pipeline_class() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("model_index.json"),
-        r#"{"_class_name": "WanImageToVideoPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}"#,
+        r#"{"_class_name": "WanVACEPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}"#,
     )
     .unwrap();
     let source = ModelSource::folder(&dir);
     let e = pipelines::family_of(&source).err().unwrap();
     assert!(
-        matches!(&e, EngineError::UnsupportedFamily { class, .. } if class == "WanImageToVideoPipeline")
+        matches!(&e, EngineError::UnsupportedFamily { class, .. } if class == "WanVACEPipeline")
     );
     let message = e.to_string();
     assert!(
-        message.contains("`WanImageToVideoPipeline` models are not supported yet")
+        message.contains("`WanVACEPipeline` models are not supported yet")
             && message.contains("AnimateDiffPipeline")
             && message.contains("WanPipeline"),
         "{message}"
@@ -151,7 +151,7 @@ fn the_registry_picks_the_family_from_the_pipeline_class() {
     // Loading through the registry (as the model cache does) says the same.
     let mut cache = pipelines::ModelCache::default();
     let e = cache.get(common::gpu(), "wan", &source).err().unwrap();
-    assert!(e.to_string().contains("`WanImageToVideoPipeline`"), "{e}");
+    assert!(e.to_string().contains("`WanVACEPipeline`"), "{e}");
     assert_eq!(cache.key(), None);
     std::fs::remove_dir_all(&dir).unwrap();
 }

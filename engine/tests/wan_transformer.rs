@@ -56,10 +56,17 @@ fn run_set(set_name: &str, dtype: DType, residency: BlockResidency) {
 
         let mut seen: Vec<(String, Vec<f32>)> = Vec::new();
         let out = model
-            .forward_observed(&gpu, &hs, &timesteps, &ehs, &mut |name, t: &Tensor| {
-                seen.push((name.to_string(), t.to_f32(&gpu)?));
-                Ok(())
-            })
+            .forward_observed(
+                &gpu,
+                &hs,
+                &timesteps,
+                &ehs,
+                None,
+                &mut |name, t: &Tensor| {
+                    seen.push((name.to_string(), t.to_f32(&gpu)?));
+                    Ok(())
+                },
+            )
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         seen.push(("sample".into(), out.to_f32(&gpu).unwrap()));
         // The rotary tables as diffusers hands them to attention: [1, S, 1, D],
@@ -164,13 +171,15 @@ fn bad_folders_are_refused_with_file_and_key() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+    // image_dim without added_kv_proj_dim: half an image-to-video config.
     let dir = edited_copy(|c| c["image_dim"] = serde_json::json!(1280));
     let err = WanTransformer3DModel::from_dir(&gpu, &dir, BlockResidency::Resident)
         .err()
         .expect("refused");
     let msg = err.to_string();
     assert!(
-        msg.contains("image-to-video is not yet supported") && msg.contains("config.json"),
+        msg.contains("image_dim Some(1280) and added_kv_proj_dim None")
+            && msg.contains("config.json"),
         "{msg}"
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -185,7 +194,7 @@ fn bad_folders_are_refused_with_file_and_key() {
     let hs = Tensor::zeros(&gpu, &[1, 16, 2, 5, 6], DType::F32).unwrap();
     let ehs = Tensor::zeros(&gpu, &[1, 8, model.config.text_dim], DType::F32).unwrap();
     let err = model
-        .forward(&gpu, &hs, &[500.0], &ehs)
+        .forward(&gpu, &hs, &[500.0], &ehs, None)
         .expect_err("a latent height of 5 with patch 2 is refused");
     assert!(
         matches!(

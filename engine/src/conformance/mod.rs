@@ -20,7 +20,7 @@ use crate::tensor::Tensor;
 use crate::weights::{config::read_json, SafetensorsFile};
 
 /// Components this runner knows, over both families (docs/CASES.md).
-pub const COMPONENTS: [&str; 7] = [
+pub const COMPONENTS: [&str; 9] = [
     "tokenizer",
     "text_encoder",
     "unet",
@@ -28,9 +28,9 @@ pub const COMPONENTS: [&str; 7] = [
     "vae",
     "scheduler",
     "pipeline",
+    "image_processor",
+    "image_encoder",
 ];
-/// Components of the format not implemented yet: their cases fail.
-pub const PENDING_COMPONENTS: [&str; 1] = ["image_encoder"];
 
 #[derive(Debug, Clone)]
 pub struct ConformanceOptions {
@@ -138,12 +138,10 @@ pub fn run(
     }
     if let Some(list) = &opts.components {
         for c in list {
-            if !COMPONENTS.contains(&c.as_str()) && !PENDING_COMPONENTS.contains(&c.as_str()) {
+            if !COMPONENTS.contains(&c.as_str()) {
                 return Err(argument(format!(
                     "unknown component `{c}` (known: {})",
-                    [&COMPONENTS[..], &PENDING_COMPONENTS[..]]
-                        .concat()
-                        .join(", ")
+                    COMPONENTS.join(", ")
                 )));
             }
         }
@@ -205,15 +203,9 @@ pub fn run(
                 continue;
             }
         }
-        let computed = if PENDING_COMPONENTS.contains(&component) {
-            Err(argument(format!(
-                "component `{component}` is not implemented yet"
-            )))
-        } else {
-            match &mut runner {
-                Runner::AnimateDiff(r) => r.compute(gpu, &set, case, component),
-                Runner::Wan(r) => r.compute(gpu, &set, case, component, opts.debug),
-            }
+        let computed = match &mut runner {
+            Runner::AnimateDiff(r) => r.compute(gpu, &set, case, component),
+            Runner::Wan(r) => r.compute(gpu, &set, case, component, opts.debug),
         };
         match computed.and_then(|c| compare(gpu.precision(), &set, case, component, opts.debug, &c))
         {

@@ -2,8 +2,10 @@
 //! (UMT5's, ids and mask), `text_encoder` (UMT5EncoderModel), `transformer`
 //! (WanTransformer3DModel, `transformer` or `transformer_2`), `vae`
 //! (AutoencoderKLWan: decode from `latents`, encode from `video`),
-//! `scheduler` (UniPC / FlowMatchEuler, by the case's config) and
-//! `pipeline` (the Wan family end to end: see [`pipeline_case`]).
+//! `scheduler` (UniPC / FlowMatchEuler, by the case's config),
+//! `image_processor` (CLIPImageProcessor, PIL backend), `image_encoder`
+//! (CLIPVisionModel's `hidden_states[-2]`) and `pipeline` (the Wan family
+//! end to end, text- or image-to-video: see [`pipeline_case`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use super::{
 };
 use crate::error::{EngineError, Result};
 use crate::gpu::Gpu;
+use crate::models::clip_vision::ClipVisionModel;
 use crate::models::source::{ModelSource, ModelSpec};
 use crate::models::umt5::{relative_position_buckets, BlockResidency, UMT5EncoderModel};
 use crate::models::wan_files::WanFiles;
@@ -22,6 +25,7 @@ use crate::models::wan_transformer::{
     rope_tables, WanTransformer3DModel, WanTransformerConfig, ROPE_THETA,
 };
 use crate::models::wan_vae::AutoencoderKLWan;
+use crate::pipelines::image::{ClipImageProcessor, RgbImage};
 use crate::pipelines::{Family, ModelDefaults, Request, Wan};
 use crate::schedulers::SchedulerConfig;
 use crate::tensor::Tensor;
@@ -38,6 +42,8 @@ pub(super) struct Runner {
     /// and the LoRA fused in (see [`case_lora`]).
     transformers: HashMap<(&'static str, String), WanTransformer3DModel>,
     vae: Option<AutoencoderKLWan>,
+    image_processor: Option<ClipImageProcessor>,
+    image_encoder: Option<ClipVisionModel>,
     pipeline: Option<Wan>,
     /// The single files a set's cases name (`transformer_file`,
     /// `text_encoder_file`, `vae_file`), in place of its folders.
@@ -52,6 +58,8 @@ impl Runner {
             text_encoder: None,
             transformers: HashMap::new(),
             vae: None,
+            image_processor: None,
+            image_encoder: None,
             pipeline: None,
             files: None,
         }
@@ -86,6 +94,8 @@ impl Runner {
             "transformer" => self.transformer_case(gpu, set, case, debug),
             "vae" => self.vae_case(gpu, set, case),
             "scheduler" => scheduler_case(set, case),
+            "image_processor" => self.image_processor_case(set, case),
+            "image_encoder" => self.image_encoder_case(gpu, set, case),
             "pipeline" => {
                 if self.pipeline.is_none() {
                     let source = match &self.files {
@@ -249,11 +259,6 @@ impl Runner {
                 self.dir.display()
             )));
         }
-        if has_input(case, "encoder_hidden_states_image") {
-            return Err(argument(
-                "input `encoder_hidden_states_image`: image-conditioned (I2V) transformer cases are not supported yet",
-            ));
-        }
         if !self.transformers.contains_key(&cache_key) {
             let config = WanTransformerConfig::load(&folder.join("config.json"))?;
             let weights =
@@ -289,6 +294,10 @@ impl Runner {
             _ => set.tensors.to_f32(ts_key)?,
         };
         let ehs = upload_input(gpu, set, case, "encoder_hidden_states")?;
+        let image = match has_input(case, "encoder_hidden_states_image") {
+            true => Some(upload_input(gpu, set, case, "encoder_hidden_states_image")?),
+            false => None,
+        };
 
         let mut computed = Computed::new();
         let out = model.forward_observed(
@@ -296,6 +305,7 @@ impl Runner {
             &hidden_states,
             &timesteps,
             &ehs,
+            image.as_ref(),
             &mut |name, t: &Tensor| {
                 if debug {
                     computed.push((name.to_string(), values(gpu, t)?));
@@ -321,6 +331,63 @@ impl Runner {
             computed.push(("rotary_sin".into(), pairs(&sin)));
         }
         Ok(computed)
+    }
+
+    /// Inputs `image_{i}` [H, W, 3] in [0, 1] (bytes / 255) → outputs
+    /// `pixel_values_{i}` [1, 3, S, S].
+    fn image_processor_case(
+        &mut self,
+        set: &CaseSet,
+        case: &serde_json::Value,
+    ) -> Result<Computed> {
+        if self.image_processor.is_none() {
+            self.image_processor = Some(ClipImageProcessor::load(
+                &self
+                    .dir
+                    .join("image_processor")
+                    .join("preprocessor_config.json"),
+            )?);
+        }
+        let Some(processor) = self.image_processor.as_ref() else {
+            unreachable!("loaded above")
+        };
+        let mut computed = Computed::new();
+        for i in 0.. {
+            let name = format!("image_{i}");
+            if !has_input(case, &name) {
+                break;
+            }
+            let image = case_image(set, case, &name)?;
+            let px = processor.preprocess(&image);
+            computed.push((
+                format!("pixel_values_{i}"),
+                px.iter().map(|&v| f64::from(v)).collect(),
+            ));
+        }
+        Ok(computed)
+    }
+
+    fn image_encoder_case(
+        &mut self,
+        gpu: &Gpu,
+        set: &CaseSet,
+        case: &serde_json::Value,
+    ) -> Result<Computed> {
+        if self.image_encoder.is_none() {
+            self.image_encoder = Some(ClipVisionModel::from_dir(
+                gpu,
+                &self.dir.join("image_encoder"),
+            )?);
+        }
+        let Some(model) = self.image_encoder.as_ref() else {
+            unreachable!("loaded above")
+        };
+        let pixel_values = upload_input(gpu, set, case, "pixel_values")?;
+        let out = model.penultimate_hidden_state(gpu, &pixel_values)?;
+        Ok(computed_from([(
+            "penultimate_hidden_state",
+            values(gpu, &out)?,
+        )]))
     }
 
     fn vae_case(&mut self, gpu: &Gpu, set: &CaseSet, case: &serde_json::Value) -> Result<Computed> {
@@ -425,6 +492,24 @@ fn case_files(set: &CaseSet, case: &serde_json::Value) -> Result<Option<WanFiles
     )?))
 }
 
+/// An image input [H, W, 3] with values in [0, 1].
+fn case_image(set: &CaseSet, case: &serde_json::Value, name: &str) -> Result<RgbImage> {
+    let key = input_tensor(case, name)?;
+    let shape = input_shape(set, key)?;
+    if shape.len() != 3 || shape[2] != 3 {
+        return Err(EngineError::Shape {
+            op: "image input",
+            expected: format!("`{name}` [H, W, 3]"),
+            found: format!("{shape:?}"),
+        });
+    }
+    Ok(RgbImage {
+        width: shape[1],
+        height: shape[0],
+        data: set.tensors.to_f32(key)?,
+    })
+}
+
 /// [B, S, C] → [B, C, S].
 fn channels_first(x: &[f64], b: usize, s: usize, c: usize) -> Vec<f64> {
     let mut out = vec![0f64; x.len()];
@@ -482,15 +567,26 @@ fn pipeline_case(
     let mut req = Request::new(text("prompt")?, &defaults);
     let key = input_tensor(case, "latents")?;
     req.latents = Some(set.tensors.to_f32(key)?);
+    if has_input(case, "image") {
+        req.image = Some(case_image(set, case, "image")?);
+    }
+    if has_input(case, "last_image") {
+        req.last_image = Some(case_image(set, case, "last_image")?);
+    }
     req.trace = true;
     let out = wan.generate(gpu, &req, &mut |_| true)?;
     let trace = out.trace.unwrap_or_default();
     let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
-    Ok(computed_from([
+    let mut computed = computed_from([
         ("timesteps", trace.timesteps.clone()),
         ("prompt_embeds", widen(&trace.prompt_embeds)),
         ("step_latents", widen(&trace.step_latents.concat())),
         ("latents", widen(&out.latents)),
         ("frames", widen(&out.frames_f32)),
-    ]))
+    ]);
+    if req.image.is_some() {
+        computed.push(("image_embeds".into(), widen(&trace.image_embeds)));
+        computed.push(("condition".into(), widen(&trace.condition)));
+    }
+    Ok(computed)
 }

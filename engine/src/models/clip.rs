@@ -104,12 +104,17 @@ impl ClipTextConfig {
     }
 
     fn activation(&self) -> Option<Activation> {
-        match self.hidden_act.as_str() {
-            "quick_gelu" => Some(Activation::QuickGelu),
-            "gelu" => Some(Activation::GeluErf),
-            "gelu_new" | "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
-            _ => None,
-        }
+        activation_named(&self.hidden_act)
+    }
+}
+
+/// transformers' `ACT2FN` names the CLIP towers use.
+pub(crate) fn activation_named(name: &str) -> Option<Activation> {
+    match name {
+        "quick_gelu" => Some(Activation::QuickGelu),
+        "gelu" => Some(Activation::GeluErf),
+        "gelu_new" | "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
+        _ => None,
     }
 }
 
@@ -119,12 +124,24 @@ pub struct ClipAttention {
     pub v_proj: Linear,
     pub out_proj: Linear,
     heads: usize,
+    /// The text model's causal mask; the vision tower attends to all patches.
+    causal: bool,
 }
 
 pub struct ClipMlp {
     pub fc1: Linear,
     pub fc2: Linear,
     act: Activation,
+}
+
+/// The sizes of one encoder layer.
+pub(crate) struct ClipLayerDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub act: Activation,
+    pub eps: f32,
+    pub causal: bool,
 }
 
 pub struct ClipEncoderLayer {
@@ -136,7 +153,26 @@ pub struct ClipEncoderLayer {
 
 impl ClipEncoderLayer {
     fn new(gpu: &Gpu, w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
+        let act = cfg
+            .activation()
+            .expect("checked when the config was loaded");
+        Self::with_dims(
+            gpu,
+            w,
+            ClipLayerDims {
+                hidden: cfg.hidden_size,
+                intermediate: cfg.intermediate_size,
+                heads: cfg.num_attention_heads,
+                act,
+                eps: cfg.layer_norm_eps,
+                causal: true,
+            },
+        )
+    }
+
+    /// A layer of either tower (`CLIPEncoderLayer` is shared by both).
+    pub(crate) fn with_dims(gpu: &Gpu, w: &Weights, dims: ClipLayerDims) -> Result<Self> {
+        let d = dims.hidden;
         let a = w.pp("self_attn");
         let m = w.pp("mlp");
         Ok(ClipEncoderLayer {
@@ -145,21 +181,20 @@ impl ClipEncoderLayer {
                 k_proj: Linear::new(gpu, &a.pp("k_proj"), d, d, true)?,
                 v_proj: Linear::new(gpu, &a.pp("v_proj"), d, d, true)?,
                 out_proj: Linear::new(gpu, &a.pp("out_proj"), d, d, true)?,
-                heads: cfg.num_attention_heads,
+                heads: dims.heads,
+                causal: dims.causal,
             },
-            layer_norm1: LayerNorm::new(gpu, &w.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
+            layer_norm1: LayerNorm::new(gpu, &w.pp("layer_norm1"), d, dims.eps)?,
             mlp: ClipMlp {
-                fc1: Linear::new(gpu, &m.pp("fc1"), d, cfg.intermediate_size, true)?,
-                fc2: Linear::new(gpu, &m.pp("fc2"), cfg.intermediate_size, d, true)?,
-                act: cfg
-                    .activation()
-                    .expect("checked when the config was loaded"),
+                fc1: Linear::new(gpu, &m.pp("fc1"), d, dims.intermediate, true)?,
+                fc2: Linear::new(gpu, &m.pp("fc2"), dims.intermediate, d, true)?,
+                act: dims.act,
             },
-            layer_norm2: LayerNorm::new(gpu, &w.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
+            layer_norm2: LayerNorm::new(gpu, &w.pp("layer_norm2"), d, dims.eps)?,
         })
     }
 
-    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
         let h = self.layer_norm1.forward(gpu, x)?;
         let a = &self.self_attn;
         let q = a.q_proj.forward(gpu, &h)?;
@@ -173,7 +208,7 @@ impl ClipEncoderLayer {
             &v,
             a.heads,
             &AttentionOptions {
-                causal: true,
+                causal: a.causal,
                 ..Default::default()
             },
         )?;

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod clip_vision;
 pub mod nn;
 pub mod resnet;
 pub mod source;

@@ -4,7 +4,10 @@
 //! vectors per block; text projection), blocks of modulated self-attention
 //! with RMS-normed q/k and 3D rotary embedding, cross-attention on the text
 //! tokens and a GELU (tanh) feed-forward with gated residuals, then the
-//! modulated output norm, the head and the unpatchify. Field names mirror
+//! modulated output norm, the head and the unpatchify. Image-to-video
+//! models (Wan 2.1 I2V/FLF2V) add the image embedder on the CLIP tokens and,
+//! in every cross-attention, a second attention of the same queries on
+//! those tokens (`add_k_proj`/`add_v_proj`), summed. Field names mirror
 //! diffusers' module tree (`blocks.{i}.attn1.to_q`, `condition_embedder.
 //! time_embedder.linear_1`, ...).
 //!
@@ -96,13 +99,19 @@ pub struct WanTransformerConfig {
     pub qk_norm: Option<String>,
     #[serde(default = "default_eps")]
     pub eps: f32,
-    /// Image-to-video (Wan 2.1 I2V/FLF2V): not supported yet.
+    /// Image-to-video (Wan 2.1 I2V/FLF2V): the image encoder's width, fed
+    /// to `condition_embedder.image_embedder`.
     #[serde(default)]
     pub image_dim: Option<usize>,
+    /// The width of the image tokens the cross-attention's
+    /// `add_k_proj`/`add_v_proj` read (the image embedder's output: the
+    /// model width).
     #[serde(default)]
     pub added_kv_proj_dim: Option<usize>,
     #[serde(default = "default_rope_len")]
     pub rope_max_seq_len: usize,
+    /// First-last frame (FLF2V): the image embedder's learned positions
+    /// over both images' tokens (2 · 257).
     #[serde(default)]
     pub pos_embed_seq_len: Option<usize>,
 }
@@ -127,15 +136,44 @@ impl WanTransformerConfig {
             path: path.to_path_buf(),
             message,
         };
-        if cfg.image_dim.is_some()
-            || cfg.added_kv_proj_dim.is_some()
-            || cfg.pos_embed_seq_len.is_some()
-        {
-            return Err(bad(
-                "this is an image-to-video Wan transformer (image_dim / added_kv_proj_dim set): \
-                 image-to-video is not yet supported; use a text-to-video Wan 2.1 model"
-                    .into(),
-            ));
+        match (cfg.image_dim, cfg.added_kv_proj_dim) {
+            (None, None) => {
+                if cfg.pos_embed_seq_len.is_some() {
+                    return Err(bad(
+                        "pos_embed_seq_len is set without image_dim: first-last-frame positions \
+                         need an image embedder"
+                            .into(),
+                    ));
+                }
+            }
+            (Some(image_dim), Some(kv)) => {
+                // diffusers builds add_k_proj as Linear(added_kv_proj_dim,
+                // inner_dim) over the image embedder's inner_dim-wide output:
+                // any other value cannot run.
+                if kv != cfg.inner_dim() || image_dim == 0 {
+                    return Err(bad(format!(
+                        "added_kv_proj_dim {kv} must equal heads · head_dim = {} (the image \
+                         embedder's output width), and image_dim {image_dim} be positive",
+                        cfg.inner_dim()
+                    )));
+                }
+                if cfg
+                    .pos_embed_seq_len
+                    .is_some_and(|p| p == 0 || !p.is_multiple_of(2))
+                {
+                    return Err(bad(format!(
+                        "pos_embed_seq_len {:?} must be even: it spans the first and the last \
+                         image's tokens",
+                        cfg.pos_embed_seq_len
+                    )));
+                }
+            }
+            (image_dim, kv) => {
+                return Err(bad(format!(
+                    "image_dim {image_dim:?} and added_kv_proj_dim {kv:?}: an image-to-video \
+                     transformer sets both, a text-to-video one neither"
+                )));
+            }
         }
         let d = cfg.attention_head_dim;
         if cfg.num_attention_heads == 0 || d < 6 || !d.is_multiple_of(2) || cfg.num_layers == 0 {
@@ -221,7 +259,17 @@ pub struct WanAttention {
     pub to_out: Linear,
     pub norm_q: RmsNorm,
     pub norm_k: RmsNorm,
+    /// Image-to-video cross-attention only: keys and values of the image
+    /// tokens (`add_k_proj`, `add_v_proj`, `norm_added_k`).
+    pub added_kv: Option<AddedKv>,
     heads: usize,
+}
+
+/// The image branch of an image-to-video cross-attention.
+pub struct AddedKv {
+    pub add_k_proj: Linear,
+    pub add_v_proj: Linear,
+    pub norm_added_k: RmsNorm,
 }
 
 /// The rotary tables of one forward, on the device (f32).
@@ -231,9 +279,18 @@ pub struct Rope {
 }
 
 impl WanAttention {
-    fn new(gpu: &Gpu, w: &Weights, cfg: &WanTransformerConfig) -> Result<Self> {
+    fn new(gpu: &Gpu, w: &Weights, cfg: &WanTransformerConfig, cross: bool) -> Result<Self> {
         let dim = cfg.inner_dim();
+        let added_kv = match (cross, cfg.added_kv_proj_dim) {
+            (true, Some(kv)) => Some(AddedKv {
+                add_k_proj: Linear::new(gpu, &w.pp("add_k_proj"), kv, dim, true)?,
+                add_v_proj: Linear::new(gpu, &w.pp("add_v_proj"), kv, dim, true)?,
+                norm_added_k: RmsNorm::new(gpu, &w.pp("norm_added_k"), dim, cfg.eps)?,
+            }),
+            _ => None,
+        };
         Ok(WanAttention {
+            added_kv,
             to_q: Linear::new(gpu, &w.pp("to_q"), dim, dim, true)?,
             to_k: Linear::new(gpu, &w.pp("to_k"), dim, dim, true)?,
             to_v: Linear::new(gpu, &w.pp("to_v"), dim, dim, true)?,
@@ -246,12 +303,16 @@ impl WanAttention {
 
     /// The heads' outputs before `to_out`: self-attention with the rotary
     /// embedding on q and k (`context` None), or cross-attention on
-    /// `context` without it.
+    /// `context` without it. With `image` tokens (image-to-video), the same
+    /// queries also attend to them through `add_k_proj`/`add_v_proj`
+    /// (keys RMS-normed by `norm_added_k`, no norm on the values) and the
+    /// two attentions' outputs are summed, as diffusers' `WanAttnProcessor`.
     fn attend(
         &self,
         gpu: &Gpu,
         x: &Tensor,
         context: Option<&Tensor>,
+        image: Option<&Tensor>,
         rope: Option<&Rope>,
     ) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
@@ -262,7 +323,20 @@ impl WanAttention {
             q = ops::rope::rotary_embedding(gpu, &q, &r.cos, &r.sin, self.heads)?;
             k = ops::rope::rotary_embedding(gpu, &k, &r.cos, &r.sin, self.heads)?;
         }
-        ops::attention::attention(gpu, &q, &k, &v, self.heads, &AttentionOptions::default())
+        let options = AttentionOptions::default();
+        let text = ops::attention::attention(gpu, &q, &k, &v, self.heads, &options)?;
+        match (image, &self.added_kv) {
+            (Some(img), Some(added)) => {
+                let k_img = added
+                    .norm_added_k
+                    .forward(gpu, &added.add_k_proj.forward(gpu, img)?)?;
+                let v_img = added.add_v_proj.forward(gpu, img)?;
+                let from_image =
+                    ops::attention::attention(gpu, &q, &k_img, &v_img, self.heads, &options)?;
+                ops::add(gpu, &text, &from_image)
+            }
+            _ => Ok(text),
+        }
     }
 }
 
@@ -292,8 +366,8 @@ impl WanTransformerBlock {
         let dim = cfg.inner_dim();
         let ff = w.pp("ffn").pp("net");
         Ok(WanTransformerBlock {
-            attn1: WanAttention::new(gpu, &w.pp("attn1"), cfg)?,
-            attn2: WanAttention::new(gpu, &w.pp("attn2"), cfg)?,
+            attn1: WanAttention::new(gpu, &w.pp("attn1"), cfg, false)?,
+            attn2: WanAttention::new(gpu, &w.pp("attn2"), cfg, true)?,
             norm2: if cfg.cross_attn_norm {
                 Some(LayerNorm::new(gpu, &w.pp("norm2"), dim, cfg.eps)?)
             } else {
@@ -308,13 +382,15 @@ impl WanTransformerBlock {
         })
     }
 
-    /// x [B, S, dim]; `context` [B, L, dim] (projected text); `timestep_proj`
+    /// x [B, S, dim]; `context` [B, L, dim] (projected text); `image`
+    /// [B, T, dim] (embedded image tokens, image-to-video); `timestep_proj`
     /// [B, 6, dim].
     pub fn forward(
         &self,
         gpu: &Gpu,
         x: &Tensor,
         context: &Tensor,
+        image: Option<&Tensor>,
         timestep_proj: &Tensor,
         rope: &Rope,
     ) -> Result<Tensor> {
@@ -326,7 +402,7 @@ impl WanTransformerBlock {
         // 1. Self-attention.
         let h = ops::norm::layer_norm(gpu, x, None, None, self.eps)?;
         let h = ops::elementwise::modulate(gpu, &h, &scale_msa, &shift_msa)?;
-        let a = self.attn1.attend(gpu, &h, None, Some(rope))?;
+        let a = self.attn1.attend(gpu, &h, None, None, Some(rope))?;
         let a = self.attn1.to_out.forward(gpu, &a)?;
         let x = ops::elementwise::gated_add(gpu, x, &a, &gate_msa)?;
 
@@ -335,7 +411,7 @@ impl WanTransformerBlock {
             Some(n) => n.forward(gpu, &x)?,
             None => x.clone(),
         };
-        let a = self.attn2.attend(gpu, &h, Some(context), None)?;
+        let a = self.attn2.attend(gpu, &h, Some(context), image, None)?;
         let x = self.attn2.to_out.forward_residual(gpu, &a, &x, 1.0)?;
 
         // 3. Feed-forward.
@@ -362,11 +438,77 @@ pub struct TextEmbedder {
     pub linear_2: Linear,
 }
 
-/// `WanTimeTextImageEmbedding` without the image embedder.
+/// `WanImageEmbedding`: the image encoder's tokens → model width, through
+/// `norm1` (LayerNorm, eps 1e-5, in f32 as diffusers' `FP32LayerNorm`), a
+/// GELU (erf) feed-forward of width image_dim and `norm2`. For first-last
+/// frame, `pos_embed` [1, 2T, image_dim] is added first to both images'
+/// tokens laid end to end ([2B, T, D] viewed as [B, 2T, D]).
+pub struct WanImageEmbedding {
+    pub norm1: LayerNorm,
+    /// `ff.net.0.proj` (GELU, erf) and `ff.net.2`.
+    pub ff: WanFeedForward,
+    pub norm2: LayerNorm,
+    pub pos_embed: Option<Tensor>,
+}
+
+/// `FP32LayerNorm`'s eps (nn.LayerNorm's default).
+const IMAGE_NORM_EPS: f32 = 1e-5;
+
+impl WanImageEmbedding {
+    fn new(gpu: &Gpu, w: &Weights, cfg: &WanTransformerConfig, image_dim: usize) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let ff = w.pp("ff").pp("net");
+        Ok(WanImageEmbedding {
+            norm1: LayerNorm::new(gpu, &w.pp("norm1"), image_dim, IMAGE_NORM_EPS)?,
+            ff: WanFeedForward {
+                proj_in: Linear::new(gpu, &ff.pp(0).pp("proj"), image_dim, image_dim, true)?,
+                proj_out: Linear::new(gpu, &ff.pp(2), image_dim, dim, true)?,
+            },
+            norm2: LayerNorm::new(gpu, &w.pp("norm2"), dim, IMAGE_NORM_EPS)?,
+            pos_embed: cfg
+                .pos_embed_seq_len
+                .map(|p| w.tensor(gpu, "pos_embed", &[1, p, image_dim]))
+                .transpose()?,
+        })
+    }
+
+    /// `image` [N, T, image_dim] → [N, T, dim], or with `pos_embed`
+    /// [N / 2, 2T, dim] (N = 2B: each item's first then last image).
+    pub fn forward(&self, gpu: &Gpu, image: &Tensor) -> Result<Tensor> {
+        let x = match &self.pos_embed {
+            Some(pos) => {
+                let s = image.shape();
+                let want = pos.shape()[1];
+                if s.len() != 3 || !s[0].is_multiple_of(2) || 2 * s[1] != want {
+                    return Err(EngineError::Shape {
+                        op: "wan_image_embedding",
+                        expected: format!(
+                            "first-last image tokens [2B, {}, D] (each item's first and last \
+                             image; pos_embed spans {want} tokens)",
+                            want / 2
+                        ),
+                        found: fmt_shape(s),
+                    });
+                }
+                let joined = image.reshape(&[s[0] / 2, want, s[2]])?;
+                ops::add(gpu, &joined, pos)?
+            }
+            None => image.clone(),
+        };
+        let h = self.norm1.forward(gpu, &x)?;
+        let h = self.ff.proj_in.forward_act(gpu, &h, Activation::GeluErf)?;
+        let h = self.ff.proj_out.forward(gpu, &h)?;
+        self.norm2.forward(gpu, &h)
+    }
+}
+
+/// `WanTimeTextImageEmbedding`.
 pub struct WanTimeTextEmbedding {
     pub time_embedder: TimeEmbedder,
     pub time_proj: Linear,
     pub text_embedder: TextEmbedder,
+    /// Image-to-video models only.
+    pub image_embedder: Option<WanImageEmbedding>,
     freq_dim: usize,
 }
 
@@ -395,6 +537,10 @@ impl WanTimeTextEmbedding {
                 linear_1: Linear::new(gpu, &tx.pp("linear_1"), cfg.text_dim, dim, true)?,
                 linear_2: Linear::new(gpu, &tx.pp("linear_2"), dim, dim, true)?,
             },
+            image_embedder: cfg
+                .image_dim
+                .map(|d| WanImageEmbedding::new(gpu, &w.pp("image_embedder"), cfg, d))
+                .transpose()?,
             freq_dim: cfg.freq_dim,
         })
     }
@@ -431,7 +577,8 @@ impl WanTimeTextEmbedding {
     }
 }
 
-/// `WanTransformer3DModel` (text-to-video).
+/// `WanTransformer3DModel` (text-to-video, and Wan 2.1 image-to-video
+/// with its image embedder and image cross-attention).
 pub struct WanTransformer3DModel {
     pub config: WanTransformerConfig,
     /// The Conv3d with kernel = stride = patch_size, as the Linear it equals
@@ -454,6 +601,9 @@ impl WanTransformer3DModel {
     /// Loads from weights rooted at the checkpoint's top level (diffusers
     /// keys). Refuses image-to-video checkpoints by their keys too, in case
     /// a config was edited.
+    ///
+    /// An image-to-video checkpoint under a text-to-video config (no
+    /// `image_dim`) is refused: its image branch would be left out silently.
     pub fn new(
         gpu: &Gpu,
         w: &Weights,
@@ -463,13 +613,14 @@ impl WanTransformer3DModel {
         // A stand-in set (benchmarks, plans) holds every key: no checkpoint to check.
         let image_keys = w.contains("condition_embedder.image_embedder.norm1.weight")
             || w.contains("blocks.0.attn2.add_k_proj.weight");
-        if image_keys && !w.set().is_synthetic() {
+        if image_keys && config.image_dim.is_none() && !w.set().is_synthetic() {
             return Err(LoadError::Config {
                 path: w
                     .set()
                     .path_of("condition_embedder.image_embedder.norm1.weight"),
-                message: "this checkpoint has an image embedder: image-to-video is not yet \
-                          supported; use a text-to-video Wan 2.1 model"
+                message: "this checkpoint has an image embedder (image-to-video) but its config \
+                          sets no image_dim / added_kv_proj_dim: use the checkpoint's own \
+                          transformer config"
                     .into(),
             }
             .into());
@@ -534,18 +685,25 @@ impl WanTransformer3DModel {
     /// as the scheduler gives them), and `encoder_hidden_states` [B, L,
     /// text_dim]. F, H, W must be multiples of the patch size (the pipeline
     /// makes them so; diffusers would silently drop the remainder).
+    ///
+    /// `encoder_hidden_states_image` (image-to-video models only, which
+    /// require it): the image encoder's tokens [B, T, image_dim], or for
+    /// first-last frame [2B, T, image_dim] (each item's first image, then
+    /// its last).
     pub fn forward(
         &self,
         gpu: &Gpu,
         hidden_states: &Tensor,
         timesteps: &[f32],
         encoder_hidden_states: &Tensor,
+        encoder_hidden_states_image: Option<&Tensor>,
     ) -> Result<Tensor> {
         self.forward_observed(
             gpu,
             hidden_states,
             timesteps,
             encoder_hidden_states,
+            encoder_hidden_states_image,
             &mut |_, _| Ok(()),
         )
     }
@@ -554,13 +712,15 @@ impl WanTransformer3DModel {
     /// reference cases name in their debug outputs, to locate where an error
     /// starts: `patch_embedding` [B, S, dim] (tokens, frame-major),
     /// `temb` [B, dim], `timestep_proj` [B, 6, dim], `text_embedding`
-    /// [B, L, dim], `block_{i}` [B, S, dim], `proj_out` [B, S, pt·ph·pw·Cout].
+    /// [B, L, dim], `image_embedding` [B, T, dim] (image-to-video),
+    /// `block_{i}` [B, S, dim], `proj_out` [B, S, pt·ph·pw·Cout].
     pub fn forward_observed(
         &self,
         gpu: &Gpu,
         hidden_states: &Tensor,
         timesteps: &[f32],
         encoder_hidden_states: &Tensor,
+        encoder_hidden_states_image: Option<&Tensor>,
         observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
@@ -612,6 +772,48 @@ impl WanTransformer3DModel {
         }
         let tokens: usize = grid.iter().product();
         let dim = cfg.inner_dim();
+        let image_tokens = match (cfg.image_dim, encoder_hidden_states_image) {
+            (None, None) => None,
+            (Some(image_dim), Some(image)) => {
+                let s = image.shape();
+                let items = if cfg.pos_embed_seq_len.is_some() {
+                    2 * b
+                } else {
+                    b
+                };
+                if s.len() != 3 || s[0] != items || s[2] != image_dim || s[1] == 0 {
+                    return Err(EngineError::Shape {
+                        op,
+                        expected: format!(
+                            "encoder_hidden_states_image [{items}, T, {image_dim}]{}",
+                            if items == 2 * b {
+                                " (first-last frame: each item's first and last image)"
+                            } else {
+                                ""
+                            }
+                        ),
+                        found: fmt_shape(s),
+                    });
+                }
+                Some(image)
+            }
+            (Some(_), None) => {
+                return Err(EngineError::Argument {
+                    op,
+                    message: "this image-to-video transformer needs encoder_hidden_states_image \
+                              (the image encoder's tokens)"
+                        .into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(EngineError::Argument {
+                    op,
+                    message: "encoder_hidden_states_image given to a text-to-video transformer \
+                              (its config has no image_dim)"
+                        .into(),
+                })
+            }
+        };
 
         // Patchify: [B, C, F', pt, H', ph, W', pw] → [B, F'H'W', C·pt·ph·pw],
         // the Conv3d's receptive fields in its weight's (c, kt, kh, kw) order.
@@ -630,15 +832,31 @@ impl WanTransformer3DModel {
         observe("temb", &cond.temb)?;
         observe("timestep_proj", &cond.timestep_proj)?;
         observe("text_embedding", &cond.context)?;
+        let image = match (image_tokens, &self.condition_embedder.image_embedder) {
+            (Some(tokens), Some(embedder)) => {
+                let e = embedder.forward(gpu, tokens)?;
+                observe("image_embedding", &e)?;
+                Some(e)
+            }
+            _ => None,
+        };
         let rope = self.rope(gpu, grid)?;
         let blocks = self.weights.pp("blocks");
         for i in 0..cfg.num_layers {
             x = match self.blocks.get(i) {
-                Some(block) => block.forward(gpu, &x, &cond.context, &cond.timestep_proj, &rope)?,
+                Some(block) => block.forward(
+                    gpu,
+                    &x,
+                    &cond.context,
+                    image.as_ref(),
+                    &cond.timestep_proj,
+                    &rope,
+                )?,
                 None => WanTransformerBlock::new(gpu, &blocks.pp(i), cfg)?.forward(
                     gpu,
                     &x,
                     &cond.context,
+                    image.as_ref(),
                     &cond.timestep_proj,
                     &rope,
                 )?,
@@ -693,6 +911,13 @@ fn block_shapes(cfg: &WanTransformerConfig) -> Vec<(String, Vec<usize>)> {
             }
             add(&format!("{attn}.norm_q.weight"), vec![dim]);
             add(&format!("{attn}.norm_k.weight"), vec![dim]);
+        }
+        if let Some(kv) = cfg.added_kv_proj_dim {
+            for proj in ["add_k_proj", "add_v_proj"] {
+                add(&format!("attn2.{proj}.weight"), vec![dim, kv]);
+                add(&format!("attn2.{proj}.bias"), vec![dim]);
+            }
+            add("attn2.norm_added_k.weight", vec![dim]);
         }
         if cfg.cross_attn_norm {
             add("norm2.weight", vec![dim]);

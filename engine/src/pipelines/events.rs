@@ -55,6 +55,12 @@ pub struct Trace {
     pub prompt_ids: Vec<[u32; MAX_LENGTH]>,
     /// [uncond?, cond] embeddings, each [77, D].
     pub prompt_embeds: Vec<f32>,
+    /// Image-to-video: the image encoder's tokens [N, T, D] (N = 2 for a
+    /// first and a last image).
+    pub image_embeds: Vec<f32>,
+    /// Image-to-video: the conditioning channels beside the latents
+    /// [1, 4 + z, f, h, w] (frame mask, encoded conditioning video).
+    pub condition: Vec<f32>,
 }
 
 #[derive(Debug, Clone)]

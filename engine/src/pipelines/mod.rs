@@ -31,7 +31,7 @@ pub use camera::Camera;
 pub use card::ModelCard;
 pub use controls::{Control, Controls};
 pub use events::{Event, Generated, Preview, Trace};
-pub use image::{fit_image, RgbImage};
+pub use image::{fit_image, RgbImage, MIN_IMAGE_SIDE};
 pub use noise::motion_share;
 pub use preview::LatentRgb;
 pub use request::{ModelDefaults, Request};

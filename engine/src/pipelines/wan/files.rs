@@ -76,6 +76,8 @@ impl Wan {
             text_encoder,
             transformer,
             vae,
+            // Single files carry no image encoder: text-to-video only.
+            None,
             scheduler_config,
             path.to_path_buf(),
             // The prompt cache keys entries on a text encoder folder's

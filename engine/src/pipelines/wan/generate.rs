@@ -5,6 +5,10 @@
 //! prompt and — with guidance above 1 — on the negative prompt, guidance,
 //! the scheduler step, previews and a step event; finally the VAE decode,
 //! one latent frame at a time through its feature cache.
+//!
+//! Image-to-video (`WanImageToVideoPipeline`) adds, before the loop, the
+//! image tokens and the conditioning channels (`image.rs`); each step the
+//! transformer reads [latents, condition] and the image tokens.
 
 use super::Wan;
 use crate::error::Result;
@@ -126,6 +130,10 @@ impl Wan {
         // Each phase's free buffers go back to the driver before the next
         // phase, whose sizes differ: the peak is one phase's, not their sum.
         gpu.trim_pool();
+        // diffusers encodes the image after the prompts, then the
+        // conditioning video after setting the timesteps (no effect on values).
+        let image = self.image_conditions(gpu, req)?;
+        let cin = self.transformer.config.in_channels;
 
         let mut latents = match &req.latents {
             Some(l) => l.clone(),
@@ -141,13 +149,31 @@ impl Wan {
             prompt_embeds: embeds.iter().rev().flatten().copied().collect(),
             ..Default::default()
         });
+        if let (Some(tr), Some(im)) = (trace.as_mut(), &image) {
+            tr.image_embeds = im.image_embeds.to_f32(gpu)?;
+            tr.condition = im.condition.clone();
+        }
         let mut previews = StepPreviews::default();
         for (k, &t) in timesteps.iter().enumerate() {
-            let x = Tensor::from_f32(gpu, &latents, &[1, c, f, h, w], gpu.precision())?;
+            // One batch item: concatenating channels is appending.
+            let x = match &image {
+                Some(im) => {
+                    let input = [latents.as_slice(), &im.condition].concat();
+                    Tensor::from_f32(gpu, &input, &[1, cin, f, h, w], gpu.precision())?
+                }
+                None => Tensor::from_f32(gpu, &latents, &[1, c, f, h, w], gpu.precision())?,
+            };
+            let image_embeds = image.as_ref().map(|im| &im.image_embeds);
             let t = [t as f32];
-            let mut pred = self.transformer.forward(gpu, &x, &t, &cond)?.to_f32(gpu)?;
+            let mut pred = self
+                .transformer
+                .forward(gpu, &x, &t, &cond, image_embeds)?
+                .to_f32(gpu)?;
             if let Some(uncond) = &uncond {
-                let u = self.transformer.forward(gpu, &x, &t, uncond)?.to_f32(gpu)?;
+                let u = self
+                    .transformer
+                    .forward(gpu, &x, &t, uncond, image_embeds)?
+                    .to_f32(gpu)?;
                 pred = guidance::guide(&u, &pred, req.guidance);
             }
             let out = scheduler.step(&pred, k, &latents, None)?;

@@ -9,13 +9,21 @@
 //! that are not 4k + 1 and sizes that are not multiples of 16 (diffusers
 //! rounds them down with a log line); the error names the nearest valid
 //! values. The creative controls of the AnimateDiff family (motion, camera,
-//! stills) have no verified effect on Wan without trained weights for them:
-//! they are refused by name (see [`CONTROLS`]).
+//! and stills on a text-to-video model) have no verified effect on Wan
+//! without trained weights for them: they are refused by name (see
+//! [`CONTROLS`]).
+//!
+//! Wan 2.1 image-to-video (`WanImageToVideoPipeline`, I2V and first-last
+//! frame FLF2V) is the same family: a folder with `image_encoder/` (CLIP
+//! vision) and `image_processor/` whose transformer takes 36 channels
+//! (noise, a frame mask, the encoded conditioning video) and the image
+//! tokens in its cross-attention (see `image.rs`).
 //!
 //! The step loop is in `generate.rs`.
 
 mod files;
 mod generate;
+mod image;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
@@ -37,7 +45,7 @@ use crate::text::umt5::{Umt5Tokenizer, UMT5_MAX_LENGTH};
 use crate::weights::{LoraTarget, WeightSet, Weights};
 
 /// The diffusers pipeline class whose folders this family runs.
-pub const PIPELINE_CLASSES: &[&str] = &["WanPipeline"];
+pub const PIPELINE_CLASSES: &[&str] = &["WanPipeline", "WanImageToVideoPipeline"];
 
 /// Wan's own settings: the flow shift, and given latents (reference cases).
 pub const CONTROLS: Controls = Controls {
@@ -50,6 +58,23 @@ pub const CONTROLS: Controls = Controls {
         SchedulerKind::FlowMatchEuler,
         SchedulerKind::Euler,
     ],
+};
+
+/// An image-to-video model (Wan2.1-I2V): the still is required.
+pub const CONTROLS_I2V: Controls = Controls {
+    supported: &[Control::Shift, Control::InitialLatents, Control::Image],
+    schedulers: CONTROLS.schedulers,
+};
+
+/// A first-last-frame model (Wan2.1-FLF2V): both stills are required.
+pub const CONTROLS_FLF2V: Controls = Controls {
+    supported: &[
+        Control::Shift,
+        Control::InitialLatents,
+        Control::Image,
+        Control::LastImage,
+    ],
+    schedulers: CONTROLS.schedulers,
 };
 
 /// The family's line in the registry.
@@ -116,6 +141,8 @@ pub struct Wan {
     text_encoder: UMT5EncoderModel,
     transformer: WanTransformer3DModel,
     vae: AutoencoderKLWan,
+    /// Image-to-video models: the CLIP image encoder and its processor.
+    image: Option<image::ImageConditioning>,
     scheduler_config: SchedulerConfig,
     defaults: ModelDefaults,
     latent_rgb: LatentRgb,
@@ -211,12 +238,13 @@ impl Wan {
         self.vae.config.spatial_scale_factor() * ph.max(pw)
     }
 
-    /// The latent shape [C, f, h, w] of a request.
+    /// The latent shape [C, f, h, w] of a request (C = the VAE's z; an
+    /// image-to-video transformer takes more channels, see `image.rs`).
     fn latent_shape(&self, req: &Request) -> (usize, usize, usize, usize) {
         let s = self.vae.config.spatial_scale_factor();
         let t = self.vae.config.temporal_scale_factor();
         (
-            self.transformer.config.in_channels,
+            self.vae.config.z_dim,
             (req.frames - 1) / t + 1,
             req.height / s,
             req.width / s,
@@ -269,6 +297,7 @@ impl Wan {
         text_encoder: UMT5EncoderModel,
         transformer: WanTransformer3DModel,
         vae: AutoencoderKLWan,
+        image: Option<image::ImageConditioning>,
         scheduler_config: SchedulerConfig,
         scheduler_path: PathBuf,
         encoder_identity: Option<EncoderIdentity>,
@@ -292,16 +321,40 @@ impl Wan {
             }
             .into());
         }
-        if vae.config.z_dim != transformer.config.in_channels {
+        // Image-to-video: noise z + frame mask (the VAE's temporal factor)
+        // + the encoded conditioning video z.
+        let z = vae.config.z_dim;
+        let (expected, what) = match transformer.config.image_dim {
+            None => (z, "the VAE's z_dim".to_string()),
+            Some(_) => (
+                2 * z + vae.config.temporal_scale_factor(),
+                format!(
+                    "2 · z_dim + {} (noise, frame mask, encoded image) for image-to-video",
+                    vae.config.temporal_scale_factor()
+                ),
+            ),
+        };
+        if transformer.config.in_channels != expected {
             return Err(LoadError::Config {
                 path: transformer_config_path(&dir),
                 message: format!(
-                    "in_channels {} differs from the VAE's z_dim {}",
-                    transformer.config.in_channels, vae.config.z_dim
+                    "in_channels {} differs from {what} = {expected}",
+                    transformer.config.in_channels
                 ),
             }
             .into());
         }
+        if transformer.config.out_channels() != z {
+            return Err(LoadError::Config {
+                path: transformer_config_path(&dir),
+                message: format!(
+                    "out_channels {} differs from the VAE's z_dim {z}",
+                    transformer.config.out_channels()
+                ),
+            }
+            .into());
+        }
+        image::check_parts(&dir, &transformer, image.as_ref())?;
         let card = ModelCard::for_model(&dir)?;
         let defaults = card.defaults(published_defaults());
         let latent_rgb = LatentRgb::new(
@@ -316,6 +369,7 @@ impl Wan {
             text_encoder,
             transformer,
             vae,
+            image,
             scheduler_config,
             defaults,
             latent_rgb,
@@ -341,13 +395,13 @@ impl Family for Wan {
         if index.expand_timesteps {
             return Err(not_yet(&dir, "Wan 2.2 TI2V (expand_timesteps)").into());
         }
-        if present(&index.image_encoder) {
-            return Err(not_yet(&dir, "Wan image-to-video (image_encoder)").into());
-        }
-        // LoRAs are checked against the transformer (headers only) before
-        // any part goes to the GPU.
+        // Whether the folder is image-to-video, from the configs alone:
+        // parts missing are named before any weight reaches the GPU.
         let transformer_dir = component(&dir, "transformer", "the Wan transformer")?;
         let transformer_config = WanTransformerConfig::load(&transformer_dir.join("config.json"))?;
+        image::check_folder(&dir, &transformer_config, present(&index.image_encoder))?;
+        // LoRAs are checked against the transformer (headers only) before
+        // any part goes to the GPU.
         let transformer_weights = source.fuse_loras(
             WeightSet::open_dir(&transformer_dir)?,
             LoraTarget::Transformer,
@@ -380,6 +434,10 @@ impl Family for Wan {
             BlockResidency::Resident,
         )?;
         let vae = AutoencoderKLWan::load(gpu, &component(&dir, "vae", "the Wan VAE")?)?;
+        let image = match present(&index.image_encoder) {
+            true => Some(image::ImageConditioning::load(gpu, &dir)?),
+            false => None,
+        };
         let scheduler_path =
             component(&dir, "scheduler", "scheduler_config.json")?.join("scheduler_config.json");
         let scheduler_config = SchedulerConfig::load(&scheduler_path)?;
@@ -389,6 +447,7 @@ impl Family for Wan {
             text_encoder,
             transformer,
             vae,
+            image,
             scheduler_config,
             scheduler_path,
             encoder_identity,
@@ -408,7 +467,11 @@ impl Family for Wan {
     }
 
     fn controls(&self) -> Controls {
-        CONTROLS
+        match (&self.image, self.transformer.config.pos_embed_seq_len) {
+            (None, _) => CONTROLS,
+            (Some(_), None) => CONTROLS_I2V,
+            (Some(_), Some(_)) => CONTROLS_FLF2V,
+        }
     }
 
     fn scale_factor(&self) -> usize {
@@ -439,6 +502,7 @@ impl Family for Wan {
                 return Err(argument(format!("shift {shift} must be a number > 0")));
             }
         }
+        self.check_images(req)?;
         let (c, f, h, w) = self.latent_shape(req);
         req.check_shared(&[1, c, f, h, w])
     }
