@@ -235,6 +235,60 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     }
 }
 
+// Layer norm on CPU adapters, rows of D = `len` values with D a multiple of 4
+// and the offsets too: one invocation per row, no workgroup memory, no
+// barriers. With the narrow kernel a row of a few hundred values cost a
+// workgroup of 8 lanes with a tree reduction, for a few dozen values per lane;
+// here 8 lanes are 8 rows, and every access moves a vec4 (on llvmpipe an
+// access costs about the same whatever its width). The statistics take two
+// passes over the row (the mean, summed about the row's first value, then
+// the squared deviations from it): as exact as Welford's update, without its
+// division per value.
+//   @binding(1) x4      x as array<st4>
+//   @binding(2) gamma4  gamma as array<st4>
+//   @binding(3) beta4   beta as array<st4>
+//   @binding(4) out4    out as array<st4>
+@group(0) @binding(1) var<storage, read> x4: array<st4>;
+@group(0) @binding(2) var<storage, read> gamma4: array<st4>;
+@group(0) @binding(3) var<storage, read> beta4: array<st4>;
+@group(0) @binding(4) var<storage, read_write> out4: array<st4>;
+
+@compute @workgroup_size(WG)
+fn layer_norm_rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                    @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (row >= p.rows) {
+        return;
+    }
+    let d4 = p.len / 4u;
+    let xs = p.x_off / 4u + row * d4;
+    let os = p.out_off / 4u + row * d4;
+    // Summed about the row's first value: rows far from zero (|mean| >> std)
+    // would lose the mean's low bits in a plain f32 sum.
+    let shift = f32(x4[xs].x);
+    var sum = vec4<f32>(0.0);
+    for (var e = 0u; e < d4; e = e + 1u) {
+        sum = sum + (vec4<f32>(x4[xs + e]) - shift);
+    }
+    let mean = shift + (sum.x + sum.y + sum.z + sum.w) / f32(p.len);
+    var sq = vec4<f32>(0.0);
+    for (var e = 0u; e < d4; e = e + 1u) {
+        let dv = vec4<f32>(x4[xs + e]) - mean;
+        sq = sq + dv * dv;
+    }
+    let rstd = inverseSqrt((sq.x + sq.y + sq.z + sq.w) / f32(p.len) + p.eps);
+    for (var e = 0u; e < d4; e = e + 1u) {
+        var v = (vec4<f32>(x4[xs + e]) - mean) * rstd;
+        if ((p.flags & 1u) != 0u) {
+            v = v * vec4<f32>(gamma4[e]);
+        }
+        if ((p.flags & 2u) != 0u) {
+            v = v + vec4<f32>(beta4[e]);
+        }
+        out4[os + e] = st4(v);
+    }
+}
+
 // Channel RMS norm (diffusers' WanRMS_norm, the Wan VAE's norm): for every
 // position of x [N, C, *spatial], x / max(‖x[n, :, s]‖₂, eps) · √C · gamma[c]
 // + beta[c] (F.normalize over dim 1), optionally SiLU. Two dispatches per
