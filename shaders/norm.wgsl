@@ -178,15 +178,14 @@ fn group_finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     stats[p.final_off + 2u * r + 1u] = inverseSqrt(acc.m2 / acc.n + p.eps);
 }
 
-@compute @workgroup_size(WG)
-fn group_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
-               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let w = wid.x + wid.y * nwg.x;
-    let cr = w / p.apply_chunks;
-    if (cr >= p.channel_rows) {
-        return;
-    }
-    let chunk = w - cr * p.apply_chunks;
+// The affine map of channel row cr: v -> (v - mean) * scale + shift.
+struct Coeffs {
+    mean: f32,
+    scale: f32,
+    shift: f32,
+}
+
+fn channel_coeffs(cr: u32) -> Coeffs {
     let row_of_item = cr / p.channels;
     let c = cr - row_of_item * p.channels;
     let item = row_of_item / p.segs;
@@ -200,15 +199,55 @@ fn group_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     if ((p.flags & 2u) != 0u) {
         shift = f32(beta[c]);
     }
+    return Coeffs(mean, scale, shift);
+}
+
+fn apply_one(v: f32, k: Coeffs) -> f32 {
+    var r = (v - k.mean) * k.scale + k.shift;
+    if (SILU) {
+        r = silu(r);
+    }
+    return r;
+}
+
+@compute @workgroup_size(WG)
+fn group_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = wid.x + wid.y * nwg.x;
+    let cr = w / p.apply_chunks;
+    if (cr >= p.channel_rows) {
+        return;
+    }
+    let chunk = w - cr * p.apply_chunks;
+    let k = channel_coeffs(cr);
     let first = chunk * p.apply_len;
     let n = min(p.apply_len, p.spatial - first);
     let base = cr * p.spatial + first;
     for (var e = lid; e < n; e = e + WG) {
-        var v = (f32(x[p.x_off + base + e]) - mean) * scale + shift;
-        if (SILU) {
-            v = silu(v);
-        }
-        out[p.out_off + base + e] = st(v);
+        out[p.out_off + base + e] = st(apply_one(f32(x[p.x_off + base + e]), k));
+    }
+}
+
+// group_apply moving vec4s (x4, out4: see layer_norm_rows4), where S and the
+// offsets hold whole vectors; the same arithmetic per element, so the same
+// results bit for bit.
+@compute @workgroup_size(WG)
+fn group_apply4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = wid.x + wid.y * nwg.x;
+    let cr = w / p.apply_chunks;
+    if (cr >= p.channel_rows) {
+        return;
+    }
+    let chunk = w - cr * p.apply_chunks;
+    let k = channel_coeffs(cr);
+    let first = chunk * p.apply_len;
+    let n4 = min(p.apply_len, p.spatial - first) / 4u;
+    let xb = (p.x_off + cr * p.spatial + first) / 4u;
+    let ob = (p.out_off + cr * p.spatial + first) / 4u;
+    for (var e = lid; e < n4; e = e + WG) {
+        let v = vec4<f32>(x4[xb + e]);
+        out4[ob + e] = st4(vec4<f32>(apply_one(v.x, k), apply_one(v.y, k), apply_one(v.z, k), apply_one(v.w, k)));
     }
 }
 

@@ -570,3 +570,26 @@ fn layer_norm_rows_of_whole_vectors_take_the_row_kernel() {
         }
     }
 }
+
+/// GroupNorm's apply pass moves vec4s where the spatial size holds whole
+/// vectors (the VAE's and UNet's 128x128 .. 2x2 maps); with the frames
+/// pooled, SiLU fused, the affine on and off, and more than one apply chunk
+/// per channel (S = 1024).
+#[test]
+fn group_norm_on_whole_vectors_takes_the_vec4_apply() {
+    let gpu = gpu();
+    for (shape, groups, frames, variant) in [
+        (&[2usize, 8, 4, 4][..], 4usize, None, 0usize),
+        (&[4, 6, 32, 32], 3, Some(2), 1),
+        (&[3, 16, 12], 16, None, 2),
+        (&[2, 4, 2, 2], 2, None, 3),
+    ] {
+        let (_, ran) = kernels_run(gpu, || {
+            check_group_norm(gpu, shape, groups, frames, variant, 0.0)
+        });
+        assert!(
+            ran.iter().any(|k| k == "group_apply4"),
+            "{shape:?}: {ran:?}"
+        );
+    }
+}

@@ -103,7 +103,7 @@ fn norm_kernel(entry: &'static str, dtype: DType, wg: usize, silu: bool) -> Kern
     if entry != "group_finalize" {
         constants.push(("WG", wg as f64));
     }
-    if entry == "group_apply" {
+    if entry.starts_with("group_apply") {
         constants.push(("SILU", f64::from(u8::from(silu))));
     }
     Kernel {
@@ -340,8 +340,18 @@ fn run_group_norm(
         )?;
         let gb = gamma.map_or(xb, Tensor::binding);
         let bb = beta.map_or(xb, Tensor::binding);
+        // Whole vectors per channel row (S, the offsets, and the chunks of
+        // apply_len, a multiple of 8): the vec4 form.
+        let vector = [l.spatial as u32, x_off, out_off]
+            .iter()
+            .all(|v| v % 4 == 0);
+        let apply = if vector {
+            "group_apply4"
+        } else {
+            "group_apply"
+        };
         gpu.dispatch(
-            &norm_kernel("group_apply", dtype, wg, silu),
+            &norm_kernel(apply, dtype, wg, silu),
             params_bytes(&p),
             &[(1, xb), (2, gb), (3, bb), (4, ob), (5, sb)],
             grid_1d((items * l.frames * l.channels * apply_chunks) as u64),
