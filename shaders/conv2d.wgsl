@@ -235,8 +235,8 @@ struct PackParams {
     row0: u32,       // pack_weights: first output channel of the dispatch;
                      // pack_taps: packed row of the band's first pixel (items side by side)
     dst_base: u32,   // pack_weights: word index (in the packed operand) of packed[0]
+    padded_w: u32,   // pack_taps4: columns of the padded input the band reads
     _pad0: u32,
-    _pad1: u32,
 }
 
 // pack_taps and pack_weights bindings:
@@ -297,7 +297,11 @@ fn pack_taps(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // pack_taps4: the same, 4 words of channels per invocation, written with
 // one vec4 store per tap (stores too are loops over the lanes on a CPU
-// adapter). Needs cw to be a multiple of 4.
+// adapter). Needs cw to be a multiple of 4. A workgroup spans (padded
+// column, channel vector) pairs, channels fastest: with x over channels
+// alone, few channels (the VAE's 32 at full resolution: 8 vectors) left most
+// of its 32 lanes idle.
+// x: column * cw / 4 + channel vector, y: padded input row of the band.
 //   @binding(6) packed4  the blocks as array<vec4<u32>>
 @group(0) @binding(6) var<storage, read_write> packed4: array<vec4<u32>>;
 
@@ -310,12 +314,13 @@ fn input_word(c2: u32, iy: u32, ix: u32) -> u32 {
 
 @compute @workgroup_size(32)
 fn pack_taps4(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c2 = 4u * gid.x;
-    if (c2 >= pp.cw) {
+    let vectors = pp.cw / 4u;
+    let px = gid.x / vectors;
+    if (px >= pp.padded_w) {
         return;
     }
-    let px = gid.y;
-    let py = gid.z;
+    let c2 = 4u * (gid.x - px * vectors);
+    let py = gid.y;
     let iy = pp.oy0 * STRIDE + py - pp.pad_t;
     let ix = px - pp.pad_l;
     let v = vec4(input_word(c2, iy, ix), input_word(c2 + 1u, iy, ix),

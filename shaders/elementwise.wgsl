@@ -105,6 +105,79 @@ fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     out[p.out_off + i] = st(activate(r * p.scale));
 }
 
+// Vector forms of `unary`, `binary` and `geglu`, taken when every offset, the
+// element count (and, for `binary` with broadcasting, the innermost dim of the
+// output shape; for `geglu`, D) is a multiple of 4. On the CPU adapter every
+// storage access costs about the same whatever its width, so moving a vec4 per
+// access does a quarter of the scalar kernels' accesses; each component goes
+// through the same scalar arithmetic, so the results are those of the scalar
+// kernels bit for bit.
+//   @binding(1) a4    a as array<st4>
+//   @binding(2) b4    b as array<st4>, `binary4` (b of a's shape) only
+//   @binding(3) out4  out as array<st4>
+// The grid covers n / 4 vectors; i is a vector index, 4i the element index.
+@group(0) @binding(1) var<storage, read> a4: array<st4>;
+@group(0) @binding(2) var<storage, read> b4: array<st4>;
+@group(0) @binding(3) var<storage, read_write> out4: array<st4>;
+
+fn activate4(v: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
+}
+
+@compute @workgroup_size(WG)
+fn unary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+          @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if (i >= p.n / 4u) { return; }
+    out4[p.out_off / 4u + i] = st4(activate4(vec4<f32>(a4[p.a_off / 4u + i]) * p.scale));
+}
+
+// `binary4`: b of a's shape, read as vectors. `binary4_broadcast`: b read as
+// four scalars from one index computation: the innermost output dim is a
+// multiple of 4, so the four elements differ only in that dim, where b's
+// stride is 0 or 1. (Two entry points: one may not bind both b and b4.)
+fn binary_op4(x: vec4<f32>, y: vec4<f32>) -> vec4<f32> {
+    var r: vec4<f32>;
+    if (BINOP == 1u) { r = x * y; } else { r = x + y; }
+    return activate4(r * p.scale);
+}
+
+@compute @workgroup_size(WG)
+fn binary4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+           @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if (i >= p.n / 4u) { return; }
+    let x = vec4<f32>(a4[p.a_off / 4u + i]);
+    let y = vec4<f32>(b4[p.b_off / 4u + i]);
+    out4[p.out_off / 4u + i] = st4(binary_op4(x, y));
+}
+
+@compute @workgroup_size(WG)
+fn binary4_broadcast(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if (i >= p.n / 4u) { return; }
+    let x = vec4<f32>(a4[p.a_off / 4u + i]);
+    let j = p.b_off + b_index(p.base + 4u * i);
+    let inner = p.b_strides[(p.rank - 1u) / 4u][(p.rank - 1u) % 4u];
+    let y = vec4<f32>(f32(b[j]), f32(b[j + inner]), f32(b[j + 2u * inner]), f32(b[j + 3u * inner]));
+    out4[p.out_off / 4u + i] = st4(binary_op4(x, y));
+}
+
+@compute @workgroup_size(WG)
+fn geglu4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+          @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if (i >= p.n / 4u) { return; }
+    let d4 = p.rank / 4u;
+    let row = i / d4;
+    let col = i - row * d4;
+    let value = vec4<f32>(a4[p.a_off / 4u + row * 2u * d4 + col]);
+    let gate = vec4<f32>(a4[p.a_off / 4u + row * 2u * d4 + d4 + col]);
+    let g = vec4<f32>(gelu_erf(gate.x), gelu_erf(gate.y), gelu_erf(gate.z), gelu_erf(gate.w));
+    out4[p.out_off / 4u + i] = st4(value * g);
+}
+
 // out = clamp(a, scale, hi)
 @compute @workgroup_size(WG)
 fn clamp_range(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,

@@ -178,15 +178,14 @@ fn group_finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     stats[p.final_off + 2u * r + 1u] = inverseSqrt(acc.m2 / acc.n + p.eps);
 }
 
-@compute @workgroup_size(WG)
-fn group_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
-               @builtin(num_workgroups) nwg: vec3<u32>) {
-    let w = wid.x + wid.y * nwg.x;
-    let cr = w / p.apply_chunks;
-    if (cr >= p.channel_rows) {
-        return;
-    }
-    let chunk = w - cr * p.apply_chunks;
+// The affine map of channel row cr: v -> (v - mean) * scale + shift.
+struct Coeffs {
+    mean: f32,
+    scale: f32,
+    shift: f32,
+}
+
+fn channel_coeffs(cr: u32) -> Coeffs {
     let row_of_item = cr / p.channels;
     let c = cr - row_of_item * p.channels;
     let item = row_of_item / p.segs;
@@ -200,15 +199,55 @@ fn group_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     if ((p.flags & 2u) != 0u) {
         shift = f32(beta[c]);
     }
+    return Coeffs(mean, scale, shift);
+}
+
+fn apply_one(v: f32, k: Coeffs) -> f32 {
+    var r = (v - k.mean) * k.scale + k.shift;
+    if (SILU) {
+        r = silu(r);
+    }
+    return r;
+}
+
+@compute @workgroup_size(WG)
+fn group_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = wid.x + wid.y * nwg.x;
+    let cr = w / p.apply_chunks;
+    if (cr >= p.channel_rows) {
+        return;
+    }
+    let chunk = w - cr * p.apply_chunks;
+    let k = channel_coeffs(cr);
     let first = chunk * p.apply_len;
     let n = min(p.apply_len, p.spatial - first);
     let base = cr * p.spatial + first;
     for (var e = lid; e < n; e = e + WG) {
-        var v = (f32(x[p.x_off + base + e]) - mean) * scale + shift;
-        if (SILU) {
-            v = silu(v);
-        }
-        out[p.out_off + base + e] = st(v);
+        out[p.out_off + base + e] = st(apply_one(f32(x[p.x_off + base + e]), k));
+    }
+}
+
+// group_apply moving vec4s (x4, out4: see layer_norm_rows4), where S and the
+// offsets hold whole vectors; the same arithmetic per element, so the same
+// results bit for bit.
+@compute @workgroup_size(WG)
+fn group_apply4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = wid.x + wid.y * nwg.x;
+    let cr = w / p.apply_chunks;
+    if (cr >= p.channel_rows) {
+        return;
+    }
+    let chunk = w - cr * p.apply_chunks;
+    let k = channel_coeffs(cr);
+    let first = chunk * p.apply_len;
+    let n4 = min(p.apply_len, p.spatial - first) / 4u;
+    let xb = (p.x_off + cr * p.spatial + first) / 4u;
+    let ob = (p.out_off + cr * p.spatial + first) / 4u;
+    for (var e = lid; e < n4; e = e + WG) {
+        let v = vec4<f32>(x4[xb + e]);
+        out4[ob + e] = st4(vec4<f32>(apply_one(v.x, k), apply_one(v.y, k), apply_one(v.z, k), apply_one(v.w, k)));
     }
 }
 
@@ -232,6 +271,60 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
             v = v + f32(beta[e]);
         }
         out[p.out_off + row * d + e] = st(v);
+    }
+}
+
+// Layer norm on CPU adapters, rows of D = `len` values with D a multiple of 4
+// and the offsets too: one invocation per row, no workgroup memory, no
+// barriers. With the narrow kernel a row of a few hundred values cost a
+// workgroup of 8 lanes with a tree reduction, for a few dozen values per lane;
+// here 8 lanes are 8 rows, and every access moves a vec4 (on llvmpipe an
+// access costs about the same whatever its width). The statistics take two
+// passes over the row (the mean, summed about the row's first value, then
+// the squared deviations from it): as exact as Welford's update, without its
+// division per value.
+//   @binding(1) x4      x as array<st4>
+//   @binding(2) gamma4  gamma as array<st4>
+//   @binding(3) beta4   beta as array<st4>
+//   @binding(4) out4    out as array<st4>
+@group(0) @binding(1) var<storage, read> x4: array<st4>;
+@group(0) @binding(2) var<storage, read> gamma4: array<st4>;
+@group(0) @binding(3) var<storage, read> beta4: array<st4>;
+@group(0) @binding(4) var<storage, read_write> out4: array<st4>;
+
+@compute @workgroup_size(WG)
+fn layer_norm_rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                    @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (row >= p.rows) {
+        return;
+    }
+    let d4 = p.len / 4u;
+    let xs = p.x_off / 4u + row * d4;
+    let os = p.out_off / 4u + row * d4;
+    // Summed about the row's first value: rows far from zero (|mean| >> std)
+    // would lose the mean's low bits in a plain f32 sum.
+    let shift = f32(x4[xs].x);
+    var sum = vec4<f32>(0.0);
+    for (var e = 0u; e < d4; e = e + 1u) {
+        sum = sum + (vec4<f32>(x4[xs + e]) - shift);
+    }
+    let mean = shift + (sum.x + sum.y + sum.z + sum.w) / f32(p.len);
+    var sq = vec4<f32>(0.0);
+    for (var e = 0u; e < d4; e = e + 1u) {
+        let dv = vec4<f32>(x4[xs + e]) - mean;
+        sq = sq + dv * dv;
+    }
+    let rstd = inverseSqrt((sq.x + sq.y + sq.z + sq.w) / f32(p.len) + p.eps);
+    for (var e = 0u; e < d4; e = e + 1u) {
+        var v = (vec4<f32>(x4[xs + e]) - mean) * rstd;
+        if ((p.flags & 1u) != 0u) {
+            v = v * vec4<f32>(gamma4[e]);
+        }
+        if ((p.flags & 2u) != 0u) {
+            v = v + vec4<f32>(beta4[e]);
+        }
+        out4[os + e] = st4(v);
     }
 }
 

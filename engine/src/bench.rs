@@ -361,6 +361,47 @@ pub struct PipelineReport {
     /// (kernel, milliseconds, dispatches). Empty where the adapter has no
     /// timestamp queries.
     pub unet_step_kernels: Vec<(String, f64, u32)>,
+    /// The same for one decode of every frame.
+    pub vae_decode_kernels: Vec<(String, f64, u32)>,
+}
+
+/// Runs `work` once with every dispatch timed on the GPU and says the time
+/// per kernel (entry point), slowest first, with the dispatch count: where a
+/// part's time goes on this adapter. Empty where the adapter has no
+/// timestamp queries.
+fn kernel_profile(
+    gpu: &Gpu,
+    what: &str,
+    say: &mut dyn FnMut(&str),
+    work: impl FnOnce() -> Result<()>,
+) -> Result<Vec<(String, f64, u32)>> {
+    gpu.synchronize()?;
+    if !gpu.start_timer() {
+        return Ok(Vec::new());
+    }
+    work()?;
+    let Some(kernels) = gpu.stop_timer_by_kernel()? else {
+        return Ok(Vec::new());
+    };
+    let total: f64 = kernels.iter().map(|k| k.seconds).sum();
+    let count: u32 = kernels.iter().map(|k| k.dispatches).sum();
+    let mut line = format!(
+        "{what} on the GPU: {:.1} ms in {count} dispatches;",
+        total * 1e3
+    );
+    for k in &kernels {
+        line.push_str(&format!(
+            " {} {:.1} ms ({}),",
+            k.kernel,
+            k.seconds * 1e3,
+            k.dispatches
+        ));
+    }
+    say(line.trim_end_matches(','));
+    Ok(kernels
+        .into_iter()
+        .map(|k| (k.kernel, k.seconds * 1e3, k.dispatches))
+        .collect())
 }
 
 /// Mean seconds of `iters` runs. No warm-up: the first generation before
@@ -438,28 +479,11 @@ pub fn bench_pipeline(
     })?;
     say(&format!("unet step: {:.3} s", report.unet_step_s));
     // One more step with every dispatch timed on the GPU, per kernel.
-    gpu.synchronize()?;
-    if gpu.start_timer() {
+    report.unet_step_kernels = kernel_profile(gpu, "unet step", say, || {
         pipe.unet
-            .forward(gpu, &sample, &[501.0], &context, &MotionOptions::default())?;
-        if let Some(kernels) = gpu.stop_timer_by_kernel()? {
-            let total: f64 = kernels.iter().map(|k| k.seconds).sum();
-            let mut line = format!("unet step on the GPU: {:.1} ms;", total * 1e3);
-            for k in &kernels {
-                line.push_str(&format!(
-                    " {} {:.1} ms ({}),",
-                    k.kernel,
-                    k.seconds * 1e3,
-                    k.dispatches
-                ));
-            }
-            say(line.trim_end_matches(','));
-            report.unet_step_kernels = kernels
-                .into_iter()
-                .map(|k| (k.kernel, k.seconds * 1e3, k.dispatches))
-                .collect();
-        }
-    }
+            .forward(gpu, &sample, &[501.0], &context, &MotionOptions::default())
+            .map(drop)
+    })?;
 
     // In the pipeline's chunks of frames.
     let chunk = pipe.decode_chunk(height, width).min(f);
@@ -476,6 +500,13 @@ pub fn bench_pipeline(
         "vae decode ({f} frames): {:.3} s",
         report.vae_decode_s
     ));
+    report.vae_decode_kernels = kernel_profile(gpu, "vae decode", say, || {
+        for f0 in (0..f).step_by(chunk) {
+            let z = if f0 + chunk <= f { &latent } else { &last };
+            pipe.vae.decode_scaled(gpu, z)?;
+        }
+        Ok(())
+    })?;
 
     for &steps in &w.steps {
         req.steps = steps;

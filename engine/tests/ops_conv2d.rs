@@ -620,3 +620,32 @@ fn f32_weights_keep_their_precision_against_f16_input() {
         "{err}"
     );
 }
+
+#[test]
+fn packed_kernel_packs_few_channels_at_full_resolution() {
+    // The VAE decoder's shapes in small: 4, 8, 12 and 32 input channels (1,
+    // 2, 3 and 8 vectors of taps per column), where pack_taps4's workgroups
+    // span several columns and end inside one; stride 2 and one-sided
+    // padding; a band of rows whose padded width is not a multiple of 32.
+    let gpu = gpu();
+    let cases: [([usize; 4], [usize; 4], Conv2dOptions); 4] = [
+        ([2, 4, 19, 23], [8, 4, 3, 3], Conv2dOptions::same(3, 1)),
+        ([1, 8, 33, 30], [3, 8, 3, 3], Conv2dOptions::same(3, 1)),
+        ([3, 12, 17, 13], [5, 12, 3, 3], vae_downsample()),
+        ([1, 32, 40, 40], [32, 32, 3, 3], Conv2dOptions::same(3, 1)),
+    ];
+    for (i, (x, w, opts)) in cases.iter().enumerate() {
+        let (_, ran) = kernels_run(gpu, || {
+            check(
+                gpu,
+                Conv2dKernel::Packed,
+                *x,
+                *w,
+                true,
+                opts,
+                800 + i as u64,
+            )
+        });
+        assert!(ran.iter().any(|k| k == "pack_taps4"), "{x:?}: {ran:?}");
+    }
+}

@@ -261,3 +261,124 @@ fn modulate_and_gated_add_match_reference() {
         Err(EngineError::Shape { .. })
     ));
 }
+
+/// Where every offset and count holds whole vectors, unary, binary and GEGLU
+/// take their vec4 kernels; those give the scalar kernels' results bit for
+/// bit (the same arithmetic per element), which a 4k + 1 input, left to the
+/// scalar kernels, shows on its first 4k elements. Broadcast operands whose
+/// innermost dim is a multiple of 4 (per-channel bias over rows of 12, a row
+/// vector over rows) take the broadcast vector kernel.
+#[test]
+fn whole_vectors_take_the_vec4_kernels_with_the_scalar_results() {
+    let gpu = gpu();
+    for dtype in dtypes() {
+        let n = 4 * 1031;
+        let x: Vec<f32> = random(n + 1, 40).iter().map(|v| v * 8.0).collect();
+        let y = random(n + 1, 41);
+        let (xv, xs) = upload(gpu, &x[..n], &[n], dtype);
+        let (yv, ys) = upload(gpu, &y[..n], &[n], dtype);
+        let (x1, _) = upload(gpu, &x, &[n + 1], dtype);
+        let (y1, _) = upload(gpu, &y, &[n + 1], dtype);
+        for act in ACTS {
+            let (got, ran) = kernels_run(gpu, || {
+                elementwise::unary(gpu, &xv, 0.75, act)
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap()
+            });
+            assert!(ran.iter().any(|k| k == "unary4"), "unary {act:?}: {ran:?}");
+            let want: Vec<f32> = xs
+                .iter()
+                .map(|&v| act.apply_reference(v as f64 * 0.75) as f32)
+                .collect();
+            assert_close(&format!("unary4 {act:?}"), &got, &want, dtype, 1);
+            let scalar = elementwise::unary(gpu, &x1, 0.75, act)
+                .unwrap()
+                .to_f32(gpu)
+                .unwrap();
+            assert_eq!(got, scalar[..n], "unary4 {act:?} against the scalar kernel");
+
+            let (got, ran) = kernels_run(gpu, || {
+                elementwise::binary(gpu, &xv, &yv, true, 1.5, act)
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap()
+            });
+            assert!(
+                ran.iter().any(|k| k == "binary4"),
+                "binary {act:?}: {ran:?}"
+            );
+            let want = elementwise::binary_reference(&xs, &[n], &ys, &[n], true, 1.5, act);
+            assert_close(&format!("binary4 {act:?}"), &got, &want, dtype, 2);
+            let scalar = elementwise::binary(gpu, &x1, &y1, true, 1.5, act)
+                .unwrap()
+                .to_f32(gpu)
+                .unwrap();
+            assert_eq!(
+                got,
+                scalar[..n],
+                "binary4 {act:?} against the scalar kernel"
+            );
+        }
+
+        for (a_shape, b_shape) in [
+            (&[2usize, 5, 3, 12][..], &[5usize, 1, 1][..]),
+            (&[2, 5, 3, 12], &[2, 5, 1, 1]),
+            (&[7, 16], &[16]),
+            (&[3, 4, 8], &[3, 1, 8]),
+        ] {
+            let na: usize = a_shape.iter().product();
+            let nb: usize = b_shape.iter().product();
+            let (a, av) = upload(gpu, &random(na, 42), a_shape, dtype);
+            let (b, bv) = upload(gpu, &random(nb, 43), b_shape, dtype);
+            let (got, ran) = kernels_run(gpu, || {
+                elementwise::binary(gpu, &a, &b, false, 1.0, Activation::Silu)
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap()
+            });
+            assert!(
+                ran.iter().any(|k| k == "binary4_broadcast"),
+                "{a_shape:?} + {b_shape:?}: {ran:?}"
+            );
+            let want = elementwise::binary_reference(
+                &av,
+                a_shape,
+                &bv,
+                b_shape,
+                false,
+                1.0,
+                Activation::Silu,
+            );
+            assert_close(
+                &format!("binary4_broadcast {a_shape:?} {b_shape:?}"),
+                &got,
+                &want,
+                dtype,
+                2,
+            );
+        }
+
+        for (rows, d) in [(1usize, 4usize), (33, 64), (5, 320)] {
+            let x: Vec<f32> = random(rows * 2 * d, 44).iter().map(|v| v * 4.0).collect();
+            let (t, xs) = upload(gpu, &x, &[rows, 2 * d], dtype);
+            let (got, ran) = kernels_run(gpu, || ops::geglu(gpu, &t).unwrap().to_f32(gpu).unwrap());
+            assert!(
+                ran.iter().any(|k| k == "geglu4"),
+                "geglu {rows}x{d}: {ran:?}"
+            );
+            let want = elementwise::geglu_reference(&xs, 2 * d);
+            assert_close(&format!("geglu4 {rows}x{d}"), &got, &want, dtype, 1);
+        }
+    }
+}
+
+/// The vector kernels over tensors split into windows (each window's
+/// offsets decide the kernel, so windows may mix them).
+#[test]
+fn vec4_kernels_split_tensors_over_the_binding_limit() {
+    check_unary(small_binding_gpu(), 4 * 1250, 50);
+    check_binary(small_binding_gpu(), &[4000], &[4000], 51);
+    check_binary(small_binding_gpu(), &[4, 33, 40], &[33, 1], 52);
+    check_binary(small_binding_gpu(), &[4, 25, 40], &[40], 53);
+}

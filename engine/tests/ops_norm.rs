@@ -520,3 +520,76 @@ fn rms_norm_windows_and_bad_shapes() {
         Err(EngineError::Shape { .. })
     ));
 }
+
+/// On the CPU adapter, layer norm over rows of whole vectors takes the
+/// row-per-invocation kernel (`layer_norm_rows4`): the UNet's widths, more
+/// rows than one workgroup holds, and rows far from zero (a mean of 30
+/// against a spread of 1, where a sum-of-squares variance would cancel).
+#[test]
+fn layer_norm_rows_of_whole_vectors_take_the_row_kernel() {
+    let gpu = gpu();
+    assert!(gpu.adapter().is_cpu, "the row kernel is the CPU adapter's");
+    for dtype in dtypes() {
+        for (rows, d, offset, variant) in [
+            (200usize, 64usize, 0.0f32, 0usize),
+            (65, 96, 0.0, 1),
+            (3, 128, 30.0, 2),
+            (64, 4, 0.0, 3),
+        ] {
+            let (gamma_on, beta_on, _, eps) = VARIANTS[variant % VARIANTS.len()];
+            let values: Vec<f32> = random(rows * d, 60 + d as u64)
+                .iter()
+                .map(|v| v + offset)
+                .collect();
+            let (x, xs) = upload(gpu, &values, &[rows, d], dtype);
+            let affine = Affine::new(gpu, d, gamma_on, beta_on, dtype, 61);
+            let (got, ran) = kernels_run(gpu, || {
+                norm::layer_norm(gpu, &x, affine.gamma(), affine.beta(), eps)
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap()
+            });
+            assert!(
+                ran.iter().any(|k| k == "layer_norm_rows4"),
+                "{rows}x{d}: {ran:?}"
+            );
+            let want = norm::layer_norm_reference(
+                &xs,
+                d,
+                affine.gamma_values(),
+                affine.beta_values(),
+                eps,
+            );
+            assert_close(
+                &format!("layer_norm_rows4 {rows}x{d} offset {offset}"),
+                &got,
+                &want,
+                dtype,
+                d,
+            );
+        }
+    }
+}
+
+/// GroupNorm's apply pass moves vec4s where the spatial size holds whole
+/// vectors (the VAE's and UNet's 128x128 .. 2x2 maps); with the frames
+/// pooled, SiLU fused, the affine on and off, and more than one apply chunk
+/// per channel (S = 1024).
+#[test]
+fn group_norm_on_whole_vectors_takes_the_vec4_apply() {
+    let gpu = gpu();
+    for (shape, groups, frames, variant) in [
+        (&[2usize, 8, 4, 4][..], 4usize, None, 0usize),
+        (&[4, 6, 32, 32], 3, Some(2), 1),
+        (&[3, 16, 12], 16, None, 2),
+        (&[2, 4, 2, 2], 2, None, 3),
+    ] {
+        let (_, ran) = kernels_run(gpu, || {
+            check_group_norm(gpu, shape, groups, frames, variant, 0.0)
+        });
+        assert!(
+            ran.iter().any(|k| k == "group_apply4"),
+            "{shape:?}: {ran:?}"
+        );
+    }
+}

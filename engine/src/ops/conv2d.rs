@@ -708,7 +708,9 @@ struct PackParams {
     n_kc: u32,
     row0: u32,
     dst_base: u32,
-    _pad: [u32; 2],
+    /// pack_taps4: columns of the padded input the band reads.
+    padded_w: u32,
+    _pad: u32,
 }
 
 /// The largest packed operand (bytes), bound whole as one storage buffer
@@ -797,7 +799,8 @@ fn run_packed(
         n_kc: packed.k_chunks() as u32,
         row0: 0,
         dst_base: 0,
-        _pad: [0; 2],
+        padded_w: 0,
+        _pad: 0,
     };
     let pack_weights = || -> Result<Packed> {
         let weights = Packed::alloc(gpu, 1, d.cout, k_words, row_words)?;
@@ -847,19 +850,35 @@ fn run_packed(
             // Item z0 + i's taps are the packed rows from i * rows * wo.
             for i in 0..group {
                 let (xb, x_off) = x.window(gpu, (z0 + i) * x_item, x_item);
+                // The padded input the band reads: its columns and rows.
+                let (padded_w, padded_h) = (
+                    (d.wo - 1) * opts.stride + d.kw,
+                    (rows - 1) * opts.stride + d.kh,
+                );
                 let p = PackParams {
                     rows: rows as u32,
                     oy0: oy0 as u32,
                     x_off,
                     row0: (i * rows * d.wo) as u32,
+                    padded_w: padded_w as u32,
                     ..params(&taps)
                 };
-                // The padded input the band reads: its columns and rows.
-                let groups = [
-                    cw.div_ceil(PACK_GROUP * words_per_invocation) as u32,
-                    ((d.wo - 1) * opts.stride + d.kw) as u32,
-                    ((rows - 1) * opts.stride + d.kh) as u32,
-                ];
+                // pack_taps4's workgroups span columns as well as channels:
+                // along channels alone, the VAE's 32 or 64 (8 or 16 vectors)
+                // left most of a workgroup's 32 lanes idle.
+                let groups = if words_per_invocation == 4 {
+                    [
+                        (cw / 4 * padded_w).div_ceil(PACK_GROUP) as u32,
+                        padded_h as u32,
+                        1,
+                    ]
+                } else {
+                    [
+                        cw.div_ceil(PACK_GROUP) as u32,
+                        padded_w as u32,
+                        padded_h as u32,
+                    ]
+                };
                 let dst = taps.blocks(0, taps.item_blocks());
                 let bindings = [(1, xb), (taps_slot, dst)];
                 gpu.dispatch(&pack_taps, params_bytes(&p), &bindings, groups)?;

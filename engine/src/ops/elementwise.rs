@@ -114,7 +114,7 @@ impl Params {
 
 fn kernel(entry: &'static str, x: &Tensor, act: Activation, binop: f64) -> Kernel {
     let mut constants = vec![("ACT", act.code())];
-    if entry == "binary" {
+    if entry.starts_with("binary") {
         constants.push(("BINOP", binop));
     }
     Kernel {
@@ -129,7 +129,6 @@ fn kernel(entry: &'static str, x: &Tensor, act: Activation, binop: f64) -> Kerne
 /// `act(x * factor)`, elementwise.
 pub fn unary(gpu: &Gpu, x: &Tensor, factor: f32, act: Activation) -> Result<Tensor> {
     let out = Tensor::empty(gpu, x.shape(), x.dtype())?;
-    let k = kernel("unary", x, act, 0.0);
     let max = Tensor::max_window_elems(gpu, x.dtype());
     for (start, n) in windows("elementwise", x.numel(), 1, max, gpu.max_binding_bytes())? {
         let (ab, a_off) = x.window(gpu, start, n);
@@ -139,14 +138,25 @@ pub fn unary(gpu: &Gpu, x: &Tensor, factor: f32, act: Activation) -> Result<Tens
             out_off,
             ..Params::new(n, factor)
         };
-        gpu.dispatch(
-            &k,
-            params_bytes(&p),
-            &[(1, ab), (3, ob)],
-            grid_1d((n as u64).div_ceil(WG)),
-        )?;
+        let vector = all_of_four(&[n as u32, a_off, out_off]);
+        let k = kernel(if vector { "unary4" } else { "unary" }, x, act, 0.0);
+        gpu.dispatch(&k, params_bytes(&p), &[(1, ab), (3, ob)], grid(n, vector))?;
     }
     Ok(out)
+}
+
+/// Whether every count and element offset is a multiple of 4: the vector
+/// kernels (`unary4`, `binary4*`, `geglu4`) move st4 values, so every tensor
+/// must start on a vector inside its binding.
+fn all_of_four(values: &[u32]) -> bool {
+    values.iter().all(|v| v % 4 == 0)
+}
+
+/// The 1-D grid over `n` elements: one invocation per element, or per four
+/// elements for a vector kernel.
+fn grid(n: usize, vector: bool) -> [u32; 3] {
+    let per_invocation = if vector { 4 } else { 1 };
+    grid_1d((n as u64).div_ceil(per_invocation).div_ceil(WG))
 }
 
 /// `clamp(x, lo, hi)`, elementwise (e.g. a VAE posterior's logvar to [-30, 20]).
@@ -244,8 +254,11 @@ pub fn binary(
         });
     }
     let out = Tensor::empty(gpu, a.shape(), a.dtype())?;
-    let k = kernel("binary", a, act, if mul { 1.0 } else { 0.0 });
+    let binop = if mul { 1.0 } else { 0.0 };
     let same_shape = a.shape() == b.shape();
+    // The vector kernel reads a broadcast b four elements at a time along the
+    // innermost dim, so that dim must hold whole groups of four.
+    let inner_of_four = same_shape || shape.last().is_some_and(|&d| d % 4 == 0);
     let max = Tensor::max_window_elems(gpu, a.dtype());
     for (start, n) in windows("elementwise", a.numel(), 1, max, gpu.max_binding_bytes())? {
         let (ab, a_off) = a.window(gpu, start, n);
@@ -273,11 +286,18 @@ pub fn binary(
             p.shape[..shape.len()].copy_from_slice(&shape);
             p.b_strides[..shape.len()].copy_from_slice(&strides);
         }
+        let vector = inner_of_four && all_of_four(&[n as u32, a_off, b_off, out_off, start as u32]);
+        let entry = match (vector, same_shape) {
+            (false, _) => "binary",
+            (true, true) => "binary4",
+            (true, false) => "binary4_broadcast",
+        };
+        let k = kernel(entry, a, act, binop);
         gpu.dispatch(
             &k,
             params_bytes(&p),
             &[(1, ab), (2, bb), (3, ob)],
-            grid_1d((n as u64).div_ceil(WG)),
+            grid(n, vector),
         )?;
     }
     Ok(out)
@@ -334,7 +354,6 @@ pub fn geglu(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     *out_shape.last_mut().expect("rank checked") = d;
     let out = Tensor::empty(gpu, &out_shape, x.dtype())?;
     let rows = x.numel() / last;
-    let k = kernel("geglu", x, Activation::None, 0.0);
     let max_rows = Tensor::max_window_elems(gpu, x.dtype()) / last;
     for (row0, nrows) in windows("geglu", rows, 1, max_rows, gpu.max_binding_bytes())? {
         let (ab, a_off) = x.window(gpu, row0 * last, nrows * last);
@@ -346,12 +365,14 @@ pub fn geglu(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
             rank: d as u32,
             ..Params::new(n, 1.0)
         };
-        gpu.dispatch(
-            &k,
-            params_bytes(&p),
-            &[(1, ab), (3, ob)],
-            grid_1d((n as u64).div_ceil(WG)),
-        )?;
+        let vector = all_of_four(&[d as u32, a_off, out_off]);
+        let k = kernel(
+            if vector { "geglu4" } else { "geglu" },
+            x,
+            Activation::None,
+            0.0,
+        );
+        gpu.dispatch(&k, params_bytes(&p), &[(1, ab), (3, ob)], grid(n, vector))?;
     }
     Ok(out)
 }

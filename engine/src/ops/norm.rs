@@ -13,6 +13,9 @@ use crate::gpu::{grid_1d, Binding, Gpu, Kernel};
 use crate::tensor::{fmt_shape, DType, Tensor};
 
 const SOURCE: &str = include_str!("../../../shaders/norm.wgsl");
+/// Rows (invocations) per workgroup of `layer_norm_rows4`: 8 SIMD batches of
+/// llvmpipe's 8 lanes, which need no barrier between them.
+const ROWS_WG: usize = 64;
 /// Mirrors `FINALIZE_WG` of the shader.
 const FINALIZE_WG: usize = 64;
 
@@ -100,7 +103,7 @@ fn norm_kernel(entry: &'static str, dtype: DType, wg: usize, silu: bool) -> Kern
     if entry != "group_finalize" {
         constants.push(("WG", wg as f64));
     }
-    if entry == "group_apply" {
+    if entry.starts_with("group_apply") {
         constants.push(("SILU", f64::from(u8::from(silu))));
     }
     Kernel {
@@ -337,8 +340,18 @@ fn run_group_norm(
         )?;
         let gb = gamma.map_or(xb, Tensor::binding);
         let bb = beta.map_or(xb, Tensor::binding);
+        // Whole vectors per channel row (S, the offsets, and the chunks of
+        // apply_len, a multiple of 8): the vec4 form.
+        let vector = [l.spatial as u32, x_off, out_off]
+            .iter()
+            .all(|v| v % 4 == 0);
+        let apply = if vector {
+            "group_apply4"
+        } else {
+            "group_apply"
+        };
         gpu.dispatch(
-            &norm_kernel("group_apply", dtype, wg, silu),
+            &norm_kernel(apply, dtype, wg, silu),
             params_bytes(&p),
             &[(1, xb), (2, gb), (3, bb), (4, ob), (5, sb)],
             grid_1d((items * l.frames * l.channels * apply_chunks) as u64),
@@ -408,10 +421,24 @@ fn last_dim_norm(
     }
     // The statistics and apply loops walk d / WG values each.
     let kernel = kernel.unwrap_or_else(|| default_reduction_kernel(gpu, d / 4));
-    let k = norm_kernel(op, x.dtype(), shape(kernel).wg, false);
+    let wg = shape(kernel).wg;
     for (row0, n) in windows(op, rows, 1, max_rows, gpu.max_binding_bytes())? {
         let (xb, x_off) = x.window(gpu, row0 * d, n * d);
         let (ob, out_off) = out.window(gpu, row0 * d, n * d);
+        // The narrow kernel's layer norm, a row per invocation and vec4
+        // accesses, where the row and the offsets hold whole vectors; the
+        // row kernel's loops run 3 · d / 4 iterations, far below llvmpipe's
+        // limit wherever the narrow kernel was chosen (d / 4 below it).
+        let rows4 = op == "layer_norm"
+            && kernel == ReductionKernel::Narrow
+            && [d as u32, x_off, out_off].iter().all(|v| v % 4 == 0)
+            && 3 * (d / 4) <= CPU_LOOP_BUDGET;
+        let (k, grid) = if rows4 {
+            let k = norm_kernel("layer_norm_rows4", x.dtype(), ROWS_WG, false);
+            (k, grid_1d(n.div_ceil(ROWS_WG) as u64))
+        } else {
+            (norm_kernel(op, x.dtype(), wg, false), grid_1d(n as u64))
+        };
         let p = Params {
             rows: n as u32,
             x_off,
@@ -426,7 +453,7 @@ fn last_dim_norm(
         if beta.is_some() {
             bindings.push((3, beta_tensor.map_or(xb, Tensor::binding)));
         }
-        gpu.dispatch(&k, params_bytes(&p), &bindings, grid_1d(n as u64))?;
+        gpu.dispatch(&k, params_bytes(&p), &bindings, grid)?;
     }
     Ok(out)
 }

@@ -143,3 +143,25 @@ pub fn plan_gpu() -> Gpu {
     })
     .unwrap()
 }
+
+/// The kernels (entry point names) that `work` dispatched, from the GPU
+/// timer's labels: which variant an op chose. Needs TIMESTAMP_QUERY, which
+/// lavapipe, the tests' adapter, has. Tests of one binary share the GPU, so
+/// the list may also hold kernels of tests running beside this one: check
+/// that a kernel is present, not that another is absent.
+pub fn kernels_run<T>(gpu: &Gpu, work: impl FnOnce() -> T) -> (T, Vec<String>) {
+    gpu.synchronize().expect("synchronize before timing");
+    assert!(
+        gpu.start_timer(),
+        "the adapter has no timestamp queries: which kernel ran cannot be seen"
+    );
+    let out = work();
+    let kernels = gpu
+        .stop_timer_by_kernel()
+        .expect("read the GPU timer")
+        .expect("every dispatch timed")
+        .into_iter()
+        .map(|k| k.kernel)
+        .collect();
+    (out, kernels)
+}
