@@ -8,6 +8,7 @@ pub mod attention;
 pub mod conv2d;
 pub mod elementwise;
 pub mod embedding;
+pub mod latent;
 pub mod layout;
 pub mod matmul;
 pub mod matmul_coop;
