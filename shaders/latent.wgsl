@@ -10,8 +10,9 @@
 //                 4..6  outputs array<f32> (write): the program's outputs, each [n]
 //   batch_input   7     x       array<f32> [n] (read): latents
 //                 8     out     array<st> [count, n]: x / divisor, `count` times
-//   guide         9     pred    array<st> [count, n] (read): [uncond, cond] or [cond]
-//                 10    out     array<f32> [n]
+//   guide         9     uncond  array<st> (read): from element k on, [n]
+//                 17    cond    array<st> (read): from element m on, [n]
+//                 10    out     array<f32> [n]: cond, or with count 2 guided
 //   repeat_rows   11    rows    array<st> [count, n] (read)
 //                 12    out     array<st> [count, k, n]: each row `k` times
 //   frames_rgb8   13    images  array<st> [count, 3, n] (read), n = H·W, in [-1, 1]
@@ -44,7 +45,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> out2: array<f32>;
 @group(0) @binding(7) var<storage, read> bi_x: array<f32>;
 @group(0) @binding(8) var<storage, read_write> bi_out: array<st>;
-@group(0) @binding(9) var<storage, read> g_pred: array<st>;
+@group(0) @binding(9) var<storage, read> g_uncond: array<st>;
+@group(0) @binding(17) var<storage, read> g_cond: array<st>;
 @group(0) @binding(10) var<storage, read_write> g_out: array<f32>;
 @group(0) @binding(11) var<storage, read> r_rows: array<st>;
 @group(0) @binding(12) var<storage, read_write> r_out: array<st>;
@@ -122,12 +124,12 @@ fn guide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
          @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(wid, lid, nwg);
     if i >= p.n { return; }
+    let c = f32(g_cond[p.m + i]);
     if p.count == 1u {
-        g_out[i] = f32(g_pred[i]);
+        g_out[i] = c;
         return;
     }
-    let u = f32(g_pred[i]);
-    let c = f32(g_pred[p.n + i]);
+    let u = f32(g_uncond[p.k + i]);
     g_out[i] = u + p.scale * (c - u);
 }
 

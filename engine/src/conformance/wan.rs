@@ -449,6 +449,9 @@ fn pipeline_case(
         ("prompt_embeds", widen(&trace.prompt_embeds)),
         ("step_latents", widen(&trace.step_latents.concat())),
         ("latents", widen(&out.latents)),
-        ("frames", widen(&out.frames_f32)),
+        (
+            "frames",
+            widen(out.frames_f32.as_deref().unwrap_or_default()),
+        ),
     ]))
 }

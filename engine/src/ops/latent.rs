@@ -416,30 +416,74 @@ pub fn batch_input(
     Ok(out)
 }
 
-/// Classifier-free guidance on the GPU: `prediction` [2, ...] batched as
-/// [uncond, cond] → `uncond + scale · (cond − uncond)` in f32, shape [...];
-/// a prediction [1, ...] (no guidance) is converted to f32.
+/// Classifier-free guidance on the GPU for a prediction batched as
+/// [uncond, cond] (AnimateDiff): `uncond + scale · (cond − uncond)` in f32,
+/// shape [...]; a prediction [1, ...] (no guidance) is converted to f32.
 pub fn guide(gpu: &Gpu, prediction: &Tensor, scale: f32) -> Result<Tensor> {
-    const OP: &str = "guide";
-    check_fits(gpu, OP, prediction)?;
     let batch = prediction.shape().first().copied().unwrap_or(0);
     if !(batch == 1 || batch == 2) {
         return Err(EngineError::Shape {
-            op: OP,
+            op: "guide",
             expected: "a prediction batched [uncond, cond] or [cond]".into(),
             found: fmt_shape(prediction.shape()),
         });
     }
-    let out = Tensor::empty(gpu, &prediction.shape()[1..], DType::F32)?;
+    let n = prediction.numel() / batch;
+    let uncond = (batch == 2).then_some((prediction, 0));
+    guide_at(
+        gpu,
+        uncond,
+        (prediction, (batch - 1) * n),
+        &prediction.shape()[1..],
+        scale,
+    )
+}
+
+/// Classifier-free guidance for predictions made in separate passes
+/// (Wan): `uncond + scale · (cond − uncond)` in f32; without `uncond`,
+/// `cond` in f32.
+pub fn guide_pair(gpu: &Gpu, uncond: Option<&Tensor>, cond: &Tensor, scale: f32) -> Result<Tensor> {
+    if let Some(u) = uncond {
+        if u.shape() != cond.shape() || u.dtype() != cond.dtype() {
+            return Err(EngineError::Shape {
+                op: "guide",
+                expected: format!(
+                    "uncond like cond, {} {}",
+                    cond.dtype(),
+                    fmt_shape(cond.shape())
+                ),
+                found: format!("{} {}", u.dtype(), fmt_shape(u.shape())),
+            });
+        }
+    }
+    guide_at(gpu, uncond.map(|u| (u, 0)), (cond, 0), cond.shape(), scale)
+}
+
+/// Guidance of the predictions at element offsets in their tensors, into
+/// a tensor of `shape`.
+fn guide_at(
+    gpu: &Gpu,
+    uncond: Option<(&Tensor, usize)>,
+    (cond, cond_at): (&Tensor, usize),
+    shape: &[usize],
+    scale: f32,
+) -> Result<Tensor> {
+    const OP: &str = "guide";
+    check_fits(gpu, OP, cond)?;
+    let out = Tensor::empty(gpu, shape, DType::F32)?;
+    let (u, u_at) = uncond.unwrap_or((cond, 0));
+    check_fits(gpu, OP, u)?;
     let p = Params {
-        count: batch as u32,
+        count: if uncond.is_some() { 2 } else { 1 },
+        k: u_at as u32,
+        m: cond_at as u32,
         scale,
         ..Params::new(out.numel())
     };
     gpu.dispatch(
-        &kernel("guide", prediction.dtype()),
+        &kernel("guide", cond.dtype()),
         params_bytes(&p),
-        &[(9, prediction.binding()), (10, out.binding())],
+        &[(9, u.binding()), (17, cond.binding()), (10, out.binding())],
         grid_1d((out.numel() as u64).div_ceil(WG)),
     )?;
     Ok(out)
