@@ -150,3 +150,64 @@ fn previews_download_only_their_rgb_values() {
         assert!(s.largest_upload < LATENT_VALUES * 2, "{s:?}");
     }
 }
+
+/// The bundled model's 8-step clip (its card's size: 128x128, 16 frames;
+/// guidance 7.5, seed 7): prints each step's copies and wall time, and the
+/// whole generation's. A measurement, not a check (timings are never
+/// asserted): `cargo test --release -p motif-engine --test host_transfers
+/// -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bundled_clip_copies_and_times_per_step() {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let gpu = Gpu::new(GpuOptions::default()).unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/default");
+    let p = AnimateDiff::load(&gpu, &ModelSource::folder(&dir)).unwrap();
+    let mut req = Request::new("a yellow star spinning over the sea at night", p.defaults());
+    (req.steps, req.seed, req.guidance) = (8, 7, 7.5);
+    println!("load average at start: {}", load.trim());
+    let start = std::time::Instant::now();
+    gpu.reset_transfer_stats();
+    let mut last = std::time::Instant::now();
+    let mut before_steps = TransferStats::default();
+    let mut steps = Vec::new();
+    p.generate(&gpu, &req, &mut |e| {
+        match e {
+            Event::Started { .. } => {
+                before_steps = gpu.transfer_stats();
+                gpu.reset_transfer_stats();
+                last = std::time::Instant::now();
+            }
+            Event::Step { index, .. } => {
+                let s = gpu.transfer_stats();
+                gpu.reset_transfer_stats();
+                let ms = last.elapsed().as_secs_f64() * 1e3;
+                last = std::time::Instant::now();
+                println!(
+                    "step {index}: {ms:.0} ms, uploads {} ({} B, largest {}), downloads {} ({} B, largest {})",
+                    s.uploads,
+                    s.upload_bytes,
+                    s.largest_upload,
+                    s.downloads,
+                    s.download_bytes,
+                    s.largest_download
+                );
+                steps.push(ms);
+            }
+            _ => {}
+        }
+        true
+    })
+    .unwrap();
+    let after = gpu.transfer_stats();
+    println!("before the steps (prompts, noise): {before_steps:?}");
+    println!("after the steps (decode, frames): {after:?}");
+    println!(
+        "steps: {:.0} ms mean, whole generation {:.1} s; load average at end: {}",
+        steps.iter().sum::<f64>() / steps.len() as f64,
+        start.elapsed().as_secs_f64(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+}
