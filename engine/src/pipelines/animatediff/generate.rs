@@ -175,6 +175,11 @@ impl AnimateDiff {
                 }
                 None => None,
             };
+            // Nothing comes back to the CPU in a step on the GPU, so nothing
+            // would submit it: submit and wait here, so that the step event
+            // means the step has run (progress, cancellation between steps)
+            // and the pending commands stay one step's.
+            gpu.synchronize()?;
             emit(
                 events,
                 Event::Step {
