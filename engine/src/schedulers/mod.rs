@@ -3,9 +3,12 @@
 //! and the flow-matching samplers of Wan: UniPC with flow sigmas and
 //! flow-matching Euler.
 //!
-//! They run on the CPU in float32: a latent video is a few hundred thousand
-//! values, read back from the GPU once per step, and the schedulers' own
-//! arithmetic is a handful of multiply-adds per value. Every quantity is
+//! Their scalar maths (timesteps, σ, ᾱ, the per-step coefficients) runs on
+//! the CPU; the per-latent update of the single-step schedulers is a
+//! [`StepProgram`] of a handful of f32 operations per value, which the
+//! pipelines run on the GPU where the latents are (`ops::latent`) and
+//! [`Scheduler::step`] runs on the CPU, with the same result bit for bit.
+//! The multistep ones (DPM-Solver++ 2M, UniPC) still step on the CPU. Every quantity is
 //! computed in the precision and operation order diffusers uses (float32
 //! tensors, float64 numpy grids), so timesteps equal diffusers' and sigmas
 //! and samples agree to float32 rounding. The noise that Euler ancestral and
