@@ -715,7 +715,7 @@ pub fn bench_wan_step(
     let context = Tensor::zeros(gpu, &[1, 512, config.text_dim], dtype)?;
     let step = || -> Result<()> {
         for _ in 0..2 {
-            drop(transformer.forward(gpu, &latents, &[999.0], &context)?);
+            drop(transformer.forward(gpu, &latents, &[999.0], &context, None)?);
         }
         Ok(())
     };

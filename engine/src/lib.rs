@@ -19,7 +19,9 @@ pub mod tune;
 pub mod weights;
 
 pub use error::{EngineError, Result};
-pub use gpu::{list_adapters, AdapterSummary, Gpu, GpuKernelTime, GpuOptions, Precision};
+pub use gpu::{
+    list_adapters, AdapterSummary, Gpu, GpuKernelTime, GpuOptions, Precision, TransferStats,
+};
 pub use tensor::{DType, Tensor};
 /// The wgpu version the engine is built on, for callers that show adapter details.
 pub use wgpu;

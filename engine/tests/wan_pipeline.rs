@@ -57,7 +57,7 @@ fn run_set(set_name: &str, dtype: DType) {
                 "prompt_embeds" => trace.prompt_embeds.clone(),
                 "step_latents" => trace.step_latents.concat(),
                 "latents" => out.latents.clone(),
-                "frames" => out.frames_f32.clone(),
+                "frames" => out.frames_f32.clone().expect("frames kept with the trace"),
                 other => panic!("{}: unexpected output {other}", case.name),
             };
             let err = max_abs_err(&got, &want);

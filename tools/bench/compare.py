@@ -13,6 +13,13 @@ Peak memory: on CUDA, PyTorch's torch.cuda.max_memory_allocated and Motif's
 buffer-pool peak, plus both processes' peak GPU memory as nvidia-smi saw it
 (sampled every 100 ms); on the CPU, each process's peak resident memory.
 The table (markdown) and the raw reports (JSON) go to --out.
+
+Load: /proc/loadavg is read at the start (and noted again at the end). The
+figures are labelled "quiet" only when the 1-minute load average at the
+start is at most 0.5; above it they are written marked "under load", in
+the table and in the JSON, whatever was asked. --quiet asks for a quiet
+run: the figures are still written (marked "under load") but the script
+exits with status 2 when the machine was not quiet.
 """
 
 import argparse
@@ -27,6 +34,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# The 1-minute load average above which a figure is not a quiet machine's.
+QUIET_LOAD = 0.5
+
+
+def load_average():
+    """The 1-, 5- and 15-minute load averages from /proc/loadavg (None
+    where the system has none)."""
+    try:
+        fields = Path("/proc/loadavg").read_text().split()
+        return [float(v) for v in fields[:3]]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def conditions(load):
+    """"quiet" where the 1-minute load average is at most QUIET_LOAD, else
+    "under load" (also where it could not be read: a figure is only called
+    quiet on evidence)."""
+    return "quiet" if load is not None and load[0] <= QUIET_LOAD else "under load"
 
 
 class GpuMemory:
@@ -137,7 +164,11 @@ def main():
     ap.add_argument("--only", choices=["motif", "torch"], help="run one side")
     ap.add_argument("--timeout", type=float, help="seconds each side may take")
     ap.add_argument("--out", default="bench-out", help="folder for table.md and reports.json")
+    ap.add_argument("--quiet", action="store_true",
+                    help=f"the figures are for a quiet machine: exit 2 if the 1-minute load average at the start is above {QUIET_LOAD}")
     args = ap.parse_args()
+    load_start = load_average()
+    label = conditions(load_start)
 
     model = args.model
     if args.full:
@@ -162,9 +193,14 @@ def main():
         if gpu_m is not None:
             mem["peak GPU memory (nvidia-smi, process)"] = (gpu_m, gpu_t)
 
+    load_end = load_average()
+    fmt_load = lambda l: " ".join(f"{v:.2f}" for v in l) if l else "unknown"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = [
+        f"conditions: **{label}** (1-minute load average at the start "
+        f"{f'{load_start[0]:.2f}' if load_start else 'unknown'}; quiet means at most {QUIET_LOAD})",
+        f"load average (/proc/loadavg, 1/5/15 min): {fmt_load(load_start)} at the start, {fmt_load(load_end)} at the end",
         f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         f"Motif: {(motif or {}).get('adapter', '—')}, {(motif or {}).get('precision', '—')}",
@@ -176,9 +212,17 @@ def main():
     text = "\n".join(f"- {h}" for h in header) + "\n\n" + table(motif, torch_, mem) + "\n"
     print(text)
     (out / "table.md").write_text(text)
-    (out / "reports.json").write_text(json.dumps({"motif": motif, "pytorch": torch_, "memory": mem}, indent=1))
+    (out / "reports.json").write_text(json.dumps({
+        "conditions": label,
+        "load_average": {"start": load_start, "end": load_end, "quiet_at_most": QUIET_LOAD},
+        "motif": motif, "pytorch": torch_, "memory": mem}, indent=1))
     if (args.only != "torch" and motif is None) or (args.only != "motif" and torch_ is None):
         sys.exit(1)
+    if args.quiet and label != "quiet":
+        print(f"compare.py: refusing to label these figures quiet: the 1-minute load average was "
+              f"{fmt_load(load_start)} at the start (above {QUIET_LOAD}); they are written marked "
+              f"\"under load\"", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

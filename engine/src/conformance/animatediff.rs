@@ -295,6 +295,9 @@ fn pipeline_case(
         ("prompt_embeds", f64s(&trace.prompt_embeds)),
         ("step_latents", f64s(&trace.step_latents.concat())),
         ("latents", f64s(&out.latents)),
-        ("frames", f64s(&out.frames_f32)),
+        (
+            "frames",
+            f64s(out.frames_f32.as_deref().unwrap_or_default()),
+        ),
     ]))
 }

@@ -298,6 +298,7 @@ impl Gpu {
         let mut padded = params.to_vec();
         padded.resize(size as usize, 0);
         self.queue.write_buffer(&buffer, offset, &padded);
+        self.count_params(size);
         (buffer, offset, size)
     }
 

@@ -251,6 +251,42 @@ impl Stream {
     }
 }
 
+/// Host ↔ device copies of tensor data since the GPU opened: uploads
+/// ([`Tensor::from_f32`](crate::tensor::Tensor::from_f32) and kin) and
+/// downloads (`to_f32`, previews read back), each with its bytes, and the
+/// parameter blocks written for dispatches (a few hundred bytes each). The
+/// step loops are meant to move no latent-sized data between the CPU and
+/// the GPU; tests count these around a generation to hold them to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferStats {
+    pub uploads: u64,
+    pub upload_bytes: u64,
+    /// Each upload's size, largest so far.
+    pub largest_upload: u64,
+    pub downloads: u64,
+    pub download_bytes: u64,
+    pub largest_download: u64,
+    pub param_writes: u64,
+    pub param_bytes: u64,
+}
+
+impl TransferStats {
+    /// What happened between `earlier` and `self` (the largest sizes are
+    /// those since the GPU opened: reset them with [`Gpu::reset_transfer_stats`]).
+    pub fn since(&self, earlier: &TransferStats) -> TransferStats {
+        TransferStats {
+            uploads: self.uploads - earlier.uploads,
+            upload_bytes: self.upload_bytes - earlier.upload_bytes,
+            largest_upload: self.largest_upload,
+            downloads: self.downloads - earlier.downloads,
+            download_bytes: self.download_bytes - earlier.download_bytes,
+            largest_download: self.largest_download,
+            param_writes: self.param_writes - earlier.param_writes,
+            param_bytes: self.param_bytes - earlier.param_bytes,
+        }
+    }
+}
+
 /// Errors reported by wgpu outside any call, kept until the next flush.
 #[derive(Default)]
 struct ErrorSink {
@@ -275,6 +311,7 @@ pub struct Gpu {
     pub(crate) stream: Mutex<Stream>,
     errors: Arc<Mutex<ErrorSink>>,
     submissions: std::sync::atomic::AtomicU64,
+    transfers: Mutex<TransferStats>,
     plan: bool,
     pub(crate) poison: Option<u8>,
     coop: Option<CoopConfig>,
@@ -510,6 +547,7 @@ impl Gpu {
             stream: Mutex::new(Stream::default()),
             errors,
             submissions: Default::default(),
+            transfers: Default::default(),
             plan: options.plan,
             poison: options.poison,
             coop,
@@ -632,6 +670,27 @@ impl Gpu {
     /// one download is one submission.
     pub fn submissions(&self) -> u64 {
         self.submissions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The host ↔ device copies so far (see [`TransferStats`]).
+    pub fn transfer_stats(&self) -> TransferStats {
+        *self.transfers.lock().expect("transfer stats lock poisoned")
+    }
+
+    /// Zeroes the counts of [`Gpu::transfer_stats`].
+    pub fn reset_transfer_stats(&self) {
+        *self.transfers.lock().expect("transfer stats lock poisoned") = TransferStats::default();
+    }
+
+    fn count_transfer(&self, update: impl FnOnce(&mut TransferStats)) {
+        update(&mut self.transfers.lock().expect("transfer stats lock poisoned"));
+    }
+
+    pub(crate) fn count_params(&self, bytes: u64) {
+        self.count_transfer(|t| {
+            t.param_writes += 1;
+            t.param_bytes += bytes;
+        });
     }
 
     /// Fails with the first error wgpu reported since the last check.
@@ -807,6 +866,12 @@ impl Gpu {
         if bytes.is_empty() || self.plan {
             return;
         }
+        let n = bytes.len() as u64;
+        self.count_transfer(|t| {
+            t.uploads += 1;
+            t.upload_bytes += n;
+            t.largest_upload = t.largest_upload.max(n);
+        });
         let padded = (bytes.len() as u64).div_ceil(4) * 4;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("motif upload"),
@@ -844,6 +909,11 @@ impl Gpu {
         if self.plan {
             return Ok(vec![0; size as usize]);
         }
+        self.count_transfer(|t| {
+            t.downloads += 1;
+            t.download_bytes += size;
+            t.largest_download = t.largest_download.max(size);
+        });
         let padded = size.div_ceil(4) * 4;
         let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("motif download"),

@@ -11,6 +11,7 @@ pub mod conv2d;
 pub(crate) mod coop;
 pub mod elementwise;
 pub mod embedding;
+pub mod latent;
 pub mod layout;
 pub mod matmul;
 pub mod norm;

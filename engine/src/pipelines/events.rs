@@ -69,8 +69,9 @@ pub struct Generated {
     pub height: usize,
     /// RGB8 frames.
     pub frames: Vec<Vec<u8>>,
-    /// [F, H, W, 3] in [0, 1], before quantisation.
-    pub frames_f32: Vec<f32>,
+    /// [F, H, W, 3] in [0, 1], before quantisation: only for a request
+    /// with `trace` (reference cases); a clip is kept in one form, RGB8.
+    pub frames_f32: Option<Vec<f32>>,
     /// Final latents [1, C, F, h, w].
     pub latents: Vec<f32>,
     pub scheduler: SchedulerKind,

@@ -56,7 +56,14 @@ impl LatentRgb {
     ) -> Result<Preview> {
         let c = self.factors.len();
         let latents = Tensor::from_f32(gpu, x0, &[c, frames, h, w], DType::F32)?;
-        let pixels = crate::ops::layout::permute(gpu, &latents, &[1, 2, 3, 0])?
+        self.preview_of(gpu, &latents)
+    }
+
+    /// [`LatentRgb::preview`] of x0 latents already on the GPU, [C, F, h, w]
+    /// f32: only the RGB8 frames come back.
+    pub fn preview_of(&self, gpu: &Gpu, latents: &Tensor) -> Result<Preview> {
+        let (c, frames, h, w) = self.check_latents(latents)?;
+        let pixels = crate::ops::layout::permute(gpu, latents, &[1, 2, 3, 0])?
             .reshape(&[frames * h * w, c])?;
         let weight: Vec<f32> = (0..3)
             .flat_map(|k| self.factors.iter().map(move |row| row[k]))
@@ -102,6 +109,20 @@ impl LatentRgb {
         crate::ops::preview::latent_rgb_to_textures(gpu, &latents, &self.factors, self.bias, target)
     }
 
+    /// The latent shape (C, F, h, w) of x0 latents for a preview: C equal to
+    /// the projection's rows.
+    fn check_latents(&self, latents: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        let s = latents.shape();
+        if s.len() != 4 || s[0] != self.factors.len() || latents.dtype() != DType::F32 {
+            return Err(crate::error::EngineError::Shape {
+                op: "latent preview",
+                expected: format!("f32 latents [{}, F, h, w]", self.factors.len()),
+                found: format!("{} {}", latents.dtype(), crate::tensor::fmt_shape(s)),
+            });
+        }
+        Ok((s[0], s[1], s[2], s[3]))
+    }
+
     /// The CPU reference of [`LatentRgb::preview`] and
     /// [`LatentRgb::to_textures`]: per frame, [h, w, 3] in [-1, 1].
     pub fn reference(&self, x0: &[f32], frames: usize, h: usize, w: usize) -> Vec<Vec<f32>> {
@@ -131,27 +152,34 @@ pub(crate) struct StepPreviews {
 }
 
 impl StepPreviews {
-    /// This step's previews of x0 [C, F, h, w]: the RGB8 frames if `rgb`,
-    /// and the textures rewritten if `textures`.
+    /// This step's previews of x0 [C, F, h, w] (f32, on the GPU: both
+    /// previews read the same tensor): the RGB8 frames if `rgb`, and the
+    /// textures rewritten if `textures`.
     pub fn update(
         &mut self,
         gpu: &Gpu,
         projection: &LatentRgb,
-        x0: &[f32],
-        (f, h, w): (usize, usize, usize),
+        x0: &Tensor,
         rgb: bool,
         textures: bool,
     ) -> Result<Option<Preview>> {
         let preview = match rgb {
-            true => Some(projection.preview(gpu, x0, f, h, w)?),
+            true => Some(projection.preview_of(gpu, x0)?),
             false => None,
         };
         if textures {
+            let (_, f, h, w) = projection.check_latents(x0)?;
             let target = match self.textures.take() {
                 Some(t) => t,
                 None => FrameTextures::new(gpu, w, h, f)?,
             };
-            projection.to_textures(gpu, x0, f, h, w, &target)?;
+            crate::ops::preview::latent_rgb_to_textures(
+                gpu,
+                x0,
+                &projection.factors,
+                projection.bias,
+                &target,
+            )?;
             self.textures = Some(target);
         }
         Ok(preview)

@@ -4,9 +4,11 @@
 use super::config::SchedulerConfig;
 use super::schedule::{np_arange, np_linspace, np_round, NoiseSchedule};
 use super::{
-    alpha_cumprod_at, argument, noise_to_alpha, Algorithm, Prediction, Spacing, StepOutput,
+    alpha_cumprod_at, argument, noise_to_alpha, program_axpby, Algorithm, Prediction, Spacing,
+    StepProgram,
 };
 use crate::error::{LoadError, Result};
+use crate::ops::latent::ElementProgram;
 
 pub(crate) struct Ddim {
     schedule: NoiseSchedule,
@@ -109,13 +111,7 @@ impl Algorithm for Ddim {
         &self.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> StepOutput {
+    fn step_program(&mut self, step: usize) -> Option<StepProgram> {
         let train = self.num_train_timesteps();
         let t = self.timesteps[step] as i64;
         // diffusers steps to t − train÷steps, which is not always the next
@@ -131,39 +127,40 @@ impl Algorithm for Ddim {
         let beta_t = 1.0 - alpha_t;
         let (sqrt_alpha, sqrt_beta) = (alpha_t.sqrt(), beta_t.sqrt());
 
-        let (mut x0, eps): (Vec<f32>, Vec<f32>) = match self.prediction {
-            Prediction::Epsilon => (
-                sample
-                    .iter()
-                    .zip(model_output)
-                    .map(|(&x, &e)| (x - sqrt_beta * e) / sqrt_alpha)
-                    .collect(),
-                model_output.to_vec(),
-            ),
-            Prediction::Sample => (
-                model_output.to_vec(),
-                sample
-                    .iter()
-                    .zip(model_output)
-                    .map(|(&x, &x0)| (x - sqrt_alpha * x0) / sqrt_beta)
-                    .collect(),
-            ),
-            Prediction::V => sample
-                .iter()
-                .zip(model_output)
-                .map(|(&x, &v)| {
-                    (
-                        sqrt_alpha * x - sqrt_beta * v,
-                        sqrt_alpha * v + sqrt_beta * x,
-                    )
-                })
-                .unzip(),
-        };
-        if let Some(range) = self.clip {
-            for v in &mut x0 {
-                *v = v.clamp(-range, range);
+        let mut p = ElementProgram::new();
+        let x = p.input(StepProgram::SAMPLE);
+        let m = p.input(StepProgram::MODEL_OUTPUT);
+        let (sa, sb) = (p.constant(sqrt_alpha), p.constant(sqrt_beta));
+        let (x0, eps) = match self.prediction {
+            // (x − √β·ε) / √α
+            Prediction::Epsilon => {
+                let t = p.mul(sb, m);
+                let d = p.sub(x, t);
+                (p.div(d, sa), m)
             }
-        }
+            // ε = (x − √α·x₀) / √β
+            Prediction::Sample => {
+                let t = p.mul(sa, m);
+                let d = p.sub(x, t);
+                (m, p.div(d, sb))
+            }
+            // x₀ = √α·x − √β·v, ε = √α·v + √β·x
+            Prediction::V => {
+                let a = p.mul(sa, x);
+                let b = p.mul(sb, m);
+                let x0 = p.sub(a, b);
+                let c = p.mul(sa, m);
+                let d = p.mul(sb, x);
+                (x0, p.add(c, d))
+            }
+        };
+        let x0 = match self.clip {
+            Some(range) => {
+                let bound = p.constant(range);
+                p.clamp(x0, bound)
+            }
+            None => x0,
+        };
         // η = 0: no variance term, but diffusers still forms σ_t = 0·√var,
         // which is NaN where var is.
         let beta_prev = 1.0 - alpha_prev;
@@ -171,16 +168,10 @@ impl Algorithm for Ddim {
         let std_dev = 0.0 * variance.sqrt();
         let direction = (1.0 - alpha_prev - std_dev * std_dev).sqrt();
         let sqrt_alpha_prev = alpha_prev.sqrt();
-        let prev_sample = x0
-            .iter()
-            .zip(&eps)
-            .map(|(&x0, &e)| sqrt_alpha_prev * x0 + direction * e)
-            .collect();
-        StepOutput {
-            prev_sample,
-            pred_original: x0,
-            denoised: None,
-        }
+        let prev = program_axpby(&mut p, sqrt_alpha_prev, x0, direction, eps);
+        p.store(StepProgram::PREV_SAMPLE, prev);
+        p.store(StepProgram::PRED_ORIGINAL, x0);
+        Some(StepProgram { program: p })
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

@@ -5,8 +5,9 @@ use super::config::SchedulerConfig;
 use super::schedule::{
     karras_sigmas, np_arange, np_interp_unit_grid, np_linspace, np_round, sigma_to_t, NoiseSchedule,
 };
-use super::{argument, index_for_timestep, Algorithm, Prediction, Spacing, StepOutput};
+use super::{argument, index_for_timestep, Algorithm, Prediction, Spacing, StepProgram};
 use crate::error::{LoadError, Result};
+use crate::ops::latent::{ElementProgram, Value};
 
 pub(crate) struct Euler {
     schedule: NoiseSchedule,
@@ -115,30 +116,46 @@ pub(crate) fn scale_by_sigma(sample: &[f32], sigma: f32) -> Vec<f32> {
 }
 
 /// x₀ from the model output at noise level σ (Euler-type parametrisation,
-/// x = x₀ + σ·ε).
+/// x = x₀ + σ·ε), written into `p`.
 pub(crate) fn predict_original(
+    p: &mut ElementProgram,
     prediction: Prediction,
-    model_output: &[f32],
-    sample: &[f32],
+    model_output: Value,
+    sample: Value,
     sigma: f32,
-) -> Vec<f32> {
+) -> Value {
     match prediction {
-        Prediction::Epsilon => sample
-            .iter()
-            .zip(model_output)
-            .map(|(&x, &e)| x - sigma * e)
-            .collect(),
-        Prediction::V => {
-            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-            let c_in = sigma * sigma + 1.0;
-            sample
-                .iter()
-                .zip(model_output)
-                .map(|(&x, &v)| v * c_out + x / c_in)
-                .collect()
+        Prediction::Epsilon => {
+            let s = p.constant(sigma);
+            let t = p.mul(s, model_output);
+            p.sub(sample, t)
         }
-        Prediction::Sample => model_output.to_vec(),
+        // v·c_out + x / c_in
+        Prediction::V => {
+            let c_out = p.constant(-sigma / (sigma * sigma + 1.0).sqrt());
+            let c_in = p.constant(sigma * sigma + 1.0);
+            let a = p.mul(model_output, c_out);
+            let b = p.div(sample, c_in);
+            p.add(a, b)
+        }
+        Prediction::Sample => model_output,
     }
+}
+
+/// x + (x − x₀)/σ · dt, Euler's step along the ODE's derivative.
+pub(crate) fn euler_update(
+    p: &mut ElementProgram,
+    x: Value,
+    x0: Value,
+    sigma: f32,
+    dt: f32,
+) -> Value {
+    let d = p.sub(x, x0);
+    let s = p.constant(sigma);
+    let derivative = p.div(d, s);
+    let dt = p.constant(dt);
+    let t = p.mul(derivative, dt);
+    p.add(x, t)
 }
 
 impl Algorithm for Euler {
@@ -191,30 +208,23 @@ impl Algorithm for Euler {
         scale_by_sigma(sample, self.sigmas[step])
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> StepOutput {
+    fn input_divisor(&self, step: usize) -> f32 {
+        let sigma = self.sigmas[step];
+        (sigma * sigma + 1.0).sqrt()
+    }
+
+    fn step_program(&mut self, step: usize) -> Option<StepProgram> {
         // s_churn = 0 (the pipelines' default): σ̂ = σ, no noise.
         let sigma = self.sigmas[step];
-        let x0 = predict_original(self.prediction, model_output, sample, sigma);
+        let mut p = ElementProgram::new();
+        let x = p.input(StepProgram::SAMPLE);
+        let m = p.input(StepProgram::MODEL_OUTPUT);
+        let x0 = predict_original(&mut p, self.prediction, m, x, sigma);
         let dt = self.sigmas[step + 1] - sigma;
-        let prev_sample = sample
-            .iter()
-            .zip(&x0)
-            .map(|(&x, &x0)| {
-                let derivative = (x - x0) / sigma;
-                x + derivative * dt
-            })
-            .collect();
-        StepOutput {
-            prev_sample,
-            pred_original: x0,
-            denoised: None,
-        }
+        let prev = euler_update(&mut p, x, x0, sigma, dt);
+        p.store(StepProgram::PREV_SAMPLE, prev);
+        p.store(StepProgram::PRED_ORIGINAL, x0);
+        Some(StepProgram { program: p })
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

@@ -5,12 +5,13 @@
 
 use super::config::SchedulerConfig;
 use super::euler::{
-    add_noise_at_sigma, float_timesteps, init_noise_sigma, interpolated_sigmas, predict_original,
-    scale_by_sigma,
+    add_noise_at_sigma, euler_update, float_timesteps, init_noise_sigma, interpolated_sigmas,
+    predict_original, scale_by_sigma,
 };
 use super::schedule::NoiseSchedule;
-use super::{Algorithm, Prediction, Spacing, StepOutput};
+use super::{Algorithm, Prediction, Spacing, StepProgram};
 use crate::error::{LoadError, Result};
+use crate::ops::latent::ElementProgram;
 
 pub(crate) struct EulerAncestral {
     schedule: NoiseSchedule,
@@ -71,39 +72,31 @@ impl Algorithm for EulerAncestral {
         true
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step: usize,
-        sample: &[f32],
-        noise: Option<&[f32]>,
-    ) -> StepOutput {
+    fn input_divisor(&self, step: usize) -> f32 {
         let sigma = self.sigmas[step];
-        let x0 = predict_original(self.prediction, model_output, sample, sigma);
+        (sigma * sigma + 1.0).sqrt()
+    }
+
+    fn step_program(&mut self, step: usize) -> Option<StepProgram> {
+        let sigma = self.sigmas[step];
+        let mut p = ElementProgram::new();
+        let x = p.input(StepProgram::SAMPLE);
+        let m = p.input(StepProgram::MODEL_OUTPUT);
+        let noise = p.input(StepProgram::NOISE);
+        let x0 = predict_original(&mut p, self.prediction, m, x, sigma);
         let sigma_to = self.sigmas[step + 1];
         let sigma_up =
             (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
         let dt = sigma_down - sigma;
-        let mut prev_sample: Vec<f32> = sample
-            .iter()
-            .zip(&x0)
-            .map(|(&x, &x0)| {
-                let derivative = (x - x0) / sigma;
-                x + derivative * dt
-            })
-            .collect();
-        // `Scheduler::step` only omits the noise where it is not needed.
-        if let Some(noise) = noise {
-            for (x, &n) in prev_sample.iter_mut().zip(noise) {
-                *x += n * sigma_up;
-            }
-        }
-        StepOutput {
-            prev_sample,
-            pred_original: x0,
-            denoised: None,
-        }
+        let prev = euler_update(&mut p, x, x0, sigma, dt);
+        // + n·σ_up
+        let up = p.constant(sigma_up);
+        let n = p.mul(noise, up);
+        let prev = p.add(prev, n);
+        p.store(StepProgram::PREV_SAMPLE, prev);
+        p.store(StepProgram::PRED_ORIGINAL, x0);
+        Some(StepProgram { program: p })
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

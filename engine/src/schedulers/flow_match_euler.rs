@@ -9,8 +9,9 @@
 
 use super::config::SchedulerConfig;
 use super::schedule::np_linspace;
-use super::{flow_add_noise, flow_predict_original, Algorithm, StepOutput};
+use super::{flow_add_noise, Algorithm, StepProgram};
 use crate::error::{LoadError, Result};
+use crate::ops::latent::ElementProgram;
 
 pub(crate) struct FlowMatchEuler {
     num_train_timesteps: usize,
@@ -143,25 +144,23 @@ impl Algorithm for FlowMatchEuler {
         Some(&self.sigmas)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> StepOutput {
+    fn step_program(&mut self, step: usize) -> Option<StepProgram> {
         let sigma = self.sigmas[step];
         let dt = self.sigmas[step + 1] - sigma;
-        let prev_sample = sample
-            .iter()
-            .zip(model_output)
-            .map(|(&x, &v)| x + dt * v)
-            .collect();
-        StepOutput {
-            prev_sample,
-            pred_original: flow_predict_original(model_output, sample, sigma),
-            denoised: None,
-        }
+        let mut p = ElementProgram::new();
+        let x = p.input(StepProgram::SAMPLE);
+        let v = p.input(StepProgram::MODEL_OUTPUT);
+        // x + dt·v
+        let dt = p.constant(dt);
+        let t = p.mul(dt, v);
+        let prev = p.add(x, t);
+        // x₀ = x − σ·v (`flow_predict_original`)
+        let s = p.constant(sigma);
+        let t = p.mul(s, v);
+        let x0 = p.sub(x, t);
+        p.store(StepProgram::PREV_SAMPLE, prev);
+        p.store(StepProgram::PRED_ORIGINAL, x0);
+        Some(StepProgram { program: p })
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

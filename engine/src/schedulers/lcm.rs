@@ -6,8 +6,11 @@
 use super::config::SchedulerConfig;
 use super::ddim::clip_range;
 use super::schedule::{np_linspace, NoiseSchedule};
-use super::{alpha_cumprod_at, argument, noise_to_alpha, Algorithm, Prediction, StepOutput};
+use super::{
+    alpha_cumprod_at, argument, noise_to_alpha, program_axpby, Algorithm, Prediction, StepProgram,
+};
 use crate::error::{LoadError, Result};
+use crate::ops::latent::ElementProgram;
 
 pub(crate) struct Lcm {
     schedule: NoiseSchedule,
@@ -97,13 +100,7 @@ impl Algorithm for Lcm {
         step + 1 < self.timesteps.len()
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step: usize,
-        sample: &[f32],
-        noise: Option<&[f32]>,
-    ) -> StepOutput {
+    fn step_program(&mut self, step: usize) -> Option<StepProgram> {
         let t = self.timesteps[step];
         let prev_t = self.timesteps.get(step + 1).copied().unwrap_or(t);
         let ac = &self.schedule.alphas_cumprod;
@@ -116,39 +113,51 @@ impl Algorithm for Lcm {
         let (sqrt_alpha, sqrt_beta) = (alpha_t.sqrt(), (1.0 - alpha_t).sqrt());
         let (c_skip, c_out) = self.boundary_scalings(t as f32);
 
-        let mut x0: Vec<f32> = match self.prediction {
-            Prediction::Epsilon => sample
-                .iter()
-                .zip(model_output)
-                .map(|(&x, &e)| (x - sqrt_beta * e) / sqrt_alpha)
-                .collect(),
-            Prediction::Sample => model_output.to_vec(),
-            Prediction::V => sample
-                .iter()
-                .zip(model_output)
-                .map(|(&x, &v)| sqrt_alpha * x - sqrt_beta * v)
-                .collect(),
-        };
-        if let Some(range) = self.clip {
-            for v in &mut x0 {
-                *v = v.clamp(-range, range);
+        let mut p = ElementProgram::new();
+        let x = p.input(StepProgram::SAMPLE);
+        let m = p.input(StepProgram::MODEL_OUTPUT);
+        let x0 = match self.prediction {
+            // (x − √β·ε) / √α
+            Prediction::Epsilon => {
+                let (sa, sb) = (p.constant(sqrt_alpha), p.constant(sqrt_beta));
+                let t = p.mul(sb, m);
+                let d = p.sub(x, t);
+                p.div(d, sa)
             }
-        }
-        let denoised: Vec<f32> = x0
-            .iter()
-            .zip(sample)
-            .map(|(&x0, &x)| c_out * x0 + c_skip * x)
-            .collect();
-        let prev_sample = match noise {
-            // Re-noise to the next timestep (not after the last step).
-            Some(noise) if self.needs_noise(step) => noise_to_alpha(&denoised, noise, alpha_prev),
-            _ => denoised.clone(),
+            Prediction::Sample => m,
+            Prediction::V => {
+                let (sa, sb) = (p.constant(sqrt_alpha), p.constant(sqrt_beta));
+                let a = p.mul(sa, x);
+                let b = p.mul(sb, m);
+                p.sub(a, b)
+            }
         };
-        StepOutput {
-            prev_sample,
-            pred_original: x0,
-            denoised: Some(denoised),
-        }
+        let x0 = match self.clip {
+            Some(range) => {
+                let bound = p.constant(range);
+                p.clamp(x0, bound)
+            }
+            None => x0,
+        };
+        let denoised = program_axpby(&mut p, c_out, x0, c_skip, x);
+        // Re-noised to the next timestep, except after the last step:
+        // √ᾱ·denoised + √(1−ᾱ)·n (`noise_to_alpha`).
+        let prev = if self.needs_noise(step) {
+            let noise = p.input(StepProgram::NOISE);
+            program_axpby(
+                &mut p,
+                alpha_prev.sqrt(),
+                denoised,
+                (1.0 - alpha_prev).sqrt(),
+                noise,
+            )
+        } else {
+            denoised
+        };
+        p.store(StepProgram::PREV_SAMPLE, prev);
+        p.store(StepProgram::PRED_ORIGINAL, x0);
+        p.store(StepProgram::DENOISED, denoised);
+        Some(StepProgram { program: p })
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

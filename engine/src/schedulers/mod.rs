@@ -3,9 +3,12 @@
 //! and the flow-matching samplers of Wan: UniPC with flow sigmas and
 //! flow-matching Euler.
 //!
-//! They run on the CPU in float32: a latent video is a few hundred thousand
-//! values, read back from the GPU once per step, and the schedulers' own
-//! arithmetic is a handful of multiply-adds per value. Every quantity is
+//! Their scalar maths (timesteps, σ, ᾱ, the per-step coefficients) runs on
+//! the CPU; the per-latent update of the single-step schedulers is a
+//! [`StepProgram`] of a handful of f32 operations per value, which the
+//! pipelines run on the GPU where the latents are (`ops::latent`) and
+//! [`Scheduler::step`] runs on the CPU, with the same result bit for bit.
+//! The multistep ones (DPM-Solver++ 2M, UniPC) still step on the CPU. Every quantity is
 //! computed in the precision and operation order diffusers uses (float32
 //! tensors, float64 numpy grids), so timesteps equal diffusers' and sigmas
 //! and samples agree to float32 rounding. The noise that Euler ancestral and
@@ -38,6 +41,7 @@ use std::str::FromStr;
 pub use config::SchedulerConfig;
 
 use crate::error::{EngineError, LoadError, Result};
+use crate::ops::latent::{run_program_reference, ElementProgram, Value};
 
 /// The schedulers Motif implements, by their CLI names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -201,6 +205,74 @@ pub struct StepOutput {
     pub denoised: Option<Vec<f32>>,
 }
 
+/// One step's per-element update as an [`ElementProgram`], so that it can
+/// run where the latents are (`ops::latent::run_program` on the GPU,
+/// [`StepProgram::run_reference`] on the CPU). Inputs: 0 the sample, 1 the
+/// model output, 2 the noise where [`StepProgram::reads_noise`]; outputs: 0
+/// the next sample, 1 `pred_original`, 2 LCM's `denoised` where
+/// [`StepProgram::writes_denoised`].
+#[derive(Debug, Clone)]
+pub struct StepProgram {
+    pub program: ElementProgram,
+}
+
+impl StepProgram {
+    pub const SAMPLE: usize = 0;
+    pub const MODEL_OUTPUT: usize = 1;
+    pub const NOISE: usize = 2;
+    pub const PREV_SAMPLE: usize = 0;
+    pub const PRED_ORIGINAL: usize = 1;
+    pub const DENOISED: usize = 2;
+
+    pub fn reads_noise(&self) -> bool {
+        self.program.inputs() > Self::NOISE
+    }
+
+    pub fn writes_denoised(&self) -> bool {
+        self.program.outputs() > Self::DENOISED
+    }
+
+    /// The output a preview shows: `denoised` where there is one, else
+    /// `pred_original` (as [`StepOutput`]'s users pick).
+    pub fn preview_output(&self) -> usize {
+        if self.writes_denoised() {
+            Self::DENOISED
+        } else {
+            Self::PRED_ORIGINAL
+        }
+    }
+
+    /// Runs the program on the CPU.
+    pub fn run_reference(
+        &self,
+        model_output: &[f32],
+        sample: &[f32],
+        noise: Option<&[f32]>,
+    ) -> StepOutput {
+        let mut inputs = vec![sample, model_output];
+        if self.reads_noise() {
+            // `Scheduler::step` checked that noise is given where it is read.
+            inputs.push(noise.unwrap_or(&[]));
+        }
+        let mut outputs = run_program_reference(&self.program, &inputs).into_iter();
+        let prev_sample = outputs.next().unwrap_or_default();
+        let pred_original = outputs.next().unwrap_or_default();
+        StepOutput {
+            prev_sample,
+            pred_original,
+            denoised: outputs.next(),
+        }
+    }
+}
+
+/// `a·x + b·y` in that order of f32 operations.
+fn program_axpby(p: &mut ElementProgram, a: f32, x: Value, b: f32, y: Value) -> Value {
+    let (a, b) = (p.constant(a), p.constant(b));
+    let ax = p.mul(a, x);
+    let by = p.mul(b, y);
+    p.add(ax, by)
+}
+
 /// What the model predicts (`prediction_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Prediction {
@@ -271,13 +343,28 @@ trait Algorithm: Send + Sync {
     fn needs_noise(&self, _step: usize) -> bool {
         false
     }
+    /// The divisor of [`Algorithm::scale_model_input`] (where it divides).
+    fn input_divisor(&self, _step: usize) -> f32 {
+        1.0
+    }
+    /// The step's update as a program, for the single-step schedulers; the
+    /// multistep ones keep their history on the CPU and return None.
+    fn step_program(&mut self, _step: usize) -> Option<StepProgram> {
+        None
+    }
+    /// One step on the CPU; by default the step's program, run on the CPU.
     fn step(
         &mut self,
         model_output: &[f32],
         step: usize,
         sample: &[f32],
         noise: Option<&[f32]>,
-    ) -> StepOutput;
+    ) -> StepOutput {
+        let program = self
+            .step_program(step)
+            .expect("an algorithm without a step program implements step");
+        program.run_reference(model_output, sample, noise)
+    }
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>>;
 }
 
@@ -473,14 +560,7 @@ impl Scheduler {
         noise: Option<&[f32]>,
     ) -> Result<StepOutput> {
         self.check_index(step)?;
-        if let Some(expected) = self.next_step {
-            if step != expected {
-                return Err(argument(format!(
-                    "step {step} called after step {}: steps must run in order (call set_timesteps to restart)",
-                    expected - 1
-                )));
-            }
-        }
+        self.check_order(step)?;
         check_len("model_output", model_output.len(), sample.len())?;
         match noise {
             Some(noise) => check_len("noise", noise.len(), sample.len())?,
@@ -495,6 +575,47 @@ impl Scheduler {
         let out = self.algorithm.step(model_output, step, sample, noise);
         self.next_step = Some(step + 1);
         Ok(out)
+    }
+
+    /// Whether [`Scheduler::step_program`] gives programs: every kind but
+    /// the multistep ones (DPM-Solver++ 2M, UniPC), whose history of model
+    /// outputs stays on the CPU.
+    pub fn has_step_program(&self) -> bool {
+        !matches!(self.kind, SchedulerKind::DpmPp2m | SchedulerKind::UniPc)
+    }
+
+    /// What [`Scheduler::scale_model_input`] divides the sample by at
+    /// `step` (1 where it leaves it unchanged), for callers that scale on
+    /// the GPU.
+    pub fn input_divisor(&self, step: usize) -> Result<f32> {
+        self.check_index(step)?;
+        Ok(self.algorithm.input_divisor(step))
+    }
+
+    /// [`Scheduler::step`] as a per-element program for the caller to run
+    /// where its latents are, with the same order checks; None for the
+    /// kinds without programs (see [`Scheduler::has_step_program`]), which
+    /// then take `step`.
+    pub fn step_program(&mut self, step: usize) -> Result<Option<StepProgram>> {
+        self.check_index(step)?;
+        self.check_order(step)?;
+        let program = self.algorithm.step_program(step);
+        if program.is_some() {
+            self.next_step = Some(step + 1);
+        }
+        Ok(program)
+    }
+
+    fn check_order(&self, step: usize) -> Result<()> {
+        if let Some(expected) = self.next_step {
+            if step != expected {
+                return Err(argument(format!(
+                    "step {step} called after step {}: steps must run in order (call set_timesteps to restart)",
+                    expected - 1
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Noises clean latents to the level of `timestep` (image-to-video), as

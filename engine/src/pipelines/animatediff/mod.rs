@@ -1,8 +1,8 @@
 //! The AnimateDiff family (diffusers `AnimateDiffPipeline`), with image
 //! animation and the creative controls: prompt → CLIP → the motion UNet
 //! denoising seeded noise under classifier-free guidance → VAE decode, a
-//! chunk of frames at a time. The scheduler runs on the CPU in f32 (latents
-//! are small); the networks run on the GPU.
+//! chunk of frames at a time. The networks and the per-latent work of a
+//! step run on the GPU; the scheduler's per-step coefficients on the CPU.
 //!
 //! Controls beyond diffusers:
 //! - `motion` 0..4 sets how much of the initial noise all frames share

@@ -9,17 +9,24 @@
 //! Image-to-video (`WanImageToVideoPipeline`) adds, before the loop, the
 //! image tokens and the conditioning channels (`image.rs`); each step the
 //! transformer reads [latents, condition] and the image tokens.
+//!
+//! With a single-step scheduler (flow-matching Euler) the latents stay on
+//! the GPU between steps, guidance and the update running there
+//! (`ops::latent`); UniPC keeps its history of model outputs on the CPU
+//! and takes the prediction there each step, and so does image-to-video, whose
+//! conditioning channels are appended to the latents on the CPU.
 
 use super::Wan;
 use crate::error::Result;
 use crate::gpu::Gpu;
-use crate::pipelines::decode::to_frame;
+use crate::ops::latent;
+use crate::pipelines::decode::Frames;
 use crate::pipelines::events::{emit, Event, Generated, Trace};
 use crate::pipelines::preview::StepPreviews;
 use crate::pipelines::prompt_cache::PromptKey;
 use crate::pipelines::{guidance, noise, Request};
-use crate::schedulers::{Scheduler, SchedulerOptions};
-use crate::tensor::Tensor;
+use crate::schedulers::{Scheduler, SchedulerOptions, StepProgram};
+use crate::tensor::{DType, Tensor};
 use crate::text::umt5::prompt_clean;
 use std::sync::atomic::Ordering;
 
@@ -142,6 +149,10 @@ impl Wan {
         scheduler.set_timesteps(req.steps)?;
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
+        let upload = |v: &[f32]| Tensor::from_f32(gpu, v, &[c, f, h, w], DType::F32);
+        let mut latents_gpu = (scheduler.has_step_program() && image.is_none())
+            .then(|| upload(&latents))
+            .transpose()?;
         emit(events, Event::Started { steps: total })?;
         let mut trace = req.trace.then(|| Trace {
             timesteps: timesteps.clone(),
@@ -155,40 +166,69 @@ impl Wan {
         }
         let mut previews = StepPreviews::default();
         for (k, &t) in timesteps.iter().enumerate() {
-            // One batch item: concatenating channels is appending.
-            let x = match &image {
-                Some(im) => {
+            let x = match (&latents_gpu, &image) {
+                (Some(l), _) => latent::batch_input(gpu, l, 1.0, 1, gpu.precision())?,
+                // One batch item: concatenating channels is appending.
+                (None, Some(im)) => {
                     let input = [latents.as_slice(), &im.condition].concat();
                     Tensor::from_f32(gpu, &input, &[1, cin, f, h, w], gpu.precision())?
                 }
-                None => Tensor::from_f32(gpu, &latents, &[1, c, f, h, w], gpu.precision())?,
+                (None, None) => {
+                    Tensor::from_f32(gpu, &latents, &[1, c, f, h, w], gpu.precision())?
+                }
             };
             let image_embeds = image.as_ref().map(|im| &im.image_embeds);
             let t = [t as f32];
-            let mut pred = self
-                .transformer
-                .forward(gpu, &x, &t, &cond, image_embeds)?
-                .to_f32(gpu)?;
-            if let Some(uncond) = &uncond {
-                let u = self
-                    .transformer
-                    .forward(gpu, &x, &t, uncond, image_embeds)?
-                    .to_f32(gpu)?;
-                pred = guidance::guide(&u, &pred, req.guidance);
-            }
-            let out = scheduler.step(&pred, k, &latents, None)?;
-            latents = out.prev_sample;
-            if let Some(tr) = trace.as_mut() {
-                tr.step_latents.push(latents.clone());
-            }
-            let preview = previews.update(
-                gpu,
-                &self.latent_rgb,
-                &out.pred_original,
-                (f, h, w),
-                req.previews,
-                req.gpu_previews,
-            )?;
+            let pred = self.transformer.forward(gpu, &x, &t, &cond, image_embeds)?;
+            let u = match &uncond {
+                Some(uncond) => Some(self.transformer.forward(gpu, &x, &t, uncond, image_embeds)?),
+                None => None,
+            };
+            drop(x);
+            let program = match latents_gpu.is_some() {
+                true => scheduler.step_program(k)?,
+                false => None,
+            };
+            let x0 = match (program, latents_gpu.as_mut()) {
+                (Some(program), Some(l)) => {
+                    let guided = latent::guide_pair(gpu, u.as_ref(), &pred, req.guidance)?
+                        .reshape(l.shape())?;
+                    let mut out = latent::run_program(gpu, &program.program, &[l, &guided])?;
+                    let x0 = out.swap_remove(StepProgram::PRED_ORIGINAL);
+                    *l = out.swap_remove(StepProgram::PREV_SAMPLE);
+                    if let Some(tr) = trace.as_mut() {
+                        tr.step_latents.push(l.to_f32(gpu)?);
+                    }
+                    Some(x0)
+                }
+                _ => {
+                    let mut guided = pred.to_f32(gpu)?;
+                    if let Some(u) = &u {
+                        guided = guidance::guide(&u.to_f32(gpu)?, &guided, req.guidance);
+                    }
+                    let out = scheduler.step(&guided, k, &latents, None)?;
+                    latents = out.prev_sample;
+                    if let Some(tr) = trace.as_mut() {
+                        tr.step_latents.push(latents.clone());
+                    }
+                    // Uploaded once for both kinds of preview.
+                    (req.previews || req.gpu_previews)
+                        .then(|| upload(&out.pred_original))
+                        .transpose()?
+                }
+            };
+            drop((pred, u));
+            let preview = match x0 {
+                Some(x0) => {
+                    previews.update(gpu, &self.latent_rgb, &x0, req.previews, req.gpu_previews)?
+                }
+                None => None,
+            };
+            // Nothing comes back to the CPU in a step on the GPU, so nothing
+            // would submit it: submit and wait here, so that the step event
+            // means the step has run (progress, cancellation between steps)
+            // and the pending commands stay one step's.
+            gpu.synchronize()?;
             emit(
                 events,
                 Event::Step {
@@ -201,51 +241,48 @@ impl Wan {
             )?;
         }
 
+        let latents_gpu = match latents_gpu {
+            Some(l) => {
+                latents = l.to_f32(gpu)?;
+                l
+            }
+            None => upload(&latents)?,
+        };
         gpu.trim_pool();
-        let (frames_rgb8, frames_f32) = self.decode(gpu, &latents, (c, f, h, w), req, events)?;
+        let frames = self.decode(gpu, &latents_gpu, req, events)?;
         Ok(Generated {
             width: req.width,
             height: req.height,
-            frames: frames_rgb8,
-            frames_f32,
+            frames: frames.rgb8,
+            frames_f32: frames.f32,
             latents,
             scheduler: scheduler.kind(),
             trace,
         })
     }
 
-    /// Latents [1, C, f, h, w] in the denoiser's domain → frames, one latent
-    /// frame at a time (the first gives one frame, each next four), with a
-    /// `Decoded` event per frame: RGB8 per frame and [F, H, W, 3] in [0, 1]
-    /// (diffusers' `postprocess_video`: x / 2 + 0.5, clamped).
+    /// Latents [C, f, h, w] (f32, on the GPU) in the denoiser's domain →
+    /// frames, one latent frame at a time (the first gives one frame, each
+    /// next four), with a `Decoded` event per frame: RGB8 per frame, and
+    /// with `trace` [F, H, W, 3] in [0, 1] (diffusers' `postprocess_video`:
+    /// x / 2 + 0.5, clamped).
     fn decode(
         &self,
         gpu: &Gpu,
-        latents: &[f32],
-        (c, f, h, w): (usize, usize, usize, usize),
+        latents: &Tensor,
         req: &Request,
         events: &mut dyn FnMut(Event) -> bool,
-    ) -> Result<(Vec<Vec<u8>>, Vec<f32>)> {
-        let (hh, ww) = (req.height, req.width);
-        let z = Tensor::from_f32(gpu, latents, &[1, c, f, h, w], gpu.precision())?;
+    ) -> Result<Frames> {
+        let mut shape = vec![1];
+        shape.extend_from_slice(latents.shape());
+        let z = latent::batch_input(gpu, latents, 1.0, 1, gpu.precision())?.reshape(&shape)?;
         let raw = self.vae.denormalize_latents(gpu, &z)?;
         let total = req.frames;
-        let mut frames_f32 = vec![0f32; total * hh * ww * 3];
-        let mut frames = Vec::with_capacity(total);
+        let mut frames = Frames::new(total, (req.height, req.width), req.trace);
         self.vae.decode_chunks(gpu, &raw, |_, first, chunk| {
             // chunk [Tc, 3, H, W] in [-1, 1].
-            let values = chunk.to_f32(gpu)?;
-            for (i, image) in values.chunks(3 * hh * ww).enumerate() {
-                let fi = first + i;
-                if fi >= total {
-                    break;
-                }
-                let out = &mut frames_f32[fi * hh * ww * 3..(fi + 1) * hh * ww * 3];
-                frames.push(to_frame(image, out));
-                emit(events, Event::Decoded { frame: fi, total })?;
-            }
-            Ok(())
+            frames.push_images(gpu, &chunk, first, total, events)
         })?;
-        Ok((frames, frames_f32))
+        Ok(frames)
     }
 }

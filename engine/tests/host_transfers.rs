@@ -1,0 +1,213 @@
+//! The denoising loop moves no latent-sized data between the CPU and the
+//! GPU: the host ↔ device copies counted in the gpu layer, per step, on the
+//! fixture model (cases-b) at a tiny size. Each test opens its own GPU so
+//! that no other test's copies are counted.
+
+use motif_engine::models::source::ModelSource;
+use motif_engine::pipelines::{AnimateDiff, Event, Family, Request};
+use motif_engine::schedulers::SchedulerKind;
+use motif_engine::{Gpu, GpuOptions, TransferStats};
+
+fn pipeline(gpu: &Gpu) -> AnimateDiff {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cases-b");
+    AnimateDiff::load(gpu, &ModelSource::folder(&dir)).unwrap()
+}
+
+fn request(p: &AnimateDiff, steps: usize) -> Request {
+    let mut r = Request::new("a red ball", p.defaults());
+    (r.width, r.height, r.frames, r.steps, r.seed) = (24, 16, 3, steps, 9);
+    r.guidance = 7.5;
+    r
+}
+
+/// Latent values of `request`'s clip: 4 channels, 3 frames, 4 x 6 (the
+/// fixture's VAE scales by 4).
+const LATENT_VALUES: u64 = 4 * 3 * 4 * 6;
+
+/// The copies of each step of a generation: from the `Started` event (or
+/// the step before) to the step's own event.
+fn per_step(gpu: &Gpu, p: &AnimateDiff, req: &Request) -> Vec<TransferStats> {
+    let mut steps = Vec::new();
+    p.generate(gpu, req, &mut |e| {
+        match e {
+            Event::Started { .. } => gpu.reset_transfer_stats(),
+            Event::Step { .. } => {
+                steps.push(gpu.transfer_stats());
+                gpu.reset_transfer_stats();
+            }
+            _ => {}
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(steps.len(), req.steps);
+    steps
+}
+
+/// No single copy as large as the latents in f16.
+fn assert_no_latent_sized(what: &str, steps: &[TransferStats]) {
+    for (k, s) in steps.iter().enumerate() {
+        assert!(
+            s.largest_upload < LATENT_VALUES * 2 && s.largest_download < LATENT_VALUES * 2,
+            "{what}, step {k}: a latent-sized copy ({LATENT_VALUES} latent values): {s:?}"
+        );
+    }
+}
+
+/// Every step copies the same, whatever the number of steps.
+fn assert_constant(what: &str, short: &[TransferStats], long: &[TransferStats]) {
+    let first = short[0];
+    for (k, s) in short.iter().chain(long).enumerate() {
+        assert_eq!(
+            (s.uploads, s.upload_bytes, s.downloads, s.download_bytes),
+            (
+                first.uploads,
+                first.upload_bytes,
+                first.downloads,
+                first.download_bytes
+            ),
+            "{what}: step {k} copies differently from the first ({first:?}): {s:?}"
+        );
+    }
+}
+
+#[test]
+fn a_denoising_step_copies_no_latents_between_cpu_and_gpu() {
+    let gpu = Gpu::new(GpuOptions::default()).unwrap();
+    let p = pipeline(&gpu);
+    for kind in [SchedulerKind::Ddim, SchedulerKind::Euler] {
+        let what = format!("{kind}");
+        let mut req = request(&p, 2);
+        req.scheduler = Some(kind);
+        let short = per_step(&gpu, &p, &req);
+        req.steps = 5;
+        let long = per_step(&gpu, &p, &req);
+        assert_constant(&what, &short, &long);
+        assert_no_latent_sized(&what, &short);
+        assert_no_latent_sized(&what, &long);
+        assert_eq!(short[0].downloads, 0, "{what}: {:?}", short[0]);
+    }
+}
+
+#[test]
+fn lcm_uploads_only_its_step_noise() {
+    let gpu = Gpu::new(GpuOptions::default()).unwrap();
+    let p = pipeline(&gpu);
+    let mut req = request(&p, 3);
+    req.scheduler = Some(SchedulerKind::Lcm);
+    let short = per_step(&gpu, &p, &req);
+    req.steps = 5;
+    let long = per_step(&gpu, &p, &req);
+    // LCM re-noises with noise drawn on the CPU (the run's generator) in
+    // every step but the last: that upload is the one latent-sized copy.
+    let (short_last, long_last) = (short[short.len() - 1], long[long.len() - 1]);
+    let noised: Vec<_> = short[..short.len() - 1]
+        .iter()
+        .chain(&long[..long.len() - 1])
+        .copied()
+        .collect();
+    assert_constant("lcm", &noised, &[]);
+    assert_constant("lcm, last step", &[short_last], &[long_last]);
+    assert_no_latent_sized("lcm, last step", &[short_last, long_last]);
+    for s in &noised {
+        assert_eq!(s.largest_upload, LATENT_VALUES * 4, "{s:?}");
+        assert_eq!(s.uploads, short_last.uploads + 1, "{s:?}");
+        assert_eq!(s.downloads, 0, "{s:?}");
+    }
+}
+
+#[test]
+fn euler_ancestral_uploads_only_its_step_noise() {
+    let gpu = Gpu::new(GpuOptions::default()).unwrap();
+    let p = pipeline(&gpu);
+    let mut req = request(&p, 2);
+    req.scheduler = Some(SchedulerKind::EulerAncestral);
+    let short = per_step(&gpu, &p, &req);
+    req.steps = 4;
+    let long = per_step(&gpu, &p, &req);
+    assert_constant("euler-a", &short, &long);
+    for s in short.iter().chain(&long) {
+        // The noise, f32, is the one latent-sized copy.
+        assert_eq!(s.largest_upload, LATENT_VALUES * 4, "{s:?}");
+        assert_eq!(s.downloads, 0, "{s:?}");
+    }
+}
+
+#[test]
+fn previews_download_only_their_rgb_values() {
+    let gpu = Gpu::new(GpuOptions::default()).unwrap();
+    let p = pipeline(&gpu);
+    let mut req = request(&p, 2);
+    req.previews = true;
+    let short = per_step(&gpu, &p, &req);
+    req.steps = 4;
+    let long = per_step(&gpu, &p, &req);
+    assert_constant("previews", &short, &long);
+    for s in short.iter().chain(&long) {
+        // One download: the RGB projection, 3 f32 per latent pixel.
+        assert_eq!(s.downloads, 1, "{s:?}");
+        assert_eq!(s.download_bytes, 3 * 3 * 4 * 6 * 4, "{s:?}");
+        assert!(s.largest_upload < LATENT_VALUES * 2, "{s:?}");
+    }
+}
+
+/// The bundled model's 8-step clip (its card's size: 128x128, 16 frames;
+/// guidance 7.5, seed 7): prints each step's copies and wall time, and the
+/// whole generation's. A measurement, not a check (timings are never
+/// asserted): `cargo test --release -p motif-engine --test host_transfers
+/// -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bundled_clip_copies_and_times_per_step() {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let gpu = Gpu::new(GpuOptions::default()).unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/default");
+    let p = AnimateDiff::load(&gpu, &ModelSource::folder(&dir)).unwrap();
+    let mut req = Request::new("a yellow star spinning over the sea at night", p.defaults());
+    (req.steps, req.seed, req.guidance) = (8, 7, 7.5);
+    println!("load average at start: {}", load.trim());
+    let start = std::time::Instant::now();
+    gpu.reset_transfer_stats();
+    let mut last = std::time::Instant::now();
+    let mut before_steps = TransferStats::default();
+    let mut steps = Vec::new();
+    p.generate(&gpu, &req, &mut |e| {
+        match e {
+            Event::Started { .. } => {
+                before_steps = gpu.transfer_stats();
+                gpu.reset_transfer_stats();
+                last = std::time::Instant::now();
+            }
+            Event::Step { index, .. } => {
+                let s = gpu.transfer_stats();
+                gpu.reset_transfer_stats();
+                let ms = last.elapsed().as_secs_f64() * 1e3;
+                last = std::time::Instant::now();
+                println!(
+                    "step {index}: {ms:.0} ms, uploads {} ({} B, largest {}), downloads {} ({} B, largest {})",
+                    s.uploads,
+                    s.upload_bytes,
+                    s.largest_upload,
+                    s.downloads,
+                    s.download_bytes,
+                    s.largest_download
+                );
+                steps.push(ms);
+            }
+            _ => {}
+        }
+        true
+    })
+    .unwrap();
+    let after = gpu.transfer_stats();
+    println!("before the steps (prompts, noise): {before_steps:?}");
+    println!("after the steps (decode, frames): {after:?}");
+    println!(
+        "steps: {:.0} ms mean, whole generation {:.1} s; load average at end: {}",
+        steps.iter().sum::<f64>() / steps.len() as f64,
+        start.elapsed().as_secs_f64(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+}
