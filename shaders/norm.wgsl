@@ -279,10 +279,8 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
 // barriers. With the narrow kernel a row of a few hundred values cost a
 // workgroup of 8 lanes with a tree reduction, for a few dozen values per lane;
 // here 8 lanes are 8 rows, and every access moves a vec4 (on llvmpipe an
-// access costs about the same whatever its width). The statistics take two
-// passes over the row (the mean, summed about the row's first value, then
-// the squared deviations from it): as exact as Welford's update, without its
-// division per value.
+// access costs about the same whatever its width). The statistics are the
+// narrow kernel's to the bit (below), so D must be a multiple of 8.
 //   @binding(1) x4      x as array<st4>
 //   @binding(2) gamma4  gamma as array<st4>
 //   @binding(3) beta4   beta as array<st4>
@@ -302,20 +300,49 @@ fn layer_norm_rows4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     let d4 = p.len / 4u;
     let xs = p.x_off / 4u + row * d4;
     let os = p.out_off / 4u + row * d4;
-    // Summed about the row's first value: rows far from zero (|mean| >> std)
-    // would lose the mean's low bits in a plain f32 sum.
-    let shift = f32(x4[xs].x);
-    var sum = vec4<f32>(0.0);
-    for (var e = 0u; e < d4; e = e + 1u) {
-        sum = sum + (vec4<f32>(x4[xs + e]) - shift);
+    // The statistics exactly as the narrow kernel's 8 lanes compute them, so
+    // that a clip does not change by a bit with the kernel: lane l updates
+    // Welford's moments over the values l, l + 8, l + 16, … (lanes 0-3 are
+    // the components of the even vectors, lanes 4-7 of the odd ones; `len`
+    // is a multiple of 8, so every lane holds as many values), then the lanes
+    // are combined in the workgroup's tree: l with l + 4, then l + 2, then
+    // l + 1. Componentwise, each step is `local_moments`'s and `combine`'s
+    // arithmetic in the same order.
+    var n = 0.0;
+    var mean_a = vec4<f32>(0.0);
+    var m2_a = vec4<f32>(0.0);
+    var mean_b = vec4<f32>(0.0);
+    var m2_b = vec4<f32>(0.0);
+    for (var e = 0u; e < d4; e = e + 2u) {
+        n = n + 1.0;
+        let va = vec4<f32>(x4[xs + e]);
+        let da = va - mean_a;
+        mean_a = mean_a + da / n;
+        m2_a = m2_a + da * (va - mean_a);
+        let vb = vec4<f32>(x4[xs + e + 1u]);
+        let db = vb - mean_b;
+        mean_b = mean_b + db / n;
+        m2_b = m2_b + db * (vb - mean_b);
     }
-    let mean = shift + (sum.x + sum.y + sum.z + sum.w) / f32(p.len);
-    var sq = vec4<f32>(0.0);
-    for (var e = 0u; e < d4; e = e + 1u) {
-        let dv = vec4<f32>(x4[xs + e]) - mean;
-        sq = sq + dv * dv;
-    }
-    let rstd = inverseSqrt((sq.x + sq.y + sq.z + sq.w) / f32(p.len) + p.eps);
+    // Lanes l and l + 4 (equal counts n).
+    let n4 = n + n;
+    let delta4 = mean_b - mean_a;
+    let w4 = n / n4;
+    let mean4 = mean_a + delta4 * w4;
+    let m24 = m2_a + m2_b + delta4 * delta4 * n * w4;
+    // Lanes l and l + 2.
+    let n2 = n4 + n4;
+    let delta2 = mean4.zw - mean4.xy;
+    let w2 = n4 / n2;
+    let mean2 = mean4.xy + delta2 * w2;
+    let m22 = m24.xy + m24.zw + delta2 * delta2 * n4 * w2;
+    // Lanes 0 and 1.
+    let n1 = n2 + n2;
+    let delta1 = mean2.y - mean2.x;
+    let w1 = n2 / n1;
+    let mean = mean2.x + delta1 * w1;
+    let m2 = m22.x + m22.y + delta1 * delta1 * n2 * w1;
+    let rstd = inverseSqrt(m2 / f32(p.len) + p.eps);
     for (var e = 0u; e < d4; e = e + 1u) {
         var v = (vec4<f32>(x4[xs + e]) - mean) * rstd;
         if ((p.flags & 1u) != 0u) {

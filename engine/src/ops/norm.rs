@@ -431,7 +431,8 @@ fn last_dim_norm(
         // limit wherever the narrow kernel was chosen (d / 4 below it).
         let rows4 = op == "layer_norm"
             && kernel == ReductionKernel::Narrow
-            && [d as u32, x_off, out_off].iter().all(|v| v % 4 == 0)
+            && d % 8 == 0
+            && [x_off, out_off].iter().all(|v| v % 4 == 0)
             && 3 * (d / 4) <= CPU_LOOP_BUDGET;
         let (k, grid) = if rows4 {
             let k = norm_kernel("layer_norm_rows4", x.dtype(), ROWS_WG, false);
