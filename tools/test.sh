@@ -6,4 +6,6 @@ set -euo pipefail
 source "$(dirname "$0")/test-setup.sh"
 start=$(date +%s)
 cargo test --release --workspace "$@"
+# The benchmark driver's own checks (standard library only: no torch needed).
+python3 -m unittest discover -s tools/bench -p "test_*.py"
 echo "tests took $(( $(date +%s) - start )) s"
