@@ -582,7 +582,10 @@ fn pipeline_case(
         ("prompt_embeds", widen(&trace.prompt_embeds)),
         ("step_latents", widen(&trace.step_latents.concat())),
         ("latents", widen(&out.latents)),
-        ("frames", widen(out.frames_f32.as_deref().unwrap_or_default())),
+        (
+            "frames",
+            widen(out.frames_f32.as_deref().unwrap_or_default()),
+        ),
     ]);
     if req.image.is_some() {
         computed.push(("image_embeds".into(), widen(&trace.image_embeds)));

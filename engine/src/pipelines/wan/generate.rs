@@ -173,15 +173,18 @@ impl Wan {
                     let input = [latents.as_slice(), &im.condition].concat();
                     Tensor::from_f32(gpu, &input, &[1, cin, f, h, w], gpu.precision())?
                 }
-                (None, None) => {
-                    Tensor::from_f32(gpu, &latents, &[1, c, f, h, w], gpu.precision())?
-                }
+                (None, None) => Tensor::from_f32(gpu, &latents, &[1, c, f, h, w], gpu.precision())?,
             };
             let image_embeds = image.as_ref().map(|im| &im.image_embeds);
             let t = [t as f32];
             let pred = self.transformer.forward(gpu, &x, &t, &cond, image_embeds)?;
             let u = match &uncond {
-                Some(uncond) => Some(self.transformer.forward(gpu, &x, &t, uncond, image_embeds)?),
+                Some(uncond) => {
+                    Some(
+                        self.transformer
+                            .forward(gpu, &x, &t, uncond, image_embeds)?,
+                    )
+                }
                 None => None,
             };
             drop(x);
