@@ -29,8 +29,9 @@ for s in 0 1; do
   run frozen-s$s --seed $s --clips 8 --lr 5e-4 --lr-rule none --freeze-te-after 0
   run canon-s$s --seed $s --clips 8 --lr 5e-4 --lr-rule none --canonical-share 0.5
   run direct-s$s --seed $s --clips 8 --lr 5e-4 --lr-rule none --action-weights left=2,right=2,up=2,down=2,falling=2
+  run moving-s$s --seed $s --clips 8 --lr 5e-4 --lr-rule none --camera-weights static=0.5
 done
-for name in old new same frozen canon direct; do
+for name in old new same frozen canon direct moving; do
   for s in 0 1; do
     printf '%-8s seed %s  ' $name $s
     "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['train']['window']['heldout_loss_end'])" \
