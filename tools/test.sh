@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command (README.md "Tests"; .ci/run runs exactly this): sets
+# The test command (README.md "Tests"; .ci/run runs the same steps): sets
 # up what the tests need, then runs the whole workspace's tests on Mesa's
 # software Vulkan driver. Extra arguments go to `cargo test`.
 set -euo pipefail
