@@ -124,10 +124,7 @@ impl WanTransformerConfig {
     /// A config already parsed as JSON (inferred from a single file's
     /// shapes); `path` names it in errors.
     pub fn from_value(path: &Path, value: serde_json::Value) -> Result<Self, LoadError> {
-        let cfg = serde_json::from_value(value).map_err(|e| LoadError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let cfg = crate::weights::config::config_from_value(path, value)?;
         Self::check(path, cfg)
     }
 

@@ -67,7 +67,15 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
 /// Reads a JSON file into a config struct; the error names the file and the
 /// field that is missing or of the wrong type.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
-    let value = read_json(path)?;
+    config_from_value(path, read_json(path)?)
+}
+
+/// A config already parsed as JSON (say, inferred from a single file's
+/// shapes); `path` names it in errors.
+pub fn config_from_value<T: DeserializeOwned>(
+    path: &Path,
+    value: serde_json::Value,
+) -> Result<T, LoadError> {
     serde_json::from_value(value).map_err(|e| LoadError::Config {
         path: path.to_path_buf(),
         message: e.to_string(),
