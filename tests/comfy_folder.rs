@@ -525,16 +525,6 @@ fn names_that_are_unknown_ambiguous_or_the_wrong_part_are_refused_before_gpu_wor
         args.extend(generate_args(&["--frames", "1", "-o", "x.mp4"]));
         args.extend_from_slice(&files);
         let o = motif(&dir, &models, &args);
-        let e = stderr(&o);
-        assert!(!o.status.success(), "{files:?} was accepted");
-        for want in &expected {
-            assert!(e.contains(want), "{files:?}: expected `{want}` in: {e}");
-        }
-        assert!(
-            !e.contains("no-such-gpu"),
-            "{files:?}: reached the GPU: {e}"
-        );
-        assert!(!e.contains("panicked"), "{e}");
-        assert!(!dir.join("x.mp4").exists(), "{files:?} left a file");
+        common::assert_refused_before_gpu(&o, &format!("{files:?}"), &expected, &dir.join("x.mp4"));
     }
 }

@@ -104,18 +104,7 @@ fn a_wan_folder_generates_an_mp4_with_its_recipe_and_replays_it() {
         &tiny(&model, &["--shift", "5", "--scheduler", "unipc", "-o", "c"]),
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let frames = |d: &str| {
-        let mut names: Vec<_> = std::fs::read_dir(dir.join(d))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "png"))
-            .collect();
-        names.sort();
-        names
-            .iter()
-            .map(|p| std::fs::read(p).unwrap())
-            .collect::<Vec<_>>()
-    };
+    let frames = |d: &str| png_frames(&dir.join(d));
     assert_eq!(frames("b").len(), 5);
     assert_eq!(frames("b"), frames("c"));
     // Another shift is another clip.
@@ -190,13 +179,7 @@ fn a_wan_lora_changes_the_clip_at_its_weight_and_misfits_are_refused() {
     }
     // The frames' pixels (each PNG also carries its recipe, which names the LoRA).
     let pixels = |d: &str| {
-        let mut names: Vec<_> = std::fs::read_dir(dir.join(d))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "png"))
-            .collect();
-        names.sort();
-        names
+        common::pngs(&dir.join(d))
             .iter()
             .map(|p| image::open(p).unwrap().to_rgb8().into_raw())
             .collect::<Vec<_>>()
@@ -241,13 +224,10 @@ fn write_png(path: &Path, (w, h): (u32, u32), tint: u8) {
 
 /// All PNG frames of an output folder, in order.
 fn png_frames(dir: &Path) -> Vec<Vec<u8>> {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "png"))
-        .collect();
-    names.sort();
-    names.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    common::pngs(dir)
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect()
 }
 
 #[test]

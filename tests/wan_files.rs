@@ -186,17 +186,7 @@ fn bad_files_are_refused_before_gpu_work_naming_the_file_and_what_to_pass() {
         ];
         args.extend_from_slice(&files);
         let o = motif(&dir, &args);
-        let e = stderr(&o);
-        assert!(!o.status.success(), "{files:?} was accepted");
-        for want in &expected {
-            assert!(e.contains(want), "{files:?}: expected `{want}` in: {e}");
-        }
-        assert!(
-            !e.contains("no-such-gpu"),
-            "{files:?}: reached the GPU: {e}"
-        );
-        assert!(!e.contains("panicked"), "{e}");
-        assert!(!dir.join("x.mp4").exists(), "{files:?} left a file");
+        common::assert_refused_before_gpu(&o, &format!("{files:?}"), &expected, &dir.join("x.mp4"));
     }
 }
 

@@ -12,6 +12,38 @@ use std::time::{Duration, Instant};
 
 pub const MOTIF: &str = env!("CARGO_BIN_EXE_motif");
 
+/// The PNG files in `dir`, sorted by name (a clip's frames as
+/// `motif generate -o DIR` writes them).
+pub fn pngs(dir: &Path) -> Vec<PathBuf> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A command that had to be refused before any GPU work (run with
+/// `--adapter no-such-gpu`, so reaching the GPU shows in its message): it
+/// failed, its message holds each of `expected`, nothing panicked and
+/// `output` was not written. `what` names the case in failures.
+pub fn assert_refused_before_gpu(
+    o: &std::process::Output,
+    what: &str,
+    expected: &[&str],
+    output: &Path,
+) {
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{what} was accepted");
+    for want in expected {
+        assert!(e.contains(want), "{what}: expected `{want}` in: {e}");
+    }
+    assert!(!e.contains("no-such-gpu"), "{what}: reached the GPU: {e}");
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(!output.exists(), "{what} left a file");
+}
+
 /// A number no other call returns: the clock in nanoseconds.
 pub fn unique() -> u128 {
     std::time::SystemTime::now()
