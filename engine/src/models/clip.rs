@@ -84,25 +84,29 @@ impl ClipTextConfig {
             path: path.to_path_buf(),
             message,
         };
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
-        {
-            return Err(bad(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                cfg.hidden_size, cfg.num_attention_heads
-            )));
-        }
-        if cfg.activation().is_none() {
-            return Err(bad(format!(
-                "hidden_act `{}` is not supported (quick_gelu, gelu, gelu_new)",
-                cfg.hidden_act
-            )));
-        }
+        check_tower(cfg.hidden_size, cfg.num_attention_heads, &cfg.hidden_act).map_err(bad)?;
         Ok(cfg)
     }
 
     fn activation(&self) -> Option<Activation> {
         activation_named(&self.hidden_act)
     }
+}
+
+/// What the text and the vision tower's configs must both satisfy: whole
+/// heads, and an activation Motif has; the message for the config error.
+pub(crate) fn check_tower(hidden: usize, heads: usize, act: &str) -> Result<(), String> {
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(format!(
+            "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        ));
+    }
+    if activation_named(act).is_none() {
+        return Err(format!(
+            "hidden_act `{act}` is not supported (quick_gelu, gelu, gelu_new)"
+        ));
+    }
+    Ok(())
 }
 
 /// transformers' `ACT2FN` names the CLIP towers use.

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::clip::{activation_named, ClipEncoderLayer, ClipLayerDims};
+use super::clip::{activation_named, check_tower, ClipEncoderLayer, ClipLayerDims};
 use super::nn::{LayerNorm, Linear};
 use crate::error::{EngineError, LoadError, Result};
 use crate::gpu::Gpu;
@@ -80,13 +80,7 @@ impl ClipVisionConfig {
             path: path.to_path_buf(),
             message,
         };
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
-        {
-            return Err(bad(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                cfg.hidden_size, cfg.num_attention_heads
-            )));
-        }
+        check_tower(cfg.hidden_size, cfg.num_attention_heads, &cfg.hidden_act).map_err(bad)?;
         if cfg.patch_size == 0
             || cfg.image_size == 0
             || !cfg.image_size.is_multiple_of(cfg.patch_size)
@@ -100,12 +94,6 @@ impl ClipVisionConfig {
             return Err(bad(format!(
                 "num_hidden_layers {}: Wan reads the penultimate layer's output, so at least 2",
                 cfg.num_hidden_layers
-            )));
-        }
-        if activation_named(&cfg.hidden_act).is_none() {
-            return Err(bad(format!(
-                "hidden_act `{}` is not supported (quick_gelu, gelu, gelu_new)",
-                cfg.hidden_act
             )));
         }
         Ok(cfg)
