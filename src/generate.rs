@@ -13,7 +13,9 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use motif_engine::models::source::{ModelSource, ModelSpec};
-use motif_engine::pipelines::{Camera, Event, ModelCache, Request, RgbImage, MIN_IMAGE_SIDE};
+use motif_engine::pipelines::{
+    Camera, Control, Event, ModelCache, Request, RgbImage, MIN_IMAGE_SIDE,
+};
 use motif_engine::schedulers::SchedulerKind;
 use motif_engine::Gpu;
 use motif_recipe::{CameraMove, FieldError, Lora, Recipe, Scheduler};
@@ -99,6 +101,9 @@ pub struct RecipeArgs {
     /// scheduler config (Wan 2.1 ships 3.0 for 480p, 5.0 is used for 720p).
     #[arg(long)]
     pub shift: Option<f32>,
+    /// Two-expert models (Wan 2.2 A14B): the guidance scale of the low-noise expert [default: --guidance].
+    #[arg(long = "guidance-2")]
+    pub guidance_2: Option<f32>,
 }
 
 impl RecipeArgs {
@@ -139,6 +144,7 @@ impl RecipeArgs {
             style: self.style.clone(),
             clip_skip: self.clip_skip,
             shift: self.shift,
+            guidance_2: self.guidance_2,
             ..Default::default()
         })
     }
@@ -645,6 +651,11 @@ pub fn generate_cached(
         say(&format!("camera: motion LoRA {}", p.display()));
     }
     pipe.validate(&req)?;
+    // As diffusers: the low-noise expert's guidance is the first's unless
+    // given; the recipe records the value used.
+    if req.guidance_2.is_none() && pipe.controls().supports(Control::SecondGuidance) {
+        req.guidance_2 = Some(req.guidance);
+    }
     let fps = r.fps.unwrap_or(defaults.fps);
     on_request(&mut req);
 
@@ -694,8 +705,11 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
         let progress = &mut progress;
         let stop = stop.clone();
         let mut on_request = |req: &mut Request| {
+            let second = (req.guidance_2)
+                .map(|g| format!(" (low-noise expert {g})"))
+                .unwrap_or_default();
             say(&format!(
-                "generating {}x{}, {} frames, {} steps, guidance {}, seed {}",
+                "generating {}x{}, {} frames, {} steps, guidance {}{second}, seed {}",
                 req.width, req.height, req.frames, req.steps, req.guidance, seed
             ));
             progress.event(json!({"event": "start", "seed": seed, "width": req.width,
@@ -735,6 +749,18 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
                         b.finish_and_clear();
                     }
                     progress.event(json!({"event": "decoded", "frame": frame + 1, "total": total}));
+                }
+                Event::Expert { name, freed, step } => {
+                    let line = match freed {
+                        Some(f) => format!("step {}: {f} freed, loading {name}", step + 1),
+                        None => format!("step {}: loading {name}", step + 1),
+                    };
+                    match &bar {
+                        Some(b) => b.println(&line),
+                        None => say(&line),
+                    }
+                    progress.event(json!({"event": "expert", "expert": name, "freed": freed,
+                                          "step": step + 1}));
                 }
             }
             !stop.load(Ordering::SeqCst)

@@ -59,12 +59,12 @@ impl Wan {
             te.config,
             residency,
         )?;
-        let transformer = WanTransformer3DModel::new(
+        let transformer = super::experts::Experts::single(WanTransformer3DModel::new(
             gpu,
             &Weights::new(tr.weights, gpu.precision()),
             tr.config,
             BlockResidency::Resident,
-        )?;
+        )?);
         let vae = files.vae()?;
         let vae =
             AutoencoderKLWan::new(gpu, &Weights::new(vae.weights, gpu.precision()), vae.config)?;
