@@ -43,6 +43,9 @@ pub struct RecipeArgs {
     /// The text encoder of a single-file Wan model: a UMT5 .safetensors file (ComfyUI's umt5_xxl, tokenizer inside).
     #[arg(long)]
     pub text_encoder: Option<String>,
+    /// The low-noise expert of a single-file Wan 2.2 A14B model, when it is not the …low_noise… file beside the …high_noise… --model.
+    #[arg(long = "transformer-2")]
+    pub transformer_2: Option<String>,
     /// A LoRA to fuse, with an optional weight (default 1): FILE or FILE:0.8. Repeatable.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
@@ -119,6 +122,7 @@ impl RecipeArgs {
             motion_adapter: self.motion_adapter.clone(),
             vae: self.vae.clone(),
             text_encoder: self.text_encoder.clone(),
+            transformer_2: self.transformer_2.clone(),
             loras,
             image: self
                 .image
@@ -338,6 +342,7 @@ impl Settings {
             motion_adapter: r.motion_adapter.clone(),
             vae: r.vae.clone(),
             text_encoder: r.text_encoder.clone(),
+            transformer_2: r.transformer_2.clone(),
             loras: r.loras.clone(),
             image: r.image.clone(),
             last_image: r.last_image.clone(),
@@ -823,6 +828,7 @@ fn model_spec(settings: &Settings, model: &str) -> Result<ModelSpec> {
         vae: resolve(Flag::Vae, "vae", &r.vae)?,
         text_encoder: resolve(Flag::TextEncoder, "text_encoder", &r.text_encoder)?,
         transformer_config: None,
+        transformer_2: resolve(Flag::Model, "transformer_2", &r.transformer_2)?,
         loras,
     })
 }

@@ -473,7 +473,11 @@ impl Runner for EngineRunner {
                 }),
                 Event::Decoded { .. } => true,
                 Event::Expert { name, step, .. } => {
-                    eprintln!("motif worker: job {}: step {}: loading the expert {name}", job.id, step + 1);
+                    eprintln!(
+                        "motif worker: job {}: step {}: loading the expert {name}",
+                        job.id,
+                        step + 1
+                    );
                     true
                 }
             },

@@ -695,10 +695,18 @@ impl WanTransformer3DModel {
         ];
         for (name, o, i) in [
             ("proj_out", out, dim),
-            ("condition_embedder.time_embedder.linear_1", dim, config.freq_dim),
+            (
+                "condition_embedder.time_embedder.linear_1",
+                dim,
+                config.freq_dim,
+            ),
             ("condition_embedder.time_embedder.linear_2", dim, dim),
             ("condition_embedder.time_proj", 6 * dim, dim),
-            ("condition_embedder.text_embedder.linear_1", dim, config.text_dim),
+            (
+                "condition_embedder.text_embedder.linear_1",
+                dim,
+                config.text_dim,
+            ),
             ("condition_embedder.text_embedder.linear_2", dim, dim),
         ] {
             expected.extend(linear(name, o, i));

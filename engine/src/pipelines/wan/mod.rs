@@ -411,7 +411,10 @@ impl Family for Wan {
         // any part goes to the GPU.
         let first = experts::ExpertWeights {
             weights: Weights::new(
-                source.fuse_loras(WeightSet::open_dir(&transformer_dir)?, LoraTarget::Transformer)?,
+                source.fuse_loras(
+                    WeightSet::open_dir(&transformer_dir)?,
+                    LoraTarget::Transformer,
+                )?,
                 gpu.precision(),
             ),
             config: transformer_config,
