@@ -828,7 +828,7 @@ fn model_spec(settings: &Settings, model: &str) -> Result<ModelSpec> {
         vae: resolve(Flag::Vae, "vae", &r.vae)?,
         text_encoder: resolve(Flag::TextEncoder, "text_encoder", &r.text_encoder)?,
         transformer_config: None,
-        transformer_2: resolve(Flag::Model, "transformer_2", &r.transformer_2)?,
+        transformer_2: resolve(Flag::Transformer2, "transformer_2", &r.transformer_2)?,
         loras,
     })
 }

@@ -497,3 +497,66 @@ fn broken_a14b_folders_and_second_guidance_elsewhere_are_refused() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a14b_single_files_without_their_pair_are_refused_before_any_gpu_work() {
+    // wan-a14b/t2v-files holds ComfyUI-named experts
+    // (wan2.2_t2v_{high,low}_noise_tiny_f32.safetensors): the pairing by
+    // name, and its failures, come before the GPU opens (an adapter that
+    // does not exist would otherwise be the error).
+    let dir = scratch("a14b-files");
+    let files = Path::new(&fixture("wan-a14b/t2v-files")).to_path_buf();
+    let file = |name: &str| files.join(name).to_string_lossy().into_owned();
+    let alone = dir.join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    let high = "wan2.2_t2v_high_noise_tiny_f32.safetensors";
+    std::fs::copy(files.join(high), alone.join(high)).unwrap();
+    let alone_high = alone.join(high).to_string_lossy().into_owned();
+    let (te, vae) = (file("umt5.safetensors"), file("vae.safetensors"));
+    let low = file("wan2.2_t2v_low_noise_tiny_f32.safetensors");
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--model", &alone_high],
+            vec![
+                "high-noise expert of a Wan 2.2 A14B pair",
+                "wan2.2_t2v_low_noise_tiny_f32.safetensors is not beside it",
+                "--transformer-2 FILE",
+            ],
+        ),
+        (
+            vec!["--model", &low],
+            vec!["this is the low-noise expert", "pass the high-noise file"],
+        ),
+        (
+            vec![
+                "--model",
+                &alone_high,
+                "--transformer-2",
+                "nowhere.safetensors",
+            ],
+            vec!["--transformer-2 nowhere.safetensors: no such file"],
+        ),
+        (
+            vec!["--model", &alone_high, "--transformer-2", &vae],
+            vec!["given as --transformer-2", "a Wan transformer"],
+        ),
+    ];
+    for (model, expected) in cases {
+        let mut args = vec![
+            "--adapter",
+            "no-such-gpu",
+            "generate",
+            "a red ball",
+            "--text-encoder",
+            &te,
+            "--vae",
+            &vae,
+            "-o",
+            "x.mp4",
+        ];
+        args.extend_from_slice(&model);
+        let o = motif(&dir, &args);
+        common::assert_refused_before_gpu(&o, &format!("{model:?}"), &expected, &dir.join("x.mp4"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
