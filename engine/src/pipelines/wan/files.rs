@@ -54,7 +54,7 @@ fn published_a14b(image_to_video: bool) -> (f64, f64) {
 /// One transformer, or A14B's two experts with their boundary and shift.
 enum Denoiser {
     One(Part<WanTransformerConfig>),
-    Two([ExpertWeights; 2], f64, f64),
+    Two(Box<[ExpertWeights; 2]>, f64, f64),
 }
 
 impl Wan {
@@ -81,7 +81,7 @@ impl Wan {
                 let in_channels = experts[0].config.in_channels;
                 let (boundary, shift) = published_a14b(in_channels != files.vae()?.config.z_dim);
                 super::experts::check_pair(path, &experts[0], &experts[1], boundary)?;
-                Denoiser::Two(experts, boundary, shift)
+                Denoiser::Two(Box::new(experts), boundary, shift)
             }
         };
         let tokenizer = files.tokenizer()?;
@@ -113,7 +113,7 @@ impl Wan {
             )?),
             Denoiser::Two(experts, boundary, shift) => {
                 scheduler["flow_shift"] = json!(shift);
-                Experts::pair(gpu, experts, boundary)?
+                Experts::pair(gpu, *experts, boundary)?
             }
         };
         let vae = files.vae()?;

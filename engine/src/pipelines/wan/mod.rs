@@ -329,8 +329,8 @@ impl Wan {
             .into());
         }
         // Image-to-video: noise z + frame mask (the VAE's temporal factor)
-        // + the encoded conditioning video z.
-        // Wan 2.2 A14B I2V reads those channels without an image branch.
+        // + the encoded conditioning video z; Wan 2.2 A14B I2V reads those
+        // channels without an image branch.
         let z = vae.config.z_dim;
         let conditioned = 2 * z + vae.config.temporal_scale_factor();
         let (expected, what) = match transformer.config.image_dim {
@@ -494,10 +494,15 @@ impl Family for Wan {
                 false => experts::CONTROLS_A14B,
             };
         }
-        match (&self.image, self.transformer.config.pos_embed_seq_len) {
-            (None, _) => CONTROLS,
-            (Some(_), None) => CONTROLS_I2V,
-            (Some(_), Some(_)) => CONTROLS_FLF2V,
+        // A conditioning-channel transformer without an image encoder is
+        // image-to-video too (as diffusers runs it).
+        match (
+            self.takes_image(),
+            self.transformer.config.pos_embed_seq_len,
+        ) {
+            (false, _) => CONTROLS,
+            (true, None) => CONTROLS_I2V,
+            (true, Some(_)) => CONTROLS_FLF2V,
         }
     }
 
