@@ -1,7 +1,7 @@
 //! `motif conformance` on the committed reference case sets (written by
-//! tools/fixtures/make_cases.py, make_wan_cases.py and make_wan_i2v_cases.py
-//! from diffusers and transformers), in f32 and f16, and the runner's
-//! failure modes.
+//! tools/fixtures/make_cases.py, make_wan_cases.py, make_wan_i2v_cases.py and
+//! make_wan_a14b_cases.py from diffusers and transformers), in f32 and f16,
+//! and the runner's failure modes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
