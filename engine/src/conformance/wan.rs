@@ -573,6 +573,14 @@ fn pipeline_case(
     if has_input(case, "last_image") {
         req.last_image = Some(case_image(set, case, "last_image")?);
     }
+    // Wan 2.2 A14B: the low-noise expert's guidance scale.
+    if has_input(case, "guidance_2") {
+        req.guidance_2 = Some(
+            literal(case, "guidance_2")?
+                .as_f64()
+                .ok_or_else(|| argument("input `guidance_2` is not a number"))? as f32,
+        );
+    }
     req.trace = true;
     let out = wan.generate(gpu, &req, &mut |_| true)?;
     let trace = out.trace.unwrap_or_default();
@@ -588,7 +596,10 @@ fn pipeline_case(
         ),
     ]);
     if req.image.is_some() {
-        computed.push(("image_embeds".into(), widen(&trace.image_embeds)));
+        // None without an image encoder (Wan 2.2 A14B I2V).
+        if !trace.image_embeds.is_empty() {
+            computed.push(("image_embeds".into(), widen(&trace.image_embeds)));
+        }
         computed.push(("condition".into(), widen(&trace.condition)));
     }
     Ok(computed)
