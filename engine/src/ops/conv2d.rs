@@ -573,9 +573,13 @@ fn direct_shape(gpu: &Gpu, x: &Tensor, opts: &Conv2dOptions, d: &Dims) -> Option
 }
 
 /// Where the direct kernel is faster than tap packing and the packed
-/// product on lavapipe (measured: docs/PERFORMANCE.md, issue 22): TODO.
+/// product on lavapipe: up to 64 input channels (measured from 4 -> 64 at
+/// 16x16 to 64 -> 64 and 32 -> 3 at 128x128, 16 frames: 0.3-0.65x the packed
+/// path's GPU time, 64 -> 64 at 64x64 and over about even; docs/PERFORMANCE.md,
+/// issue 22). More input channels give fewer output channels per weight
+/// block, so more passes over the input.
 fn direct_wins(d: &DirectDims) -> bool {
-    d.cin <= 64 && d.h * d.w >= 64 * 64
+    d.cin <= 64 && d.w >= 16
 }
 
 #[allow(clippy::too_many_arguments)]
