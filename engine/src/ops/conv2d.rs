@@ -2,7 +2,9 @@
 //! with any kernel size, stride, asymmetric zero padding, bias, a fused
 //! activation and optionally a fused residual (a resnet's shortcut). GPUs
 //! run a tiled implicit matrix product; CPU adapters pack input taps and
-//! weights for matmul's packed kernel (`shaders/matmul.wgsl` says why).
+//! weights for matmul's packed kernel (`shaders/matmul.wgsl` says why), or,
+//! for 3x3 convolutions with few input channels, run a direct kernel
+//! (ops/conv2d_direct.rs).
 //! Tensors larger than one storage binding run in windows: of batch items,
 //! output channels, output rows and input channels (tiled), of output rows
 //! and channel blocks (packed).
