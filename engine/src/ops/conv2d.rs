@@ -575,11 +575,12 @@ fn direct_shape(gpu: &Gpu, x: &Tensor, opts: &Conv2dOptions, d: &Dims) -> Option
 }
 
 /// Where the direct kernel is faster than tap packing and the packed
-/// product on lavapipe: up to 64 input channels (measured from 4 -> 64 at
-/// 16x16 to 64 -> 64 and 32 -> 3 at 128x128, 16 frames: 0.3-0.65x the packed
-/// path's GPU time, 64 -> 64 at 64x64 and over about even; docs/PERFORMANCE.md,
-/// issue 22). More input channels give fewer output channels per weight
-/// block, so more passes over the input.
+/// product on lavapipe (docs/PERFORMANCE.md, issue 22; 16 frames, GPU time):
+/// 0.18-0.64x the packed path's for conv_in (4 -> 64 at 16x16), 64 -> 64 at
+/// 16x16 and the 32-channel ones at 128x128, 0.8-0.9x at 64 -> 64 32x32 and
+/// 64 -> 32 128x128, about even for 64 -> 64 at 64x64 and 128x128, where it
+/// still saves most of the dispatches. Past 64 input channels a weight block
+/// holds fewer output channels, so the input is read more often.
 fn direct_wins(d: &DirectDims) -> bool {
     d.cin <= 64 && d.w >= 16
 }
