@@ -41,6 +41,9 @@ pub struct RecipeArgs {
     /// The text encoder of a single-file Wan model: a UMT5 .safetensors file (ComfyUI's umt5_xxl, tokenizer inside).
     #[arg(long)]
     pub text_encoder: Option<String>,
+    /// The image encoder of a single-file Wan image-to-video model: a CLIP vision .safetensors file (ComfyUI's clip_vision_h).
+    #[arg(long)]
+    pub image_encoder: Option<String>,
     /// A LoRA to fuse, with an optional weight (default 1): FILE or FILE:0.8. Repeatable.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
@@ -114,6 +117,7 @@ impl RecipeArgs {
             motion_adapter: self.motion_adapter.clone(),
             vae: self.vae.clone(),
             text_encoder: self.text_encoder.clone(),
+            image_encoder: self.image_encoder.clone(),
             loras,
             image: self
                 .image
@@ -332,6 +336,7 @@ impl Settings {
             motion_adapter: r.motion_adapter.clone(),
             vae: r.vae.clone(),
             text_encoder: r.text_encoder.clone(),
+            image_encoder: r.image_encoder.clone(),
             loras: r.loras.clone(),
             image: r.image.clone(),
             last_image: r.last_image.clone(),
@@ -486,6 +491,7 @@ pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
         Path::new(&model),
         spec.text_encoder.is_none(),
         spec.vae.is_none(),
+        spec.image_encoder.is_none(),
     )
     .map_err(|e| {
         flag_error(FieldError::new(
@@ -503,6 +509,9 @@ pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
         match flag {
             catalog::Flag::TextEncoder => {
                 (settings.recipe.text_encoder, spec.text_encoder) = (Some(name), path)
+            }
+            catalog::Flag::ImageEncoder => {
+                (settings.recipe.image_encoder, spec.image_encoder) = (Some(name), path)
             }
             _ => (settings.recipe.vae, spec.vae) = (Some(name), path),
         }
@@ -797,6 +806,8 @@ fn model_spec(settings: &Settings, model: &str) -> Result<ModelSpec> {
         vae: resolve(Flag::Vae, "vae", &r.vae)?,
         text_encoder: resolve(Flag::TextEncoder, "text_encoder", &r.text_encoder)?,
         transformer_config: None,
+        image_encoder: resolve(Flag::ImageEncoder, "image_encoder", &r.image_encoder)?,
+        image_encoder_config: None,
         loras,
     })
 }

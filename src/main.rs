@@ -435,7 +435,7 @@ fn bench_model(
     };
     // `motif bench` takes --model only: a Wan transformer file runs with
     // the text encoder and VAE of the models folder that fit it.
-    for (flag, picked, path) in catalog::companions(std::path::Path::new(&name), true, true)
+    for (flag, picked, path) in catalog::companions(std::path::Path::new(&name), true, true, true)
         .with_context(|| format!("--model {model}"))?
     {
         eprintln!(
@@ -446,6 +446,7 @@ fn bench_model(
         let path = Some(path.to_string_lossy().into_owned());
         match flag {
             catalog::Flag::TextEncoder => spec.text_encoder = path,
+            catalog::Flag::ImageEncoder => spec.image_encoder = path,
             _ => spec.vae = path,
         }
     }

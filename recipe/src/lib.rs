@@ -88,6 +88,10 @@ pub struct Recipe {
     /// A text encoder file for a single-file model (Wan's UMT5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_encoder: Option<String>,
+    /// An image encoder file for a single-file image-to-video model (Wan
+    /// 2.1 I2V's CLIP vision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_encoder: Option<String>,
     #[serde(default)]
     pub loras: Vec<Lora>,
     /// A still to animate (a path).
@@ -258,6 +262,7 @@ impl Recipe {
             motion_adapter: self.motion_adapter.or(base.motion_adapter),
             vae: self.vae.or(base.vae),
             text_encoder: self.text_encoder.or(base.text_encoder),
+            image_encoder: self.image_encoder.or(base.image_encoder),
             loras: if self.loras.is_empty() {
                 base.loras
             } else {

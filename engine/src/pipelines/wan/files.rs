@@ -1,5 +1,5 @@
 //! The Wan family from single files (`--model` transformer, `--text-encoder`
-//! UMT5, `--vae`): the parts come from `models::wan_files`, the scheduler
+//! UMT5, `--vae`, and for image-to-video `--image-encoder` CLIP vision): the parts come from `models::wan_files`, the scheduler
 //! is the one Wan 2.1's diffusers repositories ship, and everything after
 //! the parts is the folder path's.
 
@@ -68,6 +68,10 @@ impl Wan {
         let vae = files.vae()?;
         let vae =
             AutoencoderKLWan::new(gpu, &Weights::new(vae.weights, gpu.precision()), vae.config)?;
+        let image = match files.image_encoder()? {
+            Some(part) => Some(super::image::ImageConditioning::from_part(gpu, part)?),
+            None => None,
+        };
         let path = Path::new(&files.transformer);
         let scheduler_config = SchedulerConfig::from_json(published_scheduler(), path)?;
         Self::assemble(
@@ -76,8 +80,7 @@ impl Wan {
             text_encoder,
             transformer,
             vae,
-            // Single files carry no image encoder: text-to-video only.
-            None,
+            image,
             scheduler_config,
             path.to_path_buf(),
             // The prompt cache keys entries on a text encoder folder's
