@@ -186,6 +186,7 @@ impl WanFiles {
             crate::weights::dtype::check_scales(&SafetensorsFile::open(path)?)?;
         }
         self.tokenizer()?;
+        self.check_image_encoder()?;
         let transformer = self.transformer()?.config;
         let text_encoder = self.text_encoder()?.config;
         let vae = self.vae()?.config;
@@ -216,16 +217,19 @@ impl WanFiles {
                 ),
             ));
         }
-        self.check_image_encoder(&transformer)
+        Ok(())
     }
 
     /// An image encoder exactly when the transformer has an image embedder
     /// (Wan2.1-I2V, FLF2V), as wide as its image_dim, with as many tokens
     /// per image as a first-last-frame `pos_embed` spans for two.
-    fn check_image_encoder(&self, transformer: &WanTransformerConfig) -> Result<(), LoadError> {
-        let path = match (transformer.image_dim, &self.image_encoder) {
+    /// Read from the headers before the transformer's config, so that a
+    /// missing image encoder is named first.
+    fn check_image_encoder(&self) -> Result<(), LoadError> {
+        let branch = wan_files::image_branch(&file_keys(&self.transformer)?);
+        let (image_dim, positions, path) = match (branch, &self.image_encoder) {
             (None, None) => return Ok(()),
-            (Some(d), None) => {
+            (Some((d, _)), None) => {
                 return Err(layout(
                     &self.transformer,
                     format!(
@@ -246,13 +250,17 @@ impl WanFiles {
                     ),
                 ))
             }
-            (Some(_), Some(path)) => path,
+            (Some((d, positions)), Some(path)) => (d, positions, path),
         };
-        let Some(part) = self.image_encoder()? else {
-            unreachable!("an image encoder file gives a part")
+        // Width and tokens from the shapes first: a mismatch is named
+        // before what else the config needs (the head count).
+        let Some((d, tokens)) = wan_files::clip_vision_size(&file_keys(path)?) else {
+            return Err(layout(
+                path,
+                "given as --image-encoder, but it has no CLIP patch and position embeddings",
+            ));
         };
-        let (d, tokens) = (part.config.hidden_size, part.config.tokens());
-        if Some(d) != transformer.image_dim {
+        if d != image_dim {
             return Err(layout(
                 path,
                 format!(
@@ -260,11 +268,11 @@ impl WanFiles {
                      tokens (CLIP ViT-H/14: 1280): pass the image encoder made for it \
                      (clip_vision_h.safetensors)",
                     self.transformer.display(),
-                    transformer.image_dim.unwrap_or(0)
+                    image_dim
                 ),
             ));
         }
-        if let Some(p) = transformer.pos_embed_seq_len {
+        if let Some(p) = positions {
             if p != 2 * tokens {
                 return Err(layout(
                     path,
@@ -277,6 +285,7 @@ impl WanFiles {
                 ));
             }
         }
+        self.image_encoder()?;
         Ok(())
     }
 

@@ -401,10 +401,9 @@ pub fn identify(path: &Path) -> Result<Option<Identified>, LoadError> {
                     .skip(2)
                     .product();
                 let latent_channels = dim(&format!("{p}head.head.weight"), 0) / patch.max(1);
-                let image_dim = keys
-                    .get(&format!("{p}img_emb.proj.0.weight"))
-                    .and_then(|s| s.first().copied());
-                let first_last = keys.contains_key(&format!("{p}img_emb.emb_pos"));
+                let branch = wan_files::image_branch(&keys);
+                let image_dim = branch.map(|(d, _)| d);
+                let first_last = branch.is_some_and(|(_, positions)| positions.is_some());
                 // The task from the shapes: Wan2.1-I2V-14B-480P and -720P
                 // are the same network (only their training resolution
                 // differs), so a file cannot say which of the two it is.

@@ -362,6 +362,22 @@ pub fn transformer_key_original(key: &str) -> Option<String> {
     None
 }
 
+/// The image branch of a transformer file (Wan2.1-I2V, FLF2V), from its
+/// keys alone: the image tokens' width (`img_emb.proj.0`, their LayerNorm)
+/// and, for first-last frame, how many positions `img_emb.emb_pos` has.
+pub fn image_branch(keys: &KeyShapes) -> Option<(usize, Option<usize>)> {
+    let prefix = ["", WAN_PREFIX]
+        .into_iter()
+        .find(|p| keys.contains_key(&format!("{p}img_emb.proj.0.weight")))?;
+    let width = *keys
+        .get(&format!("{prefix}img_emb.proj.0.weight"))?
+        .first()?;
+    let positions = keys
+        .get(&format!("{prefix}img_emb.emb_pos"))
+        .and_then(|s| s.get(1).copied());
+    Some((width, positions))
+}
+
 /// The transformer of an original-key file: a `WanTransformer3DModel`
 /// config and aliases. `heads` overrides the head count (a config given
 /// beside the file); otherwise it is width / [`WAN_HEAD_DIM`].
@@ -757,6 +773,17 @@ pub fn vae(keys: &KeyShapes, path: &Path) -> Result<Inferred, LoadError> {
 /// Width of CLIP ViT-H/14, the image encoder of every Wan 2.1
 /// image-to-video model (`clip_vision_h`).
 pub const CLIP_VIT_H_WIDTH: usize = 1280;
+
+/// A CLIP vision file's width and tokens per image (patches + the class
+/// token), from its position embedding [tokens, width].
+pub fn clip_vision_size(keys: &KeyShapes) -> Option<(usize, usize)> {
+    CLIP_VISION_PREFIXES.into_iter().find_map(|p| {
+        match keys.get(&format!("{p}embeddings.position_embedding.weight"))?[..] {
+            [tokens, width] => Some((width, tokens)),
+            _ => None,
+        }
+    })
+}
 
 /// The CLIP vision tower of a single file in transformers' naming: a
 /// `CLIPVisionConfig` and aliases (the names are kept; the aliases list
