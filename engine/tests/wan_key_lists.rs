@@ -237,3 +237,76 @@ fn clip_vision_h_as_comfyui_names_it_maps_with_its_published_config() {
     let bare_config = wan_files::clip_vision(&bare, &path, None).unwrap().config;
     assert_config("clip vision h, bare", &bare_config, &published);
 }
+
+/// A safetensors header for `keys` (f16, offsets laid out end to end) with
+/// no data after it: what `identify` reads of a real-size file.
+fn header_only(path: &Path, keys: &Keys) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (k, shape) in keys {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            k.clone(),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&json);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn identify_names_each_real_size_image_to_video_file_from_its_header() {
+    use motif_engine::weights::identify::{identify, Role};
+    let dir = std::env::temp_dir().join(format!("motif-identify-i2v-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("transformer-i2v-14B.wan", "14B I2V", Some(1280)),
+        ("transformer-flf2v-14B.wan", "14B FLF2V", Some(1280)),
+        ("transformer-ti2v-5B.wan", "5B TI2V", None),
+        ("transformer-a14b-t2v.wan", "14B T2V", None),
+        (
+            "transformer-a14b-i2v.wan",
+            "14B I2V, A14B expert (no image encoder)",
+            None,
+        ),
+    ];
+    for (name, variant, image_dim) in cases {
+        let (_, _, keys) = key_list(name);
+        let prefixed: Keys = keys
+            .iter()
+            .map(|(k, s)| (format!("{}{k}", wan_files::WAN_PREFIX), s.clone()))
+            .collect();
+        for (tag, keys) in [("", &keys), ("prefixed-", &prefixed)] {
+            let path = dir.join(format!("{tag}{name}.safetensors"));
+            header_only(&path, keys);
+            let found = identify(&path).unwrap().expect("identified");
+            assert_eq!(found.variant, variant, "{tag}{name}");
+            assert!(
+                found.missing_bytes > 0,
+                "{name}: a header alone is a cut file"
+            );
+            let Role::Transformer {
+                image_dim: d,
+                latent_channels,
+                ..
+            } = found.role
+            else {
+                panic!("{name}: {:?}", found.role)
+            };
+            assert_eq!(d, image_dim, "{name}");
+            let latents = if name.contains("ti2v") { 48 } else { 16 };
+            assert_eq!(latent_channels, latents, "{name}");
+        }
+    }
+    let (_, _, keys) = key_list("clip-vision-h.comfy");
+    let path = dir.join("clip_vision_h.safetensors");
+    header_only(&path, &keys);
+    let found = identify(&path).unwrap().expect("identified");
+    assert_eq!(found.variant, "CLIP ViT-H/14");
+    assert_eq!(found.role, Role::ImageEncoder { width: 1280 });
+    assert_eq!(found.role.flag(), Some("--image-encoder"));
+    std::fs::remove_dir_all(&dir).ok();
+}
