@@ -358,8 +358,10 @@ impl ClipImageProcessor {
             do_rescale: true,
             rescale_factor: default_rescale(),
             do_normalize: true,
+            // The published configs' values, written as the f32s they
+            // parse to (0.26130258 and 0.27577711 there).
             image_mean: [0.48145466, 0.4578275, 0.40821073],
-            image_std: [0.26862954, 0.26130258, 0.27577711],
+            image_std: [0.26862954, 0.261_302_6, 0.275_777_1],
         }
     }
 
