@@ -123,6 +123,7 @@ pub enum Flag {
     Vae,
     Lora,
     MotionAdapter,
+    ImageEncoder,
 }
 
 impl Flag {
@@ -134,6 +135,7 @@ impl Flag {
             Flag::Vae => "--vae",
             Flag::Lora => "--lora",
             Flag::MotionAdapter => "--motion-adapter",
+            Flag::ImageEncoder => "--image-encoder",
         }
     }
 
@@ -277,21 +279,28 @@ pub fn resolve_file_name(flag: Flag, spec: &str) -> Result<String> {
     Err(unknown(flag, spec, &files))
 }
 
-/// For a Wan transformer file given without `--text-encoder` or `--vae`:
-/// the one file of the models folder that fits (a UMT5 as wide as the
-/// text the transformer takes, a Wan VAE with its latent channels), as
-/// (flag, name, path). Several that fit: an error naming them and the flag;
-/// none: nothing (the engine's error says what to pass).
+/// For a Wan transformer file given without `--text-encoder`, `--vae` or
+/// (image-to-video) `--image-encoder`: the one file of the models folder
+/// that fits (a UMT5 as wide as the text the transformer takes, a Wan VAE
+/// with its latent channels, a CLIP vision encoder as wide as the image
+/// tokens it reads), as (flag, name, path). Several that fit: an error
+/// naming them and the flag; none: nothing (the engine's error says what
+/// to pass), except for an image encoder, which only the models folder's
+/// `clip_vision/` or the flag can give: an error saying where it looked.
 pub fn companions(
     model: &Path,
     text_encoder: bool,
     vae: bool,
+    image_encoder: bool,
 ) -> Result<Vec<(Flag, String, PathBuf)>> {
     let Ok(Some(Identified {
-        role: Role::Transformer {
-            text_dim,
-            in_channels,
-        },
+        role:
+            Role::Transformer {
+                text_dim,
+                latent_channels,
+                image_dim,
+                ..
+            },
         ..
     })) = identify::identify(model)
     else {
@@ -308,7 +317,15 @@ pub fn companions(
         (
             Flag::Vae,
             vae,
-            format!("a Wan VAE with {in_channels} latent channels"),
+            format!("a Wan VAE with {latent_channels} latent channels"),
+        ),
+        (
+            Flag::ImageEncoder,
+            image_encoder && image_dim.is_some(),
+            format!(
+                "a CLIP vision image encoder {} wide",
+                image_dim.unwrap_or_default()
+            ),
         ),
     ];
     for (flag, needed, what) in wanted {
@@ -320,15 +337,15 @@ pub fn companions(
             .filter(|f| match &f.identified {
                 Ok(Some(i)) => match (flag, i.role) {
                     (Flag::TextEncoder, Role::Umt5 { d_model }) => d_model == text_dim,
-                    (Flag::Vae, Role::Vae { latent_channels }) => {
-                        latent_channels == Some(in_channels)
-                    }
+                    (Flag::Vae, Role::Vae { latent_channels: z }) => z == Some(latent_channels),
+                    (Flag::ImageEncoder, Role::ImageEncoder { width }) => Some(width) == image_dim,
                     _ => false,
                 },
                 _ => false,
             })
             .collect();
         match fitting[..] {
+            [] if flag == Flag::ImageEncoder => return Err(no_image_encoder(model, &what)),
             [] => {}
             [one] => picked.push((flag, one.name.clone(), one.path.clone())),
             _ => {
@@ -348,6 +365,32 @@ pub fn companions(
         }
     }
     Ok(picked)
+}
+
+/// An image-to-video transformer whose image encoder is nowhere: where
+/// it was looked for, before any GPU work.
+fn no_image_encoder(model: &Path, what: &str) -> anyhow::Error {
+    let folder = match models_dir() {
+        Some(dir) => {
+            let sub = dir.join("clip_vision");
+            let state = if sub.is_dir() {
+                "holds none that fits"
+            } else {
+                "does not exist"
+            };
+            format!(
+                "the models folder's clip_vision/ ({}) {state}",
+                sub.display()
+            )
+        }
+        None => "there is no models folder (set MOTIF_MODELS)".into(),
+    };
+    anyhow!(
+        "{}: this image-to-video Wan transformer needs {what} (Wan 2.1 I2V's is ComfyUI's \
+         clip_vision_h.safetensors); none was given with --image-encoder and {folder}: pass it \
+         with --image-encoder FILE or put it in clip_vision/",
+        model.display()
+    )
 }
 
 fn size_of(path: &Path) -> u64 {

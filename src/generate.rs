@@ -46,6 +46,9 @@ pub struct RecipeArgs {
     /// The low-noise expert of a single-file Wan 2.2 A14B model, when it is not the …low_noise… file beside the …high_noise… --model.
     #[arg(long = "transformer-2")]
     pub transformer_2: Option<String>,
+    /// The image encoder of a single-file Wan image-to-video model: a CLIP vision .safetensors file (ComfyUI's clip_vision_h).
+    #[arg(long)]
+    pub image_encoder: Option<String>,
     /// A LoRA to fuse, with an optional weight (default 1): FILE or FILE:0.8. Repeatable.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
@@ -123,6 +126,7 @@ impl RecipeArgs {
             vae: self.vae.clone(),
             text_encoder: self.text_encoder.clone(),
             transformer_2: self.transformer_2.clone(),
+            image_encoder: self.image_encoder.clone(),
             loras,
             image: self
                 .image
@@ -343,6 +347,7 @@ impl Settings {
             vae: r.vae.clone(),
             text_encoder: r.text_encoder.clone(),
             transformer_2: r.transformer_2.clone(),
+            image_encoder: r.image_encoder.clone(),
             loras: r.loras.clone(),
             image: r.image.clone(),
             last_image: r.last_image.clone(),
@@ -497,6 +502,7 @@ pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
         Path::new(&model),
         spec.text_encoder.is_none(),
         spec.vae.is_none(),
+        spec.image_encoder.is_none(),
     )
     .map_err(|e| {
         flag_error(FieldError::new(
@@ -514,6 +520,9 @@ pub fn prepare(recipe: Recipe, output: Option<PathBuf>) -> Result<Prepared> {
         match flag {
             catalog::Flag::TextEncoder => {
                 (settings.recipe.text_encoder, spec.text_encoder) = (Some(name), path)
+            }
+            catalog::Flag::ImageEncoder => {
+                (settings.recipe.image_encoder, spec.image_encoder) = (Some(name), path)
             }
             _ => (settings.recipe.vae, spec.vae) = (Some(name), path),
         }
@@ -829,6 +838,8 @@ fn model_spec(settings: &Settings, model: &str) -> Result<ModelSpec> {
         text_encoder: resolve(Flag::TextEncoder, "text_encoder", &r.text_encoder)?,
         transformer_config: None,
         transformer_2: resolve(Flag::Transformer2, "transformer_2", &r.transformer_2)?,
+        image_encoder: resolve(Flag::ImageEncoder, "image_encoder", &r.image_encoder)?,
+        image_encoder_config: None,
         loras,
     })
 }

@@ -64,6 +64,10 @@ enum Command {
         /// decode) instead of the UNet, by phase; alone, one denoising step timed (--json: as JSON); --size default 832x480x81.
         #[arg(long)]
         wan: bool,
+        /// With --plan: Wan2.1-I2V-14B's whole generation with its image encoder (CLIP ViT-H), the conditioning video's encode and the
+        /// 36-channel input, by phase; --size default 832x480x81.
+        #[arg(long, requires = "plan")]
+        wan_i2v: bool,
         /// With --unet or --model: the workload as WIDTHxHEIGHTxFRAMES (--unet: default 512x512x16 on GPUs, 128x128x4 on CPU adapters and always 512x512x16 with --plan; --model: the model's own defaults).
         #[arg(long, value_parser = parse_workload)]
         size: Option<(usize, usize, usize)>,
@@ -335,6 +339,51 @@ fn bench_wan(
     Ok(())
 }
 
+/// `motif bench --plan --wan-i2v`: the peak device memory of a
+/// Wan2.1-I2V-14B generation with its image encoder by phase, walked
+/// through the allocator. `MOTIF_MAX_BINDING_BYTES` plans for an adapter
+/// whose storage bindings are larger than this one's.
+fn plan_wan_i2v(cli: &Cli, size: Option<(usize, usize, usize)>) -> Result<()> {
+    let gpu = Gpu::new(
+        GpuOptions {
+            adapter: cli.adapter.clone(),
+            precision: cli.precision,
+            plan: true,
+            ..Default::default()
+        }
+        .with_env()?,
+    )
+    .context("opening the GPU")?;
+    let (width, height, frames) = size.unwrap_or((832, 480, 81));
+    println!("adapter: {}", gpu.adapter());
+    println!(
+        "Wan2.1-I2V-14B with CLIP ViT-H at {width}x{height}x{frames} in {} (plan: nothing runs, every allocation is counted)",
+        gpu.precision()
+    );
+    let r = motif_engine::bench::plan_wan_i2v(&gpu, width, height, frames)?;
+    let rows = [
+        (
+            "resident weights (transformer, VAE, image encoder)",
+            r.wan.weight_bytes,
+        ),
+        (
+            "peak, text encoding (UMT5-XXL streamed)",
+            r.wan.text_encoding_peak,
+        ),
+        ("peak, conditioning (CLIP, VAE encode)", r.conditioning_peak),
+        (
+            "peak, denoising (one step, guidance on)",
+            r.wan.denoising_peak,
+        ),
+        ("peak, decoding", r.wan.decoding_peak),
+        ("peak device memory", r.peak()),
+    ];
+    for (what, bytes) in rows {
+        println!("{what:<52} {}", mib(bytes));
+    }
+    Ok(())
+}
+
 /// `motif bench --plan --wan`: the peak device memory of a Wan2.1-1.3B
 /// generation by phase, walked through the allocator.
 fn plan_wan(cli: &Cli, size: Option<(usize, usize, usize)>) -> Result<()> {
@@ -435,7 +484,7 @@ fn bench_model(
     };
     // `motif bench` takes --model only: a Wan transformer file runs with
     // the text encoder and VAE of the models folder that fit it.
-    for (flag, picked, path) in catalog::companions(std::path::Path::new(&name), true, true)
+    for (flag, picked, path) in catalog::companions(std::path::Path::new(&name), true, true, true)
         .with_context(|| format!("--model {model}"))?
     {
         eprintln!(
@@ -446,6 +495,7 @@ fn bench_model(
         let path = Some(path.to_string_lossy().into_owned());
         match flag {
             catalog::Flag::TextEncoder => spec.text_encoder = path,
+            catalog::Flag::ImageEncoder => spec.image_encoder = path,
             _ => spec.vae = path,
         }
     }
@@ -669,6 +719,7 @@ fn main() {
             unet,
             plan,
             wan,
+            wan_i2v,
             size,
             model,
             steps,
@@ -691,6 +742,8 @@ fn main() {
                 }
             } else if let Some(model) = model {
                 bench_model(&cli, model, *size, steps, *guidance, prompt, *iters, *json)
+            } else if *wan_i2v {
+                plan_wan_i2v(&cli, *size)
             } else if *wan {
                 if *plan {
                     plan_wan(&cli, *size)

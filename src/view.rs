@@ -110,10 +110,13 @@ pub(crate) fn model_defaults(model: &str) -> Result<ModelDefaults> {
     };
     // A Wan transformer file opens with the parts of the models folder
     // that fit it (the generation itself says which it takes).
-    for (flag, _, picked) in catalog::companions(Path::new(&path), true, true).unwrap_or_default() {
+    for (flag, _, picked) in
+        catalog::companions(Path::new(&path), true, true, true).unwrap_or_default()
+    {
         let picked = Some(picked.to_string_lossy().into_owned());
         match flag {
             catalog::Flag::TextEncoder => spec.text_encoder = picked,
+            catalog::Flag::ImageEncoder => spec.image_encoder = picked,
             _ => spec.vae = picked,
         }
     }

@@ -528,3 +528,99 @@ fn names_that_are_unknown_ambiguous_or_the_wrong_part_are_refused_before_gpu_wor
         common::assert_refused_before_gpu(&o, &format!("{files:?}"), &expected, &dir.join("x.mp4"));
     }
 }
+
+/// A models folder with the image-to-video files ComfyUI users have
+/// (tests/fixtures/wan-i2v-files, under the real files' names).
+fn i2v_folder(root: &Path) -> PathBuf {
+    let models = root.join("models");
+    let i2v = |rel: &str| fixture(&format!("wan-i2v-files/{rel}"));
+    for (rel, src) in [
+        (
+            "diffusion_models/wan2.1_i2v_480p_14B_fp16.safetensors",
+            "i2v/transformer.safetensors",
+        ),
+        (
+            "diffusion_models/wan2.1_flf2v_720p_14B_fp16.safetensors",
+            "flf2v/transformer.safetensors",
+        ),
+        (
+            "clip_vision/clip_vision_h.safetensors",
+            "i2v/clip_vision.safetensors",
+        ),
+        (
+            "text_encoders/umt5_xxl_fp16.safetensors",
+            "i2v/umt5.safetensors",
+        ),
+        ("vae/wan_2.1_vae.safetensors", "i2v/vae.safetensors"),
+    ] {
+        place(&models, rel, &i2v(src));
+    }
+    models
+}
+
+#[test]
+fn image_to_video_files_are_listed_and_the_image_encoder_is_found_in_clip_vision() {
+    let dir = common::temp_dir("i2v-folder");
+    let models = i2v_folder(&dir);
+    let o = motif(&dir, &models, &["models"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    for (name, wanted) in [
+        (
+            "wan2.1_i2v_480p_14B_fp16",
+            &["Wan", "transformer", "I2V", "f16"][..],
+        ),
+        (
+            "wan2.1_flf2v_720p_14B_fp16",
+            &["Wan", "transformer", "FLF2V", "f16"],
+        ),
+        (
+            "clip_vision_h",
+            &["Wan", "image encoder (CLIP vision)", "width 24", "f16"],
+        ),
+    ] {
+        let l = line(&out, name);
+        for want in wanted {
+            assert!(l.contains(want), "`{name}`: expected `{want}` in: {l}");
+        }
+    }
+    // By name alone: the text encoder, the VAE and the image encoder are
+    // the folder's, said aloud. (The tiny model's head count is not in
+    // its shapes, so it stops there, before the GPU.)
+    let args = [
+        "--adapter",
+        "no-such-gpu",
+        "generate",
+        "a red ball",
+        "--model",
+        "wan2.1_i2v_480p_14B_fp16",
+        "-o",
+        "x.mp4",
+    ];
+    let o = motif(&dir, &models, &args);
+    let e = stderr(&o);
+    assert!(
+        e.contains("--image-encoder: using clip_vision/clip_vision_h"),
+        "{e}"
+    );
+    assert!(
+        e.contains("--text-encoder: using text_encoders/umt5_xxl_fp16"),
+        "{e}"
+    );
+    assert!(e.contains("--vae: using vae/wan_2.1_vae"), "{e}");
+    common::assert_refused_before_gpu(&o, "i2v by name", &["clip_vision_h"], &dir.join("x.mp4"));
+    // Without clip_vision/: where it looked.
+    std::fs::remove_dir_all(models.join("clip_vision")).unwrap();
+    let o = motif(&dir, &models, &args);
+    common::assert_refused_before_gpu(
+        &o,
+        "i2v without clip_vision/",
+        &[
+            "wan2.1_i2v_480p_14B_fp16",
+            "--image-encoder",
+            "clip_vision",
+            "does not exist",
+        ],
+        &dir.join("x.mp4"),
+    );
+}

@@ -660,6 +660,145 @@ pub fn plan_wan(gpu: &Gpu, width: usize, height: usize, frames: usize) -> Result
     })
 }
 
+/// diffusers' `Wan-AI/Wan2.1-I2V-14B-480P-Diffusers` transformer config
+/// (the 720P repository's is the same).
+const WAN21_I2V_14B_TRANSFORMER: &str = r#"{"patch_size": [1, 2, 2], "num_attention_heads": 40,
+ "attention_head_dim": 128, "in_channels": 36, "out_channels": 16, "text_dim": 4096,
+ "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40, "cross_attn_norm": true,
+ "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
+ "image_dim": 1280, "added_kv_proj_dim": 5120}"#;
+
+/// Its image encoder, CLIP ViT-H/14 (`image_encoder/config.json`; ComfyUI's
+/// clip_vision_h).
+const CLIP_VIT_H: &str = r#"{"hidden_size": 1280, "intermediate_size": 5120,
+ "num_hidden_layers": 32, "num_attention_heads": 16, "image_size": 224, "patch_size": 14,
+ "hidden_act": "gelu", "layer_norm_eps": 1e-5}"#;
+
+/// Peak device memory of one Wan2.1-I2V-14B generation by phase.
+#[derive(Debug, Clone)]
+pub struct WanI2vPlanReport {
+    /// The phases a text-to-video generation has too (weights: the
+    /// transformer, the VAE and the image encoder).
+    pub wan: WanPlanReport,
+    /// The still through CLIP ViT-H and the conditioning video (the still,
+    /// then zeros) through the VAE encoder.
+    pub conditioning_peak: u64,
+}
+
+impl WanI2vPlanReport {
+    pub fn peak(&self) -> u64 {
+        self.wan.peak().max(self.conditioning_peak)
+    }
+}
+
+/// Walks one Wan2.1-I2V-14B generation at `width` x `height` x `frames` on
+/// a plan-mode GPU, as `Wan::load` loads it (UMT5-XXL streamed; the 14B
+/// transformer, the VAE and CLIP ViT-H resident) and as the pipeline runs
+/// it: the prompts, the conditioning (the still through the image encoder,
+/// the conditioning video through the VAE encoder), one denoising step
+/// (two passes of the 36-channel input with the 257 image tokens) and the
+/// decode.
+pub fn plan_wan_i2v(
+    gpu: &Gpu,
+    width: usize,
+    height: usize,
+    frames: usize,
+) -> Result<WanI2vPlanReport> {
+    use crate::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
+    use crate::models::umt5::{BlockResidency, UMT5Config, UMT5EncoderModel};
+    use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
+    use crate::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
+    use crate::weights::{WeightSet, Weights};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    let argument = |message: String| EngineError::Argument {
+        op: "plan_wan_i2v",
+        message,
+    };
+    if !gpu.is_plan() {
+        return Err(argument(
+            "needs a plan-mode GPU (motif bench --plan)".into(),
+        ));
+    }
+    if !width.is_multiple_of(16)
+        || !height.is_multiple_of(16)
+        || frames == 0
+        || !(frames - 1).is_multiple_of(4)
+    {
+        return Err(argument(format!(
+            "{width}x{height}x{frames}: Wan takes sizes that are multiples of 16 and 1 + 4k frames"
+        )));
+    }
+    let config_err = |e: serde_json::Error| argument(e.to_string());
+    let te_config: UMT5Config = serde_json::from_str(UMT5_XXL_PLAN).map_err(config_err)?;
+    let tr_config: WanTransformerConfig =
+        serde_json::from_str(WAN21_I2V_14B_TRANSFORMER).map_err(config_err)?;
+    let clip_path = Path::new("(CLIP ViT-H/14)");
+    let clip_config = ClipVisionConfig::from_value(
+        clip_path,
+        serde_json::from_str(CLIP_VIT_H).map_err(config_err)?,
+    )?;
+    let vae_config = WanVaeConfig::from_value(Path::new("(Wan 2.1 VAE)"), serde_json::json!({}))?;
+    let w = Weights::new(Arc::new(WeightSet::synthetic()), gpu.precision());
+    gpu.reset_peak_memory();
+    let text_encoder = UMT5EncoderModel::new(gpu, &w, te_config, BlockResidency::Streamed)?;
+    let transformer =
+        WanTransformer3DModel::new(gpu, &w, tr_config.clone(), BlockResidency::Resident)?;
+    let vae = AutoencoderKLWan::new(gpu, &w, vae_config)?;
+    let size = clip_config.image_size;
+    let image_encoder = ClipVisionModel::new(gpu, &w, clip_config)?;
+    let weight_bytes = gpu.pool_stats().live_bytes;
+    let dtype = gpu.precision();
+
+    let len = 512;
+    let ids = vec![vec![1u32; len]; 2];
+    drop(text_encoder.forward(gpu, &ids, &ids)?);
+    let text_encoding_peak = gpu.pool_stats().peak_allocated_bytes;
+    gpu.trim_pool();
+
+    // Conditioning: the still, then the video [1, 3, F, H, W] encoded.
+    gpu.reset_peak_memory();
+    let pixels = Tensor::zeros(gpu, &[1, 3, size, size], dtype)?;
+    let image_embeds = image_encoder.penultimate_hidden_state(gpu, &pixels)?;
+    drop(pixels);
+    let video = Tensor::zeros(gpu, &[1, 3, frames, height, width], dtype)?;
+    drop(vae.encode(gpu, &video)?);
+    drop(video);
+    let conditioning_peak = gpu.pool_stats().peak_allocated_bytes;
+    gpu.trim_pool();
+
+    // Denoising: one step, two passes over noise + mask + condition.
+    gpu.reset_peak_memory();
+    let (f, h, wd) = ((frames - 1) / 4 + 1, height / 8, width / 8);
+    let input = Tensor::zeros(gpu, &[1, tr_config.in_channels, f, h, wd], dtype)?;
+    let context = Tensor::zeros(gpu, &[1, len, tr_config.text_dim], dtype)?;
+    for _ in 0..2 {
+        drop(transformer.forward(gpu, &input, &[999.0], &context, Some(&image_embeds))?);
+    }
+    let denoising_peak = gpu.pool_stats().peak_allocated_bytes;
+    drop((input, context, image_embeds));
+    gpu.trim_pool();
+
+    gpu.reset_peak_memory();
+    let latents = Tensor::zeros(gpu, &[1, 16, f, h, wd], dtype)?;
+    vae.decode_chunks(gpu, &latents, |_, _, chunk| {
+        drop(chunk);
+        Ok(())
+    })?;
+    let decoding_peak = gpu.pool_stats().peak_allocated_bytes;
+    Ok(WanI2vPlanReport {
+        wan: WanPlanReport {
+            size: (width, height, frames),
+            weight_bytes,
+            text_encoding_peak,
+            denoising_peak,
+            decoding_peak,
+        },
+        conditioning_peak,
+    })
+}
+
 /// Times one Wan2.1-1.3B denoising step (two transformer passes: prompt and
 /// negative prompt, as guidance runs them) at `width` x `height` x `frames`
 /// with random weights (`motif bench --wan`); the PyTorch side is

@@ -4,7 +4,10 @@
 //! namings): every original key maps to the diffusers key of the same shape
 //! and back, none is missing or left over, the configs inferred from the
 //! shapes equal the published ones, and the models load from the original
-//! names on a plan-mode GPU (no weight memory) reading every key.
+//! names on a plan-mode GPU (no weight memory) reading every key. The
+//! image-to-video and Wan 2.2 lists (tools/fixtures/wan_i2v_key_lists.py):
+//! Wan2.1-I2V-14B, FLF2V-14B, Wan2.2-TI2V-5B, the A14B experts, and CLIP
+//! ViT-H/14 as ComfyUI's clip_vision_h.safetensors names it.
 
 mod common;
 
@@ -13,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::plan_gpu;
+use motif_engine::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
 use motif_engine::models::umt5::{BlockResidency, UMT5Config, UMT5EncoderModel};
 use motif_engine::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
 use motif_engine::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
@@ -80,8 +84,20 @@ fn plan_load<T>(
 
 #[test]
 fn wan_transformers_1_3b_and_14b_map_both_ways_with_their_published_configs() {
+    transformers_map_both_ways(&["1.3B", "14B"]);
+}
+
+#[test]
+fn image_to_video_and_wan_2_2_transformers_map_both_ways_with_their_published_configs() {
+    transformers_map_both_ways(&["i2v-14B", "flf2v-14B", "ti2v-5B", "a14b-t2v", "a14b-i2v"]);
+}
+
+/// Each transformer's original list maps to its diffusers list, with and
+/// without ComfyUI's prefix, to the published config, and loads reading
+/// every key.
+fn transformers_map_both_ways(tags: &[&str]) {
     let gpu = plan_gpu();
-    for tag in ["1.3B", "14B"] {
+    for &tag in tags {
         let (path, _, original) = key_list(&format!("transformer-{tag}.wan"));
         let (_, published, diffusers) = key_list(&format!("transformer-{tag}.diffusers"));
         assert_eq!(wan_files::detect(&original), Some(WanFile::Transformer));
@@ -177,4 +193,120 @@ fn a_umt5_file_is_not_a_transformer_and_heads_need_wan_widths() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("128") && e.contains("diffusers folder"), "{e}");
+}
+
+#[test]
+fn clip_vision_h_as_comfyui_names_it_maps_with_its_published_config() {
+    let gpu = plan_gpu();
+    let (path, mut published, keys) = key_list("clip-vision-h.comfy");
+    // The projection (CLIP's image embedding) is never read: its width is
+    // no part of the inferred config.
+    published.as_object_mut().unwrap().remove("projection_dim");
+    assert_eq!(wan_files::detect(&keys), Some(WanFile::ClipVision));
+    let inferred = wan_files::clip_vision(&keys, &path, None).unwrap();
+    assert_config("clip vision h", &inferred.config, &published);
+    assert_eq!(inferred.aliases.len(), keys.len(), "keys left unmapped");
+    let config = ClipVisionConfig::from_value(&path, inferred.config).unwrap();
+    assert_eq!(config.tokens(), 257);
+    let set = plan_load(&keys, inferred.aliases, |w| {
+        ClipVisionModel::new(&gpu, w, config)
+    });
+    // Wan reads hidden_states[-2]: the last layer, the final norm and the
+    // projection are never read, and nothing else is left.
+    let mut unused = set.unused();
+    unused.sort();
+    let mut expected: Vec<String> = keys
+        .keys()
+        .filter(|k| {
+            k.starts_with("vision_model.encoder.layers.31.")
+                || k.starts_with("vision_model.post_layernorm.")
+                || k.starts_with("visual_projection.")
+        })
+        .cloned()
+        .collect();
+    expected.sort();
+    assert_eq!(unused, expected);
+    // Without `vision_model.` (transformers 5 saves the tower at the top),
+    // the same config.
+    let bare: Keys = keys
+        .iter()
+        .filter(|(k, _)| !k.starts_with("visual_projection."))
+        .map(|(k, s)| (k.trim_start_matches("vision_model.").to_string(), s.clone()))
+        .collect();
+    assert_eq!(wan_files::detect(&bare), Some(WanFile::ClipVision));
+    let bare_config = wan_files::clip_vision(&bare, &path, None).unwrap().config;
+    assert_config("clip vision h, bare", &bare_config, &published);
+}
+
+/// A safetensors header for `keys` (f16, offsets laid out end to end) with
+/// no data after it: what `identify` reads of a real-size file.
+fn header_only(path: &Path, keys: &Keys) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (k, shape) in keys {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            k.clone(),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&json);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn identify_names_each_real_size_image_to_video_file_from_its_header() {
+    use motif_engine::weights::identify::{identify, Role};
+    let dir = std::env::temp_dir().join(format!("motif-identify-i2v-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("transformer-i2v-14B.wan", "14B I2V", Some(1280)),
+        ("transformer-flf2v-14B.wan", "14B FLF2V", Some(1280)),
+        ("transformer-ti2v-5B.wan", "5B TI2V", None),
+        ("transformer-a14b-t2v.wan", "14B T2V", None),
+        (
+            "transformer-a14b-i2v.wan",
+            "14B I2V, A14B expert (no image encoder)",
+            None,
+        ),
+    ];
+    for (name, variant, image_dim) in cases {
+        let (_, _, keys) = key_list(name);
+        let prefixed: Keys = keys
+            .iter()
+            .map(|(k, s)| (format!("{}{k}", wan_files::WAN_PREFIX), s.clone()))
+            .collect();
+        for (tag, keys) in [("", &keys), ("prefixed-", &prefixed)] {
+            let path = dir.join(format!("{tag}{name}.safetensors"));
+            header_only(&path, keys);
+            let found = identify(&path).unwrap().expect("identified");
+            assert_eq!(found.variant, variant, "{tag}{name}");
+            assert!(
+                found.missing_bytes > 0,
+                "{name}: a header alone is a cut file"
+            );
+            let Role::Transformer {
+                image_dim: d,
+                latent_channels,
+                ..
+            } = found.role
+            else {
+                panic!("{name}: {:?}", found.role)
+            };
+            assert_eq!(d, image_dim, "{name}");
+            let latents = if name.contains("ti2v") { 48 } else { 16 };
+            assert_eq!(latent_channels, latents, "{name}");
+        }
+    }
+    let (_, _, keys) = key_list("clip-vision-h.comfy");
+    let path = dir.join("clip_vision_h.safetensors");
+    header_only(&path, &keys);
+    let found = identify(&path).unwrap().expect("identified");
+    assert_eq!(found.variant, "CLIP ViT-H/14");
+    assert_eq!(found.role, Role::ImageEncoder { width: 1280 });
+    assert_eq!(found.role.flag(), Some("--image-encoder"));
+    std::fs::remove_dir_all(&dir).ok();
 }

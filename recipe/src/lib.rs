@@ -92,6 +92,10 @@ pub struct Recipe {
     /// it is not found by name beside `model`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transformer_2: Option<String>,
+    /// An image encoder file for a single-file image-to-video model (Wan
+    /// 2.1 I2V's CLIP vision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_encoder: Option<String>,
     #[serde(default)]
     pub loras: Vec<Lora>,
     /// A still to animate (a path).
@@ -263,6 +267,7 @@ impl Recipe {
             vae: self.vae.or(base.vae),
             text_encoder: self.text_encoder.or(base.text_encoder),
             transformer_2: self.transformer_2.or(base.transformer_2),
+            image_encoder: self.image_encoder.or(base.image_encoder),
             loras: if self.loras.is_empty() {
                 base.loras
             } else {

@@ -46,7 +46,8 @@ pub(super) struct Runner {
     image_encoder: Option<ClipVisionModel>,
     pipeline: Option<Wan>,
     /// The single files a set's cases name (`transformer_file`,
-    /// `text_encoder_file`, `vae_file`), in place of its folders.
+    /// `text_encoder_file`, `vae_file`, `image_encoder_file`), in place of
+    /// its folders.
     files: Option<WanFiles>,
 }
 
@@ -105,6 +106,14 @@ impl Runner {
                             vae: Some(files.vae.to_string_lossy().into_owned()),
                             transformer_config: files
                                 .transformer_config
+                                .as_ref()
+                                .map(|p| p.to_string_lossy().into_owned()),
+                            image_encoder: files
+                                .image_encoder
+                                .as_ref()
+                                .map(|p| p.to_string_lossy().into_owned()),
+                            image_encoder_config: files
+                                .image_encoder_config
                                 .as_ref()
                                 .map(|p| p.to_string_lossy().into_owned()),
                             ..Default::default()
@@ -374,10 +383,18 @@ impl Runner {
         case: &serde_json::Value,
     ) -> Result<Computed> {
         if self.image_encoder.is_none() {
-            self.image_encoder = Some(ClipVisionModel::from_dir(
-                gpu,
-                &self.dir.join("image_encoder"),
-            )?);
+            let from_file = match &self.files {
+                Some(files) => files.image_encoder()?,
+                None => None,
+            };
+            self.image_encoder = Some(match from_file {
+                Some(part) => ClipVisionModel::new(
+                    gpu,
+                    &Weights::new(part.weights, gpu.precision()),
+                    part.config,
+                )?,
+                None => ClipVisionModel::from_dir(gpu, &self.dir.join("image_encoder"))?,
+            });
         }
         let Some(model) = self.image_encoder.as_ref() else {
             unreachable!("loaded above")
@@ -463,6 +480,8 @@ fn case_files(set: &CaseSet, case: &serde_json::Value) -> Result<Option<WanFiles
         "text_encoder_file",
         "vae_file",
         "transformer_config",
+        "image_encoder_file",
+        "image_encoder_config",
     ];
     if !names.iter().any(|n| has_input(case, n)) {
         return Ok(None);
@@ -483,6 +502,8 @@ fn case_files(set: &CaseSet, case: &serde_json::Value) -> Result<Option<WanFiles
         text_encoder: path("text_encoder_file")?,
         vae: path("vae_file")?,
         transformer_config: path("transformer_config")?,
+        image_encoder: path("image_encoder_file")?,
+        image_encoder_config: path("image_encoder_config")?,
         ..Default::default()
     };
     Ok(Some(WanFiles::open(

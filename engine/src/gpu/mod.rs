@@ -77,6 +77,9 @@ pub struct GpuOptions {
     pub precision: Option<DType>,
     /// Lowers the largest storage binding below the adapter's, so that tests
     /// exercise the split path on small tensors (`MOTIF_MAX_BINDING_BYTES`).
+    /// In plan mode it may also raise it: nothing is bound, so a plan can
+    /// be made on this machine for an adapter with larger bindings (a CPU
+    /// driver's 128 MiB stops a 14B transformer's attention).
     pub max_binding_bytes: Option<u64>,
     /// Dry run: tensors are accounted in the pool at their real size but
     /// get no memory, uploads and dispatches are validated and dropped, and
@@ -512,7 +515,10 @@ impl Gpu {
                         ),
                     });
                 }
-                v.min(adapter_binding) / 4 * 4
+                match options.plan {
+                    true => v / 4 * 4,
+                    false => v.min(adapter_binding) / 4 * 4,
+                }
             }
             None => adapter_binding / 4 * 4,
         };

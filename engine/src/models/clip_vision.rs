@@ -75,7 +75,19 @@ pub struct ClipVisionConfig {
 
 impl ClipVisionConfig {
     pub fn load(path: &Path) -> Result<Self, LoadError> {
-        let cfg: ClipVisionConfig = read_config(path)?;
+        Self::checked(path, read_config(path)?)
+    }
+
+    /// A config inferred from a single file's shapes (`weights::wan_files::
+    /// clip_vision`); `path` names the file in errors.
+    pub fn from_value(path: &Path, value: serde_json::Value) -> Result<Self, LoadError> {
+        Self::checked(
+            path,
+            crate::weights::config::config_from_value(path, value)?,
+        )
+    }
+
+    fn checked(path: &Path, cfg: ClipVisionConfig) -> Result<Self, LoadError> {
         let bad = |message: String| LoadError::Config {
             path: path.to_path_buf(),
             message,

@@ -45,6 +45,12 @@ pub struct ModelSpec {
     /// (`--transformer-2`), where it is not found by name beside `model`
     /// (see [`WanFiles`]).
     pub transformer_2: Option<String>,
+    /// The image encoder of a single-file Wan image-to-video transformer
+    /// (a CLIP vision file, ComfyUI's `clip_vision_h.safetensors`).
+    pub image_encoder: Option<String>,
+    /// A `CLIPVisionConfig` for it, for what its shapes cannot tell (the
+    /// head count of an encoder that is not ViT-H: the reference cases').
+    pub image_encoder_config: Option<String>,
 }
 
 /// A part's weights and config; `origin` names it in messages.
@@ -160,6 +166,13 @@ impl ModelSource {
             return Err(layout(
                 Path::new(te),
                 "--text-encoder is taken beside a single-file Wan transformer --model only",
+            ));
+        }
+        if let (Some(ie), None) = (&spec.image_encoder, &wan) {
+            return Err(layout(
+                Path::new(ie),
+                "--image-encoder is taken beside a single-file Wan image-to-video transformer \
+                 --model only (a diffusers folder brings its own image_encoder/)",
             ));
         }
         let adapter = spec.motion_adapter.as_deref().map(locate).transpose()?;

@@ -2,7 +2,9 @@
 //! transformer (`--model`, e.g. `diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors`),
 //! the UMT5 text encoder (`--text-encoder`, `text_encoders/umt5_xxl_fp16.safetensors`,
 //! its SentencePiece tokenizer inside) and the VAE (`--vae`,
-//! `vae/wan_2.1_vae.safetensors`). Opening checks that each file is what
+//! `vae/wan_2.1_vae.safetensors`), and for image-to-video the CLIP vision
+//! encoder (`--image-encoder`, `clip_vision/clip_vision_h.safetensors`).
+//! Opening checks that each file is what
 //! its flag takes, from the header alone; weights are read when a part is
 //! built. Key maps and configs come from `weights::wan_files`.
 
@@ -10,6 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::clip_vision::ClipVisionConfig;
 use super::source::{file_keys, ModelSpec, Part};
 use super::umt5::UMT5Config;
 use super::wan_transformer::WanTransformerConfig;
@@ -37,6 +40,19 @@ pub struct WanFiles {
     /// Wan 2.2 A14B: the low-noise expert beside `transformer` (the
     /// high-noise one), found by name or given (see [`second_expert`]).
     pub transformer_2: Option<PathBuf>,
+    /// The CLIP vision encoder of an image-to-video transformer.
+    pub image_encoder: Option<PathBuf>,
+    /// A `CLIPVisionConfig` (file or folder) for what the image encoder's
+    /// shapes cannot tell (the head count of one that is not ViT-H).
+    pub image_encoder_config: Option<PathBuf>,
+}
+
+/// A config file named as itself or as the folder holding `config.json`.
+fn config_file(p: &Path) -> PathBuf {
+    match p.is_dir() {
+        true => p.join("config.json"),
+        false => p.to_path_buf(),
+    }
 }
 
 /// The low-noise expert of a Wan 2.2 A14B `--model` file: `given`
@@ -186,12 +202,31 @@ impl WanFiles {
             "a UMT5 text encoder",
         )?;
         expect_kind(&vae, "--vae", &[WanFile::Vae], "a Wan 2.1 VAE")?;
+        let image_encoder = match spec.image_encoder.as_deref() {
+            None => None,
+            given => Some(given_file(
+                given,
+                model,
+                "--image-encoder",
+                "image encoder (CLIP vision, e.g. ComfyUI's clip_vision/clip_vision_h.safetensors)",
+            )?),
+        };
+        if let Some(path) = &image_encoder {
+            expect_kind(
+                path,
+                "--image-encoder",
+                &[WanFile::ClipVision],
+                "a CLIP vision image encoder",
+            )?;
+        }
         let files = WanFiles {
             transformer: model.to_path_buf(),
             text_encoder,
             vae,
             transformer_config: spec.transformer_config.as_ref().map(PathBuf::from),
             transformer_2: second_expert(model, spec.transformer_2.as_deref())?,
+            image_encoder,
+            image_encoder_config: spec.image_encoder_config.as_ref().map(PathBuf::from),
         };
         files.check()?;
         Ok(files)
@@ -199,17 +234,22 @@ impl WanFiles {
 
     /// The parts fit together (from the headers alone, before any weight
     /// is read): the text encoder's width is the transformer's text_dim,
-    /// the VAE's latent channels its in_channels; and the tokenizer reads.
+    /// the VAE's latent channels its out_channels, the image encoder is
+    /// there exactly when the transformer reads images, as wide as its
+    /// image_dim; and the tokenizer reads.
     fn check(&self) -> Result<(), LoadError> {
         // What the files themselves hold first (fp8 scales, the tokenizer),
         // then how the parts fit.
-        for path in [&self.transformer, &self.text_encoder, &self.vae]
+        let files = [&self.transformer, &self.text_encoder, &self.vae];
+        for path in files
             .into_iter()
             .chain(&self.transformer_2)
+            .chain(&self.image_encoder)
         {
             crate::weights::dtype::check_scales(&SafetensorsFile::open(path)?)?;
         }
         self.tokenizer()?;
+        self.check_image_encoder()?;
         let transformer = self.transformer()?.config;
         let text_encoder = self.text_encoder()?.config;
         let vae = self.vae()?.config;
@@ -225,23 +265,110 @@ impl WanFiles {
                 ),
             ));
         }
-        // Image-to-video transformers read 2 · z + 4 channels (noise, frame
-        // mask, the encoded still).
-        if vae.z_dim != transformer.in_channels
-            && 2 * vae.z_dim + vae.temporal_scale_factor() != transformer.in_channels
-        {
+        // The transformer predicts the VAE's latents; an image-to-video
+        // one takes more channels than it predicts (the frame mask and the
+        // encoded still beside the noise).
+        if vae.z_dim != transformer.out_channels() {
             return Err(layout(
                 &self.vae,
                 format!(
-                    "this VAE has {} latent channels, but the transformer {} takes {}: pass the \
+                    "this VAE has {} latent channels, but the transformer {} makes {}: pass the \
                      Wan 2.1 VAE (wan_2.1_vae.safetensors)",
                     vae.z_dim,
                     self.transformer.display(),
-                    transformer.in_channels
+                    transformer.out_channels()
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// An image encoder exactly when the transformer has an image embedder
+    /// (Wan2.1-I2V, FLF2V), as wide as its image_dim, with as many tokens
+    /// per image as a first-last-frame `pos_embed` spans for two.
+    /// Read from the headers before the transformer's config, so that a
+    /// missing image encoder is named first.
+    fn check_image_encoder(&self) -> Result<(), LoadError> {
+        let branch = wan_files::image_branch(&file_keys(&self.transformer)?);
+        let (image_dim, positions, path) = match (branch, &self.image_encoder) {
+            (None, None) => return Ok(()),
+            (Some((d, _)), None) => {
+                return Err(layout(
+                    &self.transformer,
+                    format!(
+                        "this is an image-to-video Wan transformer (an image embedder `img_emb`, \
+                         image_dim {d}): it needs its CLIP vision image encoder, and none was \
+                         given (--image-encoder): pass ComfyUI's clip_vision_h.safetensors with \
+                         --image-encoder FILE, or put it in the models folder's clip_vision/"
+                    ),
+                ))
+            }
+            (None, Some(path)) => {
+                return Err(layout(
+                    path,
+                    format!(
+                        "given as --image-encoder, but the transformer {} has no image embedder \
+                         (`img_emb`): it takes no image encoder; leave --image-encoder out",
+                        self.transformer.display()
+                    ),
+                ))
+            }
+            (Some((d, positions)), Some(path)) => (d, positions, path),
+        };
+        // Width and tokens from the shapes first: a mismatch is named
+        // before what else the config needs (the head count).
+        let Some((d, tokens)) = wan_files::clip_vision_size(&file_keys(path)?) else {
+            return Err(layout(
+                path,
+                "given as --image-encoder, but it has no CLIP patch and position embeddings",
+            ));
+        };
+        if d != image_dim {
+            return Err(layout(
+                path,
+                format!(
+                    "this image encoder is {d} wide, but the transformer {} reads {}-wide image \
+                     tokens (CLIP ViT-H/14: 1280): pass the image encoder made for it \
+                     (clip_vision_h.safetensors)",
+                    self.transformer.display(),
+                    image_dim
+                ),
+            ));
+        }
+        if let Some(p) = positions {
+            if p != 2 * tokens {
+                return Err(layout(
+                    path,
+                    format!(
+                        "this image encoder gives {tokens} tokens per image, but the first-last-frame \
+                         transformer {} has positions for {p}, two images of {}",
+                        self.transformer.display(),
+                        p / 2
+                    ),
+                ));
+            }
+        }
+        self.image_encoder()?;
+        Ok(())
+    }
+
+    /// The CLIP vision encoder with its inferred config, if the model has
+    /// one.
+    pub fn image_encoder(&self) -> Result<Option<Part<ClipVisionConfig>>, LoadError> {
+        let Some(path) = &self.image_encoder else {
+            return Ok(None);
+        };
+        let given = match &self.image_encoder_config {
+            Some(p) => Some(read_config::<serde_json::Value>(&config_file(p))?),
+            None => None,
+        };
+        let Inferred { config, aliases } =
+            wan_files::clip_vision(&file_keys(path)?, path, given.as_ref())?;
+        Ok(Some(Part {
+            config: ClipVisionConfig::from_value(path, config)?,
+            weights: Self::weights(path, aliases)?,
+            origin: path.clone(),
+        }))
     }
 
     fn weights(path: &Path, aliases: HashMap<String, String>) -> Result<Arc<WeightSet>, LoadError> {
@@ -283,11 +410,7 @@ impl WanFiles {
         let given = match &self.transformer_config {
             None => None,
             Some(p) => {
-                let p = if p.is_dir() {
-                    p.join("config.json")
-                } else {
-                    p.clone()
-                };
+                let p = config_file(p);
                 let value: serde_json::Value = read_config(&p)?;
                 Some((p, value))
             }

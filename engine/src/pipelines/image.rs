@@ -336,6 +336,35 @@ impl ClipImageProcessor {
         Ok(p)
     }
 
+    /// CLIP's own preprocessing at `size` (the shortest edge resized to it
+    /// with bicubic, a centre crop of size x size, OpenAI's mean and std):
+    /// what the Wan 2.1 I2V repositories' `image_processor/` says at 224,
+    /// for an image encoder that comes as a single file without one.
+    pub fn clip(size: usize) -> Self {
+        ClipImageProcessor {
+            do_resize: true,
+            size: ProcessorSize {
+                shortest_edge: Some(size),
+                height: None,
+                width: None,
+            },
+            resample: default_resample(),
+            do_center_crop: true,
+            crop_size: ProcessorSize {
+                shortest_edge: None,
+                height: Some(size),
+                width: Some(size),
+            },
+            do_rescale: true,
+            rescale_factor: default_rescale(),
+            do_normalize: true,
+            // The published configs' values, written as the f32s they
+            // parse to (0.26130258 and 0.27577711 there).
+            image_mean: [0.48145466, 0.4578275, 0.40821073],
+            image_std: [0.26862954, 0.261_302_6, 0.275_777_1],
+        }
+    }
+
     fn crop(&self) -> Option<(usize, usize)> {
         match (self.crop_size.height, self.crop_size.width) {
             (Some(h), Some(w)) if h > 0 && w > 0 => Some((h, w)),

@@ -23,8 +23,8 @@ use crate::error::LoadError;
 /// The subfolders of ComfyUI's `models/` that hold what Motif runs:
 /// transformers (`diffusion_models/`, its older name `unet/`), SD
 /// checkpoints, text encoders (`text_encoders/`, older `clip/`), VAEs,
-/// LoRAs and AnimateDiff motion modules.
-pub const COMFY_FOLDERS: [&str; 8] = [
+/// LoRAs, AnimateDiff motion modules and image encoders (`clip_vision/`).
+pub const COMFY_FOLDERS: [&str; 9] = [
     "diffusion_models",
     "unet",
     "checkpoints",
@@ -33,6 +33,7 @@ pub const COMFY_FOLDERS: [&str; 8] = [
     "vae",
     "loras",
     "animatediff_models",
+    "clip_vision",
 ];
 
 /// The safetensors format's bound on the header (the reference
@@ -63,11 +64,16 @@ impl Family {
 /// What the file is for, with the numbers that say which files fit together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// A Wan diffusion transformer: the width of the text it takes and its
-    /// latent channels.
+    /// A Wan diffusion transformer: the width of the text it takes, its
+    /// input channels (for image-to-video more than the latents: the frame
+    /// mask and the encoded still), the latent channels it predicts (the
+    /// VAE's) and the width of the image tokens it reads (image-to-video
+    /// with an image encoder).
     Transformer {
         text_dim: usize,
         in_channels: usize,
+        latent_channels: usize,
+        image_dim: Option<usize>,
     },
     /// A whole SD checkpoint (UNet, CLIP, VAE in one file).
     Checkpoint,
@@ -83,6 +89,10 @@ pub enum Role {
     },
     Lora,
     MotionModule,
+    /// A CLIP vision image encoder (Wan 2.1 image-to-video) and its width.
+    ImageEncoder {
+        width: usize,
+    },
 }
 
 impl Role {
@@ -96,6 +106,7 @@ impl Role {
             Role::Vae { .. } => "VAE",
             Role::Lora => "LoRA",
             Role::MotionModule => "motion module",
+            Role::ImageEncoder { .. } => "image encoder (CLIP vision)",
         }
     }
 
@@ -109,6 +120,7 @@ impl Role {
             Role::Vae { .. } => Some("--vae"),
             Role::Lora => Some("--lora"),
             Role::MotionModule => Some("--motion-adapter"),
+            Role::ImageEncoder { .. } => Some("--image-encoder"),
         }
     }
 }
@@ -384,9 +396,23 @@ pub fn identify(path: &Path) -> Result<Option<Identified>, LoadError> {
                 };
                 let width = dim(&format!("{p}patch_embedding.weight"), 0);
                 let in_channels = dim(&format!("{p}patch_embedding.weight"), 1);
-                let task = match (in_channels, keys.keys().any(|k| k.contains("img_emb."))) {
-                    (_, true) => "I2V",
-                    (16, false) => "T2V",
+                let patch: usize = shape_of(&keys, &format!("{p}patch_embedding.weight"))
+                    .iter()
+                    .skip(2)
+                    .product();
+                let latent_channels = dim(&format!("{p}head.head.weight"), 0) / patch.max(1);
+                let branch = wan_files::image_branch(&keys);
+                let image_dim = branch.map(|(d, _)| d);
+                let first_last = branch.is_some_and(|(_, positions)| positions.is_some());
+                // The task from the shapes: Wan2.1-I2V-14B-480P and -720P
+                // are the same network (only their training resolution
+                // differs), so a file cannot say which of the two it is.
+                let task = match (image_dim, first_last, in_channels, latent_channels) {
+                    (Some(_), true, ..) => "FLF2V",
+                    (Some(_), false, ..) => "I2V",
+                    (None, _, i, l) if i == l && l == 48 => "TI2V",
+                    (None, _, i, l) if i == l => "T2V",
+                    (None, _, i, l) if i == 2 * l + 4 => "I2V, A14B expert (no image encoder)",
                     _ => "",
                 };
                 let variant = format!("{} {task}", wan_size(width)).trim().to_string();
@@ -395,6 +421,8 @@ pub fn identify(path: &Path) -> Result<Option<Identified>, LoadError> {
                     Role::Transformer {
                         text_dim: dim(&format!("{p}text_embedding.0.weight"), 1),
                         in_channels,
+                        latent_channels,
+                        image_dim,
                     },
                     variant,
                 )
@@ -416,6 +444,26 @@ pub fn identify(path: &Path) -> Result<Option<Identified>, LoadError> {
                     },
                     format!("Wan, {z} latent channels"),
                 )
+            }
+            WanFile::ClipVision => {
+                let p = ["vision_model.", ""]
+                    .into_iter()
+                    .find(|p| keys.contains_key(&format!("{p}pre_layrnorm.weight")))
+                    .unwrap_or("");
+                let width = dim(&format!("{p}embeddings.patch_embedding.weight"), 0);
+                let layers = keys
+                    .keys()
+                    .filter(|k| {
+                        k.strip_prefix(p)
+                            .and_then(|r| r.strip_prefix("encoder.layers."))
+                            .is_some_and(|r| r.ends_with(".layer_norm1.weight"))
+                    })
+                    .count();
+                let variant = match (width, layers) {
+                    (wan_files::CLIP_VIT_H_WIDTH, 32) => "CLIP ViT-H/14".to_string(),
+                    (w, l) => format!("CLIP vision, width {w}, {l} layers"),
+                };
+                found(Family::Wan, Role::ImageEncoder { width }, variant)
             }
         });
     }

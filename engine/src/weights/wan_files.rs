@@ -3,7 +3,11 @@
 //! the transformer (`blocks.N.self_attn.q…`, optionally under
 //! `model.diffusion_model.`), the VAE (`encoder.downsamples.N.residual…`) —
 //! and UMT5 files in transformers' T5 naming (`encoder.block.N.layer.0…`,
-//! ComfyUI's `umt5_xxl_*`) or in the Wan repository's own (`blocks.N.attn.q…`).
+//! ComfyUI's `umt5_xxl_*`) or in the Wan repository's own (`blocks.N.attn.q…`),
+//! and the CLIP vision encoder of image-to-video in transformers' naming
+//! (ComfyUI's `clip_vision_h.safetensors`: `vision_model.…` and
+//! `visual_projection.weight`, what ComfyUI's `CLIPVisionModelProjection`
+//! holds).
 //!
 //! As for the SD files in `single_file.rs`, nothing is converted on disk:
 //! each component gets an alias map (diffusers name → stored name) and a
@@ -54,6 +58,10 @@ pub enum WanFile {
     Umt5Wan,
     /// The Wan 2.1 VAE, original names.
     Vae,
+    /// CLIP's vision tower, transformers' names (ComfyUI's `clip_vision/`
+    /// files, with or without `vision_model.`): Wan 2.1 image-to-video's
+    /// image encoder.
+    ClipVision,
 }
 
 impl WanFile {
@@ -63,6 +71,7 @@ impl WanFile {
             WanFile::Transformer => "a Wan transformer",
             WanFile::Umt5Transformers | WanFile::Umt5Wan => "a UMT5 text encoder",
             WanFile::Vae => "a Wan VAE",
+            WanFile::ClipVision => "a CLIP vision image encoder",
         }
     }
 
@@ -72,6 +81,7 @@ impl WanFile {
             WanFile::Transformer => "--model",
             WanFile::Umt5Transformers | WanFile::Umt5Wan => "--text-encoder",
             WanFile::Vae => "--vae",
+            WanFile::ClipVision => "--image-encoder",
         }
     }
 }
@@ -95,10 +105,21 @@ pub fn detect(keys: &KeyShapes) -> Option<WanFile> {
         && has("encoder.downsamples.0.residual.0.gamma")
     {
         Some(WanFile::Vae)
+    } else if CLIP_VISION_PREFIXES.iter().any(|p| {
+        has(&format!("{p}embeddings.patch_embedding.weight"))
+            && has(&format!("{p}encoder.layers.0.layer_norm1.weight"))
+            && has(&format!("{p}pre_layrnorm.weight"))
+    }) {
+        Some(WanFile::ClipVision)
     } else {
         None
     }
 }
+
+/// Where a CLIP vision file's tower sits: under `vision_model.`
+/// (transformers 4, ComfyUI) or at the top (transformers 5's
+/// `CLIPVisionModel`).
+const CLIP_VISION_PREFIXES: [&str; 2] = ["vision_model.", ""];
 
 fn layout(path: &Path, message: impl Into<String>) -> LoadError {
     LoadError::Layout {
@@ -148,7 +169,8 @@ fn map_all(
             return Err(layout(
                 path,
                 format!(
-                    "tensor `{key}` is not part of {what} that Motif runs (Wan 2.1 text-to-video)"
+                    "tensor `{key}` is not part of {what} that Motif runs (Wan 2.1 text- and \
+                     image-to-video)"
                 ),
             ));
         };
@@ -163,6 +185,41 @@ fn map_all(
 }
 
 // ---------------------------------------------------------------- transformer
+
+/// The image embedder of image-to-video transformers (`img_emb`, an
+/// `MLPProj`: LayerNorm, Linear, GELU, Linear, LayerNorm; first-last frame
+/// adds `emb_pos`), original → diffusers, as diffusers'
+/// `convert_wan_to_diffusers.py` renames them.
+const IMAGE_EMBEDDER: [(&str, &str); 5] = [
+    (
+        "img_emb.proj.0.",
+        "condition_embedder.image_embedder.norm1.",
+    ),
+    (
+        "img_emb.proj.1.",
+        "condition_embedder.image_embedder.ff.net.0.proj.",
+    ),
+    (
+        "img_emb.proj.3.",
+        "condition_embedder.image_embedder.ff.net.2.",
+    ),
+    (
+        "img_emb.proj.4.",
+        "condition_embedder.image_embedder.norm2.",
+    ),
+    (
+        "img_emb.emb_pos",
+        "condition_embedder.image_embedder.pos_embed",
+    ),
+];
+
+/// The cross-attention's projections of the image tokens, original →
+/// diffusers (`WanI2VCrossAttention`'s `k_img`, `v_img`, `norm_k_img`).
+const IMAGE_ATTENTION: [(&str, &str); 3] = [
+    ("k_img", "add_k_proj"),
+    ("v_img", "add_v_proj"),
+    ("norm_k_img", "norm_added_k"),
+];
 
 /// The diffusers name of one original Wan transformer key (prefix removed).
 pub fn transformer_key(key: &str) -> Option<String> {
@@ -190,7 +247,7 @@ pub fn transformer_key(key: &str) -> Option<String> {
     if key == "head.modulation" {
         return Some("scale_shift_table".into());
     }
-    for (from, to) in TOP {
+    for (from, to) in TOP.into_iter().chain(IMAGE_EMBEDDER) {
         if let Some(tail) = key.strip_prefix(from) {
             return Some(format!("{to}{tail}"));
         }
@@ -209,6 +266,7 @@ pub fn transformer_key(key: &str) -> Option<String> {
                 "v" => "to_v",
                 "o" => "to_out.0",
                 "norm_q" | "norm_k" => layer,
+                _ if from == "cross_attn." => IMAGE_ATTENTION.iter().find(|(o, _)| *o == layer)?.1,
                 _ => return None,
             };
             return block(format!("{to}{layer}.{param}"));
@@ -257,7 +315,8 @@ pub fn transformer_key_original(key: &str) -> Option<String> {
     if key == "scale_shift_table" {
         return Some("head.modulation".into());
     }
-    for (from, to) in TOP {
+    let image = IMAGE_EMBEDDER.map(|(original, diffusers)| (diffusers, original));
+    for (from, to) in TOP.into_iter().chain(image) {
         if let Some(tail) = key.strip_prefix(from) {
             return Some(format!("{to}{tail}"));
         }
@@ -278,6 +337,9 @@ pub fn transformer_key_original(key: &str) -> Option<String> {
                         "to_k" => "k",
                         "to_v" => "v",
                         "norm_q" | "norm_k" => layer,
+                        _ if from == "attn2." => {
+                            IMAGE_ATTENTION.iter().find(|(_, d)| *d == layer)?.0
+                        }
                         _ => return None,
                     };
                     (layer, param)
@@ -300,6 +362,22 @@ pub fn transformer_key_original(key: &str) -> Option<String> {
     None
 }
 
+/// The image branch of a transformer file (Wan2.1-I2V, FLF2V), from its
+/// keys alone: the image tokens' width (`img_emb.proj.0`, their LayerNorm)
+/// and, for first-last frame, how many positions `img_emb.emb_pos` has.
+pub fn image_branch(keys: &KeyShapes) -> Option<(usize, Option<usize>)> {
+    let prefix = ["", WAN_PREFIX]
+        .into_iter()
+        .find(|p| keys.contains_key(&format!("{p}img_emb.proj.0.weight")))?;
+    let width = *keys
+        .get(&format!("{prefix}img_emb.proj.0.weight"))?
+        .first()?;
+    let positions = keys
+        .get(&format!("{prefix}img_emb.emb_pos"))
+        .and_then(|s| s.get(1).copied());
+    Some((width, positions))
+}
+
 /// The transformer of an original-key file: a `WanTransformer3DModel`
 /// config and aliases. `heads` overrides the head count (a config given
 /// beside the file); otherwise it is width / [`WAN_HEAD_DIM`].
@@ -320,13 +398,6 @@ pub fn transformer(
             Some((k.to_string(), s.clone()))
         })
         .collect();
-    if stripped.keys().any(|k| k.starts_with("img_emb.")) {
-        return Err(layout(
-            path,
-            "this Wan transformer has an image embedder (`img_emb`): image-to-video is not yet \
-             supported; pass a text-to-video Wan 2.1 transformer",
-        ));
-    }
     let k = &stripped;
     let pe = shape(k, path, "patch_embedding.weight")?;
     let [width, in_channels, pt, ph, pw] = *pe else {
@@ -364,7 +435,7 @@ pub fn transformer(
             format!("head.head.weight has {out} outputs, not a multiple of the patch's {patch}"),
         ));
     }
-    let config = json!({
+    let mut config = json!({
         "_class_name": "WanTransformer3DModel",
         "patch_size": [pt, ph, pw],
         "num_attention_heads": heads,
@@ -379,6 +450,16 @@ pub fn transformer(
         "qk_norm": k.contains_key("blocks.0.self_attn.norm_q.weight").then_some("rms_norm_across_heads"),
         "eps": 1e-6,
     });
+    // Image-to-video (Wan2.1-I2V, FLF2V): the image embedder's input width,
+    // the image key/value projections' input width (the embedder's output)
+    // and, for first-last frame, the positions over both images' tokens.
+    if k.contains_key("img_emb.proj.0.weight") {
+        config["image_dim"] = json!(dim(k, path, "img_emb.proj.0.weight", 0)?);
+        config["added_kv_proj_dim"] = json!(dim(k, path, "blocks.0.cross_attn.k_img.weight", 1)?);
+        if k.contains_key("img_emb.emb_pos") {
+            config["pos_embed_seq_len"] = json!(dim(k, path, "img_emb.emb_pos", 1)?);
+        }
+    }
     let aliases = map_all(k, path, "a Wan transformer", transformer_key)?
         .into_iter()
         .map(|(asked, stored)| {
@@ -684,5 +765,121 @@ pub fn vae(keys: &KeyShapes, path: &Path) -> Result<Inferred, LoadError> {
     });
     let decoder = decoder_layout(keys);
     let aliases = map_all(keys, path, "a Wan 2.1 VAE", |k| vae_key(k, &decoder))?;
+    Ok(Inferred { config, aliases })
+}
+
+// ---------------------------------------------------------------- CLIP vision
+
+/// Width of CLIP ViT-H/14, the image encoder of every Wan 2.1
+/// image-to-video model (`clip_vision_h`).
+pub const CLIP_VIT_H_WIDTH: usize = 1280;
+
+/// A CLIP vision file's width and tokens per image (patches + the class
+/// token), from its position embedding [tokens, width].
+pub fn clip_vision_size(keys: &KeyShapes) -> Option<(usize, usize)> {
+    CLIP_VISION_PREFIXES.into_iter().find_map(|p| {
+        match keys.get(&format!("{p}embeddings.position_embedding.weight"))?[..] {
+            [tokens, width] => Some((width, tokens)),
+            _ => None,
+        }
+    })
+}
+
+/// The CLIP vision tower of a single file in transformers' naming: a
+/// `CLIPVisionConfig` and aliases (the names are kept; the aliases list
+/// what the file holds, every key checked). What the shapes cannot tell —
+/// the head count and the activation — is ViT-H/14's (16 heads, GELU, as
+/// ComfyUI's `clip_vision_config_h.json` and the Wan 2.1 I2V diffusers
+/// repositories' `image_encoder/config.json` have) for a 1280-wide tower,
+/// else `given`'s (a config beside the file).
+pub fn clip_vision(
+    keys: &KeyShapes,
+    path: &Path,
+    given: Option<&serde_json::Value>,
+) -> Result<Inferred, LoadError> {
+    let Some(p) = CLIP_VISION_PREFIXES
+        .into_iter()
+        .find(|p| keys.contains_key(&format!("{p}embeddings.patch_embedding.weight")))
+    else {
+        return Err(layout(
+            path,
+            "not a CLIP vision encoder: expected `vision_model.embeddings.patch_embedding.weight` \
+             (transformers' CLIPVisionModel names, as ComfyUI's clip_vision_h.safetensors)",
+        ));
+    };
+    let key = |k: &str| format!("{p}{k}");
+    let pe = shape(keys, path, &key("embeddings.patch_embedding.weight"))?;
+    let [width, channels, patch, patch_w] = *pe else {
+        return Err(LoadError::TensorShape {
+            path: path.to_path_buf(),
+            key: key("embeddings.patch_embedding.weight"),
+            expected: vec![0; 4],
+            found: pe.to_vec(),
+        });
+    };
+    let positions = dim(keys, path, &key("embeddings.position_embedding.weight"), 0)?;
+    let side = (1..=positions)
+        .find(|s| s * s + 1 >= positions)
+        .unwrap_or(0);
+    if patch == 0 || patch != patch_w || side * side + 1 != positions {
+        return Err(layout(
+            path,
+            format!(
+                "a {patch}x{patch_w} patch embedding and {positions} positions: expected square \
+                 patches and a square grid of them plus the class token"
+            ),
+        ));
+    }
+    let stated = |field: &str| given.and_then(|g| g.get(field)).cloned();
+    let (heads, act) = match (stated("num_attention_heads"), width) {
+        (Some(h), _) => (h, stated("hidden_act").unwrap_or(json!("quick_gelu"))),
+        (None, CLIP_VIT_H_WIDTH) => (json!(16), json!("gelu")),
+        (None, w) => {
+            return Err(layout(
+                path,
+                format!(
+                    "a {w}-wide CLIP vision encoder: its head count cannot be told from the file \
+                     (Motif knows ViT-H/14, {CLIP_VIT_H_WIDTH} wide, Wan's image encoder); pass \
+                     ComfyUI's clip_vision_h.safetensors or the model's diffusers folder"
+                ),
+            ))
+        }
+    };
+    let config = json!({
+        "hidden_size": width,
+        "intermediate_size": dim(keys, path, &key("encoder.layers.0.mlp.fc1.weight"), 0)?,
+        "num_hidden_layers": indices(keys, &key("encoder.layers.")).len(),
+        "num_attention_heads": heads,
+        "num_channels": channels,
+        "image_size": side * patch,
+        "patch_size": patch,
+        "hidden_act": act,
+        "layer_norm_eps": 1e-5,
+    });
+    if let Some(given) = given {
+        for (field, inferred) in config.as_object().into_iter().flatten() {
+            let stated = given.get(field).unwrap_or(&serde_json::Value::Null);
+            let same = match (stated.as_f64(), inferred.as_f64()) {
+                (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                _ => stated == inferred,
+            };
+            if !same {
+                return Err(layout(
+                    path,
+                    format!("its config says `{field}` {stated}, its tensor shapes {inferred}"),
+                ));
+            }
+        }
+    }
+    let aliases = map_all(keys, path, "a CLIP vision encoder", |k| {
+        let known = k == "visual_projection.weight"
+            || k.strip_prefix(p).is_some_and(|rest| {
+                rest.starts_with("embeddings.")
+                    || rest.starts_with("pre_layrnorm.")
+                    || rest.starts_with("post_layernorm.")
+                    || rest.starts_with("encoder.layers.")
+            });
+        known.then(|| k.to_string())
+    })?;
     Ok(Inferred { config, aliases })
 }

@@ -1,7 +1,8 @@
 //! The Wan family from single files (`--model` transformer, `--text-encoder`
-//! UMT5, `--vae`): the parts come from `models::wan_files`, the scheduler
-//! is the one Wan 2.1's diffusers repositories ship, and everything after
-//! the parts is the folder path's.
+//! UMT5, `--vae`, and for image-to-video `--image-encoder` CLIP vision):
+//! the parts come from `models::wan_files`, the scheduler is the one Wan
+//! 2.1's diffusers repositories ship, and everything after the parts is the
+//! folder path's.
 //!
 //! Wan 2.2 A14B from ComfyUI's pair of files (`…high_noise…` as `--model`,
 //! `…low_noise…` beside it or `--transformer-2`): single files carry no
@@ -119,6 +120,10 @@ impl Wan {
         let vae = files.vae()?;
         let vae =
             AutoencoderKLWan::new(gpu, &Weights::new(vae.weights, gpu.precision()), vae.config)?;
+        let image = match files.image_encoder()? {
+            Some(part) => Some(super::image::ImageConditioning::from_part(gpu, part)?),
+            None => None,
+        };
         let scheduler_config = SchedulerConfig::from_json(scheduler, path)?;
         Self::assemble(
             path.to_path_buf(),
@@ -126,8 +131,7 @@ impl Wan {
             text_encoder,
             transformer,
             vae,
-            // Single files carry no image encoder: text-to-video only.
-            None,
+            image,
             scheduler_config,
             path.to_path_buf(),
             // The prompt cache keys entries on a text encoder folder's

@@ -11,14 +11,16 @@ use std::path::Path;
 use super::{component, transformer_config_path, Wan};
 use crate::error::{LoadError, Result};
 use crate::gpu::Gpu;
-use crate::models::clip_vision::ClipVisionModel;
-use crate::models::wan_transformer::WanTransformerConfig;
+use crate::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
+use crate::models::source::Part;
+use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
 use crate::pipelines::argument;
 use crate::pipelines::image::{
     pil_resize, to_rgb8, ClipImageProcessor, PilFilter, RgbImage, MIN_IMAGE_SIDE,
 };
 use crate::pipelines::Request;
 use crate::tensor::Tensor;
+use crate::weights::Weights;
 
 /// The image encoder and its processor of an image-to-video folder.
 pub struct ImageConditioning {
@@ -45,6 +47,19 @@ impl ImageConditioning {
             }
             .into());
         }
+        Ok(ImageConditioning { encoder, processor })
+    }
+
+    /// A single-file image encoder (ComfyUI's clip_vision_h): such files
+    /// carry no processor config, so CLIP's own preprocessing at the
+    /// encoder's image size is used (equal to the published I2V folders').
+    pub fn from_part(gpu: &Gpu, part: Part<ClipVisionConfig>) -> Result<Self> {
+        let processor = ClipImageProcessor::clip(part.config.image_size);
+        let encoder = ClipVisionModel::new(
+            gpu,
+            &Weights::new(part.weights, gpu.precision()),
+            part.config,
+        )?;
         Ok(ImageConditioning { encoder, processor })
     }
 }
