@@ -16,7 +16,7 @@
 //! and takes the prediction there each step, and so does image-to-video, whose
 //! conditioning channels are appended to the latents on the CPU.
 
-use super::Wan;
+use super::{ti2v, Wan};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::latent;
@@ -140,7 +140,11 @@ impl Wan {
         // diffusers encodes the image after the prompts, then the
         // conditioning video after setting the timesteps (no effect on values).
         let image = self.image_conditions(gpu, req)?;
+        // Wan 2.2 TI2V given a still: its encoded first latent frame.
+        let first_frame = self.first_frame_condition(gpu, req)?;
         let cin = self.transformer.config.in_channels;
+        let [_, ph, pw] = self.transformer.config.patch_size;
+        let tokens_per_frame = (h / ph) * (w / pw);
 
         let mut latents = match &req.latents {
             Some(l) => l.clone(),
@@ -150,7 +154,7 @@ impl Wan {
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         let upload = |v: &[f32]| Tensor::from_f32(gpu, v, &[c, f, h, w], DType::F32);
-        let mut latents_gpu = (scheduler.has_step_program() && image.is_none())
+        let mut latents_gpu = (scheduler.has_step_program() && image.is_none() && first_frame.is_none())
             .then(|| upload(&latents))
             .transpose()?;
         emit(events, Event::Started { steps: total })?;
@@ -164,9 +168,17 @@ impl Wan {
             tr.image_embeds = im.image_embeds.to_f32(gpu)?;
             tr.condition = im.condition.clone();
         }
+        if let (Some(tr), Some(cond)) = (trace.as_mut(), &first_frame) {
+            tr.condition = cond.clone();
+        }
         let mut previews = StepPreviews::default();
         for (k, &t) in timesteps.iter().enumerate() {
             let x = match (&latents_gpu, &image) {
+                _ if first_frame.is_some() => {
+                    let cond = first_frame.as_deref().unwrap_or_default();
+                    let input = ti2v::with_first_frame(&latents, cond, c, f);
+                    Tensor::from_f32(gpu, &input, &[1, c, f, h, w], gpu.precision())?
+                }
                 (Some(l), _) => latent::batch_input(gpu, l, 1.0, 1, gpu.precision())?,
                 // One batch item: concatenating channels is appending.
                 (None, Some(im)) => {
@@ -176,7 +188,12 @@ impl Wan {
                 (None, None) => Tensor::from_f32(gpu, &latents, &[1, c, f, h, w], gpu.precision())?,
             };
             let image_embeds = image.as_ref().map(|im| &im.image_embeds);
-            let t = [t as f32];
+            // TI2V image-to-video: timestep 0 on the clean first frame's
+            // tokens (text-to-video's tokens all share t: one per item).
+            let t = match first_frame {
+                Some(_) => ti2v::token_timesteps(t as f32, f, tokens_per_frame),
+                None => vec![t as f32],
+            };
             let pred = self.transformer.forward(gpu, &x, &t, &cond, image_embeds)?;
             let u = match &uncond {
                 Some(uncond) => {
@@ -249,7 +266,14 @@ impl Wan {
                 latents = l.to_f32(gpu)?;
                 l
             }
-            None => upload(&latents)?,
+            // TI2V: the first frame is the still's again for decoding (and
+            // in the latents returned, as diffusers' output_type="latent").
+            None => {
+                if let Some(cond) = &first_frame {
+                    latents = ti2v::with_first_frame(&latents, cond, c, f);
+                }
+                upload(&latents)?
+            }
         };
         gpu.trim_pool();
         let frames = self.decode(gpu, &latents_gpu, req, events)?;

@@ -19,11 +19,15 @@
 //! (noise, a frame mask, the encoded conditioning video) and the image
 //! tokens in its cross-attention (see `image.rs`).
 //!
+//! Wan 2.2 TI2V-5B (`expand_timesteps`: text-to-video, and image-to-video
+//! through the VAE alone) is `ti2v.rs`.
+//!
 //! The step loop is in `generate.rs`.
 
 mod files;
 mod generate;
 mod image;
+mod ti2v;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
@@ -63,6 +67,17 @@ pub const CONTROLS: Controls = Controls {
 /// An image-to-video model (Wan2.1-I2V): the still is required.
 pub const CONTROLS_I2V: Controls = Controls {
     supported: &[Control::Shift, Control::InitialLatents, Control::Image],
+    schedulers: CONTROLS.schedulers,
+};
+
+/// Wan 2.2 TI2V-5B: text-to-video, or image-to-video given a still.
+pub const CONTROLS_TI2V: Controls = Controls {
+    supported: &[
+        Control::Shift,
+        Control::InitialLatents,
+        Control::Lora,
+        Control::Image,
+    ],
     schedulers: CONTROLS.schedulers,
 };
 
@@ -143,6 +158,8 @@ pub struct Wan {
     vae: AutoencoderKLWan,
     /// Image-to-video models: the CLIP image encoder and its processor.
     image: Option<image::ImageConditioning>,
+    /// Wan 2.2 TI2V (`expand_timesteps` in model_index.json): see `ti2v.rs`.
+    expand_timesteps: bool,
     scheduler_config: SchedulerConfig,
     defaults: ModelDefaults,
     latent_rgb: LatentRgb,
@@ -288,6 +305,29 @@ impl Wan {
         &self.latent_rgb
     }
 
+    /// Marks the model as Wan 2.2 TI2V (model_index.json's
+    /// `expand_timesteps`; a single file's transformer of 48 channels
+    /// beside the Wan 2.2 VAE): its published defaults (unless its card
+    /// sets others), and a transformer without an image branch, as the
+    /// pipelines assume.
+    fn set_expand_timesteps(&mut self, on: bool) -> Result<()> {
+        self.expand_timesteps = on;
+        if !on {
+            return Ok(());
+        }
+        if self.transformer.config.image_dim.is_some() {
+            return Err(LoadError::Config {
+                path: transformer_config_path(&self.model),
+                message: "expand_timesteps (Wan 2.2 TI2V) with an image-to-video transformer \
+                          (image_dim set): TI2V conditions on the VAE-encoded image alone"
+                    .into(),
+            }
+            .into());
+        }
+        self.defaults = ModelCard::for_model(&self.model)?.defaults(ti2v::ti2v_defaults());
+        Ok(())
+    }
+
     /// The checks across parts and the model's card, shared by folders and
     /// single files. `config_path` names the transformer's config in errors.
     #[allow(clippy::too_many_arguments)]
@@ -370,6 +410,7 @@ impl Wan {
             transformer,
             vae,
             image,
+            expand_timesteps: false,
             scheduler_config,
             defaults,
             latent_rgb,
@@ -391,9 +432,6 @@ impl Family for Wan {
         let index: WanIndex = crate::weights::config::read_config(&index_path)?;
         if present(&index.transformer_2) || index.boundary_ratio.is_some() {
             return Err(not_yet(&dir, "Wan 2.2 A14B (two experts: transformer_2)").into());
-        }
-        if index.expand_timesteps {
-            return Err(not_yet(&dir, "Wan 2.2 TI2V (expand_timesteps)").into());
         }
         // Whether the folder is image-to-video, from the configs alone:
         // parts missing are named before any weight reaches the GPU.
@@ -441,7 +479,7 @@ impl Family for Wan {
         let scheduler_path =
             component(&dir, "scheduler", "scheduler_config.json")?.join("scheduler_config.json");
         let scheduler_config = SchedulerConfig::load(&scheduler_path)?;
-        Self::assemble(
+        let mut wan = Self::assemble(
             dir,
             tokenizer,
             text_encoder,
@@ -451,7 +489,9 @@ impl Family for Wan {
             scheduler_config,
             scheduler_path,
             encoder_identity,
-        )
+        )?;
+        wan.set_expand_timesteps(index.expand_timesteps)?;
+        Ok(wan)
     }
 
     fn family(&self) -> &'static str {
@@ -468,6 +508,7 @@ impl Family for Wan {
 
     fn controls(&self) -> Controls {
         match (&self.image, self.transformer.config.pos_embed_seq_len) {
+            (None, _) if self.expand_timesteps => CONTROLS_TI2V,
             (None, _) => CONTROLS,
             (Some(_), None) => CONTROLS_I2V,
             (Some(_), Some(_)) => CONTROLS_FLF2V,
@@ -484,7 +525,9 @@ impl Family for Wan {
             if v == 0 || v % m != 0 {
                 let below = (v / m).max(1) * m;
                 return Err(argument(format!(
-                    "{name} {v}: Wan takes multiples of {m} (the VAE's 8 × the transformer's patch); pass {below} or {}",
+                    "{name} {v}: this Wan model takes multiples of {m} (the VAE's {} × the \
+                     transformer's patch); pass {below} or {}",
+                    self.vae.config.spatial_scale_factor(),
                     below + m
                 )));
             }
