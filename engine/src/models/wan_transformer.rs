@@ -399,7 +399,11 @@ impl WanTransformerBlock {
             _ => (1, 1),
         };
         let chunk = |i: usize| {
-            ops::layout::narrow(gpu, &modulation, six, i, 1)?.reshape(&[ms[0], tokens, ms[ms.len() - 1]])
+            ops::layout::narrow(gpu, &modulation, six, i, 1)?.reshape(&[
+                ms[0],
+                tokens,
+                ms[ms.len() - 1],
+            ])
         };
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (c_shift_msa, c_scale_msa, c_gate_msa) = (chunk(3)?, chunk(4)?, chunk(5)?);
@@ -880,9 +884,9 @@ impl WanTransformer3DModel {
         let mut x = self.patch_embedding.forward(gpu, &patches)?;
         observe("patch_embedding", &x)?;
 
-        let cond = self
-            .condition_embedder
-            .forward(gpu, timesteps, per_item, encoder_hidden_states)?;
+        let cond =
+            self.condition_embedder
+                .forward(gpu, timesteps, per_item, encoder_hidden_states)?;
         observe("temb", &cond.temb)?;
         observe("timestep_proj", &cond.timestep_proj)?;
         observe("text_embedding", &cond.context)?;

@@ -178,7 +178,9 @@ impl WanVaeConfig {
             )));
         }
         let p = cfg.patch();
-        if p == 0 || !cfg.in_channels.is_multiple_of(p * p) || !cfg.out_channels.is_multiple_of(p * p)
+        if p == 0
+            || !cfg.in_channels.is_multiple_of(p * p)
+            || !cfg.out_channels.is_multiple_of(p * p)
         {
             return Err(bad(format!(
                 "patch_size {:?}: in_channels {} and out_channels {} must be multiples of its square",
@@ -529,12 +531,12 @@ fn patchify(gpu: &Gpu, x: &Tensor, p: usize) -> Result<Tensor> {
     }
     let (t, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     let (hp, wp) = (h / p, w / p);
-    layout::permute(
-        gpu,
-        &x.reshape(&[t, c, hp, p, wp, p])?,
-        &[0, 1, 5, 3, 2, 4],
-    )?
-    .reshape(&[t, c * p * p, hp, wp])
+    layout::permute(gpu, &x.reshape(&[t, c, hp, p, wp, p])?, &[0, 1, 5, 3, 2, 4])?.reshape(&[
+        t,
+        c * p * p,
+        hp,
+        wp,
+    ])
 }
 
 /// diffusers' `unpatchify`, the inverse of [`patchify`]: [T, C·p·p, H, W]
@@ -545,12 +547,12 @@ fn unpatchify(gpu: &Gpu, x: &Tensor, p: usize) -> Result<Tensor> {
     }
     let (t, cp, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
     let c = cp / (p * p);
-    layout::permute(
-        gpu,
-        &x.reshape(&[t, c, p, p, h, w])?,
-        &[0, 1, 4, 3, 5, 2],
-    )?
-    .reshape(&[t, c, h * p, w * p])
+    layout::permute(gpu, &x.reshape(&[t, c, p, p, h, w])?, &[0, 1, 4, 3, 5, 2])?.reshape(&[
+        t,
+        c,
+        h * p,
+        w * p,
+    ])
 }
 
 /// The last `CACHE_T` frames of the stream [previous, x]: what diffusers

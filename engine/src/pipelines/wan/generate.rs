@@ -154,9 +154,10 @@ impl Wan {
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         let upload = |v: &[f32]| Tensor::from_f32(gpu, v, &[c, f, h, w], DType::F32);
-        let mut latents_gpu = (scheduler.has_step_program() && image.is_none() && first_frame.is_none())
-            .then(|| upload(&latents))
-            .transpose()?;
+        let mut latents_gpu =
+            (scheduler.has_step_program() && image.is_none() && first_frame.is_none())
+                .then(|| upload(&latents))
+                .transpose()?;
         emit(events, Event::Started { steps: total })?;
         let mut trace = req.trace.then(|| Trace {
             timesteps: timesteps.clone(),

@@ -41,7 +41,11 @@ impl Wan {
     /// CPU, for a TI2V model given `--image` (None otherwise): diffusers'
     /// `prepare_latents` with `expand_timesteps` encodes the image alone as
     /// a one-frame video and takes the posterior mean.
-    pub(super) fn first_frame_condition(&self, gpu: &Gpu, req: &Request) -> Result<Option<Vec<f32>>> {
+    pub(super) fn first_frame_condition(
+        &self,
+        gpu: &Gpu,
+        req: &Request,
+    ) -> Result<Option<Vec<f32>>> {
         let Some(still) = req.image.as_ref().filter(|_| self.expand_timesteps) else {
             return Ok(None);
         };
