@@ -178,3 +178,36 @@ fn a_umt5_file_is_not_a_transformer_and_heads_need_wan_widths() {
         .to_string();
     assert!(e.contains("128") && e.contains("diffusers folder"), "{e}");
 }
+
+#[test]
+fn wan_2_2_vae_maps_both_ways_with_its_published_config() {
+    // wan2.2_vae.safetensors (Wan2.2_VAE.pth's naming): one residual
+    // down/up block per level with its own inner list; the config inferred
+    // from the shapes is TI2V-5B's diffusers vae/config.json, plus the 48
+    // published latent statistics a single file cannot carry.
+    let gpu = plan_gpu();
+    let (path, _, original) = key_list("vae-2.2.wan");
+    let (_, published, diffusers) = key_list("vae-2.2.diffusers");
+    assert_eq!(wan_files::detect(&original), Some(WanFile::Vae));
+    assert!(wan_files::is_vae_22(&original));
+    assert!(!wan_files::is_vae_22(&key_list("vae.wan").2));
+    let inferred = wan_files::vae(&original, &path).unwrap();
+    assert_config("vae 2.2", &inferred.config, &published);
+    assert_eq!(inferred.config["latents_mean"][0], -0.2289);
+    assert_eq!(inferred.config["latents_std"][47], 0.7744);
+    assert_maps_both_ways("vae 2.2", &original, &diffusers, &inferred.aliases, |k| {
+        wan_files::vae22_key_original(k, 2)
+    });
+    let config = WanVaeConfig::from_value(&path, inferred.config).unwrap();
+    assert_eq!(
+        (
+            config.spatial_scale_factor(),
+            config.temporal_scale_factor()
+        ),
+        (16, 4)
+    );
+    let set = plan_load(&original, inferred.aliases, |w| {
+        AutoencoderKLWan::new(&gpu, w, config)
+    });
+    assert_eq!(set.unused(), Vec::<String>::new());
+}

@@ -387,6 +387,8 @@ pub fn identify(path: &Path) -> Result<Option<Identified>, LoadError> {
                 let task = match (in_channels, keys.keys().any(|k| k.contains("img_emb."))) {
                     (_, true) => "I2V",
                     (16, false) => "T2V",
+                    // Wan 2.2 TI2V-5B: the 48 channels of the Wan 2.2 VAE.
+                    (48, false) => "TI2V",
                     _ => "",
                 };
                 let variant = format!("{} {task}", wan_size(width)).trim().to_string();
@@ -409,12 +411,16 @@ pub fn identify(path: &Path) -> Result<Option<Identified>, LoadError> {
             }
             WanFile::Vae => {
                 let z = dim("conv2.weight", 0);
+                let version = match wan_files::is_vae_22(&keys) {
+                    true => "Wan 2.2",
+                    false => "Wan",
+                };
                 found(
                     Family::Wan,
                     Role::Vae {
                         latent_channels: Some(z),
                     },
-                    format!("Wan, {z} latent channels"),
+                    format!("{version}, {z} latent channels"),
                 )
             }
         });
