@@ -76,7 +76,8 @@ pub struct GpuOptions {
     /// SHADER_F16, f32 on CPU adapters.
     pub precision: Option<DType>,
     /// Lowers the largest storage binding below the adapter's, so that tests
-    /// exercise the split path on small tensors (`MOTIF_MAX_BINDING_BYTES`).
+    /// exercise the split path on small tensors (`MOTIF_MAX_BINDING_BYTES`);
+    /// in plan mode it may also raise it (a plan for a larger adapter).
     pub max_binding_bytes: Option<u64>,
     /// Dry run: tensors are accounted in the pool at their real size but
     /// get no memory, uploads and dispatches are validated and dropped, and
@@ -512,7 +513,12 @@ impl Gpu {
                         ),
                     });
                 }
-                v.min(adapter_binding) / 4 * 4
+                // A plan dispatches nothing: it may take a larger adapter's
+                // limit, to count a workload as that adapter would split it.
+                match options.plan {
+                    true => v / 4 * 4,
+                    false => v.min(adapter_binding) / 4 * 4,
+                }
             }
             None => adapter_binding / 4 * 4,
         };

@@ -381,7 +381,8 @@ impl WanTransformerBlock {
 
     /// x [B, S, dim]; `context` [B, L, dim] (projected text); `image`
     /// [B, T, dim] (embedded image tokens, image-to-video); `timestep_proj`
-    /// [B, 6, dim], or [B, S, 6, dim] with a timestep per token.
+    /// [B, 6, dim], or [B, G, 6, dim] with a timestep per group of S / G
+    /// consecutive tokens (see `WanTransformer3DModel::forward_observed`).
     pub fn forward(
         &self,
         gpu: &Gpu,
@@ -392,28 +393,35 @@ impl WanTransformerBlock {
         rope: &Rope,
     ) -> Result<Tensor> {
         let modulation = ops::add(gpu, timestep_proj, &self.scale_shift_table)?;
-        // Each of the six [B, 1 or S, dim], broadcasting over x's tokens.
+        // The tokens fall into G groups of one timestep each (G = 1: one
+        // per item; the latent frames, or every token, with per-token
+        // timesteps): each of the six is [B, G, 1, dim] against the
+        // tokens viewed as [B, G, S / G, dim].
         let ms = modulation.shape().to_vec();
-        let (six, tokens) = match ms.len() {
+        let (six, groups) = match ms.len() {
             4 => (2, ms[1]),
             _ => (1, 1),
         };
+        let (b, s, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let grouped = |t: &Tensor| t.reshape(&[b, groups, s / groups, d]);
         let chunk = |i: usize| {
-            ops::layout::narrow(gpu, &modulation, six, i, 1)?.reshape(&[
-                ms[0],
-                tokens,
-                ms[ms.len() - 1],
-            ])
+            ops::layout::narrow(gpu, &modulation, six, i, 1)?.reshape(&[b, groups, 1, d])
+        };
+        let modulate = |h: &Tensor, scale: &Tensor, shift: &Tensor| {
+            ops::elementwise::modulate(gpu, &grouped(h)?, scale, shift)?.reshape(&[b, s, d])
+        };
+        let gated_add = |x: &Tensor, y: &Tensor, gate: &Tensor| {
+            ops::elementwise::gated_add(gpu, &grouped(x)?, &grouped(y)?, gate)?.reshape(&[b, s, d])
         };
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (c_shift_msa, c_scale_msa, c_gate_msa) = (chunk(3)?, chunk(4)?, chunk(5)?);
 
         // 1. Self-attention.
         let h = ops::norm::layer_norm(gpu, x, None, None, self.eps)?;
-        let h = ops::elementwise::modulate(gpu, &h, &scale_msa, &shift_msa)?;
+        let h = modulate(&h, &scale_msa, &shift_msa)?;
         let a = self.attn1.attend(gpu, &h, None, None, Some(rope))?;
         let a = self.attn1.to_out.forward(gpu, &a)?;
-        let x = ops::elementwise::gated_add(gpu, x, &a, &gate_msa)?;
+        let x = gated_add(x, &a, &gate_msa)?;
 
         // 2. Cross-attention, its residual added in to_out's epilogue.
         let h = match &self.norm2 {
@@ -425,13 +433,13 @@ impl WanTransformerBlock {
 
         // 3. Feed-forward.
         let h = ops::norm::layer_norm(gpu, &x, None, None, self.eps)?;
-        let h = ops::elementwise::modulate(gpu, &h, &c_scale_msa, &c_shift_msa)?;
+        let h = modulate(&h, &c_scale_msa, &c_shift_msa)?;
         let h = self
             .ffn
             .proj_in
             .forward_act(gpu, &h, Activation::GeluTanh)?;
         let f = self.ffn.proj_out.forward(gpu, &h)?;
-        ops::elementwise::gated_add(gpu, &x, &f, &c_gate_msa)
+        gated_add(&x, &f, &c_gate_msa)
     }
 }
 
@@ -884,9 +892,26 @@ impl WanTransformer3DModel {
         let mut x = self.patch_embedding.forward(gpu, &patches)?;
         observe("patch_embedding", &x)?;
 
-        let cond =
-            self.condition_embedder
-                .forward(gpu, timesteps, per_item, encoder_hidden_states)?;
+        // Per-token timesteps that are constant over each latent frame (what
+        // the pipelines give: 0 on the conditioning frame, t elsewhere) are
+        // embedded once per frame, and the blocks' modulation broadcasts over
+        // the frame's tokens: the same values as diffusers' per-token
+        // [B, S, 6, dim], without its size (2 GB at 1280x704x121 in f32).
+        let per_frame = tokens / grid[0];
+        let by_frame = per_item > 1
+            && timesteps
+                .chunks(per_frame)
+                .all(|run| run.iter().all(|t| t.to_bits() == run[0].to_bits()));
+        let (groups, grouped): (usize, Vec<f32>) = match by_frame {
+            true => (
+                grid[0],
+                timesteps.iter().step_by(per_frame).copied().collect(),
+            ),
+            false => (per_item, timesteps.to_vec()),
+        };
+        let cond = self
+            .condition_embedder
+            .forward(gpu, &grouped, groups, encoder_hidden_states)?;
         observe("temb", &cond.temb)?;
         observe("timestep_proj", &cond.timestep_proj)?;
         observe("text_embedding", &cond.context)?;
@@ -923,11 +948,17 @@ impl WanTransformer3DModel {
         }
 
         // Output norm modulated by temb and the model's own table, then the head.
-        let temb = cond.temb.reshape(&[b, per_item, dim])?;
+        let temb = cond.temb.reshape(&[b, groups, 1, dim])?;
         let shift = ops::add(gpu, &temb, &self.shift_table)?;
         let scale = ops::add(gpu, &temb, &self.scale_table)?;
         let h = ops::norm::layer_norm(gpu, &x, None, None, cfg.eps)?;
-        let h = ops::elementwise::modulate(gpu, &h, &scale, &shift)?;
+        let h = ops::elementwise::modulate(
+            gpu,
+            &h.reshape(&[b, groups, tokens / groups, dim])?,
+            &scale,
+            &shift,
+        )?
+        .reshape(&[b, tokens, dim])?;
         let out = self.proj_out.forward(gpu, &h)?;
         observe("proj_out", &out)?;
 
