@@ -211,3 +211,64 @@ fn wan_2_2_vae_maps_both_ways_with_its_published_config() {
     });
     assert_eq!(set.unused(), Vec::<String>::new());
 }
+
+/// A safetensors file of `keys` (f16) holding its header only: what
+/// `identify` reads (the data it lays out is reported missing).
+fn header_only(name: &str, keys: &Keys) -> PathBuf {
+    let mut offset = 0u64;
+    let mut header = serde_json::Map::new();
+    for (k, shape) in keys {
+        let bytes = 2 * shape.iter().product::<usize>() as u64;
+        header.insert(
+            k.clone(),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let text = serde_json::Value::Object(header).to_string();
+    let dir = std::env::temp_dir().join(format!("motif-wan-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let mut data = (text.len() as u64).to_le_bytes().to_vec();
+    data.extend_from_slice(text.as_bytes());
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+#[test]
+fn identify_names_the_wan_2_2_vae_and_a_ti2v_transformer() {
+    use motif_engine::weights::identify::{identify, Role};
+    let vae = identify(&header_only(
+        "wan2.2_vae.safetensors",
+        &key_list("vae-2.2.wan").2,
+    ))
+    .unwrap()
+    .expect("a Wan VAE");
+    assert_eq!(vae.variant, "Wan 2.2, 48 latent channels");
+    assert!(matches!(
+        vae.role,
+        Role::Vae {
+            latent_channels: Some(48)
+        }
+    ));
+    let vae21 = identify(&header_only(
+        "wan_2.1_vae.safetensors",
+        &key_list("vae.wan").2,
+    ))
+    .unwrap()
+    .expect("a Wan VAE");
+    assert_eq!(vae21.variant, "Wan, 16 latent channels");
+    // The TI2V-5B transformer's telling shapes: width 3072, 48 input channels.
+    let ti2v: Keys = [
+        ("patch_embedding.weight", vec![3072, 48, 1, 2, 2]),
+        ("head.modulation", vec![1, 2, 3072]),
+        ("text_embedding.0.weight", vec![3072, 4096]),
+    ]
+    .into_iter()
+    .map(|(k, s)| (k.to_string(), s))
+    .collect();
+    let tr = identify(&header_only("wan2.2_ti2v_5B_fp16.safetensors", &ti2v))
+        .unwrap()
+        .expect("a Wan transformer");
+    assert_eq!(tr.variant, "5B TI2V");
+}
