@@ -116,6 +116,9 @@ pub fn resolve_model_name(spec: &str) -> Result<String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flag {
     Model,
+    /// The low-noise expert of a single-file Wan 2.2 A14B model: a
+    /// transformer file, as `--model`.
+    Transformer2,
     TextEncoder,
     Vae,
     Lora,
@@ -126,6 +129,7 @@ impl Flag {
     pub fn name(self) -> &'static str {
         match self {
             Flag::Model => "--model",
+            Flag::Transformer2 => "--transformer-2",
             Flag::TextEncoder => "--text-encoder",
             Flag::Vae => "--vae",
             Flag::Lora => "--lora",
@@ -138,7 +142,11 @@ impl Flag {
             Ok(Some(i)) => i.role,
             _ => return false,
         };
-        role.flag() == Some(self.name())
+        let flag = match self {
+            Flag::Transformer2 => Flag::Model,
+            other => other,
+        };
+        role.flag() == Some(flag.name())
     }
 }
 

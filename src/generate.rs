@@ -13,7 +13,9 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use motif_engine::models::source::{ModelSource, ModelSpec};
-use motif_engine::pipelines::{Camera, Event, ModelCache, Request, RgbImage, MIN_IMAGE_SIDE};
+use motif_engine::pipelines::{
+    Camera, Control, Event, ModelCache, Request, RgbImage, MIN_IMAGE_SIDE,
+};
 use motif_engine::schedulers::SchedulerKind;
 use motif_engine::Gpu;
 use motif_recipe::{CameraMove, FieldError, Lora, Recipe, Scheduler};
@@ -41,6 +43,9 @@ pub struct RecipeArgs {
     /// The text encoder of a single-file Wan model: a UMT5 .safetensors file (ComfyUI's umt5_xxl, tokenizer inside).
     #[arg(long)]
     pub text_encoder: Option<String>,
+    /// The low-noise expert of a single-file Wan 2.2 A14B model, when it is not the …low_noise… file beside the …high_noise… --model.
+    #[arg(long = "transformer-2")]
+    pub transformer_2: Option<String>,
     /// A LoRA to fuse, with an optional weight (default 1): FILE or FILE:0.8. Repeatable.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
@@ -99,6 +104,9 @@ pub struct RecipeArgs {
     /// scheduler config (Wan 2.1 ships 3.0 for 480p, 5.0 is used for 720p).
     #[arg(long)]
     pub shift: Option<f32>,
+    /// Two-expert models (Wan 2.2 A14B): the guidance scale of the low-noise expert [default: --guidance].
+    #[arg(long = "guidance-2")]
+    pub guidance_2: Option<f32>,
 }
 
 impl RecipeArgs {
@@ -114,6 +122,7 @@ impl RecipeArgs {
             motion_adapter: self.motion_adapter.clone(),
             vae: self.vae.clone(),
             text_encoder: self.text_encoder.clone(),
+            transformer_2: self.transformer_2.clone(),
             loras,
             image: self
                 .image
@@ -139,6 +148,7 @@ impl RecipeArgs {
             style: self.style.clone(),
             clip_skip: self.clip_skip,
             shift: self.shift,
+            guidance_2: self.guidance_2,
             ..Default::default()
         })
     }
@@ -332,6 +342,7 @@ impl Settings {
             motion_adapter: r.motion_adapter.clone(),
             vae: r.vae.clone(),
             text_encoder: r.text_encoder.clone(),
+            transformer_2: r.transformer_2.clone(),
             loras: r.loras.clone(),
             image: r.image.clone(),
             last_image: r.last_image.clone(),
@@ -645,6 +656,11 @@ pub fn generate_cached(
         say(&format!("camera: motion LoRA {}", p.display()));
     }
     pipe.validate(&req)?;
+    // As diffusers: the low-noise expert's guidance is the first's unless
+    // given; the recipe records the value used.
+    if req.guidance_2.is_none() && pipe.controls().supports(Control::SecondGuidance) {
+        req.guidance_2 = Some(req.guidance);
+    }
     let fps = r.fps.unwrap_or(defaults.fps);
     on_request(&mut req);
 
@@ -694,8 +710,11 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
         let progress = &mut progress;
         let stop = stop.clone();
         let mut on_request = |req: &mut Request| {
+            let second = (req.guidance_2)
+                .map(|g| format!(" (low-noise expert {g})"))
+                .unwrap_or_default();
             say(&format!(
-                "generating {}x{}, {} frames, {} steps, guidance {}, seed {}",
+                "generating {}x{}, {} frames, {} steps, guidance {}{second}, seed {}",
                 req.width, req.height, req.frames, req.steps, req.guidance, seed
             ));
             progress.event(json!({"event": "start", "seed": seed, "width": req.width,
@@ -735,6 +754,18 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &GenerateArgs) -> Result
                         b.finish_and_clear();
                     }
                     progress.event(json!({"event": "decoded", "frame": frame + 1, "total": total}));
+                }
+                Event::Expert { name, freed, step } => {
+                    let line = match freed {
+                        Some(f) => format!("step {}: {f} freed, loading {name}", step + 1),
+                        None => format!("step {}: loading {name}", step + 1),
+                    };
+                    match &bar {
+                        Some(b) => b.println(&line),
+                        None => say(&line),
+                    }
+                    progress.event(json!({"event": "expert", "expert": name, "freed": freed,
+                                          "step": step + 1}));
                 }
             }
             !stop.load(Ordering::SeqCst)
@@ -797,6 +828,7 @@ fn model_spec(settings: &Settings, model: &str) -> Result<ModelSpec> {
         vae: resolve(Flag::Vae, "vae", &r.vae)?,
         text_encoder: resolve(Flag::TextEncoder, "text_encoder", &r.text_encoder)?,
         transformer_config: None,
+        transformer_2: resolve(Flag::Transformer2, "transformer_2", &r.transformer_2)?,
         loras,
     })
 }

@@ -472,6 +472,14 @@ impl Runner for EngineRunner {
                     }),
                 }),
                 Event::Decoded { .. } => true,
+                Event::Expert { name, step, .. } => {
+                    eprintln!(
+                        "motif worker: job {}: step {}: loading the expert {name}",
+                        job.id,
+                        step + 1
+                    );
+                    true
+                }
             },
         );
         if let Ok(mut idle) = self.idle.lock() {

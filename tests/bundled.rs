@@ -15,6 +15,7 @@ use common::{motif_command_at, temp_dir};
 /// A copy of the built binary with a home, data, cache and working folder of
 /// its own, all empty.
 struct Installed {
+    root: PathBuf,
     bin: PathBuf,
     cwd: PathBuf,
     cache: PathBuf,
@@ -45,6 +46,7 @@ impl Installed {
             ("HF_HUB_CACHE".into(), s(&hf.join("hub"))),
         ];
         Installed {
+            root,
             bin,
             cwd,
             cache,
@@ -96,6 +98,14 @@ impl Installed {
             .unwrap_or_default();
         found.sort();
         found
+    }
+}
+
+/// Each copy holds the binary and an unpacked model (about 100 MB): left
+/// behind, every test run would fill the temporary folder.
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 

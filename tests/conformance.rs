@@ -1,7 +1,7 @@
 //! `motif conformance` on the committed reference case sets (written by
 //! tools/fixtures/make_cases.py, make_wan_cases.py, make_wan_i2v_cases.py and
-//! make_wan_ti2v_cases.py from diffusers and transformers), in f32 and f16, and the runner's
-//! failure modes.
+//! make_wan_a14b_cases.py and make_wan_ti2v_cases.py from diffusers and
+//! transformers), in f32 and f16, and the runner's failure modes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -222,6 +222,117 @@ fn wan_pipeline_cases_run_through_the_whole_denoising_loop() {
                         && l.ends_with(" ok")),
                 "{sampler} {output}:\n{stdout}"
             );
+        }
+    }
+}
+
+/// The Wan 2.2 A14B sets (tools/fixtures/make_wan_a14b_cases.py).
+const A14B_SETS: [&str; 2] = ["wan-a14b/t2v", "wan-a14b/i2v"];
+
+#[test]
+fn wan_a14b_sets_run_both_experts_and_match_the_reference_in_f32_and_f16() {
+    // Each expert on the same inputs (input `transformer` names it), and
+    // the pipeline through a run whose first step is on `transformer`
+    // and the others on `transformer_2`, each under its own guidance
+    // scale; the I2V set has no image encoder (the still reaches the
+    // model through the conditioning channels alone).
+    // wan-a14b/t2v-files: t2v's pipeline case over ComfyUI-style files,
+    // the low-noise expert found by name beside the high-noise one.
+    for set in [A14B_SETS[0], A14B_SETS[1], "wan-a14b/t2v-files"] {
+        let dir = fixtures().join(set);
+        let outputs = outputs_in(&dir);
+        assert!(outputs >= 5, "{set}: only {outputs} outputs");
+        for precision in ["f32", "f16"] {
+            let (code, stdout, stderr) =
+                conformance(&[dir.to_str().unwrap(), "--precision", precision]);
+            assert_eq!(code, 0, "{set} {precision}:\n{stdout}\n{stderr}");
+            assert_eq!(
+                summary(&stdout),
+                (outputs, 0),
+                "{set} {precision}:\n{stdout}"
+            );
+            let mut expected = vec!["pipeline_unipc.step_latents", "pipeline_unipc.frames"];
+            match set {
+                "wan-a14b/t2v-files" => {}
+                _ => expected.extend(["transformer.sample", "transformer_2.sample"]),
+            }
+            if set.ends_with("i2v") {
+                expected.push("pipeline_unipc.condition");
+            }
+            for output in expected {
+                assert!(
+                    stdout
+                        .lines()
+                        .any(|l| l.contains(&format!("_{output}")) && l.ends_with(" ok")),
+                    "{set} {precision} {output}:\n{stdout}"
+                );
+            }
+        }
+    }
+}
+
+/// A copy of `set` in a scratch folder, to be altered.
+fn scratch_copy(set: &str, name: &str) -> PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let target = to.join(path.file_name().unwrap());
+            match path.is_dir() {
+                true => copy(&path, &target),
+                false => {
+                    std::fs::copy(&path, &target).unwrap();
+                }
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("motif-a14b-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy(&fixtures().join(set), &dir);
+    dir
+}
+
+#[test]
+fn wan_a14b_references_fail_an_engine_that_ignores_the_second_expert() {
+    // The references can tell: an engine that ran the first expert
+    // throughout (here: transformer_2's weights replaced by transformer's)
+    // or ran the second under the first's guidance (the case's
+    // guidance_2 removed) fails the pipeline case.
+    for set in A14B_SETS {
+        let same = scratch_copy(set, "same-experts");
+        for entry in std::fs::read_dir(same.join("transformer")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|x| x == "safetensors") {
+                std::fs::copy(
+                    &path,
+                    same.join("transformer_2").join(path.file_name().unwrap()),
+                )
+                .unwrap();
+            }
+        }
+        let one_guidance = scratch_copy(set, "one-guidance");
+        let manifest_path = one_guidance.join("cases.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+        for case in manifest["cases"].as_array_mut().unwrap() {
+            if let Some(inputs) = case["inputs"].as_object_mut() {
+                inputs.remove("guidance_2");
+            }
+        }
+        std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+
+        for dir in [&same, &one_guidance] {
+            let (code, stdout, stderr) =
+                conformance(&[dir.to_str().unwrap(), "--component", "pipeline"]);
+            assert_ne!(code, 0, "{set} {}:\n{stdout}\n{stderr}", dir.display());
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.contains("pipeline_unipc.step_latents") && l.contains("FAIL")),
+                "{set} {}:\n{stdout}\n{stderr}",
+                dir.display()
+            );
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

@@ -390,6 +390,84 @@ fn a_wan_ti2v_folder_makes_text_to_video_and_animates_a_still() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_ne!(png_frames(&dir.join("a")), png_frames(&dir.join("t2v")));
     assert_ne!(png_frames(&dir.join("a")), png_frames(&dir.join("b")));
+/// A copy of the fixture `set` in `dir/name`, model_index.json edited by
+/// `edit` (the reference sets stay untouched).
+fn edited_copy(
+    set: &str,
+    dir: &Path,
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> String {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let target = to.join(path.file_name().unwrap());
+            match path.is_dir() {
+                true => copy(&path, &target),
+                false => {
+                    std::fs::copy(&path, &target).unwrap();
+                }
+            }
+        }
+    }
+    let to = dir.join(name);
+    copy(Path::new(&fixture(set)), &to);
+    let index_path = to.join("model_index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    edit(&mut index);
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    to.to_string_lossy().into_owned()
+}
+
+#[test]
+fn wan_a14b_folders_switch_experts_with_their_own_guidance() {
+    // wan-a14b/t2v and i2v: Wan 2.2 A14B layouts (transformer_2,
+    // boundary_ratio 0.875 and 0.9). Two steps at shift 3 are t = 999
+    // (`transformer`) and 750 (`transformer_2`): both experts run.
+    let dir = scratch("a14b");
+    write_png(&dir.join("first.png"), (48, 32), 40);
+    let (t2v, i2v) = (fixture("wan-a14b/t2v"), fixture("wan-a14b/i2v"));
+    let recipe = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    };
+
+    let o = motif(
+        &dir,
+        &tiny(&t2v, &["--guidance", "4", "--guidance-2", "2", "-o", "a"]),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The first expert leaves the device before the second loads.
+    assert!(
+        stderr(&o).contains("step 2: transformer freed, loading transformer_2"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(png_frames(&dir.join("a")).len(), 5);
+    assert_eq!(recipe("a/recipe.json")["guidance_2"], 2.0);
+    // Without --guidance-2 the second expert takes --guidance (as
+    // diffusers), and the recipe says so.
+    let o = motif(&dir, &tiny(&t2v, &["--guidance", "4", "-o", "b"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(recipe("b/recipe.json")["guidance_2"], 4.0);
+    assert_ne!(png_frames(&dir.join("a")), png_frames(&dir.join("b")));
+    // The recipe replays with the second guidance.
+    let o = motif(&dir, &["generate", "--from", "a/recipe.json", "-o", "c"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(png_frames(&dir.join("a")), png_frames(&dir.join("c")));
+
+    // A14B I2V: no image encoder, the still through the VAE alone.
+    let o = motif(
+        &dir,
+        &tiny(
+            &i2v,
+            &["--image", "first.png", "--guidance-2", "1.5", "-o", "d.mp4"],
+        ),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(recipe("d.json")["guidance_2"], 1.5);
+    assert_eq!(recipe("d.json")["image"], "first.png");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -415,6 +493,51 @@ fn a_wan_ti2v_folder_refuses_sizes_off_32_and_a_last_image() {
                 &["--image", "first.png", "--last-image", "first.png"],
             ),
             "`last_image` is not supported by the model",
+fn broken_a14b_folders_and_second_guidance_elsewhere_are_refused() {
+    let dir = scratch("a14b-refused");
+    write_png(&dir.join("first.png"), (48, 32), 40);
+    let no_second = edited_copy("wan-a14b/t2v", &dir, "no-second", |i| {
+        i["transformer_2"] = serde_json::json!([null, null]);
+    });
+    let no_boundary = edited_copy("wan-a14b/t2v", &dir, "no-boundary", |i| {
+        i.as_object_mut().unwrap().remove("boundary_ratio");
+    });
+    let boundary_one = edited_copy("wan-a14b/t2v", &dir, "boundary-one", |i| {
+        i["boundary_ratio"] = serde_json::json!(1.0);
+    });
+    let missing_folder = edited_copy("wan-a14b/t2v", &dir, "missing-folder", |_| {});
+    std::fs::remove_dir_all(Path::new(&missing_folder).join("transformer_2")).unwrap();
+    let mismatched = edited_copy("wan-a14b/t2v", &dir, "mismatched", |_| {});
+    let config = Path::new(&mismatched).join("transformer_2/config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["num_layers"] = serde_json::json!(3);
+    std::fs::write(&config, c.to_string()).unwrap();
+    let (t2v, i2v, wan21) = (fixture("wan-a14b/t2v"), fixture("wan-a14b/i2v"), wan());
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (tiny(&no_second, &[]), "names no `transformer_2`"),
+        (tiny(&no_boundary, &[]), "but no `boundary_ratio`"),
+        (
+            tiny(&boundary_one, &[]),
+            "boundary_ratio 1 must lie strictly between 0 and 1",
+        ),
+        (
+            tiny(&missing_folder, &[]),
+            "needs `transformer_2/` (the low-noise expert)",
+        ),
+        (
+            tiny(&mismatched, &[]),
+            "the experts differ in shape: `transformer` has num_layers 2, `transformer_2` 3",
+        ),
+        (
+            tiny(&wan21, &["--guidance-2", "3"]),
+            "`guidance_2` is not supported",
+        ),
+        (tiny(&i2v, &[]), "image-to-video model: give it the still"),
+        (
+            tiny(&t2v, &["--image", "first.png"]),
+            "`image` is not supported",
         ),
     ];
     for (args, expected) in cases {
@@ -425,6 +548,69 @@ fn a_wan_ti2v_folder_refuses_sizes_off_32_and_a_last_image() {
         assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
         assert!(!dir.join("x.mp4").exists(), "{args:?} left a file");
         assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a14b_single_files_without_their_pair_are_refused_before_any_gpu_work() {
+    // wan-a14b/t2v-files holds ComfyUI-named experts
+    // (wan2.2_t2v_{high,low}_noise_tiny_f32.safetensors): the pairing by
+    // name, and its failures, come before the GPU opens (an adapter that
+    // does not exist would otherwise be the error).
+    let dir = scratch("a14b-files");
+    let files = Path::new(&fixture("wan-a14b/t2v-files")).to_path_buf();
+    let file = |name: &str| files.join(name).to_string_lossy().into_owned();
+    let alone = dir.join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    let high = "wan2.2_t2v_high_noise_tiny_f32.safetensors";
+    std::fs::copy(files.join(high), alone.join(high)).unwrap();
+    let alone_high = alone.join(high).to_string_lossy().into_owned();
+    let (te, vae) = (file("umt5.safetensors"), file("vae.safetensors"));
+    let low = file("wan2.2_t2v_low_noise_tiny_f32.safetensors");
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--model", &alone_high],
+            vec![
+                "high-noise expert of a Wan 2.2 A14B pair",
+                "wan2.2_t2v_low_noise_tiny_f32.safetensors is not beside it",
+                "--transformer-2 FILE",
+            ],
+        ),
+        (
+            vec!["--model", &low],
+            vec!["this is the low-noise expert", "pass the high-noise file"],
+        ),
+        (
+            vec![
+                "--model",
+                &alone_high,
+                "--transformer-2",
+                "nowhere.safetensors",
+            ],
+            vec!["--transformer-2 nowhere.safetensors: no such file"],
+        ),
+        (
+            vec!["--model", &alone_high, "--transformer-2", &vae],
+            vec!["given as --transformer-2", "a Wan transformer"],
+        ),
+    ];
+    for (model, expected) in cases {
+        let mut args = vec![
+            "--adapter",
+            "no-such-gpu",
+            "generate",
+            "a red ball",
+            "--text-encoder",
+            &te,
+            "--vae",
+            &vae,
+            "-o",
+            "x.mp4",
+        ];
+        args.extend_from_slice(&model);
+        let o = motif(&dir, &args);
+        common::assert_refused_before_gpu(&o, &format!("{model:?}"), &expected, &dir.join("x.mp4"));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -649,3 +649,251 @@ fn packed_kernel_packs_few_channels_at_full_resolution() {
         assert!(ran.iter().any(|k| k == "pack_taps4"), "{x:?}: {ran:?}");
     }
 }
+
+#[test]
+fn direct_kernel_matches_the_reference() {
+    // The direct 3x3 kernel: rows of one vec4 (no neighbour on either side)
+    // and of several, one row, odd heights, several batch items, output
+    // channels that are not a multiple of its group of 8 (the VAE's conv_out
+    // has 3), and 64 input channels, whose weights take three blocks of 24
+    // output channels (one dispatch each).
+    let gpu = gpu();
+    let opts = Conv2dOptions::same(3, 1);
+    let cases: [([usize; 4], [usize; 4]); 6] = [
+        ([1, 3, 5, 4], [8, 3, 3, 3]),
+        ([2, 5, 1, 12], [3, 5, 3, 3]),
+        ([3, 8, 7, 16], [13, 8, 3, 3]),
+        ([1, 32, 9, 20], [32, 32, 3, 3]),
+        ([2, 64, 6, 8], [64, 64, 3, 3]),
+        ([1, 17, 11, 28], [27, 17, 3, 3]),
+    ];
+    for (i, (x, w)) in cases.into_iter().enumerate() {
+        let (_, ran) = kernels_run(gpu, || {
+            check(
+                gpu,
+                Conv2dKernel::Direct,
+                x,
+                w,
+                i % 2 == 0,
+                &opts,
+                900 + i as u64,
+            )
+        });
+        assert!(ran.iter().any(|k| k == "conv3x3_direct"), "{x:?}: {ran:?}");
+        assert!(
+            !ran.iter().any(|k| k.starts_with("pack_taps")),
+            "{x:?}: {ran:?}"
+        );
+    }
+}
+
+#[test]
+fn direct_kernel_fuses_activation_and_residual() {
+    let gpu = gpu();
+    for dtype in dtypes() {
+        for activation in [Activation::Silu, Activation::GeluTanh] {
+            let opts = Conv2dOptions {
+                activation,
+                ..Conv2dOptions::same(3, 1)
+            };
+            check_in(
+                gpu,
+                Conv2dKernel::Direct,
+                ([2, 12, 5, 8], [16, 12, 3, 3]),
+                true,
+                &opts,
+                950,
+                dtype,
+            );
+        }
+        check_residual_in(
+            gpu,
+            Conv2dKernel::Direct,
+            ([2, 32, 6, 12], [40, 32, 3, 3]),
+            true,
+            &Conv2dOptions::same(3, 1),
+            Some(0.5),
+            960,
+            dtype,
+        );
+    }
+    if gpu.has_f16() {
+        check_f32_weights(
+            gpu,
+            Conv2dKernel::Direct,
+            ([1, 16, 5, 8], [11, 16, 3, 3]),
+            &Conv2dOptions::same(3, 1),
+            Some(1.0),
+            970,
+        );
+    }
+}
+
+#[test]
+fn direct_kernel_reuses_a_constant_weight_and_refuses_other_shapes() {
+    let gpu = gpu();
+    let opts = Conv2dOptions::same(3, 1);
+    let w_shape = [24, 64, 3, 3];
+    let (w, wv) = upload(
+        gpu,
+        &random(w_shape.iter().product(), 980),
+        &w_shape,
+        DType::F32,
+    );
+    let w = w.into_constant();
+    for (i, x_shape) in [[1, 64, 4, 8], [3, 64, 9, 4], [1, 64, 4, 8]]
+        .into_iter()
+        .enumerate()
+    {
+        let (x, xv) = upload(
+            gpu,
+            &random(x_shape.iter().product(), 981 + i as u64),
+            &x_shape,
+            DType::F32,
+        );
+        let got =
+            conv2d::conv2d_with_kernel(gpu, &x, &w, None, &opts, Conv2dKernel::Direct).unwrap();
+        let want = conv2d::conv2d_reference(&xv, x_shape, &wv, w_shape, None, &opts);
+        assert_close(
+            &format!("constant weight, x {x_shape:?}"),
+            &got.to_f32(gpu).unwrap(),
+            &want,
+            DType::F32,
+            64 * 9,
+        );
+    }
+    // Rows not a multiple of 4 wide, stride 2, a 1x1 kernel: refused by
+    // name, with the shapes.
+    let refused = [
+        ([1, 4, 6, 6], [4, 4, 3, 3], opts),
+        ([1, 4, 8, 8], [4, 4, 3, 3], Conv2dOptions::same(3, 2)),
+        ([1, 4, 8, 8], [4, 4, 1, 1], Conv2dOptions::same(1, 1)),
+    ];
+    for (x_shape, w_shape, o) in refused {
+        let x = Tensor::from_f32(
+            gpu,
+            &random(x_shape.iter().product(), 1),
+            &x_shape,
+            DType::F32,
+        )
+        .unwrap();
+        let w = Tensor::from_f32(
+            gpu,
+            &random(w_shape.iter().product(), 2),
+            &w_shape,
+            DType::F32,
+        )
+        .unwrap();
+        let err = conv2d::conv2d_with_kernel(gpu, &x, &w, None, &o, Conv2dKernel::Direct)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("conv2d") && err.contains("direct kernel"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn the_vae_decoders_full_resolution_convolutions_take_the_direct_kernel() {
+    // What routing picks on this (CPU) adapter for the bundled VAE's shapes
+    // in small: few channels at full resolution go direct.
+    let gpu = gpu();
+    if !gpu.adapter().is_cpu {
+        return;
+    }
+    let x_shape = [1, 32, 128, 128];
+    let w_shape = [32, 32, 3, 3];
+    let x = Tensor::from_f32(
+        gpu,
+        &random(x_shape.iter().product(), 3),
+        &x_shape,
+        DType::F32,
+    )
+    .unwrap();
+    let w = Tensor::from_f32(
+        gpu,
+        &random(w_shape.iter().product(), 4),
+        &w_shape,
+        DType::F32,
+    )
+    .unwrap();
+    let (_, ran) = kernels_run(gpu, || {
+        conv2d::conv2d(gpu, &x, &w, None, &Conv2dOptions::same(3, 1)).unwrap()
+    });
+    assert!(ran.iter().any(|k| k == "conv3x3_direct"), "{ran:?}");
+}
+
+/// `cargo test --release --test ops_conv2d -- --ignored --nocapture
+/// direct_against_packed_timing`: GPU time of the packed and the direct
+/// kernel for the bundled VAE decoder's 3x3 convolutions (16 frames).
+#[test]
+#[ignore]
+fn direct_against_packed_timing() {
+    let gpu = gpu();
+    let shapes: [(usize, usize, usize); 8] = [
+        (4, 64, 16),
+        (64, 64, 16),
+        (64, 64, 32),
+        (64, 64, 64),
+        (64, 64, 128),
+        (64, 32, 128),
+        (32, 32, 128),
+        (32, 3, 128),
+    ];
+    let frames = 16;
+    // MOTIF_TIMING_SHAPE=cin,cout,size times that shape alone.
+    let only = std::env::var("MOTIF_TIMING_SHAPE").ok();
+    for (cin, cout, size) in shapes {
+        if only
+            .as_ref()
+            .is_some_and(|o| *o != format!("{cin},{cout},{size}"))
+        {
+            continue;
+        }
+        let x_shape = [frames, cin, size, size];
+        let w_shape = [cout, cin, 3, 3];
+        let x = Tensor::from_f32(
+            gpu,
+            &random(x_shape.iter().product(), 5),
+            &x_shape,
+            DType::F32,
+        )
+        .unwrap();
+        let (w, _) = upload(
+            gpu,
+            &random(w_shape.iter().product(), 6),
+            &w_shape,
+            DType::F32,
+        );
+        let w = w.into_constant();
+        let (b, _) = upload(gpu, &random(cout, 7), &[cout], DType::F32);
+        let mut line = format!("{cin:>3} -> {cout:>3} at {size:>3}x{size:<3}");
+        for kernel in [Conv2dKernel::Packed, Conv2dKernel::Direct] {
+            let run = || {
+                conv2d::conv2d_with_kernel(
+                    gpu,
+                    &x,
+                    &w,
+                    Some(&b),
+                    &Conv2dOptions::same(3, 1),
+                    kernel,
+                )
+                .unwrap()
+            };
+            drop(run());
+            gpu.synchronize().unwrap();
+            gpu.start_timer();
+            drop(run());
+            let ms = gpu
+                .stop_timer_by_kernel()
+                .unwrap()
+                .unwrap()
+                .iter()
+                .map(|k| k.seconds * 1e3)
+                .sum::<f64>();
+            line += &format!("  {kernel:?} {ms:8.1} ms");
+        }
+        println!("{line}");
+    }
+}

@@ -88,6 +88,10 @@ pub struct Recipe {
     /// A text encoder file for a single-file model (Wan's UMT5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_encoder: Option<String>,
+    /// The low-noise expert file of a single-file Wan 2.2 A14B model, when
+    /// it is not found by name beside `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transformer_2: Option<String>,
     #[serde(default)]
     pub loras: Vec<Lora>,
     /// A still to animate (a path).
@@ -258,6 +262,7 @@ impl Recipe {
             motion_adapter: self.motion_adapter.or(base.motion_adapter),
             vae: self.vae.or(base.vae),
             text_encoder: self.text_encoder.or(base.text_encoder),
+            transformer_2: self.transformer_2.or(base.transformer_2),
             loras: if self.loras.is_empty() {
                 base.loras
             } else {

@@ -129,6 +129,8 @@ fn run_job(
                     }
                 }
                 Event::Decoded { frame, total } => send(Update::Decoded { frame, total }),
+                // Swapping Wan 2.2 A14B's experts: the step events go on.
+                Event::Expert { .. } => {}
             }
             !job.cancel.load(Ordering::SeqCst)
         },

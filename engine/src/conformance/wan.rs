@@ -576,6 +576,14 @@ fn pipeline_case(
     if has_input(case, "last_image") {
         req.last_image = Some(case_image(set, case, "last_image")?);
     }
+    // Wan 2.2 A14B: the low-noise expert's guidance scale.
+    if has_input(case, "guidance_2") {
+        req.guidance_2 = Some(
+            literal(case, "guidance_2")?
+                .as_f64()
+                .ok_or_else(|| argument("input `guidance_2` is not a number"))? as f32,
+        );
+    }
     req.trace = true;
     let out = wan.generate(gpu, &req, &mut |_| true)?;
     let trace = out.trace.unwrap_or_default();
@@ -596,7 +604,7 @@ fn pipeline_case(
         ),
     ]);
     if req.image.is_some() {
-        // Wan 2.2 TI2V has no image encoder: no image tokens to compare.
+        // None without an image encoder (Wan 2.2 A14B I2V, Wan 2.2 TI2V).
         if !trace.image_embeds.is_empty() {
             computed.push(("image_embeds".into(), widen(&trace.image_embeds)));
         }

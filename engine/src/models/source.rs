@@ -41,6 +41,10 @@ pub struct ModelSpec {
     /// A diffusers config for a single-file Wan transformer, for what its
     /// shapes cannot tell (see [`WanFiles`]).
     pub transformer_config: Option<String>,
+    /// The low-noise expert of a single-file Wan 2.2 A14B transformer
+    /// (`--transformer-2`), where it is not found by name beside `model`
+    /// (see [`WanFiles`]).
+    pub transformer_2: Option<String>,
 }
 
 /// A part's weights and config; `origin` names it in messages.

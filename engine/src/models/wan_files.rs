@@ -34,6 +34,64 @@ pub struct WanFiles {
     /// the shapes cannot tell (the head count of models whose heads are not
     /// Wan's 128 wide: the reference cases' tiny ones).
     pub transformer_config: Option<PathBuf>,
+    /// Wan 2.2 A14B: the low-noise expert beside `transformer` (the
+    /// high-noise one), found by name or given (see [`second_expert`]).
+    pub transformer_2: Option<PathBuf>,
+}
+
+/// The low-noise expert of a Wan 2.2 A14B `--model` file: `given`
+/// (`--transformer-2`), else, for a file named as ComfyUI's are
+/// (`wan2.2_t2v_high_noise_14B_fp16.safetensors`), the file of the same
+/// name with `low_noise` beside it. A low-noise file given as the model is
+/// refused (the high-noise expert runs first), and a high-noise file
+/// without its pair names the file it looked for.
+pub fn second_expert(model: &Path, given: Option<&str>) -> Result<Option<PathBuf>, LoadError> {
+    let name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.contains("low_noise") {
+        return Err(layout(
+            model,
+            "this is the low-noise expert of a Wan 2.2 A14B pair: pass the high-noise file \
+             (…high_noise…) as --model; the low-noise one is found beside it by name, or given \
+             with --transformer-2 FILE",
+        ));
+    }
+    if let Some(given) = given {
+        let path = PathBuf::from(given);
+        if !path.is_file() {
+            return Err(LoadError::Io {
+                path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "--transformer-2: no such file",
+                ),
+            });
+        }
+        expect_kind(
+            &path,
+            "--transformer-2",
+            &[WanFile::Transformer],
+            "a Wan transformer (the low-noise expert)",
+        )?;
+        return Ok(Some(path));
+    }
+    if !name.contains("high_noise") {
+        return Ok(None);
+    }
+    let pair = model.with_file_name(name.replacen("high_noise", "low_noise", 1));
+    match pair.is_file() {
+        true => Ok(Some(pair)),
+        false => Err(layout(
+            model,
+            format!(
+                "this is the high-noise expert of a Wan 2.2 A14B pair, but its low-noise expert \
+                 {} is not beside it: put it there or pass it with --transformer-2 FILE",
+                pair.display()
+            ),
+        )),
+    }
 }
 
 fn layout(path: &Path, message: impl Into<String>) -> LoadError {
@@ -133,6 +191,7 @@ impl WanFiles {
             text_encoder,
             vae,
             transformer_config: spec.transformer_config.as_ref().map(PathBuf::from),
+            transformer_2: second_expert(model, spec.transformer_2.as_deref())?,
         };
         files.check()?;
         Ok(files)
@@ -144,7 +203,10 @@ impl WanFiles {
     fn check(&self) -> Result<(), LoadError> {
         // What the files themselves hold first (fp8 scales, the tokenizer),
         // then how the parts fit.
-        for path in [&self.transformer, &self.text_encoder, &self.vae] {
+        for path in [&self.transformer, &self.text_encoder, &self.vae]
+            .into_iter()
+            .chain(&self.transformer_2)
+        {
             crate::weights::dtype::check_scales(&SafetensorsFile::open(path)?)?;
         }
         self.tokenizer()?;
@@ -163,7 +225,11 @@ impl WanFiles {
                 ),
             ));
         }
-        if vae.z_dim != transformer.in_channels {
+        // Image-to-video transformers read 2 · z + 4 channels (noise, frame
+        // mask, the encoded still).
+        if vae.z_dim != transformer.in_channels
+            && 2 * vae.z_dim + vae.temporal_scale_factor() != transformer.in_channels
+        {
             return Err(layout(
                 &self.vae,
                 format!(
@@ -191,12 +257,28 @@ impl WanFiles {
         self.transformer_with_loras(&[])
     }
 
+    /// The low-noise expert of a Wan 2.2 A14B pair, its config inferred
+    /// as the first's.
+    pub fn transformer_2(&self) -> Result<Option<Part<WanTransformerConfig>>, LoadError> {
+        self.transformer_2
+            .as_ref()
+            .map(|path| self.transformer_at(path, &[]))
+            .transpose()
+    }
+
     /// [`WanFiles::transformer`] with LoRAs (file, user weight) fused in.
     pub fn transformer_with_loras(
         &self,
         loras: &[(Arc<LoraFile>, f32)],
     ) -> Result<Part<WanTransformerConfig>, LoadError> {
-        let path = &self.transformer;
+        self.transformer_at(&self.transformer, loras)
+    }
+
+    fn transformer_at(
+        &self,
+        path: &Path,
+        loras: &[(Arc<LoraFile>, f32)],
+    ) -> Result<Part<WanTransformerConfig>, LoadError> {
         let keys = file_keys(path)?;
         let given = match &self.transformer_config {
             None => None,
@@ -236,11 +318,11 @@ impl WanFiles {
         Ok(Part {
             config: WanTransformerConfig::from_value(path, config)?,
             weights: Arc::new(
-                WeightSet::open(std::slice::from_ref(path))?
+                WeightSet::open(&[path.to_path_buf()])?
                     .with_aliases(aliases)
                     .with_loras(loras, LoraTarget::Transformer)?,
             ),
-            origin: path.clone(),
+            origin: path.to_path_buf(),
         })
     }
 

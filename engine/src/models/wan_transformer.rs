@@ -734,6 +734,48 @@ impl WanTransformer3DModel {
         Self::new(gpu, &Weights::new(set, gpu.precision()), config, residency)
     }
 
+    /// Fails unless `w` holds every weight a model of `config` loads (the
+    /// image embedder's aside), with its shape, reading no data: an expert
+    /// loaded mid-generation (Wan 2.2 A14B) is checked before any GPU work.
+    pub fn check_weights(w: &Weights, config: &WanTransformerConfig) -> Result<()> {
+        let (dim, [pt, ph, pw]) = (config.inner_dim(), config.patch_size);
+        let out = config.out_channels() * pt * ph * pw;
+        let linear = |name: &str, o: usize, i: usize| {
+            [
+                (format!("{name}.weight"), vec![o, i]),
+                (format!("{name}.bias"), vec![o]),
+            ]
+        };
+        let mut expected = vec![
+            (
+                "patch_embedding.weight".to_string(),
+                vec![dim, config.in_channels, pt, ph, pw],
+            ),
+            ("patch_embedding.bias".to_string(), vec![dim]),
+            ("scale_shift_table".to_string(), vec![1, 2, dim]),
+        ];
+        for (name, o, i) in [
+            ("proj_out", out, dim),
+            (
+                "condition_embedder.time_embedder.linear_1",
+                dim,
+                config.freq_dim,
+            ),
+            ("condition_embedder.time_embedder.linear_2", dim, dim),
+            ("condition_embedder.time_proj", 6 * dim, dim),
+            (
+                "condition_embedder.text_embedder.linear_1",
+                dim,
+                config.text_dim,
+            ),
+            ("condition_embedder.text_embedder.linear_2", dim, dim),
+        ] {
+            expected.extend(linear(name, o, i));
+        }
+        check_shapes(w, &expected)?;
+        check_shapes(&w.pp("blocks"), &block_shapes(config))
+    }
+
     pub fn residency(&self) -> BlockResidency {
         self.residency
     }

@@ -2,7 +2,9 @@
 //! with any kernel size, stride, asymmetric zero padding, bias, a fused
 //! activation and optionally a fused residual (a resnet's shortcut). GPUs
 //! run a tiled implicit matrix product; CPU adapters pack input taps and
-//! weights for matmul's packed kernel (`shaders/matmul.wgsl` says why).
+//! weights for matmul's packed kernel (`shaders/matmul.wgsl` says why), or,
+//! for 3x3 convolutions with few input channels, run a direct kernel
+//! (ops/conv2d_direct.rs).
 //! Tensors larger than one storage binding run in windows: of batch items,
 //! output channels, output rows and input channels (tiled), of output rows
 //! and channel blocks (packed).
@@ -16,6 +18,7 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
+use super::conv2d_direct::{direct_fits, run_direct, DirectDims};
 use super::coop::{self, CoopKernel};
 use super::matmul::{self as mm, CoopProduct};
 use super::matmul::{
@@ -152,6 +155,10 @@ pub enum Conv2dKernel {
     /// Tensor cores: matmul's coop kernel as an implicit product, in the
     /// tiled kernel's windows (f16 on adapters with cooperative matrices).
     Coop,
+    /// 3x3, stride 1, padding 1 read straight from the input, 4 pixels x 8
+    /// channels per invocation (`shaders/conv2d_direct.wgsl`; CPU adapters,
+    /// rows a multiple of 4 wide).
+    Direct,
 }
 
 #[repr(C)]
@@ -445,9 +452,30 @@ pub fn conv2d_residual_with_kernel(
     if out.numel() == 0 {
         return Ok(out);
     }
+    let direct = direct_shape(gpu, x, opts, &d);
+    if kernel == Conv2dKernel::Direct {
+        let Some(dd) = direct else {
+            return Err(EngineError::Argument {
+                op: "conv2d",
+                message: format!(
+                    "the direct kernel takes 3x3 convolutions with stride 1 and padding 1 \
+                     whose rows are a multiple of 4 wide, an item and its output each in one \
+                     binding, on an adapter with 64 KiB uniform bindings (this one: weight {}, \
+                     input {}, stride {}, padding {:?}, adapter {})",
+                    fmt_shape(weight.shape()),
+                    fmt_shape(x.shape()),
+                    opts.stride,
+                    opts.padding,
+                    gpu.adapter().name
+                ),
+            });
+        };
+        run_direct(gpu, x, weight, &e, &dd, &out)?;
+        return Ok(out);
+    }
     // Tensor cores where routing sends the convolution (ops/route.rs).
     let asked = match kernel {
-        Conv2dKernel::Auto => None,
+        Conv2dKernel::Auto | Conv2dKernel::Direct => None,
         Conv2dKernel::Tiled => Some(KernelName::Tiled),
         Conv2dKernel::Packed => Some(KernelName::Packed),
         Conv2dKernel::Coop => Some(KernelName::Coop),
@@ -486,8 +514,15 @@ pub fn conv2d_residual_with_kernel(
     let max = max_window(gpu, x, weight);
     let packable =
         packed_supported(gpu) && d.cin * d.h * d.w <= max && weight.numel() <= max && x.numel() > 0;
+    // CPU adapters: the direct kernel where it beats the packed product.
+    if kernel == Conv2dKernel::Auto && packed_supported(gpu) {
+        if let Some(dd) = direct.filter(direct_wins) {
+            run_direct(gpu, x, weight, &e, &dd, &out)?;
+            return Ok(out);
+        }
+    }
     let packed = match kernel {
-        Conv2dKernel::Auto => packable,
+        Conv2dKernel::Auto | Conv2dKernel::Direct => packable,
         Conv2dKernel::Tiled | Conv2dKernel::Coop => false,
         Conv2dKernel::Packed if asked.is_none() => packable,
         Conv2dKernel::Packed => {
@@ -520,6 +555,34 @@ pub fn conv2d_residual_with_kernel(
         run_tiled(gpu, x, weight, &e, opts, &d, &out, None)?;
     }
     Ok(out)
+}
+
+/// The direct kernel's sizes where it takes the convolution at all.
+fn direct_shape(gpu: &Gpu, x: &Tensor, opts: &Conv2dOptions, d: &Dims) -> Option<DirectDims> {
+    let dd = DirectDims {
+        n: d.n,
+        cin: d.cin,
+        h: d.h,
+        w: d.w,
+        cout: d.cout,
+    };
+    (d.kh == 3
+        && d.kw == 3
+        && opts.stride == 1
+        && opts.padding == [1; 4]
+        && direct_fits(gpu, x, &dd))
+    .then_some(dd)
+}
+
+/// Where the direct kernel is faster than tap packing and the packed
+/// product on lavapipe (docs/PERFORMANCE.md, issue 22; 16 frames, GPU time):
+/// 0.18-0.64x the packed path's for conv_in (4 -> 64 at 16x16), 64 -> 64 at
+/// 16x16 and the 32-channel ones at 128x128, 0.8-0.9x at 64 -> 64 32x32 and
+/// 64 -> 32 128x128, about even for 64 -> 64 at 64x64 and 128x128, where it
+/// still saves most of the dispatches. Past 64 input channels a weight block
+/// holds fewer output channels, so the input is read more often.
+fn direct_wins(d: &DirectDims) -> bool {
+    d.cin <= 64 && d.w >= 16
 }
 
 #[allow(clippy::too_many_arguments)]

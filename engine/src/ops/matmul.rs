@@ -468,7 +468,7 @@ pub(crate) struct Epilogue<'a> {
 impl<'a> Epilogue<'a> {
     /// The residual binding for the output window of `count` values from
     /// `start`, or `unused` (as [`bias_window`]).
-    fn residual_window(
+    pub(crate) fn residual_window(
         &self,
         gpu: &Gpu,
         start: usize,

@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod conv2d;
+mod conv2d_direct;
 pub(crate) mod coop;
 pub mod elementwise;
 pub mod embedding;

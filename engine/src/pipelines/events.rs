@@ -34,6 +34,13 @@ pub enum Event<'a> {
         frame: usize,
         total: usize,
     },
+    /// A two-expert model (Wan 2.2 A14B) changes expert before step
+    /// `step`: `freed` (if any) has left the device, `name` loads now.
+    Expert {
+        name: &'static str,
+        freed: Option<&'static str>,
+        step: usize,
+    },
 }
 
 /// Sends `event` to the caller's callback; `Err(Cancelled)` when it

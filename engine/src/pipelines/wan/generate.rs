@@ -10,6 +10,9 @@
 //! image tokens and the conditioning channels (`image.rs`); each step the
 //! transformer reads [latents, condition] and the image tokens.
 //!
+//! Wan 2.2 A14B changes expert (and guidance scale) at its boundary
+//! timestep (`experts.rs`).
+//!
 //! With a single-step scheduler (flow-matching Euler) the latents stay on
 //! the GPU between steps, guidance and the update running there
 //! (`ops::latent`); UniPC keeps its history of model outputs on the CPU
@@ -166,14 +169,20 @@ impl Wan {
             ..Default::default()
         });
         if let (Some(tr), Some(im)) = (trace.as_mut(), &image) {
-            tr.image_embeds = im.image_embeds.to_f32(gpu)?;
+            if let Some(embeds) = &im.image_embeds {
+                tr.image_embeds = embeds.to_f32(gpu)?;
+            }
             tr.condition = im.condition.clone();
         }
         if let (Some(tr), Some(cond)) = (trace.as_mut(), &first_frame) {
             tr.condition = cond.clone();
         }
+        let boundary = self.transformer.boundary_timestep(&self.scheduler_config)?;
         let mut previews = StepPreviews::default();
         for (k, &t) in timesteps.iter().enumerate() {
+            // Wan 2.2 A14B: the expert of this step and its guidance scale.
+            let (expert, guidance_scale) = self.transformer.expert_at(t, boundary, req);
+            self.transformer.make_resident(gpu, expert, k, events)?;
             let x = match (&latents_gpu, &image) {
                 _ if first_frame.is_some() => {
                     let cond = first_frame.as_deref().unwrap_or_default();
@@ -188,7 +197,7 @@ impl Wan {
                 }
                 (None, None) => Tensor::from_f32(gpu, &latents, &[1, c, f, h, w], gpu.precision())?,
             };
-            let image_embeds = image.as_ref().map(|im| &im.image_embeds);
+            let image_embeds = image.as_ref().and_then(|im| im.image_embeds.as_ref());
             // TI2V image-to-video: timestep 0 on the clean first frame's
             // tokens (text-to-video's tokens all share t: one per item).
             let t = match first_frame {
@@ -212,7 +221,7 @@ impl Wan {
             };
             let x0 = match (program, latents_gpu.as_mut()) {
                 (Some(program), Some(l)) => {
-                    let guided = latent::guide_pair(gpu, u.as_ref(), &pred, req.guidance)?
+                    let guided = latent::guide_pair(gpu, u.as_ref(), &pred, guidance_scale)?
                         .reshape(l.shape())?;
                     let mut out = latent::run_program(gpu, &program.program, &[l, &guided])?;
                     let x0 = out.swap_remove(StepProgram::PRED_ORIGINAL);
@@ -225,7 +234,7 @@ impl Wan {
                 _ => {
                     let mut guided = pred.to_f32(gpu)?;
                     if let Some(u) = &u {
-                        guided = guidance::guide(&u.to_f32(gpu)?, &guided, req.guidance);
+                        guided = guidance::guide(&u.to_f32(gpu)?, &guided, guidance_scale);
                     }
                     let out = scheduler.step(&guided, k, &latents, None)?;
                     latents = out.prev_sample;

@@ -3,7 +3,8 @@
 //! for the transformer's image cross-attention; and the conditioning video
 //! (the still, then zeros, [then the last still]) encoded by the VAE,
 //! normalised, behind a 4-channel frame mask, as the 20 channels the
-//! transformer reads beside the 16 of the noisy latents.
+//! transformer reads beside the 16 of the noisy latents. Wan 2.2 A14B I2V
+//! reads the same 20 channels but has no image encoder (no image tokens).
 
 use std::path::Path;
 
@@ -11,7 +12,7 @@ use super::{component, transformer_config_path, Wan};
 use crate::error::{LoadError, Result};
 use crate::gpu::Gpu;
 use crate::models::clip_vision::ClipVisionModel;
-use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
+use crate::models::wan_transformer::WanTransformerConfig;
 use crate::pipelines::argument;
 use crate::pipelines::image::{
     pil_resize, to_rgb8, ClipImageProcessor, PilFilter, RgbImage, MIN_IMAGE_SIDE,
@@ -83,10 +84,9 @@ pub(super) fn check_folder(
 /// first-last frame as many tokens as `pos_embed` spans.
 pub(super) fn check_parts(
     dir: &Path,
-    transformer: &WanTransformer3DModel,
+    cfg: &WanTransformerConfig,
     image: Option<&ImageConditioning>,
 ) -> Result<()> {
-    let cfg = &transformer.config;
     let bad = |message: String| LoadError::Config {
         path: transformer_config_path(dir),
         message,
@@ -133,14 +133,22 @@ pub(super) fn check_parts(
 
 /// What the transformer reads beside the latents.
 pub(super) struct ImageConditions {
-    /// [N, T, D]: N = 1, or 2 (first, last) for first-last frame.
-    pub image_embeds: Tensor,
+    /// [N, T, D]: N = 1, or 2 (first, last) for first-last frame; None for
+    /// a model without an image encoder (Wan 2.2 A14B I2V).
+    pub image_embeds: Option<Tensor>,
     /// [4 + z, f, h, w] on the CPU: frame mask, normalised latents of the
     /// conditioning video.
     pub condition: Vec<f32>,
 }
 
 impl Wan {
+    /// Whether the model animates a still: an image encoder, or a
+    /// transformer that reads the conditioning channels (Wan 2.2 A14B I2V
+    /// has no image encoder).
+    pub(super) fn takes_image(&self) -> bool {
+        self.image.is_some() || self.transformer.config.in_channels != self.vae.config.z_dim
+    }
+
     /// The request's stills against the model: image-to-video models
     /// need theirs (first-last frame both), each at least
     /// [`MIN_IMAGE_SIDE`] on a side.
@@ -150,7 +158,7 @@ impl Wan {
                 "a last image needs a first image too (--image with --last-image)",
             ));
         }
-        if self.image.is_some() {
+        if self.takes_image() {
             if req.image.is_none() {
                 return Err(argument(format!(
                     "{} is an image-to-video model: give it the still to animate (--image)",
@@ -195,20 +203,25 @@ impl Wan {
         gpu: &Gpu,
         req: &Request,
     ) -> Result<Option<ImageConditions>> {
-        let (Some(parts), Some(first)) = (&self.image, &req.image) else {
+        let (true, Some(first)) = (self.takes_image(), &req.image) else {
             return Ok(None);
         };
         let stills: Vec<&RgbImage> = std::iter::once(first).chain(&req.last_image).collect();
 
         // The image encoder on the stills as given (the processor resizes).
-        let (ph, pw) = parts.processor.output_size();
-        let pixels: Vec<f32> = stills
-            .iter()
-            .flat_map(|im| parts.processor.preprocess(im))
-            .collect();
-        let pixel_values =
-            Tensor::from_f32(gpu, &pixels, &[stills.len(), 3, ph, pw], gpu.precision())?;
-        let image_embeds = parts.encoder.penultimate_hidden_state(gpu, &pixel_values)?;
+        let image_embeds = match &self.image {
+            Some(parts) => {
+                let (ph, pw) = parts.processor.output_size();
+                let pixels: Vec<f32> = stills
+                    .iter()
+                    .flat_map(|im| parts.processor.preprocess(im))
+                    .collect();
+                let pixel_values =
+                    Tensor::from_f32(gpu, &pixels, &[stills.len(), 3, ph, pw], gpu.precision())?;
+                Some(parts.encoder.penultimate_hidden_state(gpu, &pixel_values)?)
+            }
+            None => None,
+        };
 
         // The conditioning video [1, 3, F, H, W]: the stills at the clip's
         // size (diffusers' VaeImageProcessor: Pillow LANCZOS on bytes, no

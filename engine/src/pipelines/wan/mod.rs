@@ -19,11 +19,17 @@
 //! (noise, a frame mask, the encoded conditioning video) and the image
 //! tokens in its cross-attention (see `image.rs`).
 //!
+//! Wan 2.2 A14B (T2V and I2V) is two transformers, a high- and a
+//! low-noise expert, switched at a boundary timestep (see `experts.rs`);
+//! its I2V has no image encoder: the still reaches it through the
+//! conditioning channels alone.
+//!
 //! Wan 2.2 TI2V-5B (`expand_timesteps`: text-to-video, and image-to-video
 //! through the VAE alone) is `ti2v.rs`.
 //!
 //! The step loop is in `generate.rs`.
 
+mod experts;
 mod files;
 mod generate;
 mod image;
@@ -154,7 +160,8 @@ pub struct Wan {
     model: PathBuf,
     tokenizer: Umt5Tokenizer,
     text_encoder: UMT5EncoderModel,
-    transformer: WanTransformer3DModel,
+    /// One transformer, or Wan 2.2 A14B's two experts.
+    transformer: experts::Experts,
     vae: AutoencoderKLWan,
     /// Image-to-video models: the CLIP image encoder and its processor.
     image: Option<image::ImageConditioning>,
@@ -193,13 +200,6 @@ fn present(entry: &Option<serde_json::Value>) -> bool {
         None | Some(serde_json::Value::Null) => false,
         Some(serde_json::Value::Array(parts)) => parts.iter().any(|p| !p.is_null()),
         Some(_) => true,
-    }
-}
-
-fn not_yet(path: &Path, what: &str) -> LoadError {
-    LoadError::Layout {
-        path: path.to_path_buf(),
-        message: format!("{what} is not yet supported (Motif runs Wan 2.1 text-to-video folders)"),
     }
 }
 
@@ -335,7 +335,7 @@ impl Wan {
         dir: PathBuf,
         tokenizer: Umt5Tokenizer,
         text_encoder: UMT5EncoderModel,
-        transformer: WanTransformer3DModel,
+        transformer: experts::Experts,
         vae: AutoencoderKLWan,
         image: Option<image::ImageConditioning>,
         scheduler_config: SchedulerConfig,
@@ -362,12 +362,15 @@ impl Wan {
             .into());
         }
         // Image-to-video: noise z + frame mask (the VAE's temporal factor)
-        // + the encoded conditioning video z.
+        // + the encoded conditioning video z; Wan 2.2 A14B I2V reads those
+        // channels without an image branch.
         let z = vae.config.z_dim;
+        let conditioned = 2 * z + vae.config.temporal_scale_factor();
         let (expected, what) = match transformer.config.image_dim {
+            None if transformer.config.in_channels == conditioned => (conditioned, String::new()),
             None => (z, "the VAE's z_dim".to_string()),
             Some(_) => (
-                2 * z + vae.config.temporal_scale_factor(),
+                conditioned,
                 format!(
                     "2 · z_dim + {} (noise, frame mask, encoded image) for image-to-video",
                     vae.config.temporal_scale_factor()
@@ -394,7 +397,7 @@ impl Wan {
             }
             .into());
         }
-        image::check_parts(&dir, &transformer, image.as_ref())?;
+        image::check_parts(&dir, &transformer.config, image.as_ref())?;
         let card = ModelCard::for_model(&dir)?;
         let defaults = card.defaults(published_defaults());
         let latent_rgb = LatentRgb::new(
@@ -430,9 +433,6 @@ impl Family for Wan {
         let dir = source.path().to_path_buf();
         let index_path = dir.join("model_index.json");
         let index: WanIndex = crate::weights::config::read_config(&index_path)?;
-        if present(&index.transformer_2) || index.boundary_ratio.is_some() {
-            return Err(not_yet(&dir, "Wan 2.2 A14B (two experts: transformer_2)").into());
-        }
         // Whether the folder is image-to-video, from the configs alone:
         // parts missing are named before any weight reaches the GPU.
         let transformer_dir = component(&dir, "transformer", "the Wan transformer")?;
@@ -440,10 +440,19 @@ impl Family for Wan {
         image::check_folder(&dir, &transformer_config, present(&index.image_encoder))?;
         // LoRAs are checked against the transformer (headers only) before
         // any part goes to the GPU.
-        let transformer_weights = source.fuse_loras(
-            WeightSet::open_dir(&transformer_dir)?,
-            LoraTarget::Transformer,
-        )?;
+        let first = experts::ExpertWeights {
+            weights: Weights::new(
+                source.fuse_loras(
+                    WeightSet::open_dir(&transformer_dir)?,
+                    LoraTarget::Transformer,
+                )?,
+                gpu.precision(),
+            ),
+            config: transformer_config,
+        };
+        // Wan 2.2 A14B: the second expert's config and weights are checked
+        // (headers only) before any part goes to the GPU.
+        let second = experts::open_second(gpu, &dir, &index, source, &first)?;
         let tokenizer_dir = component(&dir, "tokenizer", "tokenizer.json")?;
         let tokenizer = Umt5Tokenizer::from_dir(&tokenizer_dir)?;
         let te_dir = component(&dir, "text_encoder", "the UMT5 encoder")?;
@@ -465,12 +474,17 @@ impl Family for Wan {
         // cached rather than something keyed on less than the encoder.
         let encoder_identity =
             EncoderIdentity::of(&te_dir, &tokenizer_dir.join("tokenizer.json")).ok();
-        let transformer = WanTransformer3DModel::new(
-            gpu,
-            &Weights::new(transformer_weights, gpu.precision()),
-            transformer_config,
-            BlockResidency::Resident,
-        )?;
+        let transformer = match second {
+            None => experts::Experts::single(WanTransformer3DModel::new(
+                gpu,
+                &first.weights,
+                first.config,
+                BlockResidency::Resident,
+            )?),
+            Some((second, boundary_ratio)) => {
+                experts::Experts::pair(gpu, [first, second], boundary_ratio)?
+            }
+        };
         let vae = AutoencoderKLWan::load(gpu, &component(&dir, "vae", "the Wan VAE")?)?;
         let image = match present(&index.image_encoder) {
             true => Some(image::ImageConditioning::load(gpu, &dir)?),
@@ -507,11 +521,25 @@ impl Family for Wan {
     }
 
     fn controls(&self) -> Controls {
-        match (&self.image, self.transformer.config.pos_embed_seq_len) {
-            (None, _) if self.expand_timesteps => CONTROLS_TI2V,
-            (None, _) => CONTROLS,
-            (Some(_), None) => CONTROLS_I2V,
-            (Some(_), Some(_)) => CONTROLS_FLF2V,
+        if self.transformer.is_pair() {
+            return match self.takes_image() {
+                true => experts::CONTROLS_A14B_I2V,
+                false => experts::CONTROLS_A14B,
+            };
+        }
+        // Wan 2.2 TI2V: text-to-video, or image-to-video given a still.
+        if self.expand_timesteps {
+            return CONTROLS_TI2V;
+        }
+        // A conditioning-channel transformer without an image encoder is
+        // image-to-video too (as diffusers runs it).
+        match (
+            self.takes_image(),
+            self.transformer.config.pos_embed_seq_len,
+        ) {
+            (false, _) => CONTROLS,
+            (true, None) => CONTROLS_I2V,
+            (true, Some(_)) => CONTROLS_FLF2V,
         }
     }
 
@@ -539,6 +567,13 @@ impl Family for Wan {
                 "frames {}: Wan takes 1 + {t}k frames (its VAE is causal in time); pass {below} or {above}",
                 req.frames
             )));
+        }
+        if let Some(g) = req.guidance_2 {
+            if !g.is_finite() {
+                return Err(argument(format!(
+                    "guidance_2 {g} must be a number (the low-noise expert's guidance scale)"
+                )));
+            }
         }
         if let Some(shift) = req.shift {
             if !(shift.is_finite() && shift > 0.0) {
