@@ -95,6 +95,9 @@ enum Command {
         /// With --wan (timed): only the first N of the transformer's 30 blocks (a quick check of the plumbing on a CPU adapter).
         #[arg(long, value_name = "N")]
         wan_layers: Option<usize>,
+        /// With --plan --wan: plan Wan2.2-TI2V-5B (image-to-video, 1280x704x121 unless --size) instead of Wan2.1-1.3B.
+        #[arg(long)]
+        ti2v: bool,
         /// With --coop: more matmul shapes to time on both kernels, `MxKxN` or `MxKxNt` (b transposed), comma-separated.
         #[arg(long, value_delimiter = ',', env = "MOTIF_COOP_SHAPES")]
         coop_shapes: Vec<String>,
@@ -386,7 +389,7 @@ fn plan_wan_i2v(cli: &Cli, size: Option<(usize, usize, usize)>) -> Result<()> {
 
 /// `motif bench --plan --wan`: the peak device memory of a Wan2.1-1.3B
 /// generation by phase, walked through the allocator.
-fn plan_wan(cli: &Cli, size: Option<(usize, usize, usize)>) -> Result<()> {
+fn plan_wan(cli: &Cli, size: Option<(usize, usize, usize)>, ti2v: bool) -> Result<()> {
     let gpu = Gpu::new(GpuOptions {
         adapter: cli.adapter.clone(),
         precision: cli.precision,
@@ -394,13 +397,22 @@ fn plan_wan(cli: &Cli, size: Option<(usize, usize, usize)>) -> Result<()> {
         ..Default::default()
     })
     .context("opening the GPU")?;
-    let (width, height, frames) = size.unwrap_or((832, 480, 81));
+    use motif_engine::bench::WanPlanModel;
+    let (model, name, default) = match ti2v {
+        true => (
+            WanPlanModel::Ti2v5B,
+            "Wan2.2-TI2V-5B (image-to-video)",
+            (1280, 704, 121),
+        ),
+        false => (WanPlanModel::T2v1_3B, "Wan2.1-T2V-1.3B", (832, 480, 81)),
+    };
+    let (width, height, frames) = size.unwrap_or(default);
     println!("adapter: {}", gpu.adapter());
     println!(
-        "Wan2.1-T2V-1.3B at {width}x{height}x{frames} in {} (plan: nothing runs, every allocation is counted)",
+        "{name} at {width}x{height}x{frames} in {} (plan: nothing runs, every allocation is counted)",
         gpu.precision()
     );
-    let r = motif_engine::bench::plan_wan(&gpu, width, height, frames)?;
+    let r = motif_engine::bench::plan_wan_model(&gpu, model, width, height, frames)?;
     println!(
         "resident weights (transformer, VAE):  {}",
         mib(r.weight_bytes)
@@ -730,6 +742,7 @@ fn main() {
             coop_shapes,
             tune,
             wan_layers,
+            ti2v,
         } => {
             if *tune {
                 bench_tune(&cli, *iters, *json)
@@ -746,7 +759,7 @@ fn main() {
                 plan_wan_i2v(&cli, *size)
             } else if *wan {
                 if *plan {
-                    plan_wan(&cli, *size)
+                    plan_wan(&cli, *size, *ti2v)
                 } else {
                     bench_wan(&cli, *size, *iters, *json, *wan_layers)
                 }

@@ -1,7 +1,7 @@
 //! `motif conformance` on the committed reference case sets (written by
 //! tools/fixtures/make_cases.py, make_wan_cases.py, make_wan_i2v_cases.py and
-//! make_wan_a14b_cases.py from diffusers and transformers), in f32 and f16,
-//! and the runner's failure modes.
+//! make_wan_a14b_cases.py and make_wan_ti2v_cases.py from diffusers and
+//! transformers), in f32 and f16, and the runner's failure modes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -166,6 +166,41 @@ fn wan_image_to_video_sets_match_the_reference_in_f32_and_f16() {
                     "{set} {precision} {output}:\n{stdout}"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn wan_ti2v_set_matches_the_reference_in_f32_and_f16() {
+    // wan-ti2v (Wan 2.2 TI2V-5B layout): the 48-channel residual VAE with
+    // patch_size 2 (decode across three latent frames, encode of 1 + 2 · 4
+    // frames), the transformer with a timestep per token, and the
+    // expand_timesteps pipelines: text-to-video and image-to-video (the
+    // VAE-encoded still as the first latent frame, its tokens at t = 0).
+    let dir = fixtures().join("wan-ti2v");
+    let outputs = outputs_in(&dir);
+    assert!(outputs >= 17, "wan-ti2v: only {outputs} outputs");
+    for precision in ["f32", "f16"] {
+        let (code, stdout, stderr) =
+            conformance(&[dir.to_str().unwrap(), "--precision", precision]);
+        assert_eq!(code, 0, "{precision}:\n{stdout}\n{stderr}");
+        assert_eq!(summary(&stdout), (outputs, 0), "{precision}:\n{stdout}");
+        for output in [
+            "vae_decode.sample",
+            "vae_encode.posterior_mean",
+            "transformer_b2_token_t.sample",
+            "transformer_b1_token_frac_t.sample",
+            "pipeline_t2v_unipc.frames",
+            "pipeline_i2v_unipc.condition",
+            "pipeline_i2v_unipc.step_latents",
+            "pipeline_i2v_unipc.frames",
+        ] {
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.contains(&format!("wan-ti2v_{output}")) && l.ends_with(" ok")),
+                "{precision} {output}:\n{stdout}"
+            );
         }
     }
 }

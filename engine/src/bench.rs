@@ -575,12 +575,50 @@ const UMT5_XXL_PLAN: &str = r#"{"vocab_size": 1000, "d_model": 4096, "d_kv": 64,
  "d_ff": 10240, "num_layers": 24, "num_heads": 64, "relative_attention_num_buckets": 32,
  "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu"}"#;
 
+/// diffusers' `Wan-AI/Wan2.2-TI2V-5B-Diffusers` transformer config.
+const WAN22_TI2V_5B_TRANSFORMER: &str = r#"{"patch_size": [1, 2, 2], "num_attention_heads": 24,
+ "attention_head_dim": 128, "in_channels": 48, "out_channels": 48, "text_dim": 4096,
+ "freq_dim": 256, "ffn_dim": 14336, "num_layers": 30, "cross_attn_norm": true,
+ "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024}"#;
+
+/// The Wan 2.2 VAE's structure (TI2V-5B's vae/config.json; the latent
+/// statistics do not change the memory).
+fn wan22_vae_plan_config() -> serde_json::Value {
+    serde_json::json!({"base_dim": 160, "decoder_base_dim": 256, "z_dim": 48,
+        "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "temperal_downsample": [false, true, true],
+        "is_residual": true, "in_channels": 12, "out_channels": 12, "patch_size": 2,
+        "latents_mean": vec![0.0; 48], "latents_std": vec![1.0; 48]})
+}
+
+/// Which Wan model a plan walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WanPlanModel {
+    /// Wan2.1-T2V-1.3B with the Wan 2.1 VAE.
+    T2v1_3B,
+    /// Wan2.2-TI2V-5B with the Wan 2.2 VAE, image-to-video: the still
+    /// encoded first, then a timestep per token (the larger form).
+    Ti2v5B,
+}
+
 /// Walks one Wan 2.1 1.3B generation at `width` x `height` x `frames` on a
 /// plan-mode GPU (no memory is taken, every allocation is counted at its
 /// real size): the prompt and negative prompt through UMT5-XXL at 512
 /// tokens, one denoising step (two transformer passes, guidance on) and the
 /// decode of every latent frame.
 pub fn plan_wan(gpu: &Gpu, width: usize, height: usize, frames: usize) -> Result<WanPlanReport> {
+    plan_wan_model(gpu, WanPlanModel::T2v1_3B, width, height, frames)
+}
+
+/// [`plan_wan`] for `model`. For TI2V-5B the decoding phase also holds the
+/// encode of the still (one frame through the encoder), which runs before
+/// denoising and is counted with the denoising peak.
+pub fn plan_wan_model(
+    gpu: &Gpu,
+    model: WanPlanModel,
+    width: usize,
+    height: usize,
+    frames: usize,
+) -> Result<WanPlanReport> {
     use crate::models::umt5::{BlockResidency, UMT5Config, UMT5EncoderModel};
     use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
     use crate::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
@@ -594,15 +632,18 @@ pub fn plan_wan(gpu: &Gpu, width: usize, height: usize, frames: usize) -> Result
             message: "needs a plan-mode GPU (motif bench --plan)".into(),
         });
     }
-    if !width.is_multiple_of(16)
-        || !height.is_multiple_of(16)
+    let ti2v = model == WanPlanModel::Ti2v5B;
+    let multiple = if ti2v { 32 } else { 16 };
+    if !width.is_multiple_of(multiple)
+        || !height.is_multiple_of(multiple)
         || frames == 0
         || !(frames - 1).is_multiple_of(4)
     {
         return Err(EngineError::Argument {
             op: "plan_wan",
             message: format!(
-                "{width}x{height}x{frames}: Wan takes sizes that are multiples of 16 and 1 + 4k frames"
+                "{width}x{height}x{frames}: this Wan model takes sizes that are multiples of \
+                 {multiple} and 1 + 4k frames"
             ),
         });
     }
@@ -611,9 +652,15 @@ pub fn plan_wan(gpu: &Gpu, width: usize, height: usize, frames: usize) -> Result
         message: e.to_string(),
     };
     let te_config: UMT5Config = serde_json::from_str(UMT5_XXL_PLAN).map_err(config_err)?;
-    let tr_config: WanTransformerConfig =
-        serde_json::from_str(WAN21_1_3B_TRANSFORMER).map_err(config_err)?;
-    let vae_config = WanVaeConfig::from_value(Path::new("(Wan 2.1 VAE)"), serde_json::json!({}))?;
+    let tr_config: WanTransformerConfig = serde_json::from_str(match ti2v {
+        true => WAN22_TI2V_5B_TRANSFORMER,
+        false => WAN21_1_3B_TRANSFORMER,
+    })
+    .map_err(config_err)?;
+    let vae_config = match ti2v {
+        true => WanVaeConfig::from_value(Path::new("(Wan 2.2 VAE)"), wan22_vae_plan_config())?,
+        false => WanVaeConfig::from_value(Path::new("(Wan 2.1 VAE)"), serde_json::json!({}))?,
+    };
     let w = Weights::new(Arc::new(WeightSet::synthetic()), gpu.precision());
     gpu.reset_peak_memory();
     let text_encoder = UMT5EncoderModel::new(gpu, &w, te_config, BlockResidency::Streamed)?;
@@ -632,13 +679,25 @@ pub fn plan_wan(gpu: &Gpu, width: usize, height: usize, frames: usize) -> Result
     // As the pipeline does between phases: the pool's free buffers go back.
     gpu.trim_pool();
 
-    // Denoising: one step, the transformer on the prompt then the negative.
+    // Denoising: one step, the transformer on the prompt then the negative
+    // (TI2V: after encoding the still, a timestep per token).
     gpu.reset_peak_memory();
-    let (f, h, w) = ((frames - 1) / 4 + 1, height / 8, width / 8);
-    let latents = Tensor::zeros(gpu, &[1, 16, f, h, w], dtype)?;
+    let sf = vae.config.spatial_scale_factor();
+    let (f, h, w) = ((frames - 1) / 4 + 1, height / sf, width / sf);
+    let z = vae.config.z_dim;
+    let mut timesteps = vec![999.0];
+    if ti2v {
+        let still = Tensor::zeros(gpu, &[1, 3, 1, height, width], dtype)?;
+        drop(vae.encode(gpu, &still)?);
+        gpu.trim_pool();
+        let per_frame = (h / 2) * (w / 2);
+        timesteps = vec![999.0; f * per_frame];
+        timesteps[..per_frame].fill(0.0);
+    }
+    let latents = Tensor::zeros(gpu, &[1, z, f, h, w], dtype)?;
     let context = Tensor::zeros(gpu, &[1, len, tr_config.text_dim], dtype)?;
     for _ in 0..2 {
-        drop(transformer.forward(gpu, &latents, &[999.0], &context, None)?);
+        drop(transformer.forward(gpu, &latents, &timesteps, &context, None)?);
     }
     let denoising_peak = gpu.pool_stats().peak_allocated_bytes;
     drop(context);

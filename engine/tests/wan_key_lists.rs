@@ -310,3 +310,85 @@ fn identify_names_each_real_size_image_to_video_file_from_its_header() {
     assert_eq!(found.role.flag(), Some("--image-encoder"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn wan_2_2_vae_maps_both_ways_with_its_published_config() {
+    // wan2.2_vae.safetensors (Wan2.2_VAE.pth's naming): one residual
+    // down/up block per level with its own inner list; the config inferred
+    // from the shapes is TI2V-5B's diffusers vae/config.json, plus the 48
+    // published latent statistics a single file cannot carry.
+    let gpu = plan_gpu();
+    let (path, _, original) = key_list("vae-2.2.wan");
+    let (_, published, diffusers) = key_list("vae-2.2.diffusers");
+    assert_eq!(wan_files::detect(&original), Some(WanFile::Vae));
+    assert!(wan_files::is_vae_22(&original));
+    assert!(!wan_files::is_vae_22(&key_list("vae.wan").2));
+    let inferred = wan_files::vae(&original, &path).unwrap();
+    assert_config("vae 2.2", &inferred.config, &published);
+    assert_eq!(inferred.config["latents_mean"][0], -0.2289);
+    assert_eq!(inferred.config["latents_std"][47], 0.7744);
+    assert_maps_both_ways("vae 2.2", &original, &diffusers, &inferred.aliases, |k| {
+        wan_files::vae22_key_original(k, 2)
+    });
+    let config = WanVaeConfig::from_value(&path, inferred.config).unwrap();
+    assert_eq!(
+        (
+            config.spatial_scale_factor(),
+            config.temporal_scale_factor()
+        ),
+        (16, 4)
+    );
+    let set = plan_load(&original, inferred.aliases, |w| {
+        AutoencoderKLWan::new(&gpu, w, config)
+    });
+    assert_eq!(set.unused(), Vec::<String>::new());
+}
+
+/// `header_only` for `keys` in a temporary folder, as `name`.
+fn header_file(name: &str, keys: &Keys) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("motif-wan-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    header_only(&path, keys);
+    path
+}
+
+#[test]
+fn identify_names_the_wan_2_2_vae_and_a_ti2v_transformer() {
+    use motif_engine::weights::identify::{identify, Role};
+    let vae = identify(&header_file(
+        "wan2.2_vae.safetensors",
+        &key_list("vae-2.2.wan").2,
+    ))
+    .unwrap()
+    .expect("a Wan VAE");
+    assert_eq!(vae.variant, "Wan 2.2, 48 latent channels");
+    assert!(matches!(
+        vae.role,
+        Role::Vae {
+            latent_channels: Some(48)
+        }
+    ));
+    let vae21 = identify(&header_file(
+        "wan_2.1_vae.safetensors",
+        &key_list("vae.wan").2,
+    ))
+    .unwrap()
+    .expect("a Wan VAE");
+    assert_eq!(vae21.variant, "Wan, 16 latent channels");
+    // The TI2V-5B transformer's telling shapes: width 3072, 48 input and
+    // output channels (the head's 192 rows are 48 channels of 1x2x2 patches).
+    let ti2v: Keys = [
+        ("patch_embedding.weight", vec![3072, 48, 1, 2, 2]),
+        ("head.modulation", vec![1, 2, 3072]),
+        ("head.head.weight", vec![192, 3072]),
+        ("text_embedding.0.weight", vec![3072, 4096]),
+    ]
+    .into_iter()
+    .map(|(k, s)| (k.to_string(), s))
+    .collect();
+    let tr = identify(&header_file("wan2.2_ti2v_5B_fp16.safetensors", &ti2v))
+        .unwrap()
+        .expect("a Wan transformer");
+    assert_eq!(tr.variant, "5B TI2V");
+}

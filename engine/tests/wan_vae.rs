@@ -412,13 +412,33 @@ fn bad_input_is_refused_with_what_to_pass() {
         "{err}"
     );
 
-    // A Wan 2.2 VAE config is refused by name.
+    // A Wan 2.2 VAE (patch_size 2) folds 2x2 pixels into channels: its
+    // 3 video channels are 12 in and out, and 16x spatial compression.
     let err = WanVaeConfig::from_value(
         Path::new("vae/config.json"),
         serde_json::json!({"is_residual": true, "patch_size": 2}),
     )
-    .expect_err("Wan 2.2 refused");
-    assert!(err.to_string().contains("not yet supported"), "{err}");
+    .expect_err("3 channels do not hold 2x2 patches");
+    assert!(
+        err.to_string()
+            .contains("in_channels 3 and out_channels 3 must be multiples of its square"),
+        "{err}"
+    );
+    let cfg = WanVaeConfig::from_value(
+        Path::new("vae/config.json"),
+        serde_json::json!({"is_residual": true, "patch_size": 2, "in_channels": 12,
+            "out_channels": 12, "base_dim": 160, "decoder_base_dim": 256, "z_dim": 48,
+            "latents_mean": vec![0.0; 48], "latents_std": vec![1.0; 48]}),
+    )
+    .unwrap();
+    assert_eq!((cfg.spatial_scale_factor(), cfg.video_channels()), (16, 3));
+    // Residual shortcuts whose channels do not fold evenly (AvgDown3D).
+    let err = WanVaeConfig::from_value(
+        Path::new("vae/config.json"),
+        serde_json::json!({"is_residual": true, "base_dim": 3, "dim_mult": [1, 3, 3]}),
+    )
+    .expect_err("uneven folds are refused");
+    assert!(err.to_string().contains("AvgDown3D"), "{err}");
 }
 
 #[test]

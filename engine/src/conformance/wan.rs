@@ -283,12 +283,15 @@ impl Runner {
         let hs_shape = hidden_states.shape().to_vec();
         let ts_key = input_tensor(case, "timestep")?;
         let ts_shape = input_shape(set, ts_key)?;
-        if ts_shape.len() != 1 {
+        // [B], or [B, S] per token (Wan 2.2 TI2V's expand_timesteps),
+        // passed flat in token order.
+        if ts_shape.is_empty() || ts_shape.len() > 2 || ts_shape[0] != hs_shape[0] {
             return Err(EngineError::Shape {
                 op: "transformer case",
-                expected: "timestep [B] (per-token timesteps [B, S], Wan 2.2 TI2V's \
-                           expand_timesteps, are not supported yet)"
-                    .into(),
+                expected: format!(
+                    "timestep [{}] or [{}, S] (one per token)",
+                    hs_shape[0], hs_shape[0]
+                ),
                 found: format!("{ts_shape:?}"),
             });
         }
@@ -610,14 +613,19 @@ fn pipeline_case(
         ("timesteps", trace.timesteps.clone()),
         ("prompt_embeds", widen(&trace.prompt_embeds)),
         ("step_latents", widen(&trace.step_latents.concat())),
-        ("latents", widen(&out.latents)),
+        // The last step's latents, as diffusers' callback sees them (Wan
+        // 2.2 TI2V returns them with the first frame replaced for decoding).
+        (
+            "latents",
+            widen(trace.step_latents.last().unwrap_or(&out.latents)),
+        ),
         (
             "frames",
             widen(out.frames_f32.as_deref().unwrap_or_default()),
         ),
     ]);
     if req.image.is_some() {
-        // None without an image encoder (Wan 2.2 A14B I2V).
+        // None without an image encoder (Wan 2.2 A14B I2V, Wan 2.2 TI2V).
         if !trace.image_embeds.is_empty() {
             computed.push(("image_embeds".into(), widen(&trace.image_embeds)));
         }

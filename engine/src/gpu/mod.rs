@@ -515,6 +515,8 @@ impl Gpu {
                         ),
                     });
                 }
+                // A plan dispatches nothing: it may take a larger adapter's
+                // limit, to count a workload as that adapter would split it.
                 match options.plan {
                     true => v / 4 * 4,
                     false => v.min(adapter_binding) / 4 * 4,

@@ -273,10 +273,14 @@ impl WanFiles {
                 &self.vae,
                 format!(
                     "this VAE has {} latent channels, but the transformer {} makes {}: pass the \
-                     Wan 2.1 VAE (wan_2.1_vae.safetensors)",
+                     {}",
                     vae.z_dim,
                     self.transformer.display(),
-                    transformer.out_channels()
+                    transformer.out_channels(),
+                    match transformer.out_channels() {
+                        48 => "Wan 2.2 VAE (wan2.2_vae.safetensors)",
+                        _ => "Wan 2.1 VAE (wan_2.1_vae.safetensors)",
+                    }
                 ),
             ));
         }

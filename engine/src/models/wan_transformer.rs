@@ -381,7 +381,8 @@ impl WanTransformerBlock {
 
     /// x [B, S, dim]; `context` [B, L, dim] (projected text); `image`
     /// [B, T, dim] (embedded image tokens, image-to-video); `timestep_proj`
-    /// [B, 6, dim].
+    /// [B, 6, dim], or [B, G, 6, dim] with a timestep per group of S / G
+    /// consecutive tokens (see `WanTransformer3DModel::forward_observed`).
     pub fn forward(
         &self,
         gpu: &Gpu,
@@ -392,16 +393,35 @@ impl WanTransformerBlock {
         rope: &Rope,
     ) -> Result<Tensor> {
         let modulation = ops::add(gpu, timestep_proj, &self.scale_shift_table)?;
-        let chunk = |i: usize| ops::layout::narrow(gpu, &modulation, 1, i, 1);
+        // The tokens fall into G groups of one timestep each (G = 1: one
+        // per item; the latent frames, or every token, with per-token
+        // timesteps): each of the six is [B, G, 1, dim] against the
+        // tokens viewed as [B, G, S / G, dim].
+        let ms = modulation.shape().to_vec();
+        let (six, groups) = match ms.len() {
+            4 => (2, ms[1]),
+            _ => (1, 1),
+        };
+        let (b, s, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let grouped = |t: &Tensor| t.reshape(&[b, groups, s / groups, d]);
+        let chunk = |i: usize| {
+            ops::layout::narrow(gpu, &modulation, six, i, 1)?.reshape(&[b, groups, 1, d])
+        };
+        let modulate = |h: &Tensor, scale: &Tensor, shift: &Tensor| {
+            ops::elementwise::modulate(gpu, &grouped(h)?, scale, shift)?.reshape(&[b, s, d])
+        };
+        let gated_add = |x: &Tensor, y: &Tensor, gate: &Tensor| {
+            ops::elementwise::gated_add(gpu, &grouped(x)?, &grouped(y)?, gate)?.reshape(&[b, s, d])
+        };
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (c_shift_msa, c_scale_msa, c_gate_msa) = (chunk(3)?, chunk(4)?, chunk(5)?);
 
         // 1. Self-attention.
         let h = ops::norm::layer_norm(gpu, x, None, None, self.eps)?;
-        let h = ops::elementwise::modulate(gpu, &h, &scale_msa, &shift_msa)?;
+        let h = modulate(&h, &scale_msa, &shift_msa)?;
         let a = self.attn1.attend(gpu, &h, None, None, Some(rope))?;
         let a = self.attn1.to_out.forward(gpu, &a)?;
-        let x = ops::elementwise::gated_add(gpu, x, &a, &gate_msa)?;
+        let x = gated_add(x, &a, &gate_msa)?;
 
         // 2. Cross-attention, its residual added in to_out's epilogue.
         let h = match &self.norm2 {
@@ -413,13 +433,13 @@ impl WanTransformerBlock {
 
         // 3. Feed-forward.
         let h = ops::norm::layer_norm(gpu, &x, None, None, self.eps)?;
-        let h = ops::elementwise::modulate(gpu, &h, &c_scale_msa, &c_shift_msa)?;
+        let h = modulate(&h, &c_scale_msa, &c_shift_msa)?;
         let h = self
             .ffn
             .proj_in
             .forward_act(gpu, &h, Activation::GeluTanh)?;
         let f = self.ffn.proj_out.forward(gpu, &h)?;
-        ops::elementwise::gated_add(gpu, &x, &f, &c_gate_msa)
+        gated_add(&x, &f, &c_gate_msa)
     }
 }
 
@@ -511,9 +531,11 @@ pub struct WanTimeTextEmbedding {
 
 /// What the condition embedder gives the blocks.
 pub struct WanConditions {
-    /// [B, dim]: the time embedding (the output norm's modulation).
+    /// [B, dim], or [B, S, dim] per token: the time embedding (the output
+    /// norm's modulation).
     pub temb: Tensor,
-    /// [B, 6, dim]: the blocks' modulation before their own tables.
+    /// [B, 6, dim], or [B, S, 6, dim] per token: the blocks' modulation
+    /// before their own tables.
     pub timestep_proj: Tensor,
     /// [B, L, dim]: the projected text tokens.
     pub context: Tensor,
@@ -542,12 +564,37 @@ impl WanTimeTextEmbedding {
         })
     }
 
-    /// `timesteps` [B] (integer or fractional), `text` [B, L, text_dim].
-    pub fn forward(&self, gpu: &Gpu, timesteps: &[f32], text: &Tensor) -> Result<WanConditions> {
+    /// `timesteps` (integer or fractional): B of them, one per item, or
+    /// B · `per_item` (Wan 2.2 TI2V's `expand_timesteps`: one per token);
+    /// `text` [B, L, text_dim]. With one per token, `temb` is [B, S, dim]
+    /// and `timestep_proj` [B, S, 6, dim], as diffusers unflattens them.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        timesteps: &[f32],
+        per_item: usize,
+        text: &Tensor,
+    ) -> Result<WanConditions> {
+        // Tokens share a handful of values (0 on the conditioning frame,
+        // t elsewhere): each distinct one is embedded once and its rows
+        // gathered per token, the same arithmetic per row as diffusers'
+        // embedding of every token.
+        let mut distinct: Vec<f32> = Vec::new();
+        let mut ids: Vec<u32> = Vec::with_capacity(timesteps.len());
+        for &t in timesteps {
+            let at = match distinct.iter().position(|d| d.to_bits() == t.to_bits()) {
+                Some(i) => i,
+                None => {
+                    distinct.push(t);
+                    distinct.len() - 1
+                }
+            };
+            ids.push(at as u32);
+        }
         // Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0): [cos, sin].
         let sinusoid = ops::embedding::timestep_embedding(
             gpu,
-            timesteps,
+            &distinct,
             &TimestepEmbedding::new(self.freq_dim, true, 0.0),
             text.dtype(),
         )?;
@@ -557,10 +604,24 @@ impl WanTimeTextEmbedding {
             &te.linear_1.forward_act(gpu, &sinusoid, Activation::Silu)?,
         )?;
         let dim = temb.shape()[1];
-        let timestep_proj = self
-            .time_proj
-            .forward(gpu, &ops::silu(gpu, &temb)?)?
-            .reshape(&[timesteps.len(), 6, dim])?;
+        let timestep_proj = self.time_proj.forward(gpu, &ops::silu(gpu, &temb)?)?;
+        let per_token = |t: Tensor| -> Result<Tensor> {
+            match distinct.len() == timesteps.len() {
+                true => Ok(t),
+                false => ops::embedding::embedding(gpu, &t, &ids),
+            }
+        };
+        let items = timesteps.len() / per_item.max(1);
+        let (temb, timestep_proj) = match per_item {
+            1 => (
+                per_token(temb)?,
+                per_token(timestep_proj)?.reshape(&[items, 6, dim])?,
+            ),
+            s => (
+                per_token(temb)?.reshape(&[items, s, dim])?,
+                per_token(timestep_proj)?.reshape(&[items, s, 6, dim])?,
+            ),
+        };
         let tx = &self.text_embedder;
         let context = tx.linear_2.forward(
             gpu,
@@ -721,7 +782,9 @@ impl WanTransformer3DModel {
 
     /// The noise (flow) prediction [B, Cout, F, H, W] for `hidden_states`
     /// [B, C, F, H, W], one timestep per batch item (integer or fractional,
-    /// as the scheduler gives them), and `encoder_hidden_states` [B, L,
+    /// as the scheduler gives them) or one per token, B · S of them in
+    /// token order (f, h, w) (Wan 2.2 TI2V's `expand_timesteps`), and
+    /// `encoder_hidden_states` [B, L,
     /// text_dim]. F, H, W must be multiples of the patch size (the pipeline
     /// makes them so; diffusers would silently drop the remainder).
     ///
@@ -795,11 +858,18 @@ impl WanTransformer3DModel {
             });
         }
         let text = encoder_hidden_states.shape();
-        if timesteps.len() != b || text.len() != 3 || text[0] != b || text[2] != cfg.text_dim {
+        let tokens: usize = grid.iter().product();
+        let per_item = match timesteps.len() {
+            n if n == b => 1,
+            n if n == b * tokens => tokens,
+            _ => 0,
+        };
+        if per_item == 0 || text.len() != 3 || text[0] != b || text[2] != cfg.text_dim {
             return Err(EngineError::Shape {
                 op,
                 expected: format!(
-                    "{b} timesteps and encoder_hidden_states [{b}, L, {}]",
+                    "{b} timesteps (or {b} · {tokens}, one per token) and encoder_hidden_states \
+                     [{b}, L, {}]",
                     cfg.text_dim
                 ),
                 found: format!(
@@ -809,7 +879,6 @@ impl WanTransformer3DModel {
                 ),
             });
         }
-        let tokens: usize = grid.iter().product();
         let dim = cfg.inner_dim();
         let image_tokens = match (cfg.image_dim, encoder_hidden_states_image) {
             (None, None) => None,
@@ -865,9 +934,26 @@ impl WanTransformer3DModel {
         let mut x = self.patch_embedding.forward(gpu, &patches)?;
         observe("patch_embedding", &x)?;
 
+        // Per-token timesteps that are constant over each latent frame (what
+        // the pipelines give: 0 on the conditioning frame, t elsewhere) are
+        // embedded once per frame, and the blocks' modulation broadcasts over
+        // the frame's tokens: the same values as diffusers' per-token
+        // [B, S, 6, dim], without its size (2 GB at 1280x704x121 in f32).
+        let per_frame = tokens / grid[0];
+        let by_frame = per_item > 1
+            && timesteps
+                .chunks(per_frame)
+                .all(|run| run.iter().all(|t| t.to_bits() == run[0].to_bits()));
+        let (groups, grouped): (usize, Vec<f32>) = match by_frame {
+            true => (
+                grid[0],
+                timesteps.iter().step_by(per_frame).copied().collect(),
+            ),
+            false => (per_item, timesteps.to_vec()),
+        };
         let cond = self
             .condition_embedder
-            .forward(gpu, timesteps, encoder_hidden_states)?;
+            .forward(gpu, &grouped, groups, encoder_hidden_states)?;
         observe("temb", &cond.temb)?;
         observe("timestep_proj", &cond.timestep_proj)?;
         observe("text_embedding", &cond.context)?;
@@ -904,11 +990,17 @@ impl WanTransformer3DModel {
         }
 
         // Output norm modulated by temb and the model's own table, then the head.
-        let temb = cond.temb.reshape(&[b, 1, dim])?;
+        let temb = cond.temb.reshape(&[b, groups, 1, dim])?;
         let shift = ops::add(gpu, &temb, &self.shift_table)?;
         let scale = ops::add(gpu, &temb, &self.scale_table)?;
         let h = ops::norm::layer_norm(gpu, &x, None, None, cfg.eps)?;
-        let h = ops::elementwise::modulate(gpu, &h, &scale, &shift)?;
+        let h = ops::elementwise::modulate(
+            gpu,
+            &h.reshape(&[b, groups, tokens / groups, dim])?,
+            &scale,
+            &shift,
+        )?
+        .reshape(&[b, tokens, dim])?;
         let out = self.proj_out.forward(gpu, &h)?;
         observe("proj_out", &out)?;
 

@@ -1,8 +1,11 @@
 //! diffusers `AutoencoderKLWan` (models/autoencoders/autoencoder_kl_wan.py),
-//! the Wan 2.1 video VAE: 4x temporal and 8x spatial compression to 16
-//! latent channels, causal in time. Structure from `vae/config.json`; struct
-//! and field names mirror diffusers' module tree, so `vae/*.safetensors`
-//! keys map one to one.
+//! the Wan video VAE: the 2.1 one (4x temporal and 8x spatial compression
+//! to 16 latent channels) and the 2.2 one of TI2V-5B (`is_residual`,
+//! `patch_size` 2: frames folded 2x2 into 12 channels first, residual down
+//! and up blocks whose shortcuts average or duplicate pixels into channels,
+//! 16x spatial compression to 48 channels). Both causal in time. Structure
+//! from `vae/config.json`; struct and field names mirror diffusers' module
+//! tree, so `vae/*.safetensors` keys map one to one.
 //!
 //! Layout: diffusers works on [B, C, T, H, W]. Here one video at a time is
 //! held frame-major, [T, C, H, W]: every layer but the time convolutions is
@@ -162,17 +165,26 @@ impl WanVaeConfig {
             path: path.to_path_buf(),
             message,
         };
-        if cfg.is_residual || cfg.patch_size.is_some() {
-            return Err(bad(
-                "this is a Wan 2.2 VAE (is_residual / patch_size), which is not yet supported; \
-                 Wan 2.1 VAEs (is_residual false, no patch_size) are"
-                    .into(),
-            ));
-        }
-        if cfg.dim_mult.is_empty() || cfg.base_dim == 0 || cfg.z_dim == 0 {
+        if cfg.dim_mult.is_empty()
+            || cfg.dim_mult.contains(&0)
+            || cfg.base_dim == 0
+            || cfg.z_dim == 0
+            || cfg.decoder_base_dim == Some(0)
+        {
             return Err(bad(format!(
-                "base_dim {}, z_dim {} and dim_mult {:?} must be non-empty and non-zero",
-                cfg.base_dim, cfg.z_dim, cfg.dim_mult
+                "base_dim {}, decoder_base_dim {:?}, z_dim {} and dim_mult {:?} must be non-empty \
+                 and non-zero",
+                cfg.base_dim, cfg.decoder_base_dim, cfg.z_dim, cfg.dim_mult
+            )));
+        }
+        let p = cfg.patch();
+        if p == 0
+            || !cfg.in_channels.is_multiple_of(p * p)
+            || !cfg.out_channels.is_multiple_of(p * p)
+        {
+            return Err(bad(format!(
+                "patch_size {:?}: in_channels {} and out_channels {} must be multiples of its square",
+                cfg.patch_size, cfg.in_channels, cfg.out_channels
             )));
         }
         if cfg.temperal_downsample.len() + 1 < cfg.dim_mult.len() {
@@ -204,12 +216,83 @@ impl WanVaeConfig {
                 cfg.latents_std
             )));
         }
+        if cfg.is_residual {
+            cfg.check_shortcuts().map_err(bad)?;
+        }
         Ok(cfg)
     }
 
-    /// Pixels per latent pixel along each side: 2^(levels − 1).
+    /// The residual blocks' shortcuts fold pixels into channels (AvgDown3D
+    /// averages groups of them, DupUp3D repeats them): the channel counts
+    /// must divide as diffusers asserts when it builds them.
+    fn check_shortcuts(&self) -> std::result::Result<(), String> {
+        let levels = self.dim_mult.len();
+        let enc: Vec<usize> = std::iter::once(1)
+            .chain(self.dim_mult.iter().copied())
+            .map(|m| self.base_dim * m)
+            .collect();
+        for i in 0..levels - 1 {
+            let factor = 4 * if self.temperal_downsample[i] { 2 } else { 1 };
+            if !(enc[i] * factor).is_multiple_of(enc[i + 1]) {
+                return Err(format!(
+                    "encoder level {i}: {} channels × {factor} pixels do not divide into {} \
+                     (AvgDown3D)",
+                    enc[i],
+                    enc[i + 1]
+                ));
+            }
+        }
+        let dec = self.decoder_dims();
+        let up = self.temporal_upsample();
+        for i in 0..levels - 1 {
+            let factor = 4 * if up[i] { 2 } else { 1 };
+            if !(dec[i + 1] * factor).is_multiple_of(dec[i]) {
+                return Err(format!(
+                    "decoder level {i}: {} channels × {factor} pixels are not a multiple of {} \
+                     (DupUp3D)",
+                    dec[i + 1],
+                    dec[i]
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `patch_size`, 1 when absent (Wan 2.1).
+    pub fn patch(&self) -> usize {
+        self.patch_size.unwrap_or(1)
+    }
+
+    /// Channels of the video itself: the encoder's `in_channels` hold
+    /// patch² pixels of each (12 = 3 · 2 · 2 for Wan 2.2).
+    pub fn video_channels(&self) -> usize {
+        self.in_channels / (self.patch() * self.patch())
+    }
+
+    /// The decoder's widths per level: its base times [the last multiplier,
+    /// then the multipliers reversed].
+    fn decoder_dims(&self) -> Vec<usize> {
+        let dim = self.decoder_base_dim.unwrap_or(self.base_dim);
+        let levels = self.dim_mult.len();
+        std::iter::once(self.dim_mult[levels - 1])
+            .chain(self.dim_mult.iter().rev().copied())
+            .map(|m| dim * m)
+            .collect()
+    }
+
+    /// The decoder upsamples in time where the encoder downsampled, in reverse.
+    fn temporal_upsample(&self) -> Vec<bool> {
+        self.temperal_downsample[..self.dim_mult.len() - 1]
+            .iter()
+            .rev()
+            .copied()
+            .collect()
+    }
+
+    /// Pixels per latent pixel along each side: 2^(levels − 1) · patch_size
+    /// (8 for Wan 2.1, 16 for Wan 2.2).
     pub fn spatial_scale_factor(&self) -> usize {
-        1 << (self.dim_mult.len() - 1)
+        (1 << (self.dim_mult.len() - 1)) * self.patch()
     }
 
     /// Video frames per latent frame after the first: 2^(temporal downsamplings).
@@ -437,6 +520,39 @@ fn frames_of(gpu: &Gpu, video: &Tensor, item: usize, start: usize, len: usize) -
         return x.reshape(&[1, s[1], s[3], s[4]]);
     }
     layout::video_to_frames(gpu, &x)
+}
+
+/// diffusers' `patchify` on frames [T, C, H, W] → [T, C·p·p, H/p, W/p]:
+/// channel c·p² + x·p + y holds pixel (y, x) of each p × p block (the
+/// column offset before the row's, as diffusers permutes). p = 1: x itself.
+fn patchify(gpu: &Gpu, x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 1 {
+        return Ok(x.clone());
+    }
+    let (t, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let (hp, wp) = (h / p, w / p);
+    layout::permute(gpu, &x.reshape(&[t, c, hp, p, wp, p])?, &[0, 1, 5, 3, 2, 4])?.reshape(&[
+        t,
+        c * p * p,
+        hp,
+        wp,
+    ])
+}
+
+/// diffusers' `unpatchify`, the inverse of [`patchify`]: [T, C·p·p, H, W]
+/// → [T, C, H·p, W·p].
+fn unpatchify(gpu: &Gpu, x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 1 {
+        return Ok(x.clone());
+    }
+    let (t, cp, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let c = cp / (p * p);
+    layout::permute(gpu, &x.reshape(&[t, c, p, p, h, w])?, &[0, 1, 4, 3, 5, 2])?.reshape(&[
+        t,
+        c,
+        h * p,
+        w * p,
+    ])
 }
 
 /// The last `CACHE_T` frames of the stream [previous, x]: what diffusers
@@ -680,12 +796,20 @@ pub struct WanResample {
 }
 
 impl WanResample {
-    fn new(gpu: &Gpu, w: &Weights, dim: usize, mode: ResampleMode) -> Result<Self> {
+    /// `upsample_out`: the upsampling convolution's output channels
+    /// (diffusers' `upsample_out_dim`: dim / 2 in Wan 2.1's WanUpBlock,
+    /// dim in Wan 2.2's WanResidualUpBlock); unused when downsampling.
+    fn new(
+        gpu: &Gpu,
+        w: &Weights,
+        dim: usize,
+        mode: ResampleMode,
+        upsample_out: usize,
+    ) -> Result<Self> {
         let conv = w.pp("resample").pp(1);
         let (resample, time_conv) = match mode {
             ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
-                // diffusers' WanUpBlock leaves upsample_out_dim at dim // 2.
-                let resample = conv2d_layer(gpu, &conv, (dim, dim / 2), 3, 1, 1)?;
+                let resample = conv2d_layer(gpu, &conv, (dim, upsample_out), 3, 1, 1)?;
                 let time_conv = (mode == ResampleMode::Upsample3d)
                     .then(|| {
                         WanCausalConv3d::new(
@@ -778,10 +902,145 @@ impl WanResample {
     }
 }
 
-/// An entry of `WanEncoder3d.down_blocks`, a flat list in diffusers.
+/// An entry of `WanEncoder3d.down_blocks`: in Wan 2.1 a flat list of
+/// residual blocks and resamples; in Wan 2.2 one residual down block per level.
 pub enum WanDownLayer {
     Residual(Box<WanResidualBlock>),
     Resample(Box<WanResample>),
+    ResidualDown(Box<WanResidualDownBlock>),
+}
+
+/// `AvgDown3D`, the parameter-free shortcut of Wan 2.2's down blocks: each
+/// `factor_t` × `factor_s` × `factor_s` block of pixels becomes channels
+/// (c · factor + (t, y, x) within the block), and groups of
+/// `in · factor / out` consecutive channels are averaged. A chunk whose
+/// frame count is not a multiple of `factor_t` gets zero frames in front,
+/// as diffusers pads (the first chunk, one frame).
+///
+/// x [T, C, H, W] → [⌈T / factor_t⌉, out, H / factor_s, W / factor_s].
+pub fn avg_down_3d(
+    gpu: &Gpu,
+    x: &Tensor,
+    out_channels: usize,
+    factor_t: usize,
+    factor_s: usize,
+) -> Result<Tensor> {
+    let (t, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let factor = factor_t * factor_s * factor_s;
+    let (hs, ws) = (h / factor_s, w / factor_s);
+    if !(c * factor).is_multiple_of(out_channels) || hs * factor_s != h || ws * factor_s != w {
+        return Err(EngineError::Shape {
+            op: "AvgDown3D",
+            expected: format!(
+                "[T, C, H, W] with H, W multiples of {factor_s} and C · {factor} a multiple of \
+                 {out_channels}"
+            ),
+            found: fmt_shape(x.shape()),
+        });
+    }
+    let pad = (factor_t - t % factor_t) % factor_t;
+    let x = match pad {
+        0 => x.clone(),
+        _ => {
+            let zeros = Tensor::zeros(gpu, &[pad, c, h, w], x.dtype())?;
+            layout::concat_rows(gpu, &[&zeros, x])?
+        }
+    };
+    let ts = (t + pad) / factor_t;
+    let group = c * factor / out_channels;
+    // [T', ft, C, H', fs, W', fs] → [T', C, ft, fs, fs, H', W']: channel
+    // c · factor + (it · fs + iy) · fs + ix, diffusers' order.
+    let blocks = layout::permute(
+        gpu,
+        &x.reshape(&[ts, factor_t, c, hs, factor_s, ws, factor_s])?,
+        &[0, 2, 1, 4, 6, 3, 5],
+    )?;
+    if group == 1 {
+        return blocks.reshape(&[ts, out_channels, hs, ws]);
+    }
+    // The mean over each group of channels, group index outermost so that
+    // each member is a run of rows.
+    let members = layout::permute(
+        gpu,
+        &blocks.reshape(&[ts, out_channels, group, hs * ws])?,
+        &[2, 0, 1, 3],
+    )?
+    .reshape(&[group, ts * out_channels * hs * ws])?;
+    let mut sum = layout::narrow_rows(gpu, &members, 0, 1)?;
+    for g in 1..group {
+        sum = ops::add(gpu, &sum, &layout::narrow_rows(gpu, &members, g, 1)?)?;
+    }
+    ops::elementwise::scale(gpu, &sum, 1.0 / group as f32)?.reshape(&[ts, out_channels, hs, ws])
+}
+
+/// `DupUp3D`, the parameter-free shortcut of Wan 2.2's up blocks, the
+/// inverse fold of [`avg_down_3d`]: each channel repeated `out · factor /
+/// in` times (repeat_interleave), then channel (o, t, y, x) of the
+/// result spread to pixel (y, x) of frame t in an `factor_t` × `factor_s`
+/// × `factor_s` block. On the first chunk diffusers keeps only the last of
+/// each block's frames (the causal first frame).
+///
+/// x [T, Cin, H, W] → [T · factor_t, out, H · factor_s, W · factor_s]
+/// (T · factor_t − factor_t + 1 frames on the first chunk).
+pub fn dup_up_3d(
+    gpu: &Gpu,
+    x: &Tensor,
+    out_channels: usize,
+    factor_t: usize,
+    factor_s: usize,
+    first_chunk: bool,
+) -> Result<Tensor> {
+    let (t, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let factor = factor_t * factor_s * factor_s;
+    if !(out_channels * factor).is_multiple_of(c) {
+        return Err(EngineError::Shape {
+            op: "DupUp3D",
+            expected: format!("[T, C, H, W] with {out_channels} · {factor} a multiple of C"),
+            found: fmt_shape(x.shape()),
+        });
+    }
+    let repeats = out_channels * factor / c;
+    // repeat_interleave along channels: a broadcast into the repeated shape.
+    let repeated = ops::add(
+        gpu,
+        &Tensor::zeros(gpu, &[t, c, repeats, h, w], x.dtype())?,
+        &x.reshape(&[t, c, 1, h, w])?,
+    )?;
+    // [T, out, ft, fs, fs, H, W] → [T, ft, out, H, fs, W, fs].
+    let spread = layout::permute(
+        gpu,
+        &repeated.reshape(&[t, out_channels, factor_t, factor_s, factor_s, h, w])?,
+        &[0, 2, 1, 5, 3, 6, 4],
+    )?
+    .reshape(&[t * factor_t, out_channels, h * factor_s, w * factor_s])?;
+    match first_chunk && factor_t > 1 {
+        true => layout::narrow_rows(gpu, &spread, factor_t - 1, t * factor_t - (factor_t - 1)),
+        false => Ok(spread),
+    }
+}
+
+/// `WanResidualDownBlock` (Wan 2.2): residual blocks, then the level's
+/// downsampler, plus [`avg_down_3d`] of the block's input.
+pub struct WanResidualDownBlock {
+    pub resnets: Vec<WanResidualBlock>,
+    pub downsampler: Option<WanResample>,
+    out_channels: usize,
+    factor_t: usize,
+    factor_s: usize,
+}
+
+impl WanResidualDownBlock {
+    fn forward(&self, gpu: &Gpu, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        let mut h = x.clone();
+        for r in &self.resnets {
+            h = r.forward(gpu, &h, cache)?;
+        }
+        if let Some(d) = &self.downsampler {
+            h = d.forward(gpu, &h, cache)?;
+        }
+        let shortcut = avg_down_3d(gpu, x, self.out_channels, self.factor_t, self.factor_s)?;
+        ops::add(gpu, &h, &shortcut)
+    }
 }
 
 /// `WanEncoder3d`.
@@ -807,6 +1066,32 @@ impl WanEncoder3d {
         for i in 0..levels {
             let mut cin = dims[i];
             let cout = dims[i + 1];
+            if cfg.is_residual {
+                let b = w.pp("down_blocks").pp(i);
+                let down = i + 1 != levels;
+                let temporal = down && cfg.temperal_downsample[i];
+                let resnets = (0..cfg.num_res_blocks)
+                    .map(|j| {
+                        let ci = if j == 0 { cin } else { cout };
+                        WanResidualBlock::new(gpu, &b.pp("resnets").pp(j), ci, cout)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let mode = match temporal {
+                    true => ResampleMode::Downsample3d,
+                    false => ResampleMode::Downsample2d,
+                };
+                let downsampler = down
+                    .then(|| WanResample::new(gpu, &b.pp("downsampler"), cout, mode, cout))
+                    .transpose()?;
+                down_blocks.push(WanDownLayer::ResidualDown(Box::new(WanResidualDownBlock {
+                    resnets,
+                    downsampler,
+                    out_channels: cout,
+                    factor_t: if temporal { 2 } else { 1 },
+                    factor_s: if down { 2 } else { 1 },
+                })));
+                continue;
+            }
             for _ in 0..cfg.num_res_blocks {
                 let b = w.pp("down_blocks").pp(down_blocks.len());
                 down_blocks.push(WanDownLayer::Residual(Box::new(WanResidualBlock::new(
@@ -821,7 +1106,7 @@ impl WanEncoder3d {
                     ResampleMode::Downsample2d
                 };
                 let b = w.pp("down_blocks").pp(down_blocks.len());
-                let resample = WanResample::new(gpu, &b, cout, mode)?;
+                let resample = WanResample::new(gpu, &b, cout, mode, cout)?;
                 down_blocks.push(WanDownLayer::Resample(Box::new(resample)));
             }
         }
@@ -842,6 +1127,7 @@ impl WanEncoder3d {
             h = match layer {
                 WanDownLayer::Residual(r) => r.forward(gpu, &h, cache)?,
                 WanDownLayer::Resample(r) => r.forward(gpu, &h, cache)?,
+                WanDownLayer::ResidualDown(r) => r.forward(gpu, &h, cache)?,
             };
         }
         h = self.mid_block.forward(gpu, &h, cache)?;
@@ -850,10 +1136,14 @@ impl WanEncoder3d {
     }
 }
 
-/// `WanUpBlock`: resnets, then optionally `upsamplers.0`.
+/// `WanUpBlock`: resnets, then optionally `upsamplers.0`; or Wan 2.2's
+/// `WanResidualUpBlock`: resnets, optionally `upsampler`, plus
+/// [`dup_up_3d`] of the block's input when it upsamples.
 pub struct WanUpBlock {
     pub resnets: Vec<WanResidualBlock>,
     pub upsamplers: Vec<WanResample>,
+    /// `avg_shortcut` (a DupUp3D): output channels, factor_t, factor_s.
+    pub avg_shortcut: Option<(usize, usize, usize)>,
 }
 
 /// `WanDecoder3d`.
@@ -867,25 +1157,20 @@ pub struct WanDecoder3d {
 
 impl WanDecoder3d {
     fn new(gpu: &Gpu, w: &Weights, cfg: &WanVaeConfig) -> Result<Self> {
-        let dim = cfg.decoder_base_dim.unwrap_or(cfg.base_dim);
-        let mult = &cfg.dim_mult;
-        let levels = mult.len();
-        let dims: Vec<usize> = std::iter::once(mult[levels - 1])
-            .chain(mult.iter().rev().copied())
-            .map(|m| dim * m)
-            .collect();
-        // The decoder upsamples in time where the encoder downsampled, in reverse.
-        let temperal_upsample: Vec<bool> = cfg.temperal_downsample[..levels - 1]
-            .iter()
-            .rev()
-            .copied()
-            .collect();
+        let levels = cfg.dim_mult.len();
+        let dims = cfg.decoder_dims();
+        let temperal_upsample = cfg.temporal_upsample();
         let conv =
             |w: &Weights, ci, co| WanCausalConv3d::new(gpu, w, ci, co, [3; 3], [1; 3], [1; 3]);
         let mut up_blocks = Vec::new();
         for i in 0..levels {
-            // Wan 2.1: the previous block's upsampler halved the channels.
-            let cin = if i > 0 { dims[i] / 2 } else { dims[i] };
+            // Wan 2.1: the previous block's upsampler halved the channels
+            // (Wan 2.2's keep them).
+            let cin = if i > 0 && !cfg.is_residual {
+                dims[i] / 2
+            } else {
+                dims[i]
+            };
             let cout = dims[i + 1];
             let b = w.pp("up_blocks").pp(i);
             let resnets = (0..cfg.num_res_blocks + 1)
@@ -894,24 +1179,27 @@ impl WanDecoder3d {
                     WanResidualBlock::new(gpu, &b.pp("resnets").pp(j), ci, cout)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let upsamplers = if i + 1 != levels {
+            let up = i + 1 != levels;
+            let upsamplers = if up {
                 let mode = if temperal_upsample[i] {
                     ResampleMode::Upsample3d
                 } else {
                     ResampleMode::Upsample2d
                 };
-                vec![WanResample::new(
-                    gpu,
-                    &b.pp("upsamplers").pp(0),
-                    cout,
-                    mode,
-                )?]
+                vec![match cfg.is_residual {
+                    true => WanResample::new(gpu, &b.pp("upsampler"), cout, mode, cout)?,
+                    false => {
+                        WanResample::new(gpu, &b.pp("upsamplers").pp(0), cout, mode, cout / 2)?
+                    }
+                }]
             } else {
                 vec![]
             };
+            let factor_t = if up && temperal_upsample[i] { 2 } else { 1 };
             up_blocks.push(WanUpBlock {
                 resnets,
                 upsamplers,
+                avg_shortcut: (cfg.is_residual && up).then_some((cout, factor_t, 2)),
             });
         }
         let out_dim = dims[levels];
@@ -924,7 +1212,15 @@ impl WanDecoder3d {
         })
     }
 
-    fn forward(&self, gpu: &Gpu, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+    /// `first_chunk`: the first latent frame (Wan 2.2's DupUp3D shortcuts
+    /// keep one frame of it, as the causal convolutions do).
+    fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        cache: &mut FeatureCache,
+        first_chunk: bool,
+    ) -> Result<Tensor> {
         cache.start_chunk();
         let mut h = cached_conv(gpu, &self.conv_in, x, cache, None)?;
         h = self.mid_block.forward(gpu, &h, cache)?;
@@ -944,11 +1240,11 @@ impl WanDecoder3d {
             })
             .map_or(0, |i| i + 1);
         for block in &self.up_blocks[..per_frame] {
-            h = block.forward(gpu, &h, cache)?;
+            h = block.forward(gpu, &h, cache, first_chunk)?;
         }
         let frames = h.shape()[0];
         if frames == 1 {
-            return self.forward_tail(gpu, &h, cache, per_frame);
+            return self.forward_tail(gpu, &h, cache, per_frame, first_chunk);
         }
         let first_slot = cache.idx;
         let mut outputs = Vec::with_capacity(frames);
@@ -956,7 +1252,7 @@ impl WanDecoder3d {
             // Every frame visits the same cache slots, in order.
             cache.idx = first_slot;
             let frame = layout::narrow_rows(gpu, &h, t, 1)?;
-            outputs.push(self.forward_tail(gpu, &frame, cache, per_frame)?);
+            outputs.push(self.forward_tail(gpu, &frame, cache, per_frame, first_chunk)?);
         }
         drop(h);
         layout::concat_rows(gpu, &outputs.iter().collect::<Vec<_>>())
@@ -969,10 +1265,11 @@ impl WanDecoder3d {
         x: &Tensor,
         cache: &mut FeatureCache,
         from: usize,
+        first_chunk: bool,
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for block in &self.up_blocks[from..] {
-            h = block.forward(gpu, &h, cache)?;
+            h = block.forward(gpu, &h, cache, first_chunk)?;
         }
         h = self.norm_out.forward(gpu, &h, true)?;
         cached_conv(gpu, &self.conv_out, &h, cache, None)
@@ -980,7 +1277,13 @@ impl WanDecoder3d {
 }
 
 impl WanUpBlock {
-    fn forward(&self, gpu: &Gpu, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        cache: &mut FeatureCache,
+        first_chunk: bool,
+    ) -> Result<Tensor> {
         let mut h = x.clone();
         for r in &self.resnets {
             h = r.forward(gpu, &h, cache)?;
@@ -988,7 +1291,13 @@ impl WanUpBlock {
         for up in &self.upsamplers {
             h = up.forward(gpu, &h, cache)?;
         }
-        Ok(h)
+        match self.avg_shortcut {
+            Some((out, factor_t, factor_s)) => {
+                let shortcut = dup_up_3d(gpu, x, out, factor_t, factor_s, first_chunk)?;
+                ops::add(gpu, &h, &shortcut)
+            }
+            None => Ok(h),
+        }
     }
 }
 
@@ -1072,10 +1381,10 @@ impl AutoencoderKLWan {
             expected: what,
             found: fmt_shape(s),
         };
-        if s.len() != 5 || s[1] != self.config.in_channels {
+        if s.len() != 5 || s[1] != self.config.video_channels() {
             return Err(expected(format!(
                 "video [N, {}, F, H, W] in [-1, 1]",
-                self.config.in_channels
+                self.config.video_channels()
             )));
         }
         let frames = s[2];
@@ -1106,6 +1415,7 @@ impl AutoencoderKLWan {
         let n = video.shape()[0];
         let frames_total = video.shape()[2];
         let z = self.config.z_dim;
+        let p = self.config.patch();
         let (mut means, mut logvars) = (Vec::new(), Vec::new());
         for item in 0..n {
             let mut cache = FeatureCache::default();
@@ -1113,7 +1423,7 @@ impl AutoencoderKLWan {
             let mut start = 0;
             while start < frames_total {
                 let len = if start == 0 { 1 } else { ENCODE_CHUNK };
-                let x = frames_of(gpu, video, item, start, len)?;
+                let x = patchify(gpu, &frames_of(gpu, video, item, start, len)?, p)?;
                 let h = self.encoder.forward(gpu, &x, &mut cache)?;
                 chunks.push(self.quant_conv.forward(gpu, &h, &[], None)?);
                 start += len;
@@ -1176,7 +1486,8 @@ impl AutoencoderKLWan {
                 // post_quant_conv is 1x1x1: per latent frame, like the rest.
                 let x = frames_of(gpu, latents, item, i, 1)?;
                 let x = self.post_quant_conv.forward(gpu, &x, &[], None)?;
-                let mut out = self.decoder.forward(gpu, &x, &mut cache)?;
+                let out = self.decoder.forward(gpu, &x, &mut cache, i == 0)?;
+                let mut out = unpatchify(gpu, &out, self.config.patch())?;
                 if clamp {
                     out = ops::elementwise::clamp(gpu, &out, -1.0, 1.0)?;
                 }

@@ -437,12 +437,16 @@ pub fn identify(path: &Path) -> Result<Option<Identified>, LoadError> {
             }
             WanFile::Vae => {
                 let z = dim("conv2.weight", 0);
+                let version = match wan_files::is_vae_22(&keys) {
+                    true => "Wan 2.2",
+                    false => "Wan",
+                };
                 found(
                     Family::Wan,
                     Role::Vae {
                         latent_channels: Some(z),
                     },
-                    format!("Wan, {z} latent channels"),
+                    format!("{version}, {z} latent channels"),
                 )
             }
             WanFile::ClipVision => {

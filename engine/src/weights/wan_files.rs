@@ -102,8 +102,10 @@ pub fn detect(keys: &KeyShapes) -> Option<WanFile> {
     } else if has("token_embedding.weight") && has("blocks.0.attn.q.weight") {
         Some(WanFile::Umt5Wan)
     } else if has("decoder.middle.0.residual.0.gamma")
-        && has("encoder.downsamples.0.residual.0.gamma")
+        && (has("encoder.downsamples.0.residual.0.gamma")
+            || has("encoder.downsamples.0.downsamples.0.residual.0.gamma"))
     {
+        // Wan 2.1's flat encoder list, or Wan 2.2's levels of it.
         Some(WanFile::Vae)
     } else if CLIP_VISION_PREFIXES.iter().any(|p| {
         has(&format!("{p}embeddings.patch_embedding.weight"))
@@ -712,11 +714,181 @@ pub fn vae_key_original(key: &str, num_res_blocks: usize) -> Option<String> {
     None
 }
 
+/// Whether an original-key VAE is Wan 2.2's (`wan2.2_vae.safetensors`,
+/// `Wan2.2_VAE.pth`): its encoder and decoder lists hold one
+/// `Down_ResidualBlock` / `Up_ResidualBlock` per level, each with its own
+/// inner list.
+pub fn is_vae_22(keys: &KeyShapes) -> bool {
+    keys.keys()
+        .any(|k| k.starts_with("encoder.downsamples.0.downsamples."))
+}
+
+/// The Wan 2.2 VAE's per-channel latent statistics (Wan2.2_VAE's
+/// `mean` / `std`, as Wan-AI/Wan2.2-TI2V-5B-Diffusers' vae/config.json
+/// and ComfyUI's `latent_formats.Wan22` publish them): a single file
+/// carries no config.
+const WAN22_LATENTS_MEAN: [f64; 48] = [
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
+    0.0891, 0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108,
+    -0.2158, 0.2502, -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313,
+    -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944,
+    0.3573, -0.0548, -0.1681, -0.0667,
+];
+const WAN22_LATENTS_STD: [f64; 48] = [
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+];
+
+/// The diffusers name of one original Wan 2.2 VAE key: the levels'
+/// inner lists become `resnets.J` and, for the resample that closes a
+/// level, `downsampler` / `upsampler`.
+fn vae22_key(key: &str) -> Option<String> {
+    for (side, list, blocks, resample) in [
+        ("encoder", "downsamples", "down_blocks", "downsampler"),
+        ("decoder", "upsamples", "up_blocks", "upsampler"),
+    ] {
+        if let Some((i, rest)) = numbered(key, &format!("{side}.{list}.")) {
+            let (j, rest) = numbered(rest, &format!("{list}."))?;
+            let blocks = format!("{side}.{blocks}.{i}");
+            return match rest.starts_with("resample.") || rest.starts_with("time_conv.") {
+                true => Some(format!("{blocks}.{resample}.{rest}")),
+                false => Some(format!("{blocks}.resnets.{j}.{}", vae_residual(rest)?)),
+            };
+        }
+    }
+    // Everything else is named as in Wan 2.1 (convs, middle, heads).
+    vae_key(key, &BTreeMap::new())
+}
+
+/// The original name of one diffusers Wan 2.2 VAE key, for a VAE with
+/// `num_res_blocks` (the inverse of [`vae22_key`]): the encoder's levels
+/// hold that many residual blocks, the decoder's one more, each then its
+/// resample.
+pub fn vae22_key_original(key: &str, num_res_blocks: usize) -> Option<String> {
+    for (side, blocks, list, resample, count) in [
+        (
+            "encoder",
+            "down_blocks",
+            "downsamples",
+            "downsampler.",
+            num_res_blocks,
+        ),
+        (
+            "decoder",
+            "up_blocks",
+            "upsamples",
+            "upsampler.",
+            num_res_blocks + 1,
+        ),
+    ] {
+        if let Some((i, rest)) = numbered(key, &format!("{side}.{blocks}.")) {
+            if let Some((j, rest)) = numbered(rest, "resnets.") {
+                return Some(format!(
+                    "{side}.{list}.{i}.{list}.{j}.{}",
+                    vae_residual_original(rest)?
+                ));
+            }
+            let rest = rest.strip_prefix(resample)?;
+            return Some(format!("{side}.{list}.{i}.{list}.{count}.{rest}"));
+        }
+    }
+    vae_key_original(key, num_res_blocks)
+}
+
+/// [`vae`] for a Wan 2.2 VAE: levels, residual blocks per level and
+/// temporal downsampling from the encoder's levels (a `time_conv` in a
+/// level's resample halves time), the patch size from the 12 = 3 · p²
+/// input channels, the latent statistics Wan 2.2 publishes.
+fn vae22(keys: &KeyShapes, path: &Path) -> Result<Inferred, LoadError> {
+    let base_dim = dim(keys, path, "encoder.conv1.weight", 0)?;
+    let levels = indices(keys, "encoder.downsamples.");
+    let mut dim_mult = Vec::new();
+    let mut temperal_downsample = Vec::new();
+    let mut blocks_per_level = Vec::new();
+    for &i in &levels {
+        let head = format!("encoder.downsamples.{i}.downsamples.");
+        let inner = indices(keys, &head);
+        let residual: Vec<usize> = inner
+            .iter()
+            .copied()
+            .filter(|j| keys.contains_key(&format!("{head}{j}.residual.2.weight")))
+            .collect();
+        let Some(&last) = residual.last() else {
+            return Err(layout(
+                path,
+                format!("encoder level {i} has no residual block"),
+            ));
+        };
+        let width = dim(keys, path, &format!("{head}{last}.residual.2.weight"), 0)?;
+        dim_mult.push(width / base_dim.max(1));
+        blocks_per_level.push(residual.len());
+        let resample = residual.len();
+        if keys.contains_key(&format!("{head}{resample}.resample.1.weight")) {
+            temperal_downsample
+                .push(keys.contains_key(&format!("{head}{resample}.time_conv.weight")));
+        }
+    }
+    let num_res_blocks = blocks_per_level.first().copied().unwrap_or(0);
+    if num_res_blocks == 0 || blocks_per_level.iter().any(|&b| b != num_res_blocks) {
+        return Err(layout(
+            path,
+            format!(
+                "the encoder's levels hold {blocks_per_level:?} residual blocks: expected the \
+                 same count in each"
+            ),
+        ));
+    }
+    let top = *dim_mult.last().unwrap_or(&1);
+    let decoder_width = dim(keys, path, "decoder.conv1.weight", 0)?;
+    let z_dim = dim(keys, path, "conv2.weight", 0)?;
+    if z_dim != WAN22_LATENTS_MEAN.len() {
+        return Err(layout(
+            path,
+            format!(
+                "a Wan 2.2 VAE of {z_dim} latent channels: the latent statistics published \
+                 (and known here) are for 48; use a diffusers vae/ folder with its config.json"
+            ),
+        ));
+    }
+    let in_channels = dim(keys, path, "encoder.conv1.weight", 1)?;
+    let patch = (1..=4).find(|p| 3 * p * p == in_channels).ok_or_else(|| {
+        layout(
+            path,
+            format!("encoder.conv1 takes {in_channels} channels: expected 3 · p² (12 for Wan 2.2)"),
+        )
+    })?;
+    let config = json!({
+        "_class_name": "AutoencoderKLWan",
+        "base_dim": base_dim,
+        "decoder_base_dim": decoder_width / top.max(1),
+        "z_dim": z_dim,
+        "dim_mult": dim_mult,
+        "num_res_blocks": num_res_blocks,
+        "attn_scales": [],
+        "temperal_downsample": temperal_downsample,
+        "is_residual": true,
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "out_channels": dim(keys, path, "decoder.head.2.weight", 0)?,
+        "latents_mean": WAN22_LATENTS_MEAN.to_vec(),
+        "latents_std": WAN22_LATENTS_STD.to_vec(),
+        "scale_factor_spatial": 16,
+        "scale_factor_temporal": 4,
+    });
+    let aliases = map_all(keys, path, "a Wan 2.2 VAE", vae22_key)?;
+    Ok(Inferred { config, aliases })
+}
+
 /// The VAE of an original-key file: an `AutoencoderKLWan` config and
 /// aliases. Levels, residual blocks per level and temporal downsampling
 /// are read from the encoder's flat list (a resample closes a level; one
-/// with a `time_conv` also halves time).
+/// with a `time_conv` also halves time). Wan 2.2's layout: [`vae22`].
 pub fn vae(keys: &KeyShapes, path: &Path) -> Result<Inferred, LoadError> {
+    if is_vae_22(keys) {
+        return vae22(keys, path);
+    }
     let base_dim = dim(keys, path, "encoder.conv1.weight", 0)?;
     let mut dim_mult = Vec::new();
     let mut temperal_downsample = Vec::new();

@@ -125,7 +125,7 @@ impl Wan {
             None => None,
         };
         let scheduler_config = SchedulerConfig::from_json(scheduler, path)?;
-        Self::assemble(
+        let mut wan = Self::assemble(
             path.to_path_buf(),
             tokenizer,
             text_encoder,
@@ -137,6 +137,11 @@ impl Wan {
             // The prompt cache keys entries on a text encoder folder's
             // files: a single file has none yet, so nothing is cached.
             None,
-        )
+        )?;
+        // Only TI2V-5B pairs its transformer with the Wan 2.2 VAE (the
+        // A14B experts use Wan 2.1's): such a pair runs as TI2V.
+        let ti2v = wan.vae.config.is_residual;
+        wan.set_expand_timesteps(ti2v)?;
+        Ok(wan)
     }
 }

@@ -19,7 +19,7 @@
 //! and takes the prediction there each step, and so does image-to-video, whose
 //! conditioning channels are appended to the latents on the CPU.
 
-use super::Wan;
+use super::{ti2v, Wan};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::latent;
@@ -143,7 +143,11 @@ impl Wan {
         // diffusers encodes the image after the prompts, then the
         // conditioning video after setting the timesteps (no effect on values).
         let image = self.image_conditions(gpu, req)?;
+        // Wan 2.2 TI2V given a still: its encoded first latent frame.
+        let first_frame = self.first_frame_condition(gpu, req)?;
         let cin = self.transformer.config.in_channels;
+        let [_, ph, pw] = self.transformer.config.patch_size;
+        let tokens_per_frame = (h / ph) * (w / pw);
 
         let mut latents = match &req.latents {
             Some(l) => l.clone(),
@@ -153,9 +157,10 @@ impl Wan {
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         let upload = |v: &[f32]| Tensor::from_f32(gpu, v, &[c, f, h, w], DType::F32);
-        let mut latents_gpu = (scheduler.has_step_program() && image.is_none())
-            .then(|| upload(&latents))
-            .transpose()?;
+        let mut latents_gpu =
+            (scheduler.has_step_program() && image.is_none() && first_frame.is_none())
+                .then(|| upload(&latents))
+                .transpose()?;
         emit(events, Event::Started { steps: total })?;
         let mut trace = req.trace.then(|| Trace {
             timesteps: timesteps.clone(),
@@ -169,6 +174,9 @@ impl Wan {
             }
             tr.condition = im.condition.clone();
         }
+        if let (Some(tr), Some(cond)) = (trace.as_mut(), &first_frame) {
+            tr.condition = cond.clone();
+        }
         let boundary = self.transformer.boundary_timestep(&self.scheduler_config)?;
         let mut previews = StepPreviews::default();
         for (k, &t) in timesteps.iter().enumerate() {
@@ -176,6 +184,11 @@ impl Wan {
             let (expert, guidance_scale) = self.transformer.expert_at(t, boundary, req);
             self.transformer.make_resident(gpu, expert, k, events)?;
             let x = match (&latents_gpu, &image) {
+                _ if first_frame.is_some() => {
+                    let cond = first_frame.as_deref().unwrap_or_default();
+                    let input = ti2v::with_first_frame(&latents, cond, c, f);
+                    Tensor::from_f32(gpu, &input, &[1, c, f, h, w], gpu.precision())?
+                }
                 (Some(l), _) => latent::batch_input(gpu, l, 1.0, 1, gpu.precision())?,
                 // One batch item: concatenating channels is appending.
                 (None, Some(im)) => {
@@ -185,7 +198,12 @@ impl Wan {
                 (None, None) => Tensor::from_f32(gpu, &latents, &[1, c, f, h, w], gpu.precision())?,
             };
             let image_embeds = image.as_ref().and_then(|im| im.image_embeds.as_ref());
-            let t = [t as f32];
+            // TI2V image-to-video: timestep 0 on the clean first frame's
+            // tokens (text-to-video's tokens all share t: one per item).
+            let t = match first_frame {
+                Some(_) => ti2v::token_timesteps(t as f32, f, tokens_per_frame),
+                None => vec![t as f32],
+            };
             let pred = self.transformer.forward(gpu, &x, &t, &cond, image_embeds)?;
             let u = match &uncond {
                 Some(uncond) => {
@@ -258,7 +276,14 @@ impl Wan {
                 latents = l.to_f32(gpu)?;
                 l
             }
-            None => upload(&latents)?,
+            // TI2V: the first frame is the still's again for decoding (and
+            // in the latents returned, as diffusers' output_type="latent").
+            None => {
+                if let Some(cond) = &first_frame {
+                    latents = ti2v::with_first_frame(&latents, cond, c, f);
+                }
+                upload(&latents)?
+            }
         };
         gpu.trim_pool();
         let frames = self.decode(gpu, &latents_gpu, req, events)?;

@@ -24,12 +24,16 @@
 //! its I2V has no image encoder: the still reaches it through the
 //! conditioning channels alone.
 //!
+//! Wan 2.2 TI2V-5B (`expand_timesteps`: text-to-video, and image-to-video
+//! through the VAE alone) is `ti2v.rs`.
+//!
 //! The step loop is in `generate.rs`.
 
 mod experts;
 mod files;
 mod generate;
 mod image;
+mod ti2v;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
@@ -69,6 +73,17 @@ pub const CONTROLS: Controls = Controls {
 /// An image-to-video model (Wan2.1-I2V): the still is required.
 pub const CONTROLS_I2V: Controls = Controls {
     supported: &[Control::Shift, Control::InitialLatents, Control::Image],
+    schedulers: CONTROLS.schedulers,
+};
+
+/// Wan 2.2 TI2V-5B: text-to-video, or image-to-video given a still.
+pub const CONTROLS_TI2V: Controls = Controls {
+    supported: &[
+        Control::Shift,
+        Control::InitialLatents,
+        Control::Lora,
+        Control::Image,
+    ],
     schedulers: CONTROLS.schedulers,
 };
 
@@ -150,6 +165,8 @@ pub struct Wan {
     vae: AutoencoderKLWan,
     /// Image-to-video models: the CLIP image encoder and its processor.
     image: Option<image::ImageConditioning>,
+    /// Wan 2.2 TI2V (`expand_timesteps` in model_index.json): see `ti2v.rs`.
+    expand_timesteps: bool,
     scheduler_config: SchedulerConfig,
     defaults: ModelDefaults,
     latent_rgb: LatentRgb,
@@ -183,13 +200,6 @@ fn present(entry: &Option<serde_json::Value>) -> bool {
         None | Some(serde_json::Value::Null) => false,
         Some(serde_json::Value::Array(parts)) => parts.iter().any(|p| !p.is_null()),
         Some(_) => true,
-    }
-}
-
-fn not_yet(path: &Path, what: &str) -> LoadError {
-    LoadError::Layout {
-        path: path.to_path_buf(),
-        message: format!("{what} is not yet supported (Motif runs Wan 2.1 text-to-video folders)"),
     }
 }
 
@@ -295,6 +305,29 @@ impl Wan {
         &self.latent_rgb
     }
 
+    /// Marks the model as Wan 2.2 TI2V (model_index.json's
+    /// `expand_timesteps`; a single file's transformer of 48 channels
+    /// beside the Wan 2.2 VAE): its published defaults (unless its card
+    /// sets others), and a transformer without an image branch, as the
+    /// pipelines assume.
+    fn set_expand_timesteps(&mut self, on: bool) -> Result<()> {
+        self.expand_timesteps = on;
+        if !on {
+            return Ok(());
+        }
+        if self.transformer.config.image_dim.is_some() {
+            return Err(LoadError::Config {
+                path: transformer_config_path(&self.model),
+                message: "expand_timesteps (Wan 2.2 TI2V) with an image-to-video transformer \
+                          (image_dim set): TI2V conditions on the VAE-encoded image alone"
+                    .into(),
+            }
+            .into());
+        }
+        self.defaults = ModelCard::for_model(&self.model)?.defaults(ti2v::ti2v_defaults());
+        Ok(())
+    }
+
     /// The checks across parts and the model's card, shared by folders and
     /// single files. `config_path` names the transformer's config in errors.
     #[allow(clippy::too_many_arguments)]
@@ -380,6 +413,7 @@ impl Wan {
             transformer,
             vae,
             image,
+            expand_timesteps: false,
             scheduler_config,
             defaults,
             latent_rgb,
@@ -399,9 +433,6 @@ impl Family for Wan {
         let dir = source.path().to_path_buf();
         let index_path = dir.join("model_index.json");
         let index: WanIndex = crate::weights::config::read_config(&index_path)?;
-        if index.expand_timesteps {
-            return Err(not_yet(&dir, "Wan 2.2 TI2V (expand_timesteps)").into());
-        }
         // Whether the folder is image-to-video, from the configs alone:
         // parts missing are named before any weight reaches the GPU.
         let transformer_dir = component(&dir, "transformer", "the Wan transformer")?;
@@ -462,7 +493,7 @@ impl Family for Wan {
         let scheduler_path =
             component(&dir, "scheduler", "scheduler_config.json")?.join("scheduler_config.json");
         let scheduler_config = SchedulerConfig::load(&scheduler_path)?;
-        Self::assemble(
+        let mut wan = Self::assemble(
             dir,
             tokenizer,
             text_encoder,
@@ -472,7 +503,9 @@ impl Family for Wan {
             scheduler_config,
             scheduler_path,
             encoder_identity,
-        )
+        )?;
+        wan.set_expand_timesteps(index.expand_timesteps)?;
+        Ok(wan)
     }
 
     fn family(&self) -> &'static str {
@@ -493,6 +526,10 @@ impl Family for Wan {
                 true => experts::CONTROLS_A14B_I2V,
                 false => experts::CONTROLS_A14B,
             };
+        }
+        // Wan 2.2 TI2V: text-to-video, or image-to-video given a still.
+        if self.expand_timesteps {
+            return CONTROLS_TI2V;
         }
         // A conditioning-channel transformer without an image encoder is
         // image-to-video too (as diffusers runs it).
@@ -516,7 +553,9 @@ impl Family for Wan {
             if v == 0 || v % m != 0 {
                 let below = (v / m).max(1) * m;
                 return Err(argument(format!(
-                    "{name} {v}: Wan takes multiples of {m} (the VAE's 8 × the transformer's patch); pass {below} or {}",
+                    "{name} {v}: this Wan model takes multiples of {m} (the VAE's {} × the \
+                     transformer's patch); pass {below} or {}",
+                    self.vae.config.spatial_scale_factor(),
                     below + m
                 )));
             }
