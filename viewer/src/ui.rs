@@ -250,6 +250,11 @@ impl Viewer {
         self.take_picked_file(&ctx);
         if self.script.active() && !self.started_script {
             self.started_script = true;
+            // What the panel offers for this model, for tests and docs.
+            let on = |b: bool| if b { "on" } else { "off" };
+            let (image, last) = self.slots_enabled();
+            println!("takes: {}", self.defaults.takes.describe());
+            println!("slots: image {}, last image {}", on(image), on(last));
             if self.script.auto_generate {
                 self.generate();
             } else {
@@ -696,19 +701,27 @@ impl Viewer {
         }
     }
 
+    /// Whether the image and the last-image slots can be used.
+    fn slots_enabled(&self) -> (bool, bool) {
+        let takes = self.defaults.takes;
+        (
+            takes.image != ImageUse::None || self.controls.image.is_some(),
+            takes.last_image || self.controls.last_image.is_some(),
+        )
+    }
+
     /// Both still slots, each greyed out with the reason when the model
     /// does not take it (but kept usable while it holds a still, from a
     /// remix, so that it can be cleared).
     fn still_slots(&mut self, ui: &mut egui::Ui) {
         let takes = self.defaults.takes;
         let family = self.defaults.family_name();
-        let takes_image = takes.image != ImageUse::None || self.controls.image.is_some();
+        let (takes_image, takes_last) = self.slots_enabled();
         ui.add_enabled_ui(takes_image, |ui| self.still_slot(ui, Slot::Image))
             .response
             .on_disabled_hover_text(format!(
                 "{family}: this model makes clips from the prompt only (no still)"
             ));
-        let takes_last = takes.last_image || self.controls.last_image.is_some();
         let last = ui.add_enabled_ui(takes_last, |ui| self.still_slot(ui, Slot::LastImage));
         self.last_slot_rect = Some(last.response.rect);
         if !takes.last_image {
