@@ -275,7 +275,12 @@ fn accepted_names(runner: &dyn Runner) -> Names {
     names.models.retain(|model| {
         let mut probe = JobRequest::new("a probe");
         probe.recipe.model = Some(model.clone());
-        runner.check(&probe).is_ok()
+        // An image-to-video model refuses the probe for the still it lacks:
+        // it opened, so it is a model.
+        match runner.check(&probe) {
+            Ok(_) => true,
+            Err(e) => matches!(e.field.as_str(), "image" | "last_image"),
+        }
     });
     names
 }
