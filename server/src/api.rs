@@ -880,6 +880,8 @@ mod tests {
         let recipe = &schemas["JobRecipe"];
         assert_eq!(recipe["properties"]["style"]["enum"], json!(["anime"]));
         assert!(recipe["properties"].get("image").is_none());
+        assert!(request["properties"]["last_image"].is_object());
+        assert!(recipe["properties"].get("last_image").is_none());
         assert!(recipe.get("not").is_none());
         let multipart = &doc["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]
             ["multipart/form-data"]["schema"];

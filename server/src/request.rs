@@ -520,6 +520,53 @@ mod tests {
     }
 
     #[test]
+    fn last_image_is_checked_like_image_and_needs_it() {
+        let png = |w: u32, h: u32| {
+            let mut bytes = Vec::new();
+            image::RgbImage::new(w, h)
+                .write_to(
+                    &mut std::io::Cursor::new(&mut bytes),
+                    image::ImageFormat::Png,
+                )
+                .unwrap();
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        };
+        let (still, small) = (png(32, 16), png(15, 40));
+        for (json, field) in [
+            (
+                format!(r#"{{"prompt": "a", "last_image": "{still}"}}"#),
+                "last_image",
+            ),
+            (
+                format!(r#"{{"prompt": "a", "image": "{still}", "last_image": "%%%"}}"#),
+                "last_image",
+            ),
+            (
+                format!(r#"{{"prompt": "a", "image": "{still}", "last_image": "{small}"}}"#),
+                "last_image",
+            ),
+            (format!(r#"{{"prompt": "a", "image": "{small}"}}"#), "image"),
+            (
+                r#"{"prompt": "a", "last_image": 7}"#.to_string(),
+                "last_image",
+            ),
+        ] {
+            assert_eq!(refused(&json), field, "{json}");
+        }
+        let both: JobRequest = serde_json::from_str(&format!(
+            r#"{{"prompt": "a", "image": "{still}", "last_image": "{still}"}}"#
+        ))
+        .unwrap();
+        assert!(both.validate(&JobLimits::default()).is_ok());
+        // Kept out of the stored fields like the first still, sent again by body().
+        assert!(serde_json::to_value(&both)
+            .unwrap()
+            .get("last_image")
+            .is_none());
+        assert_eq!(both.body()["last_image"], serde_json::json!(still));
+    }
+
+    #[test]
     fn the_wire_shape_round_trips_without_the_still() {
         // f32 values come back as submitted (0.7, not its f64 widening).
         let body = serde_json::json!({"prompt": "a", "camera": "pan-left", "karras": true,

@@ -407,6 +407,9 @@ async fn clip_recipe(
     if let Some(image) = db.job_image(&id).await? {
         recipe.insert("image".into(), Value::from(image));
     }
+    if let Some(last) = db.job_last_image(&id).await? {
+        recipe.insert("last_image".into(), Value::from(last));
+    }
     Ok(recipe)
 }
 
