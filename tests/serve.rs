@@ -1571,7 +1571,9 @@ fn image_to_video_jobs_take_image_and_last_image_parts() {
     let big = vec![0x89u8; 5 << 20];
     let mut with_strength = job("wan-i2v", "a");
     with_strength["strength"] = json!(0.5);
-    let cases: Vec<(Value, Vec<(&str, &[u8])>, u16, &str, &str)> = vec![
+    // (recipe, still parts, status, field named, words of the error)
+    type Case<'a> = (Value, Vec<(&'a str, &'a [u8])>, u16, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (
             job("wan-flf2v", "a"),
             vec![("last_image", &last)],

@@ -403,11 +403,11 @@ fn is_plain_name(s: &str) -> bool {
 
 /// The smallest side a still may have: what the engine takes
 /// (`motif_engine::pipelines::MIN_IMAGE_SIDE`, which this crate does not link).
-pub const MIN_IMAGE_SIDE: u32 = 16;
+const MIN_IMAGE_SIDE: u32 = 16;
 
 /// Whether a base64 still is too large to hold: its decoded size from the
 /// text's length, before anything is decoded.
-pub fn image_too_large(b64: &str, limits: &JobLimits) -> bool {
+fn image_too_large(b64: &str, limits: &JobLimits) -> bool {
     base64_body(b64).len() / 4 * 3 > limits.max_image_bytes + 3
 }
 
