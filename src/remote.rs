@@ -57,22 +57,24 @@ impl Remote {
     }
 
     /// The job of a Generate: the panel's recipe for the server's own
-    /// model, its clip as animated WebP, the still base64.
+    /// model, its clip as animated WebP, the stills base64.
     fn job(&self, c: &Controls) -> Result<Value> {
         let mut recipe = c.recipe();
         recipe.model = None;
-        let image = match &recipe.image {
-            Some(path) => {
-                let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
-                Some(base64::engine::general_purpose::STANDARD.encode(bytes))
-            }
-            None => None,
+        let base64 = |still: Option<String>| -> Result<Option<String>> {
+            let Some(path) = still else { return Ok(None) };
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
+            Ok(Some(
+                base64::engine::general_purpose::STANDARD.encode(bytes),
+            ))
         };
-        recipe.image = None;
+        let image = base64(recipe.image.take())?;
+        let last_image = base64(recipe.last_image.take())?;
         let job = JobRequest {
             recipe,
             format: Some(OutputFormat::Webp),
             image,
+            last_image,
         };
         Ok(job.body())
     }

@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use motif_engine::pipelines::{Event, ModelCache};
+use motif_engine::pipelines::{Event, ModelCache, StillUse, Stills};
 use motif_engine::EngineError;
 use motif_engine::Gpu;
 use motif_server::accounts;
 use motif_server::discord::{DiscordOptions, Verifier};
 use motif_server::{
-    ApiLimits, ClipSize, ConnectionLimits, FieldError, HashingOptions, JobRequest, Names, Preview,
-    Progress, QueueOptions, RunError, RunJob, RunOutput, Runner, ServeOptions, StoreOptions,
-    WebOptions, WorkerOptions,
+    ApiLimits, ClipSize, ConnectionLimits, FieldError, HashingOptions, ImageMode, JobRequest,
+    Names, Preview, Progress, QueueOptions, RunError, RunJob, RunOutput, Runner, ServeOptions,
+    StoreOptions, WebOptions, WorkerOptions,
 };
 
 use crate::catalog;
@@ -373,6 +373,9 @@ fn run_error(e: anyhow::Error) -> RunError {
         let message = match f.field.as_str() {
             // Its reason names the server's copy of the still.
             "image" => "the uploaded image cannot be read (PNG, JPEG or WebP expected)".to_string(),
+            "last_image" => {
+                "the uploaded last image cannot be read (PNG, JPEG or WebP expected)".to_string()
+            }
             // Its reason names the model's folder.
             "model" => "model: the model cannot be opened on this server".to_string(),
             field => format!("{field}: {}", f.reason),
@@ -412,10 +415,21 @@ impl Runner for EngineRunner {
         let prepared = generate::prepare(request.recipe.clone(), Some(PathBuf::from("check.mp4")))
             .map_err(field_error)?;
         let (width, height, frames) = prepared.clip_size().map_err(field_error)?;
+        let model = request.recipe.model.as_deref().unwrap_or("default");
+        let stills = crate::view::model_stills(model).map_err(field_error)?;
+        check_stills(request, model, stills)?;
         Ok(ClipSize {
             width,
             height,
             frames,
+        })
+    }
+
+    fn image_mode(&self, model: Option<&str>) -> Option<ImageMode> {
+        let stills = crate::view::model_stills(model.unwrap_or("default")).ok()?;
+        stills.image.map(|u| match u {
+            StillUse::Anchor => ImageMode::Anchor,
+            StillUse::Native => ImageMode::Native,
         })
     }
 
@@ -440,6 +454,7 @@ impl Runner for EngineRunner {
     ) -> Result<Option<RunOutput>, RunError> {
         let mut recipe = job.request.recipe.clone();
         recipe.image = (job.image.as_ref()).map(|p| p.to_string_lossy().into_owned());
+        recipe.last_image = (job.last_image.as_ref()).map(|p| p.to_string_lossy().into_owned());
         let prepared = generate::prepare(recipe, Some(job.output.clone())).map_err(run_error)?;
         let mut loaded = self
             .take(prepared.model_key())
@@ -490,6 +505,55 @@ impl Runner for EngineRunner {
             recipe: f.recipe,
         }))
     }
+}
+
+/// A job's stills against how its model takes them, at submission: what
+/// the engine would refuse when the job runs, refused before it is queued
+/// and named by the field (the part) at fault.
+fn check_stills(request: &JobRequest, model: &str, stills: Stills) -> Result<(), FieldError> {
+    let kind = match (stills.image, stills.last_image) {
+        (Some(StillUse::Native), true) => "a first-last-frame model",
+        (Some(StillUse::Native), false) => "an image-to-video model",
+        _ => "a text-to-video model",
+    };
+    let (image, last) = (request.image.is_some(), request.last_image.is_some());
+    if image && stills.image.is_none() {
+        return Err(FieldError::new(
+            "image",
+            format!("model `{model}` is {kind} that takes no still"),
+        ));
+    }
+    if !image && !stills.text_to_video {
+        return Err(FieldError::new(
+            "image",
+            format!("model `{model}` is {kind}: send the still to animate as `image`"),
+        ));
+    }
+    if last && !stills.last_image {
+        return Err(FieldError::new(
+            "last_image",
+            format!(
+                "model `{model}` is {kind}: only a first-last-frame model (Wan2.1-FLF2V) takes \
+                 a last image"
+            ),
+        ));
+    }
+    if !last && stills.last_image {
+        return Err(FieldError::new(
+            "last_image",
+            format!("model `{model}` is {kind}: send the still the clip ends on as `last_image`"),
+        ));
+    }
+    if request.recipe.strength.is_some() && stills.image == Some(StillUse::Native) {
+        return Err(FieldError::new(
+            "strength",
+            format!(
+                "model `{model}` is {kind}: it reads the still itself, `strength` (how far \
+                 frames move from an anchored still) does not apply"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn runner(open_gpu: GpuOpener) -> Arc<dyn Runner> {

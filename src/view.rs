@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use motif_engine::models::source::{ModelSource, ModelSpec};
-use motif_engine::pipelines::{self, Control, Event, ModelCache, ModelCard};
+use motif_engine::pipelines::{self, Control, Event, ModelCache, ModelCard, StillUse, Stills};
 use motif_engine::Gpu;
-use motif_viewer::{Controls, ModelChoice, ModelDefaults, Saved, Script};
+use motif_viewer::{Controls, ImageUse, ModelChoice, ModelDefaults, Saved, Script, Takes};
 
 use crate::catalog;
 use crate::generate::{self, RecipeArgs};
@@ -97,21 +97,19 @@ impl motif_viewer::Backend for Engine {
     }
 }
 
-/// What a model proposes before it is loaded: its card's defaults
-/// (`motif.json`) over its family's published ones, and what the family
-/// takes (size multiple, frame step, motion, camera, still). A model this
-/// machine cannot open (a name only a server has) gets AnimateDiff's, under
-/// its card if it has one here.
-pub(crate) fn model_defaults(model: &str) -> Result<ModelDefaults> {
-    let path = catalog::resolve_model_name(model).with_context(|| format!("--model {model}"))?;
+/// The source of the model at `path` as a Generate would open it (a Wan
+/// transformer file with the parts of the models folder that fit it; the
+/// generation itself says which it takes), or `None` when this machine
+/// cannot open it.
+fn open_model(path: &str) -> Option<ModelSource> {
     let mut spec = ModelSpec {
-        model: path.clone(),
+        model: path.to_string(),
         ..Default::default()
     };
     // A Wan transformer file opens with the parts of the models folder
     // that fit it (the generation itself says which it takes).
     for (flag, _, picked) in
-        catalog::companions(Path::new(&path), true, true, true).unwrap_or_default()
+        catalog::companions(Path::new(path), true, true, true).unwrap_or_default()
     {
         let picked = Some(picked.to_string_lossy().into_owned());
         match flag {
@@ -120,10 +118,31 @@ pub(crate) fn model_defaults(model: &str) -> Result<ModelDefaults> {
             _ => spec.vae = picked,
         }
     }
-    let family = ModelSource::open(&spec)
-        .ok()
-        .and_then(|source| Some((pipelines::family_of(&source).ok()?, source)));
-    let Some((family, source)) = family else {
+    ModelSource::open(&spec).ok()
+}
+
+/// How the model named `model` takes stills, from its configs: what the
+/// viewer's picker shows and what the server checks a job's stills against.
+pub(crate) fn model_stills(model: &str) -> Result<Stills> {
+    let path = catalog::resolve_model_name(model).with_context(|| format!("--model {model}"))?;
+    let source = open_model(&path)
+        .with_context(|| format!("--model {model}: the model cannot be opened"))?;
+    Ok(pipelines::stills_of(&source)?)
+}
+
+/// What a model proposes before it is loaded: its card's defaults
+/// (`motif.json`) over its family's published ones, and what the family
+/// takes (size multiple, frame step, motion, camera, stills). A model this
+/// machine cannot open (a name only a server has) gets AnimateDiff's, under
+/// its card if it has one here.
+pub(crate) fn model_defaults(model: &str) -> Result<ModelDefaults> {
+    let path = catalog::resolve_model_name(model).with_context(|| format!("--model {model}"))?;
+    let family = open_model(&path).and_then(|source| {
+        let family = pipelines::family_of(&source).ok()?;
+        let stills = (family.stills)(&source).ok()?;
+        Some((family, stills, source))
+    });
+    let Some((family, stills, source)) = family else {
         let card = ModelCard::for_model(Path::new(&path))
             .with_context(|| format!("reading the card of {path}"))?;
         let d = card.defaults((pipelines::animatediff::REGISTERED.defaults)());
@@ -153,8 +172,21 @@ pub(crate) fn model_defaults(model: &str) -> Result<ModelDefaults> {
         frame_step: family.frame_step,
         motion: takes(Control::Motion),
         camera: takes(Control::Camera),
-        image: takes(Control::Image),
+        takes: viewer_takes(stills),
     })
+}
+
+/// The engine's [`Stills`] in the viewer's words.
+fn viewer_takes(stills: Stills) -> Takes {
+    Takes {
+        text_to_video: stills.text_to_video,
+        image: match stills.image {
+            None => ImageUse::None,
+            Some(StillUse::Anchor) => ImageUse::Anchor,
+            Some(StillUse::Native) => ImageUse::Native,
+        },
+        last_image: stills.last_image,
+    }
 }
 
 fn outputs_dir() -> PathBuf {
@@ -207,9 +239,13 @@ pub fn run(gpu_for: impl FnOnce() -> Result<Gpu>, args: &ViewArgs) -> Result<i32
     let models = catalog::list_models()
         .into_iter()
         .filter(catalog::Listed::is_model)
-        .map(|m| ModelChoice {
-            name: m.name,
-            path: m.path.to_string_lossy().into_owned(),
+        .map(|m| {
+            let path = m.path.to_string_lossy().into_owned();
+            ModelChoice {
+                takes: model_stills(&path).ok().map(viewer_takes),
+                name: m.name,
+                path,
+            }
         })
         .collect();
     let gpu = gpu_for()?;

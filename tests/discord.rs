@@ -287,6 +287,18 @@ impl Server {
 
     /// The same, on the data folder `data`.
     fn start_in(data: &Path, discord: &StandIn, attachments: &StandIn, extra: &[&str]) -> Server {
+        Server::start_with(data, discord, attachments, TINY, extra, &[])
+    }
+
+    /// The same, with these `--discord-defaults` and more environment.
+    fn start_with(
+        data: &Path,
+        discord: &StandIn,
+        attachments: &StandIn,
+        defaults: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let key = SigningKey::from_bytes(&rand_bytes());
         let public_key: String = key
             .verifying_key()
@@ -304,11 +316,12 @@ impl Server {
             "--discord-attachment-host",
             &attachments.origin,
             "--discord-defaults",
-            TINY,
+            defaults,
         ];
         args.extend_from_slice(extra);
-        let server =
-            common::Server::start_with_env(data, &args, &[("MOTIF_DISCORD_BOT_TOKEN", BOT_TOKEN)]);
+        let mut env = env.to_vec();
+        env.push(("MOTIF_DISCORD_BOT_TOKEN", BOT_TOKEN));
+        let server = common::Server::start_with_env(data, &args, &env);
         Server {
             base: server.base.clone(),
             data: data.to_path_buf(),
@@ -900,10 +913,11 @@ fn commands_queue_clips_that_come_back_with_buttons() {
     assert_eq!(answer, json!({"type": 5}));
     let animated = result_of(&discord, &token);
     assert_clip(&animated, "/animate");
-    assert!(animated.message["content"]
-        .as_str()
-        .unwrap()
-        .contains("strength 0.7"));
+    let content = animated.message["content"].as_str().unwrap();
+    assert!(content.contains("strength 0.7"), "{content}");
+    // The bundled AnimateDiff model has no native image-to-video: the
+    // reply says the still anchors the first frame.
+    assert!(content.contains("Anchored"), "{content}");
 
     // Stills that are refused, each with a message saying why.
     let animate = |name: &str, url: &str, size: u64| {
@@ -1311,4 +1325,69 @@ fn bad_discord_settings_stop_startup_with_a_clear_error() {
         );
         assert!(!said.contains("panicked"), "{said}");
     }
+}
+
+/// The "queued" note edited into the interaction's response.
+fn queued_of(discord: &StandIn, token: &str) -> String {
+    let path = original(token);
+    discord.wait_for(&format!("the queued note for {token}"), |r| {
+        let text = r.body["content"].as_str()?;
+        (r.method == "PATCH" && r.path == path && text.starts_with("⏳")).then(|| text.to_string())
+    })
+}
+
+/// /animate on a server whose model is Wan2.1-I2V: the attachment goes
+/// through the model's own image-to-video (no `strength`, which it does not
+/// take), and both replies say so.
+#[test]
+fn animate_is_native_on_an_image_to_video_model() {
+    let discord = stand_in(200);
+    let still = png_still();
+    let cdn = serve_stand_in(
+        200,
+        HashMap::from([("/attachments/cat.png".to_string(), still.clone())]),
+    );
+    let data = temp_dir("i2v");
+    let models = data.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let i2v = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan-i2v");
+    std::os::unix::fs::symlink(&i2v, models.join("wan-i2v")).unwrap();
+    let no_cache = data.join("no-hf-cache");
+    let server = Server::start_with(
+        &data,
+        &discord,
+        &cdn,
+        r#"{"model": "wan-i2v", "width": 48, "height": 32, "frames": 5, "steps": 2}"#,
+        &[],
+        &[
+            ("MOTIF_MODELS", models.to_str().unwrap()),
+            ("HF_HUB_CACHE", no_cache.to_str().unwrap()),
+        ],
+    );
+    let url = format!("{}/attachments/cat.png", cdn.origin);
+    let (token, answer) = server.command_with(
+        ADA,
+        "animate",
+        json!([{"name": "image", "value": "900"}, {"name": "prompt", "value": "a gradient"},
+               {"name": "strength", "value": 0.7}]),
+        attachment("900", "cat.png", &url, still.len() as u64),
+    );
+    assert_eq!(answer, json!({"type": 5}));
+    let queued = queued_of(&discord, &token);
+    assert!(
+        queued.contains("Native image-to-video") && queued.contains("`strength` does not apply"),
+        "{queued}"
+    );
+    let animated = result_of(&discord, &token);
+    let clip = animated
+        .clip
+        .clone()
+        .unwrap_or_else(|| panic!("no clip attached: {:?}", animated.message));
+    assert_eq!(ffprobe(&clip), ("h264".to_string(), 5, 48, 32));
+    let content = animated.message["content"].as_str().unwrap();
+    assert!(
+        content.contains("Native image-to-video") && content.contains("model wan-i2v"),
+        "{content}"
+    );
+    server.assert_no_panic();
 }

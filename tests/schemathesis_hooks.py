@@ -4,7 +4,7 @@ A JSON schema can say that `image` is base64 text (format `image-base64`) or
 a file part (`image/png` in the multipart encoding), but not that its bytes
 decode as a picture; random bytes are rightly refused by the server, which
 would fail the positive-data check for no fault of the schema. These
-strategies make real PNG stills (1 to 64 pixels a side, random colours) for
+strategies make real PNG stills (16, the engine's smallest, to 64 pixels a side, random colours) for
 both, so that every positive request schemathesis sends is one the server
 must accept. Loaded through SCHEMATHESIS_HOOKS by tests/serve.rs.
 """
@@ -34,8 +34,8 @@ def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
 
 stills = st.builds(
     png,
-    st.integers(1, 64),
-    st.integers(1, 64),
+    st.integers(16, 64),
+    st.integers(16, 64),
     st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)),
 )
 
@@ -59,3 +59,9 @@ def before_call(context, case, kwargs):
     for body in (case.body, case.body.get("recipe") if isinstance(case.body, dict) else None):
         if isinstance(body, dict):
             body.pop("aspect", None)
+
+    # `last_image` is taken only by a first-last-frame model, which the test
+    # server does not have (400 naming `last_image`): another rule across
+    # fields and models, so the positive requests leave it out.
+    if isinstance(case.body, dict):
+        case.body.pop("last_image", None)

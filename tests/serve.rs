@@ -1470,3 +1470,216 @@ fn a_job_runs_on_a_wan_model_from_the_models_folder() {
         (Some(48), Some(32))
     );
 }
+
+/// Native image-to-video through `motif serve`: Wan2.1-I2V and first-last
+/// frame folders in the models folder take their stills as multipart parts
+/// (`image`, `last_image`), the gallery's recipe says they were uploaded,
+/// and every still a model cannot take is refused at submission with a 4xx
+/// naming its part.
+#[test]
+fn image_to_video_jobs_take_image_and_last_image_parts() {
+    let data = temp_dir("i2v");
+    let models = data.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (folder, name) in [
+        ("wan-i2v", "wan-i2v"),
+        ("wan-flf2v", "wan-flf2v"),
+        ("wan-a", "wan-tiny"),
+    ] {
+        std::os::unix::fs::symlink(fixtures.join(folder), models.join(name)).unwrap();
+    }
+    let no_cache = data.join("no-hf-cache");
+    let env = [
+        ("MOTIF_MODELS", models.to_str().unwrap()),
+        ("HF_HUB_CACHE", no_cache.to_str().unwrap()),
+    ];
+    let server = Server::start_with_env(&data, &["--workers", "1"], &env);
+    let token = create_token(&["--data", data.to_str().unwrap()], false);
+
+    let job = |model: &str, prompt: &str| {
+        json!({"prompt": prompt, "model": model, "width": 48, "height": 32, "frames": 5,
+               "steps": 2, "seed": 11})
+    };
+    let (first, last) = (png_still(48, 32), png_still(60, 40));
+    let json_part = "application/json";
+    let submit_parts = |recipe: &Value, parts: &[(&str, &[u8])]| {
+        let text = recipe.to_string();
+        let mut all: Vec<(&str, Option<&str>, &str, &[u8])> =
+            vec![("recipe", None, json_part, text.as_bytes())];
+        for (name, bytes) in parts {
+            all.push((name, Some("still.png"), "image/png", bytes));
+        }
+        let (content_type, body) = multipart(&all);
+        post_multipart(&server, &token, &content_type, &body)
+    };
+    let finished = |a: &Answer| -> String {
+        assert_eq!(a.status, 202, "{}", a.body);
+        let id = a.body["id"].as_str().unwrap().to_string();
+        let done = wait_for_state(
+            &server,
+            &token,
+            &id,
+            &["finished", "failed"],
+            Duration::from_secs(300),
+        );
+        assert_eq!(done["state"], "finished", "{done}");
+        id
+    };
+
+    // First-last frame: both parts, a clip of 5 frames whose recipe says
+    // both stills were uploaded (never the worker's paths).
+    let prompt = "a ball rolling from left to right";
+    let a = submit_parts(
+        &job("wan-flf2v", prompt),
+        &[("image", &first), ("last_image", &last)],
+    );
+    let id = finished(&a);
+    check_clip(&server, &token, &id, prompt, 5);
+    let recipe = get(&server, &format!("/api/v1/jobs/{id}/recipe"), Some(&token)).body;
+    assert_eq!(
+        (&recipe["image"], &recipe["last_image"], &recipe["model"]),
+        (
+            &json!("(uploaded)"),
+            &json!("(uploaded)"),
+            &json!("wan-flf2v")
+        ),
+        "{recipe}"
+    );
+    // The job's own fields never carry the stills.
+    let shown = get(&server, &format!("/api/v1/jobs/{id}"), Some(&token)).body;
+    assert!(shown["request"].get("last_image").is_none(), "{shown}");
+
+    // Wan2.1-I2V with the still as base64 in the JSON, as the viewer sends it.
+    let mut body = job("wan-i2v", prompt);
+    body["image"] = json!(base64_encode(&first));
+    let id = submit(&server, &token, &body);
+    let done = wait_for_state(
+        &server,
+        &token,
+        &id,
+        &["finished", "failed"],
+        Duration::from_secs(300),
+    );
+    assert_eq!(done["state"], "finished", "{done}");
+    check_clip(&server, &token, &id, prompt, 5);
+
+    // Refused at submission, each naming its part.
+    let mut broken = png_still(48, 32);
+    broken.truncate(20);
+    let small = png_still(12, 20);
+    let big = vec![0x89u8; 5 << 20];
+    let mut with_strength = job("wan-i2v", "a");
+    with_strength["strength"] = json!(0.5);
+    // (recipe, still parts, status, field named, words of the error)
+    type Case<'a> = (Value, Vec<(&'a str, &'a [u8])>, u16, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            job("wan-flf2v", "a"),
+            vec![("last_image", &last)],
+            400,
+            "last_image",
+            "first image",
+        ),
+        (
+            job("wan-flf2v", "a"),
+            vec![("image", &first), ("last_image", b"not an image at all")],
+            400,
+            "last_image",
+            "PNG, JPEG or WebP",
+        ),
+        (
+            job("wan-flf2v", "a"),
+            vec![("image", &first), ("last_image", &broken)],
+            400,
+            "last_image",
+            "",
+        ),
+        (
+            job("wan-flf2v", "a"),
+            vec![("image", &first), ("last_image", &small)],
+            400,
+            "last_image",
+            "12x20",
+        ),
+        (
+            job("wan-i2v", "a"),
+            vec![("image", &small)],
+            400,
+            "image",
+            "16",
+        ),
+        (
+            job("wan-flf2v", "a"),
+            vec![("image", &first), ("last_image", &big)],
+            400,
+            "last_image",
+            "larger than",
+        ),
+        (
+            job("wan-flf2v", "a"),
+            vec![
+                ("image", &first),
+                ("last_image", &last),
+                ("last_image", &last),
+            ],
+            400,
+            "last_image",
+            "twice",
+        ),
+        (
+            job("wan-i2v", "a"),
+            vec![("image", &first), ("last_image", &last)],
+            400,
+            "last_image",
+            "first-last-frame",
+        ),
+        (
+            json!({"prompt": "a", "width": 64, "height": 64, "frames": 4, "steps": 2}),
+            vec![("image", &first), ("last_image", &last)],
+            400,
+            "last_image",
+            "first-last-frame",
+        ),
+        (
+            job("wan-tiny", "a"),
+            vec![("image", &first)],
+            400,
+            "image",
+            "takes no still",
+        ),
+        (job("wan-i2v", "a"), vec![], 400, "image", "image-to-video"),
+        (
+            job("wan-flf2v", "a"),
+            vec![("image", &first)],
+            400,
+            "last_image",
+            "first-last-frame",
+        ),
+        (
+            with_strength,
+            vec![("image", &first)],
+            400,
+            "strength",
+            "does not apply",
+        ),
+    ];
+    for (recipe, parts, status, field, says) in &cases {
+        let a = submit_parts(recipe, parts);
+        let names: Vec<&str> = parts.iter().map(|p| p.0).collect();
+        assert_eq!(a.status, *status, "{recipe} {names:?}: {}", a.body);
+        assert_eq!(a.body["field"], *field, "{recipe} {names:?}: {}", a.body);
+        let error = a.body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{recipe} {names:?}: {}", a.body);
+    }
+    // The same rule in a JSON body: a last image without a first.
+    let mut body = job("wan-flf2v", "a");
+    body["last_image"] = json!(base64_encode(&last));
+    let a = post(&server, "/api/v1/jobs", Some(&token), &body.to_string());
+    assert_eq!(
+        (a.status, a.body["field"].as_str()),
+        (400, Some("last_image")),
+        "{}",
+        a.body
+    );
+}

@@ -683,3 +683,140 @@ fn a_wan_model_generates_in_the_window() {
     assert!(dir.join("refused.png").is_file());
     assert_eq!(clips_in(Path::new(&outputs)).len(), before);
 }
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Native image-to-video in the window: the panel says what each model
+/// takes and enables the slots it has (image, last image); Wan2.1-I2V
+/// animates the image slot's still and first-last frame ends on the last
+/// one (tiny case-set folders, 48x32, 5 frames, 2 steps).
+#[test]
+fn image_to_video_models_animate_the_slots_stills() {
+    let x = Xvfb::start(7);
+    let dir = scratch("i2v");
+    let outputs = dir.join("out").to_string_lossy().into_owned();
+    for (name, tint) in [("first.png", 40u32), ("last.png", 220)] {
+        image::RgbImage::from_fn(48, 32, |x, y| {
+            image::Rgb([(x * 5) as u8, (y * 7) as u8, tint as u8])
+        })
+        .save(dir.join(name))
+        .unwrap();
+    }
+    let (i2v, flf) = (fixture("wan-i2v"), fixture("wan-flf2v"));
+    let wan_sized = |model: &str, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = tiny(model, &outputs, &[])
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        for (flag, v) in [("--width", "48"), ("--height", "32"), ("--frames", "5")] {
+            let i = a.iter().position(|s| s == flag).unwrap();
+            a[i + 1] = v.to_string();
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        view(&x, &dir, &args)
+    };
+    let recipe_of = |out: &Output| -> serde_json::Value {
+        let written = PathBuf::from(line(out, "recipe:").expect("the recipe's path is printed"));
+        serde_json::from_str(&std::fs::read_to_string(written).unwrap()).unwrap()
+    };
+    let frames_of = |out: &Output| -> image::RgbImage {
+        let clip = PathBuf::from(line(out, "clip:").expect("the clip's path is printed"));
+        image::open(clip.with_extension("frames.png"))
+            .unwrap()
+            .to_rgb8()
+    };
+
+    // What the panel offers, without generating: each model's line and slots.
+    for (model, takes, slots) in [
+        (
+            model(),
+            "text-to-video · image anchoring (first frame)",
+            "image on, last image off",
+        ),
+        (wan(), "text-to-video", "image off, last image off"),
+        (
+            i2v.clone(),
+            "image-to-video (needs an image)",
+            "image on, last image off",
+        ),
+        (
+            flf.clone(),
+            "first-last frame (needs both images)",
+            "image on, last image on",
+        ),
+    ] {
+        let args = [
+            "--model",
+            &model,
+            "--outputs",
+            &outputs,
+            "--screenshot",
+            "panel.png",
+        ];
+        let out = view(&x, &dir, &args);
+        assert!(out.status.success(), "{model}");
+        assert_eq!(line(&out, "takes:").as_deref(), Some(takes), "{model}");
+        assert_eq!(line(&out, "slots:").as_deref(), Some(slots), "{model}");
+    }
+
+    // Wan2.1-I2V animates the still in the image slot.
+    let out = run(wan_sized(
+        &i2v,
+        &["--image", "first.png", "--screenshot", "i2v.png"],
+    ));
+    assert!(out.status.success());
+    let recipe = recipe_of(&out);
+    assert_eq!(
+        (&recipe["image"], &recipe["last_image"]),
+        (&serde_json::json!("first.png"), &serde_json::Value::Null),
+        "{recipe}"
+    );
+    assert_eq!(frames_of(&out).dimensions(), (48, 5 * 32));
+
+    // First-last frame takes both slots' stills.
+    let out = run(wan_sized(
+        &flf,
+        &[
+            "--image",
+            "first.png",
+            "--last-image",
+            "last.png",
+            "--screenshot",
+            "flf.png",
+        ],
+    ));
+    assert!(out.status.success());
+    assert_eq!(
+        line(&out, "slots:").as_deref(),
+        Some("image on, last image on")
+    );
+    let recipe = recipe_of(&out);
+    assert_eq!(
+        (&recipe["image"], &recipe["last_image"]),
+        (
+            &serde_json::json!("first.png"),
+            &serde_json::json!("last.png")
+        ),
+        "{recipe}"
+    );
+    assert_eq!(frames_of(&out).dimensions(), (48, 5 * 32));
+
+    // An image-to-video model without its still: refused by name, no clip.
+    let before = clips_in(Path::new(&outputs)).len();
+    let out = run(wan_sized(&i2v, &["--screenshot", "refused.png"]));
+    assert_eq!(out.status.code(), Some(1), "a failed run, not a crash");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("image-to-video model"), "{stderr}");
+    assert_eq!(clips_in(Path::new(&outputs)).len(), before);
+    let _ = std::fs::remove_dir_all(&dir);
+}

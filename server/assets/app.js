@@ -34,6 +34,8 @@ async function jobFromForm(form) {
   }
   const file = form.elements.image.files[0];
   if (file) job.image = await readFile(file);
+  const last = form.elements.last_image.files[0];
+  if (last) job.last_image = await readFile(last);
   return job;
 }
 

@@ -188,15 +188,17 @@ pub fn openapi_document(names: &Names) -> anyhow::Result<String> {
     }
     let mut recipe = request.clone();
     if let Some(o) = recipe.as_object_mut() {
-        // The still is the `image` part; `strength` goes with it there.
+        // The stills are the `image` and `last_image` parts; `strength`
+        // and `last_image` go with `image` there.
         o.remove("not");
         o.insert(
             "description".into(),
-            json!("The job's fields as in JobRequest, without `image`"),
+            json!("The job's fields as in JobRequest, without `image` and `last_image`"),
         );
     }
     if let Some(p) = recipe["properties"].as_object_mut() {
         p.remove("image");
+        p.remove("last_image");
     }
     schemas["JobRecipe"] = recipe;
     Ok(serde_json::to_string_pretty(&doc)?)
@@ -309,7 +311,7 @@ async fn submit(
 }
 
 /// A submitted job: a JSON body, or multipart/form-data with a `recipe`
-/// JSON part and an `image` file part; within the body limit.
+/// JSON part and `image` and `last_image` file parts; within the body limit.
 pub(crate) async fn read_job(state: &AppState, request: Request) -> ApiResult<JobRequest> {
     let limits = &state.limits;
     let multipart = request
@@ -334,7 +336,7 @@ pub(crate) async fn accept_job(
     job: JobRequest,
 ) -> ApiResult<JobRow> {
     let limits = &state.limits;
-    // The decoded still is only checked here; the job keeps the base64 text.
+    // The decoded stills are only checked here; the job keeps the base64 text.
     job.validate(&limits.job)
         .and_then(|_| state.names.check(&job))
         .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, &e.field, e.reason))?;
@@ -364,6 +366,7 @@ pub(crate) async fn accept_job(
         token_id,
         request: &request_json,
         image: job.image.as_deref(),
+        last_image: job.last_image.as_deref(),
         format: job.format().extension(),
     };
     match state.db.insert_job_within_quota(&new_job, quota).await? {
@@ -457,7 +460,8 @@ fn parse_job(bytes: &[u8], what: &str) -> ApiResult<JobRequest> {
 }
 
 /// A `multipart/form-data` submission: a `recipe` part with the job's JSON
-/// fields and an `image` part with the still, as a browser form or `curl -F`
+/// fields, an `image` part with the still and, for a first-last-frame
+/// model, a `last_image` part with the last frame, as a browser form or `curl -F`
 /// sends them. The still joins the job as if it had come base64 in the JSON,
 /// so both ways share every check after this.
 async fn job_from_multipart(request: Request) -> ApiResult<JobRequest> {
@@ -471,7 +475,7 @@ async fn job_from_multipart(request: Request) -> ApiResult<JobRequest> {
     let mut form = Multipart::from_request(request, &())
         .await
         .map_err(|e| malformed(e.body_text()))?;
-    let (mut recipe, mut image) = (None, None);
+    let (mut recipe, mut image, mut last_image) = (None, None, None);
     while let Some(part) = form
         .next_field()
         .await
@@ -481,6 +485,7 @@ async fn job_from_multipart(request: Request) -> ApiResult<JobRequest> {
         let slot = match name.as_str() {
             "recipe" => &mut recipe,
             "image" => &mut image,
+            "last_image" => &mut last_image,
             _ => {
                 let field = if name.is_empty() {
                     "body"
@@ -490,7 +495,7 @@ async fn job_from_multipart(request: Request) -> ApiResult<JobRequest> {
                 return Err(ApiError::field(
                     StatusCode::BAD_REQUEST,
                     field,
-                    format!("unknown part `{name}`: expected `recipe` (the job's JSON) and `image` (the still)"),
+                    format!("unknown part `{name}`: expected `recipe` (the job's JSON), `image` (the still) and `last_image` (the still the clip ends on)"),
                 ));
             }
         };
@@ -511,15 +516,22 @@ async fn job_from_multipart(request: Request) -> ApiResult<JobRequest> {
         )
     })?;
     let mut job = parse_job(&recipe, "recipe")?;
-    if let Some(still) = image {
-        if job.image.is_some() {
-            return Err(ApiError::field(
-                StatusCode::BAD_REQUEST,
-                "image",
-                "the still is given twice: as the `image` part and inside the recipe",
-            ));
+    for (field, part, slot) in [
+        ("image", image, &mut job.image),
+        ("last_image", last_image, &mut job.last_image),
+    ] {
+        if let Some(still) = part {
+            if slot.is_some() {
+                return Err(ApiError::field(
+                    StatusCode::BAD_REQUEST,
+                    field,
+                    format!(
+                        "the still is given twice: as the `{field}` part and inside the recipe"
+                    ),
+                ));
+            }
+            *slot = Some(base64::engine::general_purpose::STANDARD.encode(&still));
         }
-        job.image = Some(base64::engine::general_purpose::STANDARD.encode(&still));
     }
     Ok(job)
 }
@@ -807,12 +819,22 @@ pub(crate) async fn delete_stored(state: &AppState, name: &str) -> anyhow::Resul
     }
 }
 
-/// The recipe names the uploaded still by its temporary path on the worker,
-/// which means nothing to a client and is gone: say it was uploaded.
+/// The recipe names the uploaded stills by their temporary paths on the
+/// worker, which mean nothing to a client and are gone: say they were
+/// uploaded (the gallery and a remix see that a still was used).
 pub(crate) fn public_recipe(bytes: Vec<u8>) -> Vec<u8> {
+    let stills = ["image", "last_image"];
     match serde_json::from_slice::<Value>(&bytes) {
-        Ok(mut recipe) if recipe.get("image").is_some_and(Value::is_string) => {
-            recipe["image"] = json!("(uploaded)");
+        Ok(mut recipe)
+            if stills
+                .iter()
+                .any(|f| recipe.get(f).is_some_and(Value::is_string)) =>
+        {
+            for field in stills {
+                if recipe.get(field).is_some_and(Value::is_string) {
+                    recipe[field] = json!("(uploaded)");
+                }
+            }
             serde_json::to_vec_pretty(&recipe).unwrap_or(bytes)
         }
         _ => bytes,
@@ -858,6 +880,8 @@ mod tests {
         let recipe = &schemas["JobRecipe"];
         assert_eq!(recipe["properties"]["style"]["enum"], json!(["anime"]));
         assert!(recipe["properties"].get("image").is_none());
+        assert!(request["properties"]["last_image"].is_object());
+        assert!(recipe["properties"].get("last_image").is_none());
         assert!(recipe.get("not").is_none());
         let multipart = &doc["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]
             ["multipart/form-data"]["schema"];

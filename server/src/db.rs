@@ -146,6 +146,8 @@ pub struct NewJob<'a> {
     pub token_id: &'a str,
     pub request: &'a str,
     pub image: Option<&'a str>,
+    /// The still a first-last-frame job ends on.
+    pub last_image: Option<&'a str>,
     pub format: &'a str,
 }
 
@@ -266,12 +268,22 @@ impl Db {
     }
 
     pub async fn job_image(&self, id: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT image FROM jobs WHERE id = $1")
+        self.job_still(id, "image").await
+    }
+
+    /// The still a first-last-frame job ends on.
+    pub async fn job_last_image(&self, id: &str) -> Result<Option<String>> {
+        self.job_still(id, "last_image").await
+    }
+
+    /// `column` is one of the two above, never a caller's text.
+    async fn job_still(&self, id: &str, column: &'static str) -> Result<Option<String>> {
+        let row = sqlx::query(&format!("SELECT {column} FROM jobs WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
         Ok(match row {
-            Some(r) => r.try_get("image")?,
+            Some(r) => r.try_get(column)?,
             None => None,
         })
     }

@@ -58,6 +58,8 @@ pub struct RunJob {
     pub request: JobRequest,
     /// The uploaded still, written to a file for the runner.
     pub image: Option<PathBuf>,
+    /// The uploaded last still (first-last frame), written the same way.
+    pub last_image: Option<PathBuf>,
     /// Where the clip goes, in the worker's scratch folder, with its recipe
     /// beside it; the worker then moves both to the clip store.
     pub output: PathBuf,
@@ -110,6 +112,17 @@ impl RunError {
     }
 }
 
+/// How a model uses the still of a job (Discord's /animate says which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageMode {
+    /// The still anchors the first frame of a text-to-video model
+    /// (AnimateDiff's `image`, with `strength`).
+    Anchor,
+    /// The model is trained for image-to-video and reads the still itself
+    /// (Wan I2V); `strength` does not apply.
+    Native,
+}
+
 /// Runs generations for the service. Implemented by the `motif` binary.
 pub trait Runner: Send + Sync + 'static {
     /// Every check that needs no GPU (model found, style known, sizes that
@@ -119,6 +132,10 @@ pub trait Runner: Send + Sync + 'static {
 
     /// The style presets and models this machine offers by name.
     fn names(&self) -> Names;
+
+    /// How `model` (the default model when `None`) uses an uploaded still:
+    /// `None` when it takes none or cannot be opened here.
+    fn image_mode(&self, model: Option<&str>) -> Option<ImageMode>;
 
     /// Runs one job to completion on the calling (blocking) thread.
     /// `progress` returns false to cancel. `Ok(None)`: cancelled, nothing written.
@@ -258,7 +275,12 @@ fn accepted_names(runner: &dyn Runner) -> Names {
     names.models.retain(|model| {
         let mut probe = JobRequest::new("a probe");
         probe.recipe.model = Some(model.clone());
-        runner.check(&probe).is_ok()
+        // An image-to-video model refuses the probe for the still it lacks:
+        // it opened, so it is a model.
+        match runner.check(&probe) {
+            Ok(_) => true,
+            Err(e) => matches!(e.field.as_str(), "image" | "last_image"),
+        }
     });
     names
 }

@@ -154,14 +154,15 @@ impl Db {
             return Ok(Admission::TooManyRecent { wait_s });
         }
         sqlx::query(
-            "INSERT INTO jobs (id, token_id, state, request, image, format, created_ms, attempts, \
-             cancel_requested, step, total) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, 0, 0)",
+            "INSERT INTO jobs (id, token_id, state, request, image, last_image, format, created_ms, \
+             attempts, cancel_requested, step, total) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 0, 0, 0)",
         )
         .bind(job.id)
         .bind(job.token_id)
         .bind(QUEUED)
         .bind(job.request)
         .bind(job.image)
+        .bind(job.last_image)
         .bind(job.format)
         .bind(now)
         .execute(&mut *tx)

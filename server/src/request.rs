@@ -44,6 +44,9 @@ pub struct JobRequest {
     /// A still to animate: PNG, JPEG or WebP, base64 (standard alphabet, with
     /// or without a `data:image/...;base64,` prefix). Not stored with the job's fields.
     pub image: Option<String>,
+    /// The still the clip ends on (a first-last-frame model), as `image`;
+    /// only with `image`.
+    pub last_image: Option<String>,
 }
 
 impl JobRequest {
@@ -73,21 +76,21 @@ impl JobRequest {
                 serde_json::from_value(v).map_err(|e| FieldError::new("format", e.to_string()))?,
             ),
         };
-        let image = match map.remove("image") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s),
-            Some(other) => {
-                return Err(FieldError::new(
-                    "image",
-                    format!("expected base64 text, found {other}"),
-                ))
-            }
+        let mut still = |field: &str| match map.remove(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(FieldError::new(
+                field,
+                format!("expected base64 text, found {other}"),
+            )),
         };
+        let image = still("image")?;
+        let last_image = still("last_image")?;
         if let Some(key) = map.keys().find(|k| !RECIPE_FIELDS.contains(&k.as_str())) {
             return Err(FieldError::new(
                 key,
                 format!(
-                    "unknown field `{key}`, expected one of: {}, format, image",
+                    "unknown field `{key}`, expected one of: {}, format, image, last_image",
                     RECIPE_FIELDS.join(", ")
                 ),
             ));
@@ -103,11 +106,12 @@ impl JobRequest {
             recipe,
             format,
             image,
+            last_image,
         })
     }
 
     /// The job's fields as stored with it and shown by the API: the recipe
-    /// fields set, and the format; never the still.
+    /// fields set, and the format; never the stills.
     pub fn fields(&self) -> Map<String, Value> {
         // Printed and read back rather than `to_value`d: printing writes an
         // f32 as its shortest form (0.7), as the job was submitted, where a
@@ -122,11 +126,13 @@ impl JobRequest {
         map
     }
 
-    /// The whole request as a client sends it: [`JobRequest::fields`] and the still.
+    /// The whole request as a client sends it: [`JobRequest::fields`] and the stills.
     pub fn body(&self) -> Value {
         let mut map = self.fields();
-        if let Some(image) = &self.image {
-            map.insert("image".into(), Value::from(image.as_str()));
+        for (field, still) in [("image", &self.image), ("last_image", &self.last_image)] {
+            if let Some(b64) = still {
+                map.insert(field.into(), Value::from(b64.as_str()));
+            }
         }
         Value::Object(map)
     }
@@ -275,8 +281,9 @@ fn check_range(
 
 impl JobRequest {
     /// Checks every field: the recipe's own rules ([`Recipe::validate`]),
-    /// then this server's limits; returns the decoded still.
-    pub fn validate(&self, limits: &JobLimits) -> Result<Option<Vec<u8>>, FieldError> {
+    /// then this server's limits. The stills are decoded to be checked
+    /// (the job keeps their base64 text).
+    pub fn validate(&self, limits: &JobLimits) -> Result<(), FieldError> {
         let r = &self.recipe;
         let prompt = self.prompt();
         let prompt_chars = prompt.chars().count();
@@ -364,10 +371,18 @@ impl JobRequest {
         if r.strength.is_some() && self.image.is_none() {
             return Err(FieldError::new("strength", "goes with `image`"));
         }
-        self.image
-            .as_deref()
-            .map(|b64| decode_image(b64, limits))
-            .transpose()
+        if self.last_image.is_some() && self.image.is_none() {
+            return Err(FieldError::new(
+                "last_image",
+                "needs a first image too: send `image` (the first frame) with `last_image`",
+            ));
+        }
+        for (field, still) in [("image", &self.image), ("last_image", &self.last_image)] {
+            if let Some(b64) = still {
+                check_image(field, b64, limits)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -386,47 +401,67 @@ fn is_plain_name(s: &str) -> bool {
         })
 }
 
-fn decode_image(b64: &str, limits: &JobLimits) -> Result<Vec<u8>, FieldError> {
-    let body = match b64.split_once(";base64,") {
+/// The smallest side a still may have: what the engine takes
+/// (`motif_engine::pipelines::MIN_IMAGE_SIDE`, which this crate does not link).
+const MIN_IMAGE_SIDE: u32 = 16;
+
+/// Whether a base64 still is too large to hold: its decoded size from the
+/// text's length, before anything is decoded.
+fn image_too_large(b64: &str, limits: &JobLimits) -> bool {
+    base64_body(b64).len() / 4 * 3 > limits.max_image_bytes + 3
+}
+
+fn base64_body(b64: &str) -> &str {
+    match b64.split_once(";base64,") {
         Some((head, rest)) if head.starts_with("data:") => rest,
         _ => b64,
-    };
+    }
+}
+
+/// Checks the still of `field` (`image` or `last_image`): base64 of a PNG,
+/// JPEG or WebP within the byte and side limits.
+fn check_image(field: &str, b64: &str, limits: &JobLimits) -> Result<(), FieldError> {
+    let body = base64_body(b64);
     // base64 is 4/3 of the bytes: refuse before decoding anything huge.
-    if body.len() / 4 * 3 > limits.max_image_bytes + 3 {
+    if image_too_large(b64, limits) {
         return Err(FieldError::new(
-            "image",
+            field,
             format!("larger than {} bytes", limits.max_image_bytes),
         ));
     }
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(body.trim())
-        .map_err(|e| FieldError::new("image", format!("not valid base64: {e}")))?;
+        .map_err(|e| FieldError::new(field, format!("not valid base64: {e}")))?;
     if bytes.len() > limits.max_image_bytes {
         return Err(FieldError::new(
-            "image",
+            field,
             format!("larger than {} bytes", limits.max_image_bytes),
         ));
     }
     let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
-        .map_err(|e| FieldError::new("image", format!("cannot read it: {e}")))?;
+        .map_err(|e| FieldError::new(field, format!("cannot read it: {e}")))?;
     match reader.format() {
         Some(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP) => {}
-        _ => return Err(FieldError::new("image", "not a PNG, JPEG or WebP image")),
+        _ => return Err(FieldError::new(field, "not a PNG, JPEG or WebP image")),
     }
     let (w, h) = reader
         .into_dimensions()
-        .map_err(|e| FieldError::new("image", format!("not a readable image: {e}")))?;
-    if w == 0 || h == 0 || w > limits.max_image_side || h > limits.max_image_side {
+        .map_err(|e| FieldError::new(field, format!("not a readable image: {e}")))?;
+    if w < MIN_IMAGE_SIDE
+        || h < MIN_IMAGE_SIDE
+        || w > limits.max_image_side
+        || h > limits.max_image_side
+    {
         return Err(FieldError::new(
-            "image",
+            field,
             format!(
-                "{w}x{h}: expected 1 to {} pixels a side",
+                "{w}x{h} pixels: expected {MIN_IMAGE_SIDE} to {} pixels a side",
                 limits.max_image_side
             ),
         ));
     }
-    Ok(bytes)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -482,6 +517,53 @@ mod tests {
         let job: JobRequest =
             serde_json::from_str(r#"{"prompt": "a", "model": "org/name", "width": 64}"#).unwrap();
         assert!(job.validate(&JobLimits::default()).is_ok());
+    }
+
+    #[test]
+    fn last_image_is_checked_like_image_and_needs_it() {
+        let png = |w: u32, h: u32| {
+            let mut bytes = Vec::new();
+            image::RgbImage::new(w, h)
+                .write_to(
+                    &mut std::io::Cursor::new(&mut bytes),
+                    image::ImageFormat::Png,
+                )
+                .unwrap();
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        };
+        let (still, small) = (png(32, 16), png(15, 40));
+        for (json, field) in [
+            (
+                format!(r#"{{"prompt": "a", "last_image": "{still}"}}"#),
+                "last_image",
+            ),
+            (
+                format!(r#"{{"prompt": "a", "image": "{still}", "last_image": "%%%"}}"#),
+                "last_image",
+            ),
+            (
+                format!(r#"{{"prompt": "a", "image": "{still}", "last_image": "{small}"}}"#),
+                "last_image",
+            ),
+            (format!(r#"{{"prompt": "a", "image": "{small}"}}"#), "image"),
+            (
+                r#"{"prompt": "a", "last_image": 7}"#.to_string(),
+                "last_image",
+            ),
+        ] {
+            assert_eq!(refused(&json), field, "{json}");
+        }
+        let both: JobRequest = serde_json::from_str(&format!(
+            r#"{{"prompt": "a", "image": "{still}", "last_image": "{still}"}}"#
+        ))
+        .unwrap();
+        assert!(both.validate(&JobLimits::default()).is_ok());
+        // Kept out of the stored fields like the first still, sent again by body().
+        assert!(serde_json::to_value(&both)
+            .unwrap()
+            .get("last_image")
+            .is_none());
+        assert_eq!(both.body()["last_image"], serde_json::json!(still));
     }
 
     #[test]

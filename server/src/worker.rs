@@ -155,7 +155,7 @@ async fn execute(
             return Ok(failed_as(state, &error));
         }
     };
-    let image = match write_still(db, store, &job).await {
+    let stills = match write_stills(db, store, &job).await {
         Ok(p) => p,
         Err(e) => {
             eprintln!("worker {name}: job {}: {:#}", job.id, e.detail);
@@ -172,7 +172,8 @@ async fn execute(
     let run_job = RunJob {
         id: job.id.clone(),
         request,
-        image: image.clone(),
+        image: stills.0.clone(),
+        last_image: stills.1.clone(),
         output,
     };
 
@@ -238,7 +239,7 @@ async fn execute(
             }
         }
     };
-    if let Some(p) = &image {
+    for p in [&stills.0, &stills.1].into_iter().flatten() {
         let _ = tokio::fs::remove_file(p).await;
     }
 
@@ -319,12 +320,33 @@ fn file_name(p: &Path) -> Result<String> {
         .with_context(|| format!("{}: no file name", p.display()))
 }
 
-/// Writes the job's uploaded still to the store's temporary folder.
-async fn write_still(db: &Db, store: &Store, job: &JobRow) -> Result<Option<PathBuf>, RunError> {
-    let stored = db
+/// Writes the job's uploaded stills (first, last) to the store's temporary folder.
+async fn write_stills(
+    db: &Db,
+    store: &Store,
+    job: &JobRow,
+) -> Result<(Option<PathBuf>, Option<PathBuf>), RunError> {
+    let image = db
         .job_image(&job.id)
         .await
         .map_err(|e| RunError::transient("the uploaded image could not be read back", e))?;
+    let image = write_still(store, job, image, "image", "").await?;
+    let last = db
+        .job_last_image(&job.id)
+        .await
+        .map_err(|e| RunError::transient("the uploaded last image could not be read back", e))?;
+    let last = write_still(store, job, last, "last image", "-last").await?;
+    Ok((image, last))
+}
+
+/// Writes one still (`what` names it in messages) as `JOB-ATTEMPT{suffix}.EXT`.
+async fn write_still(
+    store: &Store,
+    job: &JobRow,
+    stored: Option<String>,
+    what: &str,
+    suffix: &str,
+) -> Result<Option<PathBuf>, RunError> {
     let Some(b64) = stored else {
         return Ok(None);
     };
@@ -336,7 +358,7 @@ async fn write_still(db: &Db, store: &Store, job: &JobRow) -> Result<Option<Path
         .decode(body.trim())
         .map_err(|e| {
             RunError::permanent(
-                format!("the uploaded image is not valid base64: {e}"),
+                format!("the uploaded {what} is not valid base64: {e}"),
                 e.into(),
             )
         })?;
@@ -348,12 +370,15 @@ async fn write_still(db: &Db, store: &Store, job: &JobRow) -> Result<Option<Path
     };
     let path = store
         .tmp
-        .join(format!("{}-{}.{extension}", job.id, job.attempts));
+        .join(format!("{}-{}{suffix}.{extension}", job.id, job.attempts));
     tokio::fs::write(&path, bytes)
         .await
         .with_context(|| format!("writing {}", path.display()))
         .map_err(|e| {
-            RunError::transient("the uploaded image could not be staged for the run", e)
+            RunError::transient(
+                format!("the uploaded {what} could not be staged for the run"),
+                e,
+            )
         })?;
     Ok(Some(path))
 }

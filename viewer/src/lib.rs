@@ -49,9 +49,12 @@ pub struct Controls {
     pub scheduler: Option<Scheduler>,
     /// A name from the model list or a path.
     pub model: String,
-    /// A still to animate, and how far the other frames may move from it.
+    /// A still to animate, and how far the other frames may move from it
+    /// (anchoring only: a native image-to-video model reads the still itself).
     pub image: Option<PathBuf>,
     pub strength: f32,
+    /// The still the clip ends on (a first-last-frame model).
+    pub last_image: Option<PathBuf>,
     /// The settings the panel has no widget for (LoRAs, VAE, motion
     /// adapter, Karras, clip skip, a later family's controls), from the
     /// flags or a remixed recipe: passed on unchanged.
@@ -75,10 +78,66 @@ pub struct ModelDefaults {
     pub size_multiple: usize,
     /// Frame counts come as 1 + k × this (1: any count; 4: Wan's causal VAE).
     pub frame_step: usize,
-    /// Whether the family honours the motion slider, a camera move, a still.
+    /// Whether the family honours the motion slider, a camera move.
     pub motion: bool,
     pub camera: bool,
-    pub image: bool,
+    /// What the model does from a prompt and with stills.
+    pub takes: Takes,
+}
+
+/// How a model takes stills, as the picker shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Takes {
+    /// Generates from the prompt alone.
+    pub text_to_video: bool,
+    pub image: ImageUse,
+    /// Takes, and needs, the still the clip ends on (first-last frame).
+    pub last_image: bool,
+}
+
+/// What a model does with the image slot's still.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageUse {
+    /// Takes no still (a text-to-video model without anchoring: Wan T2V).
+    None,
+    /// The still anchors the first frame of a text-to-video model
+    /// (AnimateDiff), the other frames moving from it by `strength`.
+    Anchor,
+    /// A model trained for image-to-video reads the still (Wan I2V).
+    Native,
+}
+
+impl Takes {
+    /// AnimateDiff's: text-to-video, a still anchoring the first frame.
+    pub const ANCHORING: Takes = Takes {
+        text_to_video: true,
+        image: ImageUse::Anchor,
+        last_image: false,
+    };
+
+    /// One line for the picker: "text-to-video · image anchoring",
+    /// "image-to-video (needs an image)", "first-last frame (needs both images)".
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.text_to_video {
+            parts.push("text-to-video");
+        }
+        match (self.image, self.last_image) {
+            (ImageUse::None, _) => {}
+            (ImageUse::Anchor, _) => parts.push("image anchoring (first frame)"),
+            (ImageUse::Native, false) => parts.push("image-to-video"),
+            (ImageUse::Native, true) => parts.push("first-last frame"),
+        }
+        let mut line = parts.join(" · ");
+        if !self.text_to_video {
+            line.push_str(if self.last_image {
+                " (needs both images)"
+            } else {
+                " (needs an image)"
+            });
+        }
+        line
+    }
 }
 
 impl ModelDefaults {
@@ -96,7 +155,7 @@ impl ModelDefaults {
         frame_step: 1,
         motion: true,
         camera: true,
-        image: true,
+        takes: Takes::ANCHORING,
     };
 
     /// The family's name for messages ("this model" when unknown).
@@ -141,6 +200,7 @@ impl Controls {
             model: model.to_string(),
             image: None,
             strength: 0.8,
+            last_image: None,
             extra: Recipe::default(),
         }
     }
@@ -194,6 +254,8 @@ pub trait Backend: Send + Sync + 'static {
 pub struct ModelChoice {
     pub name: String,
     pub path: String,
+    /// What it takes (`None`: unknown here, such as a model only a server has).
+    pub takes: Option<Takes>,
 }
 
 /// The scripted mode, for tests and documentation screenshots.

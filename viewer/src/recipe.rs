@@ -44,13 +44,14 @@ impl Controls {
             model: Some(self.model.clone()),
             image: (self.image.as_ref()).map(|p| p.to_string_lossy().into_owned()),
             strength: self.image.as_ref().map(|_| self.strength),
+            last_image: (self.last_image.as_ref()).map(|p| p.to_string_lossy().into_owned()),
             ..self.extra.clone()
         }
     }
 
     /// The panel with every setting `r` records: what it leaves out keeps
     /// the panel's value, but for the negative prompt, style, camera,
-    /// scheduler and still, whose absence is itself a setting.
+    /// scheduler and stills, whose absence is itself a setting.
     pub fn with_recipe(&self, r: &Recipe) -> Controls {
         let mut c = self.clone();
         if let Some(p) = &r.prompt {
@@ -64,6 +65,7 @@ impl Controls {
             c.model = m.clone();
         }
         c.image = r.image.as_ref().map(PathBuf::from);
+        c.last_image = r.last_image.as_ref().map(PathBuf::from);
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = r.$field { c.$field = v as _; } )* };
         }
@@ -99,7 +101,8 @@ mod tests {
         );
         let r = Recipe::from_json(
             r#"{"format": "motif-recipe-v1", "prompt": "a red ball", "negative": "blur",
-            "style": "anime", "model": "/m", "image": "still.png", "strength": 0.6, "width": 64,
+            "style": "anime", "model": "/m", "image": "still.png", "strength": 0.6,
+            "last_image": "end.png", "width": 64,
             "height": 48, "frames": 4, "fps": 12.0, "steps": 2, "guidance": 3.5, "seed": 77,
             "scheduler": "euler", "motion": 3.0, "camera": "pan-left", "karras": true,
             "loras": [["a.safetensors", 0.5]]}"#,
@@ -111,6 +114,7 @@ mod tests {
         assert_eq!(c.style.as_deref(), Some("anime"));
         assert_eq!(c.model, "/m");
         assert_eq!(c.image, Some(PathBuf::from("still.png")));
+        assert_eq!(c.last_image, Some(PathBuf::from("end.png")));
         assert_eq!((c.width, c.height, c.frames, c.steps), (64, 48, 4, 2));
         assert_eq!(
             (c.strength, c.fps, c.guidance, c.motion),

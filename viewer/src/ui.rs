@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use egui::{Color32, ColorImage, Rect, TextureHandle, TextureId, TextureOptions, Vec2};
-use motif_engine::pipelines::request::DEFAULT_MOTION;
+use motif_engine::pipelines::request::{DEFAULT_MOTION, DEFAULT_STRENGTH};
 use motif_engine::pipelines::FrameTextures;
 use motif_recipe::{CameraMove, Recipe, Scheduler};
 
 use crate::worker::{Job, Update, Worker};
-use crate::{Backend, Controls, ModelChoice, ModelDefaults, Options, Saved, Script};
+use crate::{Backend, Controls, ImageUse, ModelChoice, ModelDefaults, Options, Saved, Script};
 
 /// The aspect buttons: width:height.
 const ASPECTS: [(usize, usize); 4] = [(16, 9), (9, 16), (1, 1), (4, 5)];
@@ -122,6 +122,24 @@ enum Message {
     Error(String),
 }
 
+/// The two still slots of the panel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// The still to animate (the first frame).
+    Image,
+    /// The still the clip ends on (first-last frame).
+    LastImage,
+}
+
+impl Slot {
+    fn title(self) -> &'static str {
+        match self {
+            Slot::Image => "Image to animate",
+            Slot::LastImage => "Last frame",
+        }
+    }
+}
+
 pub struct Viewer {
     pub controls: Controls,
     defaults: ModelDefaults,
@@ -138,8 +156,11 @@ pub struct Viewer {
     retired: Vec<TextureId>,
     /// Scripted generations finished so far (of `script.repeat`).
     runs_done: usize,
-    /// The open file dialog's answer, when one is open.
-    picking: Option<Receiver<Option<PathBuf>>>,
+    /// The open file dialog's answer and the slot it is for, when one is open.
+    picking: Option<(Slot, Receiver<Option<PathBuf>>)>,
+    /// Where the last-image slot was drawn in the last frame: a file
+    /// dropped there is the last image, anywhere else the first.
+    last_slot_rect: Option<Rect>,
     playback: Playback,
     /// The last clip written or replayed, for export.
     current: Option<Saved>,
@@ -198,6 +219,7 @@ impl Viewer {
             retired: Vec::new(),
             runs_done: 0,
             picking: None,
+            last_slot_rect: None,
             current: None,
             message: None,
             gallery: Vec::new(),
@@ -228,6 +250,11 @@ impl Viewer {
         self.take_picked_file(&ctx);
         if self.script.active() && !self.started_script {
             self.started_script = true;
+            // What the panel offers for this model, for tests and docs.
+            let on = |b: bool| if b { "on" } else { "off" };
+            let (image, last) = self.slots_enabled();
+            println!("takes: {}", self.defaults.takes.describe());
+            println!("slots: image {}, last image {}", on(image), on(last));
             if self.script.auto_generate {
                 self.generate();
             } else {
@@ -522,22 +549,27 @@ impl Viewer {
     }
 
     fn take_dropped_files(&mut self, ctx: &egui::Context) {
-        let dropped: Vec<PathBuf> = ctx.input(|i| {
-            i.raw
-                .dropped_files
-                .iter()
+        let (dropped, at): (Vec<PathBuf>, _) = ctx.input(|i| {
+            let files = (i.raw.dropped_files.iter())
                 .map(|f| f.path().to_path_buf())
                 .filter(|p| !p.as_os_str().is_empty())
-                .collect()
+                .collect();
+            (files, i.pointer.hover_pos())
         });
+        let on_last = matches!((self.last_slot_rect, at), (Some(r), Some(p)) if r.contains(p));
+        let slot = if on_last && self.defaults.takes.last_image {
+            Slot::LastImage
+        } else {
+            Slot::Image
+        };
         for path in dropped {
-            self.set_image(path);
+            self.set_still(slot, path);
         }
     }
 
     /// Opens the system's file dialog on its own thread (it blocks until
     /// the user answers; the window keeps drawing).
-    fn open_file_dialog(&mut self) {
+    fn open_file_dialog(&mut self, slot: Slot) {
         if let Some(why) = file_dialog_unavailable(&dialog_env()) {
             self.message = Some(Message::Error(why));
             return;
@@ -547,13 +579,13 @@ impl Viewer {
             .name("motif-file-dialog".into())
             .spawn(move || {
                 let picked = rfd::FileDialog::new()
-                    .set_title("Image to animate")
+                    .set_title(slot.title())
                     .add_filter("image", &["png", "jpg", "jpeg", "webp"])
                     .pick_file();
                 let _ = tx.send(picked);
             });
         match spawned {
-            Ok(_) => self.picking = Some(rx),
+            Ok(_) => self.picking = Some((slot, rx)),
             Err(e) => {
                 self.message = Some(Message::Error(format!("cannot open a file dialog: {e}")))
             }
@@ -561,13 +593,14 @@ impl Viewer {
     }
 
     fn take_picked_file(&mut self, ctx: &egui::Context) {
-        let Some(rx) = &self.picking else {
+        let Some((slot, rx)) = &self.picking else {
             return;
         };
+        let slot = *slot;
         match rx.try_recv() {
             Ok(Some(path)) => {
                 self.picking = None;
-                self.set_image(path);
+                self.set_still(slot, path);
             }
             Ok(None) => {
                 self.picking = None;
@@ -587,11 +620,15 @@ impl Viewer {
         }
     }
 
-    fn set_image(&mut self, path: PathBuf) {
+    fn set_still(&mut self, slot: Slot, path: PathBuf) {
         match image::ImageReader::open(&path).and_then(|r| r.with_guessed_format()) {
             Ok(r) if r.format().is_some() => {
-                self.message = Some(Message::Info(format!("image: {}", path.display())));
-                self.controls.image = Some(path);
+                let (name, field) = match slot {
+                    Slot::Image => ("image", &mut self.controls.image),
+                    Slot::LastImage => ("last image", &mut self.controls.last_image),
+                };
+                self.message = Some(Message::Info(format!("{name}: {}", path.display())));
+                *field = Some(path);
             }
             _ => {
                 self.message = Some(Message::Error(format!(
@@ -609,42 +646,89 @@ impl Viewer {
                 let c = &mut self.controls;
                 (c.width, c.height, c.frames, c.steps, c.guidance, c.fps) =
                     (d.width, d.height, d.frames, d.steps, d.guidance, d.fps);
+                // A native image-to-video model has no strength: the slider
+                // goes back to the value every family runs as its default.
+                if d.takes.image == ImageUse::Native {
+                    c.strength = DEFAULT_STRENGTH;
+                }
             }
             Err(e) => self.message = Some(Message::Error(format!("{e:#}"))),
         }
         self.controls.model = model;
     }
 
-    /// The still to animate: a path, Open…, clear, and its strength.
-    fn image_picker(&mut self, ui: &mut egui::Ui) {
-        ui.label("Image to animate (open one, or drop a file on the window)");
-        let mut image_text = self
-            .controls
-            .image
-            .as_ref()
+    /// One still slot: a path, Open…, clear; the first one's strength
+    /// when the model anchors it.
+    fn still_slot(&mut self, ui: &mut egui::Ui, slot: Slot) {
+        let hint = match slot {
+            Slot::Image => "(open one, or drop a file on the window)",
+            Slot::LastImage => "(open one, or drop a file here)",
+        };
+        ui.label(format!("{} {hint}", slot.title()));
+        let still = match slot {
+            Slot::Image => &self.controls.image,
+            Slot::LastImage => &self.controls.last_image,
+        };
+        let mut text = (still.as_ref())
             .map(|p| p.display().to_string())
             .unwrap_or_default();
+        let set = still.is_some();
         ui.horizontal(|ui| {
             let edit = ui.add(
-                egui::TextEdit::singleline(&mut image_text)
+                egui::TextEdit::singleline(&mut text)
                     .desired_width(220.0)
                     .hint_text("none"),
             );
-            if edit.lost_focus() && !image_text.trim().is_empty() {
-                self.set_image(PathBuf::from(image_text.trim()));
+            if edit.lost_focus() && !text.trim().is_empty() {
+                self.set_still(slot, PathBuf::from(text.trim()));
             }
             if ui
                 .add_enabled(self.picking.is_none(), egui::Button::new("Open…"))
                 .clicked()
             {
-                self.open_file_dialog();
+                self.open_file_dialog(slot);
             }
-            if self.controls.image.is_some() && ui.button("clear").clicked() {
-                self.controls.image = None;
+            if set && ui.button("clear").clicked() {
+                match slot {
+                    Slot::Image => self.controls.image = None,
+                    Slot::LastImage => self.controls.last_image = None,
+                }
             }
         });
-        if self.controls.image.is_some() {
+        let anchors = self.defaults.takes.image != ImageUse::Native;
+        if slot == Slot::Image && self.controls.image.is_some() && anchors {
             ui.add(egui::Slider::new(&mut self.controls.strength, 0.05..=1.0).text("strength"));
+        }
+    }
+
+    /// Whether the image and the last-image slots can be used.
+    fn slots_enabled(&self) -> (bool, bool) {
+        let takes = self.defaults.takes;
+        (
+            takes.image != ImageUse::None || self.controls.image.is_some(),
+            takes.last_image || self.controls.last_image.is_some(),
+        )
+    }
+
+    /// Both still slots, each greyed out with the reason when the model
+    /// does not take it (but kept usable while it holds a still, from a
+    /// remix, so that it can be cleared).
+    fn still_slots(&mut self, ui: &mut egui::Ui) {
+        let takes = self.defaults.takes;
+        let family = self.defaults.family_name();
+        let (takes_image, takes_last) = self.slots_enabled();
+        ui.add_enabled_ui(takes_image, |ui| self.still_slot(ui, Slot::Image))
+            .response
+            .on_disabled_hover_text(format!(
+                "{family}: this model makes clips from the prompt only (no still)"
+            ));
+        let last = ui.add_enabled_ui(takes_last, |ui| self.still_slot(ui, Slot::LastImage));
+        self.last_slot_rect = Some(last.response.rect);
+        if !takes.last_image {
+            ui.weak("Last frame: only a first-last-frame model (Wan2.1-FLF2V) takes one")
+                .on_hover_text(format!(
+                    "{family}: this model does not end the clip on a given frame"
+                ));
         }
     }
 
@@ -802,8 +886,12 @@ impl Viewer {
                 .width(200.0)
                 .show_ui(ui, |ui| {
                     for m in &self.models {
+                        let label = match &m.takes {
+                            Some(t) => format!("{}  —  {}", m.name, t.describe()),
+                            None => m.name.clone(),
+                        };
                         if ui
-                            .selectable_label(m.path == self.controls.model, &m.name)
+                            .selectable_label(m.path == self.controls.model, label)
                             .on_hover_text(&m.path)
                             .clicked()
                         {
@@ -817,15 +905,8 @@ impl Viewer {
         if let Some(m) = new_model {
             self.set_model(m);
         }
-        // Greyed out for a family that animates no still (Wan text-to-video),
-        // unless one is set (a remix), so that it can be cleared.
-        let takes_image = self.defaults.image || self.controls.image.is_some();
-        ui.add_enabled_ui(takes_image, |ui| self.image_picker(ui))
-            .response
-            .on_disabled_hover_text(format!(
-                "{} does not animate a still",
-                self.defaults.family_name()
-            ));
+        ui.label(format!("Takes: {}", self.defaults.takes.describe()));
+        self.still_slots(ui);
         ui.separator();
         ui.horizontal(|ui| {
             let generate = ui.add_enabled(!busy, egui::Button::new("Generate"));

@@ -106,6 +106,39 @@ impl Control {
     }
 }
 
+/// How a model takes stills, read from its configs without loading a
+/// weight: what the viewer's model picker shows and what the server and
+/// Discord's /animate check before queueing a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stills {
+    /// Generates from the prompt alone (an image-to-video model needs its still).
+    pub text_to_video: bool,
+    /// What it does with `image`, if it takes one.
+    pub image: Option<StillUse>,
+    /// Takes, and needs, `last_image` (a first-last-frame model).
+    pub last_image: bool,
+}
+
+impl Stills {
+    /// A text-to-video model that takes no still.
+    pub const TEXT: Stills = Stills {
+        text_to_video: true,
+        image: None,
+        last_image: false,
+    };
+}
+
+/// How a model uses the still it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StillUse {
+    /// The still is VAE-encoded and pins the first frame of a text-to-video
+    /// model at every step (AnimateDiff): the motion is the text model's.
+    Anchor,
+    /// The model was trained on image conditioning and reads the still
+    /// itself (Wan image-to-video).
+    Native,
+}
+
 /// What a family honours: the controls, and the schedulers
 /// `Request::scheduler` may name.
 #[derive(Debug, Clone, Copy)]

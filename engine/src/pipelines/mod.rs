@@ -29,7 +29,7 @@ pub use crate::ops::preview::FrameTextures;
 pub use animatediff::AnimateDiff;
 pub use camera::Camera;
 pub use card::ModelCard;
-pub use controls::{Control, Controls};
+pub use controls::{Control, Controls, StillUse, Stills};
 pub use events::{Event, Generated, Preview, Trace};
 pub use image::{fit_image, RgbImage, MIN_IMAGE_SIDE};
 pub use noise::motion_share;
@@ -129,6 +129,8 @@ pub struct Registered {
     /// and folders without a model_index.json.
     pub unnamed: bool,
     pub controls: Controls,
+    /// How a model of the family takes stills, from its configs alone.
+    pub stills: fn(&ModelSource) -> Result<Stills>,
     /// The settings the family publishes, before a model's card: what a
     /// surface (the viewer's panel) proposes without loading the weights.
     pub defaults: fn() -> ModelDefaults,
@@ -172,6 +174,12 @@ pub fn family_of(source: &ModelSource) -> Result<&'static Registered> {
             .collect::<Vec<_>>()
             .join(", "),
     })
+}
+
+/// How `source` takes stills (its family's reading of its configs; no
+/// weight is read).
+pub fn stills_of(source: &ModelSource) -> Result<Stills> {
+    (family_of(source)?.stills)(source)
 }
 
 /// The family that runs models naming pipeline `class` (model_index.json's
@@ -269,5 +277,31 @@ mod tests {
             assert!(d.height.is_multiple_of(f.size_multiple), "{}", f.name);
             assert!((d.frames - 1).is_multiple_of(f.frame_step), "{}", f.name);
         }
+    }
+
+    #[test]
+    fn how_a_model_takes_stills_is_read_from_its_configs() {
+        let open = |name: &str| {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/");
+            let source = ModelSource::open(&ModelSpec {
+                model: format!("{dir}{name}"),
+                ..Default::default()
+            })
+            .unwrap();
+            stills_of(&source).unwrap()
+        };
+        assert_eq!(open("wan-a"), Stills::TEXT);
+        let i2v = open("wan-i2v");
+        assert_eq!(
+            (i2v.text_to_video, i2v.image, i2v.last_image),
+            (false, Some(StillUse::Native), false)
+        );
+        let flf = open("wan-flf2v");
+        assert_eq!((flf.image, flf.last_image), (Some(StillUse::Native), true));
+        let bundled = open("../../assets/models/default");
+        assert_eq!(
+            (bundled.text_to_video, bundled.image, bundled.last_image),
+            (true, Some(StillUse::Anchor), false)
+        );
     }
 }

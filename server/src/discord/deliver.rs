@@ -14,9 +14,9 @@ use serde_json::{json, Value};
 
 use super::db::DiscordJob;
 use super::DiscordState;
-use crate::api;
 use crate::db::{self, now_ms, JobRow};
 use crate::worker::Shutdown;
+use crate::{api, ImageMode};
 
 /// How often the loop looks for ended jobs.
 const POLL: Duration = Duration::from_millis(500);
@@ -165,11 +165,44 @@ async fn finished(
         }
     };
     let mut content = format!("{author} **{prompt}**\n{}", recipe_line(&recipe));
+    if recipe.get("image").is_some_and(Value::is_string) {
+        let model = recipe
+            .get("model")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let mode = image_mode(state, model.clone()).await;
+        content = with_line(&content, &still_line(mode, model.as_deref()));
+    }
     if let Some(note) = note {
         content = with_line(&content, note);
     }
     content = with_line(&content, &state.clip_page(&job.id));
     Ok((content, upload))
+}
+
+/// How the model of a job (`None`: the server's default) uses its still,
+/// read on a blocking thread (the runner may read the model's configs).
+pub async fn image_mode(state: &DiscordState, model: Option<String>) -> Option<ImageMode> {
+    let runner = state.app.runner.clone();
+    tokio::task::spawn_blocking(move || runner.image_mode(model.as_deref()))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// /animate's line on how the still is used: by a model trained for
+/// image-to-video, or anchoring the first frame of a text-to-video model.
+pub fn still_line(mode: Option<ImageMode>, model: Option<&str>) -> String {
+    let model = plain(model.unwrap_or("default"));
+    match mode {
+        Some(ImageMode::Native) => {
+            format!("🖼️ Native image-to-video: model {model} animates the still itself.")
+        }
+        _ => format!(
+            "🖼️ Anchored: the still pins the first frame (model {model} has no native \
+             image-to-video)."
+        ),
+    }
 }
 
 /// A recipe number as people write it: 0.7, not the f32's 0.699999988.

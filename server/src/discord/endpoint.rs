@@ -16,7 +16,7 @@ use super::interaction::{self, Action, Attachment, DiscordUser, Interaction, Rec
 use super::{deliver, fetch, DiscordState};
 use crate::accounts::{web_token_id, User};
 use crate::db::{self, now_ms};
-use crate::{api, JobRequest};
+use crate::{api, ImageMode, JobRequest};
 
 /// An interaction's token lasts this long after the interaction was made.
 pub const TOKEN_LIFETIME_MS: i64 = 15 * 60 * 1000;
@@ -170,7 +170,7 @@ async fn queue(state: DiscordState, i: Interaction, user: DiscordUser, source: S
         Err(e) => Err(Failure::Internal(e)),
     };
     let message = match outcome {
-        Ok((job, prompt)) => {
+        Ok((job, prompt, still)) => {
             let position = state.app.db.queue_position(&job).await.unwrap_or(0);
             let waiting = if position > 0 {
                 format!(" ({position} ahead)")
@@ -183,7 +183,13 @@ async fn queue(state: DiscordState, i: Interaction, user: DiscordUser, source: S
                 &state,
                 &i.token,
                 &json!({
-                    "content": format!("⏳ Queued{waiting}: **{}**", deliver::plain(&prompt)),
+                    "content": match &still {
+                        Some(line) => deliver::with_line(
+                            &format!("⏳ Queued{waiting}: **{}**", deliver::plain(&prompt)),
+                            line,
+                        ),
+                        None => format!("⏳ Queued{waiting}: **{}**", deliver::plain(&prompt)),
+                    },
                     "allowed_mentions": { "parse": [] },
                 }),
             )
@@ -250,7 +256,8 @@ async fn queue_job(
     state: &DiscordState,
     member: &User,
     source: Source,
-) -> Result<(db::JobRow, String), Failure> {
+) -> Result<(db::JobRow, String, Option<String>), Failure> {
+    let mut still_line = None;
     let mut recipe = match source {
         Source::New(options) => {
             let mut r = state.options.defaults.clone();
@@ -273,6 +280,16 @@ async fn queue_job(
             .await
             .map_err(|e| Failure::User(e.to_string()))?;
             r.insert("image".into(), Value::from(still));
+            // The server's model decides: one trained for image-to-video
+            // reads the still (and has no `strength`), else it anchors the
+            // first frame as AnimateDiff does.
+            let model = r.get("model").and_then(Value::as_str).map(str::to_string);
+            let mode = deliver::image_mode(state, model.clone()).await;
+            let mut line = deliver::still_line(mode, model.as_deref());
+            if mode == Some(ImageMode::Native) && r.remove("strength").is_some() {
+                line.push_str(" `strength` does not apply to it and was left out.");
+            }
+            still_line = Some(line);
             r
         }
         Source::Remix {
@@ -311,7 +328,7 @@ async fn queue_job(
                 Failure::User(e.describe())
             }
         })?;
-    Ok((job, prompt))
+    Ok((job, prompt, still_line))
 }
 
 /// The job id a `/remix` names: the id itself, or a clip page's URL.
@@ -389,6 +406,9 @@ async fn clip_recipe(
     }
     if let Some(image) = db.job_image(&id).await? {
         recipe.insert("image".into(), Value::from(image));
+    }
+    if let Some(last) = db.job_last_image(&id).await? {
+        recipe.insert("last_image".into(), Value::from(last));
     }
     Ok(recipe)
 }

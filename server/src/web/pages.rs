@@ -742,6 +742,7 @@ fn create_form(
 </div>
 </details>
 <label>Animate a still (optional)<input name="image" id="image" type="file" accept="image/png,image/jpeg,image/webp"></label>
+<label>Last frame (first-last-frame models only)<input name="last_image" id="last_image" type="file" accept="image/png,image/jpeg,image/webp"></label>
 <button type="submit" class="primary" id="generate">Generate</button>
 <p class="error" id="form-error" role="alert"></p>
 </form>

@@ -31,7 +31,7 @@ mod image;
 use std::path::{Path, PathBuf};
 
 use super::card::ModelCard;
-use super::controls::{Control, Controls};
+use super::controls::{Control, Controls, StillUse, Stills};
 use super::events::{Event, Generated};
 use super::noise::interpolate;
 use super::preview::LatentRgb;
@@ -83,6 +83,14 @@ pub const REGISTERED: Registered = Registered {
     // family's.
     unnamed: true,
     controls: CONTROLS,
+    // `--image` anchors the first frame of every AnimateDiff model.
+    stills: |_| {
+        Ok(Stills {
+            text_to_video: true,
+            image: Some(StillUse::Anchor),
+            last_image: false,
+        })
+    },
     defaults: published_defaults,
     // The SD VAE's 8; the motion module takes any frame count.
     size_multiple: 8,

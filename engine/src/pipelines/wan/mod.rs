@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 
 use super::card::ModelCard;
-use super::controls::{Control, Controls};
+use super::controls::{Control, Controls, StillUse, Stills};
 use super::events::{Event, Generated};
 use super::preview::LatentRgb;
 use super::prompt_cache::{EncoderIdentity, PromptCache};
@@ -105,6 +105,7 @@ pub const REGISTERED: Registered = Registered {
     // Wan folders always name their class.
     unnamed: false,
     controls: CONTROLS,
+    stills,
     defaults: published_defaults,
     // The VAE's 8 × the transformer's 2x2 patch; the VAE is causal in
     // time and 4x temporally compressed (Wan 2.1).
@@ -112,6 +113,28 @@ pub const REGISTERED: Registered = Registered {
     frame_step: 4,
     load: load_boxed::<Wan>,
 };
+
+/// How a Wan model takes stills, from model_index.json and the
+/// transformer's config as `load` reads them: an image encoder makes it
+/// image-to-video, the transformer's `pos_embed_seq_len` first-last frame.
+fn stills(source: &ModelSource) -> Result<Stills> {
+    // Single files carry no image encoder (see `files.rs`).
+    if source.wan_files().is_some() {
+        return Ok(Stills::TEXT);
+    }
+    let dir = source.path();
+    let index: WanIndex = crate::weights::config::read_config(&dir.join("model_index.json"))?;
+    if !present(&index.image_encoder) {
+        return Ok(Stills::TEXT);
+    }
+    let transformer_dir = component(dir, "transformer", "the Wan transformer")?;
+    let config = WanTransformerConfig::load(&transformer_dir.join("config.json"))?;
+    Ok(Stills {
+        text_to_video: false,
+        image: Some(StillUse::Native),
+        last_image: config.pos_embed_seq_len.is_some(),
+    })
+}
 
 /// The Wan 2.1 repositories' published settings: 832x480, 81 frames
 /// (5 s at 16 fps), 50 steps, guidance 5.
