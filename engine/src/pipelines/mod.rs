@@ -298,6 +298,19 @@ mod tests {
         );
         let flf = open("wan-flf2v");
         assert_eq!((flf.image, flf.last_image), (Some(StillUse::Native), true));
+        // TI2V-5B takes text or a still; A14B's I2V experts (no image
+        // encoder) a still only.
+        let ti2v = open("wan-ti2v");
+        assert_eq!(
+            (ti2v.text_to_video, ti2v.image, ti2v.last_image),
+            (true, Some(StillUse::Native), false)
+        );
+        let a14b = open("wan-a14b/i2v");
+        assert_eq!(
+            (a14b.text_to_video, a14b.image, a14b.last_image),
+            (false, Some(StillUse::Native), false)
+        );
+        assert_eq!(open("wan-a14b/t2v"), Stills::TEXT);
         let bundled = open("../../assets/models/default");
         assert_eq!(
             (bundled.text_to_video, bundled.image, bundled.last_image),

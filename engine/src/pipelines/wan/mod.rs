@@ -118,21 +118,33 @@ pub const REGISTERED: Registered = Registered {
 /// transformer's config as `load` reads them: an image encoder makes it
 /// image-to-video, the transformer's `pos_embed_seq_len` first-last frame.
 fn stills(source: &ModelSource) -> Result<Stills> {
-    // Single files carry no image encoder (see `files.rs`).
-    if source.wan_files().is_some() {
-        return Ok(Stills::TEXT);
-    }
-    let dir = source.path();
-    let index: WanIndex = crate::weights::config::read_config(&dir.join("model_index.json"))?;
-    if !present(&index.image_encoder) {
-        return Ok(Stills::TEXT);
-    }
-    let transformer_dir = component(dir, "transformer", "the Wan transformer")?;
-    let config = WanTransformerConfig::load(&transformer_dir.join("config.json"))?;
-    Ok(Stills {
-        text_to_video: false,
-        image: Some(StillUse::Native),
-        last_image: config.pos_embed_seq_len.is_some(),
+    // From the configs alone (headers for single files): TI2V takes text or
+    // a still; an image-to-video transformer (with an image encoder, or
+    // A14B's I2V experts without one) reads more channels than it predicts
+    // and takes a still only, FLF2V a last one too.
+    let (config, ti2v) = match source.wan_files() {
+        Some(files) => (files.transformer()?.config, files.vae()?.config.is_residual),
+        None => {
+            let dir = source.path();
+            let index: WanIndex =
+                crate::weights::config::read_config(&dir.join("model_index.json"))?;
+            let transformer_dir = component(dir, "transformer", "the Wan transformer")?;
+            let config = WanTransformerConfig::load(&transformer_dir.join("config.json"))?;
+            (config, index.expand_timesteps)
+        }
+    };
+    Ok(match (ti2v, config.in_channels != config.out_channels()) {
+        (true, _) => Stills {
+            text_to_video: true,
+            image: Some(StillUse::Native),
+            last_image: false,
+        },
+        (false, true) => Stills {
+            text_to_video: false,
+            image: Some(StillUse::Native),
+            last_image: config.pos_embed_seq_len.is_some(),
+        },
+        (false, false) => Stills::TEXT,
     })
 }
 
