@@ -336,3 +336,70 @@ fn bundled_clip_copies_and_times_per_step() {
             .trim()
     );
 }
+
+/// Bytes copied per step, by what the step runs: the bundled model at its
+/// card's size (128x128, 16 frames, guidance 7.5) with DDIM, DPM-Solver++
+/// 2M, a camera move and a still; and the Wan fixture (wan-a) with
+/// flow-matching Euler and UniPC. A measurement for docs/PERFORMANCE.md,
+/// not a check: `cargo test --release -p motif-engine --test
+/// host_transfers -- --ignored --nocapture copies_per_step_by_control`.
+#[test]
+#[ignore]
+fn copies_per_step_by_control() {
+    let gpu = Gpu::new(GpuOptions::default()).unwrap();
+    let report = |what: &str, steps: &[TransferStats]| {
+        let n = steps.len() as u64;
+        let sum = |f: fn(&TransferStats) -> u64| steps.iter().map(f).sum::<u64>() / n;
+        println!(
+            "{what}: per step {} uploads ({} B), {} downloads ({} B)",
+            sum(|s| s.uploads),
+            sum(|s| s.upload_bytes),
+            sum(|s| s.downloads),
+            sum(|s| s.download_bytes)
+        );
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/default");
+    let p = AnimateDiff::load(&gpu, &ModelSource::folder(&dir)).unwrap();
+    let base = {
+        let mut r = Request::new("a yellow star spinning over the sea at night", p.defaults());
+        (r.steps, r.seed, r.guidance) = (3, 7, 7.5);
+        r
+    };
+    println!(
+        "bundled model, {}x{}, {} frames, batch 2, {}",
+        base.width,
+        base.height,
+        base.frames,
+        gpu.precision()
+    );
+    let mut dpm = base.clone();
+    dpm.scheduler = Some(SchedulerKind::DpmPp2m);
+    let mut camera = base.clone();
+    camera.camera = Some(Camera::PanLeft);
+    let mut still = base.clone();
+    (still.steps, still.strength) = (4, 0.75);
+    still.image = Some(RgbImage {
+        width: 64,
+        height: 64,
+        data: (0..64 * 64 * 3).map(|i| (i % 11) as f32 / 11.0).collect(),
+    });
+    for (what, req) in [
+        ("ddim", &base),
+        ("dpm++2m", &dpm),
+        ("ddim + camera", &camera),
+        ("ddim + still", &still),
+    ] {
+        report(what, &per_step(&gpu, &p, req));
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/wan-a");
+    let mut wan = Wan::load(&gpu, &ModelSource::folder(&dir)).unwrap();
+    wan.set_max_sequence_length(32);
+    let mut req = Request::new("a red ball rolls", wan.defaults());
+    (req.width, req.height, req.frames, req.steps, req.seed) = (48, 32, 5, 3, 9);
+    (req.guidance, req.negative) = (5.0, "blurry".into());
+    println!("wan-a fixture, 48x32, 5 frames (latents 16 x 2 x 4 x 6), guidance 5");
+    for kind in [SchedulerKind::FlowMatchEuler, SchedulerKind::UniPc] {
+        req.scheduler = Some(kind);
+        report(&kind.to_string(), &per_step(&gpu, &wan, &req));
+    }
+}
