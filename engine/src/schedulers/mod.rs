@@ -4,11 +4,13 @@
 //! flow-matching Euler.
 //!
 //! Their scalar maths (timesteps, σ, ᾱ, the per-step coefficients) runs on
-//! the CPU; the per-latent update of the single-step schedulers is a
-//! [`StepProgram`] of a handful of f32 operations per value, which the
-//! pipelines run on the GPU where the latents are (`ops::latent`) and
+//! the CPU; the per-latent update of every step is a [`StepProgram`] of a
+//! few dozen f32 operations per value, which the pipelines run on the GPU
+//! where the latents are ([`Scheduler::run_step`], `ops::latent`) and
 //! [`Scheduler::step`] runs on the CPU, with the same result bit for bit.
-//! The multistep ones (DPM-Solver++ 2M, UniPC) still step on the CPU. Every quantity is
+//! The multistep ones (DPM-Solver++ 2M, UniPC) read what earlier steps kept
+//! (their x₀ predictions, UniPC's last predictor sample), which the
+//! [`Scheduler`] holds where the steps run. Every quantity is
 //! computed in the precision and operation order diffusers uses (float32
 //! tensors, float64 numpy grids), so timesteps equal diffusers' and sigmas
 //! and samples agree to float32 rounding. The noise that Euler ancestral and
@@ -18,7 +20,9 @@
 //! [`Scheduler::set_timesteps`]; multiply the initial noise by
 //! [`Scheduler::init_noise_sigma`]; per step `i`, feed the UNet
 //! [`Scheduler::scale_model_input`] at timestep `timesteps()[i]`, then call
-//! [`Scheduler::step`] with its prediction.
+//! [`Scheduler::step`] with its prediction (with the latents on the GPU:
+//! [`Scheduler::input_divisor`], [`Scheduler::step_program`] and
+//! [`Scheduler::run_step`]).
 //!
 //! Flow-matching models (Wan) predict a velocity v = ε − x₀ on
 //! x_σ = (1 − σ)·x₀ + σ·ε; their schedules are shifted by `flow_shift` /
