@@ -494,7 +494,7 @@ fn guide_at(
     Ok(out)
 }
 
-/// The CPU reference of [`guide`] (as `pipelines::guidance::combine`).
+/// The CPU reference of [`guide`].
 pub fn guide_reference(prediction: &[f32], batch: usize, scale: f32) -> Vec<f32> {
     if batch == 1 {
         return prediction.to_vec();
