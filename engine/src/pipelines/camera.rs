@@ -63,7 +63,7 @@ fn rotate(x: f32, y: f32, a: f32) -> (f32, f32) {
     (x * a.cos() - y * a.sin(), x * a.sin() + y * a.cos())
 }
 
-/// How strongly the camera move steers step k of n (see `camera_guide`):
+/// How strongly the camera move steers step k of n (see `CameraGuide`):
 /// strong while the layout forms, none in the last third of the steps.
 pub(crate) fn camera_weight(k: usize, n: usize) -> f32 {
     let progress = k as f32 / n.max(1) as f32;
