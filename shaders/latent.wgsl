@@ -1,12 +1,14 @@
 // The per-element work of a denoising loop, kept on the GPU so that no
 // latent-sized data crosses to the CPU between steps: the model's input
 // batch, classifier-free guidance, the scheduler's update (a short program
-// of f32 operations whose coefficients the CPU computes per step), the
-// per-frame repeat of text embeddings and the regrouping and quantisation
-// of decoded frames.
+// of f32 operations whose coefficients the CPU computes per step), camera
+// guidance's pull towards the first frame, the still's anchoring of the
+// first frame, the per-frame repeat of text embeddings and the regrouping
+// and quantisation of decoded frames.
 //
 // Every entry point reads `p` at @binding(0) and has its own storage slots:
-//   program       1..3  inputs  array<f32> (read): the program's inputs, each [n]
+//   program       1..3, 18, 19  inputs  array<f32> (read): the program's
+//                       inputs 0..4, each [n]
 //                 4..6  outputs array<f32> (write): the program's outputs, each [n]
 //   batch_input   7     x       array<f32> [n] (read): latents
 //                 8     out     array<st> [count, n]: x / divisor, `count` times
@@ -19,6 +21,17 @@
 //                 14    out     array<u32>: RGB8 [count, n, 3], four bytes a word
 //   latent_frames 15    x       array<f32> [m, k, n] (read): latents [C, F, h·w]
 //                 16    out     array<st> [count, m, n]: frames first..first+count
+//   camera_mix    20    x       array<f32> [count, k, n] (read): latents [C, F, h·w]
+//                 21    x0      array<f32> [count, k, n] (read): their clean estimate
+//                 22    warp    array<f32> [k − 1, n, 6] (read): per pixel of frames
+//                       1.., the four frame-0 pixels it samples (plane offsets
+//                       y0·w+x0, y0·w+x1, y1·w+x0, y1·w+x1, as whole f32) and
+//                       the bilinear weights fx, fy
+//                 23    out     array<f32> [count, k, n]; consts 0..5: a, b,
+//                       keep_x, take_x, keep_e, take_e
+//   put_frame     24    x       array<f32> [count, k, n] (read): latents [C, F, h·w]
+//                 25    frame   array<f32> [count, n] (read)
+//                 26    out     array<f32> [count, k, n]: x with frame `first` = frame
 // The dispatch is 1-D, spread over x and y (at most 65535 workgroups per
 // dimension).
 
@@ -40,6 +53,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read> in0: array<f32>;
 @group(0) @binding(2) var<storage, read> in1: array<f32>;
 @group(0) @binding(3) var<storage, read> in2: array<f32>;
+@group(0) @binding(18) var<storage, read> in3: array<f32>;
+@group(0) @binding(19) var<storage, read> in4: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out0: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out1: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out2: array<f32>;
@@ -54,9 +69,16 @@ struct Params {
 @group(0) @binding(14) var<storage, read_write> f_out: array<u32>;
 @group(0) @binding(15) var<storage, read> lf_x: array<f32>;
 @group(0) @binding(16) var<storage, read_write> lf_out: array<st>;
+@group(0) @binding(20) var<storage, read> cm_x: array<f32>;
+@group(0) @binding(21) var<storage, read> cm_x0: array<f32>;
+@group(0) @binding(22) var<storage, read> cm_warp: array<f32>;
+@group(0) @binding(23) var<storage, read_write> cm_out: array<f32>;
+@group(0) @binding(24) var<storage, read> pf_x: array<f32>;
+@group(0) @binding(25) var<storage, read> pf_frame: array<f32>;
+@group(0) @binding(26) var<storage, read_write> pf_out: array<f32>;
 
 const WG: u32 = 256u;
-const REGISTERS: u32 = 16u;
+const REGISTERS: u32 = 32u;
 
 fn linear_index(wid: vec3<u32>, lid: u32, nwg: vec3<u32>) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
@@ -66,7 +88,9 @@ fn load_input(slot: u32, i: u32) -> f32 {
     switch slot {
         case 0u: { return in0[i]; }
         case 1u: { return in1[i]; }
-        default: { return in2[i]; }
+        case 2u: { return in2[i]; }
+        case 3u: { return in3[i]; }
+        default: { return in4[i]; }
     }
 }
 
@@ -181,4 +205,58 @@ fn latent_frames(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     let channel = (i / p.n) % p.m;
     let at = i % p.n;
     lf_out[i] = st(lf_x[(channel * p.k + p.first + frame) * p.n + at]);
+}
+
+// The noise part of latents x = a·x0 + b·eps at element j.
+fn camera_eps(j: u32) -> f32 {
+    return (cm_x[j] - constant(0u) * cm_x0[j]) / constant(1u);
+}
+
+// Camera guidance (pipelines::camera): every pixel of frames 1.. pulled
+// towards frame 0 sampled bilinearly along the move, the clean part
+// linearly and the noise part with square-root weights, in the f32
+// operations and order of `camera_mix_reference`.
+@compute @workgroup_size(WG)
+fn camera_mix(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if i >= p.count * p.k * p.n { return; }
+    let at = i % p.n;
+    let frame = (i / p.n) % p.k;
+    if frame == 0u {
+        cm_out[i] = cm_x[i];
+        return;
+    }
+    let first = (i / (p.n * p.k)) * p.k * p.n;
+    let m = ((frame - 1u) * p.n + at) * 6u;
+    let j00 = first + u32(cm_warp[m]);
+    let j01 = first + u32(cm_warp[m + 1u]);
+    let j10 = first + u32(cm_warp[m + 2u]);
+    let j11 = first + u32(cm_warp[m + 3u]);
+    let fx = cm_warp[m + 4u];
+    let fy = cm_warp[m + 5u];
+    let x0_row0 = cm_x0[j00] * (1.0 - fx) + cm_x0[j01] * fx;
+    let x0_row1 = cm_x0[j10] * (1.0 - fx) + cm_x0[j11] * fx;
+    let warped_x0 = x0_row0 * (1.0 - fy) + x0_row1 * fy;
+    let eps_row0 = camera_eps(j00) * (1.0 - fx) + camera_eps(j01) * fx;
+    let eps_row1 = camera_eps(j10) * (1.0 - fx) + camera_eps(j11) * fx;
+    let warped_eps = eps_row0 * (1.0 - fy) + eps_row1 * fy;
+    let xm = constant(2u) * cm_x0[i] + constant(3u) * warped_x0;
+    let em = constant(4u) * camera_eps(i) + constant(5u) * warped_eps;
+    cm_out[i] = constant(0u) * xm + constant(1u) * em;
+}
+
+@compute @workgroup_size(WG)
+fn put_frame(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if i >= p.count * p.k * p.n { return; }
+    let at = i % p.n;
+    let frame = (i / p.n) % p.k;
+    let channel = i / (p.n * p.k);
+    if frame == p.first {
+        pf_out[i] = pf_frame[channel * p.n + at];
+    } else {
+        pf_out[i] = pf_x[i];
+    }
 }

@@ -1,7 +1,8 @@
 //! The denoising loop's GPU kernels (`ops::latent`) against their CPU
-//! references: every scheduler's step program, guidance, the model's input
-//! batch, the per-frame repeat of embeddings, the decode's regrouping and
-//! the RGB8 frames.
+//! references: every scheduler's step program (the multistep ones with
+//! their state on the GPU), `add_noise` as a program, camera guidance's mix
+//! and the still's frame, guidance, the model's input batch, the per-frame
+//! repeat of embeddings, the decode's regrouping and the RGB8 frames.
 
 mod common;
 
@@ -71,11 +72,51 @@ fn step_programs_on_the_gpu_match_the_schedulers_on_the_cpu() {
         }
     }
     cases.push(("flow-euler".into(), flow, SchedulerKind::FlowMatchEuler));
+    // The multistep kinds, with their history of earlier steps on the GPU:
+    // DPM-Solver++ 2M on each prediction type, midpoint and Heun, with and
+    // without Karras sigmas; UniPC of order 2 and 1, bh1 and bh2, with a
+    // disabled corrector.
+    for (prediction, extra) in [
+        ("epsilon", ""),
+        ("v_prediction", r#", "use_karras_sigmas": true"#),
+        ("sample", r#", "solver_type": "heun""#),
+        (
+            "epsilon",
+            r#", "use_karras_sigmas": true, "final_sigmas_type": "sigma_min", "lower_order_final": false"#,
+        ),
+    ] {
+        let cfg = config(&format!(
+            r#"{{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "num_train_timesteps": 1000, "prediction_type": "{prediction}"{extra}}}"#
+        ));
+        cases.push((
+            format!("dpm++2m {prediction}{extra}"),
+            cfg,
+            SchedulerKind::DpmPp2m,
+        ));
+    }
+    for extra in [
+        "",
+        r#", "solver_type": "bh1", "disable_corrector": [2]"#,
+        r#", "solver_order": 1"#,
+        r#", "final_sigmas_type": "sigma_min", "lower_order_final": false"#,
+    ] {
+        let cfg = config(&format!(
+            r#"{{"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": true,
+             "prediction_type": "flow_prediction", "flow_shift": 3.0,
+             "num_train_timesteps": 1000{extra}}}"#
+        ));
+        cases.push((format!("unipc{extra}"), cfg, SchedulerKind::UniPc));
+    }
     let mut bit_different = 0;
     for (name, cfg, kind) in cases {
         // Not every kind takes every prediction type (Euler has no "sample").
         let Ok(mut on_gpu) = Scheduler::new(&cfg, Some(kind), None) else {
             assert!(!name.contains("epsilon"), "{name}");
+            assert!(
+                !matches!(kind, SchedulerKind::DpmPp2m | SchedulerKind::UniPc),
+                "{name}"
+            );
             continue;
         };
         let mut on_cpu = Scheduler::new(&cfg, Some(kind), None).unwrap();
@@ -86,10 +127,7 @@ fn step_programs_on_the_gpu_match_the_schedulers_on_the_cpu() {
         for step in 0..6 {
             let model_output = common::random(n, 10 + step as u64);
             let noise = common::random(n, 100 + step as u64);
-            let program = on_gpu
-                .step_program(step)
-                .unwrap()
-                .expect("a single-step kind");
+            let program = on_gpu.step_program(step).unwrap();
             let want = on_cpu
                 .step(&model_output, step, &sample, Some(&noise))
                 .unwrap();
@@ -99,7 +137,8 @@ fn step_programs_on_the_gpu_match_the_schedulers_on_the_cpu() {
             if program.reads_noise() {
                 inputs.push(&noise_t);
             }
-            let mut outs = latent::run_program(gpu, &program.program, &inputs).unwrap();
+            let mut outs = on_gpu.run_step(gpu, &program, &inputs).unwrap();
+            assert_eq!(outs.len(), if program.writes_denoised() { 3 } else { 2 });
             let got_x0 = outs[program.preview_output()].to_f32(gpu).unwrap();
             let want_x0 = want.denoised.as_ref().unwrap_or(&want.pred_original);
             let got_prev = outs[0].to_f32(gpu).unwrap();
@@ -122,15 +161,136 @@ fn step_programs_on_the_gpu_match_the_schedulers_on_the_cpu() {
 }
 
 #[test]
-fn multistep_schedulers_have_no_step_program() {
+fn a_multistep_step_refuses_history_kept_elsewhere() {
     let cfg = config(
         r#"{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
          "num_train_timesteps": 1000}"#,
     );
+    let gpu = common::gpu();
+    let n = 8;
     let mut s = Scheduler::new(&cfg, Some(SchedulerKind::DpmPp2m), None).unwrap();
     s.set_timesteps(4).unwrap();
-    assert!(!s.has_step_program());
-    assert!(s.step_program(0).unwrap().is_none());
+    // Step 0 on the CPU keeps its x0 there; step 1 (second order) on the
+    // GPU has no earlier x0 to read.
+    let x = common::random(n, 1);
+    s.step(&common::random(n, 2), 0, &x, None).unwrap();
+    let program = s.step_program(1).unwrap();
+    let (xt, mt) = (f32_tensor(&x, &[n]), f32_tensor(&x, &[n]));
+    let err = s
+        .run_step(gpu, &program, &[&xt, &mt])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("dpm++2m step 1") && err.contains("run_step"),
+        "{err}"
+    );
+    // A caller that gives the noise to a step that reads none.
+    s.set_timesteps(4).unwrap();
+    let program = s.step_program(0).unwrap();
+    let err = s
+        .run_step(gpu, &program, &[&xt, &mt, &mt])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reads 2 inputs"), "{err}");
+}
+
+#[test]
+fn add_noise_as_a_program_equals_every_scheduler_s_add_noise() {
+    let gpu = common::gpu();
+    let n = 3 * 5 * 7;
+    let diffusion = config(
+        r#"{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+         "num_train_timesteps": 1000}"#,
+    );
+    let flow = config(
+        r#"{"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": true,
+         "prediction_type": "flow_prediction", "flow_shift": 3.0}"#,
+    );
+    let x = common::random(n, 3);
+    let noise = common::random(n, 4);
+    let (xt, nt) = (f32_tensor(&x, &[n]), f32_tensor(&noise, &[n]));
+    for kind in SchedulerKind::ALL {
+        let cfg = if kind.is_flow_matching() {
+            &flow
+        } else {
+            &diffusion
+        };
+        let mut s = Scheduler::new(cfg, Some(kind), None).unwrap();
+        s.set_timesteps(5).unwrap();
+        for &t in &s.timesteps()[1..] {
+            let want = s.add_noise(&x, &noise, t).unwrap();
+            let program = s.add_noise_program(t).unwrap();
+            let cpu = latent::run_program_reference(&program, &[&x, &noise]).swap_remove(0);
+            assert_eq!(
+                cpu.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{kind} at {t}: the program's bits"
+            );
+            let got = latent::run_program(gpu, &program, &[&xt, &nt]).unwrap();
+            let (_, worst) = compare(&got[0].to_f32(gpu).unwrap(), &want);
+            assert!(worst <= 1e-6, "{kind} at {t}: on the GPU off by {worst}");
+        }
+    }
+}
+
+#[test]
+fn camera_mix_and_put_frame_match_their_references() {
+    let gpu = common::gpu();
+    let shape = [4, 5, 3, 6];
+    let [c, f, h, w] = shape;
+    let n = c * f * h * w;
+    let plane = h * w;
+    let x = common::random(n, 21);
+    let x0 = common::random(n, 22);
+    // Any four pixels of the plane and weights in [0, 1).
+    let mut warp = Vec::new();
+    let r = common::random((f - 1) * plane * 6, 23);
+    for px in r.chunks(6) {
+        for &v in &px[..4] {
+            warp.push(((v.abs() * 1000.0) as usize % plane) as f32);
+        }
+        warp.extend(px[4..].iter().map(|v| v.abs().fract()));
+    }
+    let mix = latent::CameraMix {
+        a: 0.8,
+        b: 0.6,
+        keep_x: 0.3,
+        take_x: 0.7,
+        keep_e: 0.3f32.sqrt(),
+        take_e: 0.7f32.sqrt(),
+    };
+    let want = latent::camera_mix_reference(&x, &x0, &warp, shape, mix);
+    let (xt, x0t) = (f32_tensor(&x, &shape), f32_tensor(&x0, &shape));
+    let warp_t = f32_tensor(&warp, &[f - 1, plane, latent::WARP_VALUES]);
+    let got = latent::camera_mix(gpu, &xt, &x0t, &warp_t, mix)
+        .unwrap()
+        .to_f32(gpu)
+        .unwrap();
+    let (differ, worst) = compare(&got, &want);
+    assert!(
+        worst <= 1e-6,
+        "camera_mix off by {worst} ({differ} values differ)"
+    );
+    // Frame 0 is copied, every other frame moved.
+    for ch in 0..c {
+        let o = ch * f * plane;
+        assert_eq!(got[o..o + plane], x[o..o + plane]);
+        assert_ne!(got[o + plane..o + 2 * plane], x[o + plane..o + 2 * plane]);
+    }
+    let short = f32_tensor(&warp[6..], &[warp.len() - 6]);
+    let err = latent::camera_mix(gpu, &xt, &x0t, &short, mix).unwrap_err();
+    assert!(err.to_string().contains("warp table"), "{err}");
+
+    let frame = common::random(c * plane, 24);
+    let ft = f32_tensor(&frame, &[c, h, w]);
+    for index in [0, f - 1] {
+        let got = latent::put_frame(gpu, &xt, index, &ft).unwrap();
+        let mut want = x.clone();
+        latent::put_frame_reference(&mut want, shape, index, &frame);
+        assert_eq!(got.to_f32(gpu).unwrap(), want, "frame {index}");
+    }
+    assert!(latent::put_frame(gpu, &xt, f, &ft).is_err());
+    assert!(latent::put_frame(gpu, &xt, 0, &xt).is_err());
 }
 
 #[test]

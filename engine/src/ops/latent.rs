@@ -1,9 +1,10 @@
 //! The per-element work of a denoising loop on the GPU (`shaders/latent.wgsl`),
 //! so that latents stay on the device from the first step to the decode:
 //! the model's input batch, classifier-free guidance, a scheduler's update
-//! as a short [`ElementProgram`], the per-frame repeat of text embeddings,
-//! and the regrouping and quantisation of decoded frames. Each has its CPU
-//! reference here.
+//! as a short [`ElementProgram`], camera guidance's pull towards the first
+//! frame, the still's anchoring of the first frame, the per-frame repeat of
+//! text embeddings, and the regrouping and quantisation of decoded frames.
+//! Each has its CPU reference here.
 //!
 //! A scheduler step is a few multiply-adds per latent with coefficients
 //! that change per step; rather than one kernel per scheduler and
@@ -20,13 +21,17 @@ use crate::tensor::{fmt_shape, DType, Tensor};
 
 const SOURCE: &str = include_str!("../../../shaders/latent.wgsl");
 const WG: u64 = 256;
-/// Registers of a program (`REGISTERS` in the shader).
-const REGISTERS: usize = 16;
+/// Registers of a program (`REGISTERS` in the shader): every builder call
+/// takes a fresh one, and UniPC's second-order corrector and predictor in
+/// one step take 26.
+const REGISTERS: usize = 32;
 /// Instructions and constants a program may have (the parameter block's).
 const MAX_INSTRUCTIONS: usize = 32;
 const MAX_CONSTANTS: usize = 16;
-/// Inputs and outputs of a program (the shader's storage slots).
-pub const MAX_PROGRAM_INPUTS: usize = 3;
+/// Inputs and outputs of a program (the shader's storage slots; five
+/// inputs and three outputs are the eight storage buffers a stage may
+/// bind under WebGPU's default limits).
+pub const MAX_PROGRAM_INPUTS: usize = 5;
 pub const MAX_PROGRAM_OUTPUTS: usize = 3;
 
 #[repr(C)]
@@ -335,10 +340,10 @@ pub fn run_program(gpu: &Gpu, program: &ElementProgram, inputs: &[&Tensor]) -> R
         consts,
         ..Params::new(n)
     };
-    let mut bindings = Vec::with_capacity(6);
-    for slot in 0..MAX_PROGRAM_INPUTS {
+    let mut bindings = Vec::with_capacity(MAX_PROGRAM_INPUTS + MAX_PROGRAM_OUTPUTS);
+    for (slot, binding) in [1, 2, 3, 18, 19].into_iter().enumerate() {
         let t = inputs.get(slot).unwrap_or(&inputs[0]);
-        bindings.push((1 + slot as u32, t.binding()));
+        bindings.push((binding, t.binding()));
     }
     for slot in 0..MAX_PROGRAM_OUTPUTS {
         let t = match outputs.get(slot) {
@@ -489,7 +494,7 @@ fn guide_at(
     Ok(out)
 }
 
-/// The CPU reference of [`guide`] (as `pipelines::guidance::combine`).
+/// The CPU reference of [`guide`].
 pub fn guide_reference(prediction: &[f32], batch: usize, scale: f32) -> Vec<f32> {
     if batch == 1 {
         return prediction.to_vec();
@@ -610,4 +615,177 @@ pub fn frame_reference(image: &[f32], out: &mut [f32]) -> Vec<u8> {
         }
     }
     rgb
+}
+
+/// The coefficients of [`camera_mix`]: latents split as `a·x0 + b·eps`
+/// (the scheduler's noise level at the next step), the clean parts mixed
+/// as `keep_x·own + take_x·warped`, the noise parts as
+/// `keep_e·own + take_e·warped`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CameraMix {
+    pub a: f32,
+    pub b: f32,
+    pub keep_x: f32,
+    pub take_x: f32,
+    pub keep_e: f32,
+    pub take_e: f32,
+}
+
+/// Values per pixel of a [`camera_mix`] warp table: four plane offsets
+/// (y0·w+x0, y0·w+x1, y1·w+x0, y1·w+x1) as whole f32, then fx and fy.
+pub const WARP_VALUES: usize = 6;
+
+/// Largest latent plane a warp table addresses: its offsets are whole f32,
+/// exact below 2^24.
+pub const MAX_WARP_PLANE: usize = 1 << 24;
+
+/// Camera guidance's mix on the GPU: latents `x` [C, F, h, w] and their
+/// clean estimate `x0` (f32, same shape) → latents whose frames 1.. are
+/// pulled towards frame 0 sampled bilinearly at the pixels `warp`
+/// ([F − 1, h·w, WARP_VALUES], f32) names; frame 0 is copied.
+pub fn camera_mix(
+    gpu: &Gpu,
+    x: &Tensor,
+    x0: &Tensor,
+    warp: &Tensor,
+    mix: CameraMix,
+) -> Result<Tensor> {
+    const OP: &str = "camera_mix";
+    check_rank(OP, "latents [C, F, h, w]", x, 4)?;
+    let [c, f, h, w] = [0, 1, 2, 3].map(|d| x.shape()[d]);
+    for t in [x, x0, warp] {
+        check_dtype(OP, t, DType::F32)?;
+        check_fits(gpu, OP, t)?;
+    }
+    if x0.shape() != x.shape() {
+        return Err(EngineError::Shape {
+            op: OP,
+            expected: format!("x0 like the latents, {}", fmt_shape(x.shape())),
+            found: fmt_shape(x0.shape()),
+        });
+    }
+    let warp_len = f.saturating_sub(1) * h * w * WARP_VALUES;
+    if warp.numel() != warp_len || h * w > MAX_WARP_PLANE {
+        return Err(EngineError::Shape {
+            op: OP,
+            expected: format!(
+                "a warp table of {warp_len} values ([{}, {}, {WARP_VALUES}]) for a plane of at most {MAX_WARP_PLANE} pixels",
+                f.saturating_sub(1),
+                h * w
+            ),
+            found: format!("{} for latents {}", fmt_shape(warp.shape()), fmt_shape(x.shape())),
+        });
+    }
+    let out = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let mut consts = [0f32; MAX_CONSTANTS];
+    consts[..6].copy_from_slice(&[mix.a, mix.b, mix.keep_x, mix.take_x, mix.keep_e, mix.take_e]);
+    let p = Params {
+        count: c as u32,
+        k: f as u32,
+        consts,
+        ..Params::new(h * w)
+    };
+    gpu.dispatch(
+        &kernel("camera_mix", DType::F32),
+        params_bytes(&p),
+        &[
+            (20, x.binding()),
+            (21, x0.binding()),
+            (22, warp.binding()),
+            (23, out.binding()),
+        ],
+        grid_1d((out.numel() as u64).div_ceil(WG)),
+    )?;
+    Ok(out)
+}
+
+/// The CPU reference of [`camera_mix`] for latents of `shape` [C, F, h, w]:
+/// the same f32 operations in the same order.
+pub fn camera_mix_reference(
+    x: &[f32],
+    x0: &[f32],
+    warp: &[f32],
+    shape: [usize; 4],
+    mix: CameraMix,
+) -> Vec<f32> {
+    let [c, f, h, w] = shape;
+    let plane = h * w;
+    let CameraMix {
+        a,
+        b,
+        keep_x,
+        take_x,
+        keep_e,
+        take_e,
+    } = mix;
+    let eps: Vec<f32> = x.iter().zip(x0).map(|(l, x)| (l - a * x) / b).collect();
+    let bilinear = |values: &[f32], m: &[f32]| {
+        let (fx, fy) = (m[4], m[5]);
+        let row0 = values[m[0] as usize] * (1.0 - fx) + values[m[1] as usize] * fx;
+        let row1 = values[m[2] as usize] * (1.0 - fx) + values[m[3] as usize] * fx;
+        row0 * (1.0 - fy) + row1 * fy
+    };
+    let mut out = x.to_vec();
+    for ch in 0..c {
+        let first = ch * f * plane;
+        for fi in 1..f {
+            for at in 0..plane {
+                let m = &warp[((fi - 1) * plane + at) * WARP_VALUES..][..WARP_VALUES];
+                let o = first + fi * plane + at;
+                let warped_x0 = bilinear(&x0[first..first + plane], m);
+                let warped_eps = bilinear(&eps[first..first + plane], m);
+                let xm = keep_x * x0[o] + take_x * warped_x0;
+                let em = keep_e * eps[o] + take_e * warped_eps;
+                out[o] = a * xm + b * em;
+            }
+        }
+    }
+    out
+}
+
+/// Latents `x` [C, F, h, w] (f32) with frame `index` replaced by `frame`
+/// [C, h, w] (f32): the still's anchoring of the first frame.
+pub fn put_frame(gpu: &Gpu, x: &Tensor, index: usize, frame: &Tensor) -> Result<Tensor> {
+    const OP: &str = "put_frame";
+    check_rank(OP, "latents [C, F, h, w]", x, 4)?;
+    let [c, f, h, w] = [0, 1, 2, 3].map(|d| x.shape()[d]);
+    for t in [x, frame] {
+        check_dtype(OP, t, DType::F32)?;
+        check_fits(gpu, OP, t)?;
+    }
+    if frame.shape() != [c, h, w] || index >= f {
+        return Err(EngineError::Shape {
+            op: OP,
+            expected: format!("frame [{c}, {h}, {w}] at an index below {f}"),
+            found: format!("{} at {index}", fmt_shape(frame.shape())),
+        });
+    }
+    let out = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let p = Params {
+        count: c as u32,
+        k: f as u32,
+        first: index as u32,
+        ..Params::new(h * w)
+    };
+    gpu.dispatch(
+        &kernel("put_frame", DType::F32),
+        params_bytes(&p),
+        &[
+            (24, x.binding()),
+            (25, frame.binding()),
+            (26, out.binding()),
+        ],
+        grid_1d((out.numel() as u64).div_ceil(WG)),
+    )?;
+    Ok(out)
+}
+
+/// The CPU reference of [`put_frame`] for latents of `shape` [C, F, h, w].
+pub fn put_frame_reference(x: &mut [f32], shape: [usize; 4], index: usize, frame: &[f32]) {
+    let [c, f, h, w] = shape;
+    let plane = h * w;
+    for ch in 0..c {
+        let o = (ch * f + index) * plane;
+        x[o..o + plane].copy_from_slice(&frame[ch * plane..(ch + 1) * plane]);
+    }
 }

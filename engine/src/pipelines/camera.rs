@@ -5,7 +5,10 @@
 //! the move). Directions name how the picture content moves on screen.
 
 use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::ops::latent::{self, CameraMix, WARP_VALUES};
 use crate::schedulers::Scheduler;
+use crate::tensor::{DType, Tensor};
 
 /// A camera move: the recipe's own name set (`motif_recipe::CameraMove`,
 /// what every surface reads and writes); what a move does is here.
@@ -60,47 +63,73 @@ fn rotate(x: f32, y: f32, a: f32) -> (f32, f32) {
     (x * a.cos() - y * a.sin(), x * a.sin() + y * a.cos())
 }
 
-/// How strongly the camera move steers step k of n (see `camera_guide`):
+/// How strongly the camera move steers step k of n (see `CameraGuide`):
 /// strong while the layout forms, none in the last third of the steps.
 pub(crate) fn camera_weight(k: usize, n: usize) -> f32 {
     let progress = k as f32 / n.max(1) as f32;
     (0.8 * (1.0 - 1.5 * progress)).max(0.0)
 }
 
-/// Camera guidance, training-free: the latents for the next step, with
-/// every frame's clean estimate and noise pulled towards frame 0's, warped
-/// along the move to that frame's place in the clip. The latents are split
-/// as `a·x0 + b·eps` at the next timestep (a and b from the scheduler's
-/// own `add_noise`, so this holds for every scheduler); the x0 parts mix
-/// linearly, the noise parts with square-root weights so that they stay
-/// unit-variance. Latents are [C, F, h, w].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn camera_guide(
-    scheduler: &Scheduler,
-    cam: Camera,
-    latents: &[f32],
-    x0: &[f32],
-    next: f64,
-    weight: f32,
-    c: usize,
-    f: usize,
-    h: usize,
-    w: usize,
-) -> Result<Vec<f32>> {
-    let a = scheduler.add_noise(&[1.0], &[0.0], next)?[0];
-    let b = scheduler.add_noise(&[0.0], &[1.0], next)?[0];
-    if b <= 1e-6 {
-        return Ok(latents.to_vec());
+/// Camera guidance, training-free, on the GPU: the latents for the next
+/// step, with every frame's clean estimate and noise pulled towards frame
+/// 0's, warped along the move to that frame's place in the clip. The
+/// latents are split as `a·x0 + b·eps` at the next timestep (a and b from
+/// the scheduler's own `add_noise`, so this holds for every scheduler); the
+/// x0 parts mix linearly, the noise parts with square-root weights so that
+/// they stay unit-variance (`ops::latent::camera_mix`).
+pub(crate) struct CameraGuide {
+    /// Where each pixel of frames 1.. samples frame 0 ([`warp_table`]),
+    /// uploaded once per generation.
+    warp: Tensor,
+}
+
+impl CameraGuide {
+    /// The guide for latents [C, F, h, w]; None for a single frame, which
+    /// has nothing to pull towards.
+    pub fn new(gpu: &Gpu, cam: Camera, (f, h, w): (usize, usize, usize)) -> Result<Option<Self>> {
+        if f < 2 {
+            return Ok(None);
+        }
+        let table = warp_table(cam, f, h, w);
+        let warp = Tensor::from_f32(gpu, &table, &[f - 1, h * w, WARP_VALUES], DType::F32)?;
+        Ok(Some(CameraGuide { warp }))
     }
-    let eps: Vec<f32> = latents
-        .iter()
-        .zip(x0)
-        .map(|(l, x)| (l - a * x) / b)
-        .collect();
-    let (keep_x, take_x) = (1.0 - weight, weight);
-    let (keep_e, take_e) = ((1.0 - weight).sqrt(), weight.sqrt());
-    let mut out = latents.to_vec();
-    let plane = h * w;
+
+    /// Latents [C, F, h, w] (f32) after one step, with their clean estimate
+    /// `x0`, guided towards the move with `weight` at the noise level of
+    /// timestep `next`.
+    pub fn apply(
+        &self,
+        gpu: &Gpu,
+        scheduler: &Scheduler,
+        latents: &Tensor,
+        x0: &Tensor,
+        next: f64,
+        weight: f32,
+    ) -> Result<Tensor> {
+        let (a, b) = scheduler.noise_scales(next)?;
+        if b <= 1e-6 {
+            return Ok(latents.clone());
+        }
+        let mix = CameraMix {
+            a,
+            b,
+            keep_x: 1.0 - weight,
+            take_x: weight,
+            keep_e: (1.0 - weight).sqrt(),
+            take_e: weight.sqrt(),
+        };
+        let x0 = x0.reshape(latents.shape())?;
+        latent::camera_mix(gpu, latents, &x0, &self.warp, mix)
+    }
+}
+
+/// For every pixel of frames 1..f of an [h, w] latent plane, the frame-0
+/// pixels it samples along the move and their bilinear weights
+/// ([f − 1, h·w, WARP_VALUES], see `ops::latent::camera_mix`): the source
+/// position at the frame's place in the clip, clamped inside the plane.
+pub(crate) fn warp_table(cam: Camera, f: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut table = Vec::with_capacity(f.saturating_sub(1) * h * w * WARP_VALUES);
     for fi in 1..f {
         let p = fi as f32 / (f - 1) as f32;
         for y in 0..h {
@@ -112,26 +141,19 @@ pub(crate) fn camera_guide(
                 let (ux, uy) = source(cam, p, cx, cy, w as f32, h as f32);
                 let sx = (ux + (w as f32 - 1.0) / 2.0).clamp(0.0, (w - 1) as f32);
                 let sy = (uy + (h as f32 - 1.0) / 2.0).clamp(0.0, (h - 1) as f32);
-                for ch in 0..c {
-                    let frame0 = ch * f * plane;
-                    let o = frame0 + fi * plane + y * w + x;
-                    let wx0 = bilinear(&x0[frame0..frame0 + plane], w, h, sx, sy);
-                    let we0 = bilinear(&eps[frame0..frame0 + plane], w, h, sx, sy);
-                    let xm = keep_x * x0[o] + take_x * wx0;
-                    let em = keep_e * eps[o] + take_e * we0;
-                    out[o] = a * xm + b * em;
-                }
+                let (x0, y0) = (sx.floor() as usize, sy.floor() as usize);
+                let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+                let (fx, fy) = (sx - x0 as f32, sy - y0 as f32);
+                table.extend([
+                    (y0 * w + x0) as f32,
+                    (y0 * w + x1) as f32,
+                    (y1 * w + x0) as f32,
+                    (y1 * w + x1) as f32,
+                    fx,
+                    fy,
+                ]);
             }
         }
     }
-    Ok(out)
-}
-
-/// Bilinear sample of a [h, w] plane at (x, y), inside the plane.
-fn bilinear(plane: &[f32], w: usize, h: usize, x: f32, y: f32) -> f32 {
-    let (x0, y0) = (x.floor() as usize, y.floor() as usize);
-    let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
-    let (fx, fy) = (x - x0 as f32, y - y0 as f32);
-    let row = |yy: usize| plane[yy * w + x0] * (1.0 - fx) + plane[yy * w + x1] * fx;
-    row(y0) * (1.0 - fy) + row(y1) * fy
+    table
 }

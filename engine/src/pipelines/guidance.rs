@@ -19,16 +19,6 @@ pub fn prompt_batch<'a>(prompt: &'a str, negative: &'a str, scale: f32) -> Vec<&
     }
 }
 
-/// `uncond + scale · (cond − uncond)` for a prediction batched as
-/// [uncond, cond]; a prediction without guidance passes through.
-pub fn combine(prediction: Vec<f32>, scale: f32) -> Vec<f32> {
-    if !uses_guidance(scale) {
-        return prediction;
-    }
-    let (uncond, cond) = prediction.split_at(prediction.len() / 2);
-    guide(uncond, cond, scale)
-}
-
 /// `uncond + scale · (cond − uncond)`, for families that run the two
 /// predictions as separate passes (Wan, as diffusers' `WanPipeline`).
 pub fn guide(uncond: &[f32], cond: &[f32], scale: f32) -> Vec<f32> {

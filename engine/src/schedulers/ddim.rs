@@ -111,7 +111,7 @@ impl Algorithm for Ddim {
         &self.timesteps
     }
 
-    fn step_program(&mut self, step: usize) -> Option<StepProgram> {
+    fn step_program(&mut self, step: usize) -> StepProgram {
         let train = self.num_train_timesteps();
         let t = self.timesteps[step] as i64;
         // diffusers steps to t − train÷steps, which is not always the next
@@ -171,7 +171,7 @@ impl Algorithm for Ddim {
         let prev = program_axpby(&mut p, sqrt_alpha_prev, x0, direction, eps);
         p.store(StepProgram::PREV_SAMPLE, prev);
         p.store(StepProgram::PRED_ORIGINAL, x0);
-        Some(StepProgram { program: p })
+        StepProgram::new(p)
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

@@ -7,8 +7,13 @@ use super::config::SchedulerConfig;
 use super::schedule::{
     karras_sigmas, np_arange, np_interp_unit_grid, np_linspace, np_round, sigma_to_t, NoiseSchedule,
 };
-use super::{argument, index_for_timestep, Algorithm, Prediction, Spacing, StepOutput};
+use super::{
+    argument, index_for_timestep, Algorithm, MultistepProgram, Prediction, Spacing, StepProgram,
+};
 use crate::error::{LoadError, Result};
+
+/// The state slot of the last step's x₀ (the converted model output).
+const PREVIOUS_X0: usize = 0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SolverType {
@@ -34,9 +39,9 @@ pub(crate) struct DpmSolverMultistep {
     cosine_schedule: bool,
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
-    /// The converted model outputs (x₀ predictions) of the last steps, oldest
-    /// first.
-    model_outputs: Vec<Vec<f32>>,
+    /// Steps run since `set_timesteps`, up to `solver_order`: the second
+    /// order needs an earlier x₀ (kept by the [`super::Scheduler`] in state
+    /// slot [`PREVIOUS_X0`]).
     lower_order_nums: usize,
 }
 
@@ -104,7 +109,6 @@ impl DpmSolverMultistep {
             schedule,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
-            model_outputs: Vec::new(),
             lower_order_nums: 0,
         })
     }
@@ -204,7 +208,6 @@ impl Algorithm for DpmSolverMultistep {
         });
         self.sigmas = sigmas.into_iter().map(|s| s as f32).collect();
         self.timesteps = timesteps.into_iter().map(|t| t as f64).collect();
-        self.model_outputs.clear();
         self.lower_order_nums = 0;
         Ok(())
     }
@@ -217,13 +220,7 @@ impl Algorithm for DpmSolverMultistep {
         Some(&self.sigmas)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> StepOutput {
+    fn step_program(&mut self, step: usize) -> StepProgram {
         let n = self.timesteps.len();
         let short = self.lower_order_final && n < 15;
         // The last step is first order when the schedule ends at σ = 0
@@ -232,24 +229,23 @@ impl Algorithm for DpmSolverMultistep {
         let first_order_final =
             step == n - 1 && (self.euler_at_final || short || !self.final_sigma_min);
 
+        let (mut b, x, m) = MultistepProgram::new();
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step]);
-        let x0: Vec<f32> = match self.prediction {
-            Prediction::Epsilon => sample
-                .iter()
-                .zip(model_output)
-                .map(|(&x, &e)| (x - sigma_s0 * e) / alpha_s0)
-                .collect(),
-            Prediction::Sample => model_output.to_vec(),
-            Prediction::V => sample
-                .iter()
-                .zip(model_output)
-                .map(|(&x, &v)| alpha_s0 * x - sigma_s0 * v)
-                .collect(),
+        let (alpha, sigma) = (b.p.constant(alpha_s0), b.p.constant(sigma_s0));
+        // The converted model output: x₀.
+        let x0 = match self.prediction {
+            Prediction::Epsilon => {
+                let se = b.p.mul(sigma, m);
+                let d = b.p.sub(x, se);
+                b.p.div(d, alpha)
+            }
+            Prediction::Sample => m,
+            Prediction::V => {
+                let ax = b.p.mul(alpha, x);
+                let sv = b.p.mul(sigma, m);
+                b.p.sub(ax, sv)
+            }
         };
-        if self.model_outputs.len() == self.solver_order {
-            self.model_outputs.remove(0);
-        }
-        self.model_outputs.push(x0.clone());
 
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step + 1]);
         let lambda_t = lambda(alpha_t, sigma_t);
@@ -257,44 +253,41 @@ impl Algorithm for DpmSolverMultistep {
         let h = lambda_t - lambda_s0;
         let c_sample = sigma_t / sigma_s0;
         let c_d0 = alpha_t * ((-h).exp() - 1.0);
+        let (c_sample, c_d0_v) = (b.p.constant(c_sample), b.p.constant(c_d0));
+        let cx = b.p.mul(c_sample, x);
+        let cd0 = b.p.mul(c_d0_v, x0);
+        let first = b.p.sub(cx, cd0);
 
-        let prev_sample: Vec<f32> =
-            if self.solver_order == 1 || self.lower_order_nums < 1 || first_order_final {
-                sample
-                    .iter()
-                    .zip(&x0)
-                    .map(|(&x, &d0)| c_sample * x - c_d0 * d0)
-                    .collect()
-            } else {
-                // Second order: D1 is the finite difference of the last two
-                // x₀ predictions, scaled to this step's h.
-                let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[step - 1]);
-                let h_0 = lambda_s0 - lambda(alpha_s1, sigma_s1);
-                let r0 = h_0 / h;
-                let inv_r0 = 1.0 / r0;
-                let m1 = &self.model_outputs[self.model_outputs.len() - 2];
-                let c_d1 = match self.solver_type {
-                    SolverType::Midpoint => -(0.5 * c_d0),
-                    SolverType::Heun => alpha_t * (((-h).exp() - 1.0) / h + 1.0),
-                };
-                sample
-                    .iter()
-                    .zip(&x0)
-                    .zip(m1)
-                    .map(|((&x, &m0), &m1)| {
-                        let d1 = inv_r0 * (m0 - m1);
-                        c_sample * x - c_d0 * m0 + c_d1 * d1
-                    })
-                    .collect()
+        let prev = if self.solver_order == 1 || self.lower_order_nums < 1 || first_order_final {
+            first
+        } else {
+            // Second order: D1 is the finite difference of the last two
+            // x₀ predictions, scaled to this step's h.
+            let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[step - 1]);
+            let h_0 = lambda_s0 - lambda(alpha_s1, sigma_s1);
+            let r0 = h_0 / h;
+            let inv_r0 = b.p.constant(1.0 / r0);
+            let c_d1 = match self.solver_type {
+                SolverType::Midpoint => -(0.5 * c_d0),
+                SolverType::Heun => alpha_t * (((-h).exp() - 1.0) / h + 1.0),
             };
+            let c_d1 = b.p.constant(c_d1);
+            let m1 = b.state(PREVIOUS_X0);
+            let diff = b.p.sub(x0, m1);
+            let d1 = b.p.mul(inv_r0, diff);
+            let cd1 = b.p.mul(c_d1, d1);
+            b.p.add(first, cd1)
+        };
+        b.p.store(StepProgram::PREV_SAMPLE, prev);
+        if self.solver_order == 2 {
+            b.keep(StepProgram::PRED_ORIGINAL, x0, PREVIOUS_X0);
+        } else {
+            b.p.store(StepProgram::PRED_ORIGINAL, x0);
+        }
         if self.lower_order_nums < self.solver_order {
             self.lower_order_nums += 1;
         }
-        StepOutput {
-            prev_sample,
-            pred_original: x0,
-            denoised: None,
-        }
+        b.finish()
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

@@ -213,7 +213,7 @@ impl Algorithm for Euler {
         (sigma * sigma + 1.0).sqrt()
     }
 
-    fn step_program(&mut self, step: usize) -> Option<StepProgram> {
+    fn step_program(&mut self, step: usize) -> StepProgram {
         // s_churn = 0 (the pipelines' default): σ̂ = σ, no noise.
         let sigma = self.sigmas[step];
         let mut p = ElementProgram::new();
@@ -224,7 +224,7 @@ impl Algorithm for Euler {
         let prev = euler_update(&mut p, x, x0, sigma, dt);
         p.store(StepProgram::PREV_SAMPLE, prev);
         p.store(StepProgram::PRED_ORIGINAL, x0);
-        Some(StepProgram { program: p })
+        StepProgram::new(p)
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

@@ -77,7 +77,7 @@ impl Algorithm for EulerAncestral {
         (sigma * sigma + 1.0).sqrt()
     }
 
-    fn step_program(&mut self, step: usize) -> Option<StepProgram> {
+    fn step_program(&mut self, step: usize) -> StepProgram {
         let sigma = self.sigmas[step];
         let mut p = ElementProgram::new();
         let x = p.input(StepProgram::SAMPLE);
@@ -96,7 +96,7 @@ impl Algorithm for EulerAncestral {
         let prev = p.add(prev, n);
         p.store(StepProgram::PREV_SAMPLE, prev);
         p.store(StepProgram::PRED_ORIGINAL, x0);
-        Some(StepProgram { program: p })
+        StepProgram::new(p)
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

@@ -144,7 +144,7 @@ impl Algorithm for FlowMatchEuler {
         Some(&self.sigmas)
     }
 
-    fn step_program(&mut self, step: usize) -> Option<StepProgram> {
+    fn step_program(&mut self, step: usize) -> StepProgram {
         let sigma = self.sigmas[step];
         let dt = self.sigmas[step + 1] - sigma;
         let mut p = ElementProgram::new();
@@ -154,13 +154,13 @@ impl Algorithm for FlowMatchEuler {
         let dt = p.constant(dt);
         let t = p.mul(dt, v);
         let prev = p.add(x, t);
-        // x₀ = x − σ·v (`flow_predict_original`)
+        // x₀ = x − σ·v (diffusers' `convert_model_output` for flow prediction)
         let s = p.constant(sigma);
         let t = p.mul(s, v);
         let x0 = p.sub(x, t);
         p.store(StepProgram::PREV_SAMPLE, prev);
         p.store(StepProgram::PRED_ORIGINAL, x0);
-        Some(StepProgram { program: p })
+        StepProgram::new(p)
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

@@ -100,7 +100,7 @@ impl Algorithm for Lcm {
         step + 1 < self.timesteps.len()
     }
 
-    fn step_program(&mut self, step: usize) -> Option<StepProgram> {
+    fn step_program(&mut self, step: usize) -> StepProgram {
         let t = self.timesteps[step];
         let prev_t = self.timesteps.get(step + 1).copied().unwrap_or(t);
         let ac = &self.schedule.alphas_cumprod;
@@ -157,7 +157,7 @@ impl Algorithm for Lcm {
         p.store(StepProgram::PREV_SAMPLE, prev);
         p.store(StepProgram::PRED_ORIGINAL, x0);
         p.store(StepProgram::DENOISED, denoised);
-        Some(StepProgram { program: p })
+        StepProgram::new(p)
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

@@ -4,11 +4,13 @@
 //! flow-matching Euler.
 //!
 //! Their scalar maths (timesteps, σ, ᾱ, the per-step coefficients) runs on
-//! the CPU; the per-latent update of the single-step schedulers is a
-//! [`StepProgram`] of a handful of f32 operations per value, which the
-//! pipelines run on the GPU where the latents are (`ops::latent`) and
+//! the CPU; the per-latent update of every step is a [`StepProgram`] of a
+//! few dozen f32 operations per value, which the pipelines run on the GPU
+//! where the latents are ([`Scheduler::run_step`], `ops::latent`) and
 //! [`Scheduler::step`] runs on the CPU, with the same result bit for bit.
-//! The multistep ones (DPM-Solver++ 2M, UniPC) still step on the CPU. Every quantity is
+//! The multistep ones (DPM-Solver++ 2M, UniPC) read what earlier steps kept
+//! (their x₀ predictions, UniPC's last predictor sample), which the
+//! [`Scheduler`] holds where the steps run. Every quantity is
 //! computed in the precision and operation order diffusers uses (float32
 //! tensors, float64 numpy grids), so timesteps equal diffusers' and sigmas
 //! and samples agree to float32 rounding. The noise that Euler ancestral and
@@ -18,7 +20,9 @@
 //! [`Scheduler::set_timesteps`]; multiply the initial noise by
 //! [`Scheduler::init_noise_sigma`]; per step `i`, feed the UNet
 //! [`Scheduler::scale_model_input`] at timestep `timesteps()[i]`, then call
-//! [`Scheduler::step`] with its prediction.
+//! [`Scheduler::step`] with its prediction (with the latents on the GPU:
+//! [`Scheduler::input_divisor`], [`Scheduler::step_program`] and
+//! [`Scheduler::run_step`]).
 //!
 //! Flow-matching models (Wan) predict a velocity v = ε − x₀ on
 //! x_σ = (1 − σ)·x₀ + σ·ε; their schedules are shifted by `flow_shift` /
@@ -41,7 +45,9 @@ use std::str::FromStr;
 pub use config::SchedulerConfig;
 
 use crate::error::{EngineError, LoadError, Result};
-use crate::ops::latent::{run_program_reference, ElementProgram, Value};
+use crate::gpu::Gpu;
+use crate::ops::latent::{run_program, run_program_reference, ElementProgram, Value};
+use crate::tensor::Tensor;
 
 /// The schedulers Motif implements, by their CLI names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -206,14 +212,27 @@ pub struct StepOutput {
 }
 
 /// One step's per-element update as an [`ElementProgram`], so that it can
-/// run where the latents are (`ops::latent::run_program` on the GPU,
-/// [`StepProgram::run_reference`] on the CPU). Inputs: 0 the sample, 1 the
-/// model output, 2 the noise where [`StepProgram::reads_noise`]; outputs: 0
-/// the next sample, 1 `pred_original`, 2 LCM's `denoised` where
-/// [`StepProgram::writes_denoised`].
+/// run where the latents are: [`Scheduler::run_step`] on the GPU,
+/// [`Scheduler::step`] on the CPU, with the same result bit for bit.
+///
+/// Inputs: 0 the sample, 1 the model output, then either the noise (2,
+/// where [`StepProgram::reads_noise`]: Euler ancestral, LCM) or the state
+/// of earlier steps that the multistep schedulers read (DPM-Solver++'s
+/// last x₀; UniPC's last two x₀ and the sample its last predictor started
+/// from), which the [`Scheduler`] keeps where the steps run. Outputs: 0 the
+/// next sample, 1 `pred_original`, 2 LCM's `denoised` where
+/// [`StepProgram::writes_denoised`]; a multistep step's third output is
+/// state to keep.
 #[derive(Debug, Clone)]
 pub struct StepProgram {
     pub program: ElementProgram,
+    /// The state slots that the inputs after the model output read, in
+    /// input order.
+    state_inputs: Vec<usize>,
+    /// Outputs kept for later steps: (output, state slot).
+    keeps: Vec<(usize, usize)>,
+    noise: bool,
+    denoised: bool,
 }
 
 impl StepProgram {
@@ -224,12 +243,24 @@ impl StepProgram {
     pub const PRED_ORIGINAL: usize = 1;
     pub const DENOISED: usize = 2;
 
+    /// A single-step scheduler's program: it reads noise if it has a third
+    /// input and writes `denoised` if it has a third output.
+    pub(crate) fn new(program: ElementProgram) -> Self {
+        StepProgram {
+            noise: program.inputs() > Self::NOISE,
+            denoised: program.outputs() > Self::DENOISED,
+            program,
+            state_inputs: Vec::new(),
+            keeps: Vec::new(),
+        }
+    }
+
     pub fn reads_noise(&self) -> bool {
-        self.program.inputs() > Self::NOISE
+        self.noise
     }
 
     pub fn writes_denoised(&self) -> bool {
-        self.program.outputs() > Self::DENOISED
+        self.denoised
     }
 
     /// The output a preview shows: `denoised` where there is one, else
@@ -242,25 +273,76 @@ impl StepProgram {
         }
     }
 
-    /// Runs the program on the CPU.
-    pub fn run_reference(
-        &self,
-        model_output: &[f32],
-        sample: &[f32],
-        noise: Option<&[f32]>,
-    ) -> StepOutput {
-        let mut inputs = vec![sample, model_output];
-        if self.reads_noise() {
-            // `Scheduler::step` checked that noise is given where it is read.
-            inputs.push(noise.unwrap_or(&[]));
+    /// The outputs a caller gets: the next sample, `pred_original` and
+    /// `denoised` where written (not the state kept for later steps).
+    fn caller_outputs(&self) -> usize {
+        if self.denoised {
+            3
+        } else {
+            2
         }
-        let mut outputs = run_program_reference(&self.program, &inputs).into_iter();
-        let prev_sample = outputs.next().unwrap_or_default();
-        let pred_original = outputs.next().unwrap_or_default();
-        StepOutput {
-            prev_sample,
-            pred_original,
-            denoised: outputs.next(),
+    }
+
+    /// The inputs a caller gives: the sample, the model output and the
+    /// noise where read (not the state of earlier steps).
+    fn caller_inputs(&self) -> usize {
+        if self.noise {
+            3
+        } else {
+            2
+        }
+    }
+}
+
+/// A multistep scheduler's step program under construction: the program,
+/// and which state of earlier steps it reads and keeps (slots the
+/// scheduler numbers).
+pub(crate) struct MultistepProgram {
+    pub p: ElementProgram,
+    reads: Vec<(usize, Value)>,
+    keeps: Vec<(usize, usize)>,
+}
+
+impl MultistepProgram {
+    /// A program that has loaded the sample and the model output.
+    pub fn new() -> (Self, Value, Value) {
+        let mut p = ElementProgram::new();
+        let sample = p.input(StepProgram::SAMPLE);
+        let model_output = p.input(StepProgram::MODEL_OUTPUT);
+        let builder = MultistepProgram {
+            p,
+            reads: Vec::new(),
+            keeps: Vec::new(),
+        };
+        (builder, sample, model_output)
+    }
+
+    /// The state an earlier step kept in `slot` (read once, however often
+    /// asked for).
+    pub fn state(&mut self, slot: usize) -> Value {
+        if let Some(&(_, v)) = self.reads.iter().find(|(s, _)| *s == slot) {
+            return v;
+        }
+        let v = self
+            .p
+            .input(StepProgram::MODEL_OUTPUT + 1 + self.reads.len());
+        self.reads.push((slot, v));
+        v
+    }
+
+    /// Stores `value` to `output`, kept in state `slot` for later steps.
+    pub fn keep(&mut self, output: usize, value: Value, slot: usize) {
+        self.p.store(output, value);
+        self.keeps.push((output, slot));
+    }
+
+    pub fn finish(self) -> StepProgram {
+        StepProgram {
+            program: self.p,
+            state_inputs: self.reads.into_iter().map(|(slot, _)| slot).collect(),
+            keeps: self.keeps,
+            noise: false,
+            denoised: false,
         }
     }
 }
@@ -347,24 +429,9 @@ trait Algorithm: Send + Sync {
     fn input_divisor(&self, _step: usize) -> f32 {
         1.0
     }
-    /// The step's update as a program, for the single-step schedulers; the
-    /// multistep ones keep their history on the CPU and return None.
-    fn step_program(&mut self, _step: usize) -> Option<StepProgram> {
-        None
-    }
-    /// One step on the CPU; by default the step's program, run on the CPU.
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step: usize,
-        sample: &[f32],
-        noise: Option<&[f32]>,
-    ) -> StepOutput {
-        let program = self
-            .step_program(step)
-            .expect("an algorithm without a step program implements step");
-        program.run_reference(model_output, sample, noise)
-    }
+    /// The step's update as a program; the multistep schedulers advance
+    /// their scalar state (warm-up order, last order) here, once per step.
+    fn step_program(&mut self, step: usize) -> StepProgram;
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>>;
 }
 
@@ -384,6 +451,11 @@ pub struct Scheduler {
     /// `set_timesteps`, when any start index is allowed (image-to-video
     /// starts part-way).
     next_step: Option<usize>,
+    /// What the multistep schedulers' steps kept for later ones, by slot:
+    /// on the CPU for [`Scheduler::step`], on the GPU for
+    /// [`Scheduler::run_step`].
+    host_state: Vec<Option<Vec<f32>>>,
+    device_state: Vec<Option<Tensor>>,
 }
 
 impl Scheduler {
@@ -466,6 +538,8 @@ impl Scheduler {
             kind,
             algorithm,
             next_step: None,
+            host_state: Vec::new(),
+            device_state: Vec::new(),
         })
     }
 
@@ -484,6 +558,8 @@ impl Scheduler {
         }
         self.algorithm.set_timesteps(steps)?;
         self.next_step = None;
+        self.host_state.clear();
+        self.device_state.clear();
         Ok(())
     }
 
@@ -564,24 +640,40 @@ impl Scheduler {
         check_len("model_output", model_output.len(), sample.len())?;
         match noise {
             Some(noise) => check_len("noise", noise.len(), sample.len())?,
-            None if self.algorithm.needs_noise(step) => {
-                return Err(argument(format!(
-                    "{} draws noise at step {step}, but no noise was given",
-                    self.kind
-                )));
-            }
+            None if self.algorithm.needs_noise(step) => return Err(missing_noise(self.kind, step)),
             None => {}
         }
-        let out = self.algorithm.step(model_output, step, sample, noise);
+        let program = self.algorithm.step_program(step);
         self.next_step = Some(step + 1);
-        Ok(out)
+        let mut inputs = vec![sample, model_output];
+        if program.reads_noise() {
+            inputs.push(noise.ok_or_else(|| missing_noise(self.kind, step))?);
+        }
+        for &slot in &program.state_inputs {
+            let kept = self.host_state.get(slot).and_then(Option::as_deref);
+            inputs.push(kept.ok_or_else(|| missing_state(self.kind, step, "step"))?);
+        }
+        let mut outputs = run_program_reference(&program.program, &inputs);
+        for &(output, slot) in &program.keeps {
+            if self.host_state.len() <= slot {
+                self.host_state.resize(slot + 1, None);
+            }
+            self.host_state[slot] = Some(outputs[output].clone());
+        }
+        outputs.truncate(program.caller_outputs());
+        let mut outputs = outputs.into_iter();
+        Ok(StepOutput {
+            prev_sample: outputs.next().unwrap_or_default(),
+            pred_original: outputs.next().unwrap_or_default(),
+            denoised: outputs.next(),
+        })
     }
 
-    /// Whether [`Scheduler::step_program`] gives programs: every kind but
-    /// the multistep ones (DPM-Solver++ 2M, UniPC), whose history of model
-    /// outputs stays on the CPU.
+    /// Whether [`Scheduler::step_program`] gives programs: every kind does
+    /// (the multistep ones keep their state where the steps run), so
+    /// callers may keep their latents on the GPU whatever the kind.
     pub fn has_step_program(&self) -> bool {
-        !matches!(self.kind, SchedulerKind::DpmPp2m | SchedulerKind::UniPc)
+        true
     }
 
     /// What [`Scheduler::scale_model_input`] divides the sample by at
@@ -593,17 +685,53 @@ impl Scheduler {
     }
 
     /// [`Scheduler::step`] as a per-element program for the caller to run
-    /// where its latents are, with the same order checks; None for the
-    /// kinds without programs (see [`Scheduler::has_step_program`]), which
-    /// then take `step`.
-    pub fn step_program(&mut self, step: usize) -> Result<Option<StepProgram>> {
+    /// where its latents are, with the same order checks: run it with
+    /// [`Scheduler::run_step`], which keeps the multistep schedulers'
+    /// state on the GPU.
+    pub fn step_program(&mut self, step: usize) -> Result<StepProgram> {
         self.check_index(step)?;
         self.check_order(step)?;
         let program = self.algorithm.step_program(step);
-        if program.is_some() {
-            self.next_step = Some(step + 1);
-        }
+        self.next_step = Some(step + 1);
         Ok(program)
+    }
+
+    /// Runs the step `program` from [`Scheduler::step_program`] on the GPU:
+    /// `inputs` are the sample, the (guided) model output and, where the
+    /// program reads it, the noise, all f32 of one size; the state earlier
+    /// steps kept on the GPU is added, and what this step keeps stays
+    /// there. Returns the next sample, `pred_original` and, where written,
+    /// `denoised` (at [`StepProgram`]'s output indices), shaped as the
+    /// sample.
+    pub fn run_step(
+        &mut self,
+        gpu: &Gpu,
+        program: &StepProgram,
+        inputs: &[&Tensor],
+    ) -> Result<Vec<Tensor>> {
+        if inputs.len() != program.caller_inputs() {
+            return Err(argument(format!(
+                "the step reads {} inputs (sample, model output{}), {} given",
+                program.caller_inputs(),
+                if program.reads_noise() { ", noise" } else { "" },
+                inputs.len()
+            )));
+        }
+        let mut all = inputs.to_vec();
+        for &slot in &program.state_inputs {
+            let kept = self.device_state.get(slot).and_then(Option::as_ref);
+            let step = self.next_step.map_or(0, |next| next - 1);
+            all.push(kept.ok_or_else(|| missing_state(self.kind, step, "run_step"))?);
+        }
+        let mut outputs = run_program(gpu, &program.program, &all)?;
+        for &(output, slot) in &program.keeps {
+            if self.device_state.len() <= slot {
+                self.device_state.resize(slot + 1, None);
+            }
+            self.device_state[slot] = Some(outputs[output].clone());
+        }
+        outputs.truncate(program.caller_outputs());
+        Ok(outputs)
     }
 
     fn check_order(&self, step: usize) -> Result<()> {
@@ -626,6 +754,28 @@ impl Scheduler {
         self.algorithm.add_noise(original, noise, timestep)
     }
 
+    /// The scales (a, b) of [`Scheduler::add_noise`] at `timestep`: every
+    /// kind's `add_noise` computes `a·x₀ + b·ε`, in that order of f32
+    /// operations or one equal to it bit for bit (a product by 1 is exact,
+    /// f32 sums and products commute), so that callers may noise latents
+    /// where they are.
+    pub fn noise_scales(&self, timestep: f64) -> Result<(f32, f32)> {
+        let a = self.algorithm.add_noise(&[1.0], &[0.0], timestep)?[0];
+        let b = self.algorithm.add_noise(&[0.0], &[1.0], timestep)?[0];
+        Ok((a, b))
+    }
+
+    /// [`Scheduler::add_noise`] at `timestep` as a program: inputs 0 the
+    /// clean latents, 1 the noise; output 0 the noised latents.
+    pub fn add_noise_program(&self, timestep: f64) -> Result<ElementProgram> {
+        let (a, b) = self.noise_scales(timestep)?;
+        let mut p = ElementProgram::new();
+        let (x, noise) = (p.input(0), p.input(1));
+        let noised = program_axpby(&mut p, a, x, b, noise);
+        p.store(0, noised);
+        Ok(p)
+    }
+
     fn check_index(&self, step: usize) -> Result<()> {
         let n = self.timesteps().len();
         if n == 0 {
@@ -638,6 +788,22 @@ impl Scheduler {
         }
         Ok(())
     }
+}
+
+fn missing_noise(kind: SchedulerKind, step: usize) -> EngineError {
+    argument(format!(
+        "{kind} draws noise at step {step}, but no noise was given"
+    ))
+}
+
+/// A multistep step whose earlier steps did not run where this one does
+/// (a bug in the caller: every step of a run goes through `step`, or
+/// every one through `run_step`).
+fn missing_state(kind: SchedulerKind, step: usize, how: &str) -> EngineError {
+    argument(format!(
+        "{kind} step {step} reads what its earlier steps kept, but they did not run through \
+         `{how}`: run every step of a schedule the same way"
+    ))
 }
 
 fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
@@ -682,16 +848,6 @@ fn noise_to_alpha(original: &[f32], noise: &[f32], alpha_cumprod: f32) -> Vec<f3
         .iter()
         .zip(noise)
         .map(|(&x, &n)| a * x + b * n)
-        .collect()
-}
-
-/// x₀ = x − σ·v: the clean latents a flow-matching model's velocity points
-/// to (diffusers' `convert_model_output` for `flow_prediction`).
-fn flow_predict_original(model_output: &[f32], sample: &[f32], sigma: f32) -> Vec<f32> {
-    sample
-        .iter()
-        .zip(model_output)
-        .map(|(&x, &v)| x - sigma * v)
         .collect()
 }
 

@@ -13,8 +13,9 @@
 use super::config::SchedulerConfig;
 use super::flow_match_euler::{flow_shift, shift_sigma};
 use super::schedule::np_linspace;
-use super::{flow_add_noise, flow_predict_original, Algorithm, Spacing, StepOutput};
+use super::{flow_add_noise, Algorithm, MultistepProgram, Spacing, StepProgram};
 use crate::error::{LoadError, Result};
+use crate::ops::latent::Value;
 
 /// The B(h) of the UniPC update (paper §3.2): `bh1` is B(h) = h, `bh2`
 /// B(h) = e^h − 1.
@@ -38,13 +39,12 @@ pub(crate) struct UniPc {
     final_sigma_min: bool,
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
-    /// The converted model outputs (x₀ predictions) of the last
-    /// `solver_order` steps, oldest first.
-    model_outputs: Vec<Vec<f32>>,
-    /// The sample the last predictor started from (for the next corrector).
-    last_sample: Option<Vec<f32>>,
     /// The order the last predictor ran with; the next corrector uses it.
     this_order: usize,
+    /// Steps run since `set_timesteps`, up to `solver_order`. The x₀ of
+    /// the last two steps and the sample the last predictor started from
+    /// are kept by the [`super::Scheduler`] (state slots [`x0_slot`],
+    /// [`LAST_SAMPLE`]).
     lower_order_nums: usize,
 }
 
@@ -167,8 +167,6 @@ impl UniPc {
             final_sigma_min,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
-            model_outputs: Vec::new(),
-            last_sample: None,
             this_order: 1,
             lower_order_nums: 0,
         })
@@ -180,84 +178,101 @@ impl UniPc {
         (1.0 - sigma).ln() - sigma.ln()
     }
 
-    /// UniP: the predictor from step `step` (σ_s0) to `step + 1` (σ_t), on
-    /// `model_outputs` whose last entry is this step's x₀.
-    fn predict(&self, sample: &[f32], step: usize, order: usize) -> Vec<f32> {
-        let outputs = &self.model_outputs;
-        let m0 = &outputs[outputs.len() - 1];
+    /// UniP: the predictor from step `step` (σ_s0) to `step + 1` (σ_t),
+    /// from `sample` with this step's x₀ `m0` and, at order 2, the previous
+    /// step's x₀.
+    fn predict(
+        &self,
+        b: &mut MultistepProgram,
+        sample: Value,
+        m0: Value,
+        step: usize,
+        order: usize,
+    ) -> Value {
         let (sigma_s0, sigma_t) = (self.sigmas[step], self.sigmas[step + 1]);
         let alpha_t = 1.0 - sigma_t;
         let lambda_s0 = self.lambda(step);
         let h = self.lambda(step + 1) - lambda_s0;
         let c = Coefficients::new(h, order, self.solver_type);
-        let c_x = sigma_t / sigma_s0;
-        let c_m0 = alpha_t * c.h_phi_1;
+        let c_x = b.p.constant(sigma_t / sigma_s0);
+        let c_m0 = b.p.constant(alpha_t * c.h_phi_1);
+        let cx = b.p.mul(c_x, sample);
+        let cm0 = b.p.mul(c_m0, m0);
+        let x_t = b.p.sub(cx, cm0);
         if order == 1 {
             // diffusers subtracts α_t·B(h)·0 here, which is NaN where
             // B(h) = −∞ (bh1 at a final σ of 0); the sum is x_t_ itself
             // wherever diffusers' is finite.
-            return sample
-                .iter()
-                .zip(m0)
-                .map(|(&x, &m0)| c_x * x - c_m0 * m0)
-                .collect();
+            return x_t;
         }
         // Order 2: one earlier x₀; diffusers fixes ρ = 0.5 for it
         // (UniPC's B(h)-dependent choice reduces to ½ at order 2).
-        let m1 = &outputs[outputs.len() - 2];
-        let rk = (self.lambda(step - 1) - lambda_s0) / h;
-        let rho = 0.5f32;
-        let c_res = alpha_t * c.b_h;
-        sample
-            .iter()
-            .zip(m0)
-            .zip(m1)
-            .map(|((&x, &m0), &m1)| {
-                let d1 = (m1 - m0) / rk;
-                (c_x * x - c_m0 * m0) - c_res * (rho * d1)
-            })
-            .collect()
+        let m1 = b.state(x0_slot(step - 1));
+        let rk = b.p.constant((self.lambda(step - 1) - lambda_s0) / h);
+        let rho = b.p.constant(0.5);
+        let c_res = b.p.constant(alpha_t * c.b_h);
+        let diff = b.p.sub(m1, m0);
+        let d1 = b.p.div(diff, rk);
+        let rd1 = b.p.mul(rho, d1);
+        let res = b.p.mul(c_res, rd1);
+        b.p.sub(x_t, res)
     }
 
-    /// UniC: refines `this_sample` (at step `step`) with this step's x₀
-    /// `model_t`, from `last_sample` (at step − 1); `model_outputs` still
-    /// ends with step − 1's x₀.
-    fn correct(&self, model_t: &[f32], last_sample: &[f32], step: usize, order: usize) -> Vec<f32> {
-        let outputs = &self.model_outputs;
-        let m0 = &outputs[outputs.len() - 1];
+    /// UniC: refines the sample of step `step` with this step's x₀
+    /// `model_t`, from the sample step − 1's predictor started from and
+    /// the x₀ of step − 1 (and step − 2 at order 2), all kept in state.
+    fn correct(
+        &self,
+        b: &mut MultistepProgram,
+        model_t: Value,
+        step: usize,
+        order: usize,
+    ) -> Value {
+        let last_sample = b.state(LAST_SAMPLE);
+        let m0 = b.state(x0_slot(step - 1));
         let (sigma_s0, sigma_t) = (self.sigmas[step - 1], self.sigmas[step]);
         let alpha_t = 1.0 - sigma_t;
         let lambda_s0 = self.lambda(step - 1);
         let h = self.lambda(step) - lambda_s0;
         let c = Coefficients::new(h, order, self.solver_type);
-        let c_x = sigma_t / sigma_s0;
-        let c_m0 = alpha_t * c.h_phi_1;
-        let c_res = alpha_t * c.b_h;
-        if order == 1 {
-            let rho = 0.5f32;
-            return last_sample
-                .iter()
-                .zip(m0)
-                .zip(model_t)
-                .map(|((&x, &m0), &mt)| (c_x * x - c_m0 * m0) - c_res * (rho * (mt - m0)))
-                .collect();
-        }
-        let m1 = &outputs[outputs.len() - 2];
-        let rk = (self.lambda(step - 2) - lambda_s0) / h;
-        // ρ solves R·ρ = b with R = [[1, 1], [r_k, 1]] (rows: r^0, r^1).
-        let [rho_0, rho_1] = solve_2x2([[1.0, 1.0], [rk, 1.0]], [c.b[0], c.b[1]]);
-        last_sample
-            .iter()
-            .zip(m0)
-            .zip(m1)
-            .zip(model_t)
-            .map(|(((&x, &m0), &m1), &mt)| {
-                let d1 = (m1 - m0) / rk;
-                (c_x * x - c_m0 * m0) - c_res * (rho_0 * d1 + rho_1 * (mt - m0))
-            })
-            .collect()
+        let c_x = b.p.constant(sigma_t / sigma_s0);
+        let c_m0 = b.p.constant(alpha_t * c.h_phi_1);
+        let c_res = b.p.constant(alpha_t * c.b_h);
+        let cx = b.p.mul(c_x, last_sample);
+        let cm0 = b.p.mul(c_m0, m0);
+        let x_t = b.p.sub(cx, cm0);
+        let residual = if order == 1 {
+            let rho = b.p.constant(0.5);
+            let diff = b.p.sub(model_t, m0);
+            b.p.mul(rho, diff)
+        } else {
+            let m1 = b.state(x0_slot(step - 2));
+            let rk = (self.lambda(step - 2) - lambda_s0) / h;
+            // ρ solves R·ρ = b with R = [[1, 1], [r_k, 1]] (rows: r^0, r^1).
+            let [rho_0, rho_1] = solve_2x2([[1.0, 1.0], [rk, 1.0]], [c.b[0], c.b[1]]);
+            let (rk, rho_0, rho_1) = (b.p.constant(rk), b.p.constant(rho_0), b.p.constant(rho_1));
+            let diff = b.p.sub(m1, m0);
+            let d1 = b.p.div(diff, rk);
+            let r0d1 = b.p.mul(rho_0, d1);
+            let dt = b.p.sub(model_t, m0);
+            let r1dt = b.p.mul(rho_1, dt);
+            b.p.add(r0d1, r1dt)
+        };
+        let res = b.p.mul(c_res, residual);
+        b.p.sub(x_t, res)
     }
 }
+
+/// The state slot of step `step`'s x₀: the last two alternate, so that a
+/// step reads step − 2's before its own x₀ replaces it.
+fn x0_slot(step: usize) -> usize {
+    step % 2
+}
+
+/// The state slot of the sample the last predictor started from, and the
+/// output that carries it there.
+const LAST_SAMPLE: usize = 2;
+const KEPT_SAMPLE_OUTPUT: usize = 2;
 
 /// The φ-function terms both updates share, for step size h in λ
 /// (predict_x0: hh = −h).
@@ -333,8 +348,6 @@ impl Algorithm for UniPc {
         };
         sigmas.push(last);
         self.sigmas = sigmas.into_iter().map(|s| s as f32).collect();
-        self.model_outputs.clear();
-        self.last_sample = None;
         self.this_order = 1;
         self.lower_order_nums = 0;
         Ok(())
@@ -348,27 +361,22 @@ impl Algorithm for UniPc {
         Some(&self.sigmas)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> StepOutput {
-        let x0 = flow_predict_original(model_output, sample, self.sigmas[step]);
+    fn step_program(&mut self, step: usize) -> StepProgram {
+        let (mut b, x, v) = MultistepProgram::new();
+        // x₀ = x − σ·v (diffusers' `convert_model_output` for flow
+        // prediction).
+        let sigma = b.p.constant(self.sigmas[step]);
+        let sv = b.p.mul(sigma, v);
+        let x0 = b.p.sub(x, sv);
         // The corrector refines the sample this model output was computed
         // at, using the previous step's prediction and order.
-        let corrected = match &self.last_sample {
-            Some(last) if step > 0 && !self.disable_corrector.contains(&(step as i64 - 1)) => {
-                Some(self.correct(&x0, last, step, self.this_order))
-            }
-            _ => None,
+        let corrects = self.lower_order_nums > 0
+            && step > 0
+            && !self.disable_corrector.contains(&(step as i64 - 1));
+        let sample = match corrects {
+            true => self.correct(&mut b, x0, step, self.this_order),
+            false => x,
         };
-        let sample = corrected.unwrap_or_else(|| sample.to_vec());
-        if self.model_outputs.len() == self.solver_order {
-            self.model_outputs.remove(0);
-        }
-        self.model_outputs.push(x0.clone());
         let n = self.timesteps.len();
         let order = if self.lower_order_final {
             self.solver_order.min(n - step)
@@ -377,16 +385,14 @@ impl Algorithm for UniPc {
         };
         // Warm-up: order k needs k − 1 earlier predictions.
         self.this_order = order.min(self.lower_order_nums + 1);
-        let prev_sample = self.predict(&sample, step, self.this_order);
-        self.last_sample = Some(sample);
+        let prev_sample = self.predict(&mut b, sample, x0, step, self.this_order);
+        b.p.store(StepProgram::PREV_SAMPLE, prev_sample);
+        b.keep(StepProgram::PRED_ORIGINAL, x0, x0_slot(step));
+        b.keep(KEPT_SAMPLE_OUTPUT, sample, LAST_SAMPLE);
         if self.lower_order_nums < self.solver_order {
             self.lower_order_nums += 1;
         }
-        StepOutput {
-            prev_sample,
-            pred_original: x0,
-            denoised: None,
-        }
+        b.finish()
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], timestep: f64) -> Result<Vec<f32>> {

@@ -5,11 +5,11 @@
 //! decode a chunk of frames at a time.
 //!
 //! The latents stay on the GPU from the first step to the decode: the
-//! model's input batch, guidance and the scheduler's update run there
-//! (`ops::latent`), the scheduler's per-step coefficients computed on the
-//! CPU. The steps that need the latents on the CPU — the multistep
-//! schedulers' history, camera guidance and the still's anchor — take
-//! them there and back each step (`HostStep`).
+//! model's input batch, guidance, the scheduler's update (with the
+//! multistep schedulers' history), camera guidance and the still's anchor
+//! run there (`ops::latent`), their per-step coefficients computed on the
+//! CPU. What crosses per step is the noise Euler ancestral and LCM draw on
+//! the CPU (from the run's generator, so that seeds keep their clips).
 
 use super::context::shuffle_context;
 use super::image::Anchor;
@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::models::unet_motion::MotionOptions;
 use crate::ops::latent;
-use crate::pipelines::camera::{camera_guide, camera_weight};
+use crate::pipelines::camera::{camera_weight, CameraGuide};
 use crate::pipelines::decode::decode_in_chunks;
 use crate::pipelines::events::{emit, Event, Generated, Trace};
 use crate::pipelines::preview::StepPreviews;
@@ -80,7 +80,7 @@ impl AnimateDiff {
             }
         };
         let timesteps = scheduler.timesteps().to_vec();
-        let mut latents = match &anchor {
+        let latents = match &anchor {
             // Every frame starts from the still, noised to the strength.
             Some(anchor) => anchor.start(&scheduler, &noise, timesteps[start], (c, f, h * w))?,
             None => {
@@ -88,11 +88,12 @@ impl AnimateDiff {
                 noise.iter().map(|v| v * sigma).collect()
             }
         };
-        // The multistep schedulers, camera guidance and the anchor work on
-        // the CPU's copy of the latents.
-        let on_device = scheduler.has_step_program() && req.camera.is_none() && anchor.is_none();
-        let upload = |v: &[f32]| Tensor::from_f32(gpu, v, &[c, f, h, w], DType::F32);
-        let mut latents_gpu = on_device.then(|| upload(&latents)).transpose()?;
+        let mut latents_gpu = Tensor::from_f32(gpu, &latents, &[c, f, h, w], DType::F32)?;
+        let anchor = anchor.map(|a| a.upload(gpu, (c, h, w))).transpose()?;
+        let camera = match req.camera {
+            Some(cam) => CameraGuide::new(gpu, cam, (f, h, w))?,
+            None => None,
+        };
         let total = timesteps.len() - start;
         emit(events, Event::Started { steps: total })?;
         let mut trace = req.trace.then(|| Trace {
@@ -105,17 +106,7 @@ impl AnimateDiff {
         let mut previews = StepPreviews::default();
         for (k, &t) in timesteps.iter().enumerate().skip(start) {
             let divisor = scheduler.input_divisor(k)?;
-            let x = match &latents_gpu {
-                Some(l) => latent::batch_input(gpu, l, divisor, batch, gpu.precision())?,
-                None => {
-                    let model_in = scheduler.scale_model_input(&latents, k)?;
-                    let mut x = Vec::with_capacity(n * batch);
-                    for _ in 0..batch {
-                        x.extend_from_slice(&model_in);
-                    }
-                    Tensor::from_f32(gpu, &x, &[batch, c, f, h, w], gpu.precision())?
-                }
-            };
+            let x = latent::batch_input(gpu, &latents_gpu, divisor, batch, gpu.precision())?;
             let pred = self.unet.forward(gpu, &x, &[t as f32], &ehs, &motion)?;
             drop(x);
             let step_noise = scheduler.needs_noise(k).then(|| {
@@ -126,59 +117,40 @@ impl AnimateDiff {
                     .map(Vec::as_slice);
                 noise::step_noise(given, &mut rng, n)
             });
-            let program = match on_device {
-                true => scheduler.step_program(k)?,
-                false => None,
-            };
-            let x0 = match (program, latents_gpu.as_mut()) {
-                (Some(program), Some(latents_gpu)) => {
-                    let guided = latent::guide(gpu, &pred, req.guidance)?;
-                    let (next, x0) =
-                        device_step(gpu, &program, latents_gpu, &guided, step_noise.as_deref())?;
-                    *latents_gpu = next;
-                    if let Some(tr) = trace.as_mut() {
-                        tr.step_latents.push(latents_gpu.to_f32(gpu)?);
-                    }
-                    Some(x0)
-                }
-                _ => {
-                    let guided = guidance::combine(pred.to_f32(gpu)?, req.guidance);
-                    let out = scheduler.step(&guided, k, &latents, step_noise.as_deref())?;
-                    latents = out.prev_sample;
-                    let x0 = out.denoised.as_ref().unwrap_or(&out.pred_original);
-                    let next = timesteps.get(k + 1).copied();
-                    if let (Some(cam), Some(next)) = (req.camera, next) {
-                        let weight = camera_weight(k - start, total);
-                        if weight > 0.0 {
-                            latents = camera_guide(
-                                &scheduler, cam, &latents, x0, next, weight, c, f, h, w,
-                            )?;
-                        }
-                    }
-                    if let Some(anchor) = &anchor {
-                        // The first frame is the still, at the next step's noise level.
-                        anchor.apply(&scheduler, &mut latents, next, (c, f, h * w))?;
-                    }
-                    if let Some(tr) = trace.as_mut() {
-                        tr.step_latents.push(latents.clone());
-                    }
-                    // Uploaded once for both kinds of preview.
-                    (req.previews || req.gpu_previews)
-                        .then(|| upload(x0))
-                        .transpose()?
-                }
-            };
+            let guided = latent::guide(gpu, &pred, req.guidance)?;
             drop(pred);
-            let preview = match x0 {
-                Some(x0) => {
-                    previews.update(gpu, &self.latent_rgb, &x0, req.previews, req.gpu_previews)?
+            let (mut next_latents, x0) = device_step(
+                gpu,
+                &mut scheduler,
+                k,
+                &latents_gpu,
+                &guided,
+                step_noise.as_deref(),
+            )?;
+            drop(guided);
+            let next = timesteps.get(k + 1).copied();
+            if let (Some(camera), Some(next)) = (&camera, next) {
+                let weight = camera_weight(k - start, total);
+                if weight > 0.0 {
+                    next_latents =
+                        camera.apply(gpu, &scheduler, &next_latents, &x0, next, weight)?;
                 }
-                None => None,
-            };
-            // Nothing comes back to the CPU in a step on the GPU, so nothing
-            // would submit it: submit and wait here, so that the step event
-            // means the step has run (progress, cancellation between steps)
-            // and the pending commands stay one step's.
+            }
+            if let Some(anchor) = &anchor {
+                // The first frame is the still, at the next step's noise level.
+                next_latents = anchor.apply(gpu, &scheduler, &next_latents, next)?;
+            }
+            latents_gpu = next_latents;
+            if let Some(tr) = trace.as_mut() {
+                tr.step_latents.push(latents_gpu.to_f32(gpu)?);
+            }
+            let preview =
+                previews.update(gpu, &self.latent_rgb, &x0, req.previews, req.gpu_previews)?;
+            drop(x0);
+            // Nothing comes back to the CPU in a step, so nothing would
+            // submit it: submit and wait here, so that the step event means
+            // the step has run (progress, cancellation between steps) and
+            // the pending commands stay one step's.
             gpu.synchronize()?;
             emit(
                 events,
@@ -191,13 +163,7 @@ impl AnimateDiff {
                 },
             )?;
         }
-        let latents_gpu = match latents_gpu {
-            Some(l) => {
-                latents = l.to_f32(gpu)?;
-                l
-            }
-            None => upload(&latents)?,
-        };
+        let latents = latents_gpu.to_f32(gpu)?;
 
         let (hh, ww) = (req.height, req.width);
         let decoded = decode_in_chunks(
@@ -221,17 +187,20 @@ impl AnimateDiff {
     }
 }
 
-/// One scheduler step on the GPU: `program` on the latents, the guided
+/// Scheduler step `k` on the GPU: its program on the latents, the guided
 /// prediction and the step's noise (drawn on the CPU from the run's
-/// generator, so clips equal the CPU path's); returns the next latents and
-/// the x₀ estimate the previews show.
+/// generator, so clips equal the CPU path's), with the multistep
+/// schedulers' state kept on the GPU by the scheduler; returns the next
+/// latents and the x₀ estimate that previews and camera guidance read.
 fn device_step(
     gpu: &Gpu,
-    program: &StepProgram,
+    scheduler: &mut Scheduler,
+    k: usize,
     latents: &Tensor,
     guided: &Tensor,
     noise: Option<&[f32]>,
 ) -> Result<(Tensor, Tensor)> {
+    let program = scheduler.step_program(k)?;
     let noise = match (program.reads_noise(), noise) {
         (true, Some(noise)) => Some(Tensor::from_f32(gpu, noise, latents.shape(), DType::F32)?),
         (true, None) => {
@@ -245,7 +214,7 @@ fn device_step(
     let guided = guided.reshape(latents.shape())?;
     let mut inputs = vec![latents, &guided];
     inputs.extend(noise.as_ref());
-    let mut outputs = latent::run_program(gpu, &program.program, &inputs)?;
+    let mut outputs = scheduler.run_step(gpu, &program, &inputs)?;
     let x0 = outputs.swap_remove(program.preview_output());
     let next = outputs.swap_remove(StepProgram::PREV_SAMPLE);
     Ok((next, x0))

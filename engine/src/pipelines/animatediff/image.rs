@@ -5,9 +5,10 @@
 use super::AnimateDiff;
 use crate::error::Result;
 use crate::gpu::Gpu;
+use crate::ops::latent;
 use crate::pipelines::image::{image_to_chw, RgbImage};
 use crate::schedulers::Scheduler;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 impl AnimateDiff {
     /// The still as latents [C, h, w] (posterior mean × scaling factor).
@@ -59,23 +60,39 @@ impl Anchor {
         scheduler.add_noise(&init, noise, timestep)
     }
 
-    /// Sets frame 0 of `latents` to the still at the next step's noise
-    /// level (`next`; the clean still after the last step).
+    /// The still and its noise on the GPU, [C, h, w] each, for the steps.
+    pub fn upload(&self, gpu: &Gpu, (c, h, w): (usize, usize, usize)) -> Result<DeviceAnchor> {
+        let upload = |v: &[f32]| Tensor::from_f32(gpu, v, &[c, h, w], DType::F32);
+        Ok(DeviceAnchor {
+            still: upload(&self.still)?,
+            noise0: upload(&self.noise0)?,
+        })
+    }
+}
+
+/// [`Anchor`]'s still and noise on the GPU.
+pub(super) struct DeviceAnchor {
+    still: Tensor,
+    noise0: Tensor,
+}
+
+impl DeviceAnchor {
+    /// `latents` [C, F, h, w] (f32) with frame 0 the still at the next
+    /// step's noise level (`next`; the clean still after the last step).
     pub fn apply(
         &self,
+        gpu: &Gpu,
         scheduler: &Scheduler,
-        latents: &mut [f32],
+        latents: &Tensor,
         next: Option<f64>,
-        (c, f, hw): (usize, usize, usize),
-    ) -> Result<()> {
+    ) -> Result<Tensor> {
         let target = match next {
-            Some(next) => scheduler.add_noise(&self.still, &self.noise0, next)?,
+            Some(next) => {
+                let program = scheduler.add_noise_program(next)?;
+                latent::run_program(gpu, &program, &[&self.still, &self.noise0])?.swap_remove(0)
+            }
             None => self.still.clone(),
         };
-        for ch in 0..c {
-            let o = ch * f * hw;
-            latents[o..o + hw].copy_from_slice(&target[ch * hw..(ch + 1) * hw]);
-        }
-        Ok(())
+        latent::put_frame(gpu, latents, 0, &target)
     }
 }

@@ -13,7 +13,7 @@
 //!   (shift, scale or rotation growing over the clip), and during the first
 //!   two thirds of the steps pulls every frame's clean estimate and noise
 //!   towards frame 0's, warped to that frame's place along the move
-//!   (`camera::camera_guide`): a training-free way to lay the move out,
+//!   (`camera::CameraGuide`): a training-free way to lay the move out,
 //!   which the motion modules then keep coherent. It also works for models
 //!   trained with zero terminal SNR, which ignore the initial noise's layout.
 //! - `image`: the still, VAE-encoded, anchors the first frame at every step

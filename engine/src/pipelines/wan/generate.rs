@@ -216,14 +216,14 @@ impl Wan {
             };
             drop(x);
             let program = match latents_gpu.is_some() {
-                true => scheduler.step_program(k)?,
+                true => Some(scheduler.step_program(k)?),
                 false => None,
             };
             let x0 = match (program, latents_gpu.as_mut()) {
                 (Some(program), Some(l)) => {
                     let guided = latent::guide_pair(gpu, u.as_ref(), &pred, guidance_scale)?
                         .reshape(l.shape())?;
-                    let mut out = latent::run_program(gpu, &program.program, &[l, &guided])?;
+                    let mut out = scheduler.run_step(gpu, &program, &[l, &guided])?;
                     let x0 = out.swap_remove(StepProgram::PRED_ORIGINAL);
                     *l = out.swap_remove(StepProgram::PREV_SAMPLE);
                     if let Some(tr) = trace.as_mut() {
