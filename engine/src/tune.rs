@@ -9,7 +9,6 @@
 //! Each variant runs through the same routing as the models: the tuner
 //! installs a tuning that names it, then calls the op with that kernel.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::error::Result;
@@ -17,7 +16,8 @@ use crate::gpu::tuning::{Choice, KernelName, Tuning, Variant};
 use crate::gpu::{DType, Gpu};
 use crate::ops::attention::{self, attention, attention_reference, AttentionKernel};
 use crate::ops::conv2d::{conv2d_reference, conv2d_with_kernel, Conv2dKernel, Conv2dOptions};
-use crate::ops::matmul::{self, matmul_reference, matmul_with_kernel, MatmulKernel, MatmulOptions};
+use crate::ops::matmul::{matmul_reference, matmul_with_kernel, MatmulKernel, MatmulOptions};
+use crate::ops::matmul_coop::{self, CoopProduct, CoopTiling};
 use crate::ops::route;
 use crate::tensor::Tensor;
 
@@ -426,13 +426,13 @@ pub fn candidates(gpu: &Gpu, shape: &ClassShape, dtype: DType) -> Vec<Candidate<
             if cpu {
                 out.push(named(Variant::plain(KernelName::Packed)));
             }
-            if matmul::coop_supported(gpu, dtype) {
-                for fast in [1.0, 0.0] {
-                    out.push(named(Variant {
+            if gpu.coop_matrix().is_some() && dtype == DType::F16 {
+                out.extend(coop_tilings(gpu, shape).into_iter().map(|t| {
+                    named(Variant {
                         kernel: KernelName::Coop,
-                        constants: BTreeMap::from([("FAST_STAGING".to_string(), fast)]),
-                    }));
-                }
+                        constants: t.to_constants(),
+                    })
+                }));
             }
         }
         ClassShape::Attention { head_dim, .. } => {
@@ -445,6 +445,28 @@ pub fn candidates(gpu: &Gpu, shape: &ClassShape, dtype: DType) -> Vec<Candidate<
         }
     }
     out
+}
+
+/// The tensor-core tilings to try for `shape` on `gpu`: those of the
+/// variant space whose fragment shape the adapter offers and that can
+/// compute the product. One whose workgroup exceeds the adapter's limits
+/// (48 KiB of workgroup memory on NVIDIA's Vulkan driver) stays in the
+/// list: routing refuses it, and the report shows why.
+pub fn coop_tilings(gpu: &Gpu, shape: &ClassShape) -> Vec<CoopTiling> {
+    let product = match *shape {
+        ClassShape::Matmul { transpose_b, .. } => CoopProduct::Matmul { transpose_b },
+        ClassShape::Conv2d { .. } => CoopProduct::Conv,
+        ClassShape::Attention { .. } => return Vec::new(),
+    };
+    let Some(config) = gpu.coop_matrix() else {
+        return Vec::new();
+    };
+    matmul_coop::variant_space()
+        .into_iter()
+        .filter(|t| {
+            config.fragments.contains(&t.frag) && t.check(product, config.subgroup_size).is_ok()
+        })
+        .collect()
 }
 
 /// Times `run` on the GPU: one warm-up, then `iters` runs (GPU timestamps
@@ -492,18 +514,24 @@ pub fn tune_class(
     let saved = gpu.tuning();
     let mut portable: Option<Vec<f32>> = None;
     let mut trials = Vec::new();
+    // The small shape is of another routing class than the full-size one;
+    // both are routed to the candidate, so that the small check against
+    // the CPU reference judges the candidate itself, not the default.
+    let small_class = small.shape.class(dtype);
     for c in candidates {
-        // Route this class to the candidate, as a tuning file would.
+        // Route these classes to the candidate, as a tuning file would.
         let mut trial_tuning = saved.clone();
         trial_tuning
             .choices
-            .retain(|ch| !(ch.op == op && ch.class == class));
-        trial_tuning.choices.push(Choice {
-            op: op.to_string(),
-            class: class.clone(),
-            variant: c.variant.clone(),
-            ms: 0.0,
-        });
+            .retain(|ch| !(ch.op == op && (ch.class == class || ch.class == small_class)));
+        for cl in [&class, &small_class] {
+            trial_tuning.choices.push(Choice {
+                op: op.to_string(),
+                class: cl.clone(),
+                variant: c.variant.clone(),
+                ms: 0.0,
+            });
+        }
         gpu.set_tuning(trial_tuning);
         let trial = (|| -> Result<Trial> {
             let got_small = (c.run)(gpu, &small)?.to_f32(gpu)?;
