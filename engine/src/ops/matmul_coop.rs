@@ -180,7 +180,7 @@ impl CoopTiling {
         if !matches!(self.load, 1 | 2 | 4 | 8) || !matches!(self.stages, 1 | 2) {
             return fail("load 1, 2, 4 or 8 and 1 or 2 stages".into());
         }
-        if tk == 0 || tk % self.frag != 0 || tk > 64 || tk % self.load != 0 {
+        if tk == 0 || !tk.is_multiple_of(self.frag) || tk > 64 || !tk.is_multiple_of(self.load) {
             return fail(format!(
                 "TILE_K {tk} must be a multiple of the fragment and the load, at most 64"
             ));
@@ -188,18 +188,18 @@ impl CoopTiling {
         if subgroup == 0 || inv > 1024 {
             return fail(format!("{inv} invocations"));
         }
-        if (tm * tk) % (self.load * inv) != 0 {
+        if !(tm * tk).is_multiple_of(self.load * inv) {
             return fail(format!(
                 "a's {tm}x{tk} tile is not whole chunks of {} per invocation",
                 self.load
             ));
         }
-        if (tk * tn) % (lb * inv) != 0 {
+        if !(tk * tn).is_multiple_of(lb * inv) {
             return fail(format!(
                 "b's {tk}x{tn} tile is not whole chunks of {lb} per invocation"
             ));
         }
-        if product == CoopProduct::Conv && inv % tn != 0 {
+        if product == CoopProduct::Conv && !inv.is_multiple_of(tn) {
             return fail(format!(
                 "a convolution needs the {tn} columns to divide the {inv} invocations"
             ));
@@ -334,10 +334,7 @@ fn chunk(load: u32) -> (&'static str, &'static str) {
         1 => ("f16", "f16(0.0)"),
         2 => ("vec2<f16>", "vec2<f16>(f16(0.0))"),
         4 => ("vec4<f16>", "vec4<f16>(f16(0.0))"),
-        _ => (
-            "Half8",
-            "Half8(vec4<f16>(f16(0.0)), vec4<f16>(f16(0.0)))",
-        ),
+        _ => ("Half8", "Half8(vec4<f16>(f16(0.0)), vec4<f16>(f16(0.0)))"),
     }
 }
 
@@ -348,10 +345,17 @@ fn put_halves(name: &str, tile: &str, load: u32, weight: bool) -> String {
     let halves: Vec<String> = match load {
         1 => vec!["v".into()],
         2 => ["x", "y"].iter().map(|c| format!("v.{c}")).collect(),
-        4 => ["x", "y", "z", "w"].iter().map(|c| format!("v.{c}")).collect(),
+        4 => ["x", "y", "z", "w"]
+            .iter()
+            .map(|c| format!("v.{c}"))
+            .collect(),
         _ => ["lo", "hi"]
             .iter()
-            .flat_map(|h| ["x", "y", "z", "w"].iter().map(move |c| format!("v.{h}.{c}")))
+            .flat_map(|h| {
+                ["x", "y", "z", "w"]
+                    .iter()
+                    .map(move |c| format!("v.{h}.{c}"))
+            })
             .collect(),
     };
     let mut s = format!("fn {name}(v: {ty}, s: u32, stride: u32) {{\n");
@@ -376,7 +380,7 @@ pub fn source(
     math: FragmentMath,
 ) -> std::result::Result<String, String> {
     t.check(product, subgroup)?;
-    if math == FragmentMath::Twin && (t.frag * t.frag) % subgroup != 0 {
+    if math == FragmentMath::Twin && !(t.frag * t.frag).is_multiple_of(subgroup) {
         return Err(format!(
             "{}: the twin spreads a fragment over whole {subgroup}-wide subgroups",
             t.name()
@@ -676,7 +680,10 @@ pub(crate) fn fragment_offered(gpu: &Gpu, t: &CoopTiling) -> bool {
 /// its offset, row stride, item stride and contiguous length are multiples
 /// of it.
 pub(crate) fn aligned(load: u32, off: u32, ld: u32, bstride: u32, len: u32) -> bool {
-    load == 1 || [off, ld, bstride, len].iter().all(|v| v % load == 0)
+    load == 1
+        || [off, ld, bstride, len]
+            .iter()
+            .all(|v| v.is_multiple_of(load))
 }
 
 /// One tensor-core (or twin) product as an operator dispatches it: the
@@ -744,13 +751,22 @@ impl CoopPlan {
                 FragmentMath::Coop => "cooperative-matrix",
                 FragmentMath::Twin => "cooperative-matrix twin",
             },
-            needs: format!(
-                "{} (variant {}, {}x{} fragments)",
-                k.needs.describe(),
-                self.tiling.name(),
-                self.tiling.frag,
-                self.tiling.frag
-            ),
+            needs: match self.math {
+                FragmentMath::Coop => format!(
+                    "{} (variant {}, {}x{} fragments)",
+                    k.needs.describe(),
+                    self.tiling.name(),
+                    self.tiling.frag,
+                    self.tiling.frag
+                ),
+                FragmentMath::Twin => format!(
+                    "f16 operands, {} invocations and {} bytes of workgroup memory per \
+                     workgroup (variant {})",
+                    k.needs.invocations,
+                    k.needs.workgroup_bytes,
+                    self.tiling.name()
+                ),
+            },
             adapter: gpu.adapter().name.clone(),
             found: format!(
                 "{dtype} operands, {} invocations and {} bytes of workgroup memory per \
