@@ -92,6 +92,9 @@ enum Command {
         /// Tune the kernels: try every variant of matmul, convolution and attention on the models' shape classes, check each against the CPU reference and the portable kernel, and write the fastest correct one per class to this adapter's tuning file (beside the pipeline cache; MOTIF_TUNING=off ignores it). --json: the trials as JSON.
         #[arg(long)]
         tune: bool,
+        /// With --tune: stop starting new shape classes after this many seconds (the classes come most important first; those left keep the defaults).
+        #[arg(long, value_name = "SECONDS")]
+        tune_seconds: Option<u64>,
         /// With --wan (timed): only the first N of the transformer's 30 blocks (a quick check of the plumbing on a CPU adapter).
         #[arg(long, value_name = "N")]
         wan_layers: Option<usize>,
@@ -254,7 +257,7 @@ fn info(cli: &Cli) -> Result<()> {
 
 /// `motif bench --tune`: the tuner over the models' shape classes; writes
 /// the adapter's tuning file and prints one line per trial (or JSON).
-fn bench_tune(cli: &Cli, iters: usize, json: bool) -> Result<()> {
+fn bench_tune(cli: &Cli, iters: usize, json: bool, seconds: Option<u64>) -> Result<()> {
     use motif_engine::gpu::tuning;
     let gpu = open_gpu(cli)?;
     let dtype = gpu.precision();
@@ -266,7 +269,8 @@ fn bench_tune(cli: &Cli, iters: usize, json: bool) -> Result<()> {
         path.display()
     );
     let shapes = motif_engine::tune::model_classes(&gpu);
-    let (reports, tuning) = motif_engine::tune::tune(&gpu, &shapes, dtype, iters, &mut |r| {
+    let budget = seconds.map(std::time::Duration::from_secs);
+    let (reports, tuning) = motif_engine::tune::tune(&gpu, &shapes, dtype, iters, budget, &mut |r| {
         eprintln!("{} {} ({}):", r.op, r.class, r.shape);
         for t in &r.trials {
             let verdict = match (&t.error, t.correct) {
@@ -741,11 +745,12 @@ fn main() {
             coop,
             coop_shapes,
             tune,
+            tune_seconds,
             wan_layers,
             ti2v,
         } => {
             if *tune {
-                bench_tune(&cli, *iters, *json)
+                bench_tune(&cli, *iters, *json, *tune_seconds)
             } else if *coop {
                 match bench_coop(&cli, coop_shapes) {
                     Ok(true) => Ok(()),

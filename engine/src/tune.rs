@@ -9,7 +9,6 @@
 //! Each variant runs through the same routing as the models: the tuner
 //! installs a tuning that names it, then calls the op with that kernel.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::error::Result;
@@ -17,7 +16,8 @@ use crate::gpu::tuning::{Choice, KernelName, Tuning, Variant};
 use crate::gpu::{DType, Gpu};
 use crate::ops::attention::{self, attention, attention_reference, AttentionKernel};
 use crate::ops::conv2d::{conv2d_reference, conv2d_with_kernel, Conv2dKernel, Conv2dOptions};
-use crate::ops::matmul::{self, matmul_reference, matmul_with_kernel, MatmulKernel, MatmulOptions};
+use crate::ops::matmul::{matmul_reference, matmul_with_kernel, MatmulKernel, MatmulOptions};
+use crate::ops::matmul_coop::{self, CoopProduct, CoopTiling};
 use crate::ops::route;
 use crate::tensor::Tensor;
 
@@ -167,13 +167,18 @@ pub fn model_classes(gpu: &Gpu) -> Vec<ClassShape> {
             at(256, 2, 40),
         ];
     }
+    // Most important first (`tune`'s budget may stop before the end): the
+    // classes the side-by-side against PyTorch reports (matmul 4096³,
+    // attention at 4,096 and 32,760 tokens), Wan's linear layers, SD's.
     vec![
         mm(4096, 4096, 4096, false),
+        at(4096, 8, 40),
+        at(32760, 12, 128),
+        mm(32760, 1536, 1536, true),
+        mm(32760, 1536, 8960, true),
         mm(8192, 320, 320, true),
         mm(8192, 320, 1280, true),
         mm(2048, 1280, 5120, true),
-        mm(32760, 1536, 1536, true),
-        mm(32760, 1536, 8960, true),
         ClassShape::Conv2d {
             x: [2, 320, 64, 64],
             w: [320, 320, 3, 3],
@@ -186,9 +191,7 @@ pub fn model_classes(gpu: &Gpu) -> Vec<ClassShape> {
             x: [2, 640, 32, 32],
             w: [640, 640, 1, 1],
         },
-        at(4096, 8, 40),
         at(1024, 8, 80),
-        at(32760, 12, 128),
     ]
 }
 
@@ -426,13 +429,13 @@ pub fn candidates(gpu: &Gpu, shape: &ClassShape, dtype: DType) -> Vec<Candidate<
             if cpu {
                 out.push(named(Variant::plain(KernelName::Packed)));
             }
-            if matmul::coop_supported(gpu, dtype) {
-                for fast in [1.0, 0.0] {
-                    out.push(named(Variant {
+            if gpu.coop_matrix().is_some() && dtype == DType::F16 {
+                out.extend(coop_tilings(gpu, shape).into_iter().map(|t| {
+                    named(Variant {
                         kernel: KernelName::Coop,
-                        constants: BTreeMap::from([("FAST_STAGING".to_string(), fast)]),
-                    }));
-                }
+                        constants: t.to_constants(),
+                    })
+                }));
             }
         }
         ClassShape::Attention { head_dim, .. } => {
@@ -445,6 +448,28 @@ pub fn candidates(gpu: &Gpu, shape: &ClassShape, dtype: DType) -> Vec<Candidate<
         }
     }
     out
+}
+
+/// The tensor-core tilings to try for `shape` on `gpu`: those of the
+/// variant space whose fragment shape the adapter offers and that can
+/// compute the product. One whose workgroup exceeds the adapter's limits
+/// (48 KiB of workgroup memory on NVIDIA's Vulkan driver) stays in the
+/// list: routing refuses it, and the report shows why.
+pub fn coop_tilings(gpu: &Gpu, shape: &ClassShape) -> Vec<CoopTiling> {
+    let product = match *shape {
+        ClassShape::Matmul { transpose_b, .. } => CoopProduct::Matmul { transpose_b },
+        ClassShape::Conv2d { .. } => CoopProduct::Conv,
+        ClassShape::Attention { .. } => return Vec::new(),
+    };
+    let Some(config) = gpu.coop_matrix() else {
+        return Vec::new();
+    };
+    matmul_coop::variant_space()
+        .into_iter()
+        .filter(|t| {
+            config.fragments.contains(&t.frag) && t.check(product, config.subgroup_size).is_ok()
+        })
+        .collect()
 }
 
 /// Times `run` on the GPU: one warm-up, then `iters` runs (GPU timestamps
@@ -492,18 +517,24 @@ pub fn tune_class(
     let saved = gpu.tuning();
     let mut portable: Option<Vec<f32>> = None;
     let mut trials = Vec::new();
+    // The small shape is of another routing class than the full-size one;
+    // both are routed to the candidate, so that the small check against
+    // the CPU reference judges the candidate itself, not the default.
+    let small_class = small.shape.class(dtype);
     for c in candidates {
-        // Route this class to the candidate, as a tuning file would.
+        // Route these classes to the candidate, as a tuning file would.
         let mut trial_tuning = saved.clone();
         trial_tuning
             .choices
-            .retain(|ch| !(ch.op == op && ch.class == class));
-        trial_tuning.choices.push(Choice {
-            op: op.to_string(),
-            class: class.clone(),
-            variant: c.variant.clone(),
-            ms: 0.0,
-        });
+            .retain(|ch| !(ch.op == op && (ch.class == class || ch.class == small_class)));
+        for cl in [&class, &small_class] {
+            trial_tuning.choices.push(Choice {
+                op: op.to_string(),
+                class: cl.clone(),
+                variant: c.variant.clone(),
+                ms: 0.0,
+            });
+        }
         gpu.set_tuning(trial_tuning);
         let trial = (|| -> Result<Trial> {
             let got_small = (c.run)(gpu, &small)?.to_f32(gpu)?;
@@ -562,17 +593,24 @@ pub fn choose(trials: &[Trial]) -> Option<&Trial> {
 }
 
 /// Tunes every class of `shapes` in `dtype` and returns the reports and the
-/// tuning (this adapter's, every chosen variant) to save.
+/// tuning (this adapter's, every chosen variant) to save. With a `budget`,
+/// no class starts after it has passed (the classes come most important
+/// first; the rest keep the defaults): a GPU benchmark window is short.
 pub fn tune(
     gpu: &Gpu,
     shapes: &[ClassShape],
     dtype: DType,
     iters: usize,
+    budget: Option<std::time::Duration>,
     progress: &mut dyn FnMut(&ClassReport),
 ) -> Result<(Vec<ClassReport>, Tuning)> {
     let mut tuning = Tuning::new(&gpu.adapter_info());
     let mut reports = Vec::new();
+    let start = Instant::now();
     for shape in shapes {
+        if budget.is_some_and(|b| start.elapsed() >= b) {
+            break;
+        }
         let report = tune_class(gpu, shape, dtype, &candidates(gpu, shape, dtype), iters)?;
         if let Some(v) = &report.chosen {
             let ms = report

@@ -14,13 +14,15 @@ mod common;
 use motif_engine::ops::attention::{
     self, attention, attention_reference, AttentionKernel, AttentionOptions,
 };
+use motif_engine::ops::conv2d::conv2d_coop_variant;
 use motif_engine::ops::conv2d::{
-    conv2d_reference, conv2d_residual_with_kernel, conv2d_with_kernel, Conv2dKernel, Conv2dOptions,
-    Conv2dResidual,
+    conv2d_reference, conv2d_with_kernel, Conv2dKernel, Conv2dOptions, Conv2dResidual,
 };
 use motif_engine::ops::matmul::{
-    self, matmul, matmul_reference, matmul_with_kernel, CoopProduct, MatmulKernel, MatmulOptions,
+    self, matmul, matmul_coop_variant, matmul_reference, matmul_with_kernel, MatmulKernel,
+    MatmulOptions,
 };
+use motif_engine::ops::matmul_coop::{self, variant_space, CoopProduct, CoopTiling, FragmentMath};
 use motif_engine::ops::Activation;
 use motif_engine::wgpu::naga;
 use motif_engine::DType;
@@ -162,23 +164,64 @@ fn spirv(
     );
 }
 
+/// The tilings under test: the tuner's space, and one over every
+/// adapter's workgroup-memory budget (refused, never run).
+fn tilings() -> Vec<CoopTiling> {
+    variant_space()
+}
+
+/// Twice the staging of the default at steps of 64: 79,872 bytes of
+/// workgroup memory, over NVIDIA's 48 KiB and lavapipe's limit.
+const OVER_BUDGET: CoopTiling = CoopTiling {
+    tile_k: 64,
+    load: 8,
+    stages: 2,
+    ..CoopTiling::DEFAULT
+};
+
+/// Bytes of workgroup memory a module declares, as naga lays them out.
+fn workgroup_bytes(module: &naga::Module) -> u32 {
+    module
+        .global_variables
+        .iter()
+        .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+        .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
+        .sum()
+}
+
+/// Every generated variant — each tiling of the tuner's space, each
+/// product, tensor cores and portable twin — parses and validates; its
+/// workgroup memory is what routing checks against the adapter's limit;
+/// and the tensor-core ones write SPIR-V holding the tensor-core multiply-add.
 #[test]
-fn matmul_coop_validates_and_writes_spirv_for_every_variant() {
-    let (module, info) = validate("matmul_coop.wgsl", matmul::COOP_SOURCE);
-    for product in [
-        CoopProduct::Matmul { transpose_b: false },
-        CoopProduct::Matmul { transpose_b: true },
-        CoopProduct::Conv,
-    ] {
-        for act in ACTIVATIONS {
-            for checked_staging in [false, true] {
-                let constants = matmul::coop_constants(product, act, checked_staging);
-                let file = format!("matmul_coop_{product:?}_{act:?}_checked{checked_staging}.spv")
-                    .replace([' ', '{', '}', ':'], "");
-                spirv(&module, &info, "matmul_coop", &constants, &file);
+fn every_matmul_coop_variant_validates_and_writes_spirv() {
+    let mut checked = 0;
+    for t in tilings() {
+        for product in CoopProduct::ALL {
+            for math in [FragmentMath::Coop, FragmentMath::Twin] {
+                let name = format!("{} {product:?} {math:?}", t.name());
+                let source = matmul_coop::source(&t, product, 32, math)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                let (module, info) = validate(&name, &source);
+                assert_eq!(workgroup_bytes(&module), t.workgroup_bytes(), "{name}");
+                if math == FragmentMath::Coop {
+                    let file = format!("matmul_coop_{}_{product:?}.spv", t.name())
+                        .replace([' ', '{', '}', ':'], "");
+                    spirv(&module, &info, "matmul_coop", &[("ACT", 2.0)], &file);
+                }
+                checked += 1;
             }
         }
     }
+    assert_eq!(checked, tilings().len() * 6);
+    // A tiling the template cannot fill is refused with its reason.
+    let odd = CoopTiling {
+        tile_k: 24,
+        ..CoopTiling::DEFAULT
+    };
+    let err = matmul_coop::source(&odd, CoopProduct::Conv, 32, FragmentMath::Coop).unwrap_err();
+    assert!(err.contains("TILE_K 24"), "{err}");
+    assert!(OVER_BUDGET.workgroup_bytes() > 48 * 1024);
 }
 
 #[test]
@@ -200,85 +243,184 @@ fn skip(case: &str, why: &str) {
     eprintln!("skipped on {}: {case}: {why}", common::gpu().adapter().name);
 }
 
-/// Every matmul_coop variant of a plain product: `b` transposed or not,
-/// each activation, with bias, alpha, scale and residual (the fused
-/// epilogue), odd sizes with a K tail.
-#[test]
-fn matmul_coop_variants_match_the_reference() {
-    let gpu = common::gpu();
-    let dtype = DType::F16;
-    if !gpu.has_f16() {
-        skip("matmul_coop", "no f16 storage");
-        return;
+/// Whether `gpu` must run `t` with `math`, from its limits alone: the twin
+/// wherever f16 storage, the invocations and the workgroup memory suffice;
+/// the tensor cores where, besides, the adapter has cooperative matrices
+/// with the tiling's fragment shape. Where this is true the variant's
+/// numbers are checked and any error fails the test.
+fn must_run(gpu: &motif_engine::Gpu, t: &CoopTiling, math: FragmentMath) -> bool {
+    let limits = gpu.limits();
+    let subgroup = match (math, gpu.coop_matrix()) {
+        (FragmentMath::Twin, _) => 32,
+        (FragmentMath::Coop, Some(c)) if c.fragments.contains(&t.frag) => c.subgroup_size,
+        (FragmentMath::Coop, _) => return false,
+    };
+    gpu.has_f16()
+        && t.subgroups() * subgroup <= limits.max_compute_invocations_per_workgroup
+        && t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size
+}
+
+/// The tiling the portable twin runs for `t` on `gpu`: `t` itself where
+/// its workgroup memory fits the adapter's limit, else `t` with the
+/// fragments per subgroup halved (along the longer tile side, M on a
+/// square; the same
+/// subgroups, fragment shape, K step, load width and staging) until it
+/// does: lavapipe gives 32 KiB where NVIDIA's driver gives 48.
+fn twin_tiling(gpu: &motif_engine::Gpu, t: &CoopTiling, product: CoopProduct) -> CoopTiling {
+    let limit = gpu.limits().max_compute_workgroup_storage_size;
+    let mut s = *t;
+    while s.workgroup_bytes() > limit && (s.frags_m > 1 || s.frags_n > 1) {
+        if s.tile_n() > s.tile_m() && s.frags_n > 1 || s.frags_m == 1 {
+            s.frags_n /= 2;
+        } else {
+            s.frags_m /= 2;
+        }
     }
-    let coop = matmul::coop_supported(gpu, dtype);
-    if !coop {
-        skip(
-            "matmul_coop (portable twins only)",
-            "no f16 x f16 -> f32 16x16x16 cooperative matrices with 32-wide subgroups",
-        );
-    }
-    let (m, k, n) = (37, 77, 45);
-    for transpose_b in [false, true] {
-        for (i, act) in ACTIVATIONS.into_iter().enumerate() {
-            let seed = 10 * i as u64 + transpose_b as u64;
-            let b_shape = if transpose_b { [n, k] } else { [k, n] };
-            let (a, av) = common::upload(gpu, &common::random(m * k, seed), &[m, k], dtype);
-            let (b, bv) = common::upload(gpu, &common::random(k * n, seed + 1), &b_shape, dtype);
-            let (bias, biasv) = common::upload(gpu, &common::random(n, seed + 2), &[n], dtype);
-            let (res, resv) = common::upload(gpu, &common::random(m * n, seed + 3), &[m, n], dtype);
-            let opts = MatmulOptions {
-                transpose_b,
-                bias: Some(&bias),
-                activation: act,
-                alpha: 0.5,
-                scale: 0.75,
-                residual: Some(&res),
-                residual_scale: 0.25,
-            };
-            let want = matmul_reference(
-                &av,
-                &[m, k],
-                &bv,
-                &b_shape,
-                Some(&biasv),
-                Some(&resv),
-                &opts,
+    s.check(product, 32)
+        .unwrap_or_else(|e| panic!("the twin of {}: {e}", t.name()));
+    s
+}
+
+/// A variant this adapter cannot run is refused with what it needs, never
+/// run; the skip is printed.
+fn assert_refused(case: &str, result: motif_engine::Result<motif_engine::Tensor>) {
+    match result {
+        Ok(_) => panic!("{case}: ran where the adapter cannot run it"),
+        Err(e) => {
+            let message = e.to_string();
+            let op = case.split(' ').next().unwrap_or_default();
+            assert!(
+                message.contains("workgroup memory") && message.contains(op),
+                "{case}: {message}"
             );
-            let kernels: &[MatmulKernel] = if coop {
-                &[MatmulKernel::Tiled, MatmulKernel::Coop]
-            } else {
-                &[MatmulKernel::Tiled]
-            };
-            for &kernel in kernels {
-                let got = matmul_with_kernel(gpu, &a, &b, &opts, kernel)
-                    .unwrap()
-                    .to_f32(gpu)
-                    .unwrap();
-                let case = format!("matmul {kernel:?} bT={transpose_b} {act:?}");
-                common::assert_close(&case, &got, &want, dtype, k);
-            }
+            skip(case, &message);
         }
     }
 }
 
-/// The convolution variant of matmul_coop (implicit product): 3x3 with
-/// stride and asymmetric padding, 1x1 with a fused residual.
+/// Whether tiling `ti` of the space runs every case. Each case that
+/// changes the load width is a pipeline of its own, which the software
+/// driver takes seconds to compile: the others run the cases with chunked
+/// loads (batched b for transposed products, shared b for plain ones, the
+/// convolution whose K = 72), and the default (scalar loads) and the first
+/// double-buffered 128-bit tiling run all, the fallback to scalar loads of
+/// misaligned dispatches included.
+fn full_cases(ti: usize) -> bool {
+    ti == 0 || ti == 2
+}
+
+/// The maths every variant is checked with.
+const MATHS: [FragmentMath; 2] = [FragmentMath::Coop, FragmentMath::Twin];
+
+/// Every tiling of the variant space on plain and transposed products,
+/// tensor cores where the adapter has them and the portable twin (the
+/// same staging, tiling and epilogue) wherever f16 runs: odd sizes off
+/// every tile, K off the staging step, batches with shared and batched b,
+/// sizes whose loads go in chunks and sizes that need scalar loads, with
+/// bias, alpha, an activation, scale and residual fused in the epilogue.
 #[test]
-fn conv2d_coop_matches_the_reference() {
+fn every_matmul_coop_variant_matches_the_reference() {
     let gpu = common::gpu();
     let dtype = DType::F16;
-    if !gpu.has_f16() {
-        skip("conv2d_coop", "no f16 storage");
-        return;
+    // (batch, m, k, n, b batched): K = 77 needs scalar loads, 80 and 96
+    // take chunks of 8; rows 2 x 37 = 74 and 19, columns 45, 72, 136 are
+    // off every tile.
+    let cases = [
+        (1, 37, 77, 45, false),
+        (2, 37, 80, 72, false),
+        (2, 19, 96, 136, true),
+    ];
+    let mut ran = 0;
+    for (ti, t) in tilings().iter().enumerate() {
+        for transpose_b in [false, true] {
+            for (ci, &(batch, m, k, n, b_batched)) in cases.iter().enumerate() {
+                if !full_cases(ti) && ci != (1 + transpose_b as usize) {
+                    continue;
+                }
+                // One activation per tiling: each is an override constant,
+                // a pipeline of its own on the software driver.
+                let act = ACTIVATIONS[ti % ACTIVATIONS.len()];
+                let seed = 1000 * ti as u64 + 10 * ci as u64 + transpose_b as u64;
+                let a_shape = [batch, m, k];
+                let b_mat = if transpose_b { [n, k] } else { [k, n] };
+                let b_shape: Vec<usize> = if b_batched {
+                    vec![batch, b_mat[0], b_mat[1]]
+                } else {
+                    b_mat.to_vec()
+                };
+                let (a, av) =
+                    common::upload(gpu, &common::random(batch * m * k, seed), &a_shape, dtype);
+                let (b, bv) = common::upload(
+                    gpu,
+                    &common::random(b_shape.iter().product(), seed + 1),
+                    &b_shape,
+                    dtype,
+                );
+                let (bias, biasv) = common::upload(gpu, &common::random(n, seed + 2), &[n], dtype);
+                let (res, resv) = common::upload(
+                    gpu,
+                    &common::random(batch * m * n, seed + 3),
+                    &[batch, m, n],
+                    dtype,
+                );
+                let opts = MatmulOptions {
+                    transpose_b,
+                    bias: Some(&bias),
+                    activation: act,
+                    alpha: 0.5,
+                    scale: 0.75,
+                    residual: Some(&res),
+                    residual_scale: 0.25,
+                };
+                let want = matmul_reference(
+                    &av,
+                    &a_shape,
+                    &bv,
+                    &b_shape,
+                    Some(&biasv),
+                    Some(&resv),
+                    &opts,
+                );
+                for math in MATHS {
+                    let t = &match math {
+                        FragmentMath::Coop => *t,
+                        FragmentMath::Twin => {
+                            twin_tiling(gpu, t, CoopProduct::Matmul { transpose_b })
+                        }
+                    };
+                    let case = format!(
+                        "matmul {} {math:?} bT={transpose_b} case {ci} {act:?}",
+                        t.name()
+                    );
+                    let started = std::time::Instant::now();
+                    let got = matmul_coop_variant(gpu, &a, &b, &opts, t, math);
+                    if !must_run(gpu, t, math) {
+                        assert_refused(&case, got);
+                        continue;
+                    }
+                    let got = got
+                        .unwrap_or_else(|e| panic!("{case}: {e}"))
+                        .to_f32(gpu)
+                        .unwrap();
+                    common::assert_close(&case, &got, &want, dtype, k);
+                    eprintln!("{case}: {:.1} s", started.elapsed().as_secs_f64());
+                    ran += 1;
+                }
+            }
+        }
     }
-    let coop = matmul::coop_supported(gpu, dtype);
-    if !coop {
-        skip(
-            "conv2d_coop (portable twins only)",
-            "no f16 x f16 -> f32 16x16x16 cooperative matrices with 32-wide subgroups",
-        );
-    }
+    assert!(ran > 0 || !gpu.has_f16(), "no variant ran");
+}
+
+/// Every tiling of the variant space as an implicit-GEMM convolution, the
+/// tensor cores where the adapter has them and the portable twin always:
+/// 3x3 with stride and asymmetric padding (K = 45, scalar weight loads),
+/// 1x1 with a fused residual (K = 20), and a batched 3x3 with a residual
+/// whose K = 72 takes chunked weight loads.
+#[test]
+fn every_conv2d_coop_variant_matches_the_reference() {
+    let gpu = common::gpu();
+    let dtype = DType::F16;
     let cases = [
         (
             [2, 5, 9, 11],
@@ -296,55 +438,132 @@ fn conv2d_coop_matches_the_reference() {
             Conv2dOptions::default(),
             Some(0.5),
         ),
+        (
+            [2, 8, 13, 10],
+            [70, 8, 3, 3],
+            Conv2dOptions {
+                activation: Activation::GeluErf,
+                ..Conv2dOptions::same(3, 1)
+            },
+            Some(0.75),
+        ),
     ];
-    for (i, (xs, ws, opts, residual_scale)) in cases.into_iter().enumerate() {
-        let seed = 100 + 10 * i as u64;
-        let (x, xv) = common::upload(gpu, &common::random(xs.iter().product(), seed), &xs, dtype);
-        let (w, wv) = common::upload(
-            gpu,
-            &common::random(ws.iter().product(), seed + 1),
-            &ws,
-            dtype,
-        );
-        let (bias, biasv) = common::upload(gpu, &common::random(ws[0], seed + 2), &[ws[0]], dtype);
-        let mut want = conv2d_reference(&xv, xs, &wv, ws, Some(&biasv), &opts);
-        let out_shape = motif_engine::ops::conv2d::conv2d_output_shape(xs, ws, &opts).unwrap();
-        let (res, resv) = common::upload(
-            gpu,
-            &common::random(out_shape.iter().product(), seed + 3),
-            &out_shape,
-            dtype,
-        );
-        if let Some(scale) = residual_scale {
-            for (v, r) in want.iter_mut().zip(&resv) {
-                *v = (*v + r) * scale;
+    let mut ran = 0;
+    for (ti, t) in tilings().iter().enumerate() {
+        for (i, (xs, ws, opts, residual_scale)) in cases.iter().enumerate() {
+            if !full_cases(ti) && i != 2 {
+                continue;
+            }
+            // One activation per tiling, as for the products.
+            let opts = &Conv2dOptions {
+                activation: ACTIVATIONS[ti % ACTIVATIONS.len()],
+                ..*opts
+            };
+            let seed = 100 + 1000 * ti as u64 + 10 * i as u64;
+            let (x, xv) =
+                common::upload(gpu, &common::random(xs.iter().product(), seed), xs, dtype);
+            let (w, wv) = common::upload(
+                gpu,
+                &common::random(ws.iter().product(), seed + 1),
+                ws,
+                dtype,
+            );
+            let (bias, biasv) =
+                common::upload(gpu, &common::random(ws[0], seed + 2), &[ws[0]], dtype);
+            let mut want = conv2d_reference(&xv, *xs, &wv, *ws, Some(&biasv), opts);
+            let out_shape = motif_engine::ops::conv2d::conv2d_output_shape(*xs, *ws, opts).unwrap();
+            let (res, resv) = common::upload(
+                gpu,
+                &common::random(out_shape.iter().product(), seed + 3),
+                &out_shape,
+                dtype,
+            );
+            if let Some(scale) = residual_scale {
+                for (v, r) in want.iter_mut().zip(&resv) {
+                    *v = (*v + r) * scale;
+                }
+            }
+            let fused = residual_scale.map(|scale| Conv2dResidual {
+                residual: &res,
+                scale,
+            });
+            for math in MATHS {
+                let t = &match math {
+                    FragmentMath::Coop => *t,
+                    FragmentMath::Twin => twin_tiling(gpu, t, CoopProduct::Conv),
+                };
+                let case = format!("conv2d {} {math:?} case {i}", t.name());
+                let got =
+                    conv2d_coop_variant(gpu, &x, &w, Some(&bias), opts, fused.as_ref(), t, math);
+                if !must_run(gpu, t, math) {
+                    assert_refused(&case, got);
+                    continue;
+                }
+                let got = got
+                    .unwrap_or_else(|e| panic!("{case}: {e}"))
+                    .to_f32(gpu)
+                    .unwrap();
+                common::assert_close(&case, &got, &want, dtype, ws[1] * ws[2] * ws[3]);
+                ran += 1;
             }
         }
-        let fused = residual_scale.map(|scale| Conv2dResidual {
-            residual: &res,
-            scale,
-        });
-        let kernels: &[Conv2dKernel] = if coop {
-            &[Conv2dKernel::Tiled, Conv2dKernel::Coop]
-        } else {
-            &[Conv2dKernel::Tiled]
-        };
-        for &kernel in kernels {
-            let got = conv2d_residual_with_kernel(
-                gpu,
-                &x,
-                &w,
-                Some(&bias),
-                &opts,
-                fused.as_ref(),
-                kernel,
-            )
-            .unwrap()
-            .to_f32(gpu)
-            .unwrap();
-            let case = format!("conv2d {kernel:?} case {i}");
-            common::assert_close(&case, &got, &want, dtype, ws[1] * ws[2] * ws[3]);
-        }
+    }
+    assert!(ran > 0 || !gpu.has_f16(), "no variant ran");
+}
+
+/// Routed by name to the tensor cores (the tuned or default tiling), a
+/// product runs and matches where the adapter has them, and is refused
+/// with the op named where it has not.
+#[test]
+fn matmul_routed_to_the_tensor_cores_matches_or_is_refused() {
+    let gpu = common::gpu();
+    let dtype = DType::F16;
+    let (m, k, n) = (37, 77, 45);
+    let (a, av) = common::upload(gpu, &common::random(m * k, 7), &[m, k], dtype);
+    let (b, bv) = common::upload(gpu, &common::random(n * k, 8), &[n, k], dtype);
+    let opts = MatmulOptions {
+        transpose_b: true,
+        activation: Activation::GeluTanh,
+        ..Default::default()
+    };
+    let got = matmul_with_kernel(gpu, &a, &b, &opts, MatmulKernel::Coop);
+    if matmul::coop_supported(gpu, dtype) {
+        let got = got.unwrap().to_f32(gpu).unwrap();
+        let want = matmul_reference(&av, &[m, k], &bv, &[n, k], None, None, &opts);
+        common::assert_close("matmul routed to coop", &got, &want, dtype, k);
+    } else {
+        let err = got.expect_err("refused without tensor cores").to_string();
+        assert!(
+            err.contains("matmul") && err.contains("cooperative"),
+            "{err}"
+        );
+        skip("matmul routed to coop", &err);
+    }
+}
+
+/// A variant whose workgroup memory exceeds the adapter's limit (NVIDIA's
+/// Vulkan driver gives 48 KiB) is refused before anything runs, with the
+/// bytes it needs and the adapter's limit in the error.
+#[test]
+fn a_variant_over_the_workgroup_budget_is_refused() {
+    let gpu = common::gpu();
+    let limit = gpu.limits().max_compute_workgroup_storage_size;
+    assert!(
+        OVER_BUDGET.workgroup_bytes() > limit,
+        "lavapipe's limit is {limit}"
+    );
+    let (a, _) = common::upload(gpu, &common::random(64 * 64, 1), &[64, 64], DType::F16);
+    let opts = MatmulOptions::default();
+    for math in MATHS {
+        let err = matmul_coop_variant(gpu, &a, &a, &opts, &OVER_BUDGET, math)
+            .err()
+            .unwrap_or_else(|| panic!("{math:?}: a variant over the budget ran"))
+            .to_string();
+        let needs = OVER_BUDGET.workgroup_bytes().to_string();
+        assert!(
+            err.contains(&needs) && err.contains(&limit.to_string()),
+            "{math:?}: {err}"
+        );
     }
 }
 

@@ -207,7 +207,7 @@ fn tune_writes_a_choice_for_every_class() {
             head_dim: 40,
         },
     ];
-    let (reports, tuning) = tune::tune(&gpu, &shapes, DType::F32, 1, &mut |_| {}).unwrap();
+    let (reports, tuning) = tune::tune(&gpu, &shapes, DType::F32, 1, None, &mut |_| {}).unwrap();
     assert_eq!(reports.len(), shapes.len());
     for r in &reports {
         assert!(

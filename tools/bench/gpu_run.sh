@@ -10,7 +10,8 @@
 # Stages, each with its own time limit inside the budget, so that a slow or
 # failing stage still leaves the others' results:
 #   1. adapter check (wgpu must pick the NVIDIA adapter)
-#   2. `motif bench --tune`: the tuner on the models' shape classes; writes the
+#   2. `motif bench --tune`: the tuner on the models' shape classes (every
+#      tensor-core tiling of matmul and convolution, at most TUNE_SECONDS); writes the
 #      tuning file the later stages route by, and Motif's side of matmul 4096³
 #      and attention at 4,096 and 32,760 tokens
 #   3. with COOP=1 only: `motif bench --coop` (every tensor-core kernel against
@@ -79,7 +80,11 @@ python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffuser
 [ "$TORCH" = 0 ] && log "no PyTorch + diffusers here: the PyTorch side is skipped"
 
 log "tuner"
-timeout "$(limit 60)" "$MOTIF" bench --tune --iters "$ITERS" --json >"$OUT/tune.json" 2>"$OUT/tune.log"; log "tune exit $?"
+# Every tensor-core tiling of matmul and convolution (engine/src/ops/matmul_coop.rs)
+# on each shape class, most important classes first; no class starts after
+# TUNE_SECONDS, so that the tuner ends (and writes its file) inside its limit.
+timeout "$(limit 90)" "$MOTIF" bench --tune --tune-seconds "${TUNE_SECONDS:-60}" --iters "$ITERS" --json \
+  >"$OUT/tune.json" 2>"$OUT/tune.log"; log "tune exit $?"
 
 # The tuner already checks every variant it chooses from against the CPU
 # reference; the longer tensor-core check runs only when asked for.

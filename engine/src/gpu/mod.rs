@@ -97,10 +97,6 @@ pub struct GpuOptions {
     /// Leaves the tensor cores (cooperative matrices) off even where the
     /// adapter has them (`MOTIF_NO_COOP=1`).
     pub no_coop: bool,
-    /// Stages every tile of the cooperative-matrix matmul through the
-    /// bounds-checked path, to compare with the fast one
-    /// (`MOTIF_COOP_STAGING=checked`).
-    pub coop_checked_staging: bool,
     /// Routes attention to the tensor-core kernel by default, not only when
     /// asked for by name (`MOTIF_COOP_ATTENTION=1`): to measure it.
     pub coop_attention: bool,
@@ -117,22 +113,12 @@ fn env_on(name: &str) -> bool {
 impl GpuOptions {
     /// Fills unset fields from `MOTIF_ADAPTER`, `MOTIF_PRECISION`,
     /// `MOTIF_MAX_BINDING_BYTES`, `MOTIF_POISON_POOL` and the kernel switches
-    /// (`MOTIF_NO_COOP`, `MOTIF_COOP_STAGING`, `MOTIF_COOP_ATTENTION`,
+    /// (`MOTIF_NO_COOP`, `MOTIF_COOP_ATTENTION`,
     /// `MOTIF_TUNING`): the one place the engine reads them.
     pub fn with_env(mut self) -> Result<Self> {
         self.no_coop |= env_on("MOTIF_NO_COOP");
         self.coop_attention |= std::env::var("MOTIF_COOP_ATTENTION").is_ok_and(|v| v == "1");
         self.no_tuning |= std::env::var("MOTIF_TUNING").is_ok_and(|v| v == "off");
-        match std::env::var("MOTIF_COOP_STAGING").as_deref() {
-            Ok("checked") => self.coop_checked_staging = true,
-            Ok("fast") | Ok("") | Err(_) => {}
-            Ok(other) => {
-                return Err(EngineError::Argument {
-                    op: "MOTIF_COOP_STAGING",
-                    message: format!("expected `checked` or `fast`, found `{other}`"),
-                })
-            }
-        }
         match std::env::var("MOTIF_POISON_POOL").as_deref() {
             Ok("nan") => self.poison = Some(0xFF),
             Ok("finite") => self.poison = Some(0x40),
@@ -332,6 +318,9 @@ pub struct Gpu {
 pub struct CoopConfig {
     /// Invocations per subgroup (the adapter's one subgroup size).
     pub subgroup_size: u32,
+    /// Square f16 x f16 -> f32 fragment sizes offered: 16, and 8 where the
+    /// adapter also has 8 x 8 x 8 (ops/matmul_coop.rs's variants).
+    pub fragments: Vec<u32>,
     /// Every configuration the adapter reports, as `MxNxK ab->cr`.
     pub reported: Vec<String>,
 }
@@ -367,13 +356,18 @@ fn coop_config(
             )
         })
         .collect();
-    let usable = props.iter().any(|p| {
-        (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (16, 16, 16, S::F16, S::F32)
-    });
+    let offers = |f: u32| {
+        props.iter().any(|p| {
+            (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (f, f, f, S::F16, S::F32)
+        })
+    };
+    let usable = offers(16);
+    let fragments = [16, 8].into_iter().filter(|&f| offers(f)).collect();
     let info = adapter.get_info();
     let fixed = info.subgroup_min_size == info.subgroup_max_size;
     (usable && fixed && info.subgroup_max_size >= 1).then_some(CoopConfig {
         subgroup_size: info.subgroup_max_size,
+        fragments,
         reported,
     })
 }

@@ -19,12 +19,12 @@ use std::sync::Arc;
 use bytemuck::{Pod, Zeroable};
 
 use super::conv2d_direct::{direct_fits, run_direct, DirectDims};
-use super::coop::{self, CoopKernel};
-use super::matmul::{self as mm, CoopProduct};
+use super::coop;
 use super::matmul::{
     check_residual, gemm_packed, packed_row_words, packed_supported, values_per_word, Epilogue,
     Packed, PackedProduct, BLOCK_WORDS,
 };
+use super::matmul_coop::{self as mc, CoopPlan, CoopProduct, CoopTiling, FragmentMath};
 use super::route::{self, Route};
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
@@ -69,7 +69,7 @@ const MAX_GROUPS: usize = 65535;
 
 /// The parameter block of a convolution's dispatch: the shader's Params,
 /// which is matmul.wgsl's layout with the convolution's geometry in the
-/// fields only gemm_packed reads (see ops/matmul.rs's `COOP_SOURCE`). The product is `a` = the weight window
+/// fields only gemm_packed reads (see shaders/matmul_coop.wgsl). The product is `a` = the weight window
 /// `[channels, depth * kh * kw]` times the implicit `b` of the input window
 /// (`n` = output pixels of `rows` whole rows starting at `oy0`).
 #[repr(C)]
@@ -439,15 +439,7 @@ pub fn conv2d_residual_with_kernel(
         check_dtypes("conv2d", &[x, r.residual])?;
         check_residual("conv2d", Some(r.residual), &out_shape)?;
     }
-    let e = Epilogue {
-        alpha: 1.0,
-        bias,
-        bias_per_row: true,
-        activation: opts.activation,
-        scale: residual.map_or(1.0, |r| r.scale),
-        residual: residual.map(|r| r.residual),
-        residual_scale: residual.map_or(1.0, |r| r.scale),
-    };
+    let e = conv_epilogue(bias, opts, residual);
     let out = Tensor::empty(gpu, &out_shape, x.dtype())?;
     if out.numel() == 0 {
         return Ok(out);
@@ -474,6 +466,13 @@ pub fn conv2d_residual_with_kernel(
         return Ok(out);
     }
     // Tensor cores where routing sends the convolution (ops/route.rs).
+    let class = route::conv2d_class(x.dtype(), d.cout, d.cin, [d.kh, d.kw], d.ho * d.wo);
+    let plan = CoopPlan {
+        tiling: mc::tuned_tiling(gpu, "conv2d", &class)?,
+        product: CoopProduct::Conv,
+        activation: opts.activation,
+        math: FragmentMath::Coop,
+    };
     let asked = match kernel {
         Conv2dKernel::Auto | Conv2dKernel::Direct => None,
         Conv2dKernel::Tiled => Some(KernelName::Tiled),
@@ -482,12 +481,16 @@ pub fn conv2d_residual_with_kernel(
     };
     let request = route::Request {
         op: "conv2d",
-        class: route::conv2d_class(x.dtype(), d.cout, d.cin, [d.kh, d.kw], d.ho * d.wo),
+        class,
         dtype: x.dtype(),
         asked,
         // The tensor-core kernel multiplies f16 matrices only: f32 weights
         // (the Wan VAE's in f16 mode) take a portable kernel.
-        coop: (!mixed(x, weight)).then(|| mm::coop_kernel(gpu, CoopProduct::Conv, opts.activation)),
+        coop: if mixed(x, weight) {
+            None
+        } else {
+            Some(plan.kernel(gpu, true)?)
+        },
         coop_missing: mixed(x, weight).then(|| {
             format!(
                 "f16 weights (this convolution has input {}, weight {})",
@@ -498,8 +501,8 @@ pub fn conv2d_residual_with_kernel(
         coop_by_default: true,
     };
     let kernel = match route::route(gpu, request)? {
-        Route::Coop(k) => {
-            run_tiled(gpu, x, weight, &e, opts, &d, &out, Some(&k))?;
+        Route::Coop(_) => {
+            run_tiled(gpu, x, weight, &e, opts, &d, &out, Some(&plan))?;
             return Ok(out);
         }
         Route::Portable(Some(KernelName::Tiled)) => Conv2dKernel::Tiled,
@@ -585,6 +588,64 @@ fn direct_wins(d: &DirectDims) -> bool {
     d.cin <= 64 && d.w >= 16
 }
 
+/// The store of a convolution: bias per output channel, activation, and
+/// the residual block's `(conv + residual) * scale`.
+fn conv_epilogue<'a>(
+    bias: Option<&'a Tensor>,
+    opts: &Conv2dOptions,
+    residual: Option<&Conv2dResidual<'a>>,
+) -> Epilogue<'a> {
+    Epilogue {
+        alpha: 1.0,
+        bias,
+        bias_per_row: true,
+        activation: opts.activation,
+        scale: residual.map_or(1.0, |r| r.scale),
+        residual: residual.map(|r| r.residual),
+        residual_scale: residual.map_or(1.0, |r| r.scale),
+    }
+}
+
+/// [`conv2d_residual`] on one tensor-core variant, or its portable twin,
+/// exactly as given (no routing): for the variant tests and checks.
+/// Refused with [`EngineError::KernelUnavailable`] where the variant cannot
+/// run here (f16 operands and weights; its workgroup within the adapter's
+/// limits; a tiling whose columns divide its invocations).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_coop_variant(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &Conv2dOptions,
+    residual: Option<&Conv2dResidual>,
+    tiling: &CoopTiling,
+    math: FragmentMath,
+) -> Result<Tensor> {
+    let d = check_conv(x, weight, bias, opts)?;
+    let out_shape = [d.n, d.cout, d.ho, d.wo];
+    if let Some(r) = residual {
+        check_dtypes("conv2d", &[x, r.residual])?;
+        check_residual("conv2d", Some(r.residual), &out_shape)?;
+    }
+    check_dtypes("conv2d", &[x, weight])?;
+    let plan = CoopPlan {
+        tiling: *tiling,
+        product: CoopProduct::Conv,
+        activation: opts.activation,
+        math,
+    };
+    plan.check_runs(gpu, x.dtype())?;
+    let out = Tensor::empty(gpu, &out_shape, x.dtype())?;
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    let e = conv_epilogue(bias, opts, residual);
+    run_tiled(gpu, x, weight, &e, opts, &d, &out, Some(&plan))?;
+    Ok(out)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_tiled(
     gpu: &Gpu,
@@ -594,7 +655,7 @@ fn run_tiled(
     opts: &Conv2dOptions,
     d: &Dims,
     out: &Tensor,
-    coop: Option<&CoopKernel>,
+    coop: Option<&CoopPlan>,
 ) -> Result<()> {
     let max = max_window(gpu, x, weight);
     let elem_bytes = x.dtype().size_bytes().max(weight.dtype().size_bytes());
@@ -687,7 +748,7 @@ fn run_tiled(
                         scale: e.scale,
                         residual_scale: e.residual_scale,
                     };
-                    if let Some(coop) = coop {
+                    if let Some(plan) = coop {
                         // The same window as a product: a = the weights, b
                         // = the input taps; offsets from the window's start.
                         let c = ConvParams {
@@ -725,13 +786,17 @@ fn run_tiled(
                             _pad0: 0,
                         };
                         let groups = [
-                            (rows * d.wo).div_ceil(mm::COOP_TILE) as u32,
-                            channels.div_ceil(mm::COOP_TILE) as u32,
+                            (rows * d.wo).div_ceil(plan.tiling.tile_n() as usize) as u32,
+                            channels.div_ceil(plan.tiling.tile_m() as usize) as u32,
                             items as u32,
                         ];
                         // matmul_coop's slots: the weight is `a` (1), the input `b` (2).
                         let bindings = [(1, wb), (2, xb), (3, bb), (4, ob), (19, rb)];
-                        coop::dispatch(gpu, coop, params_bytes(&c), &bindings, groups)?;
+                        // Chunked weight loads where the window allows them
+                        // (the input is gathered one value at a time).
+                        let aligned = mc::aligned(plan.tiling.load, c.a_off, c.lda, 0, c.k);
+                        let kernel = plan.kernel(gpu, aligned)?;
+                        coop::dispatch(gpu, &kernel, params_bytes(&c), &bindings, groups)?;
                         continue;
                     }
                     gpu.dispatch(

@@ -118,12 +118,3 @@ pub(crate) fn dispatch(
     gpu.record_dispatch(&pipeline, k.op, k.label, params, bindings, workgroups);
     Ok(())
 }
-
-/// The value of an on/off override constant.
-pub(crate) fn flag(on: bool) -> f64 {
-    if on {
-        1.0
-    } else {
-        0.0
-    }
-}

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::coop::{self, CoopKernel, CoopNeeds};
+use super::coop;
+use super::matmul_coop::{self as mc, CoopPlan, CoopProduct, CoopTiling, FragmentMath};
 use super::route::{self, Route};
 use super::{check_dtypes, params_bytes, Activation};
 use crate::error::{EngineError, Result};
@@ -19,72 +20,18 @@ use crate::tensor::{fmt_shape, DType, Tensor};
 const SOURCE: &str = include_str!("../../../shaders/matmul.wgsl");
 const MAX_GROUPS: usize = 65535;
 
-/// The tensor-core kernel (`shaders/matmul_coop.wgsl`): f16 operands, f32
-/// accumulation, matmul_tiled's parameters, bindings and windows, and, with
-/// `CONV = 1`, ops/conv2d.rs's implicit product. Public for the shader
-/// validation test.
-#[doc(hidden)]
-pub const COOP_SOURCE: &str = include_str!("../../../shaders/matmul_coop.wgsl");
-/// Output rows and columns of one matmul_coop workgroup.
-pub(crate) const COOP_TILE: usize = 128;
-/// A workgroup of 256 invocations is exactly 8 subgroups of 32, one per
-/// 32 x 64 block; its staging is 2 x (5120 + 4352) halves and 2048 floats.
-pub(crate) const COOP_NEEDS: CoopNeeds = CoopNeeds {
-    invocations: 256,
-    workgroup_bytes: 2 * (5120 + 4352) + 4 * 2048,
-    subgroup: 32,
-};
-
-/// What one matmul_coop dispatch computes: a product (with `b` transposed
-/// or not) or a convolution's implicit product (ops/conv2d.rs).
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CoopProduct {
-    Matmul { transpose_b: bool },
-    Conv,
-}
-
-/// The override constants of one matmul_coop variant (public for the
-/// validation test). `checked_staging`: every tile through the
-/// bounds-checked staging, to compare (`MOTIF_COOP_STAGING=checked`).
-#[doc(hidden)]
-pub fn coop_constants(
-    product: CoopProduct,
-    activation: Activation,
-    checked_staging: bool,
-) -> Vec<(&'static str, f64)> {
-    vec![
-        (
-            "TRANS_B",
-            coop::flag(product == CoopProduct::Matmul { transpose_b: true }),
-        ),
-        ("CONV", coop::flag(product == CoopProduct::Conv)),
-        ("ACT", activation.code()),
-        ("FAST_STAGING", coop::flag(!checked_staging)),
-    ]
-}
-
-/// The matmul_coop variant for `product` on `gpu` (its staging switch).
-pub(crate) fn coop_kernel(gpu: &Gpu, product: CoopProduct, activation: Activation) -> CoopKernel {
-    let (op, label) = match product {
-        CoopProduct::Matmul { .. } => ("matmul", "matmul_coop"),
-        CoopProduct::Conv => ("conv2d", "conv2d_coop"),
-    };
-    CoopKernel {
-        op,
-        family: "matmul_coop",
-        label,
-        source: COOP_SOURCE,
-        entry: "matmul_coop",
-        constants: coop_constants(product, activation, gpu.options().coop_checked_staging),
-        needs: COOP_NEEDS,
-    }
-}
-
-/// Whether `gpu` runs matmul_coop on `dtype` operands (for `motif bench --coop`).
+/// Whether `gpu` runs the default tensor-core variant on `dtype` operands
+/// (for `motif bench --coop`).
 #[doc(hidden)]
 pub fn coop_supported(gpu: &Gpu, dtype: DType) -> bool {
-    coop::supported(gpu, dtype, &COOP_NEEDS)
+    CoopPlan {
+        tiling: CoopTiling::DEFAULT,
+        product: CoopProduct::Matmul { transpose_b: true },
+        activation: Activation::None,
+        math: FragmentMath::Coop,
+    }
+    .check_runs(gpu, dtype)
+    .is_ok()
 }
 
 /// Options of [`matmul`]; the default is a plain `a @ b`.
@@ -129,7 +76,7 @@ pub enum MatmulKernel {
     /// Operands packed into uniform-buffer blocks first (CPU adapters).
     Packed,
     /// Tensor cores through cooperative matrices (f16 on adapters that have
-    /// them, [`COOP_SOURCE`]); matmul_tiled's windows.
+    /// them, ops/matmul_coop.rs); matmul_tiled's windows.
     Coop,
 }
 
@@ -203,6 +150,47 @@ pub fn matmul_with_kernel(
     let (dims, out_shape) = check_matmul("matmul", a, b, opts)?;
     check_residual("matmul", opts.residual, &out_shape)?;
     run(gpu, a, b, opts, dims, &out_shape, kernel)
+}
+
+/// [`matmul`] on one tensor-core variant, or its portable twin, exactly
+/// as given (no routing): for the variant tests and checks. Refused with
+/// [`EngineError::KernelUnavailable`] where the variant cannot run here
+/// (f16 operands only; its workgroup memory within the adapter's limit).
+#[doc(hidden)]
+pub fn matmul_coop_variant(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    opts: &MatmulOptions,
+    tiling: &CoopTiling,
+    math: FragmentMath,
+) -> Result<Tensor> {
+    let (d, out_shape) = check_matmul("matmul", a, b, opts)?;
+    check_residual("matmul", opts.residual, &out_shape)?;
+    let plan = CoopPlan {
+        tiling: *tiling,
+        product: CoopProduct::Matmul {
+            transpose_b: opts.transpose_b,
+        },
+        activation: opts.activation,
+        math,
+    };
+    plan.check_runs(gpu, a.dtype())?;
+    let out = Tensor::empty(gpu, &out_shape, a.dtype())?;
+    if d.batch == 0 || d.m == 0 || d.n == 0 {
+        return Ok(out);
+    }
+    let epilogue = Epilogue {
+        alpha: opts.alpha,
+        bias: opts.bias,
+        bias_per_row: false,
+        activation: opts.activation,
+        scale: opts.scale,
+        residual: opts.residual,
+        residual_scale: opts.residual_scale,
+    };
+    run_tiled(gpu, a, b, &out, &d, &epilogue, Some(&plan))?;
+    Ok(out)
 }
 
 /// PyTorch's `nn.Linear`: `x [..., K]`, `weight [N, K]`, `bias [N]` →
@@ -396,21 +384,39 @@ fn run(
         MatmulKernel::Packed => Some(KernelName::Packed),
         MatmulKernel::Coop => Some(KernelName::Coop),
     };
-    let product = CoopProduct::Matmul {
-        transpose_b: opts.transpose_b,
+    let class = route::matmul_class(a.dtype(), d.batch * d.m, d.k, d.n, d.transpose_b);
+    let plan = CoopPlan {
+        tiling: mc::tuned_tiling(gpu, "matmul", &class)?,
+        product: CoopProduct::Matmul {
+            transpose_b: opts.transpose_b,
+        },
+        activation: opts.activation,
+        math: FragmentMath::Coop,
     };
+    // A tiling whose fragments the adapter lacks has no tensor-core kernel.
+    let coop_missing = (!mc::fragment_offered(gpu, &plan.tiling) && gpu.coop_matrix().is_some())
+        .then(|| {
+            format!(
+                "{0}x{0} fragments (variant {1})",
+                plan.tiling.frag,
+                plan.tiling.name()
+            )
+        });
     let request = route::Request {
         op: "matmul",
-        class: route::matmul_class(a.dtype(), d.batch * d.m, d.k, d.n, d.transpose_b),
+        class,
         dtype: a.dtype(),
         asked,
-        coop: Some(coop_kernel(gpu, product, opts.activation)),
-        coop_missing: None,
+        coop: match coop_missing {
+            None => Some(plan.kernel(gpu, true)?),
+            Some(_) => None,
+        },
+        coop_missing,
         coop_by_default: true,
     };
     let kernel = match route::route(gpu, request)? {
-        Route::Coop(k) => {
-            run_tiled(gpu, a, b, &out, &d, &epilogue, Some(&k))?;
+        Route::Coop(_) => {
+            run_tiled(gpu, a, b, &out, &d, &epilogue, Some(&plan))?;
             return Ok(out);
         }
         Route::Portable(Some(KernelName::Tiled)) => MatmulKernel::Tiled,
@@ -594,12 +600,15 @@ fn run_tiled(
     out: &Tensor,
     d: &Dims,
     e: &Epilogue,
-    coop: Option<&CoopKernel>,
+    coop: Option<&CoopPlan>,
 ) -> Result<()> {
     let transpose_b = d.transpose_b;
     // The windows suit both kernels (tiling() bounds a window's workgroups
-    // with the smaller tile); only the grid differs.
-    let tile = if coop.is_some() { COOP_TILE } else { TILE };
+    // with the smallest tile); only the grid differs.
+    let (tile_m, tile_n) = match coop {
+        Some(plan) => (plan.tiling.tile_m() as usize, plan.tiling.tile_n() as usize),
+        None => (TILE, TILE),
+    };
     let max = Tensor::max_window_elems(gpu, a.dtype());
     let t = tiling(d, max);
     let k = Kernel {
@@ -667,12 +676,19 @@ fn run_tiled(
                     };
                     let bindings = [(1, ab), (2, bb), (3, biasb), (4, ob), (19, resb)];
                     let groups = [
-                        cols.div_ceil(tile) as u32,
-                        rows.div_ceil(tile) as u32,
+                        cols.div_ceil(tile_n) as u32,
+                        rows.div_ceil(tile_m) as u32,
                         items as u32,
                     ];
-                    if let Some(coop) = coop {
-                        coop::dispatch(gpu, coop, params_bytes(&p), &bindings, groups)?;
+                    if let Some(plan) = coop {
+                        // Chunked loads where this window's offsets, strides
+                        // and lengths allow them.
+                        let load = plan.tiling.load;
+                        let b_len = if transpose_b { p.k } else { p.n };
+                        let aligned = mc::aligned(load, p.a_off, p.lda, p.a_bstride, p.k)
+                            && mc::aligned(load, p.b_off, p.ldb, p.b_bstride, b_len);
+                        let kernel = plan.kernel(gpu, aligned)?;
+                        coop::dispatch(gpu, &kernel, params_bytes(&p), &bindings, groups)?;
                     } else {
                         gpu.dispatch(&k, params_bytes(&p), &bindings, groups)?;
                     }

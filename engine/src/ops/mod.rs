@@ -15,6 +15,7 @@ pub mod embedding;
 pub mod latent;
 pub mod layout;
 pub mod matmul;
+pub mod matmul_coop;
 pub mod norm;
 pub mod preview;
 pub mod rope;
