@@ -12,7 +12,10 @@
 mod common;
 
 use motif_engine::ops::attention::{
-    self, attention, attention_reference, AttentionKernel, AttentionOptions,
+    self, attention, attention_flash, attention_reference, AttentionKernel, AttentionOptions,
+};
+use motif_engine::ops::attention_coop::{
+    self, FlashVariant, Flavour, FRAGMENTS, NVIDIA_WORKGROUP_BYTES,
 };
 use motif_engine::ops::conv2d::{
     conv2d_reference, conv2d_residual_with_kernel, conv2d_with_kernel, Conv2dKernel, Conv2dOptions,
@@ -44,9 +47,13 @@ fn validate(name: &str, source: &str) -> (naga::Module, naga::valid::ModuleInfo)
     let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| {
         panic!("{name}: {}", e.emit_to_string(source));
     });
-    let caps =
-        naga::valid::Capabilities::COOPERATIVE_MATRIX | naga::valid::Capabilities::SHADER_FLOAT16;
+    // Subgroups too: the flash attention reduces its rows with shuffles.
+    let caps = naga::valid::Capabilities::COOPERATIVE_MATRIX
+        | naga::valid::Capabilities::SHADER_FLOAT16
+        | naga::valid::Capabilities::SUBGROUP;
     let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+        .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+        .subgroup_operations(naga::valid::SubgroupOperationSet::all())
         .validate(&module)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
     (module, info)
@@ -181,14 +188,61 @@ fn matmul_coop_validates_and_writes_spirv_for_every_variant() {
     }
 }
 
+/// Every variant of the flash-attention template at every head dim, on
+/// NVIDIA's 32-lane subgroups (and 64-lane ones, AMD's), within NVIDIA's
+/// 48 KiB of workgroup memory: the tensor-core flavour validates and its
+/// SPIR-V has the multiply-add; the twin validates. Every head dim has
+/// variants of both fragment shapes, and the variants above 48 KiB are
+/// refused, not generated.
 #[test]
-fn attention_coop_validates_and_writes_spirv_for_every_head_dim() {
-    let (module, info) = validate("attention_coop.wgsl", attention::COOP_SOURCE);
-    for head_dim in HEAD_DIMS.into_iter().filter(|&d| d <= 80) {
-        let constants = attention::coop_constants(head_dim);
-        let file = format!("attention_coop_d{head_dim}.spv");
-        spirv(&module, &info, "attention_coop", &constants, &file);
+fn attention_coop_validates_and_writes_spirv_for_every_variant() {
+    let mut count = 0;
+    for head_dim in HEAD_DIMS {
+        for subgroup in [32, 64] {
+            let coop = attention_coop::variants(
+                head_dim,
+                subgroup,
+                &FRAGMENTS,
+                NVIDIA_WORKGROUP_BYTES,
+                Flavour::Coop,
+            );
+            for fragment in FRAGMENTS {
+                assert!(
+                    coop.iter().any(|v| v.fragment == fragment),
+                    "no {fragment}x{fragment} variant at head dim {head_dim}"
+                );
+            }
+            for v in &coop {
+                assert!(v.workgroup_bytes(head_dim, Flavour::Coop) <= NVIDIA_WORKGROUP_BYTES);
+                for flavour in [Flavour::Coop, Flavour::Twin] {
+                    let (family, source) = attention_coop::expand(*v, head_dim, subgroup, flavour);
+                    let (module, info) = validate(family, source);
+                    if flavour == Flavour::Coop {
+                        spirv(
+                            &module,
+                            &info,
+                            attention_coop::ENTRY,
+                            &[],
+                            &format!("{family}.spv"),
+                        );
+                    }
+                    count += 1;
+                }
+            }
+        }
+        // Larger head dims leave some combinations out: each is refused
+        // with its size, never generated.
+        let big = FlashVariant {
+            fragment: 16,
+            subgroups: 8,
+            key_tile: 64,
+        };
+        let why = big
+            .unfit(head_dim, 32, NVIDIA_WORKGROUP_BYTES, Flavour::Coop)
+            .unwrap_or_else(|| panic!("{big:?} fits 48 KiB at head dim {head_dim}?"));
+        assert!(why.contains("workgroup memory"), "{why}");
     }
+    eprintln!("{count} generated kernels validated");
 }
 
 // ---------------------------------------------------------------------------

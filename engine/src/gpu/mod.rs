@@ -331,6 +331,9 @@ pub struct CoopConfig {
     pub subgroup_size: u32,
     /// Every configuration the adapter reports, as `MxNxK ab->cr`.
     pub reported: Vec<String>,
+    /// The square f16 x f16 -> f32 fragment sizes it reports (16, and 8
+    /// where it has it too): the shapes a kernel may be generated for.
+    pub fragments: Vec<u32>,
 }
 
 /// The cooperative-matrix configuration to use on `adapter`, or `None`
@@ -364,14 +367,21 @@ fn coop_config(
             )
         })
         .collect();
-    let usable = props.iter().any(|p| {
-        (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (16, 16, 16, S::F16, S::F32)
-    });
+    let fragments: Vec<u32> = [16, 8]
+        .into_iter()
+        .filter(|&f| {
+            props.iter().any(|p| {
+                (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (f, f, f, S::F16, S::F32)
+            })
+        })
+        .collect();
+    let usable = fragments.contains(&16);
     let info = adapter.get_info();
     let fixed = info.subgroup_min_size == info.subgroup_max_size;
     (usable && fixed && info.subgroup_max_size >= 1).then_some(CoopConfig {
         subgroup_size: info.subgroup_max_size,
         reported,
+        fragments,
     })
 }
 
