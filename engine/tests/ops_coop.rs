@@ -465,6 +465,175 @@ fn attention_coop_matches_the_reference_at_every_head_dim() {
     }
 }
 
+/// The head dims the flash attention serves: SD's 40/80/160, CLIP's 64,
+/// Wan's 128.
+const FLASH_HEAD_DIMS: [usize; 5] = [40, 64, 80, 128, 160];
+
+/// q, k, v of one attention case (f16, random), uploaded, with their stored
+/// values.
+struct AttentionCase {
+    q: motif_engine::Tensor,
+    k: motif_engine::Tensor,
+    v: motif_engine::Tensor,
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    want: Vec<f32>,
+}
+
+/// Keys grow along the sequence (key j scaled by 1 + 24 j / lk), so that
+/// the row maxima keep rising tile after tile by more than the lazy
+/// rescale's threshold: every case runs the rescale of O, which random keys
+/// of one scale would almost never do.
+fn attention_case(lq: usize, lk: usize, heads: usize, head_dim: usize, causal: bool) -> AttentionCase {
+    let gpu = common::gpu();
+    let channels = heads * head_dim;
+    let seed = (lq * 31 + lk * 7 + head_dim) as u64 + causal as u64;
+    let mk = |len: usize, s: u64, grow: f32| {
+        let mut x = common::random(len * channels, s);
+        for (j, row) in x.chunks_mut(channels).enumerate() {
+            let scale = 1.0 + grow * j as f32 / len as f32;
+            row.iter_mut().for_each(|e| *e *= scale);
+        }
+        common::upload(gpu, &x, &[1, len, channels], DType::F16)
+    };
+    let (q, qv) = mk(lq, seed, 0.0);
+    let (k, kv) = mk(lk, seed + 1, 24.0);
+    let (v, vv) = mk(lk, seed + 2, 0.0);
+    let opts = AttentionOptions {
+        causal,
+        ..Default::default()
+    };
+    let want = attention_reference(&qv, &kv, &vv, 1, lq, lk, heads, &opts);
+    AttentionCase {
+        q,
+        k,
+        v,
+        lq,
+        lk,
+        heads,
+        want,
+    }
+}
+
+/// Runs one variant of one flavour on `c` and compares it with the CPU
+/// reference.
+fn check_flash(c: &AttentionCase, causal: bool, variant: FlashVariant, flavour: Flavour) {
+    let gpu = common::gpu();
+    let opts = AttentionOptions {
+        causal,
+        ..Default::default()
+    };
+    let head_dim = c.q.shape()[2] / c.heads;
+    let case = format!(
+        "attention {flavour:?} {} d{head_dim} lq{} lk{} causal={causal}",
+        variant.describe(),
+        c.lq,
+        c.lk
+    );
+    let got = attention_flash(gpu, &c.q, &c.k, &c.v, c.heads, &opts, variant, flavour)
+        .unwrap_or_else(|e| panic!("{case}: {e}"))
+        .to_f32(gpu)
+        .unwrap();
+    common::assert_close(&case, &got, &c.want, DType::F16, head_dim);
+}
+
+/// The twins this adapter runs at `head_dim` (within its workgroup memory).
+fn twin_variants(head_dim: usize) -> Vec<FlashVariant> {
+    let limit = common::gpu().limits().max_compute_workgroup_storage_size;
+    attention_coop::variants(
+        head_dim,
+        attention_coop::TWIN_SUBGROUP,
+        &FRAGMENTS,
+        limit,
+        Flavour::Twin,
+    )
+}
+
+/// The algorithm of the tensor-core flash attention, on its portable twin
+/// (same tiles, staging, masking, online softmax and lazy rescale, scalar
+/// products) at every head dim the models use, causal and not, with key
+/// counts off every tile (77, 333) and queries off the query block: the
+/// first (default) variant that fits this adapter.
+#[test]
+fn attention_flash_twin_matches_the_reference() {
+    let gpu = common::gpu();
+    if !gpu.has_f16() || !gpu.features().contains(motif_engine::wgpu::Features::SUBGROUP) {
+        panic!("the twin needs f16 and subgroups, which lavapipe has: {}", gpu.adapter().name);
+    }
+    for head_dim in FLASH_HEAD_DIMS {
+        let variant = *twin_variants(head_dim)
+            .first()
+            .unwrap_or_else(|| panic!("no twin fits this adapter at head dim {head_dim}"));
+        for lk in [77, 333] {
+            for causal in [false, true] {
+                let lq = if causal { lk } else { 70 };
+                let c = attention_case(lq, lk, 2, head_dim, causal);
+                check_flash(&c, causal, variant, Flavour::Twin);
+            }
+        }
+    }
+}
+
+/// A few thousand keys on the twin (many tiles, so the lazy rescale and
+/// the running sums carry across them), causal and not.
+#[test]
+fn attention_flash_twin_matches_the_reference_over_thousands_of_keys() {
+    for head_dim in [40, 128] {
+        let variant = twin_variants(head_dim)[0];
+        for causal in [false, true] {
+            let (lq, lk) = if causal { (2100, 2100) } else { (40, 3000) };
+            let c = attention_case(lq, lk, 1, head_dim, causal);
+            check_flash(&c, causal, variant, Flavour::Twin);
+        }
+    }
+}
+
+/// Every twin variant (fragment shape, subgroups, key tile) that fits this
+/// adapter, on one ragged causal case per fragment shape's padding (40 pads
+/// to 48 with 16-wide fragments, not with 8-wide ones).
+#[test]
+fn attention_flash_twin_variants_match_the_reference() {
+    for head_dim in [40, 64] {
+        let c = attention_case(45, 45, 2, head_dim, true);
+        let n = c.q.shape()[1];
+        assert_eq!(n, 45);
+        for variant in twin_variants(head_dim) {
+            check_flash(&c, true, variant, Flavour::Twin);
+        }
+    }
+}
+
+/// Every tensor-core variant this adapter runs, at every head dim, causal
+/// and not, ragged key counts, and thousands of keys on the default
+/// variant: the same cases as the twin's. Where the adapter has no
+/// cooperative matrices each skip is printed; the twins above run instead.
+#[test]
+fn attention_flash_coop_variants_match_the_reference() {
+    let gpu = common::gpu();
+    for head_dim in FLASH_HEAD_DIMS {
+        let variants = attention_coop::coop_variants(gpu, DType::F16, head_dim);
+        if variants.is_empty() {
+            skip(
+                &format!("attention_coop d{head_dim} (every variant)"),
+                "no f16 cooperative matrices with subgroup shuffles here",
+            );
+        }
+        for (i, &variant) in variants.iter().enumerate() {
+            for (lq, lk, causal) in [(70, 77, false), (333, 333, true)] {
+                let c = attention_case(lq, lk, 2, head_dim, causal);
+                check_flash(&c, causal, variant, Flavour::Coop);
+            }
+            if i == 0 {
+                for causal in [false, true] {
+                    let c = attention_case(600, 4000, 1, head_dim, causal);
+                    check_flash(&c, causal, variant, Flavour::Coop);
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Routing around missing tensor cores.
 
