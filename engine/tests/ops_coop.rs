@@ -485,7 +485,13 @@ struct AttentionCase {
 /// the row maxima keep rising tile after tile by more than the lazy
 /// rescale's threshold: every case runs the rescale of O, which random keys
 /// of one scale would almost never do.
-fn attention_case(lq: usize, lk: usize, heads: usize, head_dim: usize, causal: bool) -> AttentionCase {
+fn attention_case(
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    head_dim: usize,
+    causal: bool,
+) -> AttentionCase {
     let gpu = common::gpu();
     let channels = heads * head_dim;
     let seed = (lq * 31 + lk * 7 + head_dim) as u64 + causal as u64;
@@ -558,8 +564,15 @@ fn twin_variants(head_dim: usize) -> Vec<FlashVariant> {
 #[test]
 fn attention_flash_twin_matches_the_reference() {
     let gpu = common::gpu();
-    if !gpu.has_f16() || !gpu.features().contains(motif_engine::wgpu::Features::SUBGROUP) {
-        panic!("the twin needs f16 and subgroups, which lavapipe has: {}", gpu.adapter().name);
+    if !gpu.has_f16()
+        || !gpu
+            .features()
+            .contains(motif_engine::wgpu::Features::SUBGROUP)
+    {
+        panic!(
+            "the twin needs f16 and subgroups, which lavapipe has: {}",
+            gpu.adapter().name
+        );
     }
     for head_dim in FLASH_HEAD_DIMS {
         let variant = *twin_variants(head_dim)

@@ -432,10 +432,7 @@ pub fn attention(
         coop_by_default: gpu.options().coop_attention,
     };
     let (coop, portable) = match route::route(gpu, request)? {
-        Route::Coop(k) => (
-            coop_choice.map(|(_, variant)| (k, variant)),
-            None,
-        ),
+        Route::Coop(k) => (coop_choice.map(|(_, variant)| (k, variant)), None),
         Route::Portable(Some(KernelName::Tiled)) => (None, Some(AttentionKernel::Tiled)),
         Route::Portable(Some(KernelName::Subgroup)) => (None, Some(AttentionKernel::Subgroup)),
         Route::Portable(_) => (None, None),
@@ -660,7 +657,13 @@ pub fn attention_flash(
         });
     }
     let scale = opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
-    for (b0, items) in windows(op, batch, 1, max_items.min(max_grid), gpu.max_binding_bytes())? {
+    for (b0, items) in windows(
+        op,
+        batch,
+        1,
+        max_items.min(max_grid),
+        gpu.max_binding_bytes(),
+    )? {
         let (qb, q_off) = q.window(gpu, b0 * lq * channels, items * lq * channels);
         let (kb, k_off) = k.window(gpu, b0 * lk * channels, items * lk * channels);
         let (vb, v_off) = v.window(gpu, b0 * lk * channels, items * lk * channels);

@@ -90,7 +90,10 @@ impl FlashVariant {
             Flavour::Coop => round(4 * self.fragment * self.fragment),
             Flavour::Twin => 0,
         };
-        (round(2 * s.q_tile) + round(2 * s.kv_tile) + round(4 * s.s_tile) + round(2 * s.p_tile)
+        (round(2 * s.q_tile)
+            + round(2 * s.kv_tile)
+            + round(4 * s.s_tile)
+            + round(2 * s.p_tile)
             + 16
             + zeros) as u32
     }
@@ -432,11 +435,7 @@ pub fn tuner_variants(gpu: &Gpu, dtype: DType, head_dim: usize) -> Vec<FlashVari
 
 /// The tensor-core kernel of one variant, as ops/coop.rs and routing take
 /// it; the variant must fit (see [`coop_variants`]).
-pub(crate) fn coop_kernel(
-    variant: FlashVariant,
-    head_dim: usize,
-    subgroup: usize,
-) -> CoopKernel {
+pub(crate) fn coop_kernel(variant: FlashVariant, head_dim: usize, subgroup: usize) -> CoopKernel {
     let (family, source) = expand(variant, head_dim, subgroup, Flavour::Coop);
     CoopKernel {
         op: "attention",
@@ -467,8 +466,7 @@ fn twin_loop_iterations(variant: FlashVariant, head_dim: usize, lk: usize) -> us
     let invocations = variant.invocations(TWIN_SUBGROUP);
     let stage = |rows: usize| (rows * s.dp / 4).div_ceil(invocations) * 5;
     let tiles = lk.div_ceil(variant.key_tile);
-    stage(variant.query_block())
-        + tiles * (1 + stage(variant.key_tile) + s.dp + variant.key_tile)
+    stage(variant.query_block()) + tiles * (1 + stage(variant.key_tile) + s.dp + variant.key_tile)
 }
 
 /// The keys the twin of `variant` takes at `head_dim` on `gpu`.
@@ -532,7 +530,9 @@ pub(crate) fn check_twin(
         Flavour::Twin,
     );
     if dtype != DType::F16 || !gpu.has_f16() {
-        why = Some(format!("f16 operands on an adapter with f16, found {dtype}"));
+        why = Some(format!(
+            "f16 operands on an adapter with f16, found {dtype}"
+        ));
     }
     if !gpu.features().contains(wgpu::Features::SUBGROUP)
         || (gpu.adapter_info().subgroup_min_size as usize) < TWIN_SUBGROUP / variant.fragment
@@ -593,4 +593,60 @@ pub(crate) fn dispatch_twin(
         ],
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tuning file names a variant by its constants and routing reads it
+    /// back; anything else in the file names no variant.
+    #[test]
+    fn tuned_constants_name_one_variant() {
+        for v in variants(128, 32, &FRAGMENTS, NVIDIA_WORKGROUP_BYTES, Flavour::Coop) {
+            assert_eq!(FlashVariant::from_constants(&v.constants()), Some(v));
+        }
+        let mut c = FlashVariant {
+            fragment: 16,
+            subgroups: 4,
+            key_tile: 32,
+        }
+        .constants();
+        c.insert("KEY_TILE".into(), 48.0);
+        assert_eq!(FlashVariant::from_constants(&c), None);
+        c.insert("KEY_TILE".into(), 32.0);
+        c.insert("FAST_STAGING".into(), 1.0);
+        assert_eq!(FlashVariant::from_constants(&c), None);
+    }
+
+    /// Each flavour keeps its own lines, and a range repeats its lines once
+    /// per value (none for an empty one: 16-lane rows need no shuffle).
+    #[test]
+    fn template_expands_flavours_and_ranges() {
+        let v = FlashVariant {
+            fragment: 16,
+            subgroups: 2,
+            key_tile: 32,
+        };
+        let coop = expand_template(TEMPLATE, v, 40, 32, Flavour::Coop);
+        let twin = expand_template(TEMPLATE, v, 40, 32, Flavour::Twin);
+        assert!(coop.contains("enable wgpu_cooperative_matrix;"));
+        let code = |s: &str| -> String {
+            s.lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect()
+        };
+        assert!(code(&coop).contains("coopMultiplyAdd"));
+        assert!(!code(&twin).contains("coop"));
+        for placeholder in ["{F}", "{D}", "{BK}", "{j0}", "{n0}", "{c}", "{mask}", "{i}"] {
+            assert!(!coop.contains(placeholder) && !twin.contains(placeholder));
+        }
+        // 48 / 16 output fragments; 2 lanes per row: one shuffle mask.
+        assert_eq!(coop.matches("var o").count(), 3);
+        assert_eq!(twin.matches("var o").count(), 24);
+        assert_eq!(coop.matches("subgroupShuffleXor").count(), 2);
+        let one_lane = expand_template(TEMPLATE, v, 40, 16, Flavour::Coop);
+        assert_eq!(one_lane.matches("subgroupShuffleXor").count(), 0);
+        assert!(!coop.lines().any(|l| l.trim_start().starts_with("//#")));
+    }
 }
