@@ -425,12 +425,28 @@ pub fn coop_variants(gpu: &Gpu, dtype: DType, head_dim: usize) -> Vec<FlashVaria
 }
 
 /// The few variants `motif bench --tune` times per class (each costs the
-/// class's full-size shape three times): the default and its nearest
-/// neighbours that fit.
+/// class's full-size shape three times, and the GPU run has minutes): a
+/// spread of those that fit — the default, the largest query block, the
+/// largest key tile, the 8-wide fragments — then the default's neighbours.
 pub fn tuner_variants(gpu: &Gpu, dtype: DType, head_dim: usize) -> Vec<FlashVariant> {
-    let mut v = coop_variants(gpu, dtype, head_dim);
-    v.truncate(4);
-    v
+    spread(coop_variants(gpu, dtype, head_dim), 4)
+}
+
+fn spread(all: Vec<FlashVariant>, n: usize) -> Vec<FlashVariant> {
+    let wide = all.iter().filter(|v| v.fragment == FRAGMENTS[0]);
+    let picks = [
+        all.first(),
+        wide.clone().max_by_key(|v| (v.query_block(), v.key_tile)),
+        wide.max_by_key(|v| (v.key_tile, v.query_block())),
+        all.iter().find(|v| v.fragment != FRAGMENTS[0]),
+    ];
+    let mut out: Vec<FlashVariant> = Vec::new();
+    for v in picks.into_iter().flatten().chain(all.iter()) {
+        if out.len() < n && !out.contains(v) {
+            out.push(*v);
+        }
+    }
+    out
 }
 
 /// The tensor-core kernel of one variant, as ops/coop.rs and routing take
@@ -617,6 +633,19 @@ mod tests {
         c.insert("KEY_TILE".into(), 32.0);
         c.insert("FAST_STAGING".into(), 1.0);
         assert_eq!(FlashVariant::from_constants(&c), None);
+    }
+
+    /// The tuner's few variants are a spread: at head dim 40 within 48 KiB,
+    /// the default, 8 subgroups, 64-key tiles and 8-wide fragments.
+    #[test]
+    fn tuner_tries_a_spread_of_variants() {
+        let all = variants(40, 32, &FRAGMENTS, NVIDIA_WORKGROUP_BYTES, Flavour::Coop);
+        let picked = spread(all.clone(), 4);
+        assert_eq!(picked.len(), 4);
+        assert_eq!(picked[0], all[0]);
+        assert!(picked.iter().any(|v| v.subgroups == 8));
+        assert!(picked.iter().any(|v| v.key_tile == 64));
+        assert!(picked.iter().any(|v| v.fragment == 8));
     }
 
     /// Each flavour keeps its own lines, and a range repeats its lines once
