@@ -642,7 +642,55 @@ fn attention_flash_coop_variants_match_the_reference() {
                     let c = attention_case(600, 4000, 1, head_dim, causal);
                     check_flash(&c, causal, variant, Flavour::Coop);
                 }
+                // Past 40,000 keys, the ragged last tile included.
+                let c = attention_case(64, 40_077, 1, head_dim, false);
+                check_flash(&c, false, variant, Flavour::Coop);
             }
+        }
+    }
+}
+
+/// What a variant cannot run is refused with an error that says why, never
+/// run on another kernel: the tensor cores where there are none, a variant
+/// above the adapter's workgroup memory, and on a CPU adapter the twin past
+/// the keys its loop limit allows.
+#[test]
+fn attention_flash_refuses_what_it_cannot_run() {
+    let gpu = common::gpu();
+    let c = attention_case(20, 77, 2, 64, false);
+    let opts = AttentionOptions::default();
+    let run = |gpu, c: &AttentionCase, variant, flavour| {
+        attention_flash(gpu, &c.q, &c.k, &c.v, c.heads, &opts, variant, flavour)
+    };
+    let default = twin_variants(64)[0];
+    let err = run(no_coop_gpu(), &c, default, Flavour::Coop)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("attention") && err.contains("cooperative"),
+        "{err}"
+    );
+    let big = FlashVariant {
+        fragment: 16,
+        subgroups: 8,
+        key_tile: 64,
+    };
+    let c160 = attention_case(20, 77, 1, 160, false);
+    let err = run(gpu, &c160, big, Flavour::Twin).unwrap_err().to_string();
+    assert!(err.contains("workgroup memory"), "{err}");
+    let long = attention_case(8, 40_077, 1, 64, false);
+    match run(gpu, &long, default, Flavour::Twin) {
+        Err(e) => {
+            assert!(gpu.adapter().is_cpu, "refused on a GPU: {e}");
+            assert!(e.to_string().contains("loop limit"), "{e}");
+        }
+        Ok(got) => {
+            assert!(
+                !gpu.adapter().is_cpu,
+                "a CPU adapter ran past its loop limit"
+            );
+            let got = got.to_f32(gpu).unwrap();
+            common::assert_close("twin, 40,077 keys", &got, &long.want, DType::F16, 64);
         }
     }
 }
