@@ -498,16 +498,27 @@ pub fn tune_class(
     let mut trials = Vec::new();
     for c in candidates {
         // Route this class to the candidate, as a tuning file would.
+        // The small shape's class too (its sizes fall in other bands), so
+        // that the check against the CPU reference runs this variant, not
+        // the default (attention's variants are named by the class).
+        let small_class = small.shape.class(dtype);
         let mut trial_tuning = saved.clone();
         trial_tuning
             .choices
-            .retain(|ch| !(ch.op == op && ch.class == class));
-        trial_tuning.choices.push(Choice {
-            op: op.to_string(),
-            class: class.clone(),
-            variant: c.variant.clone(),
-            ms: 0.0,
-        });
+            .retain(|ch| !(ch.op == op && (ch.class == class || ch.class == small_class)));
+        let classes = if small_class == class {
+            vec![&class]
+        } else {
+            vec![&class, &small_class]
+        };
+        for class in classes {
+            trial_tuning.choices.push(Choice {
+                op: op.to_string(),
+                class: class.clone(),
+                variant: c.variant.clone(),
+                ms: 0.0,
+            });
+        }
         gpu.set_tuning(trial_tuning);
         let trial = (|| -> Result<Trial> {
             let got_small = (c.run)(gpu, &small)?.to_f32(gpu)?;

@@ -2,10 +2,12 @@
 //! so the [Lq, Lk] score matrix never exists in memory (memory is O(L)).
 //! Serves SD's spatial self-attention (4096 tokens at 512x512),
 //! cross-attention on CLIP's 77 tokens, the motion modules' attention over
-//! 16-32 frames and CLIP's causal self-attention. Two kernels, picked by
-//! adapter in `choose_kernel`: a tiled one for GPUs (`shaders/attention.wgsl`)
-//! and a subgroup one for CPU adapters (`shaders/attention_subgroup.wgsl`, a
-//! template expanded per head dim). Inputs larger than one storage binding
+//! 16-32 frames and CLIP's causal self-attention. Two portable kernels,
+//! picked by adapter in `choose_kernel`: a tiled one for GPUs
+//! (`shaders/attention.wgsl`) and a subgroup one for CPU adapters
+//! (`shaders/attention_subgroup.wgsl`, a template expanded per head dim);
+//! and flash attention on tensor cores (ops/attention_coop.rs) where
+//! routing (ops/route.rs) sends it. Inputs larger than one storage binding
 //! are processed in windows of batch items; on CPU adapters, key ranges
 //! longer than llvmpipe's loop limit allows run as several passes.
 
