@@ -161,7 +161,10 @@ fn kernels_of_one_product(gpu: &Gpu) -> Vec<String> {
         DType::F32,
         k,
     );
-    kernels.into_iter().map(|k| k.kernel).collect()
+    // By name: the timer lists them by time, an order that load changes.
+    let mut names: Vec<String> = kernels.into_iter().map(|k| k.kernel).collect();
+    names.sort();
+    names
 }
 
 /// A tuning file beside the pipeline cache routes its class to the kernel
