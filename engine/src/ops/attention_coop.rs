@@ -39,7 +39,7 @@ pub const FRAGMENTS: [usize; 2] = [16, 8];
 pub const SUBGROUPS: [usize; 3] = [4, 2, 8];
 pub const KEY_TILES: [usize; 3] = [32, 16, 64];
 
-/// The variant that tensor cores, or the twin, run.
+/// Which of the template's two kernels a variant is built as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Flavour {
     /// Both products on cooperative matrices.
@@ -388,8 +388,9 @@ impl Expander<'_> {
     }
 }
 
-/// Whether `gpu` has the `fragment`-wide f16 x f16 -> f32 cooperative
-/// matrices and the subgroup shuffles the tensor-core variants use.
+/// The f16 x f16 -> f32 fragment sizes `gpu`'s tensor-core variants may
+/// use: the adapter's, where it also has the subgroup shuffles of the
+/// softmax; none elsewhere.
 fn coop_fragments(gpu: &Gpu) -> Vec<usize> {
     if !gpu.features().contains(wgpu::Features::SUBGROUP) {
         return Vec::new();
