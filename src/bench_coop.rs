@@ -512,6 +512,29 @@ fn attention_cases() -> Vec<AttentionCase> {
             reference: false,
             ..case("sd15 attention 1024 tokens, 8 x 80", 2, 1024, 1024, 8, 80)
         },
+        case("attention head dim 160, 333 keys", 1, 256, 333, 2, 160),
+        AttentionCase {
+            causal: true,
+            ..case(
+                "attention causal, head dim 128, 2000 tokens",
+                1,
+                2000,
+                2000,
+                2,
+                128,
+            )
+        },
+        AttentionCase {
+            reference: false,
+            ..case(
+                "wan attention 32760 tokens, 12 x 128",
+                1,
+                32760,
+                32760,
+                12,
+                128,
+            )
+        },
     ]
 }
 

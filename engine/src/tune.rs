@@ -14,7 +14,7 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::gpu::tuning::{Choice, KernelName, Tuning, Variant};
 use crate::gpu::{DType, Gpu};
-use crate::ops::attention::{self, attention, attention_reference, AttentionKernel};
+use crate::ops::attention::{attention, attention_reference, AttentionKernel};
 use crate::ops::conv2d::{conv2d_reference, conv2d_with_kernel, Conv2dKernel, Conv2dOptions};
 use crate::ops::matmul::{matmul_reference, matmul_with_kernel, MatmulKernel, MatmulOptions};
 use crate::ops::matmul_coop::{self, CoopProduct, CoopTiling};
@@ -442,8 +442,12 @@ pub fn candidates(gpu: &Gpu, shape: &ClassShape, dtype: DType) -> Vec<Candidate<
             if cpu {
                 out.push(named(Variant::plain(KernelName::Subgroup)));
             }
-            if attention::coop_supported(gpu, dtype, *head_dim) {
-                out.push(named(Variant::plain(KernelName::Coop)));
+            // Each tensor-core variant of the template that fits here.
+            for v in crate::ops::attention_coop::tuner_variants(gpu, dtype, *head_dim) {
+                out.push(named(Variant {
+                    kernel: KernelName::Coop,
+                    constants: v.constants(),
+                }));
             }
         }
     }

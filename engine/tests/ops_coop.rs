@@ -12,7 +12,10 @@
 mod common;
 
 use motif_engine::ops::attention::{
-    self, attention, attention_reference, AttentionKernel, AttentionOptions,
+    self, attention, attention_flash, attention_reference, AttentionKernel, AttentionOptions,
+};
+use motif_engine::ops::attention_coop::{
+    self, FlashVariant, Flavour, FRAGMENTS, NVIDIA_WORKGROUP_BYTES,
 };
 use motif_engine::ops::conv2d::conv2d_coop_variant;
 use motif_engine::ops::conv2d::{
@@ -46,9 +49,13 @@ fn validate(name: &str, source: &str) -> (naga::Module, naga::valid::ModuleInfo)
     let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| {
         panic!("{name}: {}", e.emit_to_string(source));
     });
-    let caps =
-        naga::valid::Capabilities::COOPERATIVE_MATRIX | naga::valid::Capabilities::SHADER_FLOAT16;
+    // Subgroups too: the flash attention reduces its rows with shuffles.
+    let caps = naga::valid::Capabilities::COOPERATIVE_MATRIX
+        | naga::valid::Capabilities::SHADER_FLOAT16
+        | naga::valid::Capabilities::SUBGROUP;
     let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+        .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+        .subgroup_operations(naga::valid::SubgroupOperationSet::all())
         .validate(&module)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
     (module, info)
@@ -224,14 +231,61 @@ fn every_matmul_coop_variant_validates_and_writes_spirv() {
     assert!(OVER_BUDGET.workgroup_bytes() > 48 * 1024);
 }
 
+/// Every variant of the flash-attention template at every head dim, on
+/// NVIDIA's 32-lane subgroups (and 64-lane ones, AMD's), within NVIDIA's
+/// 48 KiB of workgroup memory: the tensor-core flavour validates and its
+/// SPIR-V has the multiply-add; the twin validates. Every head dim has
+/// variants of both fragment shapes, and the variants above 48 KiB are
+/// refused, not generated.
 #[test]
-fn attention_coop_validates_and_writes_spirv_for_every_head_dim() {
-    let (module, info) = validate("attention_coop.wgsl", attention::COOP_SOURCE);
-    for head_dim in HEAD_DIMS.into_iter().filter(|&d| d <= 80) {
-        let constants = attention::coop_constants(head_dim);
-        let file = format!("attention_coop_d{head_dim}.spv");
-        spirv(&module, &info, "attention_coop", &constants, &file);
+fn attention_coop_validates_and_writes_spirv_for_every_variant() {
+    let mut count = 0;
+    for head_dim in HEAD_DIMS {
+        for subgroup in [32, 64] {
+            let coop = attention_coop::variants(
+                head_dim,
+                subgroup,
+                &FRAGMENTS,
+                NVIDIA_WORKGROUP_BYTES,
+                Flavour::Coop,
+            );
+            for fragment in FRAGMENTS {
+                assert!(
+                    coop.iter().any(|v| v.fragment == fragment),
+                    "no {fragment}x{fragment} variant at head dim {head_dim}"
+                );
+            }
+            for v in &coop {
+                assert!(v.workgroup_bytes(head_dim, Flavour::Coop) <= NVIDIA_WORKGROUP_BYTES);
+                for flavour in [Flavour::Coop, Flavour::Twin] {
+                    let (family, source) = attention_coop::expand(*v, head_dim, subgroup, flavour);
+                    let (module, info) = validate(family, source);
+                    if flavour == Flavour::Coop {
+                        spirv(
+                            &module,
+                            &info,
+                            attention_coop::ENTRY,
+                            &[],
+                            &format!("{family}.spv"),
+                        );
+                    }
+                    count += 1;
+                }
+            }
+        }
+        // Larger head dims leave some combinations out: each is refused
+        // with its size, never generated.
+        let big = FlashVariant {
+            fragment: 16,
+            subgroups: 8,
+            key_tile: 64,
+        };
+        let why = big
+            .unfit(head_dim, 32, NVIDIA_WORKGROUP_BYTES, Flavour::Coop)
+            .unwrap_or_else(|| panic!("{big:?} fits 48 KiB at head dim {head_dim}?"));
+        assert!(why.contains("workgroup memory"), "{why}");
     }
+    eprintln!("{count} generated kernels validated");
 }
 
 // ---------------------------------------------------------------------------
@@ -626,6 +680,236 @@ fn attention_coop_matches_the_reference_at_every_head_dim() {
                 let case = format!("attention {kernel:?} d{head_dim} causal={causal}");
                 common::assert_close(&case, &got, &want, dtype, head_dim);
             }
+        }
+    }
+}
+
+/// The head dims the flash attention serves: SD's 40/80/160, CLIP's 64,
+/// Wan's 128.
+const FLASH_HEAD_DIMS: [usize; 5] = [40, 64, 80, 128, 160];
+
+/// q, k, v of one attention case (f16, random), uploaded, with their stored
+/// values.
+struct AttentionCase {
+    q: motif_engine::Tensor,
+    k: motif_engine::Tensor,
+    v: motif_engine::Tensor,
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    want: Vec<f32>,
+}
+
+/// Keys grow along the sequence (key j scaled by 1 + 24 j / lk), so that
+/// the row maxima keep rising tile after tile by more than the lazy
+/// rescale's threshold: every case runs the rescale of O, which random keys
+/// of one scale would almost never do.
+fn attention_case(
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    head_dim: usize,
+    causal: bool,
+) -> AttentionCase {
+    let gpu = common::gpu();
+    let channels = heads * head_dim;
+    let seed = (lq * 31 + lk * 7 + head_dim) as u64 + causal as u64;
+    let mk = |len: usize, s: u64, grow: f32| {
+        let mut x = common::random(len * channels, s);
+        for (j, row) in x.chunks_mut(channels).enumerate() {
+            let scale = 1.0 + grow * j as f32 / len as f32;
+            row.iter_mut().for_each(|e| *e *= scale);
+        }
+        common::upload(gpu, &x, &[1, len, channels], DType::F16)
+    };
+    let (q, qv) = mk(lq, seed, 0.0);
+    let (k, kv) = mk(lk, seed + 1, 24.0);
+    let (v, vv) = mk(lk, seed + 2, 0.0);
+    let opts = AttentionOptions {
+        causal,
+        ..Default::default()
+    };
+    let want = attention_reference(&qv, &kv, &vv, 1, lq, lk, heads, &opts);
+    AttentionCase {
+        q,
+        k,
+        v,
+        lq,
+        lk,
+        heads,
+        want,
+    }
+}
+
+/// Runs one variant of one flavour on `c` and compares it with the CPU
+/// reference.
+fn check_flash(c: &AttentionCase, causal: bool, variant: FlashVariant, flavour: Flavour) {
+    let gpu = common::gpu();
+    let opts = AttentionOptions {
+        causal,
+        ..Default::default()
+    };
+    let head_dim = c.q.shape()[2] / c.heads;
+    let case = format!(
+        "attention {flavour:?} {} d{head_dim} lq{} lk{} causal={causal}",
+        variant.describe(),
+        c.lq,
+        c.lk
+    );
+    let got = attention_flash(gpu, &c.q, &c.k, &c.v, c.heads, &opts, variant, flavour)
+        .unwrap_or_else(|e| panic!("{case}: {e}"))
+        .to_f32(gpu)
+        .unwrap();
+    common::assert_close(&case, &got, &c.want, DType::F16, head_dim);
+}
+
+/// The twins this adapter runs at `head_dim` (within its workgroup memory).
+fn twin_variants(head_dim: usize) -> Vec<FlashVariant> {
+    let limit = common::gpu().limits().max_compute_workgroup_storage_size;
+    attention_coop::variants(
+        head_dim,
+        attention_coop::TWIN_SUBGROUP,
+        &FRAGMENTS,
+        limit,
+        Flavour::Twin,
+    )
+}
+
+/// The algorithm of the tensor-core flash attention, on its portable twin
+/// (same tiles, staging, masking, online softmax and lazy rescale, scalar
+/// products) at every head dim the models use, causal and not, with key
+/// counts off every tile (77, 333) and queries off the query block: the
+/// first (default) variant that fits this adapter.
+#[test]
+fn attention_flash_twin_matches_the_reference() {
+    let gpu = common::gpu();
+    if !gpu.has_f16()
+        || !gpu
+            .features()
+            .contains(motif_engine::wgpu::Features::SUBGROUP)
+    {
+        panic!(
+            "the twin needs f16 and subgroups, which lavapipe has: {}",
+            gpu.adapter().name
+        );
+    }
+    for head_dim in FLASH_HEAD_DIMS {
+        let variant = *twin_variants(head_dim)
+            .first()
+            .unwrap_or_else(|| panic!("no twin fits this adapter at head dim {head_dim}"));
+        for lk in [77, 333] {
+            for causal in [false, true] {
+                let lq = if causal { lk } else { 70 };
+                let c = attention_case(lq, lk, 2, head_dim, causal);
+                check_flash(&c, causal, variant, Flavour::Twin);
+            }
+        }
+    }
+}
+
+/// A few thousand keys on the twin (many tiles, so the lazy rescale and
+/// the running sums carry across them), causal and not.
+#[test]
+fn attention_flash_twin_matches_the_reference_over_thousands_of_keys() {
+    for head_dim in [40, 128] {
+        let variant = twin_variants(head_dim)[0];
+        for causal in [false, true] {
+            let (lq, lk) = if causal { (2100, 2100) } else { (40, 3000) };
+            let c = attention_case(lq, lk, 1, head_dim, causal);
+            check_flash(&c, causal, variant, Flavour::Twin);
+        }
+    }
+}
+
+/// Every twin variant (fragment shape, subgroups, key tile) that fits this
+/// adapter, on one ragged causal case per fragment shape's padding (40 pads
+/// to 48 with 16-wide fragments, not with 8-wide ones).
+#[test]
+fn attention_flash_twin_variants_match_the_reference() {
+    for head_dim in [40, 64] {
+        let c = attention_case(45, 45, 2, head_dim, true);
+        let n = c.q.shape()[1];
+        assert_eq!(n, 45);
+        for variant in twin_variants(head_dim) {
+            check_flash(&c, true, variant, Flavour::Twin);
+        }
+    }
+}
+
+/// Every tensor-core variant this adapter runs, at every head dim, causal
+/// and not, ragged key counts, and thousands of keys on the default
+/// variant: the same cases as the twin's. Where the adapter has no
+/// cooperative matrices each skip is printed; the twins above run instead.
+#[test]
+fn attention_flash_coop_variants_match_the_reference() {
+    let gpu = common::gpu();
+    for head_dim in FLASH_HEAD_DIMS {
+        let variants = attention_coop::coop_variants(gpu, DType::F16, head_dim);
+        if variants.is_empty() {
+            skip(
+                &format!("attention_coop d{head_dim} (every variant)"),
+                "no f16 cooperative matrices with subgroup shuffles here",
+            );
+        }
+        for (i, &variant) in variants.iter().enumerate() {
+            for (lq, lk, causal) in [(70, 77, false), (333, 333, true)] {
+                let c = attention_case(lq, lk, 2, head_dim, causal);
+                check_flash(&c, causal, variant, Flavour::Coop);
+            }
+            if i == 0 {
+                for causal in [false, true] {
+                    let c = attention_case(600, 4000, 1, head_dim, causal);
+                    check_flash(&c, causal, variant, Flavour::Coop);
+                }
+                // Past 40,000 keys, the ragged last tile included.
+                let c = attention_case(64, 40_077, 1, head_dim, false);
+                check_flash(&c, false, variant, Flavour::Coop);
+            }
+        }
+    }
+}
+
+/// What a variant cannot run is refused with an error that says why, never
+/// run on another kernel: the tensor cores where there are none, a variant
+/// above the adapter's workgroup memory, and on a CPU adapter the twin past
+/// the keys its loop limit allows.
+#[test]
+fn attention_flash_refuses_what_it_cannot_run() {
+    let gpu = common::gpu();
+    let c = attention_case(20, 77, 2, 64, false);
+    let opts = AttentionOptions::default();
+    let run = |gpu, c: &AttentionCase, variant, flavour| {
+        attention_flash(gpu, &c.q, &c.k, &c.v, c.heads, &opts, variant, flavour)
+    };
+    let default = twin_variants(64)[0];
+    let err = run(no_coop_gpu(), &c, default, Flavour::Coop)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("attention") && err.contains("cooperative"),
+        "{err}"
+    );
+    let big = FlashVariant {
+        fragment: 16,
+        subgroups: 8,
+        key_tile: 64,
+    };
+    let c160 = attention_case(20, 77, 1, 160, false);
+    let err = run(gpu, &c160, big, Flavour::Twin).unwrap_err().to_string();
+    assert!(err.contains("workgroup memory"), "{err}");
+    let long = attention_case(8, 40_077, 1, 64, false);
+    match run(gpu, &long, default, Flavour::Twin) {
+        Err(e) => {
+            assert!(gpu.adapter().is_cpu, "refused on a GPU: {e}");
+            assert!(e.to_string().contains("loop limit"), "{e}");
+        }
+        Ok(got) => {
+            assert!(
+                !gpu.adapter().is_cpu,
+                "a CPU adapter ran past its loop limit"
+            );
+            let got = got.to_f32(gpu).unwrap();
+            common::assert_close("twin, 40,077 keys", &got, &long.want, DType::F16, 64);
         }
     }
 }

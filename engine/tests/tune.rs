@@ -94,6 +94,53 @@ fn tuner_never_chooses_a_wrong_variant() {
     assert!(!chosen.constants.contains_key("WRONG"), "{chosen:?}");
 }
 
+/// Each trial routes both of its shapes — the small one checked against
+/// the CPU reference and the full-size one — to the candidate, though
+/// their sizes fall in different classes: a variant named by its constants
+/// (attention's tensor-core variants) is checked itself, not the default.
+#[test]
+fn each_trial_routes_both_of_its_shapes_to_the_candidate() {
+    let gpu = common::gpu();
+    let dtype = DType::F32;
+    let shape = ClassShape::Matmul {
+        m: 1024,
+        k: 64,
+        n: 80,
+        transpose_b: true,
+    };
+    let variant = Variant {
+        kernel: KernelName::Tiled,
+        constants: [("PROBE".to_string(), 1.0)].into(),
+    };
+    let seen = std::sync::Mutex::new(Vec::new());
+    let candidates = vec![Candidate {
+        variant: variant.clone(),
+        run: Box::new(|gpu: &Gpu, inputs: &tune::Inputs| {
+            let class = inputs.shape.class(dtype);
+            let routed = gpu.tuning().choice("matmul", &class).cloned();
+            seen.lock().unwrap().push((class, routed));
+            let (a, b) = (&inputs.tensors[0], &inputs.tensors[1]);
+            let opts = MatmulOptions {
+                transpose_b: true,
+                ..Default::default()
+            };
+            matmul(gpu, a, b, &opts)
+        }),
+    }];
+    tune::tune_class(gpu, &shape, dtype, &candidates, 1).unwrap();
+    drop(candidates);
+    let seen = seen.into_inner().unwrap();
+    let classes: std::collections::BTreeSet<_> = seen.iter().map(|(c, _)| c.clone()).collect();
+    assert_eq!(classes.len(), 2, "a small and a full-size class: {seen:?}");
+    for (class, routed) in &seen {
+        assert_eq!(
+            routed.as_ref(),
+            Some(&variant),
+            "class {class} not routed to the candidate"
+        );
+    }
+}
+
 /// The kernels that ran, by entry point, for one product.
 fn kernels_of_one_product(gpu: &Gpu) -> Vec<String> {
     let (m, k, n) = (64, 96, 48);
@@ -114,7 +161,10 @@ fn kernels_of_one_product(gpu: &Gpu) -> Vec<String> {
         DType::F32,
         k,
     );
-    kernels.into_iter().map(|k| k.kernel).collect()
+    // By name: the timer lists them by time, an order that load changes.
+    let mut names: Vec<String> = kernels.into_iter().map(|k| k.kernel).collect();
+    names.sort();
+    names
 }
 
 /// A tuning file beside the pipeline cache routes its class to the kernel

@@ -13,7 +13,8 @@
 #   2. `motif bench --tune`: the tuner on the models' shape classes (every
 #      tensor-core tiling of matmul and convolution, at most TUNE_SECONDS); writes the
 #      tuning file the later stages route by, and Motif's side of matmul 4096³
-#      and attention at 4,096 and 32,760 tokens
+#      and attention at 4,096 (8 x 40) and 32,760 tokens (12 x 128): the
+#      portable kernel and the tensor-core flash-attention variants that fit
 #   3. with COOP=1 only: `motif bench --coop` (every tensor-core kernel against
 #      the CPU reference; the tuner already checks each variant it chooses from)
 #   4. PyTorch: matmul 4096³ (cuBLAS), SDPA at 4,096 and 32,760 tokens

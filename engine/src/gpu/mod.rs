@@ -356,13 +356,15 @@ fn coop_config(
             )
         })
         .collect();
-    let offers = |f: u32| {
-        props.iter().any(|p| {
-            (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (f, f, f, S::F16, S::F32)
+    let fragments: Vec<u32> = [16, 8]
+        .into_iter()
+        .filter(|&f| {
+            props.iter().any(|p| {
+                (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (f, f, f, S::F16, S::F32)
+            })
         })
-    };
-    let usable = offers(16);
-    let fragments = [16, 8].into_iter().filter(|&f| offers(f)).collect();
+        .collect();
+    let usable = fragments.contains(&16);
     let info = adapter.get_info();
     let fixed = info.subgroup_min_size == info.subgroup_max_size;
     (usable && fixed && info.subgroup_max_size >= 1).then_some(CoopConfig {

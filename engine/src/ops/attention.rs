@@ -2,10 +2,12 @@
 //! so the [Lq, Lk] score matrix never exists in memory (memory is O(L)).
 //! Serves SD's spatial self-attention (4096 tokens at 512x512),
 //! cross-attention on CLIP's 77 tokens, the motion modules' attention over
-//! 16-32 frames and CLIP's causal self-attention. Two kernels, picked by
-//! adapter in `choose_kernel`: a tiled one for GPUs (`shaders/attention.wgsl`)
-//! and a subgroup one for CPU adapters (`shaders/attention_subgroup.wgsl`, a
-//! template expanded per head dim). Inputs larger than one storage binding
+//! 16-32 frames and CLIP's causal self-attention. Two portable kernels,
+//! picked by adapter in `choose_kernel`: a tiled one for GPUs
+//! (`shaders/attention.wgsl`) and a subgroup one for CPU adapters
+//! (`shaders/attention_subgroup.wgsl`, a template expanded per head dim);
+//! and flash attention on tensor cores (ops/attention_coop.rs) where
+//! routing (ops/route.rs) sends it. Inputs larger than one storage binding
 //! are processed in windows of batch items; on CPU adapters, key ranges
 //! longer than llvmpipe's loop limit allows run as several passes.
 
@@ -14,7 +16,8 @@ use std::sync::{Mutex, OnceLock};
 
 use bytemuck::{Pod, Zeroable};
 
-use super::coop::{self, CoopKernel, CoopNeeds};
+use super::attention_coop::{self, FlashVariant};
+use super::coop::CoopKernel;
 use super::norm::CPU_LOOP_BUDGET;
 use super::route::{self, Route};
 use super::{check_dtypes, check_rank, params_bytes, windows};
@@ -23,47 +26,51 @@ use crate::gpu::tuning::KernelName;
 use crate::gpu::{Gpu, Kernel};
 use crate::tensor::{fmt_shape, DType, Tensor};
 
-/// The tensor-core attention (`shaders/attention_coop.wgsl`), public for the
-/// shader validation test.
-#[doc(hidden)]
-pub const COOP_SOURCE: &str = include_str!("../../../shaders/attention_coop.wgsl");
-/// The largest head dim the tensor-core attention holds (its staged tiles).
-pub(crate) const COOP_MAX_HEAD_DIM: usize = 80;
-/// Queries of one tensor-core attention workgroup.
-pub(crate) const COOP_QUERIES: usize = 64;
-/// 4 subgroups of 32 over 64 queries; staging of q, k, v and P in halves,
-/// scores and the softmax state in floats (see the shader).
-const COOP_NEEDS: CoopNeeds = CoopNeeds {
-    invocations: 128,
-    workgroup_bytes: 2 * (5632 + 2 * 2816 + 2560) + 4 * (2304 + 128 + 256),
-    subgroup: 32,
-};
-
-/// The override constants of the tensor-core attention for `head_dim`
-/// (public for the validation test).
-#[doc(hidden)]
-pub fn coop_constants(head_dim: usize) -> Vec<(&'static str, f64)> {
-    vec![("HEAD_DIM", head_dim as f64)]
-}
-
 /// Whether `gpu` runs the tensor-core attention on `dtype` at `head_dim`
-/// (for tests and `motif bench --coop`).
+/// (any of its variants; for tests, the tuner and `motif bench --coop`).
 #[doc(hidden)]
 pub fn coop_supported(gpu: &Gpu, dtype: DType, head_dim: usize) -> bool {
-    coop_kernel(head_dim).is_some_and(|k| coop::supported(gpu, dtype, &k.needs))
+    !attention_coop::coop_variants(gpu, dtype, head_dim).is_empty()
 }
 
-/// The tensor-core attention for `head_dim`, where it holds that head dim.
-fn coop_kernel(head_dim: usize) -> Option<CoopKernel> {
-    (head_dim <= COOP_MAX_HEAD_DIM).then(|| CoopKernel {
-        op: "attention",
-        family: "attention_coop",
-        label: "attention_coop",
-        source: COOP_SOURCE,
-        entry: "attention_coop",
-        constants: coop_constants(head_dim),
-        needs: COOP_NEEDS,
-    })
+/// The tensor-core variant routing may pick for `head_dim`: the one the
+/// tuning file names for the class (`tuned`), else the adapter's default;
+/// None where none runs here. A tuned choice that names no variant of the
+/// template, or one that does not fit this adapter, is the file's error.
+fn coop_choice(
+    gpu: &Gpu,
+    dtype: DType,
+    head_dim: usize,
+    class: &str,
+    tuned: Option<std::collections::BTreeMap<String, f64>>,
+) -> Result<Option<(CoopKernel, FlashVariant)>> {
+    let here = attention_coop::coop_variants(gpu, dtype, head_dim);
+    let Some(config) = gpu.coop_matrix().filter(|_| !here.is_empty()) else {
+        return Ok(None);
+    };
+    let variant = match tuned {
+        None => match here.first() {
+            Some(v) => *v,
+            None => return Ok(None),
+        },
+        Some(constants) => match FlashVariant::from_constants(&constants) {
+            Some(v) if here.contains(&v) => v,
+            _ => {
+                return Err(EngineError::BadTuningFile {
+                    path: gpu.tuning().path.unwrap_or_default(),
+                    reason: format!(
+                        "attention class `{class}`: {constants:?} names no tensor-core variant \
+                         of head dim {head_dim} that runs here"
+                    ),
+                })
+            }
+        },
+    };
+    let subgroup = config.subgroup_size as usize;
+    Ok(Some((
+        attention_coop::coop_kernel(variant, head_dim, subgroup),
+        variant,
+    )))
 }
 
 const SOURCE: &str = include_str!("../../../shaders/attention.wgsl");
@@ -85,11 +92,12 @@ pub enum AttentionKernel {
     /// owning up to 8 queries in registers (`shaders/attention_subgroup.wgsl`).
     /// For CPU adapters; needs subgroups of at least 8 lanes.
     Subgroup,
-    /// Tensor cores through cooperative matrices, 64 queries per workgroup
-    /// (`shaders/attention_coop.wgsl`): f16, head dims up to 80, adapters
-    /// with the cooperative matrices ops/coop.rs checks for. Only when
-    /// asked for (or with MOTIF_COOP_ATTENTION=1): on an H100 it is slower
-    /// than `Tiled` at SD's 4096 tokens of head dim 40.
+    /// Flash attention on tensor cores through cooperative matrices
+    /// (`shaders/attention_coop.wgsl`, ops/attention_coop.rs): f16, head
+    /// dims up to 160, adapters with the cooperative matrices ops/coop.rs
+    /// checks for; the variant the tuning file names, else the adapter's
+    /// default. Only when asked for, tuned (`motif bench --tune`) or with
+    /// MOTIF_COOP_ATTENTION=1: untuned it is not known to beat `Tiled`.
     Coop,
 }
 
@@ -380,36 +388,9 @@ pub fn attention(
     opts: &AttentionOptions,
 ) -> Result<Tensor> {
     let op = "attention";
-    check_rank(op, "q [B, Lq, H*D]", q, 3)?;
-    check_rank(op, "k [B, Lk, H*D]", k, 3)?;
-    check_rank(op, "v [B, Lk, H*D]", v, 3)?;
-    let dtype = check_dtypes(op, &[q, k, v])?;
+    let dtype = check_inputs(q, k, v, heads)?;
     let (batch, lq, channels) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let lk = k.shape()[1];
-    if k.shape()[0] != batch || k.shape()[2] != channels || lk == 0 {
-        return Err(EngineError::Shape {
-            op,
-            expected: format!(
-                "k [{batch}, Lk >= 1, {channels}] for q {}",
-                fmt_shape(q.shape())
-            ),
-            found: fmt_shape(k.shape()),
-        });
-    }
-    if v.shape() != k.shape() {
-        return Err(EngineError::Shape {
-            op,
-            expected: format!("v of k's shape {}", fmt_shape(k.shape())),
-            found: fmt_shape(v.shape()),
-        });
-    }
-    if heads == 0 || !channels.is_multiple_of(heads) {
-        return Err(EngineError::Shape {
-            op,
-            expected: format!("channels divisible by {heads} heads"),
-            found: fmt_shape(q.shape()),
-        });
-    }
     let head_dim = channels / heads;
     if head_dim > MAX_HEAD_DIM {
         return attention_unfused(gpu, q, k, v, heads, opts);
@@ -428,28 +409,32 @@ pub fn attention(
         });
     }
 
-    // The tensor-core kernel only when asked for or tuned: it is right
-    // (`motif bench --coop`) but on an H100 slower than the portable kernel
-    // at SD's 4096 tokens of head dim 40 and on the whole UNet
+    // The tensor-core kernel only when asked for or tuned: untuned, it is
+    // not known to beat the portable kernel on every shape
     // (docs/PERFORMANCE.md). `coop_attention` (MOTIF_COOP_ATTENTION=1): by
-    // default too, to measure it.
+    // default too, to measure it. Its variants are separate shaders, so the
+    // tuned one is built before routing decides whether it runs.
+    let class = route::attention_class(dtype, head_dim, lq, lk, opts.causal);
+    let tuned = route::tuned_coop_constants(gpu, op, &class);
+    let coop_choice = coop_choice(gpu, dtype, head_dim, &class, tuned)?;
     let request = route::Request {
         op,
-        class: route::attention_class(dtype, head_dim, lq, lk, opts.causal),
+        class,
         dtype,
         asked: opts.kernel.map(|k| match k {
             AttentionKernel::Tiled => KernelName::Tiled,
             AttentionKernel::Subgroup => KernelName::Subgroup,
             AttentionKernel::Coop => KernelName::Coop,
         }),
-        coop: coop_kernel(head_dim),
+        coop: coop_choice.as_ref().map(|(k, _)| k.clone()),
         coop_missing: Some(format!(
-            "head dims up to {COOP_MAX_HEAD_DIM} (found {head_dim})"
+            "a variant of f16 x f16 -> f32 cooperative matrices, subgroup shuffles and \
+             workgroup memory within the adapter's at head dim {head_dim}"
         )),
         coop_by_default: gpu.options().coop_attention,
     };
     let (coop, portable) = match route::route(gpu, request)? {
-        Route::Coop(k) => (Some(k), None),
+        Route::Coop(k) => (coop_choice.map(|(_, variant)| (k, variant)), None),
         Route::Portable(Some(KernelName::Tiled)) => (None, Some(AttentionKernel::Tiled)),
         Route::Portable(Some(KernelName::Subgroup)) => (None, Some(AttentionKernel::Subgroup)),
         Route::Portable(_) => (None, None),
@@ -538,13 +523,18 @@ pub fn attention(
                 _pad: [0; 4],
             };
             let Some(launch) = &launch else {
-                let coop = coop.as_ref().expect("no launch only for the tensor cores");
-                coop::dispatch(
+                let (kernel, variant) = coop.as_ref().expect("no launch only for the tensor cores");
+                attention_coop::dispatch_coop(
                     gpu,
-                    coop,
-                    params_bytes(&p),
-                    &[(1, qb), (2, kb), (3, vb), (4, ob)],
-                    [lq.div_ceil(COOP_QUERIES) as u32, heads as u32, items as u32],
+                    kernel,
+                    *variant,
+                    attention_coop::Dispatch {
+                        params: params_bytes(&p),
+                        bindings: [(1, qb), (2, kb), (3, vb), (4, ob)],
+                        lq,
+                        heads,
+                        items,
+                    },
                 )?;
                 continue;
             };
@@ -558,6 +548,153 @@ pub fn attention(
                     items as u32,
                 ],
             )?;
+        }
+    }
+    Ok(out)
+}
+
+/// The shape and dtype checks of every attention kernel: q [B, Lq, H*D],
+/// k and v [B, Lk >= 1, H*D], one dtype; returns it.
+fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<DType> {
+    let op = "attention";
+    check_rank(op, "q [B, Lq, H*D]", q, 3)?;
+    check_rank(op, "k [B, Lk, H*D]", k, 3)?;
+    check_rank(op, "v [B, Lk, H*D]", v, 3)?;
+    let dtype = check_dtypes(op, &[q, k, v])?;
+    let (batch, channels) = (q.shape()[0], q.shape()[2]);
+    let lk = k.shape()[1];
+    if k.shape()[0] != batch || k.shape()[2] != channels || lk == 0 {
+        return Err(EngineError::Shape {
+            op,
+            expected: format!(
+                "k [{batch}, Lk >= 1, {channels}] for q {}",
+                fmt_shape(q.shape())
+            ),
+            found: fmt_shape(k.shape()),
+        });
+    }
+    if v.shape() != k.shape() {
+        return Err(EngineError::Shape {
+            op,
+            expected: format!("v of k's shape {}", fmt_shape(k.shape())),
+            found: fmt_shape(v.shape()),
+        });
+    }
+    if heads == 0 || !channels.is_multiple_of(heads) {
+        return Err(EngineError::Shape {
+            op,
+            expected: format!("channels divisible by {heads} heads"),
+            found: fmt_shape(q.shape()),
+        });
+    }
+    Ok(dtype)
+}
+
+/// One tensor-core variant, or its portable twin, of the flash attention
+/// (ops/attention_coop.rs), asked for by variant: for the tests and checks
+/// of each variant. The tensor-core flavour is refused where the adapter
+/// does not run that variant, the twin where it does not fit the adapter
+/// (workgroup memory, subgroups, f16, a CPU adapter's loop limit); neither
+/// is ever swapped for another kernel. Same inputs as [`attention`], head
+/// dims up to 160.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_flash(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    opts: &AttentionOptions,
+    variant: FlashVariant,
+    flavour: attention_coop::Flavour,
+) -> Result<Tensor> {
+    let op = "attention";
+    let dtype = check_inputs(q, k, v, heads)?;
+    let (batch, lq, channels) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let lk = k.shape()[1];
+    let head_dim = channels / heads;
+    let coop = match flavour {
+        attention_coop::Flavour::Coop => {
+            if !attention_coop::coop_variants(gpu, dtype, head_dim).contains(&variant) {
+                return Err(EngineError::KernelUnavailable {
+                    op,
+                    kernel: "cooperative-matrix",
+                    needs: format!(
+                        "variant {} at head dim {head_dim}: f16 operands, {}x{} f16 x f16 -> f32 \
+                         cooperative matrices, subgroup shuffles, {} bytes of workgroup memory",
+                        variant.describe(),
+                        variant.fragment,
+                        variant.fragment,
+                        variant.workgroup_bytes(head_dim, attention_coop::Flavour::Coop)
+                    ),
+                    adapter: gpu.adapter().name.clone(),
+                    found: format!(
+                        "{dtype} operands, cooperative matrices {:?}, {} bytes of workgroup memory",
+                        gpu.coop_matrix().map(|c| &c.reported),
+                        gpu.limits().max_compute_workgroup_storage_size
+                    ),
+                });
+            }
+            let subgroup = gpu.coop_matrix().map_or(0, |c| c.subgroup_size as usize);
+            Some(attention_coop::coop_kernel(variant, head_dim, subgroup))
+        }
+        attention_coop::Flavour::Twin => {
+            attention_coop::check_twin(gpu, dtype, variant, head_dim, lk)?;
+            None
+        }
+    };
+    let out = Tensor::empty(gpu, q.shape(), dtype)?;
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    let max_grid = gpu.limits().max_compute_workgroups_per_dimension as usize;
+    let max_elems = Tensor::max_window_elems(gpu, dtype);
+    let max_items = (max_elems / (lq * channels)).min(max_elems / (lk * channels));
+    if max_items == 0 || heads > max_grid {
+        return Err(EngineError::BindingTooLarge {
+            op,
+            bytes: (lq.max(lk) * channels) as u64 * dtype.size_bytes(),
+            limit: gpu.max_binding_bytes(),
+        });
+    }
+    let scale = opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+    for (b0, items) in windows(
+        op,
+        batch,
+        1,
+        max_items.min(max_grid),
+        gpu.max_binding_bytes(),
+    )? {
+        let (qb, q_off) = q.window(gpu, b0 * lq * channels, items * lq * channels);
+        let (kb, k_off) = k.window(gpu, b0 * lk * channels, items * lk * channels);
+        let (vb, v_off) = v.window(gpu, b0 * lk * channels, items * lk * channels);
+        let (ob, out_off) = out.window(gpu, b0 * lq * channels, items * lq * channels);
+        let p = Params {
+            lq: lq as u32,
+            lk: lk as u32,
+            stride: channels as u32,
+            causal: u32::from(opts.causal),
+            q_off,
+            k_off,
+            v_off,
+            out_off,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            key_start: 0,
+            key_end: lk as u32,
+            heads: heads as u32,
+            _pad: [0; 4],
+        };
+        let d = attention_coop::Dispatch {
+            params: params_bytes(&p),
+            bindings: [(1, qb), (2, kb), (3, vb), (4, ob)],
+            lq,
+            heads,
+            items,
+        };
+        match &coop {
+            Some(kernel) => attention_coop::dispatch_coop(gpu, kernel, variant, d)?,
+            None => attention_coop::dispatch_twin(gpu, variant, head_dim, d)?,
         }
     }
     Ok(out)

@@ -7,6 +7,7 @@
 //! `route` is the one place that picks an operator's kernel.
 
 pub mod attention;
+pub mod attention_coop;
 pub mod conv2d;
 mod conv2d_direct;
 pub(crate) mod coop;

@@ -102,6 +102,20 @@ pub(crate) fn route(gpu: &Gpu, req: Request) -> Result<Route> {
     }
 }
 
+/// The tuned tensor-core variant of `op` for `class`, as its constants,
+/// for an operator whose variants are separate shaders generated from one
+/// template (ops/attention_coop.rs): it builds the kernel they name and
+/// hands it to [`route`], which then decides whether it runs.
+pub(crate) fn tuned_coop_constants(
+    gpu: &Gpu,
+    op: &str,
+    class: &str,
+) -> Option<std::collections::BTreeMap<String, f64>> {
+    gpu.tuned(op, class)
+        .filter(|v| v.kernel == KernelName::Coop)
+        .map(|v| v.constants)
+}
+
 /// The power-of-four band of a size: `n ≤ 16` is band 16, then 64, 256, ...
 fn band(n: usize) -> usize {
     let mut b = 16;
