@@ -357,39 +357,6 @@ fn bad_stills_and_image_to_video_folders_are_refused_before_any_output() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_wan_ti2v_folder_makes_text_to_video_and_animates_a_still() {
-    // wan-ti2v (Wan 2.2 TI2V-5B layout: expand_timesteps, the 48-channel
-    // VAE), loaded as a user's download is: one model for both.
-    let dir = scratch("ti2v");
-    write_png(&dir.join("first.png"), (64, 32), 40);
-    write_png(&dir.join("other.png"), (50, 70), 220);
-    let ti2v = fixture("wan-ti2v");
-    let clip = ("64", "32", "5");
-
-    let o = motif(&dir, &sized(&ti2v, clip, &["-o", "t2v"]));
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(png_frames(&dir.join("t2v")).len(), 5);
-    let o = motif(
-        &dir,
-        &sized(&ti2v, clip, &["--image", "first.png", "-o", "a"]),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(png_frames(&dir.join("a")).len(), 5);
-    let recipe: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("a/recipe.json")).unwrap()).unwrap();
-    assert_eq!(recipe["image"], "first.png");
-    // TI2V-5B's own frame rate, not Wan 2.1's 16.
-    assert_eq!(recipe["fps"], 24.0);
-    // The still conditions the clip (another one, of another size, is
-    // resized to the clip): not the text-to-video clip, not the first still's.
-    let o = motif(
-        &dir,
-        &sized(&ti2v, clip, &["--image", "other.png", "-o", "b"]),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_ne!(png_frames(&dir.join("a")), png_frames(&dir.join("t2v")));
-    assert_ne!(png_frames(&dir.join("a")), png_frames(&dir.join("b")));
 /// A copy of the fixture `set` in `dir/name`, model_index.json edited by
 /// `edit` (the reference sets stay untouched).
 fn edited_copy(
@@ -472,27 +439,6 @@ fn wan_a14b_folders_switch_experts_with_their_own_guidance() {
 }
 
 #[test]
-fn a_wan_ti2v_folder_refuses_sizes_off_32_and_a_last_image() {
-    let dir = scratch("ti2v-refused");
-    write_png(&dir.join("first.png"), (64, 32), 40);
-    let ti2v = fixture("wan-ti2v");
-    let cases: Vec<(Vec<&str>, &str)> = vec![
-        // Multiples of 16 that Wan 2.1 takes: the 2.2 VAE's 16 × the 2x2 patch.
-        (
-            sized(&ti2v, ("48", "32", "5"), &[]),
-            "--width 48: not a multiple of 32 (what the model's latents need); pass 32 or 64",
-        ),
-        (
-            sized(&ti2v, ("64", "80", "5"), &["--image", "first.png"]),
-            "--height 80: not a multiple of 32 (what the model's latents need); pass 64 or 96",
-        ),
-        (
-            sized(
-                &ti2v,
-                ("64", "32", "5"),
-                &["--image", "first.png", "--last-image", "first.png"],
-            ),
-            "`last_image` is not supported by the model",
 fn broken_a14b_folders_and_second_guidance_elsewhere_are_refused() {
     let dir = scratch("a14b-refused");
     write_png(&dir.join("first.png"), (48, 32), 40);
@@ -611,6 +557,78 @@ fn a14b_single_files_without_their_pair_are_refused_before_any_gpu_work() {
         args.extend_from_slice(&model);
         let o = motif(&dir, &args);
         common::assert_refused_before_gpu(&o, &format!("{model:?}"), &expected, &dir.join("x.mp4"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_wan_ti2v_folder_makes_text_to_video_and_animates_a_still() {
+    // wan-ti2v (Wan 2.2 TI2V-5B layout: expand_timesteps, the 48-channel
+    // VAE), loaded as a user's download is: one model for both.
+    let dir = scratch("ti2v");
+    write_png(&dir.join("first.png"), (64, 32), 40);
+    write_png(&dir.join("other.png"), (50, 70), 220);
+    let ti2v = fixture("wan-ti2v");
+    let clip = ("64", "32", "5");
+
+    let o = motif(&dir, &sized(&ti2v, clip, &["-o", "t2v"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(png_frames(&dir.join("t2v")).len(), 5);
+    let o = motif(
+        &dir,
+        &sized(&ti2v, clip, &["--image", "first.png", "-o", "a"]),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(png_frames(&dir.join("a")).len(), 5);
+    let recipe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("a/recipe.json")).unwrap()).unwrap();
+    assert_eq!(recipe["image"], "first.png");
+    // TI2V-5B's own frame rate, not Wan 2.1's 16.
+    assert_eq!(recipe["fps"], 24.0);
+    // The still conditions the clip (another one, of another size, is
+    // resized to the clip): not the text-to-video clip, not the first still's.
+    let o = motif(
+        &dir,
+        &sized(&ti2v, clip, &["--image", "other.png", "-o", "b"]),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(png_frames(&dir.join("a")), png_frames(&dir.join("t2v")));
+    assert_ne!(png_frames(&dir.join("a")), png_frames(&dir.join("b")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_wan_ti2v_folder_refuses_sizes_off_32_and_a_last_image() {
+    let dir = scratch("ti2v-refused");
+    write_png(&dir.join("first.png"), (64, 32), 40);
+    let ti2v = fixture("wan-ti2v");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        // Multiples of 16 that Wan 2.1 takes: the 2.2 VAE's 16 × the 2x2 patch.
+        (
+            sized(&ti2v, ("48", "32", "5"), &[]),
+            "--width 48: not a multiple of 32 (what the model's latents need); pass 32 or 64",
+        ),
+        (
+            sized(&ti2v, ("64", "80", "5"), &["--image", "first.png"]),
+            "--height 80: not a multiple of 32 (what the model's latents need); pass 64 or 96",
+        ),
+        (
+            sized(
+                &ti2v,
+                ("64", "32", "5"),
+                &["--image", "first.png", "--last-image", "first.png"],
+            ),
+            "`last_image` is not supported by the model",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut args = args;
+        args.extend_from_slice(&["-o", "x.mp4"]);
+        let o = motif(&dir, &args);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
+        assert!(!dir.join("x.mp4").exists(), "{args:?} left a file");
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

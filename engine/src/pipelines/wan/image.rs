@@ -13,7 +13,7 @@ use crate::error::{LoadError, Result};
 use crate::gpu::Gpu;
 use crate::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
 use crate::models::source::Part;
-use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
+use crate::models::wan_transformer::WanTransformerConfig;
 use crate::pipelines::argument;
 use crate::pipelines::image::{
     pil_resize, to_rgb8, ClipImageProcessor, PilFilter, RgbImage, MIN_IMAGE_SIDE,
