@@ -60,13 +60,25 @@ impl Installed {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        motif_command_at(&self.bin, args, &env)
-            .current_dir(&self.cwd)
-            // The caller's choice of model would hide the default.
-            .env_remove("MOTIF_MODEL")
-            .env_remove("MOTIF_PRECISION")
-            .output()
-            .unwrap()
+        // Another test thread forking while this one's copy of the binary
+        // was still open for writing holds that descriptor in its child
+        // until the child execs: running the copy then fails with "text
+        // file busy" (ETXTBSY) for that moment, so that is tried again.
+        for _ in 0..50 {
+            match motif_command_at(&self.bin, args, &env)
+                .current_dir(&self.cwd)
+                // The caller's choice of model would hide the default.
+                .env_remove("MOTIF_MODEL")
+                .env_remove("MOTIF_PRECISION")
+                .output()
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(std::time::Duration::from_millis(100))
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("{}: still busy after 5 s", self.bin.display())
     }
 
     /// A tiny clip from the default model: 64x64, 4 frames, 2 steps.

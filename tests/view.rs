@@ -40,7 +40,7 @@ impl Xvfb {
     fn start(n: u32) -> Xvfb {
         // Display numbers from the process id, so parallel test runs do not meet.
         let number = 100 + (std::process::id() % 500) * 8 + n;
-        let child = Command::new("Xvfb")
+        let mut child = Command::new("Xvfb")
             .args([
                 &format!(":{number}"),
                 "-screen",
@@ -55,10 +55,15 @@ impl Xvfb {
             .expect("Xvfb runs (apt-get install xvfb; CI does)");
         let socket = PathBuf::from(format!("/tmp/.X11-unix/X{number}"));
         let start = Instant::now();
+        // Several test threads start a server and a software-rendered
+        // window each at once on two cores: the socket can take a while.
         while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("Xvfb :{number} exited ({status}) before its socket appeared");
+            }
             assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "Xvfb :{number} did not start"
+                start.elapsed() < Duration::from_secs(90),
+                "Xvfb :{number} did not start in 90 s"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -71,6 +76,18 @@ impl Xvfb {
 
 impl Drop for Xvfb {
     fn drop(&mut self) {
+        // SIGTERM first, so that the server removes its lock file and
+        // socket (SIGKILL leaves them behind in /tmp).
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
