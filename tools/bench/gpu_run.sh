@@ -104,7 +104,7 @@ fi
 log "Wan2.1-1.3B step at $WAN_SIZE (random weights)"
 timeout "$(limit 45)" "$MOTIF" bench --wan "${WAN_ARGS[@]}" --size "$WAN_SIZE" --iters 1 --json >"$OUT/wan.json" 2>"$OUT/wan.log"; log "wan exit $?"
 if [ "$TORCH" = 1 ]; then
-  PYTHONUNBUFFERED=1 timeout "$(limit 30)" python3 tools/bench/torch_side.py --wan-step --size "$WAN_SIZE" --iters 1 \
+  PYTHONUNBUFFERED=1 timeout "$(limit 30)" python3 tools/bench/torch_side.py --wan-step "${WAN_ARGS[@]}" --size "$WAN_SIZE" --iters 1 \
     >"$OUT/torch_wan.json" 2>"$OUT/torch_wan.log"; log "torch wan exit $?"
 fi
 

@@ -157,9 +157,10 @@ WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_d
                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
 
-def wan_step(device, size, iters=1):
+def wan_step(device, size, iters=1, layers=None):
     """One Wan2.1-1.3B denoising step with random weights (two transformer
-    passes: prompt and negative prompt), as `motif bench --wan` times it.
+    passes: prompt and negative prompt), as `motif bench --wan` times it
+    (`layers` as its --wan-layers: fewer blocks for a dry run).
     Prints {"step_s": seconds} as JSON."""
     from diffusers import WanTransformer3DModel
     dev = torch.device(device)
@@ -167,7 +168,11 @@ def wan_step(device, size, iters=1):
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     width, height, frames = size
     torch.manual_seed(0)
-    model = WanTransformer3DModel(**WAN21_1_3B).to(dev, dtype).eval()
+    config = dict(WAN21_1_3B, num_layers=layers or WAN21_1_3B["num_layers"])
+    # Built where it runs: a CPU initialisation of 1.3B random weights
+    # takes a good part of the GPU run's time limit.
+    with dev:
+        model = WanTransformer3DModel(**config).to(dtype).eval()
     latents = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device=dev, dtype=dtype)
     context = torch.randn(1, 512, 4096, device=dev, dtype=dtype)
     t = torch.tensor([999], device=dev)
@@ -212,12 +217,13 @@ def main():
     ap.add_argument("--matmul", action="store_true", help="time a 4096x4096x4096 product (fp16 on CUDA, fp32 on the CPU) and exit")
     ap.add_argument("--attention", action="store_true", help="time SDPA at 4,096 and 32,760 tokens (JSON) and exit")
     ap.add_argument("--wan-step", action="store_true", help="time one Wan2.1-1.3B step, random weights, at --size (default 832x480x81; JSON) and exit")
+    ap.add_argument("--wan-layers", type=int, help="with --wan-step: this many transformer blocks instead of 30 (as motif bench --wan-layers)")
     args = ap.parse_args()
     if args.attention:
         attention(args.device)
         return
     if args.wan_step:
-        wan_step(args.device, args.size or (832, 480, 81), max(1, args.iters))
+        wan_step(args.device, args.size or (832, 480, 81), max(1, args.iters), args.wan_layers)
         return
     if args.matmul:
         matmul(args.device)
