@@ -40,6 +40,22 @@ impl Drop for Storage {
     }
 }
 
+/// The smallest storage binding a kernel gets: one vec4 (16 bytes), what
+/// WGSL's `array<vec4<f32>>` needs at least; the bytes past the tensor's
+/// end are never read as its values (every kernel bounds its indices).
+const MIN_BINDING_BYTES: u64 = 16;
+
+/// A binding of `bytes`, widened to [`MIN_BINDING_BYTES`] where the buffer
+/// (`available` bytes from the binding's start) has them; any other size
+/// is kept as it is (a plan's stand-in buffers are smaller than what they
+/// stand for, and its checks read the binding's own size).
+fn at_least_one_vec4(bytes: u64, available: u64) -> u64 {
+    match bytes < MIN_BINDING_BYTES {
+        true => MIN_BINDING_BYTES.min(available).max(bytes).max(4),
+        false => bytes,
+    }
+}
+
 #[derive(Clone)]
 pub struct Tensor {
     storage: Arc<Storage>,
@@ -236,12 +252,15 @@ impl Tensor {
             .expect("storage holds its buffer until dropped")
     }
 
-    /// The whole tensor as one binding.
+    /// The whole tensor as one binding: at least [`MIN_BINDING_BYTES`] of
+    /// its buffer (pool buffers are 256 bytes and up), so that a shader
+    /// reading it as vec4s binds a tensor of fewer than four values too.
     pub(crate) fn binding(&self) -> Binding<'_> {
+        let buffer = self.buffer();
         Binding {
-            buffer: self.buffer(),
+            buffer,
             offset: 0,
-            size: self.padded_bytes().max(4),
+            size: at_least_one_vec4(self.padded_bytes(), buffer.size()),
         }
     }
 
@@ -260,7 +279,7 @@ impl Tensor {
             Binding {
                 buffer: self.buffer(),
                 offset,
-                size: (end - offset).max(4),
+                size: at_least_one_vec4(end - offset, self.buffer().size() - offset),
             },
             elem_offset,
         )

@@ -897,3 +897,28 @@ fn direct_against_packed_timing() {
         println!("{line}");
     }
 }
+
+#[test]
+fn convolutions_with_fewer_than_four_values_bind_on_every_kernel() {
+    // A tensor of 1-3 f32 (1-7 f16) values is narrower than one vec4, the
+    // least a shader's vec4 array binds: bias, output and input of these.
+    let gpu = gpu();
+    let opts = Conv2dOptions::default();
+    for kernel in [
+        Conv2dKernel::Auto,
+        Conv2dKernel::Tiled,
+        Conv2dKernel::Packed,
+    ] {
+        for (x, w) in [
+            ([1, 1, 1, 1], [1, 1, 1, 1]),
+            ([1, 3, 1, 2], [2, 3, 1, 1]),
+            ([1, 4, 2, 2], [1, 4, 1, 1]),
+            ([1, 2, 1, 3], [1, 2, 1, 1]),
+            ([2, 1, 1, 1], [3, 1, 1, 1]),
+        ] {
+            for dtype in dtypes() {
+                check_in(gpu, kernel, (x, w), true, &opts, 3, dtype);
+            }
+        }
+    }
+}
