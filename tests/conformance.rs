@@ -38,6 +38,20 @@ fn summary(stdout: &str) -> (usize, usize) {
     (nums[0], nums[1])
 }
 
+/// Runs the whole set at `dir` in `precision` and asserts that it exits 0
+/// with all `outputs` passing; its stdout, for the caller's checks of
+/// particular outputs.
+fn passes_whole(set: &str, dir: &Path, outputs: usize, precision: &str) -> String {
+    let (code, stdout, stderr) = conformance(&[dir.to_str().unwrap(), "--precision", precision]);
+    assert_eq!(code, 0, "{set} {precision}:\n{stdout}\n{stderr}");
+    assert_eq!(
+        summary(&stdout),
+        (outputs, 0),
+        "{set} {precision}:\n{stdout}"
+    );
+    stdout
+}
+
 /// Outputs a full run compares: every case's `outputs` in the manifest.
 fn outputs_in(dir: &Path) -> usize {
     outputs_of(dir, None)
@@ -143,14 +157,7 @@ fn wan_image_to_video_sets_match_the_reference_in_f32_and_f16() {
         let outputs = outputs_in(&dir);
         assert!(outputs >= 15, "{set}: only {outputs} outputs");
         for precision in ["f32", "f16"] {
-            let (code, stdout, stderr) =
-                conformance(&[dir.to_str().unwrap(), "--precision", precision]);
-            assert_eq!(code, 0, "{set} {precision}:\n{stdout}\n{stderr}");
-            assert_eq!(
-                summary(&stdout),
-                (outputs, 0),
-                "{set} {precision}:\n{stdout}"
-            );
+            let stdout = passes_whole(set, &dir, outputs, precision);
             for output in [
                 "image_processor.pixel_values_1",
                 "image_encoder.penultimate_hidden_state",
@@ -181,10 +188,7 @@ fn wan_ti2v_set_matches_the_reference_in_f32_and_f16() {
     let outputs = outputs_in(&dir);
     assert!(outputs >= 17, "wan-ti2v: only {outputs} outputs");
     for precision in ["f32", "f16"] {
-        let (code, stdout, stderr) =
-            conformance(&[dir.to_str().unwrap(), "--precision", precision]);
-        assert_eq!(code, 0, "{precision}:\n{stdout}\n{stderr}");
-        assert_eq!(summary(&stdout), (outputs, 0), "{precision}:\n{stdout}");
+        let stdout = passes_whole("wan-ti2v", &dir, outputs, precision);
         for output in [
             "vae_decode.sample",
             "vae_encode.posterior_mean",
@@ -243,14 +247,7 @@ fn wan_a14b_sets_run_both_experts_and_match_the_reference_in_f32_and_f16() {
         let outputs = outputs_in(&dir);
         assert!(outputs >= 5, "{set}: only {outputs} outputs");
         for precision in ["f32", "f16"] {
-            let (code, stdout, stderr) =
-                conformance(&[dir.to_str().unwrap(), "--precision", precision]);
-            assert_eq!(code, 0, "{set} {precision}:\n{stdout}\n{stderr}");
-            assert_eq!(
-                summary(&stdout),
-                (outputs, 0),
-                "{set} {precision}:\n{stdout}"
-            );
+            let stdout = passes_whole(set, &dir, outputs, precision);
             let mut expected = vec!["pipeline_unipc.step_latents", "pipeline_unipc.frames"];
             match set {
                 "wan-a14b/t2v-files" => {}
