@@ -236,7 +236,7 @@ struct PackParams {
     n_kc: u32,         // K chunks
     row0: u32,         // first row this dispatch packs
     dst_base: u32,     // word index (in the whole packed operand) of packed[0]
-    _pad0: u32,
+    grid_rows: u32,    // pack_rows4: rows of the matrix this dispatch packs (from row0)
     _pad1: u32,
 }
 
@@ -299,12 +299,17 @@ fn source4(z: u32, row: u32, k4: u32) -> vec4<f32> {
     return select(vec4(0.0), v, vec4(k, k + 1u, k + 2u, k + 3u) < vec4(pk.k));
 }
 
-@compute @workgroup_size(32)
+//
+// A workgroup is 8 vec4s of each of 4 rows, so that rows of only 16 vec4s
+// (K = 64 in f32, the most common linear layer of the small models) keep
+// every lane busy: with 32 vec4s of one row per workgroup half the lanes had
+// nothing to do. (x, y) = (vec4 of the row, row from row0), z = item.
+@compute @workgroup_size(8, 4)
 fn pack_rows4(@builtin(global_invocation_id) gid: vec3<u32>) {
     let word = 4u * gid.x;
     let row = pk.row0 + gid.y;
     let z = gid.z;
-    if (word >= pk.n_kc * pk.kw) {
+    if (word >= pk.n_kc * pk.kw || gid.y >= pk.grid_rows) {
         return;
     }
     let at = ((z * pk.n_rb + (row >> pk.rb_shift)) * pk.n_kc + (word >> pk.kw_shift)) * BLOCK_WORDS
@@ -372,6 +377,10 @@ alias Block = array<vec4<u32>, 4096>;
 // buffers taking turns.
 @group(0) @binding(17) var<uniform> partial_in: array<vec4<f32>, 4096>;
 @group(0) @binding(18) var<storage, read_write> partial_out: array<vec4<f32>>;
+// The windows of `out` (4) and `residual` (19) again, as vec4s (see the
+// stores at the end of gemm_packed).
+@group(0) @binding(20) var<storage, read_write> out_v4: array<st4>;
+@group(0) @binding(21) var<storage, read> residual_v4: array<st4>;
 
 // acc[r][c] += sum over 4 values of K of a[r][k] * b[k][c].
 fn rank4(acc: ptr<function, array<vec4<f32>, 16>>, r: u32, a_r: vec4<f32>,
@@ -532,6 +541,16 @@ fn gemm_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocati
     let first = out_column(p.col0);
     let col_at = vec4(out_column(p.col0 + j0), out_column(p.col0 + j0 + 1u),
                       out_column(p.col0 + j0 + 2u), out_column(p.col0 + j0 + 3u)) - vec4(first);
+    // Where this lane's 4 columns are 4 neighbouring values of a row of
+    // `out`, 4-aligned (a plain product whose row stride and offset are
+    // multiples of 4; conv2d's pixels within one item), each row is stored
+    // as one vec4 (out_v4, the same window as `out`): a store is a loop
+    // over the lanes on lavapipe, so this makes one loop where the scalar
+    // path makes four, and the same for the residual. With K of 64-128 (the
+    // small models' linear layers) these stores were over half the kernel.
+    let vec_cols = cols == 4u && all(col_at == vec4(col_at.x) + vec4(0u, 1u, 2u, 3u))
+        && (p.ldo & 3u) == 0u && ((p.out_off + col_at.x) & 3u) == 0u
+        && (p.has_residual == 0u || (p.res_off & 3u) == (p.out_off & 3u));
     for (var r = 0u; r < 16u; r++) {
         let i = i0 + r;
         if (i >= p.m) {
@@ -556,6 +575,17 @@ fn gemm_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocati
         }
         v = vec4(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
         let o = p.out_off + i * p.ldo;
+        let o4 = (o + col_at.x) / 4u;
+        let r4 = (p.res_off + o + col_at.x - p.out_off) / 4u;
+        if (vec_cols && o4 < arrayLength(&out_v4)
+            && (p.has_residual == 0u || r4 < arrayLength(&residual_v4))) {
+            var f = v * p.scale;
+            if (p.has_residual == 1u) {
+                f += p.residual_scale * vec4<f32>(residual_v4[r4]);
+            }
+            out_v4[o4] = st4(f);
+            continue;
+        }
         for (var c = 0u; c < cols; c++) {
             out[o + col_at[c]] = st(finish_value(o + col_at[c], v[c]));
         }

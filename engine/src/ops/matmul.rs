@@ -918,7 +918,9 @@ struct PackParams {
     n_kc: u32,
     row0: u32,
     dst_base: u32,
-    _pad: [u32; 2],
+    /// pack_rows4: rows of the matrix this dispatch packs, from row0.
+    grid_rows: u32,
+    _pad: u32,
 }
 
 /// A strided matrix (per item) in a tensor, to be packed with its rows as
@@ -935,6 +937,8 @@ struct Strided<'a> {
 
 /// Invocations per pack_rows workgroup, along K.
 const PACK_GROUP: usize = 32;
+/// pack_rows4's workgroup: invocations along K, rows.
+const PACK_ROWS4_GROUP: (usize, usize) = (8, 4);
 
 /// Packs `s` with `kw` words per block row.
 fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
@@ -974,11 +978,19 @@ fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
         n_kc: packed.n_kc as u32,
         row0: 0,
         dst_base: 0,
-        _pad: [0; 2],
+        grid_rows: 0,
+        _pad: 0,
     };
     // Only the words that hold values are written: the rest of a new buffer
     // is zero, as padding must be.
-    let groups_x = packed.k_words.div_ceil(PACK_GROUP * words_per_invocation) as u32;
+    // pack_rows4's workgroups are 8 invocations along K by 4 rows; the
+    // others' 32 invocations along K by 1 row.
+    let (group_x, group_rows) = if entry == "pack_rows4" {
+        (PACK_ROWS4_GROUP.0, PACK_ROWS4_GROUP.1)
+    } else {
+        (PACK_GROUP, 1)
+    };
+    let groups_x = packed.k_words.div_ceil(group_x * words_per_invocation) as u32;
     let item_words = packed.n_rb * packed.n_kc * BLOCK_WORDS;
     let all_blocks = s.items * packed.n_rb * packed.n_kc;
     let rows_per_dispatch = MAX_GROUPS / rb * rb;
@@ -992,11 +1004,12 @@ fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
             let p = PackParams {
                 row0: row0 as u32,
                 src_off: (row0 * s.row_stride) as u32,
+                grid_rows: rows as u32,
                 ..base
             };
             let groups = [
                 groups_x,
-                rows.div_ceil(rows_per_invocation) as u32,
+                rows.div_ceil(rows_per_invocation * group_rows) as u32,
                 s.items as u32,
             ];
             let bindings = [(src_slot, s.t.binding()), (dst_slot, dst)];
@@ -1026,10 +1039,15 @@ fn pack_rows(gpu: &Gpu, s: &Strided, kw: usize) -> Result<Packed> {
                 row0: (r * rb) as u32,
                 src_off,
                 dst_base: ((first * BLOCK_WORDS) as u32).wrapping_sub((z * item_words) as u32),
+                grid_rows: valid as u32,
                 ..base
             };
             let dst = packed.blocks(first, packed.n_kc);
-            let groups = [groups_x, valid.div_ceil(rows_per_invocation) as u32, 1];
+            let groups = [
+                groups_x,
+                valid.div_ceil(rows_per_invocation * group_rows) as u32,
+                1,
+            ];
             let bindings = [(src_slot, src), (dst_slot, dst)];
             gpu.dispatch(&k, params_bytes(&p), &bindings, groups)?;
         }
@@ -1182,6 +1200,9 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                             (17, partial_in),
                             (18, partial_out),
                             (19, resb),
+                            // The same windows, read and written as vec4s.
+                            (20, ob),
+                            (21, resb),
                         ];
                         for c in 0..CHUNKS_PER_PASS {
                             // Unused slots repeat the first chunk; the kernel skips them.
