@@ -207,7 +207,7 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
 // cycles per value) and subgroupBroadcast is one shuffle. So both operands
 // are first copied (pack_rows here, pack_taps in conv2d) into blocks of 64 KiB —
 // the largest uniform binding — and gemm_packed reads them as uniform
-// buffers: 16 rows of a per subgroup, one gathered vec4 per lane for 8 of
+// buffers: 16 or 32 rows of a per subgroup, one gathered vec4 per lane for 8 of
 // them then shared by subgroupBroadcast, and 4 columns of b per lane.
 //
 // Packed layout: a matrix of R rows x K is cut into row blocks of 16384 / kw
@@ -383,22 +383,58 @@ alias Block = array<vec4<u32>, 4096>;
 @group(0) @binding(21) var<storage, read> residual_v4: array<st4>;
 
 // acc[r][c] += sum over 4 values of K of a[r][k] * b[k][c].
-fn rank4(acc: ptr<function, array<vec4<f32>, 16>>, r: u32, a_r: vec4<f32>,
+fn rank4(acc: ptr<function, array<vec4<f32>, 32>>, r: u32, a_r: vec4<f32>,
          k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>) {
     (*acc)[r] = fma(vec4(a_r.x), k0, fma(vec4(a_r.y), k1, fma(vec4(a_r.z), k2, fma(vec4(a_r.w), k3, (*acc)[r]))));
 }
 
 // The same for a word group of f16 pairs: 8 values of K, low halves first.
-fn rank8(acc: ptr<function, array<vec4<f32>, 16>>, r: u32, w: vec4<u32>,
+fn rank8(acc: ptr<function, array<vec4<f32>, 32>>, r: u32, w: vec4<u32>,
          k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>,
          k4: vec4<f32>, k5: vec4<f32>, k6: vec4<f32>, k7: vec4<f32>) {
     rank4(acc, r, vec4(unpack2x16float(w.x), unpack2x16float(w.y)), k0, k1, k2, k3);
     rank4(acc, r, vec4(unpack2x16float(w.z), unpack2x16float(w.w)), k4, k5, k6, k7);
 }
 
-// One vec4 word group along K: a rows (lanes' words `lo` = row sid, `hi` =
-// row 8 + sid) and this lane's 4 columns c0..c3 of b.
-fn kstep(acc: ptr<function, array<vec4<f32>, 16>>, lo: vec4<u32>, hi: vec4<u32>,
+// Rows r0..r0 + 7 (lane l's word `a` is row r0 + l) against this lane's
+// columns, f32. subgroupBroadcast needs a constant lane, hence the unrolling.
+fn rows8(acc: ptr<function, array<vec4<f32>, 32>>, r0: u32, a: vec4<f32>,
+         k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>) {
+    rank4(acc, r0, subgroupBroadcast(a, 0u), k0, k1, k2, k3);
+    rank4(acc, r0 + 1u, subgroupBroadcast(a, 1u), k0, k1, k2, k3);
+    rank4(acc, r0 + 2u, subgroupBroadcast(a, 2u), k0, k1, k2, k3);
+    rank4(acc, r0 + 3u, subgroupBroadcast(a, 3u), k0, k1, k2, k3);
+    rank4(acc, r0 + 4u, subgroupBroadcast(a, 4u), k0, k1, k2, k3);
+    rank4(acc, r0 + 5u, subgroupBroadcast(a, 5u), k0, k1, k2, k3);
+    rank4(acc, r0 + 6u, subgroupBroadcast(a, 6u), k0, k1, k2, k3);
+    rank4(acc, r0 + 7u, subgroupBroadcast(a, 7u), k0, k1, k2, k3);
+}
+
+// The same for f16 pairs.
+fn rows8_f16(acc: ptr<function, array<vec4<f32>, 32>>, r0: u32, a: vec4<u32>,
+             k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>,
+             k4: vec4<f32>, k5: vec4<f32>, k6: vec4<f32>, k7: vec4<f32>) {
+    rank8(acc, r0, subgroupBroadcast(a, 0u), k0, k1, k2, k3, k4, k5, k6, k7);
+    rank8(acc, r0 + 1u, subgroupBroadcast(a, 1u), k0, k1, k2, k3, k4, k5, k6, k7);
+    rank8(acc, r0 + 2u, subgroupBroadcast(a, 2u), k0, k1, k2, k3, k4, k5, k6, k7);
+    rank8(acc, r0 + 3u, subgroupBroadcast(a, 3u), k0, k1, k2, k3, k4, k5, k6, k7);
+    rank8(acc, r0 + 4u, subgroupBroadcast(a, 4u), k0, k1, k2, k3, k4, k5, k6, k7);
+    rank8(acc, r0 + 5u, subgroupBroadcast(a, 5u), k0, k1, k2, k3, k4, k5, k6, k7);
+    rank8(acc, r0 + 6u, subgroupBroadcast(a, 6u), k0, k1, k2, k3, k4, k5, k6, k7);
+    rank8(acc, r0 + 7u, subgroupBroadcast(a, 7u), k0, k1, k2, k3, k4, k5, k6, k7);
+}
+
+// Groups of 8 rows per gemm_packed workgroup: 4 (32 rows) or 2 (16).
+// ops/matmul.rs picks 4 where K is long and 2 where it is short: 32 rows
+// gather a third fewer operand values per product (a gathered value is most
+// of the cost on lavapipe), but measured slower on products with K under
+// 128 (the small models' linear layers).
+override ROW_GROUPS: u32 = 4u;
+
+// One vec4 word group along K: the 32 rows of a (lane l's words r0..r3 are
+// rows l, 8 + l, 16 + l, 24 + l) and this lane's 4 columns c0..c3 of b.
+fn kstep(acc: ptr<function, array<vec4<f32>, 32>>, r0: vec4<u32>, r1: vec4<u32>,
+         r2: vec4<u32>, r3: vec4<u32>,
          c0: vec4<u32>, c1: vec4<u32>, c2: vec4<u32>, c3: vec4<u32>) {
     if (PACKED_F16) {
         // Word q of a column holds K values 2q (low half) and 2q + 1.
@@ -414,23 +450,12 @@ fn kstep(acc: ptr<function, array<vec4<f32>, 16>>, lo: vec4<u32>, hi: vec4<u32>,
         let k5 = vec4(z0.y, z1.y, z2.y, z3.y);
         let k6 = vec4(w0.x, w1.x, w2.x, w3.x);
         let k7 = vec4(w0.y, w1.y, w2.y, w3.y);
-        // subgroupBroadcast needs a constant lane, hence the unrolled rows.
-        rank8(acc, 0u, subgroupBroadcast(lo, 0u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 1u, subgroupBroadcast(lo, 1u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 2u, subgroupBroadcast(lo, 2u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 3u, subgroupBroadcast(lo, 3u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 4u, subgroupBroadcast(lo, 4u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 5u, subgroupBroadcast(lo, 5u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 6u, subgroupBroadcast(lo, 6u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 7u, subgroupBroadcast(lo, 7u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 8u, subgroupBroadcast(hi, 0u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 9u, subgroupBroadcast(hi, 1u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 10u, subgroupBroadcast(hi, 2u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 11u, subgroupBroadcast(hi, 3u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 12u, subgroupBroadcast(hi, 4u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 13u, subgroupBroadcast(hi, 5u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 14u, subgroupBroadcast(hi, 6u), k0, k1, k2, k3, k4, k5, k6, k7);
-        rank8(acc, 15u, subgroupBroadcast(hi, 7u), k0, k1, k2, k3, k4, k5, k6, k7);
+        rows8_f16(acc, 0u, r0, k0, k1, k2, k3, k4, k5, k6, k7);
+        rows8_f16(acc, 8u, r1, k0, k1, k2, k3, k4, k5, k6, k7);
+        if (ROW_GROUPS > 2u) {
+            rows8_f16(acc, 16u, r2, k0, k1, k2, k3, k4, k5, k6, k7);
+            rows8_f16(acc, 24u, r3, k0, k1, k2, k3, k4, k5, k6, k7);
+        }
     } else {
         let f0 = bitcast<vec4<f32>>(c0);
         let f1 = bitcast<vec4<f32>>(c1);
@@ -440,24 +465,12 @@ fn kstep(acc: ptr<function, array<vec4<f32>, 16>>, lo: vec4<u32>, hi: vec4<u32>,
         let k1 = vec4(f0.y, f1.y, f2.y, f3.y);
         let k2 = vec4(f0.z, f1.z, f2.z, f3.z);
         let k3 = vec4(f0.w, f1.w, f2.w, f3.w);
-        let a0 = bitcast<vec4<f32>>(lo);
-        let a1 = bitcast<vec4<f32>>(hi);
-        rank4(acc, 0u, subgroupBroadcast(a0, 0u), k0, k1, k2, k3);
-        rank4(acc, 1u, subgroupBroadcast(a0, 1u), k0, k1, k2, k3);
-        rank4(acc, 2u, subgroupBroadcast(a0, 2u), k0, k1, k2, k3);
-        rank4(acc, 3u, subgroupBroadcast(a0, 3u), k0, k1, k2, k3);
-        rank4(acc, 4u, subgroupBroadcast(a0, 4u), k0, k1, k2, k3);
-        rank4(acc, 5u, subgroupBroadcast(a0, 5u), k0, k1, k2, k3);
-        rank4(acc, 6u, subgroupBroadcast(a0, 6u), k0, k1, k2, k3);
-        rank4(acc, 7u, subgroupBroadcast(a0, 7u), k0, k1, k2, k3);
-        rank4(acc, 8u, subgroupBroadcast(a1, 0u), k0, k1, k2, k3);
-        rank4(acc, 9u, subgroupBroadcast(a1, 1u), k0, k1, k2, k3);
-        rank4(acc, 10u, subgroupBroadcast(a1, 2u), k0, k1, k2, k3);
-        rank4(acc, 11u, subgroupBroadcast(a1, 3u), k0, k1, k2, k3);
-        rank4(acc, 12u, subgroupBroadcast(a1, 4u), k0, k1, k2, k3);
-        rank4(acc, 13u, subgroupBroadcast(a1, 5u), k0, k1, k2, k3);
-        rank4(acc, 14u, subgroupBroadcast(a1, 6u), k0, k1, k2, k3);
-        rank4(acc, 15u, subgroupBroadcast(a1, 7u), k0, k1, k2, k3);
+        rows8(acc, 0u, bitcast<vec4<f32>>(r0), k0, k1, k2, k3);
+        rows8(acc, 8u, bitcast<vec4<f32>>(r1), k0, k1, k2, k3);
+        if (ROW_GROUPS > 2u) {
+            rows8(acc, 16u, bitcast<vec4<f32>>(r2), k0, k1, k2, k3);
+            rows8(acc, 24u, bitcast<vec4<f32>>(r3), k0, k1, k2, k3);
+        }
     }
 }
 
@@ -477,7 +490,7 @@ fn out_column(x: u32) -> u32 {
 // One tile of up to 16384 / kw rows x 16384 / kw columns per dispatch: the
 // bound blocks a0..a5 are K chunks of the tile's rows, b0..b5 of its columns
 // (unused slots repeat a bound block). Each workgroup is one subgroup of 8
-// lanes and computes 16 rows x 32 columns, of the m rows from tile row row0
+// lanes and computes 8 * ROW_GROUPS rows x 32 columns, of the m rows from tile row row0
 // and the n columns; out, bias and the epilogue are as for matmul_tiled, with
 // (i, j) counted from (row0, 0) (out_off and bias_off point there) and
 // columns placed by out_column.
@@ -489,42 +502,50 @@ fn out_column(x: u32) -> u32 {
 // writes out. (A read-modify-write of `out` would cost more than the pass.)
 @compute @workgroup_size(8)
 fn gemm_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) sid: u32) {
-    let i0 = wid.y * 16u;
+    let i0 = wid.y * 8u * ROW_GROUPS;
     let j0 = wid.x * 32u + sid * 4u;
-    let lo = (p.row0 + i0 + sid) * p.kw4;
-    let hi = (p.row0 + i0 + 8u + sid) * p.kw4;
+    let q0 = (p.row0 + i0 + sid) * p.kw4;
+    let q1 = q0 + 8u * p.kw4;
+    let q2 = q1 + 8u * p.kw4;
+    let q3 = q2 + 8u * p.kw4;
     let c0 = j0 * p.kw4;
     let c1 = c0 + p.kw4;
     let c2 = c1 + p.kw4;
     let c3 = c2 + p.kw4;
-    var acc: array<vec4<f32>, 16>;
+    var acc: array<vec4<f32>, 32>;
     // Bindings cannot be indexed, so each chunk has its own loop.
     for (var q = 0u; q < chunk_len(0u); q++) {
-        kstep(&acc, a0[lo + q], a0[hi + q], b0[c0 + q], b0[c1 + q], b0[c2 + q], b0[c3 + q]);
+        kstep(&acc, a0[q0 + q], a0[q1 + q], a0[q2 + q], a0[q3 + q],
+                  b0[c0 + q], b0[c1 + q], b0[c2 + q], b0[c3 + q]);
     }
     if (p.nch > 1u) {
         for (var q = 0u; q < chunk_len(1u); q++) {
-            kstep(&acc, a1[lo + q], a1[hi + q], b1[c0 + q], b1[c1 + q], b1[c2 + q], b1[c3 + q]);
+            kstep(&acc, a1[q0 + q], a1[q1 + q], a1[q2 + q], a1[q3 + q],
+                  b1[c0 + q], b1[c1 + q], b1[c2 + q], b1[c3 + q]);
         }
     }
     if (p.nch > 2u) {
         for (var q = 0u; q < chunk_len(2u); q++) {
-            kstep(&acc, a2[lo + q], a2[hi + q], b2[c0 + q], b2[c1 + q], b2[c2 + q], b2[c3 + q]);
+            kstep(&acc, a2[q0 + q], a2[q1 + q], a2[q2 + q], a2[q3 + q],
+                  b2[c0 + q], b2[c1 + q], b2[c2 + q], b2[c3 + q]);
         }
     }
     if (p.nch > 3u) {
         for (var q = 0u; q < chunk_len(3u); q++) {
-            kstep(&acc, a3[lo + q], a3[hi + q], b3[c0 + q], b3[c1 + q], b3[c2 + q], b3[c3 + q]);
+            kstep(&acc, a3[q0 + q], a3[q1 + q], a3[q2 + q], a3[q3 + q],
+                  b3[c0 + q], b3[c1 + q], b3[c2 + q], b3[c3 + q]);
         }
     }
     if (p.nch > 4u) {
         for (var q = 0u; q < chunk_len(4u); q++) {
-            kstep(&acc, a4[lo + q], a4[hi + q], b4[c0 + q], b4[c1 + q], b4[c2 + q], b4[c3 + q]);
+            kstep(&acc, a4[q0 + q], a4[q1 + q], a4[q2 + q], a4[q3 + q],
+                  b4[c0 + q], b4[c1 + q], b4[c2 + q], b4[c3 + q]);
         }
     }
     if (p.nch > 5u) {
         for (var q = 0u; q < chunk_len(5u); q++) {
-            kstep(&acc, a5[lo + q], a5[hi + q], b5[c0 + q], b5[c1 + q], b5[c2 + q], b5[c3 + q]);
+            kstep(&acc, a5[q0 + q], a5[q1 + q], a5[q2 + q], a5[q3 + q],
+                  b5[c0 + q], b5[c1 + q], b5[c2 + q], b5[c3 + q]);
         }
     }
     // The stores run as a loop over the rows of a copy of the sums: fully
@@ -551,7 +572,7 @@ fn gemm_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocati
     let vec_cols = cols == 4u && all(col_at == vec4(col_at.x) + vec4(0u, 1u, 2u, 3u))
         && (p.ldo & 3u) == 0u && ((p.out_off + col_at.x) & 3u) == 0u
         && (p.has_residual == 0u || (p.res_off & 3u) == (p.out_off & 3u));
-    for (var r = 0u; r < 16u; r++) {
+    for (var r = 0u; r < 8u * ROW_GROUPS; r++) {
         let i = i0 + r;
         if (i >= p.m) {
             break;

@@ -710,8 +710,9 @@ const BLOCK_BYTES: u64 = BLOCK_WORDS as u64 * 4;
 /// parameters and the partial sums, 14 uniform buffers of the 15 lavapipe allows.
 const CHUNKS_PER_PASS: usize = 6;
 const PACKED_UNIFORMS: usize = 2 * CHUNKS_PER_PASS + 2;
-/// Output rows and columns of one gemm_packed workgroup (one subgroup).
-const PACKED_ROWS: usize = 16;
+/// Output rows (the most: see packed_rows) and columns of one gemm_packed
+/// workgroup (one subgroup).
+const PACKED_ROWS: usize = 32;
 const PACKED_COLS: usize = 32;
 /// Words per block row to choose from: blocks of 512 rows x 32 words to 32 x 512.
 const BLOCK_ROW_WORDS: [usize; 5] = [32, 64, 128, 256, 512];
@@ -730,6 +731,18 @@ pub(crate) fn packed_supported(gpu: &Gpu) -> bool {
         && limits.max_uniform_buffers_per_shader_stage as usize >= PACKED_UNIFORMS
         && limits.max_uniform_buffer_binding_size >= BLOCK_BYTES
         && gpu.max_binding_bytes() >= BLOCK_BYTES
+}
+
+/// Output rows of one gemm_packed workgroup for a product of `k_words`
+/// words of K: 32 where K is long, 16 where it is short (ROW_GROUPS in
+/// shaders/matmul.wgsl; on lavapipe 2026-12-07, f32, 32 rows took 0.68-0.73x
+/// the time at K of 128 to 1440 and 1.2-1.5x at K of 64 and 96).
+fn packed_rows(k_words: usize) -> usize {
+    if k_words >= 128 {
+        PACKED_ROWS
+    } else {
+        PACKED_ROWS / 2
+    }
 }
 
 /// Values per packed word.
@@ -889,7 +902,7 @@ pub(crate) fn packed_row_words(items: usize, m: usize, n: usize, k_words: usize)
             return f64::INFINITY;
         }
         let dispatches = items * m.div_ceil(rb) * n.div_ceil(rb) * passes;
-        let groups = m.min(rb).div_ceil(PACKED_ROWS) * n.min(rb).div_ceil(PACKED_COLS);
+        let groups = m.min(rb).div_ceil(packed_rows(k_words)) * n.min(rb).div_ceil(PACKED_COLS);
         let balance = groups as f64 / (groups.div_ceil(THREADS) * THREADS) as f64;
         (items * m * n * k_words.max(1)) as f64 * WORD / balance
             + dispatches as f64 * DISPATCH
@@ -1118,8 +1131,10 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
         constants: vec![
             ("ACT", e.activation.code()),
             ("PACKED_F16", g.packed_f16 as u8 as f64),
+            ("ROW_GROUPS", (packed_rows(a.k_words) / 8) as f64),
         ],
     };
+    let packed_rows = packed_rows(a.k_words);
     let rb = a.rows_per_block();
     let kw4 = a.kw / 4;
     let passes = a.n_kc.div_ceil(CHUNKS_PER_PASS);
@@ -1151,11 +1166,11 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                 let first_col = g.out_column(j * rb);
                 let col_span = g.out_column(j * rb + cols - 1) - first_col + 1;
                 let group_rows =
-                    (max.saturating_sub(col_span) / g.ldo.max(1) + 1) / PACKED_ROWS * PACKED_ROWS;
+                    (max.saturating_sub(col_span) / g.ldo.max(1) + 1) / packed_rows * packed_rows;
                 if col_span > max || group_rows == 0 {
                     return Err(EngineError::BindingTooLarge {
                         op: "matmul",
-                        bytes: ((PACKED_ROWS - 1) * g.ldo + col_span) as u64 * dtype.size_bytes(),
+                        bytes: ((packed_rows - 1) * g.ldo + col_span) as u64 * dtype.size_bytes(),
                         limit: gpu.max_binding_bytes(),
                     });
                 }
@@ -1234,7 +1249,7 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                             &bindings,
                             [
                                 cols.div_ceil(PACKED_COLS) as u32,
-                                rows.div_ceil(PACKED_ROWS) as u32,
+                                rows.div_ceil(packed_rows) as u32,
                                 1,
                             ],
                         )?;
