@@ -236,7 +236,7 @@ struct PackParams {
                      // pack_taps: packed row of the band's first pixel (items side by side)
     dst_base: u32,   // pack_weights: word index (in the packed operand) of packed[0]
     padded_w: u32,   // pack_taps4: columns of the padded input the band reads
-    _pad0: u32,
+    x_item: u32,     // pack_taps4: elements of x between the items of its z
 }
 
 // pack_taps and pack_weights bindings:
@@ -252,10 +252,13 @@ fn packed_index(row: u32, word: u32) -> u32 {
         + (row & (pp.rb - 1u)) * pp.row_words + (word & (pp.row_words - 1u));
 }
 
+// pack_taps4: the offset in x of this invocation's item (z) from x_off.
+var<private> item_off: u32 = 0u;
+
 fn input_value(ci: u32, iy: u32, ix: u32) -> f32 {
     // The clamped load runs unconditionally (no branch around a lane loop).
     let ok = ci < pp.cin && iy < pp.h && ix < pp.w;
-    let v = f32(x[pp.x_off + select(0u, (ci * pp.h + iy) * pp.w + ix, ok)]);
+    let v = f32(x[pp.x_off + item_off + select(0u, (ci * pp.h + iy) * pp.w + ix, ok)]);
     return select(0.0, v, ok);
 }
 
@@ -301,7 +304,9 @@ fn pack_taps(@builtin(global_invocation_id) gid: vec3<u32>) {
 // column, channel vector) pairs, channels fastest: with x over channels
 // alone, few channels (the VAE's 32 at full resolution: 8 vectors) left most
 // of its 32 lanes idle.
-// x: column * cw / 4 + channel vector, y: padded input row of the band.
+// x: column * cw / 4 + channel vector, y: padded input row of the band,
+// z: item of the group (x_item elements of x apart, rows * wo packed rows
+// apart), so that one dispatch packs the band of every item.
 //   @binding(6) packed4  the blocks as array<vec4<u32>>
 @group(0) @binding(6) var<storage, read_write> packed4: array<vec4<u32>>;
 
@@ -321,6 +326,8 @@ fn pack_taps4(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let c2 = 4u * (gid.x - px * vectors);
     let py = gid.y;
+    item_off = gid.z * pp.x_item;
+    let row0 = pp.row0 + gid.z * pp.rows * pp.wo;
     let iy = pp.oy0 * STRIDE + py - pp.pad_t;
     let ix = px - pp.pad_l;
     let v = vec4(input_word(c2, iy, ix), input_word(c2 + 1u, iy, ix),
@@ -332,7 +339,7 @@ fn pack_taps4(@builtin(global_invocation_id) gid: vec3<u32>) {
             let oy = dy / STRIDE;
             let ox = dx / STRIDE;
             if (py >= ky && px >= kx && dy == oy * STRIDE && dx == ox * STRIDE && oy < pp.rows && ox < pp.wo) {
-                packed4[packed_index(pp.row0 + oy * pp.wo + ox, (ky * KW + kx) * pp.cw + c2) / 4u] = v;
+                packed4[packed_index(row0 + oy * pp.wo + ox, (ky * KW + kx) * pp.cw + c2) / 4u] = v;
             }
         }
     }

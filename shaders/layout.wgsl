@@ -48,6 +48,42 @@ fn permute(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     dst[p.dst_off + i] = src[p.src_off + s];
 }
 
+// permute4: the same, 4 neighbouring outputs of the innermost output dim per
+// invocation (its size a multiple of 4, dst_off and n too), written as one
+// vec4 (dst4, the same window as dst) and read as one vec4 (src4) where the
+// innermost dim is contiguous in the input and aligned. The coordinates take
+// divisions by the dims, each 8 scalar divisions on a CPU adapter (no vector
+// integer division there), and every storage access there is a loop over
+// the lanes: both now come once per 4 outputs.
+//   @binding(3) dst4  array<st4> (write)
+//   @binding(4) src4  array<st4> (read)
+@group(0) @binding(3) var<storage, read_write> dst4: array<st4>;
+@group(0) @binding(4) var<storage, read> src4: array<st4>;
+
+@compute @workgroup_size(WG)
+fn permute4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+            @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = 4u * linear_index(wid, lid, nwg);
+    if (i >= p.n) { return; }
+    var rem = i;
+    var s = 0u;
+    for (var d = i32(p.rank) - 1; d >= 0; d = d - 1) {
+        let dim = p.a[d / 4][d % 4];
+        s = s + (rem % dim) * p.b[d / 4][d % 4];
+        rem = rem / dim;
+    }
+    let last = p.rank - 1u;
+    let step = p.b[last / 4u][last % 4u];
+    let at = p.src_off + s;
+    var v: st4;
+    if (step == 1u && (at & 3u) == 0u) {
+        v = src4[at / 4u];
+    } else {
+        v = st4(src[at], src[at + step], src[at + 2u * step], src[at + 3u * step]);
+    }
+    dst4[(p.dst_off + i) / 4u] = v;
+}
+
 // src [outer, cs, inner] into dst [outer, ct, inner] at channels c0..c0+cs.
 @compute @workgroup_size(WG)
 fn copy_into(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,

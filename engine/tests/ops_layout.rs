@@ -53,11 +53,20 @@ fn permute_matches_reference() {
         9,
     );
     check_permute(gpu(), &[4, 5], &[0, 1], 10);
+    // Innermost output dims in fours (permute4): strided in the input, and
+    // contiguous (read as vec4s).
+    check_permute(gpu(), &[3, 8, 5], &[2, 0, 1], 11);
+    check_permute(gpu(), &[2, 6, 3, 8], &[0, 2, 1, 3], 12);
+    check_permute(gpu(), &[2, 3, 5, 4], &[0, 2, 1, 3], 13);
+    check_permute(gpu(), &[1, 7, 2, 12], &[0, 2, 1, 3], 14);
 }
 
 #[test]
 fn permute_splits_over_the_first_dim() {
     check_permute(small_binding_gpu(), &[9, 33, 7], &[0, 2, 1], 3);
+    // permute4 over windows: strided and contiguous innermost dims.
+    check_permute(small_binding_gpu(), &[9, 12, 8], &[0, 2, 1], 4);
+    check_permute(small_binding_gpu(), &[9, 5, 3, 8], &[0, 2, 1, 3], 5);
 }
 
 #[test]

@@ -838,7 +838,8 @@ struct PackParams {
     dst_base: u32,
     /// pack_taps4: columns of the padded input the band reads.
     padded_w: u32,
-    _pad: u32,
+    /// pack_taps4: elements of x between the items of its z.
+    x_item: u32,
 }
 
 /// The largest packed operand (bytes), bound whole as one storage buffer
@@ -928,7 +929,7 @@ fn run_packed(
         row0: 0,
         dst_base: 0,
         padded_w: 0,
-        _pad: 0,
+        x_item: 0,
     };
     let pack_weights = || -> Result<Packed> {
         let weights = Packed::alloc(gpu, 1, d.cout, k_words, row_words)?;
@@ -976,40 +977,53 @@ fn run_packed(
         for oy0 in (0..d.ho).step_by(band) {
             let rows = band.min(d.ho - oy0);
             // Item z0 + i's taps are the packed rows from i * rows * wo.
-            for i in 0..group {
-                let (xb, x_off) = x.window(gpu, (z0 + i) * x_item, x_item);
-                // The padded input the band reads: its columns and rows.
-                let (padded_w, padded_h) = (
-                    (d.wo - 1) * opts.stride + d.kw,
-                    (rows - 1) * opts.stride + d.kh,
-                );
-                let p = PackParams {
-                    rows: rows as u32,
-                    oy0: oy0 as u32,
-                    x_off,
-                    row0: (i * rows * d.wo) as u32,
-                    padded_w: padded_w as u32,
-                    ..params(&taps)
-                };
+            // The padded input the band reads: its columns and rows.
+            let (padded_w, padded_h) = (
+                (d.wo - 1) * opts.stride + d.kw,
+                (rows - 1) * opts.stride + d.kh,
+            );
+            let band_params = |x_off: u32, row0: usize| PackParams {
+                rows: rows as u32,
+                oy0: oy0 as u32,
+                x_off,
+                row0: row0 as u32,
+                padded_w: padded_w as u32,
+                x_item: x_item as u32,
+                ..params(&taps)
+            };
+            let dst = taps.blocks(0, taps.item_blocks());
+            if words_per_invocation == 4 {
                 // pack_taps4's workgroups span columns as well as channels:
                 // along channels alone, the VAE's 32 or 64 (8 or 16 vectors)
-                // left most of a workgroup's 32 lanes idle.
-                let groups = if words_per_invocation == 4 {
-                    [
+                // left most of a workgroup's 32 lanes idle. Its z is the item:
+                // one dispatch packs the band of every item whose input fits
+                // one binding (one dispatch per item made pack_taps4 a quarter
+                // of the UNet step's dispatches).
+                let per_dispatch = (Tensor::max_window_elems(gpu, x.dtype()) / x_item).max(1);
+                for i0 in (0..group).step_by(per_dispatch) {
+                    let count = per_dispatch.min(group - i0);
+                    let (xb, x_off) = x.window(gpu, (z0 + i0) * x_item, count * x_item);
+                    let p = band_params(x_off, i0 * rows * d.wo);
+                    let groups = [
                         (cw / 4 * padded_w).div_ceil(PACK_GROUP) as u32,
                         padded_h as u32,
-                        1,
-                    ]
-                } else {
-                    [
+                        count as u32,
+                    ];
+                    let bindings = [(1, xb), (taps_slot, dst)];
+                    gpu.dispatch(&pack_taps, params_bytes(&p), &bindings, groups)?;
+                }
+            } else {
+                for i in 0..group {
+                    let (xb, x_off) = x.window(gpu, (z0 + i) * x_item, x_item);
+                    let p = band_params(x_off, i * rows * d.wo);
+                    let groups = [
                         cw.div_ceil(PACK_GROUP) as u32,
                         padded_w as u32,
                         padded_h as u32,
-                    ]
-                };
-                let dst = taps.blocks(0, taps.item_blocks());
-                let bindings = [(1, xb), (taps_slot, dst)];
-                gpu.dispatch(&pack_taps, params_bytes(&p), &bindings, groups)?;
+                    ];
+                    let bindings = [(1, xb), (taps_slot, dst)];
+                    gpu.dispatch(&pack_taps, params_bytes(&p), &bindings, groups)?;
+                }
             }
             let product = PackedProduct {
                 a: &weights,

@@ -115,7 +115,10 @@ pub fn permute(gpu: &Gpu, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     // dim) is independent per item of dim 0: split there when too large.
     let item = x.numel() / x.shape().first().copied().unwrap_or(1).max(1);
     let splittable = rank > 0 && perm[0] == 0 && dims[0].1 == item && dims[0].0 == x.shape()[0];
-    let k = kernel("permute", x);
+    // Four outputs per invocation where the innermost output dim comes in
+    // fours (see permute4 in shaders/layout.wgsl).
+    let by4 = dims.last().is_some_and(|&(size, _)| size.is_multiple_of(4));
+    let k = kernel(if by4 { "permute4" } else { "permute" }, x);
     let ranges = if splittable {
         let max = Tensor::max_window_elems(gpu, x.dtype());
         windows("permute", x.numel(), item, max, gpu.max_binding_bytes())?
@@ -135,7 +138,16 @@ pub fn permute(gpu: &Gpu, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
             p.a[d] = size as u32;
             p.b[d] = stride as u32;
         }
-        run(gpu, &k, &p, sb, db, n)?;
+        if by4 && dst_off.is_multiple_of(4) {
+            gpu.dispatch(
+                &k,
+                params_bytes(&p),
+                &[(1, sb), (3, db), (4, sb)],
+                grid_1d((n as u64 / 4).div_ceil(WG)),
+            )?;
+        } else {
+            run(gpu, &kernel("permute", x), &p, sb, db, n)?;
+        }
     }
     Ok(out)
 }
