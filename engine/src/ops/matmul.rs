@@ -714,8 +714,10 @@ const PACKED_UNIFORMS: usize = 2 * CHUNKS_PER_PASS + 2;
 /// workgroup (one subgroup).
 const PACKED_ROWS: usize = 32;
 const PACKED_COLS: usize = 32;
-/// Words per block row to choose from: blocks of 512 rows x 32 words to 32 x 512.
-const BLOCK_ROW_WORDS: [usize; 5] = [32, 64, 128, 256, 512];
+/// Words per block row to choose from: blocks of 1024 rows x 16 words to 32 x 512
+/// (16: products with K of at most 96 words, the small models' linear layers,
+/// take half the dispatches of 32 words in one pass of four or six chunks).
+const BLOCK_ROW_WORDS: [usize; 6] = [16, 32, 64, 128, 256, 512];
 
 /// Whether this adapter runs gemm_packed: a CPU adapter whose subgroups are
 /// its 8 SIMD lanes (the kernel broadcasts from lanes 0..7 of a subgroup it
