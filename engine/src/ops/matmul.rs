@@ -904,7 +904,12 @@ pub(crate) fn packed_row_words(items: usize, m: usize, n: usize, k_words: usize)
             return f64::INFINITY;
         }
         let dispatches = items * m.div_ceil(rb) * n.div_ceil(rb) * passes;
-        let groups = m.min(rb).div_ceil(packed_rows(k_words)) * n.min(rb).div_ceil(PACKED_COLS);
+        // Workgroups counted at 16 rows whatever packed_rows picks: the
+        // block shape decides the passes over K, and with them where the
+        // partial sums are rounded, so it must stay as recorded clips were
+        // made with (tests/recipes.rs replays them byte for byte; counting
+        // 32-row workgroups moved some small products to other shapes).
+        let groups = m.min(rb).div_ceil(PACKED_ROWS / 2) * n.min(rb).div_ceil(PACKED_COLS);
         let balance = groups as f64 / (groups.div_ceil(THREADS) * THREADS) as f64;
         (items * m * n * k_words.max(1)) as f64 * WORD / balance
             + dispatches as f64 * DISPATCH
