@@ -31,13 +31,8 @@ fn linear_index(wid: vec3<u32>, lid: u32, nwg: vec3<u32>) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
-// dst[i] = src[sum_d coord_d(i) * stride_d]: one output element per invocation,
-// so writes are contiguous and reads gather.
-@compute @workgroup_size(WG)
-fn permute(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
-           @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(wid, lid, nwg);
-    if (i >= p.n) { return; }
+// permute's source index of output i: sum_d coord_d(i) * stride_d.
+fn permuted_index(i: u32) -> u32 {
     var rem = i;
     var s = 0u;
     for (var d = i32(p.rank) - 1; d >= 0; d = d - 1) {
@@ -45,6 +40,17 @@ fn permute(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         s = s + (rem % dim) * p.b[d / 4][d % 4];
         rem = rem / dim;
     }
+    return s;
+}
+
+// dst[i] = src[permuted_index(i)]: one output element per invocation,
+// so writes are contiguous and reads gather.
+@compute @workgroup_size(WG)
+fn permute(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+           @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(wid, lid, nwg);
+    if (i >= p.n) { return; }
+    let s = permuted_index(i);
     dst[p.dst_off + i] = src[p.src_off + s];
 }
 
@@ -65,13 +71,7 @@ fn permute4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
             @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = 4u * linear_index(wid, lid, nwg);
     if (i >= p.n) { return; }
-    var rem = i;
-    var s = 0u;
-    for (var d = i32(p.rank) - 1; d >= 0; d = d - 1) {
-        let dim = p.a[d / 4][d % 4];
-        s = s + (rem % dim) * p.b[d / 4][d % 4];
-        rem = rem / dim;
-    }
+    let s = permuted_index(i);
     let last = p.rank - 1u;
     let step = p.b[last / 4u][last % 4u];
     let at = p.src_off + s;

@@ -1130,6 +1130,7 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
     let (a, b) = (g.a, g.b);
     debug_assert_eq!((a.kw, a.n_kc, a.k_words), (b.kw, b.n_kc, b.k_words));
     let dtype = g.out.dtype();
+    let packed_rows = packed_rows(a.k_words);
     let k = Kernel {
         op: "matmul",
         source: SOURCE,
@@ -1138,10 +1139,9 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
         constants: vec![
             ("ACT", e.activation.code()),
             ("PACKED_F16", g.packed_f16 as u8 as f64),
-            ("ROW_GROUPS", (packed_rows(a.k_words) / 8) as f64),
+            ("ROW_GROUPS", (packed_rows / 8) as f64),
         ],
     };
-    let packed_rows = packed_rows(a.k_words);
     let rb = a.rows_per_block();
     let kw4 = a.kw / 4;
     let passes = a.n_kc.div_ceil(CHUNKS_PER_PASS);
