@@ -716,7 +716,10 @@ pub(crate) fn job_events(
                     json!({"state": job.state, "queue_position": position, "attempts": job.attempts}).to_string(),
                 ));
             }
-            if job.state == db::RUNNING && job.total > 0 && job.step != last_step {
+            // A finished job's step is its total: a job that ends between two
+            // polls still reports its last step before `done`.
+            let progressing = job.state == db::RUNNING || job.state == db::FINISHED;
+            if progressing && job.total > 0 && job.step != last_step {
                 last_step = job.step;
                 let preview = if job.preview != last_preview { job.preview.clone() } else { None };
                 last_preview = job.preview.clone();
