@@ -148,7 +148,6 @@ pub struct Viewer {
     outputs: PathBuf,
     script: Script,
     backend: Arc<dyn Backend>,
-    worker: Worker,
     updates: Receiver<Update>,
     run: Option<Run>,
     frames: Option<Frames>,
@@ -178,6 +177,10 @@ pub struct Viewer {
     /// Exit with this code (after any pending screenshot).
     pub exit: Option<i32>,
     started_script: bool,
+    /// Last, so that it drops after `run`: dropping it waits for the
+    /// generation thread, which a paused run's resume channel (in `run`)
+    /// must not keep waiting.
+    worker: Worker,
 }
 
 impl Viewer {

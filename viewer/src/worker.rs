@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use motif_engine::pipelines::{Event, FrameTextures, ModelCache};
@@ -53,7 +54,29 @@ pub enum Update {
 }
 
 pub struct Worker {
-    jobs: Sender<Job>,
+    /// Closed on drop: the thread's loop then ends.
+    jobs: Option<Sender<Job>>,
+    /// The cancel flags of the jobs handed over that may still run.
+    cancels: Vec<Arc<AtomicBool>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The window has closed: cancel what runs or waits, and wait for the
+/// thread, which drops the engine's device on its way out. Returning from
+/// main while that thread was still unloading the Vulkan driver crashed the
+/// process in the driver's exit handlers (SIGSEGV after `motif view
+/// --screenshot` had finished, seen under load).
+impl Drop for Worker {
+    fn drop(&mut self) {
+        for cancel in &self.cancels {
+            cancel.store(true, Ordering::SeqCst);
+        }
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            // A panic on that thread was already reported there.
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Worker {
@@ -65,7 +88,7 @@ impl Worker {
         wake: impl Fn() + Send + 'static,
     ) -> Self {
         let (jobs, rx) = channel::<Job>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("motif-generate".into())
             .spawn(move || {
                 let mut models = ModelCache::default();
@@ -79,11 +102,20 @@ impl Worker {
                 }
             })
             .expect("spawning a thread only fails when the OS is out of threads");
-        Worker { jobs }
+        Worker {
+            jobs: Some(jobs),
+            cancels: Vec::new(),
+            thread: Some(thread),
+        }
     }
 
-    pub fn submit(&self, job: Job) -> bool {
-        self.jobs.send(job).is_ok()
+    pub fn submit(&mut self, job: Job) -> bool {
+        // Flags only this list still holds belong to jobs that are over.
+        self.cancels.retain(|c| Arc::strong_count(c) > 1);
+        self.cancels.push(job.cancel.clone());
+        self.jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok())
     }
 }
 
