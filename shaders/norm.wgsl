@@ -17,7 +17,8 @@
 // g*cg .. (g+1)*cg of one item over all its spatial positions (and, for the
 // frames variant, over all `segs` = F frames of the item, which lie `seg_stride`
 // = C*S elements apart). Its elements form `segs` contiguous segments of
-// `len` = cg*S. Three dispatches:
+// `len` = cg*S. Three dispatches (two on CPU adapters, where group_stats_rows
+// does the first two):
 //   group_stats     one workgroup per `chunk_len` elements of a segment:
 //                   moments of the chunk
 //   group_finalize  one invocation per group row: combines the chunks, then
@@ -176,6 +177,36 @@ fn group_finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     // PyTorch normalises with the biased (population) variance.
     stats[p.final_off + 2u * r] = acc.mean;
     stats[p.final_off + 2u * r + 1u] = inverseSqrt(acc.m2 / acc.n + p.eps);
+}
+
+// group_stats and group_finalize in one dispatch, a workgroup per group row
+// (CPU adapters, where a few dozen workgroups keep every thread busy and a
+// dispatch costs tens of microseconds): the row's chunks in group_finalize's
+// order, each reduced as group_stats reduces it and combined as
+// group_finalize combines them, so the statistics are the same bit for bit.
+@compute @workgroup_size(WG)
+fn group_stats_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                    @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = wid.x + wid.y * nwg.x;
+    if (r >= p.rows) {
+        return;
+    }
+    let per_row = p.segs * p.chunks;
+    var acc = Moments(0.0, 0.0, 0.0);
+    for (var q = 0u; q < per_row; q = q + 1u) {
+        let seg = q / p.chunks;
+        let chunk = q - seg * p.chunks;
+        let start = p.x_off + group_row_base(r) + seg * p.seg_stride + chunk * p.chunk_len;
+        let n = min(p.chunk_len, p.len - chunk * p.chunk_len);
+        let total = reduce_moments(lid, local_moments(start, n, lid));
+        acc = combine(acc, Moments(f32(n), total.mean, total.m2));
+        // The next chunk's reduction overwrites what this one read.
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        stats[p.final_off + 2u * r] = acc.mean;
+        stats[p.final_off + 2u * r + 1u] = inverseSqrt(acc.m2 / acc.n + p.eps);
+    }
 }
 
 // The affine map of channel row cr: v -> (v - mean) * scale + shift.

@@ -593,3 +593,74 @@ fn group_norm_on_whole_vectors_takes_the_vec4_apply() {
         );
     }
 }
+
+#[test]
+fn group_norm_statistics_in_one_pass_equal_the_chunked_passes_bit_for_bit() {
+    // On the CPU adapter a group norm with at least 32 group rows takes
+    // its statistics in one dispatch, a workgroup per row
+    // (group_stats_rows), and fewer rows take the chunk pass and the
+    // finalize pass. Items are independent, so each item normalised alone
+    // (one or a few rows: the two-pass path) must give exactly its slice
+    // of the whole batch's result (the one-pass path). Plain and frames
+    // variants, several chunks per segment, f32 and f16.
+    let gpu = gpu();
+    // (items, frames, channels, spatial, groups)
+    let cases = [
+        (4usize, 1usize, 16usize, 700usize, 8usize),
+        (2, 4, 32, 300, 16),
+    ];
+    for dtype in dtypes() {
+        for (i, &(items, frames, c, s, groups)) in cases.iter().enumerate() {
+            let item_len = frames * c * s;
+            let values: Vec<f32> = random(items * item_len, 900 + i as u64)
+                .iter()
+                .map(|v| 3.0 * v + 5.0)
+                .collect();
+            let (gamma, _) = upload(gpu, &random(c, 910 + i as u64), &[c], dtype);
+            let (beta, _) = upload(gpu, &random(c, 920 + i as u64), &[c], dtype);
+            let norm = |x: &Tensor| {
+                norm::group_norm_frames(
+                    gpu,
+                    x,
+                    frames,
+                    groups,
+                    Some(&gamma),
+                    Some(&beta),
+                    1e-5,
+                    true,
+                )
+                .unwrap()
+                .to_f32(gpu)
+                .unwrap()
+            };
+            let (x, _) = upload(gpu, &values, &[items * frames, c, s], dtype);
+            let whole = norm(&x);
+            for item in 0..items {
+                let part = &values[item * item_len..(item + 1) * item_len];
+                let (xi, _) = upload(gpu, part, &[frames, c, s], dtype);
+                let alone = norm(&xi);
+                let slice = &whole[item * item_len..(item + 1) * item_len];
+                assert!(
+                    alone.iter().zip(slice).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "case {i} ({dtype}), item {item}: the batch's result differs from the item's alone"
+                );
+            }
+        }
+    }
+    // And the batch did take the one-pass kernel (a GPU of its own, so
+    // that no other test's kernels are in the list).
+    let own = Gpu::new(Default::default()).expect("a GPU adapter");
+    let (x, _) = upload(&own, &random(4 * 16 * 700, 1), &[4, 16, 700], DType::F32);
+    let (out, kernels) = kernels_run(&own, || {
+        norm::group_norm(&own, &x, 8, None, None, 1e-5, false)
+    });
+    out.unwrap();
+    assert!(
+        kernels.iter().any(|k| k == "group_stats_rows"),
+        "{kernels:?}"
+    );
+    assert!(
+        !kernels.iter().any(|k| k == "group_finalize"),
+        "{kernels:?}"
+    );
+}

@@ -177,6 +177,20 @@ fn check_group_norm(
     Ok((channels, x.shape()[2..].iter().product()))
 }
 
+/// Whether a group norm's statistics take one dispatch, a workgroup per
+/// group row looping over the row's `per_row` chunks (`group_stats_rows`),
+/// instead of a workgroup per chunk and a finalize pass: on the narrow
+/// (CPU adapter) shape, with enough rows to share among the CPU's threads
+/// and a loop within llvmpipe's budget (per chunk: `stats_per` values, the
+/// reduction's steps, the chunk itself).
+fn by_rows(wg: usize, stats_per: usize, rows: usize, per_row: usize) -> bool {
+    const MIN_ROWS: usize = 32;
+    let per_chunk = stats_per + wg.trailing_zeros() as usize + 1;
+    wg == shape(ReductionKernel::Narrow).wg
+        && rows >= MIN_ROWS
+        && per_row * per_chunk <= CPU_LOOP_BUDGET
+}
+
 /// PyTorch GroupNorm: x [N, C, *spatial] (any number of trailing dims, e.g.
 /// (B, C, F, H, W) pools over frames too), gamma/beta `[C]` optional (affine),
 /// statistics over each (n, group) of C/groups channels x spatial; optional
@@ -326,18 +340,27 @@ fn run_group_norm(
             _pad: [0; 2],
         };
         let sb = stats.binding();
-        gpu.dispatch(
-            &norm_kernel("group_stats", dtype, wg, false),
-            params_bytes(&p),
-            &[(1, xb), (5, sb)],
-            grid_1d((rows * per_row) as u64),
-        )?;
-        gpu.dispatch(
-            &norm_kernel("group_finalize", dtype, wg, false),
-            params_bytes(&p),
-            &[(5, sb)],
-            grid_1d(rows.div_ceil(FINALIZE_WG) as u64),
-        )?;
+        if by_rows(wg, stats_per, rows, per_row) {
+            gpu.dispatch(
+                &norm_kernel("group_stats_rows", dtype, wg, false),
+                params_bytes(&p),
+                &[(1, xb), (5, sb)],
+                grid_1d(rows as u64),
+            )?;
+        } else {
+            gpu.dispatch(
+                &norm_kernel("group_stats", dtype, wg, false),
+                params_bytes(&p),
+                &[(1, xb), (5, sb)],
+                grid_1d((rows * per_row) as u64),
+            )?;
+            gpu.dispatch(
+                &norm_kernel("group_finalize", dtype, wg, false),
+                params_bytes(&p),
+                &[(5, sb)],
+                grid_1d(rows.div_ceil(FINALIZE_WG) as u64),
+            )?;
+        }
         let gb = gamma.map_or(xb, Tensor::binding);
         let bb = beta.map_or(xb, Tensor::binding);
         // Whole vectors per channel row (S, the offsets, and the chunks of
