@@ -64,10 +64,14 @@ fn erf_approx(x: f32) -> f32 {
     return sign(x) * (1.0 - poly * exp(-z * z));
 }
 
+fn gelu_erf(x: f32) -> f32 {
+    return 0.5 * x * (1.0 + erf_approx(x * 0.7071067811865476));
+}
+
 fn activate(x: f32) -> f32 {
     switch ACT {
         case 1u: { return x * sigmoid(x); }
-        case 2u: { return 0.5 * x * (1.0 + erf_approx(x * 0.7071067811865476)); }
+        case 2u: { return gelu_erf(x); }
         case 3u: {
             // tanh has saturated long before |u| = 10; the clamp keeps exp() finite on every driver.
             let u = clamp(0.7978845608028654 * (x + 0.044715 * x * x * x), -10.0, 10.0);
@@ -487,6 +491,34 @@ fn out_column(x: u32) -> u32 {
     return (x / p.col_group) * p.col_group_stride + x % p.col_group;
 }
 
+// GEGLU in the store (ops/matmul.rs, linear_geglu): the product's columns
+// come in groups of 8, 4 of the value half then the same 4 of the gate half,
+// so an even lane holds values and the odd lane beside it their gates. The
+// even lane writes value * gelu(gate) at column j0 / 2 of `out` (ldo and
+// out_off count the output's columns); the product itself is not stored.
+// Both halves are first rounded to the storage type, as a stored product
+// would be before elementwise.wgsl's geglu read it back: the results are that
+// kernel's bit for bit.
+override GEGLU: bool = false;
+
+fn store_geglu(i: u32, j0: u32, sid: u32, cols: u32, v: vec4<f32>) {
+    let h = vec4<f32>(st4(v));
+    // Every lane takes part: the exchange needs the whole subgroup.
+    let gate = subgroupShuffleXor(h, 1u);
+    if ((sid & 1u) != 0u || cols < 4u) {
+        return;
+    }
+    let y = h * vec4(gelu_erf(gate.x), gelu_erf(gate.y), gelu_erf(gate.z), gelu_erf(gate.w));
+    let o = p.out_off + i * p.ldo + j0 / 2u;
+    if ((o & 3u) == 0u && o / 4u < arrayLength(&out_v4)) {
+        out_v4[o / 4u] = st4(y);
+    } else {
+        for (var c = 0u; c < 4u; c++) {
+            out[o + c] = st(y[c]);
+        }
+    }
+}
+
 // One tile of up to 16384 / kw rows x 16384 / kw columns per dispatch: the
 // bound blocks a0..a5 are K chunks of the tile's rows, b0..b5 of its columns
 // (unused slots repeat a bound block). Each workgroup is one subgroup of 8
@@ -595,6 +627,10 @@ fn gemm_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocati
             }
         }
         v = vec4(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
+        if (GEGLU) {
+            store_geglu(i, j0, sid, cols, v);
+            continue;
+        }
         let o = p.out_off + i * p.ldo;
         let o4 = (o + col_at.x) / 4u;
         let r4 = (p.res_off + o + col_at.x - p.out_off) / 4u;

@@ -481,3 +481,115 @@ fn a_constant_weight_packed_once_serves_every_later_product() {
         }
     }
 }
+
+/// `linear` then `geglu`, the unfused pair `linear_geglu` must equal.
+fn linear_then_geglu(gpu: &Gpu, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Vec<f32> {
+    let h = matmul::linear(gpu, x, w, b, Activation::None).unwrap();
+    motif_engine::ops::geglu(gpu, &h)
+        .unwrap()
+        .to_f32(gpu)
+        .unwrap()
+}
+
+#[test]
+fn linear_geglu_equals_linear_then_geglu_bit_for_bit() {
+    // On the CPU adapter the GEGLU runs in gemm_packed's store over
+    // interleaved weight rows; it must give the unfused pair's values
+    // exactly (so recorded clips replay unchanged). Cases: several row
+    // tiles, two passes over a long K, the product's columns over two
+    // tiles (2·D above a block's 1,024 rows), no bias, and D not a multiple
+    // of 4 (the unfused path); constant weights packed once and reused.
+    let gpu = gpu();
+    // (rows, K, D, bias)
+    let cases = [
+        (300usize, 65usize, 24usize, true),
+        (2100, 40, 128, true),
+        (70, 4000, 32, true),
+        (33, 40, 520, true),
+        (9, 33, 16, false),
+        (5, 12, 6, true),
+    ];
+    for dtype in dtypes() {
+        for (i, &(rows, k, d, with_bias)) in cases.iter().enumerate() {
+            let seed = 700 + 10 * i as u64;
+            let (x, xv) = upload(gpu, &random(rows * k, seed), &[1, rows, k], dtype);
+            let (w, wv) = upload(gpu, &random(2 * d * k, seed + 1), &[2 * d, k], dtype);
+            let (b, bv) = upload(gpu, &random(2 * d, seed + 2), &[2 * d], dtype);
+            let b = with_bias.then_some(b);
+            let want = linear_then_geglu(gpu, &x, &w, b.as_ref());
+            let case = format!("{rows} x {k} -> 2 x {d}, bias {with_bias}, {dtype}");
+            let got = matmul::linear_geglu(gpu, &x, &w, b.as_ref()).unwrap();
+            assert_eq!(got.shape(), &[1, rows, d], "{case}");
+            let got = got.to_f32(gpu).unwrap();
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| g.to_bits() != w.to_bits());
+            assert_eq!(
+                differ.count(),
+                0,
+                "{case}: values differ from linear then geglu"
+            );
+
+            // Against the reference as well: the pair itself is right.
+            let opts = MatmulOptions {
+                transpose_b: true,
+                ..Default::default()
+            };
+            let bias_v = with_bias.then_some(bv.as_slice());
+            let h =
+                matmul::matmul_reference(&xv, &[rows, k], &wv, &[2 * d, k], bias_v, None, &opts);
+            let h = stored(&h, dtype);
+            let reference = motif_engine::ops::elementwise::geglu_reference(&h, 2 * d);
+            assert_close(&case, &got, &reference, dtype, k + 1);
+
+            // Constant weights: packed and interleaved once, then reused by
+            // products of other row counts.
+            let wc = w.clone().into_constant();
+            let bc = b.clone().map(Tensor::into_constant);
+            for r in [rows, 1, rows + 3] {
+                let (x, _) = upload(gpu, &random(r * k, seed + 3), &[r, k], dtype);
+                let got = matmul::linear_geglu(gpu, &x, &wc, bc.as_ref()).unwrap();
+                let want = linear_then_geglu(gpu, &x, &w, b.as_ref());
+                let got = got.to_f32(gpu).unwrap();
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "{case}, constant weight, {r} rows: values differ"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_geglu_runs_no_separate_geglu_pass_on_the_cpu_adapter() {
+    // A GPU of its own: kernels_run on the shared one may also see other
+    // tests' kernels, and this checks that one is absent.
+    let gpu = Gpu::new(GpuOptions::default()).expect("a GPU adapter");
+    let (x, _) = upload(&gpu, &random(64 * 40, 1), &[64, 40], DType::F32);
+    let (w, _) = upload(&gpu, &random(64 * 40, 2), &[64, 40], DType::F32);
+    let (b, _) = upload(&gpu, &random(64, 3), &[64], DType::F32);
+    let (out, kernels) = kernels_run(&gpu, || matmul::linear_geglu(&gpu, &x, &w, Some(&b)));
+    assert_eq!(out.unwrap().shape(), &[64, 32]);
+    assert!(kernels.iter().any(|k| k == "gemm_packed"), "{kernels:?}");
+    assert!(
+        !kernels.iter().any(|k| k.starts_with("geglu")),
+        "a separate GEGLU pass ran: {kernels:?}"
+    );
+}
+
+#[test]
+fn linear_geglu_refuses_an_odd_weight() {
+    let gpu = gpu();
+    let (x, _) = upload(gpu, &random(3 * 8, 1), &[3, 8], DType::F32);
+    let (w, _) = upload(gpu, &random(7 * 8, 2), &[7, 8], DType::F32);
+    let err = matmul::linear_geglu(gpu, &x, &w, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("linear_geglu") && err.contains("[7, 8]"),
+        "{err}"
+    );
+}

@@ -83,13 +83,13 @@ impl FeedForward {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        let h = ops::geglu(gpu, &self.proj_in.forward(gpu, x)?)?;
+        let h = self.proj_in.forward_geglu(gpu, x)?;
         self.proj_out.forward(gpu, &h)
     }
 
     /// `forward(x) + residual`, the residual added in net.2's epilogue.
     pub fn forward_residual(&self, gpu: &Gpu, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let h = ops::geglu(gpu, &self.proj_in.forward(gpu, x)?)?;
+        let h = self.proj_in.forward_geglu(gpu, x)?;
         self.proj_out.forward_residual(gpu, &h, residual, 1.0)
     }
 }

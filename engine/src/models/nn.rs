@@ -39,6 +39,13 @@ impl Linear {
         ops::matmul::linear(gpu, x, &self.weight, self.bias.as_ref(), act)
     }
 
+    /// GEGLU of the layer's output halves, `value * gelu(gate)`, fused into
+    /// the product where the adapter's kernel allows it
+    /// ([`ops::matmul::linear_geglu`]).
+    pub fn forward_geglu(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        ops::matmul::linear_geglu(gpu, x, &self.weight, self.bias.as_ref())
+    }
+
     /// `self(x) · scale + residual` in one pass: the layer that ends a
     /// residual block, the skip connection added in its epilogue.
     pub fn forward_residual(

@@ -603,6 +603,7 @@ fn conv_epilogue<'a>(
         scale: residual.map_or(1.0, |r| r.scale),
         residual: residual.map(|r| r.residual),
         residual_scale: residual.map_or(1.0, |r| r.scale),
+        geglu: false,
     }
 }
 

@@ -180,16 +180,7 @@ pub fn matmul_coop_variant(
     if d.batch == 0 || d.m == 0 || d.n == 0 {
         return Ok(out);
     }
-    let epilogue = Epilogue {
-        alpha: opts.alpha,
-        bias: opts.bias,
-        bias_per_row: false,
-        activation: opts.activation,
-        scale: opts.scale,
-        residual: opts.residual,
-        residual_scale: opts.residual_scale,
-    };
-    run_tiled(gpu, a, b, &out, &d, &epilogue, Some(&plan))?;
+    run_tiled(gpu, a, b, &out, &d, &Epilogue::of(opts), Some(&plan))?;
     Ok(out)
 }
 
@@ -260,6 +251,131 @@ pub fn linear_residual(
         &out_shape,
         MatmulKernel::Auto,
     )
+}
+
+/// diffusers' `GEGLU`, `value * gelu(gate)` of `linear(x, weight, bias)`
+/// split in halves: `x [..., K]`, `weight [2·D, K]`, `bias [2·D]` → `[..., D]`.
+///
+/// On the CPU adapter's packed kernel (and D a multiple of 4) the GEGLU runs
+/// in the product's store: the weight's rows (and the bias) are interleaved
+/// once, 4 of the value half then the same 4 of the gate half, so that each
+/// gemm_packed lane holding 4 value columns has their gates in the lane next
+/// to it. The product is never written, and the elementwise pass that would
+/// read it back is gone. Every column sums K in the order the plain product
+/// does, with the same block shape, and is rounded to the storage type
+/// before the GEGLU as a stored product would be: the results are those of
+/// [`linear`] then [`super::geglu`] bit for bit, which is what other
+/// adapters run.
+pub fn linear_geglu(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let op = "linear_geglu";
+    let k = *x.shape().last().unwrap_or(&0);
+    if x.rank() == 0 || weight.rank() != 2 || weight.shape()[1] != k || weight.shape()[0] % 2 != 0 {
+        return Err(EngineError::Shape {
+            op,
+            expected: format!(
+                "weight of shape [2·D, {k}] for x of shape {}",
+                fmt_shape(x.shape())
+            ),
+            found: fmt_shape(weight.shape()),
+        });
+    }
+    let n = weight.shape()[0];
+    let half = n / 2;
+    let rows = x.numel() / k.max(1);
+    let x2 = x.reshape(&[rows, k])?;
+    let opts = MatmulOptions {
+        transpose_b: true,
+        bias,
+        ..MatmulOptions::default()
+    };
+    let (dims, _) = check_matmul(op, &x2, weight, &opts)?;
+    let row_words = match choose(gpu, x.dtype(), &dims, &opts, MatmulKernel::Auto)? {
+        Choice::Packed(row_words) if half % 4 == 0 && rows > 0 && k > 0 => row_words,
+        _ => return super::geglu(gpu, &linear(gpu, x, weight, bias, Activation::None)?),
+    };
+    let mut out_shape = x.shape().to_vec();
+    *out_shape.last_mut().expect("x has rank >= 1") = half;
+    let out = Tensor::empty(gpu, &out_shape, x.dtype())?;
+    let pa = packed_operand(
+        gpu,
+        &Strided {
+            t: &x2,
+            items: 1,
+            rows,
+            k,
+            item_stride: rows * k,
+            row_stride: k,
+            k_stride: 1,
+        },
+        row_words,
+    )?;
+    let pack_weight = || {
+        let w = interleave_halves(gpu, weight)?;
+        let s = Strided {
+            t: &w,
+            items: 1,
+            rows: n,
+            k,
+            item_stride: n * k,
+            row_stride: k,
+            k_stride: 1,
+        };
+        pack_rows(gpu, &s, row_words)
+    };
+    let pb = if weight.is_constant() {
+        weight.derived(
+            ("matmul pack_rows geglu", vec![n, k, row_words]),
+            pack_weight,
+        )?
+    } else {
+        Arc::new(pack_weight()?)
+    };
+    let bias = match bias {
+        Some(b) if b.is_constant() => {
+            Some(b.derived(("geglu interleave", vec![n]), || interleave_halves(gpu, b))?)
+        }
+        Some(b) => Some(Arc::new(interleave_halves(gpu, b)?)),
+        None => None,
+    };
+    let epilogue = Epilogue {
+        bias: bias.as_deref(),
+        geglu: true,
+        ..Epilogue::of(&MatmulOptions::default())
+    };
+    let product = PackedProduct {
+        a: &pa,
+        b: &pb,
+        a_shared: false,
+        b_shared: true,
+        items: 1,
+        m: rows,
+        n,
+        out: &out,
+        out_base: 0,
+        out_item_stride: rows * half,
+        ldo: half,
+        col_group: n,
+        col_group_stride: 0,
+        packed_f16: out.dtype() == DType::F16,
+    };
+    gemm_packed(gpu, &product, &epilogue)?;
+    Ok(out)
+}
+
+/// `t` of shape `[2·D, ...]` with its rows reordered as linear_geglu's
+/// epilogue reads them: for each 4 rows of the first half, those rows, then
+/// the same 4 of the second half.
+fn interleave_halves(gpu: &Gpu, t: &Tensor) -> Result<Tensor> {
+    let shape = t.shape();
+    let rest: usize = shape[1..].iter().product();
+    let quads = shape[0] / 8;
+    let split = t.reshape(&[2, quads, 4, rest])?;
+    super::layout::permute(gpu, &split, &[1, 0, 2, 3])?.reshape(shape)
 }
 
 fn check_matmul(
@@ -367,15 +483,33 @@ fn run(
     if d.batch == 0 || d.m == 0 || d.n == 0 {
         return Ok(out);
     }
-    let epilogue = Epilogue {
-        alpha: opts.alpha,
-        bias: opts.bias,
-        bias_per_row: false,
-        activation: opts.activation,
-        scale: opts.scale,
-        residual: opts.residual,
-        residual_scale: opts.residual_scale,
-    };
+    let epilogue = Epilogue::of(opts);
+    match choose(gpu, a.dtype(), &d, opts, kernel)? {
+        Choice::Coop(plan) => run_tiled(gpu, a, b, &out, &d, &epilogue, Some(&plan))?,
+        Choice::Tiled => run_tiled(gpu, a, b, &out, &d, &epilogue, None)?,
+        Choice::Packed(row_words) => run_packed(gpu, a, b, &out, &d, &epilogue, row_words)?,
+    }
+    Ok(out)
+}
+
+/// The kernel a product runs on, from [`choose`].
+enum Choice {
+    /// Tensor cores, with matmul_tiled's windows.
+    Coop(CoopPlan),
+    Tiled,
+    /// gemm_packed with this many words per block row.
+    Packed(usize),
+}
+
+/// Picks the kernel of a product of dims `d`: routing (ops/route.rs) first,
+/// then the adapter's portable kernel.
+fn choose(
+    gpu: &Gpu,
+    dtype: DType,
+    d: &Dims,
+    opts: &MatmulOptions,
+    kernel: MatmulKernel,
+) -> Result<Choice> {
     // Tensor cores where routing sends the product (ops/route.rs); they
     // take matmul_tiled's windows.
     let asked = match kernel {
@@ -384,7 +518,7 @@ fn run(
         MatmulKernel::Packed => Some(KernelName::Packed),
         MatmulKernel::Coop => Some(KernelName::Coop),
     };
-    let class = route::matmul_class(a.dtype(), d.batch * d.m, d.k, d.n, d.transpose_b);
+    let class = route::matmul_class(dtype, d.batch * d.m, d.k, d.n, d.transpose_b);
     let plan = CoopPlan {
         tiling: mc::tuned_tiling(gpu, "matmul", &class)?,
         product: CoopProduct::Matmul {
@@ -405,7 +539,7 @@ fn run(
     let request = route::Request {
         op: "matmul",
         class,
-        dtype: a.dtype(),
+        dtype,
         asked,
         coop: match coop_missing {
             None => Some(plan.kernel(gpu, true)?),
@@ -415,10 +549,7 @@ fn run(
         coop_by_default: true,
     };
     let kernel = match route::route(gpu, request)? {
-        Route::Coop(_) => {
-            run_tiled(gpu, a, b, &out, &d, &epilogue, Some(&plan))?;
-            return Ok(out);
-        }
+        Route::Coop(_) => return Ok(Choice::Coop(plan)),
         Route::Portable(Some(KernelName::Tiled)) => MatmulKernel::Tiled,
         Route::Portable(Some(KernelName::Packed)) => MatmulKernel::Packed,
         Route::Portable(_) => MatmulKernel::Auto,
@@ -428,32 +559,27 @@ fn run(
     // magnitude slower than uniform buffers, GPUs want workgroup-memory
     // tiles. Operands that cannot be packed in windows (a plain `b` larger
     // than a binding) take the tiled kernel, which can split anything.
-    let plan = packed_plan(gpu, a.dtype(), &d);
+    let plan = packed_plan(gpu, dtype, d);
     // A tuned choice of the packed kernel for operands it cannot pack (the
     // class spans sizes) leaves the choice to the default.
     let kernel = match (kernel, asked, plan) {
         (MatmulKernel::Packed, None, None) => MatmulKernel::Auto,
         (k, _, _) => k,
     };
-    let row_words = match (kernel, plan) {
-        (MatmulKernel::Tiled, _) | (MatmulKernel::Auto | MatmulKernel::Coop, None) => None,
-        (_, Some(row_words)) => Some(row_words),
-        (MatmulKernel::Packed, None) => {
-            return Err(EngineError::Argument {
-                op: "matmul",
-                message: format!(
-                    "the packed kernel needs a CPU adapter with 8-lane subgroups and 64 KiB \
-                     uniform bindings, and operands whose row blocks fit a binding (adapter {})",
-                    gpu.adapter().name
-                ),
-            })
+    match (kernel, plan) {
+        (MatmulKernel::Tiled, _) | (MatmulKernel::Auto | MatmulKernel::Coop, None) => {
+            Ok(Choice::Tiled)
         }
-    };
-    match row_words {
-        Some(row_words) => run_packed(gpu, a, b, &out, &d, &epilogue, row_words)?,
-        None => run_tiled(gpu, a, b, &out, &d, &epilogue, None)?,
+        (_, Some(row_words)) => Ok(Choice::Packed(row_words)),
+        (MatmulKernel::Packed, None) => Err(EngineError::Argument {
+            op: "matmul",
+            message: format!(
+                "the packed kernel needs a CPU adapter with 8-lane subgroups and 64 KiB \
+                 uniform bindings, and operands whose row blocks fit a binding (adapter {})",
+                gpu.adapter().name
+            ),
+        }),
     }
-    Ok(out)
 }
 
 /// What the product's store adds: `act(alpha · dot + bias) · scale +
@@ -469,9 +595,28 @@ pub(crate) struct Epilogue<'a> {
     /// window of it.
     pub residual: Option<&'a Tensor>,
     pub residual_scale: f32,
+    /// GEGLU of the product's column pairs (gemm_packed only; see
+    /// [`linear_geglu`]): the columns come as groups of 8, 4 of the value
+    /// half then the same 4 of the gate half, and the output holds half as
+    /// many columns. No activation, scale or residual goes with it.
+    pub geglu: bool,
 }
 
 impl<'a> Epilogue<'a> {
+    /// A product's epilogue as its options give it.
+    fn of(opts: &MatmulOptions<'a>) -> Self {
+        Epilogue {
+            alpha: opts.alpha,
+            bias: opts.bias,
+            bias_per_row: false,
+            activation: opts.activation,
+            scale: opts.scale,
+            residual: opts.residual,
+            residual_scale: opts.residual_scale,
+            geglu: false,
+        }
+    }
+
     /// The residual binding for the output window of `count` values from
     /// `start`, or `unused` (as [`bias_window`]).
     pub(crate) fn residual_window(
@@ -1140,6 +1285,7 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
             ("ACT", e.activation.code()),
             ("PACKED_F16", g.packed_f16 as u8 as f64),
             ("ROW_GROUPS", (packed_rows / 8) as f64),
+            ("GEGLU", e.geglu as u8 as f64),
         ],
     };
     let rb = a.rows_per_block();
@@ -1170,8 +1316,14 @@ pub(crate) fn gemm_packed(gpu: &Gpu, g: &PackedProduct, e: &Epilogue) -> Result<
                 // Rows of the tile per dispatch: all of them unless their
                 // window of `out` (rows far apart, as conv2d's channels) is
                 // over the binding limit.
-                let first_col = g.out_column(j * rb);
-                let col_span = g.out_column(j * rb + cols - 1) - first_col + 1;
+                // GEGLU writes column x / 2 of the value columns x (those of
+                // every other group of 4), and no column of the gates.
+                let (first_col, col_span) = if e.geglu {
+                    (j * rb / 2, cols / 2)
+                } else {
+                    let first = g.out_column(j * rb);
+                    (first, g.out_column(j * rb + cols - 1) - first + 1)
+                };
                 let group_rows =
                     (max.saturating_sub(col_span) / g.ldo.max(1) + 1) / packed_rows * packed_rows;
                 if col_span > max || group_rows == 0 {
