@@ -593,3 +593,89 @@ fn linear_geglu_refuses_an_odd_weight() {
         "{err}"
     );
 }
+
+#[test]
+fn linear_each_packs_its_input_once_and_equals_separate_linears_bit_for_bit() {
+    let gpu = gpu();
+    for dtype in dtypes() {
+        // (rows, K, the layers' N): layers of one shape (attention's q, k,
+        // v), and of other shapes (possibly other block shapes).
+        for (i, (rows, k, ns)) in [
+            (300usize, 64usize, vec![48usize, 48, 48]),
+            (77, 40, vec![40, 40]),
+            (129, 33, vec![8, 1040, 7]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = 800 + 10 * i as u64;
+            let (x, _) = upload(gpu, &random(2 * rows * k, seed), &[2, rows, k], dtype);
+            let layers: Vec<(Tensor, Tensor)> = ns
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| {
+                    let s = seed + 1 + 2 * j as u64;
+                    let w = upload(gpu, &random(n * k, s), &[n, k], dtype).0;
+                    let b = upload(gpu, &random(n, s + 1), &[n], dtype).0;
+                    (w.into_constant(), b.into_constant())
+                })
+                .collect();
+            let refs: Vec<(&Tensor, Option<&Tensor>)> =
+                layers.iter().map(|(w, b)| (w, Some(b))).collect();
+            let got = matmul::linear_each(gpu, &x, &refs).unwrap();
+            assert_eq!(got.len(), ns.len());
+            for ((g, (w, b)), &n) in got.iter().zip(&layers).zip(&ns) {
+                assert_eq!(g.shape(), &[2, rows, n]);
+                let want = matmul::linear(gpu, &x, w, Some(b), Activation::None)
+                    .unwrap()
+                    .to_f32(gpu)
+                    .unwrap();
+                let g = g.to_f32(gpu).unwrap();
+                assert!(
+                    g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "case {i} ({dtype}), N = {n}: differs from its own linear"
+                );
+            }
+        }
+    }
+
+    // One packing of the input where three separate linears make three (a
+    // GPU of its own, so that the dispatch count is this test's alone).
+    let own = Gpu::new(GpuOptions::default()).expect("a GPU adapter");
+    let (x, _) = upload(&own, &random(256 * 64, 1), &[256, 64], DType::F32);
+    let layers: Vec<Tensor> = (0..3)
+        .map(|j| {
+            upload(&own, &random(64 * 64, 2 + j), &[64, 64], DType::F32)
+                .0
+                .into_constant()
+        })
+        .collect();
+    let refs: Vec<(&Tensor, Option<&Tensor>)> = layers.iter().map(|w| (w, None)).collect();
+    // The weights' packings are made on first use and kept: warm them.
+    matmul::linear_each(&own, &x, &refs).unwrap();
+    let packs = |work: &dyn Fn()| {
+        own.synchronize().unwrap();
+        assert!(own.start_timer(), "the adapter has timestamp queries");
+        work();
+        let kernels = own
+            .stop_timer_by_kernel()
+            .unwrap()
+            .expect("every dispatch timed");
+        kernels
+            .iter()
+            .filter(|k| k.kernel.starts_with("pack_"))
+            .map(|k| k.dispatches)
+            .sum::<u32>()
+    };
+    let together = packs(&|| drop(matmul::linear_each(&own, &x, &refs).unwrap()));
+    let apart = packs(&|| {
+        for w in &layers {
+            drop(matmul::linear(&own, &x, w, None, Activation::None).unwrap());
+        }
+    });
+    assert_eq!(
+        (together, apart),
+        (1, 3),
+        "packing dispatches, together and apart"
+    );
+}

@@ -59,10 +59,25 @@ impl Attention {
 
     /// The heads' outputs, before to_out.
     fn attend(&self, gpu: &Gpu, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let ctx = context.unwrap_or(x);
-        let q = self.to_q.forward(gpu, x)?;
-        let k = self.to_k.forward(gpu, ctx)?;
-        let v = self.to_v.forward(gpu, ctx)?;
+        // Each input is packed once for the layers that read it (CPU adapter).
+        fn layer(l: &Linear) -> (&Tensor, Option<&Tensor>) {
+            (&l.weight, l.bias.as_ref())
+        }
+        let (q, k, v) = match context {
+            None => {
+                let layers = [layer(&self.to_q), layer(&self.to_k), layer(&self.to_v)];
+                let mut qkv = ops::matmul::linear_each(gpu, x, &layers)?.into_iter();
+                let mut next = || qkv.next().expect("one output per layer");
+                (next(), next(), next())
+            }
+            Some(ctx) => {
+                let q = self.to_q.forward(gpu, x)?;
+                let layers = [layer(&self.to_k), layer(&self.to_v)];
+                let mut kv = ops::matmul::linear_each(gpu, ctx, &layers)?.into_iter();
+                let mut next = || kv.next().expect("one output per layer");
+                (q, next(), next())
+            }
+        };
         ops::attention::attention(gpu, &q, &k, &v, self.heads, &AttentionOptions::default())
     }
 }

@@ -253,6 +253,89 @@ pub fn linear_residual(
     )
 }
 
+/// [`linear`] of one input by several layers (attention's to_q, to_k and
+/// to_v): `x [..., K]`, each `(weight [N, K], bias [N])`. Where every
+/// product runs on the packed kernel with the same block shape (layers of
+/// one shape always do), the input is packed once for all of them instead
+/// of once per layer; each result is that of its own [`linear`] call bit
+/// for bit (the same packing, block shape and sums).
+pub fn linear_each(
+    gpu: &Gpu,
+    x: &Tensor,
+    layers: &[(&Tensor, Option<&Tensor>)],
+) -> Result<Vec<Tensor>> {
+    let separately = || {
+        layers
+            .iter()
+            .map(|&(w, b)| linear(gpu, x, w, b, Activation::None))
+            .collect()
+    };
+    let k = *x.shape().last().unwrap_or(&0);
+    if layers.len() < 2 || x.rank() == 0 || k == 0 {
+        return separately();
+    }
+    let rows = x.numel() / k;
+    let x2 = x.reshape(&[rows, k])?;
+    let mut plans = Vec::with_capacity(layers.len());
+    for &(weight, bias) in layers {
+        if weight.rank() != 2 || weight.shape()[1] != k {
+            // linear names the mismatch.
+            return separately();
+        }
+        let opts = MatmulOptions {
+            transpose_b: true,
+            bias,
+            ..MatmulOptions::default()
+        };
+        let (dims, _) = check_matmul("linear", &x2, weight, &opts)?;
+        match choose(gpu, x.dtype(), &dims, &opts, MatmulKernel::Auto)? {
+            Choice::Packed(row_words) if dims.m > 0 && dims.n > 0 => plans.push((dims, row_words)),
+            _ => return separately(),
+        }
+    }
+    let row_words = plans[0].1;
+    if plans.iter().any(|&(_, rw)| rw != row_words) {
+        return separately();
+    }
+    let pa = packed_operand(
+        gpu,
+        &Strided {
+            t: &x2,
+            items: 1,
+            rows,
+            k,
+            item_stride: rows * k,
+            row_stride: k,
+            k_stride: 1,
+        },
+        row_words,
+    )?;
+    layers
+        .iter()
+        .zip(&plans)
+        .map(|(&(weight, bias), (dims, _))| {
+            let mut out_shape = x.shape().to_vec();
+            *out_shape.last_mut().expect("x has rank >= 1") = dims.n;
+            let out = Tensor::empty(gpu, &out_shape, x.dtype())?;
+            let opts = MatmulOptions {
+                transpose_b: true,
+                bias,
+                ..MatmulOptions::default()
+            };
+            run_packed_with(
+                gpu,
+                &pa,
+                weight,
+                &out,
+                dims,
+                &Epilogue::of(&opts),
+                row_words,
+            )?;
+            Ok(out)
+        })
+        .collect()
+}
+
 /// diffusers' `GEGLU`, `value * gelu(gate)` of `linear(x, weight, bias)`
 /// split in halves: `x [..., K]`, `weight [2·D, K]`, `bias [2·D]` → `[..., D]`.
 ///
@@ -1429,7 +1512,6 @@ fn run_packed(
     e: &Epilogue,
     kw: usize,
 ) -> Result<()> {
-    let b_items = if d.b_batched { d.batch } else { 1 };
     let pa = packed_operand(
         gpu,
         &Strided {
@@ -1443,6 +1525,20 @@ fn run_packed(
         },
         kw,
     )?;
+    run_packed_with(gpu, &pa, b, out, d, e, kw)
+}
+
+/// [`run_packed`] with `a` already packed.
+fn run_packed_with(
+    gpu: &Gpu,
+    pa: &Packed,
+    b: &Tensor,
+    out: &Tensor,
+    d: &Dims,
+    e: &Epilogue,
+    kw: usize,
+) -> Result<()> {
+    let b_items = if d.b_batched { d.batch } else { 1 };
     let (row_stride, k_stride) = if d.transpose_b { (d.k, 1) } else { (1, d.n) };
     let pb = packed_operand(
         gpu,
@@ -1458,7 +1554,7 @@ fn run_packed(
         kw,
     )?;
     let product = PackedProduct {
-        a: &pa,
+        a: pa,
         b: &pb,
         a_shared: false,
         b_shared: !d.b_batched,
