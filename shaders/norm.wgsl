@@ -139,6 +139,27 @@ fn group_row_base(r: u32) -> u32 {
     return item * p.segs * p.seg_stride + g * p.len;
 }
 
+// Values in chunk `chunk` of a segment (the last one may be short).
+fn chunk_values(chunk: u32) -> u32 {
+    return min(p.chunk_len, p.len - chunk * p.chunk_len);
+}
+
+// Moments of chunk q of group row r (segment q / chunks, chunk q % chunks);
+// every invocation gets them.
+fn chunk_moments(r: u32, q: u32, lid: u32) -> Moments {
+    let seg = q / p.chunks;
+    let chunk = q - seg * p.chunks;
+    let start = p.x_off + group_row_base(r) + seg * p.seg_stride + chunk * p.chunk_len;
+    return reduce_moments(lid, local_moments(start, chunk_values(chunk), lid));
+}
+
+// Row r's mean and 1/std from its combined moments. PyTorch normalises with
+// the biased (population) variance.
+fn write_row_stats(r: u32, acc: Moments) {
+    stats[p.final_off + 2u * r] = acc.mean;
+    stats[p.final_off + 2u * r + 1u] = inverseSqrt(acc.m2 / acc.n + p.eps);
+}
+
 @compute @workgroup_size(WG)
 fn group_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
                @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -148,12 +169,7 @@ fn group_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         return;
     }
     let r = w / per_row;
-    let rem = w - r * per_row;
-    let seg = rem / p.chunks;
-    let chunk = rem - seg * p.chunks;
-    let start = p.x_off + group_row_base(r) + seg * p.seg_stride + chunk * p.chunk_len;
-    let n = min(p.chunk_len, p.len - chunk * p.chunk_len);
-    let total = reduce_moments(lid, local_moments(start, n, lid));
+    let total = chunk_moments(r, w - r * per_row, lid);
     if (lid == 0u) {
         stats[2u * w] = total.mean;
         stats[2u * w + 1u] = total.m2;
@@ -169,14 +185,10 @@ fn group_finalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let per_row = p.segs * p.chunks;
     var acc = Moments(0.0, 0.0, 0.0);
     for (var q = 0u; q < per_row; q = q + 1u) {
-        let chunk = q % p.chunks;
-        let n = min(p.chunk_len, p.len - chunk * p.chunk_len);
         let i = 2u * (r * per_row + q);
-        acc = combine(acc, Moments(f32(n), stats[i], stats[i + 1u]));
+        acc = combine(acc, Moments(f32(chunk_values(q % p.chunks)), stats[i], stats[i + 1u]));
     }
-    // PyTorch normalises with the biased (population) variance.
-    stats[p.final_off + 2u * r] = acc.mean;
-    stats[p.final_off + 2u * r + 1u] = inverseSqrt(acc.m2 / acc.n + p.eps);
+    write_row_stats(r, acc);
 }
 
 // group_stats and group_finalize in one dispatch, a workgroup per group row
@@ -194,18 +206,13 @@ fn group_stats_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     let per_row = p.segs * p.chunks;
     var acc = Moments(0.0, 0.0, 0.0);
     for (var q = 0u; q < per_row; q = q + 1u) {
-        let seg = q / p.chunks;
-        let chunk = q - seg * p.chunks;
-        let start = p.x_off + group_row_base(r) + seg * p.seg_stride + chunk * p.chunk_len;
-        let n = min(p.chunk_len, p.len - chunk * p.chunk_len);
-        let total = reduce_moments(lid, local_moments(start, n, lid));
-        acc = combine(acc, Moments(f32(n), total.mean, total.m2));
+        let total = chunk_moments(r, q, lid);
+        acc = combine(acc, Moments(f32(chunk_values(q % p.chunks)), total.mean, total.m2));
         // The next chunk's reduction overwrites what this one read.
         workgroupBarrier();
     }
     if (lid == 0u) {
-        stats[p.final_off + 2u * r] = acc.mean;
-        stats[p.final_off + 2u * r + 1u] = inverseSqrt(acc.m2 / acc.n + p.eps);
+        write_row_stats(r, acc);
     }
 }
 

@@ -297,19 +297,7 @@ pub fn linear_each(
     if plans.iter().any(|&(_, rw)| rw != row_words) {
         return separately();
     }
-    let pa = packed_operand(
-        gpu,
-        &Strided {
-            t: &x2,
-            items: 1,
-            rows,
-            k,
-            item_stride: rows * k,
-            row_stride: k,
-            k_stride: 1,
-        },
-        row_words,
-    )?;
+    let pa = packed_operand(gpu, &Strided::rows(&x2), row_words)?;
     layers
         .iter()
         .zip(&plans)
@@ -384,31 +372,10 @@ pub fn linear_geglu(
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("x has rank >= 1") = half;
     let out = Tensor::empty(gpu, &out_shape, x.dtype())?;
-    let pa = packed_operand(
-        gpu,
-        &Strided {
-            t: &x2,
-            items: 1,
-            rows,
-            k,
-            item_stride: rows * k,
-            row_stride: k,
-            k_stride: 1,
-        },
-        row_words,
-    )?;
+    let pa = packed_operand(gpu, &Strided::rows(&x2), row_words)?;
     let pack_weight = || {
         let w = interleave_halves(gpu, weight)?;
-        let s = Strided {
-            t: &w,
-            items: 1,
-            rows: n,
-            k,
-            item_stride: n * k,
-            row_stride: k,
-            k_stride: 1,
-        };
-        pack_rows(gpu, &s, row_words)
+        pack_rows(gpu, &Strided::rows(&w), row_words)
     };
     let pb = if weight.is_constant() {
         weight.derived(
@@ -1181,6 +1148,22 @@ struct Strided<'a> {
     item_stride: usize,
     row_stride: usize,
     k_stride: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// A row-major matrix `[rows, K]`, packed by rows.
+    fn rows(t: &'a Tensor) -> Self {
+        let (rows, k) = (t.shape()[0], t.shape()[1]);
+        Strided {
+            t,
+            items: 1,
+            rows,
+            k,
+            item_stride: rows * k,
+            row_stride: k,
+            k_stride: 1,
+        }
+    }
 }
 
 /// Invocations per pack_rows workgroup, along K.
