@@ -721,7 +721,11 @@ pub(crate) fn job_events(
             let progressing = job.state == db::RUNNING || job.state == db::FINISHED;
             if progressing && job.total > 0 && job.step != last_step {
                 last_step = job.step;
-                let preview = if job.preview != last_preview { job.preview.clone() } else { None };
+                // The finished job's last step carries its latest preview
+                // whatever was sent before: it is the step a late or slow
+                // reader sees last.
+                let changed = job.preview != last_preview || job.state == db::FINISHED;
+                let preview = if changed { job.preview.clone() } else { None };
                 last_preview = job.preview.clone();
                 yield Ok(Event::default().event("progress").data(
                     json!({"step": job.step, "total": job.total, "preview": preview}).to_string(),
