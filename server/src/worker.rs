@@ -245,6 +245,23 @@ async fn execute(
 
     match result {
         Ok(Ok(Some(out))) => {
+            // The run can end between two ticks: its last steps and preview
+            // reach the database before the job is marked finished, so the
+            // finished job shows the clip's final preview.
+            let pending = match live.lock() {
+                Ok(mut l) => {
+                    (l.version != sent_version).then(|| (l.step, l.total, l.preview.take()))
+                }
+                Err(_) => None,
+            };
+            if let Some((step, total, preview)) = pending {
+                if let Err(e) = db
+                    .heartbeat(&job.id, name, lease_ms, step, total, preview.as_deref())
+                    .await
+                {
+                    eprintln!("worker {name}: last progress of {}: {e:#}", job.id);
+                }
+            }
             let stored = store_output(store, &out).await;
             let _ = tokio::fs::remove_file(&out.clip).await;
             let _ = tokio::fs::remove_file(&out.recipe).await;
@@ -417,4 +434,101 @@ fn preview_data_url(p: &Preview) -> Option<String> {
         "data:image/png;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(png_bytes)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::NewJob;
+    use crate::quota::JobQuota;
+    use crate::request::{FieldError, Names};
+    use crate::{ClipSize, ImageMode, StoreOptions};
+
+    /// Reports its one step, with a preview, after the heartbeat's first
+    /// tick and returns at once: the run ends between two ticks.
+    struct QuickRunner;
+
+    impl Runner for QuickRunner {
+        fn check(&self, _: &JobRequest) -> Result<ClipSize, FieldError> {
+            Ok(ClipSize {
+                width: 8,
+                height: 8,
+                frames: 1,
+            })
+        }
+        fn names(&self) -> Names {
+            Names {
+                styles: vec![],
+                models: vec![],
+            }
+        }
+        fn image_mode(&self, _: Option<&str>) -> Option<ImageMode> {
+            None
+        }
+        fn run(
+            &self,
+            job: &RunJob,
+            progress: &mut dyn FnMut(Progress) -> bool,
+        ) -> Result<Option<RunOutput>, RunError> {
+            std::thread::sleep(Duration::from_millis(50));
+            let preview = Preview {
+                width: 2,
+                height: 2,
+                frames: vec![vec![200; 12]],
+            };
+            progress(Progress {
+                step: 1,
+                total: 1,
+                preview: Some(preview),
+            });
+            let recipe = job.output.with_extension("json");
+            std::fs::write(&job.output, b"clip").expect("the scratch folder");
+            std::fs::write(&recipe, b"{}").expect("the scratch folder");
+            Ok(Some(RunOutput {
+                clip: job.output.clone(),
+                recipe,
+            }))
+        }
+    }
+
+    #[test]
+    fn a_run_that_ends_between_heartbeats_records_its_last_step_and_preview() -> Result<()> {
+        let data = std::env::temp_dir().join(format!("motif-worker-{}", crate::random_hex(8)));
+        std::fs::create_dir_all(&data)?;
+        let url = format!("sqlite://{}?mode=rwc", data.join("motif.db").display());
+        let result = crate::runtime()?.block_on(async {
+            let db = Db::connect(&url).await?;
+            db.insert_token("t", "hash", false).await?;
+            let request = serde_json::to_string(&JobRequest::new("a red ball"))?;
+            let job = NewJob {
+                id: "job1",
+                token_id: "t",
+                request: &request,
+                image: None,
+                last_image: None,
+                format: "mp4",
+            };
+            let quota = JobQuota {
+                max_active: 1,
+                per_minute: 1,
+            };
+            db.insert_job_within_quota(&job, quota).await?;
+            let store = Store::open(&data, &StoreOptions::default())?;
+            let queue = QueueOptions::default();
+            let claimed = db
+                .claim("w", queue.lease.as_millis() as i64)
+                .await?
+                .context("claim")?;
+            let runner: Arc<dyn Runner> = Arc::new(QuickRunner);
+            let end = execute(&db, &runner, &store, &queue, "w", &Shutdown::new(), claimed).await?;
+            assert_eq!(end, "finished");
+            let row = db.job("job1").await?.context("the job")?;
+            assert_eq!((row.step, row.total), (1, 1));
+            let preview = row.preview.unwrap_or_default();
+            assert!(preview.starts_with("data:image/png;base64,"), "{preview:?}");
+            Ok::<(), anyhow::Error>(())
+        });
+        let _ = std::fs::remove_dir_all(&data);
+        result
+    }
 }
