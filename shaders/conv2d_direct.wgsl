@@ -13,7 +13,7 @@
 // every value it reads for all 9 taps and 8 output channels.
 //
 // Each invocation computes 4 neighbouring output pixels of one row (one vec4
-// of the output row) x 8 output channels: per input channel it reads 3 vec4s
+// of the output row) x 8 output channels (conv3x3_direct16: 16): per input channel it reads 3 vec4s
 // of each of 3 input rows (the 4 pixels and one neighbour each side), and
 // makes 4 x 9 x 8 products from them. The weights of the 8 channels come from
 // a uniform block as vec4s over output channels, the same address in every
@@ -52,7 +52,9 @@ struct DirectParams {
     co0: u32,
     cout_all: u32,
     w_off: u32,
-    _pad0: u32,
+    // Output channels per group of the packing: 8 (conv3x3_direct) or 16
+    // (conv3x3_direct16).
+    group: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -63,9 +65,10 @@ struct DirectParams {
 @group(0) @binding(22) var<uniform> wd: array<vec4<f32>, 4096>;
 @group(0) @binding(23) var<storage, read> res4: array<st4>;
 
-// Packed weights: block of output channels co0.., group g of 8 channels,
-// input channel ci, tap t = ky * 3 + kx: vec4 ((g * cin + ci) * 9 + t) * 2
-// holds channels 8g..8g+3, the next one 8g+4..8g+7 (0 past cout).
+// Packed weights: block of output channels co0.., group g of G = dp.group
+// channels (8 or 16), input channel ci, tap t = ky * 3 + kx: vec4
+// ((g * cin + ci) * 9 + t) * G / 4 + j holds channels G * g + 4j..G * g + 4j + 3
+// (0 past cout).
 //   @binding(2)  wt      array<wst> (read): w[co, ci, ky, kx] at w_off + (co * cin + ci) * 9 + t
 //   @binding(24) wpack   array<vec4<f32>> (read_write): the block, from vec4 0
 @group(0) @binding(24) var<storage, read_write> wpack: array<vec4<f32>>;
@@ -81,15 +84,16 @@ fn direct_weight(co: u32, ci: u32, t: u32) -> f32 {
 @compute @workgroup_size(64)
 fn pack_weights_direct(@builtin(global_invocation_id) gid: vec3<u32>) {
     let q = gid.x;
-    let per_group = dp.cin * 18u;
-    if (q >= dp.cout * per_group / 8u) {
+    let per_tap = dp.group / 4u;
+    let per_group = dp.cin * 9u * per_tap;
+    if (q >= dp.cout * per_group / dp.group) {
         return;
     }
     let g = q / per_group;
     let rest = q - g * per_group;
-    let ci = rest / 18u;
-    let t = (rest - ci * 18u) / 2u;
-    let co = dp.co0 + 8u * g + 4u * (rest & 1u);
+    let ci = rest / (9u * per_tap);
+    let t = (rest - ci * 9u * per_tap) / per_tap;
+    let co = dp.co0 + dp.group * g + 4u * (rest % per_tap);
     wpack[q] = vec4(direct_weight(co, ci, t), direct_weight(co + 1u, ci, t),
                     direct_weight(co + 2u, ci, t), direct_weight(co + 3u, ci, t));
 }
@@ -134,26 +138,37 @@ fn row_values(at: u32, row: u32, ok: bool, has_left: bool, has_right: bool,
     return RowValues(select(0.0, l, ok && has_left), m, select(0.0, r, ok && has_right));
 }
 
-// x: output vec4s of an item's plane (row-major), y: groups of 8 output
-// channels of the block, z: batch items.
-@compute @workgroup_size(64)
-fn conv3x3_direct(@builtin(global_invocation_id) gid: vec3<u32>,
-                  @builtin(subgroup_invocation_id) sid: u32,
-                  @builtin(subgroup_size) sg_size: u32) {
+// Where an invocation's 4 pixels are and what borders them (see
+// conv3x3_direct).
+struct Pixels {
+    live: bool,
+    oy: u32,
+    q: u32,
+    z: u32,
+    has_left: bool,
+    has_right: bool,
+    has_up: bool,
+    has_down: bool,
+    left_shared: bool,
+    right_shared: bool,
+    // The vec4 of the input's row oy (and the rows above and below) in
+    // channel 0 of item z.
+    mid: u32,
+    up: u32,
+    down: u32,
+}
+
+fn pixels(gid: vec3<u32>, sid: u32, sg_size: u32) -> Pixels {
     let w4 = dp.w / 4u;
     let plane4 = dp.h * w4;
     // Lanes past the plane compute its last vec4 again (and store nothing):
     // every lane of a subgroup takes part in the shuffles below.
-    let live = gid.x < plane4;
     let idx = min(gid.x, plane4 - 1u);
     let oy = idx / w4;
     let q = idx - oy * w4;
-    let g = gid.y;
     let z = gid.z;
     // Neighbours past the row's ends and rows past the image are padding:
     // their loads read a valid address and are replaced by zero.
-    let has_left = q > 0u;
-    let has_right = q + 1u < w4;
     let has_up = oy > 0u;
     let has_down = oy + 1u < dp.h;
     // A storage load costs a loop over the lanes on lavapipe: the value left
@@ -163,8 +178,57 @@ fn conv3x3_direct(@builtin(global_invocation_id) gid: vec3<u32>,
     let left_shared = sid > 0u && subgroupShuffleUp(idx, 1u) + 1u == idx;
     let right_shared = sid + 1u < sg_size && subgroupShuffleDown(idx, 1u) == idx + 1u;
     let mid = (dp.x_off + z * dp.x_bstride) / 4u + oy * w4 + q;
-    let up = select(mid, mid - w4, has_up);
-    let down = select(mid, mid + w4, has_down);
+    let live = gid.x < plane4;
+    let has_right = q + 1u < w4;
+    return Pixels(live, oy, q, z, q > 0u, has_right, has_up, has_down,
+                  left_shared, right_shared, mid,
+                  select(mid, mid - w4, has_up), select(mid, mid + w4, has_down));
+}
+
+fn input_row(x: Pixels, at: u32, row: u32, ok: bool) -> RowValues {
+    return row_values(at, row, ok, x.has_left, x.has_right, x.left_shared, x.right_shared);
+}
+
+// Bias, activation, scale and residual, then the stores of 8 output
+// channels co0..co0 + 7 (those below dp.cout) from sums laid out as
+// kernel_row's acc. The stores run as a loop over a copy of the sums
+// (unrolled, each store is a loop over the lanes on lavapipe and the kernel
+// compiles slowly).
+fn store_channels(x: Pixels, sums: array<vec4<f32>, 8>, co0: u32) {
+    var s = sums;
+    let w4 = dp.w / 4u;
+    let plane = dp.h * dp.w;
+    let first = (dp.out_off + x.z * dp.o_bstride) / 4u + x.oy * w4 + x.q;
+    let first_res = (dp.res_off + x.z * dp.o_bstride) / 4u + x.oy * w4 + x.q;
+    for (var c = 0u; c < 8u; c++) {
+        let co = co0 + c;
+        if (co >= dp.cout) {
+            break;
+        }
+        let h = c / 4u;
+        let k = c % 4u;
+        var v = vec4(s[h][k], s[2u + h][k], s[4u + h][k], s[6u + h][k]);
+        if (dp.has_bias == 1u) {
+            v += vec4(f32(bias[dp.bias_off + co]));
+        }
+        v = vec4(activate(v.x), activate(v.y), activate(v.z), activate(v.w)) * dp.scale;
+        let o = first + co * plane / 4u;
+        if (dp.has_residual == 1u) {
+            v += dp.residual_scale * vec4<f32>(res4[first_res + co * plane / 4u]);
+        }
+        out4[o] = st4(v);
+    }
+}
+
+// x: output vec4s of an item's plane (row-major), y: groups of 8 output
+// channels of the block, z: batch items.
+@compute @workgroup_size(64)
+fn conv3x3_direct(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(subgroup_invocation_id) sid: u32,
+                  @builtin(subgroup_size) sg_size: u32) {
+    let x = pixels(gid, sid, sg_size);
+    let g = gid.y;
+    let plane4 = dp.h * dp.w / 4u;
     var acc: array<vec4<f32>, 8>;
     for (var ci = 0u; ci < dp.cin; ci++) {
         let at = ci * plane4;
@@ -175,47 +239,82 @@ fn conv3x3_direct(@builtin(global_invocation_id) gid: vec3<u32>,
         let w0 = wd[wi + sid];
         let w1 = wd[wi + 8u + sid];
         let w2 = wd[wi + 16u + min(sid, 1u)];
-        let u = row_values(at, up, has_up, has_left, has_right, left_shared, right_shared);
+        let u = input_row(x, at, x.up, x.has_up);
         kernel_row(&acc,
             subgroupBroadcast(w0, 0u), subgroupBroadcast(w0, 1u), subgroupBroadcast(w0, 2u),
             subgroupBroadcast(w0, 3u), subgroupBroadcast(w0, 4u), subgroupBroadcast(w0, 5u),
             u.l, u.m.x, u.m.y, u.m.z, u.m.w, u.r);
-        let c = row_values(at, mid, true, has_left, has_right, left_shared, right_shared);
+        let c = input_row(x, at, x.mid, true);
         kernel_row(&acc,
             subgroupBroadcast(w0, 6u), subgroupBroadcast(w0, 7u), subgroupBroadcast(w1, 0u),
             subgroupBroadcast(w1, 1u), subgroupBroadcast(w1, 2u), subgroupBroadcast(w1, 3u),
             c.l, c.m.x, c.m.y, c.m.z, c.m.w, c.r);
-        let d = row_values(at, down, has_down, has_left, has_right, left_shared, right_shared);
+        let d = input_row(x, at, x.down, x.has_down);
         kernel_row(&acc,
             subgroupBroadcast(w1, 4u), subgroupBroadcast(w1, 5u), subgroupBroadcast(w1, 6u),
             subgroupBroadcast(w1, 7u), subgroupBroadcast(w2, 0u), subgroupBroadcast(w2, 1u),
             d.l, d.m.x, d.m.y, d.m.z, d.m.w, d.r);
     }
-    if (!live) {
-        return;
+    if (x.live) {
+        store_channels(x, acc, 8u * g);
     }
-    // The stores run as a loop over a copy of the sums (unrolled, each store
-    // is a loop over the lanes on lavapipe and the kernel compiles slowly).
-    var sums = acc;
-    let plane = dp.h * dp.w;
-    let first = (dp.out_off + z * dp.o_bstride) / 4u + oy * w4 + q;
-    let first_res = (dp.res_off + z * dp.o_bstride) / 4u + oy * w4 + q;
-    for (var c = 0u; c < 8u; c++) {
-        let co = 8u * g + c;
-        if (co >= dp.cout) {
-            break;
-        }
-        let h = c / 4u;
-        let k = c % 4u;
-        var v = vec4(sums[h][k], sums[2u + h][k], sums[4u + h][k], sums[6u + h][k]);
-        if (dp.has_bias == 1u) {
-            v += vec4(f32(bias[dp.bias_off + co]));
-        }
-        v = vec4(activate(v.x), activate(v.y), activate(v.z), activate(v.w)) * dp.scale;
-        let o = first + co * plane / 4u;
-        if (dp.has_residual == 1u) {
-            v += dp.residual_scale * vec4<f32>(res4[first_res + co * plane / 4u]);
-        }
-        out4[o] = st4(v);
+}
+
+// conv3x3_direct with 16 output channels per invocation (y: groups of 16;
+// weights packed in groups of 16, vec4 ((g * cin + ci) * 9 + t) * 4 + j
+// holding channels 16g + 4j..16g + 4j + 3): each input value read serves
+// twice the products. Every channel's sum runs in conv3x3_direct's order,
+// so the two give the same bits.
+@compute @workgroup_size(64)
+fn conv3x3_direct16(@builtin(global_invocation_id) gid: vec3<u32>,
+                    @builtin(subgroup_invocation_id) sid: u32,
+                    @builtin(subgroup_size) sg_size: u32) {
+    let x = pixels(gid, sid, sg_size);
+    let g = gid.y;
+    let plane4 = dp.h * dp.w / 4u;
+    // Channels 0..7 and 8..15 of the group, each laid out as kernel_row's acc.
+    var lo: array<vec4<f32>, 8>;
+    var hi: array<vec4<f32>, 8>;
+    for (var ci = 0u; ci < dp.cin; ci++) {
+        let at = ci * plane4;
+        // 36 weight vec4s (9 taps x 4), shared by broadcast: vec4 t * 4 + j
+        // is lane (t * 4 + j) % 8 of w[(t * 4 + j) / 8].
+        let wi = (g * dp.cin + ci) * 36u;
+        let w0 = wd[wi + sid];
+        let w1 = wd[wi + 8u + sid];
+        let w2 = wd[wi + 16u + sid];
+        let w3 = wd[wi + 24u + sid];
+        let w4 = wd[wi + 32u + min(sid, 3u)];
+        let u = input_row(x, at, x.up, x.has_up);
+        kernel_row(&lo,
+            subgroupBroadcast(w0, 0u), subgroupBroadcast(w0, 1u), subgroupBroadcast(w0, 4u),
+            subgroupBroadcast(w0, 5u), subgroupBroadcast(w1, 0u), subgroupBroadcast(w1, 1u),
+            u.l, u.m.x, u.m.y, u.m.z, u.m.w, u.r);
+        kernel_row(&hi,
+            subgroupBroadcast(w0, 2u), subgroupBroadcast(w0, 3u), subgroupBroadcast(w0, 6u),
+            subgroupBroadcast(w0, 7u), subgroupBroadcast(w1, 2u), subgroupBroadcast(w1, 3u),
+            u.l, u.m.x, u.m.y, u.m.z, u.m.w, u.r);
+        let c = input_row(x, at, x.mid, true);
+        kernel_row(&lo,
+            subgroupBroadcast(w1, 4u), subgroupBroadcast(w1, 5u), subgroupBroadcast(w2, 0u),
+            subgroupBroadcast(w2, 1u), subgroupBroadcast(w2, 4u), subgroupBroadcast(w2, 5u),
+            c.l, c.m.x, c.m.y, c.m.z, c.m.w, c.r);
+        kernel_row(&hi,
+            subgroupBroadcast(w1, 6u), subgroupBroadcast(w1, 7u), subgroupBroadcast(w2, 2u),
+            subgroupBroadcast(w2, 3u), subgroupBroadcast(w2, 6u), subgroupBroadcast(w2, 7u),
+            c.l, c.m.x, c.m.y, c.m.z, c.m.w, c.r);
+        let d = input_row(x, at, x.down, x.has_down);
+        kernel_row(&lo,
+            subgroupBroadcast(w3, 0u), subgroupBroadcast(w3, 1u), subgroupBroadcast(w3, 4u),
+            subgroupBroadcast(w3, 5u), subgroupBroadcast(w4, 0u), subgroupBroadcast(w4, 1u),
+            d.l, d.m.x, d.m.y, d.m.z, d.m.w, d.r);
+        kernel_row(&hi,
+            subgroupBroadcast(w3, 2u), subgroupBroadcast(w3, 3u), subgroupBroadcast(w3, 6u),
+            subgroupBroadcast(w3, 7u), subgroupBroadcast(w4, 2u), subgroupBroadcast(w4, 3u),
+            d.l, d.m.x, d.m.y, d.m.z, d.m.w, d.r);
+    }
+    if (x.live) {
+        store_channels(x, lo, 16u * g);
+        store_channels(x, hi, 16u * g + 8u);
     }
 }

@@ -655,8 +655,9 @@ fn direct_kernel_matches_the_reference() {
     // The direct 3x3 kernel: rows of one vec4 (no neighbour on either side)
     // and of several, one row, odd heights, several batch items, output
     // channels that are not a multiple of its group of 8 (the VAE's conv_out
-    // has 3), and 64 input channels, whose weights take three blocks of 24
-    // output channels (one dispatch each).
+    // has 3), and 64 input channels, whose weights take four blocks of 16
+    // output channels (one dispatch each). 32 and 64 output channels take
+    // the 16-channel kernel.
     let gpu = gpu();
     let opts = Conv2dOptions::same(3, 1);
     let cases: [([usize; 4], [usize; 4]); 6] = [
@@ -679,11 +680,79 @@ fn direct_kernel_matches_the_reference() {
                 900 + i as u64,
             )
         });
-        assert!(ran.iter().any(|k| k == "conv3x3_direct"), "{x:?}: {ran:?}");
+        assert!(
+            ran.iter().any(|k| k.starts_with("conv3x3_direct")),
+            "{x:?}: {ran:?}"
+        );
         assert!(
             !ran.iter().any(|k| k.starts_with("pack_taps")),
             "{x:?}: {ran:?}"
         );
+    }
+}
+
+#[test]
+fn direct_kernels_of_16_and_8_channels_give_the_same_bits() {
+    // 32 output channels take conv3x3_direct16; the same weights with 8 more
+    // channels (40: not whole groups of 16) take conv3x3_direct. Each
+    // channel's sum runs in the same order, so the first 32 channels agree
+    // bit for bit, with bias, activation and residual.
+    let gpu = gpu();
+    let opts = Conv2dOptions {
+        activation: Activation::Silu,
+        ..Conv2dOptions::same(3, 1)
+    };
+    let (n, cin, h, w) = (2, 20, 7, 12);
+    let plane = h * w;
+    for dtype in dtypes() {
+        let x_shape = [n, cin, h, w];
+        let (x, _) = upload(gpu, &random(n * cin * plane, 990), &x_shape, dtype);
+        let weights = random(40 * cin * 9, 991);
+        let biases = random(40, 992);
+        let residual = random(n * 40 * plane, 993);
+        let mut outs = Vec::new();
+        for cout in [32, 40] {
+            let (wt, _) = upload(gpu, &weights[..cout * cin * 9], &[cout, cin, 3, 3], dtype);
+            let (b, _) = upload(gpu, &biases[..cout], &[cout], dtype);
+            // The residual's first 32 channels are the same in both.
+            let r: Vec<f32> = (0..n)
+                .flat_map(|z| &residual[z * 40 * plane..(z * 40 + cout) * plane])
+                .copied()
+                .collect();
+            let (r, _) = upload(gpu, &r, &[n, cout, h, w], dtype);
+            let res = Conv2dResidual {
+                residual: &r,
+                scale: 0.5,
+            };
+            let (got, ran) = kernels_run(gpu, || {
+                conv2d::conv2d_residual_with_kernel(
+                    gpu,
+                    &x,
+                    &wt,
+                    Some(&b),
+                    &opts,
+                    Some(&res),
+                    Conv2dKernel::Direct,
+                )
+                .unwrap()
+            });
+            let entry = if cout == 32 {
+                "conv3x3_direct16"
+            } else {
+                "conv3x3_direct"
+            };
+            assert!(ran.iter().any(|k| k == entry), "{cout}: {ran:?}");
+            outs.push(got.to_f32(gpu).unwrap());
+        }
+        for z in 0..n {
+            let wide = &outs[0][z * 32 * plane..(z + 1) * 32 * plane];
+            let narrow = &outs[1][z * 40 * plane..(z * 40 + 32) * plane];
+            let same = wide
+                .iter()
+                .zip(narrow)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dtype:?} item {z}: the two kernels differ");
+        }
     }
 }
 
@@ -821,7 +890,7 @@ fn the_vae_decoders_full_resolution_convolutions_take_the_direct_kernel() {
     let (_, ran) = kernels_run(gpu, || {
         conv2d::conv2d(gpu, &x, &w, None, &Conv2dOptions::same(3, 1)).unwrap()
     });
-    assert!(ran.iter().any(|k| k == "conv3x3_direct"), "{ran:?}");
+    assert!(ran.iter().any(|k| k == "conv3x3_direct16"), "{ran:?}");
 }
 
 /// `cargo test --release --test ops_conv2d -- --ignored --nocapture

@@ -25,9 +25,12 @@ const SOURCE_F32_WEIGHTS: &str = concat!(
     include_str!("../../../shaders/conv2d_direct.wgsl")
 );
 
-/// Output channels per invocation, and values per packed weight (3x3 taps
-/// of one input channel for 8 output channels).
+/// Output channels per invocation: `conv3x3_direct` takes 8,
+/// `conv3x3_direct16` twice that where the output channels come in whole
+/// groups of 16 (each input value read then serves twice the products).
 const GROUP: usize = 8;
+const WIDE_GROUP: usize = 16;
+/// Taps of a 3x3 kernel.
 const TAPS: usize = 9;
 /// Invocations per workgroup of both entry points.
 const WORKGROUP: usize = 64;
@@ -53,7 +56,7 @@ struct DirectParams {
     co0: u32,
     cout_all: u32,
     w_off: u32,
-    _pad0: u32,
+    group: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -70,10 +73,21 @@ pub(crate) struct DirectDims {
 }
 
 impl DirectDims {
-    /// Output channels per weight block (one dispatch each): whole groups of
-    /// 8 whose weights fit one 64 KiB uniform block.
+    /// Output channels per invocation: 16 where they come in whole groups of
+    /// 16 and a group's weights fit a block, else 8.
+    fn group(&self) -> usize {
+        if self.cout.is_multiple_of(WIDE_GROUP) && self.cin * TAPS * WIDE_GROUP <= BLOCK_WORDS {
+            WIDE_GROUP
+        } else {
+            GROUP
+        }
+    }
+
+    /// Output channels per weight block (one dispatch each): whole groups
+    /// whose weights fit one 64 KiB uniform block.
     fn block_channels(&self) -> usize {
-        BLOCK_WORDS / (self.cin * TAPS * GROUP) * GROUP
+        let group = self.group();
+        BLOCK_WORDS / (self.cin * TAPS * group) * group
     }
 }
 
@@ -119,6 +133,7 @@ pub(crate) fn run_direct(
         dtype,
         constants: vec![("ACT", e.activation.code())],
     };
+    let group = d.group();
     let block = d.block_channels();
     let blocks = d.cout.div_ceil(block);
     let pack = || -> Result<Packed> {
@@ -130,12 +145,13 @@ pub(crate) fn run_direct(
             ..kernel("pack_weights_direct")
         };
         for b in 0..blocks {
-            let channels = block.min(d.cout - b * block).next_multiple_of(GROUP);
+            let channels = block.min(d.cout - b * block).next_multiple_of(group);
             let p = DirectParams {
                 cin: d.cin as u32,
                 cout: channels as u32,
                 co0: (b * block) as u32,
                 cout_all: d.cout as u32,
+                group: group as u32,
                 ..Default::default()
             };
             let vec4s = channels * d.cin * TAPS / 4;
@@ -149,7 +165,10 @@ pub(crate) fn run_direct(
         Ok(packed)
     };
     let weights: Arc<Packed> = if weight.is_constant() {
-        weight.derived(("conv2d_direct pack_weights", vec![d.cout, d.cin]), pack)?
+        weight.derived(
+            ("conv2d_direct pack_weights", vec![d.cout, d.cin, group]),
+            pack,
+        )?
     } else {
         Arc::new(pack()?)
     };
@@ -157,7 +176,11 @@ pub(crate) fn run_direct(
     let (x_item, o_item) = (d.cin * plane, d.cout * plane);
     let max = Tensor::max_window_elems(gpu, dtype);
     let items = (max / x_item).min(max / o_item).clamp(1, MAX_GROUPS);
-    let conv = kernel("conv3x3_direct");
+    let conv = kernel(if group == WIDE_GROUP {
+        "conv3x3_direct16"
+    } else {
+        "conv3x3_direct"
+    });
     for z0 in (0..d.n).step_by(items) {
         let group = items.min(d.n - z0);
         let (xb, x_off) = x.window(gpu, z0 * x_item, group * x_item);
@@ -210,7 +233,7 @@ pub(crate) fn run_direct(
                 ],
                 [
                     (plane / 4).div_ceil(WORKGROUP) as u32,
-                    channels.div_ceil(GROUP) as u32,
+                    channels.div_ceil(group) as u32,
                     group as u32,
                 ],
             )?;

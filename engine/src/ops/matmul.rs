@@ -345,7 +345,11 @@ pub fn linear_geglu(
 ) -> Result<Tensor> {
     let op = "linear_geglu";
     let k = *x.shape().last().unwrap_or(&0);
-    if x.rank() == 0 || weight.rank() != 2 || weight.shape()[1] != k || weight.shape()[0] % 2 != 0 {
+    if x.rank() == 0
+        || weight.rank() != 2
+        || weight.shape()[1] != k
+        || !weight.shape()[0].is_multiple_of(2)
+    {
         return Err(EngineError::Shape {
             op,
             expected: format!(
@@ -366,7 +370,7 @@ pub fn linear_geglu(
     };
     let (dims, _) = check_matmul(op, &x2, weight, &opts)?;
     let row_words = match choose(gpu, x.dtype(), &dims, &opts, MatmulKernel::Auto)? {
-        Choice::Packed(row_words) if half % 4 == 0 && rows > 0 && k > 0 => row_words,
+        Choice::Packed(row_words) if half.is_multiple_of(4) && rows > 0 && k > 0 => row_words,
         _ => return super::geglu(gpu, &linear(gpu, x, weight, bias, Activation::None)?),
     };
     let mut out_shape = x.shape().to_vec();

@@ -148,8 +148,14 @@ pub fn plan_gpu() -> Gpu {
 /// timer's labels: which variant an op chose. Needs TIMESTAMP_QUERY, which
 /// lavapipe, the tests' adapter, has. Tests of one binary share the GPU, so
 /// the list may also hold kernels of tests running beside this one: check
-/// that a kernel is present, not that another is absent.
+/// that a kernel is present, not that another is absent. The GPU has one
+/// timer, so calls take turns: a second call's start would otherwise replace
+/// the first's timer, and the first would find none at its stop.
 pub fn kernels_run<T>(gpu: &Gpu, work: impl FnOnce() -> T) -> (T, Vec<String>) {
+    static TIMER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed inside `work` poisons the lock; the timer is still
+    // whole.
+    let _turn = TIMER.lock().unwrap_or_else(|e| e.into_inner());
     gpu.synchronize().expect("synchronize before timing");
     assert!(
         gpu.start_timer(),
