@@ -14,12 +14,15 @@ buffer-pool peak, plus both processes' peak GPU memory as nvidia-smi saw it
 (sampled every 100 ms); on the CPU, each process's peak resident memory.
 The table (markdown) and the raw reports (JSON) go to --out.
 
-Load: /proc/loadavg is read at the start (and noted again at the end). The
-figures are labelled "quiet" only when the 1-minute load average at the
-start is at most 0.5; above it they are written marked "under load", in
-the table and in the JSON, whatever was asked. --quiet asks for a quiet
-run: the figures are still written (marked "under load") but the script
-exits with status 2 when the machine was not quiet.
+Load: /proc/loadavg is read at the start (and noted again at the end), and
+/proc/stat's CPU counters at the start and the end give the share of CPU
+time the hypervisor gave to other guests while both sides ran (steal: a
+virtual machine's own load average does not see it). The figures are
+labelled "quiet" only when the 1-minute load average at the start is at
+most 0.5 and the steal at most 5 %; else they are written marked "under
+load", in the table and in the JSON, whatever was asked. --quiet asks for a
+quiet run: the figures are still written (marked "under load") but the
+script exits with status 2 when the machine was not quiet.
 """
 
 import argparse
@@ -37,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The 1-minute load average above which a figure is not a quiet machine's.
 QUIET_LOAD = 0.5
+# The share of CPU time stolen by the hypervisor above which it is not either.
+QUIET_STEAL = 0.05
 
 
 def load_average():
@@ -49,11 +54,36 @@ def load_average():
         return None
 
 
-def conditions(load):
-    """"quiet" where the 1-minute load average is at most QUIET_LOAD, else
-    "under load" (also where it could not be read: a figure is only called
-    quiet on evidence)."""
-    return "quiet" if load is not None and load[0] <= QUIET_LOAD else "under load"
+def cpu_times():
+    """The whole machine's CPU time counters from /proc/stat's first line
+    (user, nice, system, idle, iowait, irq, softirq, steal, ...), None where
+    there is none."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        if fields[0] != "cpu" or len(fields) < 9:
+            return None
+        return [int(v) for v in fields[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def steal_share(start, end):
+    """The share of the CPU time between two cpu_times() readings that the
+    hypervisor gave to other guests (None where either is unknown)."""
+    if start is None or end is None:
+        return None
+    # guest and guest_nice (fields 9 and 10) are already counted in user and nice.
+    total = sum(end[:8]) - sum(start[:8])
+    return (end[7] - start[7]) / total if total > 0 else 0.0
+
+
+def conditions(load, steal=0.0):
+    """"quiet" where the 1-minute load average is at most QUIET_LOAD and the
+    steal at most QUIET_STEAL, else "under load" (also where either could
+    not be read: a figure is only called quiet on evidence)."""
+    quiet = (load is not None and load[0] <= QUIET_LOAD
+             and steal is not None and steal <= QUIET_STEAL)
+    return "quiet" if quiet else "under load"
 
 
 class GpuMemory:
@@ -165,10 +195,11 @@ def main():
     ap.add_argument("--timeout", type=float, help="seconds each side may take")
     ap.add_argument("--out", default="bench-out", help="folder for table.md and reports.json")
     ap.add_argument("--quiet", action="store_true",
-                    help=f"the figures are for a quiet machine: exit 2 if the 1-minute load average at the start is above {QUIET_LOAD}")
+                    help=f"the figures are for a quiet machine: exit 2 if the 1-minute load average at the start "
+                         f"is above {QUIET_LOAD} or the hypervisor stole more than {QUIET_STEAL:.0%} of the CPU time")
     args = ap.parse_args()
     load_start = load_average()
-    label = conditions(load_start)
+    cpu_start = cpu_times()
 
     model = args.model
     if args.full:
@@ -194,13 +225,18 @@ def main():
             mem["peak GPU memory (nvidia-smi, process)"] = (gpu_m, gpu_t)
 
     load_end = load_average()
+    steal = steal_share(cpu_start, cpu_times())
+    label = conditions(load_start, steal)
     fmt_load = lambda l: " ".join(f"{v:.2f}" for v in l) if l else "unknown"
+    fmt_steal = f"{steal:.1%}" if steal is not None else "unknown"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = [
         f"conditions: **{label}** (1-minute load average at the start "
-        f"{f'{load_start[0]:.2f}' if load_start else 'unknown'}; quiet means at most {QUIET_LOAD})",
+        f"{f'{load_start[0]:.2f}' if load_start else 'unknown'}, steal {fmt_steal}; "
+        f"quiet means at most {QUIET_LOAD} and {QUIET_STEAL:.0%})",
         f"load average (/proc/loadavg, 1/5/15 min): {fmt_load(load_start)} at the start, {fmt_load(load_end)} at the end",
+        f"steal (/proc/stat, CPU time given to other guests while both sides ran): {fmt_steal}",
         f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         f"Motif: {(motif or {}).get('adapter', '—')}, {(motif or {}).get('precision', '—')}",
@@ -215,13 +251,15 @@ def main():
     (out / "reports.json").write_text(json.dumps({
         "conditions": label,
         "load_average": {"start": load_start, "end": load_end, "quiet_at_most": QUIET_LOAD},
+        "steal": {"share": steal, "quiet_at_most": QUIET_STEAL},
         "motif": motif, "pytorch": torch_, "memory": mem}, indent=1))
     if (args.only != "torch" and motif is None) or (args.only != "motif" and torch_ is None):
         sys.exit(1)
     if args.quiet and label != "quiet":
-        print(f"compare.py: refusing to label these figures quiet: the 1-minute load average was "
-              f"{fmt_load(load_start)} at the start (above {QUIET_LOAD}); they are written marked "
-              f"\"under load\"", file=sys.stderr)
+        print(f"compare.py: refusing to label these figures quiet: the load average was "
+              f"{fmt_load(load_start)} at the start and the steal {fmt_steal} (quiet: at most "
+              f"{QUIET_LOAD} and {QUIET_STEAL:.0%}); they are written marked \"under load\"",
+              file=sys.stderr)
         sys.exit(2)
 
 
