@@ -656,12 +656,14 @@ fn direct_kernel_matches_the_reference() {
     // and of several, one row, odd heights, several batch items, output
     // channels that are not a multiple of its group of 8 (the VAE's conv_out
     // has 3), and 64 input channels, whose weights take four blocks of 16
-    // output channels (one dispatch each). 32 and 64 output channels take
-    // the 16-channel kernel.
+    // output channels (one dispatch each). 32, 64 and 96 output channels
+    // take the 16-channel kernel, 96 with 20 items in one dispatch.
     let gpu = gpu();
     let opts = Conv2dOptions::same(3, 1);
-    let cases: [([usize; 4], [usize; 4]); 6] = [
+    let cases: [([usize; 4], [usize; 4]); 7] = [
         ([1, 3, 5, 4], [8, 3, 3, 3]),
+        // More items in one dispatch than groups of 16 channels: 6 groups.
+        ([20, 8, 4, 8], [96, 8, 3, 3]),
         ([2, 5, 1, 12], [3, 5, 3, 3]),
         ([3, 8, 7, 16], [13, 8, 3, 3]),
         ([1, 32, 9, 20], [32, 32, 3, 3]),

@@ -182,13 +182,14 @@ pub(crate) fn run_direct(
         "conv3x3_direct"
     });
     for z0 in (0..d.n).step_by(items) {
-        let group = items.min(d.n - z0);
-        let (xb, x_off) = x.window(gpu, z0 * x_item, group * x_item);
+        // Batch items of this dispatch (z).
+        let batch = items.min(d.n - z0);
+        let (xb, x_off) = x.window(gpu, z0 * x_item, batch * x_item);
         for b in 0..blocks {
             let co0 = b * block;
             let channels = block.min(d.cout - co0);
             let o_start = z0 * o_item + co0 * plane;
-            let o_count = (group - 1) * o_item + channels * plane;
+            let o_count = (batch - 1) * o_item + channels * plane;
             let (ob, out_off) = out.window(gpu, o_start, o_count);
             let (bb, bias_off) = match e.bias {
                 Some(bias) => bias.window(gpu, co0, channels),
@@ -234,7 +235,7 @@ pub(crate) fn run_direct(
                 [
                     (plane / 4).div_ceil(WORKGROUP) as u32,
                     channels.div_ceil(group) as u32,
-                    group as u32,
+                    batch as u32,
                 ],
             )?;
         }
