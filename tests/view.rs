@@ -48,6 +48,10 @@ impl Xvfb {
                 "1280x800x24",
                 "-nolisten",
                 "tcp",
+                // By default the server resets when its last client leaves,
+                // and a client that connects during the reset is refused:
+                // a test runs `motif view` several times in a row.
+                "-noreset",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
