@@ -295,3 +295,36 @@ fn a_wan_vae_without_a_conv_bias_is_refused_naming_the_tensor_and_file() {
         ],
     );
 }
+
+/// The test helpers' clean-up (tests/common `remove_ended_runs`): a folder
+/// of this test file from a run whose process has ended goes; this run's,
+/// another test file's and names that are not the helper's stay.
+#[test]
+fn temporary_folders_of_ended_runs_are_removed() {
+    let parent = common::temp_dir("ended-runs");
+    // Above Linux's largest PID (2^22), so never a live process.
+    let ended = 4_194_305u32;
+    let own = std::process::id();
+    let crate_name = env!("CARGO_CRATE_NAME");
+    let make = |name: String| {
+        std::fs::create_dir_all(parent.join(&name).join("inside")).unwrap();
+        name
+    };
+    let gone = [
+        make(format!("motif-{crate_name}-x-{ended}-1")),
+        make(format!("motif-{crate_name}-a-b-{ended}-2")),
+    ];
+    let kept = [
+        make(format!("motif-{crate_name}-x-{own}-3")),
+        make(format!("motif-other_tests-x-{ended}-4")),
+        make(format!("motif-{crate_name}-x-notapid-5")),
+    ];
+    common::remove_ended_runs(&parent);
+    let linux = Path::new("/proc/self").exists();
+    for name in &gone {
+        assert_eq!(parent.join(name).exists(), !linux, "{name}");
+    }
+    for name in &kept {
+        assert!(parent.join(name).exists(), "{name}");
+    }
+}

@@ -52,10 +52,14 @@ pub fn unique() -> u128 {
         .as_nanos()
 }
 
-/// An empty folder of this test's own, `motif-TESTFILE-NAME-…` in the
+/// An empty folder of this test's own, `motif-TESTFILE-NAME-PID-…` in the
 /// system's temporary folder (`CARGO_CRATE_NAME` is the test file's name, as
-/// this module is compiled into each).
+/// this module is compiled into each). The folders stay after the run, for a
+/// look after a failure; the first call of a run removes those of earlier
+/// runs of the same test file (see [`remove_ended_runs`]).
 pub fn temp_dir(name: &str) -> PathBuf {
+    static EARLIER_RUNS: std::sync::Once = std::sync::Once::new();
+    EARLIER_RUNS.call_once(|| remove_ended_runs(&std::env::temp_dir()));
     let dir = std::env::temp_dir().join(format!(
         "motif-{}-{name}-{}-{}",
         env!("CARGO_CRATE_NAME"),
@@ -65,6 +69,36 @@ pub fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Removes the folders in `parent` that [`temp_dir`] made for this test
+/// file in runs whose process has ended (the PID in the name), so that
+/// repeated runs leave at most one run's folders. Where there is no /proc
+/// (not Linux), no process counts as ended and nothing is removed.
+pub fn remove_ended_runs(parent: &Path) {
+    let prefix = format!("motif-{}-", env!("CARGO_CRATE_NAME"));
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        // NAME-PID-UNIQUE, where NAME may hold dashes itself.
+        let mut fields = rest.rsplit('-');
+        let (Some(_), Some(pid)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        let ended =
+            Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists();
+        if pid != std::process::id() && ended {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 pub fn free_port() -> u16 {
