@@ -159,13 +159,20 @@ struct Pixels {
 }
 
 fn pixels(gid: vec3<u32>, sid: u32, sg_size: u32) -> Pixels {
+    return pixel_rows(gid, sid, sg_size, 1u);
+}
+
+// The same where each invocation computes `rows` neighbouring output rows
+// (1 or 2; 2 needs an even height): gid.x counts the vec4s of every
+// `rows`-th row, and the Pixels are those of the first of the rows.
+fn pixel_rows(gid: vec3<u32>, sid: u32, sg_size: u32, rows: u32) -> Pixels {
     let w4 = dp.w / 4u;
-    let plane4 = dp.h * w4;
+    let plane4 = dp.h / rows * w4;
     // Lanes past the plane compute its last vec4 again (and store nothing):
     // every lane of a subgroup takes part in the shuffles below.
     let idx = min(gid.x, plane4 - 1u);
-    let oy = idx / w4;
-    let q = idx - oy * w4;
+    let oy = idx / w4 * rows;
+    let q = idx - idx / w4 * w4;
     let z = gid.z;
     // Neighbours past the row's ends and rows past the image are padding:
     // their loads read a valid address and are replaced by zero.
@@ -316,5 +323,92 @@ fn conv3x3_direct16(@builtin(global_invocation_id) gid: vec3<u32>,
     if (x.live) {
         store_channels(x, lo, 16u * g);
         store_channels(x, hi, 16u * g + 8u);
+    }
+}
+
+// The weights of one kernel row for 16 channels, broadcast: a (channels
+// 0..3) and b (4..7) of taps 0, 1, 2 for the low 8 channels, then the same
+// for the high 8 (the arguments of kernel_row).
+struct TapRow {
+    la0: vec4<f32>, lb0: vec4<f32>, la1: vec4<f32>, lb1: vec4<f32>, la2: vec4<f32>, lb2: vec4<f32>,
+    ha0: vec4<f32>, hb0: vec4<f32>, ha1: vec4<f32>, hb1: vec4<f32>, ha2: vec4<f32>, hb2: vec4<f32>,
+}
+
+fn row_lo(acc: ptr<function, array<vec4<f32>, 8>>, t: TapRow, v: RowValues) {
+    kernel_row(acc, t.la0, t.lb0, t.la1, t.lb1, t.la2, t.lb2, v.l, v.m.x, v.m.y, v.m.z, v.m.w, v.r);
+}
+
+fn row_hi(acc: ptr<function, array<vec4<f32>, 8>>, t: TapRow, v: RowValues) {
+    kernel_row(acc, t.ha0, t.hb0, t.ha1, t.hb1, t.ha2, t.hb2, v.l, v.m.x, v.m.y, v.m.z, v.m.w, v.r);
+}
+
+// conv3x3_direct16 for two output rows per invocation (oy and oy + 1, oy
+// even; the host routes here only even heights): 4 input rows serve both,
+// and each weight gathered and broadcast serves twice the products. Each
+// output's sum runs in conv3x3_direct's order (input channel, kernel row,
+// tap), so the outputs are conv3x3_direct16's bit for bit. x: the vec4s of
+// the even rows, y and z as conv3x3_direct16.
+@compute @workgroup_size(64)
+fn conv3x3_direct16_rows2(@builtin(global_invocation_id) gid: vec3<u32>,
+                          @builtin(subgroup_invocation_id) sid: u32,
+                          @builtin(subgroup_size) sg_size: u32) {
+    let x = pixel_rows(gid, sid, sg_size, 2u);
+    let g = gid.y;
+    let plane4 = dp.h * dp.w / 4u;
+    // Row oy + 2, below the second output row.
+    let has_below = x.oy + 2u < dp.h;
+    let below = select(x.down, x.down + dp.w / 4u, has_below);
+    var lo: array<vec4<f32>, 8>;
+    var hi: array<vec4<f32>, 8>;
+    var lo2: array<vec4<f32>, 8>;
+    var hi2: array<vec4<f32>, 8>;
+    for (var ci = 0u; ci < dp.cin; ci++) {
+        let at = ci * plane4;
+        // As conv3x3_direct16.
+        let wi = (g * dp.cin + ci) * 36u;
+        let w0 = wd[wi + sid];
+        let w1 = wd[wi + 8u + sid];
+        let w2 = wd[wi + 16u + sid];
+        let w3 = wd[wi + 24u + sid];
+        let w4 = wd[wi + 32u + min(sid, 3u)];
+        let k0 = TapRow(
+            subgroupBroadcast(w0, 0u), subgroupBroadcast(w0, 1u), subgroupBroadcast(w0, 4u),
+            subgroupBroadcast(w0, 5u), subgroupBroadcast(w1, 0u), subgroupBroadcast(w1, 1u),
+            subgroupBroadcast(w0, 2u), subgroupBroadcast(w0, 3u), subgroupBroadcast(w0, 6u),
+            subgroupBroadcast(w0, 7u), subgroupBroadcast(w1, 2u), subgroupBroadcast(w1, 3u));
+        let k1 = TapRow(
+            subgroupBroadcast(w1, 4u), subgroupBroadcast(w1, 5u), subgroupBroadcast(w2, 0u),
+            subgroupBroadcast(w2, 1u), subgroupBroadcast(w2, 4u), subgroupBroadcast(w2, 5u),
+            subgroupBroadcast(w1, 6u), subgroupBroadcast(w1, 7u), subgroupBroadcast(w2, 2u),
+            subgroupBroadcast(w2, 3u), subgroupBroadcast(w2, 6u), subgroupBroadcast(w2, 7u));
+        let k2 = TapRow(
+            subgroupBroadcast(w3, 0u), subgroupBroadcast(w3, 1u), subgroupBroadcast(w3, 4u),
+            subgroupBroadcast(w3, 5u), subgroupBroadcast(w4, 0u), subgroupBroadcast(w4, 1u),
+            subgroupBroadcast(w3, 2u), subgroupBroadcast(w3, 3u), subgroupBroadcast(w3, 6u),
+            subgroupBroadcast(w3, 7u), subgroupBroadcast(w4, 2u), subgroupBroadcast(w4, 3u));
+        let u = input_row(x, at, x.up, x.has_up);
+        row_lo(&lo, k0, u);
+        row_hi(&hi, k0, u);
+        let c = input_row(x, at, x.mid, true);
+        row_lo(&lo, k1, c);
+        row_hi(&hi, k1, c);
+        row_lo(&lo2, k0, c);
+        row_hi(&hi2, k0, c);
+        let d = input_row(x, at, x.down, true);
+        row_lo(&lo, k2, d);
+        row_hi(&hi, k2, d);
+        row_lo(&lo2, k1, d);
+        row_hi(&hi2, k1, d);
+        let e = input_row(x, at, below, has_below);
+        row_lo(&lo2, k2, e);
+        row_hi(&hi2, k2, e);
+    }
+    if (x.live) {
+        store_channels(x, lo, 16u * g);
+        store_channels(x, hi, 16u * g + 8u);
+        var x2 = x;
+        x2.oy = x.oy + 1u;
+        store_channels(x2, lo2, 16u * g);
+        store_channels(x2, hi2, 16u * g + 8u);
     }
 }

@@ -695,7 +695,9 @@ fn direct_kernel_matches_the_reference() {
 
 #[test]
 fn direct_kernels_of_16_and_8_channels_give_the_same_bits() {
-    // 32 output channels take conv3x3_direct16; the same weights with 8 more
+    // 32 output channels take conv3x3_direct16 (an odd height) or
+    // conv3x3_direct16_rows2 (an even one, with half the plane at least a
+    // workgroup's 64 vec4s); the same weights with 8 more
     // channels (40: not whole groups of 16) take conv3x3_direct. Each
     // channel's sum runs in the same order, so the first 32 channels agree
     // bit for bit, with bias, activation and residual.
@@ -704,9 +706,9 @@ fn direct_kernels_of_16_and_8_channels_give_the_same_bits() {
         activation: Activation::Silu,
         ..Conv2dOptions::same(3, 1)
     };
-    let (n, cin, h, w) = (2, 20, 7, 12);
-    let plane = h * w;
-    for dtype in dtypes() {
+    let (n, cin, w) = (2, 20, 32);
+    for (dtype, h) in dtypes().into_iter().flat_map(|d| [(d, 7), (d, 16)]) {
+        let plane = h * w;
         let x_shape = [n, cin, h, w];
         let (x, _) = upload(gpu, &random(n * cin * plane, 990), &x_shape, dtype);
         let weights = random(40 * cin * 9, 991);
@@ -738,12 +740,12 @@ fn direct_kernels_of_16_and_8_channels_give_the_same_bits() {
                 )
                 .unwrap()
             });
-            let entry = if cout == 32 {
-                "conv3x3_direct16"
-            } else {
-                "conv3x3_direct"
+            let entry = match (cout, h % 2) {
+                (32, 0) => "conv3x3_direct16_rows2",
+                (32, _) => "conv3x3_direct16",
+                _ => "conv3x3_direct",
             };
-            assert!(ran.iter().any(|k| k == entry), "{cout}: {ran:?}");
+            assert!(ran.iter().any(|k| k == entry), "{cout}, h {h}: {ran:?}");
             outs.push(got.to_f32(gpu).unwrap());
         }
         for z in 0..n {
@@ -753,7 +755,7 @@ fn direct_kernels_of_16_and_8_channels_give_the_same_bits() {
                 .iter()
                 .zip(narrow)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{dtype:?} item {z}: the two kernels differ");
+            assert!(same, "{dtype:?} h {h} item {z}: the two kernels differ");
         }
     }
 }
@@ -892,7 +894,7 @@ fn the_vae_decoders_full_resolution_convolutions_take_the_direct_kernel() {
     let (_, ran) = kernels_run(gpu, || {
         conv2d::conv2d(gpu, &x, &w, None, &Conv2dOptions::same(3, 1)).unwrap()
     });
-    assert!(ran.iter().any(|k| k == "conv3x3_direct16"), "{ran:?}");
+    assert!(ran.iter().any(|k| k == "conv3x3_direct16_rows2"), "{ran:?}");
 }
 
 /// `cargo test --release --test ops_conv2d -- --ignored --nocapture

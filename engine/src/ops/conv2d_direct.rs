@@ -26,8 +26,9 @@ const SOURCE_F32_WEIGHTS: &str = concat!(
 );
 
 /// Output channels per invocation: `conv3x3_direct` takes 8,
-/// `conv3x3_direct16` twice that where the output channels come in whole
-/// groups of 16 (each input value read then serves twice the products).
+/// `conv3x3_direct16` (and `conv3x3_direct16_rows2`, two output rows per
+/// invocation) twice that where the output channels come in whole groups of
+/// 16 (each input value read then serves twice the products).
 const GROUP: usize = 8;
 const WIDE_GROUP: usize = 16;
 /// Taps of a 3x3 kernel.
@@ -176,10 +177,21 @@ pub(crate) fn run_direct(
     let (x_item, o_item) = (d.cin * plane, d.cout * plane);
     let max = Tensor::max_window_elems(gpu, dtype);
     let items = (max / x_item).min(max / o_item).clamp(1, MAX_GROUPS);
-    let conv = kernel(if group == WIDE_GROUP {
-        "conv3x3_direct16"
+    // Output rows per invocation: two where the 16-channel kernel runs on
+    // an even height (each input row and weight read serves both) and half
+    // the plane still fills a workgroup. Measured against one row (GPU time,
+    // 16 frames, three alternating runs, docs/PERFORMANCE.md): 13-32 % less
+    // from 32x32 to 128x128, but slower at 16x16, where half a plane leaves
+    // half the workgroup idle.
+    let rows = if group == WIDE_GROUP && d.h.is_multiple_of(2) && d.h / 2 * (d.w / 4) >= WORKGROUP {
+        2
     } else {
-        "conv3x3_direct"
+        1
+    };
+    let conv = kernel(match (group, rows) {
+        (WIDE_GROUP, 2) => "conv3x3_direct16_rows2",
+        (WIDE_GROUP, _) => "conv3x3_direct16",
+        _ => "conv3x3_direct",
     });
     for z0 in (0..d.n).step_by(items) {
         // Batch items of this dispatch (z).
@@ -233,7 +245,7 @@ pub(crate) fn run_direct(
                     (23, rb),
                 ],
                 [
-                    (plane / 4).div_ceil(WORKGROUP) as u32,
+                    (plane / 4 / rows).div_ceil(WORKGROUP) as u32,
                     channels.div_ceil(group) as u32,
                     batch as u32,
                 ],
