@@ -284,41 +284,16 @@ fn conv3x3_direct16(@builtin(global_invocation_id) gid: vec3<u32>,
     var hi: array<vec4<f32>, 8>;
     for (var ci = 0u; ci < dp.cin; ci++) {
         let at = ci * plane4;
-        // 36 weight vec4s (9 taps x 4), shared by broadcast: vec4 t * 4 + j
-        // is lane (t * 4 + j) % 8 of w[(t * 4 + j) / 8].
-        let wi = (g * dp.cin + ci) * 36u;
-        let w0 = wd[wi + sid];
-        let w1 = wd[wi + 8u + sid];
-        let w2 = wd[wi + 16u + sid];
-        let w3 = wd[wi + 24u + sid];
-        let w4 = wd[wi + 32u + min(sid, 3u)];
+        let k = weight_rows(g, ci, sid);
         let u = input_row(x, at, x.up, x.has_up);
-        kernel_row(&lo,
-            subgroupBroadcast(w0, 0u), subgroupBroadcast(w0, 1u), subgroupBroadcast(w0, 4u),
-            subgroupBroadcast(w0, 5u), subgroupBroadcast(w1, 0u), subgroupBroadcast(w1, 1u),
-            u.l, u.m.x, u.m.y, u.m.z, u.m.w, u.r);
-        kernel_row(&hi,
-            subgroupBroadcast(w0, 2u), subgroupBroadcast(w0, 3u), subgroupBroadcast(w0, 6u),
-            subgroupBroadcast(w0, 7u), subgroupBroadcast(w1, 2u), subgroupBroadcast(w1, 3u),
-            u.l, u.m.x, u.m.y, u.m.z, u.m.w, u.r);
+        row_lo(&lo, k.k0, u);
+        row_hi(&hi, k.k0, u);
         let c = input_row(x, at, x.mid, true);
-        kernel_row(&lo,
-            subgroupBroadcast(w1, 4u), subgroupBroadcast(w1, 5u), subgroupBroadcast(w2, 0u),
-            subgroupBroadcast(w2, 1u), subgroupBroadcast(w2, 4u), subgroupBroadcast(w2, 5u),
-            c.l, c.m.x, c.m.y, c.m.z, c.m.w, c.r);
-        kernel_row(&hi,
-            subgroupBroadcast(w1, 6u), subgroupBroadcast(w1, 7u), subgroupBroadcast(w2, 2u),
-            subgroupBroadcast(w2, 3u), subgroupBroadcast(w2, 6u), subgroupBroadcast(w2, 7u),
-            c.l, c.m.x, c.m.y, c.m.z, c.m.w, c.r);
+        row_lo(&lo, k.k1, c);
+        row_hi(&hi, k.k1, c);
         let d = input_row(x, at, x.down, x.has_down);
-        kernel_row(&lo,
-            subgroupBroadcast(w3, 0u), subgroupBroadcast(w3, 1u), subgroupBroadcast(w3, 4u),
-            subgroupBroadcast(w3, 5u), subgroupBroadcast(w4, 0u), subgroupBroadcast(w4, 1u),
-            d.l, d.m.x, d.m.y, d.m.z, d.m.w, d.r);
-        kernel_row(&hi,
-            subgroupBroadcast(w3, 2u), subgroupBroadcast(w3, 3u), subgroupBroadcast(w3, 6u),
-            subgroupBroadcast(w3, 7u), subgroupBroadcast(w4, 2u), subgroupBroadcast(w4, 3u),
-            d.l, d.m.x, d.m.y, d.m.z, d.m.w, d.r);
+        row_lo(&lo, k.k2, d);
+        row_hi(&hi, k.k2, d);
     }
     if (x.live) {
         store_channels(x, lo, 16u * g);
@@ -340,6 +315,41 @@ fn row_lo(acc: ptr<function, array<vec4<f32>, 8>>, t: TapRow, v: RowValues) {
 
 fn row_hi(acc: ptr<function, array<vec4<f32>, 8>>, t: TapRow, v: RowValues) {
     kernel_row(acc, t.ha0, t.hb0, t.ha1, t.hb1, t.ha2, t.hb2, v.l, v.m.x, v.m.y, v.m.z, v.m.w, v.r);
+}
+
+// The 36 weight vec4s of input channel ci for group g (9 taps x 4), shared
+// by broadcast: vec4 t * 4 + j is lane (t * 4 + j) % 8 of w[(t * 4 + j) / 8],
+// each lane loading different ones (a uniform load is a gather on lavapipe
+// whatever the address).
+struct WeightRows {
+    k0: TapRow,
+    k1: TapRow,
+    k2: TapRow,
+}
+
+fn weight_rows(g: u32, ci: u32, sid: u32) -> WeightRows {
+    let wi = (g * dp.cin + ci) * 36u;
+    let w0 = wd[wi + sid];
+    let w1 = wd[wi + 8u + sid];
+    let w2 = wd[wi + 16u + sid];
+    let w3 = wd[wi + 24u + sid];
+    let w4 = wd[wi + 32u + min(sid, 3u)];
+    return WeightRows(
+        TapRow(
+            subgroupBroadcast(w0, 0u), subgroupBroadcast(w0, 1u), subgroupBroadcast(w0, 4u),
+            subgroupBroadcast(w0, 5u), subgroupBroadcast(w1, 0u), subgroupBroadcast(w1, 1u),
+            subgroupBroadcast(w0, 2u), subgroupBroadcast(w0, 3u), subgroupBroadcast(w0, 6u),
+            subgroupBroadcast(w0, 7u), subgroupBroadcast(w1, 2u), subgroupBroadcast(w1, 3u)),
+        TapRow(
+            subgroupBroadcast(w1, 4u), subgroupBroadcast(w1, 5u), subgroupBroadcast(w2, 0u),
+            subgroupBroadcast(w2, 1u), subgroupBroadcast(w2, 4u), subgroupBroadcast(w2, 5u),
+            subgroupBroadcast(w1, 6u), subgroupBroadcast(w1, 7u), subgroupBroadcast(w2, 2u),
+            subgroupBroadcast(w2, 3u), subgroupBroadcast(w2, 6u), subgroupBroadcast(w2, 7u)),
+        TapRow(
+            subgroupBroadcast(w3, 0u), subgroupBroadcast(w3, 1u), subgroupBroadcast(w3, 4u),
+            subgroupBroadcast(w3, 5u), subgroupBroadcast(w4, 0u), subgroupBroadcast(w4, 1u),
+            subgroupBroadcast(w3, 2u), subgroupBroadcast(w3, 3u), subgroupBroadcast(w3, 6u),
+            subgroupBroadcast(w3, 7u), subgroupBroadcast(w4, 2u), subgroupBroadcast(w4, 3u)));
 }
 
 // conv3x3_direct16 for two output rows per invocation (oy and oy + 1, oy
@@ -364,44 +374,23 @@ fn conv3x3_direct16_rows2(@builtin(global_invocation_id) gid: vec3<u32>,
     var hi2: array<vec4<f32>, 8>;
     for (var ci = 0u; ci < dp.cin; ci++) {
         let at = ci * plane4;
-        // As conv3x3_direct16.
-        let wi = (g * dp.cin + ci) * 36u;
-        let w0 = wd[wi + sid];
-        let w1 = wd[wi + 8u + sid];
-        let w2 = wd[wi + 16u + sid];
-        let w3 = wd[wi + 24u + sid];
-        let w4 = wd[wi + 32u + min(sid, 3u)];
-        let k0 = TapRow(
-            subgroupBroadcast(w0, 0u), subgroupBroadcast(w0, 1u), subgroupBroadcast(w0, 4u),
-            subgroupBroadcast(w0, 5u), subgroupBroadcast(w1, 0u), subgroupBroadcast(w1, 1u),
-            subgroupBroadcast(w0, 2u), subgroupBroadcast(w0, 3u), subgroupBroadcast(w0, 6u),
-            subgroupBroadcast(w0, 7u), subgroupBroadcast(w1, 2u), subgroupBroadcast(w1, 3u));
-        let k1 = TapRow(
-            subgroupBroadcast(w1, 4u), subgroupBroadcast(w1, 5u), subgroupBroadcast(w2, 0u),
-            subgroupBroadcast(w2, 1u), subgroupBroadcast(w2, 4u), subgroupBroadcast(w2, 5u),
-            subgroupBroadcast(w1, 6u), subgroupBroadcast(w1, 7u), subgroupBroadcast(w2, 2u),
-            subgroupBroadcast(w2, 3u), subgroupBroadcast(w2, 6u), subgroupBroadcast(w2, 7u));
-        let k2 = TapRow(
-            subgroupBroadcast(w3, 0u), subgroupBroadcast(w3, 1u), subgroupBroadcast(w3, 4u),
-            subgroupBroadcast(w3, 5u), subgroupBroadcast(w4, 0u), subgroupBroadcast(w4, 1u),
-            subgroupBroadcast(w3, 2u), subgroupBroadcast(w3, 3u), subgroupBroadcast(w3, 6u),
-            subgroupBroadcast(w3, 7u), subgroupBroadcast(w4, 2u), subgroupBroadcast(w4, 3u));
+        let k = weight_rows(g, ci, sid);
         let u = input_row(x, at, x.up, x.has_up);
-        row_lo(&lo, k0, u);
-        row_hi(&hi, k0, u);
+        row_lo(&lo, k.k0, u);
+        row_hi(&hi, k.k0, u);
         let c = input_row(x, at, x.mid, true);
-        row_lo(&lo, k1, c);
-        row_hi(&hi, k1, c);
-        row_lo(&lo2, k0, c);
-        row_hi(&hi2, k0, c);
+        row_lo(&lo, k.k1, c);
+        row_hi(&hi, k.k1, c);
+        row_lo(&lo2, k.k0, c);
+        row_hi(&hi2, k.k0, c);
         let d = input_row(x, at, x.down, true);
-        row_lo(&lo, k2, d);
-        row_hi(&hi, k2, d);
-        row_lo(&lo2, k1, d);
-        row_hi(&hi2, k1, d);
+        row_lo(&lo, k.k2, d);
+        row_hi(&hi, k.k2, d);
+        row_lo(&lo2, k.k1, d);
+        row_hi(&hi2, k.k1, d);
         let e = input_row(x, at, below, has_below);
-        row_lo(&lo2, k2, e);
-        row_hi(&hi2, k2, e);
+        row_lo(&lo2, k.k2, e);
+        row_hi(&hi2, k.k2, e);
     }
     if (x.live) {
         store_channels(x, lo, 16u * g);
