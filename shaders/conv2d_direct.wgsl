@@ -276,12 +276,37 @@ fn conv3x3_direct(@builtin(global_invocation_id) gid: vec3<u32>,
 fn conv3x3_direct16(@builtin(global_invocation_id) gid: vec3<u32>,
                     @builtin(subgroup_invocation_id) sid: u32,
                     @builtin(subgroup_size) sg_size: u32) {
-    let x = pixels(gid, sid, sg_size);
+    direct16(gid, sid, sg_size, 1u);
+}
+
+// conv3x3_direct16 for two output rows per invocation (oy and oy + 1, oy
+// even; the host routes here only even heights): 4 input rows serve both,
+// and each weight gathered and broadcast serves twice the products. x: the
+// vec4s of the even rows, y and z as conv3x3_direct16.
+@compute @workgroup_size(64)
+fn conv3x3_direct16_rows2(@builtin(global_invocation_id) gid: vec3<u32>,
+                          @builtin(subgroup_invocation_id) sid: u32,
+                          @builtin(subgroup_size) sg_size: u32) {
+    direct16(gid, sid, sg_size, 2u);
+}
+
+// The two entry points above: `rows` (a constant at each call, so the
+// compiler drops the other case) output rows per invocation, 1 or 2. Each
+// output's sum runs in conv3x3_direct's order (input channel, kernel row,
+// tap) whatever `rows` is, so the outputs are the same bits.
+fn direct16(gid: vec3<u32>, sid: u32, sg_size: u32, rows: u32) {
+    let x = pixel_rows(gid, sid, sg_size, rows);
     let g = gid.y;
     let plane4 = dp.h * dp.w / 4u;
-    // Channels 0..7 and 8..15 of the group, each laid out as kernel_row's acc.
+    // Row oy + 2, below the second output row (rows = 2).
+    let has_below = x.oy + 2u < dp.h;
+    let below = select(x.down, x.down + dp.w / 4u, has_below);
+    // Channels 0..7 and 8..15 of the group, each laid out as kernel_row's
+    // acc, for output row oy, and (lo2, hi2) row oy + 1.
     var lo: array<vec4<f32>, 8>;
     var hi: array<vec4<f32>, 8>;
+    var lo2: array<vec4<f32>, 8>;
+    var hi2: array<vec4<f32>, 8>;
     for (var ci = 0u; ci < dp.cin; ci++) {
         let at = ci * plane4;
         let k = weight_rows(g, ci, sid);
@@ -291,13 +316,30 @@ fn conv3x3_direct16(@builtin(global_invocation_id) gid: vec3<u32>,
         let c = input_row(x, at, x.mid, true);
         row_lo(&lo, k.k1, c);
         row_hi(&hi, k.k1, c);
+        if (rows == 2u) {
+            row_lo(&lo2, k.k0, c);
+            row_hi(&hi2, k.k0, c);
+        }
         let d = input_row(x, at, x.down, x.has_down);
         row_lo(&lo, k.k2, d);
         row_hi(&hi, k.k2, d);
+        if (rows == 2u) {
+            row_lo(&lo2, k.k1, d);
+            row_hi(&hi2, k.k1, d);
+            let e = input_row(x, at, below, has_below);
+            row_lo(&lo2, k.k2, e);
+            row_hi(&hi2, k.k2, e);
+        }
     }
     if (x.live) {
         store_channels(x, lo, 16u * g);
         store_channels(x, hi, 16u * g + 8u);
+        if (rows == 2u) {
+            var x2 = x;
+            x2.oy = x.oy + 1u;
+            store_channels(x2, lo2, 16u * g);
+            store_channels(x2, hi2, 16u * g + 8u);
+        }
     }
 }
 
@@ -350,54 +392,4 @@ fn weight_rows(g: u32, ci: u32, sid: u32) -> WeightRows {
             subgroupBroadcast(w3, 5u), subgroupBroadcast(w4, 0u), subgroupBroadcast(w4, 1u),
             subgroupBroadcast(w3, 2u), subgroupBroadcast(w3, 3u), subgroupBroadcast(w3, 6u),
             subgroupBroadcast(w3, 7u), subgroupBroadcast(w4, 2u), subgroupBroadcast(w4, 3u)));
-}
-
-// conv3x3_direct16 for two output rows per invocation (oy and oy + 1, oy
-// even; the host routes here only even heights): 4 input rows serve both,
-// and each weight gathered and broadcast serves twice the products. Each
-// output's sum runs in conv3x3_direct's order (input channel, kernel row,
-// tap), so the outputs are conv3x3_direct16's bit for bit. x: the vec4s of
-// the even rows, y and z as conv3x3_direct16.
-@compute @workgroup_size(64)
-fn conv3x3_direct16_rows2(@builtin(global_invocation_id) gid: vec3<u32>,
-                          @builtin(subgroup_invocation_id) sid: u32,
-                          @builtin(subgroup_size) sg_size: u32) {
-    let x = pixel_rows(gid, sid, sg_size, 2u);
-    let g = gid.y;
-    let plane4 = dp.h * dp.w / 4u;
-    // Row oy + 2, below the second output row.
-    let has_below = x.oy + 2u < dp.h;
-    let below = select(x.down, x.down + dp.w / 4u, has_below);
-    var lo: array<vec4<f32>, 8>;
-    var hi: array<vec4<f32>, 8>;
-    var lo2: array<vec4<f32>, 8>;
-    var hi2: array<vec4<f32>, 8>;
-    for (var ci = 0u; ci < dp.cin; ci++) {
-        let at = ci * plane4;
-        let k = weight_rows(g, ci, sid);
-        let u = input_row(x, at, x.up, x.has_up);
-        row_lo(&lo, k.k0, u);
-        row_hi(&hi, k.k0, u);
-        let c = input_row(x, at, x.mid, true);
-        row_lo(&lo, k.k1, c);
-        row_hi(&hi, k.k1, c);
-        row_lo(&lo2, k.k0, c);
-        row_hi(&hi2, k.k0, c);
-        let d = input_row(x, at, x.down, true);
-        row_lo(&lo, k.k2, d);
-        row_hi(&hi, k.k2, d);
-        row_lo(&lo2, k.k1, d);
-        row_hi(&hi2, k.k1, d);
-        let e = input_row(x, at, below, has_below);
-        row_lo(&lo2, k.k2, e);
-        row_hi(&hi2, k.k2, e);
-    }
-    if (x.live) {
-        store_channels(x, lo, 16u * g);
-        store_channels(x, hi, 16u * g + 8u);
-        var x2 = x;
-        x2.oy = x.oy + 1u;
-        store_channels(x2, lo2, 16u * g);
-        store_channels(x2, hi2, 16u * g + 8u);
-    }
 }
